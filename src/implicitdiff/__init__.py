@@ -1,0 +1,17 @@
+"""implicitdiff: gradients of functions defined by equations, for PyTorch.
+
+The public API; everything is re-exported from the module that defines it.
+"""
+
+from ._core.errors import InputError as InputError, SolveError as SolveError
+from ._core.failure import SolveWarning as SolveWarning
+from ._core.status import SolveInfo as SolveInfo, Status as Status
+from . import linalg as linalg
+from .linalg.selection import Nearest as Nearest, Pinned as Pinned
+from .layers.linear_solve import (
+    ambiguity as ambiguity,
+    linear_solve as linear_solve,
+    linear_solve_ex as linear_solve_ex,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Statuses, errors, input validation and defaults shared by every layer."""

@@ -1,0 +1,74 @@
+"""Input validation shared by every layer: one place, one wording.
+
+Shape, dtype and device checks read only metadata, so they work under
+``torch.func`` transforms.  Value checks (NaN/Inf) need a host sync; they are
+skipped for tensors batched by ``vmap`` (the solve itself then reports a
+non-finite status instead).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InputError
+
+__all__ = ["as_float_tensor", "check_same_dtype_device", "check_finite", "is_vmapped", "FLOAT_DTYPES"]
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def is_vmapped(t: torch.Tensor) -> bool:
+    """True when ``t`` is batched by an enclosing ``torch.func.vmap`` (no data access allowed)."""
+    try:
+        from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor, get_unwrapped
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    while is_functorch_wrapped_tensor(t):
+        if is_batchedtensor(t):
+            return True
+        t = get_unwrapped(t)
+    return False
+
+
+def as_float_tensor(name: str, x, *, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Return ``x`` as a float32/float64 tensor or raise an :class:`InputError` naming ``name``."""
+    if not isinstance(x, torch.Tensor):
+        if like is None:
+            raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        x = torch.as_tensor(x, dtype=like.dtype, device=like.device)
+    if x.dtype not in FLOAT_DTYPES:
+        raise InputError(
+            f"{name} has dtype {x.dtype}; implicitdiff solves in float32 or float64 "
+            f"(convert with {name}.to(torch.float64) or .float())"
+        )
+    return x
+
+
+def check_same_dtype_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Raise if any of ``others`` differs from ``ref`` in dtype or device."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.dtype != ref.dtype:
+            raise InputError(
+                f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; "
+                f"convert one of them, e.g. {name}.to({ref_name}.dtype)"
+            )
+        if t.device != ref.device:
+            raise InputError(
+                f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
+                f"move them to one device, e.g. {name}.to({ref_name}.device)"
+            )
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise an :class:`InputError` if ``t`` holds NaN or Inf (one host sync; skipped under vmap)."""
+    if is_vmapped(t):
+        return
+    if t.is_sparse or t.layout != torch.strided:
+        vals = t.values()
+    else:
+        vals = t
+    if not bool(torch.isfinite(vals).all()):
+        bad = (~torch.isfinite(vals)).sum().item()
+        raise InputError(f"{name} contains {bad} NaN or Inf value(s); clean or mask the input before solving")

@@ -1,0 +1,1 @@
+"""Gradient checks: finite differences, unrolled references, closed forms."""

@@ -1,0 +1,1 @@
+"""The implicit-differentiation mechanism: the only home of ``autograd.Function``."""

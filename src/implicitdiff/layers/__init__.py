@@ -1,0 +1,1 @@
+"""User-facing layers: each one is a forward solver plus an optimality condition."""

@@ -1,0 +1,310 @@
+"""``linear_solve``: a differentiable solve of ``A y = b`` with an explicit solution map.
+
+The layer validates its inputs, turns a selection into a factorization and a
+solve (:mod:`implicitdiff.implicit.linear` owns the gradients), and applies
+the failure policy.  :class:`~implicitdiff.Nearest` and
+:class:`~implicitdiff.Pinned` are reduced to minimum-norm and square solves by
+differentiable changes of variables, so their gradients come from the same
+place.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .._core.errors import InputError
+from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
+from .._core.status import SolveInfo, Status
+from .._core.validate import as_float_tensor, check_finite, check_same_dtype_device, is_vmapped
+from ..implicit.linear import SolveSpec, solve
+from ..linalg.operator import LinearOperator
+from ..linalg.selection import Nearest, Pinned, resolve_selection
+
+__all__ = ["linear_solve", "linear_solve_ex", "ambiguity"]
+
+_HINTS = {
+    Status.SINGULAR: "A is singular: use selection='min_norm' (pseudo-inverse) or a Pinned/Nearest selection",
+    Status.INCONSISTENT: "b is not in the range of A: use selection='least_squares' or 'min_norm'",
+    Status.RANK_DEFICIENT: "use selection='min_norm' for the minimum-norm least-squares solution",
+    Status.NONFINITE: "check A and b for extreme values or use solver='svd'",
+}
+
+
+class _Problem(NamedTuple):
+    A: torch.Tensor
+    B: torch.Tensor
+    vector: bool
+
+
+def _prepare(A, b) -> _Problem:
+    if isinstance(A, LinearOperator):
+        if A.is_dense:
+            A = A.matrix
+        elif A.is_sparse:
+            A = A.matrix.to_dense()  # direct solve of a sparse matrix: dense factors
+        else:
+            raise InputError(
+                "A matrix-free LinearOperator needs an iterative solver: pass solver='cg', 'minres', 'gmres', "
+                "'bicgstab', 'lsqr' or 'lsmr'"
+            )
+    elif isinstance(A, torch.Tensor) and A.layout != torch.strided:
+        A = A.to_dense()
+    A = as_float_tensor("A", A)
+    if A.dim() < 2:
+        raise InputError(f"A must have shape (*, m, n), got {tuple(A.shape)}")
+    b = as_float_tensor("b", b, like=A)
+    check_same_dtype_device("A", A, b=b)
+    m = A.shape[-2]
+    vector = _is_vector(b, A)
+    B = b.unsqueeze(-1) if vector else b
+    if B.dim() < 2 or B.shape[-2] != m:
+        raise InputError(
+            f"b has shape {tuple(b.shape)} but A has shape {tuple(A.shape)}: b must be ({m},), "
+            f"{tuple(A.shape[:-1])} or (*, {m}, k)"
+        )
+    try:
+        torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    except RuntimeError:
+        raise InputError(
+            f"the batch dims of A {tuple(A.shape[:-2])} and b {tuple(B.shape[:-2])} do not broadcast"
+        ) from None
+    return _Problem(A, B, vector)
+
+
+def _is_vector(b: torch.Tensor, A: torch.Tensor) -> bool:
+    # torch.linalg.solve's rule: b is a (batch of) vector(s) iff it is 1-D or has A's shape less the last dim
+    return b.dim() == 1 or (b.dim() == A.dim() - 1 and b.shape == A.shape[:-1])
+
+
+def _as_solution_shape(name, t, like: torch.Tensor, vector: bool) -> torch.Tensor:
+    """A tensor given in the solution's shape (``(*, n)`` or ``(*, n, k)``) as ``(*, n, k)``."""
+    t = as_float_tensor(name, t, like=like)
+    check_same_dtype_device("A", like, **{name: t})
+    return t.unsqueeze(-1) if (vector or t.dim() == 1) else t
+
+
+def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=None, on_failure="raise",
+                 return_info=False, check_finite=True):
+    r"""Solve ``A y = b`` for ``y``, differentiably, under an explicit solution map.
+
+    Args:
+        A: ``(*, m, n)`` dense tensor, a ``torch.sparse`` matrix, or a
+            :class:`~implicitdiff.linalg.LinearOperator`; batch dims broadcast with ``b``.
+        b: ``(m,)``, ``A.shape[:-1]`` (a batch of vectors, the rule of
+            ``torch.linalg.solve``) or ``(*, m, k)`` (``k`` right-hand sides).
+        selection: which solution when there are many or none — ``"auto"``
+            (square: ``"exact"``; wide: ``"min_norm"``; tall: ``"least_squares"``),
+            ``"exact"``, ``"min_norm"``, ``"least_squares"``,
+            :class:`~implicitdiff.Nearest` or :class:`~implicitdiff.Pinned`.
+        solver: ``"auto"``, ``"lu"``, ``"cholesky"`` (declares ``A`` symmetric
+            positive definite), ``"qr"`` or ``"svd"`` (rank-revealing).
+            A ``LinearOperator`` tagged ``positive_definite`` uses Cholesky.
+        rank_rtol: rank tolerance; a singular value ``s ≤ rank_rtol · s_max`` (or a
+            reciprocal condition estimate below it) counts as zero. Default
+            ``eps · max(m, n)``.
+        rtol: consistency tolerance of ``"exact"`` on non-square systems
+            (default ``sqrt(eps)``): fail if ``‖Ay − b‖ > rtol (‖A‖‖y‖ + ‖b‖)``.
+        on_failure: ``"raise"`` (default) raises :class:`~implicitdiff.SolveError`;
+            ``"warn"`` warns and sets failed batch elements to NaN; ``"nan"`` sets
+            them to NaN silently.
+        return_info: also return a :class:`~implicitdiff.SolveInfo`.
+        check_finite: raise :class:`~implicitdiff.InputError` on NaN/Inf inputs (one sync).
+
+    Returns:
+        ``y`` of shape ``(*, n)`` or ``(*, n, k)``; with ``return_info``, ``(y, info)``.
+
+    Gradients flow to ``A`` and ``b`` (and to the tensors of ``Nearest``/``Pinned``),
+    in reverse and forward mode, at any order, and under ``torch.func.vmap``,
+    ``jacrev`` and ``jacfwd``.  The backward reuses the forward factorization
+    (LU, Cholesky, QR or SVD): it costs triangular solves.
+
+    Raises:
+        InputError: malformed shapes, dtypes, devices, NaN/Inf, unknown options.
+        SolveError: a singular square ``A`` under ``"exact"``, an inconsistent
+            system under ``"exact"``, a rank-deficient ``A`` under
+            ``"least_squares"`` — with the condition estimate or residual and a hint.
+
+    Example (the seed note: ``x = a₁y₁ + a₂y₂`` has many solutions):
+        >>> import torch, implicitdiff as idf
+        >>> A = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+        >>> x = torch.tensor([3.0], dtype=torch.float64, requires_grad=True)
+        >>> y = idf.linear_solve(A, x)                       # min-norm: y = A⁺x
+        >>> y.detach()
+        tensor([0.6000, 1.2000], dtype=torch.float64)
+        >>> y_pinned = idf.linear_solve(A, x, selection=idf.Pinned([0], 0.0))
+        >>> y_pinned.detach()                               # y₁ = 0, y₂ = x / a₂
+        tensor([0.0000, 1.5000], dtype=torch.float64)
+    """
+    check_on_failure(on_failure)
+    prob = _prepare(A, b)
+    positive_definite = isinstance(A, LinearOperator) and A.positive_definite
+    if positive_definite and solver == "auto":
+        solver = "cholesky"
+    if check_finite:
+        check_finite_(prob)
+    m, n = prob.A.shape[-2:]
+    if isinstance(selection, Nearest):
+        Y, info = _nearest(prob, selection, solver, rank_rtol, rtol)
+    elif isinstance(selection, Pinned):
+        Y, info = _pinned(prob, selection, solver, rank_rtol, rtol)
+    else:
+        spec = SolveSpec(resolve_selection(selection, m, n), solver, rank_rtol, rtol, False)
+        Y, info = _solve(spec, prob.A, prob.B)
+    if is_vmapped(info.status):
+        Y = nan_where_failed(Y, info.ok)  # nothing can be raised from data under vmap
+    else:
+        Y = apply_on_failure(Y, info, on_failure, "linear_solve", _HINTS)
+    y = Y.squeeze(-1) if prob.vector else Y
+    return (y, info) if return_info else y
+
+
+def check_finite_(prob: _Problem) -> None:
+    check_finite("A", prob.A)
+    check_finite("b", prob.B)
+
+
+def linear_solve_ex(A, b, **kwargs):
+    """As :func:`linear_solve` with ``return_info=True`` and ``on_failure="nan"``: returns
+    ``(y, info)`` and does not raise for failed solves (bad inputs still raise)."""
+    kwargs.setdefault("on_failure", "nan")
+    return linear_solve(A, b, return_info=True, **kwargs)
+
+
+def _solve(spec, A, B):
+    X, status, residual, rank, cond = solve(spec, A, B)
+    return X, SolveInfo(status, residual, torch.zeros_like(status), rank, cond)
+
+
+def _nearest(prob: _Problem, sel: Nearest, solver, rank_rtol, rtol):
+    # y = y0 + S z,  z = (A S)⁺ (b − A y0):  the minimum-‖S⁻¹(y − y0)‖ least-squares solution,
+    # with S = W^{-1/2} (diagonal weight) or S = L⁻ᵀ (W = L Lᵀ).
+    A, B = prob.A, prob.B
+    n = A.shape[-1]
+    Y0 = _as_solution_shape("Nearest.y0", sel.y0, A, prob.vector)
+    if Y0.shape[-2] != n:
+        raise InputError(f"Nearest.y0 must have the solution's shape (*, {n}) or (*, {n}, k), got {tuple(sel.y0.shape)}")
+    check_finite("Nearest.y0", Y0)
+    w = sel.weight
+    if w is None:
+        AS, scale = A, None
+    else:
+        w = as_float_tensor("Nearest.weight", w, like=A)
+        check_same_dtype_device("A", A, **{"Nearest.weight": w})
+        check_finite("Nearest.weight", w)
+        if w.dim() >= 2 and w.shape[-2:] == (n, n):
+            L, info = torch.linalg.cholesky_ex(w)
+            if not is_vmapped(info) and bool((info != 0).any()):
+                raise InputError("Nearest.weight must be symmetric positive definite (Cholesky failed)")
+            Linv_T = torch.linalg.solve_triangular(L.mT, torch.eye(n, dtype=A.dtype, device=A.device), upper=True)
+            AS, scale = A @ Linv_T, ("matrix", Linv_T)
+        elif w.shape[-1] == n:
+            if not is_vmapped(w) and bool((w <= 0).any()):
+                raise InputError("Nearest.weight must be positive (a diagonal weight); got a value ≤ 0")
+            s = w.rsqrt()
+            AS, scale = A * s.unsqueeze(-2), ("diag", s)
+        else:
+            raise InputError(f"Nearest.weight must be (*, {n}) or (*, {n}, {n}), got {tuple(w.shape)}")
+    spec = SolveSpec("min_norm", solver, rank_rtol, rtol, False)
+    Z, info = _solve(spec, AS, B - A @ Y0)
+    if scale is not None:
+        Z = scale[1] @ Z if scale[0] == "matrix" else scale[1].unsqueeze(-1) * Z
+    return Y0 + Z, info
+
+
+def _pinned(prob: _Problem, sel: Pinned, solver, rank_rtol, rtol):
+    # y[index] = values;  A[:, free] y[free] = b − A[:, index] values   (square, nonsingular)
+    A, B = prob.A, prob.B
+    m, n = A.shape[-2:]
+    idx = torch.as_tensor(sel.index, dtype=torch.long).reshape(-1)
+    p = idx.numel()
+    if p and (bool((idx < 0).any()) or bool((idx >= n).any()) or idx.unique().numel() != p):
+        raise InputError(f"Pinned.index must hold distinct coordinates in [0, {n}), got {idx.tolist()}")
+    if n - p != m:
+        raise InputError(
+            f"Pinned needs exactly n − m = {n - m} pinned coordinates for A of shape ({m}, {n}) so that the rest "
+            f"is a square system, got {p}"
+        )
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[idx] = False
+    free = torch.nonzero(keep).reshape(-1)
+    k = B.shape[-1]
+    vals = sel.values
+    if not isinstance(vals, torch.Tensor):
+        vals = torch.as_tensor(vals, dtype=A.dtype, device=A.device)
+    vals = as_float_tensor("Pinned.values", vals, like=A)
+    check_same_dtype_device("A", A, **{"Pinned.values": vals})
+    check_finite("Pinned.values", vals)
+    if vals.dim() == 0:
+        V = vals.expand(p, k)
+    elif prob.vector or vals.dim() == 1:
+        if vals.shape[-1] != p:
+            raise InputError(f"Pinned.values must have {p} entries (one per index) in its last dim, got {tuple(vals.shape)}")
+        V = vals.unsqueeze(-1).expand(*vals.shape, k)
+    else:
+        if vals.shape[-2] != p:
+            raise InputError(f"Pinned.values must be (*, {p}) or (*, {p}, {k}), got {tuple(vals.shape)}")
+        V = vals
+    idx, free = idx.to(A.device), free.to(A.device)
+    A_pin, A_free = A.index_select(-1, idx), A.index_select(-1, free)
+    spec = SolveSpec("exact", solver, rank_rtol, rtol, False)
+    Yf, info = _solve(spec, A_free, B - A_pin @ V)
+    batch = torch.broadcast_shapes(V.shape[:-2], Yf.shape[:-2])
+    Y = torch.cat([V.expand(*batch, p, k), Yf.expand(*batch, m, k)], dim=-2)
+    order = torch.argsort(torch.cat([idx, free]))
+    return Y.index_select(-2, order), info
+
+
+def ambiguity(A, cotangent, *, rank_rtol=None) -> torch.Tensor:
+    r"""How much a gradient through ``A y = b`` depends on the chosen solution map.
+
+    Every valid selection ``y(b)`` satisfies ``A dy/db = I``; two of them differ
+    by ``dy/db = ... + N dz/db`` with ``N`` spanning null(A), so their ``b̄``
+    differ by ``(dz/db)ᵀ Nᵀ ȳ``.  The selection-independent part is measured by
+
+    ``ambiguity(A, ȳ) = ‖P_null(A) ȳ‖ / ‖ȳ‖``
+
+    which is zero iff every selection gives the same ``b̄`` (``A`` of full column
+    rank, or ``ȳ`` orthogonal to null(A)).
+
+    Args:
+        A: ``(*, m, n)`` (dense, sparse or a dense ``LinearOperator``).
+        cotangent: ``ȳ`` of the solution's shape, ``(*, n)`` or ``(*, n, k)``.
+        rank_rtol: rank tolerance of the SVD (default ``eps · max(m, n)``).
+
+    Returns:
+        A tensor of the batch shape, values in ``[0, 1]`` (0 for a zero cotangent).
+
+    Example:
+        >>> import torch, implicitdiff as idf
+        >>> A = torch.tensor([[1.0, 1.0]])
+        >>> float(idf.ambiguity(A, torch.tensor([1.0, 1.0])))   # ȳ ⟂ null(A): all selections agree
+        0.0
+        >>> round(float(idf.ambiguity(A, torch.tensor([1.0, 0.0]))), 4)
+        0.7071
+    """
+    if isinstance(A, LinearOperator):
+        A = A.to_dense()
+    elif isinstance(A, torch.Tensor) and A.layout != torch.strided:
+        A = A.to_dense()
+    A = as_float_tensor("A", A)
+    if A.dim() < 2:
+        raise InputError(f"A must have shape (*, m, n), got {tuple(A.shape)}")
+    g = as_float_tensor("cotangent", cotangent, like=A)
+    check_same_dtype_device("A", A, cotangent=g)
+    n = A.shape[-1]
+    vector = g.dim() == 1 or (g.dim() == A.dim() - 1 and g.shape[:-1] == A.shape[:-2])
+    G = g.unsqueeze(-1) if vector else g
+    if G.shape[-2] != n:
+        raise InputError(f"cotangent must have the solution's shape (*, {n}) or (*, {n}, k), got {tuple(g.shape)}")
+    from .._core.defaults import rank_rtol as default_tol
+
+    tol = default_tol(A.dtype, *A.shape[-2:]) if rank_rtol is None else rank_rtol
+    _, s, Vh = torch.linalg.svd(A, full_matrices=False)
+    keep = (s > tol * s[..., :1]).to(A.dtype)
+    Vr = Vh.mT * keep.unsqueeze(-2)  # columns spanning the row space
+    proj_null = G - Vr @ (Vr.mT @ G)
+    num = torch.linalg.matrix_norm(proj_null)
+    den = torch.linalg.matrix_norm(G)
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))

@@ -1,0 +1,12 @@
+"""Linear algebra, forward only: operators, factorizations and Krylov solvers.
+
+Nothing here defines gradients; :mod:`implicitdiff.implicit` does.
+"""
+
+from .cholesky import Cholesky as Cholesky
+from .factorization import Factorization as Factorization
+from .lu import LU as LU
+from .operator import LinearOperator as LinearOperator, aslinearoperator as aslinearoperator
+from .qr import QR as QR, QRTransposed as QRTransposed
+from .selection import Nearest as Nearest, Pinned as Pinned
+from .svd import SVD as SVD
