@@ -8,6 +8,11 @@ from ._core.failure import SolveWarning as SolveWarning
 from ._core.status import SolveInfo as SolveInfo, Status as Status
 from . import linalg as linalg
 from .linalg.selection import Nearest as Nearest, Pinned as Pinned
+from .implicit.adjoint import Implicit as Implicit, Neumann as Neumann, Unroll as Unroll
+from .layers.argmin import argmin as argmin
+from .layers.custom_root import custom_fixed_point as custom_fixed_point, custom_root as custom_root
+from .layers.fixed_point import fixed_point as fixed_point
+from .layers.root import root as root
 from .layers.linear_solve import (
     ambiguity as ambiguity,
     linear_solve as linear_solve,

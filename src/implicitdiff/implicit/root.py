@@ -1,0 +1,299 @@
+"""Implicit gradients of ``y*(θ)`` defined by ``F(y*, θ) = 0`` — one ``autograd.Function`` for every layer.
+
+Differentiating the equation (the seed note's step, for a nonlinear ``F``)::
+
+    ∂F/∂y · dy/dθ + ∂F/∂θ = 0
+
+* reverse mode: solve the adjoint system ``(∂F/∂y)ᵀ u = ȳ``, then
+  ``θ̄ = −(∂F/∂θ)ᵀ u`` (one vector-Jacobian product of ``F`` in ``θ``);
+* forward mode: ``ẇ = ∂F/∂θ · θ̇`` (one Jacobian-vector product), then solve
+  ``∂F/∂y · ẏ = −ẇ``.
+
+The forward solver is passed in (``implicit/`` never imports ``solvers/``) and
+runs on detached tensors; memory does not grow with its iterations.  The
+backward is written with differentiable operations (``torch.func`` products,
+the differentiable linear solves of :mod:`.linear`), so double backward and
+``torch.func`` transforms compose.  Under ``vmap`` the rule below moves the
+vmapped dimension into the problem's batch and ``vmap``\\ s ``F`` over it, so
+the solver sees one batched problem with per-element convergence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
+
+import torch
+
+from .._core.errors import SolveError
+from .._core.failure import apply_on_failure, nan_where_failed
+from .._core.status import SolveInfo, Status
+from .._core.tree import Tree
+from .._core.validate import is_vmapped
+from ..linalg.factorization import from_tensors
+from .adjoint import Implicit, Neumann
+from .linear import FactoredSolveFn, SolveSpec, solve as linear_solve_fn
+
+__all__ = ["RootProblem", "RootFn", "batch_jacobian", "adjoint_solve", "tangent_solve", "jvp_by_vjp"]
+
+
+@dataclass(frozen=True, eq=False)
+class RootProblem:
+    """Everything static about ``F(y, *params) = 0`` (not tensors).
+
+    ``solve(F, y0, params, batch_dims) -> SolverResult`` is the forward solver (``y``, ``info``,
+    optional ``jacobian`` factorization at ``y``); ``batch_dims`` leading dims of
+    ``y`` are independent problems; ``symmetric`` declares ``∂F/∂y`` symmetric
+    (argmin's Hessian); ``neumann_alpha`` is the default step of :class:`Neumann`.
+    ``krylov(name)`` returns a matrix-free solver ``(A, b, x0, rtol, atol, max_iter) -> (x, info)``.
+    """
+
+    F: Callable
+    solve: Callable
+    tree: Tree
+    batch_dims: int = 0
+    adjoint: Any = Implicit()
+    symmetric: bool = False
+    neumann_alpha: float = 1.0
+    on_failure: str = "raise"
+    what: str = "root"
+    hints: Optional[dict] = None
+    krylov: Optional[Callable] = None
+
+    def residual(self, y, leaves):
+        return self.F(y, *self.tree.unflatten(leaves))
+
+
+def _flat(y, bd):
+    return y.reshape(*y.shape[:bd], -1)
+
+
+def batch_jacobian(F: Callable, y: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """Per-element Jacobians ``∂F_b/∂y_b`` of a batch-independent ``F``, shape ``(*batch, n, n)``.
+
+    Uses the sum over the batch: ``∂(Σ_b F_b)/∂y_b = ∂F_b/∂y_b`` when element ``b``
+    of ``F`` depends on element ``b`` of ``y`` only, so ``n`` vector-Jacobian
+    products give every block.
+    """
+    batch = y.shape[:batch_dims]
+    n = math.prod(y.shape[batch_dims:])
+
+    def summed(yy):
+        out = _flat(F(yy), batch_dims)
+        return out.sum(dim=tuple(range(batch_dims))) if batch_dims else out  # (n,)
+
+    J = torch.func.jacrev(summed)(y)  # (n, *batch, *event)
+    J = J.reshape(n, *batch, n)
+    return J.movedim(0, -2)  # (*batch, n, n): rows = outputs
+
+
+def jvp_by_vjp(f: Callable, primals: tuple, tangents: tuple):
+    """``(f(primals), ∂f · tangents)`` from two reverse passes (the "double-vjp" trick).
+
+    ``u ↦ ⟨vjpᵤ, t⟩`` is linear in ``u`` with gradient ``J t``.  Used instead of
+    forward-mode AD because an ``autograd.Function``'s ``jvp`` already runs
+    inside a forward-AD level, and PyTorch does not nest those.
+    """
+    out, vjp = torch.func.vjp(f, *primals)
+
+    def pairing(u):
+        return sum((a * b).sum() for a, b in zip(vjp(u), tangents))
+
+    return out, torch.func.grad(pairing)(torch.zeros_like(out))
+
+
+def _linear_map(F_y: Callable, y: torch.Tensor, bd: int, transpose: bool):
+    """``v -> (∂F/∂y) v`` or ``(∂F/∂y)ᵀ v`` at ``y``, on flattened ``(*batch, n)`` vectors.
+
+    One forward evaluation of ``F`` is linearized once; each product is then one
+    reverse pass (two for ``J v``, by the double-vjp trick).
+    """
+    out, vjp = torch.func.vjp(F_y, y)
+
+    def rmv(v):
+        return _flat(vjp(v.reshape(y.shape))[0], bd)
+
+    def mv(v):
+        v = v.reshape(y.shape)
+        pairing = lambda u: (vjp(u)[0] * v).sum()  # noqa: E731
+        return _flat(torch.func.grad(pairing)(torch.zeros_like(out)), bd)
+
+    return rmv if transpose else mv
+
+
+def _check_linear(status, residual, what, on_failure, out, info_iters=None):
+    info = SolveInfo(status, residual, torch.zeros_like(status) if info_iters is None else info_iters)
+    if is_vmapped(status):
+        return nan_where_failed(out, info.ok)
+    hints = {
+        Status.SINGULAR: "∂F/∂y is singular at the solution, so the implicit function theorem does not apply; "
+                         "check that the root is isolated (or regularize F)",
+        Status.MAX_ITERATIONS: "raise Implicit(max_iter=...) or loosen Implicit(rtol=...), or use Implicit(solver='lu')",
+        Status.BREAKDOWN: "the adjoint Krylov solver broke down: use Implicit(solver='gmres') or 'lu'",
+    }
+    return apply_on_failure(out, info, "raise", what, hints)
+
+
+def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bool):
+    """Solve ``J x = rhs`` (``transpose``: ``Jᵀ x = rhs``) at ``y``; ``rhs`` of y's shape."""
+    bd = problem.batch_dims
+    adj = problem.adjoint
+    params = problem.tree.unflatten(leaves)
+    F_y = lambda yy: problem.F(yy, *params)  # noqa: E731
+    n = math.prod(y.shape[bd:])
+    what = f"the {'adjoint' if transpose else 'tangent'} solve of {problem.what}"
+    R = _flat(rhs, bd)
+
+    if isinstance(adj, Neumann):
+        alpha = problem.neumann_alpha if adj.alpha is None else adj.alpha
+        mv = _linear_map(F_y, y, bd, transpose)
+        x = torch.zeros_like(R)
+        for _ in range(int(adj.k)):
+            x = x + alpha * (R - mv(x))
+        return x.reshape(rhs.shape)
+
+    solver = adj.solver
+    if solver == "auto":
+        solver = "lu" if (n <= adj.dense_max or problem.krylov is None) else ("minres" if problem.symmetric else "gmres")
+    if solver == "lu":
+        if factors and not torch.is_grad_enabled():
+            # first order: reuse the forward solver's factorization of J at y
+            X = from_tensors("lu", factors).solve(R.unsqueeze(-1), adjoint=transpose)
+            bad = ~torch.isfinite(X).flatten(-2).all(-1)
+            status = torch.where(bad, int(Status.SINGULAR), 0).to(torch.int64)
+            X = _check_linear(status, torch.zeros(status.shape, dtype=X.dtype, device=X.device), what, "raise", X)
+            return X.squeeze(-1).reshape(rhs.shape)
+        J = batch_jacobian(F_y, y, bd)
+        if factors:
+            X = FactoredSolveFn.apply("lu", transpose, J, R.unsqueeze(-1), *factors)
+            status = torch.where(~torch.isfinite(X).flatten(-2).all(-1), int(Status.SINGULAR), 0).to(torch.int64)
+            residual = torch.zeros(status.shape, dtype=X.dtype, device=X.device)
+        else:
+            A = J.mT if transpose else J
+            X, status, residual, _, _ = linear_solve_fn(SolveSpec("exact", check_finite=False), A, R.unsqueeze(-1))
+        X = _check_linear(status, residual, what, "raise", X)
+        return X.squeeze(-1).reshape(rhs.shape)
+
+    if problem.krylov is None:
+        raise SolveError(f"matrix-free adjoint solver {solver!r} is unavailable; use Implicit(solver='lu')")
+    mv = _linear_map(F_y, y, bd, transpose)
+    X, info = problem.krylov(solver, mv, R, rtol=adj.rtol, atol=adj.atol, max_iter=adj.max_iter)
+    X = _check_linear(info.status, info.residual, what, "raise", X, info.iterations)
+    return X.reshape(rhs.shape)
+
+
+def adjoint_solve(problem, y, leaves, gy, factors=()):
+    """``u`` with ``(∂F/∂y)ᵀ u = ȳ`` at ``y`` (checked; raises ``SolveError`` on failure)."""
+    return _solve_jacobian(problem, y, leaves, gy, factors, transpose=True)
+
+
+def tangent_solve(problem, y, leaves, rhs, factors=()):
+    """``ẏ`` with ``(∂F/∂y) ẏ = rhs`` at ``y``."""
+    return _solve_jacobian(problem, y, leaves, rhs, factors, transpose=False)
+
+
+class RootFn(torch.autograd.Function):
+    """``y* = root of F(·, θ)`` from ``y0``; outputs ``(y*, status, residual, iterations, *jacobian_factors)``.
+
+    Only ``y*`` is differentiable; ``y0`` gets no gradient (the root does not
+    depend on the starting point).
+    """
+
+    @staticmethod
+    def forward(problem: RootProblem, y0, *leaves):
+        params = problem.tree.unflatten(leaves)
+        with torch.no_grad():
+            res = problem.solve(problem.F, y0.detach(), params, problem.batch_dims)
+        y, info = res.y, res.info
+        factors = tuple(res.jacobian.tensors()) if res.jacobian is not None else ()
+        y = apply_on_failure(y, info, problem.on_failure, problem.what, problem.hints)
+        return (y, info.status, info.residual, info.iterations) + factors
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        problem, _, *leaves = inputs
+        y, status, residual, iterations, *factors = output
+        ctx.mark_non_differentiable(status, residual, iterations, *factors)
+        ctx.problem = problem
+        ctx.nfactors = len(factors)
+        ctx.save_for_backward(y, *leaves, *factors)
+        ctx.save_for_forward(y, *leaves, *factors)
+
+    @staticmethod
+    def _unpack(ctx):
+        saved = ctx.saved_tensors
+        k = ctx.nfactors
+        y = saved[0]
+        leaves = saved[1:len(saved) - k] if k else saved[1:]
+        factors = saved[len(saved) - k:] if k else ()
+        return y, tuple(leaves), tuple(factors)
+
+    @staticmethod
+    def backward(ctx, gy, *_):
+        problem = ctx.problem
+        y, leaves, factors = RootFn._unpack(ctx)
+        nleaves = len(leaves)
+        if gy is None or not any(ctx.needs_input_grad[2:]):
+            return (None, None) + (None,) * nleaves
+        u = adjoint_solve(problem, y, leaves, gy, factors)
+        # θ̄ = −(∂F/∂θ)ᵀ u
+        wanted = [i for i in range(nleaves) if ctx.needs_input_grad[2 + i]]
+        sub = [leaves[i] for i in wanted]
+
+        def F_theta(*ts):
+            full = list(leaves)
+            for i, t in zip(wanted, ts):
+                full[i] = t
+            return problem.residual(y, full)
+
+        _, vjp = torch.func.vjp(F_theta, *sub)
+        grads = vjp(-u)
+        out = [None] * nleaves
+        for i, g in zip(wanted, grads):
+            out[i] = g
+        return (None, None) + tuple(out)
+
+    @staticmethod
+    def jvp(ctx, _p, _y0, *dleaves):
+        problem = ctx.problem
+        y, leaves, factors = RootFn._unpack(ctx)
+        idx = [i for i, d in enumerate(dleaves) if d is not None]
+        if not idx:
+            dy = torch.zeros_like(y)
+        else:
+            def F_theta(*ts):
+                full = list(leaves)
+                for i, t in zip(idx, ts):
+                    full[i] = t
+                return problem.residual(y, full)
+
+            _, w = jvp_by_vjp(F_theta, tuple(leaves[i] for i in idx), tuple(dleaves[i] for i in idx))
+            dy = tangent_solve(problem, y, leaves, -w, factors)
+        return (dy, None, None, None) + (None,) * ctx.nfactors
+
+    @staticmethod
+    def vmap(info, in_dims, problem: RootProblem, y0, *leaves):
+        size = info.batch_size
+        _, d_y0, *d_leaves = in_dims
+        bd = problem.batch_dims
+        y0m = y0.movedim(d_y0, 0) if d_y0 is not None else y0.expand(size, *y0.shape)
+        leaves_m = tuple(l.movedim(d, 0) if d is not None else l for l, d in zip(leaves, d_leaves))
+        leaf_dims = tuple(0 if d is not None else None for d in d_leaves)
+        tree, F = problem.tree, problem.F
+
+        def F_v(y, *params):
+            lv = _leaves_of(tree, params)
+            return torch.func.vmap(lambda yy, *ll: F(yy, *tree.unflatten(ll)), in_dims=(0,) + leaf_dims)(y, *lv)
+
+        new = replace(problem, F=F_v, batch_dims=bd + 1)
+        out = RootFn.apply(new, y0m, *leaves_m)
+        nf = len(out) - 4
+        return out, (0, 0, 0, 0) + (0,) * nf
+
+
+def _leaves_of(tree: Tree, params) -> tuple:
+    from torch.utils import _pytree as pytree
+
+    leaves, _ = pytree.tree_flatten(tuple(params))
+    return tuple(leaves[i] for i in tree.tensor_slots)

@@ -1,0 +1,200 @@
+"""The iteration loop shared by every nonlinear solver: tolerances, statuses, the stopping rule.
+
+Every solver here works on a *flattened* iterate ``y`` of shape ``(*batch, n)``
+(``batch = y0.shape[:batch_dims]``, ``n = prod(y0.shape[batch_dims:])``) and
+contributes only a ``step``; this module owns what is common:
+
+* **Stopping rule** (per element ``i``, norms over the non-batch dims)::
+
+      ‖F(y_i)‖ ≤ atol + rtol · ‖F(y0_i)‖          rtol default: default_rtol(dtype)
+
+  (for L-BFGS ``F`` is the gradient).  A converged element is *frozen*: its
+  state is never updated again (``torch.where``), so a batch costs as many
+  iterations as its slowest element but every element stops on its own.
+* **Statuses**: ``SUCCESS``; ``MAX_ITERATIONS`` when ``max_iter`` is spent;
+  ``NONFINITE`` when an iterate or its residual holds NaN/Inf (the element is
+  frozen at its last finite iterate, the others go on); ``DIVERGED`` when
+  ``‖F‖ > 1e8 · ‖F(y0)‖`` (fixed-point type solvers); a status a step reports
+  itself (Newton: ``SINGULAR`` Jacobian, ``BREAKDOWN`` of the line search).
+  Solvers never raise on non-convergence: the caller applies the policy.
+* **No per-iteration host sync**: statuses live in tensors; the loop reads
+  "is anything still running?" only every ``check_every`` iterations (default
+  1 on CPU where reading is free, 8 on CUDA), so on a GPU up to
+  ``check_every − 1`` idle steps run after the last element converged (they
+  change nothing: every element is frozen).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from .._core.defaults import default_rtol
+from .._core.errors import InputError
+from .._core.status import SolveInfo, Status
+from .._core.validate import as_float_tensor
+
+__all__ = ["Options", "options", "int_option", "float_option", "flatten_root", "iterate", "norm", "where", "LoopResult"]
+
+# ‖F‖ grows past this multiple of ‖F(y0)‖: the element is declared DIVERGED
+DIVERGENCE_FACTOR = 1e8
+
+
+class Options(NamedTuple):
+    """Validated common options of a solve."""
+
+    y0: torch.Tensor          # detached y0, original shape
+    params: tuple             # top-level tensors detached
+    batch_shape: torch.Size
+    n: int                    # per-element size, prod(y0.shape[batch_dims:])
+    rtol: float
+    atol: float
+    max_iter: int
+    check_every: int
+
+
+def int_option(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise InputError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+def float_option(name: str, value, lo: float = 0.0, strict: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(v) or v < lo or (strict and v == lo):
+        raise InputError(f"{name} must be a finite number {'>' if strict else '>='} {lo}, got {value!r}")
+    return v
+
+
+def options(y0, params, *, rtol, atol, max_iter, batch_dims, check_every, callback) -> Options:
+    """Validate what every solver takes; raise :class:`InputError` naming the argument."""
+    y0 = as_float_tensor("y0", y0).detach()
+    if not isinstance(params, (tuple, list)):
+        raise InputError(f"params must be a tuple of the extra arguments of F, got {type(params).__name__}; "
+                         f"wrap a single tensor as (theta,)")
+    params = tuple(p.detach() if isinstance(p, torch.Tensor) else p for p in params)
+    batch_dims = int_option("batch_dims", batch_dims, 0)
+    if batch_dims > y0.dim():
+        raise InputError(f"batch_dims={batch_dims} exceeds y0.ndim={y0.dim()} (y0 has shape {tuple(y0.shape)})")
+    rtol = default_rtol(y0.dtype) if rtol is None else float_option("rtol", rtol)
+    atol = float_option("atol", atol)
+    max_iter = int_option("max_iter", max_iter, 0)
+    if check_every is None:
+        check_every = 1 if y0.device.type == "cpu" else 8
+    check_every = int_option("check_every", check_every, 1)
+    if callback is not None and not callable(callback):
+        raise InputError(f"callback must be callable as callback(iteration, y, residual_norms), got {callback!r}")
+    batch_shape = y0.shape[:batch_dims]
+    n = math.prod(y0.shape[batch_dims:])
+    return Options(y0, params, batch_shape, n, rtol, atol, max_iter, check_every)
+
+
+def flatten_root(F: Callable, opts: Options, name: str = "F") -> tuple[Callable, torch.Tensor, torch.Tensor]:
+    """``(fun, y, f)``: the residual on flattened iterates ``(*batch, n) -> (*batch, n)``,
+    the flattened ``y0`` and ``F(y0)``; checks once that ``F`` keeps ``y``'s shape and dtype."""
+    if not callable(F):
+        raise InputError(f"{name} must be a callable F(y, *params) -> tensor of y's shape, got {F!r}")
+    shape, params = opts.y0.shape, opts.params
+    flat = (*opts.batch_shape, opts.n)
+    f0 = F(opts.y0, *params)
+    if not isinstance(f0, torch.Tensor):
+        raise InputError(f"{name}(y, *params) must return a tensor, got {type(f0).__name__}")
+    if f0.shape != shape:
+        raise InputError(f"{name}(y, *params) must return a tensor of y's shape {tuple(shape)}, got "
+                         f"{tuple(f0.shape)}; a root solver needs as many equations as unknowns")
+    if f0.dtype != opts.y0.dtype or f0.device != opts.y0.device:
+        raise InputError(f"{name}(y, *params) returned {f0.dtype} on {f0.device} for y of {opts.y0.dtype} on "
+                         f"{opts.y0.device}; make {name} keep y's dtype and device")
+
+    def fun(y):
+        return F(y.reshape(shape), *params).reshape(flat)
+
+    return fun, opts.y0.reshape(flat), f0.detach().reshape(flat)
+
+
+def norm(f: torch.Tensor) -> torch.Tensor:
+    """Per-element 2-norm of ``(*batch, n)`` -> ``(*batch,)``."""
+    return torch.linalg.vector_norm(f, dim=-1)
+
+
+def where(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``torch.where`` with a batch-shaped ``mask`` broadcast over trailing dims."""
+    mask = mask.reshape(mask.shape + (1,) * (new.dim() - mask.dim()))
+    return torch.where(mask, new, old)
+
+
+class LoopResult(NamedTuple):
+    y: torch.Tensor           # (*batch, n)
+    f: torch.Tensor           # (*batch, n)
+    extra: tuple
+    info: SolveInfo
+    trace: Optional[torch.Tensor]
+
+
+Step = Callable[[int, torch.Tensor, torch.Tensor, tuple, torch.Tensor],
+                tuple[torch.Tensor, torch.Tensor, tuple, Optional[torch.Tensor]]]
+
+
+def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Options, *,
+            trace: bool = False, callback=None, unflatten: Callable = lambda y: y,
+            divergence: bool = True) -> LoopResult:
+    """Run ``step`` until every element has stopped or ``opts.max_iter`` iterations.
+
+    ``step(k, y, f, extra, active) -> (y, f, extra, code)`` advances every
+    element by one iteration (it may compute on all of them; the loop keeps
+    ``y, f`` of stopped elements frozen).  ``y, f`` are ``(*batch, n)``;
+    ``extra`` is the step's own state (a tuple of tensors with leading batch
+    dims), passed back as returned: the loop does not freeze it, since a
+    stopped element's state is never read again, so a step may update large
+    state in place (elements must stay independent: garbage in a stopped
+    element must not reach the others).  ``code`` is ``None`` or an int64
+    batch tensor, nonzero where the step itself failed with that
+    :class:`Status` (such elements keep their previous ``y, f``).
+    """
+    tiny = torch.finfo(y.dtype).tiny
+    fn = norm(f)
+    f0 = fn
+    tol = opts.atol + opts.rtol * f0                     # NaN when F(y0) is NaN: never "converged"
+    finite = torch.isfinite(fn) & torch.isfinite(y).all(-1)
+    done = fn <= tol
+    status = torch.full(fn.shape, int(Status.MAX_ITERATIONS), dtype=torch.int64, device=y.device)
+    status = torch.where(done, int(Status.SUCCESS), status)
+    status = torch.where(~finite, int(Status.NONFINITE), status)
+    active = finite & ~done
+    iterations = torch.zeros(fn.shape, dtype=torch.int64, device=y.device)
+    rows = [fn] if trace else None
+    for k in range(opts.max_iter):
+        if k % opts.check_every == 0 and not bool(active.any()):   # the only host sync
+            break
+        y_new, f_new, extra_new, code = step(k, y, f, extra, active)
+        fn_new = norm(f_new)
+        ok = torch.isfinite(fn_new) & torch.isfinite(y_new).all(-1)
+        failed = torch.zeros_like(active) if code is None else active & (code != 0)
+        bad = active & ~failed & ~ok
+        move = active & ~failed & ok
+        y, f, fn = where(move, y_new, y), where(move, f_new, f), torch.where(move, fn_new, fn)
+        extra = extra_new          # a stopped element's extra state is never read again
+        iterations = iterations + active.to(torch.int64)
+        converged = move & (fn <= tol)
+        status = torch.where(converged, int(Status.SUCCESS), status)
+        status = torch.where(bad, int(Status.NONFINITE), status)
+        if code is not None:
+            status = torch.where(failed, code, status)
+        stop = converged | bad | failed
+        if divergence:
+            diverged = move & ~converged & (fn > DIVERGENCE_FACTOR * torch.clamp(f0, min=tiny))
+            status = torch.where(diverged, int(Status.DIVERGED), status)
+            stop = stop | diverged
+        active = active & ~stop
+        if rows is not None:
+            rows.append(fn)
+        if callback is not None:
+            callback(k + 1, unflatten(y), fn)
+    residual = fn / torch.clamp(f0, min=tiny)
+    info = SolveInfo(status, residual, iterations)
+    return LoopResult(y, f, extra, info, torch.stack(rows) if rows is not None else None)

@@ -1,0 +1,150 @@
+"""Anderson mixing: references, acceleration over Picard, rank-deficient histories, independence, statuses."""
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+from implicitdiff import InputError, Status
+from implicitdiff.solvers.anderson import anderson
+from implicitdiff.solvers.picard import picard
+
+F64, F32 = torch.float64, torch.float32
+DTYPES = [F64, F32]
+
+
+def _gen():
+    return torch.Generator().manual_seed(5)
+
+
+def tanh_map(y, W, x):
+    return torch.tanh((W @ y.unsqueeze(-1)).squeeze(-1) + x) - y
+
+
+def tanh_problem(g, batch, n, dtype, norm=0.9):
+    W = torch.randn(*batch, n, n, generator=g, dtype=F64)
+    W = norm * W / torch.linalg.matrix_norm(W, 2).unsqueeze(-1).unsqueeze(-1)
+    x = torch.randn(*batch, n, generator=g, dtype=F64)
+    return W.to(dtype), x.to(dtype)
+
+
+def scipy_root(W, x):
+    W, x = W.double().numpy(), x.double().numpy()
+    fun = lambda y: np.tanh(W @ y + x) - y  # noqa: E731
+    sol = scipy.optimize.root(fun, np.zeros_like(x), tol=1e-13)
+    assert np.abs(fun(sol.x)).max() < 1e-13
+    return torch.from_numpy(sol.x)
+
+
+def tol(dtype):
+    return 1e-9 if dtype == F64 else 1e-4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tanh_fixed_point_against_scipy(dtype):
+    W, x = tanh_problem(_gen(), (4,), 8, dtype)
+    res = anderson(tanh_map, torch.zeros(4, 8, dtype=dtype), (W, x), batch_dims=1)
+    assert res.info.status.tolist() == [Status.SUCCESS] * 4
+    assert (res.info.residual <= (1e-10 if dtype == F64 else 1e-6)).all()
+    ref = torch.stack([scipy_root(W[i], x[i]) for i in range(4)])
+    assert torch.allclose(res.y.double(), ref, atol=tol(dtype), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_0d(dtype):
+    dottie = scipy.optimize.brentq(lambda v: np.cos(v) - v, 0.0, 1.0, xtol=1e-15)
+    res = anderson(lambda y: torch.cos(y) - y, torch.tensor(0.0, dtype=dtype))
+    assert res.y.shape == () and res.info.status == Status.SUCCESS
+    assert abs(float(res.y) - dottie) < tol(dtype)
+
+
+def test_accelerates_a_slow_linear_contraction():
+    # y = M y + c with spectral radius 0.95: Picard needs ~ log(1e-10)/log(0.95) ≈ 450 steps
+    g = _gen()
+    Q, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=F64))
+    M = Q @ torch.diag(torch.linspace(-0.95, 0.95, 10, dtype=F64)) @ Q.T
+    c = torch.randn(10, generator=g, dtype=F64)
+    F = lambda y: M @ y + c - y  # noqa: E731
+    exact = torch.linalg.solve(torch.eye(10, dtype=F64) - M, c)
+    fast = anderson(F, torch.zeros(10, dtype=F64), m=10, max_iter=200)
+    slow = picard(F, torch.zeros(10, dtype=F64), max_iter=2000)
+    assert fast.info.status == Status.SUCCESS and slow.info.status == Status.SUCCESS
+    assert torch.allclose(fast.y, exact, atol=1e-8) and torch.allclose(slow.y, exact, atol=1e-8)
+    assert fast.info.iterations * 10 < slow.info.iterations
+
+
+@pytest.mark.parametrize("lam", [1e-4, 0.0])
+def test_rank_deficient_history_does_not_crash(lam, monkeypatch):
+    # F(y) = (c − y) φ(‖c − y‖) keeps every iterate on the segment y0 → c, so all differences
+    # in the history are parallel (rank one); one element starts at its solution (zero history)
+    failures = []
+    cholesky_ex = torch.linalg.cholesky_ex
+
+    def counting(A):
+        L, info = cholesky_ex(A)
+        failures.append(int((info != 0).sum()))
+        return L, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", counting)
+    g = _gen()
+    c = torch.randn(3, 6, generator=g, dtype=F64)
+    y0 = torch.zeros(3, 6, dtype=F64)
+    y0[2] = c[2]
+
+    def F(y, c):
+        r = c - y
+        return r * 0.5 * (1 + 0.5 * torch.sin(r.norm(dim=-1, keepdim=True)))
+
+    res = anderson(F, y0, (c,), batch_dims=1, m=5, lam=lam)
+    assert res.info.status.tolist() == [Status.SUCCESS] * 3
+    assert res.info.iterations[2] == 0
+    assert torch.allclose(res.y, c, atol=1e-9)
+    if lam == 0.0:     # unregularized: the singular normal equations fail and the Picard fallback runs
+        assert sum(failures) > 0
+    else:              # regularized: the normal matrix is always positive definite
+        assert sum(failures) == 0
+    # a rank-one linear part repeated in every coordinate
+    A = torch.ones(6, 6, dtype=F64) / 6
+    res2 = anderson(lambda y: -(y + A @ y) + 1.0, torch.zeros(6, dtype=F64), m=5, lam=lam)
+    assert res2.info.status == Status.SUCCESS
+    assert torch.allclose(res2.y, torch.linalg.solve(torch.eye(6, dtype=F64) + A, torch.ones(6, dtype=F64)),
+                          atol=1e-9)
+
+
+def test_damping_and_short_history():
+    W, x = tanh_problem(_gen(), (2,), 5, F64)
+    for m, beta in [(1, 1.0), (3, 0.5)]:
+        res = anderson(tanh_map, torch.zeros(2, 5, dtype=F64), (W, x), batch_dims=1, m=m, beta=beta)
+        assert res.info.status.tolist() == [Status.SUCCESS] * 2
+        assert torch.allclose(res.y, torch.stack([scipy_root(W[i], x[i]) for i in range(2)]), atol=1e-9)
+
+
+def test_elements_are_independent():
+    W, x = tanh_problem(_gen(), (4,), 5, F64)
+    W = W * torch.tensor([0.05, 1.0, 0.5, 1.05], dtype=F64).reshape(4, 1, 1)
+    res = anderson(tanh_map, torch.zeros(4, 5, dtype=F64), (W, x), batch_dims=1)
+    assert len(set(res.info.iterations.tolist())) > 1
+    for i in range(4):
+        alone = anderson(tanh_map, torch.zeros(5, dtype=F64), (W[i], x[i]))
+        assert alone.info.iterations == res.info.iterations[i] and alone.info.status == res.info.status[i]
+        assert torch.allclose(alone.y, res.y[i], atol=1e-13, rtol=0)
+
+
+def test_nan_parameter_poisons_only_its_element():
+    W, x = tanh_problem(_gen(), (3,), 4, F32)
+    W = W.clone()
+    W[0, 1, 1] = float("inf")
+    res = anderson(tanh_map, torch.zeros(3, 4), (W, x), batch_dims=1)
+    assert res.info.status.tolist() == [Status.NONFINITE, Status.SUCCESS, Status.SUCCESS]
+    for i in (1, 2):
+        assert torch.allclose(res.y[i].double(), scipy_root(W[i], x[i]), atol=1e-4)
+
+
+def test_max_iterations_and_options():
+    W, x = tanh_problem(_gen(), (2,), 4, F64)
+    res = anderson(tanh_map, torch.zeros(2, 4, dtype=F64), (W, x), batch_dims=1, max_iter=3)
+    assert res.info.status.tolist() == [Status.MAX_ITERATIONS] * 2 and res.info.iterations.tolist() == [3, 3]
+    assert (res.info.residual > 1e-10).all()
+    for bad, match in [(dict(m=0), "m must"), (dict(beta=0.0), "beta"), (dict(lam=-1.0), "lam")]:
+        with pytest.raises(InputError, match=match):
+            anderson(tanh_map, torch.zeros(2, 4, dtype=F64), (W, x), batch_dims=1, **bad)

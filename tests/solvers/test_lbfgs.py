@@ -1,0 +1,131 @@
+"""L-BFGS: closed forms and scipy references, independence, statuses, input checks."""
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+from implicitdiff import InputError, Status
+from implicitdiff.solvers.lbfgs import lbfgs
+
+F64, F32 = torch.float64, torch.float32
+DTYPES = [F64, F32]
+
+
+def _gen():
+    return torch.Generator().manual_seed(2)
+
+
+def quadratic(y, A, b):
+    """``½ yᵀAy − bᵀy`` per element: ``(*batch, n) -> (*batch,)``."""
+    return 0.5 * (y * (A @ y.unsqueeze(-1)).squeeze(-1)).sum(-1) - (b * y).sum(-1)
+
+
+def rosenbrock(y, a):
+    """Minimum at ``(a, a²)``."""
+    return (a - y[..., 0]) ** 2 + 100 * (y[..., 1] - y[..., 0] ** 2) ** 2
+
+
+def rtol(dtype):
+    return 1e-10 if dtype == F64 else 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quadratic_batched(dtype):
+    g = _gen()
+    M = torch.randn(3, 6, 6, generator=g, dtype=F64)
+    A = (M @ M.mT + torch.eye(6, dtype=F64)).to(dtype)
+    b = torch.randn(3, 6, generator=g, dtype=F64).to(dtype)
+    res = lbfgs(quadratic, torch.zeros(3, 6, dtype=dtype), (A, b), batch_dims=1)
+    assert res.info.status.tolist() == [Status.SUCCESS] * 3
+    assert (res.info.residual <= rtol(dtype)).all()
+    exact = torch.linalg.solve(A.double(), b.double())
+    # ‖y − y*‖ ≤ ‖∇f(y)‖ / λ_min(A), and ‖∇f(y0)‖ = ‖b‖
+    lam_min = torch.linalg.eigvalsh(A.double())[..., 0]
+    bound = res.info.residual.double() * b.double().norm(dim=-1) / lam_min
+    slack = 1e-13 if dtype == F64 else 1e-4
+    assert ((res.y.double() - exact).norm(dim=-1) <= bound * (1 + 1e-6) + slack).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rosenbrock_batched(dtype):
+    a = torch.tensor([1.0, 2.0, -1.0], dtype=dtype)
+    y0 = torch.tensor([-1.2, 1.0], dtype=dtype).expand(3, 2).clone()
+    res = lbfgs(rosenbrock, y0, (a,), batch_dims=1)
+    assert res.info.status.tolist() == [Status.SUCCESS] * 3
+    expected = torch.stack([a, a ** 2], dim=-1)
+    assert torch.allclose(res.y, expected, atol=1e-7 if dtype == F64 else 2e-3)
+
+
+def test_logistic_regression_against_scipy():
+    g = _gen()
+    X = torch.randn(40, 5, generator=g, dtype=F64)
+    t = (torch.rand(40, generator=g, dtype=F64) < 0.5).to(F64)
+    lams = torch.tensor([0.1, 1.0, 10.0], dtype=F64)
+
+    def f(w, lam):   # w (3, 5): one problem per regularization strength
+        z = w @ X.T
+        return torch.nn.functional.softplus(z).sum(-1) - (z * t).sum(-1) + 0.5 * lam * (w ** 2).sum(-1)
+
+    res = lbfgs(f, torch.zeros(3, 5, dtype=F64), (lams,), batch_dims=1)
+    assert res.info.status.tolist() == [Status.SUCCESS] * 3
+    Xn, tn = X.numpy(), t.numpy()
+    for i, lam in enumerate(lams.tolist()):
+        def obj(w):
+            z = Xn @ w
+            return np.logaddexp(0, z).sum() - z @ tn + 0.5 * lam * w @ w, Xn.T @ (1 / (1 + np.exp(-z)) - tn) + lam * w
+        ref = scipy.optimize.minimize(obj, np.zeros(5), jac=True, method="BFGS", options={"gtol": 1e-12})
+        assert np.abs(ref.jac).max() < 1e-9
+        assert torch.allclose(res.y[i], torch.from_numpy(ref.x), atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_0d(dtype):
+    t = torch.tensor(1.7, dtype=dtype)
+    res = lbfgs(lambda y, t: torch.cosh(y - t), torch.tensor(-0.5, dtype=dtype), (t,))
+    assert res.y.shape == () and res.info.status == Status.SUCCESS and res.info.status.shape == ()
+    # ∇f = sinh(y − t) ≈ y − t: the stopping rule bounds the error
+    slack = 0.0 if dtype == F64 else 1e-6
+    assert abs(float(res.y - t)) <= rtol(dtype) * float(torch.sinh(t + 0.5)) * 1.01 + slack
+
+
+def test_elements_are_independent_and_nan_is_contained():
+    a = torch.tensor([1.0, float("nan"), 0.5, 3.0], dtype=F64)
+    y0 = torch.tensor([[-1.2, 1.0], [0.0, 0.0], [0.4, 0.3], [2.0, 2.0]], dtype=F64)
+    res = lbfgs(rosenbrock, y0, (a,), batch_dims=1)
+    assert res.info.status.tolist() == [Status.SUCCESS, Status.NONFINITE, Status.SUCCESS, Status.SUCCESS]
+    assert len(set(res.info.iterations[[0, 2, 3]].tolist())) == 3
+    assert torch.isfinite(res.y).all()
+    for i in (0, 2, 3):
+        alone = lbfgs(rosenbrock, y0[i], (a[i],))
+        assert alone.info.iterations == res.info.iterations[i]
+        assert torch.allclose(alone.y, res.y[i], atol=1e-13, rtol=0)
+
+
+def test_max_iterations_breakdown_and_trace():
+    a = torch.tensor([1.0, 2.0], dtype=F64)
+    y0 = torch.tensor([-1.2, 1.0], dtype=F64).expand(2, 2).clone()
+    res = lbfgs(rosenbrock, y0, (a,), batch_dims=1, max_iter=5, trace=True)
+    assert res.info.status.tolist() == [Status.MAX_ITERATIONS] * 2 and res.info.iterations.tolist() == [5, 5]
+    grad0 = torch.func.vmap(torch.func.grad(rosenbrock))(y0, a)
+    assert torch.allclose(res.trace[0], grad0.norm(dim=-1))      # the residual is the gradient norm
+    assert torch.allclose(res.trace[-1] / res.trace[0], res.info.residual)
+    # a gradient tolerance below float32 rounding: reported as BREAKDOWN, quickly
+    g = _gen()
+    M = torch.randn(6, 6, generator=g)
+    A, b = M @ M.T + torch.eye(6), torch.randn(6, generator=g)
+    stuck = lbfgs(lambda y: 0.5 * y @ A @ y - b @ y, torch.zeros(6), rtol=1e-15)
+    assert stuck.info.status == Status.BREAKDOWN and stuck.info.iterations < 150
+    assert stuck.info.residual < 1e-5
+
+
+def test_bad_input():
+    y0 = torch.zeros(3, 2, dtype=F64)
+    with pytest.raises(InputError, match=r"one objective per batch element, shape \(3,\) \(batch_dims=1\), got \(\)"):
+        lbfgs(lambda y: (y ** 2).sum(), y0, batch_dims=1)
+    with pytest.raises(InputError, match=r"shape \(\) \(batch_dims=0\), got \(3,\)"):
+        lbfgs(lambda y: (y ** 2).sum(-1), y0)
+    with pytest.raises(InputError, match="history"):
+        lbfgs(lambda y: (y ** 2).sum(), y0, history=0)
+    with pytest.raises(InputError, match="f must be a callable"):
+        lbfgs(None, y0)
