@@ -7,6 +7,8 @@ from ._core.errors import InputError as InputError, SolveError as SolveError
 from ._core.failure import SolveWarning as SolveWarning
 from ._core.status import SolveInfo as SolveInfo, Status as Status
 from . import linalg as linalg
+from .checks.check_gradients import check_gradients as check_gradients
+from .checks.report import GradientReport as GradientReport
 from .linalg.selection import Nearest as Nearest, Pinned as Pinned
 from .implicit.adjoint import Implicit as Implicit, Neumann as Neumann, Unroll as Unroll
 from .layers.argmin import argmin as argmin

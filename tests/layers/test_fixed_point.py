@@ -71,3 +71,19 @@ def test_nonconverging_forward_raises():
     with pytest.raises(idf.SolveError, match="fixed_point"):
         idf.fixed_point(lambda z, A, b: 3.0 * T_lin(z, A, b), torch.zeros(4, dtype=D), A, b, solver="picard",
                         max_iter=20)
+
+
+def test_richardson_adjoint_fixed_point_iteration():
+    A, b = linear_problem()
+    z = idf.fixed_point(T_lin, torch.zeros(4, dtype=D), A, b, rtol=1e-13,
+                        adjoint=idf.Implicit(solver="richardson", rtol=1e-13))
+    g = torch.autograd.grad(z.sum(), (A, b))
+    zc = torch.linalg.solve(torch.eye(4, dtype=D) - A, b)
+    gc = torch.autograd.grad(zc.sum(), (A, b))
+    for a, c in zip(g, gc):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-11)
+    # a non-contractive map: the adjoint iteration cannot converge and must say so
+    z2 = idf.fixed_point(lambda z, A, b: T_lin(z, 3 * A, b), torch.zeros(4, dtype=D), A, b, solver="newton",
+                         adjoint=idf.Implicit(solver="richardson", max_iter=50))
+    with pytest.raises(idf.SolveError, match="adjoint"):
+        z2.sum().backward()

@@ -18,7 +18,7 @@ from .._core.errors import InputError
 
 __all__ = ["Implicit", "Unroll", "Neumann", "ADJOINT_SOLVERS", "check_adjoint"]
 
-ADJOINT_SOLVERS = ("auto", "lu", "cg", "minres", "gmres", "bicgstab")
+ADJOINT_SOLVERS = ("auto", "lu", "cg", "minres", "gmres", "bicgstab", "richardson")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,9 @@ class Implicit:
             ``dense_max`` rows, else go matrix-free with GMRES, or MINRES for
             ``argmin``'s symmetric Hessian), ``"lu"`` (always dense),
             ``"cg"``, ``"minres"``, ``"gmres"``, ``"bicgstab"`` (matrix-free, with
-            vector-Jacobian products).  Where the forward solver factorized the
+            vector-Jacobian products), ``"richardson"`` (the adjoint fixed-point
+            iteration ``v ← (∂T/∂z)ᵀ v + z̄`` for ``fixed_point``, one product a
+            step; ``u ← u + (ȳ − Jᵀu)`` for roots).  Where the forward solver factorized the
             Jacobian at the solution (Newton), ``"auto"``/``"lu"`` reuse it.
         rtol, atol, max_iter: tolerances of a matrix-free adjoint solve (its
             residual is always checked: a failure raises ``SolveError``).

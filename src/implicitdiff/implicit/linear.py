@@ -152,7 +152,13 @@ class SolveFn(torch.autograd.Function):
             for name, t in (("A", A), ("b", B)):
                 if not bool(torch.isfinite(t).all()):
                     raise InputError(f"{name} contains NaN or Inf; clean or mask the input before solving")
-        fact, status, rank, cond = factorize(A, spec.selection, spec.solver, spec.rank_rtol)
+        # Under vmap (or with check_finite=False) the layer cannot look at the data: a NaN/Inf in A
+        # must not reach LAPACK (the SVD raises on it), so factorize a zeroed copy and report the
+        # element NONFINITE below; its X is set to NaN by the failure policy.
+        finite_A = torch.isfinite(A).flatten(-2).all(-1)
+        finite_B = torch.isfinite(B).flatten(-2).all(-1)
+        A_fact = torch.where(torch.isfinite(A), A, torch.zeros_like(A))
+        fact, status, rank, cond = factorize(A_fact, spec.selection, spec.solver, spec.rank_rtol)
         X = fact.solve(B)
         batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
         R = A @ X - B
@@ -167,6 +173,7 @@ class SolveFn(torch.autograd.Function):
             inconsistent = rnorm > tol * (anorm * xnorm + bnorm)
             status = torch.where(inconsistent & (status == 0), int(Status.INCONSISTENT), status)
         status = torch.where(torch.isfinite(X).flatten(-2).all(-1) | (status != 0), status, int(Status.NONFINITE))
+        status = torch.where(finite_A & finite_B, status, int(Status.NONFINITE))
         return (X, status, residual, rank.expand(batch), cond.expand(batch), fact.kind) + tuple(fact.tensors())
 
     @staticmethod

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .._core.defaults import default_rtol
 from .._core.errors import SolveError
 from .._core.failure import apply_on_failure, nan_where_failed
 from .._core.status import SolveInfo, Status
@@ -175,12 +176,46 @@ def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bo
         X = _check_linear(status, residual, what, "raise", X)
         return X.squeeze(-1).reshape(rhs.shape)
 
+    if solver == "richardson":
+        alpha = problem.neumann_alpha
+        mv = _linear_map(F_y, y, bd, transpose)
+        X, info = _richardson(mv, R, alpha, adj)
+        X = _check_linear(info.status, info.residual, what, "raise", X, info.iterations)
+        return X.reshape(rhs.shape)
+
     if problem.krylov is None:
         raise SolveError(f"matrix-free adjoint solver {solver!r} is unavailable; use Implicit(solver='lu')")
     mv = _linear_map(F_y, y, bd, transpose)
     X, info = problem.krylov(solver, mv, R, rtol=adj.rtol, atol=adj.atol, max_iter=adj.max_iter)
     X = _check_linear(info.status, info.residual, what, "raise", X, info.iterations)
     return X.reshape(rhs.shape)
+
+
+def _richardson(mv, R, alpha, adj: Implicit, check_every: int = 5):
+    """``x ← x + α (R − J x)`` from 0 until ``‖R − J x‖ ≤ max(rtol ‖R‖, atol)`` per element.
+
+    For a fixed point (``J = ∂T/∂z − I``, ``α = −1``) this is the adjoint fixed-point
+    iteration ``x ← (∂T/∂z)ᵀ x − ȳ``: one vector-Jacobian product per step,
+    convergent when ``T`` is a contraction at ``z*``.
+    """
+    rtol = default_rtol(R.dtype) if adj.rtol is None else adj.rtol
+    max_iter = 1000 if adj.max_iter is None else int(adj.max_iter)
+    rnorm0 = R.norm(dim=-1)
+    tol = torch.clamp(rtol * rnorm0, min=adj.atol)
+    x = torch.zeros_like(R)
+    it = torch.zeros(rnorm0.shape, dtype=torch.int64, device=R.device)
+    for k in range(max_iter + 1):
+        r = R - mv(x)
+        rn = r.norm(dim=-1)
+        done = rn <= tol
+        if k == max_iter or (k % check_every == 0 and bool(done.all())):
+            break
+        x = torch.where(done.unsqueeze(-1), x, x + alpha * r)
+        it = it + (~done).to(torch.int64)
+    status = torch.where(done, int(Status.SUCCESS), torch.where(torch.isfinite(rn), int(Status.MAX_ITERATIONS),
+                                                                int(Status.NONFINITE))).to(torch.int64)
+    residual = rn / torch.clamp(rnorm0, min=torch.finfo(rn.dtype).tiny)
+    return x, SolveInfo(status, residual, it)
 
 
 def adjoint_solve(problem, y, leaves, gy, factors=()):

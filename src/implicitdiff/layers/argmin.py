@@ -42,7 +42,8 @@ def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=No
 
     Example (ridge regression: ``y* = (XᵀX + λI)⁻¹ Xᵀt``):
         >>> import torch, implicitdiff as idf
-        >>> torch.manual_seed(0); X = torch.randn(20, 3, dtype=torch.float64); t = torch.randn(20, dtype=torch.float64)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(20, 3, generator=g, dtype=torch.float64); t = torch.randn(20, generator=g, dtype=torch.float64)
         >>> lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
         >>> f = lambda w, lam: 0.5 * ((X @ w - t) ** 2).sum() + 0.5 * lam * (w ** 2).sum()
         >>> w = idf.argmin(f, torch.zeros(3, dtype=torch.float64), lam)

@@ -38,7 +38,7 @@ def fixed_point(T: Callable, z0, *params, solver="anderson", adjoint=Implicit(),
         >>> a = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
         >>> z = idf.fixed_point(lambda z, a: a * z + 1.0, torch.tensor(0.0, dtype=torch.float64), a)
         >>> z.backward()                      # z* = 1/(1 − a) = 2, dz*/da = 1/(1 − a)² = 4
-        >>> round(float(z), 8), round(float(a.grad), 6)
+        >>> round(float(z.detach()), 8), round(float(a.grad), 6)
         (2.0, 4.0)
     """
     solve = forward_solver(solver, registry=get_root_solver, rtol=rtol, atol=atol, max_iter=max_iter,

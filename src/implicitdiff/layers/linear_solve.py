@@ -25,9 +25,12 @@ from ..linalg.selection import Nearest, Pinned, resolve_selection
 __all__ = ["linear_solve", "linear_solve_ex", "ambiguity"]
 
 _HINTS = {
-    Status.SINGULAR: "A is singular: use selection='min_norm' (pseudo-inverse) or a Pinned/Nearest selection",
+    Status.SINGULAR: ("A is singular: use selection='min_norm' with solver='auto' or 'svd' (pseudo-inverse), or a "
+                      "Pinned/Nearest selection; under solver='cholesky' A may instead be not positive definite "
+                      "(use solver='lu')"),
     Status.INCONSISTENT: "b is not in the range of A: use selection='least_squares' or 'min_norm'",
-    Status.RANK_DEFICIENT: "use selection='min_norm' for the minimum-norm least-squares solution",
+    Status.RANK_DEFICIENT: ("use selection='min_norm' with solver='auto' or 'svd' for the minimum-norm "
+                            "least-squares solution"),
     Status.NONFINITE: "check A and b for extreme values or use solver='svd'",
 }
 
@@ -108,7 +111,8 @@ def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=
             (default ``sqrt(eps)``): fail if ``‖Ay − b‖ > rtol (‖A‖‖y‖ + ‖b‖)``.
         on_failure: ``"raise"`` (default) raises :class:`~implicitdiff.SolveError`;
             ``"warn"`` warns and sets failed batch elements to NaN; ``"nan"`` sets
-            them to NaN silently.
+            them to NaN silently.  The other elements keep their values and gradients
+            (a failed element sends no NaN into tensors shared across the batch).
         return_info: also return a :class:`~implicitdiff.SolveInfo`.
         check_finite: raise :class:`~implicitdiff.InputError` on NaN/Inf inputs (one sync).
 
@@ -145,13 +149,14 @@ def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=
     if check_finite:
         check_finite_(prob)
     m, n = prob.A.shape[-2:]
+    safe = on_failure != "raise"  # failed elements are kept (as NaN): shield the others' gradients
     if isinstance(selection, Nearest):
-        Y, info = _nearest(prob, selection, solver, rank_rtol, rtol)
+        Y, info = _nearest(prob, selection, solver, rank_rtol, rtol, safe)
     elif isinstance(selection, Pinned):
-        Y, info = _pinned(prob, selection, solver, rank_rtol, rtol)
+        Y, info = _pinned(prob, selection, solver, rank_rtol, rtol, safe)
     else:
         spec = SolveSpec(resolve_selection(selection, m, n), solver, rank_rtol, rtol, False)
-        Y, info = _solve(spec, prob.A, prob.B)
+        Y, info = _solve(spec, prob.A, prob.B, safe)
     if is_vmapped(info.status):
         Y = nan_where_failed(Y, info.ok)  # nothing can be raised from data under vmap
     else:
@@ -172,12 +177,23 @@ def linear_solve_ex(A, b, **kwargs):
     return linear_solve(A, b, return_info=True, **kwargs)
 
 
-def _solve(spec, A, B):
+def _solve(spec, A, B, safe=False):
     X, status, residual, rank, cond = solve(spec, A, B)
-    return X, SolveInfo(status, residual, torch.zeros_like(status), rank, cond)
+    info = SolveInfo(status, residual, torch.zeros_like(status), rank, cond)
+    if safe and not is_vmapped(status) and bool((status != Status.SUCCESS).any()):
+        # The "double where": a failed element keeps NaN/Inf factors, and its zero cotangent
+        # times an infinite A⁻ᵀ is NaN, which would reach every tensor shared across the batch
+        # (a broadcast A, a parameter A was built from).  Re-solve with the failed elements
+        # replaced by a benign full-rank system (I, 0) so every derivative of the kept elements
+        # is that of their own solve; the caller sets the failed elements to NaN.  Costs a second
+        # solve only when an element failed under on_failure="nan" / "warn".
+        ok = (status == Status.SUCCESS)[..., None, None]
+        eye = torch.eye(*A.shape[-2:], dtype=A.dtype, device=A.device)
+        X = solve(spec, torch.where(ok, A, eye), torch.where(ok, B, torch.zeros_like(B)))[0]
+    return X, info
 
 
-def _nearest(prob: _Problem, sel: Nearest, solver, rank_rtol, rtol):
+def _nearest(prob: _Problem, sel: Nearest, solver, rank_rtol, rtol, safe=False):
     # y = y0 + S z,  z = (A S)⁺ (b − A y0):  the minimum-‖S⁻¹(y − y0)‖ least-squares solution,
     # with S = W^{-1/2} (diagonal weight) or S = L⁻ᵀ (W = L Lᵀ).
     A, B = prob.A, prob.B
@@ -197,6 +213,7 @@ def _nearest(prob: _Problem, sel: Nearest, solver, rank_rtol, rtol):
             L, info = torch.linalg.cholesky_ex(w)
             if not is_vmapped(info) and bool((info != 0).any()):
                 raise InputError("Nearest.weight must be symmetric positive definite (Cholesky failed)")
+            L = torch.where((info == 0)[..., None, None], L, float("nan"))  # under vmap: reported NONFINITE
             Linv_T = torch.linalg.solve_triangular(L.mT, torch.eye(n, dtype=A.dtype, device=A.device), upper=True)
             AS, scale = A @ Linv_T, ("matrix", Linv_T)
         elif w.shape[-1] == n:
@@ -207,17 +224,17 @@ def _nearest(prob: _Problem, sel: Nearest, solver, rank_rtol, rtol):
         else:
             raise InputError(f"Nearest.weight must be (*, {n}) or (*, {n}, {n}), got {tuple(w.shape)}")
     spec = SolveSpec("min_norm", solver, rank_rtol, rtol, False)
-    Z, info = _solve(spec, AS, B - A @ Y0)
+    Z, info = _solve(spec, AS, B - A @ Y0, safe)
     if scale is not None:
         Z = scale[1] @ Z if scale[0] == "matrix" else scale[1].unsqueeze(-1) * Z
     return Y0 + Z, info
 
 
-def _pinned(prob: _Problem, sel: Pinned, solver, rank_rtol, rtol):
+def _pinned(prob: _Problem, sel: Pinned, solver, rank_rtol, rtol, safe=False):
     # y[index] = values;  A[:, free] y[free] = b − A[:, index] values   (square, nonsingular)
     A, B = prob.A, prob.B
     m, n = A.shape[-2:]
-    idx = torch.as_tensor(sel.index, dtype=torch.long).reshape(-1)
+    idx = torch.as_tensor(sel.index, dtype=torch.long, device="cpu").reshape(-1)  # metadata: index on the host
     p = idx.numel()
     if p and (bool((idx < 0).any()) or bool((idx >= n).any()) or idx.unique().numel() != p):
         raise InputError(f"Pinned.index must hold distinct coordinates in [0, {n}), got {idx.tolist()}")
@@ -249,7 +266,7 @@ def _pinned(prob: _Problem, sel: Pinned, solver, rank_rtol, rtol):
     idx, free = idx.to(A.device), free.to(A.device)
     A_pin, A_free = A.index_select(-1, idx), A.index_select(-1, free)
     spec = SolveSpec("exact", solver, rank_rtol, rtol, False)
-    Yf, info = _solve(spec, A_free, B - A_pin @ V)
+    Yf, info = _solve(spec, A_free, B - A_pin @ V, safe)
     batch = torch.broadcast_shapes(V.shape[:-2], Yf.shape[:-2])
     Y = torch.cat([V.expand(*batch, p, k), Yf.expand(*batch, m, k)], dim=-2)
     order = torch.argsort(torch.cat([idx, free]))
@@ -279,7 +296,7 @@ def ambiguity(A, cotangent, *, rank_rtol=None) -> torch.Tensor:
     Example:
         >>> import torch, implicitdiff as idf
         >>> A = torch.tensor([[1.0, 1.0]])
-        >>> float(idf.ambiguity(A, torch.tensor([1.0, 1.0])))   # ȳ ⟂ null(A): all selections agree
+        >>> round(float(idf.ambiguity(A, torch.tensor([1.0, 1.0]))), 6)   # ȳ ⟂ null(A): selections agree
         0.0
         >>> round(float(idf.ambiguity(A, torch.tensor([1.0, 0.0]))), 4)
         0.7071

@@ -49,7 +49,7 @@ def root(F: Callable, y0, *params, solver="newton", adjoint=Implicit(), rtol=Non
         >>> theta = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
         >>> y = idf.root(lambda y, t: y ** 3 - t, torch.tensor(1.0, dtype=torch.float64), theta)
         >>> y.backward()
-        >>> round(float(y), 6), round(float(theta.grad), 6)   # y = θ^(1/3), dy/dθ = 1/(3 y²)
+        >>> round(float(y.detach()), 6), round(float(theta.grad), 6)   # y = θ^(1/3), dy/dθ = 1/(3 y²)
         (2.0, 0.083333)
     """
     solve = forward_solver(solver, registry=get_root_solver, rtol=rtol, atol=atol, max_iter=max_iter,

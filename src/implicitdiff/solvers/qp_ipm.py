@@ -105,13 +105,13 @@ def _tri_solve(L, R):
 def kkt_precompute(kind, Q, G, A, delta):
     """What the ``"dual"`` factorization shares across iterations: ``(M1, QiCt, CQiCt)``.
 
-    ``M1 = [Qδ⁻¹; C Qδ⁻¹]`` ``(B|1, n + m + k, n)`` (one matvec gives ``Qδ⁻¹ r`` and ``C Qδ⁻¹ r``),
-    ``QiCt = Qδ⁻¹ Cᵀ`` and ``CQiCt = C Qδ⁻¹ Cᵀ``, with ``Qδ = Q + δI`` and ``C = [G; A]``.
+    ``M1 = [Q⁻¹; C Q⁻¹]`` ``(B|1, n + m + k, n)`` (one matvec gives ``Q⁻¹ r`` and ``C Q⁻¹ r``),
+    ``QiCt = Q⁻¹ Cᵀ`` and ``CQiCt = C Q⁻¹ Cᵀ``, with ``C = [G; A]`` (``Q`` is positive definite here).
     """
     if kind == "primal":
         return ()
     n = Q.shape[-1]
-    LQ, _ = torch.linalg.cholesky_ex(Q + delta * torch.eye(n, dtype=Q.dtype, device=Q.device))
+    LQ, _ = torch.linalg.cholesky_ex(Q)  # positive definite: checked by the caller, no shift needed
     Bc = max(G.shape[0], A.shape[0])
     C = torch.cat([G.expand(Bc, *G.shape[1:]), A.expand(Bc, *A.shape[1:])], dim=-2)
     Qi = torch.cholesky_inverse(LQ)
@@ -131,8 +131,10 @@ def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> KKTFactor:
     if kind == "dual":
         M1, QiCt, CQiCt = pre
         W = torch.cat([1 / winv, delta.expand(B, k)], dim=-1)
-        S = CQiCt if rowmask is None else CQiCt * rowmask.unsqueeze(-1) * rowmask.unsqueeze(-2)
-        LS, _ = torch.linalg.cholesky_ex(S + torch.diag_embed(W))
+        S = CQiCt.expand(B, *CQiCt.shape[1:]).clone() if rowmask is None else \
+            CQiCt * (rowmask.unsqueeze(-1) * rowmask.unsqueeze(-2))
+        S.diagonal(dim1=-2, dim2=-1).add_(W)
+        LS, _ = torch.linalg.cholesky_ex(S)
         rm = torch.ones_like(W) if rowmask is None else rowmask
         return KKTFactor("dual", (M1, QiCt, LS, rm, delta))
     H = Q + delta * torch.eye(n, dtype=dt, device=dev)
@@ -152,7 +154,7 @@ def kkt_solve_reg(f: KKTFactor, G, A, r1, r2, r3):
 
     primal: row 2 gives ``y = winv ∘ (Gx − r2)``; substituting, ``H x + Aᵀ v = r1 + Gᵀ(winv ∘ r2)``
     and ``A x − δ v = r3``, so ``S v = A H⁻¹ r1' − r3`` and ``x = H⁻¹ r1' − H⁻¹Aᵀ v``.
-    dual: ``x = Qδ⁻¹(r1 − Cᵀ u)`` and ``C x − W u = (r2, r3)`` give ``S u = C Qδ⁻¹ r1 − (r2, r3)``.
+    dual: ``x = Q⁻¹(r1 − Cᵀ u)`` and ``C x − W u = (r2, r3)`` give ``S u = C Q⁻¹ r1 − (r2, r3)``.
     """
     m, n = G.shape[-2], r1.shape[-1]
     if f.kind == "dual":
@@ -247,6 +249,29 @@ def _max_step(x, dx):
     return ratio.amin(-1)
 
 
+def _update_status(r, infeas, unbnd, rtol, status, done, stall, best):
+    """One iteration's verdicts; an element stops at its first one (no host sync)."""
+    # stagnation near the tolerance (the rounding floor): no 10% gain on the best residual for 5 iterations
+    stall = torch.where((r < 0.9 * best) | (best > 1e4 * rtol), 0, stall + 1)
+    best = torch.minimum(best, r)
+    new = torch.where(~torch.isfinite(r), int(Status.NONFINITE),
+          torch.where(r <= rtol, int(Status.SUCCESS),
+          torch.where(infeas, int(Status.INFEASIBLE),
+          torch.where(unbnd, int(Status.UNBOUNDED),
+          torch.where(stall >= 5, int(Status.MAX_ITERATIONS), -1)))))  # noqa: E128
+    stop = (new >= 0) & ~done
+    return torch.where(stop, new, status), done | stop, stall, best
+
+
+def _initial_shift(s, lam):
+    """Mehrotra's shift into the interior, balanced so that neither ``s`` nor ``λ`` starts tiny."""
+    s = s + (-1.5 * s.amin(-1, keepdim=True)).clamp(min=0)
+    lam = lam + (-1.5 * lam.amin(-1, keepdim=True)).clamp(min=0)
+    sl = (s * lam).sum(-1, keepdim=True)
+    return (s + 0.5 * sl / lam.sum(-1, keepdim=True).clamp(min=1e-30) + 1e-3,
+            lam + 0.5 * sl / s.sum(-1, keepdim=True).clamp(min=1e-30) + 1e-3)
+
+
 class QPInteriorPoint:
     """The batched interior-point QP solver (final; a hashable value passed to the layer).
 
@@ -262,7 +287,7 @@ class QPInteriorPoint:
                  kkt: str = "auto"):
         self.rtol, self.max_iter, self.reg, self.refine, self.cert_tol = rtol, max_iter, reg, refine, cert_tol
         self.kkt = kkt
-        self.ipm_refine = 0
+        self.ipm_refine = 1  # the primal loop's corrector: one refinement against the regularization
 
     @classmethod
     def for_dtype(cls, dtype, *, rtol=None, max_iter=50, kkt="auto") -> "QPInteriorPoint":
@@ -275,7 +300,13 @@ class QPInteriorPoint:
     def __repr__(self):
         return f"QPInteriorPoint(rtol={self.rtol}, max_iter={self.max_iter}, kkt={self.kkt!r})"
 
-    def _choose_kind(self, Q, n, m, k, delta):
+    @staticmethod
+    def solve_factored(kind, tensors, G, A, r1, r2, r3):
+        """Apply the regularized inverse of a :class:`KKTFactor` (``kind``, ``tensors``) — the
+        preconditioner a backward pass refines with.  ``G`` as factorized (masked rows)."""
+        return kkt_solve_reg(KKTFactor(kind, tuple(tensors)), G, A, r1, r2, r3)
+
+    def _choose_kind(self, Q, n, m, k, delta, scale):
         """``"dual"`` when ``Q`` is well-conditioned positive definite and ``S`` is the smaller system."""
         if self.kkt != "auto":
             return self.kkt
@@ -283,8 +314,8 @@ class QPInteriorPoint:
             return "primal"
         L, info = torch.linalg.cholesky_ex(Q + delta * torch.eye(n, dtype=Q.dtype, device=Q.device))
         d = L.diagonal(dim1=-2, dim2=-1)
-        # min(diag L)² / max(diag L)² bounds 1/κ(Q) from above; refinement absorbs the rest
-        ok = (info == 0).all() & ((d.amin(-1) / d.amax(-1)) ** 2 > self.reg ** 0.5).all()
+        # min(diag L)² ≥ λ_min(Q): a cheap screen against a (near-)singular Q; refinement absorbs the rest
+        ok = (info == 0).all() & (d.amin(-1) ** 2 > self.reg ** 0.5 * scale).all()
         return "dual" if bool(ok) else "primal"
 
     def solve(self, Q, p, G, h, A, b, warm_start: Optional[tuple] = None) -> QPResult:
@@ -299,7 +330,7 @@ class QPInteriorPoint:
         dt, dev = p.dtype, p.device
         scale = 1 + max(float(t.abs().max()) if t.numel() else 0.0 for t in (Q, G, A))
         delta = torch.tensor(self.reg * scale, dtype=dt, device=dev)
-        kind = self._choose_kind(Q, n, m, k, delta)
+        kind = self._choose_kind(Q, n, m, k, delta, scale)
         pre = kkt_precompute(kind, Q, G, A, delta)
         P = _Products.build(Q, G, A)
         pB, hB, bB = p.expand(B, n), h.expand(B, m), b.expand(B, k)
@@ -308,7 +339,10 @@ class QPInteriorPoint:
         status = torch.full((B,), int(Status.MAX_ITERATIONS), dtype=torch.long, device=dev)
         iters = torch.zeros(B, dtype=torch.long, device=dev)
         res = torch.full((B,), float("inf"), dtype=dt, device=dev)
-        if m:
+        if m and kind == "dual":
+            z, s, lam, nu, status, iters, res = self._interior_point_dual(P, pB, G, hB, A, bB, pre, delta,
+                                                                          warm_start)
+        elif m:
             z, s, lam, nu, status, iters, res = self._interior_point(P, pB, G, hB, A, bB, kind, pre, delta,
                                                                      warm_start)
         # The active-set ("polished") solve; for m = 0 it is the whole (direct) solve.
@@ -355,12 +389,7 @@ class QPInteriorPoint:
             s = h - P.forward(z)[1]
             lam = warm_start[1].expand(B, m).clone() if warm_start[1] is not None else ones.clone()
             nu = warm_start[2].expand(B, k).clone() if warm_start[2] is not None else p.new_zeros(B, k)
-        # Mehrotra's shift into the interior, balanced so that neither s nor λ starts tiny
-        s = s + (-1.5 * s.amin(-1, keepdim=True)).clamp(min=0)
-        lam = lam + (-1.5 * lam.amin(-1, keepdim=True)).clamp(min=0)
-        sl = (s * lam).sum(-1, keepdim=True)
-        s, lam = (s + 0.5 * sl / lam.sum(-1, keepdim=True).clamp(min=1e-30) + 1e-3,
-                  lam + 0.5 * sl / s.sum(-1, keepdim=True).clamp(min=1e-30) + 1e-3)
+        s, lam = _initial_shift(s, lam)
         status = torch.full((B,), int(Status.MAX_ITERATIONS), dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         iters = torch.zeros(B, dtype=torch.long, device=dev)
@@ -377,24 +406,16 @@ class QPInteriorPoint:
             pz = -(p * z).sum(-1)
             viol = torch.stack([_amax(Qz), _amax(Az), Gz.clamp(min=0).amax(-1)]).amax(0)
             unbnd = (pz > 0) & (viol <= eps_c * pz)
-            # stagnation: no 10% gain on the best residual for 5 iterations (rounding floor reached)
-            stall = torch.where(r < 0.9 * best, 0, stall + 1)
-            best = torch.minimum(best, r)
-            new = torch.where(~torch.isfinite(r), int(Status.NONFINITE),
-                  torch.where(r <= rtol, int(Status.SUCCESS),
-                  torch.where(infeas, int(Status.INFEASIBLE),
-                  torch.where(unbnd, int(Status.UNBOUNDED),
-                  torch.where(stall >= 5, int(Status.MAX_ITERATIONS), -1)))))  # noqa: E128
-            stop = (new >= 0) & ~done
-            status = torch.where(stop, new, status)
-            done = done | stop
+            status, done, stall, best = _update_status(r, infeas, unbnd, rtol, status, done, stall, best)
             if it == self.max_iter or (it % check_every == 0 and bool(done.all())):
                 break
             iters = iters + (~done).long()
             # --- Mehrotra predictor-corrector step, all elements at once ---
             mu = (s * lam).sum(-1, keepdim=True) / m
             w = s / lam
-            f = kkt_factor(kind, pre, P.KA[:, :n], G, A, lam / s, delta)
+            # the factorization regularizes the (2,2) block to −(W + δI) (bounded condition number);
+            # the corrector's refinement is against the exact W
+            f = kkt_factor(kind, pre, P.KA[:, :n], G, A, lam / (s + delta * lam), delta)
             # affine (predictor): complementarity target 0, r_c = s∘λ, so r₂ = −r_p + r_c/λ = −r_p + s
             dz, dl, dn = kkt_solve_reg(f, G, A, -rd, -rp + s, -re)
             ds = -s - w * dl
@@ -411,3 +432,111 @@ class QPInteriorPoint:
             alpha = torch.where(done, torch.zeros_like(alpha), alpha).unsqueeze(-1)
             z, s, lam, nu = z + alpha * dz, s + alpha * ds, lam + alpha * dl, nu + alpha * dn
         return z, s, lam, nu, status, iters, res
+
+    def _interior_point_dual(self, P, p, G, h, A, b, pre, delta, warm_start):
+        """The same Mehrotra iteration with ``z`` eliminated (``Q`` positive definite).
+
+        ``z(y) = −Q⁻¹(p + Cᵀy)`` satisfies stationarity by construction, so every quantity
+        lives in the ``(m + k)``-dimensional dual space ``y = (λ, ν)``:
+        ``Cz = −c₀ − Ky`` with ``K = C Q⁻¹ Cᵀ`` and ``c₀ = C Q⁻¹ p``, and the Newton step is
+        ``(K + diag(W, δ)) dy = (r_p − r_c/λ, r_e)``, ``ds = −(r_c + s∘dλ)/λ`` — one Cholesky
+        of size ``m + k`` and no ``n``-dimensional product per iteration.  Converged elements
+        leave the working batch once a quarter of it is done (one gather, no sync on CPU).
+        """
+        B, n = p.shape
+        m, k = h.shape[-1], b.shape[-1]
+        dt, dev = p.dtype, p.device
+        M1, QiCt, K = pre
+        p0, h0, b0 = p, h, b
+        c0 = _rmv(QiCt, p)  # C Q⁻¹ p
+        pQp = (p * _mv(M1[:, :n], p)).sum(-1)
+        hb = torch.cat([h, b], dim=-1)
+        # ‖Cᵀy‖₂² ≤ ‖Q‖₂ · yᵀKy: a certificate test without an n-dimensional product
+        qnorm = M1.new_tensor(float(torch.linalg.matrix_norm(P.KA[:, :n]).amax()))  # ‖Q‖_F ≥ ‖Q‖₂
+
+        def factor(K, w):
+            S = K.expand(w.shape[0], m + k, m + k).clone()
+            S.diagonal(dim1=-2, dim2=-1).add_(torch.cat([w, delta.expand(w.shape[0], k)], dim=-1))
+            return torch.linalg.cholesky_ex(S)[0]
+
+        if warm_start is None:
+            # the W = I system, as in the primal loop: then s = −λ, both shifted inside
+            y = _tri_solve(factor(K, p.new_ones(B, m)), (-c0 - hb).unsqueeze(-1)).squeeze(-1)
+            s = -y[:, :m]
+        else:
+            z0 = warm_start[0].expand(B, n)
+            s = h - _mv(G, z0)
+            lam0 = warm_start[1].expand(B, m) if warm_start[1] is not None else p.new_ones(B, m)
+            nu0 = warm_start[2].expand(B, k) if warm_start[2] is not None else p.new_zeros(B, k)
+            y = torch.cat([lam0, nu0], dim=-1)
+        s, lam = _initial_shift(s, y[:, :m])
+        y = torch.cat([lam, y[:, m:]], dim=-1)
+        out_y, out_s = y.clone(), s.clone()
+        out_status = torch.full((B,), int(Status.MAX_ITERATIONS), dtype=torch.long, device=dev)
+        out_iters = torch.zeros(B, dtype=torch.long, device=dev)
+        # the working batch: every per-element tensor below has idx.numel() rows
+        idx = torch.arange(B, device=dev)
+        status, iters = out_status.clone(), out_iters.clone()
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        best = torch.full((B,), float("inf"), dtype=dt, device=dev)
+        stall = torch.zeros(B, dtype=torch.long, device=dev)
+        Kw = K
+        check_every = 1 if dev.type == "cpu" else 4
+
+        def write_back():
+            out_y.index_copy_(0, idx, y)
+            out_s.index_copy_(0, idx, s)
+            out_status.index_copy_(0, idx, status)
+            out_iters.index_copy_(0, idx, iters)
+
+        for it in range(self.max_iter + 1):
+            lam = y[:, :m]
+            Ky = _mv(Kw, y)
+            g = -c0 - Ky  # C z(y)
+            rp, re = g[:, :m] + s - h, g[:, m:] - b
+            res_p = torch.maximum(_amax(rp), _amax(re)) / (1 + torch.stack([_amax(g), _amax(s), _amax(hb)]).amax(0))
+            yKy = (y * Ky).sum(-1)
+            obj = 0.5 * (yKy - pQp)
+            r = torch.maximum(res_p, (s * lam).sum(-1).abs() / (1 + obj.abs()))
+            c = (hb * y).sum(-1)
+            infeas = (c < 0) & ((qnorm * yKy.clamp(min=0)).sqrt() <= self.cert_tol * (-c))
+            status, done, stall, best = _update_status(r, infeas, torch.zeros_like(done), self.rtol, status, done,
+                                                       stall, best)
+            if it == self.max_iter or (it % check_every == 0 and bool(done.all())):
+                break
+            nb = idx.numel()
+            if it % check_every == 0 and nb >= 16 and int(done.sum()) * 4 >= nb:
+                write_back()
+                keep = torch.nonzero(~done).squeeze(-1)
+                idx = idx[keep]
+                y, s, c0, pQp, h, b, hb = (t[keep] for t in (y, s, c0, pQp, h, b, hb))
+                status, iters, done, best, stall = (t[keep] for t in (status, iters, done, best, stall))
+                Kw = Kw[keep] if Kw.shape[0] > 1 else Kw
+                lam, rp, re = y[:, :m], rp[keep], re[keep]
+            iters = iters + (~done).long()
+            mu = (s * lam).sum(-1, keepdim=True) / m
+            w = s / lam
+            LS = factor(Kw, w)
+            # affine: r_c = s∘λ
+            dy = _tri_solve(LS, torch.cat([rp - s, re], dim=-1).unsqueeze(-1)).squeeze(-1)
+            dl = dy[:, :m]
+            ds = -s - w * dl
+            a_aff = torch.minimum(_max_step(s, ds), _max_step(lam, dl)).clamp(max=1.0).unsqueeze(-1)
+            mu_aff = ((s + a_aff * ds) * (lam + a_aff * dl)).sum(-1, keepdim=True) / m
+            sigma = (mu_aff / mu).clamp(0, 1) ** 3
+            # corrector: r_c = s∘λ + ds_aff∘dλ_aff − σμ
+            rc = s * lam + ds * dl - sigma * mu
+            dy = _tri_solve(LS, torch.cat([rp - rc / lam, re], dim=-1).unsqueeze(-1)).squeeze(-1)
+            dl = dy[:, :m]
+            ds = -(rc + s * dl) / lam
+            eta = 1 - mu.squeeze(-1).sqrt().clamp(1e-4, 1e-2)
+            alpha = (eta * torch.minimum(_max_step(s, ds), _max_step(lam, dl))).clamp(max=1.0)
+            alpha = torch.where(done, torch.zeros_like(alpha), alpha).unsqueeze(-1)
+            y, s = y + alpha * dy, s + alpha * ds
+        write_back()
+        y, s = out_y, out_s
+        z = -_mv(M1[:, :n], p0) - _mv(QiCt, y)
+        lam, nu = y[:, :m], y[:, m:]
+        # the reported residual is the full one (with Q, G, A), not the dual-space one
+        r, _ = _kkt_residual(P, p0, h0, b0, z, s, lam, nu)
+        return z, s, lam, nu, out_status, out_iters, r

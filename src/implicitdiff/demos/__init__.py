@@ -1,0 +1,1 @@
+"""Runnable demonstrations behind ``implicitdiff demo``; see :mod:`implicitdiff.demos.registry`."""

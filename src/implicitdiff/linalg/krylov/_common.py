@@ -1,0 +1,357 @@
+"""What every Krylov solver shares: input normalization, the stopping rule and the loop.
+
+One place turns ``(A, b, x0, rtol, atol, max_iter, M)`` into a :class:`Problem`
+(apply functions for ``A``, ``Aᵀ`` and ``M`` on ``(*batch, n)`` vectors, the
+right-hand side broadcast to the batch shape, the per-element tolerance), and
+one loop (:func:`run`) drives a solver's :class:`Iteration` to convergence with
+a per-element status.
+
+The stopping rule of the family, per batch element::
+
+    ‖b − A x‖ ≤ max(rtol · ‖b‖, atol)
+
+The loop stops an element when the solver's *recursive* residual estimate meets
+it, then checks the *true* residual ``b − A x`` once all elements have stopped.
+Elements whose true residual misses the rule (rounding makes the recursion
+drift, e.g. CG in float32 on an ill-conditioned matrix), and elements whose
+solver stalled in a curable way (a BiCGSTAB shadow-residual breakdown), are
+restarted from their current ``x`` (residual replacement, at most
+:data:`MAX_REPLACEMENTS` times); one whose true residual does not halve across
+a restart, or is still off after the last one, has stagnated and is reported
+as ``BREAKDOWN``.  The reported residual is always the true one.
+
+Host synchronisation: the loop reads ``done.all()`` every ``check_every``
+iterations (default 1 on CPU, where a sync is cheap, and 10 on CUDA, where it
+stalls the queue); in between, converged elements are frozen by masks so extra
+iterations do not move them.  A ``callback`` is called after every iteration
+with the current ``x`` (which may sync).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import warnings
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from ..._core.defaults import default_rtol
+from ..._core.errors import InputError
+from ..._core.status import SolveInfo, Status
+from ..operator import LinearOperator
+
+__all__ = ["KrylovResult", "Problem", "Iteration", "normalize", "run", "CHECK_EVERY_CPU", "CHECK_EVERY_CUDA",
+           "MAX_REPLACEMENTS", "dot", "norm", "safe", "col", "fast_csr", "quiet_sparse"]
+
+CHECK_EVERY_CPU = 1
+CHECK_EVERY_CUDA = 10
+MAX_REPLACEMENTS = 4
+
+
+class KrylovResult(NamedTuple):
+    """``(x, info)`` of a Krylov solve: ``x`` of shape ``(*, n)`` and a per-element
+    :class:`~implicitdiff.SolveInfo` (status, relative residual ``‖b − A x‖/‖b‖``, iterations)."""
+
+    x: torch.Tensor
+    info: SolveInfo
+
+
+# --------------------------------------------------------------------- small vector helpers
+def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Batched inner product over the last dim."""
+    return torch.linalg.vecdot(u, v)
+
+
+def norm(u: torch.Tensor) -> torch.Tensor:
+    """Batched 2-norm over the last dim."""
+    return torch.linalg.vector_norm(u, dim=-1)
+
+
+def safe(d: torch.Tensor) -> torch.Tensor:
+    """A denominator with zeros replaced by ones (the lanes using it are masked elsewhere)."""
+    return torch.where(d != 0, d, torch.ones_like(d))
+
+
+def col(s: torch.Tensor) -> torch.Tensor:
+    """A per-element scalar ``(*batch,)`` as ``(*batch, 1)`` to scale vectors."""
+    return s.unsqueeze(-1)
+
+
+# --------------------------------------------------------------------- the normalized problem
+class Problem(NamedTuple):
+    """A Krylov problem in one canonical form (built by :func:`normalize`)."""
+
+    mv: Callable  # (*batch, n) -> (*batch, m)
+    rmv: Optional[Callable]  # (*batch, m) -> (*batch, n), None unless requested
+    M: Optional[Callable]  # (*batch, k) -> (*batch, k) preconditioner (≈ A⁻¹), None for identity
+    b: torch.Tensor  # (*batch, m)
+    x0: torch.Tensor  # (*batch, n)
+    bnorm: torch.Tensor  # (*batch,)
+    tol: torch.Tensor  # (*batch,)  max(rtol ‖b‖, atol)
+    rtol: float
+    atol: float
+    max_iter: int
+    check_every: int
+    callback: Optional[Callable]
+
+
+def _dense_apply(A: torch.Tensor) -> Callable:
+    if A.dim() == 2:
+        At = A.mT
+        return lambda x: x @ At  # one GEMM for any batch of vectors
+    return lambda x: (A @ x.unsqueeze(-1)).squeeze(-1)
+
+
+@contextlib.contextmanager
+def quiet_sparse():
+    """Silence torch's one-time "sparse CSR support is in beta" warning around internal conversions
+    (a user running with warnings as errors should not fail on the library's own CSR copies)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        yield
+
+
+def fast_csr(A: torch.Tensor) -> torch.Tensor:
+    """``A`` as CSR with int32 indices where they fit: torch's CSR kernels are up to 2× faster with
+    them (SciPy's choice too) and COO matvecs are 20× slower than CSR ones."""
+    with quiet_sparse():
+        return _fast_csr(A)
+
+
+def _fast_csr(A):
+    if A.layout == torch.sparse_coo:
+        A = A.coalesce().to_sparse_csr()
+    elif A.layout != torch.sparse_csr:
+        A = A.to_sparse_csr()
+    crow, cols = A.crow_indices(), A.col_indices()
+    if crow.dtype == torch.int64 and max(A.shape[0], A.shape[1], cols.numel()) < 2 ** 31 - 1:
+        A = torch.sparse_csr_tensor(crow.int(), cols.int(), A.values(), A.shape, check_invariants=False)
+    return A
+
+
+def _sparse_apply(A: torch.Tensor) -> Callable:
+    A = fast_csr(A)
+    m, n = A.shape
+
+    def apply(x):
+        if x.dim() == 1:
+            return torch.mv(A, x)
+        # CSR @ a row-major (n, k) matrix is several times faster than @ a transposed view
+        lead = x.shape[:-1]
+        return (A @ x.reshape(-1, n).T.contiguous()).T.contiguous().reshape(*lead, m)
+
+    return apply
+
+
+def _operator_applies(A, name: str):
+    """``(mv, rmv_factory, shape, batch_shape, dtype)`` of anything a solver accepts as ``A``."""
+    if isinstance(A, torch.Tensor):
+        A = _as_operator(A, name)
+    if isinstance(A, LinearOperator):
+        mat = A.matrix
+        if mat is not None and len(A.params) == 1 and A.params[0] is mat:
+            if mat.layout == torch.strided:
+                mv, rmv = _dense_apply(mat), (lambda: _dense_apply(mat.mT))
+            else:
+                mv = _sparse_apply(mat)
+                rmv = (lambda: _sparse_apply(mat.t()))
+            if A.symmetric:
+                rmv = (lambda: mv)
+            return mv, rmv, A.shape, A.batch_shape, mat.dtype
+        op = A
+        return op.mv, (lambda: op.rmv), op.shape, op.batch_shape, op.dtype
+    if callable(A):
+        return A, None, None, torch.Size(), None
+    raise InputError(
+        f"{name} must be a dense or torch.sparse tensor, an implicitdiff.linalg.LinearOperator or a callable "
+        f"x -> A x on (..., n) vectors; got {type(A).__name__}"
+    )
+
+
+def _as_operator(A: torch.Tensor, name: str) -> LinearOperator:
+    if A.layout == torch.strided:
+        if A.dim() < 2:
+            raise InputError(f"{name} must have shape (*, m, n), got {tuple(A.shape)}")
+        return LinearOperator.from_dense(A)
+    if A.layout in (torch.sparse_coo, torch.sparse_csr) and A.dim() == 2:
+        return LinearOperator.from_sparse(A)
+    raise InputError(f"a sparse {name} must be a 2-D torch.sparse_coo or torch.sparse_csr tensor, "
+                     f"got layout {A.layout} with {A.dim()} dims")
+
+
+def _preconditioner(M, n: int) -> Optional[Callable]:
+    if M is None:
+        return None
+    if isinstance(M, torch.Tensor):
+        M = _as_operator(M, "M")
+    if isinstance(M, LinearOperator):
+        if M.shape != (n, n):
+            raise InputError(f"M must be an (n, n) = ({n}, {n}) operator, got shape {M.shape}")
+        mv, *_ = _operator_applies(M, "M")
+        return mv
+    if callable(M):
+        return M
+    raise InputError(f"M must be a callable r -> M r on (..., n) vectors, a LinearOperator or a tensor; "
+                     f"got {type(M).__name__}")
+
+
+def normalize(A, b, x0=None, *, rtol=None, atol=0.0, max_iter=None, M=None, callback=None, check_every=None,
+              solver: str, square: bool = True, need_rmv: bool = False) -> Problem:
+    """Validate and normalize the arguments of a Krylov solver (raises :class:`InputError` on bad input).
+
+    ``A`` is a dense ``(*, m, n)`` tensor (batch dims broadcast with ``b``), a 2-D
+    ``torch.sparse`` COO/CSR tensor, a :class:`LinearOperator` or a callable
+    ``x -> A x`` on ``(..., n)`` vectors (taken square, ``n = b.shape[-1]``, unless
+    ``x0`` gives ``n``).  ``b`` is ``(*, m)``; ``x0`` is ``(*, n)``.
+    """
+    if not isinstance(b, torch.Tensor):
+        raise InputError(f"{solver}: b must be a torch.Tensor of shape (*, m), got {type(b).__name__}")
+    if b.dtype not in (torch.float32, torch.float64):
+        raise InputError(f"{solver}: b has dtype {b.dtype}; solve in float32 or float64 (e.g. b.double())")
+    if b.dim() < 1:
+        raise InputError(f"{solver}: b must have shape (*, m), got a 0-dim tensor; use b.reshape(1)")
+    mv, rmv_factory, shape, op_batch, op_dtype = _operator_applies(A, "A")
+    m = b.shape[-1]
+    if shape is None:  # a bare callable: square unless x0 says otherwise
+        n = x0.shape[-1] if isinstance(x0, torch.Tensor) and x0.dim() >= 1 else m
+        shape = (m, n)
+        fn = mv
+        rmv_factory = lambda: LinearOperator.from_matvec(lambda x: fn(x), shape).rmv  # noqa: E731
+    if op_dtype is not None and op_dtype != b.dtype:
+        raise InputError(f"{solver}: A has dtype {op_dtype} but b has {b.dtype}; convert one of them, "
+                         f"e.g. b.to({op_dtype})")
+    if shape[0] != m:
+        raise InputError(f"{solver}: A has shape {tuple(shape)} (m = {shape[0]} rows) but b has shape "
+                         f"{tuple(b.shape)}; b must be (*, {shape[0]})")
+    n = shape[1]
+    if square and shape[0] != shape[1]:
+        raise InputError(f"{solver} needs a square operator, got shape {tuple(shape)}; use lsqr or lsmr for "
+                         f"rectangular systems")
+    if x0 is not None:
+        if not isinstance(x0, torch.Tensor) or x0.dim() < 1 or x0.shape[-1] != n:
+            got = tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
+            raise InputError(f"{solver}: x0 must be a tensor of shape (*, {n}), got {got}")
+        if x0.dtype != b.dtype or x0.device != b.device:
+            raise InputError(f"{solver}: x0 has dtype/device {x0.dtype}/{x0.device} but b has "
+                             f"{b.dtype}/{b.device}; use x0.to(b)")
+    try:
+        batch = torch.broadcast_shapes(b.shape[:-1], op_batch, x0.shape[:-1] if x0 is not None else ())
+    except RuntimeError:
+        raise InputError(f"{solver}: the batch dims of A {tuple(op_batch)}, b {tuple(b.shape[:-1])} and x0 "
+                         f"do not broadcast") from None
+    b = b.expand(*batch, m)
+    x0 = torch.zeros(*batch, n, dtype=b.dtype, device=b.device) if x0 is None else x0.expand(*batch, n).clone()
+    rtol = default_rtol(b.dtype) if rtol is None else rtol
+    for name, val in (("rtol", rtol), ("atol", atol)):
+        if not isinstance(val, (int, float)) or not val >= 0:
+            raise InputError(f"{solver}: {name} must be a non-negative float, got {val!r}")
+    if max_iter is None:
+        max_iter = 10 * n
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 0:
+        raise InputError(f"{solver}: max_iter must be a non-negative int, got {max_iter!r}")
+    if check_every is None:
+        check_every = CHECK_EVERY_CUDA if b.device.type == "cuda" else CHECK_EVERY_CPU
+    if not isinstance(check_every, int) or check_every < 1:
+        raise InputError(f"{solver}: check_every must be a positive int, got {check_every!r}")
+    if callback is not None and not callable(callback):
+        raise InputError(f"{solver}: callback must be callable as callback(x), got {type(callback).__name__}")
+    bnorm = norm(b)
+    tol = torch.clamp(rtol * bnorm, min=float(atol))
+    return Problem(mv, rmv_factory() if need_rmv else None, _preconditioner(M, n), b, x0, bnorm,
+                   tol, float(rtol), float(atol), max_iter, check_every, callback)
+
+
+# --------------------------------------------------------------------- the iteration protocol
+class Iteration(abc.ABC):
+    """One Krylov method as a restartable, batched iteration (the loop lives in :func:`run`).
+
+    Attributes set by :meth:`init` and :meth:`step`: ``rnorm`` (``(*batch,)``
+    recursive residual-norm estimate), ``broken`` (``(*batch,)`` bool: a breakdown
+    in this step, final) and ``stall`` (bool: this lane cannot go on but a restart
+    from its current ``x`` may cure it, e.g. a BiCGSTAB shadow-residual breakdown;
+    the loop restarts it like a drifted lane).  Lanes not in ``active`` must keep
+    their ``x``.
+    """
+
+    rnorm: torch.Tensor
+    broken: torch.Tensor
+    stall: torch.Tensor = None
+    can_break = True  # class flags: whether ``broken`` / ``stall`` can ever be set by ``step``
+    can_stall = False
+
+    def __init__(self, prob: Problem):
+        self.prob = prob
+        self.stall = torch.zeros(prob.bnorm.shape, dtype=torch.bool, device=prob.b.device)
+
+    @abc.abstractmethod
+    def init(self, x: torch.Tensor) -> None:
+        """(Re)start from ``x`` (``(*batch, n)``)."""
+
+    @abc.abstractmethod
+    def step(self, active: torch.Tensor) -> None:
+        """One iteration for the lanes in ``active``."""
+
+    @abc.abstractmethod
+    def solution(self) -> torch.Tensor:
+        """The current iterate ``x``."""
+
+    def converged(self) -> torch.Tensor:
+        """The stopping rule on the recursive estimate (``rnorm ≤ tol``)."""
+        return self.rnorm <= self.prob.tol
+
+    def verify(self, x: torch.Tensor):
+        """``(ok, rel_residual)`` from the true residual ``b − A x``."""
+        r = norm(self.prob.b - self.prob.mv(x))
+        return r <= self.prob.tol, r / safe(self.prob.bnorm)
+
+
+def run(it: Iteration) -> KrylovResult:
+    """Drive ``it`` until every element converges, breaks down or ``max_iter`` is reached."""
+    prob = it.prob
+    x = prob.x0
+    it.init(x)
+    broken = it.broken.clone()
+    done = it.converged() | broken
+    iters = torch.zeros(done.shape, dtype=torch.int64, device=x.device)
+    k, replacements = 0, 0
+    prev_true = None
+    while True:
+        while k < prob.max_iter:
+            if (k % prob.check_every == 0 or prob.callback is not None) and bool(done.all()):
+                break
+            active = ~done
+            it.step(active)
+            iters += active
+            k += 1
+            done = done | it.converged()
+            if it.can_break:
+                broken = broken | (it.broken & active)
+                done = done | broken
+            if it.can_stall:
+                done = done | (it.stall & active)
+            if prob.callback is not None:
+                prob.callback(it.solution())
+        x = it.solution()
+        ok, rel = it.verify(x)
+        # stopped by the recursion (or stalled) but not by the true residual: replace and go on
+        drifted = done & ~ok & ~broken
+        if k >= prob.max_iter or not bool(drifted.any()):
+            break
+        true_abs = rel * safe(prob.bnorm)
+        if prev_true is not None:  # no halving of the true residual across a replacement: stagnation
+            broken = broken | (drifted & (true_abs > 0.5 * prev_true))
+        if replacements >= MAX_REPLACEMENTS:
+            broken = broken | drifted
+            break
+        prev_true = true_abs
+        replacements += 1
+        it.init(x)
+        broken = broken | (it.broken & ~ok)
+        done = ok | broken
+    status = torch.full(done.shape, int(Status.MAX_ITERATIONS), dtype=torch.int64, device=x.device)
+    status = torch.where(broken, int(Status.BREAKDOWN), status)
+    status = torch.where(ok, int(Status.SUCCESS), status)
+    finite = torch.isfinite(x).all(-1) & torch.isfinite(rel)
+    status = torch.where(finite, status, int(Status.NONFINITE))
+    return KrylovResult(x, SolveInfo(status, rel, iters))
