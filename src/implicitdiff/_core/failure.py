@@ -31,7 +31,7 @@ def check_on_failure(on_failure: str) -> str:
     return on_failure
 
 
-def _describe(info: SolveInfo, what: str, hints: dict) -> tuple[str, Status, float, int]:
+def _describe(info: SolveInfo, what: str, hints: dict, raising: bool = True) -> tuple[str, Status, float, int]:
     status = info.status.reshape(-1)
     failed = torch.nonzero(status != Status.SUCCESS).reshape(-1)
     first = int(failed[0])
@@ -50,7 +50,7 @@ def _describe(info: SolveInfo, what: str, hints: dict) -> tuple[str, Status, flo
     hint = hints.get(code)
     if hint:
         msg += f". {hint}"
-    if n_all > 1:
+    if n_all > 1 and raising:
         msg += ". Pass on_failure='nan' or 'warn' to keep the other elements."
     return msg, code, residual, iters
 
@@ -70,7 +70,7 @@ def apply_on_failure(y: torch.Tensor, info: SolveInfo, on_failure: str, what: st
         msg, code, residual, iters = _describe(info, what, hints or {})
         raise SolveError(msg, status=code, residual=residual, iterations=iters, info=info)
     if on_failure == "warn":
-        msg, *_ = _describe(info, what, hints or {})
+        msg, *_ = _describe(info, what, hints or {}, raising=False)
         warnings.warn(msg + " The failed elements are set to NaN.", SolveWarning, stacklevel=3)
     return nan_where_failed(y, ok)
 
