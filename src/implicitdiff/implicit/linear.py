@@ -54,8 +54,14 @@ class SolveSpec(NamedTuple):
 
 
 def _apply(kind, adjoint, A, V, factors):
-    """``A⁺ V`` (``adjoint``: ``A⁺ᵀ V``), differentiable in ``A`` and ``V``."""
-    return FactoredSolveFn.apply(kind, adjoint, A, V, *factors)
+    """``A⁺ V`` (``adjoint``: ``A⁺ᵀ V``), differentiable in ``A`` and ``V`` when grad mode is on.
+
+    Inside a first-order backward (grad mode off) the factors are applied
+    directly: no graph is recorded, so the Function's bookkeeping is not needed.
+    """
+    if torch.is_grad_enabled():
+        return FactoredSolveFn.apply(kind, adjoint, A, V, *factors)
+    return from_tensors(kind, factors).solve(V, adjoint)
 
 
 def _vjp(kind, adjoint, A, B, X, gX, factors, need_A, need_B):
@@ -152,13 +158,13 @@ class SolveFn(torch.autograd.Function):
             for name, t in (("A", A), ("b", B)):
                 if not bool(torch.isfinite(t).all()):
                     raise InputError(f"{name} contains NaN or Inf; clean or mask the input before solving")
-        # Under vmap (or with check_finite=False) the layer cannot look at the data: a NaN/Inf in A
-        # must not reach LAPACK (the SVD raises on it), so factorize a zeroed copy and report the
-        # element NONFINITE below; its X is set to NaN by the failure policy.
-        finite_A = torch.isfinite(A).flatten(-2).all(-1)
-        finite_B = torch.isfinite(B).flatten(-2).all(-1)
-        A_fact = torch.where(torch.isfinite(A), A, torch.zeros_like(A))
-        fact, status, rank, cond = factorize(A_fact, spec.selection, spec.solver, spec.rank_rtol)
+        # Under vmap (or with check_finite=False) the layer cannot look at the data: an element with
+        # NaN/Inf is reported NONFINITE below and set to NaN by the failure policy (the SVD path
+        # zeroes such entries before LAPACK sees them).  A sum is non-finite iff an entry is (or
+        # the sum overflows, which is reported the same way).
+        finite_A = torch.isfinite(A.abs().sum(dim=(-2, -1)))
+        finite_B = torch.isfinite(B.abs().sum(dim=(-2, -1)))
+        fact, status, rank, cond = factorize(A, spec.selection, spec.solver, spec.rank_rtol)
         X = fact.solve(B)
         batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
         R = A @ X - B

@@ -68,19 +68,23 @@ class Factorization(abc.ABC):
         """Rebuild from ``tensors()``."""
 
 
-def hager_inv_norm1(solve, n: int, batch_shape, dtype, device, iters: int = 4) -> torch.Tensor:
+def hager_inv_norm1(solve, n: int, batch_shape, dtype, device, iters: int = 2) -> torch.Tensor:
     """Estimate ``‖A⁻¹‖₁`` per batch element with Hager's method (as LAPACK's ``xGECON``).
 
     ``solve(X, adjoint)`` applies ``A⁻¹`` (or ``A⁻ᵀ``) to ``X`` of shape
     ``(*, n, 1)``.  A fixed number of iterations keeps it free of host syncs;
     each costs two solves with the existing factors, O(n²).  The estimate is a
-    lower bound, usually within a factor of 3 of the truth.
+    lower bound, usually within a factor of 3 of the truth (on random,
+    ill-conditioned and triangular test matrices, 2 iterations were as good as 4;
+    the adjoint solve of the last iteration is skipped, its result unused).
     """
     x = torch.full((*batch_shape, n, 1), 1.0 / n, dtype=dtype, device=device)
     est = torch.zeros(batch_shape, dtype=dtype, device=device)
-    for _ in range(iters):
+    for k in range(iters):
         y = solve(x, False)
         est = torch.maximum(est, y.abs().sum(dim=(-2, -1)))
+        if k == iters - 1:
+            break
         xi = torch.where(y >= 0, 1.0, -1.0).to(dtype)
         z = solve(xi, True)
         j = z.abs().argmax(dim=-2, keepdim=True)

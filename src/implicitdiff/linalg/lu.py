@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._core.validate import is_vmapped
 from .factorization import Factorization, hager_inv_norm1, register
 
 __all__ = ["LU"]
@@ -20,25 +21,24 @@ def _permute(B: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class LU(Factorization):
     """Pivoted LU of a square ``(*, n, n)`` matrix; ``solve(B, adjoint=True)`` reuses it for ``A⁻ᵀ B``.
 
-    Stored as the packed factors and the row permutation as an index (``PᵀB =
-    B[perm]``); a solve is a gather and two triangular solves.  (Not
-    ``torch.linalg.lu_solve``: in torch 2.13 its batching rule returns wrong
-    results when the factors and the right-hand side are batched by different
-    ``vmap`` levels, as in ``vmap(jacrev(...))``.)
+    Outside ``vmap`` a solve is ``torch.linalg.lu_solve``.  Under ``vmap`` it is a
+    gather by the row permutation and two triangular solves, because in torch
+    2.13 ``lu_solve``'s batching rule returns wrong results when the factors and
+    the right-hand side are batched by different ``vmap`` levels (as in
+    ``vmap(jacrev(...))``).
     """
 
     kind = "lu"
 
-    def __init__(self, LU: torch.Tensor, perm: torch.Tensor):
-        self.LU, self.perm = LU, perm
+    def __init__(self, LU: torch.Tensor, pivots: torch.Tensor):
+        self.LU, self.pivots = LU, pivots
 
     @classmethod
     def factor(cls, A: torch.Tensor) -> tuple["LU", torch.Tensor]:
         """Factorize ``A``; returns ``(lu, rcond)`` with a 1-norm reciprocal condition estimate
         (zero for an exactly singular element)."""
         LU_, piv, info = torch.linalg.lu_factor_ex(A)
-        P = torch.lu_unpack(LU_, piv, unpack_data=False)[0]
-        fact = cls(LU_, P.argmax(dim=-2))  # A = P L U, (PᵀB)_i = B_perm[i]
+        fact = cls(LU_, piv)
         n = A.shape[-1]
         norm_a = A.abs().sum(dim=-2).amax(dim=-1)
         inv_norm = hager_inv_norm1(fact.solve, n, A.shape[:-2], A.dtype, A.device)
@@ -46,18 +46,27 @@ class LU(Factorization):
         rcond = torch.where((info == 0) & torch.isfinite(rcond), rcond, torch.zeros_like(rcond))
         return fact, rcond
 
+    def _perm(self) -> torch.Tensor:
+        # A = P L U and (PᵀB)_i = B_perm[i]; perm_i = Σ_j j P_ji (exact in floating point for n < 2^24)
+        P = torch.lu_unpack(self.LU, self.pivots, unpack_data=False)[0]
+        n = P.shape[-1]
+        return (torch.arange(n, dtype=P.dtype, device=P.device) @ P).round().long()
+
     def solve(self, B, adjoint=False):
         LU = self.LU
+        if not (is_vmapped(LU) or is_vmapped(B)):
+            return torch.linalg.lu_solve(LU, self.pivots, B, adjoint=adjoint)
+        perm = self._perm()
         if not adjoint:  # A⁻¹B = U⁻¹ L⁻¹ Pᵀ B
-            Z = torch.linalg.solve_triangular(LU, _permute(B, self.perm), upper=False, unitriangular=True)
+            Z = torch.linalg.solve_triangular(LU, _permute(B, perm), upper=False, unitriangular=True)
             return torch.linalg.solve_triangular(LU, Z, upper=True)
         # A⁻ᵀB = P L⁻ᵀ U⁻ᵀ B
         Z = torch.linalg.solve_triangular(LU.mT, B, upper=False)
         Z = torch.linalg.solve_triangular(LU.mT, Z, upper=True, unitriangular=True)
-        return _permute(Z, torch.argsort(self.perm, dim=-1))
+        return _permute(Z, torch.argsort(perm, dim=-1))
 
     def tensors(self):
-        return (self.LU, self.perm)
+        return (self.LU, self.pivots)
 
     @classmethod
     def from_tensors(cls, tensors):

@@ -111,6 +111,8 @@ def factorize(A: torch.Tensor, selection: str, solver: str = "auto", rank_rtol: 
     ok = torch.zeros(batch, dtype=torch.int64, device=A.device)
 
     if solver == "svd":
+        # LAPACK's SVD raises on NaN/Inf: zero them (the caller reports those elements NONFINITE)
+        A = torch.where(torch.isfinite(A), A, torch.zeros((), dtype=A.dtype, device=A.device))
         fact, rank, cond = SVD.factor(A, tol)
         status = ok
         if selection == "least_squares":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..._core.defaults import eps
-from ._common import Iteration, KrylovResult, col, dot, normalize, norm, run, safe
+from ._common import Iteration, KrylovResult, and_active, col, dot, normalize, norm, run, safe
 
 __all__ = ["bicgstab"]
 
@@ -48,7 +48,7 @@ class _BiCGSTAB(Iteration):
         self.v = prob.mv(phat)
         rv = dot(self.rhat, self.v)
         bad_v = rv.abs() <= tiny * self.rhat_norm * norm(self.v)
-        go = active & ~bad_rho & ~bad_v
+        go = and_active(active, ~bad_rho & ~bad_v)
         alpha = torch.where(go, rho / safe(rv), zero)
         s = torch.addcmul(self.r, col(alpha), self.v, value=-1)
         snorm = norm(s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Iteration, KrylovResult, dot, normalize, norm, run
+from ._common import Iteration, KrylovResult, and_active, dot, normalize, norm, run
 
 __all__ = ["cg"]
 
@@ -36,19 +36,24 @@ class _CG(Iteration):
         return norm(self.r) <= self.prob.tol
 
     def step(self, active):
-        prob = self.prob
-        Ap = prob.mv(self.p)
-        pAp = dot(self.p, Ap)
-        go = active & (pAp > 0)
-        alpha = (torch.where(go, self.rz, 0.0) / torch.where(go, pAp, 1.0)).unsqueeze(-1)
-        self.x = torch.addcmul(self.x, alpha, self.p)
-        self.r = torch.addcmul(self.r, alpha, Ap, value=-1)
-        z = self.r if prob.M is None else prob.M(self.r)
-        rz = dot(self.r, z)
-        beta = torch.where(go, rz, 0.0) / torch.where(go, self.rz, 1.0)
-        self.p = torch.addcmul(z, beta.unsqueeze(-1), self.p)
-        self.rz = rz
-        self.broken = pAp <= 0 if prob.M is None else (pAp <= 0) | (rz < 0)
+        mv, M = self.prob.mv, self.prob.M
+        p, rz = self.p, self.rz
+        Ap = mv(p)
+        pAp = dot(p, Ap)
+        go = and_active(active, pAp > 0)
+        if active is None:  # one active system: only the breakdown needs a guard
+            alpha = torch.where(go, rz / pAp, 0.0).unsqueeze(-1)
+        else:
+            alpha = (torch.where(go, rz, 0.0) / torch.where(go, pAp, 1.0)).unsqueeze(-1)
+        self.x = torch.addcmul(self.x, alpha, p)
+        r = self.r = torch.addcmul(self.r, alpha, Ap, value=-1)
+        z = r if M is None else M(r)
+        rz_new = dot(r, z)
+        # rᵀz > 0 on an active lane (else it would have converged or broken down)
+        beta = rz_new / rz if active is None else torch.where(go, rz_new, 0.0) / torch.where(go, rz, 1.0)
+        self.p = torch.addcmul(z, beta.unsqueeze(-1), p)
+        self.rz = rz_new
+        self.broken = pAp <= 0 if M is None else (pAp <= 0) | (rz_new < 0)
 
     def solution(self):
         return self.x

@@ -6,7 +6,7 @@ import torch
 
 from ..._core.defaults import eps
 from ..._core.errors import InputError
-from ._common import Iteration, KrylovResult, col, normalize, norm, run, safe
+from ._common import Iteration, KrylovResult, and_active, col, normalize, norm, run, safe, where_active
 
 __all__ = ["gmres"]
 
@@ -71,9 +71,9 @@ class _GMRES(Iteration):
         self.g[..., j + 1] = -s * gj
         self.g[..., j] = c * gj
         self.R[..., : j + 1, j] = torch.stack(hs, -1)
-        self.k = torch.where(active, j + 1, self.k)
-        self.rnorm = torch.where(active, self.g[..., j + 1].abs(), self.rnorm)
-        broken = active & (rho == 0)  # H singular: no progress possible in this space
+        self.k = where_active(active, torch.full_like(self.k, j + 1), self.k)
+        self.rnorm = where_active(active, self.g[..., j + 1].abs(), self.rnorm)
+        broken = and_active(active, rho == 0)  # H singular: no progress possible in this space
         self.j = j + 1
         if self.j == self.restart:
             start, ran = self.cycle_start, self.k > 0

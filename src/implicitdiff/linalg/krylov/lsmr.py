@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import KrylovResult, col, normalize, run, safe
+from ._common import KrylovResult, col, normalize, run, safe, where_active
 from .lsqr import LeastSquaresIteration
 
 __all__ = ["lsmr"]
@@ -54,7 +54,7 @@ class _LSMR(LeastSquaresIteration):
         self.zetabar = -self.sbar * self.zetabar
         # h̄ ← h − (θ̄ρ/(ρ_old ρ̄_old)) h̄,  y ← y + (ζ/(ρ ρ̄)) h̄,  h ← v − (θ_new/ρ) h
         self.hbar = torch.addcmul(self.h, col(thetabar * self.rho / safe(rhoold * rhobarold)), self.hbar, value=-1)
-        step = torch.where(active, self.zeta / safe(self.rho * self.rhobar), torch.zeros_like(self.zeta))
+        step = where_active(active, self.zeta / safe(self.rho * self.rhobar), torch.zeros_like(self.zeta))
         self.y = torch.addcmul(self.y, col(step), self.hbar)
         self.h = torch.addcmul(self.v, col(thetanew / safe(self.rho)), self.h, value=-1)
         # ‖r‖ estimate: apply the previous rotations to β̈ and a rotation P̃ to [ρ̇_old θ̄]
@@ -70,10 +70,10 @@ class _LSMR(LeastSquaresIteration):
         taud = (self.zeta - self.thetatilde * self.tautildeold) / safe(self.rhodold)
         rnorm = ((self.betad - taud) ** 2 + self.betadd ** 2).sqrt()
         self.normA2 = self.normA2 + beta ** 2
-        self.anorm = torch.where(active, torch.maximum(self.anorm, self.normA2.sqrt()), self.anorm)
+        self.anorm = where_active(active, torch.maximum(self.anorm, self.normA2.sqrt()), self.anorm)
         self.normA2 = self.normA2 + alpha ** 2
-        self.rnorm = torch.where(active, rnorm, self.rnorm)
-        self.arnorm = torch.where(active, self.zetabar.abs(), self.arnorm)
+        self.rnorm = where_active(active, rnorm, self.rnorm)
+        self.arnorm = where_active(active, self.zetabar.abs(), self.arnorm)
 
 
 def lsmr(A, b, x0=None, *, rtol=None, atol=0.0, max_iter=None, M=None, callback=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Iteration, KrylovResult, col, normalize, norm, run, safe
+from ._common import Iteration, KrylovResult, col, normalize, norm, run, safe, where_active
 
 __all__ = ["lsqr", "LeastSquaresIteration"]
 
@@ -85,7 +85,7 @@ class _LSQR(LeastSquaresIteration):
 
     def step(self, active):
         self.u, beta, self.v, alfa = self._bidiag_step(self.u, self.alfa, self.v)
-        self.anorm = torch.where(active, (self.anorm ** 2 + self.alfa ** 2 + beta ** 2).sqrt(), self.anorm)
+        self.anorm = where_active(active, (self.anorm ** 2 + self.alfa ** 2 + beta ** 2).sqrt(), self.anorm)
         self.alfa = alfa
         rho = torch.hypot(self.rhobar, beta)
         cs, sn = self.rhobar / safe(rho), beta / safe(rho)
@@ -93,11 +93,11 @@ class _LSQR(LeastSquaresIteration):
         self.rhobar = -cs * alfa
         phi = cs * self.phibar
         self.phibar = sn * self.phibar
-        t1 = torch.where(active, phi / safe(rho), torch.zeros_like(phi))
+        t1 = where_active(active, phi / safe(rho), torch.zeros_like(phi))
         self.y = torch.addcmul(self.y, col(t1), self.w)
         self.w = torch.addcmul(self.v, col(theta / safe(rho)), self.w, value=-1)
-        self.rnorm = torch.where(active, self.phibar.abs(), self.rnorm)
-        self.arnorm = torch.where(active, alfa * (sn * phi).abs(), self.arnorm)
+        self.rnorm = where_active(active, self.phibar.abs(), self.rnorm)
+        self.arnorm = where_active(active, alfa * (sn * phi).abs(), self.arnorm)
 
 
 def lsqr(A, b, x0=None, *, rtol=None, atol=0.0, max_iter=None, M=None, callback=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Iteration, KrylovResult, col, dot, normalize, norm, run, safe
+from ._common import Iteration, KrylovResult, col, dot, normalize, norm, run, safe, where_active
 
 __all__ = ["minres"]
 
@@ -44,13 +44,14 @@ class _MINRES(Iteration):
     def step(self, active):
         prob = self.prob
         self.itn += 1
-        v = self.y / col(safe(self.beta))
+        inv_beta = 1.0 / safe(self.beta)
+        v = self.y * col(inv_beta)
         Av = prob.mv(v)
         y = Av
         if self.itn >= 2:
             y = torch.addcmul(y, col(self.beta / safe(self.oldb)), self.r1, value=-1)
         alfa = dot(v, y)
-        y = torch.addcmul(y, col(alfa / safe(self.beta)), self.r2, value=-1)
+        y = torch.addcmul(y, col(alfa * inv_beta), self.r2, value=-1)
         self.r1, self.r2 = self.r2, y
         self.y = y if prob.M is None else prob.M(y)
         self.oldb = self.beta
@@ -68,7 +69,7 @@ class _MINRES(Iteration):
         singular = gamma == 0  # T_k singular and Lanczos exhausted: b is not in range(A)
         gamma = safe(gamma)
         self.cs, self.sn = gbar / gamma, self.beta / gamma
-        phi = torch.where(active, self.cs * self.phibar, torch.zeros_like(gamma))
+        phi = where_active(active, self.cs * self.phibar, torch.zeros_like(gamma))
         self.phibar = self.sn * self.phibar
         w1, self.w2 = self.w2, self.w
         w = torch.addcmul(v, col(oldeps), w1, value=-1)
