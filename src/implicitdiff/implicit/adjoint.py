@@ -44,7 +44,7 @@ class Implicit:
     rtol: Optional[float] = None
     atol: float = 0.0
     max_iter: Optional[int] = None
-    dense_max: int = 1024
+    dense_max: int = 200
 
     def __post_init__(self):
         if self.solver not in ADJOINT_SOLVERS:
