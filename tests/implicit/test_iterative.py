@@ -266,3 +266,40 @@ def test_backward_memory_does_not_grow_with_iterations():
     # unrolled autograd through the same CG keeps tensors per iteration
     k_unrolled, b_unrolled, _ = _saved_tensors(lambda: cg(A, b, rtol=1e-12))
     assert b_unrolled > 5 * b2 and k_unrolled > 10 * it2
+
+
+@jvp_warning
+def test_vmap_jacrev_jacfwd_over_b():
+    A = _spd(5)
+    B = torch.randn(4, 5, generator=_gen(30), dtype=F64)
+
+    def f(b):
+        return iterative_solve(LinearOperator.from_dense(A), b, solver="cg", rtol=1e-13)[0]
+
+    assert torch.allclose(torch.func.vmap(f)(B), torch.linalg.solve(A, B.T).T, atol=1e-10)
+    Ainv = torch.linalg.inv(A)
+    assert torch.allclose(torch.func.jacrev(f)(B[0]), Ainv, atol=1e-10)
+    assert torch.allclose(torch.func.jacfwd(f)(B[0]), Ainv, atol=1e-10)
+    N = _nonsym(5)
+    J = torch.func.jacrev(_solve("gmres"))(N, B[0])  # jacrev wrt A: vmap over the cotangent only
+    J_ref = torch.func.jacrev(torch.linalg.solve)(N, B[0])
+    assert torch.allclose(J, J_ref, atol=1e-9)
+    with pytest.raises(InputError, match="vmap"):
+        torch.func.vmap(_solve("gmres"), in_dims=(0, None))(torch.stack([N, N]), B[0])
+
+
+def test_csr_from_values_gradient_is_linear_in_nnz():
+    from implicitdiff.implicit.iterative import csr_from_values
+
+    n = 20000  # a dense gradient of this matrix would take 3.2 GB
+    crow, col = torch.arange(n + 1), torch.arange(n)
+    v = torch.linspace(1.0, 2.0, n, dtype=F64).requires_grad_()
+    b = torch.randn(n, generator=_gen(31), dtype=F64)
+    A = csr_from_values(crow, col, v, (n, n))
+    x, info = iterative_solve(LinearOperator.from_sparse(A, positive_definite=True), b, solver="cg")
+    x.sum().backward()
+    # x = b / v, so ∂(Σx)/∂v = −b / v²
+    assert int(info.status) == 0 and torch.allclose(v.grad, -b / v.detach() ** 2, rtol=1e-8)
+    crow3, col3 = torch.tensor([0, 2, 3, 5]), torch.tensor([0, 1, 1, 0, 2])
+    vals = torch.tensor([3.0, 1.0, 4.0, 1.0, 5.0], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: csr_from_values(crow3, col3, v, (3, 3)).to_dense(), (vals,))

@@ -89,9 +89,10 @@ def test_least_squares_of_a_wide_matrix_points_to_min_norm():
 
 
 def test_matrix_free_operator_needs_an_iterative_solver():
+    # solver="auto" goes matrix-free (tests/layers/test_linear_solve_iterative.py); a direct solver cannot
     op = LinearOperator.from_matvec(lambda x, M: x @ M.mT, (3, 3), torch.eye(3, dtype=F64))
     with pytest.raises(InputError, match="matrix-free LinearOperator needs an iterative solver"):
-        idf.linear_solve(op, torch.ones(3, dtype=F64))
+        idf.linear_solve(op, torch.ones(3, dtype=F64), solver="lu")
 
 
 # ---------------------------------------------------------------------------- Pinned / Nearest

@@ -35,13 +35,14 @@ import torch
 
 from .._core.defaults import default_rtol
 from .._core.errors import InputError
-from .._core.failure import apply_on_failure
+from .._core.failure import apply_on_failure, nan_where_failed
 from .._core.status import SolveInfo, Status
+from .._core.validate import is_vmapped
 from ..linalg.krylov import bicgstab, cg, gmres, lsmr, lsqr, minres
 from ..linalg.krylov._common import fast_csr, quiet_sparse
 from ..linalg.operator import LinearOperator, aslinearoperator
 
-__all__ = ["IterativeSpec", "IterativeSolveFn", "iterative_solve", "SOLVERS"]
+__all__ = ["IterativeSpec", "IterativeSolveFn", "iterative_solve", "SOLVERS", "CSRFromValues", "csr_from_values"]
 
 SOLVERS = {"cg": cg, "minres": minres, "gmres": gmres, "bicgstab": bicgstab, "lsqr": lsqr, "lsmr": lsmr}
 _LEAST_SQUARES = ("lsqr", "lsmr")
@@ -91,21 +92,23 @@ def _transpose(op: LinearOperator) -> LinearOperator:
     return op.T
 
 
-def _raw_solve(spec: IterativeSpec, op: LinearOperator, b, x0):
-    """Forward Krylov solve, no gradients: ``(x, info)``."""
-    return SOLVERS[spec.solver](op, b, x0, rtol=spec.rtol, atol=spec.atol, max_iter=spec.max_iter, M=spec.M)
-
-
 def _checked(spec: IterativeSpec, op: LinearOperator, rhs, x0, what: str):
     """A differentiable solve ``op x = rhs`` whose failure raises :class:`SolveError` (never a silent
     wrong gradient): the adjoint and tangent solves of the backward and the jvp."""
     spec = spec._replace(kind=_kind(op))
     x, status, residual, iters = IterativeSolveFn.apply(spec, op, rhs, x0, *op.params)
-    if not bool((status == Status.SUCCESS).all()):
-        info = SolveInfo(status, residual, iters)
-        apply_on_failure(x, info, "raise", f"{what} (solver={spec.solver!r}, rtol={spec.rtol}, "
-                                           f"max_iter={spec.max_iter})", _HINTS)
-    return x
+    return _raise_if_failed(x, SolveInfo(status, residual, iters), spec, what)
+
+
+def _raise_if_failed(x, info: SolveInfo, spec: IterativeSpec, what: str):
+    """Raise :class:`SolveError` for failed elements; under ``vmap`` (nothing can be raised from
+    data) the failed elements become NaN instead — never a silently wrong value."""
+    if is_vmapped(info.status):
+        return nan_where_failed(x, info.ok)
+    rtol = default_rtol(x.dtype) if spec.rtol is None else spec.rtol
+    max_iter = f"{spec.max_iter}" if spec.max_iter is not None else "10·n"
+    return apply_on_failure(x, info, "raise", f"{what} (solver={spec.solver!r}, rtol={rtol:g}, max_iter={max_iter})",
+                            _HINTS)
 
 
 def _adjoint_x0(spec: IterativeSpec, op: LinearOperator, g):
@@ -164,9 +167,11 @@ def _jvp_params(kind: str, op: LinearOperator, params, v, tangents):
     """``Ȧ v`` := ∂/∂p [A(p) v] · ṗ (``None`` when every tangent is ``None``)."""
     if all(t is None for t in tangents):
         return None
-    if kind in ("dense", "sparse"):
-        return LinearOperator.from_dense(tangents[0]).mv(v) if kind == "dense" else \
-            LinearOperator.from_sparse(tangents[0]).mv(v)
+    if kind == "dense":
+        return LinearOperator.from_dense(tangents[0]).mv(v)
+    if kind == "sparse":
+        raise InputError("forward mode wrt a sparse matrix is not supported (torch.func has no sparse "
+                         "tensors); use reverse mode, or a matvec operator of the values")
     idx = [i for i, t in enumerate(tangents) if t is not None]
 
     def f(*ps):
@@ -204,7 +209,7 @@ class IterativeSolveFn(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, op, b, x0, *params):
-        x, info = _raw_solve(spec, op, b, x0)
+        x, info = SOLVERS[spec.solver](op, b, x0, rtol=spec.rtol, atol=spec.atol, max_iter=spec.max_iter, M=spec.M)
         return x, info.status, info.residual, info.iterations
 
     @staticmethod
@@ -254,10 +259,26 @@ class IterativeSolveFn(torch.autograd.Function):
         if rhs is None:
             dx = torch.zeros_like(x)
         else:
-            dx, info = _raw_solve(aspec, op, rhs.expand(*x.shape[:-1], rhs.shape[-1]), None)
-            apply_on_failure(dx, info, "raise", "the tangent solve A ẋ = ḃ − Ȧx in the jvp of iterative_solve",
-                             _HINTS)
+            rhs = rhs.expand(*x.shape[:-1], rhs.shape[-1])
+            dx = _checked(aspec, op, rhs, None, "the tangent solve A ẋ = ḃ − Ȧx in the jvp of iterative_solve")
         return dx, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, spec, op, b, x0, *params):
+        # The solvers batch natively: a vmapped dim of b (or x0) becomes a leading batch dim.
+        _, _, db, dx0, *dps = in_dims
+        if any(d is not None for d in dps):
+            raise InputError("torch.func.vmap over the operator's parameters is not supported by iterative_solve: "
+                             "vmap over b only, or batch a dense operator as a (*, m, n) matrix")
+        b = b if db is None else b.movedim(db, 0)
+        if x0 is not None and dx0 is not None:
+            x0 = x0.movedim(dx0, 0)
+        if db is None:  # only x0 is batched: give b the same leading dim
+            b = b.expand(x0.shape[0], *b.shape)
+        elif x0 is not None and dx0 is None:
+            x0 = x0.expand(b.shape[0], *x0.shape)
+        out = IterativeSolveFn.apply(spec, op, b, x0, *params)
+        return out, (0, 0, 0, 0)
 
 
 def _least_squares_terms(spec, op, opT, params, b, x, gx, u, needs, gparams):
@@ -266,7 +287,9 @@ def _least_squares_terms(spec, op, opT, params, b, x, gx, u, needs, gparams):
     r = b.expand(*x.shape[:-1], b.shape[-1]) - op.mv(x)
     tol = aspec.rtol if aspec.rtol is not None else default_rtol(x.dtype)
 
-    def small(t, ref):
+    def small(t, ref):  # skip a term only when it is known to vanish (never under vmap: no data access)
+        if is_vmapped(t):
+            return False
         return bool((torch.linalg.vector_norm(t, dim=-1) <= tol * torch.linalg.vector_norm(ref, dim=-1)).all())
 
     what = "an extra least-squares solve in the backward of iterative_solve (lsqr/lsmr)"
@@ -311,8 +334,11 @@ def iterative_solve(op, b, *, solver="cg", rtol=None, atol=0.0, max_iter=None, M
     The adjoint solve uses the same solver: on ``A`` itself when ``op`` is tagged symmetric, else
     on ``Aᵀ`` (``op.rmv``, derived by ``torch.func.vjp`` of the matvec when absent; a transposed
     CSR copy for a sparse ``A``).  Forward mode (``torch.func.jvp``) solves ``A ẋ = ḃ − Ȧ x``;
-    for ``lsqr``/``lsmr`` it is implemented wrt ``b`` only.  Not supported: ``torch.func.vmap``
-    over this function (batch through ``b``'s leading dims instead).
+    for ``lsqr``/``lsmr`` it is implemented wrt ``b`` only, and not wrt a sparse matrix.
+    ``torch.func.vmap`` (and ``jacrev``/``jacfwd``) work over ``b`` and ``x0`` (the vmapped dim
+    becomes a batch dim of the solve), not over the operator's parameters; under ``vmap`` a failed
+    adjoint solve gives NaN instead of raising.  Double backward works (the backward is itself
+    built from differentiable solves).
 
     Raises:
         InputError: bad shapes, dtypes, an unknown solver.
@@ -338,3 +364,46 @@ def iterative_solve(op, b, *, solver="cg", rtol=None, atol=0.0, max_iter=None, M
     spec = IterativeSpec(solver, rtol, atol, max_iter, M, adjoint_rtol, adjoint_max_iter, adjoint_x0, _kind(op))
     x, status, residual, iters = IterativeSolveFn.apply(spec, op, b, x0, *op.params)
     return x, SolveInfo(status, residual, iters)
+
+
+class CSRFromValues(torch.autograd.Function):
+    """A CSR matrix from ``(crow, col, values)``, differentiable in ``values`` in O(nnz).
+
+    ``torch.sparse_csr_tensor``'s own backward densifies its gradient (``grad.to_dense()``, PyTorch
+    gh-107381): n² memory for an n × n matrix.  Here the gradient of ``values`` is read off a CSR
+    gradient on the same pattern (what :func:`iterative_solve` returns) or gathered from a dense one.
+    """
+
+    @staticmethod
+    def forward(crow, col, values, shape):
+        with quiet_sparse():
+            return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        crow, col, _values, _shape = inputs
+        ctx.save_for_backward(crow, col)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return None, None, None, None
+        crow, col = ctx.saved_tensors
+        if g.layout == torch.sparse_csr and g.col_indices().shape == col.shape and bool(
+                (g.col_indices() == col).all()) and bool((g.crow_indices() == crow).all()):
+            return None, None, g.values(), None
+        if g.layout != torch.strided:  # another pattern: the entries on ours (densifies, rare)
+            g = g.to_dense()
+        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=col.device), crow.diff())
+        return None, None, g[rows, col.long()], None
+
+
+def csr_from_values(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    """``torch.sparse_csr_tensor(crow, col, values, shape)`` whose gradient wrt ``values`` costs O(nnz).
+
+    E.g. ``iterative_solve(LinearOperator.from_sparse(csr_from_values(crow, col, v, (n, n))), b)``
+    then ``backward()``: ``v.grad`` is ``−u_i x_j`` on the pattern, never an n × n tensor.  (A leaf
+    CSR tensor with ``requires_grad_()`` works too: its ``.grad`` is a CSR on its own pattern.)
+    """
+    return CSRFromValues.apply(crow, col, values, tuple(shape))

@@ -18,8 +18,9 @@ from .._core.errors import InputError
 from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
 from .._core.status import SolveInfo, Status
 from .._core.validate import as_float_tensor, check_finite, check_same_dtype_device, is_vmapped
+from ..implicit.iterative import iterative_solve
 from ..implicit.linear import SolveSpec, solve
-from ..linalg.operator import LinearOperator
+from ..linalg.operator import LinearOperator, aslinearoperator
 from ..linalg.selection import Nearest, Pinned, resolve_selection
 
 __all__ = ["linear_solve", "linear_solve_ex", "ambiguity"]
@@ -47,11 +48,9 @@ def _prepare(A, b) -> _Problem:
             A = A.matrix
         elif A.is_sparse:
             A = A.matrix.to_dense()  # direct solve of a sparse matrix: dense factors
-        else:
-            raise InputError(
-                "A matrix-free LinearOperator needs an iterative solver: pass solver='cg', 'minres', 'gmres', "
-                "'bicgstab', 'lsqr' or 'lsmr'"
-            )
+        else:  # unreachable from linear_solve (matrix-free operators take the iterative path)
+            raise InputError("a matrix-free LinearOperator needs an iterative solver: pass solver='cg', 'minres', "
+                             "'gmres', 'bicgstab', 'lsqr' or 'lsmr'")
     elif isinstance(A, torch.Tensor) and A.layout != torch.strided:
         A = A.to_dense()
     A = as_float_tensor("A", A)
@@ -76,9 +75,10 @@ def _prepare(A, b) -> _Problem:
     return _Problem(A, B, vector)
 
 
-def _is_vector(b: torch.Tensor, A: torch.Tensor) -> bool:
+def _is_vector(b: torch.Tensor, A) -> bool:
     # torch.linalg.solve's rule: b is a (batch of) vector(s) iff it is 1-D or has A's shape less the last dim
-    return b.dim() == 1 or (b.dim() == A.dim() - 1 and b.shape == A.shape[:-1])
+    shape = (tuple(A.batch_shape) + A.shape) if isinstance(A, LinearOperator) else tuple(A.shape)
+    return b.dim() == 1 or (b.dim() == len(shape) - 1 and tuple(b.shape) == shape[:-1])
 
 
 def _as_solution_shape(name, t, like: torch.Tensor, vector: bool) -> torch.Tensor:
@@ -88,7 +88,8 @@ def _as_solution_shape(name, t, like: torch.Tensor, vector: bool) -> torch.Tenso
     return t.unsqueeze(-1) if (vector or t.dim() == 1) else t
 
 
-def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=None, on_failure="raise",
+def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=None, atol=0.0, max_iter=None,
+                 M=None, x0=None, adjoint_rtol=None, adjoint_max_iter=None, on_failure="raise",
                  return_info=False, check_finite=True):
     r"""Solve ``A y = b`` for ``y``, differentiably, under an explicit solution map.
 
@@ -101,14 +102,28 @@ def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=
             (square: ``"exact"``; wide: ``"min_norm"``; tall: ``"least_squares"``),
             ``"exact"``, ``"min_norm"``, ``"least_squares"``,
             :class:`~implicitdiff.Nearest` or :class:`~implicitdiff.Pinned`.
-        solver: ``"auto"``, ``"lu"``, ``"cholesky"`` (declares ``A`` symmetric
-            positive definite), ``"qr"`` or ``"svd"`` (rank-revealing).
-            A ``LinearOperator`` tagged ``positive_definite`` uses Cholesky.
+        solver: direct — ``"auto"``, ``"lu"``, ``"cholesky"`` (declares ``A``
+            symmetric positive definite), ``"qr"`` or ``"svd"`` (rank-revealing);
+            iterative (matrix-free, :mod:`implicitdiff.linalg.krylov`) — ``"cg"``,
+            ``"minres"``, ``"gmres"``, ``"bicgstab"``, ``"lsqr"``, ``"lsmr"``.
+            ``"auto"``: a dense ``A`` (or a sparse one with at most
+            ``SPARSE_DENSE_MAX`` columns) is factorized — Cholesky for a
+            ``LinearOperator`` tagged ``positive_definite``; a matrix-free or
+            large sparse ``A`` goes to CG (tagged positive definite), MINRES
+            (tagged symmetric), GMRES (square) or LSMR (non-square, ``"min_norm"``).
+            An iterative backward is one adjoint Krylov solve, its residual checked.
         rank_rtol: rank tolerance; a singular value ``s ≤ rank_rtol · s_max`` (or a
             reciprocal condition estimate below it) counts as zero. Default
             ``eps · max(m, n)``.
-        rtol: consistency tolerance of ``"exact"`` on non-square systems
-            (default ``sqrt(eps)``): fail if ``‖Ay − b‖ > rtol (‖A‖‖y‖ + ‖b‖)``.
+        rtol: relative residual tolerance. Iterative solvers stop at
+            ``‖b − A y‖ ≤ max(rtol ‖b‖, atol)`` (default 1e-10 in float64, 1e-6 in
+            float32); direct solvers under ``"exact"`` on non-square systems fail
+            if ``‖Ay − b‖ > rtol (‖A‖‖y‖ + ‖b‖)`` (default ``sqrt(eps)``).
+        atol, max_iter, M, x0: iterative solvers only: absolute tolerance,
+            iteration limit (default ``10 n``), preconditioner (an operator or
+            callable, e.g. :func:`implicitdiff.linalg.jacobi`), warm start.
+        adjoint_rtol, adjoint_max_iter: tolerance and limit of the backward's
+            adjoint Krylov solve (default: the forward's).
         on_failure: ``"raise"`` (default) raises :class:`~implicitdiff.SolveError`;
             ``"warn"`` warns and sets failed batch elements to NaN; ``"nan"`` sets
             them to NaN silently.  The other elements keep their values and gradients
@@ -142,6 +157,9 @@ def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=
         tensor([0.0000, 1.5000], dtype=torch.float64)
     """
     check_on_failure(on_failure)
+    if solver in KRYLOV or (solver == "auto" and _matrix_free(A)):
+        return _iterative(A, b, selection, solver, rtol, atol, max_iter, M, x0, adjoint_rtol, adjoint_max_iter,
+                          on_failure, return_info, check_finite)
     prob = _prepare(A, b)
     positive_definite = isinstance(A, LinearOperator) and A.positive_definite
     if positive_definite and solver == "auto":
@@ -162,6 +180,59 @@ def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=
     else:
         Y = apply_on_failure(Y, info, on_failure, "linear_solve", _HINTS)
     y = Y.squeeze(-1) if prob.vector else Y
+    return (y, info) if return_info else y
+
+
+KRYLOV = ("cg", "minres", "gmres", "bicgstab", "lsqr", "lsmr")
+SPARSE_DENSE_MAX = 2000  # a sparse A with at most this many columns is factorized densely under solver="auto"
+
+
+def _matrix_free(A) -> bool:
+    if isinstance(A, LinearOperator):
+        return A.matrix is None or (A.is_sparse and A.shape[1] > SPARSE_DENSE_MAX)
+    return isinstance(A, torch.Tensor) and A.layout != torch.strided and A.shape[-1] > SPARSE_DENSE_MAX
+
+
+def _iterative(A, b, selection, solver, rtol, atol, max_iter, M, x0, adjoint_rtol, adjoint_max_iter, on_failure,
+               return_info, check_finite_values):
+    """The matrix-free path: a Krylov solve whose backward is one adjoint Krylov solve."""
+    op = aslinearoperator(A)
+    m, n = op.shape
+    if isinstance(selection, (Nearest, Pinned)):
+        raise InputError("Nearest and Pinned selections need a direct solver (a dense A); with a matrix-free "
+                         "operator use selection='min_norm' (LSQR/LSMR) or 'exact'")
+    sel = resolve_selection(selection, m, n)
+    if solver == "auto":
+        if m != n:
+            solver = "lsmr"
+        elif op.positive_definite:
+            solver = "cg"
+        elif op.symmetric:
+            solver = "minres"
+        else:
+            solver = "gmres"
+    if m != n and solver not in ("lsqr", "lsmr"):
+        raise InputError(f"solver={solver!r} needs a square operator, got shape ({m}, {n}); use 'lsqr' or 'lsmr'")
+    b = as_float_tensor("b", b)
+    if op.dtype is not None and b.dtype != op.dtype:
+        raise InputError(f"b has dtype {b.dtype} but A has {op.dtype}; convert one of them")
+    if b.dim() == 0 or b.shape[-1 if _is_vector(b, op) else -2] != m:
+        raise InputError(f"b has shape {tuple(b.shape)} but A has {m} rows: b must be (*, {m}) or (*, {m}, k)")
+    if check_finite_values:
+        check_finite("b", b)
+    vector = _is_vector(b, op)
+    rhs = b if vector else b.mT  # Krylov solvers take a batch of vectors (*, m)
+    x0_ = None if x0 is None else (x0 if vector else x0.mT)
+    y, info = iterative_solve(op, rhs, solver=solver, rtol=rtol, atol=atol, max_iter=max_iter, M=M, x0=x0_,
+                              adjoint_rtol=adjoint_rtol, adjoint_max_iter=adjoint_max_iter)
+    if is_vmapped(info.status):
+        y = nan_where_failed(y, info.ok)
+    else:
+        hints = {Status.MAX_ITERATIONS: "raise max_iter, loosen rtol/atol, or pass a preconditioner M",
+                 Status.BREAKDOWN: f"{solver} broke down: check the operator's tags (symmetric / positive "
+                                   f"definite), or use solver='gmres' (square) or 'lsmr'"}
+        y = apply_on_failure(y, info, on_failure, f"linear_solve(solver={solver!r})", hints)
+    y = y if vector else y.mT
     return (y, info) if return_info else y
 
 

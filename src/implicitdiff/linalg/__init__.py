@@ -10,3 +10,6 @@ from .operator import LinearOperator as LinearOperator, aslinearoperator as asli
 from .qr import QR as QR, QRTransposed as QRTransposed
 from .selection import Nearest as Nearest, Pinned as Pinned
 from .svd import SVD as SVD
+from .krylov import (KrylovResult as KrylovResult, bicgstab as bicgstab, cg as cg, gmres as gmres,
+                     lsmr as lsmr, lsqr as lsqr, minres as minres)
+from .preconditioner import jacobi as jacobi

@@ -18,11 +18,20 @@ one step solves the linearized KKT conditions; eliminating ``ds`` leaves
     [ G   −W   0  ] [dλ] = [ r₂ ]        W = diag(s/λ)
     [ A   0    0  ] [dν]   [ r₃ ]
 
-We factorize a *regularized* copy (``Q + δI`` and ``−δI`` in the last block, so that
-``Q = 0`` and redundant equalities need no special case — the problem itself is not
-changed) by condensing: ``H = Q + δI + Gᵀ W⁻¹ G`` (Cholesky, symmetric positive
-definite) and the Schur complement ``S = A H⁻¹ Aᵀ + δI`` (Cholesky).  Iterative
-refinement against the unregularized matrix removes the effect of ``δ``.
+It is factorized in one of two condensed forms, both symmetric positive definite by
+construction and factored by Cholesky (never an unpivoted LU):
+
+* ``"dual"`` (``Q`` positive definite and ``m + k`` not much above ``n``): ``z`` is eliminated
+  exactly, ``z(y) = −Q⁻¹(p + Cᵀy)`` with ``C = [G; A]``, ``y = (λ, ν)``; the iteration runs in
+  the dual space and each step factors ``S = C Q⁻¹ Cᵀ + diag(W, δ)`` (size ``m + k``; ``C Q⁻¹ Cᵀ``
+  is computed once per solve).  This is OptNet's Schur complement, here with Cholesky.
+* ``"primal"`` (any ``Q ⪰ 0``, e.g. an LP): ``H = Q + δI + Gᵀ(W + δI)⁻¹G`` (size ``n``) and
+  ``S = A H⁻¹ Aᵀ + δI`` (size ``k``); the regularization ``δ`` (relative ``10⁻⁹``) makes ``Q = 0``
+  and redundant equalities need no special case — the *system* is regularized, not the
+  problem — and one step of iterative refinement against the exact matrix removes it.
+
+Elements leave the working batch as they converge (a gather, no host sync on CPU; on CUDA
+the convergence test syncs every fourth iteration).
 
 **The final factorization** is that of the *active-set* system: constraints with
 ``λᵢ > max(sᵢ, 10 √μ)`` are active (weakly active ones, ``λᵢ ≈ 0``, are not), and
@@ -31,16 +40,22 @@ refinement against the unregularized matrix removes the effect of ``δ``.
     [ G_𝒜  0     0  ] [λ𝒜] = [h𝒜]        (inactive: λᵢ = 0)
     [ A    0     0  ] [ν ]   [ b ]
 
-is solved by refinement ("polishing", as OSQP does); the polished solution replaces
-the interior-point one when its KKT residual is no larger.  The backward pass reuses
-this factorization: it is the exact Jacobian of the KKT conditions.
+is solved by refinement ("polishing", as OSQP does).  The guess is then corrected as in
+an active-set method — constraints the polished point violates are added, those whose
+multiplier comes out negative dropped, and the system solved again (≤ 3 rounds; a
+strongly active constraint with a tiny multiplier, ``λᵢ ≈ 10√μ``, is caught this way).
+The polished solution replaces the interior-point one when its KKT residual is no
+larger.  The backward pass reuses this factorization: it is the exact Jacobian of the
+KKT conditions on the active set.
 
 **Statuses** per element: ``SUCCESS`` when the relative KKT residual (stationarity,
 feasibility, complementarity) is ``≤ rtol``; ``INFEASIBLE`` when the iterate is a
 Farkas certificate ``λ ≥ 0``, ``‖Gᵀλ + Aᵀν‖∞ ≤ ε (−hᵀλ − bᵀν)``; ``UNBOUNDED`` when
 ``z`` or the step ``dz`` is a recession certificate ``‖Qx‖∞, ‖Ax‖∞, max(Gx)₊ ≤ ε (−pᵀx)``
 (both never fire on a problem with a primal-dual solution of 1-norm ``< 1/ε``);
-``NONFINITE``; ``MAX_ITERATIONS``.  Equality-only problems take one direct solve.
+``NONFINITE``; ``MAX_ITERATIONS`` (also when the residual stagnates near the tolerance).
+The status is decided on the full KKT residual of the returned point.  Equality-only
+problems take one direct solve (no iterations).
 """
 
 from __future__ import annotations
@@ -62,10 +77,10 @@ class KKTFactor(NamedTuple):
     ``H⁻¹Aᵀ`` ``(B, n, k)``, the inverse ``(2,2)``-block weights ``(B, m)`` and ``δ`` ``()``.
 
     ``"dual"`` (``Q`` positive definite, cheaper when ``m + k`` is small against ``n``):
-    ``(LQ, QiCt, LS, rowmask, δ)`` — Cholesky of ``Q + δI`` ``(B|1, n, n)``,
-    ``(Q + δI)⁻¹Cᵀ`` with ``C = [G; A]`` ``(B|1, n, m + k)``, Cholesky of the Schur complement
-    ``S = R C (Q + δI)⁻¹ Cᵀ R + diag(1/winv, δ)`` ``(B, m + k, m + k)`` with ``R = diag(rowmask)``
-    (zero rows: constraints dropped from the active set), the mask and ``δ``.
+    ``(LQ, W, LS, rowmask, δ)`` — Cholesky ``Q = LQ LQᵀ`` ``(B|1, n, n)`` (``Q`` is not
+    regularized), ``W = LQ⁻¹Cᵀ`` with ``C = [G; A]`` ``(B|1, n, m + k)``, Cholesky of the Schur
+    complement ``S = R C Q⁻¹ Cᵀ R + diag(1/winv, δ)`` ``(B, m + k, m + k)`` with
+    ``R = diag(rowmask)`` (zero rows: constraints dropped from the active set), the mask and ``δ``.
     """
 
     kind: str
@@ -102,21 +117,24 @@ def _tri_solve(L, R):
     return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, R, upper=False), upper=True)
 
 
-def kkt_precompute(kind, Q, G, A, delta):
-    """What the ``"dual"`` factorization shares across iterations: ``(M1, QiCt, CQiCt)``.
+def _lsolve(L, r, adjoint=False):
+    """``L⁻¹ r`` (``adjoint``: ``L⁻ᵀ r``) for a lower-triangular ``L (B|1, n, n)`` and ``r (B, n)``."""
+    L = L.expand(r.shape[0], *L.shape[1:])
+    M = L.mT if adjoint else L
+    return torch.linalg.solve_triangular(M, r.unsqueeze(-1), upper=adjoint).squeeze(-1)
 
-    ``M1 = [Q⁻¹; C Q⁻¹]`` ``(B|1, n + m + k, n)`` (one matvec gives ``Q⁻¹ r`` and ``C Q⁻¹ r``),
-    ``QiCt = Q⁻¹ Cᵀ`` and ``CQiCt = C Q⁻¹ Cᵀ``, with ``C = [G; A]`` (``Q`` is positive definite here).
-    """
+
+def kkt_precompute(kind, Q, G, A, LQ=None):
+    """What the ``"dual"`` factorization shares across iterations: ``(LQ, W, K)`` with ``Q = LQ LQᵀ``,
+    ``W = LQ⁻¹ Cᵀ`` ``(B|1, n, m + k)`` and ``K = WᵀW = C Q⁻¹ Cᵀ``, ``C = [G; A]``."""
     if kind == "primal":
         return ()
-    n = Q.shape[-1]
-    LQ, _ = torch.linalg.cholesky_ex(Q)  # positive definite: checked by the caller, no shift needed
-    Bc = max(G.shape[0], A.shape[0])
+    if LQ is None:
+        LQ, _ = torch.linalg.cholesky_ex(Q)
+    Bc = max(G.shape[0], A.shape[0], LQ.shape[0])
     C = torch.cat([G.expand(Bc, *G.shape[1:]), A.expand(Bc, *A.shape[1:])], dim=-2)
-    Qi = torch.cholesky_inverse(LQ)
-    CQi = C @ Qi
-    return torch.cat([Qi.expand(CQi.shape[0], n, n), CQi], dim=-2), CQi.mT, CQi @ C.mT
+    W = torch.linalg.solve_triangular(LQ.expand(Bc, *LQ.shape[1:]), C.mT, upper=False)
+    return LQ, W, W.mT @ W
 
 
 def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> KKTFactor:
@@ -129,14 +147,16 @@ def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> KKTFactor:
     B = winv.shape[0]
     dt, dev = Q.dtype, Q.device
     if kind == "dual":
-        M1, QiCt, CQiCt = pre
-        W = torch.cat([1 / winv, delta.expand(B, k)], dim=-1)
-        S = CQiCt.expand(B, *CQiCt.shape[1:]).clone() if rowmask is None else \
-            CQiCt * (rowmask.unsqueeze(-1) * rowmask.unsqueeze(-2))
-        S.diagonal(dim1=-2, dim2=-1).add_(W)
+        LQ, Wc, K = pre
+        w = torch.cat([1 / winv, delta.expand(B, k)], dim=-1)
+        if rowmask is None:
+            S = K.expand(B, *K.shape[1:]).clone()
+        else:
+            S = K * (rowmask.unsqueeze(-1) * rowmask.unsqueeze(-2))
+        S.diagonal(dim1=-2, dim2=-1).add_(w)
         LS, _ = torch.linalg.cholesky_ex(S)
-        rm = torch.ones_like(W) if rowmask is None else rowmask
-        return KKTFactor("dual", (M1, QiCt, LS, rm, delta))
+        rm = torch.ones_like(w) if rowmask is None else rowmask
+        return KKTFactor("dual", (LQ, Wc, LS, rm, delta))
     H = Q + delta * torch.eye(n, dtype=dt, device=dev)
     if G.shape[-2]:
         H = torch.baddbmm(H, (G * winv.unsqueeze(-1)).mT, G.expand(B, *G.shape[1:]))
@@ -158,11 +178,11 @@ def kkt_solve_reg(f: KKTFactor, G, A, r1, r2, r3):
     """
     m, n = G.shape[-2], r1.shape[-1]
     if f.kind == "dual":
-        M1, QiCt, LS, rm, _ = f.tensors
-        t = _mv(M1, r1)
-        rhs = rm * t[..., n:] - torch.cat([r2, r3], dim=-1)
+        LQ, Wc, LS, rm, _ = f.tensors
+        t = _lsolve(LQ, r1)  # LQ⁻¹ r1
+        rhs = rm * _rmv(Wc, t) - torch.cat([r2, r3], dim=-1)  # C Q⁻¹ r1 − (r2, r3)
         u = _tri_solve(LS, rhs.unsqueeze(-1)).squeeze(-1)
-        x = t[..., :n] - _mv(QiCt, rm * u)
+        x = _lsolve(LQ, t - _mv(Wc, rm * u), adjoint=True)
         return x, u[..., :m], u[..., m:]
     LH, LS, HiAt, winv, _ = f.tensors
     r1p = r1 + _rmv(G, winv * r2) if m else r1
@@ -288,12 +308,13 @@ class QPInteriorPoint:
         self.rtol, self.max_iter, self.reg, self.refine, self.cert_tol = rtol, max_iter, reg, refine, cert_tol
         self.kkt = kkt
         self.ipm_refine = 1  # the primal loop's corrector: one refinement against the regularization
+        self.polish_rounds = 3
 
     @classmethod
     def for_dtype(cls, dtype, *, rtol=None, max_iter=50, kkt="auto") -> "QPInteriorPoint":
         """Defaults: float64 ``rtol = 1e-10``; float32 ``rtol = 1e-5``."""
         if dtype == torch.float64:
-            return cls(rtol=1e-10 if rtol is None else rtol, max_iter=max_iter, reg=1e-9, refine=3, cert_tol=1e-8,
+            return cls(rtol=1e-10 if rtol is None else rtol, max_iter=max_iter, reg=1e-9, refine=2, cert_tol=1e-8,
                        kkt=kkt)
         return cls(rtol=1e-5 if rtol is None else rtol, max_iter=max_iter, reg=1e-5, refine=5, cert_tol=1e-4, kkt=kkt)
 
@@ -309,14 +330,29 @@ class QPInteriorPoint:
     def _choose_kind(self, Q, n, m, k, delta, scale):
         """``"dual"`` when ``Q`` is well-conditioned positive definite and ``S`` is the smaller system."""
         if self.kkt != "auto":
-            return self.kkt
+            return self.kkt, None
         if m + k == 0 or (m + k) ** 3 / 3 >= 2 * m * n * n + n ** 3 / 3:
-            return "primal"
-        L, info = torch.linalg.cholesky_ex(Q + delta * torch.eye(n, dtype=Q.dtype, device=Q.device))
+            return "primal", None
+        L, info = torch.linalg.cholesky_ex(Q)
         d = L.diagonal(dim1=-2, dim2=-1)
         # min(diag L)² ≥ λ_min(Q): a cheap screen against a (near-)singular Q; refinement absorbs the rest
         ok = (info == 0).all() & (d.amin(-1) ** 2 > self.reg ** 0.5 * scale).all()
-        return "dual" if bool(ok) else "primal"
+        return ("dual", L) if bool(ok) else ("primal", None)
+
+    def _polish(self, kind, pre, P, Q, G, A, p, h, b, active, delta):
+        """Factor and solve the equality-constrained KKT system on ``active`` (see the module docstring)."""
+        B, k = p.shape[0], b.shape[-1]
+        GM = G * active.unsqueeze(-1)
+        winv = active / delta + (1 - active)
+        rowmask = torch.cat([active, active.new_ones(B, k)], dim=-1)
+        fact = kkt_factor(kind, pre, Q, GM, A, winv, delta, rowmask)
+        zp, lp, np_ = kkt_refine(fact, P, GM, A, 1 - active, (-p, active * h, b), self.refine_steps(kind), mask=active)
+        return fact, zp, lp, np_
+
+    def refine_steps(self, kind):
+        """Refinement steps of a solve with the final factorization: the dual kind regularizes only the
+        (2,2) block by ``δ`` and converges in one; the primal kind also shifts ``Q``."""
+        return max(1, self.refine - 1) if kind == "dual" else self.refine
 
     def solve(self, Q, p, G, h, A, b, warm_start: Optional[tuple] = None) -> QPResult:
         """Solve a batch of QPs; see the module docstring.  Returns a :class:`QPResult`.
@@ -330,8 +366,8 @@ class QPInteriorPoint:
         dt, dev = p.dtype, p.device
         scale = 1 + max(float(t.abs().max()) if t.numel() else 0.0 for t in (Q, G, A))
         delta = torch.tensor(self.reg * scale, dtype=dt, device=dev)
-        kind = self._choose_kind(Q, n, m, k, delta, scale)
-        pre = kkt_precompute(kind, Q, G, A, delta)
+        kind, LQ = self._choose_kind(Q, n, m, k, delta, scale)
+        pre = kkt_precompute(kind, Q, G, A, LQ)
         P = _Products.build(Q, G, A)
         pB, hB, bB = p.expand(B, n), h.expand(B, m), b.expand(B, k)
         z = p.new_zeros(B, n)
@@ -345,25 +381,41 @@ class QPInteriorPoint:
         elif m:
             z, s, lam, nu, status, iters, res = self._interior_point(P, pB, G, hB, A, bB, kind, pre, delta,
                                                                      warm_start)
-        # The active-set ("polished") solve; for m = 0 it is the whole (direct) solve.
+        # The active-set ("polished") solve; for m = 0 it is the whole (direct) solve.  Start from the
+        # strongly active constraints (weakly active ones, λᵢ ≈ 0 ≈ sᵢ, are left out), then correct the
+        # guess like an active-set method: add the constraints the polished point violates, drop those
+        # whose multiplier came out negative, and solve again (at most ``polish_rounds`` times).
         mu = (s * lam).sum(-1, keepdim=True) / max(m, 1)
         active = (lam > torch.maximum(s, 10 * mu.sqrt())).to(dt)
-        GM = G * active.unsqueeze(-1)
-        winv = active / delta + (1 - active)
-        rowmask = torch.cat([active, active.new_ones(B, k)], dim=-1)
-        fact = kkt_factor(kind, pre, Q, GM, A, winv, delta, rowmask)
-        zp, lp, np_ = kkt_refine(fact, P, GM, A, 1 - active, (-pB, active * hB, bB), self.refine, mask=active)
+        for round_ in range(self.polish_rounds if m else 1):
+            fact, zp, lp, np_ = self._polish(kind, pre, P, Q, G, A, pB, hB, bB, active, delta)
+            if not m or round_ == self.polish_rounds - 1:
+                break
+            Gz = P.forward(zp)[1]
+            tol_p = self.rtol * (1 + torch.maximum(_amax(Gz), _amax(hB))).unsqueeze(-1)
+            tol_d = self.rtol * (1 + torch.maximum(_amax(lp), _amax(pB))).unsqueeze(-1)
+            fix = (active == 0) & (Gz - hB > tol_p)
+            drop = (active == 1) & (lp < -tol_d)
+            if not bool((fix | drop).any()):  # one sync per round (free on CPU)
+                break
+            active = torch.where(fix, 1.0, torch.where(drop, 0.0, active)).to(dt)
         lp = lp.clamp(min=0) * active
         sp = (hB - P.forward(zp)[1]).clamp(min=0)
         res_p, (_, _, re, *_) = _kkt_residual(P, pB, hB, bB, zp, sp, lp, np_)
         res_p = torch.where(torch.isfinite(res_p), res_p, torch.full_like(res_p, float("inf")))
         open_ = (status == Status.SUCCESS) | (status == Status.MAX_ITERATIONS)
+        if res is None:  # the dual loop defers the full residual of its iterate: needed only where the polish failed
+            res = torch.zeros_like(res_p)
+            if bool((open_ & ~(res_p <= self.rtol)).any()):
+                res, _ = _kkt_residual(P, pB, hB, bB, z, s, lam, nu)
         take = open_ & (res_p <= torch.clamp(res, min=self.rtol))
         z = torch.where(take[:, None], zp, z)
         lam = torch.where(take[:, None], lp, lam)
         nu = torch.where(take[:, None], np_, nu)
         res = torch.where(take, res_p, res)
-        status = torch.where(open_ & (res <= self.rtol), int(Status.SUCCESS), status)
+        # success is decided on the full KKT residual of what is returned, whatever the loop said
+        status = torch.where(open_, torch.where(res <= self.rtol, int(Status.SUCCESS), int(Status.MAX_ITERATIONS)),
+                             status)
         if not m:  # a direct solve: no certificate, tell the two failures apart by the residuals
             infeasible = _amax(re) > self.rtol * (1 + _amax(bB) + _amax(P.forward(z)[2]))
             status = torch.where(res <= self.rtol, int(Status.SUCCESS),
@@ -446,13 +498,14 @@ class QPInteriorPoint:
         B, n = p.shape
         m, k = h.shape[-1], b.shape[-1]
         dt, dev = p.dtype, p.device
-        M1, QiCt, K = pre
+        LQ, Wc, K = pre
         p0, h0, b0 = p, h, b
-        c0 = _rmv(QiCt, p)  # C Q⁻¹ p
-        pQp = (p * _mv(M1[:, :n], p)).sum(-1)
+        Lp = _lsolve(LQ, p)  # LQ⁻¹ p
+        c0 = _rmv(Wc, Lp)  # C Q⁻¹ p
+        pQp = (Lp * Lp).sum(-1)
         hb = torch.cat([h, b], dim=-1)
         # ‖Cᵀy‖₂² ≤ ‖Q‖₂ · yᵀKy: a certificate test without an n-dimensional product
-        qnorm = M1.new_tensor(float(torch.linalg.matrix_norm(P.KA[:, :n]).amax()))  # ‖Q‖_F ≥ ‖Q‖₂
+        qnorm = p.new_tensor(float(torch.linalg.matrix_norm(P.KA[:, :n]).amax()))  # ‖Q‖_F ≥ ‖Q‖₂
 
         def factor(K, w):
             S = K.expand(w.shape[0], m + k, m + k).clone()
@@ -460,9 +513,12 @@ class QPInteriorPoint:
             return torch.linalg.cholesky_ex(S)[0]
 
         if warm_start is None:
-            # the W = I system, as in the primal loop: then s = −λ, both shifted inside
-            y = _tri_solve(factor(K, p.new_ones(B, m)), (-c0 - hb).unsqueeze(-1)).squeeze(-1)
-            s = -y[:, :m]
+            # the W = μ₀I system, then s = −μ₀λ, both shifted inside.  μ₀ = max(1, mean diag K/10)
+            # matches the weight to the scale of K (multipliers → constraint values): on the OptNet
+            # instances it saves ~15% of the iterations over μ₀ = 1 (CVXOPT's choice, the primal loop's)
+            mu0 = (0.1 * K.diagonal(dim1=-2, dim2=-1)[..., :m].mean(-1, keepdim=True)).clamp(min=1).expand(B, m)
+            y = _tri_solve(factor(K, mu0), (-c0 - hb).unsqueeze(-1)).squeeze(-1)
+            s = -mu0 * y[:, :m]
         else:
             z0 = warm_start[0].expand(B, n)
             s = h - _mv(G, z0)
@@ -535,8 +591,7 @@ class QPInteriorPoint:
             y, s = y + alpha * dy, s + alpha * ds
         write_back()
         y, s = out_y, out_s
-        z = -_mv(M1[:, :n], p0) - _mv(QiCt, y)
+        z = -_lsolve(LQ, _lsolve(LQ, p0) + _mv(Wc, y), adjoint=True)
         lam, nu = y[:, :m], y[:, m:]
-        # the reported residual is the full one (with Q, G, A), not the dual-space one
-        r, _ = _kkt_residual(P, p0, h0, b0, z, s, lam, nu)
-        return z, s, lam, nu, out_status, out_iters, r
+        # the full residual (with Q, G, A), not the dual-space one, is computed by the caller if needed
+        return z, s, lam, nu, out_status, out_iters, None

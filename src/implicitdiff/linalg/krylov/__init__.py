@@ -8,7 +8,10 @@ callback=None, check_every=None) -> KrylovResult(x, info)`` and stops an element
 (``lsqr``/``lsmr`` also stop at a least-squares solution: ``‖Aᵀr‖ ≤ rtol · ‖A‖ · ‖r‖``).
 ``A`` is a dense ``(*, m, n)`` tensor, a 2-D ``torch.sparse`` tensor, a
 :class:`~implicitdiff.linalg.LinearOperator` or a callable ``x -> A x``; ``b`` is ``(*, m)``
-with independent systems in its leading dims.  Solvers report, never raise, a failed solve:
+with independent systems in its leading dims, each converging (and frozen) on its own, with no
+Python loop over them.  ``check_every`` sets how often the loop reads the "all converged" flag —
+a host sync: every iteration on CPU (cheap), every 10 on CUDA; ``callback(x)`` runs after every
+iteration.  Solvers report, never raise, a failed solve:
 ``info.status`` per element (``SUCCESS``, ``MAX_ITERATIONS``, ``BREAKDOWN``, ``NONFINITE``);
 pass the result to :func:`implicitdiff._core.failure.apply_on_failure` to raise.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Iteration, KrylovResult, and_active, dot, normalize, norm, run
+from ._common import Iteration, KrylovResult, and_active, col, dot, normalize, norm, run
 
 __all__ = ["cg"]
 
@@ -32,8 +32,8 @@ class _CG(Iteration):
 
     def converged(self):
         if self.prob.M is None:
-            return self.rz <= self.tol2
-        return norm(self.r) <= self.prob.tol
+            return ~(self.rz > self.tol2)  # NaN stops as well (reported NONFINITE)
+        return ~(norm(self.r) > self.prob.tol)
 
     def step(self, active):
         mv, M = self.prob.mv, self.prob.M
@@ -42,16 +42,16 @@ class _CG(Iteration):
         pAp = dot(p, Ap)
         go = and_active(active, pAp > 0)
         if active is None:  # one active system: only the breakdown needs a guard
-            alpha = torch.where(go, rz / pAp, 0.0).unsqueeze(-1)
+            alpha = col(torch.where(go, rz / pAp, 0.0))
         else:
-            alpha = (torch.where(go, rz, 0.0) / torch.where(go, pAp, 1.0)).unsqueeze(-1)
+            alpha = col(torch.where(go, rz, 0.0) / torch.where(go, pAp, 1.0))
         self.x = torch.addcmul(self.x, alpha, p)
         r = self.r = torch.addcmul(self.r, alpha, Ap, value=-1)
         z = r if M is None else M(r)
         rz_new = dot(r, z)
         # rᵀz > 0 on an active lane (else it would have converged or broken down)
         beta = rz_new / rz if active is None else torch.where(go, rz_new, 0.0) / torch.where(go, rz, 1.0)
-        self.p = torch.addcmul(z, beta.unsqueeze(-1), p)
+        self.p = torch.addcmul(z, col(beta), p)
         self.rz = rz_new
         self.broken = pAp <= 0 if M is None else (pAp <= 0) | (rz_new < 0)
 

@@ -56,7 +56,7 @@ class LeastSquaresIteration(Iteration):
         return u, beta, v, alfa2
 
     def converged(self):
-        return (self.rnorm <= self.prob.tol) | (self.arnorm <= self.prob.rtol * self.anorm * self.rnorm)
+        return ~(self.rnorm > self.prob.tol) | (self.arnorm <= self.prob.rtol * self.anorm * self.rnorm)
 
     def verify(self, x):
         r = self.prob.b - self.prob.mv(x)

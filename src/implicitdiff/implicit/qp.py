@@ -1,0 +1,272 @@
+r"""Gradients of a batched QP solution — the one place they are defined.
+
+:class:`QPFn` solves ``z* = argmin ½ zᵀQz + pᵀz  s.t.  Gz ≤ h, Az = b`` with a forward
+solver it is *given* (``spec.solver``; this package never imports ``solvers/``) and
+differentiates the KKT conditions at the solution.
+
+Derivation.  With the active set 𝒜 (``M = diag(1_𝒜)``, ``E = I − M``) the solution and its
+multipliers solve, locally, the equality-constrained KKT system
+
+    K x = r:   [ Q    (MG)ᵀ  Aᵀ ] [z]   [ −p ]
+               [ MG   −E     0  ] [λ] = [ Mh ]          (inactive rows: λᵢ = 0)
+               [ A    0      0  ] [ν]   [  b ]
+
+``K`` is symmetric, so for cotangents ``x̄ = (z̄, λ̄, ν̄)`` one solve ``K u = x̄`` gives
+``r̄ = u`` and ``K̄ = −u xᵀ``; reading off the blocks (``Q`` enters only through its
+symmetric part)::
+
+    p̄ = −u_z     h̄ = M u_λ     b̄ = u_ν
+    Q̄ = −½ (u_z zᵀ + z u_zᵀ)
+    Ḡ = −M (u_λ zᵀ + λ u_zᵀ)
+    Ā = −(u_ν zᵀ + ν u_zᵀ)
+
+and forward mode solves ``K ẋ = ṙ − K̇ x``.  This is OptNet's differential (Amos & Kolter,
+2017, eq. 8) taken at the limit of the interior point, where the complementarity rows
+``λᵢ(Gz − h)ᵢ = 0`` become exactly "``Gᵢz = hᵢ``" or "``λᵢ = 0``": the gradient is exact
+instead of blended by a residual ``s/λ``.  A weakly active constraint (``λᵢ = 0 = sᵢ``)
+counts as inactive: the gradient is then the one-sided derivative for perturbations that
+relax it (the derivative does not exist there).
+
+``K u = x̄`` is solved by iterative refinement with the forward solver's final
+factorization of the *regularized* ``K`` (``δ`` on the diagonal): a backward costs
+triangular solves and a few products, never a factorization.  The refined residual is
+checked; a singular ``K`` (a non-unique solution, e.g. a degenerate LP) raises.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+from .._core.errors import SolveError
+from .._core.status import Status
+from .._core.validate import is_vmapped
+
+__all__ = ["QPSpec", "QPFn", "qp_solve"]
+
+_CORE = (2, 1, 2, 1, 2, 1, 1, 1, 1)  # core dims of Q, p, G, h, A, b, z0, λ0, ν0
+_N_OUT = 8  # z, λ, ν, status, residual, iterations, active, kind — then the factor tensors
+
+
+class QPSpec(NamedTuple):
+    """Static options: ``solver`` has ``solve(Q, p, G, h, A, b, warm_start)`` returning
+    ``(z, λ, ν, status, residual, iterations, active, factor)`` with ``factor.kind`` and
+    ``factor.tensors``, ``solve_factored(kind, tensors, G, A, r1, r2, r3)`` and ``refine_steps(kind)``.
+    ``dtype``: the dtype the solve and its gradients run in (float64 for float32 inputs)."""
+
+    solver: Any
+    dtype: torch.dtype = torch.float64
+    backward_rtol: Optional[float] = None
+
+
+def _flat(t, core, batch, B):
+    """``t`` (``(*b, *core)``, ``b`` broadcastable to ``batch``) as ``(B, *core)`` or ``(1, *core)``."""
+    lead = t.shape[: t.dim() - core]
+    if all(d == 1 for d in lead):
+        return t.reshape((1,) + t.shape[t.dim() - core:])
+    return t.expand(batch + t.shape[t.dim() - core:]).reshape((B,) + t.shape[t.dim() - core:])
+
+
+def _mv(M, x):
+    return (x.unsqueeze(-2) @ M.mT).squeeze(-2)
+
+
+def _rmv(M, y):
+    return (y.unsqueeze(-2) @ M).squeeze(-2)
+
+
+def _kkt_matvec(Q, G, A, act, x, y, v):
+    """``K (x, y, v)`` for the active-set KKT matrix of the module docstring."""
+    return (_mv(Q, x) + _rmv(G, act * y) + _rmv(A, v),
+            act * _mv(G, x) - (1 - act) * y,
+            _mv(A, x))
+
+
+def _kkt_solve(spec, kind, factors, Q, G, A, act, r):
+    """Solve ``K x = r`` by refinement with the saved factorization; returns ``(x, relres)``."""
+    GM = G * act.unsqueeze(-1)
+    x = spec.solver.solve_factored(kind, factors, GM, A, *r)
+    for _ in range(spec.solver.refine_steps(kind)):
+        k = _kkt_matvec(Q, G, A, act, *x)
+        d = spec.solver.solve_factored(kind, factors, GM, A, *(ri - ki for ri, ki in zip(r, k)))
+        x = tuple(xi + di for xi, di in zip(x, d))
+    k = _kkt_matvec(Q, G, A, act, *x)
+    num = torch.stack([(ri - ki).abs().amax(-1) if ri.shape[-1] else ri.new_zeros(ri.shape[:-1])
+                       for ri, ki in zip(r, k)]).amax(0)
+    den = torch.stack([ri.abs().amax(-1) if ri.shape[-1] else ri.new_zeros(ri.shape[:-1]) for ri in r]).amax(0)
+    return x, num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def _check_backward(relres, ok, spec, grad_like):
+    """Backward solves check their residual: raise (or NaN under vmap) on a singular ``K``."""
+    tol = spec.backward_rtol if spec.backward_rtol is not None else 1e-6
+    bad = ok & ~(relres <= tol)
+    if is_vmapped(grad_like) or is_vmapped(relres):
+        return bad
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        raise SolveError(
+            f"qp backward failed in {int(bad.sum())} of {bad.numel()} batch elements (first: flat index {i}): "
+            f"the active-set KKT system is singular (relative residual {float(relres[i]):.3e}), so the QP "
+            "solution is not unique or the active constraints are linearly dependent and the gradient is "
+            "undefined. Add a small ridge to Q (Q + εI) or remove redundant constraints.",
+            status=Status.SINGULAR, residual=float(relres[i]))
+    return bad
+
+
+class QPFn(torch.autograd.Function):
+    """``(z, λ, ν, status, residual, iterations, active, kind, *factors) = QPFn.apply(spec, Q, p, G, h, A, b,
+    z0, λ0, ν0)``.
+
+    Shapes ``Q (*, n, n)``, ``p (*, n)``, ``G (*, m, n)``, ``h (*, m)``, ``A (*, k, n)``,
+    ``b (*, k)`` (``m``/``k`` may be 0), leading dims broadcast; warm starts may be ``None``.
+    ``z, λ, ν`` are ``(*batch, ·)`` and differentiable; the rest is not.  Factor tensors are
+    flattened to ``(B, …)`` (``(1, …)`` when shared) for the backward.
+    """
+
+    @staticmethod
+    def forward(spec, Q, p, G, h, A, b, z0, l0, n0):
+        ins = (Q, p, G, h, A, b)
+        batch = torch.broadcast_shapes(*(t.shape[: t.dim() - c] for t, c in zip(ins, _CORE)))
+        B = 1
+        for d in batch:
+            B *= d
+        flat = [_flat(t, c, batch, B).to(spec.dtype) for t, c in zip(ins, _CORE)]
+        warm = None
+        if z0 is not None:
+            warm = tuple(None if t is None else _flat(t, 1, batch, B).to(spec.dtype) for t in (z0, l0, n0))
+        r = spec.solver.solve(*flat, warm)
+        dt = p.dtype
+
+        def out(t):
+            return t.reshape(batch + t.shape[1:]).to(dt if t.is_floating_point() else t.dtype)
+
+        return (out(r.z), out(r.lam), out(r.nu), out(r.status), out(r.residual), out(r.iterations),
+                r.active.reshape(batch + r.active.shape[1:]), r.factor.kind) + tuple(r.factor.tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec, Q, p, G, h, A, b = inputs[:7]
+        z, lam, nu, status, residual, iters, active, kind, *factors = output
+        ctx.mark_non_differentiable(status, residual, iters, active, *factors)
+        ctx.spec, ctx.kind, ctx.nf = spec, kind, len(factors)
+        ctx.shapes = tuple(t.shape for t in (Q, p, G, h, A, b))
+        ctx.in_dtype = p.dtype
+        ctx.save_for_backward(Q, G, A, z, lam, nu, status, active, *factors)
+        ctx.save_for_forward(Q, G, A, z, lam, nu, status, active, *factors)
+
+    @staticmethod
+    def _unpack(ctx):
+        Q, G, A, z, lam, nu, status, active, *factors = ctx.saved_tensors
+        batch = z.shape[:-1]
+        B = z[..., 0].numel()
+        dt = ctx.spec.dtype
+        Qf, Gf, Af = (_flat(t, 2, batch, B).to(dt) for t in (Q, G, A))
+        Qf = 0.5 * (Qf + Qf.mT)
+        zf, lf, nf = (t.reshape(B, t.shape[-1]).to(dt) for t in (z, lam, nu))
+        ok = (status.reshape(B) == Status.SUCCESS)
+        act = active.reshape(B, active.shape[-1]).to(dt)
+        return Qf, Gf, Af, zf, lf, nf, ok, act, factors, batch, B
+
+    @staticmethod
+    def backward(ctx, gz, gl, gn, *_):
+        Qf, Gf, Af, zf, lf, nf, ok, act, factors, batch, B = QPFn._unpack(ctx)
+        dt = ctx.spec.dtype
+        okc = ok.unsqueeze(-1)
+        rhs = []
+        for g, like in ((gz, zf), (gl, lf), (gn, nf)):
+            g = torch.zeros_like(like) if g is None else g.reshape(B, like.shape[-1]).to(dt)
+            rhs.append(torch.where(okc, g, torch.zeros_like(g)))  # failed elements: no gradient, no NaN
+        (uz, ul, un), relres = _kkt_solve(ctx.spec, ctx.kind, factors, Qf, Gf, Af, act, rhs)
+        bad = _check_backward(relres, ok, ctx.spec, rhs[0])
+        keep = (okc & ~bad.unsqueeze(-1))
+        uz, ul, un = (torch.where(keep, u, torch.zeros_like(u)) for u in (uz, ul, un))
+        zs, ls, ns = (torch.where(keep, t, torch.zeros_like(t)) for t in (zf, lf, nf))
+        nan = torch.where(bad, float("nan"), 0.0).to(dt)  # singular K under vmap: NaN gradients
+        outer = lambda a, c: a.unsqueeze(-1) * c.unsqueeze(-2)  # noqa: E731
+        grads = (
+            -0.5 * (outer(uz, zs) + outer(zs, uz)) + nan[:, None, None],
+            -uz + nan[:, None],
+            -act.unsqueeze(-1) * (outer(ul, zs) + outer(ls, uz)) + nan[:, None, None],
+            act * ul + nan[:, None],
+            -(outer(un, zs) + outer(ns, uz)) + nan[:, None, None],
+            un + nan[:, None],
+        )
+        res = []
+        for g, shape, need in zip(grads, ctx.shapes, ctx.needs_input_grad[1:7]):
+            if not need:
+                res.append(None)
+                continue
+            g = g.reshape(batch + g.shape[1:]).to(ctx.in_dtype)
+            res.append(g.sum_to_size(shape))
+        return (None, *res, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, _spec, dQ, dp, dG, dh, dA, db, *_warm):
+        Qf, Gf, Af, zf, lf, nf, ok, act, factors, batch, B = QPFn._unpack(ctx)
+        dt = ctx.spec.dtype
+        n, m, k = zf.shape[-1], lf.shape[-1], nf.shape[-1]
+
+        def flat(t, c, size):
+            if t is None:
+                return None
+            return _flat(t, c, batch, B).to(dt).expand((B,) + t.shape[t.dim() - c:])
+
+        dQ, dG, dA = flat(dQ, 2, None), flat(dG, 2, None), flat(dA, 2, None)
+        dp, dh, db = flat(dp, 1, None), flat(dh, 1, None), flat(db, 1, None)
+        # ṙ − K̇ x
+        r1 = -dp if dp is not None else zf.new_zeros(B, n)
+        r2 = act * dh if dh is not None else lf.new_zeros(B, m)
+        r3 = db.clone() if db is not None else nf.new_zeros(B, k)
+        if dQ is not None:
+            r1 = r1 - _mv(0.5 * (dQ + dQ.mT), zf)
+        if dG is not None:
+            r1 = r1 - _rmv(dG, act * lf)
+            r2 = r2 - act * _mv(dG, zf)
+        if dA is not None:
+            r1 = r1 - _rmv(dA, nf)
+            r3 = r3 - _mv(dA, zf)
+        okc = ok.unsqueeze(-1)
+        r = [torch.where(okc, t, torch.zeros_like(t)) for t in (r1, r2, r3)]
+        (dz, dl, dn), relres = _kkt_solve(ctx.spec, ctx.kind, factors, Qf, Gf, Af, act, r)
+        bad = _check_backward(relres, ok, ctx.spec, r1)
+        keep = okc & ~bad.unsqueeze(-1)
+        outs = []
+        for t, like in ((dz, ctx.saved_tensors[3]), (dl, ctx.saved_tensors[4]), (dn, ctx.saved_tensors[5])):
+            t = torch.where(keep, t, torch.full_like(t, float("nan")))
+            outs.append(t.reshape(like.shape).to(like.dtype))
+        return (*outs, None, None, None, None, None) + (None,) * ctx.nf
+
+    @staticmethod
+    def vmap(info, in_dims, spec, Q, p, G, h, A, b, z0, l0, n0):
+        ins = (Q, p, G, h, A, b, z0, l0, n0)
+        dims = in_dims[1:]
+        logical = [None if t is None else t.dim() - c - (d is not None) for t, c, d in zip(ins, _CORE, dims)]
+        L = max(x for x in logical if x is not None)
+        moved = []
+        for t, d, lg in zip(ins, dims, logical):
+            if t is None or d is None:
+                moved.append(t)
+                continue
+            t = t.movedim(d, 0)
+            moved.append(t.reshape(t.shape[:1] + (1,) * (L - lg) + t.shape[1:]))
+        out = QPFn.apply(spec, *moved)
+        V = info.batch_size
+        Bi = out[0][..., 0].numel()
+        factors = []
+        fdims = []
+        for f in out[_N_OUT:]:
+            if f.dim() and f.shape[0] == Bi:
+                factors.append(f.reshape((V, Bi // V) + f.shape[1:]))
+                fdims.append(0)
+            else:
+                factors.append(f)
+                fdims.append(None)
+        return tuple(out[:_N_OUT]) + tuple(factors), (0, 0, 0, 0, 0, 0, 0, None) + tuple(fdims)
+
+
+def qp_solve(spec: QPSpec, Q, p, G, h, A, b, warm=(None, None, None)):
+    """Differentiable ``(z, λ, ν)`` plus ``(status, residual, iterations)`` of a batch of QPs."""
+    z, lam, nu, status, residual, iters, *_ = QPFn.apply(spec, Q, p, G, h, A, b, *warm)
+    return z, lam, nu, status, residual, iters

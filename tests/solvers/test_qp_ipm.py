@@ -1,0 +1,153 @@
+"""The batched interior-point QP solver on its own: statuses, both KKT condensations, the
+active-set finish and the factorization it hands to the backward (float64)."""
+
+import numpy as np
+import pytest
+import torch
+
+from implicitdiff._core.status import Status
+from implicitdiff.solvers.qp_ipm import QPInteriorPoint, kkt_apply, _Products
+
+F64 = torch.float64
+
+
+def random_qp(g, B, n, m, k, *, cond_spread=False):
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=F64)
+    L = r(B, n, n)
+    ridge = torch.logspace(-3, 0, B, dtype=F64) if cond_spread else torch.full((B,), 0.3, dtype=F64)
+    Q = L @ L.mT / n + ridge[:, None, None] * torch.eye(n, dtype=F64)
+    G, z0 = r(B, m, n), r(B, n)
+    h = (G @ z0[..., None])[..., 0] + torch.rand(B, m, generator=g, dtype=F64) * (torch.rand(B, m, generator=g) > 0.5)
+    A = r(B, k, n)
+    b = (A @ z0[..., None])[..., 0]
+    return Q, r(B, n), G, h, A, b
+
+
+def kkt_residuals(Q, p, G, h, A, b, z, lam, nu):
+    """Absolute stationarity, feasibility and complementarity of one batch."""
+    stat = (Q @ z[..., None])[..., 0] + p + (G.mT @ lam[..., None])[..., 0] + (A.mT @ nu[..., None])[..., 0]
+    slack = h - (G @ z[..., None])[..., 0]
+    return stat.abs().amax(-1), (-slack).clamp(min=0).amax(-1), (A @ z[..., None])[..., 0].sub(b).abs().amax(-1), \
+        (slack * lam).abs().amax(-1), lam.amin(-1)
+
+
+@pytest.mark.parametrize("kkt", ["primal", "dual"])
+def test_both_condensations_solve_to_the_kkt_conditions(g, kkt):
+    P = random_qp(g, 6, 8, 10, 2)
+    res = QPInteriorPoint.for_dtype(F64, kkt=kkt).solve(*P)
+    assert (res.status == Status.SUCCESS).all() and (res.residual <= 1e-10).all()
+    stat, infeas, eq, comp, lam_min = kkt_residuals(*P, res.z, res.lam, res.nu)
+    assert stat.max() < 1e-10 and infeas.max() < 1e-10 and eq.max() < 1e-10 and comp.max() < 1e-10
+    assert lam_min.min() >= 0
+    other = QPInteriorPoint.for_dtype(F64, kkt="dual" if kkt == "primal" else "primal").solve(*P)
+    torch.testing.assert_close(res.z, other.z, atol=1e-10, rtol=0)
+
+
+def test_active_set_finish_gives_exact_complementarity(g):
+    """The polished multipliers are exactly zero off the active set and the active rows hold with equality."""
+    P = random_qp(g, 4, 6, 8, 1)
+    res = QPInteriorPoint.for_dtype(F64).solve(*P)
+    act = res.active.bool()
+    assert (res.lam[~act] == 0).all()
+    slack = P[3] - (P[2] @ res.z[..., None])[..., 0]
+    assert slack[act].abs().max() < 1e-12 and (slack[~act] > 0).all()
+
+
+def test_batch_compaction_does_not_change_any_element(g):
+    """Elements leave the working batch as they converge; each result equals its own solve."""
+    P = random_qp(g, 20, 6, 8, 2, cond_spread=True)
+    solver = QPInteriorPoint.for_dtype(F64, kkt="dual")
+    res = solver.solve(*P)
+    assert len(set(res.iterations.tolist())) > 1  # elements converged at different iterations
+    for i in (0, 7, 19):
+        one = solver.solve(*(t[i:i + 1] for t in P))
+        torch.testing.assert_close(res.z[i], one.z[0], atol=1e-11, rtol=0)
+        assert res.iterations[i] == one.iterations[0]
+
+
+def test_shared_parameters_broadcast(g):
+    Q, p, G, h, A, b = random_qp(g, 3, 5, 6, 1)
+    res = QPInteriorPoint.for_dtype(F64).solve(Q[:1], p, G[:1], h[:1].expand(3, 6), A[:1], b[:1])
+    for i in range(3):
+        one = QPInteriorPoint.for_dtype(F64).solve(Q[:1], p[i:i + 1], G[:1], h[:1], A[:1], b[:1])
+        torch.testing.assert_close(res.z[i], one.z[0], atol=1e-11, rtol=0)
+
+
+def test_linear_program_with_equalities_matches_cvxpy(g):
+    cp = pytest.importorskip("cvxpy")
+    n = 5
+    G = torch.cat([torch.eye(n, dtype=F64), -torch.eye(n, dtype=F64)])
+    h = torch.ones(2 * n, dtype=F64)
+    A = torch.randn(2, n, generator=g, dtype=F64)
+    b = A @ (0.2 * torch.randn(n, generator=g, dtype=F64))
+    p = torch.randn(n, generator=g, dtype=F64)
+    res = QPInteriorPoint.for_dtype(F64).solve(torch.zeros(1, n, n, dtype=F64), p[None], G[None], h[None], A[None],
+                                               b[None])
+    assert res.status.item() == Status.SUCCESS and res.factor.kind == "primal"
+    z = cp.Variable(n)
+    cp.Problem(cp.Minimize(p.numpy() @ z), [G.numpy() @ z <= h.numpy(), A.numpy() @ z == b.numpy()]).solve(
+        solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    np.testing.assert_allclose(res.z[0].numpy(), z.value, atol=1e-8)
+
+
+@pytest.mark.parametrize("kkt", ["primal", "dual"])
+def test_infeasible_certificate(kkt):
+    one = torch.ones(1, 1, 1, dtype=F64)
+    res = QPInteriorPoint.for_dtype(F64, kkt=kkt).solve(one, torch.zeros(1, 1, dtype=F64),
+                                                        torch.tensor([[[1.0], [-1.0]]], dtype=F64),
+                                                        torch.tensor([[-1.0, -1.0]], dtype=F64),
+                                                        torch.zeros(1, 0, 1, dtype=F64), torch.zeros(1, 0, dtype=F64))
+    assert res.status.item() == Status.INFEASIBLE
+
+
+def test_infeasible_with_equalities_and_unbounded_lp():
+    T = lambda x: torch.tensor(x, dtype=F64)  # noqa: E731
+    s = QPInteriorPoint.for_dtype(F64)
+    inf = s.solve(T([[[1.0, 0], [0, 1]]]), T([[0.0, 0]]), T([[[1.0, 0], [0, 1]]]), T([[1.0, 1]]), T([[[1.0, 1]]]),
+                  T([[3.0]]))
+    assert inf.status.item() == Status.INFEASIBLE
+    unb = s.solve(torch.zeros(1, 2, 2, dtype=F64), T([[-1.0, -1]]), T([[[-1.0, 0], [0, -1]]]), T([[0.0, 0]]),
+                  torch.zeros(1, 0, 2, dtype=F64), torch.zeros(1, 0, dtype=F64))
+    assert unb.status.item() == Status.UNBOUNDED
+
+
+def test_iteration_limit_is_reported(g):
+    P = random_qp(g, 2, 10, 12, 0)
+    res = QPInteriorPoint.for_dtype(F64, max_iter=1).solve(*P)
+    assert (res.status == Status.MAX_ITERATIONS).all() and (res.residual > 1e-10).all()
+
+
+def test_warm_start_from_the_solution_needs_fewer_iterations(g):
+    P = random_qp(g, 3, 8, 10, 2)
+    s = QPInteriorPoint.for_dtype(F64)
+    cold = s.solve(*P)
+    warm = s.solve(*P, warm_start=(cold.z, cold.lam.clamp(min=1e-4), cold.nu))
+    torch.testing.assert_close(warm.z, cold.z, atol=1e-10, rtol=0)
+    assert warm.iterations.sum() < cold.iterations.sum()
+
+
+@pytest.mark.parametrize("kkt", ["primal", "dual"])
+def test_final_factorization_solves_the_active_set_kkt_system(g, kkt):
+    """Refining with the exposed factorization solves K x = r for the exact active-set matrix K."""
+    Q, p, G, h, A, b = random_qp(g, 3, 5, 6, 1)
+    s = QPInteriorPoint.for_dtype(F64, kkt=kkt)
+    res = s.solve(Q, p, G, h, A, b)
+    act = res.active
+    GM = G * act[..., None]
+    r = tuple(torch.randn(3, d, generator=g, dtype=F64) for d in (5, 6, 1))
+    x = s.solve_factored(res.factor.kind, res.factor.tensors, GM, A, *r)
+    P = _Products.build(0.5 * (Q + Q.mT), G, A)
+    for _ in range(3):
+        k = kkt_apply(P, 1 - act, *x, mask=act)
+        d = s.solve_factored(res.factor.kind, res.factor.tensors, GM, A, *(ri - ki for ri, ki in zip(r, k)))
+        x = tuple(xi + di for xi, di in zip(x, d))
+    for i in range(3):  # dense oracle
+        a = act[i].bool()
+        K = torch.zeros(5 + 6 + 1, 5 + 6 + 1, dtype=F64)
+        K[:5, :5] = Q[i]
+        K[5:11, :5], K[:5, 5:11] = GM[i], GM[i].T
+        K[5:11, 5:11] = torch.diag((~a).to(F64) * -1.0)
+        K[11:, :5], K[:5, 11:] = A[i], A[i].T
+        want = torch.linalg.solve(K, torch.cat([ri[i] for ri in r]))
+        torch.testing.assert_close(torch.cat([xi[i] for xi in x]), want, atol=1e-9, rtol=1e-9)
