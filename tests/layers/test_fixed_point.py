@@ -87,3 +87,29 @@ def test_richardson_adjoint_fixed_point_iteration():
                          adjoint=idf.Implicit(solver="richardson", max_iter=50))
     with pytest.raises(idf.SolveError, match="adjoint"):
         z2.sum().backward()
+
+
+def test_failed_element_does_not_poison_shared_parameter_gradient():
+    a = torch.tensor([0.5, 0.999], dtype=D)
+    w = torch.tensor(1.0, dtype=D, requires_grad=True)
+    z, info = idf.fixed_point(lambda z, w: w * a * z + 1.0, torch.zeros(2, dtype=D), w, batch_dims=1,
+                              solver="picard", max_iter=50, on_failure="nan", return_info=True)
+    assert info.ok.tolist() == [True, False] and torch.isnan(z[1])
+    z[info.ok].sum().backward()
+    torch.testing.assert_close(w.grad, torch.tensor(2.0, dtype=D))  # d/dw 1/(1 − 0.5w) at w = 1
+
+
+def test_krylov_adjoint_under_double_backward_and_vmap():
+    g = torch.Generator().manual_seed(4)
+    W = (0.3 * torch.randn(4, 4, generator=g, dtype=D)).requires_grad_()
+    x = torch.randn(4, generator=g, dtype=D, requires_grad=True)
+
+    def f(W, x):
+        return idf.fixed_point(lambda z, W, x: torch.tanh(z @ W.mT + x), torch.zeros(4, dtype=D), W, x,
+                               rtol=1e-13, adjoint=idf.Implicit(solver="gmres", rtol=1e-12))
+
+    assert torch.autograd.gradgradcheck(f, (W, x))
+    xs = torch.randn(3, 4, generator=g, dtype=D)
+    gs = torch.func.vmap(torch.func.grad(lambda x: f(W.detach(), x).sum()))(xs)
+    ref = torch.stack([torch.func.grad(lambda x: f(W.detach(), x).sum())(xi) for xi in xs])
+    torch.testing.assert_close(gs, ref, rtol=1e-10, atol=1e-12)

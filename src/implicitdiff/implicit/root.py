@@ -123,7 +123,10 @@ def _linear_map(F_y: Callable, y: torch.Tensor, bd: int, transpose: bool):
     return rmv if transpose else mv
 
 
-def _check_linear(status, residual, what, on_failure, out, info_iters=None):
+def _check_linear(status, residual, what, on_failure, out, info_iters=None, skip=None):
+    if skip is not None:  # elements whose forward failed: no gradient to check (their rhs is zero)
+        status = torch.where(skip, 0, status)
+        out = torch.where(_expand(skip, out), torch.zeros_like(out), out)
     info = SolveInfo(status, residual, torch.zeros_like(status) if info_iters is None else info_iters)
     if is_vmapped(status):
         return nan_where_failed(out, info.ok)
@@ -136,7 +139,7 @@ def _check_linear(status, residual, what, on_failure, out, info_iters=None):
     return apply_on_failure(out, info, "raise", what, hints)
 
 
-def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bool):
+def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bool, skip=None):
     """Solve ``J x = rhs`` (``transpose``: ``Jᵀ x = rhs``) at ``y``; ``rhs`` of y's shape."""
     bd = problem.batch_dims
     adj = problem.adjoint
@@ -157,13 +160,19 @@ def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bo
     solver = adj.solver
     if solver == "auto":
         solver = "lu" if (n <= adj.dense_max or problem.krylov is None) else ("minres" if problem.symmetric else "gmres")
+    if solver != "lu" and (is_vmapped(R) or torch.is_grad_enabled()):
+        # The Krylov and Richardson loops decide convergence on the host and update buffers in
+        # place: under vmap (jacrev, vmap(grad)) and in a differentiable backward (double
+        # backward) the adjoint is solved with the dense per-element Jacobian instead.
+        solver = "lu"
     if solver == "lu":
         if factors and not torch.is_grad_enabled():
             # first order: reuse the forward solver's factorization of J at y
             X = from_tensors("lu", factors).solve(R.unsqueeze(-1), adjoint=transpose)
             bad = ~torch.isfinite(X).flatten(-2).all(-1)
             status = torch.where(bad, int(Status.SINGULAR), 0).to(torch.int64)
-            X = _check_linear(status, torch.zeros(status.shape, dtype=X.dtype, device=X.device), what, "raise", X)
+            X = _check_linear(status, torch.zeros(status.shape, dtype=X.dtype, device=X.device), what, "raise", X,
+                              skip=skip)
             return X.squeeze(-1).reshape(rhs.shape)
         J = batch_jacobian(F_y, y, bd)
         if factors:
@@ -173,21 +182,21 @@ def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bo
         else:
             A = J.mT if transpose else J
             X, status, residual, _, _ = linear_solve_fn(SolveSpec("exact", check_finite=False), A, R.unsqueeze(-1))
-        X = _check_linear(status, residual, what, "raise", X)
+        X = _check_linear(status, residual, what, "raise", X, skip=skip)
         return X.squeeze(-1).reshape(rhs.shape)
 
     if solver == "richardson":
         alpha = problem.neumann_alpha
         mv = _linear_map(F_y, y, bd, transpose)
         X, info = _richardson(mv, R, alpha, adj)
-        X = _check_linear(info.status, info.residual, what, "raise", X, info.iterations)
+        X = _check_linear(info.status, info.residual, what, "raise", X, info.iterations, skip=skip)
         return X.reshape(rhs.shape)
 
     if problem.krylov is None:
         raise SolveError(f"matrix-free adjoint solver {solver!r} is unavailable; use Implicit(solver='lu')")
     mv = _linear_map(F_y, y, bd, transpose)
     X, info = problem.krylov(solver, mv, R, rtol=adj.rtol, atol=adj.atol, max_iter=adj.max_iter)
-    X = _check_linear(info.status, info.residual, what, "raise", X, info.iterations)
+    X = _check_linear(info.status, info.residual, what, "raise", X, info.iterations, skip=skip)
     return X.reshape(rhs.shape)
 
 
@@ -218,14 +227,22 @@ def _richardson(mv, R, alpha, adj: Implicit, check_every: int = 5):
     return x, SolveInfo(status, residual, it)
 
 
-def adjoint_solve(problem, y, leaves, gy, factors=()):
-    """``u`` with ``(∂F/∂y)ᵀ u = ȳ`` at ``y`` (checked; raises ``SolveError`` on failure)."""
-    return _solve_jacobian(problem, y, leaves, gy, factors, transpose=True)
+def adjoint_solve(problem, y, leaves, gy, factors=(), skip=None):
+    """``u`` with ``(∂F/∂y)ᵀ u = ȳ`` at ``y`` (checked; raises ``SolveError`` on failure).
+
+    ``skip`` (batch shape) marks elements whose forward failed: their ``u`` is 0, unchecked.
+    """
+    return _solve_jacobian(problem, y, leaves, gy, factors, transpose=True, skip=skip)
 
 
-def tangent_solve(problem, y, leaves, rhs, factors=()):
+def tangent_solve(problem, y, leaves, rhs, factors=(), skip=None):
     """``ẏ`` with ``(∂F/∂y) ẏ = rhs`` at ``y``."""
-    return _solve_jacobian(problem, y, leaves, rhs, factors, transpose=False)
+    return _solve_jacobian(problem, y, leaves, rhs, factors, transpose=False, skip=skip)
+
+
+def _expand(mask, like):
+    """A batch-shaped mask broadcast against ``like`` (batch dims first)."""
+    return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
 
 
 class RootFn(torch.autograd.Function):
@@ -242,36 +259,46 @@ class RootFn(torch.autograd.Function):
             res = problem.solve(problem.F, y0.detach(), params, problem.batch_dims)
         y, info = res.y, res.info
         factors = tuple(res.jacobian.tensors()) if res.jacobian is not None else ()
-        y = apply_on_failure(y, info, problem.on_failure, problem.what, problem.hints)
-        return (y, info.status, info.residual, info.iterations) + factors
+        y_out = apply_on_failure(y, info, problem.on_failure, problem.what, problem.hints)
+        # the raw last iterate is kept for the backward: a failed element (NaN in y_out under
+        # on_failure="nan") must not turn the gradients of the others into NaN
+        y_raw = y.clone() if y_out is y else y  # a distinct tensor: y_out stays differentiable
+        return (y_out, info.status, info.residual, info.iterations, y_raw) + factors
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         problem, _, *leaves = inputs
-        y, status, residual, iterations, *factors = output
-        ctx.mark_non_differentiable(status, residual, iterations, *factors)
+        y, status, residual, iterations, y_raw, *factors = output
+        ctx.mark_non_differentiable(status, residual, iterations, y_raw, *factors)
         ctx.problem = problem
         ctx.nfactors = len(factors)
-        ctx.save_for_backward(y, *leaves, *factors)
-        ctx.save_for_forward(y, *leaves, *factors)
+        ctx.save_for_backward(y, status, y_raw, *leaves, *factors)
+        ctx.save_for_forward(y, status, y_raw, *leaves, *factors)
 
     @staticmethod
     def _unpack(ctx):
+        """``(y, ok, leaves, factors)``; failed elements of ``y`` replaced by their last finite iterate."""
         saved = ctx.saved_tensors
         k = ctx.nfactors
-        y = saved[0]
-        leaves = saved[1:len(saved) - k] if k else saved[1:]
+        y, status, y_raw = saved[:3]
+        leaves = saved[3:len(saved) - k] if k else saved[3:]
         factors = saved[len(saved) - k:] if k else ()
-        return y, tuple(leaves), tuple(factors)
+        ok = status == Status.SUCCESS
+        if not is_vmapped(ok) and bool(ok.all()):
+            return y, None, tuple(leaves), tuple(factors)
+        y = torch.where(_expand(ok, y), y, y_raw)
+        return y, ok, tuple(leaves), tuple(factors)
 
     @staticmethod
     def backward(ctx, gy, *_):
         problem = ctx.problem
-        y, leaves, factors = RootFn._unpack(ctx)
+        y, ok, leaves, factors = RootFn._unpack(ctx)
         nleaves = len(leaves)
         if gy is None or not any(ctx.needs_input_grad[2:]):
             return (None, None) + (None,) * nleaves
-        u = adjoint_solve(problem, y, leaves, gy, factors)
+        if ok is not None:  # failed elements carry no gradient (their outputs are NaN)
+            gy = torch.where(_expand(ok, gy), gy, torch.zeros_like(gy))
+        u = adjoint_solve(problem, y, leaves, gy, factors, skip=None if ok is None else ~ok)
         # θ̄ = −(∂F/∂θ)ᵀ u
         wanted = [i for i in range(nleaves) if ctx.needs_input_grad[2 + i]]
         sub = [leaves[i] for i in wanted]
@@ -292,7 +319,7 @@ class RootFn(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, _p, _y0, *dleaves):
         problem = ctx.problem
-        y, leaves, factors = RootFn._unpack(ctx)
+        y, ok, leaves, factors = RootFn._unpack(ctx)
         idx = [i for i, d in enumerate(dleaves) if d is not None]
         if not idx:
             dy = torch.zeros_like(y)
@@ -304,8 +331,10 @@ class RootFn(torch.autograd.Function):
                 return problem.residual(y, full)
 
             _, w = jvp_by_vjp(F_theta, tuple(leaves[i] for i in idx), tuple(dleaves[i] for i in idx))
-            dy = tangent_solve(problem, y, leaves, -w, factors)
-        return (dy, None, None, None) + (None,) * ctx.nfactors
+            dy = tangent_solve(problem, y, leaves, -w, factors, skip=None if ok is None else ~ok)
+            if ok is not None:
+                dy = torch.where(_expand(ok, dy), dy, torch.full_like(dy, float("nan")))
+        return (dy, None, None, None, None) + (None,) * ctx.nfactors
 
     @staticmethod
     def vmap(info, in_dims, problem: RootProblem, y0, *leaves):
@@ -323,8 +352,8 @@ class RootFn(torch.autograd.Function):
 
         new = replace(problem, F=F_v, batch_dims=bd + 1)
         out = RootFn.apply(new, y0m, *leaves_m)
-        nf = len(out) - 4
-        return out, (0, 0, 0, 0) + (0,) * nf
+        nf = len(out) - 5
+        return out, (0, 0, 0, 0, 0) + (0,) * nf
 
 
 def _leaves_of(tree: Tree, params) -> tuple:
