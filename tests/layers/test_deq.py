@@ -172,6 +172,22 @@ def test_neumann_phantom_gradient_is_the_truncated_series():
     torch.testing.assert_close(gx, w @ torch.linalg.inv(torch.eye(5, dtype=D) - A), rtol=1e-9, atol=1e-10)
 
 
+def test_anderson_survives_a_rank_deficient_history():
+    # f(z) = A z + x with A = 0.9 u uᵀ: every difference of iterates lies along u, so Anderson's
+    # least-squares matrix is singular from the second step on (the safeguarded step must cope)
+    u = torch.ones(6, dtype=D) / 6 ** 0.5
+    A = 0.9 * torch.outer(u, u)
+    cell = Linear(A)
+    x, w = data(3, 6, seed=15)
+    x.requires_grad_()
+    z, info = deq(cell, x, solver="anderson", rtol=1e-12, return_info=True)
+    assert bool(info.ok.all())
+    inv = torch.linalg.inv(torch.eye(6, dtype=D) - A)
+    torch.testing.assert_close(z.detach(), x.detach() @ inv.mT, rtol=1e-10, atol=1e-12)
+    gx, = torch.autograd.grad((z * w).sum(), x)
+    torch.testing.assert_close(gx, w @ inv, rtol=1e-9, atol=1e-11)
+
+
 def test_forward_mode_matches_finite_differences():
     cell = Cell(4, seed=5)
     x, w = data(2, 4, seed=6)

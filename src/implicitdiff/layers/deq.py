@@ -14,15 +14,15 @@ receives its gradient (a parameter captured by a closure would silently get
 none).
 
 Choice of the adjoint solver (``benchmarks/deq.py``: width 256, batch 64,
-1 thread; every solver needs 12–13 iterations to 1e-6 there).  The adjoint is a
-fixed point of the same contraction as the forward, so
-:data:`DEFAULT_ADJOINT` ``= FixedPointAdjoint()`` iterates it (Picard: 0.69 ms
-per iteration, one 0.41 ms VJP of the cell plus 0.27 ms of loop) and falls back
-to GMRES only for samples where that fails.  ``Implicit(solver="gmres")`` takes
-as many iterations at 1.27 ms each (its batched Arnoldi step costs twice a
-VJP); ``Implicit(solver="auto")`` — dense LU, the mechanism's default at this
-size — first builds the per-sample 256 × 256 Jacobian from 256 VJPs and costs
-~15× the whole forward solve.
+float64, one thread; every solver needs 12–13 iterations to 1e-6 there).  The
+adjoint is a fixed point of the same contraction as the forward, so
+:data:`DEFAULT_ADJOINT` ``= FixedPointAdjoint()`` iterates it by Picard: 0.61 ms
+per iteration (one 0.33 ms VJP of the cell plus 0.27 ms of loop), GMRES only
+for samples where that fails.  ``Implicit(solver="gmres")`` takes as many
+iterations at 1.08 ms each (its batched Arnoldi step costs twice a VJP);
+``Implicit(solver="auto")`` — dense LU, the mechanism's default at this size —
+first builds each sample's 256 × 256 Jacobian from 256 VJPs: ~17× the whole
+forward solve.
 """
 
 from __future__ import annotations
