@@ -78,3 +78,24 @@ def test_iterative_rejects_nearest_and_pinned():
     A, b = spd()
     with pytest.raises(idf.InputError, match="direct solver"):
         idf.linear_solve(A, b, solver="cg", selection=idf.Pinned([0], 0.0))
+
+
+def test_exact_selection_with_lsmr_reports_inconsistent_system():
+    A = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=D)
+    b = torch.tensor([1.0, 1.0, 0.0], dtype=D)  # not in range(A)
+    with pytest.raises(idf.SolveError, match="INCONSISTENT"):
+        idf.linear_solve(A, b, solver="lsmr", selection="exact")
+    y = idf.linear_solve(A, b, solver="lsmr", selection="min_norm", rtol=1e-12)
+    torch.testing.assert_close(y, torch.linalg.pinv(A) @ b, rtol=1e-9, atol=1e-10)
+    # a consistent tall system passes under "exact"
+    y = idf.linear_solve(A, A @ torch.tensor([1.0, 2.0], dtype=D), solver="lsmr", selection="exact", rtol=1e-12)
+    torch.testing.assert_close(y, torch.tensor([1.0, 2.0], dtype=D), rtol=1e-9, atol=1e-10)
+
+
+def test_argmin_under_vmap_with_default_solver():
+    X = torch.randn(10, 3, dtype=D, generator=torch.Generator().manual_seed(0))
+    f = lambda w, c: 0.5 * ((X @ w - c) ** 2).sum() + 0.5 * (w ** 2).sum()  # noqa: E731
+    C = torch.randn(4, 10, dtype=D, generator=torch.Generator().manual_seed(1))
+    W = torch.func.vmap(lambda c: idf.argmin(f, torch.zeros(3, dtype=D), c))(C)
+    ref = torch.linalg.solve(X.T @ X + torch.eye(3, dtype=D), X.T @ C.T).T
+    torch.testing.assert_close(W, ref, rtol=1e-8, atol=1e-9)

@@ -56,7 +56,7 @@ def _describe(info: SolveInfo, what: str, hints: dict, raising: bool = True) -> 
 
 
 def apply_on_failure(y: torch.Tensor, info: SolveInfo, on_failure: str, what: str, hints: dict | None = None,
-                     batch_ndim: int | None = None) -> torch.Tensor:
+                     batch_ndim: int | None = None, policy_hint: bool = True) -> torch.Tensor:
     """Apply the failure policy to the solution ``y`` given its per-element ``info``.
 
     ``info.status`` has the batch shape; ``y`` has the batch shape followed by
@@ -67,7 +67,7 @@ def apply_on_failure(y: torch.Tensor, info: SolveInfo, on_failure: str, what: st
     if bool(ok.all()):
         return y
     if on_failure == "raise":
-        msg, code, residual, iters = _describe(info, what, hints or {})
+        msg, code, residual, iters = _describe(info, what, hints or {}, raising=policy_hint)
         raise SolveError(msg, status=code, residual=residual, iterations=iters, info=info)
     if on_failure == "warn":
         msg, *_ = _describe(info, what, hints or {}, raising=False)

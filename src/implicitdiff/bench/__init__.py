@@ -6,7 +6,15 @@ gradients agree, and writes JSON (default ``bench-<name>.json`` in the working
 directory):
 
 * :mod:`implicitdiff.bench.linear` — dense ``linear_solve`` against
-  ``torch.linalg.solve``, ``pinv(A) @ b`` and ``torch.linalg.lstsq``.
+  ``torch.linalg.solve``, ``pinv(A) @ b`` and ``torch.linalg.lstsq``;
+* :mod:`implicitdiff.bench.hypergrad` — ridge / logistic hypergradients against
+  the closed form, unrolled autograd, TorchOpt, JAXopt and Optimistix;
+* :mod:`implicitdiff.bench.deq` — deep equilibrium layers against torchdeq and
+  unrolled autograd;
+* :mod:`implicitdiff.bench.qp` — batched QPs against qpth and cvxpylayers.
+
+(``benchmarks/krylov.py`` — Krylov solves against ``scipy.sparse.linalg`` — is a
+script only.)
 
 Shared machinery (threads, timing, memory, tables) is in ``_harness``.  Peers
 are optional: no peer library is imported when this package is, and a missing

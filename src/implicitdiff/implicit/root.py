@@ -136,7 +136,7 @@ def _check_linear(status, residual, what, on_failure, out, info_iters=None, skip
         Status.MAX_ITERATIONS: "raise Implicit(max_iter=...) or loosen Implicit(rtol=...), or use Implicit(solver='lu')",
         Status.BREAKDOWN: "the adjoint Krylov solver broke down: use Implicit(solver='gmres') or 'lu'",
     }
-    return apply_on_failure(out, info, "raise", what, hints)
+    return apply_on_failure(out, info, "raise", what, hints, policy_hint=False)
 
 
 def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bool, skip=None):
@@ -159,7 +159,8 @@ def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bo
 
     solver = adj.solver
     if solver == "auto":
-        solver = "lu" if (n <= adj.dense_max or problem.krylov is None) else ("minres" if problem.symmetric else "gmres")
+        dense = bool(factors) or n <= adj.dense_max or problem.krylov is None  # Newton's LU is free to reuse
+        solver = "lu" if dense else ("minres" if problem.symmetric else "gmres")
     if solver != "lu" and (is_vmapped(R) or torch.is_grad_enabled()):
         # The Krylov and Richardson loops decide convergence on the host and update buffers in
         # place: under vmap (jacrev, vmap(grad)) and in a differentiable backward (double

@@ -27,6 +27,8 @@ FORWARD_HINTS = {
     Status.MAX_ITERATIONS: "raise max_iter, loosen rtol/atol, start closer (y0), or try another solver",
     Status.NONFINITE: "the iteration produced NaN/Inf: check F for overflow, scale the problem, or damp the solver",
     Status.DIVERGED: "the iteration diverged: try solver='newton' with line search, or a damped fixed-point solver",
+    Status.SINGULAR: "Newton met a singular Jacobian: start elsewhere (y0), regularize F, or use solver='broyden'",
+    Status.BREAKDOWN: "the line search stalled (the tolerance may be below rounding): loosen rtol or pass atol",
 }
 
 

@@ -8,6 +8,7 @@ import torch
 
 from ..implicit.adjoint import Implicit
 from ..solvers.lbfgs import lbfgs
+from ..solvers.newton import newton
 from ..solvers.registry import get_root_solver
 from ._implicit import forward_solver, solve_implicit
 
@@ -35,7 +36,8 @@ def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=No
     Args:
         f: ``f(y, *params)`` returning a scalar (or one value per batch element).
         y0: starting point (no gradient).
-        solver: ``"lbfgs"`` (default), ``"newton"`` (on ``∇f``, its Hessian
+        solver: ``"lbfgs"`` (default; under ``torch.func.vmap`` Newton on ``∇f``
+            is used, as the objective is not vmapped), ``"newton"`` (on ``∇f``, its Hessian
             factorization is reused by the backward), or any root solver name or callable.
         Other arguments as :func:`implicitdiff.root`; the stopping rule is
         ``‖∇f(y)‖ ≤ atol + rtol ‖∇f(y0)‖``.
@@ -57,7 +59,12 @@ def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=No
         if max_iter is not None:
             kw["max_iter"] = max_iter
 
-        def solve(_F, y0_, params, bd):
+        def solve(F_, y0_, params, bd):
+            if bd != batch_dims:
+                # under vmap the mechanism hands over a vmapped gradient F_ (and one more batch dim);
+                # the objective itself is not vmapped, so solve ∇f = 0 by Newton on F_ instead
+                return newton(F_, y0_, params, batch_dims=bd, rtol=rtol, atol=atol,
+                              **({"max_iter": max_iter} if max_iter is not None else {}))
             return lbfgs(f, y0_, params, batch_dims=bd, rtol=rtol, atol=atol, **kw)
     else:
         solve = forward_solver(solver, registry=get_root_solver, rtol=rtol, atol=atol, max_iter=max_iter,

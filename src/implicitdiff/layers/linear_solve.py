@@ -21,7 +21,7 @@ from .._core.validate import as_float_tensor, check_finite, check_same_dtype_dev
 from ..implicit.iterative import iterative_solve
 from ..implicit.linear import SolveSpec, solve
 from ..linalg.operator import LinearOperator, aslinearoperator
-from ..linalg.selection import Nearest, Pinned, resolve_selection
+from ..linalg.selection import Nearest, Pinned, consistency_rtol, resolve_selection
 
 __all__ = ["linear_solve", "linear_solve_ex", "ambiguity"]
 
@@ -225,10 +225,16 @@ def _iterative(A, b, selection, solver, rtol, atol, max_iter, M, x0, adjoint_rto
     x0_ = None if x0 is None else (x0 if vector else x0.mT)
     y, info = iterative_solve(op, rhs, solver=solver, rtol=rtol, atol=atol, max_iter=max_iter, M=M, x0=x0_,
                               adjoint_rtol=adjoint_rtol, adjoint_max_iter=adjoint_max_iter)
+    if sel == "exact" and solver in ("lsqr", "lsmr"):
+        # LSQR/LSMR return A⁺b; "exact" also demands that it solves the system (relative residual)
+        tol = consistency_rtol(y.dtype) if rtol is None else max(float(rtol), consistency_rtol(y.dtype))
+        bad = (info.status == Status.SUCCESS) & (info.residual > tol)
+        info = info._replace(status=torch.where(bad, int(Status.INCONSISTENT), info.status))
     if is_vmapped(info.status):
         y = nan_where_failed(y, info.ok)
     else:
         hints = {Status.MAX_ITERATIONS: "raise max_iter, loosen rtol/atol, or pass a preconditioner M",
+                 Status.INCONSISTENT: "b is not in the range of A: use selection='min_norm' (least squares)",
                  Status.BREAKDOWN: f"{solver} broke down: check the operator's tags (symmetric / positive "
                                    f"definite), or use solver='gmres' (square) or 'lsmr'"}
         y = apply_on_failure(y, info, on_failure, f"linear_solve(solver={solver!r})", hints)
