@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from implicitdiff._deq_module import DEQ  # noqa: E402  (to become implicitdiff.nn.DEQ)
+from implicitdiff.nn import DEQ  # noqa: E402  (to become implicitdiff.nn.DEQ)
 
 
 def spirals(n, *, classes=3, noise=0.2, generator=None):

@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from implicitdiff._deq_module import DEQ  # noqa: E402  (to become implicitdiff.nn.DEQ)
+from implicitdiff.nn import DEQ  # noqa: E402  (to become implicitdiff.nn.DEQ)
 
 
 def spirals(n: int, *, classes: int = 3, noise: float = 0.2, generator=None):

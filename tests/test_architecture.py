@@ -9,7 +9,7 @@ PKG = pathlib.Path(implicitdiff.__file__).parent
 
 # rank of each top-level part; a module may import parts of lower or equal rank only
 RANK = {"_core": 0, "linalg": 1, "solvers": 2, "implicit": 2, "layers": 3, "nn": 4, "checks": 5,
-        "demos": 6, "bench": 6, "_deq_module": 4, "cli": 7, "__main__": 8, "__init__": 9}
+        "demos": 6, "bench": 6, "cli": 7, "__main__": 8, "__init__": 9}
 FORBIDDEN_PAIRS = {("solvers", "implicit"), ("implicit", "solvers")}
 
 

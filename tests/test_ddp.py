@@ -38,7 +38,7 @@ class Cell(torch.nn.Module):
 
 
 def build_deq():
-    from implicitdiff._deq_module import DEQ
+    from implicitdiff.nn import DEQ
 
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(3, 6, dtype=D), DEQ(Cell(6), rtol=1e-12), torch.nn.Linear(6, 2, dtype=D))

@@ -15,6 +15,20 @@ from .layers.argmin import argmin as argmin
 from .layers.custom_root import custom_fixed_point as custom_fixed_point, custom_root as custom_root
 from .layers.fixed_point import fixed_point as fixed_point
 from .layers.root import root as root
+from .layers.deq import (
+    DEQInfo as DEQInfo,
+    FixedPointAdjoint as FixedPointAdjoint,
+    deq as deq,
+    jacobian_penalty as jacobian_penalty,
+)
+from .layers.projections import (
+    project_box as project_box,
+    project_l1_ball as project_l1_ball,
+    project_l2_ball as project_l2_ball,
+    project_simplex as project_simplex,
+    sparsemax as sparsemax,
+)
+from .layers.qp import qp as qp
 from .layers.linear_solve import (
     ambiguity as ambiguity,
     linear_solve as linear_solve,
@@ -22,3 +36,4 @@ from .layers.linear_solve import (
 )
 
 __version__ = "0.1.0"
+from . import nn as nn  # noqa: E402  (after the layers it wraps)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import implicitdiff as idf
-from implicitdiff._deq_module import DEQ
+from implicitdiff.nn import DEQ
 from implicitdiff.layers.deq import DEFAULT_ADJOINT, FixedPointAdjoint, deq, jacobian_penalty
 
 D = torch.float64
@@ -410,7 +410,7 @@ def test_bad_inputs_name_the_argument():
 # ----------------------------------------------------------------------------- torch.compile
 _COMPILE = textwrap.dedent("""
     import torch
-    from implicitdiff._deq_module import DEQ
+    from implicitdiff.nn import DEQ
     torch.manual_seed(0)
     class Cell(torch.nn.Module):
         def __init__(self):

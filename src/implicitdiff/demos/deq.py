@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .._deq_module import DEQ
+from ..nn import DEQ
 from ._optional import progress, pyplot, threads
 
 __all__ = ["run", "spirals", "Cell"]

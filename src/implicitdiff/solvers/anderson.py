@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
-from ._loop import float_option, int_option, flatten_root, iterate, options, where
+from ._loop import float_option, int_option, flatten_root, iterate, options
 from .result import SolverResult
 
 __all__ = ["anderson"]
@@ -72,29 +73,56 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
     with torch.no_grad():
         fun, y, g = flatten_root(F, opts)
         batch, n = opts.batch_shape, opts.n
+        nb = math.prod(batch)                                     # the batch, flattened (1 if none)
         tiny = torch.finfo(y.dtype).tiny
         eye = torch.eye(m, dtype=y.dtype, device=y.device)
 
-        def step(k, y, g, hist, active):
-            dY, dG = hist                                        # (*batch, m, n), zero rows unused
-            # Normal equations of the regularized least squares; unused (zero) rows of ΔG
-            # give zero rows/columns in ΔGΔGᵀ, so their diagonal is λ > 0 and their γ is 0.
-            gram = dG @ dG.mT                                     # (*batch, m, m)
-            rhs = dG @ g.unsqueeze(-1)                            # (*batch, m, 1)
-            reg = lam * torch.diagonal(gram, dim1=-2, dim2=-1).amax(-1) + tiny
-            L, info = torch.linalg.cholesky_ex(gram + reg[..., None, None] * eye)
-            gamma = torch.cholesky_solve(rhs, L).squeeze(-1)      # (*batch, m)
-            fallback = (info != 0) | ~torch.isfinite(gamma).all(-1)
-            gamma = where(fallback, torch.zeros_like(gamma), gamma)
-            y_new = y + beta * g - ((dY + beta * dG).mT @ gamma.unsqueeze(-1)).squeeze(-1)
+        # State (batch flattened, 3-d for bmm): X = y + β g, the plain step from the current
+        # iterate; U = ΔX = ΔY + β ΔG and ΔG, (m, nb, n): column j of the maths is the
+        # contiguous block j here, the newest overwriting the oldest in place (the least-squares
+        # step does not depend on the order of the columns; bmm reads the permuted views
+        # (nb, h, n) without a copy); the Gram matrix G = ΔG ΔGᵀ (nb, m, m) and the
+        # right-hand side r = ΔG g (nb, h, 1), kept up to date by two (1, n) @ (n, h) products
+        # per iteration instead of being recomputed (rows of ΔG that did not change keep their
+        # inner products).  Before the history is full only its first h = k rows exist and are
+        # used (the buffers start uninitialized: no zero fill, no reads of garbage).
+        def step(k, y, g, state, active):
+            X, U, dG, G, r = state
+            h = min(k, m)                                         # rows in use
+            if h == 0:                                            # empty history: γ = 0
+                y_new = X
+            else:
+                Gh = G[:, :h, :h]
+                # Normal equations of the regularized least squares, λ = lam · max_j ‖ΔG_j‖² + tiny
+                reg = torch.diagonal(Gh, dim1=-2, dim2=-1).amax(-1, keepdim=True).mul_(lam).add_(tiny)
+                L, info = torch.linalg.cholesky_ex(torch.addcmul(Gh, reg.unsqueeze(-1), eye[:h, :h]))
+                gamma = torch.cholesky_solve(r, L)                # (nb, h, 1)
+                # safeguard: a failed factorization or a non-finite γ takes the plain step γ = 0
+                # (|Σγ| < inf is False for NaN and ±Inf)
+                ok = (info == 0) & (gamma.sum((-2, -1)).abs() < math.inf)
+                gamma = torch.where(ok[:, None, None], gamma, 0.0)
+                # y + β g − (ΔY + β ΔG) γ, as a (1, h) @ (h, n) product: on CPU a batched
+                # (n, h) @ (h, 1) product is several times slower
+                y_new = torch.baddbmm(X.reshape(nb, 1, n), gamma.mT, U[:h].transpose(0, 1), alpha=-1).view(y.shape)
             g_new = fun(y_new)
-            # the newest difference overwrites the oldest, in place (the least-squares step does
-            # not depend on the order of the columns)
-            dY[..., k % m, :] = y_new - y
-            dG[..., k % m, :] = g_new - g
-            return y_new, g_new, (dY, dG), None
+            X_new = torch.add(y_new, g_new, alpha=beta)
+            j = k % m
+            torch.sub(X_new.reshape(nb, n), X.reshape(nb, n), out=U[j])
+            pair = torch.empty(nb, 2, n, dtype=y.dtype, device=y.device)
+            torch.sub(g_new.reshape(nb, n), g.reshape(nb, n), out=pair[:, 0])
+            pair[:, 1] = g_new.reshape(nb, n)
+            dG[j] = pair[:, 0]
+            # the new row (= column) of G and the next right-hand side, from the rows in use
+            dGh = dG[:min(k + 1, m)].permute(1, 2, 0)             # (nb, n, h')
+            prod = torch.bmm(pair, dGh)             # (nb, 2, h')
+            row = prod[:, :1]
+            G[:, j:j + 1, :row.shape[-1]] = row
+            G[:, :row.shape[-1], j:j + 1] = row.mT
+            r = prod[:, 1:].mT           # (nb, h', 1)
+            return y_new, g_new, (X_new, U, dG, G, r), None
 
-        hist = (y.new_zeros(*batch, m, n), y.new_zeros(*batch, m, n))
-        out = iterate(step, y, g, hist, opts, trace=trace, callback=callback,
+        state = (torch.add(y, g, alpha=beta), y.new_empty(m, nb, n), y.new_empty(m, nb, n), y.new_empty(nb, m, m),
+                 None)
+        out = iterate(step, y, g, state, opts, trace=trace, callback=callback,
                       unflatten=lambda t: t.reshape(opts.y0.shape))
     return SolverResult(out.y.reshape(opts.y0.shape), out.info, None, out.trace)
