@@ -5,8 +5,8 @@ equalities ``A z = b``); puzzles are generated in code.  It prints the train/tes
 epoch (a progress bar with tqdm) and writes ``sudoku.png`` (with matplotlib).
 See :mod:`implicitdiff.demos.sudoku`; ``implicitdiff demo sudoku`` runs the same.
 
-Run:  python examples/sudoku.py [--quick] [--out DIR]      (about 2 minutes on one CPU thread;
-      --quick: a 15-second smoke run)
+Run:  python examples/sudoku.py [--quick] [--out DIR]      (about 30 s on one CPU thread;
+      --quick: about 12 s, fewer puzzles and epochs)
 """
 
 import argparse

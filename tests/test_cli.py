@@ -31,11 +31,23 @@ def test_no_command_unknown_command_and_bad_argument_are_usage_errors(capsys):
 
 def test_demo_list_names_the_flagship(capsys):
     assert main(["demo", "--list"]) == 0
-    assert "seed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "seed" in out and "sudoku" in out and "deq" in out
+
+
+def test_flagship_demo_is_the_sudoku_qp_layer(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Sudoku" in out and "final test error" in out
+
+
+def test_deq_demo_runs(tmp_path, capsys):
+    assert main(["demo", "deq", "--quick", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip()
 
 
 def test_demo_runs_prints_and_plots(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "seed", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "ambiguity" in out and "A·dy/db = I" in out
     # the two selections of the note, with their closed forms: ȳ₁/(2a₁) + ȳ₂/(2a₂) = 0.75 and ȳ₂/a₂ = 0.5

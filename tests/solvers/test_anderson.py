@@ -148,3 +148,41 @@ def test_max_iterations_and_options():
     for bad, match in [(dict(m=0), "m must"), (dict(beta=0.0), "beta"), (dict(lam=-1.0), "lam")]:
         with pytest.raises(InputError, match=match):
             anderson(tanh_map, torch.zeros(2, 4, dtype=F64), (W, x), batch_dims=1, **bad)
+
+
+def reference_anderson(F, y0, iters, m, beta, lam):
+    """Anderson type II from its definition, one element, the last m differences as columns."""
+    y, g = y0.clone(), F(y0)
+    dY, dG, out = [], [], []
+    for _ in range(iters):
+        if dG:
+            Gm, Ym = torch.stack(dG, -1), torch.stack(dY, -1)                  # (n, m_k)
+            A = Gm.T @ Gm
+            A = A + (lam * A.diagonal().max() + torch.finfo(y.dtype).tiny) * torch.eye(A.shape[0], dtype=y.dtype)
+            gamma = torch.linalg.solve(A, Gm.T @ g)
+            y_new = y + beta * g - (Ym + beta * Gm) @ gamma
+        else:
+            y_new = y + beta * g
+        g_new = F(y_new)
+        dY, dG = (dY + [y_new - y])[-m:], (dG + [g_new - g])[-m:]
+        y, g = y_new, g_new
+        out.append(y)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("m, beta", [(3, 1.0), (2, 0.7), (6, 1.0)])
+def test_iterates_match_the_definition(m, beta):
+    # the incremental Gram matrix, the ring of differences and the partial history before it is
+    # full give the iterates of the textbook formula (past the wrap-around of the ring)
+    W, x = tanh_problem(_gen(), (3,), 6, F64, norm=1.4)       # not a contraction: Anderson does the work
+    seen = []
+    anderson(tanh_map, torch.zeros(3, 6, dtype=F64), (W, x), batch_dims=1, m=m, beta=beta, rtol=0.0,
+             max_iter=12, callback=lambda k, y, r: seen.append(y.clone()))
+    assert len(seen) == 12
+    for i in range(3):
+        ref = reference_anderson(lambda y: tanh_map(y, W[i], x[i]), torch.zeros(6, dtype=F64), 12, m, beta, 1e-4)
+        assert torch.allclose(torch.stack(seen)[:, i], ref, atol=1e-11, rtol=1e-9)
+        alone = []
+        anderson(tanh_map, torch.zeros(6, dtype=F64), (W[i], x[i]), m=m, beta=beta, rtol=0.0, max_iter=12,
+                 callback=lambda k, y, r: alone.append(y.clone()))
+        assert torch.allclose(torch.stack(alone), ref, atol=1e-11, rtol=1e-9)

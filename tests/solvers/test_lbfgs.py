@@ -129,3 +129,109 @@ def test_bad_input():
         lbfgs(lambda y: (y ** 2).sum(), y0, history=0)
     with pytest.raises(InputError, match="f must be a callable"):
         lbfgs(None, y0)
+
+
+def reference_lbfgs(fun, y0, iters, m):
+    """The documented algorithm for one element with the two-loop recursion (Nocedal & Wright,
+    Algorithm 7.4) instead of the compact form; the iterate after each iteration (trial)."""
+    eps = torch.finfo(y0.dtype).eps
+
+    def value_grad(y):
+        y = y.detach().requires_grad_()
+        v = fun(y)
+        return v.detach(), torch.autograd.grad(v, y)[0]
+
+    y = y0.clone()
+    v, g = value_grad(y)
+    S, R, h0 = [], [], 1 / g.norm()
+    need, out = True, []
+    for _ in range(iters):
+        if need:
+            q, a = g.clone(), []
+            for s, r in reversed(list(zip(S, R))):
+                a.append((s @ q) / (s @ r))
+                q = q - a[-1] * r
+            z = h0 * q
+            for (s, r), ai in zip(zip(S, R), reversed(a)):
+                z = z + (ai - (r @ z) / (s @ r)) * s
+            d, alpha = -z, 1.0
+            if not g @ d < 0:
+                d = -h0 * g
+        slope = g @ d
+        yt = y + alpha * d
+        vt, gt = value_grad(yt)
+        armijo = vt <= v + 1e-4 * alpha * slope
+        wolfe = vt <= v + 1e4 * eps * abs(v) and gt @ d <= (1 - 2e-4) * abs(slope)
+        if armijo or wolfe:
+            s, r = alpha * d, gt - g
+            if s @ r > eps * s.norm() * r.norm():
+                S, R, h0 = (S + [s])[-m:], (R + [r])[-m:], (s @ r) / (r @ r)
+            y, g, v, need = yt, gt, vt, True
+        else:
+            t = -slope * alpha ** 2 / (2 * (vt - v - slope * alpha))
+            t = t if torch.isfinite(t) and t > 0 else 0.1 * alpha
+            alpha, need = min(max(float(t), 0.1 * alpha), 0.5 * alpha), False
+        out.append(y)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("history", [1, 3, 10])
+def test_iterates_match_the_two_loop_recursion(history):
+    # compact representation, ring of pairs (past its wrap-around), skipped trials and the unbatched
+    # host path against the two-loop formula: Rosenbrock backtracks, the logistic loss does not
+    a = torch.tensor([1.0, 2.0], dtype=F64)
+    y0 = torch.tensor([[-1.2, 1.0], [0.5, -0.3]], dtype=F64)
+    seen = []
+    lbfgs(rosenbrock, y0, (a,), batch_dims=1, history=history, rtol=0.0, max_iter=16,
+          callback=lambda k, y, r: seen.append(y.clone()))
+    for i in range(2):
+        ref = reference_lbfgs(lambda y: rosenbrock(y, a[i]), y0[i], 16, history)
+        assert torch.allclose(torch.stack(seen)[:, i], ref, atol=1e-10, rtol=1e-8)
+        alone = []
+        lbfgs(rosenbrock, y0[i], (a[i],), history=history, rtol=0.0, max_iter=16,
+              callback=lambda k, y, r: alone.append(y.clone()))
+        assert torch.allclose(torch.stack(alone), ref, atol=1e-10, rtol=1e-8)
+    g = _gen()
+    X = torch.randn(30, 8, generator=g, dtype=F64)
+    t = (torch.rand(30, generator=g, dtype=F64) < 0.5).to(F64)
+
+    def loss(w):
+        z = w @ X.T
+        return torch.nn.functional.softplus(z).sum(-1) - (z * t).sum(-1) + 0.05 * (w ** 2).sum(-1)
+
+    seen = []
+    lbfgs(loss, torch.zeros(8, dtype=F64), history=history, rtol=0.0, max_iter=12,
+          callback=lambda k, y, r: seen.append(y.clone()))
+    assert torch.allclose(torch.stack(seen), reference_lbfgs(loss, torch.zeros(8, dtype=F64), 12, history),
+                          atol=1e-11, rtol=1e-9)
+
+
+def test_unbatched_host_path_equals_the_masked_path():
+    # check_every = 2 runs the masked (batched) step on the unbatched problem: same iterates in float64
+    A = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=F64)
+    f = lambda y: 0.25 * (y ** 4).sum() + 0.5 * y @ A @ y - y.sum()  # noqa: E731
+    host = lbfgs(f, torch.zeros(3, dtype=F64), trace=True)
+    masked = lbfgs(f, torch.zeros(3, dtype=F64), trace=True, check_every=2)
+    assert host.info.status == masked.info.status == Status.SUCCESS
+    assert host.info.iterations == masked.info.iterations
+    assert torch.equal(host.y, masked.y)
+    assert torch.equal(host.trace, masked.trace[:host.trace.shape[0]])
+
+
+def test_objective_called_inside_torch_func_transforms():
+    # under torch.func.grad the gradients come from torch.func (requires_grad_ is refused there)
+    A = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=F64)
+    f = lambda y, t: 0.5 * y @ A @ y - t @ y + 0.1 * (y ** 4).sum()  # noqa: E731
+    t0 = torch.tensor([1.0, -2.0], dtype=F64)
+    plain = lbfgs(f, torch.zeros(2, dtype=F64), (t0,))
+
+    def outer(t):
+        res = lbfgs(f, torch.zeros(2, dtype=F64), (t,))
+        assert res.info.status == Status.SUCCESS
+        return (res.y * t).sum()          # res.y carries no gradient: d/dt = res.y
+
+    grad = torch.func.grad(outer)(t0)
+    assert torch.allclose(grad, plain.y, atol=1e-12, rtol=0)
+    # the objective is found flat where it does not depend on y: ∇f = 0 at y0, nothing to do
+    flat = lbfgs(lambda y: torch.tensor(3.0, dtype=F64), torch.ones(2, dtype=F64))
+    assert flat.info.status == Status.SUCCESS and flat.info.iterations == 0

@@ -187,3 +187,61 @@ def test_every_root_solver_checks_F(name):
         solver(lambda y: y.float(), y0)
     res = solver(lambda y: 0.5 * (1.0 - y), y0, max_iter=60)
     assert isinstance(res, SolverResult) and res.info.status.shape == ()
+
+
+def _scenario(name):
+    """A step for one element (shape (*, 2)) and the options that exercise one way of stopping."""
+    def step(k, y, f, extra, active):
+        y_new = 0.5 * y
+        code = None
+        if name == "nonfinite" and k == 2:
+            y_new = torch.full_like(y, float("nan"))
+        if name == "inf_iterate_finite_residual" and k == 1:    # F finite, y not: still NONFINITE
+            y_new = torch.full_like(y, float("inf"))
+            return y_new, torch.ones_like(y), extra, None
+        if name == "code":
+            code = torch.full(y.shape[:-1], int(Status.BREAKDOWN) if k == 3 else 0, dtype=torch.int64)
+        if name == "diverge":
+            y_new = 3.0 * y
+        return y_new, y_new.clone(), extra, code
+
+    kw = dict(max_iter=7) if name == "max_iter" else {}
+    return step, kw
+
+
+@pytest.mark.parametrize("name", ["converge", "nonfinite", "inf_iterate_finite_residual", "code", "diverge",
+                                  "max_iter", "exact_start"])
+def test_unbatched_host_path_matches_the_batched_loop(name):
+    # batch_dims = 0 with check_every = 1 runs the host-side loop; the same element in a batch of
+    # one (masks) and with check_every = 3 (masks, idle steps) must end in the same state
+    step, kw = _scenario(name)
+    y0 = torch.zeros(2, dtype=F64) if name == "exact_start" else torch.tensor([1.0, -2.0], dtype=F64)
+    seen = []
+    one = iterate(step, y0, y0.clone(), (), _opts(y0, batch_dims=0, **kw), trace=True,
+                  callback=lambda k, y, r: seen.append((k, y.clone(), r.clone())))
+    assert one.info.status.shape == () and one.info.iterations.shape == ()
+    for check_every in (1, 3):
+        many = iterate(step, y0[None], y0[None].clone(), (), _opts(y0[None], check_every=check_every, **kw),
+                       trace=True)
+        assert one.info.status == many.info.status[0] and one.info.iterations == many.info.iterations[0]
+        assert torch.equal(one.y, many.y[0]) and torch.equal(one.info.residual, many.info.residual[0])
+        rows = one.trace.shape[0]
+        assert torch.equal(one.trace, many.trace[:rows, 0])
+        assert (many.trace[rows:, 0] == one.trace[-1]).all()      # idle steps change nothing
+    expected = {"converge": Status.SUCCESS, "nonfinite": Status.NONFINITE, "code": Status.BREAKDOWN,
+                "inf_iterate_finite_residual": Status.NONFINITE, "diverge": Status.DIVERGED,
+                "max_iter": Status.MAX_ITERATIONS, "exact_start": Status.SUCCESS}[name]
+    assert one.info.status == expected
+    assert [s[0] for s in seen] == list(range(1, int(one.info.iterations) + 1))
+    assert torch.isfinite(one.y).all()
+
+
+def test_every_element_moving_then_some_stopping():
+    # the loop skips its masks while every element moves; once one stops, its state is frozen
+    rates = [0.5, 0.2, 0.8, 0.3]
+    y0 = torch.ones(4, 3, dtype=F64)
+    out = iterate(_contract(rates), y0, y0.clone(), (), _opts(y0, rtol=1e-6))
+    expected = [_needed(r, 1e-6) for r in rates]
+    assert out.info.iterations.tolist() == expected
+    for i, (r, k) in enumerate(zip(rates, expected)):
+        assert torch.allclose(out.y[i], torch.full((3,), r ** k, dtype=F64), rtol=1e-13)

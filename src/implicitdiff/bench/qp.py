@@ -367,6 +367,7 @@ def _plot(rows, sweep, path):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print(f"matplotlib is not installed: skipping the plot {path} (pip install matplotlib)")
         return None
@@ -376,21 +377,24 @@ def _plot(rows, sweep, path):
         if not sel:
             continue
         ns = [r["n"] for r in sel]
-        for key, style, lab in (("ours_ms", "-", "ours"), ("qpth_ms", "--", "qpth"),
-                                ("cvxpylayers_ms", ":", "cvxpylayers*")):
+        for key, style, lab, color in (("ours_ms", "-", "ours", "tab:blue"), ("qpth_ms", "--", "qpth", "tab:orange"),
+                                       ("cvxpylayers_ms", ":", "cvxpylayers*", "tab:gray")):
             ys = [r.get(key) for r in sel]
             if all(y is not None for y in ys):
-                axes[0].plot(ns, ys, style + marker, label=f"{lab} ({fam})")
+                axes[0].plot(ns, ys, style + marker, color=color, label=f"{lab} ({fam})")
     axes[0].set_xlabel("n (batch 128, m = n; lp: m = 2.5n)")
     axes[0].set_ylabel("forward + backward [ms]")
     axes[0].set_yscale("log")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, ncol=3, loc="upper left")
+    axes[0].set_ylim(top=axes[0].get_ylim()[1] * 8)  # room for the legend
     bs = [s["batch"] for s in sweep]
-    for key, style in (("ours_ms", "-o"), ("qpth_ms", "--s")):
+    for key, style, color in (("ours_ms", "-o", "tab:blue"), ("qpth_ms", "--s", "tab:orange")):
         if all(key in s for s in sweep):
-            axes[1].plot(bs, [s[key] for s in sweep], style, label=key[:-3])
+            axes[1].plot(bs, [s[key] for s in sweep], style, color=color, label=key[:-3])
     axes[1].set_xscale("log")
     axes[1].set_yscale("log")
+    axes[1].set_xticks(bs, [str(b_) for b_ in bs])
+    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[1].set_xlabel("batch size (n = 50, m = 50, k = 10)")
     axes[1].set_ylabel("forward + backward [ms]")
     axes[1].legend(fontsize=8)

@@ -39,9 +39,21 @@ DEMOS = {
         "and a non-square fit learned through linear_solve",
         "implicitdiff.demos.seed:main",
     ),
+    "sudoku": Demo(
+        "sudoku",
+        "OptNet's 4×4 mini-Sudoku: a QP layer learns the rules of Sudoku as its equality constraints "
+        "(puzzles generated in code; ~30 s, --quick ~12 s)",
+        "implicitdiff.demos.sudoku:main",
+    ),
+    "deq": Demo(
+        "deq",
+        "a deep equilibrium classifier on three spirals: per-sample convergence, implicit gradients equal "
+        "to unrolled autograd at constant memory",
+        "implicitdiff.demos.deq:run",
+    ),
 }
 
-FLAGSHIP = "seed"
+FLAGSHIP = "sudoku"
 """The demo that ``implicitdiff demo`` runs without a name."""
 
 

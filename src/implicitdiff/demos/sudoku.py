@@ -138,7 +138,7 @@ def run(args=None, *, quick=None, out=None, plot=True, progress_bar=True) -> dic
     quick = bool(getattr(args, "quick", False)) if quick is None else quick
     out = (getattr(args, "out", None) or ".") if out is None else out
     g = torch.Generator().manual_seed(0)
-    n_train, n_test, epochs, batch = (400, 100, 3, 100) if quick else (1500, 300, 14, 150)
+    n_train, n_test, epochs, batch = (800, 200, 10, 100) if quick else (1500, 300, 14, 150)
     t0 = time.perf_counter()
     with threads(1):
         X, Y = make_puzzles(n_train + n_test, generator=g)

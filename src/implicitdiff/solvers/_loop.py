@@ -22,6 +22,17 @@ contributes only a ``step``; this module owns what is common:
   1 on CPU where reading is free, 8 on CUDA), so on a GPU up to
   ``check_every − 1`` idle steps run after the last element converged (they
   change nothing: every element is frozen).
+* **Where reading is free** (``check_every = 1``) the loop also reads whether
+  every element moved, and then skips the masks (the common case until the
+  first element stops); and one problem (``batch_dims = 0``) runs a host-side
+  loop: one read of ``‖F‖`` per iteration, statuses as Python values, and
+  a step that may branch in Python (:func:`single`).  The outcome is that of
+  the masked loop (``tests/solvers/test_loop.py`` checks it).
+
+Per-iteration cost matters here: on CPU each small tensor operation costs a
+few microseconds, as much as a (64, 256) elementwise pass, so the loop keeps
+about a dozen of them per iteration and derives the statuses once, at the end,
+from the final state.
 """
 
 from __future__ import annotations
@@ -196,6 +207,7 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
     # hits NaN/Inf (it stays at its last finite iterate, whose ‖F‖ lies in (tol, limit]) or its
     # step reports a code (kept in ``failed_code``).
     eager = opts.check_every == 1            # reading on the host is allowed every iteration (CPU default)
+    counted = 0                              # iterations in which every element ran, not yet in ``iterations``
     for k in range(opts.max_iter):
         if k % opts.check_every == 0 and not bool(active.any()):   # the host sync
             break
@@ -207,15 +219,17 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
             failed = active & (code != 0)
             failed_code = torch.where(failed, code, 0 if failed_code is None else failed_code)
             move = move & ~failed
-        if eager and bool(move.all()):       # every element moves (typical until the first stops): no masks
-            y, f, fn = y_new, f_new, fn_new
-        else:
-            y, f, fn = where(move, y_new, y), where(move, f_new, f), torch.where(move, fn_new, fn)
-        iterations = iterations + active
         go = fn_new > tol                                  # NaN: False
         if divergence:
             go = go & (fn_new <= limit)
-        active = move & go
+        if eager and bool(move.all()):       # every element moves (typical until the first stops): no masks
+            y, f, fn = y_new, f_new, fn_new
+            counted += 1                     # every element was active
+            active = go
+        else:
+            y, f, fn = where(move, y_new, y), where(move, f_new, f), torch.where(move, fn_new, fn)
+            iterations = iterations + active
+            active = move & go
         if rows is not None:
             rows.append(fn)
         if callback is not None:
@@ -230,7 +244,7 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
         status = torch.where(failed_code != 0, failed_code, status)
     status = torch.where(nonfinite0, int(Status.NONFINITE), status)
     residual = fn / torch.clamp(f0, min=tiny)
-    info = SolveInfo(status, residual, iterations)
+    info = SolveInfo(status, residual, iterations + counted if counted else iterations)
     return LoopResult(y, f, extra, info, torch.stack(rows) if rows is not None else None)
 
 

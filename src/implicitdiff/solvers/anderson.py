@@ -33,6 +33,12 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
     plain Picard step instead, so a rank-deficient history (repeated
     directions, a stalled element) cannot crash or poison the batch.
 
+    Cost per iteration, beyond the one evaluation of ``F``: two passes over
+    ``ΔG`` (the new row of ``ΔGᵀΔG``, updated in place rather than recomputed,
+    and ``ΔGᵀg``), one over ``ΔY + βΔG`` (kept instead of ``ΔY``), an ``m × m``
+    Cholesky, and about 25 small tensor operations (width 256, batch 64,
+    float64, one CPU thread: ≈ 0.25 ms against 0.5 ms for the cell of a DEQ).
+
     Args:
         F: residual, ``F(y, *params)`` returns a tensor of ``y``'s shape, acting
             on the batch elements independently.
@@ -108,17 +114,13 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
             X_new = torch.add(y_new, g_new, alpha=beta)
             j = k % m
             torch.sub(X_new.reshape(nb, n), X.reshape(nb, n), out=U[j])
-            pair = torch.empty(nb, 2, n, dtype=y.dtype, device=y.device)
-            torch.sub(g_new.reshape(nb, n), g.reshape(nb, n), out=pair[:, 0])
-            pair[:, 1] = g_new.reshape(nb, n)
-            dG[j] = pair[:, 0]
+            torch.sub(g_new.reshape(nb, n), g.reshape(nb, n), out=dG[j])
             # the new row (= column) of G and the next right-hand side, from the rows in use
             dGh = dG[:min(k + 1, m)].permute(1, 2, 0)             # (nb, n, h')
-            prod = torch.bmm(pair, dGh)             # (nb, 2, h')
-            row = prod[:, :1]
+            row = torch.bmm(dG[j].unsqueeze(1), dGh)             # (nb, 1, h')
             G[:, j:j + 1, :row.shape[-1]] = row
             G[:, :row.shape[-1], j:j + 1] = row.mT
-            r = prod[:, 1:].mT           # (nb, h', 1)
+            r = torch.bmm(g_new.reshape(nb, 1, n), dGh).mT           # (nb, h', 1)
             return y_new, g_new, (X_new, U, dG, G, r), None
 
         state = (torch.add(y, g, alpha=beta), y.new_empty(m, nb, n), y.new_empty(m, nb, n), y.new_empty(nb, m, m),

@@ -2,40 +2,136 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 from .._core.errors import InputError
 from .._core.status import Status
-from ._loop import int_option, iterate, norm, options, where
+from ._loop import int_option, iterate, norm, options, single
 from .result import SolverResult
 
 __all__ = ["lbfgs"]
 
 _ARMIJO = 1e-4       # sufficient decrease constant c
 _MIN_STEP = 1e-10    # line search gives up (BREAKDOWN) below this step length (relative to the first trial)
+_BREAKDOWN = int(Status.BREAKDOWN)
+
+# ----------------------------------------------------------------------------- the pairs, in compact form
+# The inverse Hessian of L-BFGS from the pairs S = [s_1 … s_k], Y = [r_1 … r_k] (n × k, oldest first)
+# and H₀ = h0 I is, in the compact form of Byrd, Nocedal & Schnabel (1994, Thm 2.2),
+#
+#     H = h0 I + [S  h0 Y] [[R⁻ᵀ(D + h0 YᵀY)R⁻¹, −R⁻ᵀ], [−R⁻¹, 0]] [Sᵀ; h0 Yᵀ]
+#
+# with R = triu(SᵀY) (R_ij = s_iᵀ r_j, i ≤ j) and D = diag(SᵀY); it equals the two-loop recursion.
+# With a = Sᵀg, b = Yᵀg, q = R⁻¹ a and p = R⁻ᵀ((D + h0 YᵀY) q − h0 b):
+#
+#     H g = h0 g + S p − h0 Y q
+#
+# so one direction costs two products with the stored pairs and two m × m triangular solves, not
+# the 4m vector operations of the two-loop.  Storage, per element (the batch flattened to nb):
+#
+# * SY (nb, 2m + 1, n): s in rows [0, m), r in rows [m, 2m), a ring — pair number c goes to slot
+#   c mod m, overwriting the oldest; row 2m is scratch (a batched step writes the pair of an
+#   element that keeps nothing there).  Unused rows are zero.
+# * SS (2, nb, m, m) = [SᵀY, YᵀY] in *time* order, newest last, the unused (leading) positions
+#   zero.  Time position t is ring slot (c + t) mod m, for c < m too (the unused positions are
+#   then the zero slots c … m − 1), so a new pair drops position 0 and appends one row and column,
+#   its inner products with the ring (one (2, n) @ (n, 2m) product); nothing is reordered.
+# * RM (2, nb, m, m) = [R + I on the unused positions (invertible), D + h0 YᵀY], each contiguous:
+#   LAPACK's batched triangular solve rounds a strided batch differently, and an element must
+#   get the same iterates in any batch.  nh0 (nb, 1, 1) = −h0; c: pairs stored so far.
 
 
-def _two_loop(g, S, Yv, rho, h0):
-    """``−H g`` for the L-BFGS inverse Hessian ``H`` built from pairs ``(S_j, Yv_j)``.
+class _Tables:
+    """Index and mask tables of a history of ``m`` pairs."""
 
-    ``S, Yv``: ``(*batch, m, n)`` oldest first; ``rho = 1/(sᵀy)`` (0 for unused
-    slots, which makes them no-ops); ``h0``: ``(*batch,)`` scale of ``H₀ = h0 I``.
+    def __init__(self, m: int, dtype, device):
+        t = torch.arange(m, device=device)
+        rot = (t[:, None] + t[None, :]) % m          # rot[c mod m, t]: ring slot of time position t
+        back = (t[None, :] - t[:, None]) % m         # back[c mod m, slot]: its time position
+        self.perm = torch.cat([rot, rot + m], -1).unsqueeze(1)    # (m, 1, 2m): [S, Y] slots → time order
+        self.inv = torch.cat([back, back + m], -1).unsqueeze(1)   # (m, 1, 2m): back to slots
+        used = torch.arange(m + 1, device=device)[:, None]
+        self.unused = torch.diag_embed((t[None, :] < m - used).to(dtype))   # [min(c, m)]: I on unused
+        self.triu = torch.ones(m, m, dtype=dtype, device=device).triu()
+        self.eye = torch.eye(m, dtype=dtype, device=device)
+
+
+def _direction(g, SY, RM, nh0, perm, inv):
+    """``d = −H g`` (compact form above); ``g`` (nb, 1, n) -> (nb, 1, n)."""
+    m = RM.shape[-1]
+    pairs = SY[:, :2 * m]
+    ab = torch.take_along_dim(torch.bmm(g, pairs.mT), perm, -1).mT    # [Sᵀg; Yᵀg] (nb, 2m, 1), time order
+    q = torch.linalg.solve_triangular(RM[0], ab[:, :m], upper=True)   # R⁻¹ a
+    p = torch.linalg.solve_triangular(RM[0].mT, torch.baddbmm(ab[:, m:] * nh0, RM[1], q), upper=False)
+    coef = torch.take_along_dim(torch.cat([p, q * nh0], 1).mT, inv, -1)   # [p, −h0 q] by ring slot
+    return torch.baddbmm(g * nh0, coef, pairs, alpha=-1)               # −(h0 g + S p − h0 Y q)
+
+
+def _appended(SS, SY, V, perm, unused, tab):
+    """``(SS, RM, nh0)`` once the pair ``V = [s; r]`` (nb, 2, n) is in the ring (newest at time
+    position m − 1 of ``perm``); time position 0 is dropped."""
+    nb, m = V.shape[0], SS.shape[-1]
+    Pt = torch.take_along_dim(torch.bmm(V, SY[:, :2 * m].mT), perm, -1)   # [sᵀS sᵀY; rᵀS rᵀY], time order
+    rows = Pt[:, :, m:].transpose(0, 1)                             # [sᵀY, rᵀY] (2, nb, m): new last rows
+    cols = Pt[:, 1].view(nb, 2, m)[:, :, :-1].transpose(0, 1)       # [Sᵀr, Yᵀr] (2, nb, m − 1): last columns
+    SS = torch.cat([torch.cat([SS[:, :, 1:, 1:], cols.unsqueeze(-1)], -1), rows.unsqueeze(-2)], -2)
+    sty, yty = SS[0], SS[1]
+    nh0 = -(sty[:, -1:, -1:] / yty[:, -1:, -1:])                    # −sᵀr / rᵀr of the newest pair
+    RM = torch.stack([torch.addcmul(unused, sty, tab.triu), torch.addcmul(sty * tab.eye, nh0, yty, value=-1)])
+    return SS, RM, nh0
+
+
+def _objective(f: Callable, shape, batch, nb: int, params, dtype):
+    """``evaluate(y) -> (v, g)`` for flattened ``y`` (nb, n): values (nb,) and gradients (nb, n).
+
+    Plain ``torch.autograd.grad`` on a leaf copy of ``y`` (cheaper than ``torch.func``);
+    ``torch.func.grad_and_value`` when a ``torch.func`` transform is active (``requires_grad_``
+    is refused there) or under inference mode.  The first call checks what ``f`` returns.
     """
-    # Nocedal & Wright, Algorithm 7.4, batched over the leading dims; the Python loop
-    # runs over the history (m terms), not over the batch.
-    m = S.shape[-2]
-    q = g
-    a = [None] * m
-    for i in reversed(range(m)):
-        a[i] = rho[..., i] * (S[..., i, :] * q).sum(-1)
-        q = q - a[i].unsqueeze(-1) * Yv[..., i, :]
-    r = h0.unsqueeze(-1) * q
-    for i in range(m):
-        b = rho[..., i] * (Yv[..., i, :] * r).sum(-1)
-        r = r + (a[i] - b).unsqueeze(-1) * S[..., i, :]
-    return -r
+    try:
+        from torch._C._functorch import peek_interpreter_stack
+        transformed = peek_interpreter_stack() is not None
+    except ImportError:  # pragma: no cover - very old torch
+        transformed = True
+    plain = not transformed and not torch.is_inference_mode_enabled()
+    checked = []
+
+    def check(v):
+        if not isinstance(v, torch.Tensor) or v.shape != batch:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise InputError(f"f(y, *params) must return one objective per batch element, shape {tuple(batch)} "
+                             f"(batch_dims={len(batch)}), got {got}; sum or select the objective per element")
+        if v.dtype != dtype:
+            raise InputError(f"f(y, *params) returned {v.dtype} for y of {dtype}; make f keep y's dtype")
+        checked.append(True)
+
+    def total(yf):
+        v = f(yf.reshape(shape), *params)
+        return v.sum(), v
+
+    value_and_grad = torch.func.grad_and_value(total, has_aux=True)
+
+    def evaluate(yf):
+        if plain:
+            with torch.enable_grad():
+                yy = yf.detach().requires_grad_()
+                v = f(yy.reshape(shape), *params)
+                if not checked:
+                    check(v)
+                g = None
+                if v.requires_grad:                    # else f does not depend on y: ∇f = 0
+                    (g,) = torch.autograd.grad(v.sum() if batch else v, yy, allow_unused=True)
+            return v.detach().reshape(nb), torch.zeros_like(yf) if g is None else g
+        if not checked:
+            with torch.no_grad():
+                check(f(yf.reshape(shape), *params))
+        g, (_, v) = value_and_grad(yf)
+        return v.reshape(nb), g
+
+    return evaluate
 
 
 def lbfgs(f: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=0.0, max_iter: int = 200,
@@ -45,9 +141,11 @@ def lbfgs(f: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=
 
     ``f`` returns one objective per batch element (shape ``y0.shape[:batch_dims]``;
     a scalar when ``batch_dims = 0``) and must not couple the elements.  The
-    gradients ``∇f`` of every element come from one ``torch.func.grad`` of
-    ``f(...).sum()``.  The direction ``d = −H ∇f`` uses the last ``history``
-    pairs ``s = Δy, r = Δ∇f`` (two-loop recursion, ``H₀ = (sᵀr / rᵀr) I`` from the
+    gradients ``∇f`` of every element come from one ``torch.autograd.grad`` of
+    ``f(...).sum()`` (``torch.func.grad`` when called inside a ``torch.func``
+    transform).  The direction ``d = −H ∇f`` uses the last ``history``
+    pairs ``s = Δy, r = Δ∇f`` (compact representation of Byrd, Nocedal &
+    Schnabel, equal to the two-loop recursion; ``H₀ = (sᵀr / rᵀr) I`` from the
     newest pair; the first direction is ``−∇f / ‖∇f‖``); a pair with
     ``sᵀr ≤ eps‖s‖‖r‖`` (no positive curvature) is not stored.  The trial
     ``y + α d`` (``α = 1`` first) is accepted on the Armijo condition
@@ -58,7 +156,9 @@ def lbfgs(f: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=
     tolerances far below what ``f``'s rounding can resolve.  A rejected trial
     shrinks ``α`` by safeguarded quadratic interpolation (into ``[0.1α, 0.5α]``);
     every trial is one iteration, so each element backtracks on its own with no
-    host sync.
+    host sync.  Unbatched with ``check_every = 1`` (the CPU default), the
+    line-search decisions are read on the host instead (no masking; scalar
+    arithmetic in double precision), with the same iterates in float64.
 
     Stopping rule, per element ``i`` (norms over the non-batch dims)::
 
@@ -66,7 +166,7 @@ def lbfgs(f: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=
 
     Args:
         f: objective, ``f(y, *params)`` -> tensor of the batch shape;
-            differentiable by ``torch.func.grad``.
+            differentiable by autograd.
         y0: starting point, ``(*batch, *event)``, float32/float64.
         params: tuple of extra arguments of ``f`` (used detached).
         rtol, atol: the stopping rule above.
@@ -79,7 +179,8 @@ def lbfgs(f: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=
     Returns:
         :class:`SolverResult` ``(y, info, None, trace)``; ``info.residual`` is
         ``‖∇f(y)‖ / ‖∇f(y0)‖``.  Failure modes per element: ``MAX_ITERATIONS``,
-        ``NONFINITE`` (the element keeps its last finite iterate),
+        ``NONFINITE`` (the element keeps its last finite iterate; a trial whose
+        ``y + ∇f`` overflows counts as non-finite and is backtracked),
         ``BREAKDOWN`` (no acceptable step before the step became too small to
         change ``y`` or ``α < 1e-10``: the gradient tolerance is below the
         attainable accuracy, or ``f`` is not smooth).
@@ -97,78 +198,143 @@ def lbfgs(f: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=
     """
     opts = options(y0, params, rtol=rtol, atol=atol, max_iter=max_iter, batch_dims=batch_dims,
                    check_every=check_every, callback=callback)
-    history = int_option("history", history, 1)
+    m = int_option("history", history, 1)
     if not callable(f):
         raise InputError(f"f must be a callable f(y, *params) -> objective per batch element, got {f!r}")
-    shape, batch, n, params = opts.y0.shape, opts.batch_shape, opts.n, opts.params
-    flat = (*batch, n)
-
-    def total(yf):
-        v = f(yf.reshape(shape), *params)
-        return v.sum(), v
-
-    value_and_grad = torch.func.grad_and_value(total, has_aux=True)
-
-    def evaluate(yf):
-        g, (_, v) = value_and_grad(yf)
-        return v, g
-
+    shape, batch, n = opts.y0.shape, opts.batch_shape, opts.n
+    nb = math.prod(batch)
+    dt, dev = opts.y0.dtype, opts.y0.device
+    evaluate = _objective(f, shape, batch, nb, opts.params, dt)
     with torch.no_grad():
-        v0 = f(opts.y0, *params)
-        if not isinstance(v0, torch.Tensor) or v0.shape != batch:
-            got = tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__
-            raise InputError(f"f(y, *params) must return one objective per batch element, shape {tuple(batch)} "
-                             f"(batch_dims={len(batch)}), got {got}; sum or select the objective per element")
-        if v0.dtype != opts.y0.dtype:
-            raise InputError(f"f(y, *params) returned {v0.dtype} for y of {opts.y0.dtype}; make f keep y's dtype")
-        y = opts.y0.reshape(flat)
+        y = opts.y0.reshape(nb, n)
         v, g = evaluate(y)
-        eps = torch.finfo(y.dtype).eps
-        h_first = 1.0 / torch.clamp(norm(g), min=torch.finfo(y.dtype).tiny)
-
-        def step(k, y, g, state, active):
-            v, d, alpha, need, S, Yv, rho, h0 = state
-            # a new direction where the last trial was accepted (the two-loop is cheap: always formed)
-            d_new = _two_loop(g, S, Yv, rho, h0)
-            slope_new = (g * d_new).sum(-1)
-            descent = torch.isfinite(slope_new) & (slope_new < 0)
-            d_new = where(descent, d_new, -h0.unsqueeze(-1) * g)     # safeguard: scaled steepest descent
-            d = where(need, d_new, d)
-            alpha = torch.where(need, torch.ones_like(alpha), alpha)
-            slope = (g * d).sum(-1)                                    # φ'(0) = ∇fᵀd < 0
-            y_t = y + alpha.unsqueeze(-1) * d
-            v_t, g_t = evaluate(y_t)
-            finite = torch.isfinite(v_t) & torch.isfinite(g_t).all(-1) & torch.isfinite(y_t).all(-1)
-            armijo = v_t <= v + _ARMIJO * alpha * slope
-            flat_f = v_t <= v + 1e4 * eps * v.abs()
-            approx_wolfe = flat_f & ((g_t * d).sum(-1) <= (1 - 2 * _ARMIJO) * slope.abs())
-            accept = finite & (armijo | approx_wolfe)
-            # quadratic through φ(0), φ'(0), φ(α): minimizer t* = −φ'(0) α² / (2 (φ(α) − φ(0) − φ'(0) α))
-            t_star = -slope * alpha * alpha / (2 * (v_t - v - slope * alpha))
-            t_star = torch.where(torch.isfinite(t_star) & (t_star > 0), t_star, 0.1 * alpha)
-            shrunk = torch.minimum(torch.maximum(t_star, 0.1 * alpha), 0.5 * alpha)
-            # stagnation: the next trial could not move y (or α is negligible), or an accepted
-            # step left y unchanged — ∇f sits at its rounding floor
-            tiny_step = (y + shrunk.unsqueeze(-1) * d == y).all(-1) | (shrunk < _MIN_STEP)
-            stalled = (~accept & tiny_step) | (accept & (y_t == y).all(-1))
-            code = torch.where(stalled, int(Status.BREAKDOWN), 0)
-            # store the pair (s, r) of an accepted step with positive curvature
-            s = alpha.unsqueeze(-1) * d
-            r = g_t - g
-            sr = (s * r).sum(-1)
-            curv = accept & torch.isfinite(sr) & (sr > eps * norm(s) * norm(r))
-            safe_sr = torch.where(curv, sr, torch.ones_like(sr))
-            S = where(curv, torch.cat([S[..., 1:, :], s.unsqueeze(-2)], -2), S)
-            Yv = where(curv, torch.cat([Yv[..., 1:, :], r.unsqueeze(-2)], -2), Yv)
-            rho = where(curv, torch.cat([rho[..., 1:], (1 / safe_sr).unsqueeze(-1)], -1), rho)
-            h0 = torch.where(curv, sr / torch.where(curv, (r * r).sum(-1), torch.ones_like(sr)), h0)
-            alpha = torch.where(accept, alpha, shrunk)
-            y_next, g_next, v_next = where(accept, y_t, y), where(accept, g_t, g), torch.where(accept, v_t, v)
-            return y_next, g_next, (v_next, d, alpha, accept, S, Yv, rho, h0), code
-
-        state = (v, torch.zeros_like(y), torch.ones_like(v), torch.ones(batch, dtype=torch.bool, device=y.device),
-                 y.new_zeros(*batch, history, n), y.new_zeros(*batch, history, n), y.new_zeros(*batch, history),
-                 h_first)
-        out = iterate(step, y, g, state, opts, trace=trace, callback=callback,
-                      unflatten=lambda t: t.reshape(shape), divergence=False)
+        tab = _Tables(m, dt, dev)
+        memory = (y.new_zeros(nb, 2 * m + 1, n),                        # SY
+                  y.new_zeros(2, nb, m, m),                             # SS
+                  torch.stack([tab.unused[0].expand(nb, m, m), y.new_zeros(nb, m, m)]),   # RM: R = I, M = 0
+                  (-1.0 / torch.clamp(norm(g), min=torch.finfo(dt).tiny)).reshape(nb, 1, 1))   # −h0
+        run = (_Single if single(opts) else _Batched)(evaluate, nb, n, m, torch.finfo(dt).eps, tab)
+        state = run.init(v, y, *memory)
+        out = iterate(run.step, y.reshape(*batch, n), g.reshape(*batch, n), state, opts, trace=trace,
+                      callback=callback, unflatten=lambda t: t.reshape(shape), divergence=False)
     return SolverResult(out.y.reshape(shape), out.info, None, out.trace)
+
+
+class _Batched:
+    """Every element advances each iteration; the line-search decisions are masks (no host sync)."""
+
+    def __init__(self, evaluate, nb, n, m, eps, tab):
+        self.evaluate, self.nb, self.n, self.m, self.eps, self.tab = evaluate, nb, n, m, eps, tab
+        self.offset = torch.tensor([0, m], device=tab.eye.device)
+
+    def init(self, v, y, SY, SS, RM, nh0):
+        nb = self.nb
+        # (v, d, α, need a new direction, SY, SS, RM, −h0, c)
+        return (v, torch.zeros_like(y), torch.ones_like(v), torch.ones(nb, dtype=torch.bool, device=y.device),
+                SY, SS, RM, nh0, torch.zeros(nb, dtype=torch.int64, device=y.device))
+
+    def step(self, k, y, g, state, active):
+        nb, n, m, eps, tab = self.nb, self.n, self.m, self.eps, self.tab
+        v, d, alpha, need, SY, SS, RM, nh0, c = state
+        shape = y.shape
+        y, g = y.reshape(nb, n), g.reshape(nb, n)
+        slot = c % m
+        # a new direction where the last trial was accepted (formed for all: cheap)
+        d_new = _direction(g.unsqueeze(1), SY, RM, nh0, tab.perm[slot], tab.inv[slot]).squeeze(1)
+        slope_new = (g * d_new).sum(-1)
+        descent = (slope_new < 0) & (slope_new > -math.inf)
+        d_new = torch.where(descent.unsqueeze(-1), d_new, g * nh0.view(nb, 1))   # safeguard: scaled −∇f
+        d = torch.where(need.unsqueeze(-1), d_new, d)
+        alpha = torch.where(need, 1.0, alpha)
+        slope = (g * d).sum(-1)                                        # φ'(0) = ∇fᵀd < 0
+        y_t = y + alpha.unsqueeze(-1) * d
+        v_t, g_t = self.evaluate(y_t)
+        # non-finite v, ∇f or y (or y + ∇f overflowing): the trial is not accepted
+        finite = (v_t + ((g_t + y_t) * 0).sum(-1)).abs() < math.inf
+        armijo = v_t <= v + _ARMIJO * alpha * slope
+        flat_f = v_t <= v + 1e4 * eps * v.abs()
+        approx_wolfe = flat_f & ((g_t * d).sum(-1) <= (1 - 2 * _ARMIJO) * slope.abs())
+        accept = finite & (armijo | approx_wolfe)
+        # quadratic through φ(0), φ'(0), φ(α): minimizer t* = −φ'(0) α² / (2 (φ(α) − φ(0) − φ'(0) α))
+        t_star = -slope * alpha * alpha / (2 * (v_t - v - slope * alpha))
+        t_star = torch.where((t_star > 0) & (t_star < math.inf), t_star, 0.1 * alpha)
+        shrunk = torch.minimum(torch.maximum(t_star, 0.1 * alpha), 0.5 * alpha)
+        # stagnation: the next trial could not move y (or α is negligible), or an accepted
+        # step left y unchanged — ∇f sits at its rounding floor
+        tiny_step = (y + shrunk.unsqueeze(-1) * d == y).all(-1) | (shrunk < _MIN_STEP)
+        stalled = (~accept & tiny_step) | (accept & (y_t == y).all(-1))
+        code = torch.where(stalled, _BREAKDOWN, 0)
+        # store the pair (s, r) of an accepted step with positive curvature sᵀr > eps ‖s‖ ‖r‖
+        V = torch.stack([alpha.unsqueeze(-1) * d, g_t - g], 1)        # (nb, 2, n)
+        Q = torch.bmm(V, V.mT)
+        curv = accept & (Q[:, 0, 1] > eps * Q[:, 0, 0].sqrt() * Q[:, 1, 1].sqrt())   # NaN: False
+        rows = torch.where(curv.unsqueeze(-1), slot.unsqueeze(-1) + self.offset, 2 * m)   # else scratch row 2m
+        SY.scatter_(1, rows.unsqueeze(-1).expand(nb, 2, n), V)
+        c = c + curv
+        SS_new, RM_new, nh0_new = _appended(SS, SY, V, tab.perm[c % m], tab.unused[torch.clamp(c, max=m)], tab)
+        SS = torch.where(curv.view(nb, 1, 1), SS_new, SS)
+        RM = torch.where(curv.view(nb, 1, 1), RM_new, RM)
+        nh0 = torch.where(curv.view(nb, 1, 1), nh0_new, nh0)
+        alpha = torch.where(accept, alpha, shrunk)
+        y_next, g_next = torch.where(accept.unsqueeze(-1), y_t, y), torch.where(accept.unsqueeze(-1), g_t, g)
+        v_next = torch.where(accept, v_t, v)
+        return y_next.reshape(shape), g_next.reshape(shape), (v_next, d, alpha, accept, SY, SS, RM, nh0, c), \
+            code.reshape(shape[:-1])
+
+
+class _Single:
+    """One problem read on the host every iteration (:func:`~._loop.single`): Python branches instead
+    of masks — a direction only after an accepted trial, the pair products only when one is stored.
+
+    The vector arithmetic is the batched step's (nb = 1), the scalar decisions are Python floats:
+    in float64 both take the same decisions on the same values.
+    """
+
+    def __init__(self, evaluate, nb, n, m, eps, tab):
+        self.evaluate, self.n, self.m, self.eps, self.tab = evaluate, n, m, eps, tab
+
+    def init(self, v, y, SY, SS, RM, nh0):
+        self.v, self.d, self.alpha, self.slope, self.need = float(v), None, 1.0, 0.0, True
+        self.SY, self.SS, self.RM, self.nh0, self.c = SY, SS, RM, nh0, 0
+        return ()
+
+    def step(self, k, y, g, state, active):
+        n, m, eps, tab = self.n, self.m, self.eps, self.tab
+        shape = y.shape
+        y, g = y.reshape(1, n), g.reshape(1, n)
+        slot = self.c % m
+        if self.need:
+            d = _direction(g.unsqueeze(1), self.SY, self.RM, self.nh0, tab.perm[slot:slot + 1],
+                           tab.inv[slot:slot + 1]).squeeze(1)
+            slope = float((g * d).sum())
+            if not -math.inf < slope < 0:                              # safeguard: scaled −∇f
+                d = g * self.nh0.view(1, 1)
+                slope = float((g * d).sum())
+            self.d, self.slope, self.alpha, self.need = d, slope, 1.0, False
+        d, alpha, slope, v = self.d, self.alpha, self.slope, self.v
+        y_t = y + alpha * d
+        v_t, g_t = self.evaluate(y_t)
+        v_t, gd, probe = torch.stack([v_t[0], (g_t * d).sum(), ((g_t + y_t) * 0).sum()]).tolist()
+        finite = abs(v_t + probe) < math.inf
+        armijo = v_t <= v + _ARMIJO * alpha * slope
+        approx_wolfe = v_t <= v + 1e4 * eps * abs(v) and gd <= (1 - 2 * _ARMIJO) * abs(slope)
+        if finite and (armijo or approx_wolfe):
+            if bool((y_t == y).all()):                                 # y did not move: stalled
+                return y.reshape(shape), g.reshape(shape), state, _BREAKDOWN
+            V = torch.stack([alpha * d, g_t - g], 1)
+            ss, sr, _, rr = torch.bmm(V, V.mT).flatten().tolist()
+            if sr > eps * math.sqrt(ss) * math.sqrt(rr):               # positive curvature: store
+                self.SY[:, slot::m][:, :2] = V                         # rows slot and m + slot
+                self.c += 1
+                self.SS, self.RM, self.nh0 = _appended(self.SS, self.SY, V, tab.perm[self.c % m:self.c % m + 1],
+                                                       tab.unused[min(self.c, m)], tab)
+            self.v, self.need = v_t, True
+            return y_t.reshape(shape), g_t.reshape(shape), state, 0
+        # quadratic through φ(0), φ'(0), φ(α) (see the batched step), into [0.1α, 0.5α]
+        den = 2 * (v_t - v - slope * alpha)
+        t_star = -slope * alpha * alpha / den if den != 0 else math.nan
+        if not (t_star > 0 and t_star < math.inf):
+            t_star = 0.1 * alpha
+        self.alpha = shrunk = min(max(t_star, 0.1 * alpha), 0.5 * alpha)
+        stalled = shrunk < _MIN_STEP or bool((y + shrunk * d == y).all())
+        return y.reshape(shape), g.reshape(shape), state, _BREAKDOWN if stalled else 0

@@ -23,8 +23,9 @@ construction and factored by Cholesky (never an unpivoted LU):
 
 * ``"dual"`` (``Q`` positive definite and ``m + k`` not much above ``n``): ``z`` is eliminated
   exactly, ``z(y) = −Q⁻¹(p + Cᵀy)`` with ``C = [G; A]``, ``y = (λ, ν)``; the iteration runs in
-  the dual space and each step factors ``S = C Q⁻¹ Cᵀ + diag(W, δ)`` (size ``m + k``; ``C Q⁻¹ Cᵀ``
-  is computed once per solve).  This is OptNet's Schur complement, here with Cholesky.
+  the dual space and each step factors ``S = C Q⁻¹ Cᵀ + diag(W, δ)`` — OptNet's Schur
+  complement, here with Cholesky — whose equality block is eliminated once per solve, so an
+  iteration costs one Cholesky of size ``m``.
 * ``"primal"`` (any ``Q ⪰ 0``, e.g. an LP): ``H = Q + δI + Gᵀ(W + δI)⁻¹G`` (size ``n``) and
   ``S = A H⁻¹ Aᵀ + δI`` (size ``k``); the regularization ``δ`` (relative ``10⁻⁹``) makes ``Q = 0``
   and redundant equalities need no special case — the *system* is regularized, not the
@@ -492,7 +493,8 @@ class QPInteriorPoint:
         lives in the ``(m + k)``-dimensional dual space ``y = (λ, ν)``:
         ``Cz = −c₀ − Ky`` with ``K = C Q⁻¹ Cᵀ`` and ``c₀ = C Q⁻¹ p``, and the Newton step is
         ``(K + diag(W, δ)) dy = (r_p − r_c/λ, r_e)``, ``ds = −(r_c + s∘dλ)/λ`` — one Cholesky
-        of size ``m + k`` and no ``n``-dimensional product per iteration.  Converged elements
+        of size ``m`` (the equalities are eliminated once) and no ``n``-dimensional product per
+        iteration.  Converged elements
         leave the working batch once a quarter of it is done (one gather, no sync on CPU).
         """
         B, n = p.shape
@@ -507,17 +509,35 @@ class QPInteriorPoint:
         # ‖Cᵀy‖₂² ≤ ‖Q‖₂ · yᵀKy: a certificate test without an n-dimensional product
         qnorm = p.new_tensor(float(torch.linalg.matrix_norm(P.KA[:, :n]).amax()))  # ‖Q‖_F ≥ ‖Q‖₂
 
-        def factor(K, w):
-            S = K.expand(w.shape[0], m + k, m + k).clone()
-            S.diagonal(dim1=-2, dim2=-1).add_(torch.cat([w, delta.expand(w.shape[0], k)], dim=-1))
+        # The equality block is eliminated once: with K = [[K_GG, K_GA], [K_AG, K_AA]], L_A L_Aᵀ = K_AA + δI
+        # and X = L_A⁻¹ K_AG, the Newton matrix K + diag(W, δI) is [[M + W, ·], [·, K_AA + δI]] with the
+        # fixed Schur complement M = K_GG − XᵀX: each iteration factors M + W (size m, not m + k).
+        if k:
+            LA = torch.linalg.cholesky_ex(K[:, m:, m:] + delta * torch.eye(k, dtype=dt, device=dev))[0]
+            X = torch.linalg.solve_triangular(LA, K[:, m:, :m], upper=False)
+            MG = K[:, :m, :m] - X.mT @ X
+        else:
+            LA, X, MG = None, None, K
+
+        def factor(MG, w):
+            S = MG.expand(w.shape[0], m, m).clone()
+            S.diagonal(dim1=-2, dim2=-1).add_(w)
             return torch.linalg.cholesky_ex(S)[0]
+
+        def solve(LG, LA, X, r):
+            """``(K + diag(W, δI))⁻¹ r`` by the block elimination above."""
+            if not k:
+                return _tri_solve(LG, r.unsqueeze(-1)).squeeze(-1)
+            t = _lsolve(LA, r[:, m:])
+            uG = _tri_solve(LG, (r[:, :m] - _rmv(X, t)).unsqueeze(-1)).squeeze(-1)
+            return torch.cat([uG, _lsolve(LA, t - _mv(X, uG), adjoint=True)], dim=-1)
 
         if warm_start is None:
             # the W = μ₀I system, then s = −μ₀λ, both shifted inside.  μ₀ = max(1, mean diag K/10)
             # matches the weight to the scale of K (multipliers → constraint values): on the OptNet
             # instances it saves ~15% of the iterations over μ₀ = 1 (CVXOPT's choice, the primal loop's)
             mu0 = (0.1 * K.diagonal(dim1=-2, dim2=-1)[..., :m].mean(-1, keepdim=True)).clamp(min=1).expand(B, m)
-            y = _tri_solve(factor(K, mu0), (-c0 - hb).unsqueeze(-1)).squeeze(-1)
+            y = solve(factor(MG, mu0), LA, X, -c0 - hb)
             s = -mu0 * y[:, :m]
         else:
             z0 = warm_start[0].expand(B, n)
@@ -567,14 +587,14 @@ class QPInteriorPoint:
                 idx = idx[keep]
                 y, s, c0, pQp, h, b, hb = (t[keep] for t in (y, s, c0, pQp, h, b, hb))
                 status, iters, done, best, stall = (t[keep] for t in (status, iters, done, best, stall))
-                Kw = Kw[keep] if Kw.shape[0] > 1 else Kw
+                Kw, MG, LA, X = (t[keep] if t is not None and t.shape[0] > 1 else t for t in (Kw, MG, LA, X))
                 lam, rp, re = y[:, :m], rp[keep], re[keep]
             iters = iters + (~done).long()
             mu = (s * lam).sum(-1, keepdim=True) / m
             w = s / lam
-            LS = factor(Kw, w)
+            LS = factor(MG, w)
             # affine: r_c = s∘λ
-            dy = _tri_solve(LS, torch.cat([rp - s, re], dim=-1).unsqueeze(-1)).squeeze(-1)
+            dy = solve(LS, LA, X, torch.cat([rp - s, re], dim=-1))
             dl = dy[:, :m]
             ds = -s - w * dl
             a_aff = torch.minimum(_max_step(s, ds), _max_step(lam, dl)).clamp(max=1.0).unsqueeze(-1)
@@ -582,7 +602,7 @@ class QPInteriorPoint:
             sigma = (mu_aff / mu).clamp(0, 1) ** 3
             # corrector: r_c = s∘λ + ds_aff∘dλ_aff − σμ
             rc = s * lam + ds * dl - sigma * mu
-            dy = _tri_solve(LS, torch.cat([rp - rc / lam, re], dim=-1).unsqueeze(-1)).squeeze(-1)
+            dy = solve(LS, LA, X, torch.cat([rp - rc / lam, re], dim=-1))
             dl = dy[:, :m]
             ds = -(rc + s * dl) / lam
             eta = 1 - mu.squeeze(-1).sqrt().clamp(1e-4, 1e-2)
