@@ -213,8 +213,8 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
             break
         # a stopped element's extra state is never read again: the step's extra is kept as returned
         y_new, f_new, extra, code = step(k, y, f, extra, active)
-        fn_new = norm(f_new)
-        move = active & (finite_probe(fn_new, y_new) < math.inf)   # the probe is NaN or in [0, inf]
+        fn_new = norm(f_new + y_new * 0)                   # ‖F‖, NaN where y or F holds NaN/Inf (y · 0 = ±0 or NaN)
+        move = active & (fn_new < math.inf)
         if code is not None:
             failed = active & (code != 0)
             failed_code = torch.where(failed, code, 0 if failed_code is None else failed_code)
@@ -269,12 +269,12 @@ def _iterate_single(step, y, f, extra, opts, *, trace, callback, unflatten, dive
             break
         y_new, f_new, extra, code = step(k, y, f, extra, running)
         iterations += 1
-        fn_new = norm(f_new)
         code = 0 if code is None else int(code)
         if code != 0:                                     # a failed step keeps the previous y, f
             status = code
         else:
-            val = float(finite_probe(fn_new, y_new))      # the one host read: ‖F‖, NaN if anything is not finite
+            fn_new = norm(f_new + y_new * 0)              # ‖F‖, NaN where y or F holds NaN/Inf
+            val = float(fn_new)                           # the one host read
             if not math.isfinite(val):
                 status = Status.NONFINITE
             else:
