@@ -201,7 +201,8 @@ def test_consistency_rtol_is_sqrt_eps():
 def test_factorize_picks_the_factorization(mk, g, shape, selection, solver, kind):
     A = mk.spd(g, shape[0]) if solver == "cholesky" else mk.well_conditioned(g, *shape)
     fact, status, rank, cond = factorize(A, selection, solver)
-    assert fact.kind == kind
+    # a row-major A is LU-factorized as Aᵀ (no copy), which is the same map with the adjoint flipped
+    assert fact.kind == kind or (kind, fact.kind) == ("lu", "lu_t")
     assert int(status) == Status.SUCCESS and int(rank) == min(shape)
     assert 1.0 <= float(cond) < 1e3
 

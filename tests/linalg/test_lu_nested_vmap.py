@@ -32,3 +32,15 @@ def test_lu_transpose_solve_reuses_factors():
     torch.testing.assert_close(lu.solve(B), torch.linalg.solve(A, B))
     torch.testing.assert_close(lu.solve(B, adjoint=True), torch.linalg.solve(A.mT, B))
     assert bool((rcond > 0).all()) and bool((rcond <= 1).all())
+
+
+def test_row_major_matrix_is_factorized_transposed_with_the_same_solves():
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(4, 4, generator=g, dtype=D) + 4 * torch.eye(4, dtype=D)
+    B = torch.randn(4, 2, generator=g, dtype=D)
+    lu_t, rcond_t = idf.linalg.LU.factor(A, allow_transposed=True)
+    lu, rcond = idf.linalg.LU.factor(A)
+    assert lu_t.kind == "lu_t" and lu.kind == "lu"
+    for adjoint in (False, True):
+        torch.testing.assert_close(lu_t.solve(B, adjoint), lu.solve(B, adjoint))
+    torch.testing.assert_close(rcond_t, rcond, rtol=0.5, atol=0)  # both estimate the same 1/cond₁(A)

@@ -169,11 +169,11 @@ def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=
     m, n = prob.A.shape[-2:]
     safe = on_failure != "raise"  # failed elements are kept (as NaN): shield the others' gradients
     if isinstance(selection, Nearest):
-        Y, info = _nearest(prob, selection, solver, rank_rtol, rtol, safe)
+        Y, info = _nearest(prob, selection, solver, rank_rtol, rtol, safe, return_info)
     elif isinstance(selection, Pinned):
-        Y, info = _pinned(prob, selection, solver, rank_rtol, rtol, safe)
+        Y, info = _pinned(prob, selection, solver, rank_rtol, rtol, safe, return_info)
     else:
-        spec = SolveSpec(resolve_selection(selection, m, n), solver, rank_rtol, rtol, False)
+        spec = SolveSpec(resolve_selection(selection, m, n), solver, rank_rtol, rtol, False, return_info)
         Y, info = _solve(spec, prob.A, prob.B, safe)
     if is_vmapped(info.status):
         Y = nan_where_failed(Y, info.ok)  # nothing can be raised from data under vmap
@@ -270,7 +270,7 @@ def _solve(spec, A, B, safe=False):
     return X, info
 
 
-def _nearest(prob: _Problem, sel: Nearest, solver, rank_rtol, rtol, safe=False):
+def _nearest(prob: _Problem, sel: Nearest, solver, rank_rtol, rtol, safe=False, return_info=True):
     # y = y0 + S z,  z = (A S)⁺ (b − A y0):  the minimum-‖S⁻¹(y − y0)‖ least-squares solution,
     # with S = W^{-1/2} (diagonal weight) or S = L⁻ᵀ (W = L Lᵀ).
     A, B = prob.A, prob.B
@@ -300,14 +300,14 @@ def _nearest(prob: _Problem, sel: Nearest, solver, rank_rtol, rtol, safe=False):
             AS, scale = A * s.unsqueeze(-2), ("diag", s)
         else:
             raise InputError(f"Nearest.weight must be (*, {n}) or (*, {n}, {n}), got {tuple(w.shape)}")
-    spec = SolveSpec("min_norm", solver, rank_rtol, rtol, False)
+    spec = SolveSpec("min_norm", solver, rank_rtol, rtol, False, return_info)
     Z, info = _solve(spec, AS, B - A @ Y0, safe)
     if scale is not None:
         Z = scale[1] @ Z if scale[0] == "matrix" else scale[1].unsqueeze(-1) * Z
     return Y0 + Z, info
 
 
-def _pinned(prob: _Problem, sel: Pinned, solver, rank_rtol, rtol, safe=False):
+def _pinned(prob: _Problem, sel: Pinned, solver, rank_rtol, rtol, safe=False, return_info=True):
     # y[index] = values;  A[:, free] y[free] = b − A[:, index] values   (square, nonsingular)
     A, B = prob.A, prob.B
     m, n = A.shape[-2:]
@@ -342,7 +342,7 @@ def _pinned(prob: _Problem, sel: Pinned, solver, rank_rtol, rtol, safe=False):
         V = vals
     idx, free = idx.to(A.device), free.to(A.device)
     A_pin, A_free = A.index_select(-1, idx), A.index_select(-1, free)
-    spec = SolveSpec("exact", solver, rank_rtol, rtol, False)
+    spec = SolveSpec("exact", solver, rank_rtol, rtol, False, return_info)
     Yf, info = _solve(spec, A_free, B - A_pin @ V, safe)
     batch = torch.broadcast_shapes(V.shape[:-2], Yf.shape[:-2])
     Y = torch.cat([V.expand(*batch, p, k), Yf.expand(*batch, m, k)], dim=-2)

@@ -25,7 +25,7 @@ class Cholesky(Factorization):
         L, info = torch.linalg.cholesky_ex(A)
         fact = cls(L)
         n = A.shape[-1]
-        norm_a = A.abs().sum(dim=-2).amax(dim=-1)
+        norm_a = torch.linalg.vector_norm(A, 1, dim=-2).amax(dim=-1)
         inv_norm = hager_inv_norm1(fact.solve, n, A.shape[:-2], A.dtype, A.device)
         rcond = 1.0 / (norm_a * inv_norm)
         rcond = torch.where((info == 0) & torch.isfinite(rcond), rcond, torch.zeros_like(rcond))

@@ -7,7 +7,7 @@ import torch
 from .._core.validate import is_vmapped
 from .factorization import Factorization, hager_inv_norm1, register
 
-__all__ = ["LU"]
+__all__ = ["LU", "LUTransposed"]
 
 
 def _permute(B: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -34,13 +34,23 @@ class LU(Factorization):
         self.LU, self.pivots = LU, pivots
 
     @classmethod
-    def factor(cls, A: torch.Tensor) -> tuple["LU", torch.Tensor]:
+    def factor(cls, A: torch.Tensor, *, allow_transposed: bool = False) -> tuple["LU", torch.Tensor]:
         """Factorize ``A``; returns ``(lu, rcond)`` with a 1-norm reciprocal condition estimate
-        (zero for an exactly singular element)."""
-        LU_, piv, info = torch.linalg.lu_factor_ex(A)
-        fact = cls(LU_, piv)
+        (zero for an exactly singular element).
+
+        With ``allow_transposed`` (for callers that keep the factorization's
+        ``kind``), a row-major (C-contiguous) ``A`` is factorized as ``Aᵀ`` — a
+        column-major view LAPACK takes without a copy, as ``torch.linalg.solve``
+        does — and solved with the adjoint flag flipped (:class:`LUTransposed`).
+        """
+        if allow_transposed and cls is LU and A.dim() >= 2 and A.is_contiguous() and A.shape[-1] > 1 and not is_vmapped(A):
+            LU_, piv, info = torch.linalg.lu_factor_ex(A.mT)
+            fact = LUTransposed(LU_, piv)
+        else:
+            LU_, piv, info = torch.linalg.lu_factor_ex(A)
+            fact = cls(LU_, piv)
         n = A.shape[-1]
-        norm_a = A.abs().sum(dim=-2).amax(dim=-1)
+        norm_a = torch.linalg.vector_norm(A, 1, dim=-2).amax(dim=-1)
         inv_norm = hager_inv_norm1(fact.solve, n, A.shape[:-2], A.dtype, A.device)
         rcond = 1.0 / (norm_a * inv_norm)
         rcond = torch.where((info == 0) & torch.isfinite(rcond), rcond, torch.zeros_like(rcond))
@@ -71,3 +81,13 @@ class LU(Factorization):
     @classmethod
     def from_tensors(cls, tensors):
         return cls(*tensors)
+
+
+@register
+class LUTransposed(LU):
+    """Pivoted LU of ``Aᵀ`` standing for ``A``: ``A⁻¹B`` is its adjoint solve and vice versa."""
+
+    kind = "lu_t"
+
+    def solve(self, B, adjoint=False):
+        return LU.solve(self, B, not adjoint)

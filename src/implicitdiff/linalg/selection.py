@@ -127,8 +127,10 @@ def factorize(A: torch.Tensor, selection: str, solver: str = "auto", rank_rtol: 
         raise InputError(f"solver='lu' needs a square A, got shape ({m}, {n}); use solver='qr' or 'svd'")
 
     if m == n and solver in ("auto", "lu", "cholesky"):
-        cls = Cholesky if solver == "cholesky" else LU
-        fact, rcond = cls.factor(A)
+        if solver == "cholesky":
+            fact, rcond = Cholesky.factor(A)
+        else:
+            fact, rcond = LU.factor(A, allow_transposed=True)
         bad = rcond < tol
         code = Status.SINGULAR
     else:
