@@ -43,7 +43,7 @@ keeps for the backward (``saved_tensors_hooks``), which grow with ``K``
 unrolled and stay flat implicit.  A third splits our time into forward
 (L-BFGS iterations, the cost of one gradient evaluation) and backward.
 
-Peers are optional; a missing one is skipped with its reason.  ``jax`` runs
+Peers are optional (adapters: :mod:`._hypergrad_peers`); a missing one is skipped with its reason.  ``jax`` runs
 with ``jax_enable_x64``.  "One thread" is enforced by pinning the process to
 one CPU for the run (``os.sched_setaffinity``; restored afterwards): XLA's CPU
 thread pool ignores ``torch.set_num_threads`` and, in jax 0.10, ``XLA_FLAGS``
@@ -58,23 +58,20 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import math
 import os
-import sys
 import time
-import warnings
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as tnf
 
 from .._core.errors import InputError
 from ..implicit.adjoint import Implicit
 from ..layers.argmin import argmin
 from ..layers.custom_root import custom_root
 from ..solvers.lbfgs import lbfgs
+from ._hypergrad_peers import _PEER_FACTORIES
+from ._hypergrad_problem import (ADJ_RTOL, D, MAX_ITER, TOL, Problem, _graph_saved_bytes,  # noqa: F401 (tests)
+                                 _hypergrad, _problem, _saved_kb)
 from ._harness import configure_threads, format_table, machine_info, max_abs_diff, plot_ratios, time_callables, \
     write_json
 
@@ -84,63 +81,9 @@ DEFAULT_OUT = "bench-hypergrad.json"
 PEERS = ("torchopt", "jaxopt", "optimistix")
 #: DESIGN §5: on this case, ours at most as slow as each peer (ratio ours / peer ≤ 1)
 TARGETS = {"ridge 5000x1000": {"torchopt": 1.0, "jaxopt": 1.0, "optimistix cg": 1.0, "optimistix auto": 1.0}}
-TOL = 1e-10          # inner: ‖∇f(w)‖ ≤ TOL ‖∇f(0)‖ (peers get the absolute value)
-ADJ_RTOL = 1e-10     # adjoint Krylov solves: ‖r‖ ≤ ADJ_RTOL ‖b‖
-MAX_ITER = 1000
-D = torch.float64
-_XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 # ----------------------------------------------------------------------------- problems
-
-class Problem(NamedTuple):
-    label: str
-    kind: str                  # "ridge" | "logistic"
-    X: torch.Tensor            # (m, n) training features
-    t: torch.Tensor            # (m,) targets (logistic: labels in {0, 1})
-    Xv: torch.Tensor           # (mv, n) validation
-    tv: torch.Tensor
-    theta: torch.Tensor        # (n,) per-feature log-λ
-
-    @property
-    def n(self) -> int:
-        return self.X.shape[-1]
-
-    def inner(self, w, theta, X, t):
-        return _INNER[self.kind](w, theta, X, t)
-
-    def outer(self, w):
-        return _OUTER[self.kind](w, self.Xv, self.tv)
-
-
-def _ridge_inner(w, theta, X, t):
-    r = X @ w - t
-    return 0.5 * (r * r).sum() / X.shape[-2] + 0.5 * (theta.exp() * w * w).sum()
-
-
-def _logistic_inner(w, theta, X, t):
-    return tnf.binary_cross_entropy_with_logits(X @ w, t) + 0.5 * (theta.exp() * w * w).sum()
-
-
-_INNER = {"ridge": _ridge_inner, "logistic": _logistic_inner}
-_OUTER = {"ridge": lambda w, Xv, tv: ((Xv @ w - tv) ** 2).mean(),
-          "logistic": lambda w, Xv, tv: tnf.binary_cross_entropy_with_logits(Xv @ w, tv)}
-
-
-def _problem(kind: str, m: int, n: int, seed: int) -> Problem:
-    g = torch.Generator().manual_seed(seed)
-    mv = max(m // 5, 10)
-    X, Xv = torch.randn(m, n, generator=g, dtype=D), torch.randn(mv, n, generator=g, dtype=D)
-    w_true = torch.randn(n, generator=g, dtype=D) / math.sqrt(n)
-    if kind == "ridge":
-        t = X @ w_true + 0.5 * torch.randn(m, generator=g, dtype=D)
-        tv = Xv @ w_true + 0.5 * torch.randn(mv, generator=g, dtype=D)
-    else:
-        t = (torch.rand(m, generator=g, dtype=D) < torch.sigmoid(2 * X @ w_true)).to(D)
-        tv = (torch.rand(mv, generator=g, dtype=D) < torch.sigmoid(2 * Xv @ w_true)).to(D)
-    theta = math.log(0.1) + 0.5 * torch.randn(n, generator=g, dtype=D)
-    return Problem(f"{kind} {m}x{n}", kind, X, t, Xv, tv, theta)
-
 
 def _cases(quick: bool) -> list:
     """``(kind, m, n)`` of the problems; the first one also serves the unrolled comparison."""
@@ -189,177 +132,6 @@ def _closed_form(p: Problem, theta):
 _OURS = {"ours auto": _ours(Implicit()), "ours cg": _ours(Implicit(solver="cg", rtol=ADJ_RTOL))}
 
 
-def _hypergrad(solve: Callable, p: Problem):
-    theta = p.theta.detach().clone().requires_grad_(True)
-    w, iters = solve(p, theta)
-    (g,) = torch.autograd.grad(p.outer(w), theta)
-    return g, iters
-
-
-def _graph_saved_bytes(out: torch.Tensor, exclude=()) -> int:
-    """Bytes of the tensors the autograd graph of ``out`` keeps for the backward, inputs excluded.
-
-    Walks the graph (each node's ``_saved_*`` attributes; a custom Function's
-    ``saved_tensors``) and counts each storage once.  ``_harness.saved_bytes``
-    records them with ``saved_tensors_hooks`` instead, which ``torch.func``
-    transforms refuse ("don't yet support saved tensor hooks") — and both our
-    L-BFGS and TorchOpt's backward run ``torch.func`` inside the forward.
-    """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen, stack, visited = {}, [out.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        saved = []
-        for name in dir(node):
-            if name.startswith("_saved_"):
-                saved.append(getattr(node, name))
-        if hasattr(node, "saved_tensors"):
-            saved.append(node.saved_tensors)
-        for item in saved:
-            for t in item if isinstance(item, (tuple, list)) else (item,):
-                if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                    st = t.untyped_storage()
-                    if st.data_ptr() not in skip:
-                        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        stack.extend(fn for fn, _ in node.next_functions)
-    return int(sum(seen.values()))
-
-
-def _saved_kb(solve: Callable, p: Problem) -> float:
-    theta = p.theta.detach().clone().requires_grad_(True)
-    loss = p.outer(solve(p, theta)[0])
-    return _graph_saved_bytes(loss, exclude=(theta, p.X, p.t, p.Xv, p.tv)) / 1024
-
-
-# ----------------------------------------------------------------------------- peers
-# Each factory returns {method name: (call, saved_kb)} for a problem: ``call()`` gives (hypergradient,
-# inner iterations), ``saved_kb()`` the memory kept for the backward (None where not measurable: JAX).
-# The library is imported here (never at module import); a factory raises if it is unusable.
-
-@contextlib.contextmanager
-def _quiet():
-    """Peers' own deprecation notices (TorchOpt's functorch.vjp, JAXopt's maintenance notice) are not ours."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
-
-
-def _torchopt(p: Problem, tol_abs: float) -> dict:
-    with _quiet():
-        import torchopt
-    last = {}
-
-    @torchopt.diff.implicit.custom_root(torch.func.grad(p.inner), argnums=1,
-                                        solve=torchopt.linear_solve.solve_cg(rtol=ADJ_RTOL, atol=0.0,
-                                                                             maxiter=MAX_ITER))
-    def solver(w0, theta, X, t):
-        res = lbfgs(p.inner, w0, (theta, X, t), rtol=TOL, max_iter=MAX_ITER)
-        last["iters"] = int(res.info.iterations)
-        return res.y
-
-    def solve(p_, theta):
-        return solver(torch.zeros(p.n, dtype=D), theta, p.X, p.t), last.get("iters")
-
-    def call():
-        with _quiet():
-            return _hypergrad(solve, p)
-
-    return {"torchopt": (call, lambda: _saved_kb_quiet(solve, p))}
-
-
-def _saved_kb_quiet(solve, p):
-    with _quiet():
-        return _saved_kb(solve, p)
-
-
-def _jax():
-    if "jax" not in sys.modules:
-        os.environ.setdefault("XLA_FLAGS", _XLA_ONE_THREAD)
-    with _quiet():
-        import jax
-    jax.config.update("jax_enable_x64", True)
-    return jax
-
-
-def _jax_fns(p: Problem):
-    import jax.numpy as jnp
-    import numpy as np
-
-    m = p.X.shape[0]
-    arrays = tuple(jnp.asarray(a.numpy()) for a in (p.theta, p.X, p.t, p.Xv, p.tv))
-    if p.kind == "ridge":
-        def inner(w, theta, X, t):
-            return 0.5 * jnp.sum((X @ w - t) ** 2) / m + 0.5 * jnp.sum(jnp.exp(theta) * w * w)
-
-        def outer(w, Xv, tv):
-            return jnp.mean((Xv @ w - tv) ** 2)
-    else:
-        def bce(z, t):
-            return jnp.mean(jnp.logaddexp(0.0, z) - t * z)
-
-        def inner(w, theta, X, t):
-            return bce(X @ w, t) + 0.5 * jnp.sum(jnp.exp(theta) * w * w)
-
-        def outer(w, Xv, tv):
-            return bce(Xv @ w, tv)
-
-    def wrap(hyper):
-        def call():
-            g, iters = hyper(*arrays)
-            return torch.from_numpy(np.array(g)), int(iters)
-        return call
-
-    return jnp, inner, outer, wrap
-
-
-def _jaxopt(p: Problem, tol_abs: float) -> dict:
-    jax = _jax()
-    with _quiet():
-        import jaxopt
-    jnp, inner, outer, wrap = _jax_fns(p)
-    lb = jaxopt.LBFGS(fun=inner, tol=tol_abs, maxiter=MAX_ITER, history_size=10, implicit_diff=False)
-
-    @jaxopt.implicit_diff.custom_root(jax.grad(inner), has_aux=True,
-                                      solve=functools.partial(jaxopt.linear_solve.solve_cg, tol=ADJ_RTOL,
-                                                              maxiter=MAX_ITER))
-    def solve(w0, theta, X, t):
-        params, state = lb.run(w0, theta, X, t)
-        return params, state.iter_num
-
-    def loss(theta, X, t, Xv, tv):
-        w, iters = solve(jnp.zeros(p.n), theta, X, t)
-        return outer(w, Xv, tv), iters
-
-    return {"jaxopt": (wrap(jax.jit(jax.grad(loss, has_aux=True))), None)}
-
-
-def _optimistix(p: Problem, tol_abs: float) -> dict:
-    jax = _jax()
-    with _quiet():
-        import lineax as lx
-        import optimistix as optx
-    jnp, inner, outer, wrap = _jax_fns(p)
-    tags = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
-    out = {}
-    for name, adjoint in (("optimistix cg", optx.ImplicitAdjoint(linear_solver=lx.CG(rtol=ADJ_RTOL, atol=0.0,
-                                                                                       max_steps=MAX_ITER))),
-                          ("optimistix auto", optx.ImplicitAdjoint())):
-        def loss(theta, X, t, Xv, tv, adjoint=adjoint):
-            sol = optx.minimise(lambda w, a: inner(w, *a), optx.LBFGS(rtol=TOL, atol=TOL), jnp.zeros(p.n),
-                                (theta, X, t), max_steps=MAX_ITER, adjoint=adjoint, tags=tags)
-            return outer(sol.value, Xv, tv), sol.stats["num_steps"]
-
-        out[name] = (wrap(jax.jit(jax.grad(loss, has_aux=True))), None)
-    return out
-
-
-_PEER_FACTORIES = {"torchopt": _torchopt, "jaxopt": _jaxopt, "optimistix": _optimistix}
-
-
 def _short(err: BaseException) -> str:
     msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"{type(err).__name__}: {msg[:120]}"
@@ -368,6 +140,7 @@ def _short(err: BaseException) -> str:
 # ----------------------------------------------------------------------------- the main table
 
 def _measure_case(p: Problem, peers: dict, *, warmup, repeats, min_sample_s):
+
     ref = _reference(p)
     scale = float(ref.abs().max())
     tol_abs = TOL * float(torch.linalg.vector_norm(torch.func.grad(p.inner)(torch.zeros(p.n, dtype=D), p.theta,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 
 from .._core.errors import InputError
 from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
