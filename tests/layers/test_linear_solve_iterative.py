@@ -99,3 +99,11 @@ def test_argmin_under_vmap_with_default_solver():
     W = torch.func.vmap(lambda c: idf.argmin(f, torch.zeros(3, dtype=D), c))(C)
     ref = torch.linalg.solve(X.T @ X + torch.eye(3, dtype=D), X.T @ C.T).T
     torch.testing.assert_close(W, ref, rtol=1e-8, atol=1e-9)
+
+
+def test_uncoalesced_coo_matrix_is_accepted():
+    # duplicates sum: A = diag(1, 2)
+    A = torch.sparse_coo_tensor(torch.tensor([[0, 1, 1], [0, 1, 1]]), torch.ones(3, dtype=D), (2, 2),
+                                check_invariants=True)
+    y = idf.linear_solve(A, torch.ones(2, dtype=D), solver="cg", rtol=1e-12)
+    torch.testing.assert_close(y, torch.tensor([1.0, 0.5], dtype=D))

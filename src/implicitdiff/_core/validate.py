@@ -65,7 +65,9 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     """Raise an :class:`InputError` if ``t`` holds NaN or Inf (one host sync; skipped under vmap)."""
     if is_vmapped(t):
         return
-    if t.is_sparse or t.layout != torch.strided:
+    if t.layout == torch.sparse_coo:
+        vals = t._values()  # also for an uncoalesced tensor (duplicates are checked one by one)
+    elif t.layout != torch.strided:
         vals = t.values()
     else:
         vals = t

@@ -20,6 +20,7 @@ from .._core.status import SolveInfo, Status
 from .._core.validate import as_float_tensor, check_finite, check_same_dtype_device, is_vmapped
 from ..implicit.iterative import iterative_solve
 from ..implicit.linear import SolveSpec, solve
+from ..implicit.sparse_direct import splu_solve
 from ..linalg.operator import LinearOperator, aslinearoperator
 from ..linalg.selection import Nearest, Pinned, consistency_rtol, resolve_selection
 
@@ -105,7 +106,10 @@ def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=
         solver: direct — ``"auto"``, ``"lu"``, ``"cholesky"`` (declares ``A``
             symmetric positive definite), ``"qr"`` or ``"svd"`` (rank-revealing);
             iterative (matrix-free, :mod:`implicitdiff.linalg.krylov`) — ``"cg"``,
-            ``"minres"``, ``"gmres"``, ``"bicgstab"``, ``"lsqr"``, ``"lsmr"``.
+            ``"minres"``, ``"gmres"``, ``"bicgstab"``, ``"lsqr"``, ``"lsmr"``;
+            sparse direct — ``"splu"`` (a square 2-D sparse COO/CSR ``A`` on the CPU,
+            SciPy's SuperLU factorized once; the backward reuses it, ``Ā`` stays on
+            A's pattern; reverse mode only, no vmap; ``b`` is ``(n,)`` or ``(*, n, k)``).
             ``"auto"``: a dense ``A`` (or a sparse one with at most
             ``SPARSE_DENSE_MAX`` columns) is factorized — Cholesky for a
             ``LinearOperator`` tagged ``positive_definite``; a matrix-free or
@@ -157,6 +161,8 @@ def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=
         tensor([0.0000, 1.5000], dtype=torch.float64)
     """
     check_on_failure(on_failure)
+    if solver == "splu":
+        return _sparse_direct(A, b, selection, on_failure, return_info, check_finite)
     if solver in KRYLOV or (solver == "auto" and _matrix_free(A)):
         return _iterative(A, b, selection, solver, rtol, atol, max_iter, M, x0, adjoint_rtol, adjoint_max_iter,
                           on_failure, return_info, check_finite)
@@ -239,6 +245,28 @@ def _iterative(A, b, selection, solver, rtol, atol, max_iter, M, x0, adjoint_rto
                                    f"definite), or use solver='gmres' (square) or 'lsmr'"}
         y = apply_on_failure(y, info, on_failure, f"linear_solve(solver={solver!r})", hints)
     y = y if vector else y.mT
+    return (y, info) if return_info else y
+
+
+def _sparse_direct(A, b, selection, on_failure, return_info, check_finite_values):
+    """solver="splu": a square sparse ``A`` factorized once by SuperLU (:mod:`implicitdiff.implicit.sparse_direct`)."""
+    if isinstance(A, LinearOperator):
+        if not A.is_sparse:
+            raise InputError("solver='splu' needs a sparse A (a torch.sparse COO/CSR matrix); use solver='lu' for a "
+                             "dense A or an iterative solver for a matrix-free operator")
+        A = A.matrix
+    if isinstance(selection, (Nearest, Pinned)) or selection not in ("auto", "exact"):
+        raise InputError(f"solver='splu' solves a square system exactly: selection must be 'auto' or 'exact', got "
+                         f"{selection!r}; use solver='lsmr' for 'min_norm'/'least_squares'")
+    if check_finite_values and isinstance(A, torch.Tensor) and not is_vmapped(A):
+        # check_finite reads .values(), which an uncoalesced COO tensor refuses
+        check_finite("A", A.detach().coalesce() if A.layout == torch.sparse_coo else A)
+    if check_finite_values and isinstance(b, torch.Tensor) and not is_vmapped(b):
+        check_finite("b", b)
+    y, info = splu_solve(A, b)
+    hints = {Status.SINGULAR: "A is singular: use solver='lsmr' or selection='min_norm' (a dense A)",
+             Status.NONFINITE: "check A and b for extreme values"}
+    y = apply_on_failure(y, info, on_failure, "linear_solve(solver='splu')", hints)
     return (y, info) if return_info else y
 
 
