@@ -28,6 +28,7 @@ import torch
 
 from .._core.defaults import default_rtol
 from .._core.errors import SolveError
+from .._core.jacobian import batch_jacobian
 from .._core.failure import apply_on_failure, nan_where_failed
 from .._core.status import SolveInfo, Status
 from .._core.tree import Tree
@@ -68,25 +69,6 @@ class RootProblem:
 
 def _flat(y, bd):
     return y.reshape(*y.shape[:bd], -1)
-
-
-def batch_jacobian(F: Callable, y: torch.Tensor, batch_dims: int) -> torch.Tensor:
-    """Per-element Jacobians ``∂F_b/∂y_b`` of a batch-independent ``F``, shape ``(*batch, n, n)``.
-
-    Uses the sum over the batch: ``∂(Σ_b F_b)/∂y_b = ∂F_b/∂y_b`` when element ``b``
-    of ``F`` depends on element ``b`` of ``y`` only, so ``n`` vector-Jacobian
-    products give every block.
-    """
-    batch = y.shape[:batch_dims]
-    n = math.prod(y.shape[batch_dims:])
-
-    def summed(yy):
-        out = _flat(F(yy), batch_dims)
-        return out.sum(dim=tuple(range(batch_dims))) if batch_dims else out  # (n,)
-
-    J = torch.func.jacrev(summed)(y)  # (n, *batch, *event)
-    J = J.reshape(n, *batch, n)
-    return J.movedim(0, -2)  # (*batch, n, n): rows = outputs
 
 
 def jvp_by_vjp(f: Callable, primals: tuple, tangents: tuple):

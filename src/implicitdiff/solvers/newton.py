@@ -7,38 +7,15 @@ from typing import Callable
 import torch
 
 from .._core.status import Status
+from .._core.jacobian import batch_jacobian
 from ..linalg.lu import LU
 from ._loop import flatten_root, iterate, options, where
 from .result import SolverResult
 
-__all__ = ["newton", "batch_jacobian"]
+__all__ = ["newton", "batch_jacobian"]  # batch_jacobian re-exported from _core.jacobian
 
 _ARMIJO = 1e-4       # sufficient decrease constant c
 _MIN_STEP = 1e-10    # line search gives up (BREAKDOWN) below this step length
-
-
-def batch_jacobian(fun: Callable, y: torch.Tensor) -> torch.Tensor:
-    """Per-element Jacobians ``J[b] = ∂fun(y)_b / ∂y_b`` of ``fun: (*batch, n) -> (*batch, n)``.
-
-    Returns ``(*batch, n, n)`` with ``J[b, i, j] = ∂fun_{b,i} / ∂y_{b,j}``.
-    """
-    # The "sum over the batch" trick: fun acts on every element independently, so the
-    # derivative of G(y) = Σ_b fun(y)_b with respect to y_b is ∂fun_b/∂y_b (the cross
-    # terms ∂fun_b'/∂y_b, b' ≠ b, vanish).  G has n outputs, so its full Jacobian costs n
-    # vector-Jacobian products whatever the batch size — one linearization and n cotangents
-    # e_i pushed back at once under vmap.  (Forward mode would also take n passes — tangent
-    # e_j on every element — but reverse mode needs no forward-AD formulas from user code.)
-    batch_ndim = y.dim() - 1
-    n = y.shape[-1]
-
-    def summed(y):
-        out = fun(y)
-        return out.sum(dim=tuple(range(batch_ndim))) if batch_ndim else out
-
-    _, vjp_fn = torch.func.vjp(summed, y)
-    eye = torch.eye(n, dtype=y.dtype, device=y.device)
-    (rows,) = torch.func.vmap(vjp_fn)(eye)        # rows[i, b, j] = ∂fun_{b,i}/∂y_{b,j}
-    return rows.movedim(0, -2)
 
 
 def newton(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=0.0, max_iter: int = 50,
