@@ -59,11 +59,14 @@ def test_neumann_converges_to_implicit_and_unroll_agrees():
 
 def test_batched_per_element_convergence():
     A, b = linear_problem()
-    bs = torch.randn(6, 4, dtype=D) * torch.logspace(-3, 3, 6, dtype=D)[:, None]
+    g = torch.Generator().manual_seed(5)
+    bs = torch.randn(6, 4, generator=g, dtype=D) * torch.logspace(-3, 3, 6, dtype=D)[:, None]
     z, info = idf.fixed_point(T_lin, torch.zeros(6, 4, dtype=D), A, bs, batch_dims=1, return_info=True)
     assert info.status.shape == (6,) and bool((info.status == 0).all())
     zc = torch.linalg.solve(torch.eye(4, dtype=D) - A.detach(), bs.T).T
-    torch.testing.assert_close(z.detach(), zc, rtol=1e-9, atol=1e-9)
+    # the stopping rule is relative per element (‖F(z)‖ ≤ rtol ‖F(z0)‖): so is the error, over 6 decades of scale
+    rel = (z.detach() - zc).norm(dim=-1) / zc.norm(dim=-1)
+    assert bool((rel < 1e-8).all()), rel
 
 
 def test_nonconverging_forward_raises():

@@ -56,7 +56,7 @@ def _describe(info: SolveInfo, what: str, hints: dict, raising: bool = True) -> 
 
 
 def apply_on_failure(y: torch.Tensor, info: SolveInfo, on_failure: str, what: str, hints: dict | None = None,
-                     batch_ndim: int | None = None, policy_hint: bool = True) -> torch.Tensor:
+                     policy_hint: bool = True) -> torch.Tensor:
     """Apply the failure policy to the solution ``y`` given its per-element ``info``.
 
     ``info.status`` has the batch shape; ``y`` has the batch shape followed by

@@ -108,7 +108,7 @@ def _raise_if_failed(x, info: SolveInfo, spec: IterativeSpec, what: str):
     rtol = default_rtol(x.dtype) if spec.rtol is None else spec.rtol
     max_iter = f"{spec.max_iter}" if spec.max_iter is not None else "10·n"
     return apply_on_failure(x, info, "raise", f"{what} (solver={spec.solver!r}, rtol={rtol:g}, max_iter={max_iter})",
-                            _HINTS)
+                            _HINTS, policy_hint=False)
 
 
 def _adjoint_x0(spec: IterativeSpec, op: LinearOperator, g):
