@@ -1,0 +1,103 @@
+"""Every layer on every available device: CPU always, CUDA when present (skipped otherwise).
+
+Each case runs on the device and compares value and gradients with a float64 CPU computation,
+so the same test checks the CUDA paths (Cholesky-only QP, lu_solve/geqrf/ormqr on the GPU,
+host-sync schedules of the iterative solvers) on a machine that has one.
+"""
+
+import pytest
+import torch
+
+import implicitdiff as idf
+from implicitdiff.checks.selfcheck import run as selfcheck
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+D = torch.float64
+
+
+def _grads(fn, *inputs):
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*inputs)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
+    grads = torch.autograd.grad((out * w).sum(), inputs)
+    return out.detach().cpu(), [g.cpu() for g in grads]
+
+
+def _same_on(device, fn, *inputs, rtol=1e-8, atol=1e-10):
+    ref_out, ref_g = _grads(fn, *inputs)
+    out, g = _grads(fn, *[x.to(device) for x in inputs])
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape, selection", [((4, 4), "auto"), ((3, 5), "min_norm"), ((5, 3), "least_squares")])
+def test_linear_solve(device, shape, selection):
+    A = _rand(2, *shape) + (3 * torch.eye(*shape, dtype=D) if shape[0] == shape[1] else 0)
+    b = _rand(2, shape[0], 2, seed=1)
+    _same_on(device, lambda A, b: idf.linear_solve(A, b, selection=selection), A, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_solve_cg(device):
+    M = _rand(6, 6)
+    A = M @ M.T + 6 * torch.eye(6, dtype=D)
+    _same_on(device, lambda A, b: idf.linear_solve(A, b, solver="cg", rtol=1e-12), A, _rand(6, seed=2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_root_fixed_point_argmin(device):
+    W, x = 0.3 * _rand(4, 4), _rand(4, seed=3)
+    _same_on(device, lambda W, x: idf.root(lambda y, W, x: y - torch.tanh(y @ W.mT + x), torch.zeros_like(x),
+                                           W, x, rtol=1e-13), W, x)
+    _same_on(device, lambda W, x: idf.fixed_point(lambda z, W, x: torch.tanh(z @ W.mT + x), torch.zeros_like(x),
+                                                  W, x, rtol=1e-13), W, x)
+    X, t = _rand(12, 3, seed=4), _rand(12, seed=5)
+    lam = torch.tensor(0.7, dtype=D)
+    _same_on(device, lambda lam, X, t: idf.argmin(
+        lambda w, lam, X, t: 0.5 * ((X @ w - t) ** 2).sum() + 0.5 * lam * (w ** 2).sum(),
+        torch.zeros(3, dtype=lam.dtype, device=lam.device), lam, X, t, rtol=1e-13), lam, X, t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qp(device):
+    n, m = 4, 6
+    L = _rand(n, n)
+    Q = L @ L.T + torch.eye(n, dtype=D)
+    G, h = _rand(m, n, seed=6), torch.ones(m, dtype=D)
+    _same_on(device, lambda p, h: idf.qp(Q.to(p.device), p, G.to(p.device), h), _rand(3, n, seed=7), h,
+             rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deq(device):
+    torch.manual_seed(0)
+
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4).double()
+            with torch.no_grad():
+                self.lin.weight.mul_(0.3)
+
+        def forward(self, z, x):
+            return torch.tanh(self.lin(z) + x)
+
+    model = idf.nn.DEQ(Cell(), rtol=1e-12).to(device)
+    x = _rand(3, 4, seed=8).to(device).requires_grad_()
+    z = model(x)
+    z.sum().backward()
+    assert z.device.type == device and x.grad is not None
+    assert all(p.grad is not None and p.grad.device.type == device for p in model.parameters())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selfcheck_registry(device):
+    results = selfcheck(device=device, dtype=torch.float64)
+    failed = [(r.case.name, r.error) for r in results if not r.passed]
+    assert not failed, failed
