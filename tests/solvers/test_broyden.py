@@ -7,6 +7,8 @@ import pytest
 import scipy.optimize
 import torch
 
+import solver_problems
+from solver_problems import scipy_root, tanh_map
 from implicitdiff import Status
 from implicitdiff.solvers.broyden import broyden
 
@@ -19,23 +21,8 @@ def _gen():
     return torch.Generator().manual_seed(11)
 
 
-def tanh_map(y, W, x):
-    return torch.tanh((W @ y.unsqueeze(-1)).squeeze(-1) + x) - y
-
-
 def tanh_problem(g, batch, n, dtype, norm=0.8):
-    W = torch.randn(*batch, n, n, generator=g, dtype=F64)
-    W = norm * W / torch.linalg.matrix_norm(W, 2).unsqueeze(-1).unsqueeze(-1)
-    x = torch.randn(*batch, n, generator=g, dtype=F64)
-    return W.to(dtype), x.to(dtype)
-
-
-def scipy_root(W, x):
-    W, x = W.double().numpy(), x.double().numpy()
-    fun = lambda y: np.tanh(W @ y + x) - y  # noqa: E731
-    sol = scipy.optimize.root(fun, np.zeros_like(x), tol=1e-13)
-    assert np.abs(fun(sol.x)).max() < 1e-13
-    return torch.from_numpy(sol.x)
+    return solver_problems.tanh_problem(g, batch, n, dtype, norm)
 
 
 def tol(dtype):

@@ -1,10 +1,10 @@
 """Newton: closed forms and scipy references, per-element independence, statuses, the returned LU."""
 
-import numpy as np
 import pytest
-import scipy.optimize
 import torch
 
+import solver_problems
+from solver_problems import scipy_root, tanh_map
 from implicitdiff import InputError, Status
 from implicitdiff.solvers.newton import batch_jacobian, newton
 
@@ -20,25 +20,8 @@ def cube(y, theta):
     return y ** 3 - theta
 
 
-def tanh_map(y, W, x):
-    """``tanh(W y + x) − y`` for ``y`` ``(*batch, n)``, ``W`` ``(*batch, n, n)``."""
-    return torch.tanh((W @ y.unsqueeze(-1)).squeeze(-1) + x) - y
-
-
-def tanh_problem(g, batch, n, dtype):
-    W = torch.randn(*batch, n, n, generator=g, dtype=F64)
-    W = 0.8 * W / torch.linalg.matrix_norm(W, 2).unsqueeze(-1).unsqueeze(-1)
-    x = torch.randn(*batch, n, generator=g, dtype=F64)
-    return W.to(dtype), x.to(dtype)
-
-
-def scipy_root(W, x):
-    """Independent reference: MINPACK's hybrid method per element, float64."""
-    W, x = W.double().numpy(), x.double().numpy()
-    fun = lambda y: np.tanh(W @ y + x) - y  # noqa: E731
-    sol = scipy.optimize.root(fun, np.zeros_like(x), tol=1e-13)
-    assert np.abs(fun(sol.x)).max() < 1e-13
-    return torch.from_numpy(sol.x)
+def tanh_problem(g, batch, n, dtype, norm=0.8):
+    return solver_problems.tanh_problem(g, batch, n, dtype, norm)
 
 
 def tol(dtype):
