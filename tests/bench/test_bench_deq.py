@@ -11,6 +11,8 @@ import torch
 
 from implicitdiff.bench import deq as B
 
+from bench_scripts import script_with_fake_run
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HAVE_TORCHDEQ = importlib.util.find_spec("torchdeq") is not None
 EXACT = ("ours", "ours picard", "ours gmres", "ours lu")
@@ -99,19 +101,7 @@ def test_missing_peer_is_skipped(monkeypatch):
 
 
 def test_script_passes_its_options_to_run(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_deq_script", ROOT / "benchmarks" / "deq.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    seen = {}
-
-    def fake_run(**kwargs):
-        seen.update(kwargs)
-        return {"summary": {"targets_met": False}}
-
-    for var in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        monkeypatch.setenv(var, "unset")
-        monkeypatch.delenv(var)
-    monkeypatch.setattr(B, "run", fake_run)
+    script, seen = script_with_fake_run(monkeypatch, "deq", B)
     assert script.main(["--quick", "--out", "x.json"]) == 0
     assert seen == {"quick": True, "out": "x.json", "threads": 1}
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"

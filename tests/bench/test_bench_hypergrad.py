@@ -14,6 +14,8 @@ from implicitdiff import InputError
 from implicitdiff.bench import _harness as H
 from implicitdiff.bench import hypergrad as B
 
+from bench_scripts import script_with_fake_run
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HAS_TORCHOPT = importlib.util.find_spec("torchopt") is not None
 
@@ -140,19 +142,7 @@ def test_missing_peer_is_reported_not_fatal(monkeypatch):
 
 
 def test_script_passes_its_options_to_run(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_hypergrad_script", ROOT / "benchmarks" / "hypergrad.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    seen = {}
-
-    def fake_run(**kwargs):
-        seen.update(kwargs)
-        return {"summary": {"targets_met": False}}
-
-    for var in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        monkeypatch.setenv(var, "unset")  # so that monkeypatch restores the variable's absence afterwards
-        monkeypatch.delenv(var)
-    monkeypatch.setattr(B, "run", fake_run)
+    script, seen = script_with_fake_run(monkeypatch, "hypergrad", B)
     assert script.main(["--quick", "--out", "x.json", "--no-plot", "--peers", "torchopt,jaxopt"]) == 0
     assert seen == {"quick": True, "out": "x.json", "threads": 1, "plot": False, "peers": ("torchopt", "jaxopt")}
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["OPENBLAS_NUM_THREADS"] == "1"

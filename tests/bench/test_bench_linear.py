@@ -1,6 +1,5 @@
 """The linear benchmark and its harness: structure, gradient agreement, output — never timings."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,8 @@ import torch
 
 from implicitdiff.bench import _harness as H
 from implicitdiff.bench import linear as L
+
+from bench_scripts import script_with_fake_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -185,19 +186,7 @@ def test_bench_imports_no_peer_or_plotting_library():
 
 
 def test_script_passes_its_options_to_run(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_linear_script", ROOT / "benchmarks" / "linear.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    seen = {}
-
-    def fake_run(**kwargs):
-        seen.update(kwargs)
-        return {"summary": {"targets_met": False}}
-
-    for var in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        monkeypatch.setenv(var, "unset")  # so that monkeypatch restores the variable's absence afterwards
-        monkeypatch.delenv(var)
-    monkeypatch.setattr(L, "run", fake_run)
+    script, seen = script_with_fake_run(monkeypatch, "linear", L)
     assert script.main(["--quick", "--out", "x.json", "--no-plot"]) == 0  # a quick run never fails on targets
     assert seen == {"quick": True, "out": "x.json", "device": "cpu", "threads": 1, "plot": False}
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["OPENBLAS_NUM_THREADS"] == "1"
