@@ -35,7 +35,6 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._core.errors import InputError
 from .._core.status import Status
 from ..linalg.factorization import from_tensors, rank_flags as _flags
 from ..linalg.selection import consistency_rtol, factorize
@@ -50,7 +49,6 @@ class SolveSpec(NamedTuple):
     solver: str = "auto"
     rank_rtol: Optional[float] = None
     rtol: Optional[float] = None  # consistency tolerance of "exact" on non-square systems
-    check_finite: bool = True
     residual: bool = True  # measure ‖AX − B‖ even when nothing needs it (return_info)
 
 
@@ -156,11 +154,7 @@ class SolveFn(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, A, B):
-        if spec.check_finite:
-            for name, t in (("A", A), ("b", B)):
-                if not bool(torch.isfinite(t).all()):
-                    raise InputError(f"{name} contains NaN or Inf; clean or mask the input before solving")
-        # Under vmap (or with check_finite=False) the layer cannot look at the data: an element with
+        # The layer validates its inputs; under vmap (or with check_finite=False) it cannot look at the data: an element with
         # NaN/Inf is reported NONFINITE below and set to NaN by the failure policy (the SVD path
         # zeroes such entries before LAPACK sees them).  A sum is non-finite iff an entry is (or
         # the sum overflows, which is reported the same way).

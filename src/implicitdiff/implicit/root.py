@@ -164,7 +164,7 @@ def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bo
             residual = torch.zeros(status.shape, dtype=X.dtype, device=X.device)
         else:
             A = J.mT if transpose else J
-            X, status, residual, _, _ = linear_solve_fn(SolveSpec("exact", check_finite=False), A, R.unsqueeze(-1))
+            X, status, residual, _, _ = linear_solve_fn(SolveSpec("exact"), A, R.unsqueeze(-1))
         X = _check_linear(status, residual, what, "raise", X, skip=skip)
         return X.squeeze(-1).reshape(rhs.shape)
 

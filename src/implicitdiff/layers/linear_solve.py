@@ -179,7 +179,7 @@ def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=
     elif isinstance(selection, Pinned):
         Y, info = _pinned(prob, selection, solver, rank_rtol, rtol, safe, return_info)
     else:
-        spec = SolveSpec(resolve_selection(selection, m, n), solver, rank_rtol, rtol, False, return_info)
+        spec = SolveSpec(resolve_selection(selection, m, n), solver, rank_rtol, rtol, residual=return_info)
         Y, info = _solve(spec, prob.A, prob.B, safe)
     if is_vmapped(info.status):
         Y = nan_where_failed(Y, info.ok)  # nothing can be raised from data under vmap
@@ -328,7 +328,7 @@ def _nearest(prob: _Problem, sel: Nearest, solver, rank_rtol, rtol, safe=False, 
             AS, scale = A * s.unsqueeze(-2), ("diag", s)
         else:
             raise InputError(f"Nearest.weight must be (*, {n}) or (*, {n}, {n}), got {tuple(w.shape)}")
-    spec = SolveSpec("min_norm", solver, rank_rtol, rtol, False, return_info)
+    spec = SolveSpec("min_norm", solver, rank_rtol, rtol, residual=return_info)
     Z, info = _solve(spec, AS, B - A @ Y0, safe)
     if scale is not None:
         Z = scale[1] @ Z if scale[0] == "matrix" else scale[1].unsqueeze(-1) * Z
@@ -370,7 +370,7 @@ def _pinned(prob: _Problem, sel: Pinned, solver, rank_rtol, rtol, safe=False, re
         V = vals
     idx, free = idx.to(A.device), free.to(A.device)
     A_pin, A_free = A.index_select(-1, idx), A.index_select(-1, free)
-    spec = SolveSpec("exact", solver, rank_rtol, rtol, False, return_info)
+    spec = SolveSpec("exact", solver, rank_rtol, rtol, residual=return_info)
     Yf, info = _solve(spec, A_free, B - A_pin @ V, safe)
     batch = torch.broadcast_shapes(V.shape[:-2], Yf.shape[:-2])
     Y = torch.cat([V.expand(*batch, p, k), Yf.expand(*batch, m, k)], dim=-2)
