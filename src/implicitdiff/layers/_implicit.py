@@ -33,8 +33,12 @@ FORWARD_HINTS = {
 
 def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, batch_dims: int, on_failure: str,
                    return_info: bool, what: str, symmetric: bool = False, neumann_alpha: float = 1.0,
-                   unroll: str = "newton", rtol=None, atol=0.0, max_iter=None):
-    """Solve ``F(y, *params) = 0`` from ``y0`` with ``solve`` and attach gradients by ``adjoint``."""
+                   unroll: str = "newton", rtol=None, atol=0.0, max_iter=None, krylov: Callable = krylov_solve):
+    """Solve ``F(y, *params) = 0`` from ``y0`` with ``solve`` and attach gradients by ``adjoint``.
+
+    ``krylov(name, mv, R, *, rtol, atol, max_iter) -> (x, info)`` solves the matrix-free
+    adjoint systems (default: the Krylov methods of :mod:`implicitdiff.linalg.krylov`).
+    """
     check_on_failure(on_failure)
     adjoint = check_adjoint(adjoint)
     y0 = as_float_tensor("y0", y0)
@@ -60,7 +64,7 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
 
     problem = RootProblem(F=F, solve=solve, tree=tree, batch_dims=int(batch_dims), adjoint=adjoint,
                           symmetric=symmetric, neumann_alpha=neumann_alpha, on_failure=on_failure, what=what,
-                          hints=FORWARD_HINTS, krylov=krylov_solve)
+                          hints=FORWARD_HINTS, krylov=krylov)
     y, status, residual, iterations, *_ = RootFn.apply(problem, y0, *leaves)
     info = SolveInfo(status, residual, iterations)
     return (y, info) if return_info else y

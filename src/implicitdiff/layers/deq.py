@@ -34,15 +34,11 @@ import torch
 
 from .._core.defaults import default_rtol
 from .._core.errors import InputError
-from .._core.failure import apply_on_failure, check_on_failure
 from .._core.status import SolveInfo, Status
-from .._core.tree import flatten
-from .._core.validate import as_float_tensor, check_finite, is_vmapped
 from ..implicit.adjoint import Implicit, Neumann, Unroll
-from ..implicit.root import RootFn, RootProblem
 from ..linalg.krylov import gmres
 from ..solvers.registry import get_root_solver
-from ._implicit import FORWARD_HINTS, forward_solver, solve_implicit
+from ._implicit import forward_solver, solve_implicit
 from .fixed_point import fixed_point_residual
 
 __all__ = ["deq", "jacobian_penalty", "DEQInfo", "FixedPointAdjoint", "DEFAULT_ADJOINT"]
@@ -218,8 +214,8 @@ def _check(cell, x, z0):
     return z0
 
 
-def _forward_solve(solve, cell, F, trace: bool, record: dict, policy_outside: bool):
-    """The forward ``solve`` as the mechanism calls it, with three DEQ specifics.
+def _forward_solve(solve, cell, F, trace: bool, record: dict):
+    """The forward ``solve`` as the mechanism calls it, with two DEQ specifics.
 
     * The iterations call the cell directly, not through ``functional_call``
       (which costs about as much as a small cell evaluation): the lifted
@@ -228,13 +224,9 @@ def _forward_solve(solve, cell, F, trace: bool, record: dict, policy_outside: bo
       tensors or another ``F``, and the functional form is kept.
     * The residual trace of the run is kept in ``record["trace"]`` (the
       mechanism keeps only ``(y, info)``): no second solve.
-    * With ``policy_outside``, the true statuses go to ``record["info"]`` and
-      the mechanism is told every sample succeeded: it then saves the last
-      *finite* iterates for the backward, and :func:`deq` applies the failure
-      policy to its output with a ``torch.where``.  A failed sample's output
-      is NaN (or raises) as before, but its zero cotangent stays zero in the
-      backward — were the NaN saved, ``0 · NaN`` would poison the gradient of
-      every parameter even when the loss masks the failed samples out.
+
+    (A failed sample does not poison the others' gradients: the mechanism keeps
+    its last finite iterate for the backward and gives it no cotangent.)
     """
     def direct(z, params, x):
         return cell(z, x) - z
@@ -245,9 +237,6 @@ def _forward_solve(solve, cell, F, trace: bool, record: dict, policy_outside: bo
             and len(lifted) == len(dict(cell.named_parameters()))
         res = solve(direct if own else F_, y0, params, batch_dims)
         record["trace"] = getattr(res, "trace", None) if trace else None
-        if policy_outside:
-            record["info"] = res.info
-            res = res._replace(info=res.info._replace(status=torch.zeros_like(res.info.status)))
         return res
     return run
 
@@ -331,12 +320,8 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
                            options=options)
     F = fixed_point_residual(_cell_map(cell))
     lifted = _lifted(cell)
-    outside = not any(is_vmapped(t) for t in (x, z0, *lifted.values()))
-    z, info = _solve(F, z0, (lifted, x), solve=_forward_solve(solve, cell, F, trace, record, outside),
+    z, info = _solve(F, z0, (lifted, x), solve=_forward_solve(solve, cell, F, trace, record),
                      adjoint=adjoint, on_failure=on_failure, rtol=rtol, atol=atol, max_iter=max_iter)
-    if "info" in record:  # the policy, on the output only (see _forward_solve)
-        info = record["info"]
-        z = apply_on_failure(z, info, on_failure, _WHAT, FORWARD_HINTS)
     if not return_info:
         return z
     return z, _info(info, record["trace"])
@@ -346,36 +331,20 @@ _WHAT = "deq (the fixed point z = f(z, x))"
 
 
 def _solve(F, z0, params, *, solve, adjoint, on_failure, rtol, atol, max_iter):
-    """``(z*, SolveInfo)``: :func:`~implicitdiff.layers._implicit.solve_implicit`, or for a
-    :class:`FixedPointAdjoint` the same problem with the adjoint solve replaced.
+    """``(z*, SolveInfo)`` by :func:`~implicitdiff.layers._implicit.solve_implicit`.
 
-    ``solve_implicit`` fixes the matrix-free adjoint solver to the Krylov
-    methods; a :class:`FixedPointAdjoint` is passed to the mechanism as an
-    ``Implicit`` value whose linear solver is the fixed-point iteration (the
-    mechanism calls ``RootProblem.krylov`` for every non-dense adjoint).
+    A :class:`FixedPointAdjoint` is passed to the mechanism as an ``Implicit``
+    value whose matrix-free linear solver is the adjoint fixed-point iteration
+    (``solver="gmres"`` only routes the adjoint to that solver; the name is
+    ignored there).
     """
-    if not isinstance(adjoint, FixedPointAdjoint):
-        return solve_implicit(F, z0, params, solve=solve, adjoint=adjoint, batch_dims=1, on_failure=on_failure,
-                              return_info=True, what=_WHAT, neumann_alpha=-1.0, unroll="picard", rtol=rtol,
-                              atol=atol, max_iter=max_iter)
-    # the validation of solve_implicit, for this path
-    check_on_failure(on_failure)
-    z0 = as_float_tensor("z0", z0)
-    check_finite("z0", z0)
-    leaves, tree = flatten(params)
-    for leaf in leaves:
-        if leaf.is_floating_point() and leaf.dtype != z0.dtype:
-            raise InputError(f"the cell's parameters and x must have z0's dtype {z0.dtype}, found {leaf.dtype}; "
-                             f"convert the cell (cell.to({z0.dtype})) or the input")
-        if leaf.device != z0.device:
-            raise InputError(f"the cell's parameters and x must be on z0's device {z0.device}, found {leaf.device}; "
-                             f"move them together")
-    # solver="gmres" only routes the adjoint to RootProblem.krylov: the name is ignored there
-    as_implicit = Implicit(solver="gmres", rtol=adjoint.rtol, atol=adjoint.atol, max_iter=adjoint.max_iter)
-    problem = RootProblem(F=F, solve=solve, tree=tree, batch_dims=1, adjoint=as_implicit, neumann_alpha=-1.0,
-                          on_failure=on_failure, what=_WHAT, hints=FORWARD_HINTS, krylov=adjoint.linear_solver())
-    z, status, residual, iterations, *_ = RootFn.apply(problem, z0, *leaves)
-    return z, SolveInfo(status, residual, iterations)
+    krylov = {}
+    if isinstance(adjoint, FixedPointAdjoint):
+        krylov = {"krylov": adjoint.linear_solver()}
+        adjoint = Implicit(solver="gmres", rtol=adjoint.rtol, atol=adjoint.atol, max_iter=adjoint.max_iter)
+    return solve_implicit(F, z0, params, solve=solve, adjoint=adjoint, batch_dims=1, on_failure=on_failure,
+                          return_info=True, what=_WHAT, neumann_alpha=-1.0, unroll="picard", rtol=rtol,
+                          atol=atol, max_iter=max_iter, **krylov)
 
 
 def _info(info: SolveInfo, trace) -> DEQInfo:
