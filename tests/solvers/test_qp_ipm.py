@@ -113,7 +113,8 @@ def test_infeasible_with_equalities_and_unbounded_lp():
 
 
 def test_iteration_limit_is_reported(g):
-    P = random_qp(g, 2, 10, 12, 0)
+    # large enough that the active-set polish after one step cannot guess its way to the solution
+    P = random_qp(g, 3, 30, 40, 0)
     res = QPInteriorPoint.for_dtype(F64, max_iter=1).solve(*P)
     assert (res.status == Status.MAX_ITERATIONS).all() and (res.residual > 1e-10).all()
 
@@ -132,22 +133,83 @@ def test_final_factorization_solves_the_active_set_kkt_system(g, kkt):
     """Refining with the exposed factorization solves K x = r for the exact active-set matrix K."""
     Q, p, G, h, A, b = random_qp(g, 3, 5, 6, 1)
     s = QPInteriorPoint.for_dtype(F64, kkt=kkt)
-    res = s.solve(Q, p, G, h, A, b)
+    _kkt_oracle_check(s, s.solve(Q, p, G, h, A, b), Q, G, A, g)
+
+
+# ----------------------------------------------------------------------------- early stop, Tapia guess, re-rounds
+
+def _kkt_oracle_check(s, res, Q, G, A, g):
+    """The factor ``res`` exposes solves the exact active-set KKT system of every element (dense oracle)."""
+    B, n, m, k = Q.shape[0], Q.shape[-1], G.shape[-2], A.shape[-2]
     act = res.active
     GM = G * act[..., None]
-    r = tuple(torch.randn(3, d, generator=g, dtype=F64) for d in (5, 6, 1))
+    r = tuple(torch.randn(B, d, generator=g, dtype=F64) for d in (n, m, k))
     x = s.solve_factored(res.factor.kind, res.factor.tensors, GM, A, *r)
     P = _Products.build(0.5 * (Q + Q.mT), G, A)
     for _ in range(3):
-        k = kkt_apply(P, 1 - act, *x, mask=act)
-        d = s.solve_factored(res.factor.kind, res.factor.tensors, GM, A, *(ri - ki for ri, ki in zip(r, k)))
+        kx = kkt_apply(P, 1 - act, *x, mask=act)
+        d = s.solve_factored(res.factor.kind, res.factor.tensors, GM, A, *(ri - ki for ri, ki in zip(r, kx)))
         x = tuple(xi + di for xi, di in zip(x, d))
-    for i in range(3):  # dense oracle
+    for i in range(B):
         a = act[i].bool()
-        K = torch.zeros(5 + 6 + 1, 5 + 6 + 1, dtype=F64)
-        K[:5, :5] = Q[i]
-        K[5:11, :5], K[:5, 5:11] = GM[i], GM[i].T
-        K[5:11, 5:11] = torch.diag((~a).to(F64) * -1.0)
-        K[11:, :5], K[:5, 11:] = A[i], A[i].T
+        K = torch.zeros(n + m + k, n + m + k, dtype=F64)
+        K[:n, :n] = 0.5 * (Q[i] + Q[i].T)
+        K[n:n + m, :n], K[:n, n:n + m] = GM[i], GM[i].T
+        K[n:n + m, n:n + m] = torch.diag((~a).to(F64) * -1.0)
+        K[n + m:, :n], K[:n, n + m:] = A[i], A[i].T
         want = torch.linalg.solve(K, torch.cat([ri[i] for ri in r]))
         torch.testing.assert_close(torch.cat([xi[i] for xi in x]), want, atol=1e-9, rtol=1e-9)
+
+
+def _count_batches(monkeypatch, name):
+    """Record the batch size of every call of ``QPInteriorPoint.<name>(…, P, p, …)``."""
+    sizes = []
+    orig = getattr(QPInteriorPoint, name)
+    at = 7 if name == "_polish" else 2  # position of p after self
+
+    def spy(self, *args, **kw):
+        sizes.append(args[at - 1].shape[0])
+        return orig(self, *args, **kw)
+    monkeypatch.setattr(QPInteriorPoint, name, spy)
+    return sizes
+
+
+@pytest.mark.parametrize("early", [1e-3, 0.3])
+def test_early_stop_gives_the_full_accuracy_solution_and_a_consistent_factor(g, monkeypatch, early):
+    """Stopping the dual loop early (then polish; re-rounds on a subset; resume where the polish misses) gives
+    the same solution as running to rtol, to rounding, and the merged factor solves each element's KKT system.
+    ``early = 0.3`` stops after a step or two, so guesses are wrong and elements resume."""
+    Q, p, G, h, A, b = random_qp(g, 12, 12, 18, 2, cond_spread=True)
+    full = QPInteriorPoint.for_dtype(F64)
+    full.early_rtol = 0.0
+    want = full.solve(Q, p, G, h, A, b)
+    s = QPInteriorPoint.for_dtype(F64)
+    s.early_rtol = early
+    sizes = _count_batches(monkeypatch, "_polish")
+    loops = _count_batches(monkeypatch, "_interior_point_dual")
+    got = s.solve(Q, p, G, h, A, b)
+    assert (got.status == Status.SUCCESS).all() and (want.status == Status.SUCCESS).all()
+    assert (got.residual <= 1e-10).all() and (got.iterations <= s.max_iter).all()
+    torch.testing.assert_close(got.z, want.z, atol=1e-9, rtol=0)
+    torch.testing.assert_close(got.lam, want.lam, atol=1e-9, rtol=0)
+    torch.testing.assert_close(got.nu, want.nu, atol=1e-9, rtol=0)
+    assert torch.equal(got.active, want.active)
+    if early == 0.3:  # some elements were polished again on their own (a subset of the batch)
+        assert any(sz < 12 for sz in sizes[1:]), sizes
+        assert len(loops) == 2 and 0 < loops[1] < 12, loops  # and some resumed the interior point
+        assert got.iterations.sum() <= want.iterations.sum() + 12 * 3
+    _kkt_oracle_check(s, got, Q, G, A, g)
+
+
+def test_tapia_guess_keeps_an_active_constraint_with_a_tiny_multiplier():
+    """min ½‖z − a‖² s.t. z₁ ≤ 1 with a₁ = 1 + 1e-7: λ = 1e-7, active.  A threshold on λ at the early stop
+    (μ ≫ λ²) would call it inactive; the solution and the gradient dz₁/da₁ = 0 must be exact."""
+    I2 = torch.eye(2, dtype=F64)[None]
+    a = torch.tensor([[1.0 + 1e-7, 2.0]], dtype=F64)
+    G, h = torch.tensor([[[1.0, 0.0]]], dtype=F64), torch.ones(1, 1, dtype=F64)
+    A, b = torch.zeros(1, 0, 2, dtype=F64), torch.zeros(1, 0, dtype=F64)
+    res = QPInteriorPoint.for_dtype(F64).solve(I2, -a, G, h, A, b)
+    assert int(res.status[0]) == Status.SUCCESS
+    torch.testing.assert_close(res.z, torch.tensor([[1.0, 2.0]], dtype=F64), atol=1e-14, rtol=0)
+    torch.testing.assert_close(res.lam, torch.tensor([[1e-7]], dtype=F64), atol=1e-14, rtol=0)
+    assert res.active.tolist() == [[1.0]]

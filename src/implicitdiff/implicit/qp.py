@@ -42,6 +42,7 @@ import torch
 from .._core.errors import SolveError
 from .._core.status import Status
 from .._core.validate import is_vmapped
+from ..linalg.symmetric import symmetric_part
 
 __all__ = ["QPSpec", "QPFn", "qp_solve"]
 
@@ -163,7 +164,7 @@ class QPFn(torch.autograd.Function):
         B = z[..., 0].numel()
         dt = ctx.spec.dtype
         Qf, Gf, Af = (_flat(t, 2, batch, B).to(dt) for t in (Q, G, A))
-        Qf = 0.5 * (Qf + Qf.mT)
+        Qf = symmetric_part(Qf)
         zf, lf, nf = (t.reshape(B, t.shape[-1]).to(dt) for t in (z, lam, nu))
         ok = (status.reshape(B) == Status.SUCCESS)
         act = active.reshape(B, active.shape[-1]).to(dt)
@@ -183,21 +184,32 @@ class QPFn(torch.autograd.Function):
         keep = (okc & ~bad.unsqueeze(-1))
         uz, ul, un = (torch.where(keep, u, torch.zeros_like(u)) for u in (uz, ul, un))
         zs, ls, ns = (torch.where(keep, t, torch.zeros_like(t)) for t in (zf, lf, nf))
-        nan = torch.where(bad, float("nan"), 0.0).to(dt)  # singular K under vmap: NaN gradients
-        outer = lambda a, c: a.unsqueeze(-1) * c.unsqueeze(-2)  # noqa: E731
+        # a singular K under vmap (no raise there): NaN gradients for those elements
+        vmapped = is_vmapped(rhs[0]) or is_vmapped(relres)
+        nan = torch.where(bad, float("nan"), 0.0).to(dt) if vmapped else None
+
+        def outer2(a, b, c, d, alpha):
+            """``alpha (a bᵀ + c dᵀ)`` as one bmm, ``(B, r) (B, c)`` -> ``(B, r, c)`` (one pass over the result)."""
+            out = torch.bmm(torch.stack([a, c], -1), torch.stack([b, d], -2)).mul_(alpha)
+            return out if nan is None else out + nan[:, None, None]
+
+        def vec(v):
+            return v if nan is None else v + nan[:, None]
+
         grads = (
-            -0.5 * (outer(uz, zs) + outer(zs, uz)) + nan[:, None, None],
-            -uz + nan[:, None],
-            -act.unsqueeze(-1) * (outer(ul, zs) + outer(ls, uz)) + nan[:, None, None],
-            act * ul + nan[:, None],
-            -(outer(un, zs) + outer(ns, uz)) + nan[:, None, None],
-            un + nan[:, None],
+            lambda: outer2(uz, zs, zs, uz, -0.5),
+            lambda: vec(-uz),
+            lambda: outer2(act * ul, zs, act * ls, uz, -1.0),
+            lambda: vec(act * ul),
+            lambda: outer2(un, zs, ns, uz, -1.0),
+            lambda: vec(un),
         )
         res = []
         for g, shape, need in zip(grads, ctx.shapes, ctx.needs_input_grad[1:7]):
             if not need:
                 res.append(None)
                 continue
+            g = g()
             g = g.reshape(batch + g.shape[1:]).to(ctx.in_dtype)
             res.append(g.sum_to_size(shape))
         return (None, *res, None, None, None)
@@ -220,7 +232,7 @@ class QPFn(torch.autograd.Function):
         r2 = act * dh if dh is not None else lf.new_zeros(B, m)
         r3 = db.clone() if db is not None else nf.new_zeros(B, k)
         if dQ is not None:
-            r1 = r1 - _mv(0.5 * (dQ + dQ.mT), zf)
+            r1 = r1 - 0.5 * (_mv(dQ, zf) + _rmv(dQ, zf))
         if dG is not None:
             r1 = r1 - _rmv(dG, act * lf)
             r2 = r2 - act * _mv(dG, zf)
