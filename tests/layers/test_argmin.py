@@ -62,3 +62,31 @@ def test_batched_argmin():
         torch.testing.assert_close(w[i].detach(), wc, rtol=1e-8, atol=1e-9)
     assert torch.autograd.gradcheck(
         lambda l: idf.argmin(f, torch.zeros(3, 5, dtype=D), l, batch_dims=1, rtol=1e-13), (lams,))
+
+
+def test_matrix_free_default_uses_cg_and_falls_back_to_minres_at_a_saddle(monkeypatch):
+    """Past dense_max, Implicit() solves argmin's adjoint by CG (the Hessian of a strict minimum is positive
+    definite); at a saddle (found by Broyden on ∇f) CG breaks down and MINRES takes over —
+    the gradient is still the exact one, D⁻¹ ȳ for f = ½ yᵀDy − θᵀy."""
+    from implicitdiff.linalg import krylov
+    used = []
+    for name in ("cg", "minres"):
+        def spy(*a, _name=name, _fn=getattr(krylov, name), **k):
+            used.append(_name)
+            return _fn(*a, **k)
+        monkeypatch.setattr(krylov, name, spy)
+
+    def f(y, theta, d):
+        return 0.5 * (d * y * y).sum() - (theta * y).sum()
+
+    theta = torch.tensor([1.0, 2.0, -1.0, 0.5], dtype=D, requires_grad=True)
+    ybar = torch.tensor([0.3, -1.0, 2.0, 1.5], dtype=D)
+    for d, want_solvers in ((torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=D), ["cg"]),
+                            (torch.tensor([1.0, -2.0, 3.0, -0.5], dtype=D), ["cg", "minres"])):
+        used.clear()
+        y = idf.argmin(f, torch.zeros(4, dtype=D), theta, d, solver="broyden", adjoint=idf.Implicit(dense_max=0),
+                       rtol=1e-13)
+        torch.testing.assert_close(y.detach(), theta.detach() / d, atol=1e-12, rtol=0)
+        (g,) = torch.autograd.grad((y * ybar).sum(), theta)
+        torch.testing.assert_close(g, ybar / d, atol=1e-10, rtol=0)
+        assert used == want_solvers, used

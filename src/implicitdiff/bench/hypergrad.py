@@ -20,7 +20,7 @@ Methods, all from ``w0 = 0`` to the same inner tolerance
 interleaved repeats (:mod:`._harness`):
 
 * ``ours auto`` / ``ours cg``: :func:`implicitdiff.argmin` (L-BFGS forward)
-  with ``Implicit()`` (dense Hessian by ``jacrev`` + LU up to ``dense_max = 200`` unknowns, MINRES beyond)
+  with ``Implicit()`` (dense Hessian by ``jacrev`` + LU up to ``dense_max = 200`` unknowns, CG beyond)
   and ``Implicit(solver="cg")`` (Hessian-vector products);
 * ``closed form`` (ridge): ``torch.linalg.solve(XᵀX/m + diag(e^θ), Xᵀt/m)``
   under autograd — also the reference of the gradient errors; for logistic

@@ -28,8 +28,9 @@ class Implicit:
     Args:
         solver: ``"auto"`` (materialize the per-element Jacobian with
             ``torch.func.jacrev`` and LU-factorize it when it has at most
-            ``dense_max`` rows, else go matrix-free with GMRES, or MINRES for
-            ``argmin``'s symmetric Hessian), ``"lu"`` (always dense),
+            ``dense_max`` rows, else go matrix-free with GMRES, or CG for
+            ``argmin``'s Hessian — positive definite at a strict minimum; MINRES
+            if CG meets ``pᵀHp ≤ 0``), ``"lu"`` (always dense),
             ``"cg"``, ``"minres"``, ``"gmres"``, ``"bicgstab"`` (matrix-free, with
             vector-Jacobian products), ``"richardson"`` (the adjoint fixed-point
             iteration ``v ← (∂T/∂z)ᵀ v + z̄`` for ``fixed_point``, one product a

@@ -47,7 +47,7 @@ class RootProblem:
     ``solve(F, y0, params, batch_dims) -> SolverResult`` is the forward solver (``y``, ``info``,
     optional ``jacobian`` factorization at ``y``); ``batch_dims`` leading dims of
     ``y`` are independent problems; ``symmetric`` declares ``∂F/∂y`` symmetric
-    (argmin's Hessian); ``neumann_alpha`` is the default step of :class:`Neumann`.
+    (argmin's Hessian), ``definite`` also positive definite (a strict minimum: CG applies); ``neumann_alpha`` is the default step of :class:`Neumann`.
     ``krylov(name)`` returns a matrix-free solver ``(A, b, x0, rtol, atol, max_iter) -> (x, info)``.
     """
 
@@ -57,6 +57,7 @@ class RootProblem:
     batch_dims: int = 0
     adjoint: Any = Implicit()
     symmetric: bool = False
+    definite: bool = False
     neumann_alpha: float = 1.0
     on_failure: str = "raise"
     what: str = "root"
@@ -142,7 +143,7 @@ def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bo
     solver = adj.solver
     if solver == "auto":
         dense = bool(factors) or n <= adj.dense_max or problem.krylov is None  # Newton's LU is free to reuse
-        solver = "lu" if dense else ("minres" if problem.symmetric else "gmres")
+        solver = "lu" if dense else ("cg" if problem.definite else "minres" if problem.symmetric else "gmres")
     if solver != "lu" and (is_vmapped(R) or torch.is_grad_enabled()):
         # The Krylov and Richardson loops decide convergence on the host and update buffers in
         # place: under vmap (jacrev, vmap(grad)) and in a differentiable backward (double
@@ -179,6 +180,9 @@ def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bo
         raise SolveError(f"matrix-free adjoint solver {solver!r} is unavailable; use Implicit(solver='lu')")
     mv = _linear_map(F_y, y, bd, transpose)
     X, info = problem.krylov(solver, mv, R, rtol=adj.rtol, atol=adj.atol, max_iter=adj.max_iter)
+    if solver == "cg" and adj.solver == "auto" and bool((info.status == Status.BREAKDOWN).any()):
+        # CG met pᵀHp ≤ 0: not a strict minimum after all (a saddle, or a flat direction): MINRES needs symmetry only
+        X, info = problem.krylov("minres", mv, R, rtol=adj.rtol, atol=adj.atol, max_iter=adj.max_iter)
     X = _check_linear(info.status, info.residual, what, "raise", X, info.iterations, skip=skip)
     return X.reshape(rhs.shape)
 

@@ -32,7 +32,8 @@ FORWARD_HINTS = {
 
 
 def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, batch_dims: int, on_failure: str,
-                   return_info: bool, what: str, symmetric: bool = False, neumann_alpha: float = 1.0,
+                   return_info: bool, what: str, symmetric: bool = False, definite: bool = False,
+                   neumann_alpha: float = 1.0,
                    unroll: str = "newton", rtol=None, atol=0.0, max_iter=None, krylov: Callable = krylov_solve):
     """Solve ``F(y, *params) = 0`` from ``y0`` with ``solve`` and attach gradients by ``adjoint``.
 
@@ -63,7 +64,7 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
         return (y, info) if return_info else y
 
     problem = RootProblem(F=F, solve=solve, tree=tree, batch_dims=int(batch_dims), adjoint=adjoint,
-                          symmetric=symmetric, neumann_alpha=neumann_alpha, on_failure=on_failure, what=what,
+                          symmetric=symmetric, definite=definite, neumann_alpha=neumann_alpha, on_failure=on_failure, what=what,
                           hints=FORWARD_HINTS, krylov=krylov)
     y, status, residual, iterations, *_ = RootFn.apply(problem, y0, *leaves)
     info = SolveInfo(status, residual, iterations)

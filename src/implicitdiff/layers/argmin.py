@@ -70,5 +70,5 @@ def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=No
         solve = forward_solver(solver, registry=get_root_solver, rtol=rtol, atol=atol, max_iter=max_iter,
                                options=solver_options)
     return solve_implicit(F, y0, params, solve=solve, adjoint=adjoint, batch_dims=batch_dims,
-                          on_failure=on_failure, return_info=return_info, what="argmin", symmetric=True,
+                          on_failure=on_failure, return_info=return_info, what="argmin", symmetric=True, definite=True,
                           unroll="newton", rtol=rtol, atol=atol, max_iter=max_iter)
