@@ -44,7 +44,7 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
     pQp = (Lp * Lp).sum(-1)
     hb = torch.cat([h, b], dim=-1)
     # ‖Cᵀy‖₂² ≤ ‖Q‖₂ · yᵀKy: a certificate test without an n-dimensional product
-    qnorm = p.new_tensor(float(torch.linalg.matrix_norm(P.KA[:, :n]).amax()))  # ‖Q‖_F ≥ ‖Q‖₂
+    qnorm = p.new_tensor(float(torch.linalg.matrix_norm(P.Q).amax()))  # ‖Q‖_F ≥ ‖Q‖₂
 
     # The equality block is eliminated once: with K = [[K_GG, K_GA], [K_AG, K_AA]], L_A L_Aᵀ = K_AA + δI
     # and X = L_A⁻¹ K_AG, the Newton matrix K + diag(W, δI) is [[M + W, ·], [·, K_AA + δI]] with the

@@ -256,7 +256,7 @@ class QPInteriorPoint:
         if warm_start is None:
             # Start (as CVXOPT): solve the KKT system with W = I, i.e. the least-squares-slack
             # problem min ½zᵀQz + pᵀz + ½‖h − Gz‖², Az = b; then s = h − Gz, λ = −s, shifted inside.
-            f0 = kkt_factor(kind, pre, P.KA[:, :n], G, A, ones, delta)
+            f0 = kkt_factor(kind, pre, P.Q, G, A, ones, delta)
             z, lam, nu = kkt_solve_reg(f0, G, A, -p, h, b)
             s = -lam
         else:
@@ -290,7 +290,7 @@ class QPInteriorPoint:
             w = s / lam
             # the factorization regularizes the (2,2) block to −(W + δI) (bounded condition number);
             # the corrector's refinement is against the exact W
-            f = kkt_factor(kind, pre, P.KA[:, :n], G, A, lam / (s + delta * lam), delta)
+            f = kkt_factor(kind, pre, P.Q, G, A, lam / (s + delta * lam), delta)
             # affine (predictor): complementarity target 0, r_c = s∘λ, so r₂ = −r_p + r_c/λ = −r_p + s
             dz, dl, dn = kkt_solve_reg(f, G, A, -rd, -rp + s, -re)
             ds = -s - w * dl

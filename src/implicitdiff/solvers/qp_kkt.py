@@ -137,7 +137,7 @@ def kkt_solve_reg(f: KKTFactor, G, A, r1, r2, r3):
     and ``A x − δ v = r3``, so ``S v = A H⁻¹ r1' − r3`` and ``x = H⁻¹ r1' − H⁻¹Aᵀ v``.
     dual: ``x = Q⁻¹(r1 − Cᵀ u)`` and ``C x − W u = (r2, r3)`` give ``S u = C Q⁻¹ r1 − (r2, r3)``.
     """
-    m, n = G.shape[-2], r1.shape[-1]
+    m = G.shape[-2]
     if f.kind == "dual":
         LQ, Wc, LS, rm, _ = f.tensors
         t = _lsolve(LQ, r1)  # LQ⁻¹ r1
@@ -158,28 +158,24 @@ def kkt_solve_reg(f: KKTFactor, G, A, r1, r2, r3):
 
 
 class _Products(NamedTuple):
-    """``[Q; G; A]`` and ``C = [G; A]`` stacked once, so each product is one matvec."""
+    """``Q (B|1, n, n)``, ``G (B|1, m, n)``, ``A (B|1, k, n)`` and the products the interior point needs
+    (kept apart: a stacked copy saves no memory traffic, each product streams its matrix once)."""
 
-    KA: torch.Tensor  # (B|1, n + m + k, n)
-    C: torch.Tensor  # (B|1, m + k, n)
-    n: int
-    m: int
+    Q: torch.Tensor
+    G: torch.Tensor
+    A: torch.Tensor
 
     @classmethod
     def build(cls, Q, G, A):
-        Bs = max(Q.shape[0], G.shape[0], A.shape[0])
-        parts = [t.expand(Bs, *t.shape[1:]) for t in (Q, G, A)]
-        KA = torch.cat(parts, dim=-2)
-        return cls(KA, KA[:, Q.shape[-1]:], Q.shape[-1], G.shape[-2])
+        return cls(Q, G, A)
 
     def forward(self, x):
         """``(Qx, Gx, Ax)``."""
-        y = _mv(self.KA, x)
-        return y[..., :self.n], y[..., self.n:self.n + self.m], y[..., self.n + self.m:]
+        return _mv(self.Q, x), _mv(self.G, x), _mv(self.A, x)
 
     def adjoint(self, lam, nu):
         """``Gᵀλ + Aᵀν``."""
-        return _rmv(self.C, torch.cat([lam, nu], dim=-1))
+        return _rmv(self.G, lam) + _rmv(self.A, nu)
 
 
 def kkt_apply(P: _Products, w, x, y, v, mask=None):

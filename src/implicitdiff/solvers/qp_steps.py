@@ -79,8 +79,7 @@ def _initial_shift(s, lam):
 def _take(t, idx):
     """Rows ``idx`` of a per-element tensor (or of :class:`_Products`); a shared one (``(1, …)``, 0-d) as is."""
     if isinstance(t, _Products):
-        KA = _take(t.KA, idx)
-        return _Products(KA, KA[:, t.n:], t.n, t.m)
+        return _Products(*(_take(u, idx) for u in t))
     return t[idx] if t.dim() and t.shape[0] > 1 else t
 
 
