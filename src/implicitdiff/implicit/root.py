@@ -106,6 +106,35 @@ def _linear_map(F_y: Callable, y: torch.Tensor, bd: int, transpose: bool):
     return rmv if transpose else mv
 
 
+def _linearization(problem: RootProblem, y, leaves, gy, factors):
+    """``(y_r, F(y_r, θ))`` recorded once for a first-order, matrix-free backward; else ``None``.
+
+    The adjoint products ``(∂F/∂y)ᵀ v = autograd.grad(F, y_r, v)`` (the θ branches of the graph
+    are pruned: one reverse pass in ``y`` each) and the parameter VJP ``(∂F/∂θ)ᵀ u`` then share
+    one evaluation of ``F`` — ``torch.func.vjp`` evaluates ``F`` once for each, and costs more
+    per product.  Not under ``create_graph`` (grad mode on), ``vmap`` or ``torch.func``
+    transforms, nor with the forward's factorization or a dense adjoint: the functional
+    products are kept there.
+    """
+    if (torch.is_grad_enabled() or factors or is_vmapped(gy) or not isinstance(problem.adjoint, Implicit)
+            or torch._C._functorch.maybe_current_level() is not None):
+        return None
+    if _adjoint_solver(problem, math.prod(y.shape[problem.batch_dims:]), factors) == "lu":
+        return None
+    with torch.enable_grad():
+        yr = y.detach().requires_grad_()
+        return yr, problem.residual(yr, list(leaves))
+
+
+def _adjoint_solver(problem: RootProblem, n: int, factors) -> str:
+    """The linear solver of an :class:`Implicit` adjoint, ``"auto"`` resolved."""
+    adj = problem.adjoint
+    if adj.solver != "auto":
+        return adj.solver
+    dense = bool(factors) or n <= adj.dense_max or problem.krylov is None  # Newton's LU is free to reuse
+    return "lu" if dense else ("cg" if problem.definite else "minres" if problem.symmetric else "gmres")
+
+
 def _check_linear(status, residual, what, on_failure, out, info_iters=None, skip=None):
     if skip is not None:  # elements whose forward failed: no gradient to check (their rhs is zero)
         status = torch.where(skip, 0, status)
@@ -122,8 +151,11 @@ def _check_linear(status, residual, what, on_failure, out, info_iters=None, skip
     return apply_on_failure(out, info, "raise", what, hints, policy_hint=False)
 
 
-def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bool, skip=None):
-    """Solve ``J x = rhs`` (``transpose``: ``Jᵀ x = rhs``) at ``y``; ``rhs`` of y's shape."""
+def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bool, skip=None, lin=None):
+    """Solve ``J x = rhs`` (``transpose``: ``Jᵀ x = rhs``) at ``y``; ``rhs`` of y's shape.
+
+    ``lin``: a :func:`_linearization` of ``F`` at ``y`` for the transposed products, or ``None``.
+    """
     bd = problem.batch_dims
     adj = problem.adjoint
     params = problem.tree.unflatten(leaves)
@@ -140,10 +172,7 @@ def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bo
             x = x + alpha * (R - mv(x))
         return x.reshape(rhs.shape)
 
-    solver = adj.solver
-    if solver == "auto":
-        dense = bool(factors) or n <= adj.dense_max or problem.krylov is None  # Newton's LU is free to reuse
-        solver = "lu" if dense else ("cg" if problem.definite else "minres" if problem.symmetric else "gmres")
+    solver = _adjoint_solver(problem, n, factors)
     if solver != "lu" and (is_vmapped(R) or torch.is_grad_enabled()):
         # The Krylov and Richardson loops decide convergence on the host and update buffers in
         # place: under vmap (jacrev, vmap(grad)) and in a differentiable backward (double
@@ -169,16 +198,24 @@ def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bo
         X = _check_linear(status, residual, what, "raise", X, skip=skip)
         return X.squeeze(-1).reshape(rhs.shape)
 
+    if lin is not None and transpose:  # the recorded linearization: one reverse pass in y per product
+        yr, out = lin
+
+        def linear_map(*_):
+            return lambda v: _flat(torch.autograd.grad(out, yr, v.reshape(y.shape), retain_graph=True)[0], bd)
+    else:
+        linear_map = _linear_map
+
     if solver == "richardson":
         alpha = problem.neumann_alpha
-        mv = _linear_map(F_y, y, bd, transpose)
+        mv = linear_map(F_y, y, bd, transpose)
         X, info = _richardson(mv, R, alpha, adj)
         X = _check_linear(info.status, info.residual, what, "raise", X, info.iterations, skip=skip)
         return X.reshape(rhs.shape)
 
     if problem.krylov is None:
         raise SolveError(f"matrix-free adjoint solver {solver!r} is unavailable; use Implicit(solver='lu')")
-    mv = _linear_map(F_y, y, bd, transpose)
+    mv = linear_map(F_y, y, bd, transpose)
     X, info = problem.krylov(solver, mv, R, rtol=adj.rtol, atol=adj.atol, max_iter=adj.max_iter)
     if solver == "cg" and adj.solver == "auto" and bool((info.status == Status.BREAKDOWN).any()):
         # CG met pᵀHp ≤ 0: not a strict minimum after all (a saddle, or a flat direction): MINRES needs symmetry only
@@ -214,12 +251,13 @@ def _richardson(mv, R, alpha, adj: Implicit, check_every: int = 5):
     return x, SolveInfo(status, residual, it)
 
 
-def adjoint_solve(problem, y, leaves, gy, factors=(), skip=None):
+def adjoint_solve(problem, y, leaves, gy, factors=(), skip=None, lin=None):
     """``u`` with ``(∂F/∂y)ᵀ u = ȳ`` at ``y`` (checked; raises ``SolveError`` on failure).
 
     ``skip`` (batch shape) marks elements whose forward failed: their ``u`` is 0, unchecked.
+    ``lin``: a :func:`_linearization` at ``y`` to take the products from (or ``None``).
     """
-    return _solve_jacobian(problem, y, leaves, gy, factors, transpose=True, skip=skip)
+    return _solve_jacobian(problem, y, leaves, gy, factors, transpose=True, skip=skip, lin=lin)
 
 
 def tangent_solve(problem, y, leaves, rhs, factors=(), skip=None):
@@ -285,10 +323,16 @@ class RootFn(torch.autograd.Function):
             return (None, None) + (None,) * nleaves
         if ok is not None:  # failed elements carry no gradient (their outputs are NaN)
             gy = torch.where(_expand(ok, gy), gy, torch.zeros_like(gy))
-        u = adjoint_solve(problem, y, leaves, gy, factors, skip=None if ok is None else ~ok)
+        lin = _linearization(problem, y, leaves, gy, factors)
+        u = adjoint_solve(problem, y, leaves, gy, factors, skip=None if ok is None else ~ok, lin=lin)
         # θ̄ = −(∂F/∂θ)ᵀ u
         wanted = [i for i in range(nleaves) if ctx.needs_input_grad[2 + i]]
         sub = [leaves[i] for i in wanted]
+        out = [None] * nleaves
+        if lin is not None:  # from the same evaluation of F as the adjoint products
+            for i, g in zip(wanted, torch.autograd.grad(lin[1], sub, -u, allow_unused=True)):
+                out[i] = g
+            return (None, None) + tuple(out)
 
         def F_theta(*ts):
             full = list(leaves)
@@ -298,7 +342,6 @@ class RootFn(torch.autograd.Function):
 
         _, vjp = torch.func.vjp(F_theta, *sub)
         grads = vjp(-u)
-        out = [None] * nleaves
         for i, g in zip(wanted, grads):
             out[i] = g
         return (None, None) + tuple(out)
