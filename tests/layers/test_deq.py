@@ -295,6 +295,42 @@ def test_diverging_adjoint_raises_with_its_residual():
     torch.testing.assert_close(ga, -(w * z).sum().detach())
 
 
+def test_picard_adjoint_statuses_residuals_and_product_count():
+    # mv(x) = Aᵀx − x per sample (A = ∂f/∂z), R = z̄: x = −(I − Aᵀ)⁻¹ R.  Sample 0 contracts, sample 1
+    # has R = 0 (x = 0 exactly), sample 2 expands (A = 2 I: DIVERGED long before max_iter)
+    from implicitdiff.layers._deq_adjoint import _picard_adjoint
+
+    A = torch.stack([_contraction(5, 0.6, seed=1), _contraction(5, 0.3, seed=2), 2.0 * torch.eye(5, dtype=D)])
+    R = torch.randn(3, 5, generator=torch.Generator().manual_seed(3), dtype=D)
+    R[1] = 0.0
+    calls = []
+
+    def product(A):
+        def mv(x):
+            calls.append(1)
+            return (A.mT @ x.unsqueeze(-1)).squeeze(-1) - x
+        return mv
+
+    x, info = _picard_adjoint(product(A[:2]), R[:2], rtol=1e-12, atol=0.0, max_iter=200)
+    exact = -torch.linalg.solve(torch.eye(5, dtype=D) - A[:2].mT, R[:2].unsqueeze(-1)).squeeze(-1)
+    assert info.status.tolist() == [idf.Status.SUCCESS] * 2
+    torch.testing.assert_close(x, exact, rtol=1e-10, atol=1e-12)
+    assert bool((x[1] == 0).all())
+    # the reported residual is the returned iterate's, relative to ‖R‖ (0 for R = 0)
+    true = (product(A[:2])(x) - R[:2]).norm(dim=-1)
+    calls.pop()
+    torch.testing.assert_close(info.residual, torch.stack([true[0] / R[0].norm(), true[1]]), rtol=1e-6, atol=0.0)
+    # the first step x₁ = −R costs no product: the iterations count the products of mv
+    assert info.iterations.tolist() == [len(calls)] * 2 and 20 < len(calls) < 200
+    calls.clear()
+    _, info = _picard_adjoint(product(A), R, rtol=1e-12, atol=0.0, max_iter=200)
+    assert info.status.tolist() == [idf.Status.MAX_ITERATIONS, idf.Status.SUCCESS, idf.Status.DIVERGED]
+    assert len(calls) < 40 and float(info.residual[2]) > 1e8
+    R[2] = float("nan")
+    _, info = _picard_adjoint(product(A), R, rtol=1e-12, atol=0.0, max_iter=200)
+    assert info.status.tolist()[2] == idf.Status.NONFINITE and int(info.iterations[0]) == 1
+
+
 def test_nonconverging_krylov_adjoint_raises_with_its_residual():
     cell = Linear(_contraction(8, 0.9, seed=4))
     x, w = data(2, 8, seed=9)

@@ -173,3 +173,73 @@ def test_iterates_match_the_definition(m, beta):
         anderson(tanh_map, torch.zeros(6, dtype=F64), (W[i], x[i]), m=m, beta=beta, rtol=0.0, max_iter=12,
                  callback=lambda k, y, r: alone.append(y.clone()))
         assert torch.allclose(torch.stack(alone), ref, atol=1e-11, rtol=1e-9)
+
+
+def _slow_linear(seed=5, n=10, rho=0.95):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    M = Q @ torch.diag(torch.linspace(-rho, rho, n, dtype=F64)) @ Q.T
+    c = torch.randn(n, generator=g, dtype=F64)
+    return M, c
+
+
+def test_lazy_start_is_picard_on_a_fast_contraction():
+    # every step shrinks the residual by ≤ 0.5 (‖W‖ = 0.3, |tanh′| ≤ 1): no mixing, Picard's iterates
+    W, x = tanh_problem(_gen(), (3,), 6, F64, norm=0.3)
+    lazy, plain = [], []
+    res = anderson(tanh_map, torch.zeros(3, 6, dtype=F64), (W, x), batch_dims=1, start_rate=0.5,
+                   callback=lambda k, y, r: lazy.append(y.clone()))
+    ref = picard(tanh_map, torch.zeros(3, 6, dtype=F64), (W, x), batch_dims=1,
+                 callback=lambda k, y, r: plain.append(y.clone()))
+    assert res.info.status.tolist() == [Status.SUCCESS] * 3
+    assert res.info.iterations.tolist() == ref.info.iterations.tolist()
+    assert torch.equal(torch.stack(lazy), torch.stack(plain))
+    # eager mixing (the default) takes other iterates to the same root
+    eager = anderson(tanh_map, torch.zeros(3, 6, dtype=F64), (W, x), batch_dims=1)
+    assert not torch.equal(eager.y, res.y) and torch.allclose(eager.y, res.y, atol=1e-9)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_lazy_start_mixes_on_a_slow_contraction(batched):
+    # the residual shrinks by 0.86–0.95 per step, above start_rate = 0.9 within a few steps: then
+    # mixing starts and converges about as fast as eager Anderson, ≥ 10× faster than Picard
+    M, c = _slow_linear()
+    F = lambda y: y @ M.T + c - y  # noqa: E731
+    y0 = torch.zeros((2, 10) if batched else (10,), dtype=F64)
+    kw = dict(batch_dims=1) if batched else {}
+    lazy = anderson(F, y0, m=10, max_iter=200, start_rate=0.9, **kw)
+    eager = anderson(F, y0, m=10, max_iter=200, **kw)
+    slow = picard(F, y0, max_iter=2000, **kw)
+    exact = torch.linalg.solve(torch.eye(10, dtype=F64) - M, c)
+    for res in (lazy, eager, slow):
+        assert bool((res.info.status == Status.SUCCESS).all())
+        assert torch.allclose(res.y, exact.expand_as(res.y), atol=1e-8)
+    assert bool((lazy.info.iterations <= eager.info.iterations + 4).all())
+    assert bool((lazy.info.iterations * 10 < slow.info.iterations).all())
+
+
+def test_lazy_start_zero_is_eager_and_bad_values_raise():
+    W, x = tanh_problem(_gen(), (2,), 5, F64, norm=1.2)
+    a = anderson(tanh_map, torch.zeros(2, 5, dtype=F64), (W, x), batch_dims=1, rtol=0.0, max_iter=9)
+    b = anderson(tanh_map, torch.zeros(2, 5, dtype=F64), (W, x), batch_dims=1, rtol=0.0, max_iter=9, start_rate=0.0)
+    assert torch.equal(a.y, b.y)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(InputError, match="start_rate"):
+            anderson(tanh_map, torch.zeros(2, 5, dtype=F64), (W, x), batch_dims=1, start_rate=bad)
+
+
+def test_lazy_start_mixes_once_half_the_budget_is_spent():
+    # per-step rate ≤ 0.78 (below start_rate = 0.8, so the rate never starts the mixing), rtol 1e-13:
+    # Picard needs ~120 steps, more than max_iter = 100; the lazy start mixes from step 50 on
+    M, c = _slow_linear(seed=7, rho=0.78)
+    F = lambda y: M @ y + c - y  # noqa: E731
+    y0 = torch.zeros(10, dtype=F64)
+    assert picard(F, y0, rtol=1e-13, max_iter=100).info.status == Status.MAX_ITERATIONS
+    seen = []
+    lazy = anderson(F, y0, m=5, rtol=1e-13, max_iter=100, start_rate=0.8,
+                    callback=lambda k, y, r: seen.append(y.clone()))
+    assert lazy.info.status == Status.SUCCESS and 50 < lazy.info.iterations < 100
+    torch.testing.assert_close(lazy.y, torch.linalg.solve(torch.eye(10, dtype=F64) - M, c), rtol=0, atol=1e-11)
+    plain = []
+    picard(F, y0, rtol=0.0, max_iter=50, callback=lambda k, y, r: plain.append(y.clone()))
+    assert torch.equal(torch.stack(seen[:50]), torch.stack(plain))  # Picard's iterates up to there

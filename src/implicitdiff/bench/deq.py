@@ -17,7 +17,10 @@ process, interleaved repeats (:mod:`._harness`):
 ==========================  ===========================================================
 method                      what
 ==========================  ===========================================================
-ours                        ``deq`` defaults: Anderson, adjoint fixed point (Picard, GMRES fallback)
+ours                        ``deq`` defaults: Anderson with a lazy start (Picard steps while every
+                            residual shrinks at least by the factor 0.8 per step), adjoint fixed
+                            point (dedicated Picard loop, GMRES fallback)
+ours anderson               Anderson mixing from the first step (``start_rate=0``), same adjoint
 ours picard                 Picard forward, same adjoint
 ours gmres                  Anderson, ``Implicit(solver="gmres")``
 ours lu                     Anderson, ``Implicit(solver="lu")``: 256 VJPs + LU per sample
@@ -47,7 +50,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..layers.deq import FixedPointAdjoint, deq
+from ..layers.deq import ANDERSON_START_RATE, FixedPointAdjoint, deq
 from ..implicit.adjoint import Implicit, Neumann
 from ..linalg.krylov import gmres
 from ..solvers.registry import get_root_solver
@@ -117,7 +120,8 @@ def _torchdeq(**kw):
 
 
 def _methods(k_unroll: int, with_lu: bool) -> dict:
-    m = {"ours": _ours(), "ours picard": _ours(solver="picard"),
+    m = {"ours": _ours(), "ours anderson": _ours(solver_options={"start_rate": 0.0}),
+         "ours picard": _ours(solver="picard"),
          "ours gmres": _ours(adjoint=Implicit(solver="gmres", rtol=TOL)), "ours neumann5": _ours(adjoint=Neumann(5))}
     if with_lu:
         m["ours lu"] = _ours(adjoint=Implicit(solver="lu"))
@@ -263,6 +267,9 @@ def _breakdown(cell, x, w, *, warmup, repeats):
         "vjp (∂f/∂z)ᵀv": (lambda: mv(wd), None),
         "forward anderson": (lambda: get_root_solver("anderson")(F, torch.zeros_like(xd), (xd,), batch_dims=1,
                                                                    rtol=TOL), "cell f(z, x)"),
+        "forward anderson lazy": (lambda: get_root_solver("anderson")(F, torch.zeros_like(xd), (xd,), batch_dims=1,
+                                                                        rtol=TOL, start_rate=ANDERSON_START_RATE),
+                                  "cell f(z, x)"),
         "forward picard": (lambda: get_root_solver("picard")(F, torch.zeros_like(xd), (xd,), batch_dims=1,
                                                                rtol=TOL), "cell f(z, x)"),
         "adjoint picard": (lambda: fixed.linear_solver()("", mv, wd), "vjp (∂f/∂z)ᵀv"),

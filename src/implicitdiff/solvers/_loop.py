@@ -123,8 +123,12 @@ def flatten_root(F: Callable, opts: Options, name: str = "F") -> tuple[Callable,
         raise InputError(f"{name}(y, *params) returned {f0.dtype} on {f0.device} for y of {opts.y0.dtype} on "
                          f"{opts.y0.device}; make {name} keep y's dtype and device")
 
-    def fun(y):
-        return F(y.reshape(shape), *params).reshape(flat)
+    if tuple(flat) == tuple(shape):                      # already flat (one batch dim): no reshapes
+        def fun(y):
+            return F(y, *params)
+    else:
+        def fun(y):
+            return F(y.reshape(shape), *params).reshape(flat)
 
     return fun, opts.y0.reshape(flat), f0.detach().reshape(flat)
 
@@ -208,11 +212,34 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
     # step reports a code (kept in ``failed_code``).
     eager = opts.check_every == 1            # reading on the host is allowed every iteration (CPU default)
     counted = 0                              # iterations in which every element ran, not yet in ``iterations``
+    # Fast path (eager only): while every element runs, one host read of min/max ‖F_i‖ / tol_i per
+    # iteration decides that every element moved and goes on — finite (a NaN or Inf reaches the
+    # max), not converged (min > 1), not diverged (max ≤ min_i limit_i / tol_i) — without the masks.
+    # Otherwise the iteration takes the general path below, with ``active`` all True.
+    fast = False
+    if eager and opts.max_iter > 0:
+        head = torch.stack([active.all().to(fn.dtype), (limit / tol).amin() if divergence else fn.new_tensor(math.inf),
+                            tol.amin()]).tolist()         # NaN tol (F(y0) not finite): not all active
+        fast = head[0] == 1.0 and head[2] > 0.0
+        bound = head[1]
     for k in range(opts.max_iter):
-        if k % opts.check_every == 0 and not bool(active.any()):   # the host sync
+        if not fast and k % opts.check_every == 0 and not bool(active.any()):   # the host sync
             break
         # a stopped element's extra state is never read again: the step's extra is kept as returned
         y_new, f_new, extra, code = step(k, y, f, extra, active)
+        if fast and code is None:
+            fn_new = norm(f_new)
+            # the one host read; Σy is finite unless y holds NaN/Inf (or overflows: then the general path)
+            lo, hi, ysum = torch.stack([*torch.aminmax(fn_new / tol), y_new.sum()]).tolist()
+            if lo > 1.0 and hi < bound and math.isfinite(ysum):   # every element moved and still runs
+                y, f, fn = y_new, f_new, fn_new
+                counted += 1
+                if rows is not None:
+                    rows.append(fn)
+                if callback is not None:
+                    callback(k + 1, unflatten(y), fn)
+                continue
+        fast = False
         fn_new = norm(f_new + y_new * 0)                   # ‖F‖, NaN where y or F holds NaN/Inf (y · 0 = ±0 or NaN)
         move = active & (fn_new < math.inf)
         if code is not None:

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from .._core.errors import InputError
 from ._loop import float_option, int_option, flatten_root, iterate, options
 from .result import SolverResult
 
@@ -14,8 +15,8 @@ __all__ = ["anderson"]
 
 
 def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=0.0, max_iter: int = 100,
-             batch_dims: int = 0, m: int = 5, beta: float = 1.0, lam: float = 1e-4, check_every=None,
-             trace: bool = False, callback=None) -> SolverResult:
+             batch_dims: int = 0, m: int = 5, beta: float = 1.0, lam: float = 1e-4, start_rate: float = 0.0,
+             check_every=None, trace: bool = False, callback=None) -> SolverResult:
     """Solve ``F(y, *params) = 0`` by Anderson mixing on the fixed-point map ``y ↦ y + F(y)``.
 
     For a fixed point ``y = T(y)`` pass ``F(y) = T(y) − y``.  With ``g_k = F(y_k)``
@@ -32,6 +33,16 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
     element whose factorization fails or whose ``γ`` is not finite takes the
     plain Picard step instead, so a rank-deficient history (repeated
     directions, a stalled element) cannot crash or poison the batch.
+
+    Lazy start (``start_rate = ρ > 0``): while every running element's residual shrinks by
+    ``‖g_{k+2}‖ ≤ ρ² ‖g_k‖`` every two steps, the iteration takes the plain step ``y + β g`` and
+    keeps no history; mixing starts (for the whole batch, with an empty history) at the first
+    check that some element's residual shrank less or became NaN, or once half of ``max_iter``
+    is spent.  A fast contraction — a deep equilibrium cell with ``ρ(∂f/∂z) ≈ 0.35`` — thus
+    costs Picard's iteration and no mixing, which on such cells (eigenvalues of ``∂f/∂z``
+    filling a disk) saves no evaluation of ``F`` anyway; a slow or non-contractive one gets
+    Anderson.  The check is one norm and one host read every other step; ``start_rate = 0``
+    (default) mixes from the first step, as above.
 
     Cost per iteration, beyond the one evaluation of ``F``: two passes over
     ``ΔG`` (the new row of ``ΔGᵀΔG``, updated in place rather than recomputed,
@@ -52,6 +63,8 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
         m: history length (``m ≥ 1``); memory ``2 m n`` per element.
         beta: mixing (damping) ``β > 0``.
         lam: relative Tikhonov regularization ``≥ 0`` of the least-squares step.
+        start_rate: lazy start ``0 ≤ ρ < 1``: plain steps while every running element's residual
+            shrinks by this factor per step (checked over two steps, above); 0 mixes from the first step.
         check_every, trace, callback: as in :func:`~implicitdiff.solvers.picard.picard`.
 
     Returns:
@@ -76,6 +89,10 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
     m = int_option("m", m, 1)
     beta = float_option("beta", beta, 0.0, strict=True)
     lam = float_option("lam", lam)
+    start_rate = float_option("start_rate", start_rate)
+    if start_rate >= 1.0:
+        raise InputError(f"start_rate must be in [0, 1) (the per-step residual reduction below which mixing "
+                         f"starts), got {start_rate!r}")
     with torch.no_grad():
         fun, y, g = flatten_root(F, opts)
         batch, n = opts.batch_shape, opts.n
@@ -92,39 +109,56 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
         # per iteration instead of being recomputed (rows of ΔG that did not change keep their
         # inner products).  Before the history is full only its first h = k rows exist and are
         # used (the buffers start uninitialized: no zero fill, no reads of garbage).
+        def mix(X, U, G, r, h, shape):
+            """``y + β g − (ΔY + β ΔG) γ`` from the ``h ≥ 1`` history rows in use."""
+            Gh = G[:, :h, :h]
+            # Normal equations of the regularized least squares, λ = lam · max_j ‖ΔG_j‖² + tiny
+            reg = torch.diagonal(Gh, dim1=-2, dim2=-1).amax(-1, keepdim=True).mul_(lam).add_(tiny)
+            L, info = torch.linalg.cholesky_ex(torch.addcmul(Gh, reg.unsqueeze(-1), eye[:h, :h]))
+            gamma = torch.cholesky_solve(r, L)                    # (nb, h, 1)
+            # safeguard: a failed factorization or a non-finite γ takes the plain step γ = 0
+            # (|Σγ| < inf is False for NaN and ±Inf)
+            ok = (info == 0) & (gamma.sum((-2, -1)).abs() < math.inf)
+            gamma = torch.where(ok[:, None, None], gamma, 0.0)
+            # as a (1, h) @ (h, n) product: on CPU a batched (n, h) @ (h, 1) product is several
+            # times slower
+            return torch.baddbmm(X.reshape(nb, 1, n), gamma.mT, U[:h].transpose(0, 1), alpha=-1).view(shape)
+
         def step(k, y, g, state, active):
-            X, U, dG, G, r = state
-            h = min(k, m)                                         # rows in use
-            if h == 0:                                            # empty history: γ = 0
-                y_new = X
+            X, U, dG, G, r, k0, gn = state                        # k0: the step the history started at
+            if k0 is None:                                        # lazy start: a plain step, no history
+                g_new = fun(X)
+                X_new = torch.add(X, g_new, alpha=beta)
+                if 2 * (k + 1) < opts.max_iter:                   # past half the budget: mix from now on
+                    if k % 2 == 0:                                # checked every other step:
+                        return X, g_new, (X_new, U, dG, G, r, None, gn), None
+                    gn_new = torch.linalg.vector_norm(g_new, dim=-1)  # ‖g_{k+1}‖ against ‖g_{k−1}‖
+                    # the worst two-step reduction among running elements (stopped ones may sit at
+                    # rounding level); a NaN reaches the max and starts the mixing (the loop stops it)
+                    worst = float(torch.where(active, gn_new / gn, 0.0).max()) if gn_new.numel() else 0.0
+                    if worst <= start_rate ** 2:
+                        return X, g_new, (X_new, U, dG, G, r, None, gn_new), None
+                k0, y_new = k, X                                  # this step's difference starts the history
             else:
-                Gh = G[:, :h, :h]
-                # Normal equations of the regularized least squares, λ = lam · max_j ‖ΔG_j‖² + tiny
-                reg = torch.diagonal(Gh, dim1=-2, dim2=-1).amax(-1, keepdim=True).mul_(lam).add_(tiny)
-                L, info = torch.linalg.cholesky_ex(torch.addcmul(Gh, reg.unsqueeze(-1), eye[:h, :h]))
-                gamma = torch.cholesky_solve(r, L)                # (nb, h, 1)
-                # safeguard: a failed factorization or a non-finite γ takes the plain step γ = 0
-                # (|Σγ| < inf is False for NaN and ±Inf)
-                ok = (info == 0) & (gamma.sum((-2, -1)).abs() < math.inf)
-                gamma = torch.where(ok[:, None, None], gamma, 0.0)
-                # y + β g − (ΔY + β ΔG) γ, as a (1, h) @ (h, n) product: on CPU a batched
-                # (n, h) @ (h, 1) product is several times slower
-                y_new = torch.baddbmm(X.reshape(nb, 1, n), gamma.mT, U[:h].transpose(0, 1), alpha=-1).view(y.shape)
-            g_new = fun(y_new)
-            X_new = torch.add(y_new, g_new, alpha=beta)
-            j = k % m
+                h = min(k - k0, m)                                # rows in use
+                y_new = X if h == 0 else mix(X, U, G, r, h, y.shape)   # empty history: γ = 0
+                g_new = fun(y_new)
+                X_new = torch.add(y_new, g_new, alpha=beta)
+            kk = k - k0
+            j = kk % m
             torch.sub(X_new.reshape(nb, n), X.reshape(nb, n), out=U[j])
             torch.sub(g_new.reshape(nb, n), g.reshape(nb, n), out=dG[j])
             # the new row (= column) of G and the next right-hand side, from the rows in use
-            dGh = dG[:min(k + 1, m)].permute(1, 2, 0)             # (nb, n, h')
+            dGh = dG[:min(kk + 1, m)].permute(1, 2, 0)            # (nb, n, h')
             row = torch.bmm(dG[j].unsqueeze(1), dGh)             # (nb, 1, h')
             G[:, j:j + 1, :row.shape[-1]] = row
             G[:, :row.shape[-1], j:j + 1] = row.mT
             r = torch.bmm(g_new.reshape(nb, 1, n), dGh).mT           # (nb, h', 1)
-            return y_new, g_new, (X_new, U, dG, G, r), None
+            return y_new, g_new, (X_new, U, dG, G, r, k0, None), None
 
+        lazy = start_rate > 0.0
         state = (torch.add(y, g, alpha=beta), y.new_empty(m, nb, n), y.new_empty(m, nb, n), y.new_empty(nb, m, m),
-                 None)
+                 None, None if lazy else 0, torch.linalg.vector_norm(g, dim=-1) if lazy else None)
         out = iterate(step, y, g, state, opts, trace=trace, callback=callback,
                       unflatten=lambda t: t.reshape(opts.y0.shape))
     return SolverResult(out.y.reshape(opts.y0.shape), out.info, None, out.trace)

@@ -61,7 +61,7 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
         fun, y, f = flatten_root(F, opts)
 
         def step(k, y, f, extra, active):
-            y_new = y + beta * f
+            y_new = torch.add(y, f, alpha=beta)
             return y_new, fun(y_new), (), None
 
         out = iterate(step, y, f, (), opts, trace=trace, callback=callback,
