@@ -285,9 +285,10 @@ class RootFn(torch.autograd.Function):
         y, info = res.y, res.info
         factors = tuple(res.jacobian.tensors()) if res.jacobian is not None else ()
         y_out = apply_on_failure(y, info, problem.on_failure, problem.what, problem.hints)
-        # the raw last iterate is kept for the backward: a failed element (NaN in y_out under
-        # on_failure="nan") must not turn the gradients of the others into NaN
-        y_raw = y.clone() if y_out is y else y  # a distinct tensor: y_out stays differentiable
+        # the raw last iterate is kept for the backward where it differs from y_out: a failed element
+        # (NaN in y_out under on_failure="nan") must not turn the gradients of the others into NaN.
+        # Otherwise an empty placeholder (returning y itself twice would make y_out non-differentiable)
+        y_raw = y.new_empty(0) if y_out is y else y
         return (y_out, info.status, info.residual, info.iterations, y_raw) + factors
 
     @staticmethod
@@ -311,7 +312,8 @@ class RootFn(torch.autograd.Function):
         ok = status == Status.SUCCESS
         if not is_vmapped(ok) and bool(ok.all()):
             return y, None, tuple(leaves), tuple(factors)
-        y = torch.where(_expand(ok, y), y, y_raw)
+        if y_raw.numel():  # else y_out is the raw iterate itself
+            y = torch.where(_expand(ok, y), y, y_raw)
         return y, ok, tuple(leaves), tuple(factors)
 
     @staticmethod
@@ -383,7 +385,8 @@ class RootFn(torch.autograd.Function):
         new = replace(problem, F=F_v, batch_dims=bd + 1)
         out = RootFn.apply(new, y0m, *leaves_m)
         nf = len(out) - 5
-        return out, (0, 0, 0, 0, 0) + (0,) * nf
+        raw_dim = 0 if out[4].numel() else None  # the empty placeholder of a y_raw equal to y has no batch dim
+        return out, (0, 0, 0, 0, raw_dim) + (0,) * nf
 
 
 def _leaves_of(tree: Tree, params) -> tuple:
