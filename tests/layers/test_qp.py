@@ -345,3 +345,18 @@ def test_qplayer_fixed_tensors_are_buffers_and_functional_call_works(g):
     assert A2.grad is not None and layer.A.grad is None
     with pytest.raises(InputError, match="needs p"):
         layer()
+
+
+def test_gradient_through_the_duals_alone_matches_finite_differences(g, fd):
+    """A loss of λ and ν only: the backward gets no cotangent for z (None, not materialized zeros)."""
+    Q, p, G, h, A, b = problem(g, n=4, m=5, k=1)
+    wl = torch.randn(5, generator=g, dtype=F64)
+
+    def f(p_, h_):
+        _, lam, nu = qp(Q, p_, G, h_, A, b, return_duals=True)
+        return lam @ wl + 0.3 * nu.sum()
+
+    got = grads_of(f, [p, h], torch.ones((), dtype=F64))
+    want = fd.jacobian(f, [p, h], eps=1e-6)
+    for a, e, name in zip(got, want, ("p", "h")):
+        torch.testing.assert_close(a, e, atol=2e-7, rtol=1e-6, msg=f"gradient of {name}")

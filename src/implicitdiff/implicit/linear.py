@@ -188,6 +188,7 @@ class SolveFn(torch.autograd.Function):
         _, A, B = inputs
         X, status, residual, rank, cond, kind, *factors = output
         ctx.mark_non_differentiable(status, residual, rank, cond, *factors)
+        ctx.set_materialize_grads(False)  # no zero cotangents for the factor outputs (an n × n LU)
         ctx.kind = kind
         ctx.save_for_backward(A, B, X, *factors)
         ctx.save_for_forward(A, B, X, *factors)

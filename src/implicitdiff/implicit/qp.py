@@ -151,6 +151,7 @@ class QPFn(torch.autograd.Function):
         spec, Q, p, G, h, A, b = inputs[:7]
         z, lam, nu, status, residual, iters, active, kind, *factors = output
         ctx.mark_non_differentiable(status, residual, iters, active, *factors)
+        ctx.set_materialize_grads(False)  # no zero cotangents for the (large) factor outputs
         ctx.spec, ctx.kind, ctx.nf = spec, kind, len(factors)
         ctx.shapes = tuple(t.shape for t in (Q, p, G, h, A, b))
         ctx.in_dtype = p.dtype

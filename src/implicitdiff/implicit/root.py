@@ -296,6 +296,7 @@ class RootFn(torch.autograd.Function):
         problem, _, *leaves = inputs
         y, status, residual, iterations, y_raw, *factors = output
         ctx.mark_non_differentiable(status, residual, iterations, y_raw, *factors)
+        ctx.set_materialize_grads(False)  # no zero cotangents for y_raw and Newton's factors
         ctx.problem = problem
         ctx.nfactors = len(factors)
         ctx.save_for_backward(y, status, y_raw, *leaves, *factors)
