@@ -186,7 +186,7 @@ class QPInteriorPoint:
         idx = torch.nonzero(retry).squeeze(-1)
         Ps, Qs, Gs, As, ps, hs, bs = (_take(t, idx) for t in (P, Q, G, A, pB, hB, bB))
         pres = tuple(_take(t, idx) for t in pre)
-        z, s, lam, nu = (t[idx] for t in loop[:4])
+        s, lam, nu = (loop[i][idx] for i in (1, 2, 3))
         budget = self.max_iter - int(out.iterations[idx].max())  # no element goes past max_iter in all
         loop2 = self._interior_point_dual(Ps, ps, Gs, hs, As, bs, pres, delta, None, rtol=self.rtol,
                                           init=(torch.cat([lam, nu], dim=-1), s), max_iter=budget)
