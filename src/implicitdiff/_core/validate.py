@@ -12,7 +12,8 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["as_float_tensor", "check_same_dtype_device", "check_finite", "is_vmapped", "FLOAT_DTYPES"]
+__all__ = ["as_float_tensor", "check_same_dtype_device", "check_finite", "is_vmapped", "in_transform",
+           "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -28,6 +29,16 @@ def is_vmapped(t: torch.Tensor) -> bool:
             return True
         t = get_unwrapped(t)
     return False
+
+
+def in_transform() -> bool:
+    """True inside a ``torch.func`` transform (``grad``, ``vjp``, ``jvp``, ``vmap``, …), where
+    ``requires_grad_`` and plain ``torch.autograd.grad`` do not see the transformed tensors."""
+    try:
+        from torch._C._functorch import peek_interpreter_stack
+    except ImportError:  # pragma: no cover - very old torch
+        return True
+    return peek_interpreter_stack() is not None
 
 
 def as_float_tensor(name: str, x, *, like: torch.Tensor | None = None) -> torch.Tensor:

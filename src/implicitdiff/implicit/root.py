@@ -32,7 +32,7 @@ from .._core.jacobian import batch_jacobian
 from .._core.failure import apply_on_failure, nan_where_failed
 from .._core.status import SolveInfo, Status
 from .._core.tree import Tree
-from .._core.validate import is_vmapped
+from .._core.validate import in_transform, is_vmapped
 from ..linalg.factorization import from_tensors
 from .adjoint import Implicit, Neumann
 from .linear import FactoredSolveFn, SolveSpec, solve as linear_solve_fn
@@ -117,7 +117,7 @@ def _linearization(problem: RootProblem, y, leaves, gy, factors):
     products are kept there.
     """
     if (torch.is_grad_enabled() or factors or is_vmapped(gy) or not isinstance(problem.adjoint, Implicit)
-            or torch._C._functorch.maybe_current_level() is not None):
+            or in_transform()):
         return None
     if _adjoint_solver(problem, math.prod(y.shape[problem.batch_dims:]), factors) == "lu":
         return None

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from .._core.errors import InputError
+from .._core.validate import in_transform
 from .._core.status import Status
 from ._loop import int_option, iterate, norm, options, single
 from .result import SolverResult
@@ -91,12 +92,7 @@ def _objective(f: Callable, shape, batch, nb: int, params, dtype):
     ``torch.func.grad_and_value`` when a ``torch.func`` transform is active (``requires_grad_``
     is refused there) or under inference mode.  The first call checks what ``f`` returns.
     """
-    try:
-        from torch._C._functorch import peek_interpreter_stack
-        transformed = peek_interpreter_stack() is not None
-    except ImportError:  # pragma: no cover - very old torch
-        transformed = True
-    plain = not transformed and not torch.is_inference_mode_enabled()
+    plain = not in_transform() and not torch.is_inference_mode_enabled()
     checked = []
 
     def check(v):
