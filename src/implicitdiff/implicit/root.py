@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .._core.defaults import default_rtol
+from .._core.engine import vjp as engine_vjp
 from .._core.errors import SolveError
 from .._core.jacobian import batch_jacobian
 from .._core.failure import apply_on_failure, nan_where_failed
@@ -37,7 +38,8 @@ from ..linalg.factorization import from_tensors
 from .adjoint import Implicit, Neumann
 from .linear import FactoredSolveFn, SolveSpec, solve as linear_solve_fn
 
-__all__ = ["RootProblem", "RootFn", "batch_jacobian", "adjoint_solve", "tangent_solve", "jvp_by_vjp"]
+__all__ = ["RootProblem", "RootFn", "batch_jacobian", "adjoint_solve", "tangent_solve", "jvp_by_vjp", "Linearization",
+           "Speculation", "record", "may_speculate"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +51,8 @@ class RootProblem:
     ``y`` are independent problems; ``symmetric`` declares ``∂F/∂y`` symmetric
     (argmin's Hessian), ``definite`` also positive definite (a strict minimum: CG applies); ``neumann_alpha`` is the default step of :class:`Neumann`.
     ``krylov(name)`` returns a matrix-free solver ``(A, b, x0, rtol, atol, max_iter) -> (x, info)``.
+    ``recorded``: a list (fresh per solve) when the forward solver should be handed a
+    :class:`Speculation`, whose recording then goes to the backward through it.
     """
 
     F: Callable
@@ -63,6 +67,8 @@ class RootProblem:
     what: str = "root"
     hints: Optional[dict] = None
     krylov: Optional[Callable] = None
+    # a list when the forward should speculate (:class:`Speculation`): it passes the recording to the backward
+    recorded: Optional[list] = None
 
     def residual(self, y, leaves):
         return self.F(y, *self.tree.unflatten(leaves))
@@ -106,24 +112,109 @@ def _linear_map(F_y: Callable, y: torch.Tensor, bd: int, transpose: bool):
     return rmv if transpose else mv
 
 
-def _linearization(problem: RootProblem, y, leaves, gy, factors):
-    """``(y_r, F(y_r, θ))`` recorded once for a first-order, matrix-free backward; else ``None``.
+class Linearization:
+    """``F`` recorded once at ``y`` for a first-order, matrix-free backward.
 
-    The adjoint products ``(∂F/∂y)ᵀ v = autograd.grad(F, y_r, v)`` (the θ branches of the graph
-    are pruned: one reverse pass in ``y`` each) and the parameter VJP ``(∂F/∂θ)ᵀ u`` then share
-    one evaluation of ``F`` — ``torch.func.vjp`` evaluates ``F`` once for each, and costs more
-    per product.  Not under ``create_graph`` (grad mode on), ``vmap`` or ``torch.func``
-    transforms, nor with the forward's factorization or a dense adjoint: the functional
-    products are kept there.
+    The adjoint products ``(∂F/∂y)ᵀ v`` (one reverse pass in ``y``: the θ branches of the
+    graph are pruned) and the parameter VJP ``(∂F/∂θ)ᵀ u`` share one evaluation of ``F``
+    (``torch.func.vjp`` evaluates ``F`` once for each, and costs more per product).  For a
+    fixed-point residual ``F = T − id`` (``F.map = T``, :func:`~implicitdiff.fixed_point_residual`)
+    ``T`` is recorded instead: ``(∂F/∂y)ᵀ v = (∂T/∂y)ᵀ v − v``, ``∂F/∂θ = ∂T/∂θ``, and
+    :meth:`map_vjp` gives the adjoint fixed-point iteration its products without the ``− v``.
+    """
+
+    def __init__(self, yr: torch.Tensor, out: torch.Tensor, fixed: bool):
+        self.yr, self.out, self.fixed = yr, out, fixed
+
+    def map_vjp(self, v):
+        """``(∂T/∂y)ᵀ v`` for a fixed-point residual, else ``(∂F/∂y)ᵀ v``; ``v`` of ``y``'s shape."""
+        g = engine_vjp(self.out, (self.yr,), v)[0]
+        return torch.zeros_like(v) if g is None else g
+
+    def rmv(self, v):
+        """``(∂F/∂y)ᵀ v``."""
+        g = self.map_vjp(v)
+        return g - v if self.fixed else g
+
+    def theta_vjp(self, u, leaves):
+        """``−(∂F/∂θ)ᵀ u`` for each of ``leaves`` (``None`` where ``F`` does not depend on it)."""
+        return engine_vjp(self.out, leaves, -u, retain_graph=False)
+
+
+def record(problem: RootProblem, y, leaves, T: Optional[Callable] = None) -> Linearization:
+    """A :class:`Linearization` of ``problem.F`` at ``y`` (grad mode on, ``y`` a fresh leaf).
+
+    ``T``: the fixed-point map to record (``F = T − id``), when it is not ``problem.F.map``
+    (a cheaper way to evaluate the same map, e.g. a DEQ cell called directly)."""
+    params = problem.tree.unflatten(list(leaves))
+    T = getattr(problem.F, "map", None) if T is None else T
+    with torch.enable_grad():
+        yr = y.detach().requires_grad_()
+        if T is not None:
+            return Linearization(yr, T(yr, *params), True)
+        return Linearization(yr, problem.F(yr, *params), False)
+
+
+class Speculation:
+    """The residual handed to the forward solver when the backward may reuse one of its evaluations.
+
+    Called as ``F``; its ``speculate(y, *params)`` (see
+    :func:`~implicitdiff.solvers._loop.speculative`) returns ``F(y)`` too, but recorded as a
+    :class:`Linearization` in the *original* (differentiable) leaves — the solver's own
+    ``params`` are detached copies, and are ignored.  A solver calls it for the evaluation it
+    expects to be its last; :meth:`take` hands the recording over only if it was taken at the
+    very iterate the solver returned (same storage, shape and version), so a wrong guess costs
+    one recorded evaluation, never a gradient at the wrong point.
+    """
+
+    def __init__(self, problem: RootProblem, leaves):
+        self.problem, self.leaves = problem, leaves
+        self.F = problem.F
+        self._last = None
+
+    def __call__(self, y, *params):
+        return self.F(y, *params)
+
+    def speculate(self, y, *params, map: Optional[Callable] = None):
+        """``F(y)``, recorded; ``map``: the fixed-point map to record instead of ``F``'s (see :func:`record`),
+        called with the original parameters."""
+        lin = record(self.problem, y, self.leaves, map)
+        self._last = (lin, y.data_ptr(), y.shape, y._version)
+        value = lin.out.detach()
+        return value - y if lin.fixed else value
+
+    def take(self, y) -> Optional[Linearization]:
+        last, self._last = self._last, None
+        if last is None:
+            return None
+        lin, ptr, shape, version = last
+        return lin if (y.data_ptr() == ptr and y.shape == shape and y._version == version) else None
+
+
+def may_speculate(adjoint, y0, leaves, batch_dims: int) -> bool:
+    """Whether a forward solve should record its last evaluation for the backward: a first-order
+    backward will want a :class:`Linearization` (grad mode on, a leaf requiring grad, no
+    ``torch.func`` transform, a matrix-free :class:`Implicit` adjoint)."""
+    if not (torch.is_grad_enabled() and isinstance(adjoint, Implicit)) or in_transform():
+        return False
+    if not any(isinstance(l, torch.Tensor) and l.requires_grad for l in leaves):
+        return False
+    n = math.prod(y0.shape[batch_dims:])
+    return adjoint.solver != "lu" and (adjoint.solver != "auto" or n > adjoint.dense_max)
+
+
+def _linearization(problem: RootProblem, y, leaves, gy, factors, recorded=None) -> Optional[Linearization]:
+    """A :class:`Linearization` for a first-order, matrix-free backward — ``recorded`` by the
+    forward solve if it has one — else ``None``: not under ``create_graph`` (grad mode on),
+    ``vmap`` or ``torch.func`` transforms, nor with the forward's factorization or a dense
+    adjoint, where the functional products are kept.
     """
     if (torch.is_grad_enabled() or factors or is_vmapped(gy) or not isinstance(problem.adjoint, Implicit)
             or in_transform()):
         return None
     if _adjoint_solver(problem, math.prod(y.shape[problem.batch_dims:]), factors) == "lu":
         return None
-    with torch.enable_grad():
-        yr = y.detach().requires_grad_()
-        return yr, problem.residual(yr, list(leaves))
+    return recorded if recorded is not None else record(problem, y, leaves)
 
 
 def _adjoint_solver(problem: RootProblem, n: int, factors) -> str:
@@ -199,10 +290,12 @@ def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bo
         return X.squeeze(-1).reshape(rhs.shape)
 
     if lin is not None and transpose:  # the recorded linearization: one reverse pass in y per product
-        yr, out = lin
-
         def linear_map(*_):
-            return lambda v: _flat(torch.autograd.grad(out, yr, v.reshape(y.shape), retain_graph=True)[0], bd)
+            def rmv(v):
+                return _flat(lin.rmv(v.reshape(y.shape)), bd)
+            # a fixed-point residual's (∂T/∂y)ᵀ, for the adjoint fixed-point iteration (FixedPointAdjoint)
+            rmv.map_vjp = (lambda v: _flat(lin.map_vjp(v.reshape(y.shape)), bd)) if lin.fixed else None
+            return rmv
     else:
         linear_map = _linear_map
 
@@ -280,9 +373,12 @@ class RootFn(torch.autograd.Function):
     @staticmethod
     def forward(problem: RootProblem, y0, *leaves):
         params = problem.tree.unflatten(leaves)
+        F = Speculation(problem, leaves) if problem.recorded is not None else problem.F
         with torch.no_grad():
-            res = problem.solve(problem.F, y0.detach(), params, problem.batch_dims)
+            res = problem.solve(F, y0.detach(), params, problem.batch_dims)
         y, info = res.y, res.info
+        if problem.recorded is not None:
+            problem.recorded[:] = [F.take(y)]
         factors = tuple(res.jacobian.tensors()) if res.jacobian is not None else ()
         y_out = apply_on_failure(y, info, problem.on_failure, problem.what, problem.hints)
         # the raw last iterate is kept for the backward where it differs from y_out: a failed element
@@ -298,9 +394,12 @@ class RootFn(torch.autograd.Function):
         ctx.mark_non_differentiable(status, residual, iterations, y_raw, *factors)
         ctx.set_materialize_grads(False)  # no zero cotangents for y_raw and Newton's factors
         ctx.problem = problem
+        ctx.recorded = problem.recorded.pop() if problem.recorded else None
         ctx.nfactors = len(factors)
-        ctx.save_for_backward(y, status, y_raw, *leaves, *factors)
-        ctx.save_for_forward(y, status, y_raw, *leaves, *factors)
+        # every element converged (y_raw is the empty placeholder): the statuses are not needed
+        status_saved = status if y_raw.numel() else y_raw
+        ctx.save_for_backward(y, status_saved, y_raw, *leaves, *factors)
+        ctx.save_for_forward(y, status_saved, y_raw, *leaves, *factors)
 
     @staticmethod
     def _unpack(ctx):
@@ -310,6 +409,8 @@ class RootFn(torch.autograd.Function):
         y, status, y_raw = saved[:3]
         leaves = saved[3:len(saved) - k] if k else saved[3:]
         factors = saved[len(saved) - k:] if k else ()
+        if not y_raw.numel():  # the forward returned the raw iterate: every element converged
+            return y, None, tuple(leaves), tuple(factors)
         ok = status == Status.SUCCESS
         if not is_vmapped(ok) and bool(ok.all()):
             return y, None, tuple(leaves), tuple(factors)
@@ -326,14 +427,15 @@ class RootFn(torch.autograd.Function):
             return (None, None) + (None,) * nleaves
         if ok is not None:  # failed elements carry no gradient (their outputs are NaN)
             gy = torch.where(_expand(ok, gy), gy, torch.zeros_like(gy))
-        lin = _linearization(problem, y, leaves, gy, factors)
+        lin = _linearization(problem, y, leaves, gy, factors, recorded=ctx.recorded if ok is None else None)
+        ctx.recorded = None  # its graph is freed (a second backward records afresh)
         u = adjoint_solve(problem, y, leaves, gy, factors, skip=None if ok is None else ~ok, lin=lin)
         # θ̄ = −(∂F/∂θ)ᵀ u
         wanted = [i for i in range(nleaves) if ctx.needs_input_grad[2 + i]]
         sub = [leaves[i] for i in wanted]
         out = [None] * nleaves
         if lin is not None:  # from the same evaluation of F as the adjoint products
-            for i, g in zip(wanted, torch.autograd.grad(lin[1], sub, -u, allow_unused=True)):
+            for i, g in zip(wanted, lin.theta_vjp(u, sub)):
                 out[i] = g
             return (None, None) + tuple(out)
 

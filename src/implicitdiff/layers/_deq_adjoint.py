@@ -131,7 +131,9 @@ class FixedPointAdjoint:
 def _picard_adjoint(mv, R, *, rtol, atol, max_iter):
     r"""``x ← x + (mv(x) − R)`` to ``‖mv(x) − R‖ ≤ atol + rtol ‖R‖`` per sample: ``(x, info)``.
 
-    ``R`` is ``(*batch, n)``, ``mv`` linear.  The first step from ``x = 0`` needs no product
+    ``R`` is ``(*batch, n)``, ``mv`` linear; ``mv.map_vjp``, where present, is the fixed-point map's
+    ``x ↦ (∂f/∂z)ᵀ x`` (:class:`~implicitdiff.implicit.root.Linearization`), which the steps then use.
+    The first step from ``x = 0`` needs no product
     (``mv(0) = 0``, so ``x₁ = −R``); each further step is one ``mv`` (one VJP), a subtraction,
     the per-sample norm, and one host read of ``q = max_i ‖G_i‖ / tol_i`` — ``≤ 1`` when every
     sample has converged, NaN/Inf when one is not finite; a sample may have diverged
@@ -150,18 +152,26 @@ def _picard_adjoint(mv, R, *, rtol, atol, max_iter):
     limit = _DIVERGENCE * torch.clamp(r0, min=tiny)
     # below this max_i ‖G_i‖ / tol_i no sample can have diverged (R_i = 0 stays at x_i = 0 exactly)
     safe = float(torch.where(r0 > 0, limit / tol, math.inf).min()) if r0.numel() else math.inf
+    # with the map's own transposed products ``tm(x) = (∂f/∂z)ᵀ x`` (mv(x) = tm(x) − x), the next
+    # iterate is ``tm(x) − R`` and the residual the difference of two iterates: no ``− x`` in the VJP
+    tm = getattr(mv, "map_vjp", None)
+    itol = 1.0 / tol
     x = -R
     k = 0
     while True:
-        g = mv(x) - R                                     # G(x): the residual of the current iterate
+        if tm is not None:
+            x_next = torch.sub(tm(x), R)
+            g = x_next - x                                # G(x): the residual of the current iterate
+        else:
+            g = mv(x) - R
         gn = torch.linalg.vector_norm(g, dim=-1)
         k += 1
-        q = float((gn / tol).max()) if gn.numel() else 0.0  # the one host read per step
+        q = float((gn * itol).amax()) if gn.numel() else 0.0  # the one host read per step
         if q <= 1.0 or k >= max_iter or not q < math.inf:  # converged; out of steps; NaN/Inf
             break
         if q > safe and bool((gn > limit).any()):          # a sample diverged
             break
-        x = x + g
+        x = x_next if tm is not None else x + g
     ok = gn <= tol
     status = torch.where(ok, int(Status.SUCCESS),
                          torch.where(~torch.isfinite(gn), int(Status.NONFINITE),

@@ -17,7 +17,7 @@ from .._core.tree import flatten
 from .._core.validate import as_float_tensor, check_finite, is_vmapped
 from ..implicit.adjoint import Unroll, check_adjoint
 from ..implicit.krylov_adapter import krylov_solve
-from ..implicit.root import RootFn, RootProblem
+from ..implicit.root import RootFn, RootProblem, may_speculate
 from ..implicit.unroll import unrolled_newton, unrolled_picard
 
 __all__ = ["solve_implicit", "forward_solver", "FORWARD_HINTS"]
@@ -65,7 +65,8 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
 
     problem = RootProblem(F=F, solve=solve, tree=tree, batch_dims=int(batch_dims), adjoint=adjoint,
                           symmetric=symmetric, definite=definite, neumann_alpha=neumann_alpha, on_failure=on_failure, what=what,
-                          hints=FORWARD_HINTS, krylov=krylov)
+                          hints=FORWARD_HINTS, krylov=krylov,
+                          recorded=[] if may_speculate(adjoint, y0, leaves, int(batch_dims)) else None)
     y, status, residual, iterations, *_ = RootFn.apply(problem, y0, *leaves)
     info = SolveInfo(status, residual, iterations)
     return (y, info) if return_info else y

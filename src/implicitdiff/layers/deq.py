@@ -125,9 +125,18 @@ def _forward_solve(solve, cell, F, trace: bool, record: dict):
 
     def run(F_, y0, params, batch_dims):
         lifted = params[0]
-        own = F_ is F and all(lifted.get(k) is p for k, p in cell.named_parameters()) \
+        spec = getattr(F_, "speculate", None)            # a Speculation wrapping F (the mechanism's)
+        own = (F_ is F or (spec is not None and F_.F is F)) \
+            and all(lifted.get(k) is p for k, p in cell.named_parameters()) \
             and len(lifted) == len(dict(cell.named_parameters()))
-        res = solve(direct if own else F_, y0, params, batch_dims)
+        if own and spec is not None:
+            def fun(z, params, x):
+                return cell(z, x) - z
+            # the speculative evaluation (recorded for the backward) calls the cell directly too
+            fun.speculate = lambda z, *_: spec(z, map=lambda zz, _lifted, x: cell(zz, x))
+        else:
+            fun = direct if own else F_
+        res = solve(fun, y0, params, batch_dims)
         record["trace"] = getattr(res, "trace", None) if trace else None
         return res
     return run
@@ -210,6 +219,8 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
     options = dict(solver_options or {})
     if solver == "anderson":
         options.setdefault("start_rate", ANDERSON_START_RATE)
+    if solver in ("anderson", "picard"):
+        options.setdefault("freeze", False)  # the plain steps without masks (module docstring)
     if trace and not isinstance(adjoint, Unroll) and not callable(solver):
         options["trace"] = True
     if isinstance(adjoint, FixedPointAdjoint) and adjoint.rtol is None and rtol is not None:

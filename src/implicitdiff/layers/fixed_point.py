@@ -12,9 +12,13 @@ __all__ = ["fixed_point", "fixed_point_residual"]
 
 
 def fixed_point_residual(T: Callable) -> Callable:
-    """The optimality condition of a fixed point: ``F(z, *params) = T(z, *params) − z``."""
+    """The optimality condition of a fixed point: ``F(z, *params) = T(z, *params) − z``.
+
+    ``F.map`` is ``T``: the implicit mechanism then records ``T`` rather than ``F`` for the
+    backward (:class:`~implicitdiff.implicit.root.Linearization`)."""
     def F(z, *params):
         return T(z, *params) - z
+    F.map = T
     return F
 
 

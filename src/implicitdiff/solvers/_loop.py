@@ -47,8 +47,8 @@ from .._core.errors import InputError
 from .._core.status import SolveInfo, Status
 from .._core.validate import as_float_tensor
 
-__all__ = ["Options", "options", "int_option", "float_option", "flatten_root", "iterate", "norm", "where", "single",
-           "finite_probe", "LoopResult"]
+__all__ = ["Options", "options", "int_option", "float_option", "flatten_root", "speculative", "iterate", "norm",
+           "where", "single", "finite_probe", "LoopResult", "Phase", "plain_phase", "lean", "phase_result"]
 
 # ‖F‖ grows past this multiple of ‖F(y0)‖: the element is declared DIVERGED
 DIVERGENCE_FACTOR = 1e8
@@ -161,6 +161,117 @@ def finite_probe(fn: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return fn + (y * 0).sum(-1)
 
 
+def speculative(F: Callable, opts: Options) -> Optional[Callable]:
+    """``F.speculate`` on flattened iterates, or ``None`` when ``F`` has none.
+
+    A residual may carry ``speculate(y, *params)``: the value of ``F(y, *params)``, computed
+    so that the caller can reuse the evaluation (the implicit mechanism records its graph
+    for the backward, :class:`~implicitdiff.implicit.root.RootFn`).  A solver calls it for
+    the evaluation it expects to be its last (:func:`plain_phase`)."""
+    spec = getattr(F, "speculate", None)
+    if spec is None:
+        return None
+    shape, params = opts.y0.shape, opts.params
+    flat = (*opts.batch_shape, opts.n)
+    if tuple(flat) == tuple(shape):
+        return lambda y: spec(y, *params)
+    return lambda y: spec(y.reshape(shape), *params).reshape(flat)
+
+
+def lean(opts: Options, callback, freeze: bool) -> bool:
+    """Whether a fixed-point type solver runs :func:`plain_phase`: ``freeze=False`` was asked, the
+    problem is batched, read on the host every iteration (the CPU default), without a callback."""
+    return not freeze and len(opts.batch_shape) > 0 and opts.check_every == 1 and callback is None
+
+
+class Phase(NamedTuple):
+    """Where :func:`plain_phase` stopped: the iterate ``y``, ``f = F(y)``, the reference norms
+    ``f0 = ‖F(y0)‖``, ``k`` iterations, the norms ``‖F(y_j)‖`` of every iterate (``k + 1`` rows,
+    the last one that of ``y``), and whether every element has converged (``done``)."""
+
+    y: torch.Tensor
+    f: torch.Tensor
+    f0: torch.Tensor
+    k: int
+    rows: list
+    done: bool
+
+
+def plain_phase(fun: Callable, y: torch.Tensor, f: torch.Tensor, opts: Options, *, beta: float, budget: int,
+                start_rate: float = 0.0, spec: Optional[Callable] = None) -> Phase:
+    r"""Plain steps ``y ← y + β F(y)`` for the whole batch, one host read per step, no masks.
+
+    The cheap regime of a fixed-point iteration on a contraction (a DEQ cell): no element is
+    frozen — one that has converged keeps iterating while others run, which on a contraction
+    only makes it more accurate — so each step costs, beyond ``F``, the step itself, the
+    per-element norm and one read of ``q = max_i ‖F_i‖ / tol_i`` (``tol_i = atol + rtol ‖F(y0_i)‖``).
+    It stops with ``done`` when ``q ≤ 1`` (every element meets the tolerance), and otherwise
+    hands over to the masked loop (:func:`iterate` with ``resume=``), which then owns the
+    statuses:
+
+    * at once, from the last accepted iterate, when ``q`` is NaN/Inf (an element's iterate
+      or residual is not finite) or an element may have diverged (``‖F_i‖ > 1e8 ‖F(y0_i)‖``);
+    * with ``start_rate = ρ > 0``, when ``q`` — the worst element's — shrank by less than ``ρ²``
+      over the last two steps (checked every other step; no read beyond ``q``: an element slower
+      than the others soon is the worst one);
+    * after ``budget`` steps.
+
+    ``spec``: see :func:`speculative`; it replaces ``fun`` for the step whose ``q`` the last
+    two predict (linear convergence, ``q_{k+1} ≈ q_k² / q_{k−1}``) to be at most 1.5, so
+    that the final evaluation is usually the speculative one.
+    """
+    tiny = torch.finfo(y.dtype).tiny
+    fn = norm(f)
+    f0 = fn
+    tol = torch.clamp(opts.atol + opts.rtol * f0, min=tiny)      # ‖F(y0)‖ = 0: converged at once
+    itol = 1.0 / tol
+    # below this q no element can have diverged (‖F_i‖ ≤ 1e8 ‖F(y0_i)‖ for all i)
+    bound = float((DIVERGENCE_FACTOR * torch.clamp(f0, min=tiny) * itol).amin())
+    rows = [fn]
+    q = float((fn * itol).max())                             # NaN: F(y0) not finite
+    if q <= 1.0:
+        return Phase(y, f, f0, 0, rows, True)
+    if not q < bound:                                        # not finite (or y0 beyond the bound): masked loop
+        return Phase(y, f, f0, 0, rows, False)
+    q_prev = math.inf
+    two_back = q
+    for k in range(budget):
+        y_new = torch.add(y, f, alpha=beta)
+        guess = spec is not None and q * q <= 1.5 * q_prev < math.inf
+        f_new = (spec if guess else fun)(y_new)
+        fn_new = norm(f_new)
+        q_new = float((fn_new * itol).amax())
+        if not q_new < bound:  # NaN/Inf, or an element may have diverged: the masked loop redoes this step
+            return Phase(y, f, f0, k, rows, False)
+        y, f, fn = y_new, f_new, fn_new
+        rows.append(fn)
+        if q_new <= 1.0:
+            return Phase(y, f, f0, k + 1, rows, True)
+        if start_rate > 0.0 and k % 2 == 1:  # the two-step reduction of the worst element
+            if q_new > start_rate * start_rate * two_back:
+                return Phase(y, f, f0, k + 1, rows, False)
+            two_back = q_new
+        q_prev, q = q, q_new
+    return Phase(y, f, f0, budget, rows, False)
+
+
+def _first_converged(rows: list, tol: torch.Tensor) -> torch.Tensor:
+    """Per element, the first row index ``j`` with ``rows[j] ≤ tol`` (``len(rows) − 1`` if none)."""
+    above = torch.stack(rows) > tol                          # (k + 1, *batch)
+    return torch.cumprod(above.to(torch.int64), 0)[:-1].sum(0) if len(rows) > 1 else \
+        torch.zeros(tol.shape, dtype=torch.int64, device=tol.device)
+
+
+def phase_result(phase: Phase, opts: Options, trace: bool) -> "LoopResult":
+    """The :class:`LoopResult` of a :func:`plain_phase` that is ``done`` (every element converged)."""
+    tiny = torch.finfo(phase.y.dtype).tiny
+    tol = opts.atol + opts.rtol * phase.f0
+    fn = phase.rows[-1]
+    status = torch.zeros(fn.shape, dtype=torch.int64, device=fn.device)   # SUCCESS
+    info = SolveInfo(status, fn / torch.clamp(phase.f0, min=tiny), _first_converged(phase.rows, tol))
+    return LoopResult(phase.y, phase.f, (), info, torch.stack(phase.rows) if trace else None)
+
+
 class LoopResult(NamedTuple):
     y: torch.Tensor           # (*batch, n)
     f: torch.Tensor           # (*batch, n)
@@ -175,7 +286,7 @@ Step = Callable[[int, torch.Tensor, torch.Tensor, tuple, torch.Tensor],
 
 def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Options, *,
             trace: bool = False, callback=None, unflatten: Callable = lambda y: y,
-            divergence: bool = True) -> LoopResult:
+            divergence: bool = True, resume: Optional["Phase"] = None) -> LoopResult:
     """Run ``step`` until every element has stopped or ``opts.max_iter`` iterations.
 
     ``step(k, y, f, extra, active) -> (y, f, extra, code)`` advances every
@@ -192,20 +303,27 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
     With :func:`single` (one problem, ``check_every = 1``) the bookkeeping runs
     on the host: one read of ``‖F‖`` (and of ``code``, which may then also be a
     Python ``int``) per iteration, no masking; the outcome is the same.
+
+    ``resume``: the :class:`Phase` this loop takes over from (``y, f`` are its iterate): the
+    tolerances stay relative to the phase's ``‖F(y0)‖``, its iterations count and its trace
+    rows come first, and only the rest of ``opts.max_iter`` is spent.
     """
+    if resume is not None:
+        opts = opts._replace(max_iter=max(opts.max_iter - resume.k, 0))
     if single(opts):
         return _iterate_single(step, y, f, extra, opts, trace=trace, callback=callback, unflatten=unflatten,
                                divergence=divergence)
     tiny = torch.finfo(y.dtype).tiny
     fn = norm(f)
-    f0 = fn
+    f0 = fn if resume is None else resume.f0
     tol = opts.atol + opts.rtol * f0                     # NaN when F(y0) is NaN: never "converged"
     limit = DIVERGENCE_FACTOR * torch.clamp(f0, min=tiny)
     nonfinite0 = ~(finite_probe(fn, y) < math.inf)
     active = ~nonfinite0 & (fn > tol)
-    iterations = torch.zeros(fn.shape, dtype=torch.int64, device=y.device)
+    iterations = torch.zeros(fn.shape, dtype=torch.int64, device=y.device) if resume is None else \
+        _first_converged(resume.rows, tol)
     failed_code = None
-    rows = [fn] if trace else None
+    rows = None if not trace else [fn] if resume is None else list(resume.rows)
     # The loop keeps only ``active``; the statuses follow from the final state (see the end):
     # an element stops when it converges (‖F‖ ≤ tol), diverges (‖F‖ > limit: it moves there),
     # hits NaN/Inf (it stays at its last finite iterate, whose ‖F‖ lies in (tol, limit]) or its

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from ._loop import float_option, flatten_root, iterate, options
+from ._loop import float_option, flatten_root, iterate, lean, options, phase_result, plain_phase, speculative
 from .result import SolverResult
 
 __all__ = ["picard"]
@@ -14,7 +14,7 @@ __all__ = ["picard"]
 
 def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=0.0, max_iter: int = 200,
            batch_dims: int = 0, beta: float = 1.0, check_every=None, trace: bool = False,
-           callback=None) -> SolverResult:
+           callback=None, freeze: bool = True) -> SolverResult:
     """Solve ``F(y, *params) = 0`` by the damped iteration ``y_{k+1} = y_k + β F(y_k)``.
 
     For a fixed point ``y = T(y)`` pass ``F(y) = T(y) − y``: with ``β = 1`` this
@@ -38,6 +38,14 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
             iterations (default 1 on CPU, 8 on CUDA).
         trace: also return the residual norms of every iteration.
         callback: ``callback(iteration, y, residual_norms)`` after each iteration.
+        freeze: ``True`` (default): an element that has converged is frozen, its
+            ``y`` never updated again.  ``False``: the whole batch iterates until
+            every element has converged, with one host read per iteration and
+            no masks (cheaper per step; on a contraction an element only gets
+            more accurate, its ``iterations`` count the steps it needed); a
+            NaN/Inf or diverging element hands the batch over to the masked
+            loop.  Only where ``check_every = 1`` (CPU), ``batch_dims ≥ 1`` and
+            no ``callback``.
 
     Returns:
         :class:`SolverResult` ``(y, info, None, trace)``.  Failure modes, per
@@ -64,6 +72,13 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
             y_new = torch.add(y, f, alpha=beta)
             return y_new, fun(y_new), (), None
 
-        out = iterate(step, y, f, (), opts, trace=trace, callback=callback,
-                      unflatten=lambda t: t.reshape(opts.y0.shape))
+        phase = None
+        if lean(opts, callback, freeze):
+            phase = plain_phase(fun, y, f, opts, beta=beta, budget=opts.max_iter, spec=speculative(F, opts))
+            y, f = phase.y, phase.f
+        if phase is not None and phase.done:
+            out = phase_result(phase, opts, trace)
+        else:
+            out = iterate(step, y, f, (), opts, trace=trace, callback=callback,
+                          unflatten=lambda t: t.reshape(opts.y0.shape), resume=phase)
     return SolverResult(out.y.reshape(opts.y0.shape), out.info, None, out.trace)

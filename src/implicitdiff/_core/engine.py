@@ -1,0 +1,41 @@
+"""One reverse pass through a recorded graph, without ``torch.autograd.grad``'s per-call checks.
+
+``torch.autograd.grad`` validates and normalizes its arguments in Python on every call (about
+15 µs on a CPU core, as much as a small layer's whole vector-Jacobian product).  A loop that
+takes dozens of products through one graph it built itself — the adjoint iterations of a
+deep equilibrium layer — already knows that the cotangent has the output's shape, dtype and
+device; :func:`vjp` then calls the autograd engine directly (the call ``torch.autograd.grad``
+itself ends in), falling back to ``torch.autograd.grad`` where the engine's entry point is
+not there.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["vjp"]
+
+_engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+_run_backward = getattr(_engine, "run_backward", None)
+
+
+def vjp(output: torch.Tensor, inputs: Sequence[torch.Tensor], cotangent: torch.Tensor, *,
+        retain_graph: bool = True) -> tuple[Optional[torch.Tensor], ...]:
+    """``(∂output/∂inputs)ᵀ cotangent`` for each input (``None`` where ``output`` does not depend on it).
+
+    ``cotangent`` must have ``output``'s shape, dtype and device (unchecked); first order only
+    (no ``create_graph``), outside ``torch.func`` transforms.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> y = x * x
+        >>> vjp(y, (x,), torch.ones(2))
+        (tensor([2., 4.]),)
+    """
+    inputs = tuple(inputs)
+    if _run_backward is None:  # pragma: no cover - a torch without the engine entry point
+        return torch.autograd.grad(output, inputs, cotangent, retain_graph=retain_graph, allow_unused=True)
+    return _run_backward((output,), (cotangent,), retain_graph, False, inputs, True, False)
