@@ -141,12 +141,13 @@ class Linearization:
         return engine_vjp(self.out, leaves, -u, retain_graph=False)
 
 
-def record(problem: RootProblem, y, leaves, T: Optional[Callable] = None) -> Linearization:
+def record(problem: RootProblem, y, leaves, T: Optional[Callable] = None, params=None) -> Linearization:
     """A :class:`Linearization` of ``problem.F`` at ``y`` (grad mode on, ``y`` a fresh leaf).
 
     ``T``: the fixed-point map to record (``F = T − id``), when it is not ``problem.F.map``
-    (a cheaper way to evaluate the same map, e.g. a DEQ cell called directly)."""
-    params = problem.tree.unflatten(list(leaves))
+    (a cheaper way to evaluate the same map, e.g. a DEQ cell called directly); ``params``:
+    ``leaves`` already unflattened."""
+    params = problem.tree.unflatten(list(leaves)) if params is None else params
     T = getattr(problem.F, "map", None) if T is None else T
     with torch.enable_grad():
         yr = y.detach().requires_grad_()
@@ -170,7 +171,9 @@ class Speculation:
     def __init__(self, problem: RootProblem, leaves):
         self.problem, self.leaves = problem, leaves
         self.F = problem.F
+        self.map = getattr(problem.F, "map", None)       # a fixed-point residual's map, for the solver's steps
         self._last = None
+        self._params = None                              # the leaves unflattened, once
 
     def __call__(self, y, *params):
         return self.F(y, *params)
@@ -178,7 +181,9 @@ class Speculation:
     def speculate(self, y, *params, map: Optional[Callable] = None):
         """``F(y)``, recorded; ``map``: the fixed-point map to record instead of ``F``'s (see :func:`record`),
         called with the original parameters."""
-        lin = record(self.problem, y, self.leaves, map)
+        if self._params is None:
+            self._params = self.problem.tree.unflatten(list(self.leaves))
+        lin = record(self.problem, y, self.leaves, map, self._params)
         self._last = (lin, y.data_ptr(), y.shape, y._version)
         value = lin.out.detach()
         return value - y if lin.fixed else value

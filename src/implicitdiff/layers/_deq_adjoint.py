@@ -172,10 +172,12 @@ def _picard_adjoint(mv, R, *, rtol, atol, max_iter):
         if q > safe and bool((gn > limit).any()):          # a sample diverged
             break
         x = x_next if tm is not None else x + g
-    ok = gn <= tol
-    status = torch.where(ok, int(Status.SUCCESS),
-                         torch.where(~torch.isfinite(gn), int(Status.NONFINITE),
-                                     torch.where(gn > limit, int(Status.DIVERGED), int(Status.MAX_ITERATIONS))))
+    if q <= 1.0:                                          # every sample converged
+        status = torch.zeros(r0.shape, dtype=torch.int64, device=R.device)
+    else:
+        status = torch.where(gn <= tol, int(Status.SUCCESS),
+                             torch.where(~torch.isfinite(gn), int(Status.NONFINITE),
+                                         torch.where(gn > limit, int(Status.DIVERGED), int(Status.MAX_ITERATIONS))))
     its = torch.full(r0.shape, k, dtype=torch.int64, device=R.device)
     return x, SolveInfo(status.to(torch.int64), gn / torch.clamp(r0, min=tiny), its)
 

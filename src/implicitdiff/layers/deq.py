@@ -120,22 +120,21 @@ def _forward_solve(solve, cell, F, trace: bool, record: dict):
     (A failed sample does not poison the others' gradients: the mechanism keeps
     its last finite iterate for the backward and gives it no cotangent.)
     """
-    def direct(z, params, x):
-        return cell(z, x) - z
-
     def run(F_, y0, params, batch_dims):
         lifted = params[0]
         spec = getattr(F_, "speculate", None)            # a Speculation wrapping F (the mechanism's)
         own = (F_ is F or (spec is not None and F_.F is F)) \
             and all(lifted.get(k) is p for k, p in cell.named_parameters()) \
             and len(lifted) == len(dict(cell.named_parameters()))
-        if own and spec is not None:
+        if own:
             def fun(z, params, x):
                 return cell(z, x) - z
-            # the speculative evaluation (recorded for the backward) calls the cell directly too
-            fun.speculate = lambda z, *_: spec(z, map=lambda zz, _lifted, x: cell(zz, x))
+            fun.map = lambda z, params, x: cell(z, x)    # the plain steps z ← f(z, x)
+            if spec is not None:
+                # the speculative evaluation (recorded for the backward) calls the cell directly too
+                fun.speculate = lambda z, *_: spec(z, map=lambda zz, _lifted, x: cell(zz, x))
         else:
-            fun = direct if own else F_
+            fun = F_
         res = solve(fun, y0, params, batch_dims)
         record["trace"] = getattr(res, "trace", None) if trace else None
         return res

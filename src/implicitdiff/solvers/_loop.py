@@ -48,7 +48,7 @@ from .._core.status import SolveInfo, Status
 from .._core.validate import as_float_tensor
 
 __all__ = ["Options", "options", "int_option", "float_option", "flatten_root", "speculative", "iterate", "norm",
-           "where", "single", "finite_probe", "LoopResult", "Phase", "plain_phase", "lean", "phase_result"]
+           "where", "single", "finite_probe", "LoopResult", "Phase", "plain_phase", "lean", "phase_result", "fixed_map"]
 
 # ‖F‖ grows past this multiple of ‖F(y0)‖: the element is declared DIVERGED
 DIVERGENCE_FACTOR = 1e8
@@ -168,20 +168,32 @@ def speculative(F: Callable, opts: Options) -> Optional[Callable]:
     so that the caller can reuse the evaluation (the implicit mechanism records its graph
     for the backward, :class:`~implicitdiff.implicit.root.RootFn`).  A solver calls it for
     the evaluation it expects to be its last (:func:`plain_phase`)."""
-    spec = getattr(F, "speculate", None)
-    if spec is None:
+    return _flat_attribute(F, "speculate", opts)
+
+
+def fixed_map(F: Callable, opts: Options) -> Optional[Callable]:
+    """``F.map`` on flattened iterates — the map ``T`` of a fixed-point residual ``F = T − id``
+    (:func:`~implicitdiff.fixed_point_residual`) — or ``None``: :func:`plain_phase` then steps
+    ``y ← T(y)`` instead of ``y ← y + F(y)`` (one pass fewer per step)."""
+    return _flat_attribute(F, "map", opts)
+
+
+def _flat_attribute(F: Callable, name: str, opts: Options) -> Optional[Callable]:
+    fn = getattr(F, name, None)
+    if fn is None:
         return None
     shape, params = opts.y0.shape, opts.params
     flat = (*opts.batch_shape, opts.n)
     if tuple(flat) == tuple(shape):
-        return lambda y: spec(y, *params)
-    return lambda y: spec(y.reshape(shape), *params).reshape(flat)
+        return lambda y: fn(y, *params)
+    return lambda y: fn(y.reshape(shape), *params).reshape(flat)
 
 
 def lean(opts: Options, callback, freeze: bool) -> bool:
     """Whether a fixed-point type solver runs :func:`plain_phase`: ``freeze=False`` was asked, the
     problem is batched, read on the host every iteration (the CPU default), without a callback."""
-    return not freeze and len(opts.batch_shape) > 0 and opts.check_every == 1 and callback is None
+    return (not freeze and len(opts.batch_shape) > 0 and opts.check_every == 1 and callback is None
+            and math.prod(opts.batch_shape) > 0 and opts.n > 0)
 
 
 class Phase(NamedTuple):
@@ -198,7 +210,7 @@ class Phase(NamedTuple):
 
 
 def plain_phase(fun: Callable, y: torch.Tensor, f: torch.Tensor, opts: Options, *, beta: float, budget: int,
-                start_rate: float = 0.0, spec: Optional[Callable] = None) -> Phase:
+                start_rate: float = 0.0, spec: Optional[Callable] = None, tmap: Optional[Callable] = None) -> Phase:
     r"""Plain steps ``y ← y + β F(y)`` for the whole batch, one host read per step, no masks.
 
     The cheap regime of a fixed-point iteration on a contraction (a DEQ cell): no element is
@@ -225,8 +237,10 @@ def plain_phase(fun: Callable, y: torch.Tensor, f: torch.Tensor, opts: Options, 
     f0 = fn
     tol = torch.clamp(opts.atol + opts.rtol * f0, min=tiny)      # ‖F(y0)‖ = 0: converged at once
     itol = 1.0 / tol
-    # below this q no element can have diverged (‖F_i‖ ≤ 1e8 ‖F(y0_i)‖ for all i)
-    bound = float((DIVERGENCE_FACTOR * torch.clamp(f0, min=tiny) * itol).amin())
+    # below this q no element can have diverged (‖F_i‖ ≤ 1e8 ‖F(y0_i)‖ for all i).  An element with
+    # F(y0) = 0 sits exactly at a fixed point and stays there; should it move, its q = ‖F_i‖ / tiny
+    # exceeds the bound at once and the masked loop takes over
+    bound = float(torch.where(f0 > 0, DIVERGENCE_FACTOR * f0 * itol, math.inf).amin())
     rows = [fn]
     q = float((fn * itol).max())                             # NaN: F(y0) not finite
     if q <= 1.0:
@@ -235,15 +249,26 @@ def plain_phase(fun: Callable, y: torch.Tensor, f: torch.Tensor, opts: Options, 
         return Phase(y, f, f0, 0, rows, False)
     q_prev = math.inf
     two_back = q
+    tmap = tmap if beta == 1.0 else None
+    t = y + f if tmap is not None else None                  # T(y): the next iterate
+    t_new = None
     for k in range(budget):
-        y_new = torch.add(y, f, alpha=beta)
+        y_new = t if tmap is not None else torch.add(y, f, alpha=beta)
         guess = spec is not None and q * q <= 1.5 * q_prev < math.inf
-        f_new = (spec if guess else fun)(y_new)
+        if guess:
+            f_new = spec(y_new)
+            if tmap is not None:
+                t_new = f_new + y_new
+        elif tmap is not None:
+            t_new = tmap(y_new)
+            f_new = t_new - y_new
+        else:
+            f_new = fun(y_new)
         fn_new = norm(f_new)
         q_new = float((fn_new * itol).amax())
         if not q_new < bound:  # NaN/Inf, or an element may have diverged: the masked loop redoes this step
             return Phase(y, f, f0, k, rows, False)
-        y, f, fn = y_new, f_new, fn_new
+        y, f, fn, t = y_new, f_new, fn_new, t_new
         rows.append(fn)
         if q_new <= 1.0:
             return Phase(y, f, f0, k + 1, rows, True)
@@ -257,9 +282,10 @@ def plain_phase(fun: Callable, y: torch.Tensor, f: torch.Tensor, opts: Options, 
 
 def _first_converged(rows: list, tol: torch.Tensor) -> torch.Tensor:
     """Per element, the first row index ``j`` with ``rows[j] ≤ tol`` (``len(rows) − 1`` if none)."""
-    above = torch.stack(rows) > tol                          # (k + 1, *batch)
-    return torch.cumprod(above.to(torch.int64), 0)[:-1].sum(0) if len(rows) > 1 else \
-        torch.zeros(tol.shape, dtype=torch.int64, device=tol.device)
+    if len(rows) == 1:
+        return torch.zeros(tol.shape, dtype=torch.int64, device=tol.device)
+    above = torch.stack(rows[:-1]) > tol                     # (k, *batch)
+    return torch.cummin(above, 0)[0].sum(0)                  # leading rows above tol
 
 
 def phase_result(phase: Phase, opts: Options, trace: bool) -> "LoopResult":
@@ -335,7 +361,7 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
     # max), not converged (min > 1), not diverged (max ≤ min_i limit_i / tol_i) — without the masks.
     # Otherwise the iteration takes the general path below, with ``active`` all True.
     fast = False
-    if eager and opts.max_iter > 0:
+    if eager and opts.max_iter > 0 and fn.numel() > 0:   # (an empty batch: nothing runs)
         head = torch.stack([active.all().to(fn.dtype), (limit / tol).amin() if divergence else fn.new_tensor(math.inf),
                             tol.amin()]).tolist()         # NaN tol (F(y0) not finite): not all active
         fast = head[0] == 1.0 and head[2] > 0.0

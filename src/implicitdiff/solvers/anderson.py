@@ -9,7 +9,7 @@ import torch
 
 from .._core.errors import InputError
 from ._loop import float_option, int_option, flatten_root, iterate, lean, options, phase_result, plain_phase, \
-    speculative
+    speculative, fixed_map
 from .result import SolverResult
 
 __all__ = ["anderson"]
@@ -164,7 +164,7 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
         phase = None
         if lazy and lean(opts, callback, freeze):  # the plain steps without masks, then mixing from there on
             phase = plain_phase(fun, y, g, opts, beta=beta, budget=opts.max_iter // 2, start_rate=start_rate,
-                                spec=speculative(F, opts))
+                                spec=speculative(F, opts), tmap=fixed_map(F, opts))
             if phase.done:
                 out = phase_result(phase, opts, trace)
                 return SolverResult(out.y.reshape(opts.y0.shape), out.info, None, out.trace)

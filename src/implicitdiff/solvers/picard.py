@@ -6,7 +6,8 @@ from typing import Callable
 
 import torch
 
-from ._loop import float_option, flatten_root, iterate, lean, options, phase_result, plain_phase, speculative
+from ._loop import (fixed_map, float_option, flatten_root, iterate, lean, options, phase_result, plain_phase,
+                    speculative)
 from .result import SolverResult
 
 __all__ = ["picard"]
@@ -74,7 +75,8 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
 
         phase = None
         if lean(opts, callback, freeze):
-            phase = plain_phase(fun, y, f, opts, beta=beta, budget=opts.max_iter, spec=speculative(F, opts))
+            phase = plain_phase(fun, y, f, opts, beta=beta, budget=opts.max_iter, spec=speculative(F, opts),
+                                tmap=fixed_map(F, opts))
             y, f = phase.y, phase.f
         if phase is not None and phase.done:
             out = phase_result(phase, opts, trace)
