@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["vjp"]
+__all__ = ["vjp", "vjp_fn"]
 
 _engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
 _run_backward = getattr(_engine, "run_backward", None)
@@ -39,3 +39,27 @@ def vjp(output: torch.Tensor, inputs: Sequence[torch.Tensor], cotangent: torch.T
     if _run_backward is None:  # pragma: no cover - a torch without the engine entry point
         return torch.autograd.grad(output, inputs, cotangent, retain_graph=retain_graph, allow_unused=True)
     return _run_backward((output,), (cotangent,), retain_graph, False, inputs, True, False)
+
+
+def vjp_fn(output: torch.Tensor, input: torch.Tensor):
+    """``v ↦ (∂output/∂input)ᵀ v`` as a closure for repeated products through one graph (kept):
+    :func:`vjp` with the per-call work done once; zeros where ``output`` does not depend on ``input``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> f = vjp_fn(x * x, x)
+        >>> f(torch.ones(2)), f(torch.tensor([1.0, 0.0]))
+        (tensor([2., 4.]), tensor([2., 0.]))
+    """
+    outputs, inputs = (output,), (input,)
+    if _run_backward is None:  # pragma: no cover - a torch without the engine entry point
+        def product(v):
+            g = torch.autograd.grad(outputs, inputs, (v,), retain_graph=True, allow_unused=True)[0]
+            return torch.zeros_like(input) if g is None else g
+        return product
+
+    def product(v):
+        g = _run_backward(outputs, (v,), True, False, inputs, True, False)[0]
+        return torch.zeros_like(input) if g is None else g
+    return product

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .._core.defaults import default_rtol
-from .._core.engine import vjp as engine_vjp
+from .._core.engine import vjp as engine_vjp, vjp_fn as engine_vjp_fn
 from .._core.errors import SolveError
 from .._core.jacobian import batch_jacobian
 from .._core.failure import apply_on_failure, nan_where_failed
@@ -298,8 +298,14 @@ def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bo
         def linear_map(*_):
             def rmv(v):
                 return _flat(lin.rmv(v.reshape(y.shape)), bd)
-            # a fixed-point residual's (∂T/∂y)ᵀ, for the adjoint fixed-point iteration (FixedPointAdjoint)
-            rmv.map_vjp = (lambda v: _flat(lin.map_vjp(v.reshape(y.shape)), bd)) if lin.fixed else None
+            # a fixed-point residual's (∂T/∂y)ᵀ, for the adjoint fixed-point iteration (FixedPointAdjoint);
+            # y already flat (a DEQ's (B, n)): the engine closure itself, no reshapes per product
+            if not lin.fixed:
+                rmv.map_vjp = None
+            elif y.dim() == bd + 1:
+                rmv.map_vjp = engine_vjp_fn(lin.out, lin.yr)
+            else:
+                rmv.map_vjp = lambda v: _flat(lin.map_vjp(v.reshape(y.shape)), bd)
             return rmv
     else:
         linear_map = _linear_map

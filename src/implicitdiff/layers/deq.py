@@ -19,14 +19,27 @@ method needs 12–13 iterations: the eigenvalues of ``∂f/∂z`` fill a disk, o
 neither Anderson mixing nor a Krylov method converges faster than Picard.
 
 * Forward: ``solver="anderson"`` started lazily (:data:`ANDERSON_START_RATE`):
-  Picard steps, about 0.05 ms of loop each, while every sample's residual shrinks
-  by ≥ 20 % per step; mixing (0.3 ms per step) only where it does not — slowly or
-  non-contracting cells, where it saves evaluations.
+  plain steps ``z ← f(z, x)`` while the worst sample's residual shrinks by ≥ 20 %
+  per step; mixing (0.3 ms per step) only where it does not — slowly or
+  non-contracting cells, where it saves evaluations.  The plain steps run the
+  whole batch without masks (``freeze=False``, the DEQ's default for
+  ``"anderson"`` and ``"picard"``): a sample that has converged keeps iterating
+  while others run — on a contraction it only gets more accurate — and a step
+  costs the cell plus ~0.03 ms (one norm, one host read).  Its ``iterations``
+  count the steps it needed; ``solver_options={"freeze": True}`` stops each
+  sample where it converged (its result then does not depend on the batch).
+* The last evaluation is recorded: when the residual trend predicts that the
+  next step meets the tolerance, that cell evaluation runs with autograd
+  recording (:class:`~implicitdiff.implicit.root.Speculation`), and the
+  backward takes its products from that graph instead of evaluating the cell
+  again at ``z*``.  The graph is kept until the backward: what torchdeq keeps
+  too (the cell's saved tensors at ``z*``).
 * Backward: :data:`DEFAULT_ADJOINT` ``= FixedPointAdjoint()`` iterates the
   adjoint fixed point by Picard in a dedicated loop (:mod:`._deq_adjoint`): its
-  first step is free, then one VJP and ~0.04 ms per step; GMRES only for samples
-  where that fails.  ``Implicit(solver="gmres")`` takes as many iterations at
-  ~1.1 ms each (its batched Arnoldi step costs twice a VJP);
+  first step is free, then one VJP of the cell (through the autograd engine
+  directly, :mod:`implicitdiff._core.engine`) and ~0.03 ms per step; GMRES only
+  for samples where that fails.  ``Implicit(solver="gmres")`` takes as many
+  iterations at ~1.1 ms each (its batched Arnoldi step costs twice a VJP);
   ``Implicit(solver="auto")`` — dense LU, the mechanism's default at this size —
   first builds each sample's 256 × 256 Jacobian from 256 VJPs: ~17× the whole
   forward solve.
@@ -58,7 +71,9 @@ class DEQInfo(NamedTuple):
         residual: ``(B,)`` relative residual ``‖f(z) − z‖ / ‖f(z0) − z0‖``.
         iterations: ``(B,)`` forward iterations used by each sample.
         trace: ``(k + 1, B)`` absolute residuals ``‖f(z_j) − z_j‖`` of every
-            iteration (row 0: ``z0``; a stopped sample repeats its last value),
+            iteration (row 0: ``z0``; in the plain steps every sample moves on
+            until all have converged, in the masked loop a stopped sample
+            repeats its last value),
             or ``None`` unless ``trace=True`` (and always ``None`` under
             ``Unroll()`` or for a solver that keeps no trace).
     """
@@ -160,7 +175,9 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
             regularized, safeguarded least-squares step, started lazily: plain
             Picard steps while every sample's residual shrinks at least by the
             factor :data:`ANDERSON_START_RATE` ``= 0.8`` per step, and at most
-            for half of ``max_iter`` — see the module docstring;
+            for half of ``max_iter``; a converged sample keeps stepping while
+            others run unless ``solver_options={"freeze": True}`` — see the
+            module docstring;
             ``solver_options={"start_rate": 0}`` mixes from the first step),
             ``"broyden"``, ``"picard"``, ``"newton"`` or a callable (see
             :func:`~implicitdiff.root`).
