@@ -79,3 +79,38 @@ def test_map_vjp_statuses_on_failures():
     runs = [_picard_adjoint(mv, R, rtol=1e-12, atol=0.0, max_iter=60) for mv in (plain, with_map)]
     assert runs[0][1].status.tolist() == runs[1][1].status.tolist()
     assert runs[1][1].status.tolist()[1] == Status.NONFINITE
+
+
+@pytest.mark.parametrize("dtype, rtol, recursion", [(torch.float64, 1e-6, True), (torch.float64, 1e-10, True),
+                                                     (torch.float64, 1e-15, False), (torch.float32, 1e-6, False)])
+def test_residual_recursion_only_where_its_rounding_is_negligible(dtype, rtol, recursion):
+    """With map_vjp, float64 at ordinary tolerances propagates the residual itself (G ← (∂f/∂z)ᵀ G: the
+    products are taken of the residuals, never of the iterates after the first); at a tolerance near
+    rounding and in float32 it takes G as the difference of two iterates.  Either way the *true*
+    residual ‖(∂f/∂z)ᵀx − x − R‖ of the returned x meets the tolerance the status claims."""
+    A, R = _contractions([0.3, 0.7, 0.9], n=6, seed=4)
+    A, R = A.to(dtype), R.to(dtype)
+    seen = []
+
+    def tm(x):
+        seen.append(x.clone())
+        return (A.mT @ x.unsqueeze(-1)).squeeze(-1)
+
+    class WithMap:
+        map_vjp = staticmethod(tm)
+
+        def __call__(self, x):
+            return tm(x) - x
+
+    x, info = _picard_adjoint(WithMap(), R, rtol=rtol, atol=0.0, max_iter=200)   # the default
+    # the recursion multiplies residuals, whose norms shrink; the plain form multiplies iterates (norm ≥ ‖R‖/2)
+    late = torch.linalg.vector_norm(seen[-1], dim=-1) / torch.linalg.vector_norm(R, dim=-1)
+    assert bool((late < 1e-2).all()) == recursion
+    if rtol < 1e-14:   # below rounding: not claimed converged unless it truly is
+        true = torch.linalg.vector_norm((A.mT @ x.unsqueeze(-1)).squeeze(-1) - x - R, dim=-1)
+        ok = info.status == Status.SUCCESS
+        assert bool((true[ok] <= 2 * rtol * torch.linalg.vector_norm(R, dim=-1)[ok]).all())
+        return
+    assert info.status.tolist() == [Status.SUCCESS] * 3
+    true = torch.linalg.vector_norm((A.mT @ x.unsqueeze(-1)).squeeze(-1) - x - R, dim=-1)
+    assert bool((true <= rtol * torch.linalg.vector_norm(R, dim=-1) * (1 + 1e-3)).all()), (true, rtol)
