@@ -450,3 +450,21 @@ def test_empty_batch(name, shape):
     assert plain.info.status.tolist() == [Status.SUCCESS] * shape[0]
     same_outcome(frozen, plain)
     assert plain.trace.shape == frozen.trace.shape == (1, shape[0])
+
+
+def test_anderson_hand_over_seeds_the_history_with_the_last_plain_step():
+    """After the plain phase hands over (rate too slow for start_rate), mixing starts at once with the phase's
+    last step as its first history column — as freeze=True's lazy start does — so on a batch where every
+    element is slow both modes take the same iterations to the same solution; without the seed the masked
+    loop would first take one more plain step."""
+    M, c = _matrices([0.9, 0.93, 0.95])
+    F = linear(M, c)
+    y0 = torch.zeros_like(c)
+    frozen, plain = both("anderson", F, y0, batch_dims=1, max_iter=200, rtol=1e-10)
+    same_outcome(frozen, plain)
+    assert plain.info.status.tolist() == [Status.SUCCESS] * 3
+    exact = torch.linalg.solve(torch.eye(M.shape[-1], dtype=F64) - M, c)
+    torch.testing.assert_close(plain.y, exact, rtol=0, atol=1e-8)
+    torch.testing.assert_close(frozen.y, exact, rtol=0, atol=1e-8)
+    # the mixing does start: far fewer iterations than Picard's ≈ log(1e-10) / log(0.95) ≈ 450
+    assert int(plain.info.iterations.max()) < 60

@@ -199,7 +199,8 @@ def lean(opts: Options, callback, freeze: bool) -> bool:
 class Phase(NamedTuple):
     """Where :func:`plain_phase` stopped: the iterate ``y``, ``f = F(y)``, the reference norms
     ``f0 = ‖F(y0)‖``, ``k`` iterations, the norms ``‖F(y_j)‖`` of every iterate (``k + 1`` rows,
-    the last one that of ``y``), and whether every element has converged (``done``)."""
+    the last one that of ``y``), whether every element has converged (``done``), and ``F`` at
+    the iterate before ``y`` (``None`` when ``k = 0``; Anderson seeds its history with it)."""
 
     y: torch.Tensor
     f: torch.Tensor
@@ -207,6 +208,7 @@ class Phase(NamedTuple):
     k: int
     rows: list
     done: bool
+    f_prev: Optional[torch.Tensor] = None
 
 
 def plain_phase(fun: Callable, y: torch.Tensor, f: torch.Tensor, opts: Options, *, beta: float, budget: int,
@@ -255,6 +257,7 @@ def plain_phase(fun: Callable, y: torch.Tensor, f: torch.Tensor, opts: Options, 
     tmap = tmap if beta == 1.0 else None
     t = y + f if tmap is not None else None                  # T(y): the next iterate
     t_new = None
+    f_prev = None
     for k in range(budget):
         y_new = t if tmap is not None else torch.add(y, f, alpha=beta)
         guess = spec is not None and q * q <= 1.2 * q_prev < math.inf
@@ -270,17 +273,18 @@ def plain_phase(fun: Callable, y: torch.Tensor, f: torch.Tensor, opts: Options, 
         fn_new = norm(f_new)
         q_new = float((fn_new * itol).amax())
         if not q_new < bound:  # NaN/Inf, or an element may have diverged: the masked loop redoes this step
-            return Phase(y, f, f0, k, rows, False)
+            return Phase(y, f, f0, k, rows, False, f_prev)
+        f_prev = f
         y, f, fn, t = y_new, f_new, fn_new, t_new
         rows.append(fn)
         if q_new <= 1.0:
-            return Phase(y, f, f0, k + 1, rows, True)
+            return Phase(y, f, f0, k + 1, rows, True, f_prev)
         if start_rate > 0.0 and k % 2 == 1:  # the two-step reduction of the worst element
             if q_new > start_rate * start_rate * two_back:
-                return Phase(y, f, f0, k + 1, rows, False)
+                return Phase(y, f, f0, k + 1, rows, False, f_prev)
             two_back = q_new
         q_prev, q = q, q_new
-    return Phase(y, f, f0, budget, rows, False)
+    return Phase(y, f, f0, budget, rows, False, f_prev)
 
 
 def _first_converged(rows: list, tol: torch.Tensor) -> torch.Tensor:

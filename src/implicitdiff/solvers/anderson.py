@@ -69,7 +69,8 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
         check_every, trace, callback: as in :func:`~implicitdiff.solvers.picard.picard`.
         freeze: as in :func:`~implicitdiff.solvers.picard.picard`, for the plain steps of the
             lazy start (``start_rate > 0``): with ``False`` they run without masks, one host read
-            per step, and mixing starts from where they stop.
+            per step, and mixing starts from where they stop, their last step the first column of
+            its history.
 
     Returns:
         :class:`SolverResult` ``(y, info, None, trace)``.  Failure modes per
@@ -171,6 +172,15 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
             y, g, lazy = phase.y, phase.f, False
         state = (torch.add(y, g, alpha=beta), y.new_empty(m, nb, n), y.new_empty(m, nb, n), y.new_empty(nb, m, m),
                  None, None if lazy else 0, torch.linalg.vector_norm(g, dim=-1) if lazy else None)
+        if phase is not None and phase.f_prev is not None:
+            # the plain phase's last step is the first history column (ΔX = X_k − X_{k−1} = β g_k, since
+            # X_{k−1} = y_k; ΔG = g_k − g_{k−1}): the mixing starts at once, as the lazy start does
+            X, U, dG, G, _, _, _ = state
+            torch.mul(g.reshape(nb, n), beta, out=U[0])
+            torch.sub(g.reshape(nb, n), phase.f_prev.reshape(nb, n), out=dG[0])
+            G[:, :1, :1] = torch.bmm(dG[0].unsqueeze(1), dG[0].unsqueeze(2))
+            r = torch.bmm(g.reshape(nb, 1, n), dG[0].unsqueeze(2))      # (nb, 1, 1)
+            state = (X, U, dG, G, r, -1, None)                          # k0 = −1: one row in use at k = 0
         out = iterate(step, y, g, state, opts, trace=trace, callback=callback,
                       unflatten=lambda t: t.reshape(opts.y0.shape), resume=phase)
     return SolverResult(out.y.reshape(opts.y0.shape), out.info, None, out.trace)
