@@ -468,3 +468,24 @@ def test_anderson_hand_over_seeds_the_history_with_the_last_plain_step():
     torch.testing.assert_close(frozen.y, exact, rtol=0, atol=1e-8)
     # the mixing does start: far fewer iterations than Picard's ≈ log(1e-10) / log(0.95) ≈ 450
     assert int(plain.info.iterations.max()) < 60
+
+
+def test_an_element_that_meets_the_tolerance_and_leaves_it_again_counts_every_step():
+    """Element 0: a non-normal map (ρ = 0.5, ‖J‖ ≈ 4) whose residual dips below the tolerance at step 1 and rises
+    above it at step 2; element 1: a slow contraction that keeps the batch running.  Out of steps there
+    (max_iter = 2), the masked loop takes over with nothing left: element 0 is reported MAX_ITERATIONS with its
+    true residual, and its count is both steps, not the step it first met the tolerance.  (freeze=True stops it
+    at step 1, converged: the plain phase is meant for contractions.)"""
+    Ms = torch.stack([torch.tensor([[0.5, 4.0], [0.0, 0.5]], dtype=F64), 0.9 * torch.eye(2, dtype=F64)])
+    F = lambda y: torch.einsum("bij,bj->bi", Ms, y) - y      # noqa: E731  residual r_k = M^k r_0 (linear)
+    r0 = torch.tensor([[1.0, -0.1], [1.0, 0.0]], dtype=F64)
+    y0 = torch.linalg.solve(Ms - torch.eye(2, dtype=F64), r0)                 # F(y0) = r0
+    torch.testing.assert_close(F(y0), r0)
+    out = picard(F, y0, batch_dims=1, freeze=False, rtol=0.12, max_iter=2, trace=True)
+    norms = out.trace[:, 0]
+    tol = 0.12 * float(norms[0])
+    assert float(norms[1]) <= tol < float(norms[2])   # met at step 1, left at step 2
+    assert out.info.status.tolist() == [Status.MAX_ITERATIONS] * 2 and out.info.iterations.tolist() == [2, 2]
+    frozen = picard(F, y0, batch_dims=1, freeze=True, rtol=0.12, max_iter=2)
+    assert frozen.info.status.tolist() == [Status.SUCCESS, Status.MAX_ITERATIONS]
+    assert frozen.info.iterations.tolist() == [1, 2]

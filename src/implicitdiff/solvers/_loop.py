@@ -353,8 +353,10 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
     limit = DIVERGENCE_FACTOR * torch.clamp(f0, min=tiny)
     nonfinite0 = ~(finite_probe(fn, y) < math.inf)
     active = ~nonfinite0 & (fn > tol)
-    iterations = torch.zeros(fn.shape, dtype=torch.int64, device=y.device) if resume is None else \
-        _first_converged(resume.rows, tol)
+    if resume is None:
+        iterations = torch.zeros(fn.shape, dtype=torch.int64, device=y.device)
+    else:  # the phase's steps: all of them for an element still running, else those it needed
+        iterations = torch.where(active, resume.k, _first_converged(resume.rows, tol))
     failed_code = None
     rows = None if not trace else [fn] if resume is None else list(resume.rows)
     # The loop keeps only ``active``; the statuses follow from the final state (see the end):
