@@ -43,9 +43,10 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
             ``y`` never updated again.  ``False``: the whole batch iterates until
             every element has converged, with one host read per iteration and
             no masks (cheaper per step; on a contraction an element only gets
-            more accurate, its ``iterations`` count the steps it needed); a
-            NaN/Inf or diverging element hands the batch over to the masked
-            loop.  Only where ``check_every = 1`` (CPU), ``batch_dims ≥ 1`` and
+            more accurate, its ``iterations`` count the steps it needed; on a
+            map that is not a contraction an element may leave the tolerance
+            again, and is reported as it ends); a NaN/Inf or diverging element
+            hands the batch over to the masked loop.  Only where ``check_every = 1`` (CPU), ``batch_dims ≥ 1`` and
             no ``callback``.
 
     Returns:
