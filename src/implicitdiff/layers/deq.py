@@ -128,7 +128,10 @@ def _forward_solve(solve, cell, F, trace: bool, record: dict):
       (which costs about as much as a small cell evaluation): the lifted
       parameters *are* the module's own tensors, checked by identity.  Under
       ``torch.func`` transforms or ``vmap`` the mechanism hands over other
-      tensors or another ``F``, and the functional form is kept.
+      tensors or another ``F``, and the functional form is kept.  The residual
+      handed to the solver carries the cell as its map (``fun.map``: the plain
+      steps ``z ← f(z, x)``) and, when the mechanism speculates, a
+      ``speculate`` that records the cell called directly as well.
     * The residual trace of the run is kept in ``record["trace"]`` (the
       mechanism keeps only ``(y, info)``): no second solve.
 
