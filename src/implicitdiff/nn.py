@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._core.errors import InputError
+from ._core.torch_private import eager_under_compile
 from .layers.deq import DEFAULT_ADJOINT, DEQInfo, deq, jacobian_penalty
 from .layers.qp import qp
 
@@ -239,7 +240,7 @@ class DEQ(torch.nn.Module):
     # Under torch.compile the layer runs eagerly (a graph break): the solver's loop stops on data
     # (a host sync per iteration), which dynamo would otherwise retrace iteration by iteration —
     # seconds of compilation per call shape for nothing it can fuse.  The modules around it compile.
-    @torch.compiler.disable
+    @eager_under_compile
     def _forward(self, x, z0):
         z, info = deq(self.cell, x, z0, solver=self.solver, adjoint=self.adjoint, rtol=self.rtol, atol=self.atol,
                       max_iter=self.max_iter, on_failure=self.on_failure, return_info=True,

@@ -16,9 +16,9 @@ import warnings
 from typing import Callable, Optional
 
 import torch
-from torch.utils import _pytree as pytree
 
 from .._core.errors import InputError
+from .._core.torch_private import pytree, warm_forward_ad
 from .._core.options import check_callable, check_choice, check_int, check_real
 from .finite_diff import Flat, call, directional_derivatives, flat_output, flatten_inputs, is_float_tensor
 from .report import Comparison, GradientReport
@@ -229,21 +229,9 @@ def _vjp(fn, flat: Flat, checked, v) -> list:
     return [(torch.zeros_like(t) if g is None else g).reshape(-1).to(v.dtype) for t, g in zip(targets, grads)]
 
 
-def _warm_forward_ad() -> None:
-    # The first forward-mode AD call of a process imports torch's jvp decompositions, which call the
-    # deprecated torch.jit.script: a one-off DeprecationWarning from torch itself that would fail the
-    # check (and not the layer) in a test suite run with warnings as errors.  Import it once, silenced.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            from torch._decomp import decompositions_for_jvp  # noqa: F401
-        except ImportError:  # pragma: no cover - other torch versions
-            pass
-
-
 def _jvp(fn, flat: Flat, i: int, W: torch.Tensor) -> torch.Tensor:
     """``J w`` for each column ``w`` of ``W``, by ``torch.func.jvp`` through ``fn``: ``(out_numel, r)``."""
-    _warm_forward_ad()
+    warm_forward_ad()
     leaves = _detached(flat.leaves)
     x = leaves[i]
 
