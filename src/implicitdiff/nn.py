@@ -13,7 +13,7 @@ import torch
 
 from ._core.errors import InputError
 from ._core.torch_private import eager_under_compile
-from .layers.deq import DEFAULT_ADJOINT, DEQInfo, deq, jacobian_penalty
+from .layers.deq import DEFAULT_ADJOINT, DEQInfo, check_deq_options, deq, jacobian_penalty
 from .layers.qp import qp
 
 __all__ = ["QPLayer", "DEQ", "DEQInfo"]
@@ -221,6 +221,10 @@ class DEQ(torch.nn.Module):
             raise InputError(f"cell must be a torch.nn.Module called as cell(z, x), got {type(cell).__name__}")
         if isinstance(jac_reg, bool) or not isinstance(jac_reg, int) or jac_reg < 0:
             raise InputError(f"jac_reg must be an integer ≥ 0 (Hutchinson probes; 0 turns it off), got {jac_reg!r}")
+        check_deq_options(solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, max_iter=max_iter,
+                          on_failure=on_failure, solver_options=solver_options)
+        if not isinstance(track_trace, bool):
+            raise InputError(f"track_trace must be True or False, got {track_trace!r}")
         self.cell = cell
         self.solver = solver
         self.adjoint = adjoint
