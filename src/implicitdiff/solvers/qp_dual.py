@@ -121,7 +121,7 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         c = (hb * y).sum(-1)
         infeas = (c < 0) & ((qnorm * yKy.clamp(min=0)).sqrt() <= ipm.cert_tol * (-c))
         status, done, stall, best = _update_status(r, infeas, torch.zeros_like(done), rtol, status, done,
-                                                   stall, best)
+                                                   stall, best, floor=ipm.rtol)
         if it == max_iter or (it % check_every == 0 and bool(done.all())):
             break
         nb = idx.numel()

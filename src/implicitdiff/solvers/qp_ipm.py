@@ -76,6 +76,7 @@ import torch
 from .._core.status import Status
 from ..linalg.symmetric import symmetric_part
 from .qp_dual import interior_point_dual
+from .qp_screen import screen
 from .qp_kkt import (KKTFactor, _Products, kkt_apply, kkt_factor, kkt_precompute, kkt_refine,  # noqa: F401
                      kkt_solve_reg)
 from .qp_steps import QPResult, _amax, _initial_shift, _kkt_residual, _max_step, _merge, _put, _put_factor, \
@@ -96,20 +97,21 @@ class QPInteriorPoint:
     """
 
     def __init__(self, *, rtol: float, max_iter: int = 50, reg: float, refine: int, cert_tol: float,
-                 kkt: str = "auto"):
+                 kkt: str = "auto", psd_tol: float = 1e-8):
         self.rtol, self.max_iter, self.reg, self.refine, self.cert_tol = rtol, max_iter, reg, refine, cert_tol
-        self.kkt = kkt
+        self.kkt, self.psd_tol = kkt, psd_tol
         self.ipm_refine = 1  # the primal loop's corrector: one refinement against the regularization
         self.polish_rounds = 3
         self.early_rtol = 1e-3  # where the dual loop stops to polish (see solve)
 
     @classmethod
-    def for_dtype(cls, dtype, *, rtol=None, max_iter=50, kkt="auto") -> "QPInteriorPoint":
-        """Defaults: float64 ``rtol = 1e-10``; float32 ``rtol = 1e-5``."""
+    def for_dtype(cls, dtype, *, rtol=None, max_iter=50, kkt="auto", psd_tol=None) -> "QPInteriorPoint":
+        """Defaults: float64 ``rtol = 1e-10``, ``psd_tol = 1e-8``; float32 ``rtol = 1e-5``, ``psd_tol = 1e-5``."""
         if dtype == torch.float64:
             return cls(rtol=1e-10 if rtol is None else rtol, max_iter=max_iter, reg=1e-9, refine=2, cert_tol=1e-8,
-                       kkt=kkt)
-        return cls(rtol=1e-5 if rtol is None else rtol, max_iter=max_iter, reg=1e-5, refine=5, cert_tol=1e-4, kkt=kkt)
+                       kkt=kkt, psd_tol=1e-8 if psd_tol is None else psd_tol)
+        return cls(rtol=1e-5 if rtol is None else rtol, max_iter=max_iter, reg=1e-5, refine=5, cert_tol=1e-4, kkt=kkt,
+                   psd_tol=1e-5 if psd_tol is None else psd_tol)
 
     def __repr__(self):
         return f"QPInteriorPoint(rtol={self.rtol}, max_iter={self.max_iter}, kkt={self.kkt!r})"
@@ -120,13 +122,16 @@ class QPInteriorPoint:
         preconditioner a backward pass refines with.  ``G`` as factorized (masked rows)."""
         return kkt_solve_reg(KKTFactor(kind, tuple(tensors)), G, A, r1, r2, r3)
 
-    def _choose_kind(self, Q, n, m, k, delta, scale):
-        """``"dual"`` when ``Q`` is well-conditioned positive definite and ``S`` is the smaller system."""
+    def _choose_kind(self, Q, n, m, k, delta, scale, L=None):
+        """``"dual"`` when ``Q`` is well-conditioned positive definite and ``S`` is the smaller system
+        (``L``: the Cholesky of ``Q`` when the screening found it positive definite)."""
         if self.kkt != "auto":
             return self.kkt, None
         if m + k == 0 or (m + k) ** 3 / 3 >= 2 * m * n * n + n ** 3 / 3:
             return "primal", None
-        L, info = torch.linalg.cholesky_ex(Q)
+        if L is None:
+            return "primal", None
+        info = torch.zeros(1, dtype=torch.int32, device=L.device)
         d = L.diagonal(dim1=-2, dim2=-1)
         # min(diag L)² ≥ λ_min(Q): a cheap screen against a (near-)singular Q; refinement absorbs the rest
         ok = (info == 0).all() & (d.amin(-1) ** 2 > self.reg ** 0.5 * scale).all()
@@ -154,12 +159,22 @@ class QPInteriorPoint:
         point from; the slacks and multipliers are moved inside the positive orthant.
         """
         Q = symmetric_part(Q)  # only the symmetric part enters the objective
+        screened = screen(Q, p, G, h, A, b, self.psd_tol)
+        out = self._solve(*screened.data, screened.LQ, warm_start)
+        if screened.status is None:
+            return out
+        bad = screened.status >= 0
+        return out._replace(status=torch.where(bad, screened.status, out.status),
+                            residual=torch.where(bad, torch.full_like(out.residual, float("inf")), out.residual),
+                            iterations=torch.where(bad, 0, out.iterations))
+
+    def _solve(self, Q, p, G, h, A, b, LQ, warm_start) -> QPResult:
         B = max(t.shape[0] for t in (Q, p, G, h, A, b))
         n, m, k = p.shape[-1], h.shape[-1], b.shape[-1]
         dt, dev = p.dtype, p.device
         scale = 1 + max(float(t.abs().max()) if t.numel() else 0.0 for t in (Q, G, A))
         delta = torch.tensor(self.reg * scale, dtype=dt, device=dev)
-        kind, LQ = self._choose_kind(Q, n, m, k, delta, scale)
+        kind, LQ = self._choose_kind(Q, n, m, k, delta, scale, LQ)
         pre = kkt_precompute(kind, Q, G, A, LQ)
         P = _Products.build(Q, G, A)
         pB, hB, bB = p.expand(B, n), h.expand(B, m), b.expand(B, k)

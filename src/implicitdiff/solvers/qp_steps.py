@@ -53,10 +53,14 @@ def _max_step(x, dx):
     return ratio.amin(-1)
 
 
-def _update_status(r, infeas, unbnd, rtol, status, done, stall, best):
-    """One iteration's verdicts; an element stops at its first one (no host sync)."""
+def _update_status(r, infeas, unbnd, rtol, status, done, stall, best, floor=None):
+    """One iteration's verdicts; an element stops at its first one (no host sync).
+
+    Stagnation counts only near ``floor`` (the solver's final tolerance, default ``rtol``): a loop
+    that stops early at a loose ``rtol`` must not call slow early progress a stall."""
+    floor = rtol if floor is None else floor
     # stagnation near the tolerance (the rounding floor): no 10% gain on the best residual for 5 iterations
-    stall = torch.where((r < 0.9 * best) | (best > 1e4 * rtol), 0, stall + 1)
+    stall = torch.where((r < 0.9 * best) | (best > 1e4 * floor), 0, stall + 1)
     best = torch.minimum(best, r)
     new = torch.where(~torch.isfinite(r), int(Status.NONFINITE),
           torch.where(r <= rtol, int(Status.SUCCESS),
