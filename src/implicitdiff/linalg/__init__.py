@@ -13,3 +13,4 @@ from .svd import SVD as SVD
 from .krylov import (KrylovResult as KrylovResult, bicgstab as bicgstab, cg as cg, gmres as gmres,
                      lsmr as lsmr, lsqr as lsqr, minres as minres)
 from .preconditioner import jacobi as jacobi
+from . import kkt as kkt

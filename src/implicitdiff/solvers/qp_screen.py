@@ -16,7 +16,10 @@ semidefinite.  The common case costs one batched Cholesky of ``Q``, which the ``
 factorization reuses: a Cholesky that succeeds proves ``Q ≻ 0``.  Only where it fails is
 ``Q + psd_tol·max|Qᵢⱼ|·I`` factored, and only where that fails too (a clearly indefinite
 ``Q``, or an indefinite ``Q`` that equalities may make convex) is the reduced Hessian's
-smallest eigenvalue computed, element by element.  ``psd_tol`` is ``1e-8`` for float64 data,
+smallest eigenvalue computed, element by element.  An element whose ``Q`` is indefinite but
+whose reduced Hessian is semidefinite is solved as the equivalent convex problem
+``½zᵀ(Q + ρAᵀA)z + (p − ρAᵀb)ᵀz`` (the same on the feasible set: same ``z``, ``λ``, ``ν``);
+``ρ`` is returned so that the backward solves with the matrix that was factored.  ``psd_tol`` is ``1e-8`` for float64 data,
 ``1e-5`` for float32 data (rounding of a singular ``LLᵀ`` in float32 gives eigenvalues of a
 few ``1e-7·‖Q‖``).
 
@@ -41,6 +44,7 @@ class Screened(NamedTuple):
     data: tuple  # (Q, p, G, h, A, b)
     status: Optional[torch.Tensor]  # (B,) int64: -1 where the element is to be solved; None: all are
     LQ: Optional[torch.Tensor]
+    rho: Optional[torch.Tensor] = None  # (B,): Q + ρAᵀA, p − ρAᵀb replaced Q, p (0: unchanged); None: all 0
 
 
 def _finite(t, core):
@@ -59,16 +63,30 @@ def _replace(t, bad, value):
 
 
 def _reduced_min_eig(Q, A):
-    """Smallest eigenvalue of ``Q`` (``(n, n)``) on the null space of ``A`` (``(k, n)``); ``inf`` if it is ``{0}``."""
+    """Smallest eigenvalue of ``Q`` (``(n, n)``) on the null space of ``A`` (``(k, n)``) (``inf`` if it is
+    ``{0}``) and the smallest nonzero singular value of ``A``."""
+    smin = 1.0
     if A.shape[0]:
         _, S, Vh = torch.linalg.svd(A, full_matrices=True)
         tol = (S.amax() if S.numel() else 0.0) * max(A.shape) * torch.finfo(A.dtype).eps
         r = int((S > tol).sum())
+        smin = float(S[r - 1]) if r else 1.0
         Z = Vh[r:].mT
         if Z.shape[1] == 0:
-            return float("inf")
+            return float("inf"), smin
         Q = Z.mT @ Q @ Z
-    return float(torch.linalg.eigvalsh(Q)[0])
+    return float(torch.linalg.eigvalsh(Q)[0]), smin
+
+
+def _convexify(Q, A, tol, lam, smin):
+    """The smallest ``ρ`` tried (×10 from ``(‖Q‖ + |λ_min|)/σ_min(A)²``) with ``Q + ρAᵀA ⪰ −tol``; ``None``: none."""
+    AtA = A.mT @ A
+    rho = (float(Q.abs().amax()) + abs(lam)) / smin ** 2
+    for _ in range(8):
+        if float(torch.linalg.eigvalsh(Q + rho * AtA)[0]) >= -tol:
+            return rho
+        rho *= 10
+    return None
 
 
 def screen(Q, p, G, h, A, b, psd_tol: float) -> Screened:
@@ -92,15 +110,27 @@ def screen(Q, p, G, h, A, b, psd_tol: float) -> Screened:
     if bool(cand.any()):
         cand = cand.expand(B)
         nonconvex = torch.zeros(B, dtype=torch.bool, device=dev)
+        rho = torch.zeros(B, dtype=Q.dtype, device=dev)
         for i in torch.nonzero(cand).reshape(-1).tolist():
             Qi = Q[i if Q.shape[0] > 1 else 0]
             Ai = A[i if A.shape[0] > 1 else 0]
-            lam = _reduced_min_eig(0.5 * (Qi + Qi.mT), Ai)
-            nonconvex[i] = lam < -psd_tol * float(qs[i if qs.shape[0] > 1 else 0])
+            tol = psd_tol * float(qs[i if qs.shape[0] > 1 else 0])
+            lam, smin = _reduced_min_eig(Qi, Ai)
+            if lam < -tol:
+                nonconvex[i] = True
+            elif Ai.shape[0]:  # indefinite, convex on null(A): minimize ½zᵀ(Q + ρAᵀA)z + (p − ρAᵀb)ᵀz instead
+                r = _convexify(Qi, Ai, tol, float(torch.linalg.eigvalsh(Qi)[0]), smin)
+                nonconvex[i] = r is None
+                rho[i] = 0.0 if r is None else r
         if bool(nonconvex.any()):
             new = torch.where(nonconvex, int(Status.NONCONVEX), -1)
             status = new if status is None else torch.where(status >= 0, status, new)
             Q, p, G, h, A, b = _neutralize(nonconvex, Q, p, G, h, A, b)
+        if bool((rho > 0).any()):
+            AtA = A.mT @ A
+            Q = Q + rho[:, None, None] * AtA
+            p = p - rho[:, None] * (b.unsqueeze(-2) @ A).squeeze(-2)
+            return Screened((Q, p, G, h, A, b), status, None, rho)
     return Screened((Q, p, G, h, A, b), status, None)
 
 
