@@ -217,3 +217,60 @@ def test_bad_parameter_tensors():
         canon.data([A, b.float()])
     with pytest.raises(InputError, match="torch.Tensor"):
         canon.data([A, b.numpy()])
+
+
+# ----------------------------------------------------------------------------- the nn.Module
+def test_layer_keywords_that_do_not_apply_raise():
+    from implicitdiff.nn import CvxpyLayer
+
+    prob, params, variables = readme_problem()
+    with pytest.raises(InputError, match="solver="):
+        CvxpyLayer(prob, params, variables, solver=cp.SCS)
+    with pytest.raises(InputError, match="gp=True"):
+        CvxpyLayer(prob, params, variables, gp=True)
+    with pytest.raises(InputError, match="verbose"):
+        CvxpyLayer(prob, params, variables, verbose=True)
+    with pytest.raises(InputError, match="max_iters"):
+        CvxpyLayer(prob, params, variables, solver_args={"eps": 1e-8, "max_iters": 100})
+    with pytest.raises(InputError, match="on_failure"):
+        CvxpyLayer(prob, params, variables, on_failure="ignore")
+    layer = CvxpyLayer(prob, params, variables, solver_args={"eps_abs": 1e-7, "eps_rel": 1e-9})
+    assert layer.rtol == 1e-9
+    with pytest.raises(InputError, match="eps"):
+        layer(*random_values(params), solver_args={"eps": -1.0})
+    with pytest.raises(InputError, match="warm_start"):
+        layer(*random_values(params), warm_start=True)
+    with pytest.raises(InputError, match="takes 2 parameter tensors"):
+        layer(random_values(params)[0])
+
+
+def test_layer_pipeline_with_a_reference_cone_solve(monkeypatch):
+    """The module's plumbing (batch, broadcast, recovery, info) with a per-element Clarabel solve in place of
+    cone_program (values only: the gradients are cone_program's, tested below when it is present)."""
+    import implicitdiff.layers.cvxpy_layer as L
+    from implicitdiff._core.status import SolveInfo
+    from implicitdiff.nn import CvxpyLayer
+
+    def reference(A, b, c, cones, *, rtol, on_failure, return_info):
+        B = max(t.shape[0] if t.dim() == d else 1 for t, d in ((A, 3), (b, 2), (c, 2)))
+        batched = A.dim() == 3 or b.dim() == 2 or c.dim() == 2
+        A, b, c = (t.expand((B,) + t.shape[-k:]) if t.dim() == k else t for t, k in ((A, 2), (b, 1), (c, 1)))
+        xs = [torch.as_tensor(clarabel_cone_solve(A[i], b[i], c[i], cones)) for i in range(B)]
+        x = torch.stack(xs) if batched else xs[0]
+        zeros = torch.zeros(x.shape[:-1], dtype=torch.int64)
+        return x, None, None, SolveInfo(zeros, zeros.double(), zeros)
+
+    monkeypatch.setattr(L, "_cone_program", lambda: reference)
+    prob, params, variables = psd_problem()
+    layer = CvxpyLayer(prob, params, variables)
+    values = random_values(params, batch=(2,), seed=3)
+    values[1] = values[1][0]
+    X, y = layer(*values)
+    assert X.shape == (2, 3, 3) and y.shape == (2, 2) and layer.last_info.status.shape == (2,)
+    for i in range(2):
+        want = cvxpy_solution(prob, params, variables, values, i)
+        np.testing.assert_allclose(X[i].numpy(), want[0], atol=5e-5)
+        np.testing.assert_allclose(y[i].numpy(), want[1], atol=5e-5)
+    X1, _ = layer(*[v if v.dim() == len(p.shape) else v[1] for v, p in zip(values, params)])
+    assert X1.shape == (3, 3)
+    np.testing.assert_allclose(X1.numpy(), X[1].numpy(), atol=1e-7)

@@ -33,8 +33,9 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from .._core.errors import InputError
+from .._core.options import check_real
 
-__all__ = ["canonicalize", "Canonical", "CONE_KEYS"]
+__all__ = ["canonicalize", "Canonical", "CONE_KEYS", "solve_canonical", "rtol_from_solver_args"]
 
 CONE_KEYS = ("z", "l", "q", "s", "ep")  # what cone_program takes, in SCS's row order
 
@@ -147,6 +148,45 @@ class Canonical:
         return tuple(x[..., out.index.to(x.device)].reshape(lead + out.shape) for out in self.outputs)
 
 
+def solve_canonical(canon: Canonical, params: Sequence[torch.Tensor], *, rtol=None, on_failure="raise"):
+    """Solve the canonical cone program at the parameter tensors: ``(variables tuple, SolveInfo)``.
+
+    ``A, b, c`` are built by :meth:`Canonical.data` and handed to
+    :func:`~implicitdiff.cone_program` (which differentiates the solution map; the gradient reaches the
+    parameters through the affine map).  Failed elements follow ``on_failure`` there.
+    """
+    A, b, c, batch = canon.data(params)
+    x, _, _, info = _cone_program()(A, b, c, canon.cones, rtol=rtol, on_failure=on_failure, return_info=True)
+    if batch and x.dim() == 1:  # a batched parameter that enters none of A, b, c
+        x = x.expand(batch + x.shape)
+    return canon.variables(x), info
+
+
+def _cone_program():
+    from .cone_program import cone_program
+
+    return cone_program
+
+
+_EPS_KEYS = ("eps", "eps_abs", "eps_rel")
+
+
+def rtol_from_solver_args(solver_args: Optional[dict], default=None):
+    """The ``rtol`` that cvxpylayers' ``solver_args`` ask for: ``eps`` / ``eps_abs`` / ``eps_rel`` (the
+    smallest given); any other key raises :class:`InputError` (it has no meaning for ``cone_program``)."""
+    if solver_args is None:
+        return default
+    if not isinstance(solver_args, dict):
+        raise InputError(f"solver_args must be a dict (e.g. {{'eps': 1e-8}}), got {type(solver_args).__name__}")
+    other = [k for k in solver_args if k not in _EPS_KEYS]
+    if other:
+        raise InputError(f"solver_args {other} have no counterpart in implicitdiff.cone_program; only {_EPS_KEYS} "
+                         "(the relative tolerance, rtol) apply. Remove the others")
+    eps = [check_real(f"solver_args[{k!r}]", solver_args[k], low=0.0, low_open=True) for k in _EPS_KEYS
+           if k in solver_args]
+    return min(eps) if eps else default
+
+
 def _prod(shape) -> int:
     n = 1
     for s in shape:
@@ -160,9 +200,9 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
 
     Args:
         problem: a ``cvxpy.Problem`` that is DCP under DPP rules (``problem.is_dpp()``).
-        parameters: the problem's ``cvxpy.Parameter``\\ s, all of them, in the order the tensors
+        parameters: the problem's ``cvxpy.Parameter`` objects, all of them, in the order the tensors
             will be passed.
-        variables: ``cvxpy.Variable``\\ s of the problem whose values are returned, in order.
+        variables: ``cvxpy.Variable`` objects of the problem whose values are returned, in order.
         canon_backend: passed to ``problem.get_problem_data`` (cvxpy's canonicalization backend).
 
     Raises:
