@@ -97,3 +97,13 @@ def test_bad_options_are_usage_errors(capsys):
     assert e.value.code == 2 and "--budget" in capsys.readouterr().err
     assert _gpu.main(["--device", "tpu", "--budget", "5"]) == 2
     assert "unknown --device 'tpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["linear", "deq", "hypergrad"])
+def test_benchmarks_take_a_device(name):
+    """``implicitdiff bench --device`` reaches these through ``run(..., device=...)`` (defaulting to the CPU)."""
+    import importlib
+    import inspect
+
+    param = inspect.signature(importlib.import_module(f"implicitdiff.bench.{name}").run).parameters.get("device")
+    assert param is not None and param.default == "cpu"
