@@ -151,3 +151,23 @@ def test_no_timings_in_src_outside_bench():
                if _part(p) != "bench" and figure.search(p.read_text())}
     assert quoting <= TIMING_PROSE_LEFT, f"timings quoted in {sorted(quoting - TIMING_PROSE_LEFT)}: move them to " \
                                          f"docs/benchmarks.md"
+
+
+# ----------------------------------------------------------------------------- a fresh machine
+
+OPTIONAL = {"qpth", "proxsuite", "cmeel", "cvxpylayers", "diffcp", "torchdeq", "torchopt", "jax", "jaxlib", "jaxopt",
+            "optimistix", "lineax", "equinox", "matplotlib", "tqdm"}  # not in the [test] extra
+
+
+def test_tests_reach_optional_packages_only_through_importorskip():
+    """``pip install -e ".[test]"`` is all a fresh machine has: a test may use a peer only after
+    ``pytest.importorskip`` (or behind ``importlib.util.find_spec``), never by a plain import."""
+    tests = pathlib.Path(__file__).resolve().parent
+    bad = []
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            bad += [f"{path.relative_to(tests)}:{node.lineno} imports {n}" for n in names
+                    if n.split(".")[0] in OPTIONAL]
+    assert not bad, "use pytest.importorskip(...) instead:\n" + "\n".join(bad)
