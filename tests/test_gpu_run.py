@@ -107,3 +107,12 @@ def test_benchmarks_take_a_device(name):
 
     param = inspect.signature(importlib.import_module(f"implicitdiff.bench.{name}").run).parameters.get("device")
     assert param is not None and param.default == "cpu"
+
+
+def test_ctrl_c_exits_130_without_traceback(monkeypatch, capsys, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_gpu, "run_steps", interrupted)
+    assert _gpu.main(["--device", "cpu", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == ".ci/gpu: interrupted"
