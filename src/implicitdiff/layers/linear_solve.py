@@ -282,6 +282,9 @@ def _iterative(A, b, selection, slv: Solver, on_failure, return_info, check_fini
     if b.dim() == 0 or b.shape[-1 if _is_vector(b, op) else -2] != m:
         raise InputError(f"b has shape {tuple(b.shape)} but A has {m} rows: b must be (*, {m}) or (*, {m}, k)")
     if check_finite_values:
+        if op.matrix is not None:  # a matrix-free operator's data are the user's: its matvec is checked
+            mat = op.matrix
+            check_finite("A", mat.detach().coalesce() if mat.layout == torch.sparse_coo else mat)
         check_finite("b", b)
     vector = _is_vector(b, op)
     rhs = b if vector else b.mT  # Krylov solvers take a batch of vectors (*, m)
