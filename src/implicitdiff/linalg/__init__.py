@@ -20,3 +20,4 @@ from .solvers import (BiCGStab as BiCGStab, CG as CG, Cholesky as Cholesky, GMRE
 from .krylov import (KrylovResult as KrylovResult, bicgstab as bicgstab, cg as cg, gmres as gmres,
                      lsmr as lsmr, lsqr as lsqr, minres as minres)
 from .preconditioner import jacobi as jacobi
+from . import kkt as kkt
