@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -35,11 +35,13 @@ from .._core.status import SolveInfo, Status
 from .._core.tree import Tree
 from .._core.validate import in_transform, is_vmapped
 from ..linalg.factorization import from_tensors
+from ..linalg.operator import LinearOperator
 from .adjoint import Implicit, Neumann
+from .iterative import iterative_solve
 from .linear import FactoredSolveFn, SolveSpec, solve as linear_solve_fn
 
 __all__ = ["RootProblem", "RootFn", "batch_jacobian", "adjoint_solve", "tangent_solve", "jvp_by_vjp", "Linearization",
-           "Speculation", "record", "may_speculate", "isolate"]
+           "Speculation", "record", "may_speculate", "isolate", "jacobian_operator", "differentiable_krylov"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -270,10 +272,21 @@ def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bo
 
     solver = _adjoint_solver(problem, n, factors)
     if solver != "lu" and (is_vmapped(R) or torch.is_grad_enabled()):
-        # The Krylov and Richardson loops decide convergence on the host and update buffers in
-        # place: under vmap (jacrev, vmap(grad)) and in a differentiable backward (double
-        # backward) the adjoint is solved with the dense per-element Jacobian instead.
-        solver = "lu"
+        # A differentiable backward (double backward, a jvp) or a vmapped cotangent (jacrev):
+        # the library's differentiable Krylov solve over the matrix-free operator of F's products.
+        data_vmapped = is_vmapped(y) or any(is_vmapped(l) for l in leaves)
+        functorch = in_transform()
+        if not data_vmapped and (not functorch or (transpose and is_vmapped(R))):
+            # double backward, an autograd jvp, jacrev: the differentiable matrix-free solve
+            X = differentiable_krylov(problem, y, leaves, R, solver, transpose)
+            X = _check_linear(X.info.status, X.info.residual, what, "raise", X.x, X.info.iterations, skip=skip)
+            return X.reshape(rhs.shape)
+        if not data_vmapped and not transpose and not is_vmapped(R):
+            pass  # a tangent inside torch.func.jvp: the plain matrix-free solve below (first order)
+        else:
+            # inside other torch.func transforms (grad of grad, vmap over θ) the operator's tensors are
+            # wrapped by the transform, which the Krylov autograd.Function cannot take: dense per element
+            solver = "lu"
     if solver == "lu":
         if factors and not torch.is_grad_enabled():
             # first order: reuse the forward solver's factorization of J at y
@@ -326,6 +339,71 @@ def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bo
         X, info = problem.krylov("minres", mv, R, rtol=adj.rtol, atol=adj.atol, max_iter=adj.max_iter)
     X = _check_linear(info.status, info.residual, what, "raise", X, info.iterations, skip=skip)
     return X.reshape(rhs.shape)
+
+
+class _KrylovResult(NamedTuple):
+    x: torch.Tensor
+    info: SolveInfo
+
+
+def _leading(fn: Callable, bd: int) -> Callable:
+    """``fn(x, *p)`` on ``(*batch, n)`` vectors, extended to extra leading dims of ``x`` (a vmapped
+    right-hand side moved into the batch by the Krylov solve's vmap rule) by ``torch.func.vmap``."""
+    def mv(x, *p):
+        g = fn
+        for _ in range(x.dim() - (bd + 1)):
+            g = torch.func.vmap(g, in_dims=(0,) + (None,) * len(p))
+        return g(x, *p)
+    return mv
+
+
+def jacobian_operator(problem: RootProblem, y, leaves, transpose: bool) -> LinearOperator:
+    """``(∂F/∂y)ᵀ`` (``transpose``) or ``∂F/∂y`` at ``y`` as a matrix-free, differentiable operator.
+
+    Its parameters are ``(y, *leaves)``: the library's differentiable Krylov solve
+    (:func:`~implicitdiff.implicit.iterative.iterative_solve`) then differentiates the adjoint solve
+    itself — through ``y`` and ``θ`` — with products of ``F`` only, never a Jacobian matrix.
+    Products: ``(∂F/∂y)ᵀ v`` one reverse pass; ``(∂F/∂y) v`` two (:func:`jvp_by_vjp`).  Within
+    one forward Krylov solve (grad mode off, the same parameter tensors) ``F`` is linearized once.
+    """
+    bd, tree, F = problem.batch_dims, problem.tree, problem.F
+    n = math.prod(y.shape[bd:])
+    cache: list = []
+
+    def linearized(yy, lv):
+        if not torch.is_grad_enabled() and cache and cache[0] is yy and all(a is b for a, b in zip(cache[1], lv)):
+            return cache[2]
+        _, f = torch.func.vjp(lambda z: F(z, *tree.unflatten(list(lv))), yy)
+        if not torch.is_grad_enabled():
+            cache[:] = [yy, lv, f]
+        return f
+
+    def vjp_F(x, yy, *lv):
+        return _flat(linearized(yy, lv)(x.reshape(yy.shape))[0], bd)
+
+    def jvp_F(x, yy, *lv):
+        _, t = jvp_by_vjp(lambda z: F(z, *tree.unflatten(list(lv))), (yy,), (x.reshape(yy.shape),))
+        return _flat(t, bd)
+
+    A, At = (vjp_F, jvp_F) if transpose else (jvp_F, vjp_F)
+    return LinearOperator.from_matvec(_leading(A, bd), (n, n), y, *leaves, rmatvec=_leading(At, bd),
+                                      symmetric=problem.symmetric)
+
+
+def differentiable_krylov(problem: RootProblem, y, leaves, R, solver: str, transpose: bool) -> _KrylovResult:
+    """``J x = R`` (``transpose``: ``Jᵀ x = R``) by a differentiable Krylov solve over
+    :func:`jacobian_operator`: its gradients (double backward) and tangents are matrix-free too.
+
+    ``solver``: the adjoint's Krylov method (``"richardson"`` and the fixed-point adjoint solve by
+    GMRES here); CG that meets ``pᵀHp ≤ 0`` under ``"auto"`` is retried with MINRES."""
+    adj = problem.adjoint
+    name = solver if solver in ("cg", "minres", "gmres", "bicgstab") else "gmres"
+    op = jacobian_operator(problem, y, leaves, transpose)
+    x, info = iterative_solve(op, R, solver=name, rtol=adj.rtol, atol=adj.atol, max_iter=adj.max_iter)
+    if name == "cg" and adj.solver == "auto" and not is_vmapped(info.status) \
+            and bool((info.status == Status.BREAKDOWN).any()):
+        x, info = iterative_solve(op, R, solver="minres", rtol=adj.rtol, atol=adj.atol, max_iter=adj.max_iter)
+    return _KrylovResult(x, info)
 
 
 def _richardson(mv, R, alpha, adj: Implicit, check_every: int = 5):

@@ -56,9 +56,10 @@ class FixedPointAdjoint:
     iteration got); a sample that still fails, or any failure with
     ``fallback=None``, raises :class:`~implicitdiff.SolveError` with its residual
     — never a silently wrong gradient.  The same solve serves forward-mode
-    tangents.  Under ``create_graph=True`` (higher-order derivatives) the adjoint
-    is iterated by differentiable Picard steps instead (memory then grows with
-    its iterations; ``Implicit(solver="lu")`` is the exact alternative).
+    tangents.  Under ``create_graph=True`` (higher-order derivatives) and ``jacrev``
+    the mechanism solves the adjoint by the library's differentiable GMRES over
+    the cell's vector-Jacobian products instead (matrix-free, exact, memory
+    independent of its iterations).
 
     Args:
         solver: ``"picard"`` (default: a dedicated loop, see the module
@@ -107,9 +108,6 @@ class FixedPointAdjoint:
         steps = kw.get("max_iter", 200)
 
         def solve(_name, mv, R, *, rtol=None, atol=0.0, max_iter=None):  # the adjoint's own rule, not these
-            if torch.is_grad_enabled():  # create_graph=True, or a jvp that may be differentiated again
-                return _differentiable_picard(lambda x: mv(x) - R, R, rtol=self.rtol, atol=self.atol,
-                                              max_iter=steps)
             if lean:
                 x, info = _picard_adjoint(mv, R, rtol=self.rtol, atol=self.atol, max_iter=steps)
             else:
@@ -191,32 +189,6 @@ def _picard_adjoint(mv, R, *, rtol, atol, max_iter):
                                          torch.where(gn > limit, int(Status.DIVERGED), int(Status.MAX_ITERATIONS))))
     its = torch.full(r0.shape, k, dtype=torch.int64, device=R.device)
     return x, SolveInfo(status.to(torch.int64), gn / torch.clamp(r0, min=tiny), its)
-
-
-def _differentiable_picard(G, R, *, rtol, atol, max_iter):
-    """``x ← x + G(x)`` from 0 with autograd recording, to ``‖G(x)‖ ≤ atol + rtol ‖R‖``: ``(x, info)``.
-
-    For higher-order derivatives through the equilibrium: differentiating the
-    iterates of a contraction converges to the derivative of its fixed point at
-    the same rate as the iterates themselves (memory grows with the iterations;
-    one host sync per iteration).
-    """
-    rtol = default_rtol(R.dtype) if rtol is None else rtol
-    r0 = torch.linalg.vector_norm(R, dim=-1).detach()
-    tol = atol + rtol * r0
-    x = torch.zeros_like(R)
-    its = torch.zeros(r0.shape, dtype=torch.int64, device=R.device)
-    for _ in range(max_iter + 1):
-        g = G(x)
-        rn = torch.linalg.vector_norm(g, dim=-1).detach()
-        done = rn <= tol
-        if bool(done.all()) or int(its.max()) >= max_iter:
-            break
-        x = x + torch.where(done.unsqueeze(-1), torch.zeros_like(g), g)  # converged samples stay put
-        its = its + (~done).to(torch.int64)
-    status = torch.where(done, int(Status.SUCCESS), torch.where(torch.isfinite(rn), int(Status.MAX_ITERATIONS),
-                                                                int(Status.NONFINITE)))
-    return x, SolveInfo(status.to(torch.int64), rn / torch.clamp(r0, min=torch.finfo(rn.dtype).tiny), its)
 
 
 #: The DEQ's default gradient (see the module docstring for the measurements behind it).
