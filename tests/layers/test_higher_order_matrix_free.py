@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import implicitdiff as idf
-import implicitdiff.implicit.root as mechanism
+import implicitdiff.implicit.system as mechanism
 
 D = torch.float64
 N = 12
