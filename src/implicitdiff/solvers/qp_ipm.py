@@ -132,11 +132,9 @@ class QPInteriorPoint:
 
     def _polish(self, kind, pre, P, Q, G, A, p, h, b, active, delta):
         """Factor and solve the equality-constrained KKT system on ``active`` (see the module docstring)."""
-        B, k = p.shape[0], b.shape[-1]
         GM = G * active.unsqueeze(-1)
         winv = active / delta + (1 - active)
-        rowmask = torch.cat([active, active.new_ones(B, k)], dim=-1)
-        fact = kkt_factor(kind, pre, Q, GM, A, winv, delta, rowmask)
+        fact = kkt_factor(kind, pre, Q, GM, A, winv, delta, active)
         zp, lp, np_ = kkt_refine(fact, P, GM, A, 1 - active, (-p, active * h, b), self.refine_steps(kind), mask=active)
         return fact, zp, lp, np_
 
@@ -170,7 +168,7 @@ class QPInteriorPoint:
         scale = 1 + max(float(t.abs().max()) if t.numel() else 0.0 for t in (Q, G, A))
         delta = torch.tensor(self.reg * scale, dtype=dt, device=dev)
         kind, LQ = self._choose_kind(Q, n, m, k, delta, scale, LQ)
-        pre = kkt_precompute(kind, Q, G, A, LQ)
+        pre = kkt_precompute(kind, Q, G, A, LQ, delta)
         P = KKTProducts.build(Q, G, A)
         pB, hB, bB = p.expand(B, n), h.expand(B, m), b.expand(B, k)
         if not m:  # equality-only: one direct solve
