@@ -247,7 +247,7 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
     prog = data[cp.settings.PARAM_PROB]
     cones = _cones(data["dims"])
     idx, ptr, (m, n1) = prog.reduced_A.problem_data_index
-    n = n1 - 1
+    m, n = int(m), int(n1) - 1
     pmap = _param_columns(prog, chain, parameters)
     maps = _maps(prog, idx, ptr, m, n, pmap)
     outputs = [_output(prog, chain, v) for v in variables]
