@@ -13,8 +13,9 @@ import torch
 
 from ._core.errors import InputError
 from ._core.failure import check_on_failure
+from ._core.torch_private import eager_under_compile
 from .layers.cvxpy_layer import canonicalize, rtol_from_solver_args, solve_canonical
-from .layers.deq import DEFAULT_ADJOINT, DEQInfo, deq, jacobian_penalty
+from .layers.deq import DEFAULT_ADJOINT, DEQInfo, check_deq_options, deq, jacobian_penalty
 from .layers.qp import qp
 
 __all__ = ["QPLayer", "DEQ", "DEQInfo", "CvxpyLayer"]
@@ -222,6 +223,10 @@ class DEQ(torch.nn.Module):
             raise InputError(f"cell must be a torch.nn.Module called as cell(z, x), got {type(cell).__name__}")
         if isinstance(jac_reg, bool) or not isinstance(jac_reg, int) or jac_reg < 0:
             raise InputError(f"jac_reg must be an integer ≥ 0 (Hutchinson probes; 0 turns it off), got {jac_reg!r}")
+        check_deq_options(solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, max_iter=max_iter,
+                          on_failure=on_failure, solver_options=solver_options)
+        if not isinstance(track_trace, bool):
+            raise InputError(f"track_trace must be True or False, got {track_trace!r}")
         self.cell = cell
         self.solver = solver
         self.adjoint = adjoint
@@ -241,7 +246,7 @@ class DEQ(torch.nn.Module):
     # Under torch.compile the layer runs eagerly (a graph break): the solver's loop stops on data
     # (a host sync per iteration), which dynamo would otherwise retrace iteration by iteration —
     # seconds of compilation per call shape for nothing it can fuse.  The modules around it compile.
-    @torch.compiler.disable
+    @eager_under_compile
     def _forward(self, x, z0):
         z, info = deq(self.cell, x, z0, solver=self.solver, adjoint=self.adjoint, rtol=self.rtol, atol=self.atol,
                       max_iter=self.max_iter, on_failure=self.on_failure, return_info=True,

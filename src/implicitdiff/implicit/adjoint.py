@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .._core.errors import InputError
+from .._core.options import check_int, check_real
 
 __all__ = ["Implicit", "Unroll", "Neumann", "ADJOINT_SOLVERS", "check_adjoint"]
 
@@ -48,8 +49,12 @@ class Implicit:
     dense_max: int = 200
 
     def __post_init__(self):
-        if self.solver not in ADJOINT_SOLVERS:
+        if not isinstance(self.solver, str) or self.solver not in ADJOINT_SOLVERS:
             raise InputError(f"Implicit(solver=...) must be one of {ADJOINT_SOLVERS}, got {self.solver!r}")
+        check_real("Implicit(rtol=...)", self.rtol, low=0.0)
+        check_real("Implicit(atol=...)", self.atol, low=0.0, allow_none=False)
+        check_int("Implicit(max_iter=...)", self.max_iter, low=1)
+        check_int("Implicit(dense_max=...)", self.dense_max, low=0, allow_none=False)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,9 @@ class Unroll:
     """
 
     max_iter: Optional[int] = None
+
+    def __post_init__(self):
+        check_int("Unroll(max_iter=...)", self.max_iter, low=1)
 
 
 @dataclass(frozen=True)
@@ -78,8 +86,11 @@ class Neumann:
     alpha: Optional[float] = None
 
     def __post_init__(self):
-        if int(self.k) < 1:
-            raise InputError(f"Neumann(k) needs k ≥ 1, got {self.k}")
+        check_int("Neumann(k)", self.k, low=1, allow_none=False)
+        check_real("Neumann(alpha=...)", self.alpha)
+        if self.alpha == 0:
+            raise InputError("Neumann(alpha=...) must be nonzero (the step of u ← u + α(ȳ − Jᵀu)); leave it None "
+                             "for the default")
 
 
 def check_adjoint(adjoint):

@@ -39,7 +39,7 @@ from .adjoint import Implicit, Neumann
 from .linear import FactoredSolveFn, SolveSpec, solve as linear_solve_fn
 
 __all__ = ["RootProblem", "RootFn", "batch_jacobian", "adjoint_solve", "tangent_solve", "jvp_by_vjp", "Linearization",
-           "Speculation", "record", "may_speculate"]
+           "Speculation", "record", "may_speculate", "isolate"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -369,6 +369,46 @@ def tangent_solve(problem, y, leaves, rhs, factors=(), skip=None):
     return _solve_jacobian(problem, y, leaves, rhs, factors, transpose=False, skip=skip)
 
 
+def isolate(bd: int, ok: torch.Tensor, y: torch.Tensor, leaves: tuple):
+    """``(y, leaves)`` with the failed elements' data replaced by a converged element's, for the backward.
+
+    A failed element gets a zero cotangent, but ``0 · NaN = NaN``: its NaN data would still poison the
+    gradient of a tensor the batch shares (``θ̄ = Σ_b (∂F_b/∂θ)ᵀ u_b``).  So the backward evaluates
+    ``F`` where every failed element's ``y`` — and, in each leaf with the batch shape leading, every
+    failed row holding NaN/Inf — is replaced by the first converged element's (the "double where" of a
+    masked division).  The converged elements see their own data, so their gradients are unchanged;
+    the substituted rows carry zero cotangents, so nothing flows back through them.  Only non-finite
+    rows of leaves are replaced: a shared tensor whose shape happens to start with the batch shape is
+    left alone unless it holds NaN/Inf (then no element can have converged anyway).  Returns
+    ``(None, leaves)`` when no element converged; unchanged under ``vmap`` (no host read possible).
+    """
+    if is_vmapped(ok):
+        return y, leaves
+    flat_ok = ok.reshape(-1)
+    good = torch.nonzero(flat_ok).reshape(-1)
+    if good.numel() == 0:
+        return None, leaves
+    k = int(good[0])
+    batch = ok.shape
+
+    def substitute(t, mask):
+        rows = t.reshape(-1, *t.shape[bd:])
+        with torch.enable_grad():  # a leaf stays a differentiable function of the original (recorded backward)
+            return torch.where(_expand(mask, t), rows[k].expand_as(t), t)
+
+    y = substitute(y, ~ok)
+    out = []
+    for leaf in leaves:
+        if (isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.dim() >= bd
+                and leaf.shape[:bd] == batch):
+            bad = ~ok & ~torch.isfinite(leaf.reshape(*batch, -1)).all(-1) if leaf.dim() > bd else \
+                ~ok & ~torch.isfinite(leaf)
+            if bool(bad.any()):
+                leaf = substitute(leaf, bad)
+        out.append(leaf)
+    return y, tuple(out)
+
+
 def _expand(mask, like):
     """A batch-shaped mask broadcast against ``like`` (batch dims first)."""
     return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
@@ -438,6 +478,9 @@ class RootFn(torch.autograd.Function):
             return (None, None) + (None,) * nleaves
         if ok is not None:  # failed elements carry no gradient (their outputs are NaN)
             gy = torch.where(_expand(ok, gy), gy, torch.zeros_like(gy))
+            y, leaves = isolate(problem.batch_dims, ok, y, leaves)
+            if y is None:  # no element converged: no gradient at all
+                return (None, None) + (None,) * nleaves
         lin = _linearization(problem, y, leaves, gy, factors, recorded=ctx.recorded if ok is None else None)
         ctx.recorded = None  # its graph is freed (a second backward records afresh)
         u = adjoint_solve(problem, y, leaves, gy, factors, skip=None if ok is None else ~ok, lin=lin)
@@ -476,6 +519,11 @@ class RootFn(torch.autograd.Function):
                     full[i] = t
                 return problem.residual(y, full)
 
+            if ok is not None:
+                ys, leaves = isolate(problem.batch_dims, ok, y, leaves)
+                if ys is None:  # no element converged: every tangent is NaN
+                    return (torch.full_like(y, float("nan")), None, None, None, None) + (None,) * ctx.nfactors
+                y = ys
             _, w = jvp_by_vjp(F_theta, tuple(leaves[i] for i in idx), tuple(dleaves[i] for i in idx))
             dy = tangent_solve(problem, y, leaves, -w, factors, skip=None if ok is None else ~ok)
             if ok is not None:
@@ -504,7 +552,7 @@ class RootFn(torch.autograd.Function):
 
 
 def _leaves_of(tree: Tree, params) -> tuple:
-    from torch.utils import _pytree as pytree
+    from .._core.torch_private import pytree
 
     leaves, _ = pytree.tree_flatten(tuple(params))
     return tuple(leaves[i] for i in tree.tensor_slots)

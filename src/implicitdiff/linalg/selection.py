@@ -32,6 +32,7 @@ import torch
 from .._core.defaults import eps, rank_rtol as default_rank_rtol
 from .._core.errors import InputError
 from .._core.status import Status
+from .._core.validate import is_vmapped
 from .cholesky import Cholesky
 from .lu import LU
 from .qr import QR, QRTransposed
@@ -69,6 +70,21 @@ class Pinned:
 
     index: Union[Sequence[int], torch.Tensor]
     values: Any
+
+    def __post_init__(self):
+        idx = self.index
+        if isinstance(idx, torch.Tensor):
+            ok = not (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool)
+        else:
+            try:
+                items = list(idx) if not isinstance(idx, (int, str, bytes)) else [idx]
+            except TypeError:
+                items = [idx]
+            ok = all(isinstance(i, int) and not isinstance(i, bool) or type(i).__name__.startswith("int")
+                     for i in items)
+        if not ok:
+            raise InputError(f"Pinned.index must hold integer coordinates (a list of ints or an integer tensor), "
+                             f"got {idx!r}")
 
 
 def resolve_selection(selection, m: int, n: int) -> str:
@@ -123,6 +139,14 @@ def factorize(A: torch.Tensor, selection: str, solver: str = "auto", rank_rtol: 
 
     if solver == "cholesky" and m != n:
         raise InputError(f"solver='cholesky' needs a square A, got shape ({m}, {n})")
+    asym = None
+    if solver == "cholesky":
+        # Cholesky reads one triangle: a non-symmetric A would be solved as another matrix.  Checked
+        # relative to A's scale (one pass over A, cheap beside the factorization).
+        asym = (A - A.mT).abs().amax(dim=(-2, -1)) > eps(A.dtype) ** 0.5 * A.abs().amax(dim=(-2, -1))
+        if not is_vmapped(asym) and bool(asym.any()):
+            raise InputError("solver='cholesky' needs a symmetric positive definite A, but A is not symmetric "
+                             "(|A − Aᵀ| > sqrt(eps)·max|A|); use solver='lu'")
     if solver == "lu" and m != n:
         raise InputError(f"solver='lu' needs a square A, got shape ({m}, {n}); use solver='qr' or 'svd'")
 
@@ -140,6 +164,8 @@ def factorize(A: torch.Tensor, selection: str, solver: str = "auto", rank_rtol: 
         code = Status.RANK_DEFICIENT if (selection == "least_squares" or m >= n) else Status.SINGULAR
         if selection == "exact" and m == n:
             code = Status.SINGULAR
+    if asym is not None:  # under vmap: a non-symmetric element is reported, never solved as another matrix
+        bad = bad | asym
     cond = 1.0 / rcond
     rank = torch.where(bad, full - 1, full)  # at least one deficient direction; exact rank needs the SVD
     if selection == "min_norm" and solver == "auto" and bool(bad.any()):
