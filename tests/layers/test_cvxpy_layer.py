@@ -274,3 +274,56 @@ def test_layer_pipeline_with_a_reference_cone_solve(monkeypatch):
     X1, _ = layer(*[v if v.dim() == len(p.shape) else v[1] for v, p in zip(values, params)])
     assert X1.shape == (3, 3)
     np.testing.assert_allclose(X1.numpy(), X[1].numpy(), atol=1e-7)
+
+
+def clarabel_cone_solve_dual(A, b, c, cones, tol=1e-9):
+    """The dual y of the reference solve, in SCS's row order."""
+    clarabel = pytest.importorskip("clarabel")
+    import scipy.sparse as sp
+
+    A, b, c = (np.asarray(t, dtype=np.float64) for t in (A, b, c))
+    perm = list(range(cones["z"] + cones["l"] + sum(cones["q"])))
+    for k in cones["s"]:
+        start = len(perm)
+        lower = {(i, j): t for t, (i, j) in enumerate((i, j) for j in range(k) for i in range(j, k))}
+        perm += [start + lower[(j, i)] for j in range(k) for i in range(j + 1)]
+    perm += list(range(len(perm), A.shape[0]))
+    K = ([clarabel.ZeroConeT(cones["z"])] if cones["z"] else []) + \
+        ([clarabel.NonnegativeConeT(cones["l"])] if cones["l"] else []) + \
+        [clarabel.SecondOrderConeT(q) for q in cones["q"]] + [clarabel.PSDTriangleConeT(k) for k in cones["s"]] + \
+        [clarabel.ExponentialConeT() for _ in range(cones["ep"])]
+    settings = clarabel.DefaultSettings()
+    settings.verbose = False
+    settings.tol_gap_abs = settings.tol_gap_rel = settings.tol_feas = tol
+    n = A.shape[1]
+    sol = clarabel.DefaultSolver(sp.csc_matrix((n, n)), c, sp.csc_matrix(A[perm]), b[perm], K, settings).solve()
+    y = np.empty(A.shape[0])
+    y[perm] = np.asarray(sol.z)
+    return np.asarray(sol.x), y
+
+
+def dual_problem():
+    """Constraints of every symmetric kind, their duals requested."""
+    X = cp.Variable((3, 3), symmetric=True)
+    x = cp.Variable(2)
+    a, P = cp.Parameter(2), cp.Parameter((3, 3))
+    cons = [X >> 0, cp.trace(X) == 1, x >= a, cp.sum(x) == 1]
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x) + cp.sum_squares(X - P)), cons)
+    return prob, [a, P], [x, X] + [con.dual_variables[0] for con in cons], cons
+
+
+def test_dual_variables_recovered_like_cvxpy():
+    prob, params, variables, cons = dual_problem()
+    canon = canonicalize(prob, params, variables)
+    values = random_values(params, seed=4)
+    values[0] = values[0] - 1.0  # x ≥ a active in some coordinates
+    A, b, c, _ = canon.data(values)
+    x, y = clarabel_cone_solve_dual(A, b, c, canon.cones)
+    got = canon.variables(torch.as_tensor(x), torch.as_tensor(y))
+    set_values(params, values)
+    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+    want = [v.value for v in variables[:2]] + [con.dual_value for con in cons]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), np.asarray(w, dtype=np.float64).reshape(g.shape), atol=5e-5)
+    with pytest.raises(InputError, match="dual solution y"):
+        canon.variables(torch.as_tensor(x))
