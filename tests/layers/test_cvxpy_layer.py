@@ -2,6 +2,8 @@
 variables, bad inputs, and (with cone_program) outputs and gradients against cvxpy + Clarabel, finite
 differences and cvxpylayers."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -327,3 +329,96 @@ def test_dual_variables_recovered_like_cvxpy():
         np.testing.assert_allclose(g.numpy(), np.asarray(w, dtype=np.float64).reshape(g.shape), atol=5e-5)
     with pytest.raises(InputError, match="dual solution y"):
         canon.variables(torch.as_tensor(x))
+
+
+# ----------------------------------------------------------------------------- with cone_program: values and gradients
+needs_cone = pytest.mark.skipif(__import__("importlib").util.find_spec("implicitdiff.layers.cone_program") is None,
+                                reason="cone_program is not on this branch yet")
+
+
+def _directions(params, values, seed):
+    """A random direction per parameter tensor (symmetric parameters: symmetric directions), unit norm overall."""
+    g = np.random.default_rng(seed)
+    ds = []
+    for p, v in zip(params, values):
+        d = g.standard_normal(tuple(v.shape))
+        if p.is_symmetric() and len(p.shape) == 2:
+            d = 0.5 * (d + np.swapaxes(d, -1, -2))
+        ds.append(torch.tensor(d, dtype=F64))
+    norm = math.sqrt(sum(float(d.square().sum()) for d in ds))
+    return [d / norm for d in ds]
+
+
+def _cvxpy_loss(prob, params, variables, values, ws, batch):
+    """``Σ_i Σ_v ⟨w_v[i], v_i⟩`` with each element solved by cvxpy + Clarabel at tight tolerance."""
+    total = 0.0
+    for i in range(batch[0] if batch else 1):
+        sol = cvxpy_solution(prob, params, variables, values, i if batch else None)
+        total += sum(float((torch.as_tensor(s) * (w[i] if batch else w)).sum()) for s, w in zip(sol, ws))
+    return total
+
+
+@needs_cone
+@pytest.mark.parametrize("batched", [False, True], ids=["unbatched", "batched"])
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_values_and_gradients_match_cvxpy_and_finite_differences(name, batched):
+    from implicitdiff.nn import CvxpyLayer
+
+    prob, params, variables = PROBLEMS[name]()
+    layer = CvxpyLayer(prob, params, variables, rtol=1e-10)
+    batch = (2,) if batched else ()
+    values = random_values(params, batch=batch, seed=5)
+    if batched:
+        values[0] = values[0][0]  # shared by the batch: its gradient is the sum over the batch
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(batch + v.shape, generator=g, dtype=F64) for v in variables]
+    leaves = [v.clone().requires_grad_() for v in values]
+    outs = layer(*leaves)
+    for i in range(batch[0] if batch else 1):
+        want = cvxpy_solution(prob, params, variables, values, i if batch else None)
+        for o, w in zip(outs, want):
+            np.testing.assert_allclose((o[i] if batch else o).detach().numpy(), w, atol=1e-6)
+    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, ws)), leaves)
+    for seed in range(2):
+        d = _directions(params, values, seed)
+        h = 1e-5
+        fd = (_cvxpy_loss(prob, params, variables, [v + h * t for v, t in zip(values, d)], ws, batch)
+              - _cvxpy_loss(prob, params, variables, [v - h * t for v, t in zip(values, d)], ws, batch)) / (2 * h)
+        dd = sum(float((gr * t).sum()) for gr, t in zip(grads, d))
+        assert abs(dd - fd) <= 1e-6 * max(1.0, abs(fd)), (dd, fd)
+
+
+@needs_cone
+@pytest.mark.parametrize("batched", [False, True], ids=["unbatched", "batched"])
+@pytest.mark.parametrize("name", ["readme", "psd", "exp"])
+def test_same_outputs_and_gradients_as_cvxpylayers(name, batched):
+    """cvxpylayers (diffcp) with Clarabel's forward, where its gradient agrees with finite differences."""
+    import warnings
+
+    theirs_mod = pytest.importorskip("cvxpylayers.torch")
+    from implicitdiff.nn import CvxpyLayer
+
+    prob, params, variables = PROBLEMS[name]()
+    ours = CvxpyLayer(prob, params, variables, rtol=1e-10)
+    prob2, params2, variables2 = PROBLEMS[name]()
+    theirs = theirs_mod.CvxpyLayer(prob2, parameters=params2, variables=variables2)
+    batch = (3,) if batched else ()
+    values = random_values(params, batch=batch, seed=6)
+    g = torch.Generator().manual_seed(1)
+    ws = [torch.randn(batch + v.shape, generator=g, dtype=F64) for v in variables]
+
+    def run(layer, **kw):
+        leaves = [v.clone().requires_grad_() for v in values]
+        outs = layer(*leaves, **kw)
+        return outs, torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, ws)), leaves)
+
+    o1, g1 = run(ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        o2, g2 = run(theirs, solver_args={"solve_method": "Clarabel", "n_jobs_forward": 1, "n_jobs_backward": 1})
+    for a, b in zip(o1, o2):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), atol=1e-6)
+    for a, b in zip(g1, g2):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5 * max(1.0, float(b.abs().max())))
