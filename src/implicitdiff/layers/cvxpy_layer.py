@@ -3,14 +3,14 @@ r"""A DPP cvxpy problem as a cone program whose data are an affine function of i
 cvxpy canonicalizes a DPP problem once into a *parametrized* cone program (its ``ParamConeProg``):
 the nonzeros of ``[A | b]`` and the entries of ``c`` are a sparse linear function of the stacked
 parameter vector ``p̃ = (p, 1)``.  :func:`canonicalize` reads that function once and turns it into
-three index maps (one per ``A``, ``b``, ``c``, each ``(target, source, coefficient)`` triples), so
-that per call
+three sparse matrices ``M_A, M_b, M_c`` (columns: the user's parameters flattened in C order, then
+the constant 1), so that per call
 
-    A = scatter(p̃[source] · coefficient)   (dense ``(*, m, n)``),   and the same for ``b``, ``c``
+    vec(A) = M_A p̃   (dense ``(*, m, n)``),   b = M_b p̃,   c = M_c p̃
 
-runs in torch — batched on a leading dimension, differentiable (a gather, a product and an
-``index_add``: autograd, forward mode and ``vmap`` all go through it), on the parameters' device
-and dtype.  The cone program ``minimize cᵀx s.t. Ax + s = b, s ∈ K`` is in the SCS convention of
+runs in torch as one sparse × dense product per block — batched on a leading dimension,
+differentiable (the backward is the transposed product), on the parameters' device and dtype.
+The cone program ``minimize cᵀx s.t. Ax + s = b, s ∈ K`` is in the SCS convention of
 :func:`~implicitdiff.cone_program` (cvxpy's own SCS data, with quadratic objectives expanded into
 second-order cones), and each variable is read back from ``x`` by one gather.
 
@@ -41,11 +41,10 @@ CONE_KEYS = ("z", "l", "q", "s", "ep")  # what cone_program takes, in SCS's row 
 
 
 class _Map(NamedTuple):
-    """``out[..., target] += p̃[..., source] · coefficient`` into a flat output of ``size`` entries."""
+    """``out[..., target] += p̃[..., source] · coefficient`` into a flat output of ``size`` entries, held as
+    the sparse ``(size, len(p̃))`` matrix of those triples."""
 
-    target: torch.Tensor  # int64 (nnz,)
-    source: torch.Tensor  # int64 (nnz,)
-    coef: torch.Tensor  # float64 (nnz,)
+    matrix: torch.Tensor  # sparse COO, coalesced
     size: int
     params: frozenset  # which user parameters it reads
 
@@ -130,16 +129,15 @@ class Canonical:
                     single = torch.cat([t.new_zeros(1, t[0].numel()) if i in batched else t.reshape(1, -1)
                                         for i, t in enumerate(params)] + [one], dim=1)
                 p, lead = single, ()
-            vals = p[:, mp.source] * mp.coef
-            flat = vals.new_zeros(vals.shape[0], mp.size).index_add(1, mp.target, vals)
+            # one sparse × dense product per block: bandwidth-bound, the fastest of gather/scatter variants
+            flat = torch.sparse.mm(mp.matrix, p.T).T
             out[name] = flat.reshape(lead + ((self.m, self.n) if name == "A" else (mp.size,)))
         return out["A"], out["b"], out["c"], batch
 
     def _maps_on(self, dtype, device):
         key = (dtype, str(device))
         if key not in self._cache:
-            self._cache[key] = {name: mp._replace(target=mp.target.to(device), source=mp.source.to(device),
-                                                  coef=mp.coef.to(device=device, dtype=dtype))
+            self._cache[key] = {name: mp._replace(matrix=mp.matrix.to(device=device, dtype=dtype))
                                 for name, mp in self.maps.items()}
         return self._cache[key]
 
@@ -348,8 +346,11 @@ def _make(target, col, coef, size, col2flat, col2param):
 
     P = len(col2flat) - 1
     params = frozenset(int(i) for i in np.unique(col2param[col[col < P]]))
-    return _Map(torch.as_tensor(np.asarray(target, dtype=np.int64)), torch.as_tensor(col2flat[col]),
-                torch.as_tensor(np.asarray(coef, dtype=np.float64)), int(size), params)
+    index = torch.as_tensor(np.stack([np.asarray(target, dtype=np.int64), col2flat[col]]))
+    width = int(col2flat[P]) + 1  # the user's flat parameters, then the constant 1
+    matrix = torch.sparse_coo_tensor(index, torch.as_tensor(np.asarray(coef, dtype=np.float64)), (int(size), width),
+                                     check_invariants=True)
+    return _Map(matrix.coalesce(), int(size), params)
 
 
 def _output(prog, chain, var):
