@@ -50,7 +50,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..layers.deq import ANDERSON_START_RATE, FixedPointAdjoint, deq
+from ..implicit.fixed_point_adjoint import picard_adjoint
+from ..layers.deq import ANDERSON_START_RATE, deq
 from ..implicit.adjoint import Implicit, Neumann
 from ..linalg.krylov import gmres
 from ..solvers.registry import get_root_solver
@@ -253,6 +254,10 @@ def _tolerance_check(case, *, seed, device="cpu"):
     return rows
 
 
+def _as_pair(res):
+    return res.y, res.info
+
+
 def _breakdown(cell, x, w, *, warmup, repeats):
     """Per-iteration cost of each solver against the cell (forward) or one VJP (adjoint)."""
     xd = x.detach()
@@ -262,7 +267,6 @@ def _breakdown(cell, x, w, *, warmup, repeats):
     _, vjp = torch.func.vjp(lambda z: cell(z, xd) - z, zs)
     mv = lambda v: vjp(v)[0]  # noqa: E731
     wd = w.detach()
-    fixed = FixedPointAdjoint(rtol=TOL, fallback=None)
     fns = {
         "cell f(z, x)": (lambda: cell(zs, xd), None),
         "vjp (∂f/∂z)ᵀv": (lambda: mv(wd), None),
@@ -273,9 +277,10 @@ def _breakdown(cell, x, w, *, warmup, repeats):
                                   "cell f(z, x)"),
         "forward picard": (lambda: get_root_solver("picard")(F, torch.zeros_like(xd), (xd,), batch_dims=1,
                                                                rtol=TOL), "cell f(z, x)"),
-        "adjoint picard": (lambda: fixed.linear_solver()("", mv, wd), "vjp (∂f/∂z)ᵀv"),
-        "adjoint anderson": (lambda: FixedPointAdjoint("anderson", rtol=TOL, fallback=None).linear_solver()(
-            "", mv, wd), "vjp (∂f/∂z)ᵀv"),
+        "adjoint picard": (lambda: picard_adjoint(mv, wd, rtol=TOL, atol=0.0, max_iter=200), "vjp (∂f/∂z)ᵀv"),
+        "adjoint anderson": (lambda: _as_pair(get_root_solver("anderson")(lambda v: mv(v) - wd, torch.zeros_like(wd),
+                                                                          (), batch_dims=1, rtol=TOL)),
+                             "vjp (∂f/∂z)ᵀv"),
         "adjoint gmres": (lambda: gmres(mv, wd, rtol=TOL), "vjp (∂f/∂z)ᵀv"),
     }
     with torch.no_grad():
