@@ -1,5 +1,5 @@
 """The prepared GPU run behind ``.ci/gpu``: the CUDA tests, then ``implicitdiff bench NAME --device
-cuda --quick`` for linear, qp, deq (and cone, once it exists), within a time budget; one table.
+cuda --quick`` for linear, qp, deq and cone, within a time budget; one table.
 
 Each step runs in a process of its own (a crash or a hang costs that step only), with the time
 left in the budget as its limit; a step that cannot start in time is reported as skipped.
