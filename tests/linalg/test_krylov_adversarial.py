@@ -116,3 +116,16 @@ def test_callback_sees_the_unscaled_iterate(g):
     seen = []
     x, _ = linalg.cg(A, b, rtol=1e-12, callback=lambda x: seen.append(x.clone()))
     torch.testing.assert_close(seen[-1], x)
+
+
+@pytest.mark.parametrize("shape", [(3,), (3, -1), (2.5, 3), ("a", 3), None, (True, 3)])
+def test_operator_shape_is_validated(shape):
+    with pytest.raises(InputError, match="shape must be"):
+        linalg.LinearOperator.from_matvec(lambda x: x, shape)
+
+
+def test_operator_matvec_must_be_callable():
+    with pytest.raises(InputError, match="matvec must be callable"):
+        linalg.LinearOperator.from_matvec(3, (2, 2))
+    with pytest.raises(InputError, match="rmatvec must be callable"):
+        linalg.LinearOperator.from_matvec(lambda x: x, (2, 2), rmatvec="T")
