@@ -129,3 +129,10 @@ def test_operator_matvec_must_be_callable():
         linalg.LinearOperator.from_matvec(3, (2, 2))
     with pytest.raises(InputError, match="rmatvec must be callable"):
         linalg.LinearOperator.from_matvec(lambda x: x, (2, 2), rmatvec="T")
+
+
+@pytest.mark.parametrize("name", ["cg", "minres", "gmres", "bicgstab"])
+@pytest.mark.parametrize("bad", [lambda r: None, lambda r: r[..., :1], lambda r: r.float()])
+def test_bad_preconditioner_outputs_are_named(g, name, bad):
+    with pytest.raises(InputError, match="the preconditioner M returned"):
+        SQUARE[name](_spd(g, 4), torch.ones(4, dtype=F64), M=bad)
