@@ -188,6 +188,10 @@ def splu_solve(A: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, SolveInf
         raise InputError(f"b has shape {tuple(b.shape)} but A is {n} × {n}: b must be ({n},) or (*, {n}, k)")
     # (*, n, k) -> (n, *·k): every right-hand side is a column of one SuperLU solve
     B = b.unsqueeze(-1) if vector else b
+    if n == 0 or B.numel() == 0:  # nothing to factorize: the (empty or zero) solution, zero gradients
+        zero = torch.zeros((), dtype=torch.int64)
+        x = torch.zeros(b.shape[:-2] + (n, b.shape[-1]) if not vector else (n,), dtype=b.dtype) + 0 * b.sum()
+        return x, SolveInfo(zero, torch.zeros((), dtype=b.dtype), zero, cond=torch.ones((), dtype=b.dtype))
     batch, k = B.shape[:-2], B.shape[-1]
     B2 = B.movedim(-2, 0).reshape(n, -1)
     X2, status, residual, cond, _lu = SpluSolveFn.apply(A, B2)
