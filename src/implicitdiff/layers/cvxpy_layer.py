@@ -3,14 +3,14 @@ r"""A DPP cvxpy problem as a cone program whose data are an affine function of i
 cvxpy canonicalizes a DPP problem once into a *parametrized* cone program (its ``ParamConeProg``):
 the nonzeros of ``[A | b]`` and the entries of ``c`` are a sparse linear function of the stacked
 parameter vector ``p̃ = (p, 1)``.  :func:`canonicalize` reads that function once and turns it into
-three index maps (one per ``A``, ``b``, ``c``, each ``(target, source, coefficient)`` triples), so
-that per call
+three sparse matrices ``M_A, M_b, M_c`` (columns: the user's parameters flattened in C order, then
+the constant 1), so that per call
 
-    A = scatter(p̃[source] · coefficient)   (dense ``(*, m, n)``),   and the same for ``b``, ``c``
+    vec(A) = M_A p̃   (dense ``(*, m, n)``),   b = M_b p̃,   c = M_c p̃
 
-runs in torch — batched on a leading dimension, differentiable (a gather, a product and an
-``index_add``: autograd, forward mode and ``vmap`` all go through it), on the parameters' device
-and dtype.  The cone program ``minimize cᵀx s.t. Ax + s = b, s ∈ K`` is in the SCS convention of
+runs in torch as one sparse × dense product per block — batched on a leading dimension,
+differentiable (the backward is the transposed product), on the parameters' device and dtype.
+The cone program ``minimize cᵀx s.t. Ax + s = b, s ∈ K`` is in the SCS convention of
 :func:`~implicitdiff.cone_program` (cvxpy's own SCS data, with quadratic objectives expanded into
 second-order cones), and each variable is read back from ``x`` by one gather.
 
@@ -41,18 +41,19 @@ CONE_KEYS = ("z", "l", "q", "s", "ep")  # what cone_program takes, in SCS's row 
 
 
 class _Map(NamedTuple):
-    """``out[..., target] += p̃[..., source] · coefficient`` into a flat output of ``size`` entries."""
+    """``out[..., target] += p̃[..., source] · coefficient`` into a flat output of ``size`` entries, held as
+    the sparse ``(size, len(p̃))`` matrix of those triples."""
 
-    target: torch.Tensor  # int64 (nnz,)
-    source: torch.Tensor  # int64 (nnz,)
-    coef: torch.Tensor  # float64 (nnz,)
+    matrix: torch.Tensor  # sparse COO, coalesced
     size: int
     params: frozenset  # which user parameters it reads
 
 
 class _Output(NamedTuple):
-    index: torch.Tensor  # int64, the entries of x (C order of ``shape``) gathered into the variable
+    index: torch.Tensor  # int64, the entries of x or y gathered into the variable (C order of ``shape``)
     shape: tuple
+    dual: bool = False  # read from y (a constraint's dual variable) instead of x
+    scale: Optional[torch.Tensor] = None  # per entry (a PSD dual: 1/√2 off the diagonal, undoing svec)
 
 
 class Canonical:
@@ -128,24 +129,33 @@ class Canonical:
                     single = torch.cat([t.new_zeros(1, t[0].numel()) if i in batched else t.reshape(1, -1)
                                         for i, t in enumerate(params)] + [one], dim=1)
                 p, lead = single, ()
-            vals = p[:, mp.source] * mp.coef
-            flat = vals.new_zeros(vals.shape[0], mp.size).index_add(1, mp.target, vals)
+            # one sparse × dense product per block: bandwidth-bound, the fastest of gather/scatter variants
+            flat = torch.sparse.mm(mp.matrix, p.T).T
             out[name] = flat.reshape(lead + ((self.m, self.n) if name == "A" else (mp.size,)))
         return out["A"], out["b"], out["c"], batch
 
     def _maps_on(self, dtype, device):
         key = (dtype, str(device))
         if key not in self._cache:
-            self._cache[key] = {name: mp._replace(target=mp.target.to(device), source=mp.source.to(device),
-                                                  coef=mp.coef.to(device=device, dtype=dtype))
+            self._cache[key] = {name: mp._replace(matrix=mp.matrix.to(device=device, dtype=dtype))
                                 for name, mp in self.maps.items()}
         return self._cache[key]
 
-    # ---------------------------------------------------------------- x -> variables
-    def variables(self, x: torch.Tensor) -> tuple:
-        """The variables' values from the primal solution ``x`` ``(*, n)``: a tuple of ``(*, *shape)``."""
+    # ---------------------------------------------------------------- (x, y) -> variables
+    def variables(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> tuple:
+        """The variables' values from the primal solution ``x`` ``(*, n)`` (and the dual ``y`` ``(*, m)`` for
+        constraints' dual variables): a tuple of ``(*, *shape)``."""
         lead = tuple(x.shape[:-1])
-        return tuple(x[..., out.index.to(x.device)].reshape(lead + out.shape) for out in self.outputs)
+        vals = []
+        for out in self.outputs:
+            src = y if out.dual else x
+            if src is None:
+                raise InputError("this layer returns a constraint's dual variable: pass the dual solution y")
+            v = src[..., out.index.to(src.device)]
+            if out.scale is not None:
+                v = v * out.scale.to(device=v.device, dtype=v.dtype)
+            vals.append(v.reshape(lead + out.shape))
+        return tuple(vals)
 
 
 def solve_canonical(canon: Canonical, params: Sequence[torch.Tensor], *, rtol=None, on_failure="raise"):
@@ -156,10 +166,10 @@ def solve_canonical(canon: Canonical, params: Sequence[torch.Tensor], *, rtol=No
     parameters through the affine map).  Failed elements follow ``on_failure`` there.
     """
     A, b, c, batch = canon.data(params)
-    x, _, _, info = _cone_program()(A, b, c, canon.cones, rtol=rtol, on_failure=on_failure, return_info=True)
+    x, y, _, info = _cone_program()(A, b, c, canon.cones, rtol=rtol, on_failure=on_failure, return_info=True)
     if batch and x.dim() == 1:  # a batched parameter that enters none of A, b, c
-        x = x.expand(batch + x.shape)
-    return canon.variables(x), info
+        x, y = x.expand(batch + x.shape), y.expand(batch + y.shape)
+    return canon.variables(x, y), info
 
 
 def _cone_program():
@@ -202,7 +212,8 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
         problem: a ``cvxpy.Problem`` that is DCP under DPP rules (``problem.is_dpp()``).
         parameters: the problem's ``cvxpy.Parameter`` objects, all of them, in the order the tensors
             will be passed.
-        variables: ``cvxpy.Variable`` objects of the problem whose values are returned, in order.
+        variables: ``cvxpy.Variable`` objects of the problem whose values are returned, in order, or the
+            dual variables of its constraints (``constraint.dual_variables[0]``), read from ``y``.
         canon_backend: passed to ``problem.get_problem_data`` (cvxpy's canonicalization backend).
 
     Raises:
@@ -235,10 +246,11 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
         raise InputError(f"parameters must be exactly the problem's parameters, each once (missing: {missing}, "
                          f"not in the problem: {extra}); pass problem.parameters() in the order you will feed them")
     own_vars = {v.id for v in problem.variables()}
+    duals = {dv.id: con for con in problem.constraints for dv in con.dual_variables}
     for v in variables:
-        if not isinstance(v, cp.Variable) or v.id not in own_vars:
-            raise InputError(f"variables must be cvxpy.Variables of the problem; {v!r} is not one of "
-                             f"{[w.name() for w in problem.variables()]}")
+        if not isinstance(v, cp.Variable) or (v.id not in own_vars and v.id not in duals):
+            raise InputError(f"variables must be cvxpy.Variables of the problem or dual variables of its constraints; "
+                             f"{v!r} is neither (the problem's variables: {[w.name() for w in problem.variables()]})")
     try:
         data, chain, _ = problem.get_problem_data(solver=cp.SCS, canon_backend=canon_backend,
                                                   solver_opts={"use_quad_obj": False})
@@ -247,10 +259,11 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
     prog = data[cp.settings.PARAM_PROB]
     cones = _cones(data["dims"])
     idx, ptr, (m, n1) = prog.reduced_A.problem_data_index
-    n = n1 - 1
+    m, n = int(m), int(n1) - 1
     pmap = _param_columns(prog, chain, parameters)
     maps = _maps(prog, idx, ptr, m, n, pmap)
-    outputs = [_output(prog, chain, v) for v in variables]
+    outputs = [_output(prog, chain, v) if v.id in own_vars else _dual_output(prog, chain, v, duals[v.id])
+               for v in variables]
     return Canonical(m, n, cones, [tuple(int(s) for s in p.shape) for p in parameters], maps, outputs)
 
 
@@ -333,8 +346,11 @@ def _make(target, col, coef, size, col2flat, col2param):
 
     P = len(col2flat) - 1
     params = frozenset(int(i) for i in np.unique(col2param[col[col < P]]))
-    return _Map(torch.as_tensor(np.asarray(target, dtype=np.int64)), torch.as_tensor(col2flat[col]),
-                torch.as_tensor(np.asarray(coef, dtype=np.float64)), int(size), params)
+    index = torch.as_tensor(np.stack([np.asarray(target, dtype=np.int64), col2flat[col]]))
+    width = int(col2flat[P]) + 1  # the user's flat parameters, then the constant 1
+    matrix = torch.sparse_coo_tensor(index, torch.as_tensor(np.asarray(coef, dtype=np.float64)), (int(size), width),
+                                     check_invariants=True)
+    return _Map(matrix.coalesce(), int(size), params)
 
 
 def _output(prog, chain, var):
@@ -356,3 +372,48 @@ def _output(prog, chain, var):
         r, c = np.divmod(np.arange(k * k), k)
         index = np.array([pos[int(min(a, b_) * k + max(a, b_))] for a, b_ in zip(r, c)], dtype=np.int64)
     return _Output(torch.as_tensor(start + index), shape)
+
+
+def _dual_output(prog, chain, var, con):
+    """A constraint's dual variable from ``y``: the constraint's rows (cones in SCS's order, constraints in
+    cvxpy's order within each), the variable's offset among the constraint's dual variables; a PSD
+    constraint's dual is its svec block unpacked (lower triangle by columns, off-diagonals ÷ √2)."""
+    import numpy as np
+    from cvxpy.constraints import PSD, SOC, ExpCone, NonNeg, PowCone3D, Zero
+
+    try:
+        from cvxpy.constraints import SvecPSD
+    except ImportError:  # pragma: no cover - cvxpy < 1.7
+        SvecPSD = PSD
+    ids = getattr(chain, "compose_constr_id_map", lambda: {})()
+    cid = ids.get(con.id, con.id)
+    cid = cid[0] if isinstance(cid, (list, tuple)) else cid
+    kinds = [Zero, NonNeg, SOC, PSD] + ([SvecPSD] if SvecPSD is not PSD else []) + [ExpCone, PowCone3D]
+    row, pos = None, 0
+    for kind in kinds:
+        for c in prog.constr_map.get(kind, []):
+            if c.id == cid:
+                row = pos
+                break
+            pos += c.shape[0] * (c.shape[0] + 1) // 2 if kind is PSD else int(c.size)
+        if row is not None:
+            break
+    if row is None:  # pragma: no cover - every constraint of the problem has rows
+        raise InputError(f"the dual variable {var.name()} has no rows in cvxpy's cone program")
+    shape = tuple(int(s) for s in var.shape)
+    if isinstance(con, PSD):
+        k = shape[0]
+        lower = {(i, j): t for t, (i, j) in enumerate((i, j) for j in range(k) for i in range(j, k))}
+        r, c = np.divmod(np.arange(k * k), k)
+        index = np.array([lower[(max(a, b_), min(a, b_))] for a, b_ in zip(r, c)], dtype=np.int64)
+        scale = torch.as_tensor(np.where(r == c, 1.0, 1.0 / np.sqrt(2.0)))
+        return _Output(torch.as_tensor(row + index), shape, dual=True, scale=scale)
+    offset = 0
+    for dv in con.dual_variables:
+        if dv.id == var.id:
+            break
+        offset += int(dv.size)
+    stored = _stored_to_c_order(shape, _prod(shape), f"dual variable {var.name()}")
+    index = np.empty(len(stored), dtype=np.int64)
+    index[stored] = np.arange(len(stored))
+    return _Output(torch.as_tensor(row + offset + index), shape, dual=True)
