@@ -31,6 +31,7 @@ from .layers.projections import (
     sparsemax as sparsemax,
 )
 from .layers.qp import qp as qp
+from .layers.cone_program import cone_program as cone_program
 from .layers.linear_solve import (
     ambiguity as ambiguity,
     linear_solve as linear_solve,

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from implicitdiff.bench._harness import saved_bytes_and_output
+from implicitdiff.checks.memory import saved_bytes_and_output
 
 import implicitdiff as idf
 from implicitdiff.nn import DEQ

@@ -362,7 +362,7 @@ class RootFn(torch.autograd.Function):
 
 
 def _leaves_of(tree: Tree, params) -> tuple:
-    from torch.utils import _pytree as pytree
+    from .._core.torch_private import pytree
 
     leaves, _ = pytree.tree_flatten(tuple(params))
     return tuple(leaves[i] for i in tree.tensor_slots)
