@@ -13,36 +13,33 @@ they are explicit inputs of the implicit mechanism and every one of them
 receives its gradient (a parameter captured by a closure would silently get
 none).
 
-Defaults, measured on ``benchmarks/deq.py`` (width 256, batch 64, float64, one
-thread, tolerance 1e-6; a cell evaluation 0.5 ms, a VJP 0.3 ms).  There every
-method needs 12–13 iterations: the eigenvalues of ``∂f/∂z`` fill a disk, on which
-neither Anderson mixing nor a Krylov method converges faster than Picard.
+Defaults (measured in ``benchmarks/deq.py``, figures in ``docs/benchmarks.md``).  On a
+typical contractive cell every method needs about the same number of iterations: the
+eigenvalues of ``∂f/∂z`` fill a disk, on which neither Anderson mixing nor a Krylov method
+converges faster than Picard.
 
-* Forward: ``solver="anderson"`` started lazily (:data:`ANDERSON_START_RATE`):
-  plain steps ``z ← f(z, x)`` while the worst sample's residual shrinks by ≥ 20 %
-  per step; mixing (0.3 ms per step) only where it does not — slowly or
-  non-contracting cells, where it saves evaluations.  The plain steps run the
-  whole batch without masks (``freeze=False``, the DEQ's default for
-  ``"anderson"`` and ``"picard"``): a sample that has converged keeps iterating
-  while others run — on a contraction it only gets more accurate — and a step
-  costs the cell plus ~0.03 ms (one norm, one host read).  Its ``iterations``
-  count the steps it needed; ``solver_options={"freeze": True}`` stops each
-  sample where it converged (its result then does not depend on the batch).
-* The last evaluation is recorded: when the residual trend predicts that the
-  next step meets the tolerance, that cell evaluation runs with autograd
-  recording (:class:`~implicitdiff.implicit.root.Speculation`), and the
-  backward takes its products from that graph instead of evaluating the cell
-  again at ``z*``.  The graph is kept until the backward: what torchdeq keeps
-  too (the cell's saved tensors at ``z*``).
-* Backward: :data:`DEFAULT_ADJOINT` ``= FixedPointAdjoint()`` iterates the
-  adjoint fixed point by Picard in a dedicated loop (:mod:`implicitdiff.implicit.fixed_point_adjoint`): its
-  first step is free, then one VJP of the cell (through the autograd engine
-  directly, :mod:`implicitdiff._core.engine`) and ~0.03 ms per step; GMRES only
-  for samples where that fails.  ``Implicit(solver="gmres")`` takes as many
-  iterations at ~1.1 ms each (its batched Arnoldi step costs twice a VJP);
-  ``Implicit(solver="auto")`` — dense LU, the mechanism's default at this size —
-  first builds each sample's 256 × 256 Jacobian from 256 VJPs: ~17× the whole
-  forward solve.
+* Forward: :data:`DEFAULT_SOLVER` ``= Anderson(start_rate=0.8, freeze=False)``: plain steps
+  ``z ← f(z, x)`` while the worst sample's residual shrinks by ≥ 20 % per step; mixing only
+  where it does not — slowly or non-contracting cells, where it saves evaluations.  The
+  plain steps run the whole batch without masks (``freeze=False``): a sample that has
+  converged keeps iterating while others run — on a contraction it only gets more accurate —
+  and a step costs the cell plus one norm and one host read.  Its ``iterations`` count the
+  steps it needed; ``solver=Anderson(start_rate=0.8, freeze=True)`` stops each sample where it
+  converged (its result then does not depend on the batch); ``solver="anderson"`` is
+  ``Anderson()``, the same algorithm as :func:`~implicitdiff.fixed_point`'s.
+* The last evaluation is recorded: when the residual trend predicts that the next step meets
+  the tolerance, that cell evaluation runs with autograd recording
+  (:class:`~implicitdiff.implicit.root.Speculation`), and the backward takes its products from
+  that graph instead of evaluating the cell again at ``z*``.  The graph is kept until the
+  backward: what torchdeq keeps too (the cell's saved tensors at ``z*``).
+* Backward: :data:`DEFAULT_ADJOINT` ``= FixedPointAdjoint()`` iterates the adjoint fixed point
+  by Picard in a dedicated loop (:mod:`implicitdiff.implicit.fixed_point_adjoint`): its first
+  step is free, then one VJP of the cell per step; GMRES only for samples where that fails.
+  ``Implicit(solver="gmres")`` takes as many iterations, each about twice a VJP (the batched
+  Arnoldi step); ``Implicit(solver="auto")`` — dense LU, the mechanism's default at small
+  width — first builds each sample's Jacobian from one VJP per row.
+* Higher-order derivatives (double backward, ``jacrev``) go through the library's
+  differentiable GMRES over the cell's products: matrix-free, whatever the adjoint.
 """
 
 from __future__ import annotations
