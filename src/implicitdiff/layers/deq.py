@@ -232,12 +232,11 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
         True
     """
     z0 = _check(cell, x, z0)
-    solver = DEFAULT_SOLVER if solver is None else solver
-    check_deq_options(solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, max_iter=max_iter,
-                      on_failure=on_failure, solver_options=solver_options)
     check_bool("return_info", return_info)
     check_bool("trace", trace)
-    solve = forward_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, solver_options=solver_options)
+    # the solver and its options are validated here, the adjoint and the policy by solve_implicit
+    solve = forward_solver(DEFAULT_SOLVER if solver is None else solver, rtol=rtol, atol=atol, max_iter=max_iter,
+                           solver_options=solver_options)
     if isinstance(solve, Solver):
         rtol, atol, max_iter = solve.rtol, solve.atol, solve.max_iter
         if trace and not isinstance(adjoint, Unroll):
