@@ -198,8 +198,8 @@ def equilibrate(Q, p, G, h, A, b):
     (feasibility, optimality, convergence, convexity) are relative to the data's scale.
     """
     sq = _scale_of(Q, (-2, -1))
-    sigma = torch.where(Q.detach().abs().amax(dim=(-2, -1)) > 0 if Q.numel() else torch.zeros_like(sq, dtype=torch.bool),
-                        sq, _scale_of(p, (-1,)))
+    nonzero = Q.detach().abs().amax(dim=(-2, -1)) > 0 if Q.numel() else torch.zeros_like(sq, dtype=torch.bool)
+    sigma = torch.where(nonzero, sq, _scale_of(p, (-1,)))
     dG, dA = _scale_of(G, (-1,)), _scale_of(A, (-1,))
     return (Q / sq[..., None, None], p / sigma.unsqueeze(-1), G / dG.unsqueeze(-1), h / dG,
             A / dA.unsqueeze(-1), b / dA), (sigma, dG, dA)
