@@ -1,0 +1,212 @@
+r"""Gradients of a cone program's solution map — the one place they are defined.
+
+:class:`ConeFn` solves ``min cᵀx s.t. Ax + s = b, s ∈ K`` with a forward solver it is *given*
+(this package never imports ``solvers/``) and differentiates the solution map as diffcp does
+(Agrawal, Barratt, Boyd, Moursi, Busseti, 2019, "Differentiating through a cone program").
+
+Derivation.  With ``Q = [[0, Aᵀ, c], [−A, 0, b], [−cᵀ, −bᵀ, 0]]`` (skew) and
+``Π = Π_{ℝⁿ × K* × ℝ₊}``, a point ``z = (u, v, w)`` with ``w > 0`` solves the homogeneous
+embedding iff the residual map ``N(z) = ((Q − I) Π + I)(z / w)`` vanishes, and then
+``(x, y, s) = (u, Π_{K*}(v), Π_{K*}(v) − v) / w``.  At the solution take ``w = 1``,
+``u = x``, ``v = y − s``; ``Π(z) = (x, y, 1)``.  Differentiating ``N(z; Q) = 0``:
+
+    M ż = −Q̇ (x, y, 1),   M = (Q − I) DΠ(z) + I,   DΠ(z) = diag(I, DΠ_{K*}(v), 1)
+
+    ẋ = u̇ − x ẇ,   ẏ = DΠ_{K*} v̇ − y ẇ,   ṡ = DΠ_{K*} v̇ − v̇ − s ẇ.
+
+Reverse mode: the cotangents ``(x̄, ȳ, s̄)`` pull back to
+``ḡ = (x̄, DΠᵀ(ȳ + s̄) − s̄, −xᵀx̄ − yᵀȳ − sᵀs̄)``; one transposed solve ``r = −M⁻ᵀ ḡ`` and,
+reading ``rᵀ Q̇ (x, y, 1)`` off per block,
+
+    Ā = y r_uᵀ − r_v xᵀ,   b̄ = r_v − r_w y,   c̄ = r_u − r_w x.
+
+``M`` is ``(n + m + 1)`` square; one batched LU serves the reverse (``adjoint=True``) and
+forward (:meth:`ConeFn.jvp`) solves.  ``DΠ_{K*}`` is in :mod:`.cone_projection`, with the
+convention at non-differentiable points.  Elements whose forward failed get ``M = I`` and
+zero cotangents (no NaN reaches a shared input's gradient).  A singular ``M`` means the
+solution is not unique (common in modelling-tool output: an auxiliary variable of an inactive
+constraint, e.g. ``t`` in ``‖x‖ ≤ t ≤ 1``); the LU solve's residual check detects it and
+those elements use the min-norm solution ``M⁺ g`` (as diffcp's LSQR mode), which gives the
+exact derivative of every unique part of the solution.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .._core.status import Status
+from ..linalg.cone_spec import ConeSpec
+from .cone_projection import dual_projection_jacobian, project_dual
+
+__all__ = ["ConeFn", "ConeProblem"]
+
+
+class ConeProblem(NamedTuple):
+    """Static part of a call: the cone layout, a solver with ``solve(A, b, c, spec)`` returning
+    ``(x, y, s, status, residual, iterations)`` for ``A (B, m, n)``, ``b (B, m)``, ``c (B, n)``,
+    and the number of Newton refinement steps on the residual map (:func:`refine`)."""
+
+    spec: ConeSpec
+    solver: Any
+    refine: int = 2
+
+
+def _system(A, b, c, x, y, s, ok, spec):
+    """``M`` (with ``I`` for failed elements) and ``DΠ_{K*}``."""
+    B, m, n = A.shape
+    N = n + m + 1
+    D = dual_projection_jacobian(spec, y, s)
+    Q = A.new_zeros(B, N, N)
+    Q[:, :n, n:n + m] = A.mT
+    Q[:, :n, -1] = c
+    Q[:, n:n + m, :n] = -A
+    Q[:, n:n + m, -1] = b
+    Q[:, -1, :n] = -c
+    Q[:, -1, n:n + m] = -b
+    M = Q.clone()
+    M[:, :, n:n + m] = Q[:, :, n:n + m] @ D
+    # M = Q·DΠ − DΠ + I: only the v-block of DΠ differs from I
+    M[:, n:n + m, n:n + m] += torch.eye(m, dtype=A.dtype, device=A.device) - D
+    # M is singular: N is homogeneous of degree 0, so M z = N(z) = 0, and Mᵀℓ = 0 for ℓ = Π(z) =
+    # (x, y, 1).  The null direction z changes (ẋ, ẏ, ṡ) by nothing, and every right-hand side
+    # Q̇ℓ is consistent (ℓᵀQ̇ℓ = 0, Q̇ skew).  Adding ℓ e_wᵀ makes M nonsingular and picks the
+    # solution with ẇ = 0 (an LU of M itself would return a huge multiple of z whose cancellation
+    # in ẋ = u̇ − xẇ loses the digits).
+    M[:, :, -1] += torch.cat([x, y, torch.ones_like(x[:, :1])], -1)
+    eye = torch.eye(N, dtype=A.dtype, device=A.device)
+    M = torch.where(ok[:, None, None], M, eye)
+    return M, D
+
+
+def _solve(M, g, adjoint=False):
+    """``M⁻¹ g`` (``M⁻ᵀ g`` with ``adjoint``) by batched LU; where LU is singular or inaccurate, the
+    min-norm least-squares solution (pseudo-inverse), as diffcp's LSQR mode gives."""
+    LU, piv, _ = torch.linalg.lu_factor_ex(M)
+    sol = torch.linalg.lu_solve(LU, piv, g[..., None], adjoint=adjoint)[..., 0]
+    Mo = M.mT if adjoint else M
+    res = (Mo @ sol[..., None])[..., 0] - g
+    scale = g.abs().amax(-1) + Mo.abs().amax((-2, -1)) * sol.abs().amax(-1)
+    rel = res.abs().amax(-1) / scale.clamp(min=torch.finfo(M.dtype).tiny)
+    bad = ~(rel <= 1e3 * torch.finfo(M.dtype).eps ** 0.5)
+    if bool(bad.any()):
+        Mb = Mo[bad]
+        sol = sol.clone()
+        sol[bad] = (torch.linalg.pinv(Mb, hermitian=False) @ g[bad][..., None])[..., 0]
+    return sol
+
+
+def _residual_map(A, b, c, u, v, spec):
+    """``N(z) = (Q − I)Π(z) + z`` at ``z = (u, v, 1)``, with ``Π_{K*}(v)``."""
+    yv = project_dual(spec, v)
+    qx = (A.mT @ yv[..., None])[..., 0] + c
+    qy = -(A @ u[..., None])[..., 0] + b
+    qt = -(c * u).sum(-1) - (b * yv).sum(-1)
+    # (Q − I)Π(z) + z: the u- and w-parts of Π(z) are u and 1
+    return torch.cat([qx, qy - yv + v, qt[:, None]], -1), yv
+
+
+def refine(A, b, c, x, y, s, ok, spec, steps):
+    """Newton steps on the residual map, ``z ← z − M⁻¹N(z)`` (Busseti, Moursi, Boyd 2019,
+    "Solution refinement at regular points of conic problems"), for the elements ``ok``.
+
+    An interior point stops at a small duality gap, but on a curved cone (second-order, PSD) the
+    gap is quadratic in the distance along the cone's boundary: its ``x`` is only about ``√gap``
+    accurate.  Newton on ``N`` converges quadratically at a regular solution; a step is kept only
+    where it decreases ``‖N‖``.
+    """
+    n = x.shape[-1]
+    u, v = x.clone(), y - s
+    res, _ = _residual_map(A, b, c, u, v, spec)
+    nrm = res.abs().amax(-1)
+    for _ in range(steps):
+        yv = project_dual(spec, v)
+        M, _ = _system(A, b, c, u, yv, yv - v, ok, spec)
+        dz = torch.linalg.solve_ex(M, res)[0]
+        un, vn = u - dz[:, :n], v - dz[:, n:-1]
+        wn = 1 - dz[:, -1:]
+        un, vn = un / wn, vn / wn
+        rn, _ = _residual_map(A, b, c, un, vn, spec)
+        nn = rn.abs().amax(-1)
+        better = ok & (nn < nrm) & torch.isfinite(nn)
+        u = torch.where(better[:, None], un, u)
+        v = torch.where(better[:, None], vn, v)
+        res = torch.where(better[:, None], rn, res)
+        nrm = torch.where(better, nn, nrm)
+    yv = project_dual(spec, v)
+    okc = ok[:, None]
+    return (torch.where(okc, u, x), torch.where(okc, yv, y), torch.where(okc, yv - v, s))
+
+
+class ConeFn(torch.autograd.Function):
+    """``(x, y, s, status, residual, iterations) = ConeFn.apply(A, b, c, problem)``.
+
+    ``A (B, m, n)``, ``b (B, m)``, ``c (B, n)`` batched (the caller expands shared inputs, so
+    autograd sums their gradients); outputs ``x (B, n)``, ``y, s (B, m)`` differentiable.
+    """
+
+    @staticmethod
+    def forward(A, b, c, problem):
+        x, y, s, status, residual, iters = problem.solver.solve(A, b, c, problem.spec)
+        if problem.refine and not problem.spec.ep:
+            x, y, s = refine(A, b, c, x, y, s, status == Status.SUCCESS, problem.spec, problem.refine)
+        return x, y, s, status, residual, iters
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        A, b, c, problem = inputs
+        x, y, s, status, residual, iters = output
+        ctx.mark_non_differentiable(status, residual, iters)
+        ctx.spec = problem.spec
+        ctx.save_for_backward(A, b, c, x, y, s, status)
+        ctx.save_for_forward(A, b, c, x, y, s, status)
+
+    @staticmethod
+    def _unpack(ctx):
+        A, b, c, x, y, s, status = ctx.saved_tensors
+        ok = status == Status.SUCCESS
+        z = torch.zeros_like
+        x, y, s = (torch.where(ok[:, None], t, z(t)) for t in (x, y, s))
+        M, D = _system(A, b, c, x, y, s, ok, ctx.spec)
+        return A, b, c, x, y, s, ok, M, D
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gx, gy, gs, *_):
+        A, b, c, x, y, s, ok, M, D = ConeFn._unpack(ctx)
+        B, m, n = A.shape
+        gx = torch.zeros_like(x) if gx is None else gx
+        gy = torch.zeros_like(y) if gy is None else gy
+        gs = torch.zeros_like(s) if gs is None else gs
+        okc = ok[:, None]
+        gx, gy, gs = (torch.where(okc, t, torch.zeros_like(t)) for t in (gx, gy, gs))
+        gv = ((gy + gs)[:, None, :] @ D)[:, 0] - gs
+        gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
+        g = torch.cat([gx, gv, gw[:, None]], -1)
+        r = -_solve(M, g, adjoint=True)
+        ru, rv, rw = r[:, :n], r[:, n:n + m], r[:, -1:]
+        gA = y[:, :, None] * ru[:, None, :] - rv[:, :, None] * x[:, None, :]
+        gb = rv - rw * y
+        gc = ru - rw * x
+        return gA, gb, gc, None
+
+    @staticmethod
+    def jvp(ctx, dA, db, dc, _):
+        A, b, c, x, y, s, ok, M, D = ConeFn._unpack(ctx)
+        B, m, n = A.shape
+        dA = torch.zeros_like(A) if dA is None else dA
+        db = torch.zeros_like(b) if db is None else db
+        dc = torch.zeros_like(c) if dc is None else dc
+        g = torch.cat([(dA.mT @ y[..., None])[..., 0] + dc,
+                       -(dA @ x[..., None])[..., 0] + db,
+                       (-(dc * x).sum(-1) - (db * y).sum(-1))[:, None]], -1)
+        g = torch.where(ok[:, None], g, torch.zeros_like(g))
+        dz = -_solve(M, g)
+        du, dv, dw = dz[:, :n], dz[:, n:n + m], dz[:, -1:]
+        Ddv = (D @ dv[..., None])[..., 0]
+        dx = du - x * dw
+        dy = Ddv - y * dw
+        ds = Ddv - dv - s * dw
+        return dx, dy, ds, None, None, None

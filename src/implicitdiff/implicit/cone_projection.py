@@ -1,0 +1,140 @@
+r"""Derivatives of the projection onto the dual cone ``K*``, at a point whose projection is known.
+
+The derivative of a cone program's solution (:mod:`implicitdiff.implicit.cone`) needs
+``DΠ_{K*}(v)`` at ``v = y − s`` for the solution's dual ``y`` and slack ``s``; there
+``Π_{K*}(v) = y`` and (Moreau) ``Π_K(−v) = s``, so no projection has to be computed.
+:func:`dual_projection_jacobian` returns the ``(B, m, m)`` block-diagonal matrix, one block per
+cone (built per group of same-size blocks):
+
+- zero cone: ``K* = ℝ``, ``DΠ = I``;
+- nonnegative: ``DΠ = diag(1[vᵢ > 0])``;
+- second-order, ``v = (t, x)``: ``I`` if ``‖x‖ ≤ t``, ``0`` if ``‖x‖ ≤ −t``, else
+  ``½ [[1, x̂ᵀ], [x̂, (1 + t/‖x‖) I − (t/‖x‖) x̂x̂ᵀ]]`` with ``x̂ = x/‖x‖``;
+- PSD, ``V = U diag(λ) Uᵀ``: ``DΠ[Ḋ] = U (Γ ∘ (Uᵀ Ḋ U)) Uᵀ`` with
+  ``Γᵢⱼ = (λᵢ⁺ − λⱼ⁺)/(λᵢ − λⱼ)`` (``1[λᵢ > 0]`` when ``λᵢ = λⱼ``), written in svec coordinates;
+- exponential: ``DΠ_{K*}(v) = I − DΠ_K(−v)`` (Moreau).  If ``p = Π_K(−v) = s`` lies on the
+  boundary ``g(p) = p₂ exp(p₁/p₂) − p₃ = 0`` with ``s ≠ 0 ≠ y``, the projection's optimality
+  conditions ``p − (−v) + μ∇g(p) = 0``, ``g(p) = 0`` (``μ = y₃``) differentiate to
+  ``[[I + μ∇²g, ∇g], [∇gᵀ, 0]] [ṗ; μ̇] = [v̇; 0]`` — a 4×4 solve; ``DΠ_K = I`` when ``y ≈ 0``
+  (``−v`` inside ``K``) and ``0`` when ``s ≈ 0`` (``−v`` in the polar cone).
+
+Non-differentiable points (a zero eigenvalue of ``v``: a constraint both active and with a zero
+multiplier) take the one-sided value written above (``1[vᵢ > 0]``): the derivative for the
+perturbations that keep the multiplier at zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..linalg.cone_spec import ConeSpec, smat, svec
+
+__all__ = ["dual_projection_jacobian", "project_dual"]
+
+
+def _soc(v):
+    t, x = v[..., 0], v[..., 1:]
+    nx = x.norm(dim=-1)
+    k = v.shape[-1]
+    eye = torch.eye(k, dtype=v.dtype, device=v.device)
+    xh = x / nx.clamp(min=torch.finfo(v.dtype).tiny)[..., None]
+    r = (t / nx.clamp(min=torch.finfo(v.dtype).tiny))[..., None, None]
+    D = torch.zeros(v.shape[:-1] + (k, k), dtype=v.dtype, device=v.device)
+    D[..., 0, 0] = 1.0
+    D[..., 0, 1:] = xh
+    D[..., 1:, 0] = xh
+    D[..., 1:, 1:] = (1 + r) * eye[1:, 1:] - r * xh[..., :, None] * xh[..., None, :]
+    D = 0.5 * D
+    inside = (nx <= t)[..., None, None]
+    polar = (nx <= -t)[..., None, None]
+    return torch.where(inside, eye, torch.where(polar, torch.zeros_like(D), D))
+
+
+def _psd(v, k):
+    lam, U = torch.linalg.eigh(smat(v, k))
+    lp = lam.clamp(min=0)
+    dl = lam[..., :, None] - lam[..., None, :]
+    same = dl.abs() <= 1e3 * torch.finfo(v.dtype).eps * lam.abs().amax(-1, keepdim=True)[..., None].clamp(min=1)
+    safe = torch.where(same, torch.ones_like(dl), dl)
+    G = torch.where(same, ((lam[..., :, None] > 0) & (lam[..., None, :] > 0)).to(v.dtype)
+                    + 0.5 * ((lam[..., :, None] > 0) ^ (lam[..., None, :] > 0)).to(v.dtype),
+                    (lp[..., :, None] - lp[..., None, :]) / safe)
+    d = v.shape[-1]
+    basis = smat(torch.eye(d, dtype=v.dtype, device=v.device), k)               # (d, k, k)
+    Ue = U[..., None, :, :]
+    inner = Ue.mT @ basis @ Ue                                                   # (*, d, k, k)
+    out = svec(Ue @ (G[..., None, :, :] * inner) @ Ue.mT)                        # (*, d(col), d)
+    return out.mT
+
+
+def _exp(s, y):
+    """``DΠ_{K*}(y − s)`` for exponential-cone blocks ``(*, 3)`` (SCS ordering ``(x, y, z)``)."""
+    dt = s.dtype
+    eye = torch.eye(3, dtype=dt, device=s.device)
+    ns, ny = s.norm(dim=-1), y.norm(dim=-1)
+    scale = torch.maximum(ns, ny).clamp(min=torch.finfo(dt).tiny)
+    tol = 1e3 * torch.finfo(dt).eps ** 0.5
+    y_zero = ny <= tol * scale            # −v = s − y inside K: DΠ_K = I, DΠ_{K*} = 0
+    s_zero = ns <= tol * scale            # −v in the polar: DΠ_K = 0, DΠ_{K*} = I
+    r, q = s[..., 0], s[..., 1].clamp(min=torch.finfo(dt).tiny)
+    e = torch.exp(r / q)
+    grad = torch.stack([e, e * (1 - r / q), -torch.ones_like(e)], -1)
+    hess = torch.zeros(s.shape[:-1] + (3, 3), dtype=dt, device=s.device)
+    hess[..., 0, 0] = e / q
+    hess[..., 0, 1] = hess[..., 1, 0] = -r * e / q ** 2
+    hess[..., 1, 1] = r * r * e / q ** 3
+    mu = y[..., 2]
+    K = torch.zeros(s.shape[:-1] + (4, 4), dtype=dt, device=s.device)
+    K[..., :3, :3] = eye + mu[..., None, None] * hess
+    K[..., :3, 3] = grad
+    K[..., 3, :3] = grad
+    generic = ~(y_zero | s_zero)
+    K = torch.where(generic[..., None, None], K, torch.eye(4, dtype=dt, device=s.device))
+    Dk = torch.linalg.solve(K, torch.eye(4, dtype=dt, device=s.device)[:, :3].expand(K.shape[:-2] + (4, 3)))[..., :3, :]
+    Dk = torch.where(y_zero[..., None, None], eye, torch.where(s_zero[..., None, None], torch.zeros_like(Dk), Dk))
+    return eye - Dk
+
+
+def dual_projection_jacobian(spec: ConeSpec, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``DΠ_{K*}(y − s)`` as a dense ``(B, m, m)`` block-diagonal matrix (``y, s`` ``(B, m)``)."""
+    B, m = y.shape
+    v = y - s
+    D = y.new_zeros(B, m, m)
+    z = spec.z
+    if z:
+        ar = torch.arange(z, device=y.device)
+        D[:, ar, ar] = 1.0
+    for kind, k, idx in spec.groups(y.device):
+        if kind == "l":
+            D[:, idx, idx] = (v[:, idx] > 0).to(y.dtype)
+            continue
+        if kind == "q":
+            blk = _soc(v[:, idx])
+        elif kind == "s":
+            blk = _psd(v[:, idx], k)
+        else:
+            blk = _exp(s[:, idx], y[:, idx])
+        D[:, idx[:, :, None], idx[:, None, :]] = blk
+    return D
+
+
+def project_dual(spec: ConeSpec, v: torch.Tensor) -> torch.Tensor:
+    """``Π_{K*}(v)`` for ``v (B, m)``; the exponential cone's rows are returned as NaN (no closed form)."""
+    out = v.clone()  # zero cone: K* = ℝ
+    for kind, k, idx in spec.groups(v.device):
+        blk = v[:, idx]
+        if kind == "l":
+            out[:, idx] = blk.clamp(min=0)
+        elif kind == "q":
+            t, x = blk[..., 0], blk[..., 1:]
+            nx = x.norm(dim=-1)
+            half = 0.5 * (t + nx)
+            edge = torch.cat([half[..., None], half[..., None] * x / nx.clamp(min=torch.finfo(v.dtype).tiny)[..., None]], -1)
+            out[:, idx] = torch.where((nx <= t)[..., None], blk,
+                                      torch.where((nx <= -t)[..., None], torch.zeros_like(blk), edge))
+        elif kind == "s":
+            lam, U = torch.linalg.eigh(smat(blk, k))
+            out[:, idx] = svec((U * lam.clamp(min=0)[..., None, :]) @ U.mT)
+        else:
+            out[:, idx] = float("nan")
+    return out

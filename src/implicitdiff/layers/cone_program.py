@@ -1,0 +1,137 @@
+r"""``cone_program``: a batched, differentiable convex cone program (the SCS / diffcp convention).
+
+The layer validates its inputs, solves with the homogeneous-embedding interior point of
+:mod:`implicitdiff.solvers.cone_ipm` and differentiates the solution map through
+:class:`~implicitdiff.implicit.cone.ConeFn`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._core.errors import InputError
+from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
+from .._core.options import check_bool, check_int, check_real
+from .._core.status import SolveInfo, Status
+from .._core.validate import as_float_tensor, check_finite, check_same_dtype_device
+from ..implicit.cone import ConeFn, ConeProblem
+from ..linalg.cone_spec import parse_cones
+from ..solvers.cone_ipm import ConeInteriorPoint
+
+__all__ = ["cone_program"]
+
+_HINTS = {
+    Status.INFEASIBLE: "No x has Ax + s = b with s in the cone (a certificate y with Aᵀy = 0, bᵀy < 0 was "
+                       "found): check b and the cone sizes",
+    Status.UNBOUNDED: "The objective cᵀx decreases without bound (a direction with Ax + s = 0, s in the cone, "
+                      "cᵀx < 0 was found): add constraints or check c's sign (cone_program minimizes)",
+    Status.MAX_ITERATIONS: "Raise max_iter, loosen rtol, or rescale the problem (entries of order 1)",
+    Status.BREAKDOWN: "The interior point stopped making progress (ill-conditioned or nearly infeasible "
+                      "data): loosen rtol or rescale the problem",
+    Status.NONFINITE: "Check the inputs for extreme values",
+}
+
+
+def _as_dense(name, t):
+    if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+        return t.to_dense()
+    return t
+
+
+def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise", return_info=False):
+    r"""Solve ``min cᵀx  s.t.  Ax + s = b,  s ∈ K`` (and its dual), batched and differentiably.
+
+    The dual is ``max −bᵀy  s.t.  Aᵀy + c = 0,  y ∈ K*``.  ``K`` is a product of cones in
+    SCS's order, given by ``cones``, a dict with keys ``"z"`` (number of zero-cone rows:
+    ``s = 0``, i.e. equalities), ``"l"`` (nonnegative rows), ``"q"`` (list of second-order
+    cone sizes, ``(t, x)`` with ``‖x‖ ≤ t``), ``"s"`` (list of PSD side lengths ``k``, each
+    block the ``k(k+1)/2`` entries of SCS's scaled lower triangle: column-major, off-diagonals
+    ×√2) and ``"ep"`` (number of exponential cones ``(x, y, z)``, ``y·exp(x/y) ≤ z``); this is
+    the data ``cvxpy``'s ``problem.get_problem_data(cp.SCS)`` returns.
+
+    Args:
+        A: ``(m, n)`` or ``(B, m, n)`` (dense, or a torch sparse matrix — densified).
+        b: ``(m,)`` or ``(B, m)``.
+        c: ``(n,)`` or ``(B, n)``.  Unbatched inputs are shared by the batch (their gradient
+            is the sum over it).
+        cones: the cone layout above; its rows must add up to ``m``.
+        rtol: relative tolerance of the stopping rule (primal and dual residuals relative
+            to ``1 + ‖b‖, ‖c‖``, duality gap relative to ``1 + |objective|``; see
+            :mod:`implicitdiff.solvers.cone_ipm`); default ``1e-8`` (float64), ``1e-5``
+            (float32).  The solve runs in float64 either way.
+        max_iter: interior-point iteration limit.
+        on_failure: ``"raise"`` (default), ``"warn"`` or ``"nan"`` (failed elements become
+            NaN; the others and their gradients are unaffected).
+        return_info: also return a :class:`~implicitdiff.SolveInfo` (status, residual,
+            iterations per batch element).
+
+    Returns:
+        ``(x, y, s)`` of shapes ``(*, n)``, ``(*, m)``, ``(*, m)`` (``*`` = the batch, or
+        nothing), then the info if ``return_info``.  All three are differentiable with
+        respect to ``A``, ``b`` and ``c`` (reverse mode and ``torch.func.jvp``).
+
+    Statuses per element: ``SUCCESS``; ``INFEASIBLE`` (primal infeasible, with a dual
+    certificate) and ``UNBOUNDED`` (dual infeasible) from the homogeneous embedding;
+    ``MAX_ITERATIONS``; ``BREAKDOWN`` (no progress); ``NONFINITE``.
+
+    Gradients are the exact derivative of the solution map (diffcp's residual map, see
+    :mod:`implicitdiff.implicit.cone`).  Where the map is not differentiable (a constraint
+    active with a zero multiplier, a non-unique solution) the one-sided value of
+    :mod:`implicitdiff.implicit.cone_projection` is used, or, if the derivative's linear
+    system is singular, backward raises :class:`~implicitdiff.SolveError`.
+
+    Example (``min x₁ + x₂`` over the unit disc: ``x = −(1, 1)/√2``):
+        >>> import torch, implicitdiff as idf
+        >>> A = torch.tensor([[0., 0.], [-1., 0.], [0., -1.]], dtype=torch.float64)
+        >>> b = torch.tensor([1., 0., 0.], dtype=torch.float64)
+        >>> c = torch.ones(2, dtype=torch.float64, requires_grad=True)
+        >>> x, y, s = idf.cone_program(A, b, c, {"q": [3]})
+        >>> [round(v, 6) for v in x.tolist()]
+        [-0.707107, -0.707107]
+    """
+    check_on_failure(on_failure)
+    check_bool("return_info", return_info)
+    max_iter = check_int("max_iter", max_iter, low=1, allow_none=False)
+    spec = parse_cones(cones)
+    if spec.ep:
+        raise InputError("exponential cones (cones['ep']) are not supported yet; remove them")
+    A = as_float_tensor("A", _as_dense("A", A))
+    b = as_float_tensor("b", b, like=A)
+    c = as_float_tensor("c", c, like=A)
+    check_same_dtype_device("A", A, b=b, c=c)
+    if A.dim() not in (2, 3):
+        raise InputError(f"A must have shape (m, n) or (B, m, n), got {tuple(A.shape)}")
+    m, n = A.shape[-2:]
+    if m != spec.m:
+        raise InputError(f"A has {m} rows but cones describes {spec.m} (z={spec.z}, l={spec.l}, q={list(spec.q)}, "
+                         f"s={list(spec.s)} → k(k+1)/2 rows each, ep={spec.ep} → 3 rows each); make them agree")
+    if n == 0:
+        raise InputError("A has no columns; a cone program needs at least one variable")
+    if b.dim() not in (1, 2) or b.shape[-1] != m:
+        raise InputError(f"b has shape {tuple(b.shape)} but must be ({m},) or (B, {m}) to match A {tuple(A.shape)}")
+    if c.dim() not in (1, 2) or c.shape[-1] != n:
+        raise InputError(f"c has shape {tuple(c.shape)} but must be ({n},) or (B, {n}) to match A {tuple(A.shape)}")
+    batch = [t.shape[0] for t in (A, b, c) if t.dim() == (3 if t is A else 2)]
+    if len(set(batch)) > 1:
+        raise InputError(f"the batch sizes of A, b, c differ ({batch}); give each the same leading size or none")
+    for name, t in (("A", A), ("b", b), ("c", c)):
+        check_finite(name, t)
+    dtype = A.dtype
+    if rtol is None:
+        rtol = 1e-8 if dtype == torch.float64 else 1e-5
+    rtol = check_real("rtol", rtol, low=0.0, low_open=True, high=1.0, high_open=True, allow_none=False)
+    batched = bool(batch)
+    B = batch[0] if batched else 1
+    A64 = A.to(torch.float64).expand(B, m, n)
+    b64 = b.to(torch.float64).expand(B, m)
+    c64 = c.to(torch.float64).expand(B, n)
+    problem = ConeProblem(spec, ConeInteriorPoint(rtol=rtol, max_iter=max_iter))
+    x, y, s, status, residual, iters = ConeFn.apply(A64, b64, c64, problem)
+    x, y, s = (t.to(dtype) for t in (x, y, s))
+    info = SolveInfo(status, residual.to(dtype), iters)
+    x = apply_on_failure(x, info, on_failure, "cone_program", _HINTS)
+    y, s = nan_where_failed(y, info.ok), nan_where_failed(s, info.ok)
+    if not batched:
+        x, y, s = x[0], y[0], s[0]
+        info = SolveInfo(*(t[0] for t in info[:3]))
+    return (x, y, s, info) if return_info else (x, y, s)

@@ -1,0 +1,268 @@
+r"""Nesterov–Todd scaling of the symmetric cones (nonnegative, second-order, PSD), batched.
+
+For a primal slack ``s`` and dual ``y`` in the interior of a symmetric cone the NT scaling ``W``
+maps both to one point ``λ = W⁻ᵀ s = W y``.  The interior point linearizes the centrality
+condition ``λ ∘ λ = σμ e`` in that frame (``∘`` the Jordan product), which gives, with the
+scaled directions ``Δs̃ = W⁻ᵀΔs`` and ``Δỹ = WΔy``,
+
+    Δs̃ + Δỹ = −d̃,   d̃ = λ \ (λ∘λ + (W⁻ᵀΔs_a)∘(WΔy_a) − σμ e)
+
+(the second term is Mehrotra's corrector, absent in the predictor).  Every cone here offers
+``scale(s, y) → state``, ``winv_t(state, V)`` (``W⁻ᵀ`` on a block of rows ``V``, to scale
+``A``), ``winv``/``w_t`` (to unscale ``Δỹ`` and ``Δs̃``), ``scaled(state, Δs, Δy)``,
+``rhs(state, σμ, corr)`` (``d̃``) and ``step(state, Δs, Δy)`` (the largest step keeping both
+in the cone, computed in the scaled frame where it is the same test for ``s`` and ``y``).  Each works on all blocks of one size at once: the nonnegative
+cone on ``(B, rows)``, the others on ``(B, blocks, size)``.  Forward only, no gradients.
+
+References: Vandenberghe, "The CVXOPT linear and quadratic cone program solvers" (2010), §4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..linalg.cone_spec import smat, svec
+
+__all__ = ["Nonneg", "SecondOrder", "PSD"]
+
+_INF = float("inf")
+
+
+def _max_step_from_eig(e: torch.Tensor) -> torch.Tensor:
+    """Largest α with ``1 + α e ≥ 0`` for all entries of ``e`` along the last dims, per batch row."""
+    worst = e.reshape(e.shape[0], -1).min(dim=1).values
+    return torch.where(worst < 0, -1.0 / worst.clamp(max=-1e-300), torch.full_like(worst, _INF))
+
+
+class Nonneg:
+    """``s ≥ 0`` elementwise; ``W = diag(√(s/y))``, ``λ = √(sy)``."""
+
+    @staticmethod
+    def unit(s):
+        return torch.ones_like(s)
+
+    @staticmethod
+    def scale(s, y):
+        w = torch.sqrt(s / y)
+        return (w, torch.sqrt(s * y))
+
+    @staticmethod
+    def winv_t(st, V):  # W⁻ᵀ on the rows of V (B, rows, r)
+        return V / st[0][..., None]
+
+    @staticmethod
+    def winv(st, v):
+        return v / st[0]
+
+    @staticmethod
+    def w_t(st, v):
+        return v * st[0]
+
+    @staticmethod
+    def scaled(st, ds, dy):
+        return ds / st[0], dy * st[0]
+
+    @staticmethod
+    def rhs(st, sigma_mu, corr):
+        w, lam = st
+        t = lam * lam - sigma_mu[:, None]
+        if corr is not None:
+            t = t + corr[0] * corr[1]
+        return t / lam
+
+    @staticmethod
+    def step(st, ds, dy):
+        a, b = Nonneg.scaled(st, ds, dy)
+        lam = st[1]
+        return _max_step_from_eig(torch.cat([a / lam, b / lam], dim=1))
+
+
+class SecondOrder:
+    """``(t, x)`` with ``‖x‖ ≤ t``; ``W = η W̄`` with ``W̄`` a hyperbolic rotation (``W̄² = 2w̄w̄ᵀ − J``)."""
+
+    @staticmethod
+    def unit(s):
+        e = torch.zeros_like(s)
+        e[..., 0] = 1.0
+        return e
+
+    @staticmethod
+    def _jnorm(u):
+        return torch.sqrt(((u[..., 0] - u[..., 1:].norm(dim=-1)) * (u[..., 0] + u[..., 1:].norm(dim=-1))).clamp(min=0))
+
+    @staticmethod
+    def scale(s, y):
+        ns, ny = SecondOrder._jnorm(s), SecondOrder._jnorm(y)
+        sb, yb = s / ns[..., None], y / ny[..., None]
+        gamma = torch.sqrt((1 + (sb * yb).sum(-1)) / 2)
+        w = sb.clone()
+        w[..., 0] = sb[..., 0] + yb[..., 0]
+        w[..., 1:] = sb[..., 1:] - yb[..., 1:]
+        w = w / (2 * gamma[..., None])
+        eta = torch.sqrt(ns / ny)
+        st = (w, eta, None)
+        lam = SecondOrder._wbar(w, y) * eta[..., None]
+        return (w, eta, lam)
+
+    @staticmethod
+    def _wbar(w, v):
+        """``W̄ v`` for ``W̄ = [[w₀, w₁ᵀ], [w₁, I + w₁w₁ᵀ/(1 + w₀)]]``."""
+        w0, w1 = w[..., :1], w[..., 1:]
+        v0, v1 = v[..., :1], v[..., 1:]
+        d = (w1 * v1).sum(-1, keepdim=True)
+        return torch.cat([w0 * v0 + d, v1 + (v0 + d / (1 + w0)) * w1], dim=-1)
+
+    @staticmethod
+    def _wbar_inv(w, v):
+        """``W̄⁻¹ v = J W̄ J v``."""
+        jv = torch.cat([v[..., :1], -v[..., 1:]], dim=-1)
+        u = SecondOrder._wbar(w, jv)
+        return torch.cat([u[..., :1], -u[..., 1:]], dim=-1)
+
+    @staticmethod
+    def winv_t(st, V):  # W is symmetric: W⁻¹ on the columns of V (B, nb, k, r)
+        w, eta, _ = st
+        return (SecondOrder._wbar_inv(w[..., None, :], V.mT) / eta[..., None, None]).mT
+
+    @staticmethod
+    def winv(st, v):
+        w, eta, _ = st
+        return SecondOrder._wbar_inv(w, v) / eta[..., None]
+
+    @staticmethod
+    def w_t(st, v):
+        w, eta, _ = st
+        return SecondOrder._wbar(w, v) * eta[..., None]
+
+    @staticmethod
+    def scaled(st, ds, dy):
+        w, eta, _ = st
+        return SecondOrder._wbar_inv(w, ds) / eta[..., None], SecondOrder._wbar(w, dy) * eta[..., None]
+
+    @staticmethod
+    def _jprod(u, v):
+        return torch.cat([(u * v).sum(-1, keepdim=True), u[..., :1] * v[..., 1:] + v[..., :1] * u[..., 1:]], dim=-1)
+
+    @staticmethod
+    def _jdiv(lam, r):
+        """``x`` with ``λ ∘ x = r``."""
+        l0, l1 = lam[..., :1], lam[..., 1:]
+        r0, r1 = r[..., :1], r[..., 1:]
+        det = l0 * l0 - (l1 * l1).sum(-1, keepdim=True)
+        x0 = (l0 * r0 - (l1 * r1).sum(-1, keepdim=True)) / det
+        return torch.cat([x0, (r1 - x0 * l1) / l0], dim=-1)
+
+    @staticmethod
+    def rhs(st, sigma_mu, corr):
+        w, eta, lam = st
+        t = SecondOrder._jprod(lam, lam)
+        t[..., 0] -= sigma_mu[:, None]
+        if corr is not None:
+            t = t + SecondOrder._jprod(corr[0], corr[1])
+        return SecondOrder._jdiv(lam, t)
+
+    @staticmethod
+    def _step(lam, d):
+        """Largest α with ``λ + α d`` in the cone (``λ`` interior), per batch row."""
+        l0, l1, d0, d1 = lam[..., 0], lam[..., 1:], d[..., 0], d[..., 1:]
+        a = d0 * d0 - (d1 * d1).sum(-1)
+        b = 2 * (l0 * d0 - (l1 * d1).sum(-1))
+        c = (l0 * l0 - (l1 * l1).sum(-1)).clamp(min=0)
+        disc = b * b - 4 * a * c
+        sq = torch.sqrt(disc.clamp(min=0))
+        q = -0.5 * (b + torch.where(b >= 0, sq, -sq))
+        inf = torch.full_like(a, _INF)
+        r1 = torch.where(a != 0, q / torch.where(a != 0, a, torch.ones_like(a)), inf)
+        r2 = torch.where(q != 0, c / torch.where(q != 0, q, torch.ones_like(q)), inf)
+        r1 = torch.where((r1 > 0) & (disc >= 0), r1, inf)
+        r2 = torch.where((r2 > 0) & (disc >= 0), r2, inf)
+        # the t-component must stay nonnegative too (the other nappe of the quadric)
+        r3 = torch.where(d0 < 0, -l0 / torch.where(d0 < 0, d0, -torch.ones_like(d0)), inf)
+        alpha = torch.minimum(torch.minimum(r1, r2), r3)
+        return alpha.reshape(alpha.shape[0], -1).min(dim=1).values
+
+    @staticmethod
+    def step(st, ds, dy):
+        a, b = SecondOrder.scaled(st, ds, dy)
+        lam = st[2]
+        return torch.minimum(SecondOrder._step(lam, a), SecondOrder._step(lam, b))
+
+
+class PSD:
+    """Symmetric PSD matrices in svec form; ``W y = Rᵀ Y R``, ``W⁻ᵀ s = R⁻¹ S R⁻ᵀ = Λ`` diagonal."""
+
+    @staticmethod
+    def unit(s):
+        k = int(round((math.sqrt(8 * s.shape[-1] + 1) - 1) / 2))
+        e = torch.eye(k, dtype=s.dtype, device=s.device)
+        return svec(e).expand_as(s).clone()
+
+    @staticmethod
+    def scale(s, y):
+        d = s.shape[-1]
+        k = int(round((math.sqrt(8 * d + 1) - 1) / 2))
+        S, Y = smat(s, k), smat(y, k)
+        Ls, info_s = torch.linalg.cholesky_ex(S)
+        Ly, info_y = torch.linalg.cholesky_ex(Y)
+        # an iterate that rounding pushed out of the cone: unit scaling, and step() returns 0
+        ok = (info_s == 0) & (info_y == 0)
+        eye = torch.eye(k, dtype=s.dtype, device=s.device)
+        Ls = torch.where(ok[..., None, None], Ls, eye)
+        Ly = torch.where(ok[..., None, None], Ly, eye)
+        U, lam, Vh = torch.linalg.svd(Ly.mT @ Ls)
+        isq = lam.rsqrt()
+        R = (Ls @ Vh.mT) * isq[..., None, :]                     # R = L_s V Λ^{-1/2}
+        Rinv = (Vh * lam.sqrt()[..., :, None]) @ torch.linalg.solve_triangular(
+            Ls, torch.eye(k, dtype=s.dtype, device=s.device).expand_as(Ls), upper=False)  # Λ^{1/2} Vᵀ L_s⁻¹
+        return (R, Rinv, lam, k, ok)
+
+    @staticmethod
+    def _cong(P, V, k):
+        """``svec(Pᵀ smat(v) P)`` for each column ``v`` of ``V (B, nb, d, r)``."""
+        X = smat(V.transpose(-1, -2), k)                          # (B, nb, r, k, k)
+        Pe = P[..., None, :, :]
+        return svec(Pe.mT @ X @ Pe).transpose(-1, -2)
+
+    @staticmethod
+    def winv_t(st, V):  # W⁻ᵀ(X) = R⁻¹ X R⁻ᵀ on the columns of V (B, nb, d, r)
+        R, Rinv, lam, k, _ = st
+        return PSD._cong(Rinv.mT, V, k)
+
+    @staticmethod
+    def winv(st, v):  # W⁻¹(X) = R⁻ᵀ X R⁻¹
+        R, Rinv, lam, k, _ = st
+        return svec(Rinv.mT @ smat(v, k) @ Rinv)
+
+    @staticmethod
+    def w_t(st, v):  # Wᵀ(X) = R X Rᵀ
+        R, Rinv, lam, k, _ = st
+        return svec(R @ smat(v, k) @ R.mT)
+
+    @staticmethod
+    def scaled(st, ds, dy):
+        R, Rinv, lam, k, _ = st
+        return (svec(Rinv @ smat(ds, k) @ Rinv.mT), svec(R.mT @ smat(dy, k) @ R))
+
+    @staticmethod
+    def rhs(st, sigma_mu, corr):
+        R, Rinv, lam, k, _ = st
+        T = torch.diag_embed(lam * lam - sigma_mu[:, None, None])
+        if corr is not None:
+            X, Y = smat(corr[0], k), smat(corr[1], k)
+            T = T + 0.5 * (X @ Y + Y @ X)
+        return svec(2 * T / (lam[..., :, None] + lam[..., None, :]))  # λ \ T : Λ X + X Λ = 2T
+
+    @staticmethod
+    def step(st, ds, dy):
+        R, Rinv, lam, k, _ = st
+        a, b = PSD.scaled(st, ds, dy)
+        isq = lam.rsqrt()
+        out = []
+        for v in (a, b):
+            X = smat(v, k) * isq[..., :, None] * isq[..., None, :]
+            X = torch.where(torch.isfinite(X), X, torch.zeros_like(X))
+            out.append(_max_step_from_eig(torch.linalg.eigvalsh(X)))
+        ok = st[4].reshape(st[4].shape[0], -1).all(-1)
+        return torch.where(ok, torch.minimum(out[0], out[1]), torch.zeros_like(out[0]))
