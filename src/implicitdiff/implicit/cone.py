@@ -98,9 +98,10 @@ def _solve(M, g, adjoint=False):
     return sol
 
 
-def _residual_map(A, b, c, u, v, spec):
-    """``N(z) = (Q − I)Π(z) + z`` at ``z = (u, v, 1)``, with ``Π_{K*}(v)``."""
-    yv = project_dual(spec, v)
+def _residual_map(A, b, c, u, v, spec, s, y):
+    """``N(z) = (Q − I)Π(z) + z`` at ``z = (u, v, 1)``, with ``Π_{K*}(v)`` (``(s, y)``: a nearby
+    solution pair, the start of the exponential cone's projection)."""
+    yv = project_dual(spec, v, s, y)
     qx = (A.mT @ yv[..., None])[..., 0] + c
     qy = -(A @ u[..., None])[..., 0] + b
     qt = -(c * u).sum(-1) - (b * yv).sum(-1)
@@ -119,23 +120,20 @@ def refine(A, b, c, x, y, s, ok, spec, steps):
     """
     n = x.shape[-1]
     u, v = x.clone(), y - s
-    res, _ = _residual_map(A, b, c, u, v, spec)
+    res, yv = _residual_map(A, b, c, u, v, spec, s, y)
     nrm = res.abs().amax(-1)
     for _ in range(steps):
-        yv = project_dual(spec, v)
         M, _ = _system(A, b, c, u, yv, yv - v, ok, spec)
         dz = torch.linalg.solve_ex(M, res)[0]
         un, vn = u - dz[:, :n], v - dz[:, n:-1]
         wn = 1 - dz[:, -1:]
         un, vn = un / wn, vn / wn
-        rn, _ = _residual_map(A, b, c, un, vn, spec)
+        rn, yn = _residual_map(A, b, c, un, vn, spec, yv - v, yv)
         nn = rn.abs().amax(-1)
-        better = ok & (nn < nrm) & torch.isfinite(nn)
-        u = torch.where(better[:, None], un, u)
-        v = torch.where(better[:, None], vn, v)
-        res = torch.where(better[:, None], rn, res)
-        nrm = torch.where(better, nn, nrm)
-    yv = project_dual(spec, v)
+        better = (ok & (nn < nrm) & torch.isfinite(nn))[:, None]
+        u, v, yv = (torch.where(better, a, b_) for a, b_ in ((un, u), (vn, v), (yn, yv)))
+        res = torch.where(better, rn, res)
+        nrm = torch.where(better[:, 0], nn, nrm)
     okc = ok[:, None]
     return (torch.where(okc, u, x), torch.where(okc, yv, y), torch.where(okc, yv - v, s))
 
@@ -150,7 +148,7 @@ class ConeFn(torch.autograd.Function):
     @staticmethod
     def forward(A, b, c, problem):
         x, y, s, status, residual, iters = problem.solver.solve(A, b, c, problem.spec)
-        if problem.refine and not problem.spec.ep:
+        if problem.refine:
             x, y, s = refine(A, b, c, x, y, s, status == Status.SUCCESS, problem.spec, problem.refine)
         return x, y, s, status, residual, iters
 

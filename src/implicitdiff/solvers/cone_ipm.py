@@ -180,7 +180,7 @@ class ConeInteriorPoint:
                 break
             # one Newton system per iteration ---------------------------------------------------
             mu = ((s[:, z:] * y[:, z:]).sum(-1) + tau * kappa) / (nu + 1)
-            states = [_CONES[k].scale(s[:, idx], y[:, idx]) for k, _, idx in groups]
+            states = [_CONES[k].scale(s[:, idx], y[:, idx], mu) for k, _, idx in groups]
             fac = self._factor(A, spec, groups, states)
             p2, qz2, yt2 = self._solve(fac, A, z, -c, b[:, :z], self._scale_rows(b, groups, states))
             # cᵀp₂ + bᵀq₂ = −q₂ᵀHq₂ = −‖Δỹ₂‖² ≤ 0 exactly; computed this way it has no cancellation
