@@ -26,7 +26,8 @@ __all__ = ["ExpCone"]
 
 # the central point s = y = −∇F(s) (as in Clarabel / ECOS), inside both K and K*
 _CENTRAL = (-1.051383945322714, 0.556409619469370, 1.258967884768947)
-_GRID = 0.9 ** torch.arange(0, 250, dtype=torch.float64)  # step candidates, 1 down to ~4e-12
+_GRID = 0.8 ** torch.arange(0, 100, dtype=torch.float64)  # interior-step candidates, 1 down to ~2e-10
+_BACK = 0.9 ** torch.arange(0, 12, dtype=torch.float64)   # then the neighbourhood's backtracking
 _BETA = 2.0
 
 
@@ -111,25 +112,25 @@ class ExpCone:
     @staticmethod
     def step(st, ds, dy):
         s, y, mu, g, L, ok = st
+        # 1) the largest step of a geometric grid that stays strictly inside both cones
         a = _GRID.to(dtype=s.dtype, device=s.device)
-        sa = s[..., None, :] + a[:, None] * ds[..., None, :]          # (B, nb, J, 3)
-        ya = y[..., None, :] + a[:, None] * dy[..., None, :]
-        inside = _in_primal(sa) & _in_dual(ya)
-        sa = torch.where(inside[..., None], sa, s[..., None, :])
-        ya = torch.where(inside[..., None], ya, y[..., None, :])
+        J = torch.arange(a.numel(), device=s.device)
+        inside = (_in_primal(s[..., None, :] + a[:, None] * ds[..., None, :])
+                  & _in_dual(y[..., None, :] + a[:, None] * dy[..., None, :])).all(dim=1)   # (B, J)
+        first = torch.where(inside, J, a.numel()).amin(-1)
+        a_in = torch.where(first < a.numel(), a[first.clamp(max=a.numel() - 1)], torch.zeros_like(a[:1]))
+        # 2) backtrack from there until the pair is in the central-path neighbourhood
+        b = a_in[:, None] * _BACK.to(dtype=s.dtype, device=s.device)                           # (B, K)
+        sa = s[..., None, :] + b[:, None, :, None] * ds[..., None, :]                            # (B, nb, K, 3)
+        ya = y[..., None, :] + b[:, None, :, None] * dy[..., None, :]
         mub = (sa * ya).sum(-1) / 3
         ga, Ha = _grad_hess(sa)
         r = ya + mub[..., None] * ga
         Hr = torch.linalg.solve_ex(Ha, r[..., None])[0][..., 0]
-        near = (r * Hr).sum(-1) <= (_BETA * mub) ** 2
-        good = (inside & near & torch.isfinite(Hr).all(-1)).all(dim=1)  # every block of the element
-        inside = inside.all(dim=1)
-        J = torch.arange(a.numel(), device=s.device)
-        first = torch.where(good, J, a.numel()).amin(-1)
-        # no step keeps the pair central (rounding in ψ near the boundary): half the largest
-        # step that stays inside
-        first_in = torch.where(inside, J, a.numel()).amin(-1)
-        big = a.new_zeros(1)
-        alpha = torch.where(first < a.numel(), a[first.clamp(max=a.numel() - 1)],
-                            torch.where(first_in < a.numel(), 0.5 * a[first_in.clamp(max=a.numel() - 1)], big))
+        near = ((r * Hr).sum(-1) <= (_BETA * mub) ** 2) & torch.isfinite(Hr).all(-1)
+        near = near.all(dim=1)                                                               # (B, K)
+        K = torch.arange(b.shape[-1], device=s.device)
+        k = torch.where(near, K, b.shape[-1]).amin(-1)
+        # no step keeps the pair central (rounding in ψ near the boundary): the last candidate
+        alpha = b.gather(1, k.clamp(max=b.shape[-1] - 1)[:, None])[:, 0]
         return torch.where(ok.all(-1), alpha, torch.zeros_like(alpha))
