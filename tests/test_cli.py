@@ -2,13 +2,17 @@
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from implicitdiff.checks import selfcheck
+from implicitdiff.demos import registry
 from implicitdiff.cli import main
 
 
@@ -27,6 +31,92 @@ def test_no_command_unknown_command_and_bad_argument_are_usage_errors(capsys):
     assert "--dtype" in capsys.readouterr().err
     assert main(["demo", "no-such-demo"]) == 2
     assert "seed" in capsys.readouterr().err  # names the demos that exist
+    assert main(["bench", "no-such-bench"]) == 2
+    assert "linear" in capsys.readouterr().err  # names the benchmarks that exist
+
+
+@pytest.mark.parametrize("argv, usage, match", [
+    (["demo", "--quik"], "usage: implicitdiff demo", "unrecognized arguments: --quik"),
+    (["bench", "--quik"], "usage: implicitdiff bench", "unrecognized arguments: --quik"),
+    (["check", "--nope"], "usage: implicitdiff check", "unrecognized arguments: --nope"),
+    (["demo", "seed", "extra"], "usage: implicitdiff demo", "unrecognized arguments: extra"),
+    (["demo", "no-such-demo"], "usage: implicitdiff demo", "unknown demo 'no-such-demo'"),
+    (["bench", "no-such-bench"], "usage: implicitdiff bench", "unknown benchmark 'no-such-bench'"),
+    (["check", "-k", "no-such-case"], "usage: implicitdiff check", "no case matches"),
+    (["check", "--device", "tpu"], "usage: implicitdiff check", "unknown device 'tpu'"),
+    (["bench", "linear", "--device", "tpu"], "usage: implicitdiff bench", "unknown device 'tpu'"),
+    (["frobnicate"], "usage: implicitdiff [", "invalid choice"),
+    (["--quik"], "usage: implicitdiff [", "unrecognized arguments: --quik"),
+])
+def test_usage_errors_exit_2_with_the_usage_of_the_subcommand(argv, usage, match, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert usage in captured.err and match in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_demo_out_an_existing_file_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    ran = []
+    monkeypatch.setattr(registry.Demo, "run", lambda self, args: ran.append(args))
+    existing = tmp_path / "plot.png"
+    existing.write_bytes(b"not a folder")
+    assert main(["demo", "seed", "--out", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert "usage: implicitdiff demo" in err and "is a file" in err and "--out" in err
+    assert ran == [] and existing.read_bytes() == b"not a folder"  # nothing ran, nothing overwritten
+    assert main(["demo", "seed", "--out", str(existing / "sub")]) == 2  # a folder that cannot be made
+    assert "plot.png is a file" in capsys.readouterr().err and ran == []
+    assert main(["demo", "seed", "--out", str(tmp_path / "new-folder")]) == 0 and len(ran) == 1
+
+
+def test_bench_out_an_existing_folder_is_a_usage_error(tmp_path, capsys):
+    assert main(["bench", "linear", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "usage: implicitdiff bench" in err and "is a folder" in err
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(capsys, monkeypatch):
+    def interrupted(self, args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry.Demo, "run", interrupted)
+    assert main(["demo", "seed"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "implicitdiff: interrupted"
+
+
+def test_sigint_in_a_running_demo_exits_130_without_traceback(tmp_path):
+    """The real thing: SIGINT sent to ``python -m implicitdiff demo`` once the demo has started."""
+    if not hasattr(signal, "SIGINT") or os.name == "nt":
+        pytest.skip("POSIX signals only")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "implicitdiff", "demo", "sudoku", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        first = proc.stdout.readline()  # "implicitdiff demo sudoku: ..." — the demo is running
+        assert first.startswith("implicitdiff demo sudoku"), first + proc.stderr.read()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines() == ["implicitdiff: interrupted"]
+
+
+def test_bench_device_is_passed_to_run_when_it_takes_one(capsys, monkeypatch):
+    import types
+
+    calls = {}
+    with_device = types.SimpleNamespace(run=lambda quick=False, out=None, device="cpu": calls.update(a=device))
+    without = types.SimpleNamespace(run=lambda quick=False, out=None: calls.update(b="ran"))
+    modules = {"implicitdiff.bench.a": with_device, "implicitdiff.bench.b": without}
+    monkeypatch.setattr("implicitdiff.cli._bench_names", lambda: ["a", "b"])
+    monkeypatch.setattr("implicitdiff.cli.importlib.import_module", lambda name: modules[name])
+    assert main(["bench", "--device", "cpu", "--quick"]) == 0
+    assert calls == {"a": "cpu", "b": "ran"}
 
 
 def test_demo_list_names_the_flagship(capsys):

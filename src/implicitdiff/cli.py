@@ -1,8 +1,9 @@
 """The ``implicitdiff`` command line: ``demo``, ``check`` and ``bench``.
 
 Exit codes: 0 success; 1 a check failed (``check``) or a demo/benchmark
-raised; 2 a usage error (unknown command, bad argument, unknown name,
-unavailable device or benchmark module).
+raised; 2 a usage error (unknown command, option or name, a bad ``--out``,
+an unavailable device or benchmark module), printed with the usage of the
+subcommand; 130 interrupted (Ctrl-C), one line and no traceback.
 
 Example:
     >>> from implicitdiff.cli import main
@@ -20,12 +21,17 @@ import importlib
 import os
 import pkgutil
 import sys
+import inspect
 import traceback
 from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
 DTYPES = ("float64", "float32")
+
+
+class _UsageError(Exception):
+    """A usage error, already explained on stderr with the usage of the (sub)command."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,8 +42,22 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{self.prog}: error: {message}")
 
 
-class _UsageError(Exception):
-    pass
+def _usage_error(parser: argparse.ArgumentParser, command: Optional[str], message: str) -> int:
+    """Print ``message`` with the usage of ``command`` (or of the program); return the exit code 2."""
+    sub = _subcommands(parser).get(command, parser)
+    try:
+        sub.error(message)
+    except _UsageError as e:
+        print(e, file=sys.stderr)
+    return 2
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict:
+    """name → parser of each subcommand of ``parser``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,29 +93,60 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     bench.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     bench.add_argument("--out", metavar="FILE", help="JSON output file (with several benchmarks: FILE_NAME.json)")
+    bench.add_argument("--device", default="cpu",
+                       help="cpu, cuda or cuda:N, passed to every benchmark that takes it (default: cpu)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        print("implicitdiff: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        args, extra = parser.parse_known_args(argv)
     except _UsageError as e:
         print(e, file=sys.stderr)
         return 2
     except SystemExit as e:  # --help and --version exit 0 through argparse
         return int(e.code or 0) if not isinstance(e.code, str) else 2
+    if extra:  # reported with the usage of the subcommand they were given to
+        return _usage_error(parser, args.command, f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return {"demo": _demo, "check": _check, "bench": _bench}[args.command](args)
+    return {"demo": _demo, "check": _check, "bench": _bench}[args.command](args, parser)
+
+
+def _device_error(device: str) -> Optional[str]:
+    """Why ``device`` cannot be used here (``None`` if it can)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return (f"--device {device} was requested but CUDA is not available in this PyTorch build "
+                    f"({torch.__version__}) or on this machine; use --device cpu")
+    elif device != "cpu":
+        return f"unknown device {device!r}; use cpu, cuda or cuda:N"
+    import torch
+
+    try:
+        torch.empty(0, device=device)
+    except Exception as e:
+        return f"cannot use --device {device}: {e}"
+    return None
 
 
 # -- demo -----------------------------------------------------------------------------------------------------
 
 
-def _demo(args) -> int:
+def _demo(args, parser) -> int:
     from .demos import registry
 
     if args.list:
@@ -108,8 +159,11 @@ def _demo(args) -> int:
     try:
         demo = registry.get(name)
     except KeyError as e:
-        print(f"implicitdiff demo: {e.args[0]}", file=sys.stderr)
-        return 2
+        return _usage_error(parser, "demo", e.args[0])
+    blocker = _existing_file_on(args.out)
+    if blocker:
+        return _usage_error(parser, "demo", f"--out {args.out}: {blocker} is a file; "
+                                            f"--out takes the folder for the plot")
     print(f"implicitdiff demo {name}: {demo.description}")
     try:
         demo.run(args)
@@ -120,34 +174,34 @@ def _demo(args) -> int:
     return 0
 
 
+def _existing_file_on(path: str) -> Optional[str]:
+    """The path itself or its nearest existing ancestor, if that is not a folder (``None`` otherwise)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return None if os.path.isdir(path) else path
+
+
 # -- check ----------------------------------------------------------------------------------------------------
 
 
-def _check(args) -> int:
+def _check(args, parser) -> int:
     import torch
 
     from .checks import selfcheck
 
     device = args.device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            print(f"implicitdiff check: --device {device} was requested but CUDA is not available in this "
-                  f"PyTorch build ({torch.__version__}) or on this machine; use --device cpu", file=sys.stderr)
-            return 2
-    elif device != "cpu":
-        print(f"implicitdiff check: unknown device {device!r}; use cpu, cuda or cuda:N", file=sys.stderr)
-        return 2
-    try:
-        torch.empty(0, device=device)
-    except Exception as e:
-        print(f"implicitdiff check: cannot use device {device!r}: {e}", file=sys.stderr)
-        return 2
+    problem = _device_error(device)
+    if problem:
+        return _usage_error(parser, "check", problem)
     dtype = getattr(torch, args.dtype)
     results = selfcheck.run(device=device, dtype=dtype, pattern=args.pattern)
     if not results:
         names = ", ".join(c.name for c in selfcheck.cases())
-        print(f"implicitdiff check: no case matches -k {args.pattern!r}; the cases are: {names}", file=sys.stderr)
-        return 2
+        return _usage_error(parser, "check", f"no case matches -k {args.pattern!r}; the cases are: {names}")
     print(f"implicitdiff check: {len(results)} cases on {device}, {args.dtype}; reverse and forward mode "
           f"against float64 central finite differences (and a closed form where one is given)")
     rows = [("case", "layer", "max rel err (fd)", "max rel err (ref)", "result")]
@@ -191,7 +245,7 @@ def _bench_names() -> list:
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
 
 
-def _bench(args) -> int:
+def _bench(args, parser) -> int:
     available = _bench_names()
     if args.list:
         if not available:
@@ -201,32 +255,41 @@ def _bench(args) -> int:
         return 0
     names = [args.name] if args.name else available
     if not names:
-        print("implicitdiff bench: no benchmarks are installed (the module implicitdiff.bench is missing)",
-              file=sys.stderr)
-        return 2
+        return _usage_error(parser, "bench", "no benchmarks are installed (the module implicitdiff.bench is missing)")
     for name in names:
         if name not in available:
-            print(f"implicitdiff bench: unknown benchmark {name!r} (no module implicitdiff.bench.{name}); "
-                  f"available: {', '.join(available) or 'none'}", file=sys.stderr)
-            return 2
+            return _usage_error(parser, "bench", f"unknown benchmark {name!r} (no module implicitdiff.bench.{name}); "
+                                                 f"available: {', '.join(available) or 'none'}")
+    if args.out and os.path.isdir(args.out):
+        return _usage_error(parser, "bench", f"--out {args.out} is a folder; --out takes a JSON file name")
+    problem = _device_error(args.device)
+    if problem:
+        return _usage_error(parser, "bench", problem)
     for name in names:
         try:
             module = importlib.import_module(f"implicitdiff.bench.{name}")
         except ImportError as e:
-            print(f"implicitdiff bench: cannot import implicitdiff.bench.{name}: {e}. Its optional "
-                  f"dependencies come with: pip install \"implicitdiff[bench]\"", file=sys.stderr)
-            return 2
-        if not callable(getattr(module, "run", None)):
-            print(f"implicitdiff bench: implicitdiff.bench.{name} has no run(quick=..., out=...) function",
-                  file=sys.stderr)
-            return 2
-        out = args.out
-        if out and len(names) > 1:
-            root, ext = os.path.splitext(out)
-            out = f"{root}_{name}{ext or '.json'}"
-        print(f"implicitdiff bench {name}{' (quick)' if args.quick else ''}")
+            return _usage_error(parser, "bench", f"cannot import implicitdiff.bench.{name}: {e}. Its optional "
+                                                 f"dependencies come with: pip install \"implicitdiff[bench]\"")
+        run = getattr(module, "run", None)
+        if not callable(run):
+            return _usage_error(parser, "bench", f"implicitdiff.bench.{name} has no run(quick=..., out=...) function")
+        kwargs = dict(quick=args.quick, out=args.out)
+        if args.out and len(names) > 1:
+            root, ext = os.path.splitext(args.out)
+            kwargs["out"] = f"{root}_{name}{ext or '.json'}"
+        if "device" in inspect.signature(run).parameters:
+            kwargs["device"] = args.device
+        elif args.device != "cpu":
+            if args.name:
+                return _usage_error(parser, "bench", f"the benchmark {name!r} runs on the CPU only (its run() "
+                                                     f"takes no device); drop --device {args.device}")
+            print(f"implicitdiff bench {name}: skipped, it runs on the CPU only (--device {args.device})")
+            continue
+        print(f"implicitdiff bench {name}{' (quick)' if args.quick else ''}"
+              f"{'' if args.device == 'cpu' else ' on ' + args.device}")
         try:
-            module.run(quick=args.quick, out=out)
+            run(**kwargs)
         except Exception:
             traceback.print_exc()
             print(f"implicitdiff bench: the benchmark {name!r} failed (traceback above)", file=sys.stderr)

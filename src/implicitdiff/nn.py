@@ -1,4 +1,4 @@
-"""Thin ``nn.Module`` wrappers of the layers: ``QPLayer`` and ``DEQ``.
+"""Thin ``nn.Module`` wrappers of the layers: ``QPLayer``, ``DEQ`` and ``CvxpyLayer``.
 
 A module holds the tensors it learns as ``nn.Parameter``\\ s and calls the functional layer,
 so ``loss.backward()`` fills ``.grad`` of every parameter and ``torch.func.functional_call``
@@ -12,10 +12,14 @@ from typing import Optional, Sequence
 import torch
 
 from ._core.errors import InputError
-from .layers.deq import DEFAULT_ADJOINT, DEQInfo, deq, jacobian_penalty
+from ._core.failure import check_on_failure
+from ._core.options import check_choice, check_int, check_real
+from ._core.torch_private import eager_under_compile
+from .layers.cvxpy_layer import canonicalize, rtol_from_solver_args, solve_canonical
+from .layers.deq import DEFAULT_ADJOINT, DEQInfo, check_deq_options, deq, jacobian_penalty
 from .layers.qp import qp
 
-__all__ = ["QPLayer", "DEQ", "DEQInfo"]
+__all__ = ["QPLayer", "DEQ", "DEQInfo", "CvxpyLayer"]
 
 _NAMES = ("Q", "p", "G", "h", "A", "b")
 
@@ -60,6 +64,15 @@ class QPLayer(torch.nn.Module):
                  Q=None, p=None, G=None, h=None, A=None, b=None, q_ridge: float = 0.0, rtol=None,
                  max_iter: int = 50, on_failure: str = "raise", dtype=None, device=None, generator=None):
         super().__init__()
+        n = check_int("n", n, low=1)
+        n_ineq, n_eq = check_int("n_ineq", n_ineq, low=0, allow_none=False), check_int("n_eq", n_eq, low=0,
+                                                                                        allow_none=False)
+        q_ridge = check_real("q_ridge", q_ridge, low=0.0, allow_none=False)
+        check_real("rtol", rtol, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_int("max_iter", max_iter, low=1, allow_none=False)
+        check_choice("on_failure", on_failure, ("raise", "warn", "nan"))
+        if isinstance(learn, str) or not all(isinstance(k, str) for k in learn):
+            raise InputError(f"learn must be a sequence of names such as ('A', 'b'), got {learn!r}")
         learn = tuple(learn)
         unknown = [k for k in learn if k not in _NAMES]
         if unknown:
@@ -86,8 +99,11 @@ class QPLayer(torch.nn.Module):
                 continue
             t = torch.as_tensor(t, dtype=dtype, device=device)
             if name == "Q" and name in learn:
-                L = torch.linalg.cholesky(t - q_ridge * torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
-                                          + 1e-12 * torch.eye(t.shape[-1], dtype=t.dtype, device=t.device))
+                eye = torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
+                L, info = torch.linalg.cholesky_ex(t - q_ridge * eye + 1e-12 * eye)
+                if bool((info != 0).any()):
+                    raise InputError("QPLayer learns Q as L Lᵀ + q_ridge·I, but the initial Q − q_ridge·I is not "
+                                     "positive definite; pass a positive definite Q (or a smaller q_ridge)")
                 self.Q_factor = torch.nn.Parameter(L.detach().clone())
             elif name in learn:
                 setattr(self, name, torch.nn.Parameter(t.detach().clone()))
@@ -220,6 +236,10 @@ class DEQ(torch.nn.Module):
             raise InputError(f"cell must be a torch.nn.Module called as cell(z, x), got {type(cell).__name__}")
         if isinstance(jac_reg, bool) or not isinstance(jac_reg, int) or jac_reg < 0:
             raise InputError(f"jac_reg must be an integer ≥ 0 (Hutchinson probes; 0 turns it off), got {jac_reg!r}")
+        check_deq_options(solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, max_iter=max_iter,
+                          on_failure=on_failure, solver_options=solver_options)
+        if not isinstance(track_trace, bool):
+            raise InputError(f"track_trace must be True or False, got {track_trace!r}")
         self.cell = cell
         self.solver = solver
         self.adjoint = adjoint
@@ -239,7 +259,7 @@ class DEQ(torch.nn.Module):
     # Under torch.compile the layer runs eagerly (a graph break): the solver's loop stops on data
     # (a host sync per iteration), which dynamo would otherwise retrace iteration by iteration —
     # seconds of compilation per call shape for nothing it can fuse.  The modules around it compile.
-    @torch.compiler.disable
+    @eager_under_compile
     def _forward(self, x, z0):
         z, info = deq(self.cell, x, z0, solver=self.solver, adjoint=self.adjoint, rtol=self.rtol, atol=self.atol,
                       max_iter=self.max_iter, on_failure=self.on_failure, return_info=True,
@@ -257,3 +277,82 @@ class DEQ(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"solver={self.solver!r}, adjoint={self.adjoint!r}, rtol={self.rtol}, max_iter={self.max_iter}, "
                 f"on_failure={self.on_failure!r}, jac_reg={self.jac_reg}")
+
+
+class CvxpyLayer(torch.nn.Module):
+    r"""A DPP cvxpy problem as a layer: a drop-in for ``cvxpylayers.torch.CvxpyLayer``.
+
+    The problem is canonicalized **once** (cvxpy's parametrized cone program); per call the parameter
+    tensors map to the cone program ``min cᵀx s.t. Ax + s = b, s ∈ K`` through a sparse affine map
+    applied in torch (batched, differentiable, on the parameters' device and dtype), which
+    :func:`~implicitdiff.cone_program` solves and differentiates (the exact derivative of the solution
+    map).  See ``docs/cone_program.md``.
+
+    Args:
+        problem: a ``cvxpy.Problem`` that is DPP (``problem.is_dpp()``).
+        parameters: all of the problem's ``cvxpy.Parameter`` objects, in the order of the tensors
+            passed to ``forward``.
+        variables: the ``cvxpy.Variable`` objects whose values ``forward`` returns, in order.
+        solver, gp, verbose: cvxpylayers' keywords, accepted at their defaults only (``None``,
+            ``False``, ``False``): the solver is always ``cone_program``; geometric programs are not
+            supported.
+        canon_backend: cvxpy's canonicalization backend (passed to ``get_problem_data``).
+        solver_args: default ``{"eps": ...}`` (or ``eps_abs``/``eps_rel``): the relative tolerance
+            ``rtol`` of ``cone_program``; other keys raise.
+        rtol: the same tolerance by its own name (``None``: ``cone_program``'s default).
+        on_failure: ``"raise"`` (default) | ``"warn"`` | ``"nan"`` for elements that fail (infeasible,
+            unbounded, not converged); their status is in :attr:`last_info`.
+
+    Attributes:
+        last_info: the :class:`~implicitdiff.SolveInfo` of the last call (per batch element).
+
+    ``forward(*params, solver_args=None)`` takes one tensor per parameter, of the parameter's shape or
+    with one leading batch dimension (batched and unbatched tensors mix; unbatched ones broadcast),
+    all of one floating dtype on one device, and returns a tuple with one tensor per variable
+    (batched iff a parameter is).  Raises :class:`~implicitdiff.InputError` for a non-DPP problem,
+    foreign parameters or variables, and wrong number, shape or dtype of tensors.
+
+    Example:
+        >>> import cvxpy as cp, torch
+        >>> from implicitdiff.nn import CvxpyLayer
+        >>> x = cp.Variable(2)
+        >>> A, b = cp.Parameter((3, 2)), cp.Parameter(3)
+        >>> problem = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b)), [x >= 0])
+        >>> layer = CvxpyLayer(problem, parameters=[A, b], variables=[x])
+        >>> A_t = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+        >>> b_t = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)   # a batch of 8
+        >>> (sol,) = layer(A_t, b_t)  # doctest: +SKIP
+        >>> sol.shape  # doctest: +SKIP
+        torch.Size([8, 2])
+        >>> sol.sum().backward()  # doctest: +SKIP
+    """
+
+    def __init__(self, problem, parameters, variables, solver=None, gp=False, verbose=False, canon_backend=None,
+                 solver_args=None, *, rtol=None, on_failure="raise"):
+        super().__init__()
+        if solver is not None:
+            raise InputError(f"solver={solver!r} selects one of cvxpylayers' backends; this layer always solves with "
+                             "implicitdiff.cone_program. Remove solver= (tolerances go in rtol= or solver_args)")
+        if gp is not False:
+            raise InputError("gp=True (geometric programs) is not supported by implicitdiff's CvxpyLayer; take the "
+                             "logarithms yourself and pass the DCP problem, or use cvxpylayers")
+        if verbose is not False:
+            raise InputError("verbose=True does not apply: cone_program prints nothing; read layer.last_info "
+                             "(status, residual, iterations per element) instead")
+        self.canonical = canonicalize(problem, parameters, variables, canon_backend=canon_backend)
+        self.rtol = rtol_from_solver_args(solver_args, default=rtol)
+        check_on_failure(on_failure)
+        self.on_failure = on_failure
+        self.last_info = None
+
+    def forward(self, *params, solver_args=None, warm_start=False):
+        if warm_start is not False:
+            raise InputError("warm_start does not apply: cone_program starts every solve afresh; remove it")
+        rtol = rtol_from_solver_args(solver_args, default=self.rtol)
+        values, info = solve_canonical(self.canonical, params, rtol=rtol, on_failure=self.on_failure)
+        self.last_info = info
+        return values
+
+    def extra_repr(self) -> str:
+        c = self.canonical
+        return f"m={c.m}, n={c.n}, cones={c.cones}, rtol={self.rtol}, on_failure={self.on_failure!r}"

@@ -185,6 +185,27 @@ def test_report_str_and_repr_are_readable():
     (dict(rtol=-1.0), "rtol"),
     (dict(cond=0.5), "cond"),
     (dict(reference=3), "reference"),
+    # every option is validated: NaN, infinity, wrong types and ranges are named, never used
+    (dict(rtol=float("nan")), "rtol"),
+    (dict(atol=float("nan")), "atol"),
+    (dict(atol=-1e-9), "atol"),
+    (dict(forward_tol=float("nan")), "forward_tol"),
+    (dict(forward_tol=-0.1), "forward_tol"),
+    (dict(rtol=float("inf")), "rtol"),
+    (dict(eps=float("nan")), "eps"),
+    (dict(eps=1.5), "eps"),
+    (dict(eps="1e-6"), "eps"),
+    (dict(cond=float("nan")), "cond"),
+    (dict(cond=float("inf")), "cond"),
+    (dict(mode=None), "mode"),
+    (dict(seed=1.5), "seed"),
+    (dict(seed=None), "seed"),
+    (dict(max_fd_numel=-1), "max_fd_numel"),
+    (dict(max_fd_numel=2.0), "max_fd_numel"),
+    (dict(num_directions=0), "num_directions"),
+    (dict(num_directions=True), "num_directions"),
+    (dict(fd_dtype=torch.int64), "fd_dtype"),
+    (dict(fd_dtype="float64"), "fd_dtype"),
 ])
 def test_bad_options_raise_input_error_naming_them(kwargs, match):
     A, b = _problem()

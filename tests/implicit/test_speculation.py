@@ -9,7 +9,7 @@ import torch
 
 import implicitdiff as idf
 from implicitdiff._core.tree import flatten
-from implicitdiff.bench._harness import saved_bytes, saved_bytes_and_output
+from implicitdiff.checks.memory import saved_bytes, saved_bytes_and_output
 from implicitdiff.implicit.root import RootProblem, Speculation
 from implicitdiff.layers.deq import deq
 from implicitdiff.layers.fixed_point import fixed_point_residual

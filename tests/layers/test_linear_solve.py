@@ -11,7 +11,7 @@ from torch.func import jacrev
 
 import implicitdiff as idf
 from implicitdiff import Nearest, Pinned, Status
-from implicitdiff.linalg import Cholesky, LinearOperator
+from implicitdiff.linalg import CholeskyFactor as Cholesky, LinearOperator
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-12)

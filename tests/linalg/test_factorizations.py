@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from implicitdiff import InputError, Status
-from implicitdiff.linalg import SVD, Cholesky, Factorization, LU, QR, QRTransposed
+from implicitdiff.linalg import CholeskyFactor as Cholesky, Factorization, LUFactor as LU, QRFactor as QR, QRTransposed
+from implicitdiff.linalg import SVDFactor as SVD
 from implicitdiff.linalg.factorization import from_tensors, hager_inv_norm1, rank_flags
 from implicitdiff.linalg.selection import consistency_rtol, factorize, resolve_selection
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from implicitdiff._core.status import Status
-from implicitdiff.solvers.qp_ipm import QPInteriorPoint, kkt_apply, _Products
+from implicitdiff.solvers.qp_ipm import QPInteriorPoint
+from implicitdiff.linalg.kkt import kkt_apply, KKTProducts as _Products
 
 F64 = torch.float64
 
@@ -48,7 +49,7 @@ def test_active_set_finish_gives_exact_complementarity(g):
     """The polished multipliers are exactly zero off the active set and the active rows hold with equality."""
     P = random_qp(g, 4, 6, 8, 1)
     res = QPInteriorPoint.for_dtype(F64).solve(*P)
-    act = res.active.bool()
+    act = res.kkt.active.bool()
     assert (res.lam[~act] == 0).all()
     slack = P[3] - (P[2] @ res.z[..., None])[..., 0]
     assert slack[act].abs().max() < 1e-12 and (slack[~act] > 0).all()
@@ -84,7 +85,7 @@ def test_linear_program_with_equalities_matches_cvxpy(g):
     p = torch.randn(n, generator=g, dtype=F64)
     res = QPInteriorPoint.for_dtype(F64).solve(torch.zeros(1, n, n, dtype=F64), p[None], G[None], h[None], A[None],
                                                b[None])
-    assert res.status.item() == Status.SUCCESS and res.factor.kind == "primal"
+    assert res.status.item() == Status.SUCCESS and res.kkt.factor.kind == "primal"
     z = cp.Variable(n)
     cp.Problem(cp.Minimize(p.numpy() @ z), [G.numpy() @ z <= h.numpy(), A.numpy() @ z == b.numpy()]).solve(
         solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
@@ -141,14 +142,14 @@ def test_final_factorization_solves_the_active_set_kkt_system(g, kkt):
 def _kkt_oracle_check(s, res, Q, G, A, g):
     """The factor ``res`` exposes solves the exact active-set KKT system of every element (dense oracle)."""
     B, n, m, k = Q.shape[0], Q.shape[-1], G.shape[-2], A.shape[-2]
-    act = res.active
+    act = res.kkt.active
     GM = G * act[..., None]
     r = tuple(torch.randn(B, d, generator=g, dtype=F64) for d in (n, m, k))
-    x = s.solve_factored(res.factor.kind, res.factor.tensors, GM, A, *r)
+    x = res.kkt.factor.solve(GM, A, *r)
     P = _Products.build(0.5 * (Q + Q.mT), G, A)
     for _ in range(3):
         kx = kkt_apply(P, 1 - act, *x, mask=act)
-        d = s.solve_factored(res.factor.kind, res.factor.tensors, GM, A, *(ri - ki for ri, ki in zip(r, kx)))
+        d = res.kkt.factor.solve(GM, A, *(ri - ki for ri, ki in zip(r, kx)))
         x = tuple(xi + di for xi, di in zip(x, d))
     for i in range(B):
         a = act[i].bool()
@@ -193,7 +194,7 @@ def test_early_stop_gives_the_full_accuracy_solution_and_a_consistent_factor(g, 
     torch.testing.assert_close(got.z, want.z, atol=1e-9, rtol=0)
     torch.testing.assert_close(got.lam, want.lam, atol=1e-9, rtol=0)
     torch.testing.assert_close(got.nu, want.nu, atol=1e-9, rtol=0)
-    assert torch.equal(got.active, want.active)
+    assert torch.equal(got.kkt.active, want.kkt.active)
     if early == 0.3:  # some elements were polished again on their own (a subset of the batch)
         assert any(sz < 12 for sz in sizes[1:]), sizes
         assert len(loops) == 2 and 0 < loops[1] < 12, loops  # and some resumed the interior point
@@ -212,4 +213,4 @@ def test_tapia_guess_keeps_an_active_constraint_with_a_tiny_multiplier():
     assert int(res.status[0]) == Status.SUCCESS
     torch.testing.assert_close(res.z, torch.tensor([[1.0, 2.0]], dtype=F64), atol=1e-14, rtol=0)
     torch.testing.assert_close(res.lam, torch.tensor([[1e-7]], dtype=F64), atol=1e-14, rtol=0)
-    assert res.active.tolist() == [[1.0]]
+    assert res.kkt.active.tolist() == [[1.0]]

@@ -1,12 +1,12 @@
 """One reverse pass through a recorded graph, without ``torch.autograd.grad``'s per-call checks.
 
-``torch.autograd.grad`` validates and normalizes its arguments in Python on every call (about
-15 µs on a CPU core, as much as a small layer's whole vector-Jacobian product).  A loop that
-takes dozens of products through one graph it built itself — the adjoint iterations of a
+``torch.autograd.grad`` validates and normalizes its arguments in Python on every call (as much
+work as a small layer's whole vector-Jacobian product; figures in docs/benchmarks.md).  A loop
+that takes dozens of products through one graph it built itself — the adjoint iterations of a
 deep equilibrium layer — already knows that the cotangent has the output's shape, dtype and
 device; :func:`vjp` then calls the autograd engine directly (the call ``torch.autograd.grad``
-itself ends in), falling back to ``torch.autograd.grad`` where the engine's entry point is
-not there.
+itself ends in, through :func:`implicitdiff._core.torch_private.run_backward`), falling back to
+``torch.autograd.grad`` where the engine's entry point is not there.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["vjp", "vjp_fn"]
+from .torch_private import run_backward
 
-_engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
-_run_backward = getattr(_engine, "run_backward", None)
+__all__ = ["vjp", "vjp_fn"]
 
 
 def vjp(output: torch.Tensor, inputs: Sequence[torch.Tensor], cotangent: torch.Tensor, *,
@@ -35,10 +34,7 @@ def vjp(output: torch.Tensor, inputs: Sequence[torch.Tensor], cotangent: torch.T
         >>> vjp(y, (x,), torch.ones(2))
         (tensor([2., 4.]),)
     """
-    inputs = tuple(inputs)
-    if _run_backward is None:  # pragma: no cover - a torch without the engine entry point
-        return torch.autograd.grad(output, inputs, cotangent, retain_graph=retain_graph, allow_unused=True)
-    return _run_backward((output,), (cotangent,), retain_graph, False, inputs, True, False)
+    return run_backward((output,), (cotangent,), inputs, retain_graph=retain_graph)
 
 
 def vjp_fn(output: torch.Tensor, input: torch.Tensor):
@@ -53,13 +49,8 @@ def vjp_fn(output: torch.Tensor, input: torch.Tensor):
         (tensor([2., 4.]), tensor([2., 0.]))
     """
     outputs, inputs = (output,), (input,)
-    if _run_backward is None:  # pragma: no cover - a torch without the engine entry point
-        def product(v):
-            g = torch.autograd.grad(outputs, inputs, (v,), retain_graph=True, allow_unused=True)[0]
-            return torch.zeros_like(input) if g is None else g
-        return product
 
     def product(v):
-        g = _run_backward(outputs, (v,), True, False, inputs, True, False)[0]
+        g = run_backward(outputs, (v,), inputs)[0]
         return torch.zeros_like(input) if g is None else g
     return product

@@ -28,6 +28,7 @@ class Status(enum.IntEnum):
     DIVERGED = 7
     INFEASIBLE = 8
     UNBOUNDED = 9
+    NONCONVEX = 10
 
     @property
     def message(self) -> str:
@@ -45,6 +46,8 @@ _MESSAGES = {
     Status.DIVERGED: "the iteration diverged",
     Status.INFEASIBLE: "the problem is primal infeasible",
     Status.UNBOUNDED: "the problem is dual infeasible (unbounded)",
+    Status.NONCONVEX: "the objective is not convex: Q is not positive semidefinite (on the null space of the "
+                      "equality constraints)",
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils import _pytree as pytree
+from .torch_private import pytree
 
 __all__ = ["Tree", "flatten"]
 

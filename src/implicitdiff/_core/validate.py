@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .errors import InputError
+from .torch_private import in_transform, is_vmapped  # noqa: F401  (re-exported: the probes live there)
 
 __all__ = ["as_float_tensor", "check_same_dtype_device", "check_finite", "is_vmapped", "in_transform",
            "FLOAT_DTYPES"]
@@ -18,35 +19,15 @@ __all__ = ["as_float_tensor", "check_same_dtype_device", "check_finite", "is_vma
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
-def is_vmapped(t: torch.Tensor) -> bool:
-    """True when ``t`` is batched by an enclosing ``torch.func.vmap`` (no data access allowed)."""
-    try:
-        from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor, get_unwrapped
-    except ImportError:  # pragma: no cover - very old torch
-        return False
-    while is_functorch_wrapped_tensor(t):
-        if is_batchedtensor(t):
-            return True
-        t = get_unwrapped(t)
-    return False
-
-
-def in_transform() -> bool:
-    """True inside a ``torch.func`` transform (``grad``, ``vjp``, ``jvp``, ``vmap``, …), where
-    ``requires_grad_`` and plain ``torch.autograd.grad`` do not see the transformed tensors."""
-    try:
-        from torch._C._functorch import peek_interpreter_stack
-    except ImportError:  # pragma: no cover - very old torch
-        return True
-    return peek_interpreter_stack() is not None
-
-
 def as_float_tensor(name: str, x, *, like: torch.Tensor | None = None) -> torch.Tensor:
     """Return ``x`` as a float32/float64 tensor or raise an :class:`InputError` naming ``name``."""
     if not isinstance(x, torch.Tensor):
         if like is None:
             raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        x = torch.as_tensor(x, dtype=like.dtype, device=like.device)
+        try:
+            x = torch.as_tensor(x, dtype=like.dtype, device=like.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"{name} must be a torch.Tensor (or numbers), got {type(x).__name__}") from None
     if x.dtype not in FLOAT_DTYPES:
         raise InputError(
             f"{name} has dtype {x.dtype}; implicitdiff solves in float32 or float64 "

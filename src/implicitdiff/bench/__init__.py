@@ -11,14 +11,13 @@ directory):
   the closed form, unrolled autograd, TorchOpt, JAXopt and Optimistix;
 * :mod:`implicitdiff.bench.deq` — deep equilibrium layers against torchdeq and
   unrolled autograd;
-* :mod:`implicitdiff.bench.qp` — batched QPs against qpth and cvxpylayers.
-
-(``benchmarks/krylov.py`` — Krylov solves against ``scipy.sparse.linalg`` — is a
-script only.)
+* :mod:`implicitdiff.bench.qp` — batched QPs against qpth and cvxpylayers;
+* :mod:`implicitdiff.bench.krylov` — Krylov solves against ``scipy.sparse.linalg``.
 
 Shared machinery (threads, timing, memory, tables) is in ``_harness``.  Peers
 are optional: no peer library is imported when this package is, and a missing
-one is skipped with a message.  From a shell: ``python benchmarks/linear.py``.
+one is skipped with a message.  From a shell: ``implicitdiff bench linear`` or the
+thin shim ``python benchmarks/linear.py``.
 """
 
 __all__: list = []

@@ -13,8 +13,9 @@ times on a shared machine say little.  This module gives them one way to:
   round) so that a neighbour's load hits every contender alike; the median is
   reported.  Calls shorter than ``min_sample_s`` are looped inside a sample;
 * measure memory: :func:`saved_bytes` (what autograd keeps for the backward,
-  inputs excluded — meaningful on every device) and :func:`cuda_peak_bytes`
-  (``None`` off CUDA);
+  inputs excluded — meaningful on every device; it lives in
+  :mod:`implicitdiff.checks.memory`, where tests use it) and
+  :func:`cuda_peak_bytes` (``None`` off CUDA);
 * compare gradients (:func:`max_abs_diff`, :func:`central_difference`);
 * report (:func:`format_table`, :func:`write_json`, :func:`plot_ratios` —
   matplotlib is imported lazily and the plot skipped with a message if absent).
@@ -25,16 +26,16 @@ the function that uses them and skips them cleanly when they are missing.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
 import platform
 import time
-import weakref
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
+
+from ..checks.memory import saved_bytes, saved_bytes_and_output  # noqa: F401  (re-exported)
 
 __all__ = [
     "thread_env",
@@ -178,61 +179,6 @@ def time_callables(
         xs = sorted(samples[name])
         out[name] = Timing(_quantile(xs, 0.5), _quantile(xs, 0.25), _quantile(xs, 0.75), xs[0], repeats, number[name])
     return out
-
-
-def _storage_key(t: torch.Tensor):
-    try:
-        s = t.untyped_storage()
-        return s.data_ptr(), s.nbytes()
-    except (RuntimeError, NotImplementedError):  # sparse or wrapper tensors: count the values
-        return id(t), t.numel() * t.element_size()
-
-
-class _Saved:
-    """A saved tensor as the graph holds it (a weak reference to a tensor would follow the tensor,
-    which other owners may keep alive, not the graph)."""
-
-    __slots__ = ("t", "__weakref__")
-
-    def __init__(self, t):
-        self.t = t
-
-
-def saved_bytes(fn: Callable[[], object], exclude: Sequence[torch.Tensor] = ()) -> int:
-    """Bytes autograd keeps for the backward once ``fn()`` has built its graph.
-
-    Counts each distinct storage once, skipping those of ``exclude`` (the
-    inputs, which the caller holds anyway), and only storages the graph still
-    holds when ``fn`` returns: a graph recorded along the way and dropped (a
-    speculative evaluation that was not the last) is not memory of the
-    backward.  The graph ``fn`` returns must be alive while counting, so ``fn``
-    should return its output.  Device independent: a measure of the backward's
-    memory, not of workspace.
-    """
-    return saved_bytes_and_output(fn, exclude)[0]
-
-
-def saved_bytes_and_output(fn: Callable[[], object], exclude: Sequence[torch.Tensor] = ()) -> tuple[int, object]:
-    """:func:`saved_bytes` and ``fn``'s output (whose graph then stays alive)."""
-    skip = {_storage_key(t)[0] for t in exclude}
-    seen: dict = {}
-
-    def pack(t):
-        # what the graph keeps, alive exactly as long as the graph holds it; detached, since a saved
-        # output would otherwise reference its own grad_fn through the box (a cycle that never dies)
-        box = _Saved(t.detach())
-        ptr, nbytes = _storage_key(t)
-        if ptr not in skip:
-            size, refs = seen.get(ptr, (0, []))
-            refs.append(weakref.ref(box))
-            seen[ptr] = (max(size, nbytes), refs)
-        return box
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
-        out = fn()
-    gc.collect()
-    total = sum(size for size, refs in seen.values() if any(r() is not None for r in refs))
-    return int(total), out
 
 
 def cuda_peak_bytes(fn: Callable[[], object], device) -> Optional[int]:

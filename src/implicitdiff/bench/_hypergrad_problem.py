@@ -13,6 +13,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as tnf
 
+from ..checks.memory import graph_saved_bytes as _graph_saved_bytes
+
 TOL = 1e-10          # inner: ‖∇f(w)‖ ≤ TOL ‖∇f(0)‖ (peers get the absolute value)
 ADJ_RTOL = 1e-10     # adjoint Krylov solves: ‖r‖ ≤ ADJ_RTOL ‖b‖
 MAX_ITER = 1000
@@ -54,7 +56,7 @@ _OUTER = {"ridge": lambda w, Xv, tv: ((Xv @ w - tv) ** 2).mean(),
           "logistic": lambda w, Xv, tv: tnf.binary_cross_entropy_with_logits(Xv @ w, tv)}
 
 
-def _problem(kind: str, m: int, n: int, seed: int) -> Problem:
+def _problem(kind: str, m: int, n: int, seed: int, device="cpu") -> Problem:
     g = torch.Generator().manual_seed(seed)
     mv = max(m // 5, 10)
     X, Xv = torch.randn(m, n, generator=g, dtype=D), torch.randn(mv, n, generator=g, dtype=D)
@@ -66,45 +68,13 @@ def _problem(kind: str, m: int, n: int, seed: int) -> Problem:
         t = (torch.rand(m, generator=g, dtype=D) < torch.sigmoid(2 * X @ w_true)).to(D)
         tv = (torch.rand(mv, generator=g, dtype=D) < torch.sigmoid(2 * Xv @ w_true)).to(D)
     theta = math.log(0.1) + 0.5 * torch.randn(n, generator=g, dtype=D)
-    return Problem(f"{kind} {m}x{n}", kind, X, t, Xv, tv, theta)
+    return Problem(f"{kind} {m}x{n}", kind, *(a.to(device) for a in (X, t, Xv, tv, theta)))
 
 def _hypergrad(solve: Callable, p: Problem):
     theta = p.theta.detach().clone().requires_grad_(True)
     w, iters = solve(p, theta)
     (g,) = torch.autograd.grad(p.outer(w), theta)
     return g, iters
-
-
-def _graph_saved_bytes(out: torch.Tensor, exclude=()) -> int:
-    """Bytes of the tensors the autograd graph of ``out`` keeps for the backward, inputs excluded.
-
-    Walks the graph (each node's ``_saved_*`` attributes; a custom Function's
-    ``saved_tensors``) and counts each storage once.  ``_harness.saved_bytes``
-    records them with ``saved_tensors_hooks`` instead, which ``torch.func``
-    transforms refuse ("don't yet support saved tensor hooks") — and both our
-    L-BFGS and TorchOpt's backward run ``torch.func`` inside the forward.
-    """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen, stack, visited = {}, [out.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        saved = []
-        for name in dir(node):
-            if name.startswith("_saved_"):
-                saved.append(getattr(node, name))
-        if hasattr(node, "saved_tensors"):
-            saved.append(node.saved_tensors)
-        for item in saved:
-            for t in item if isinstance(item, (tuple, list)) else (item,):
-                if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                    st = t.untyped_storage()
-                    if st.data_ptr() not in skip:
-                        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        stack.extend(fn for fn, _ in node.next_functions)
-    return int(sum(seen.values()))
 
 
 def _saved_kb(solve: Callable, p: Problem) -> float:

@@ -12,13 +12,13 @@ finite differences can tell" and a failure means a real discrepancy.
 from __future__ import annotations
 
 import inspect
-import warnings
 from typing import Callable, Optional
 
 import torch
-from torch.utils import _pytree as pytree
 
 from .._core.errors import InputError
+from .._core.torch_private import pytree, warm_forward_ad
+from .._core.options import check_callable, check_choice, check_int, check_real
 from .finite_diff import Flat, call, directional_derivatives, flat_output, flatten_inputs, is_float_tensor
 from .report import Comparison, GradientReport
 
@@ -111,7 +111,8 @@ def check_gradients(fn: Callable, *inputs, eps: float = 1e-6, rtol: Optional[flo
         >>> bool(report), report.inputs
         (True, ('A', 'x'))
     """
-    _check_options(fn, eps, rtol, atol, reference, forward_tol, mode, cond, max_fd_numel, num_directions)
+    _check_options(fn, eps, rtol, atol, reference, forward_tol, mode, cond, seed, max_fd_numel, num_directions,
+                   fd_dtype)
     flat = flatten_inputs(inputs)
     names = _leaf_names(fn, flat, len(inputs))
     floating = [i for i, t in enumerate(flat.leaves) if is_float_tensor(t)]
@@ -227,21 +228,9 @@ def _vjp(fn, flat: Flat, checked, v) -> list:
     return [(torch.zeros_like(t) if g is None else g).reshape(-1).to(v.dtype) for t, g in zip(targets, grads)]
 
 
-def _warm_forward_ad() -> None:
-    # The first forward-mode AD call of a process imports torch's jvp decompositions, which call the
-    # deprecated torch.jit.script: a one-off DeprecationWarning from torch itself that would fail the
-    # check (and not the layer) in a test suite run with warnings as errors.  Import it once, silenced.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            from torch._decomp import decompositions_for_jvp  # noqa: F401
-        except ImportError:  # pragma: no cover - other torch versions
-            pass
-
-
 def _jvp(fn, flat: Flat, i: int, W: torch.Tensor) -> torch.Tensor:
     """``J w`` for each column ``w`` of ``W``, by ``torch.func.jvp`` through ``fn``: ``(out_numel, r)``."""
-    _warm_forward_ad()
+    warm_forward_ad()
     leaves = _detached(flat.leaves)
     x = leaves[i]
 
@@ -336,22 +325,22 @@ def _default_rtol(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-6, torch.float32: 1e-3}.get(dtype, 1e-2)
 
 
-def _check_options(fn, eps, rtol, atol, reference, forward_tol, mode, cond, max_fd_numel, num_directions):
-    if not callable(fn):
-        raise InputError(f"fn must be callable, got {type(fn).__name__}")
-    if mode not in MODES:
-        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
-    if not (isinstance(eps, (int, float)) and 0 < eps < 1):
-        raise InputError(f"eps must be a float in (0, 1), got {eps!r}; 1e-6 suits float64")
+def _check_options(fn, eps, rtol, atol, reference, forward_tol, mode, cond, seed, max_fd_numel,
+                   num_directions, fd_dtype):
+    """Every option, checked with the shared validators before any work (type, range, NaN)."""
+    check_callable("fn", fn)
+    check_choice("mode", mode, MODES)
+    check_real("eps", eps, low=0.0, high=1.0, low_open=True, high_open=True, allow_none=False)
     for name, val in (("rtol", rtol), ("atol", atol), ("forward_tol", forward_tol)):
-        if val is not None and not (isinstance(val, (int, float)) and val >= 0):
-            raise InputError(f"{name} must be a non-negative number or None, got {val!r}")
-    if cond is not None and not (isinstance(cond, (int, float)) and cond >= 1):
-        raise InputError(f"cond must be a number ≥ 1 (a condition number) or None to measure it, got {cond!r}")
-    if reference is not None and not callable(reference):
-        raise InputError(f"reference must be a callable with fn's signature, got {type(reference).__name__}")
-    if int(max_fd_numel) < 0 or int(num_directions) < 1:
-        raise InputError("max_fd_numel must be ≥ 0 and num_directions ≥ 1")
+        check_real(name, val, low=0.0)
+    check_real("cond", cond, low=1.0)
+    check_callable("reference (a callable with fn's signature)", reference, allow_none=True)
+    check_int("seed", seed, allow_none=False)
+    check_int("max_fd_numel", max_fd_numel, low=0, allow_none=False)
+    check_int("num_directions", num_directions, low=1, allow_none=False)
+    if not (isinstance(fd_dtype, torch.dtype) and fd_dtype.is_floating_point and not fd_dtype.is_complex):
+        raise InputError(f"fd_dtype must be a real floating torch.dtype (torch.float64, torch.float32), "
+                         f"got {fd_dtype!r}")
 
 
 def _leaf_names(fn, flat: Flat, n_args: int) -> list:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import torch
-from torch.utils import _pytree as pytree
+from .._core.torch_private import pytree
 
 from .._core.errors import InputError
 

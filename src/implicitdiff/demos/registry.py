@@ -51,6 +51,8 @@ DEMOS = {
         "to unrolled autograd at constant memory",
         "implicitdiff.demos.deq:run",
     ),
+    "cone": Demo("cone", "an SOCP layer (nn.CvxpyLayer) learns a hidden ellipse from projections onto it",
+                 "implicitdiff.demos.cone:run"),
 }
 
 FLAGSHIP = "sudoku"

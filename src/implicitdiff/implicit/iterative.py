@@ -97,6 +97,12 @@ def _checked(spec: IterativeSpec, op: LinearOperator, rhs, x0, what: str):
     wrong gradient): the adjoint and tangent solves of the backward and the jvp."""
     spec = spec._replace(kind=_kind(op))
     x, status, residual, iters = IterativeSolveFn.apply(spec, op, rhs, x0, *op.params)
+    # An element whose right-hand side is exactly zero has the solution 0, whatever its operator: a
+    # failed element of a batch (zero cotangent, maybe NaN data) must not fail the others' backward.
+    trivial = (rhs == 0).all(-1).expand(status.shape)
+    x = torch.where(trivial.unsqueeze(-1), torch.zeros((), dtype=x.dtype, device=x.device), x)
+    status = torch.where(trivial, int(Status.SUCCESS), status)
+    residual = torch.where(trivial, torch.zeros((), dtype=residual.dtype, device=residual.device), residual)
     return _raise_if_failed(x, SolveInfo(status, residual, iters), spec, what)
 
 
@@ -192,6 +198,13 @@ def _jvp_params(kind: str, op: LinearOperator, params, v, tangents):
         return torch.func.vjp(lambda c: vjp_fn(c), cot)[1](tang)[0]
 
 
+def _finite(t):
+    """``t`` with NaN/Inf entries replaced by 0 (differentiable where finite)."""
+    if t is None:
+        return None
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
 def _add(a, b):
     if a is None:
         return b
@@ -230,6 +243,9 @@ class IterativeSolveFn(torch.autograd.Function):
         if gx is None:
             return (None,) * (4 + nparams)
         x, b, *params = ctx.saved_tensors
+        # A failed element's NaN/Inf solution (or data) would reach every shared parameter as 0 · NaN
+        # in p̄ = −vjp(p ↦ A(p) x)(u): zeroed (its own cotangent is zero once masked by the caller).
+        x, b = _finite(x), _finite(b)
         spec, op = ctx.spec, ctx.op
         aspec = spec.adjoint()
         opT = _transpose(op)

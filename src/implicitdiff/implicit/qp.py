@@ -27,10 +27,15 @@ instead of blended by a residual ``s/λ``.  A weakly active constraint (``λᵢ 
 counts as inactive: the gradient is then the one-sided derivative for perturbations that
 relax it (the derivative does not exist there).
 
-``K u = x̄`` is solved by iterative refinement with the forward solver's final
-factorization of the *regularized* ``K`` (``δ`` on the diagonal): a backward costs
-triangular solves and a few products, never a factorization.  The refined residual is
-checked; a singular ``K`` (a non-unique solution, e.g. a degenerate LP) raises.
+``K u = x̄`` is solved by :meth:`~implicitdiff.linalg.kkt.ActiveSetKKT.solve`: iterative
+refinement with the forward solver's final factorization of the *regularized* ``K`` (``δ`` on
+the diagonal), so a backward costs triangular solves and a few products, never a
+factorization.  The refined residual is checked; a singular ``K`` (a non-unique solution,
+e.g. a degenerate LP) raises.
+
+The contract with the forward solver is a type: its result carries the
+:class:`~implicitdiff.linalg.kkt.ActiveSetKKT` at the solution (``result.kkt``), which this
+module flattens into the autograd Function's outputs and rebuilds in the backward.
 """
 
 from __future__ import annotations
@@ -42,19 +47,23 @@ import torch
 from .._core.errors import SolveError
 from .._core.status import Status
 from .._core.validate import is_vmapped
+from ..linalg.kkt import ActiveSetKKT
 from ..linalg.symmetric import symmetric_part
 
 __all__ = ["QPSpec", "QPFn", "qp_solve"]
 
 _CORE = (2, 1, 2, 1, 2, 1, 1, 1, 1)  # core dims of Q, p, G, h, A, b, z0, λ0, ν0
-_N_OUT = 8  # z, λ, ν, status, residual, iterations, active, kind — then the factor tensors
+_N_OUT = 7  # z, λ, ν, status, residual, iterations, the static part of the ActiveSetKKT — then its tensors
 
 
 class QPSpec(NamedTuple):
-    """Static options: ``solver`` has ``solve(Q, p, G, h, A, b, warm_start)`` returning
-    ``(z, λ, ν, status, residual, iterations, active, factor)`` with ``factor.kind`` and
-    ``factor.tensors``, ``solve_factored(kind, tensors, G, A, r1, r2, r3)`` and ``refine_steps(kind)``.
-    ``dtype``: the dtype the solve and its gradients run in (float64 for float32 inputs)."""
+    """Static options of :class:`QPFn`.
+
+    ``solver``: a forward solver, ``solver.solve(Q, p, G, h, A, b, warm_start)`` returning a result
+    with ``z, lam, nu, status, residual, iterations`` (per element, flattened batch) and ``kkt``,
+    an :class:`~implicitdiff.linalg.kkt.ActiveSetKKT` (the backward's only input from it).
+    ``dtype``: the dtype the solve and its gradients run in (float64 for float32 inputs).
+    ``backward_rtol``: the relative residual a backward solve must reach (default ``1e-6``)."""
 
     solver: Any
     dtype: torch.dtype = torch.float64
@@ -77,28 +86,6 @@ def _rmv(M, y):
     return (y.unsqueeze(-2) @ M).squeeze(-2)
 
 
-def _kkt_matvec(Q, G, A, act, x, y, v):
-    """``K (x, y, v)`` for the active-set KKT matrix of the module docstring."""
-    return (_mv(Q, x) + _rmv(G, act * y) + _rmv(A, v),
-            act * _mv(G, x) - (1 - act) * y,
-            _mv(A, x))
-
-
-def _kkt_solve(spec, kind, factors, Q, G, A, act, r):
-    """Solve ``K x = r`` by refinement with the saved factorization; returns ``(x, relres)``."""
-    GM = G * act.unsqueeze(-1)
-    x = spec.solver.solve_factored(kind, factors, GM, A, *r)
-    for _ in range(spec.solver.refine_steps(kind)):
-        k = _kkt_matvec(Q, G, A, act, *x)
-        d = spec.solver.solve_factored(kind, factors, GM, A, *(ri - ki for ri, ki in zip(r, k)))
-        x = tuple(xi + di for xi, di in zip(x, d))
-    k = _kkt_matvec(Q, G, A, act, *x)
-    num = torch.stack([(ri - ki).abs().amax(-1) if ri.shape[-1] else ri.new_zeros(ri.shape[:-1])
-                       for ri, ki in zip(r, k)]).amax(0)
-    den = torch.stack([ri.abs().amax(-1) if ri.shape[-1] else ri.new_zeros(ri.shape[:-1]) for ri in r]).amax(0)
-    return x, num / torch.where(den > 0, den, torch.ones_like(den))
-
-
 def _check_backward(relres, ok, spec, grad_like):
     """Backward solves check their residual: raise (or NaN under vmap) on a singular ``K``."""
     tol = spec.backward_rtol if spec.backward_rtol is not None else 1e-6
@@ -117,7 +104,7 @@ def _check_backward(relres, ok, spec, grad_like):
 
 
 class QPFn(torch.autograd.Function):
-    """``(z, λ, ν, status, residual, iterations, active, kind, *factors) = QPFn.apply(spec, Q, p, G, h, A, b,
+    """``(z, λ, ν, status, residual, iterations, static, *kkt_tensors) = QPFn.apply(spec, Q, p, G, h, A, b,
     z0, λ0, ν0)``.
 
     Shapes ``Q (*, n, n)``, ``p (*, n)``, ``G (*, m, n)``, ``h (*, m)``, ``A (*, k, n)``,
@@ -138,29 +125,30 @@ class QPFn(torch.autograd.Function):
         if z0 is not None:
             warm = tuple(None if t is None else _flat(t, 1, batch, B).to(spec.dtype) for t in (z0, l0, n0))
         r = spec.solver.solve(*flat, warm)
+        static, tensors = r.kkt.flatten()
         dt = p.dtype
 
         def out(t):
             return t.reshape(batch + t.shape[1:]).to(dt if t.is_floating_point() else t.dtype)
 
         return (out(r.z), out(r.lam), out(r.nu), out(r.status), out(r.residual), out(r.iterations),
-                r.active.reshape(batch + r.active.shape[1:]), r.factor.kind) + tuple(r.factor.tensors)
+                static) + tensors
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         spec, Q, p, G, h, A, b = inputs[:7]
-        z, lam, nu, status, residual, iters, active, kind, *factors = output
-        ctx.mark_non_differentiable(status, residual, iters, active, *factors)
+        z, lam, nu, status, residual, iters, static, *tensors = output
+        ctx.mark_non_differentiable(status, residual, iters, *tensors)
         ctx.set_materialize_grads(False)  # no zero cotangents for the (large) factor outputs
-        ctx.spec, ctx.kind, ctx.nf = spec, kind, len(factors)
+        ctx.spec, ctx.static, ctx.nf = spec, static, len(tensors)
         ctx.shapes = tuple(t.shape for t in (Q, p, G, h, A, b))
         ctx.in_dtype = p.dtype
-        ctx.save_for_backward(Q, G, A, z, lam, nu, status, active, *factors)
-        ctx.save_for_forward(Q, G, A, z, lam, nu, status, active, *factors)
+        ctx.save_for_backward(Q, G, A, z, lam, nu, status, *tensors)
+        ctx.save_for_forward(Q, G, A, z, lam, nu, status, *tensors)
 
     @staticmethod
     def _unpack(ctx):
-        Q, G, A, z, lam, nu, status, active, *factors = ctx.saved_tensors
+        Q, G, A, z, lam, nu, status, *tensors = ctx.saved_tensors
         batch = z.shape[:-1]
         B = z[..., 0].numel()
         dt = ctx.spec.dtype
@@ -168,19 +156,20 @@ class QPFn(torch.autograd.Function):
         Qf = symmetric_part(Qf)
         zf, lf, nf = (t.reshape(B, t.shape[-1]).to(dt) for t in (z, lam, nu))
         ok = (status.reshape(B) == Status.SUCCESS)
-        act = active.reshape(B, active.shape[-1]).to(dt)
-        return Qf, Gf, Af, zf, lf, nf, ok, act, factors, batch, B
+        kkt = ActiveSetKKT.unflatten(ctx.static, tensors)
+        return Qf, Gf, Af, zf, lf, nf, ok, kkt, batch, B
 
     @staticmethod
     def backward(ctx, gz, gl, gn, *_):
-        Qf, Gf, Af, zf, lf, nf, ok, act, factors, batch, B = QPFn._unpack(ctx)
+        Qf, Gf, Af, zf, lf, nf, ok, kkt, batch, B = QPFn._unpack(ctx)
+        act = kkt.active
         dt = ctx.spec.dtype
         okc = ok.unsqueeze(-1)
         rhs = []
         for g, like in ((gz, zf), (gl, lf), (gn, nf)):
             g = torch.zeros_like(like) if g is None else g.reshape(B, like.shape[-1]).to(dt)
             rhs.append(torch.where(okc, g, torch.zeros_like(g)))  # failed elements: no gradient, no NaN
-        (uz, ul, un), relres = _kkt_solve(ctx.spec, ctx.kind, factors, Qf, Gf, Af, act, rhs)
+        (uz, ul, un), relres = kkt.solve(Qf, Gf, Af, rhs)
         bad = _check_backward(relres, ok, ctx.spec, rhs[0])
         keep = (okc & ~bad.unsqueeze(-1))
         uz, ul, un = (torch.where(keep, u, torch.zeros_like(u)) for u in (uz, ul, un))
@@ -217,7 +206,8 @@ class QPFn(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _spec, dQ, dp, dG, dh, dA, db, *_warm):
-        Qf, Gf, Af, zf, lf, nf, ok, act, factors, batch, B = QPFn._unpack(ctx)
+        Qf, Gf, Af, zf, lf, nf, ok, kkt, batch, B = QPFn._unpack(ctx)
+        act = kkt.active
         dt = ctx.spec.dtype
         n, m, k = zf.shape[-1], lf.shape[-1], nf.shape[-1]
 
@@ -242,14 +232,14 @@ class QPFn(torch.autograd.Function):
             r3 = r3 - _mv(dA, zf)
         okc = ok.unsqueeze(-1)
         r = [torch.where(okc, t, torch.zeros_like(t)) for t in (r1, r2, r3)]
-        (dz, dl, dn), relres = _kkt_solve(ctx.spec, ctx.kind, factors, Qf, Gf, Af, act, r)
+        (dz, dl, dn), relres = kkt.solve(Qf, Gf, Af, r)
         bad = _check_backward(relres, ok, ctx.spec, r1)
         keep = okc & ~bad.unsqueeze(-1)
         outs = []
         for t, like in ((dz, ctx.saved_tensors[3]), (dl, ctx.saved_tensors[4]), (dn, ctx.saved_tensors[5])):
             t = torch.where(keep, t, torch.full_like(t, float("nan")))
             outs.append(t.reshape(like.shape).to(like.dtype))
-        return (*outs, None, None, None, None, None) + (None,) * ctx.nf
+        return (*outs, None, None, None, None) + (None,) * ctx.nf
 
     @staticmethod
     def vmap(info, in_dims, spec, Q, p, G, h, A, b, z0, l0, n0):
@@ -276,7 +266,7 @@ class QPFn(torch.autograd.Function):
             else:
                 factors.append(f)
                 fdims.append(None)
-        return tuple(out[:_N_OUT]) + tuple(factors), (0, 0, 0, 0, 0, 0, 0, None) + tuple(fdims)
+        return tuple(out[:_N_OUT]) + tuple(factors), (0, 0, 0, 0, 0, 0, None) + tuple(fdims)
 
 
 def qp_solve(spec: QPSpec, Q, p, G, h, A, b, warm=(None, None, None)):

@@ -7,45 +7,56 @@ those into a :class:`~implicitdiff.implicit.root.RootProblem` and applies it.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import replace
 from typing import Callable
 
+import torch
 
 from .._core.errors import InputError
 from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
+from .._core.options import check_bool, check_int, check_real
 from .._core.status import SolveInfo, Status
 from .._core.tree import flatten
 from .._core.validate import as_float_tensor, check_finite, is_vmapped
 from ..implicit.adjoint import Unroll, check_adjoint
-from ..implicit.krylov_adapter import krylov_solve
+from ..implicit.fixed_point_adjoint import FixedPointAdjoint
 from ..implicit.root import RootFn, RootProblem, may_speculate
 from ..implicit.unroll import unrolled_newton, unrolled_picard
+from ..solvers.registry import get_root_solver
 
-__all__ = ["solve_implicit", "forward_solver", "FORWARD_HINTS"]
+__all__ = ["solve_implicit", "forward_solver", "check_solver_options", "FORWARD_HINTS"]
 
 FORWARD_HINTS = {
-    Status.MAX_ITERATIONS: "raise max_iter, loosen rtol/atol, start closer (y0), or try another solver",
+    Status.MAX_ITERATIONS: "raise max_iter, loosen rtol/atol, start closer (y0), or try another solver; if the "
+                           "residual stalls far from 0, F may have no root (check that a solution exists)",
     Status.NONFINITE: "the iteration produced NaN/Inf: check F for overflow, scale the problem, or damp the solver",
-    Status.DIVERGED: "the iteration diverged: try solver='newton' with line search, or a damped fixed-point solver",
-    Status.SINGULAR: "Newton met a singular Jacobian: start elsewhere (y0), regularize F, or use solver='broyden'",
+    Status.DIVERGED: "the iteration diverged: F may have no root near y0 (check that a solution exists), or the "
+                     "solver overshoots: try solver='newton' with line search, or a damped fixed-point solver",
+    Status.SINGULAR: "Newton met a singular Jacobian: F may have no root (a residual stuck away from 0 at a "
+                     "minimum of ‖F‖), or a flat direction; start elsewhere (y0), regularize F, or use solver='broyden'",
     Status.BREAKDOWN: "the line search stalled (the tolerance may be below rounding): loosen rtol or pass atol",
 }
 
 
 def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, batch_dims: int, on_failure: str,
                    return_info: bool, what: str, symmetric: bool = False, definite: bool = False,
-                   neumann_alpha: float = 1.0,
-                   unroll: str = "newton", rtol=None, atol=0.0, max_iter=None, krylov: Callable = krylov_solve):
+                   neumann_alpha: float = 1.0, hints: dict | None = None,
+                   unroll: str = "newton", rtol=None, atol=0.0, max_iter=None):
     """Solve ``F(y, *params) = 0`` from ``y0`` with ``solve`` and attach gradients by ``adjoint``.
 
-    ``krylov(name, mv, R, *, rtol, atol, max_iter) -> (x, info)`` solves the matrix-free
-    adjoint systems (default: the Krylov methods of :mod:`implicitdiff.linalg.krylov`).
+    ``adjoint``: the strategy, which owns the backward's linear solve (a ``FixedPointAdjoint``
+    only where ``F`` is a fixed-point residual, ``neumann_alpha = −1``).
+    ``hints``: status → hint of a failed forward solve (default :data:`FORWARD_HINTS`).
     """
     check_on_failure(on_failure)
-    adjoint = check_adjoint(adjoint)
+    check_bool("return_info", return_info)
+    adjoint = with_iterate(check_adjoint(adjoint, fixed_point=neumann_alpha == -1.0))
+    batch_dims = check_int("batch_dims", batch_dims, low=0)
     y0 = as_float_tensor("y0", y0)
-    if int(batch_dims) < 0 or int(batch_dims) > y0.dim():
+    if batch_dims > y0.dim():
         raise InputError(f"batch_dims must be in [0, y0.ndim={y0.dim()}], got {batch_dims}")
-    check_finite("y0", y0)
     leaves, tree = flatten(params)
     for i, leaf in enumerate(leaves):
         if leaf.is_floating_point() and leaf.dtype != y0.dtype:
@@ -54,42 +65,109 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
             )
         if leaf.device != y0.device:
             raise InputError(f"parameter leaf {i} is on {leaf.device} but y0 is on {y0.device}; move them together")
+    if y0.device.type == "meta":
+        raise InputError("y0 is a meta tensor: it has a shape but no values to solve from; "
+                         "pass a tensor on a real device (cpu or cuda)")
+    check_finite("y0", y0)
+    if y0.numel() == 0:
+        # nothing to solve: the empty solution, connected to the parameters (zero gradients)
+        y = y0.detach().clone()
+        for leaf in leaves:
+            if leaf.requires_grad and leaf.is_floating_point():
+                y = y + leaf.sum() * 0
+        info = _empty_info(y0, batch_dims)
+        return (y, info) if return_info else y
+    hints = FORWARD_HINTS if hints is None else {**FORWARD_HINTS, **hints}
 
     if isinstance(adjoint, Unroll):
         F_p = lambda y: F(y, *params)  # noqa: E731
         n_iter = adjoint.max_iter or max_iter or (500 if unroll == "picard" else 50)
         run = unrolled_picard if unroll == "picard" else unrolled_newton
         y, info = run(F_p, y0.detach(), batch_dims=batch_dims, rtol=rtol, atol=atol, max_iter=n_iter)
-        y = _policy(y, info, on_failure, what)
+        y = _policy(y, info, on_failure, what, hints)
         return (y, info) if return_info else y
 
     problem = RootProblem(F=F, solve=solve, tree=tree, batch_dims=int(batch_dims), adjoint=adjoint,
                           symmetric=symmetric, definite=definite, neumann_alpha=neumann_alpha, on_failure=on_failure, what=what,
-                          hints=FORWARD_HINTS, krylov=krylov,
+                          hints=hints,
                           recorded=[] if may_speculate(adjoint, y0, leaves, int(batch_dims)) else None)
     y, status, residual, iterations, *_ = RootFn.apply(problem, y0, *leaves)
     info = SolveInfo(status, residual, iterations)
     return (y, info) if return_info else y
 
 
-def _policy(y, info, on_failure, what):
+def _policy(y, info, on_failure, what, hints):
     if is_vmapped(info.status):
         return nan_where_failed(y, info.ok)
-    return apply_on_failure(y, info, on_failure, what, FORWARD_HINTS)
+    return apply_on_failure(y, info, on_failure, what, hints)
+
+
+def with_iterate(adjoint):
+    """A :class:`FixedPointAdjoint` of ``solver="anderson"``/``"broyden"`` with that solver supplied
+    (``implicit/`` does not import ``solvers/``); any other adjoint unchanged."""
+    if isinstance(adjoint, FixedPointAdjoint) and adjoint.solver != "picard" and adjoint.iterate is None:
+        return replace(adjoint, iterate=get_root_solver(adjoint.solver))
+    return adjoint
+
+
+def _empty_info(y0, batch_dims):
+    shape = y0.shape[:batch_dims]
+    z = torch.zeros(shape, dtype=torch.int64, device=y0.device)
+    return SolveInfo(z, torch.zeros(shape, dtype=y0.dtype, device=y0.device), z.clone())
+
+
+def check_solver_options(fn: Callable, options: dict, where: str = "solver_options") -> dict:
+    """``options`` after checking that ``fn`` (a forward solver) takes every key as a keyword."""
+    if not isinstance(options, dict):
+        raise InputError(f"{where} must be a dict of keyword arguments of the solver, got {type(options).__name__}")
+    if not options:
+        return options
+    taken = _keywords(fn)
+    if taken is None:  # **kwargs, or a callable without a signature: its own error will do
+        return options
+    reserved = {"rtol", "atol", "max_iter", "batch_dims"}
+    for key in options:
+        if key in reserved:
+            raise InputError(f"{where} must not set {key!r}: pass {key}= to the call itself")
+        if key not in taken:
+            name = getattr(fn, "__name__", "the solver")
+            valid = ", ".join(sorted(taken - reserved)) or "none"
+            raise InputError(f"{where} has {key!r}, which {name} does not take; its options: {valid}")
+    return options
 
 
 def forward_solver(name_or_fn, *, registry: Callable, rtol, atol, max_iter, options: dict | None):
     """Wrap a solver name (looked up in ``registry``) or a user callable as ``solve(F, y0, params, batch_dims)``."""
-    options = dict(options or {})
-    kw = {"rtol": rtol, "atol": atol}
+    options = {} if options is None else options
+    kw = {"rtol": check_real("rtol", rtol, low=0.0), "atol": check_real("atol", atol, low=0.0)}
+    max_iter = check_int("max_iter", max_iter, low=0)
     if max_iter is not None:
         kw["max_iter"] = max_iter
     if callable(name_or_fn):
         fn = name_or_fn
+        options = dict(check_solver_options(fn, options) if not _is_user(fn) else options)
     else:
         fn = registry(name_or_fn)
+        options = dict(check_solver_options(fn, options))
 
     def solve(F, y0, params, batch_dims):
         return fn(F, y0, params, batch_dims=batch_dims, **kw, **options)
 
     return solve
+
+
+@functools.lru_cache(maxsize=64)
+def _keywords(fn) -> frozenset | None:
+    """The keyword-only parameters of a solver function (``None``: it takes ``**kwargs``, or has no signature)."""
+    try:
+        ps = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values()):
+        return None
+    return frozenset(k for k, p in ps.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def _is_user(fn) -> bool:
+    """A user's solver callable (not one of the library's): its keywords are its own business."""
+    return not getattr(fn, "__module__", "").startswith("implicitdiff.")

@@ -6,13 +6,26 @@ from typing import Callable
 
 import torch
 
+from .._core.status import Status
 from ..implicit.adjoint import Implicit
 from ..solvers.lbfgs import lbfgs
 from ..solvers.newton import newton
 from ..solvers.registry import get_root_solver
-from ._implicit import forward_solver, solve_implicit
+from .._core.options import check_int, check_real
+from ._implicit import check_solver_options, forward_solver, solve_implicit
 
-__all__ = ["argmin", "gradient_residual"]
+__all__ = ["argmin", "gradient_residual", "ARGMIN_HINTS"]
+
+_UNBOUNDED = ("if the gradient norm grew (see the residual), f may be unbounded below, so no minimizer exists: "
+              "add a regularizer or constraints (see qp for bounds); else raise max_iter, loosen rtol, or, if y* is "
+              "far from unit scale (L-BFGS's first step has unit length), rescale y or use solver='newton'")
+#: Hints of a failed argmin: a minimum that does not exist comes first.
+ARGMIN_HINTS = {Status.MAX_ITERATIONS: _UNBOUNDED, Status.DIVERGED: _UNBOUNDED,
+                Status.NONFINITE: "the objective or its gradient became NaN/Inf: f may be unbounded below "
+                                  "(no minimizer), or overflow: scale the problem",
+                Status.BREAKDOWN: "the line search stalled: f may be unbounded below or non-smooth, rtol may be "
+                                  "below rounding (loosen rtol or pass atol), or y* is far from unit scale "
+                                  "(rescale y, or use solver='newton')"}
 
 
 def gradient_residual(f: Callable, batch_dims: int = 0) -> Callable:
@@ -54,8 +67,11 @@ def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=No
         True
     """
     F = gradient_residual(f, batch_dims)
-    if solver == "lbfgs":
-        kw = dict(solver_options or {})
+    if isinstance(solver, str) and solver == "lbfgs":
+        rtol = check_real("rtol", rtol, low=0.0)
+        atol = check_real("atol", atol, low=0.0, allow_none=False)
+        max_iter = check_int("max_iter", max_iter, low=0)
+        kw = dict(check_solver_options(lbfgs, {} if solver_options is None else solver_options))
         if max_iter is not None:
             kw["max_iter"] = max_iter
 
@@ -71,4 +87,5 @@ def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=No
                                options=solver_options)
     return solve_implicit(F, y0, params, solve=solve, adjoint=adjoint, batch_dims=batch_dims,
                           on_failure=on_failure, return_info=return_info, what="argmin", symmetric=True, definite=True,
+                          hints=ARGMIN_HINTS,
                           unroll="newton", rtol=rtol, atol=atol, max_iter=max_iter)

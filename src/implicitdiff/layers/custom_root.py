@@ -7,44 +7,61 @@ from typing import Callable, Optional
 
 import torch
 
+from .._core.errors import InputError
+from .._core.failure import check_on_failure
+from .._core.options import check_callable, check_int, check_real
 from .._core.status import SolveInfo, Status
-from ..implicit.adjoint import Implicit
+from ..implicit.adjoint import Implicit, check_adjoint
 from ..solvers.result import SolverResult
 from ._implicit import solve_implicit
 from .fixed_point import fixed_point_residual
 
-__all__ = ["custom_root", "custom_fixed_point"]
+__all__ = ["custom_root", "custom_fixed_point", "default_check_rtol"]
 
 
-def _wrap_user_solver(solver: Callable, check_rtol: Optional[float]):
+def _wrap_user_solver(solver: Callable, check_rtol: Optional[float], what: str):
     def solve(F, y0, params, batch_dims):
         out = solver(y0, *params)
+        y = out.y if isinstance(out, SolverResult) else out
+        if not isinstance(y, torch.Tensor):
+            raise InputError(f"the solver of {what} must return a tensor (or a SolverResult) of y0's shape "
+                             f"{tuple(y0.shape)} and dtype {y0.dtype}, got {type(y).__name__}")
+        if y.shape != y0.shape or y.dtype != y0.dtype or y.device != y0.device:
+            raise InputError(f"the solver of {what} returned a tensor of shape {tuple(y.shape)}, {y.dtype} on "
+                             f"{y.device}; it must return y0's shape {tuple(y0.shape)}, {y0.dtype} on {y0.device}")
         if isinstance(out, SolverResult):
             return out
-        y = out
+        rtol = check_rtol if check_rtol is not None else default_check_rtol(y.dtype)
         bd = batch_dims
         r = F(y, *params).reshape(*y.shape[:bd], -1).norm(dim=-1)
         r0 = F(y0, *params).reshape(*y.shape[:bd], -1).norm(dim=-1)
         rel = r / torch.clamp(r0, min=torch.finfo(r.dtype).tiny)
         status = torch.where(torch.isfinite(y.reshape(*y.shape[:bd], -1)).all(-1), int(Status.SUCCESS),
                              int(Status.NONFINITE)).to(torch.int64)
-        if check_rtol is not None:
-            status = torch.where((status == 0) & (rel > check_rtol), int(Status.MAX_ITERATIONS), status)
+        status = torch.where((status == 0) & ~(rel <= rtol), int(Status.MAX_ITERATIONS), status)
         return SolverResult(y, SolveInfo(status, rel, torch.zeros_like(status)))
     return solve
 
 
+def default_check_rtol(dtype: torch.dtype) -> float:
+    """The default acceptance test of a user solver's ``y``: ``‖F(y)‖ ≤ eps^(1/3) ‖F(y0)‖``
+    (6e-6 in float64, 5e-3 in float32): loose enough for any solver that converged, tight enough
+    that a solver returning a non-solution is never taken for one."""
+    return torch.finfo(dtype).eps ** (1.0 / 3.0)
+
+
 def custom_root(F: Callable, *, adjoint=Implicit(), batch_dims: int = 0, on_failure: str = "raise",
-                check_rtol: Optional[float] = None):
+                check_rtol: Optional[float] = None, _kind: str = "custom_root"):
     r"""Decorator: give ``solver(y0, *params) -> y`` implicit gradients through ``F(y, *params) = 0``.
 
     ``custom_root(F)(solver)`` returns a function with ``solver``'s signature
     whose output is differentiable in ``params`` (never in ``y0``); ``solver``
     itself need not be differentiable (it runs under ``torch.no_grad``).  It may
-    return a tensor or a :class:`~implicitdiff.solvers.SolverResult`.  With
-    ``check_rtol``, a returned ``y`` whose relative residual
-    ``‖F(y)‖/‖F(y0)‖`` exceeds it is a failure (``on_failure``); non-finite
-    solutions always are.
+    return a tensor of ``y0``'s shape and dtype or a :class:`~implicitdiff.solvers.SolverResult`
+    (anything else raises :class:`~implicitdiff.InputError`).  A returned ``y`` whose relative
+    residual ``‖F(y)‖/‖F(y0)‖`` exceeds ``check_rtol`` (default
+    :func:`default_check_rtol`: ``eps^(1/3)``) is a failure (``on_failure``), and so is a
+    non-finite one: a solver that did not solve is never taken for one that did.
 
     Example:
         >>> import torch, implicitdiff as idf
@@ -61,17 +78,33 @@ def custom_root(F: Callable, *, adjoint=Implicit(), batch_dims: int = 0, on_fail
         >>> float(y.detach()), round(float(a.grad), 6)   # d√a/da = 1/(2√a)
         (3.0, 0.166667)
     """
+    check_callable(f"{_kind}'s optimality condition", F)
+    check_adjoint(adjoint)
+    batch_dims = check_int("batch_dims", batch_dims, low=0)
+    check_on_failure(on_failure)
+    check_rtol = check_real("check_rtol", check_rtol, low=0.0, allow_inf=True)
+
     def decorator(solver: Callable):
-        solve = _wrap_user_solver(solver, check_rtol)
+        check_callable(f"the solver decorated by {_kind}", solver)
+        what = f"{_kind}({getattr(solver, '__name__', type(solver).__name__)})"
+        solve = _wrap_user_solver(solver, check_rtol, what)
 
         @functools.wraps(solver)
         def wrapped(y0, *params):
             return solve_implicit(F, y0, params, solve=solve, adjoint=adjoint, batch_dims=batch_dims,
-                                  on_failure=on_failure, return_info=False, what=f"custom_root({solver.__name__})")
+                                  on_failure=on_failure, return_info=False, what=what, hints=_HINTS)
         return wrapped
     return decorator
 
 
+_HINTS = {
+    Status.MAX_ITERATIONS: "the decorated solver returned a y whose residual exceeds check_rtol: make it solve "
+                           "more accurately, or pass a looser check_rtol if this accuracy is intended",
+    Status.NONFINITE: "the decorated solver returned NaN/Inf: check it and its inputs",
+}
+
+
 def custom_fixed_point(T: Callable, **kwargs):
     """Decorator: as :func:`custom_root` with the optimality condition ``T(z, *params) − z = 0``."""
-    return custom_root(fixed_point_residual(T), **kwargs)
+    check_callable("custom_fixed_point's map T", T)
+    return custom_root(fixed_point_residual(T), _kind="custom_fixed_point", **kwargs)

@@ -35,7 +35,7 @@ neither Anderson mixing nor a Krylov method converges faster than Picard.
   again at ``z*``.  The graph is kept until the backward: what torchdeq keeps
   too (the cell's saved tensors at ``z*``).
 * Backward: :data:`DEFAULT_ADJOINT` ``= FixedPointAdjoint()`` iterates the
-  adjoint fixed point by Picard in a dedicated loop (:mod:`._deq_adjoint`): its
+  adjoint fixed point by Picard in a dedicated loop (:mod:`implicitdiff.implicit.fixed_point_adjoint`): its
   first step is free, then one VJP of the cell (through the autograd engine
   directly, :mod:`implicitdiff._core.engine`) and ~0.03 ms per step; GMRES only
   for samples where that fails.  ``Implicit(solver="gmres")`` takes as many
@@ -53,14 +53,17 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._core.errors import InputError
-from .._core.status import SolveInfo
+from .._core.failure import check_on_failure
+from .._core.options import check_bool, check_int, check_real
+from .._core.status import SolveInfo, Status
 from ..implicit.adjoint import Implicit, Neumann, Unroll
 from ..solvers.registry import get_root_solver
-from ._deq_adjoint import DEFAULT_ADJOINT, FixedPointAdjoint
+from ..implicit.fixed_point_adjoint import DEFAULT_ADJOINT, FixedPointAdjoint
 from ._implicit import forward_solver, solve_implicit
 from .fixed_point import fixed_point_residual
 
-__all__ = ["deq", "jacobian_penalty", "DEQInfo", "FixedPointAdjoint", "DEFAULT_ADJOINT", "ANDERSON_START_RATE"]
+__all__ = ["deq", "jacobian_penalty", "DEQInfo", "FixedPointAdjoint", "DEFAULT_ADJOINT", "ANDERSON_START_RATE",
+           "DEQ_HINTS", "check_deq_options"]
 
 
 class DEQInfo(NamedTuple):
@@ -145,9 +148,8 @@ def _forward_solve(solve, cell, F, trace: bool, record: dict):
             and all(lifted.get(k) is p for k, p in cell.named_parameters()) \
             and len(lifted) == len(dict(cell.named_parameters()))
         if own:
-            def fun(z, params, x):
-                return cell(z, x) - z
-            fun.map = lambda z, params, x: cell(z, x)    # the plain steps z ← f(z, x)
+            # the plain steps z ← f(z, x), with the cell called directly
+            fun = fixed_point_residual(lambda z, params, x: cell(z, x), _CELL)
             if spec is not None:
                 # the speculative evaluation (recorded for the backward) calls the cell directly too
                 fun.speculate = lambda z, *_: spec(z, map=lambda zz, _lifted, x: cell(zz, x))
@@ -231,10 +233,10 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
         True
     """
     z0 = _check(cell, x, z0)
-    if not isinstance(adjoint, FixedPointAdjoint):
-        if not isinstance(adjoint, (Implicit, Unroll, Neumann)):
-            raise InputError("adjoint must be FixedPointAdjoint(...), implicitdiff.Implicit(...), "
-                             f"implicitdiff.Neumann(k) or implicitdiff.Unroll(), got {adjoint!r}")
+    check_deq_options(solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, max_iter=max_iter,
+                      on_failure=on_failure, solver_options=solver_options)
+    check_bool("return_info", return_info)
+    check_bool("trace", trace)
     options = dict(solver_options or {})
     if solver == "anderson":
         options.setdefault("start_rate", ANDERSON_START_RATE)
@@ -247,7 +249,7 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
     record: dict = {"trace": None}
     solve = forward_solver(solver, registry=get_root_solver, rtol=rtol, atol=atol, max_iter=max_iter,
                            options=options)
-    F = fixed_point_residual(_cell_map(cell))
+    F = fixed_point_residual(_cell_map(cell), _CELL)
     lifted = _lifted(cell)
     z, info = _solve(F, z0, (lifted, x), solve=_forward_solve(solve, cell, F, trace, record),
                      adjoint=adjoint, on_failure=on_failure, rtol=rtol, atol=atol, max_iter=max_iter)
@@ -258,25 +260,41 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
 
 _WHAT = "deq (the fixed point z = f(z, x))"
 
+_NOT_CONTRACTION = ("the cell may not be a contraction at this input (its fixed point is unstable or absent): "
+                    "train with Jacobian regularization (DEQ(jac_reg=1), adding layer.jac_loss to the loss), "
+                    "spectral-normalize its weights (torch.nn.utils.parametrizations.spectral_norm), "
+                    "or try solver='broyden'; raising max_iter helps only a slow contraction")
+#: Hints of a failed DEQ forward solve: every way it fails points at the cell's contractivity.
+DEQ_HINTS = {Status.MAX_ITERATIONS: _NOT_CONTRACTION, Status.DIVERGED: _NOT_CONTRACTION,
+             Status.NONFINITE: "the iteration produced NaN/Inf: check x for NaN/Inf and the cell for overflow; "
+                               + _NOT_CONTRACTION}
+
+
+def check_deq_options(*, solver, adjoint, rtol, atol, max_iter, on_failure, solver_options) -> None:
+    """Validate the options of :func:`deq` / :class:`~implicitdiff.nn.DEQ` (at construction, not at the solve)."""
+    if not callable(solver):
+        get_root_solver(solver)
+    if not isinstance(adjoint, (FixedPointAdjoint, Implicit, Unroll, Neumann)):
+        raise InputError("adjoint must be FixedPointAdjoint(...), implicitdiff.Implicit(...), "
+                         f"implicitdiff.Neumann(k) or implicitdiff.Unroll(), got {adjoint!r}")
+    check_real("rtol", rtol, low=0.0)
+    check_real("atol", atol, low=0.0, allow_none=False)
+    check_int("max_iter", max_iter, low=0)
+    check_on_failure(on_failure)
+    if solver_options is not None and not isinstance(solver_options, dict):
+        raise InputError(f"solver_options must be a dict of keyword arguments of the solver, "
+                         f"got {type(solver_options).__name__}")
+_CELL = "the DEQ cell, called as cell(z, x),"
+
 #: Anderson's lazy start in a DEQ (``solver_options["start_rate"]``, module docstring).
 ANDERSON_START_RATE = 0.8
 
 
 def _solve(F, z0, params, *, solve, adjoint, on_failure, rtol, atol, max_iter):
-    """``(z*, SolveInfo)`` by :func:`~implicitdiff.layers._implicit.solve_implicit`.
-
-    A :class:`FixedPointAdjoint` is passed to the mechanism as an ``Implicit``
-    value whose matrix-free linear solver is the adjoint fixed-point iteration
-    (``solver="gmres"`` only routes the adjoint to that solver; the name is
-    ignored there).
-    """
-    krylov = {}
-    if isinstance(adjoint, FixedPointAdjoint):
-        krylov = {"krylov": adjoint.linear_solver()}
-        adjoint = Implicit(solver="gmres", rtol=adjoint.rtol, atol=adjoint.atol, max_iter=adjoint.max_iter)
+    """``(z*, SolveInfo)`` by :func:`~implicitdiff.layers._implicit.solve_implicit` (batch dim 0)."""
     return solve_implicit(F, z0, params, solve=solve, adjoint=adjoint, batch_dims=1, on_failure=on_failure,
-                          return_info=True, what=_WHAT, neumann_alpha=-1.0, unroll="picard", rtol=rtol,
-                          atol=atol, max_iter=max_iter, **krylov)
+                          return_info=True, what=_WHAT, hints=DEQ_HINTS, neumann_alpha=-1.0, unroll="picard",
+                          rtol=rtol, atol=atol, max_iter=max_iter)
 
 
 def _info(info: SolveInfo, trace) -> DEQInfo:

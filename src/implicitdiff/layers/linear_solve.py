@@ -15,14 +15,16 @@ from typing import NamedTuple
 import torch
 
 from .._core.errors import InputError
+from .._core.options import check_bool, check_real
 from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
 from .._core.status import SolveInfo, Status
-from .._core.validate import as_float_tensor, check_finite, check_same_dtype_device, is_vmapped
+from .._core.validate import FLOAT_DTYPES, as_float_tensor, check_finite, check_same_dtype_device, in_transform, is_vmapped
 from ..implicit.iterative import iterative_solve
-from ..implicit.linear import SolveSpec, solve
+from ..implicit.linear import SolveSpec, fast_square_solve, solve
 from ..implicit.sparse_direct import splu_solve
 from ..linalg.operator import LinearOperator, aslinearoperator
 from ..linalg.selection import Nearest, Pinned, consistency_rtol, resolve_selection
+from ..linalg.solvers import SPARSE_DENSE_MAX, Solver, _matrix_free, as_solver
 
 __all__ = ["linear_solve", "linear_solve_ex", "ambiguity"]
 
@@ -57,6 +59,7 @@ def _prepare(A, b) -> _Problem:
     A = as_float_tensor("A", A)
     if A.dim() < 2:
         raise InputError(f"A must have shape (*, m, n), got {tuple(A.shape)}")
+    _no_meta("A", A)
     b = as_float_tensor("b", b, like=A)
     check_same_dtype_device("A", A, b=b)
     m = A.shape[-2]
@@ -76,6 +79,12 @@ def _prepare(A, b) -> _Problem:
     return _Problem(A, B, vector)
 
 
+def _no_meta(name, t):
+    if isinstance(t, torch.Tensor) and t.device.type == "meta":
+        raise InputError(f"{name} is a meta tensor (shapes only, no values): a solve needs values; "
+                         f"create it on 'cpu' or 'cuda'")
+
+
 def _is_vector(b: torch.Tensor, A) -> bool:
     # torch.linalg.solve's rule: b is a (batch of) vector(s) iff it is 1-D or has A's shape less the last dim
     shape = (tuple(A.batch_shape) + A.shape) if isinstance(A, LinearOperator) else tuple(A.shape)
@@ -89,9 +98,9 @@ def _as_solution_shape(name, t, like: torch.Tensor, vector: bool) -> torch.Tenso
     return t.unsqueeze(-1) if (vector or t.dim() == 1) else t
 
 
-def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=None, atol=0.0, max_iter=None,
-                 M=None, x0=None, adjoint_rtol=None, adjoint_max_iter=None, on_failure="raise",
-                 return_info=False, check_finite=True):
+def linear_solve(A, b, *, selection="auto", solver="auto", on_failure="raise", return_info=False,
+                 check_finite=True, rank_rtol=None, rtol=None, atol=None, max_iter=None, M=None, x0=None,
+                 adjoint_rtol=None, adjoint_max_iter=None):
     r"""Solve ``A y = b`` for ``y``, differentiably, under an explicit solution map.
 
     Args:
@@ -103,8 +112,14 @@ def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=
             (square: ``"exact"``; wide: ``"min_norm"``; tall: ``"least_squares"``),
             ``"exact"``, ``"min_norm"``, ``"least_squares"``,
             :class:`~implicitdiff.Nearest` or :class:`~implicitdiff.Pinned`.
-        solver: direct — ``"auto"``, ``"lu"``, ``"cholesky"`` (declares ``A``
-            symmetric positive definite), ``"qr"`` or ``"svd"`` (rank-revealing);
+        solver: a solver object of :mod:`implicitdiff.linalg` carrying its options
+            (``LU()``, ``Cholesky()``, ``QR()``, ``SVD(rank_rtol=)``, ``CG(rtol=, atol=,
+            max_iter=, M=, x0=)``, ``MINRES``, ``GMRES``, ``BiCGStab``, ``LSQR``, ``LSMR``,
+            ``SPLU()``), or its name as shorthand with the options as keywords here
+            (``solver="cg", rtol=1e-8`` is ``solver=CG(rtol=1e-8)``; a keyword the solver
+            does not take raises :class:`~implicitdiff.InputError`).  Names:
+            direct — ``"auto"``, ``"lu"``, ``"cholesky"`` (declares ``A``
+            symmetric positive definite; symmetry is checked), ``"qr"`` or ``"svd"`` (rank-revealing);
             iterative (matrix-free, :mod:`implicitdiff.linalg.krylov`) — ``"cg"``,
             ``"minres"``, ``"gmres"``, ``"bicgstab"``, ``"lsqr"``, ``"lsmr"``;
             sparse direct — ``"splu"`` (a square 2-D sparse COO/CSR ``A`` on the CPU,
@@ -116,10 +131,13 @@ def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=
             large sparse ``A`` goes to CG (tagged positive definite), MINRES
             (tagged symmetric), GMRES (square) or LSMR (non-square, ``"min_norm"``).
             An iterative backward is one adjoint Krylov solve, its residual checked.
-        rank_rtol: rank tolerance; a singular value ``s ≤ rank_rtol · s_max`` (or a
+            :func:`implicitdiff.linalg.auto_solver` returns the object ``"auto"`` picks.
+        ``rank_rtol`` (direct solvers): rank tolerance; a singular value ``s ≤ rank_rtol · s_max`` (or a
             reciprocal condition estimate below it) counts as zero. Default
             ``eps · max(m, n)``.
-        rtol: relative residual tolerance. Iterative solvers stop at
+        rank_rtol, rtol, atol, max_iter, M, x0, adjoint_rtol, adjoint_max_iter: shorthand
+            options of the named solver (see :mod:`implicitdiff.linalg.solvers`).
+            ``rtol``: relative residual tolerance. Iterative solvers stop at
             ``‖b − A y‖ ≤ max(rtol ‖b‖, atol)`` (default 1e-10 in float64, 1e-6 in
             float32); direct solvers under ``"exact"`` on non-square systems fail
             if ``‖Ay − b‖ > rtol (‖A‖‖y‖ + ‖b‖)`` (default ``sqrt(eps)``).
@@ -161,15 +179,37 @@ def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=
         tensor([0.0000, 1.5000], dtype=torch.float64)
     """
     check_on_failure(on_failure)
-    if solver == "splu":
+    check_bool("return_info", return_info)
+    check_bool("check_finite", check_finite)
+    if (solver == "auto" and selection == "auto" and not return_info and rank_rtol is None and rtol is None
+            and atol is None and max_iter is None and M is None and x0 is None and adjoint_rtol is None
+            and adjoint_max_iter is None):  # the common call: try the eager square path first
+        y = _eager_square(A, b, None)
+        if y is not None:
+            return y
+    opts = dict(rank_rtol=rank_rtol, rtol=rtol, atol=atol, max_iter=max_iter, M=M, x0=x0,
+                adjoint_rtol=adjoint_rtol, adjoint_max_iter=adjoint_max_iter)
+    _no_meta("A", A)
+    _no_meta("b", b)
+    if not isinstance(A, (torch.Tensor, LinearOperator)):
+        raise InputError(f"A must be a torch.Tensor (dense or sparse) or an implicitdiff.linalg.LinearOperator, "
+                         f"got {type(A).__name__}")
+    slv = as_solver(solver, A, selection, **opts)
+    if slv.family == "sparse":
         return _sparse_direct(A, b, selection, on_failure, return_info, check_finite)
-    if solver in KRYLOV or (solver == "auto" and _matrix_free(A)):
-        return _iterative(A, b, selection, solver, rtol, atol, max_iter, M, x0, adjoint_rtol, adjoint_max_iter,
-                          on_failure, return_info, check_finite)
+    if slv.family == "krylov":
+        return _iterative(A, b, selection, slv, on_failure, return_info, check_finite)
+    if _matrix_free(A) and isinstance(A, LinearOperator) and A.matrix is None:
+        raise InputError(f"solver={slv.name!r} factorizes a matrix: a matrix-free LinearOperator needs an "
+                         f"iterative solver; pass ('cg', 'minres', 'gmres', 'bicgstab', 'lsqr', 'lsmr') or 'auto'")
+    if slv.name == "lu" and not return_info and isinstance(selection, str) and selection in ("auto", "exact"):
+        y = _eager_square(A, b, slv.rank_rtol)
+        if y is not None:
+            return y
+    # "auto" keeps its LU/QR → SVD fallback for rank-deficient min-norm elements (linalg.selection.factorize)
+    solver = "auto" if (solver == "auto" and slv.name in ("lu", "qr")) else slv.name
+    rank_rtol, rtol = slv.rank_rtol, getattr(slv, "rtol", None)
     prob = _prepare(A, b)
-    positive_definite = isinstance(A, LinearOperator) and A.positive_definite
-    if positive_definite and solver == "auto":
-        solver = "cholesky"
     if check_finite:
         check_finite_(prob)
     m, n = prob.A.shape[-2:]
@@ -179,8 +219,11 @@ def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=
     elif isinstance(selection, Pinned):
         Y, info = _pinned(prob, selection, solver, rank_rtol, rtol, safe, return_info)
     else:
-        spec = SolveSpec(resolve_selection(selection, m, n), solver, rank_rtol, rtol, residual=return_info)
-        Y, info = _solve(spec, prob.A, prob.B, safe)
+        sel = resolve_selection(selection, m, n)
+        if prob.A.numel() == 0 or prob.B.numel() == 0:
+            Y, info = _empty(prob, sel)
+        else:
+            Y, info = _solve(SolveSpec(sel, solver, rank_rtol, rtol, residual=return_info), prob.A, prob.B, safe)
     if is_vmapped(info.status):
         Y = nan_where_failed(Y, info.ok)  # nothing can be raised from data under vmap
     else:
@@ -189,18 +232,40 @@ def linear_solve(A, b, *, selection="auto", solver="auto", rank_rtol=None, rtol=
     return (y, info) if return_info else y
 
 
+def _eager_square(A, b, rank_rtol):
+    """The fast path of a square dense solve outside ``torch.func`` transforms (None: take the general
+    path, which validates, reports and raises; see :func:`implicitdiff.implicit.linear.fast_square_solve`)."""
+    if not (isinstance(A, torch.Tensor) and isinstance(b, torch.Tensor) and A.layout == torch.strided
+            and b.layout == torch.strided and A.dim() >= 2 and A.device.type != "meta" and A.shape[-1] == A.shape[-2] > 0
+            and A.dtype in FLOAT_DTYPES and b.dtype == A.dtype and b.device == A.device and b.numel() > 0):
+        return None
+    vector = _is_vector(b, A)
+    n = A.shape[-1]
+    if vector:
+        if b.shape[-1] != n or b.shape[:-1] != A.shape[:-2]:
+            return None
+    elif b.dim() < 2 or b.shape[-2] != n or b.shape[:-2] != A.shape[:-2]:
+        return None
+    if in_transform():
+        return None
+    return fast_square_solve(A, b, vector, rank_rtol)
+
+
+def _empty(prob: _Problem, sel: str):
+    """A system with no entries (``m = 0``, ``n = 0``, ``k = 0`` or an empty batch): ``y = 0`` of the
+    solution's shape (the minimum-norm solution; empty when ``n = 0``), differentiable (zero gradient)."""
+    A, B = prob.A, prob.B
+    batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    Y = torch.zeros(*batch, A.shape[-1], B.shape[-1], dtype=A.dtype, device=A.device)
+    Y = Y + 0 * (A.sum() + B.sum())  # connected to the inputs: backward gives zero gradients
+    zeros = torch.zeros(batch, dtype=torch.int64, device=A.device)
+    return Y, SolveInfo(zeros, torch.zeros(batch, dtype=A.dtype, device=A.device), zeros)
+
+
 KRYLOV = ("cg", "minres", "gmres", "bicgstab", "lsqr", "lsmr")
-SPARSE_DENSE_MAX = 2000  # a sparse A with at most this many columns is factorized densely under solver="auto"
 
 
-def _matrix_free(A) -> bool:
-    if isinstance(A, LinearOperator):
-        return A.matrix is None or (A.is_sparse and A.shape[1] > SPARSE_DENSE_MAX)
-    return isinstance(A, torch.Tensor) and A.layout != torch.strided and A.shape[-1] > SPARSE_DENSE_MAX
-
-
-def _iterative(A, b, selection, solver, rtol, atol, max_iter, M, x0, adjoint_rtol, adjoint_max_iter, on_failure,
-               return_info, check_finite_values):
+def _iterative(A, b, selection, slv: Solver, on_failure, return_info, check_finite_values):
     """The matrix-free path: a Krylov solve whose backward is one adjoint Krylov solve."""
     op = aslinearoperator(A)
     m, n = op.shape
@@ -208,15 +273,7 @@ def _iterative(A, b, selection, solver, rtol, atol, max_iter, M, x0, adjoint_rto
         raise InputError("Nearest and Pinned selections need a direct solver (a dense A); with a matrix-free "
                          "operator use selection='min_norm' (LSQR/LSMR) or 'exact'")
     sel = resolve_selection(selection, m, n)
-    if solver == "auto":
-        if m != n:
-            solver = "lsmr"
-        elif op.positive_definite:
-            solver = "cg"
-        elif op.symmetric:
-            solver = "minres"
-        else:
-            solver = "gmres"
+    solver, rtol, x0 = slv.name, slv.rtol, slv.x0
     if m != n and solver not in ("lsqr", "lsmr"):
         raise InputError(f"solver={solver!r} needs a square operator, got shape ({m}, {n}); use 'lsqr' or 'lsmr'")
     b = as_float_tensor("b", b)
@@ -225,12 +282,16 @@ def _iterative(A, b, selection, solver, rtol, atol, max_iter, M, x0, adjoint_rto
     if b.dim() == 0 or b.shape[-1 if _is_vector(b, op) else -2] != m:
         raise InputError(f"b has shape {tuple(b.shape)} but A has {m} rows: b must be (*, {m}) or (*, {m}, k)")
     if check_finite_values:
+        if op.matrix is not None:  # a matrix-free operator's data are the user's: its matvec is checked
+            mat = op.matrix
+            check_finite("A", mat.detach().coalesce() if mat.layout == torch.sparse_coo else mat)
         check_finite("b", b)
     vector = _is_vector(b, op)
     rhs = b if vector else b.mT  # Krylov solvers take a batch of vectors (*, m)
     x0_ = None if x0 is None else (x0 if vector else x0.mT)
-    y, info = iterative_solve(op, rhs, solver=solver, rtol=rtol, atol=atol, max_iter=max_iter, M=M, x0=x0_,
-                              adjoint_rtol=adjoint_rtol, adjoint_max_iter=adjoint_max_iter)
+    y, info = iterative_solve(op, rhs, solver=solver, rtol=rtol, atol=0.0 if slv.atol is None else slv.atol,
+                              max_iter=slv.max_iter, M=slv.M, x0=x0_, adjoint_rtol=slv.adjoint_rtol,
+                              adjoint_max_iter=slv.adjoint_max_iter)
     if sel == "exact" and solver in ("lsqr", "lsmr"):
         # LSQR/LSMR return A⁺b; "exact" also demands that it solves the system (relative residual)
         tol = consistency_rtol(y.dtype) if rtol is None else max(float(rtol), consistency_rtol(y.dtype))
@@ -315,6 +376,10 @@ def _nearest(prob: _Problem, sel: Nearest, solver, rank_rtol, rtol, safe=False, 
         check_same_dtype_device("A", A, **{"Nearest.weight": w})
         check_finite("Nearest.weight", w)
         if w.dim() >= 2 and w.shape[-2:] == (n, n):
+            asym = (w - w.mT).abs().amax(dim=(-2, -1)) > (torch.finfo(w.dtype).eps ** 0.5) * w.abs().amax(dim=(-2, -1))
+            if not is_vmapped(asym) and bool(asym.any()):
+                raise InputError("Nearest.weight must be symmetric positive definite, but it is not symmetric "
+                                 "(|W − Wᵀ| > sqrt(eps)·max|W|); pass (W + W.mT) / 2 if that is what you mean")
             L, info = torch.linalg.cholesky_ex(w)
             if not is_vmapped(info) and bool((info != 0).any()):
                 raise InputError("Nearest.weight must be symmetric positive definite (Cholesky failed)")
@@ -413,8 +478,13 @@ def ambiguity(A, cotangent, *, rank_rtol=None) -> torch.Tensor:
     A = as_float_tensor("A", A)
     if A.dim() < 2:
         raise InputError(f"A must have shape (*, m, n), got {tuple(A.shape)}")
+    _no_meta("A", A)
     g = as_float_tensor("cotangent", cotangent, like=A)
+    _no_meta("cotangent", g)
     check_same_dtype_device("A", A, cotangent=g)
+    rank_rtol = check_real("rank_rtol", rank_rtol, low=0.0, high=1.0)
+    check_finite("A", A)
+    check_finite("cotangent", g)
     n = A.shape[-1]
     vector = g.dim() == 1 or (g.dim() == A.dim() - 1 and g.shape[:-1] == A.shape[:-2])
     G = g.unsqueeze(-1) if vector else g
@@ -423,6 +493,13 @@ def ambiguity(A, cotangent, *, rank_rtol=None) -> torch.Tensor:
     from .._core.defaults import rank_rtol as default_tol
 
     tol = default_tol(A.dtype, *A.shape[-2:]) if rank_rtol is None else rank_rtol
+    if G.numel() == 0:  # nothing to measure (n = 0, k = 0 or an empty batch)
+        return torch.zeros(torch.broadcast_shapes(A.shape[:-2], G.shape[:-2]), dtype=A.dtype, device=A.device)
+    # The ratio is scale invariant: scale ȳ by a power of two near max|ȳ| (exact) so that ‖ȳ‖² neither
+    # underflows (ȳ·1e-170) nor overflows.
+    gmax = G.detach().abs().amax(dim=(-2, -1), keepdim=True)
+    _, e = torch.frexp(gmax)
+    G = G / torch.where(gmax > 0, torch.ldexp(torch.ones_like(gmax), e), torch.ones_like(gmax))
     _, s, Vh = torch.linalg.svd(A, full_matrices=False)
     keep = (s > tol * s[..., :1]).to(A.dtype)
     Vr = Vh.mT * keep.unsqueeze(-2)  # columns spanning the row space

@@ -18,14 +18,22 @@ from __future__ import annotations
 import torch
 
 from .._core.errors import InputError
-from .._core.validate import as_float_tensor
+from .._core.options import check_int
+from .._core.validate import as_float_tensor, is_vmapped
 
 __all__ = ["project_simplex", "project_box", "project_l1_ball", "project_l2_ball", "sparsemax"]
 
 
 def _radius(radius, x, name="radius"):
+    if isinstance(radius, bool) or not isinstance(radius, (int, float, torch.Tensor)):
+        raise InputError(f"{name} must be a non-negative number or a tensor, got {type(radius).__name__} {radius!r}")
     r = torch.as_tensor(radius, dtype=x.dtype, device=x.device) if not isinstance(radius, torch.Tensor) else radius
     r = as_float_tensor(name, r, like=x)
+    if r.device != x.device:
+        raise InputError(f"{name} is on {r.device} but x is on {x.device}; move it, e.g. {name}.to(x.device)")
+    if r.device.type != "meta" and not is_vmapped(r) and r.numel() and not bool(
+            (torch.isfinite(r) & (r >= 0)).all()):  # one host read (a tensor radius)
+        raise InputError(f"{name} must be finite and >= 0, got {r.tolist() if r.numel() < 8 else 'a bad entry'}")
     if r.dim() == 0:
         return r
     try:
@@ -43,7 +51,13 @@ def _simplex(x, r):
     and ``z = max(x − τ, 0)`` with ``τ = (Σ_{j≤ρ} u_j − r)/ρ``.  ``τ`` is gathered from a cumulative
     sum, so autograd differentiates exactly ``τ = (Σ_S x − r)/|S|``.
     """
+    # Shift by the (detached) maximum first: the projection commutes with x -> x - c (τ moves by c),
+    # and in shifted coordinates τ is O(r), so a radius far below |x| (x·1e16, r = 1) is not
+    # rounded away in Σx − r.  The shift's derivative cancels in x − τ, so it is detached.
     n = x.shape[-1]
+    if n == 0:
+        raise InputError("x has 0 entries along the projected dim: the simplex in R^0 is empty")
+    x = x - x.detach().amax(dim=-1, keepdim=True)
     u, _ = torch.sort(x, dim=-1, descending=True)
     css = torch.cumsum(u, dim=-1) - r
     k = torch.arange(1, n + 1, dtype=x.dtype, device=x.device)
@@ -87,6 +101,7 @@ def sparsemax(x, dim=-1):
     x = as_float_tensor("x", x)
     if x.dim() < 1:
         raise InputError("x must have at least one dimension")
+    dim = check_int("dim", dim, low=-x.dim(), high=x.dim() - 1, allow_none=False)
     return _simplex(x.movedim(dim, -1), 1.0).movedim(-1, dim)
 
 
@@ -102,10 +117,15 @@ def project_box(x, lower, upper):
     x = as_float_tensor("x", x)
     lower = _bound("lower", lower, x)
     upper = _bound("upper", upper, x)
+    if x.device.type != "meta" and not (is_vmapped(lower) or is_vmapped(upper)) and bool(
+            (lower.isnan().any() | upper.isnan().any() | (lower > upper).any())):  # one host read
+        raise InputError("lower and upper must not be NaN and need lower <= upper elementwise (±inf allowed)")
     return torch.minimum(torch.maximum(x, lower), upper)
 
 
 def _bound(name, t, x):
+    if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
+        raise InputError(f"{name} must be a number or a tensor, got {type(t).__name__} {t!r}")
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device) if not isinstance(t, torch.Tensor) else t
     t = as_float_tensor(name, t, like=x)
     try:
@@ -125,11 +145,18 @@ def project_l2_ball(x, radius=1.0):
         tensor([0.6000, 0.8000])
     """
     x = as_float_tensor("x", x)
+    if x.dim() < 1:
+        raise InputError("x must have shape (*, n), got a scalar")
     r = _radius(radius, x)
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    outside = norm > r
-    safe = torch.where(outside, norm, torch.ones_like(norm))  # no 0/0 in the unused branch's gradient
-    return torch.where(outside, x * (r / safe), x)
+    # ‖x‖ = s ‖x/s‖ with s = max|x| a power of two (exact, detached: ‖·‖ is 1-homogeneous, so its
+    # derivative is unchanged) — no overflow of Σx² at |x| ~ 1e160, no underflow at 1e-170.
+    # x·r/‖x‖ = (x/s)·r/‖x/s‖: computed in the scaled variables, so its derivative has no ‖x‖² either.
+    s = _pow2_scale(x.detach().abs().amax(dim=-1, keepdim=True)) if x.shape[-1] else torch.ones_like(x[..., :1])
+    xs = x / s
+    ns = torch.linalg.vector_norm(xs, dim=-1, keepdim=True)
+    outside = ns * s > r
+    safe = torch.where(outside, ns, torch.ones_like(ns))  # no 0/0 in the unused branch's gradient
+    return torch.where(outside, xs * (r / safe), x)
 
 
 def project_l1_ball(x, radius=1.0):
@@ -142,8 +169,19 @@ def project_l1_ball(x, radius=1.0):
         tensor([ 0.6000, -0.4000,  0.0000])
     """
     x = as_float_tensor("x", x)
+    if x.dim() < 1:
+        raise InputError("x must have shape (*, n), got a scalar")
     r = _radius(radius, x)
+    if x.shape[-1] == 0:
+        return x.clone()
     inside = x.abs().sum(-1, keepdim=True) <= r
     xs = torch.where(inside, torch.zeros_like(x), x)  # the simplex branch sees no inside element
     z = torch.sign(xs) * _simplex(xs.abs(), r)
     return torch.where(inside, x, z)
+
+
+def _pow2_scale(a: torch.Tensor) -> torch.Tensor:
+    """A power of two near ``a`` (1 where ``a`` is 0 or not finite): dividing by it is exact."""
+    _, e = torch.frexp(a)
+    s = torch.ldexp(torch.ones_like(a), e)
+    return torch.where((a > 0) & torch.isfinite(a), s, torch.ones_like(a))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from .._core.errors import InputError
-from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
+from .._core.failure import ON_FAILURE, apply_on_failure, nan_where_failed
+from .._core.options import check_bool, check_choice, check_int, check_real
 from .._core.status import SolveInfo, Status
 from .._core.validate import as_float_tensor, check_same_dtype_device, is_vmapped
 from .._core.validate import check_finite as _check_finite
@@ -25,7 +26,9 @@ _HINTS = {
     Status.UNBOUNDED: "The objective decreases without bound on the feasible set (Q is singular along a "
                       "feasible direction): add bounds or a ridge to Q",
     Status.MAX_ITERATIONS: "Raise max_iter, loosen rtol, or rescale the problem (entries of order 1)",
-    Status.NONFINITE: "Check the inputs for extreme values",
+    Status.NONFINITE: "Check the inputs for NaN, Inf or extreme values",
+    Status.NONCONVEX: "Q must be positive semidefinite (λ_min ≥ −1e-8·max|Qᵢⱼ| in float64, −1e-5 in float32) on "
+                      "the null space of A: check its sign, or add a ridge (Q + εI)",
 }
 
 
@@ -59,19 +62,20 @@ def _prepare(Q, p, G, h, A, b):
         if v.dim() < 1 or v.shape[-1] != M.shape[-2]:
             raise _shape_error(name, v, f"(*, {M.shape[-2]}) to match {mname} of shape {tuple(M.shape)}")
     check_same_dtype_device("p", p, Q=Q, G=G, h=h, A=A, b=b)
+    if p.device.type == "meta":
+        raise InputError("p is a meta tensor (no data); qp must read its inputs: pass tensors on a real device")
     ts = dict(Q=Q, p=p, G=G, h=h, A=A, b=b)
     cores = dict(Q=2, p=1, G=2, h=1, A=2, b=1)
     try:
-        torch.broadcast_shapes(*(t.shape[: t.dim() - cores[k]] for k, t in ts.items()))
+        return (Q, p, G, h, A, b), torch.broadcast_shapes(*(t.shape[: t.dim() - cores[k]] for k, t in ts.items()))
     except RuntimeError:
         dims = ", ".join(f"{k}: {tuple(t.shape[: t.dim() - cores[k]])}" for k, t in ts.items())
         raise InputError(f"the batch dims of the QP parameters do not broadcast ({dims}); give each either the "
                          "common batch shape or none") from None
-    return Q, p, G, h, A, b
 
 
 def qp(Q, p, G=None, h=None, A=None, b=None, *, rtol=None, max_iter=50, on_failure="raise", return_duals=False,
-       return_info=False, warm_start=None, check_finite=True):
+       return_info=False, warm_start=None, check_finite=None):
     r"""Solve ``z* = argmin_z ½ zᵀQz + pᵀz  s.t.  Gz ≤ h,  Az = b``, batched and differentiably.
 
     Args:
@@ -127,18 +131,32 @@ def qp(Q, p, G=None, h=None, A=None, b=None, *, rtol=None, max_iter=50, on_failu
         >>> [round(v, 4) + 0.0 for v in x.grad.tolist()]
         [0.5, -0.5, 0.0]
     """
-    check_on_failure(on_failure)
-    Q, p, G, h, A, b = _prepare(Q, p, G, h, A, b)
-    if check_finite:
+    check_choice("on_failure", on_failure, ON_FAILURE)
+    rtol = check_real("rtol", rtol, low=0.0, high=1.0, low_open=True, high_open=True)
+    max_iter = check_int("max_iter", max_iter, low=1, allow_none=False)
+    check_bool("return_duals", return_duals)
+    check_bool("return_info", return_info)
+    if check_finite is not None:
+        check_bool("check_finite", check_finite)
+    (Q, p, G, h, A, b), batch = _prepare(Q, p, G, h, A, b)
+    if any(d == 0 for d in batch):  # an empty batch: empty results (connected to the inputs, zero gradients)
+        return _empty(batch, Q, p, G, h, A, b, return_duals, return_info)
+    if check_finite or (check_finite is None and on_failure == "raise"):
         for name, t in (("Q", Q), ("p", p), ("G", G), ("h", h), ("A", A), ("b", b)):
             _check_finite(name, t)
     if rtol is None:
         rtol = 1e-10 if p.dtype == torch.float64 else 1e-7
-    if not (isinstance(max_iter, int) and max_iter >= 1):
-        raise InputError(f"max_iter must be a positive int, got {max_iter!r}")
-    spec = QPSpec(QPInteriorPoint.for_dtype(torch.float64, rtol=rtol, max_iter=max_iter), torch.float64)
+    psd_tol = 1e-8 if p.dtype == torch.float64 else 1e-5
+    spec = QPSpec(QPInteriorPoint.for_dtype(torch.float64, rtol=rtol, max_iter=max_iter, psd_tol=psd_tol),
+                  torch.float64)
     warm = _warm(warm_start, p)
+    (Q, p, G, h, A, b), (sigma, dG, dA) = equilibrate(Q, p, G, h, A, b)
+    if warm[1] is not None:
+        warm = (warm[0], warm[1] * dG / sigma.unsqueeze(-1), warm[2])
+    if warm[2] is not None:
+        warm = (warm[0], warm[1], warm[2] * dA / sigma.unsqueeze(-1))
     z, lam, nu, status, residual, iters = qp_solve(spec, Q, p, G, h, A, b, warm)
+    lam, nu = lam * (sigma.unsqueeze(-1) / dG), nu * (sigma.unsqueeze(-1) / dA)
     info = SolveInfo(status, residual, iters)
     if is_vmapped(status):
         z, lam, nu = (nan_where_failed(t, info.ok) for t in (z, lam, nu))  # nothing can be raised under vmap
@@ -150,6 +168,41 @@ def qp(Q, p, G=None, h=None, A=None, b=None, *, rtol=None, max_iter=50, on_failu
     if return_info:
         out = out + (info,)
     return out if len(out) > 1 else out[0]
+
+
+def _empty(batch, Q, p, G, h, A, b, return_duals, return_info):
+    zero = sum((t.sum() * 0 for t in (Q, p, G, h, A, b) if t.requires_grad), p.new_zeros(()))
+    out = tuple(p.new_zeros(batch + (d,)) + zero for d in (p.shape[-1], h.shape[-1], b.shape[-1]))
+    out = out if return_duals else out[:1]
+    if return_info:
+        long = torch.zeros(batch, dtype=torch.long, device=p.device)
+        out = out + (SolveInfo(long, p.new_zeros(batch), long.clone()),)
+    return out if len(out) > 1 else out[0]
+
+
+def _scale_of(t, dims):
+    """``max |t|`` over ``dims`` (detached); 1 where that is 0 or not finite (a neutral scale)."""
+    s = t.detach().abs().amax(dim=dims) if t.numel() else t.detach().new_ones(t.shape[: t.dim() - len(dims)])
+    return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+
+
+def equilibrate(Q, p, G, h, A, b):
+    r"""The same QP with data of order one: ``(Q/σ, p/σ, D_G⁻¹G, D_G⁻¹h, D_A⁻¹A, D_A⁻¹b)`` and ``(σ, d_G, d_A)``.
+
+    ``σ = max|Qᵢⱼ|`` (``max|pᵢ|`` for an LP) scales the objective and ``d_G``, ``d_A`` are the
+    largest entries of each constraint row: none changes the solution ``z``, and the
+    multipliers of the original problem are ``λ = σ λ' / d_G``, ``ν = σ ν' / d_A``.  The scales
+    are constants (detached), so autograd through the divisions gives the exact gradient of
+    ``z`` (the identity holds for every positive scale).  Each scale keeps the batch dims of the
+    tensor it is read from: a shared ``Q`` stays shared.  With it, the solver's relative tests
+    (feasibility, optimality, convergence, convexity) are relative to the data's scale.
+    """
+    sq = _scale_of(Q, (-2, -1))
+    sigma = torch.where(Q.detach().abs().amax(dim=(-2, -1)) > 0 if Q.numel() else torch.zeros_like(sq, dtype=torch.bool),
+                        sq, _scale_of(p, (-1,)))
+    dG, dA = _scale_of(G, (-1,)), _scale_of(A, (-1,))
+    return (Q / sq[..., None, None], p / sigma.unsqueeze(-1), G / dG.unsqueeze(-1), h / dG,
+            A / dA.unsqueeze(-1), b / dA), (sigma, dG, dA)
 
 
 def _warm(warm_start, p):
@@ -165,4 +218,7 @@ def _warm(warm_start, p):
         raise InputError("warm_start needs z0 (its first entry)")
     if z0.shape[-1] != p.shape[-1]:
         raise InputError(f"warm_start z0 has shape {tuple(z0.shape)}; it must be (*, {p.shape[-1]}) like p")
+    for i, t in enumerate((z0, l0, n0)):
+        if t is not None:
+            _check_finite(f"warm_start[{i}]", t)
     return z0, l0, n0

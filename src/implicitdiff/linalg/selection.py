@@ -32,6 +32,7 @@ import torch
 from .._core.defaults import eps, rank_rtol as default_rank_rtol
 from .._core.errors import InputError
 from .._core.status import Status
+from .._core.validate import is_vmapped
 from .cholesky import Cholesky
 from .lu import LU
 from .qr import QR, QRTransposed
@@ -70,6 +71,21 @@ class Pinned:
     index: Union[Sequence[int], torch.Tensor]
     values: Any
 
+    def __post_init__(self):
+        idx = self.index
+        if isinstance(idx, torch.Tensor):
+            ok = not (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool)
+        else:
+            try:
+                items = list(idx) if not isinstance(idx, (int, str, bytes)) else [idx]
+            except TypeError:
+                items = [idx]
+            ok = all(isinstance(i, int) and not isinstance(i, bool) or type(i).__name__.startswith("int")
+                     for i in items)
+        if not ok:
+            raise InputError(f"Pinned.index must hold integer coordinates (a list of ints or an integer tensor), "
+                             f"got {idx!r}")
+
 
 def resolve_selection(selection, m: int, n: int) -> str:
     """The concrete name of a string selection for an ``m × n`` system."""
@@ -93,14 +109,17 @@ def consistency_rtol(dtype) -> float:
     return eps(dtype) ** 0.5
 
 
-def factorize(A: torch.Tensor, selection: str, solver: str = "auto", rank_rtol: float | None = None):
+def factorize(A: torch.Tensor, selection: str, solver: str = "auto", rank_rtol: float | None = None,
+              screen: bool = False):
     """Factorize ``A`` for a concrete ``selection``.
 
     Returns ``(factorization, status, rank, cond)`` where ``status`` (``int64``,
     batch shape of ``A``) marks singular / rank-deficient elements, ``rank`` is
     the numerical rank and ``cond`` a condition estimate.  With
     ``solver="auto"`` a rank-deficient element under ``"min_norm"`` makes the
-    whole batch fall back from LU/QR to the SVD (one host sync to decide).
+    whole batch fall back from LU/QR to the SVD (one host sync to decide).  With ``screen`` the LU's
+    condition estimate is the cheap screened one (:func:`~.factorization.screened_rcond`): exact
+    enough to decide singularity, looser as a reported ``cond`` for well-conditioned matrices.
     """
     if solver not in SOLVERS:
         raise InputError(f"solver must be one of {SOLVERS} for a dense matrix, got {solver!r}")
@@ -123,6 +142,14 @@ def factorize(A: torch.Tensor, selection: str, solver: str = "auto", rank_rtol: 
 
     if solver == "cholesky" and m != n:
         raise InputError(f"solver='cholesky' needs a square A, got shape ({m}, {n})")
+    asym = None
+    if solver == "cholesky":
+        # Cholesky reads one triangle: a non-symmetric A would be solved as another matrix.  Checked
+        # relative to A's scale (one pass over A, cheap beside the factorization).
+        asym = (A - A.mT).abs().amax(dim=(-2, -1)) > eps(A.dtype) ** 0.5 * A.abs().amax(dim=(-2, -1))
+        if not is_vmapped(asym) and bool(asym.any()):
+            raise InputError("solver='cholesky' needs a symmetric positive definite A, but A is not symmetric "
+                             "(|A − Aᵀ| > sqrt(eps)·max|A|); use solver='lu'")
     if solver == "lu" and m != n:
         raise InputError(f"solver='lu' needs a square A, got shape ({m}, {n}); use solver='qr' or 'svd'")
 
@@ -130,7 +157,7 @@ def factorize(A: torch.Tensor, selection: str, solver: str = "auto", rank_rtol: 
         if solver == "cholesky":
             fact, rcond = Cholesky.factor(A)
         else:
-            fact, rcond = LU.factor(A, allow_transposed=True)
+            fact, rcond = LU.factor(A, allow_transposed=True, screen=screen, doubt=max(tol ** 0.5, tol))
         bad = rcond < tol
         code = Status.SINGULAR
     else:
@@ -140,6 +167,8 @@ def factorize(A: torch.Tensor, selection: str, solver: str = "auto", rank_rtol: 
         code = Status.RANK_DEFICIENT if (selection == "least_squares" or m >= n) else Status.SINGULAR
         if selection == "exact" and m == n:
             code = Status.SINGULAR
+    if asym is not None:  # under vmap: a non-symmetric element is reported, never solved as another matrix
+        bad = bad | asym
     cond = 1.0 / rcond
     rank = torch.where(bad, full - 1, full)  # at least one deficient direction; exact rank needs the SVD
     if selection == "min_norm" and solver == "auto" and bool(bad.any()):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from .._core.status import Status
-from .qp_kkt import _lsolve, _mv, _rmv, _tri_solve
-from .qp_steps import _amax, _initial_shift, _max_step, _update_status
+from ..linalg.kkt import bmv, brmv, chol_solve, tri_solve
+from .qp_steps import amax, initial_shift, max_step, update_status
 
 __all__ = ["interior_point_dual"]
 
@@ -37,24 +37,18 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
     B, n = p.shape
     m, k = h.shape[-1], b.shape[-1]
     dt, dev = p.dtype, p.device
-    LQ, Wc, K = pre
+    LQ, Wc, K, LA, X, MG = pre
     p0 = p
-    Lp = _lsolve(LQ, p)  # LQ⁻¹ p
-    c0 = _rmv(Wc, Lp)  # C Q⁻¹ p
+    Lp = tri_solve(LQ, p)  # LQ⁻¹ p
+    c0 = brmv(Wc, Lp)  # C Q⁻¹ p
     pQp = (Lp * Lp).sum(-1)
     hb = torch.cat([h, b], dim=-1)
     # ‖Cᵀy‖₂² ≤ ‖Q‖₂ · yᵀKy: a certificate test without an n-dimensional product
     qnorm = p.new_tensor(float(torch.linalg.matrix_norm(P.Q).amax()))  # ‖Q‖_F ≥ ‖Q‖₂
 
-    # The equality block is eliminated once: with K = [[K_GG, K_GA], [K_AG, K_AA]], L_A L_Aᵀ = K_AA + δI
-    # and X = L_A⁻¹ K_AG, the Newton matrix K + diag(W, δI) is [[M + W, ·], [·, K_AA + δI]] with the
-    # fixed Schur complement M = K_GG − XᵀX: each iteration factors M + W (size m, not m + k).
-    if k:
-        LA = torch.linalg.cholesky_ex(K[:, m:, m:] + delta * torch.eye(k, dtype=dt, device=dev))[0]
-        X = torch.linalg.solve_triangular(LA, K[:, m:, :m], upper=False)
-        MG = K[:, :m, :m] - X.mT @ X
-    else:
-        LA, X, MG = None, None, K
+    # The equality block is eliminated once (kkt_precompute): with K = [[K_GG, K_GA], [K_AG, K_AA]],
+    # L_A L_Aᵀ = K_AA + δI and X = L_A⁻¹ K_AG, the Newton matrix K + diag(W, δI) is [[M + W, ·], [·, K_AA + δI]]
+    # with the fixed Schur complement M = K_GG − XᵀX: each iteration factors M + W (size m, not m + k).
 
     def factor(MG, w):
         S = MG.expand(w.shape[0], m, m).clone()
@@ -64,10 +58,10 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
     def solve(LG, LA, X, r):
         """``(K + diag(W, δI))⁻¹ r`` by the block elimination above."""
         if not k:
-            return _tri_solve(LG, r.unsqueeze(-1)).squeeze(-1)
-        t = _lsolve(LA, r[:, m:])
-        uG = _tri_solve(LG, (r[:, :m] - _rmv(X, t)).unsqueeze(-1)).squeeze(-1)
-        return torch.cat([uG, _lsolve(LA, t - _mv(X, uG), adjoint=True)], dim=-1)
+            return chol_solve(LG, r.unsqueeze(-1)).squeeze(-1)
+        t = tri_solve(LA, r[:, m:])
+        uG = chol_solve(LG, (r[:, :m] - brmv(X, t)).unsqueeze(-1)).squeeze(-1)
+        return torch.cat([uG, tri_solve(LA, t - bmv(X, uG), adjoint=True)], dim=-1)
 
     if init is not None:  # resume where an earlier run stopped: y = (λ, ν) and s, already interior
         y, s = init
@@ -80,12 +74,12 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         s = -mu0 * y[:, :m]
     else:
         z0 = warm_start[0].expand(B, n)
-        s = h - _mv(G, z0)
+        s = h - bmv(G, z0)
         lam0 = warm_start[1].expand(B, m) if warm_start[1] is not None else p.new_ones(B, m)
         nu0 = warm_start[2].expand(B, k) if warm_start[2] is not None else p.new_zeros(B, k)
         y = torch.cat([lam0, nu0], dim=-1)
     if init is None:
-        s, lam = _initial_shift(s, y[:, :m])
+        s, lam = initial_shift(s, y[:, :m])
         y = torch.cat([lam, y[:, m:]], dim=-1)
     out_y, out_s = y.clone(), s.clone()
     tap = y[:, :m] > s  # the active-set guess (Tapia's indicator once a step is taken)
@@ -111,17 +105,17 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
     max_iter = ipm.max_iter if max_iter is None else max_iter
     for it in range(max_iter + 1):
         lam = y[:, :m]
-        Ky = _mv(Kw, y)
+        Ky = bmv(Kw, y)
         g = -c0 - Ky  # C z(y)
         rp, re = g[:, :m] + s - h, g[:, m:] - b
-        res_p = torch.maximum(_amax(rp), _amax(re)) / (1 + torch.stack([_amax(g), _amax(s), _amax(hb)]).amax(0))
+        res_p = torch.maximum(amax(rp), amax(re)) / (1 + torch.stack([amax(g), amax(s), amax(hb)]).amax(0))
         yKy = (y * Ky).sum(-1)
         obj = 0.5 * (yKy - pQp)
         r = torch.maximum(res_p, (s * lam).sum(-1).abs() / (1 + obj.abs()))
         c = (hb * y).sum(-1)
         infeas = (c < 0) & ((qnorm * yKy.clamp(min=0)).sqrt() <= ipm.cert_tol * (-c))
-        status, done, stall, best = _update_status(r, infeas, torch.zeros_like(done), rtol, status, done,
-                                                   stall, best)
+        status, done, stall, best = update_status(r, infeas, torch.zeros_like(done), rtol, status, done,
+                                                   stall, best, floor=ipm.rtol)
         if it == max_iter or (it % check_every == 0 and bool(done.all())):
             break
         nb = idx.numel()
@@ -141,7 +135,7 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         dy = solve(LS, LA, X, torch.cat([rp - s, re], dim=-1))
         dl = dy[:, :m]
         ds = -s - w * dl
-        a_aff = torch.minimum(_max_step(s, ds), _max_step(lam, dl)).clamp(max=1.0).unsqueeze(-1)
+        a_aff = torch.minimum(max_step(s, ds), max_step(lam, dl)).clamp(max=1.0).unsqueeze(-1)
         mu_aff = ((s + a_aff * ds) * (lam + a_aff * dl)).sum(-1, keepdim=True) / m
         sigma = (mu_aff / mu).clamp(0, 1) ** 3
         # corrector: r_c = s∘λ + ds_aff∘dλ_aff − σμ
@@ -150,7 +144,7 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         dl = dy[:, :m]
         ds = -(rc + s * dl) / lam
         eta = 1 - mu.squeeze(-1).sqrt().clamp(1e-4, 1e-2)
-        alpha = (eta * torch.minimum(_max_step(s, ds), _max_step(lam, dl))).clamp(max=1.0)
+        alpha = (eta * torch.minimum(max_step(s, ds), max_step(lam, dl))).clamp(max=1.0)
         alpha = torch.where(done, torch.zeros_like(alpha), alpha).unsqueeze(-1)
         y_new, s_new = y + alpha * dy, s + alpha * ds
         # Tapia's indicator: an active constraint's slack falls faster than its multiplier, an
@@ -159,7 +153,7 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         y, s = y_new, s_new
     write_back()
     y, s = out_y, out_s
-    z = -_lsolve(LQ, _lsolve(LQ, p0) + _mv(Wc, y), adjoint=True)
+    z = -tri_solve(LQ, tri_solve(LQ, p0) + bmv(Wc, y), adjoint=True)
     lam, nu = y[:, :m], y[:, m:]
     # the full residual (with Q, G, A), not the dual-space one, is computed by the caller if needed
     return z, s, lam, nu, out_status, out_iters, None, out_tap

@@ -69,6 +69,7 @@ problems take one direct solve (no iterations).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -76,12 +77,11 @@ import torch
 from .._core.status import Status
 from ..linalg.symmetric import symmetric_part
 from .qp_dual import interior_point_dual
-from .qp_kkt import (KKTFactor, _Products, kkt_apply, kkt_factor, kkt_precompute, kkt_refine,  # noqa: F401
-                     kkt_solve_reg)
-from .qp_steps import QPResult, _amax, _initial_shift, _kkt_residual, _max_step, _merge, _put, _put_factor, \
-    _take, _update_status
+from .qp_screen import screen
+from ..linalg.kkt import ActiveSetKKT, KKTProducts, kkt_factor, kkt_precompute, kkt_refine, kkt_solve_reg, put_rows
+from .qp_steps import QPResult, amax, initial_shift, kkt_residual, max_step, merge, take, update_status
 
-__all__ = ["QPInteriorPoint", "QPResult", "KKTFactor", "kkt_factor", "kkt_solve_reg", "kkt_apply"]
+__all__ = ["QPInteriorPoint", "QPResult"]
 
 
 class QPInteriorPoint:
@@ -96,37 +96,35 @@ class QPInteriorPoint:
     """
 
     def __init__(self, *, rtol: float, max_iter: int = 50, reg: float, refine: int, cert_tol: float,
-                 kkt: str = "auto"):
+                 kkt: str = "auto", psd_tol: float = 1e-8):
         self.rtol, self.max_iter, self.reg, self.refine, self.cert_tol = rtol, max_iter, reg, refine, cert_tol
-        self.kkt = kkt
-        self.ipm_refine = 1  # the primal loop's corrector: one refinement against the regularization
+        self.kkt, self.psd_tol = kkt, psd_tol
+        self.ipm_refine = 0  # refinements of the primal loop's corrector against the regularization
         self.polish_rounds = 3
         self.early_rtol = 1e-3  # where the dual loop stops to polish (see solve)
 
     @classmethod
-    def for_dtype(cls, dtype, *, rtol=None, max_iter=50, kkt="auto") -> "QPInteriorPoint":
-        """Defaults: float64 ``rtol = 1e-10``; float32 ``rtol = 1e-5``."""
+    def for_dtype(cls, dtype, *, rtol=None, max_iter=50, kkt="auto", psd_tol=None) -> "QPInteriorPoint":
+        """Defaults: float64 ``rtol = 1e-10``, ``psd_tol = 1e-8``; float32 ``rtol = 1e-5``, ``psd_tol = 1e-5``."""
         if dtype == torch.float64:
             return cls(rtol=1e-10 if rtol is None else rtol, max_iter=max_iter, reg=1e-9, refine=2, cert_tol=1e-8,
-                       kkt=kkt)
-        return cls(rtol=1e-5 if rtol is None else rtol, max_iter=max_iter, reg=1e-5, refine=5, cert_tol=1e-4, kkt=kkt)
+                       kkt=kkt, psd_tol=1e-8 if psd_tol is None else psd_tol)
+        return cls(rtol=1e-5 if rtol is None else rtol, max_iter=max_iter, reg=1e-5, refine=5, cert_tol=1e-4, kkt=kkt,
+                   psd_tol=1e-5 if psd_tol is None else psd_tol)
 
     def __repr__(self):
         return f"QPInteriorPoint(rtol={self.rtol}, max_iter={self.max_iter}, kkt={self.kkt!r})"
 
-    @staticmethod
-    def solve_factored(kind, tensors, G, A, r1, r2, r3):
-        """Apply the regularized inverse of a :class:`KKTFactor` (``kind``, ``tensors``) — the
-        preconditioner a backward pass refines with.  ``G`` as factorized (masked rows)."""
-        return kkt_solve_reg(KKTFactor(kind, tuple(tensors)), G, A, r1, r2, r3)
-
-    def _choose_kind(self, Q, n, m, k, delta, scale):
-        """``"dual"`` when ``Q`` is well-conditioned positive definite and ``S`` is the smaller system."""
+    def _choose_kind(self, Q, n, m, k, delta, scale, L=None):
+        """``"dual"`` when ``Q`` is well-conditioned positive definite and ``S`` is the smaller system
+        (``L``: the Cholesky of ``Q`` when the screening found it positive definite)."""
         if self.kkt != "auto":
             return self.kkt, None
         if m + k == 0 or (m + k) ** 3 / 3 >= 2 * m * n * n + n ** 3 / 3:
             return "primal", None
-        L, info = torch.linalg.cholesky_ex(Q)
+        if L is None:
+            return "primal", None
+        info = torch.zeros(1, dtype=torch.int32, device=L.device)
         d = L.diagonal(dim1=-2, dim2=-1)
         # min(diag L)² ≥ λ_min(Q): a cheap screen against a (near-)singular Q; refinement absorbs the rest
         ok = (info == 0).all() & (d.amin(-1) ** 2 > self.reg ** 0.5 * scale).all()
@@ -134,11 +132,9 @@ class QPInteriorPoint:
 
     def _polish(self, kind, pre, P, Q, G, A, p, h, b, active, delta):
         """Factor and solve the equality-constrained KKT system on ``active`` (see the module docstring)."""
-        B, k = p.shape[0], b.shape[-1]
         GM = G * active.unsqueeze(-1)
         winv = active / delta + (1 - active)
-        rowmask = torch.cat([active, active.new_ones(B, k)], dim=-1)
-        fact = kkt_factor(kind, pre, Q, GM, A, winv, delta, rowmask)
+        fact = kkt_factor(kind, pre, Q, GM, A, winv, delta, active)
         zp, lp, np_ = kkt_refine(fact, P, GM, A, 1 - active, (-p, active * h, b), self.refine_steps(kind), mask=active)
         return fact, zp, lp, np_
 
@@ -154,14 +150,26 @@ class QPInteriorPoint:
         point from; the slacks and multipliers are moved inside the positive orthant.
         """
         Q = symmetric_part(Q)  # only the symmetric part enters the objective
+        screened = screen(Q, p, G, h, A, b, self.psd_tol)
+        out = self._solve(*screened.data, screened.LQ, warm_start)
+        if screened.rho is not None:  # the backward solves with the convexified matrix that was factored
+            out = out._replace(kkt=dataclasses.replace(out.kkt, rho=screened.rho))
+        if screened.status is None:
+            return out
+        bad = screened.status >= 0
+        return out._replace(status=torch.where(bad, screened.status, out.status),
+                            residual=torch.where(bad, torch.full_like(out.residual, float("inf")), out.residual),
+                            iterations=torch.where(bad, 0, out.iterations))
+
+    def _solve(self, Q, p, G, h, A, b, LQ, warm_start) -> QPResult:
         B = max(t.shape[0] for t in (Q, p, G, h, A, b))
         n, m, k = p.shape[-1], h.shape[-1], b.shape[-1]
         dt, dev = p.dtype, p.device
         scale = 1 + max(float(t.abs().max()) if t.numel() else 0.0 for t in (Q, G, A))
         delta = torch.tensor(self.reg * scale, dtype=dt, device=dev)
-        kind, LQ = self._choose_kind(Q, n, m, k, delta, scale)
-        pre = kkt_precompute(kind, Q, G, A, LQ)
-        P = _Products.build(Q, G, A)
+        kind, LQ = self._choose_kind(Q, n, m, k, delta, scale, LQ)
+        pre = kkt_precompute(kind, Q, G, A, LQ, delta)
+        P = KKTProducts.build(Q, G, A)
         pB, hB, bB = p.expand(B, n), h.expand(B, m), b.expand(B, k)
         if not m:  # equality-only: one direct solve
             loop = (p.new_zeros(B, n), p.new_zeros(B, 0), p.new_zeros(B, 0), p.new_zeros(B, k),
@@ -169,9 +177,10 @@ class QPInteriorPoint:
                     torch.zeros(B, dtype=torch.long, device=dev), torch.full((B,), float("inf"), dtype=dt, device=dev))
             return self._finish(kind, pre, P, Q, G, A, pB, hB, bB, delta, loop + (p.new_zeros(B, 0, dtype=torch.bool),))
         if kind == "primal":
-            loop = self._interior_point(P, pB, G, hB, A, bB, kind, pre, delta, warm_start)
-            loop = loop + (loop[2] > loop[1],)  # λ > s
-            return self._finish(kind, pre, P, Q, G, A, pB, hB, bB, delta, loop)
+            # (stopping early and polishing saves nothing here: on LPs the guess λ > s of a loose iterate is
+            # wrong too often)
+            loop = self._interior_point(P, pB, G, hB, A, bB, kind, pre, delta, warm_start, rtol=self.rtol)
+            return self._finish(kind, pre, P, Q, G, A, pB, hB, bB, delta, loop + (loop[2] > loop[1],))  # λ > s
         # The dual loop stops early, at ``early_rtol``: the polish on the active set it identifies then
         # gives the solution to rounding (saving the last interior-point iterations); elements whose
         # polish fails to reach ``rtol`` (a wrong active set) resume the interior point to ``rtol``.
@@ -184,15 +193,15 @@ class QPInteriorPoint:
         if not bool(retry.any()):  # one sync
             return out
         idx = torch.nonzero(retry).squeeze(-1)
-        Ps, Qs, Gs, As, ps, hs, bs = (_take(t, idx) for t in (P, Q, G, A, pB, hB, bB))
-        pres = tuple(_take(t, idx) for t in pre)
+        Ps, Qs, Gs, As, ps, hs, bs = (take(t, idx) for t in (P, Q, G, A, pB, hB, bB))
+        pres = tuple(take(t, idx) for t in pre)
         s, lam, nu = (loop[i][idx] for i in (1, 2, 3))
         budget = self.max_iter - int(out.iterations[idx].max())  # no element goes past max_iter in all
         loop2 = self._interior_point_dual(Ps, ps, Gs, hs, As, bs, pres, delta, None, rtol=self.rtol,
                                           init=(torch.cat([lam, nu], dim=-1), s), max_iter=budget)
         sub = self._finish(kind, pres, Ps, Qs, Gs, As, ps, hs, bs, delta, loop2)
         sub = sub._replace(iterations=sub.iterations + out.iterations[idx])
-        return _merge(out, sub, idx)
+        return merge(out, sub, idx)
 
     def _finish(self, kind, pre, P, Q, G, A, pB, hB, bB, delta, loop) -> QPResult:
         """Polish the interior point's result on its active set and decide the statuses.
@@ -209,8 +218,8 @@ class QPInteriorPoint:
         fact, zp, lp, np_ = self._polish(kind, pre, P, Q, G, A, pB, hB, bB, active, delta)
         for _ in range(1, self.polish_rounds if m else 1):
             Gz = P.forward(zp)[1]
-            tol_p = self.rtol * (1 + torch.maximum(_amax(Gz), _amax(hB))).unsqueeze(-1)
-            tol_d = self.rtol * (1 + torch.maximum(_amax(lp), _amax(pB))).unsqueeze(-1)
+            tol_p = self.rtol * (1 + torch.maximum(amax(Gz), amax(hB))).unsqueeze(-1)
+            tol_d = self.rtol * (1 + torch.maximum(amax(lp), amax(pB))).unsqueeze(-1)
             fix = (active == 0) & (Gz - hB > tol_p)
             drop = (active == 1) & (lp < tol_d)  # a negative or (weakly active) zero multiplier
             redo = (fix | drop).any(-1)
@@ -218,40 +227,40 @@ class QPInteriorPoint:
                 break
             active = torch.where(fix, 1.0, torch.where(drop, 0.0, active)).to(dt)
             idx = torch.nonzero(redo).squeeze(-1)
-            f2, z2, l2, n2 = self._polish(kind, tuple(_take(t, idx) for t in pre),
-                                          *(_take(t, idx) for t in (P, Q, G, A, pB, hB, bB)), active[idx], delta)
-            zp, lp, np_ = _put(zp, z2, idx), _put(lp, l2, idx), _put(np_, n2, idx)
-            fact = _put_factor(fact, f2, idx)
+            f2, z2, l2, n2 = self._polish(kind, tuple(take(t, idx) for t in pre),
+                                          *(take(t, idx) for t in (P, Q, G, A, pB, hB, bB)), active[idx], delta)
+            zp, lp, np_ = put_rows(zp, z2, idx), put_rows(lp, l2, idx), put_rows(np_, n2, idx)
+            fact = fact.put(f2, idx)
         lp = lp.clamp(min=0) * active
         sp = (hB - P.forward(zp)[1]).clamp(min=0)
-        res_p, (_, _, re, *_) = _kkt_residual(P, pB, hB, bB, zp, sp, lp, np_)
+        res_p, (_, _, re, *_) = kkt_residual(P, pB, hB, bB, zp, sp, lp, np_)
         res_p = torch.where(torch.isfinite(res_p), res_p, torch.full_like(res_p, float("inf")))
         open_ = (status == Status.SUCCESS) | (status == Status.MAX_ITERATIONS)
         if res is None:  # the dual loop defers the full residual of its iterate: needed only where the polish failed
             res = torch.zeros_like(res_p)
             if bool((open_ & ~(res_p <= self.rtol)).any()):
-                res, _ = _kkt_residual(P, pB, hB, bB, z, s, lam, nu)
-        take = open_ & (res_p <= torch.clamp(res, min=self.rtol))
-        z = torch.where(take[:, None], zp, z)
-        lam = torch.where(take[:, None], lp, lam)
-        nu = torch.where(take[:, None], np_, nu)
-        res = torch.where(take, res_p, res)
+                res, _ = kkt_residual(P, pB, hB, bB, z, s, lam, nu)
+        polished = open_ & (res_p <= torch.clamp(res, min=self.rtol))
+        z = torch.where(polished[:, None], zp, z)
+        lam = torch.where(polished[:, None], lp, lam)
+        nu = torch.where(polished[:, None], np_, nu)
+        res = torch.where(polished, res_p, res)
         # success is decided on the full KKT residual of what is returned, whatever the loop said
         status = torch.where(open_, torch.where(res <= self.rtol, int(Status.SUCCESS), int(Status.MAX_ITERATIONS)),
                              status)
         if not m:  # a direct solve: no certificate, tell the two failures apart by the residuals
-            infeasible = _amax(re) > self.rtol * (1 + _amax(bB) + _amax(P.forward(z)[2]))
+            infeasible = amax(re) > self.rtol * (1 + amax(bB) + amax(P.forward(z)[2]))
             status = torch.where(res <= self.rtol, int(Status.SUCCESS),
                                  torch.where(infeasible, int(Status.INFEASIBLE), int(Status.UNBOUNDED)))
         finite = torch.isfinite(z).all(-1) & torch.isfinite(lam).all(-1) & torch.isfinite(nu).all(-1)
         status = torch.where(finite | (status != Status.SUCCESS), status, int(Status.NONFINITE))
-        return QPResult(z, lam, nu, status, res, iters, active, fact)
+        return QPResult(z, lam, nu, status, res, iters, ActiveSetKKT(active, fact, self.refine_steps(kind)))
 
-    def _interior_point(self, P, p, G, h, A, b, kind, pre, delta, warm_start):
+    def _interior_point(self, P, p, G, h, A, b, kind, pre, delta, warm_start, rtol):
         B, n = p.shape
         m, k = h.shape[-1], b.shape[-1]
         dt, dev = p.dtype, p.device
-        rtol, eps_c = self.rtol, self.cert_tol
+        eps_c = self.cert_tol
         ones = p.new_ones(B, m)
         if warm_start is None:
             # Start (as CVXOPT): solve the KKT system with W = I, i.e. the least-squares-slack
@@ -264,7 +273,7 @@ class QPInteriorPoint:
             s = h - P.forward(z)[1]
             lam = warm_start[1].expand(B, m).clone() if warm_start[1] is not None else ones.clone()
             nu = warm_start[2].expand(B, k).clone() if warm_start[2] is not None else p.new_zeros(B, k)
-        s, lam = _initial_shift(s, lam)
+        s, lam = initial_shift(s, lam)
         status = torch.full((B,), int(Status.MAX_ITERATIONS), dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         iters = torch.zeros(B, dtype=torch.long, device=dev)
@@ -273,15 +282,16 @@ class QPInteriorPoint:
         stall = torch.zeros(B, dtype=torch.long, device=dev)
         check_every = 1 if dev.type == "cpu" else 4  # a host sync on CPU costs nothing
         for it in range(self.max_iter + 1):
-            r, (rd, rp, re, Qz, Gz, Az, GAy) = _kkt_residual(P, p, h, b, z, s, lam, nu)
+            r, (rd, rp, re, Qz, Gz, Az, GAy) = kkt_residual(P, p, h, b, z, s, lam, nu)
             res = torch.where(done, res, r)
             # certificates (see the module docstring)
             c = (h * lam).sum(-1) + (b * nu).sum(-1)
-            infeas = (c < 0) & (_amax(GAy) <= eps_c * (-c))
+            infeas = (c < 0) & (amax(GAy) <= eps_c * (-c))
             pz = -(p * z).sum(-1)
-            viol = torch.stack([_amax(Qz), _amax(Az), Gz.clamp(min=0).amax(-1)]).amax(0)
+            viol = torch.stack([amax(Qz), amax(Az), Gz.clamp(min=0).amax(-1)]).amax(0)
             unbnd = (pz > 0) & (viol <= eps_c * pz)
-            status, done, stall, best = _update_status(r, infeas, unbnd, rtol, status, done, stall, best)
+            status, done, stall, best = update_status(r, infeas, unbnd, rtol, status, done, stall, best,
+                                                      floor=self.rtol)
             if it == self.max_iter or (it % check_every == 0 and bool(done.all())):
                 break
             iters = iters + (~done).long()
@@ -294,7 +304,7 @@ class QPInteriorPoint:
             # affine (predictor): complementarity target 0, r_c = s∘λ, so r₂ = −r_p + r_c/λ = −r_p + s
             dz, dl, dn = kkt_solve_reg(f, G, A, -rd, -rp + s, -re)
             ds = -s - w * dl
-            a_aff = torch.minimum(_max_step(s, ds), _max_step(lam, dl)).clamp(max=1.0).unsqueeze(-1)
+            a_aff = torch.minimum(max_step(s, ds), max_step(lam, dl)).clamp(max=1.0).unsqueeze(-1)
             mu_aff = ((s + a_aff * ds) * (lam + a_aff * dl)).sum(-1, keepdim=True) / m
             sigma = (mu_aff / mu).clamp(0, 1) ** 3
             # corrector: r_c = s∘λ + ds_aff∘dλ_aff − σμ; then ds = −(r_c + s∘dλ)/λ
@@ -303,7 +313,7 @@ class QPInteriorPoint:
             ds = -(rc + s * dl) / lam
             # fraction to the boundary → 1 as μ → 0, so the end game is not capped at 100× per step
             eta = 1 - mu.squeeze(-1).sqrt().clamp(1e-4, 1e-2)
-            alpha = (eta * torch.minimum(_max_step(s, ds), _max_step(lam, dl))).clamp(max=1.0)
+            alpha = (eta * torch.minimum(max_step(s, ds), max_step(lam, dl))).clamp(max=1.0)
             alpha = torch.where(done, torch.zeros_like(alpha), alpha).unsqueeze(-1)
             z, s, lam, nu = z + alpha * dz, s + alpha * ds, lam + alpha * dl, nu + alpha * dn
         return z, s, lam, nu, status, iters, res

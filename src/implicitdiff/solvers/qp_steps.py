@@ -10,25 +10,28 @@ from typing import NamedTuple
 import torch
 
 from .._core.status import Status
-from .qp_kkt import KKTFactor, _Products
+
+__all__ = ["QPResult", "amax", "kkt_residual", "max_step", "update_status", "initial_shift", "take", "merge"]
+from ..linalg.kkt import ActiveSetKKT, KKTProducts, put_rows, take_rows
 
 
 class QPResult(NamedTuple):
+    """What :meth:`~implicitdiff.solvers.qp_ipm.QPInteriorPoint.solve` returns, per batch element."""
+
     z: torch.Tensor  # (B, n)
     lam: torch.Tensor  # (B, m)
     nu: torch.Tensor  # (B, k)
     status: torch.Tensor  # (B,) int64
     residual: torch.Tensor  # (B,)
     iterations: torch.Tensor  # (B,) int64
-    active: torch.Tensor  # (B, m) 1.0 for active constraints
-    factor: KKTFactor  # of the active-set system
+    kkt: ActiveSetKKT  # the active set and the factorization of its KKT system: the backward's input
 
 
-def _amax(x):
+def amax(x):
     return x.abs().amax(-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
 
 
-def _kkt_residual(P, p, h, b, z, s, lam, nu):
+def kkt_residual(P, p, h, b, z, s, lam, nu):
     """Relative KKT residual: max of stationarity, feasibility and complementarity (per element)."""
     Qz, Gz, Az = P.forward(z)
     GAy = P.adjoint(lam, nu)
@@ -36,16 +39,16 @@ def _kkt_residual(P, p, h, b, z, s, lam, nu):
     rp = Gz + s - h
     re = Az - b
     pz = p.expand_as(z)
-    res_d = _amax(rd) / (1 + torch.stack([_amax(Qz), _amax(pz), _amax(GAy)]).amax(0))
+    res_d = amax(rd) / (1 + torch.stack([amax(Qz), amax(pz), amax(GAy)]).amax(0))
     hh, bb = h.expand_as(s), b.expand_as(re)
-    res_p = torch.maximum(_amax(rp), _amax(re)) / (
-        1 + torch.stack([_amax(Gz), _amax(s), _amax(hh), _amax(Az), _amax(bb)]).amax(0))
+    res_p = torch.maximum(amax(rp), amax(re)) / (
+        1 + torch.stack([amax(Gz), amax(s), amax(hh), amax(Az), amax(bb)]).amax(0))
     obj = (pz * z).sum(-1) + 0.5 * (z * Qz).sum(-1)
     gap = (s * lam).sum(-1).abs() / (1 + obj.abs())
     return torch.maximum(torch.maximum(res_d, res_p), gap), (rd, rp, re, Qz, Gz, Az, GAy)
 
 
-def _max_step(x, dx):
+def max_step(x, dx):
     """Largest ``α ≥ 0`` with ``x + α dx ≥ 0`` (per element; ``inf`` when unlimited)."""
     if x.shape[-1] == 0:
         return x.new_full(x.shape[:-1], float("inf"))
@@ -53,10 +56,14 @@ def _max_step(x, dx):
     return ratio.amin(-1)
 
 
-def _update_status(r, infeas, unbnd, rtol, status, done, stall, best):
-    """One iteration's verdicts; an element stops at its first one (no host sync)."""
+def update_status(r, infeas, unbnd, rtol, status, done, stall, best, floor=None):
+    """One iteration's verdicts; an element stops at its first one (no host sync).
+
+    Stagnation counts only near ``floor`` (the solver's final tolerance, default ``rtol``): a loop
+    that stops early at a loose ``rtol`` must not call slow early progress a stall."""
+    floor = rtol if floor is None else floor
     # stagnation near the tolerance (the rounding floor): no 10% gain on the best residual for 5 iterations
-    stall = torch.where((r < 0.9 * best) | (best > 1e4 * rtol), 0, stall + 1)
+    stall = torch.where((r < 0.9 * best) | (best > 1e4 * floor), 0, stall + 1)
     best = torch.minimum(best, r)
     new = torch.where(~torch.isfinite(r), int(Status.NONFINITE),
           torch.where(r <= rtol, int(Status.SUCCESS),
@@ -67,7 +74,7 @@ def _update_status(r, infeas, unbnd, rtol, status, done, stall, best):
     return torch.where(stop, new, status), done | stop, stall, best
 
 
-def _initial_shift(s, lam):
+def initial_shift(s, lam):
     """Mehrotra's shift into the interior, balanced so that neither ``s`` nor ``λ`` starts tiny."""
     s = s + (-1.5 * s.amin(-1, keepdim=True)).clamp(min=0)
     lam = lam + (-1.5 * lam.amin(-1, keepdim=True)).clamp(min=0)
@@ -76,32 +83,15 @@ def _initial_shift(s, lam):
             lam + 0.5 * sl / s.sum(-1, keepdim=True).clamp(min=1e-30) + 1e-3)
 
 
-def _take(t, idx):
-    """Rows ``idx`` of a per-element tensor (or of :class:`_Products`); a shared one (``(1, …)``, 0-d) as is."""
-    if isinstance(t, _Products):
-        return _Products(*(_take(u, idx) for u in t))
-    return t[idx] if t.dim() and t.shape[0] > 1 else t
+def take(t, idx):
+    """Rows ``idx`` of a per-element tensor (or of :class:`KKTProducts`); a shared one (``(1, …)``, 0-d) as is."""
+    if isinstance(t, KKTProducts):
+        return KKTProducts(*(take_rows(u, idx) for u in t))
+    return take_rows(t, idx)
 
 
-def _put(full, part, idx):
-    """Rows ``idx`` of ``full`` replaced by ``part``, in place (a 0-d ``full`` is left as is)."""
-    if full.dim() == 0:
-        return full
-    if full.shape[0] == 1:  # a batch of one: idx = [0]
-        return part
-    return full.index_copy_(0, idx, part.expand(idx.shape[0], *part.shape[1:]))
-
-
-# the factor tensors that differ per element after a polish (the others are the shared precomputation)
-_PER_ELEMENT = {"dual": (2, 3), "primal": (0, 1, 2, 3)}
-
-
-def _put_factor(full: KKTFactor, part: KKTFactor, idx) -> KKTFactor:
-    own = _PER_ELEMENT[full.kind]
-    return KKTFactor(full.kind, tuple(_put(a, b, idx) if i in own else a
-                                      for i, (a, b) in enumerate(zip(full.tensors, part.tensors))))
-
-
-def _merge(out: QPResult, sub: QPResult, idx) -> QPResult:
+def merge(out: QPResult, sub: QPResult, idx) -> QPResult:
     """``out`` with the elements ``idx`` replaced by those of ``sub`` (solved again on their own)."""
-    return QPResult(*(_put(a, b, idx) for a, b in zip(out[:7], sub[:7])), _put_factor(out.factor, sub.factor, idx))
+    kkt = ActiveSetKKT(put_rows(out.kkt.active, sub.kkt.active, idx), out.kkt.factor.put(sub.kkt.factor, idx),
+                       out.kkt.refine_steps)
+    return QPResult(*(put_rows(a, b, idx) for a, b in zip(out[:6], sub[:6])), kkt)

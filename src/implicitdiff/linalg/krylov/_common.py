@@ -38,6 +38,7 @@ import torch
 
 from ..._core.defaults import default_rtol
 from ..._core.errors import InputError
+from ..._core.options import check_callable, check_int, check_real
 from ..._core.status import SolveInfo, Status
 from ..operator import LinearOperator
 
@@ -106,6 +107,7 @@ class Problem(NamedTuple):
     max_iter: int
     check_every: int
     callback: Optional[Callable]
+    scale: Optional[torch.Tensor] = None  # (*batch, 1): the solve runs on b / scale; x is scaled back
 
 
 def _dense_apply(A: torch.Tensor) -> Callable:
@@ -174,13 +176,35 @@ def _operator_applies(A, name: str):
                 rmv = (lambda: mv)
             return mv, rmv, A.shape, A.batch_shape, mat.dtype
         op = A
-        return op.mv, (lambda: op.rmv), op.shape, op.batch_shape, op.dtype
+        m, n = op.shape
+        return (_checked_apply(op.mv, m, "the operator's matvec"), (lambda: _checked_apply(op.rmv, n, "the operator's rmatvec")),
+                op.shape, op.batch_shape, op.dtype)
     if callable(A):
-        return A, None, None, torch.Size(), None
+        return _checked_apply(A, None, name), None, None, torch.Size(), None
     raise InputError(
         f"{name} must be a dense or torch.sparse tensor, an implicitdiff.linalg.LinearOperator or a callable "
         f"x -> A x on (..., n) vectors; got {type(A).__name__}"
     )
+
+
+def _checked_apply(fn: Callable, out_dim: Optional[int], name: str) -> Callable:
+    """``fn`` with its output checked: a tensor of ``x``'s dtype and device, shape ``(*, out_dim)``
+    (``x``'s own last dim for a square callable).  A user's matvec that returns ``None``, a list, the
+    wrong shape or dtype is named in an :class:`InputError`, not met deep inside the solver."""
+    def apply(x):
+        y = fn(x)
+        k = x.shape[-1] if out_dim is None else out_dim
+        if not isinstance(y, torch.Tensor):
+            raise InputError(f"{name} returned {type(y).__name__}; it must return a tensor of shape (..., {k}) "
+                             f"for an input of shape {tuple(x.shape)}")
+        if y.dim() < 1 or y.shape[-1] != k or (y.dim() > 1 and y.shape[:-1] != x.shape[:-1]):
+            raise InputError(f"{name} returned shape {tuple(y.shape)} for an input of shape {tuple(x.shape)}; "
+                             f"expected {tuple(x.shape[:-1]) + (k,)}")
+        if y.dtype != x.dtype or y.device != x.device:
+            raise InputError(f"{name} returned dtype/device {y.dtype}/{y.device} for an input of "
+                             f"{x.dtype}/{x.device}; it must keep the input's dtype and device")
+        return y
+    return apply
 
 
 def _as_operator(A: torch.Tensor, name: str) -> LinearOperator:
@@ -254,26 +278,37 @@ def normalize(A, b, x0=None, *, rtol=None, atol=0.0, max_iter=None, M=None, call
     except RuntimeError:
         raise InputError(f"{solver}: the batch dims of A {tuple(op_batch)}, b {tuple(b.shape[:-1])} and x0 "
                          f"do not broadcast") from None
-    b = b.expand(*batch, m)
-    x0 = torch.zeros(*batch, n, dtype=b.dtype, device=b.device) if x0 is None else x0.expand(*batch, n).clone()
+    rtol = check_real(f"{solver}: rtol", rtol, low=0.0)
     rtol = default_rtol(b.dtype) if rtol is None else rtol
-    for name, val in (("rtol", rtol), ("atol", atol)):
-        if not isinstance(val, (int, float)) or not val >= 0:
-            raise InputError(f"{solver}: {name} must be a non-negative float, got {val!r}")
+    atol = check_real(f"{solver}: atol", atol, low=0.0, allow_none=False)
+    max_iter = check_int(f"{solver}: max_iter", max_iter, low=0)
     if max_iter is None:
         max_iter = 10 * n
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 0:
-        raise InputError(f"{solver}: max_iter must be a non-negative int, got {max_iter!r}")
+    check_every = check_int(f"{solver}: check_every", check_every, low=1)
     if check_every is None:
         check_every = CHECK_EVERY_CUDA if b.device.type == "cuda" else CHECK_EVERY_CPU
-    if not isinstance(check_every, int) or check_every < 1:
-        raise InputError(f"{solver}: check_every must be a positive int, got {check_every!r}")
-    if callback is not None and not callable(callback):
-        raise InputError(f"{solver}: callback must be callable as callback(x), got {type(callback).__name__}")
+    check_callable(f"{solver}: callback", callback, allow_none=True)
+    # Scale: solve A (x/s) = b/s with s a power of two near max|b| (exact, per element), so that norms
+    # neither underflow (b·1e-300 would give ‖b‖ = 0, "converged" at x = 0) nor overflow; x is scaled back.
+    b = b.expand(*batch, m)
+    scale = _pow2_scale(b.abs().amax(dim=-1, keepdim=True)) if m else torch.ones(*batch, 1, dtype=b.dtype,
+                                                                                    device=b.device)
+    b = b / scale
+    x0 = torch.zeros(*batch, n, dtype=b.dtype, device=b.device) if x0 is None else x0.expand(*batch, n) / scale
     bnorm = norm(b)
-    tol = torch.clamp(rtol * bnorm, min=float(atol))
+    tol = torch.maximum(rtol * bnorm, atol / scale.squeeze(-1))
+    if callback is not None:
+        user_callback = callback
+        callback = lambda x: user_callback(x * scale)  # noqa: E731
     return Problem(mv, rmv_factory() if need_rmv else None, _preconditioner(M, n), b, x0, bnorm,
-                   tol, float(rtol), float(atol), max_iter, check_every, callback)
+                   tol, float(rtol), float(atol), max_iter, check_every, callback, scale)
+
+
+def _pow2_scale(a: torch.Tensor) -> torch.Tensor:
+    """A power of two near ``a`` (1 where ``a`` is 0 or not finite): dividing by it is exact."""
+    _, e = torch.frexp(a)
+    s = torch.ldexp(torch.ones_like(a), e)
+    return torch.where((a > 0) & torch.isfinite(a), s, torch.ones_like(a))
 
 
 # --------------------------------------------------------------------- the iteration protocol
@@ -381,6 +416,8 @@ def run(it: Iteration) -> KrylovResult:
     status = torch.full(done.shape, int(Status.MAX_ITERATIONS), dtype=torch.int64, device=x.device)
     status = torch.where(broken, int(Status.BREAKDOWN), status)
     status = torch.where(ok, int(Status.SUCCESS), status)
+    if prob.scale is not None:
+        x = x * prob.scale
     finite = torch.isfinite(x).all(-1) & torch.isfinite(rel)
     status = torch.where(finite, status, int(Status.NONFINITE))
     return KrylovResult(x, SolveInfo(status, rel, iters))

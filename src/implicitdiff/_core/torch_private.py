@@ -1,0 +1,120 @@
+"""Every private or heavy torch API the library relies on, in one place.
+
+torch does not promise that these keep their signatures.  Each one is used through a function
+or name here, and ``tests/test_torch_private.py`` calls each on a small case and checks the
+result, so that a torch release that changes one fails that test (with the name of what
+changed) instead of failing somewhere deep inside a layer.  ``tests/test_architecture.py``
+checks that no other module of ``src/`` touches them.
+
+What is here, and why:
+
+* :func:`is_vmapped`, :func:`in_transform` — ``torch._C._functorch`` probes: is a tensor batched
+  by ``torch.func.vmap`` (no data access allowed), are we under any ``torch.func`` transform
+  (where ``requires_grad_`` and plain ``torch.autograd.grad`` do not see the transformed
+  tensors);
+* :func:`run_backward` — the autograd engine's entry point that ``torch.autograd.grad`` ends in,
+  without its per-call argument normalization (a loop of products through one graph);
+* :data:`pytree` — ``torch.utils._pytree`` (flatten/unflatten nested inputs, key paths);
+* :func:`warm_forward_ad` — imports ``torch._decomp.decompositions_for_jvp`` once, silencing the
+  ``DeprecationWarning`` torch itself emits on the first forward-mode AD call of a process;
+* :func:`eager_under_compile` — ``torch.compiler.disable``, applied lazily: the decorator
+  imports ``torch._dynamo`` (about a second) only when a ``torch.compile`` trace reaches it,
+  never at ``import implicitdiff``.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = ["is_vmapped", "in_transform", "run_backward", "HAS_RUN_BACKWARD", "pytree", "warm_forward_ad",
+           "eager_under_compile"]
+
+try:
+    from torch._C._functorch import (
+        get_unwrapped as _get_unwrapped,
+        is_batchedtensor as _is_batchedtensor,
+        is_functorch_wrapped_tensor as _is_functorch_wrapped_tensor,
+        peek_interpreter_stack as _peek_interpreter_stack,
+    )
+except ImportError:  # pragma: no cover - a torch without these probes
+    _get_unwrapped = _is_batchedtensor = _is_functorch_wrapped_tensor = _peek_interpreter_stack = None
+
+_engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+_run_backward = getattr(_engine, "run_backward", None)
+HAS_RUN_BACKWARD = _run_backward is not None
+"""Whether the engine's entry point is there (else :func:`run_backward` uses ``torch.autograd.grad``)."""
+
+
+def is_vmapped(t: torch.Tensor) -> bool:
+    """True when ``t`` is batched by an enclosing ``torch.func.vmap`` (no data access allowed)."""
+    if _is_functorch_wrapped_tensor is None:  # pragma: no cover - a torch without the probes
+        return False
+    while _is_functorch_wrapped_tensor(t):
+        if _is_batchedtensor(t):
+            return True
+        t = _get_unwrapped(t)
+    return False
+
+
+def in_transform() -> bool:
+    """True inside a ``torch.func`` transform (``grad``, ``vjp``, ``jvp``, ``vmap``, …), where
+    ``requires_grad_`` and plain ``torch.autograd.grad`` do not see the transformed tensors."""
+    if _peek_interpreter_stack is None:  # pragma: no cover - a torch without the probe: assume the worst
+        return True
+    return _peek_interpreter_stack() is not None
+
+
+def run_backward(outputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
+                 inputs: Sequence[torch.Tensor], *, retain_graph: bool = True) -> tuple:
+    """``Σ (∂outputs/∂inputs)ᵀ cotangents`` per input (``None`` where unused); first order only.
+
+    The cotangents must match the outputs in shape, dtype and device (unchecked). The engine is
+    called as ``run_backward(tensors, grad_tensors, keep_graph, create_graph, inputs,
+    allow_unreachable, accumulate_grad)``, the call ``torch.autograd.grad`` itself ends in.
+    """
+    outputs, cotangents, inputs = tuple(outputs), tuple(cotangents), tuple(inputs)
+    if _run_backward is None:  # pragma: no cover - a torch without the engine entry point
+        return torch.autograd.grad(outputs, inputs, cotangents, retain_graph=retain_graph, allow_unused=True)
+    return _run_backward(outputs, cotangents, retain_graph, False, inputs, True, False)
+
+
+@functools.lru_cache(maxsize=None)
+def warm_forward_ad() -> None:
+    """Import torch's jvp decompositions once, without the ``DeprecationWarning`` torch emits then.
+
+    The first forward-mode AD call of a process imports them, and they call the deprecated
+    ``torch.jit.script``: a one-off warning from torch itself that would fail a test suite run
+    with warnings as errors.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from torch._decomp import decompositions_for_jvp  # noqa: F401
+        except ImportError:  # pragma: no cover - other torch versions
+            pass
+
+
+def eager_under_compile(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)``, with ``torch._dynamo`` imported only once a compile needs it.
+
+    Outside ``torch.compile`` the wrapper calls ``fn`` directly. Under a ``torch.compile`` trace
+    it calls (and caches) ``torch.compiler.disable(fn)``: ``fn`` runs eagerly, a graph break,
+    as with the decorator, but ``import implicitdiff`` does not pay for importing dynamo.
+    """
+    disabled: list = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return wrapper
+

@@ -1,0 +1,368 @@
+r"""The KKT systems of a quadratic program: a reusable factorization and the backward's contract.
+
+A QP ``min ½zᵀQz + pᵀz  s.t.  Gz ≤ h, Az = b`` is solved (interior point) and differentiated
+(active set) through systems of the form
+
+    [ Q + δI   Gᵀ              Aᵀ  ] [x]   [r₁]
+    [ G        −diag(1/winv)   0   ] [y] = [r₂]
+    [ A        0               −δI ] [v]   [r₃]
+
+:class:`KKTFactorization` factors it in one of two condensed forms, both symmetric positive
+definite by construction and factored by Cholesky (never an unpivoted LU):
+
+* ``"primal"`` (any ``Q ⪰ 0``): ``H = Q + δI + Gᵀ diag(winv) G`` (size ``n``) and
+  ``S = A H⁻¹ Aᵀ + δI`` (size ``k``);
+* ``"dual"`` (``Q`` positive definite): ``z`` eliminated through ``Q = LQ LQᵀ``, and the Schur
+  complement ``S = C Q⁻¹ Cᵀ + diag(1/winv, δ)`` with ``C = [G; A]`` (size ``m + k``).
+
+:func:`kkt_apply` multiplies by the *exact* (unregularized) KKT matrix and :func:`kkt_refine`
+removes the regularization by iterative refinement against it.
+
+:class:`ActiveSetKKT` is what a QP forward solver hands to the backward: the active set at the
+solution and the factorization of the active-set KKT matrix; its :meth:`~ActiveSetKKT.solve`
+is the backward's one linear solve (refinement with that factorization, residual checked).
+
+Shapes: ``Q (B|1, n, n)``, ``G (B|1, m, n)``, ``A (B|1, k, n)``, right-hand sides ``(B, ·)``.
+Failure mode: a Cholesky that fails in rounding gives non-finite factors (``cholesky_ex``, no
+raise); the solver reports them as ``NONFINITE``, the backward's residual check as ``SINGULAR``.
+
+Example:
+    >>> import torch
+    >>> from implicitdiff.linalg.kkt import kkt_factor, kkt_precompute
+    >>> Q = torch.eye(2, dtype=torch.float64)[None]; G = torch.ones(1, 1, 2, dtype=torch.float64)
+    >>> A = Q.new_zeros(1, 0, 2); delta = torch.tensor(1e-9, dtype=torch.float64)
+    >>> f = kkt_factor("primal", kkt_precompute("primal", Q, G, A), Q, G, A, Q.new_ones(1, 1), delta)
+    >>> x, y, v = f.solve(G, A, Q.new_ones(1, 2), Q.new_zeros(1, 1), Q.new_zeros(1, 0))
+    >>> x  # [[I, 1], [1ᵀ, −1]] (x, y) = (1, 0): x = 1/3
+    tensor([[0.3333, 0.3333]], dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = ["KKTFactorization", "ActiveSetKKT", "KKTProducts", "kkt_precompute", "kkt_factor", "kkt_solve_reg",
+           "kkt_apply", "kkt_refine", "bmv", "brmv", "chol_solve", "tri_solve", "take_rows", "put_rows"]
+
+# the factor tensors that differ per element after a polish (the others are the shared precomputation)
+_PER_ELEMENT = {"dual": (4, 5, 6, 7), "primal": (0, 1, 2, 3)}
+
+
+def _pad_active(ta, tb):
+    """Two dual factor tuples with their active blocks ``(L, idx)`` padded to the same size."""
+    a, b = ta[4].shape[-1], tb[4].shape[-1]
+    if a == b:
+        return ta, tb
+
+    def pad(t, size):
+        L, idx = t[4], t[5]
+        B, s, m = L.shape[0], L.shape[-1], t[6].shape[-1]
+        Lp = torch.eye(size, dtype=L.dtype, device=L.device).repeat(B, 1, 1)
+        Lp[:, :s, :s] = L
+        ip = torch.cat([idx, idx.new_full((B, size - s), m)], dim=-1)
+        return t[:4] + (Lp, ip) + t[6:]
+    size = max(a, b)
+    return (pad(ta, size) if a < size else ta), (pad(tb, size) if b < size else tb)
+
+
+def take_rows(t, idx):
+    """Rows ``idx`` of a per-element tensor; a shared one (``(1, …)``, 0-d) as is."""
+    return t[idx] if t.dim() and t.shape[0] > 1 else t
+
+
+def put_rows(full, part, idx):
+    """Rows ``idx`` of ``full`` replaced by ``part``, in place (a 0-d ``full`` is left as is)."""
+    if full.dim() == 0:
+        return full
+    if full.shape[0] == 1:  # a batch of one: idx = [0]
+        return part
+    return full.index_copy_(0, idx, part.expand(idx.shape[0], *part.shape[1:]))
+
+
+@dataclass(frozen=True)
+class KKTFactorization:
+    """Factors of the regularized KKT system (a ``linalg`` factorization: factor once, solve many).
+
+    ``"primal"`` (any ``Q ⪰ 0``): ``tensors = (LH, LS, HiAt, winv, δ)`` — Cholesky of
+    ``H = Q + δI + Gᵀ diag(winv) G`` ``(B, n, n)``, of ``S = A H⁻¹ Aᵀ + δI`` ``(B, k, k)``,
+    ``H⁻¹Aᵀ`` ``(B, n, k)``, the inverse ``(2,2)``-block weights ``(B, m)`` and ``δ`` ``()``.
+
+    ``"dual"`` (``Q`` positive definite, cheaper when ``m + k`` is small against ``n``):
+    ``tensors = (LQ, W, LS, rowmask, δ)`` — Cholesky ``Q = LQ LQᵀ`` ``(B|1, n, n)`` (``Q`` is not
+    regularized), ``W = LQ⁻¹Cᵀ`` with ``C = [G; A]`` ``(B|1, n, m + k)``, Cholesky of the Schur
+    complement ``S = R C Q⁻¹ Cᵀ R + diag(1/winv, δ)`` ``(B, m + k, m + k)`` with
+    ``R = diag(rowmask)`` (zero rows: constraints dropped from the active set), the mask and ``δ``.
+    """
+
+    kind: str
+    tensors: tuple
+
+    def solve(self, G, A, r1, r2, r3):
+        """The regularized inverse applied to ``(r1, r2, r3)`` (``G`` as factorized, masked rows)."""
+        return kkt_solve_reg(self, G, A, r1, r2, r3)
+
+    def take(self, idx) -> "KKTFactorization":
+        """The factorization of the elements ``idx``."""
+        return KKTFactorization(self.kind, tuple(take_rows(t, idx) for t in self.tensors))
+
+    def put(self, part: "KKTFactorization", idx) -> "KKTFactorization":
+        """This factorization with the elements ``idx`` replaced by ``part`` (in place where per element)."""
+        own = _PER_ELEMENT[self.kind]
+        if self.kind == "dual":  # the factored active blocks may differ in size: pad the smaller
+            mine, theirs = _pad_active(self.tensors, part.tensors)
+            return KKTFactorization(self.kind, tuple(put_rows(a, b, idx) if i in own else a
+                                                     for i, (a, b) in enumerate(zip(mine, theirs))))
+        return KKTFactorization(self.kind, tuple(put_rows(a, b, idx) if i in own else a
+                                                 for i, (a, b) in enumerate(zip(self.tensors, part.tensors))))
+
+
+def _amax(x):
+    return x.abs().amax(-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
+
+
+@dataclass(frozen=True)
+class ActiveSetKKT:
+    r"""The contract between a QP forward solver and the backward: the KKT system at the solution.
+
+    With the active set ``𝒜`` (``M = diag(active)``, ``E = I − M``) the solution solves, locally,
+
+        K = [ Q    (MG)ᵀ  Aᵀ ]
+            [ MG   −E     0  ]
+            [ A    0      0  ]
+
+    ``factor`` factors ``K`` regularized (``δ``), with ``Q + ρAᵀA`` in place of ``Q`` where
+    ``rho`` is given (``Q`` indefinite but convex on the null space of ``A``: the solver
+    convexified it, which changes neither ``z`` nor the multipliers); ``refine_steps`` rounds of
+    refinement against the exact ``K`` remove the regularization.
+
+    Attributes:
+        active: ``(B, m)`` 1.0 where the constraint is active, else 0.0.
+        factor: the :class:`KKTFactorization` of the regularized active-set system.
+        refine_steps: refinement rounds of a solve.
+        rho: ``(B,)`` the augmented-Lagrangian weight per element, or ``None`` (all zero).
+    """
+
+    active: torch.Tensor
+    factor: KKTFactorization
+    refine_steps: int
+    rho: Optional[torch.Tensor] = None
+
+    def flatten(self):
+        """``(static, tensors)``: the tensors to save or return from an autograd Function."""
+        rho = () if self.rho is None else (self.rho,)
+        return (self.factor.kind, self.refine_steps, len(rho)), (self.active,) + tuple(self.factor.tensors) + rho
+
+    @classmethod
+    def unflatten(cls, static, tensors) -> "ActiveSetKKT":
+        kind, steps, nrho = static
+        active, rest = tensors[0], tuple(tensors[1:])
+        factors, rho = (rest[:-1], rest[-1]) if nrho else (rest, None)
+        return cls(active, KKTFactorization(kind, factors), steps, rho)
+
+    def matvec(self, Q, G, A, x, y, v):
+        """``K (x, y, v)`` (with ``Q + ρAᵀA`` where ``rho`` is given)."""
+        act = self.active
+        Qx = bmv(Q, x)
+        if self.rho is not None:
+            Qx = Qx + self.rho.unsqueeze(-1) * brmv(A, bmv(A, x))
+        return Qx + brmv(G, act * y) + brmv(A, v), act * bmv(G, x) - (1 - act) * y, bmv(A, x)
+
+    def solve(self, Q, G, A, r):
+        """Solve ``K x = r`` (``r = (r₁, r₂, r₃)``) by refinement with ``factor``; returns ``(x, relres)``.
+
+        With ``rho``: ``K x = r`` ⟺ ``K_ρ x = r + (ρAᵀr₃, 0, 0)`` (the third row gives ``Ax = r₃``),
+        and ``K_ρ`` is what was factored.
+        """
+        act = self.active
+        r = tuple(r)
+        if self.rho is not None:
+            r = (r[0] + self.rho.unsqueeze(-1) * brmv(A, r[2]), r[1], r[2])
+        GM = G * act.unsqueeze(-1)
+        x = self.factor.solve(GM, A, *r)
+        for _ in range(self.refine_steps):
+            k = self.matvec(Q, G, A, *x)
+            d = self.factor.solve(GM, A, *(ri - ki for ri, ki in zip(r, k)))
+            x = tuple(xi + di for xi, di in zip(x, d))
+        k = self.matvec(Q, G, A, *x)
+        num = torch.stack([_amax(ri - ki) for ri, ki in zip(r, k)]).amax(0)
+        den = torch.stack([_amax(ri) for ri in r]).amax(0)
+        return x, num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def bmv(M, x):
+    """``M x`` for ``M (B|1, r, c)``, ``x (B, c)`` -> ``(B, r)``."""
+    if M.shape[0] == 1:
+        return x @ M[0].mT
+    return (x.unsqueeze(-2) @ M.mT).squeeze(-2)  # a row-vector bmm: 4x faster than M @ x[..., None] on CPU
+
+
+def brmv(M, y):
+    """``Mᵀ y`` for ``M (B|1, r, c)``, ``y (B, r)`` -> ``(B, c)``."""
+    if M.shape[0] == 1:
+        return y @ M[0]
+    return (y.unsqueeze(-2) @ M).squeeze(-2)
+
+
+def chol_solve(L, R):
+    """``(L Lᵀ)⁻¹ R`` with two triangular solves (faster than ``cholesky_solve`` on CPU)."""
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, R, upper=False), upper=True)
+
+
+def tri_solve(L, r, adjoint=False):
+    """``L⁻¹ r`` (``adjoint``: ``L⁻ᵀ r``) for a lower-triangular ``L (B|1, n, n)`` and ``r (B, n)``."""
+    L = L.expand(r.shape[0], *L.shape[1:])
+    M = L.mT if adjoint else L
+    return torch.linalg.solve_triangular(M, r.unsqueeze(-1), upper=adjoint).squeeze(-1)
+
+
+def kkt_precompute(kind, Q, G, A, LQ=None, delta=None):
+    """What the ``"dual"`` factorization shares across iterations: ``(LQ, W, K, LA, X, M)`` with
+    ``Q = LQ LQᵀ``, ``W = LQ⁻¹ Cᵀ`` ``(B|1, n, m + k)``, ``K = WᵀW = C Q⁻¹ Cᵀ`` (``C = [G; A]``), and the
+    equality block eliminated once: ``LA LAᵀ = K_AA + δI`` ``(B|1, k, k)``, ``X = LA⁻¹ K_AG`` ``(B|1, k, m)``
+    and ``M = K_GG − XᵀX`` ``(B|1, m, m)`` (the Schur complement every dual system is built on)."""
+    if kind == "primal":
+        return ()
+    if LQ is None:
+        LQ, _ = torch.linalg.cholesky_ex(Q)
+    m, k = G.shape[-2], A.shape[-2]
+    Bc = max(G.shape[0], A.shape[0], LQ.shape[0])
+    C = torch.cat([G.expand(Bc, *G.shape[1:]), A.expand(Bc, *A.shape[1:])], dim=-2)
+    W = torch.linalg.solve_triangular(LQ.expand(Bc, *LQ.shape[1:]), C.mT, upper=False)
+    K = W.mT @ W
+    if k:
+        LA = torch.linalg.cholesky_ex(K[:, m:, m:] + delta * torch.eye(k, dtype=K.dtype, device=K.device))[0]
+        X = torch.linalg.solve_triangular(LA, K[:, m:, :m], upper=False)
+        M = K[:, :m, :m] - X.mT @ X
+    else:
+        LA, X, M = K.new_zeros(Bc, 0, 0), K.new_zeros(Bc, 0, m), K
+    return LQ, W, K, LA, X, M
+
+
+def _gather_active(M, w, active):
+    """Cholesky of ``M[𝒜, 𝒜] + diag(w_𝒜)`` per element, ``𝒜`` the active rows first, padded to the
+    largest active set of the batch with identity rows: ``(L (B, a, a), idx (B, a))``, padding index ``m``."""
+    B, m = w.shape
+    on = active > 0
+    a = int(on.sum(-1).max()) if m else 0  # one sync
+    idx = torch.argsort((~on).to(torch.int8), dim=-1, stable=True)[:, :a]
+    valid = torch.gather(on, 1, idx)
+    idx = torch.where(valid, idx, m)
+    Me = M.expand(B, m, m)
+    safe = idx.clamp(max=max(m - 1, 0))
+    S = torch.gather(torch.gather(Me, 1, safe.unsqueeze(-1).expand(B, a, m)), 2, safe.unsqueeze(-2).expand(B, a, a))
+    vm = valid.to(S.dtype)
+    S = S * (vm.unsqueeze(-1) * vm.unsqueeze(-2))
+    S.diagonal(dim1=-2, dim2=-1).add_(torch.where(valid, torch.gather(w, 1, safe), torch.ones_like(vm)))
+    return torch.linalg.cholesky_ex(S)[0], idx
+
+
+def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorization":
+    """Factorize ``[[Q + δI, Gᵀ, Aᵀ], [G, −diag(1/winv), 0], [A, 0, −δI]]`` (see :class:`KKTFactorization`).
+
+    Symmetric positive definite by construction (``Q ⪰ 0``, ``winv > 0``, ``δ > 0``); a
+    Cholesky that fails in rounding gives non-finite factors, reported as ``NONFINITE``.
+    ``rowmask`` (``"dual"`` only, ``(B, m)``): the active set; rows outside it are decoupled
+    (``G`` replaced by ``diag(rowmask) G``), and only the active rows are factored.
+    """
+    n, k = Q.shape[-1], A.shape[-2]
+    B = winv.shape[0]
+    dt, dev = Q.dtype, Q.device
+    if kind == "dual":
+        LQ, Wc, _, LA, X, M = pre
+        w = 1 / winv
+        active = torch.ones_like(w) if rowmask is None else rowmask
+        L, idx = _gather_active(M, w, active)
+        return KKTFactorization("dual", (LQ, Wc, LA, X, L, idx, active, w, delta))
+    H = Q + delta * torch.eye(n, dtype=dt, device=dev)
+    if G.shape[-2]:
+        H = torch.baddbmm(H, (G * winv.unsqueeze(-1)).mT, G.expand(B, *G.shape[1:]))
+    LH, _ = torch.linalg.cholesky_ex(H.expand(B, n, n))
+    if k:
+        HiAt = chol_solve(LH, A.mT.expand(B, n, k))
+        LS, _ = torch.linalg.cholesky_ex(A @ HiAt + delta * torch.eye(k, dtype=dt, device=dev))
+    else:
+        HiAt, LS = Q.new_zeros(B, n, 0), Q.new_zeros(B, 0, 0)
+    return KKTFactorization("primal", (LH, LS, HiAt, winv, delta))
+
+
+def kkt_solve_reg(f: "KKTFactorization", G, A, r1, r2, r3):
+    """Solve the regularized system of :func:`kkt_factor` for right-hand sides ``(r1, r2, r3)``.
+
+    primal: row 2 gives ``y = winv ∘ (Gx − r2)``; substituting, ``H x + Aᵀ v = r1 + Gᵀ(winv ∘ r2)``
+    and ``A x − δ v = r3``, so ``S v = A H⁻¹ r1' − r3`` and ``x = H⁻¹ r1' − H⁻¹Aᵀ v``.
+    dual: ``x = Q⁻¹(r1 − Cᵀ u)`` and ``C x − W u = (r2, r3)`` give ``S u = C Q⁻¹ r1 − (r2, r3)``.
+    """
+    m = G.shape[-2]
+    if f.kind == "dual":
+        # rhs = R C Q⁻¹ r₁ − (r₂, r₃); S = [[R K_GG R + W, R K_GA], [K_AG R, K_AA + δ]] is solved by eliminating
+        # the equality block (LA, X of kkt_precompute): uG solves (R M R + W) uG = rhs_G − R Xᵀ LA⁻¹ rhs_A,
+        # whose inactive rows are diagonal and whose active rows were factored (gathered by idx), then
+        # uA = LA⁻ᵀ (LA⁻¹ rhs_A − X R uG); finally x = Q⁻¹(r₁ − Cᵀ R u).
+        LQ, Wc, LA, X, L, idx, act, w, _ = f.tensors
+        t = tri_solve(LQ, r1)  # LQ⁻¹ r1
+        c = brmv(Wc, t)  # C Q⁻¹ r1
+        rG = act * c[:, :m] - r2
+        if A.shape[-2]:
+            tA = tri_solve(LA, c[:, m:] - r3)
+            rG = rG - act * brmv(X, tA)
+        uG = rG / w
+        if idx.shape[-1]:
+            ext = torch.cat([rG, rG.new_zeros(rG.shape[0], 1)], dim=-1)
+            ua = chol_solve(L, torch.gather(ext, 1, idx).unsqueeze(-1)).squeeze(-1)
+            uG = torch.cat([uG, uG.new_zeros(uG.shape[0], 1)], dim=-1).scatter(1, idx, ua)[:, :m]
+        uA = tri_solve(LA, tA - bmv(X, act * uG), adjoint=True) if A.shape[-2] else r3[:, :0]
+        x = tri_solve(LQ, t - bmv(Wc, torch.cat([act * uG, uA], dim=-1)), adjoint=True)
+        return x, uG, uA
+    LH, LS, HiAt, winv, _ = f.tensors
+    r1p = r1 + brmv(G, winv * r2) if m else r1
+    x = chol_solve(LH, r1p.unsqueeze(-1)).squeeze(-1)
+    if A.shape[-2]:
+        v = chol_solve(LS, (bmv(A, x) - r3).unsqueeze(-1)).squeeze(-1)
+        x = x - bmv(HiAt, v)
+    else:
+        v = r3
+    y = winv * (bmv(G, x) - r2) if m else r2
+    return x, y, v
+
+
+class KKTProducts(NamedTuple):
+    """``Q (B|1, n, n)``, ``G (B|1, m, n)``, ``A (B|1, k, n)`` and the products the interior point needs
+    (kept apart: a stacked copy saves no memory traffic, each product streams its matrix once)."""
+
+    Q: torch.Tensor
+    G: torch.Tensor
+    A: torch.Tensor
+
+    @classmethod
+    def build(cls, Q, G, A):
+        return cls(Q, G, A)
+
+    def forward(self, x):
+        """``(Qx, Gx, Ax)``."""
+        return bmv(self.Q, x), bmv(self.G, x), bmv(self.A, x)
+
+    def adjoint(self, lam, nu):
+        """``Gᵀλ + Aᵀν``."""
+        return brmv(self.G, lam) + brmv(self.A, nu)
+
+
+def kkt_apply(P: "KKTProducts", w, x, y, v, mask=None):
+    """The exact KKT matrix ``[[Q, Gᵀ, Aᵀ], [G, −diag(w), 0], [A, 0, 0]]`` times ``(x, y, v)``;
+    with ``mask``, ``G`` is replaced by ``diag(mask) G`` (the active-set system)."""
+    Qx, Gx, Ax = P.forward(x)
+    if mask is None:
+        return Qx + P.adjoint(y, v), Gx - w * y, Ax
+    return Qx + P.adjoint(y * mask, v), Gx * mask - w * y, Ax
+
+
+def kkt_refine(f, P, G, A, w, r, steps, mask=None):
+    """Solve the exact system (weights ``w``) by ``steps`` rounds of refinement with ``f``."""
+    x = kkt_solve_reg(f, G, A, *r)
+    for _ in range(steps):
+        k = kkt_apply(P, w, *x, mask=mask)
+        d = kkt_solve_reg(f, G, A, *(ri - ki for ri, ki in zip(r, k)))
+        x = tuple(xi + di for xi, di in zip(x, d))
+    return x
