@@ -99,7 +99,7 @@ def _train(epochs: int, n_points: int, steps_per_epoch: int = 5, layer_cls=Cvxpy
             opt.zero_grad()
             loss.backward()
             opt.step()
-            train = float(loss)  # before the step: the epoch's last training loss
+            train = float(loss.detach())  # before the step: the epoch's last training loss
         if epoch % every and epoch != epochs:
             continue
         with torch.no_grad():
