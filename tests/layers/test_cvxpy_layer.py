@@ -459,3 +459,20 @@ def test_same_outputs_and_gradients_as_cvxpylayers(name, batched):
     for a, b in zip(g1, g2):
         assert a.shape == b.shape
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4 * max(1.0, float(b.abs().max())))
+
+
+@needs_cone
+def test_batch_equals_its_elements_and_float32_follows_float64():
+    from implicitdiff.nn import CvxpyLayer
+
+    prob, params, variables = psd_problem()
+    layer = CvxpyLayer(prob, params, variables)
+    values = random_values(params, batch=(3,), seed=7)
+    values[1] = values[1][0]
+    X, y = layer(*values)
+    for i in range(3):
+        Xi, yi = layer(*[v[i] if v.dim() > len(p.shape) else v for v, p in zip(values, params)])
+        assert torch.allclose(Xi, X[i], atol=1e-7) and torch.allclose(yi, y[i], atol=1e-7)
+    X32, y32 = layer(*[v.float() for v in values])
+    assert X32.dtype == torch.float32 and layer.last_info.residual.dtype == torch.float32
+    assert torch.allclose(X32.double(), X, atol=1e-3) and torch.allclose(y32.double(), y, atol=1e-3)
