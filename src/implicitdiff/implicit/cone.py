@@ -44,6 +44,16 @@ from .cone_projection import dual_projection_jacobian, project_dual
 __all__ = ["ConeFn", "ConeProblem"]
 
 
+def _mv(M, v):
+    """``M v`` for ``M (B, p, q)``, ``v (B, q)`` (a row-vector product: much faster than ``M @ v[..., None]``)."""
+    return (v[:, None, :] @ M.mT)[:, 0]
+
+
+def _rmv(M, v):
+    """``Mᵀ v`` for ``M (B, p, q)``, ``v (B, p)``."""
+    return (v[:, None, :] @ M)[:, 0]
+
+
 class ConeProblem(NamedTuple):
     """Static part of a call: the cone layout, a solver with ``solve(A, b, c, spec)`` returning
     ``(x, y, s, status, residual, iterations)`` for ``A (B, m, n)``, ``b (B, m)``, ``c (B, n)``,
@@ -87,7 +97,7 @@ def _solve(M, g, adjoint=False):
     LU, piv, _ = torch.linalg.lu_factor_ex(M)
     sol = torch.linalg.lu_solve(LU, piv, g[..., None], adjoint=adjoint)[..., 0]
     Mo = M.mT if adjoint else M
-    res = (Mo @ sol[..., None])[..., 0] - g
+    res = _mv(Mo, sol) - g
     scale = g.abs().amax(-1) + Mo.abs().amax((-2, -1)) * sol.abs().amax(-1)
     rel = res.abs().amax(-1) / scale.clamp(min=torch.finfo(M.dtype).tiny)
     bad = ~(rel <= 1e3 * torch.finfo(M.dtype).eps ** 0.5)
@@ -98,11 +108,12 @@ def _solve(M, g, adjoint=False):
     return sol
 
 
-def _residual_map(A, b, c, u, v, spec):
-    """``N(z) = (Q − I)Π(z) + z`` at ``z = (u, v, 1)``, with ``Π_{K*}(v)``."""
-    yv = project_dual(spec, v)
-    qx = (A.mT @ yv[..., None])[..., 0] + c
-    qy = -(A @ u[..., None])[..., 0] + b
+def _residual_map(A, b, c, u, v, spec, s, y):
+    """``N(z) = (Q − I)Π(z) + z`` at ``z = (u, v, 1)``, with ``Π_{K*}(v)`` (``(s, y)``: a nearby
+    solution pair, the start of the exponential cone's projection)."""
+    yv = project_dual(spec, v, s, y)
+    qx = _rmv(A, yv) + c
+    qy = -_mv(A, u) + b
     qt = -(c * u).sum(-1) - (b * yv).sum(-1)
     # (Q − I)Π(z) + z: the u- and w-parts of Π(z) are u and 1
     return torch.cat([qx, qy - yv + v, qt[:, None]], -1), yv
@@ -119,23 +130,20 @@ def refine(A, b, c, x, y, s, ok, spec, steps):
     """
     n = x.shape[-1]
     u, v = x.clone(), y - s
-    res, _ = _residual_map(A, b, c, u, v, spec)
+    res, yv = _residual_map(A, b, c, u, v, spec, s, y)
     nrm = res.abs().amax(-1)
     for _ in range(steps):
-        yv = project_dual(spec, v)
         M, _ = _system(A, b, c, u, yv, yv - v, ok, spec)
         dz = torch.linalg.solve_ex(M, res)[0]
         un, vn = u - dz[:, :n], v - dz[:, n:-1]
         wn = 1 - dz[:, -1:]
         un, vn = un / wn, vn / wn
-        rn, _ = _residual_map(A, b, c, un, vn, spec)
+        rn, yn = _residual_map(A, b, c, un, vn, spec, yv - v, yv)
         nn = rn.abs().amax(-1)
-        better = ok & (nn < nrm) & torch.isfinite(nn)
-        u = torch.where(better[:, None], un, u)
-        v = torch.where(better[:, None], vn, v)
-        res = torch.where(better[:, None], rn, res)
-        nrm = torch.where(better, nn, nrm)
-    yv = project_dual(spec, v)
+        better = (ok & (nn < nrm) & torch.isfinite(nn))[:, None]
+        u, v, yv = (torch.where(better, a, b_) for a, b_ in ((un, u), (vn, v), (yn, yv)))
+        res = torch.where(better, rn, res)
+        nrm = torch.where(better[:, 0], nn, nrm)
     okc = ok[:, None]
     return (torch.where(okc, u, x), torch.where(okc, yv, y), torch.where(okc, yv - v, s))
 
@@ -150,7 +158,7 @@ class ConeFn(torch.autograd.Function):
     @staticmethod
     def forward(A, b, c, problem):
         x, y, s, status, residual, iters = problem.solver.solve(A, b, c, problem.spec)
-        if problem.refine and not problem.spec.ep:
+        if problem.refine:
             x, y, s = refine(A, b, c, x, y, s, status == Status.SUCCESS, problem.spec, problem.refine)
         return x, y, s, status, residual, iters
 
@@ -199,13 +207,13 @@ class ConeFn(torch.autograd.Function):
         dA = torch.zeros_like(A) if dA is None else dA
         db = torch.zeros_like(b) if db is None else db
         dc = torch.zeros_like(c) if dc is None else dc
-        g = torch.cat([(dA.mT @ y[..., None])[..., 0] + dc,
-                       -(dA @ x[..., None])[..., 0] + db,
+        g = torch.cat([_rmv(dA, y) + dc,
+                       -_mv(dA, x) + db,
                        (-(dc * x).sum(-1) - (db * y).sum(-1))[:, None]], -1)
         g = torch.where(ok[:, None], g, torch.zeros_like(g))
         dz = -_solve(M, g)
         du, dv, dw = dz[:, :n], dz[:, n:n + m], dz[:, -1:]
-        Ddv = (D @ dv[..., None])[..., 0]
+        Ddv = _mv(D, dv)
         dx = du - x * dw
         dy = Ddv - y * dw
         ds = Ddv - dv - s * dw

@@ -93,8 +93,6 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     check_bool("return_info", return_info)
     max_iter = check_int("max_iter", max_iter, low=1, allow_none=False)
     spec = parse_cones(cones)
-    if spec.ep:
-        raise InputError("exponential cones (cones['ep']) are not supported yet; remove them")
     A = as_float_tensor("A", _as_dense("A", A))
     b = as_float_tensor("b", b, like=A)
     c = as_float_tensor("c", c, like=A)
