@@ -132,3 +132,42 @@ def test_import_is_light():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"import implicitdiff imported: {proc.stdout.strip()}"
+
+
+# ----------------------------------------------------------------------------- timings in docstrings
+
+# Files that still quote timings in their docstrings or comments (to move to docs/benchmarks.md); no other
+# file may start to. Remove a file from the list once its timings have moved.
+TIMING_PROSE_LEFT = {"solvers/_loop.py", "solvers/anderson.py", "linalg/symmetric.py", "layers/_deq_adjoint.py",
+                     "layers/deq.py"}
+
+
+def test_no_timings_in_src_outside_bench():
+    """Millisecond and microsecond figures go stale in docstrings: they belong in docs/benchmarks.md."""
+    import re
+
+    figure = re.compile(r"\d(?:\.\d+)?\s?(?:ms|µs)\b")
+    quoting = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
+               if _part(p) != "bench" and figure.search(p.read_text())}
+    assert quoting <= TIMING_PROSE_LEFT, f"timings quoted in {sorted(quoting - TIMING_PROSE_LEFT)}: move them to " \
+                                         f"docs/benchmarks.md"
+
+
+# ----------------------------------------------------------------------------- a fresh machine
+
+OPTIONAL = {"qpth", "proxsuite", "cmeel", "cvxpylayers", "diffcp", "torchdeq", "torchopt", "jax", "jaxlib", "jaxopt",
+            "optimistix", "lineax", "equinox", "matplotlib", "tqdm"}  # not in the [test] extra
+
+
+def test_tests_reach_optional_packages_only_through_importorskip():
+    """``pip install -e ".[test]"`` is all a fresh machine has: a test may use a peer only after
+    ``pytest.importorskip`` (or behind ``importlib.util.find_spec``), never by a plain import."""
+    tests = pathlib.Path(__file__).resolve().parent
+    bad = []
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            bad += [f"{path.relative_to(tests)}:{node.lineno} imports {n}" for n in names
+                    if n.split(".")[0] in OPTIONAL]
+    assert not bad, "use pytest.importorskip(...) instead:\n" + "\n".join(bad)

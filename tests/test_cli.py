@@ -64,6 +64,8 @@ def test_demo_out_an_existing_file_is_a_usage_error(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert "usage: implicitdiff demo" in err and "is a file" in err and "--out" in err
     assert ran == [] and existing.read_bytes() == b"not a folder"  # nothing ran, nothing overwritten
+    assert main(["demo", "seed", "--out", str(existing / "sub")]) == 2  # a folder that cannot be made
+    assert "plot.png is a file" in capsys.readouterr().err and ran == []
     assert main(["demo", "seed", "--out", str(tmp_path / "new-folder")]) == 0 and len(ran) == 1
 
 

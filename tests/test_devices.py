@@ -1,9 +1,14 @@
 """Every layer on every available device: CPU always, CUDA when present (skipped otherwise).
 
+The CUDA cases carry the ``cuda`` marker: ``pytest -m cuda`` (what ``.ci/gpu`` runs) selects them.
+
 Each case runs on the device and compares value and gradients with a float64 CPU computation,
 so the same test checks the CUDA paths (Cholesky-only QP, lu_solve/geqrf/ormqr on the GPU,
 host-sync schedules of the iterative solvers) on a machine that has one.
 """
+
+import importlib
+import importlib.util
 
 import pytest
 import torch
@@ -11,7 +16,9 @@ import torch
 import implicitdiff as idf
 from implicitdiff.checks.selfcheck import run as selfcheck
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available here")
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])
+DEVICES = ["cpu", CUDA]
 D = torch.float64
 
 
@@ -74,26 +81,69 @@ def test_qp(device):
              rtol=1e-7, atol=1e-9)
 
 
+class _Cell(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 4).double()
+        with torch.no_grad():
+            self.lin.weight.mul_(0.3)
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_deq(device):
-    torch.manual_seed(0)
+    """nn.DEQ on the device: parameters' and input's gradients equal the CPU's, on the device."""
 
-    class Cell(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(4, 4).double()
-            with torch.no_grad():
-                self.lin.weight.mul_(0.3)
+    def grads_on(dev):
+        model = idf.nn.DEQ(_Cell(), rtol=1e-12).to(dev)
+        x = _rand(3, 4, seed=8).to(dev).requires_grad_()
+        z = model(x)
+        (z * torch.linspace(-1, 1, 12, dtype=D, device=dev).reshape(3, 4)).sum().backward()
+        assert z.device.type == dev and all(p.grad.device.type == dev for p in model.parameters())
+        return [z.detach().cpu(), x.grad.cpu()] + [p.grad.cpu() for p in model.parameters()]
 
-        def forward(self, z, x):
-            return torch.tanh(self.lin(z) + x)
+    for a, b in zip(grads_on(device), grads_on("cpu")):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
-    model = idf.nn.DEQ(Cell(), rtol=1e-12).to(device)
-    x = _rand(3, 4, seed=8).to(device).requires_grad_()
-    z = model(x)
-    z.sum().backward()
-    assert z.device.type == device and x.grad is not None
-    assert all(p.grad is not None and p.grad.device.type == device for p in model.parameters())
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_on_the_device(device):
+    """float32 inputs stay float32 on the device, within float32 accuracy of the float64 CPU result."""
+    A = _rand(2, 5, 5) + 5 * torch.eye(5, dtype=D)
+    b = _rand(2, 5, seed=9)
+    out, g = _grads(lambda A, b: idf.linear_solve(A, b), A.float().to(device), b.float().to(device))
+    ref, ref_g = _grads(lambda A, b: idf.linear_solve(A, b), A, b)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    for a, r in zip(g, ref_g):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_projections(device):
+    x = _rand(3, 6, seed=10)
+    _same_on(device, lambda x: idf.project_simplex(x), x)
+    _same_on(device, lambda x: idf.sparsemax(x), x)
+
+
+@pytest.mark.cuda
+@NO_CUDA
+@pytest.mark.parametrize("name", ["linear", "qp", "deq", "cone"])
+def test_bench_runs_on_cuda(name, tmp_path):
+    """``run(quick=True, device="cuda")`` of every benchmark that takes a device: it runs and writes JSON."""
+    import inspect
+
+    if importlib.util.find_spec(f"implicitdiff.bench.{name}") is None:
+        pytest.skip(f"implicitdiff.bench.{name} does not exist yet")
+    module = importlib.import_module(f"implicitdiff.bench.{name}")
+    if "device" not in inspect.signature(module.run).parameters:
+        pytest.skip(f"implicitdiff.bench.{name}.run takes no device yet")
+    out = tmp_path / f"bench-{name}.json"
+    module.run(quick=True, out=str(out), device="cuda")
+    assert out.stat().st_size > 0
 
 
 @pytest.mark.parametrize("device", DEVICES)

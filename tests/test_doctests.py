@@ -6,17 +6,14 @@ import pathlib
 import pkgutil
 import re
 
-import warnings
-
 import pytest
 
 import implicitdiff
+from implicitdiff._core.torch_private import warm_forward_ad
 
 # Snippets use torch.func.jvp; the first forward-mode call of a process imports torch's jvp
 # decompositions, which warn (DeprecationWarning, torch.jit.script) once — torch's, not ours.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from torch._decomp import decompositions_for_jvp  # noqa: F401
+warm_forward_ad()
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -11,13 +11,13 @@ from .checks.check_gradients import check_gradients as check_gradients
 from .checks.report import GradientReport as GradientReport
 from .linalg.selection import Nearest as Nearest, Pinned as Pinned
 from .implicit.adjoint import Implicit as Implicit, Neumann as Neumann, Unroll as Unroll
+from .implicit.fixed_point_adjoint import FixedPointAdjoint as FixedPointAdjoint
 from .layers.argmin import argmin as argmin
 from .layers.custom_root import custom_fixed_point as custom_fixed_point, custom_root as custom_root
 from .layers.fixed_point import fixed_point as fixed_point
 from .layers.root import root as root
 from .layers.deq import (
     DEQInfo as DEQInfo,
-    FixedPointAdjoint as FixedPointAdjoint,
     deq as deq,
     jacobian_penalty as jacobian_penalty,
 )

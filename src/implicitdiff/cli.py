@@ -160,8 +160,10 @@ def _demo(args, parser) -> int:
         demo = registry.get(name)
     except KeyError as e:
         return _usage_error(parser, "demo", e.args[0])
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        return _usage_error(parser, "demo", f"--out {args.out} is a file; --out takes the folder for the plot")
+    blocker = _existing_file_on(args.out)
+    if blocker:
+        return _usage_error(parser, "demo", f"--out {args.out}: {blocker} is a file; "
+                                            f"--out takes the folder for the plot")
     print(f"implicitdiff demo {name}: {demo.description}")
     try:
         demo.run(args)
@@ -170,6 +172,17 @@ def _demo(args, parser) -> int:
         print(f"implicitdiff demo: the demo {name!r} failed (traceback above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _existing_file_on(path: str) -> Optional[str]:
+    """The path itself or its nearest existing ancestor, if that is not a folder (``None`` otherwise)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return None if os.path.isdir(path) else path
 
 
 # -- check ----------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 
 from ._core.errors import InputError
 from ._core.failure import check_on_failure
+from ._core.options import check_choice, check_int, check_real
 from ._core.torch_private import eager_under_compile
 from .layers.cvxpy_layer import canonicalize, rtol_from_solver_args, solve_canonical
 from .layers.deq import DEFAULT_ADJOINT, DEQInfo, check_deq_options, deq, jacobian_penalty
@@ -63,6 +64,15 @@ class QPLayer(torch.nn.Module):
                  Q=None, p=None, G=None, h=None, A=None, b=None, q_ridge: float = 0.0, rtol=None,
                  max_iter: int = 50, on_failure: str = "raise", dtype=None, device=None, generator=None):
         super().__init__()
+        n = check_int("n", n, low=1)
+        n_ineq, n_eq = check_int("n_ineq", n_ineq, low=0, allow_none=False), check_int("n_eq", n_eq, low=0,
+                                                                                        allow_none=False)
+        q_ridge = check_real("q_ridge", q_ridge, low=0.0, allow_none=False)
+        check_real("rtol", rtol, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_int("max_iter", max_iter, low=1, allow_none=False)
+        check_choice("on_failure", on_failure, ("raise", "warn", "nan"))
+        if isinstance(learn, str) or not all(isinstance(k, str) for k in learn):
+            raise InputError(f"learn must be a sequence of names such as ('A', 'b'), got {learn!r}")
         learn = tuple(learn)
         unknown = [k for k in learn if k not in _NAMES]
         if unknown:
@@ -89,8 +99,11 @@ class QPLayer(torch.nn.Module):
                 continue
             t = torch.as_tensor(t, dtype=dtype, device=device)
             if name == "Q" and name in learn:
-                L = torch.linalg.cholesky(t - q_ridge * torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
-                                          + 1e-12 * torch.eye(t.shape[-1], dtype=t.dtype, device=t.device))
+                eye = torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
+                L, info = torch.linalg.cholesky_ex(t - q_ridge * eye + 1e-12 * eye)
+                if bool((info != 0).any()):
+                    raise InputError("QPLayer learns Q as L Lᵀ + q_ridge·I, but the initial Q − q_ridge·I is not "
+                                     "positive definite; pass a positive definite Q (or a smaller q_ridge)")
                 self.Q_factor = torch.nn.Parameter(L.detach().clone())
             elif name in learn:
                 setattr(self, name, torch.nn.Parameter(t.detach().clone()))

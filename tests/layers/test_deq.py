@@ -296,7 +296,7 @@ def test_diverging_adjoint_raises_with_its_residual():
 def test_picard_adjoint_statuses_residuals_and_product_count():
     # mv(x) = Aᵀx − x per sample (A = ∂f/∂z), R = z̄: x = −(I − Aᵀ)⁻¹ R.  Sample 0 contracts, sample 1
     # has R = 0 (x = 0 exactly), sample 2 expands (A = 2 I: DIVERGED long before max_iter)
-    from implicitdiff.layers._deq_adjoint import _picard_adjoint
+    from implicitdiff.implicit.fixed_point_adjoint import picard_adjoint as _picard_adjoint
 
     A = torch.stack([_contraction(5, 0.6, seed=1), _contraction(5, 0.3, seed=2), 2.0 * torch.eye(5, dtype=D)])
     R = torch.randn(3, 5, generator=torch.Generator().manual_seed(3), dtype=D)

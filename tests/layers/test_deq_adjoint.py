@@ -1,11 +1,16 @@
-"""_picard_adjoint with the fixed-point map's own products (``mv.map_vjp``) against the plain ``mv``: the same
+"""picard_adjoint with the fixed-point map's own products (``map_mv``) against the plain ``mv``: the same
 solution, statuses and counts; only ``map_vjp`` is called when present."""
 
 import pytest
 import torch
 
 from implicitdiff import Status
-from implicitdiff.layers._deq_adjoint import _picard_adjoint
+from implicitdiff.implicit.fixed_point_adjoint import picard_adjoint
+
+
+def _picard_adjoint(mv, R, **kw):
+    """The map's own products passed explicitly (``Products.map_mv``) where the test's ``mv`` carries them."""
+    return picard_adjoint(mv, R, map_mv=getattr(mv, "map_vjp", None), **kw)
 
 D = torch.float64
 

@@ -111,3 +111,136 @@ def test_batched_radius_and_bad_radius(g):
         project_simplex(x, torch.ones(2, dtype=F64))
     with pytest.raises(InputError, match="lower"):
         project_box(x, torch.zeros(5, dtype=F64), 1.0)
+
+
+# ============================================================================ adversarial inputs (issue 12)
+# Each case states the acceptable outcome: a value checked against an independent reference
+# (a sort-free bisection on τ, numpy), or a named InputError.
+def _simplex_ref(x: torch.Tensor, r: float) -> torch.Tensor:
+    """Projection onto {z ≥ 0, Σz = r} by bisection on τ in Σ max(x − τ, 0) = r, done in shifted
+    coordinates (x − max x) with Python floats: independent of the sort-based implementation."""
+    out = []
+    for row in x.reshape(-1, x.shape[-1]).tolist():
+        m = max(row)
+        u = [v - m for v in row]
+        lo, hi = -r, 0.0  # Σ max(u − τ, 0) is ≥ r at τ = −r and 0 at τ = 0
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if sum(max(v - mid, 0.0) for v in u) > r:
+                lo = mid
+            else:
+                hi = mid
+        out.append([max(v - hi, 0.0) for v in u])
+    return torch.tensor(out, dtype=x.dtype).reshape(x.shape)
+
+
+@pytest.mark.parametrize("scale", [1e-150, 1e-8, 1.0, 1e8, 1e16, 1e100])
+def test_simplex_and_sparsemax_at_extreme_scales_are_not_zero(g, scale):
+    x = torch.randn(4, 5, generator=g, dtype=F64) * scale
+    ref = _simplex_ref(x, 1.0)
+    for z in (project_simplex(x), sparsemax(x)):
+        torch.testing.assert_close(z, ref, atol=1e-9, rtol=0)
+        torch.testing.assert_close(z.sum(-1), torch.ones(4, dtype=F64), atol=1e-12, rtol=0)
+    assert torch.equal(project_simplex(torch.tensor([1.0, 2.0, 3.0], dtype=F64) * 1e16),
+                       torch.tensor([0.0, 0.0, 1.0], dtype=F64))
+
+
+def test_sparsemax_is_shift_invariant(g):
+    # exactly for a shift that keeps x + c exact (powers of two), up to the rounding of x + c otherwise
+    x = torch.randint(-64, 64, (3, 6), generator=g).to(F64) / 64
+    for c in (2.0 ** 10, -(2.0 ** 30), 2.0 ** 40):
+        assert torch.equal(sparsemax(x + c), sparsemax(x))
+    y = torch.randn(3, 6, generator=g, dtype=F64)
+    torch.testing.assert_close(sparsemax(y + 1e8), sparsemax(y), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1e-100, 1.0, 1e100, 1e160, 1e300])
+def test_l2_ball_at_extreme_scales(g, scale):
+    x = torch.randn(3, 4, generator=g, dtype=F64)
+    z = project_l2_ball(x * scale)
+    expected = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True) if scale >= 1 else x * scale
+    torch.testing.assert_close(z, expected, atol=0, rtol=1e-13)
+    # homogeneity: Π_{αr}(αx) = α Π_r(x) with α a power of two (exact)
+    a = 2.0 ** 400
+    torch.testing.assert_close(project_l2_ball(x * a, a), project_l2_ball(x) * a, atol=0, rtol=1e-15)
+
+
+def test_l2_ball_gradient_at_large_scale(fd):
+    x = torch.tensor([3e160, 4e160], dtype=F64)
+    J = jacrev(project_l2_ball)(x)
+    u = torch.tensor([0.6, 0.8], dtype=F64)
+    expected = (torch.eye(2, dtype=F64) - torch.outer(u, u)) / 5e160  # (I − uuᵀ) r / ‖x‖
+    torch.testing.assert_close(J, expected, atol=0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e16, 1e100])
+def test_l1_ball_at_extreme_scales(g, scale):
+    x = torch.randn(3, 5, generator=g, dtype=F64) * scale
+    z = project_l1_ball(x)
+    ref = torch.sign(x) * _simplex_ref(x.abs(), 1.0)
+    inside = x.abs().sum(-1, keepdim=True) <= 1
+    torch.testing.assert_close(z, torch.where(inside, x, ref), atol=1e-9, rtol=0)
+
+
+def test_projections_keep_float32_and_take_strided_inputs(g):
+    x = torch.randn(6, 4, generator=g, dtype=F64)
+    for f in (project_simplex, sparsemax, project_l1_ball, project_l2_ball):
+        torch.testing.assert_close(f(x.float()), f(x).float(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(f(x.mT), f(x.mT.contiguous()))  # non-contiguous
+        torch.testing.assert_close(f(x[0].expand(3, 4)), f(x[0]).expand(3, 4))  # stride 0
+    torch.testing.assert_close(sparsemax(x, dim=0), sparsemax(x.mT).mT)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex128, torch.float16])
+def test_projections_refuse_other_dtypes(dtype):
+    x = torch.ones(3).to(dtype)
+    for f in (project_simplex, sparsemax, project_l1_ball, project_l2_ball):
+        with pytest.raises(InputError, match=r"x has dtype"):
+            f(x)
+    with pytest.raises(InputError, match=r"x has dtype"):
+        project_box(x, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "1", True, torch.tensor([1.0, -0.5])])
+def test_bad_radius_is_named(bad):
+    x = torch.ones(2, 3, dtype=F64)
+    for f in (project_simplex, project_l1_ball, project_l2_ball):
+        with pytest.raises(InputError, match="radius"):
+            f(x, bad)
+
+
+@pytest.mark.parametrize("lower, upper", [(1.0, 0.0), (float("nan"), 1.0), (0.0, "1"),
+                                          (torch.tensor([0.0, 2.0, 0.0]), 1.0)])
+def test_bad_box_bounds_are_named(lower, upper):
+    with pytest.raises(InputError, match="lower|upper"):
+        project_box(torch.ones(3, dtype=F64), lower, upper)
+    # one-sided boxes are fine
+    torch.testing.assert_close(project_box(torch.tensor([-1.0, 2.0], dtype=F64), 0.0, float("inf")),
+                               torch.tensor([0.0, 2.0], dtype=F64))
+
+
+def test_empty_and_scalar_inputs():
+    e = torch.zeros(0, 3, dtype=F64)  # an empty batch: an empty result
+    for f in (project_simplex, sparsemax, project_l1_ball, project_l2_ball):
+        assert f(e).shape == (0, 3)
+    assert project_l2_ball(torch.zeros(2, 0, dtype=F64)).shape == (2, 0)
+    assert project_l1_ball(torch.zeros(2, 0, dtype=F64)).shape == (2, 0)
+    with pytest.raises(InputError, match="0 entries"):
+        project_simplex(torch.zeros(2, 0, dtype=F64))
+    for f in (project_simplex, project_l1_ball, project_l2_ball):
+        with pytest.raises(InputError, match="scalar"):
+            f(torch.tensor(1.0, dtype=F64))
+    with pytest.raises(InputError, match="dim"):
+        sparsemax(torch.ones(3, dtype=F64), dim=1)
+    with pytest.raises(InputError, match="dim"):
+        sparsemax(torch.ones(3, dtype=F64), dim=0.5)
+
+
+def test_nan_rows_stay_in_their_row(g):
+    # NaN in, NaN out — in that row only (as torch.softmax); the other rows are exact
+    x = torch.randn(3, 4, generator=g, dtype=F64)
+    x[1, 2] = float("nan")
+    for f in (project_simplex, sparsemax, project_l2_ball):
+        z = f(x)
+        assert torch.isnan(z[1]).any()
+        torch.testing.assert_close(z[[0, 2]], f(x[[0, 2]]))

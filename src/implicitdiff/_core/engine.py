@@ -1,12 +1,12 @@
 """One reverse pass through a recorded graph, without ``torch.autograd.grad``'s per-call checks.
 
-``torch.autograd.grad`` validates and normalizes its arguments in Python on every call (about
-15 µs on a CPU core, as much as a small layer's whole vector-Jacobian product).  A loop that
-takes dozens of products through one graph it built itself — the adjoint iterations of a
+``torch.autograd.grad`` validates and normalizes its arguments in Python on every call (as much
+work as a small layer's whole vector-Jacobian product; figures in docs/benchmarks.md).  A loop
+that takes dozens of products through one graph it built itself — the adjoint iterations of a
 deep equilibrium layer — already knows that the cotangent has the output's shape, dtype and
 device; :func:`vjp` then calls the autograd engine directly (the call ``torch.autograd.grad``
-itself ends in), falling back to ``torch.autograd.grad`` where the engine's entry point is
-not there.
+itself ends in, through :func:`implicitdiff._core.torch_private.run_backward`), falling back to
+``torch.autograd.grad`` where the engine's entry point is not there.
 """
 
 from __future__ import annotations

@@ -24,7 +24,10 @@ def as_float_tensor(name: str, x, *, like: torch.Tensor | None = None) -> torch.
     if not isinstance(x, torch.Tensor):
         if like is None:
             raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        x = torch.as_tensor(x, dtype=like.dtype, device=like.device)
+        try:
+            x = torch.as_tensor(x, dtype=like.dtype, device=like.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"{name} must be a torch.Tensor (or numbers), got {type(x).__name__}") from None
     if x.dtype not in FLOAT_DTYPES:
         raise InputError(
             f"{name} has dtype {x.dtype}; implicitdiff solves in float32 or float64 "

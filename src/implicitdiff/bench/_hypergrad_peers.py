@@ -57,7 +57,7 @@ def _torchopt(p: Problem, tol_abs: float) -> dict:
         return res.y
 
     def solve(p_, theta):
-        return solver(torch.zeros(p.n, dtype=D), theta, p.X, p.t), last.get("iters")
+        return solver(torch.zeros(p.n, dtype=D, device=p.X.device), theta, p.X, p.t), last.get("iters")
 
     def call():
         with _quiet():
@@ -85,7 +85,7 @@ def _jax_fns(p: Problem):
     import numpy as np
 
     m = p.X.shape[0]
-    arrays = tuple(jnp.asarray(a.numpy()) for a in (p.theta, p.X, p.t, p.Xv, p.tv))
+    arrays = tuple(jnp.asarray(a.cpu().numpy()) for a in (p.theta, p.X, p.t, p.Xv, p.tv))
     if p.kind == "ridge":
         def inner(w, theta, X, t):
             return 0.5 * jnp.sum((X @ w - t) ** 2) / m + 0.5 * jnp.sum(jnp.exp(theta) * w * w)

@@ -56,7 +56,7 @@ _OUTER = {"ridge": lambda w, Xv, tv: ((Xv @ w - tv) ** 2).mean(),
           "logistic": lambda w, Xv, tv: tnf.binary_cross_entropy_with_logits(Xv @ w, tv)}
 
 
-def _problem(kind: str, m: int, n: int, seed: int) -> Problem:
+def _problem(kind: str, m: int, n: int, seed: int, device="cpu") -> Problem:
     g = torch.Generator().manual_seed(seed)
     mv = max(m // 5, 10)
     X, Xv = torch.randn(m, n, generator=g, dtype=D), torch.randn(mv, n, generator=g, dtype=D)
@@ -68,7 +68,7 @@ def _problem(kind: str, m: int, n: int, seed: int) -> Problem:
         t = (torch.rand(m, generator=g, dtype=D) < torch.sigmoid(2 * X @ w_true)).to(D)
         tv = (torch.rand(mv, generator=g, dtype=D) < torch.sigmoid(2 * Xv @ w_true)).to(D)
     theta = math.log(0.1) + 0.5 * torch.randn(n, generator=g, dtype=D)
-    return Problem(f"{kind} {m}x{n}", kind, X, t, Xv, tv, theta)
+    return Problem(f"{kind} {m}x{n}", kind, *(a.to(device) for a in (X, t, Xv, tv, theta)))
 
 def _hypergrad(solve: Callable, p: Problem):
     theta = p.theta.detach().clone().requires_grad_(True)

@@ -50,7 +50,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..layers.deq import ANDERSON_START_RATE, FixedPointAdjoint, deq
+from ..implicit.fixed_point_adjoint import picard_adjoint
+from ..layers.deq import ANDERSON_START_RATE, deq
 from ..implicit.adjoint import Implicit, Neumann
 from ..linalg.krylov import gmres
 from ..solvers.registry import get_root_solver
@@ -151,12 +152,12 @@ def _cases(quick: bool) -> list:
     return [Case("contractive", 0.9, 256, 64), Case("slow", 2.0, 256, 64)]
 
 
-def _instance(case: Case, dtype, seed=0, scale=1.0):
+def _instance(case: Case, dtype, seed=0, scale=1.0, device="cpu"):
     n, batch = case.n, case.batch
-    cell = Cell(n, rho=case.rho, scale=scale, seed=seed, dtype=dtype)
+    cell = Cell(n, rho=case.rho, scale=scale, seed=seed, dtype=dtype).to(device)
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, n, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    w = torch.randn(batch, n, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(batch, n, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_()
+    w = torch.randn(batch, n, generator=g, dtype=torch.float64).to(device, dtype)
     return cell, x, w
 
 
@@ -165,9 +166,9 @@ def _grads(method, cell, x, w):
     return z, ok, torch.autograd.grad((z * w).sum(), [*cell.parameters(), x])
 
 
-def _exact(case, seed):
+def _exact(case, seed, device="cpu"):
     """The exact implicit gradient in float64 (forward to 1e-13, dense LU adjoint)."""
-    cell, x, w = _instance(case, torch.float64, seed)
+    cell, x, w = _instance(case, torch.float64, seed, device=device)
     z = deq(cell, x, rtol=1e-13, max_iter=500, adjoint=Implicit(solver="lu"))
     return torch.autograd.grad((z * w).sum(), [*cell.parameters(), x])
 
@@ -191,9 +192,9 @@ def _rel_residual(cell, x, z):
         return float(((fz - z).norm(dim=-1) / fz.norm(dim=-1)).max())
 
 
-def _measure(case, dtype, *, seed, warmup, repeats, with_lu):
-    cell, x, w = _instance(case, dtype, seed)
-    exact = _exact(case, seed)
+def _measure(case, dtype, *, seed, warmup, repeats, with_lu, device="cpu"):
+    cell, x, w = _instance(case, dtype, seed, device=device)
+    exact = _exact(case, seed, device)
     scale = max(float(g.abs().max()) for g in exact)
     methods = _methods(_picard_count(cell, x), with_lu)
     rows, runnable_f, runnable_fb = {}, {}, {}
@@ -211,7 +212,8 @@ def _measure(case, dtype, *, seed, warmup, repeats, with_lu):
         rows[name] = row
     # forward and forward+backward of every method interleaved in one run: a neighbour's load hits all alike
     t = time_callables({**{(k, "fwd"): f for k, f in runnable_f.items()},
-                        **{(k, "total"): f for k, f in runnable_fb.items()}}, warmup=warmup, repeats=repeats)
+                        **{(k, "total"): f for k, f in runnable_fb.items()}}, warmup=warmup, repeats=repeats,
+                       device=device)
     params = [*cell.parameters(), x]
     for name in runnable_f:
         # the minimum over the repeats: the least-disturbed sample on a shared machine (medians kept too)
@@ -225,14 +227,14 @@ def _name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _tolerance_check(case, *, seed):
+def _tolerance_check(case, *, seed, device="cpu"):
     """float32, a state of size ~100 per entry: who reaches its tolerance, with what true residual?
 
     An absolute tolerance of 1e-6 on ``‖f(z) − z‖`` is below float32's rounding of a state this
     large: a solver using it cannot meet it, runs to its iteration limit and returns its best iterate.
     A relative tolerance is met (or a failure is reported).
     """
-    cell, x, w = _instance(case, torch.float32, seed, scale=100.0)
+    cell, x, w = _instance(case, torch.float32, seed, scale=100.0, device=device)
     rows = []
     for name, fn in _methods(0, False).items():
         if name not in ("ours", "ours picard", "torchdeq", "torchdeq abs"):
@@ -252,6 +254,10 @@ def _tolerance_check(case, *, seed):
     return rows
 
 
+def _as_pair(res):
+    return res.y, res.info
+
+
 def _breakdown(cell, x, w, *, warmup, repeats):
     """Per-iteration cost of each solver against the cell (forward) or one VJP (adjoint)."""
     xd = x.detach()
@@ -261,7 +267,6 @@ def _breakdown(cell, x, w, *, warmup, repeats):
     _, vjp = torch.func.vjp(lambda z: cell(z, xd) - z, zs)
     mv = lambda v: vjp(v)[0]  # noqa: E731
     wd = w.detach()
-    fixed = FixedPointAdjoint(rtol=TOL, fallback=None)
     fns = {
         "cell f(z, x)": (lambda: cell(zs, xd), None),
         "vjp (∂f/∂z)ᵀv": (lambda: mv(wd), None),
@@ -272,13 +277,14 @@ def _breakdown(cell, x, w, *, warmup, repeats):
                                   "cell f(z, x)"),
         "forward picard": (lambda: get_root_solver("picard")(F, torch.zeros_like(xd), (xd,), batch_dims=1,
                                                                rtol=TOL), "cell f(z, x)"),
-        "adjoint picard": (lambda: fixed.linear_solver()("", mv, wd), "vjp (∂f/∂z)ᵀv"),
-        "adjoint anderson": (lambda: FixedPointAdjoint("anderson", rtol=TOL, fallback=None).linear_solver()(
-            "", mv, wd), "vjp (∂f/∂z)ᵀv"),
+        "adjoint picard": (lambda: picard_adjoint(mv, wd, rtol=TOL, atol=0.0, max_iter=200), "vjp (∂f/∂z)ᵀv"),
+        "adjoint anderson": (lambda: _as_pair(get_root_solver("anderson")(lambda v: mv(v) - wd, torch.zeros_like(wd),
+                                                                          (), batch_dims=1, rtol=TOL)),
+                             "vjp (∂f/∂z)ᵀv"),
         "adjoint gmres": (lambda: gmres(mv, wd, rtol=TOL), "vjp (∂f/∂z)ᵀv"),
     }
     with torch.no_grad():
-        t = time_callables({k: v[0] for k, v in fns.items()}, warmup=warmup, repeats=repeats)
+        t = time_callables({k: v[0] for k, v in fns.items()}, warmup=warmup, repeats=repeats, device=x.device)
         rows = []
         for name, (fn, unit) in fns.items():
             out = fn()
@@ -342,13 +348,14 @@ def _summary(rows, tolerance):
     return {"misses": misses, "targets_met": not misses, "notes": notes}
 
 
-def run(quick: bool = False, out: Optional[str] = None, *, threads: int = 1, seed: int = 0,
+def run(quick: bool = False, out: Optional[str] = None, *, device="cpu", threads: int = 1, seed: int = 0,
         verbose: bool = True) -> dict:
     """Run the benchmark, print its tables, write JSON; return the results.
 
     Args:
         quick: width 16, batch 4, few repeats (seconds; timings mean little).
         out: JSON path (default ``bench-deq.json`` in the working directory).
+        device: where to run (``"cpu"``, ``"cuda"``); CUDA work is synchronized before each timing.
         threads: ``torch.set_num_threads`` during the run (restored after).
         seed: seed of the instances.
         verbose: print the tables.
@@ -364,22 +371,22 @@ def run(quick: bool = False, out: Optional[str] = None, *, threads: int = 1, see
     """
     cases = _cases(quick)
     settings = dict(quick=bool(quick), width=cases[0].n, batch=cases[0].batch, tol=TOL, seed=seed,
-                    threads=threads, cases={c.label: {"rho": c.rho} for c in cases},
+                    threads=threads, device=str(device), cases={c.label: {"rho": c.rho} for c in cases},
                     warmup=1 if quick else 2, repeats=2 if quick else 15)
     previous = configure_threads(threads)
-    info = machine_info("cpu")
+    info = machine_info(str(device))
     t0 = time.perf_counter()
     rows, breakdown = [], []
     try:
         for case in cases:
             for dtype in (torch.float64, torch.float32):
                 r, inst = _measure(case, dtype, seed=seed, warmup=settings["warmup"], repeats=settings["repeats"],
-                                   with_lu=dtype == torch.float64)
+                                   with_lu=dtype == torch.float64, device=str(device))
                 rows += r
                 if case is cases[0]:
                     breakdown += [dict(b, dtype=_name(dtype)) for b in
                                   _breakdown(*inst, warmup=settings["warmup"], repeats=settings["repeats"])]
-        tolerance = _tolerance_check(cases[0], seed=seed)
+        tolerance = _tolerance_check(cases[0], seed=seed, device=str(device))
     finally:
         torch.set_num_threads(previous)
     settings["wall_s"] = time.perf_counter() - t0

@@ -98,7 +98,7 @@ def _reference(p: Problem) -> torch.Tensor:
         return _hypergrad(_closed_form, p)[0]
     m = p.X.shape[0]
     lam = p.theta.exp()
-    w = torch.zeros(p.n, dtype=D)
+    w = torch.zeros(p.n, dtype=D, device=p.X.device)
     for _ in range(100):  # Newton on ∇f = Xᵀ(σ(Xw) − t)/m + λw; quadratic convergence, then stagnation
         s = torch.sigmoid(p.X @ w)
         grad = p.X.T @ (s - p.t) / m + lam * w
@@ -118,8 +118,8 @@ def _reference(p: Problem) -> torch.Tensor:
 
 def _ours(adjoint):
     def solve(p: Problem, theta):
-        w, info = argmin(p.inner, torch.zeros(p.n, dtype=D), theta, p.X, p.t, rtol=TOL, max_iter=MAX_ITER,
-                         adjoint=adjoint, return_info=True)
+        w, info = argmin(p.inner, torch.zeros(p.n, dtype=D, device=p.X.device), theta, p.X, p.t, rtol=TOL,
+                         max_iter=MAX_ITER, adjoint=adjoint, return_info=True)
         return w, int(info.iterations)
     return solve
 
@@ -143,8 +143,8 @@ def _measure_case(p: Problem, peers: dict, *, warmup, repeats, min_sample_s):
 
     ref = _reference(p)
     scale = float(ref.abs().max())
-    tol_abs = TOL * float(torch.linalg.vector_norm(torch.func.grad(p.inner)(torch.zeros(p.n, dtype=D), p.theta,
-                                                                            p.X, p.t)))
+    w0 = torch.zeros(p.n, dtype=D, device=p.X.device)
+    tol_abs = TOL * float(torch.linalg.vector_norm(torch.func.grad(p.inner)(w0, p.theta, p.X, p.t)))
     methods = {name: (lambda s=s: _hypergrad(s, p), lambda s=s: _saved_kb(s, p)) for name, s in _OURS.items()}
     if p.kind == "ridge":
         methods["closed form"] = (lambda: _hypergrad(_closed_form, p), lambda: _saved_kb(_closed_form, p))
@@ -168,7 +168,8 @@ def _measure_case(p: Problem, peers: dict, *, warmup, repeats, min_sample_s):
         except Exception as err:
             row["error"] = _short(err)
         rows[name] = row
-    timings = time_callables(runnable, warmup=warmup, repeats=repeats, min_sample_s=min_sample_s)
+    timings = time_callables(runnable, warmup=warmup, repeats=repeats, min_sample_s=min_sample_s,
+                             device=p.X.device)
     for name, tm in timings.items():
         rows[name].update(time_ms=1e3 * tm.median, q25_ms=1e3 * tm.q25, q75_ms=1e3 * tm.q75, min_ms=1e3 * tm.min,
                           repeats=tm.repeats)
@@ -201,7 +202,7 @@ def _gd_step(p: Problem) -> float:
 
 def _unrolled(K: int, eta: float):
     def solve(p: Problem, theta):
-        w = torch.zeros(p.n, dtype=D, requires_grad=True)
+        w = torch.zeros(p.n, dtype=D, device=p.X.device, requires_grad=True)
         for _ in range(K):  # autograd keeps every step's graph: memory O(K)
             (g,) = torch.autograd.grad(p.inner(w, theta, p.X, p.t), w, create_graph=True)
             w = w - eta * g
@@ -221,7 +222,7 @@ def _implicit_gd(K: int, eta: float, p: Problem):
         return w
 
     def solve(p_, theta):
-        return gd(torch.zeros(p.n, dtype=D), theta, p.X, p.t), K
+        return gd(torch.zeros(p.n, dtype=D, device=p.X.device), theta, p.X, p.t), K
     return solve
 
 
@@ -233,7 +234,8 @@ def _measure_unrolled(p: Problem, Ks: Sequence[int], *, warmup, repeats):
         methods[("unrolled GD", K)] = _unrolled(K, eta)
         methods[("ours GD + implicit cg", K)] = _implicit_gd(K, eta, p)
     methods[("ours lbfgs + cg", None)] = _OURS["ours cg"]
-    timings = time_callables({k: (lambda s=s: _hypergrad(s, p)) for k, s in methods.items()}, warmup=warmup,
+    timings = time_callables({k: (lambda s=s: _hypergrad(s, p)) for k, s in methods.items()}, device=p.X.device,
+                             warmup=warmup,
                              repeats=repeats)
     rows = []
     for (name, K), solve in methods.items():
@@ -250,7 +252,7 @@ def _measure_unrolled(p: Problem, Ks: Sequence[int], *, warmup, repeats):
 def _profile(p: Problem, *, repeats, min_sample_s):
     """Forward L-BFGS alone (iterations, per iteration, one gradient evaluation) and each backward alone."""
     args = (p.theta, p.X, p.t)
-    w = torch.zeros(p.n, dtype=D)
+    w = torch.zeros(p.n, dtype=D, device=p.X.device)
     grad_and_value = torch.func.grad_and_value(lambda w: p.inner(w, *args))
     graphs = {}
     for name, solve in _OURS.items():
@@ -261,7 +263,7 @@ def _profile(p: Problem, *, repeats, min_sample_s):
            "matvecs": lambda: p.X.T @ (p.X @ w - p.t)}
     for name, (loss, theta) in graphs.items():
         fns[f"backward {name}"] = lambda loss=loss, theta=theta: torch.autograd.grad(loss, theta, retain_graph=True)
-    t = time_callables(fns, warmup=1, repeats=repeats, min_sample_s=min_sample_s)
+    t = time_callables(fns, warmup=1, repeats=repeats, min_sample_s=min_sample_s, device=p.X.device)
     iters = int(lbfgs(p.inner, w, args, rtol=TOL, max_iter=MAX_ITER).info.iterations)
     ms = {k: 1e3 * v.median for k, v in t.items()}
     return {"case": p.label, "n": p.n, "forward_ms": ms["forward"], "lbfgs_iterations": iters,
@@ -340,8 +342,8 @@ def _report(results) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool = False, out: Optional[str] = None, *, peers: Optional[Sequence[str]] = None, threads: int = 1,
-        seed: int = 0, plot: bool = True, verbose: bool = True) -> dict:
+def run(quick: bool = False, out: Optional[str] = None, *, peers: Optional[Sequence[str]] = None, device="cpu",
+        threads: int = 1, seed: int = 0, plot: bool = True, verbose: bool = True) -> dict:
     """Run the benchmark, print its tables, write JSON (and a plot); return the results.
 
     Args:
@@ -349,6 +351,8 @@ def run(quick: bool = False, out: Optional[str] = None, *, peers: Optional[Seque
             for tests and smoke runs.  Its timings mean little.
         out: JSON path (default ``bench-hypergrad.json`` in the working directory).
         peers: which of ``PEERS`` to run (default: every installed one).
+        device: where the problems live (``"cpu"``, ``"cuda"``); the JAX peers run on the CPU
+            only and are reported as errors elsewhere.
         threads: ``torch.set_num_threads`` for the run, and the process pinned to
             that many CPUs (Linux), both restored afterwards.
         seed: seed of the random problems.
@@ -364,19 +368,19 @@ def run(quick: bool = False, out: Optional[str] = None, *, peers: Optional[Seque
         (case, ours variant, other method) with ``ratio``, ``target``, ``met``;
         ``unrolled`` one per (method, K); ``profile`` one per case.
     """
-    settings = dict(quick=bool(quick), dtype="float64", seed=seed, threads=threads, tol=TOL, adjoint_rtol=ADJ_RTOL,
-                    cpus_pinned=threads,
+    settings = dict(quick=bool(quick), dtype="float64", device=str(device), seed=seed, threads=threads, tol=TOL,
+                    adjoint_rtol=ADJ_RTOL, cpus_pinned=threads,
                     warmup=1, repeats=3 if quick else 7, min_sample_s=0.0 if quick else 0.01,
                     unrolled_K=[5, 50] if quick else [10, 100, 1000])
     peer_status = _available_peers(peers)
     previous = configure_threads(threads)
     affinity = _pin_cpus(threads)
-    info = machine_info("cpu")
+    info = machine_info(str(device))
     info["cpu_affinity"] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     t0 = time.perf_counter()
     try:
         methods, comparisons, profile = [], [], []
-        problems = [_problem(kind, m, n, seed + i) for i, (kind, m, n) in enumerate(_cases(quick))]
+        problems = [_problem(kind, m, n, seed + i, device) for i, (kind, m, n) in enumerate(_cases(quick))]
         for p in problems:
             rows, comps = _measure_case(p, peer_status, warmup=settings["warmup"], repeats=settings["repeats"],
                                         min_sample_s=settings["min_sample_s"])

@@ -12,7 +12,6 @@ finite differences can tell" and a failure means a real discrepancy.
 from __future__ import annotations
 
 import inspect
-import warnings
 from typing import Callable, Optional
 
 import torch

@@ -1,5 +1,10 @@
 """The gradient strategy of an implicit layer, as a value.
 
+Each strategy owns its solve: ``strategy.solve(system, r) -> x`` for the linear system
+``J x = r`` (:class:`~implicitdiff.implicit.system.JacobianSystem`, ``J = ∂F/∂y`` or its
+transpose at the solution); :class:`~implicitdiff.implicit.fixed_point_adjoint.FixedPointAdjoint`
+is the fourth.
+
 ``adjoint=Implicit(...)`` (the default) differentiates the optimality condition
 ``F(y*, θ) = 0``: reverse mode solves ``(∂F/∂y)ᵀ u = ȳ`` and returns
 ``θ̄ = −(∂F/∂θ)ᵀ u``; forward mode solves ``∂F/∂y · ẏ = −∂F/∂θ · θ̇``.
@@ -14,10 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
+from .._core.defaults import default_rtol
 from .._core.errors import InputError
 from .._core.options import check_int, check_real
+from .._core.status import SolveInfo, Status
+from .system import JacobianSystem, flat
 
-__all__ = ["Implicit", "Unroll", "Neumann", "ADJOINT_SOLVERS", "check_adjoint"]
+__all__ = ["Implicit", "Unroll", "Neumann", "ADJOINT_SOLVERS", "check_adjoint", "richardson"]
 
 ADJOINT_SOLVERS = ("auto", "lu", "cg", "minres", "gmres", "bicgstab", "richardson")
 
@@ -56,6 +66,42 @@ class Implicit:
         check_int("Implicit(max_iter=...)", self.max_iter, low=1)
         check_int("Implicit(dense_max=...)", self.dense_max, low=0, allow_none=False)
 
+    def resolve(self, n: int, factors=(), *, symmetric: bool = False, definite: bool = False) -> str:
+        """The linear solver, ``"auto"`` resolved: LU where the forward factorized ``J`` (Newton) or
+        ``n ≤ dense_max``, else CG (``definite``), MINRES (``symmetric``) or GMRES."""
+        if self.solver != "auto":
+            return self.solver
+        if factors or n <= self.dense_max:
+            return "lu"
+        return "cg" if definite else "minres" if symmetric else "gmres"
+
+    def wants_linearization(self, n: int, factors=(), problem=None) -> bool:
+        """Whether a first-order backward takes its products from a recorded linearization
+        (a matrix-free solve), so the forward may record its last evaluation."""
+        sym, pd = (problem.symmetric, problem.definite) if problem is not None else (False, False)
+        return self.resolve(n, factors, symmetric=sym, definite=pd) != "lu"
+
+    def solve(self, system: JacobianSystem, r: torch.Tensor) -> torch.Tensor:
+        """``x`` with ``J x = r`` (or ``Jᵀ x = r``), checked: LU, a Krylov method or Richardson;
+        differentiable and matrix-free under double backward, ``jvp`` and ``jacrev``."""
+        p = system.problem
+        name = self.resolve(system.n, system.factors, symmetric=p.symmetric, definite=p.definite)
+        kw = dict(rtol=self.rtol, atol=self.atol, max_iter=self.max_iter, retry_minres=self.solver == "auto")
+        if name != "lu":
+            route = system.route(r)
+            if route == "differentiable":
+                return system.differentiable("gmres" if name == "richardson" else name, r, **kw)
+            if route == "dense":
+                name = "lu"
+        if name == "lu":
+            return system.dense(r)
+        if name == "richardson":
+            x, info = richardson(system.products().mv, flat(r, system.bd), p.neumann_alpha, rtol=self.rtol,
+                                 atol=self.atol, max_iter=self.max_iter)
+        else:
+            x, info = system.krylov(name, r, **kw)
+        return system.check(x, info, r.shape)
+
 
 @dataclass(frozen=True)
 class Unroll:
@@ -70,6 +116,9 @@ class Unroll:
 
     def __post_init__(self):
         check_int("Unroll(max_iter=...)", self.max_iter, low=1)
+
+    def wants_linearization(self, n: int, factors=(), problem=None) -> bool:
+        return False
 
 
 @dataclass(frozen=True)
@@ -92,11 +141,58 @@ class Neumann:
             raise InputError("Neumann(alpha=...) must be nonzero (the step of u ← u + α(ȳ − Jᵀu)); leave it None "
                              "for the default")
 
+    def wants_linearization(self, n: int, factors=(), problem=None) -> bool:
+        return False
 
-def check_adjoint(adjoint):
-    if not isinstance(adjoint, (Implicit, Unroll, Neumann)):
+    def solve(self, system: JacobianSystem, r: torch.Tensor) -> torch.Tensor:
+        """``k`` Richardson steps from 0 (unchecked: approximate by design); differentiable."""
+        alpha = system.problem.neumann_alpha if self.alpha is None else self.alpha
+        mv = system.products().mv
+        R = flat(r, system.bd)
+        x = torch.zeros_like(R)
+        for _ in range(int(self.k)):
+            x = x + alpha * (R - mv(x))
+        return x.reshape(r.shape)
+
+
+def richardson(mv, R, alpha, *, rtol=None, atol=0.0, max_iter=None, check_every: int = 5):
+    """``x ← x + α (R − J x)`` from 0 until ``‖R − J x‖ ≤ atol + rtol ‖R‖`` per element: ``(x, info)``.
+
+    For a fixed point (``J = ∂T/∂z − I``, ``α = −1``) this is the adjoint fixed-point
+    iteration ``x ← (∂T/∂z)ᵀ x − ȳ``: one vector-Jacobian product per step,
+    convergent when ``T`` is a contraction at ``z*``.
+    """
+    rtol = default_rtol(R.dtype) if rtol is None else rtol
+    max_iter = 1000 if max_iter is None else int(max_iter)
+    rnorm0 = R.norm(dim=-1)
+    tol = atol + rtol * rnorm0
+    x = torch.zeros_like(R)
+    it = torch.zeros(rnorm0.shape, dtype=torch.int64, device=R.device)
+    for k in range(max_iter + 1):
+        r = R - mv(x)
+        rn = r.norm(dim=-1)
+        done = rn <= tol
+        if k == max_iter or (k % check_every == 0 and bool(done.all())):
+            break
+        x = torch.where(done.unsqueeze(-1), x, x + alpha * r)
+        it = it + (~done).to(torch.int64)
+    status = torch.where(done, int(Status.SUCCESS), torch.where(torch.isfinite(rn), int(Status.MAX_ITERATIONS),
+                                                                int(Status.NONFINITE))).to(torch.int64)
+    residual = rn / torch.clamp(rnorm0, min=torch.finfo(rn.dtype).tiny)
+    return x, SolveInfo(status, residual, it)
+
+
+def check_adjoint(adjoint, *, fixed_point: bool = False):
+    """``adjoint`` if it is a strategy the layer takes (``FixedPointAdjoint`` only for fixed points)."""
+    from .fixed_point_adjoint import FixedPointAdjoint
+
+    kinds = (Implicit, Unroll, Neumann, FixedPointAdjoint) if fixed_point else (Implicit, Unroll, Neumann)
+    if not isinstance(adjoint, kinds):
+        extra = ", implicitdiff.FixedPointAdjoint(...)" if fixed_point else ""
+        hint = "" if fixed_point or not isinstance(adjoint, FixedPointAdjoint) else \
+            " (FixedPointAdjoint solves the adjoint of a fixed point: use it with fixed_point or nn.DEQ)"
         raise InputError(
-            "adjoint must be implicitdiff.Implicit(...), implicitdiff.Unroll() or implicitdiff.Neumann(k), "
-            f"got {adjoint!r}"
+            f"adjoint must be implicitdiff.Implicit(...), implicitdiff.Unroll(), implicitdiff.Neumann(k){extra}, "
+            f"got {adjoint!r}{hint}"
         )
     return adjoint

@@ -11,9 +11,11 @@ Differentiating the equation (the seed note's step, for a nonlinear ``F``)::
 
 The forward solver is passed in (``implicit/`` never imports ``solvers/``) and
 runs on detached tensors; memory does not grow with its iterations.  The
-backward is written with differentiable operations (``torch.func`` products,
-the differentiable linear solves of :mod:`.linear`), so double backward and
-``torch.func`` transforms compose.  Under ``vmap`` the rule below moves the
+linear solve belongs to the adjoint strategy: ``problem.adjoint.solve(system, r)``
+on a :class:`~implicitdiff.implicit.system.JacobianSystem` (:mod:`.adjoint`,
+:mod:`.fixed_point_adjoint`); it is differentiable (the library's own linear
+solves), so double backward and ``torch.func`` transforms compose — matrix-free
+when the strategy is.  Under ``vmap`` the rule below moves the
 vmapped dimension into the problem's batch and ``vmap``\\ s ``F`` over it, so
 the solver sees one batched problem with per-element convergence.
 """
@@ -26,20 +28,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .._core.defaults import default_rtol
-from .._core.engine import vjp as engine_vjp, vjp_fn as engine_vjp_fn
-from .._core.errors import SolveError
-from .._core.jacobian import batch_jacobian
-from .._core.failure import apply_on_failure, nan_where_failed
-from .._core.status import SolveInfo, Status
+from .._core.engine import vjp as engine_vjp
+from .._core.failure import apply_on_failure
+from .._core.status import Status
 from .._core.tree import Tree
 from .._core.validate import in_transform, is_vmapped
-from ..linalg.factorization import from_tensors
-from .adjoint import Implicit, Neumann
-from .linear import FactoredSolveFn, SolveSpec, solve as linear_solve_fn
+from .adjoint import Implicit
+from .system import JacobianSystem, jvp_by_vjp
 
-__all__ = ["RootProblem", "RootFn", "batch_jacobian", "adjoint_solve", "tangent_solve", "jvp_by_vjp", "Linearization",
-           "Speculation", "record", "may_speculate", "isolate"]
+__all__ = ["RootProblem", "RootFn", "Linearization", "Speculation", "record", "may_speculate", "isolate"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,7 +47,6 @@ class RootProblem:
     optional ``jacobian`` factorization at ``y``); ``batch_dims`` leading dims of
     ``y`` are independent problems; ``symmetric`` declares ``∂F/∂y`` symmetric
     (argmin's Hessian), ``definite`` also positive definite (a strict minimum: CG applies); ``neumann_alpha`` is the default step of :class:`Neumann`.
-    ``krylov(name)`` returns a matrix-free solver ``(A, b, x0, rtol, atol, max_iter) -> (x, info)``.
     ``recorded``: a list (fresh per solve) when the forward solver should be handed a
     :class:`Speculation`, whose recording then goes to the backward through it.
     """
@@ -66,50 +62,11 @@ class RootProblem:
     on_failure: str = "raise"
     what: str = "root"
     hints: Optional[dict] = None
-    krylov: Optional[Callable] = None
     # a list when the forward should speculate (:class:`Speculation`): it passes the recording to the backward
     recorded: Optional[list] = None
 
     def residual(self, y, leaves):
         return self.F(y, *self.tree.unflatten(leaves))
-
-
-def _flat(y, bd):
-    return y.reshape(*y.shape[:bd], -1)
-
-
-def jvp_by_vjp(f: Callable, primals: tuple, tangents: tuple):
-    """``(f(primals), ∂f · tangents)`` from two reverse passes (the "double-vjp" trick).
-
-    ``u ↦ ⟨vjpᵤ, t⟩`` is linear in ``u`` with gradient ``J t``.  Used instead of
-    forward-mode AD because an ``autograd.Function``'s ``jvp`` already runs
-    inside a forward-AD level, and PyTorch does not nest those.
-    """
-    out, vjp = torch.func.vjp(f, *primals)
-
-    def pairing(u):
-        return sum((a * b).sum() for a, b in zip(vjp(u), tangents))
-
-    return out, torch.func.grad(pairing)(torch.zeros_like(out))
-
-
-def _linear_map(F_y: Callable, y: torch.Tensor, bd: int, transpose: bool):
-    """``v -> (∂F/∂y) v`` or ``(∂F/∂y)ᵀ v`` at ``y``, on flattened ``(*batch, n)`` vectors.
-
-    One forward evaluation of ``F`` is linearized once; each product is then one
-    reverse pass (two for ``J v``, by the double-vjp trick).
-    """
-    out, vjp = torch.func.vjp(F_y, y)
-
-    def rmv(v):
-        return _flat(vjp(v.reshape(y.shape))[0], bd)
-
-    def mv(v):
-        v = v.reshape(y.shape)
-        pairing = lambda u: (vjp(u)[0] * v).sum()  # noqa: E731
-        return _flat(torch.func.grad(pairing)(torch.zeros_like(out)), bd)
-
-    return rmv if transpose else mv
 
 
 class Linearization:
@@ -200,12 +157,11 @@ def may_speculate(adjoint, y0, leaves, batch_dims: int) -> bool:
     """Whether a forward solve should record its last evaluation for the backward: a first-order
     backward will want a :class:`Linearization` (grad mode on, a leaf requiring grad, no
     ``torch.func`` transform, a matrix-free :class:`Implicit` adjoint)."""
-    if not (torch.is_grad_enabled() and isinstance(adjoint, Implicit)) or in_transform():
+    if not torch.is_grad_enabled() or in_transform():
         return False
     if not any(isinstance(l, torch.Tensor) and l.requires_grad for l in leaves):
         return False
-    n = math.prod(y0.shape[batch_dims:])
-    return adjoint.solver != "lu" and (adjoint.solver != "auto" or n > adjoint.dense_max)
+    return adjoint.wants_linearization(math.prod(y0.shape[batch_dims:]))
 
 
 def _linearization(problem: RootProblem, y, leaves, gy, factors, recorded=None) -> Optional[Linearization]:
@@ -214,159 +170,11 @@ def _linearization(problem: RootProblem, y, leaves, gy, factors, recorded=None) 
     ``vmap`` or ``torch.func`` transforms, nor with the forward's factorization or a dense
     adjoint, where the functional products are kept.
     """
-    if (torch.is_grad_enabled() or factors or is_vmapped(gy) or not isinstance(problem.adjoint, Implicit)
-            or in_transform()):
+    if torch.is_grad_enabled() or factors or is_vmapped(gy) or in_transform():
         return None
-    if _adjoint_solver(problem, math.prod(y.shape[problem.batch_dims:]), factors) == "lu":
+    if not problem.adjoint.wants_linearization(math.prod(y.shape[problem.batch_dims:]), factors, problem):
         return None
     return recorded if recorded is not None else record(problem, y, leaves)
-
-
-def _adjoint_solver(problem: RootProblem, n: int, factors) -> str:
-    """The linear solver of an :class:`Implicit` adjoint, ``"auto"`` resolved."""
-    adj = problem.adjoint
-    if adj.solver != "auto":
-        return adj.solver
-    dense = bool(factors) or n <= adj.dense_max or problem.krylov is None  # Newton's LU is free to reuse
-    return "lu" if dense else ("cg" if problem.definite else "minres" if problem.symmetric else "gmres")
-
-
-def _check_linear(status, residual, what, on_failure, out, info_iters=None, skip=None):
-    if skip is not None:  # elements whose forward failed: no gradient to check (their rhs is zero)
-        status = torch.where(skip, 0, status)
-        out = torch.where(_expand(skip, out), torch.zeros_like(out), out)
-    info = SolveInfo(status, residual, torch.zeros_like(status) if info_iters is None else info_iters)
-    if is_vmapped(status):
-        return nan_where_failed(out, info.ok)
-    hints = {
-        Status.SINGULAR: "∂F/∂y is singular at the solution, so the implicit function theorem does not apply; "
-                         "check that the root is isolated (or regularize F)",
-        Status.MAX_ITERATIONS: "raise Implicit(max_iter=...) or loosen Implicit(rtol=...), or use Implicit(solver='lu')",
-        Status.BREAKDOWN: "the adjoint Krylov solver broke down: use Implicit(solver='gmres') or 'lu'",
-    }
-    return apply_on_failure(out, info, "raise", what, hints, policy_hint=False)
-
-
-def _solve_jacobian(problem: RootProblem, y, leaves, rhs, factors, transpose: bool, skip=None, lin=None):
-    """Solve ``J x = rhs`` (``transpose``: ``Jᵀ x = rhs``) at ``y``; ``rhs`` of y's shape.
-
-    ``lin``: a :func:`_linearization` of ``F`` at ``y`` for the transposed products, or ``None``.
-    """
-    bd = problem.batch_dims
-    adj = problem.adjoint
-    params = problem.tree.unflatten(leaves)
-    F_y = lambda yy: problem.F(yy, *params)  # noqa: E731
-    n = math.prod(y.shape[bd:])
-    what = f"the {'adjoint' if transpose else 'tangent'} solve of {problem.what}"
-    R = _flat(rhs, bd)
-
-    if isinstance(adj, Neumann):
-        alpha = problem.neumann_alpha if adj.alpha is None else adj.alpha
-        mv = _linear_map(F_y, y, bd, transpose)
-        x = torch.zeros_like(R)
-        for _ in range(int(adj.k)):
-            x = x + alpha * (R - mv(x))
-        return x.reshape(rhs.shape)
-
-    solver = _adjoint_solver(problem, n, factors)
-    if solver != "lu" and (is_vmapped(R) or torch.is_grad_enabled()):
-        # The Krylov and Richardson loops decide convergence on the host and update buffers in
-        # place: under vmap (jacrev, vmap(grad)) and in a differentiable backward (double
-        # backward) the adjoint is solved with the dense per-element Jacobian instead.
-        solver = "lu"
-    if solver == "lu":
-        if factors and not torch.is_grad_enabled():
-            # first order: reuse the forward solver's factorization of J at y
-            X = from_tensors("lu", factors).solve(R.unsqueeze(-1), adjoint=transpose)
-            bad = ~torch.isfinite(X).flatten(-2).all(-1)
-            status = torch.where(bad, int(Status.SINGULAR), 0).to(torch.int64)
-            X = _check_linear(status, torch.zeros(status.shape, dtype=X.dtype, device=X.device), what, "raise", X,
-                              skip=skip)
-            return X.squeeze(-1).reshape(rhs.shape)
-        J = batch_jacobian(F_y, y, bd)
-        if factors:
-            X = FactoredSolveFn.apply("lu", transpose, J, R.unsqueeze(-1), *factors)
-            status = torch.where(~torch.isfinite(X).flatten(-2).all(-1), int(Status.SINGULAR), 0).to(torch.int64)
-            residual = torch.zeros(status.shape, dtype=X.dtype, device=X.device)
-        else:
-            A = J.mT if transpose else J
-            X, status, residual, _, _ = linear_solve_fn(SolveSpec("exact"), A, R.unsqueeze(-1))
-        X = _check_linear(status, residual, what, "raise", X, skip=skip)
-        return X.squeeze(-1).reshape(rhs.shape)
-
-    if lin is not None and transpose:  # the recorded linearization: one reverse pass in y per product
-        def linear_map(*_):
-            def rmv(v):
-                return _flat(lin.rmv(v.reshape(y.shape)), bd)
-            # a fixed-point residual's (∂T/∂y)ᵀ, for the adjoint fixed-point iteration (FixedPointAdjoint);
-            # y already flat (a DEQ's (B, n)): the engine closure itself, no reshapes per product
-            if not lin.fixed:
-                rmv.map_vjp = None
-            elif y.dim() == bd + 1:
-                rmv.map_vjp = engine_vjp_fn(lin.out, lin.yr)
-            else:
-                rmv.map_vjp = lambda v: _flat(lin.map_vjp(v.reshape(y.shape)), bd)
-            return rmv
-    else:
-        linear_map = _linear_map
-
-    if solver == "richardson":
-        alpha = problem.neumann_alpha
-        mv = linear_map(F_y, y, bd, transpose)
-        X, info = _richardson(mv, R, alpha, adj)
-        X = _check_linear(info.status, info.residual, what, "raise", X, info.iterations, skip=skip)
-        return X.reshape(rhs.shape)
-
-    if problem.krylov is None:
-        raise SolveError(f"matrix-free adjoint solver {solver!r} is unavailable; use Implicit(solver='lu')")
-    mv = linear_map(F_y, y, bd, transpose)
-    X, info = problem.krylov(solver, mv, R, rtol=adj.rtol, atol=adj.atol, max_iter=adj.max_iter)
-    if solver == "cg" and adj.solver == "auto" and bool((info.status == Status.BREAKDOWN).any()):
-        # CG met pᵀHp ≤ 0: not a strict minimum after all (a saddle, or a flat direction): MINRES needs symmetry only
-        X, info = problem.krylov("minres", mv, R, rtol=adj.rtol, atol=adj.atol, max_iter=adj.max_iter)
-    X = _check_linear(info.status, info.residual, what, "raise", X, info.iterations, skip=skip)
-    return X.reshape(rhs.shape)
-
-
-def _richardson(mv, R, alpha, adj: Implicit, check_every: int = 5):
-    """``x ← x + α (R − J x)`` from 0 until ``‖R − J x‖ ≤ max(rtol ‖R‖, atol)`` per element.
-
-    For a fixed point (``J = ∂T/∂z − I``, ``α = −1``) this is the adjoint fixed-point
-    iteration ``x ← (∂T/∂z)ᵀ x − ȳ``: one vector-Jacobian product per step,
-    convergent when ``T`` is a contraction at ``z*``.
-    """
-    rtol = default_rtol(R.dtype) if adj.rtol is None else adj.rtol
-    max_iter = 1000 if adj.max_iter is None else int(adj.max_iter)
-    rnorm0 = R.norm(dim=-1)
-    tol = torch.clamp(rtol * rnorm0, min=adj.atol)
-    x = torch.zeros_like(R)
-    it = torch.zeros(rnorm0.shape, dtype=torch.int64, device=R.device)
-    for k in range(max_iter + 1):
-        r = R - mv(x)
-        rn = r.norm(dim=-1)
-        done = rn <= tol
-        if k == max_iter or (k % check_every == 0 and bool(done.all())):
-            break
-        x = torch.where(done.unsqueeze(-1), x, x + alpha * r)
-        it = it + (~done).to(torch.int64)
-    status = torch.where(done, int(Status.SUCCESS), torch.where(torch.isfinite(rn), int(Status.MAX_ITERATIONS),
-                                                                int(Status.NONFINITE))).to(torch.int64)
-    residual = rn / torch.clamp(rnorm0, min=torch.finfo(rn.dtype).tiny)
-    return x, SolveInfo(status, residual, it)
-
-
-def adjoint_solve(problem, y, leaves, gy, factors=(), skip=None, lin=None):
-    """``u`` with ``(∂F/∂y)ᵀ u = ȳ`` at ``y`` (checked; raises ``SolveError`` on failure).
-
-    ``skip`` (batch shape) marks elements whose forward failed: their ``u`` is 0, unchecked.
-    ``lin``: a :func:`_linearization` at ``y`` to take the products from (or ``None``).
-    """
-    return _solve_jacobian(problem, y, leaves, gy, factors, transpose=True, skip=skip, lin=lin)
-
-
-def tangent_solve(problem, y, leaves, rhs, factors=(), skip=None):
-    """``ẏ`` with ``(∂F/∂y) ẏ = rhs`` at ``y``."""
-    return _solve_jacobian(problem, y, leaves, rhs, factors, transpose=False, skip=skip)
 
 
 def isolate(bd: int, ok: torch.Tensor, y: torch.Tensor, leaves: tuple):
@@ -483,7 +291,8 @@ class RootFn(torch.autograd.Function):
                 return (None, None) + (None,) * nleaves
         lin = _linearization(problem, y, leaves, gy, factors, recorded=ctx.recorded if ok is None else None)
         ctx.recorded = None  # its graph is freed (a second backward records afresh)
-        u = adjoint_solve(problem, y, leaves, gy, factors, skip=None if ok is None else ~ok, lin=lin)
+        system = JacobianSystem(problem, y, leaves, True, factors, None if ok is None else ~ok, lin)
+        u = problem.adjoint.solve(system, gy)
         # θ̄ = −(∂F/∂θ)ᵀ u
         wanted = [i for i in range(nleaves) if ctx.needs_input_grad[2 + i]]
         sub = [leaves[i] for i in wanted]
@@ -525,7 +334,8 @@ class RootFn(torch.autograd.Function):
                     return (torch.full_like(y, float("nan")), None, None, None, None) + (None,) * ctx.nfactors
                 y = ys
             _, w = jvp_by_vjp(F_theta, tuple(leaves[i] for i in idx), tuple(dleaves[i] for i in idx))
-            dy = tangent_solve(problem, y, leaves, -w, factors, skip=None if ok is None else ~ok)
+            system = JacobianSystem(problem, y, leaves, False, factors, None if ok is None else ~ok)
+            dy = problem.adjoint.solve(system, -w)
             if ok is not None:
                 dy = torch.where(_expand(ok, dy), dy, torch.full_like(dy, float("nan")))
         return (dy, None, None, None, None) + (None,) * ctx.nfactors

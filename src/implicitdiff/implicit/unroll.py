@@ -11,7 +11,8 @@ import torch
 
 from .._core.defaults import default_rtol
 from .._core.status import SolveInfo, Status
-from .root import _flat, batch_jacobian
+from .._core.jacobian import batch_jacobian
+from .system import flat as _flat
 
 __all__ = ["unrolled_newton", "unrolled_picard"]
 

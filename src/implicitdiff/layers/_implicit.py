@@ -7,7 +7,9 @@ those into a :class:`~implicitdiff.implicit.root.RootProblem` and applies it.
 
 from __future__ import annotations
 
+import functools
 import inspect
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -19,9 +21,10 @@ from .._core.status import SolveInfo, Status
 from .._core.tree import flatten
 from .._core.validate import as_float_tensor, check_finite, is_vmapped
 from ..implicit.adjoint import Unroll, check_adjoint
-from ..implicit.krylov_adapter import krylov_solve
+from ..implicit.fixed_point_adjoint import FixedPointAdjoint
 from ..implicit.root import RootFn, RootProblem, may_speculate
 from ..implicit.unroll import unrolled_newton, unrolled_picard
+from ..solvers.registry import get_root_solver
 
 __all__ = ["solve_implicit", "forward_solver", "check_solver_options", "FORWARD_HINTS"]
 
@@ -40,16 +43,16 @@ FORWARD_HINTS = {
 def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, batch_dims: int, on_failure: str,
                    return_info: bool, what: str, symmetric: bool = False, definite: bool = False,
                    neumann_alpha: float = 1.0, hints: dict | None = None,
-                   unroll: str = "newton", rtol=None, atol=0.0, max_iter=None, krylov: Callable = krylov_solve):
+                   unroll: str = "newton", rtol=None, atol=0.0, max_iter=None):
     """Solve ``F(y, *params) = 0`` from ``y0`` with ``solve`` and attach gradients by ``adjoint``.
 
-    ``krylov(name, mv, R, *, rtol, atol, max_iter) -> (x, info)`` solves the matrix-free
-    adjoint systems (default: the Krylov methods of :mod:`implicitdiff.linalg.krylov`).
+    ``adjoint``: the strategy, which owns the backward's linear solve (a ``FixedPointAdjoint``
+    only where ``F`` is a fixed-point residual, ``neumann_alpha = −1``).
     ``hints``: status → hint of a failed forward solve (default :data:`FORWARD_HINTS`).
     """
     check_on_failure(on_failure)
     check_bool("return_info", return_info)
-    adjoint = check_adjoint(adjoint)
+    adjoint = with_iterate(check_adjoint(adjoint, fixed_point=neumann_alpha == -1.0))
     batch_dims = check_int("batch_dims", batch_dims, low=0)
     y0 = as_float_tensor("y0", y0)
     if batch_dims > y0.dim():
@@ -86,7 +89,7 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
 
     problem = RootProblem(F=F, solve=solve, tree=tree, batch_dims=int(batch_dims), adjoint=adjoint,
                           symmetric=symmetric, definite=definite, neumann_alpha=neumann_alpha, on_failure=on_failure, what=what,
-                          hints=hints, krylov=krylov,
+                          hints=hints,
                           recorded=[] if may_speculate(adjoint, y0, leaves, int(batch_dims)) else None)
     y, status, residual, iterations, *_ = RootFn.apply(problem, y0, *leaves)
     info = SolveInfo(status, residual, iterations)
@@ -99,6 +102,14 @@ def _policy(y, info, on_failure, what, hints):
     return apply_on_failure(y, info, on_failure, what, hints)
 
 
+def with_iterate(adjoint):
+    """A :class:`FixedPointAdjoint` of ``solver="anderson"``/``"broyden"`` with that solver supplied
+    (``implicit/`` does not import ``solvers/``); any other adjoint unchanged."""
+    if isinstance(adjoint, FixedPointAdjoint) and adjoint.solver != "picard" and adjoint.iterate is None:
+        return replace(adjoint, iterate=get_root_solver(adjoint.solver))
+    return adjoint
+
+
 def _empty_info(y0, batch_dims):
     shape = y0.shape[:batch_dims]
     z = torch.zeros(shape, dtype=torch.int64, device=y0.device)
@@ -109,14 +120,11 @@ def check_solver_options(fn: Callable, options: dict, where: str = "solver_optio
     """``options`` after checking that ``fn`` (a forward solver) takes every key as a keyword."""
     if not isinstance(options, dict):
         raise InputError(f"{where} must be a dict of keyword arguments of the solver, got {type(options).__name__}")
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # a builtin or C callable: its own error will do
+    if not options:
         return options
-    ps = sig.parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values()):
+    taken = _keywords(fn)
+    if taken is None:  # **kwargs, or a callable without a signature: its own error will do
         return options
-    taken = {k for k, p in ps.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
     reserved = {"rtol", "atol", "max_iter", "batch_dims"}
     for key in options:
         if key in reserved:
@@ -146,6 +154,18 @@ def forward_solver(name_or_fn, *, registry: Callable, rtol, atol, max_iter, opti
         return fn(F, y0, params, batch_dims=batch_dims, **kw, **options)
 
     return solve
+
+
+@functools.lru_cache(maxsize=64)
+def _keywords(fn) -> frozenset | None:
+    """The keyword-only parameters of a solver function (``None``: it takes ``**kwargs``, or has no signature)."""
+    try:
+        ps = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values()):
+        return None
+    return frozenset(k for k, p in ps.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 def _is_user(fn) -> bool:

@@ -35,7 +35,7 @@ neither Anderson mixing nor a Krylov method converges faster than Picard.
   again at ``z*``.  The graph is kept until the backward: what torchdeq keeps
   too (the cell's saved tensors at ``z*``).
 * Backward: :data:`DEFAULT_ADJOINT` ``= FixedPointAdjoint()`` iterates the
-  adjoint fixed point by Picard in a dedicated loop (:mod:`._deq_adjoint`): its
+  adjoint fixed point by Picard in a dedicated loop (:mod:`implicitdiff.implicit.fixed_point_adjoint`): its
   first step is free, then one VJP of the cell (through the autograd engine
   directly, :mod:`implicitdiff._core.engine`) and ~0.03 ms per step; GMRES only
   for samples where that fails.  ``Implicit(solver="gmres")`` takes as many
@@ -58,7 +58,7 @@ from .._core.options import check_bool, check_int, check_real
 from .._core.status import SolveInfo, Status
 from ..implicit.adjoint import Implicit, Neumann, Unroll
 from ..solvers.registry import get_root_solver
-from ._deq_adjoint import DEFAULT_ADJOINT, FixedPointAdjoint
+from ..implicit.fixed_point_adjoint import DEFAULT_ADJOINT, FixedPointAdjoint
 from ._implicit import forward_solver, solve_implicit
 from .fixed_point import fixed_point_residual
 
@@ -291,20 +291,10 @@ ANDERSON_START_RATE = 0.8
 
 
 def _solve(F, z0, params, *, solve, adjoint, on_failure, rtol, atol, max_iter):
-    """``(z*, SolveInfo)`` by :func:`~implicitdiff.layers._implicit.solve_implicit`.
-
-    A :class:`FixedPointAdjoint` is passed to the mechanism as an ``Implicit``
-    value whose matrix-free linear solver is the adjoint fixed-point iteration
-    (``solver="gmres"`` only routes the adjoint to that solver; the name is
-    ignored there).
-    """
-    krylov = {}
-    if isinstance(adjoint, FixedPointAdjoint):
-        krylov = {"krylov": adjoint.linear_solver()}
-        adjoint = Implicit(solver="gmres", rtol=adjoint.rtol, atol=adjoint.atol, max_iter=adjoint.max_iter)
+    """``(z*, SolveInfo)`` by :func:`~implicitdiff.layers._implicit.solve_implicit` (batch dim 0)."""
     return solve_implicit(F, z0, params, solve=solve, adjoint=adjoint, batch_dims=1, on_failure=on_failure,
-                          return_info=True, what=_WHAT, hints=DEQ_HINTS, neumann_alpha=-1.0, unroll="picard", rtol=rtol,
-                          atol=atol, max_iter=max_iter, **krylov)
+                          return_info=True, what=_WHAT, hints=DEQ_HINTS, neumann_alpha=-1.0, unroll="picard",
+                          rtol=rtol, atol=atol, max_iter=max_iter)
 
 
 def _info(info: SolveInfo, trace) -> DEQInfo:

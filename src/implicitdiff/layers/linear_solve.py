@@ -18,9 +18,9 @@ from .._core.errors import InputError
 from .._core.options import check_bool, check_real
 from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
 from .._core.status import SolveInfo, Status
-from .._core.validate import as_float_tensor, check_finite, check_same_dtype_device, is_vmapped
+from .._core.validate import FLOAT_DTYPES, as_float_tensor, check_finite, check_same_dtype_device, in_transform, is_vmapped
 from ..implicit.iterative import iterative_solve
-from ..implicit.linear import SolveSpec, solve
+from ..implicit.linear import SolveSpec, fast_square_solve, solve
 from ..implicit.sparse_direct import splu_solve
 from ..linalg.operator import LinearOperator, aslinearoperator
 from ..linalg.selection import Nearest, Pinned, consistency_rtol, resolve_selection
@@ -181,6 +181,12 @@ def linear_solve(A, b, *, selection="auto", solver="auto", on_failure="raise", r
     check_on_failure(on_failure)
     check_bool("return_info", return_info)
     check_bool("check_finite", check_finite)
+    if (solver == "auto" and selection == "auto" and not return_info and rank_rtol is None and rtol is None
+            and atol is None and max_iter is None and M is None and x0 is None and adjoint_rtol is None
+            and adjoint_max_iter is None):  # the common call: try the eager square path first
+        y = _eager_square(A, b, None)
+        if y is not None:
+            return y
     opts = dict(rank_rtol=rank_rtol, rtol=rtol, atol=atol, max_iter=max_iter, M=M, x0=x0,
                 adjoint_rtol=adjoint_rtol, adjoint_max_iter=adjoint_max_iter)
     _no_meta("A", A)
@@ -196,6 +202,10 @@ def linear_solve(A, b, *, selection="auto", solver="auto", on_failure="raise", r
     if _matrix_free(A) and isinstance(A, LinearOperator) and A.matrix is None:
         raise InputError(f"solver={slv.name!r} factorizes a matrix: a matrix-free LinearOperator needs an "
                          f"iterative solver; pass ('cg', 'minres', 'gmres', 'bicgstab', 'lsqr', 'lsmr') or 'auto'")
+    if slv.name == "lu" and not return_info and isinstance(selection, str) and selection in ("auto", "exact"):
+        y = _eager_square(A, b, slv.rank_rtol)
+        if y is not None:
+            return y
     # "auto" keeps its LU/QR → SVD fallback for rank-deficient min-norm elements (linalg.selection.factorize)
     solver = "auto" if (solver == "auto" and slv.name in ("lu", "qr")) else slv.name
     rank_rtol, rtol = slv.rank_rtol, getattr(slv, "rtol", None)
@@ -220,6 +230,25 @@ def linear_solve(A, b, *, selection="auto", solver="auto", on_failure="raise", r
         Y = apply_on_failure(Y, info, on_failure, "linear_solve", _HINTS)
     y = Y.squeeze(-1) if prob.vector else Y
     return (y, info) if return_info else y
+
+
+def _eager_square(A, b, rank_rtol):
+    """The fast path of a square dense solve outside ``torch.func`` transforms (None: take the general
+    path, which validates, reports and raises; see :func:`implicitdiff.implicit.linear.fast_square_solve`)."""
+    if not (isinstance(A, torch.Tensor) and isinstance(b, torch.Tensor) and A.layout == torch.strided
+            and b.layout == torch.strided and A.dim() >= 2 and A.device.type != "meta" and A.shape[-1] == A.shape[-2] > 0
+            and A.dtype in FLOAT_DTYPES and b.dtype == A.dtype and b.device == A.device and b.numel() > 0):
+        return None
+    vector = _is_vector(b, A)
+    n = A.shape[-1]
+    if vector:
+        if b.shape[-1] != n or b.shape[:-1] != A.shape[:-2]:
+            return None
+    elif b.dim() < 2 or b.shape[-2] != n or b.shape[:-2] != A.shape[:-2]:
+        return None
+    if in_transform():
+        return None
+    return fast_square_solve(A, b, vector, rank_rtol)
 
 
 def _empty(prob: _Problem, sel: str):
@@ -253,6 +282,9 @@ def _iterative(A, b, selection, slv: Solver, on_failure, return_info, check_fini
     if b.dim() == 0 or b.shape[-1 if _is_vector(b, op) else -2] != m:
         raise InputError(f"b has shape {tuple(b.shape)} but A has {m} rows: b must be (*, {m}) or (*, {m}, k)")
     if check_finite_values:
+        if op.matrix is not None:  # a matrix-free operator's data are the user's: its matvec is checked
+            mat = op.matrix
+            check_finite("A", mat.detach().coalesce() if mat.layout == torch.sparse_coo else mat)
         check_finite("b", b)
     vector = _is_vector(b, op)
     rhs = b if vector else b.mT  # Krylov solvers take a batch of vectors (*, m)

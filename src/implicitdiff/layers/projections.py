@@ -150,11 +150,13 @@ def project_l2_ball(x, radius=1.0):
     r = _radius(radius, x)
     # ‖x‖ = s ‖x/s‖ with s = max|x| a power of two (exact, detached: ‖·‖ is 1-homogeneous, so its
     # derivative is unchanged) — no overflow of Σx² at |x| ~ 1e160, no underflow at 1e-170.
+    # x·r/‖x‖ = (x/s)·r/‖x/s‖: computed in the scaled variables, so its derivative has no ‖x‖² either.
     s = _pow2_scale(x.detach().abs().amax(dim=-1, keepdim=True)) if x.shape[-1] else torch.ones_like(x[..., :1])
-    norm = s * torch.linalg.vector_norm(x / s, dim=-1, keepdim=True)
-    outside = norm > r
-    safe = torch.where(outside, norm, torch.ones_like(norm))  # no 0/0 in the unused branch's gradient
-    return torch.where(outside, x * (r / safe), x)
+    xs = x / s
+    ns = torch.linalg.vector_norm(xs, dim=-1, keepdim=True)
+    outside = ns * s > r
+    safe = torch.where(outside, ns, torch.ones_like(ns))  # no 0/0 in the unused branch's gradient
+    return torch.where(outside, xs * (r / safe), x)
 
 
 def project_l1_ball(x, radius=1.0):

@@ -62,15 +62,16 @@ def _prepare(Q, p, G, h, A, b):
         if v.dim() < 1 or v.shape[-1] != M.shape[-2]:
             raise _shape_error(name, v, f"(*, {M.shape[-2]}) to match {mname} of shape {tuple(M.shape)}")
     check_same_dtype_device("p", p, Q=Q, G=G, h=h, A=A, b=b)
+    if p.device.type == "meta":
+        raise InputError("p is a meta tensor (no data); qp must read its inputs: pass tensors on a real device")
     ts = dict(Q=Q, p=p, G=G, h=h, A=A, b=b)
     cores = dict(Q=2, p=1, G=2, h=1, A=2, b=1)
     try:
-        torch.broadcast_shapes(*(t.shape[: t.dim() - cores[k]] for k, t in ts.items()))
+        return (Q, p, G, h, A, b), torch.broadcast_shapes(*(t.shape[: t.dim() - cores[k]] for k, t in ts.items()))
     except RuntimeError:
         dims = ", ".join(f"{k}: {tuple(t.shape[: t.dim() - cores[k]])}" for k, t in ts.items())
         raise InputError(f"the batch dims of the QP parameters do not broadcast ({dims}); give each either the "
                          "common batch shape or none") from None
-    return Q, p, G, h, A, b
 
 
 def qp(Q, p, G=None, h=None, A=None, b=None, *, rtol=None, max_iter=50, on_failure="raise", return_duals=False,
@@ -137,7 +138,9 @@ def qp(Q, p, G=None, h=None, A=None, b=None, *, rtol=None, max_iter=50, on_failu
     check_bool("return_info", return_info)
     if check_finite is not None:
         check_bool("check_finite", check_finite)
-    Q, p, G, h, A, b = _prepare(Q, p, G, h, A, b)
+    (Q, p, G, h, A, b), batch = _prepare(Q, p, G, h, A, b)
+    if any(d == 0 for d in batch):  # an empty batch: empty results (connected to the inputs, zero gradients)
+        return _empty(batch, Q, p, G, h, A, b, return_duals, return_info)
     if check_finite or (check_finite is None and on_failure == "raise"):
         for name, t in (("Q", Q), ("p", p), ("G", G), ("h", h), ("A", A), ("b", b)):
             _check_finite(name, t)
@@ -164,6 +167,16 @@ def qp(Q, p, G=None, h=None, A=None, b=None, *, rtol=None, max_iter=50, on_failu
     out = (z, lam, nu) if return_duals else (z,)
     if return_info:
         out = out + (info,)
+    return out if len(out) > 1 else out[0]
+
+
+def _empty(batch, Q, p, G, h, A, b, return_duals, return_info):
+    zero = sum((t.sum() * 0 for t in (Q, p, G, h, A, b) if t.requires_grad), p.new_zeros(()))
+    out = tuple(p.new_zeros(batch + (d,)) + zero for d in (p.shape[-1], h.shape[-1], b.shape[-1]))
+    out = out if return_duals else out[:1]
+    if return_info:
+        long = torch.zeros(batch, dtype=torch.long, device=p.device)
+        out = out + (SolveInfo(long, p.new_zeros(batch), long.clone()),)
     return out if len(out) > 1 else out[0]
 
 
@@ -205,4 +218,7 @@ def _warm(warm_start, p):
         raise InputError("warm_start needs z0 (its first entry)")
     if z0.shape[-1] != p.shape[-1]:
         raise InputError(f"warm_start z0 has shape {tuple(z0.shape)}; it must be (*, {p.shape[-1]}) like p")
+    for i, t in enumerate((z0, l0, n0)):
+        if t is not None:
+            _check_finite(f"warm_start[{i}]", t)
     return z0, l0, n0

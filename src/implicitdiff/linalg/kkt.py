@@ -48,7 +48,24 @@ __all__ = ["KKTFactorization", "ActiveSetKKT", "KKTProducts", "kkt_precompute", 
            "kkt_apply", "kkt_refine", "bmv", "brmv", "chol_solve", "tri_solve", "take_rows", "put_rows"]
 
 # the factor tensors that differ per element after a polish (the others are the shared precomputation)
-_PER_ELEMENT = {"dual": (2, 3), "primal": (0, 1, 2, 3)}
+_PER_ELEMENT = {"dual": (4, 5, 6, 7), "primal": (0, 1, 2, 3)}
+
+
+def _pad_active(ta, tb):
+    """Two dual factor tuples with their active blocks ``(L, idx)`` padded to the same size."""
+    a, b = ta[4].shape[-1], tb[4].shape[-1]
+    if a == b:
+        return ta, tb
+
+    def pad(t, size):
+        L, idx = t[4], t[5]
+        B, s, m = L.shape[0], L.shape[-1], t[6].shape[-1]
+        Lp = torch.eye(size, dtype=L.dtype, device=L.device).repeat(B, 1, 1)
+        Lp[:, :s, :s] = L
+        ip = torch.cat([idx, idx.new_full((B, size - s), m)], dim=-1)
+        return t[:4] + (Lp, ip) + t[6:]
+    size = max(a, b)
+    return (pad(ta, size) if a < size else ta), (pad(tb, size) if b < size else tb)
 
 
 def take_rows(t, idx):
@@ -94,6 +111,10 @@ class KKTFactorization:
     def put(self, part: "KKTFactorization", idx) -> "KKTFactorization":
         """This factorization with the elements ``idx`` replaced by ``part`` (in place where per element)."""
         own = _PER_ELEMENT[self.kind]
+        if self.kind == "dual":  # the factored active blocks may differ in size: pad the smaller
+            mine, theirs = _pad_active(self.tensors, part.tensors)
+            return KKTFactorization(self.kind, tuple(put_rows(a, b, idx) if i in own else a
+                                                     for i, (a, b) in enumerate(zip(mine, theirs))))
         return KKTFactorization(self.kind, tuple(put_rows(a, b, idx) if i in own else a
                                                  for i, (a, b) in enumerate(zip(self.tensors, part.tensors))))
 
@@ -197,17 +218,45 @@ def tri_solve(L, r, adjoint=False):
     return torch.linalg.solve_triangular(M, r.unsqueeze(-1), upper=adjoint).squeeze(-1)
 
 
-def kkt_precompute(kind, Q, G, A, LQ=None):
-    """What the ``"dual"`` factorization shares across iterations: ``(LQ, W, K)`` with ``Q = LQ LQᵀ``,
-    ``W = LQ⁻¹ Cᵀ`` ``(B|1, n, m + k)`` and ``K = WᵀW = C Q⁻¹ Cᵀ``, ``C = [G; A]``."""
+def kkt_precompute(kind, Q, G, A, LQ=None, delta=None):
+    """What the ``"dual"`` factorization shares across iterations: ``(LQ, W, K, LA, X, M)`` with
+    ``Q = LQ LQᵀ``, ``W = LQ⁻¹ Cᵀ`` ``(B|1, n, m + k)``, ``K = WᵀW = C Q⁻¹ Cᵀ`` (``C = [G; A]``), and the
+    equality block eliminated once: ``LA LAᵀ = K_AA + δI`` ``(B|1, k, k)``, ``X = LA⁻¹ K_AG`` ``(B|1, k, m)``
+    and ``M = K_GG − XᵀX`` ``(B|1, m, m)`` (the Schur complement every dual system is built on)."""
     if kind == "primal":
         return ()
     if LQ is None:
         LQ, _ = torch.linalg.cholesky_ex(Q)
+    m, k = G.shape[-2], A.shape[-2]
     Bc = max(G.shape[0], A.shape[0], LQ.shape[0])
     C = torch.cat([G.expand(Bc, *G.shape[1:]), A.expand(Bc, *A.shape[1:])], dim=-2)
     W = torch.linalg.solve_triangular(LQ.expand(Bc, *LQ.shape[1:]), C.mT, upper=False)
-    return LQ, W, W.mT @ W
+    K = W.mT @ W
+    if k:
+        LA = torch.linalg.cholesky_ex(K[:, m:, m:] + delta * torch.eye(k, dtype=K.dtype, device=K.device))[0]
+        X = torch.linalg.solve_triangular(LA, K[:, m:, :m], upper=False)
+        M = K[:, :m, :m] - X.mT @ X
+    else:
+        LA, X, M = K.new_zeros(Bc, 0, 0), K.new_zeros(Bc, 0, m), K
+    return LQ, W, K, LA, X, M
+
+
+def _gather_active(M, w, active):
+    """Cholesky of ``M[𝒜, 𝒜] + diag(w_𝒜)`` per element, ``𝒜`` the active rows first, padded to the
+    largest active set of the batch with identity rows: ``(L (B, a, a), idx (B, a))``, padding index ``m``."""
+    B, m = w.shape
+    on = active > 0
+    a = int(on.sum(-1).max()) if m else 0  # one sync
+    idx = torch.argsort((~on).to(torch.int8), dim=-1, stable=True)[:, :a]
+    valid = torch.gather(on, 1, idx)
+    idx = torch.where(valid, idx, m)
+    Me = M.expand(B, m, m)
+    safe = idx.clamp(max=max(m - 1, 0))
+    S = torch.gather(torch.gather(Me, 1, safe.unsqueeze(-1).expand(B, a, m)), 2, safe.unsqueeze(-2).expand(B, a, a))
+    vm = valid.to(S.dtype)
+    S = S * (vm.unsqueeze(-1) * vm.unsqueeze(-2))
+    S.diagonal(dim1=-2, dim2=-1).add_(torch.where(valid, torch.gather(w, 1, safe), torch.ones_like(vm)))
+    return torch.linalg.cholesky_ex(S)[0], idx
 
 
 def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorization":
@@ -215,21 +264,18 @@ def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorizati
 
     Symmetric positive definite by construction (``Q ⪰ 0``, ``winv > 0``, ``δ > 0``); a
     Cholesky that fails in rounding gives non-finite factors, reported as ``NONFINITE``.
+    ``rowmask`` (``"dual"`` only, ``(B, m)``): the active set; rows outside it are decoupled
+    (``G`` replaced by ``diag(rowmask) G``), and only the active rows are factored.
     """
     n, k = Q.shape[-1], A.shape[-2]
     B = winv.shape[0]
     dt, dev = Q.dtype, Q.device
     if kind == "dual":
-        LQ, Wc, K = pre
-        w = torch.cat([1 / winv, delta.expand(B, k)], dim=-1)
-        if rowmask is None:
-            S = K.expand(B, *K.shape[1:]).clone()
-        else:
-            S = K * (rowmask.unsqueeze(-1) * rowmask.unsqueeze(-2))
-        S.diagonal(dim1=-2, dim2=-1).add_(w)
-        LS, _ = torch.linalg.cholesky_ex(S)
-        rm = torch.ones_like(w) if rowmask is None else rowmask
-        return KKTFactorization("dual", (LQ, Wc, LS, rm, delta))
+        LQ, Wc, _, LA, X, M = pre
+        w = 1 / winv
+        active = torch.ones_like(w) if rowmask is None else rowmask
+        L, idx = _gather_active(M, w, active)
+        return KKTFactorization("dual", (LQ, Wc, LA, X, L, idx, active, w, delta))
     H = Q + delta * torch.eye(n, dtype=dt, device=dev)
     if G.shape[-2]:
         H = torch.baddbmm(H, (G * winv.unsqueeze(-1)).mT, G.expand(B, *G.shape[1:]))
@@ -251,12 +297,25 @@ def kkt_solve_reg(f: "KKTFactorization", G, A, r1, r2, r3):
     """
     m = G.shape[-2]
     if f.kind == "dual":
-        LQ, Wc, LS, rm, _ = f.tensors
+        # rhs = R C Q⁻¹ r₁ − (r₂, r₃); S = [[R K_GG R + W, R K_GA], [K_AG R, K_AA + δ]] is solved by eliminating
+        # the equality block (LA, X of kkt_precompute): uG solves (R M R + W) uG = rhs_G − R Xᵀ LA⁻¹ rhs_A,
+        # whose inactive rows are diagonal and whose active rows were factored (gathered by idx), then
+        # uA = LA⁻ᵀ (LA⁻¹ rhs_A − X R uG); finally x = Q⁻¹(r₁ − Cᵀ R u).
+        LQ, Wc, LA, X, L, idx, act, w, _ = f.tensors
         t = tri_solve(LQ, r1)  # LQ⁻¹ r1
-        rhs = rm * brmv(Wc, t) - torch.cat([r2, r3], dim=-1)  # C Q⁻¹ r1 − (r2, r3)
-        u = chol_solve(LS, rhs.unsqueeze(-1)).squeeze(-1)
-        x = tri_solve(LQ, t - bmv(Wc, rm * u), adjoint=True)
-        return x, u[..., :m], u[..., m:]
+        c = brmv(Wc, t)  # C Q⁻¹ r1
+        rG = act * c[:, :m] - r2
+        if A.shape[-2]:
+            tA = tri_solve(LA, c[:, m:] - r3)
+            rG = rG - act * brmv(X, tA)
+        uG = rG / w
+        if idx.shape[-1]:
+            ext = torch.cat([rG, rG.new_zeros(rG.shape[0], 1)], dim=-1)
+            ua = chol_solve(L, torch.gather(ext, 1, idx).unsqueeze(-1)).squeeze(-1)
+            uG = torch.cat([uG, uG.new_zeros(uG.shape[0], 1)], dim=-1).scatter(1, idx, ua)[:, :m]
+        uA = tri_solve(LA, tA - bmv(X, act * uG), adjoint=True) if A.shape[-2] else r3[:, :0]
+        x = tri_solve(LQ, t - bmv(Wc, torch.cat([act * uG, uA], dim=-1)), adjoint=True)
+        return x, uG, uA
     LH, LS, HiAt, winv, _ = f.tensors
     r1p = r1 + brmv(G, winv * r2) if m else r1
     x = chol_solve(LH, r1p.unsqueeze(-1)).squeeze(-1)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .._core.validate import is_vmapped
-from .factorization import Factorization, hager_inv_norm1, register
+from .._core.defaults import eps
+from .factorization import Factorization, register, screened_rcond
 
 __all__ = ["LU", "LUTransposed"]
 
@@ -34,9 +35,15 @@ class LU(Factorization):
         self.LU, self.pivots = LU, pivots
 
     @classmethod
-    def factor(cls, A: torch.Tensor, *, allow_transposed: bool = False) -> tuple["LU", torch.Tensor]:
+    def factor(cls, A: torch.Tensor, *, allow_transposed: bool = False, screen: bool = False,
+               doubt: float | None = None) -> tuple["LU", torch.Tensor]:
         """Factorize ``A``; returns ``(lu, rcond)`` with a 1-norm reciprocal condition estimate
         (zero for an exactly singular element).
+
+        The estimate is Hager's (:func:`~.factorization.hager_inv_norm1`).  With ``screen`` it runs
+        only for the batch elements' sake when a cheap bound (the pivots and one solve,
+        :func:`~.factorization.screened_rcond`) is below ``doubt`` (default ``sqrt(eps)``); a
+        well-conditioned matrix then gets a looser (larger) estimate, never a smaller one.
 
         With ``allow_transposed`` (for callers that keep the factorization's
         ``kind``), a row-major (C-contiguous) ``A`` is factorized as ``Aᵀ`` — a
@@ -49,11 +56,9 @@ class LU(Factorization):
         else:
             LU_, piv, info = torch.linalg.lu_factor_ex(A)
             fact = cls(LU_, piv)
-        n = A.shape[-1]
-        norm_a = torch.linalg.vector_norm(A, 1, dim=-2).amax(dim=-1)
-        inv_norm = hager_inv_norm1(fact.solve, n, A.shape[:-2], A.dtype, A.device)
-        rcond = 1.0 / (norm_a * inv_norm)
-        rcond = torch.where((info == 0) & torch.isfinite(rcond), rcond, torch.zeros_like(rcond))
+        norm_a = A.abs().sum(dim=-2).amax(dim=-1)
+        doubt = eps(A.dtype) ** 0.5 if doubt is None else doubt
+        rcond = screened_rcond(fact.solve, norm_a, LU_.diagonal(dim1=-2, dim2=-1), info == 0, doubt, full=not screen)
         return fact, rcond
 
     def _perm(self) -> torch.Tensor:

@@ -51,7 +51,8 @@ def _factor(cls, M):
     fact = cls(a, tau)
     n = M.shape[-1]
     R = a[..., :n, :n]  # solve_triangular reads the upper triangle only
-    norm_r = torch.linalg.vector_norm(R, 1, dim=-2).amax(dim=-1)
+    # ‖R‖₁ of the upper triangle: below it geqrf stores the (scale-free) Householder vectors
+    norm_r = torch.linalg.vector_norm(R.triu(), 1, dim=-2).amax(dim=-1)
     inv_norm = hager_inv_norm1(lambda X, adj: _tri(R, X, adj), n, R.shape[:-2], R.dtype, R.device)
     rcond = 1.0 / (norm_r * inv_norm)
     rcond = torch.where(torch.isfinite(rcond), rcond, torch.zeros_like(rcond))

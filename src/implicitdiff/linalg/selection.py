@@ -109,14 +109,17 @@ def consistency_rtol(dtype) -> float:
     return eps(dtype) ** 0.5
 
 
-def factorize(A: torch.Tensor, selection: str, solver: str = "auto", rank_rtol: float | None = None):
+def factorize(A: torch.Tensor, selection: str, solver: str = "auto", rank_rtol: float | None = None,
+              screen: bool = False):
     """Factorize ``A`` for a concrete ``selection``.
 
     Returns ``(factorization, status, rank, cond)`` where ``status`` (``int64``,
     batch shape of ``A``) marks singular / rank-deficient elements, ``rank`` is
     the numerical rank and ``cond`` a condition estimate.  With
     ``solver="auto"`` a rank-deficient element under ``"min_norm"`` makes the
-    whole batch fall back from LU/QR to the SVD (one host sync to decide).
+    whole batch fall back from LU/QR to the SVD (one host sync to decide).  With ``screen`` the LU's
+    condition estimate is the cheap screened one (:func:`~.factorization.screened_rcond`): exact
+    enough to decide singularity, looser as a reported ``cond`` for well-conditioned matrices.
     """
     if solver not in SOLVERS:
         raise InputError(f"solver must be one of {SOLVERS} for a dense matrix, got {solver!r}")
@@ -154,7 +157,7 @@ def factorize(A: torch.Tensor, selection: str, solver: str = "auto", rank_rtol: 
         if solver == "cholesky":
             fact, rcond = Cholesky.factor(A)
         else:
-            fact, rcond = LU.factor(A, allow_transposed=True)
+            fact, rcond = LU.factor(A, allow_transposed=True, screen=screen, doubt=max(tol ** 0.5, tol))
         bad = rcond < tol
         code = Status.SINGULAR
     else:

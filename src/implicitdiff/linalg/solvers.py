@@ -199,6 +199,7 @@ class SPLU(Solver):
 
 
 _BY_NAME = {cls.name: cls for cls in (LU, Cholesky, QR, SVD, CG, MINRES, GMRES, BiCGStab, LSQR, LSMR, SPLU)}
+_DEFAULT = {cls: cls() for cls in _BY_NAME.values()}  # solvers are immutable: "auto" hands these out
 _OPTION_NAMES = ("rank_rtol", "rtol", "atol", "max_iter", "M", "x0", "adjoint_rtol", "adjoint_max_iter")
 
 
@@ -235,11 +236,11 @@ def auto_solver(A, selection="auto") -> Solver:
                          f"{type(A).__name__}")
     if _matrix_free(A):
         if m != n:
-            return LSMR()
-        return CG() if pd else MINRES() if sym else GMRES()
+            return _DEFAULT[LSMR]
+        return _DEFAULT[CG] if pd else _DEFAULT[MINRES] if sym else _DEFAULT[GMRES]
     if m != n:
-        return QR()
-    return Cholesky() if pd else LU()
+        return _DEFAULT[QR]
+    return _DEFAULT[Cholesky] if pd else _DEFAULT[LU]
 
 
 def as_solver(solver, A=None, selection="auto", **options) -> Solver:
@@ -263,6 +264,8 @@ def as_solver(solver, A=None, selection="auto", **options) -> Solver:
     if not isinstance(solver, str) or (solver != "auto" and solver not in _BY_NAME):
         raise InputError(f"solver must be one of {('auto',) + tuple(_BY_NAME)} or an implicitdiff.linalg solver "
                          f"object (LU(), CG(rtol=...), ...), got {solver!r}")
+    if solver == "auto" and not given:
+        return auto_solver(A, selection)
     cls = type(auto_solver(A, selection)) if solver == "auto" else _BY_NAME[solver]
     bad = [k for k in given if k not in {f.name for f in dataclasses.fields(cls)}]
     if bad:

@@ -37,7 +37,7 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
     B, n = p.shape
     m, k = h.shape[-1], b.shape[-1]
     dt, dev = p.dtype, p.device
-    LQ, Wc, K = pre
+    LQ, Wc, K, LA, X, MG = pre
     p0 = p
     Lp = tri_solve(LQ, p)  # LQ⁻¹ p
     c0 = brmv(Wc, Lp)  # C Q⁻¹ p
@@ -46,15 +46,9 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
     # ‖Cᵀy‖₂² ≤ ‖Q‖₂ · yᵀKy: a certificate test without an n-dimensional product
     qnorm = p.new_tensor(float(torch.linalg.matrix_norm(P.Q).amax()))  # ‖Q‖_F ≥ ‖Q‖₂
 
-    # The equality block is eliminated once: with K = [[K_GG, K_GA], [K_AG, K_AA]], L_A L_Aᵀ = K_AA + δI
-    # and X = L_A⁻¹ K_AG, the Newton matrix K + diag(W, δI) is [[M + W, ·], [·, K_AA + δI]] with the
-    # fixed Schur complement M = K_GG − XᵀX: each iteration factors M + W (size m, not m + k).
-    if k:
-        LA = torch.linalg.cholesky_ex(K[:, m:, m:] + delta * torch.eye(k, dtype=dt, device=dev))[0]
-        X = torch.linalg.solve_triangular(LA, K[:, m:, :m], upper=False)
-        MG = K[:, :m, :m] - X.mT @ X
-    else:
-        LA, X, MG = None, None, K
+    # The equality block is eliminated once (kkt_precompute): with K = [[K_GG, K_GA], [K_AG, K_AA]],
+    # L_A L_Aᵀ = K_AA + δI and X = L_A⁻¹ K_AG, the Newton matrix K + diag(W, δI) is [[M + W, ·], [·, K_AA + δI]]
+    # with the fixed Schur complement M = K_GG − XᵀX: each iteration factors M + W (size m, not m + k).
 
     def factor(MG, w):
         S = MG.expand(w.shape[0], m, m).clone()

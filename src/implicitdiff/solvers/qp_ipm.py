@@ -99,7 +99,7 @@ class QPInteriorPoint:
                  kkt: str = "auto", psd_tol: float = 1e-8):
         self.rtol, self.max_iter, self.reg, self.refine, self.cert_tol = rtol, max_iter, reg, refine, cert_tol
         self.kkt, self.psd_tol = kkt, psd_tol
-        self.ipm_refine = 1  # the primal loop's corrector: one refinement against the regularization
+        self.ipm_refine = 0  # refinements of the primal loop's corrector against the regularization
         self.polish_rounds = 3
         self.early_rtol = 1e-3  # where the dual loop stops to polish (see solve)
 
@@ -132,11 +132,9 @@ class QPInteriorPoint:
 
     def _polish(self, kind, pre, P, Q, G, A, p, h, b, active, delta):
         """Factor and solve the equality-constrained KKT system on ``active`` (see the module docstring)."""
-        B, k = p.shape[0], b.shape[-1]
         GM = G * active.unsqueeze(-1)
         winv = active / delta + (1 - active)
-        rowmask = torch.cat([active, active.new_ones(B, k)], dim=-1)
-        fact = kkt_factor(kind, pre, Q, GM, A, winv, delta, rowmask)
+        fact = kkt_factor(kind, pre, Q, GM, A, winv, delta, active)
         zp, lp, np_ = kkt_refine(fact, P, GM, A, 1 - active, (-p, active * h, b), self.refine_steps(kind), mask=active)
         return fact, zp, lp, np_
 
@@ -170,7 +168,7 @@ class QPInteriorPoint:
         scale = 1 + max(float(t.abs().max()) if t.numel() else 0.0 for t in (Q, G, A))
         delta = torch.tensor(self.reg * scale, dtype=dt, device=dev)
         kind, LQ = self._choose_kind(Q, n, m, k, delta, scale, LQ)
-        pre = kkt_precompute(kind, Q, G, A, LQ)
+        pre = kkt_precompute(kind, Q, G, A, LQ, delta)
         P = KKTProducts.build(Q, G, A)
         pB, hB, bB = p.expand(B, n), h.expand(B, m), b.expand(B, k)
         if not m:  # equality-only: one direct solve
@@ -179,9 +177,10 @@ class QPInteriorPoint:
                     torch.zeros(B, dtype=torch.long, device=dev), torch.full((B,), float("inf"), dtype=dt, device=dev))
             return self._finish(kind, pre, P, Q, G, A, pB, hB, bB, delta, loop + (p.new_zeros(B, 0, dtype=torch.bool),))
         if kind == "primal":
-            loop = self._interior_point(P, pB, G, hB, A, bB, kind, pre, delta, warm_start)
-            loop = loop + (loop[2] > loop[1],)  # λ > s
-            return self._finish(kind, pre, P, Q, G, A, pB, hB, bB, delta, loop)
+            # (stopping early and polishing saves nothing here: on LPs the guess λ > s of a loose iterate is
+            # wrong too often)
+            loop = self._interior_point(P, pB, G, hB, A, bB, kind, pre, delta, warm_start, rtol=self.rtol)
+            return self._finish(kind, pre, P, Q, G, A, pB, hB, bB, delta, loop + (loop[2] > loop[1],))  # λ > s
         # The dual loop stops early, at ``early_rtol``: the polish on the active set it identifies then
         # gives the solution to rounding (saving the last interior-point iterations); elements whose
         # polish fails to reach ``rtol`` (a wrong active set) resume the interior point to ``rtol``.
@@ -257,11 +256,11 @@ class QPInteriorPoint:
         status = torch.where(finite | (status != Status.SUCCESS), status, int(Status.NONFINITE))
         return QPResult(z, lam, nu, status, res, iters, ActiveSetKKT(active, fact, self.refine_steps(kind)))
 
-    def _interior_point(self, P, p, G, h, A, b, kind, pre, delta, warm_start):
+    def _interior_point(self, P, p, G, h, A, b, kind, pre, delta, warm_start, rtol):
         B, n = p.shape
         m, k = h.shape[-1], b.shape[-1]
         dt, dev = p.dtype, p.device
-        rtol, eps_c = self.rtol, self.cert_tol
+        eps_c = self.cert_tol
         ones = p.new_ones(B, m)
         if warm_start is None:
             # Start (as CVXOPT): solve the KKT system with W = I, i.e. the least-squares-slack
@@ -291,7 +290,8 @@ class QPInteriorPoint:
             pz = -(p * z).sum(-1)
             viol = torch.stack([amax(Qz), amax(Az), Gz.clamp(min=0).amax(-1)]).amax(0)
             unbnd = (pz > 0) & (viol <= eps_c * pz)
-            status, done, stall, best = update_status(r, infeas, unbnd, rtol, status, done, stall, best)
+            status, done, stall, best = update_status(r, infeas, unbnd, rtol, status, done, stall, best,
+                                                      floor=self.rtol)
             if it == self.max_iter or (it % check_every == 0 and bool(done.all())):
                 break
             iters = iters + (~done).long()

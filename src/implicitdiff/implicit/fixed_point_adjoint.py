@@ -1,38 +1,37 @@
-r"""The DEQ's default gradient: the adjoint system of ``z* = f(z*)`` solved as a fixed point.
+r"""``FixedPointAdjoint``: the adjoint of a fixed point ``z* = f(z*)`` solved as a fixed point itself.
 
 At the equilibrium, with ``J = ∂f/∂z`` and the cotangent ``z̄``, the adjoint ``v`` solves::
 
     v = Jᵀ v + z̄          (⇔ (I − J)ᵀ v = z̄)
 
 a fixed point of the same contraction as the forward iteration, so iterating it costs one
-vector-Jacobian product (VJP) per step and converges at the forward's rate.  The mechanism
-(:func:`~implicitdiff.layers._implicit.solve_implicit`) hands its linear solver
-``mv(x) = (∂F/∂z)ᵀ x = Jᵀ x − x`` (``F = f − id``) and asks for ``mv(x) = R``, i.e.
-``x = Jᵀ x − R`` with ``x = −v``, ``R = z̄``.
+vector-Jacobian product (VJP) per step and converges at the forward's rate.  In the mechanism's
+terms (:class:`~implicitdiff.implicit.system.JacobianSystem`, ``F = f − id``) the system is
+``mv(x) = (∂F/∂z)ᵀ x = Jᵀ x − x = R`` with ``x = −v``, ``R = z̄``, iterated as
+``x ← x + (mv(x) − R) = Jᵀ x − R``.
 
-Cost (``benchmarks/deq.py``: width 256, batch 64, float64, one thread; a VJP 0.27–0.33 ms):
-:func:`_picard_adjoint` spends, besides its VJP, four small tensor operations and one host read
-per step (≈ 0.04 ms), and no VJP for the first step (``mv(0) = 0``: ``x₁ = −R`` is known).  The
-general solvers of :mod:`implicitdiff.solvers` (``solver="anderson"``/``"broyden"``) keep
-per-sample masks, statuses and their own state (Anderson: ≈ 0.35 ms more per step), and start
-with a VJP of ``0``.
+:func:`picard_adjoint` spends, besides its VJP, a few small tensor operations and one host read
+per step, and no VJP for the first step (``mv(0) = 0``: ``x₁ = −R`` is known); the general
+solvers (``solver="anderson"``/``"broyden"``, supplied by the layer from
+:mod:`implicitdiff.solvers`) keep per-sample masks, statuses and their own state.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
 from .._core.defaults import default_rtol
 from .._core.errors import InputError
+from .._core.options import check_int, check_real
 from .._core.status import SolveInfo, Status
 from ..linalg.krylov import gmres
-from ..solvers.registry import get_root_solver
+from .system import JacobianSystem, flat
 
-__all__ = ["FixedPointAdjoint", "DEFAULT_ADJOINT"]
+__all__ = ["FixedPointAdjoint", "DEFAULT_ADJOINT", "picard_adjoint"]
 
 # ‖residual‖ past this multiple of ‖R‖: the adjoint iteration is declared DIVERGED
 _DIVERGENCE = 1e8
@@ -40,7 +39,7 @@ _DIVERGENCE = 1e8
 
 @dataclass(frozen=True)
 class FixedPointAdjoint:
-    r"""Exact implicit gradients, the adjoint system solved as a fixed point (DEQ only).
+    r"""Exact implicit gradients, the adjoint system solved as a fixed point (``nn.DEQ``, ``fixed_point``).
 
     The adjoint of ``z* = f(z*)`` is itself a fixed point::
 
@@ -56,9 +55,10 @@ class FixedPointAdjoint:
     iteration got); a sample that still fails, or any failure with
     ``fallback=None``, raises :class:`~implicitdiff.SolveError` with its residual
     — never a silently wrong gradient.  The same solve serves forward-mode
-    tangents.  Under ``create_graph=True`` (higher-order derivatives) the adjoint
-    is iterated by differentiable Picard steps instead (memory then grows with
-    its iterations; ``Implicit(solver="lu")`` is the exact alternative).
+    tangents.  Under ``create_graph=True`` (higher-order derivatives) and ``jacrev``
+    the mechanism solves the adjoint by the library's differentiable GMRES over
+    the cell's vector-Jacobian products instead (matrix-free, exact, memory
+    independent of its iterations).
 
     Args:
         solver: ``"picard"`` (default: a dedicated loop, see the module
@@ -73,7 +73,7 @@ class FixedPointAdjoint:
         solver_options: extra keyword arguments of the solver (e.g. ``{"m": 5}``).
 
     Example:
-        >>> from implicitdiff.layers.deq import FixedPointAdjoint
+        >>> from implicitdiff import FixedPointAdjoint
         >>> FixedPointAdjoint(solver="anderson", fallback=None).solver
         'anderson'
     """
@@ -84,6 +84,9 @@ class FixedPointAdjoint:
     max_iter: Optional[int] = None
     fallback: Optional[str] = "gmres"
     solver_options: Optional[dict] = None
+    #: the forward solver function of ``solver="anderson"``/``"broyden"``, supplied by the layer
+    #: (``implicit/`` does not import ``solvers/``)
+    iterate: Optional[Callable] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.solver not in ("anderson", "picard", "broyden"):
@@ -91,48 +94,59 @@ class FixedPointAdjoint:
                              f"got {self.solver!r}")
         if self.fallback not in ("gmres", None):
             raise InputError(f"FixedPointAdjoint(fallback=...) must be 'gmres' or None, got {self.fallback!r}")
+        check_real("FixedPointAdjoint(rtol=...)", self.rtol, low=0.0)
+        check_real("FixedPointAdjoint(atol=...)", self.atol, low=0.0, allow_none=False)
+        check_int("FixedPointAdjoint(max_iter=...)", self.max_iter, low=1)
+        if self.solver_options is not None and not isinstance(self.solver_options, dict):
+            raise InputError("FixedPointAdjoint(solver_options=...) must be a dict of keyword arguments of the "
+                             f"solver, got {type(self.solver_options).__name__}")
+        if self.solver == "picard" and self.solver_options:
+            raise InputError(f"FixedPointAdjoint(solver='picard') takes no solver_options, got "
+                             f"{sorted(self.solver_options)}; use rtol/atol/max_iter")
 
-    def linear_solver(self):
-        """``(name, mv, R, *, rtol, atol, max_iter) -> (x, info)`` solving ``mv(x) = R``.
+    def wants_linearization(self, n: int, factors=(), problem=None) -> bool:
+        return True
 
-        The mechanism hands over ``mv(x) = (∂F/∂z)ᵀ x`` with ``F = f − id``, i.e.
-        ``mv(x) = (∂f/∂z)ᵀ x − x`` (or ``∂F/∂z`` itself for a tangent); ``mv(x) = R``
-        is the root of ``G(x) = mv(x) − R``, whose fixed-point map
-        ``x + G(x) = (∂f/∂z)ᵀ x − R`` is the adjoint iteration above (``x = −v``).
-        """
-        kw = dict(self.solver_options or {})
-        if self.max_iter is not None:
-            kw["max_iter"] = self.max_iter
-        lean = self.solver == "picard" and set(kw) <= {"max_iter"}   # the dedicated loop (module docstring)
-        steps = kw.get("max_iter", 200)
-
-        def solve(_name, mv, R, *, rtol=None, atol=0.0, max_iter=None):  # the adjoint's own rule, not these
-            if torch.is_grad_enabled():  # create_graph=True, or a jvp that may be differentiated again
-                return _differentiable_picard(lambda x: mv(x) - R, R, rtol=self.rtol, atol=self.atol,
-                                              max_iter=steps)
-            if lean:
-                x, info = _picard_adjoint(mv, R, rtol=self.rtol, atol=self.atol, max_iter=steps)
-            else:
-                res = get_root_solver(self.solver)(lambda x: mv(x) - R, torch.zeros_like(R), (),
-                                                   batch_dims=R.dim() - 1, rtol=self.rtol, atol=self.atol, **kw)
-                x, info = res.y, res.info
-            if self.fallback is None or bool(info.ok.all()):      # one host sync per backward
-                return x, info
+    def solve(self, system: JacobianSystem, r: torch.Tensor) -> torch.Tensor:
+        """``x`` with ``mv(x) = r`` (checked): the adjoint fixed point by Picard (or the supplied
+        solver), GMRES where that fails; the differentiable GMRES under double backward and ``jacrev``."""
+        route = system.route(r)
+        if route == "differentiable":
+            return system.differentiable("gmres", r, rtol=self.rtol, atol=self.atol, max_iter=self.max_iter)
+        if route == "dense":
+            return system.dense(r)
+        products = system.products()
+        R = flat(r, system.bd)
+        steps = 200 if self.max_iter is None else self.max_iter
+        if self.solver == "picard":
+            x, info = picard_adjoint(products.mv, R, rtol=self.rtol, atol=self.atol, max_iter=steps,
+                                     map_mv=products.map_mv)
+        else:
+            if self.iterate is None:
+                raise InputError(f"FixedPointAdjoint(solver={self.solver!r}) is resolved by the layer that uses it "
+                                 "(fixed_point or nn.DEQ)")
+            kw = dict(self.solver_options or {})
+            if self.max_iter is not None:
+                kw["max_iter"] = self.max_iter
+            res = self.iterate(lambda x: products.mv(x) - R, torch.zeros_like(R), (), batch_dims=R.dim() - 1,
+                               rtol=self.rtol, atol=self.atol, **kw)
+            x, info = res.y, res.info
+        if self.fallback is not None and not bool(info.ok.all()):      # one host sync per backward
             # GMRES for the whole batch, warm-started: the converged samples already meet the
             # tolerance (it stops them at once), those out of iterations go on from their iterate,
             # diverged or non-finite ones restart from zero
             keep = info.ok | (info.status == Status.MAX_ITERATIONS)
             x0 = torch.where(keep.unsqueeze(-1), x, torch.zeros_like(x))
-            return gmres(mv, R, x0, rtol=self.rtol, atol=self.atol)
+            res = gmres(products.mv, R, x0, rtol=self.rtol, atol=self.atol)
+            x, info = res.x, res.info
+        return system.check(x, info, r.shape)
 
-        return solve
 
-
-def _picard_adjoint(mv, R, *, rtol, atol, max_iter):
+def picard_adjoint(mv, R, *, rtol, atol, max_iter, map_mv=None):
     r"""``x ← x + (mv(x) − R)`` to ``‖mv(x) − R‖ ≤ atol + rtol ‖R‖`` per sample: ``(x, info)``.
 
-    ``R`` is ``(*batch, n)``, ``mv`` linear; ``mv.map_vjp``, where present, is the fixed-point map's
-    ``x ↦ (∂f/∂z)ᵀ x`` (:class:`~implicitdiff.implicit.root.Linearization`), which the steps then use.
+    ``R`` is ``(*batch, n)``, ``mv`` linear; ``map_mv``, where given, is the fixed-point map's
+    ``x ↦ (∂f/∂z)ᵀ x`` (:class:`~implicitdiff.implicit.system.Products`), which the steps then use.
     The first step from ``x = 0`` needs no product
     (``mv(0) = 0``, so ``x₁ = −R``); each further step is one ``mv`` (one VJP), a subtraction,
     the per-sample norm, and one host read of ``q = max_i ‖G_i‖ / tol_i`` — ``≤ 1`` when every
@@ -154,7 +168,7 @@ def _picard_adjoint(mv, R, *, rtol, atol, max_iter):
     safe = float(torch.where(r0 > 0, limit / tol, math.inf).min()) if r0.numel() else math.inf
     # with the map's own transposed products ``tm(x) = (∂f/∂z)ᵀ x`` (mv(x) = tm(x) − x), the next
     # iterate is ``tm(x) − R`` and the residual the difference of two iterates: no ``− x`` in the VJP
-    tm = getattr(mv, "map_vjp", None)
+    tm = map_mv
     # In float64 the residual follows its own recursion: G(x_{k+1}) = G(x_k) + (∂f/∂z)ᵀ G(x_k) − G(x_k)
     # = (∂f/∂z)ᵀ G(x_k), and x_{k+1} = x_k + G(x_k) — one product, one norm and one addition per step.
     # The additions' rounding (≤ 2 k eps ‖x‖ on the residual, ‖x‖ ≲ k ‖R‖ / ln(1/rtol) after k steps of
@@ -193,31 +207,5 @@ def _picard_adjoint(mv, R, *, rtol, atol, max_iter):
     return x, SolveInfo(status.to(torch.int64), gn / torch.clamp(r0, min=tiny), its)
 
 
-def _differentiable_picard(G, R, *, rtol, atol, max_iter):
-    """``x ← x + G(x)`` from 0 with autograd recording, to ``‖G(x)‖ ≤ atol + rtol ‖R‖``: ``(x, info)``.
-
-    For higher-order derivatives through the equilibrium: differentiating the
-    iterates of a contraction converges to the derivative of its fixed point at
-    the same rate as the iterates themselves (memory grows with the iterations;
-    one host sync per iteration).
-    """
-    rtol = default_rtol(R.dtype) if rtol is None else rtol
-    r0 = torch.linalg.vector_norm(R, dim=-1).detach()
-    tol = atol + rtol * r0
-    x = torch.zeros_like(R)
-    its = torch.zeros(r0.shape, dtype=torch.int64, device=R.device)
-    for _ in range(max_iter + 1):
-        g = G(x)
-        rn = torch.linalg.vector_norm(g, dim=-1).detach()
-        done = rn <= tol
-        if bool(done.all()) or int(its.max()) >= max_iter:
-            break
-        x = x + torch.where(done.unsqueeze(-1), torch.zeros_like(g), g)  # converged samples stay put
-        its = its + (~done).to(torch.int64)
-    status = torch.where(done, int(Status.SUCCESS), torch.where(torch.isfinite(rn), int(Status.MAX_ITERATIONS),
-                                                                int(Status.NONFINITE)))
-    return x, SolveInfo(status.to(torch.int64), rn / torch.clamp(r0, min=torch.finfo(rn.dtype).tiny), its)
-
-
-#: The DEQ's default gradient (see the module docstring for the measurements behind it).
+#: The DEQ's default gradient (measurements in ``docs/benchmarks.md``).
 DEFAULT_ADJOINT = FixedPointAdjoint()
