@@ -413,12 +413,13 @@ def test_values_and_gradients_match_cvxpy_and_finite_differences(name, batched):
         plus, minus = [v + 1e-5 * t for v, t in zip(values, d)], [v - 1e-5 * t for v, t in zip(values, d)]
         fd_own = (own_loss(plus) - own_loss(minus)) / 2e-5
         assert abs(dd - fd_own) <= 1e-6 * max(1.0, abs(fd_own)), (dd, fd_own)
-        # independent, but only as accurate as Clarabel's solutions (1e-7 … 1e-8 at tolerance 1e-11 on
-        # these problems, so the difference quotient at h = 1e-4 resolves ~1e-5 of the derivative)
-        h = 1e-4
+        # independent, but only as accurate as Clarabel's solutions: 1e-7 … 1e-8 at tolerance 1e-11 on the
+        # symmetric cones (the quotient at h = 1e-4 resolves ~1e-5 of the derivative), ~1e-6 on exponential
+        # cones (h = 1e-2: truncation ~1e-4 rather than noise ~1e-2)
+        h, tol = (1e-2, 1e-3) if name == "exp" else (1e-4, 1e-4)
         fd = (_cvxpy_loss(prob, params, variables, [v + h * t for v, t in zip(values, d)], ws, batch)
               - _cvxpy_loss(prob, params, variables, [v - h * t for v, t in zip(values, d)], ws, batch)) / (2 * h)
-        assert abs(dd - fd) <= 1e-4 * max(1.0, abs(fd)), (dd, fd)
+        assert abs(dd - fd) <= tol * max(1.0, abs(fd)), (dd, fd)
 
 
 @needs_cone
