@@ -323,10 +323,10 @@ class CvxpyLayer(torch.nn.Module):
         >>> layer = CvxpyLayer(problem, parameters=[A, b], variables=[x])
         >>> A_t = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
         >>> b_t = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)   # a batch of 8
-        >>> (sol,) = layer(A_t, b_t)  # doctest: +SKIP
-        >>> sol.shape  # doctest: +SKIP
+        >>> (sol,) = layer(A_t, b_t)
+        >>> sol.shape
         torch.Size([8, 2])
-        >>> sol.sum().backward()  # doctest: +SKIP
+        >>> sol.sum().backward()
     """
 
     def __init__(self, problem, parameters, variables, solver=None, gp=False, verbose=False, canon_backend=None,
