@@ -46,7 +46,7 @@ from typing import NamedTuple, Optional
 import torch
 
 __all__ = ["KKTFactorization", "ActiveSetKKT", "KKTProducts", "kkt_precompute", "kkt_factor", "kkt_solve_reg",
-           "kkt_apply", "kkt_refine", "cholesky", "bmv", "brmv", "chol_solve", "tri_solve", "take_rows", "put_rows"]
+           "kkt_apply", "kkt_refine", "bmv", "brmv", "chol_solve", "tri_solve", "take_rows", "put_rows"]
 
 # the factor tensors that differ per element after a polish (the others are the shared precomputation)
 _PER_ELEMENT = {"dual": (4, 5, 6, 7), "primal": (0, 1, 2, 3)}
@@ -196,27 +196,6 @@ class ActiveSetKKT:
         return x, num / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def cholesky(S):
-    """``(L, info)`` of a batch of symmetric positive definite matrices ``S (*, n, n)``, as
-    ``torch.linalg.cholesky_ex`` (no raise; ``info > 0`` where a pivot failed).
-
-    On the CPU in float64, for ``n ≥ 32``, NumPy's LAPACK factors a batch of small matrices faster
-    than ``cholesky_ex`` (whose ``potrf`` is preceded by a ``tril`` copy): it is used when NumPy
-    is importable and every matrix of the batch factors; otherwise (a failed pivot, no NumPy,
-    another device or dtype) ``cholesky_ex`` answers, with its per-element ``info``.
-    """
-    if S.device.type == "cpu" and S.dtype == torch.float64 and S.dim() >= 3 and S.shape[-1] >= 32 \
-            and not S.requires_grad:
-        try:
-            import numpy as np
-
-            L = torch.from_numpy(np.linalg.cholesky(S.numpy()))
-            return L, torch.zeros(S.shape[:-2], dtype=torch.int32)
-        except Exception:  # noqa: BLE001 - no NumPy, a tensor NumPy cannot see, or a failed pivot: torch's answer
-            pass
-    return torch.linalg.cholesky_ex(S)
-
-
 def bmv(M, x):
     """``M x`` for ``M (B|1, r, c)``, ``x (B, c)`` -> ``(B, r)``."""
     if M.shape[0] == 1:
@@ -251,14 +230,14 @@ def kkt_precompute(kind, Q, G, A, LQ=None, delta=None):
     if kind == "primal":
         return ()
     if LQ is None:
-        LQ, _ = cholesky(Q)
+        LQ, _ = torch.linalg.cholesky_ex(Q)
     m, k = G.shape[-2], A.shape[-2]
     Bc = max(G.shape[0], A.shape[0], LQ.shape[0])
     C = torch.cat([G.expand(Bc, *G.shape[1:]), A.expand(Bc, *A.shape[1:])], dim=-2)
     W = torch.linalg.solve_triangular(LQ.expand(Bc, *LQ.shape[1:]), C.mT, upper=False)
     K = W.mT @ W
     if k:
-        LA = cholesky(K[:, m:, m:] + delta * torch.eye(k, dtype=K.dtype, device=K.device))[0]
+        LA = torch.linalg.cholesky_ex(K[:, m:, m:] + delta * torch.eye(k, dtype=K.dtype, device=K.device))[0]
         X = torch.linalg.solve_triangular(LA, K[:, m:, :m], upper=False)
         M = K[:, :m, :m] - X.mT @ X
     else:
@@ -281,7 +260,7 @@ def _gather_active(M, w, active):
     vm = valid.to(S.dtype)
     S = S * (vm.unsqueeze(-1) * vm.unsqueeze(-2))
     S.diagonal(dim1=-2, dim2=-1).add_(torch.where(valid, torch.gather(w, 1, safe), torch.ones_like(vm)))
-    return cholesky(S)[0], idx
+    return torch.linalg.cholesky_ex(S)[0], idx
 
 
 def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorization":
@@ -304,10 +283,10 @@ def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorizati
     H = Q + delta * torch.eye(n, dtype=dt, device=dev)
     if G.shape[-2]:
         H = torch.baddbmm(H, (G * winv.unsqueeze(-1)).mT, G.expand(B, *G.shape[1:]))
-    LH, _ = cholesky(H.expand(B, n, n))
+    LH, _ = torch.linalg.cholesky_ex(H.expand(B, n, n))
     if k:
         HiAt = chol_solve(LH, A.mT.expand(B, n, k))
-        LS, _ = cholesky(A @ HiAt + delta * torch.eye(k, dtype=dt, device=dev))
+        LS, _ = torch.linalg.cholesky_ex(A @ HiAt + delta * torch.eye(k, dtype=dt, device=dev))
     else:
         HiAt, LS = Q.new_zeros(B, n, 0), Q.new_zeros(B, 0, 0)
     return KKTFactorization("primal", (LH, LS, HiAt, winv, delta))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._core.status import Status
-from ..linalg.kkt import bmv, brmv, chol_solve, cholesky, tri_solve
+from ..linalg.kkt import bmv, brmv, chol_solve, tri_solve
 from .qp_steps import amax, initial_shift, max_step, update_status
 
 __all__ = ["interior_point_dual"]
@@ -56,11 +56,11 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         if MG.shape[0] != w.shape[0] or MG.requires_grad:
             S = MG.expand(w.shape[0], m, m).clone()
             S.diagonal(dim1=-2, dim2=-1).add_(w)
-            return cholesky(S)[0]
+            return torch.linalg.cholesky_ex(S)[0]
         d = MG.diagonal(dim1=-2, dim2=-1)
         d0 = d.clone()
         d.add_(w)
-        L = cholesky(MG)[0]
+        L = torch.linalg.cholesky_ex(MG)[0]
         d.copy_(d0)
         return L
 

@@ -34,7 +34,6 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._core.status import Status
-from ..linalg.kkt import cholesky
 
 __all__ = ["Screened", "screen"]
 
@@ -101,13 +100,13 @@ def screen(Q, p, G, h, A, b, psd_tol: float) -> Screened:
         bad = ~fin.expand(B)
         status = torch.where(bad, int(Status.NONFINITE), -1)
         Q, p, G, h, A, b = _neutralize(bad, Q, p, G, h, A, b)
-    LQ, info = cholesky(Q)
+    LQ, info = torch.linalg.cholesky_ex(Q)
     if bool((info == 0).all()):
         return Screened((Q, p, G, h, A, b), status, LQ)
     # Q is not positive definite somewhere: is it (within psd_tol) semidefinite where it matters?
     qs = Q.abs().amax(dim=(-2, -1))
     eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=dev)
-    _, info2 = cholesky(Q + (psd_tol * qs)[:, None, None] * eye)
+    _, info2 = torch.linalg.cholesky_ex(Q + (psd_tol * qs)[:, None, None] * eye)
     cand = (info != 0) & (info2 != 0) & (qs > 0)
     if bool(cand.any()):
         cand = cand.expand(B)
