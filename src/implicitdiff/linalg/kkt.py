@@ -228,7 +228,7 @@ def kkt_precompute(kind, Q, G, A, LQ=None, delta=None):
     equality block eliminated once: ``LA LAᵀ = K_AA + δI`` ``(B|1, k, k)``, ``X = LA⁻¹ K_AG`` ``(B|1, k, m)``
     and ``M = K_GG − XᵀX`` ``(B|1, m, m)`` (the Schur complement every dual system is built on)."""
     if kind == "primal":
-        return ()
+        return _bound_rows(G)
     if LQ is None:
         LQ, _ = torch.linalg.cholesky_ex(Q)
     m, k = G.shape[-2], A.shape[-2]
@@ -243,6 +243,28 @@ def kkt_precompute(kind, Q, G, A, LQ=None, delta=None):
     else:
         LA, X, M = K.new_zeros(Bc, 0, 0), K.new_zeros(Bc, 0, m), K
     return LQ, W, K, LA, X, M
+
+
+def _bound_rows(G):
+    """The ``"primal"`` precomputation: rows of ``G`` with one nonzero (bounds, ``±zⱼ ≤ hᵢ``) add to the
+    diagonal of ``GᵀWG`` only, so when at least a quarter of the rows are such, the product is formed
+    from the other rows alone: ``(dense (B|1, r), Gd (B|1, r, n), col (B|1, m), g2 (B|1, m))`` — the
+    indices of the ``r`` rows multiplied densely (every row with two or more nonzeros, padded with bound
+    rows to the largest count of the batch), those rows, and each row's column and squared value
+    (``g2 = 0`` for the dense rows).  ``()`` when there are too few bound rows to pay."""
+    m = G.shape[-2]
+    if m == 0:
+        return ()
+    nz = G != 0
+    single = nz.sum(-1) == 1
+    r = int((~single).sum(-1).max())  # one sync per solve
+    if (m - r) * 4 < m:
+        return ()
+    dense = torch.argsort(single.to(torch.int8), dim=-1, stable=True)[:, :r]
+    Gd = torch.gather(G, 1, dense.unsqueeze(-1).expand(*dense.shape, G.shape[-1]))
+    diag = torch.ones_like(single, dtype=G.dtype).scatter(1, dense, 0.0)
+    col = nz.to(torch.int8).argmax(-1)
+    return dense, Gd, col, (G * G).sum(-1) * diag
 
 
 def _gather_active(M, w, active):
@@ -280,9 +302,17 @@ def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorizati
         active = torch.ones_like(w) if rowmask is None else rowmask
         L, idx = _gather_active(M, w, active)
         return KKTFactorization("dual", (LQ, Wc, LA, X, L, idx, active, w, delta))
-    H = Q + delta * torch.eye(n, dtype=dt, device=dev)
-    if G.shape[-2]:
-        H = torch.baddbmm(H, (G * winv.unsqueeze(-1)).mT, G.expand(B, *G.shape[1:]))
+    if pre:  # bound rows on the diagonal, the others by a product (see _bound_rows); rowmask: G's masked rows
+        dense, Gd, col, g2 = pre
+        we = winv if rowmask is None else winv * rowmask
+        d = torch.zeros(B, n, dtype=dt, device=dev).scatter_add_(1, col.expand(B, -1), we * g2)
+        wd = torch.gather(we, 1, dense.expand(B, -1))
+        H = torch.baddbmm(Q, (Gd * wd.unsqueeze(-1)).mT, Gd.expand(B, *Gd.shape[1:]))
+        H.diagonal(dim1=-2, dim2=-1).add_(d + delta)
+    else:
+        H = Q + delta * torch.eye(n, dtype=dt, device=dev)
+        if G.shape[-2]:
+            H = torch.baddbmm(H, (G * winv.unsqueeze(-1)).mT, G.expand(B, *G.shape[1:]))
     LH, _ = torch.linalg.cholesky_ex(H.expand(B, n, n))
     if k:
         HiAt = chol_solve(LH, A.mT.expand(B, n, k))
