@@ -55,11 +55,13 @@ def test_active_set_finish_gives_exact_complementarity(g):
     assert slack[act].abs().max() < 1e-12 and (slack[~act] > 0).all()
 
 
-def test_batch_compaction_does_not_change_any_element(g):
+@pytest.mark.parametrize("kkt", ["dual", "primal"])
+def test_batch_compaction_does_not_change_any_element(g, kkt):
     """Elements leave the working batch as they converge; each result equals its own solve."""
     P = random_qp(g, 20, 6, 8, 2, cond_spread=True)
-    solver = QPInteriorPoint.for_dtype(F64, kkt="dual")
+    solver = QPInteriorPoint.for_dtype(F64, kkt=kkt)
     res = solver.solve(*P)
+    assert res.kkt.factor.kind == kkt and bool((res.status == Status.SUCCESS).all())
     assert len(set(res.iterations.tolist())) > 1  # elements converged at different iterations
     for i in (0, 7, 19):
         one = solver.solve(*(t[i:i + 1] for t in P))
@@ -214,3 +216,33 @@ def test_tapia_guess_keeps_an_active_constraint_with_a_tiny_multiplier():
     torch.testing.assert_close(res.z, torch.tensor([[1.0, 2.0]], dtype=F64), atol=1e-14, rtol=0)
     torch.testing.assert_close(res.lam, torch.tensor([[1e-7]], dtype=F64), atol=1e-14, rtol=0)
     assert res.kkt.active.tolist() == [[1.0]]
+
+
+def test_batched_lp_with_bounds_matches_cvxpy_and_its_own_solves(g):
+    """A batch of LPs with box rows (the bound-row split of G, a shared zero Q, converged elements
+    leaving the primal loop): every element solves to the KKT conditions, equals its own solve and
+    cvxpy's solution."""
+    cp = pytest.importorskip("cvxpy")
+    B, n, m = 24, 6, 4
+    eye = torch.eye(n, dtype=F64).expand(B, n, n)
+    G = torch.cat([eye, -eye, torch.randn(B, m, n, generator=g, dtype=F64)], dim=1)
+    z0 = 0.3 * torch.randn(B, n, generator=g, dtype=F64)
+    h = (G @ z0[..., None])[..., 0] + 0.5 + torch.rand(B, 2 * n + m, generator=g, dtype=F64)
+    A = torch.randn(B, 1, n, generator=g, dtype=F64)
+    b = (A @ z0[..., None])[..., 0]
+    p = torch.randn(B, n, generator=g, dtype=F64)
+    Q = torch.zeros(B, n, n, dtype=F64)
+    solver = QPInteriorPoint.for_dtype(F64)
+    res = solver.solve(Q, p, G, h, A, b)
+    assert bool((res.status == Status.SUCCESS).all()) and res.kkt.factor.kind == "primal"
+    assert len(set(res.iterations.tolist())) > 1
+    stat, infeas, eq, comp, lmin = kkt_residuals(Q, p, G, h, A, b, res.z, res.lam, res.nu)
+    assert float(torch.stack([stat, infeas, eq, comp]).max()) < 1e-9 and float(lmin.min()) >= 0
+    for i in (0, 11, 23):
+        one = solver.solve(*(t[i:i + 1] for t in (Q, p, G, h, A, b)))
+        torch.testing.assert_close(res.z[i], one.z[0], atol=1e-10, rtol=0)
+        z = cp.Variable(n)
+        cp.Problem(cp.Minimize(p[i].numpy() @ z), [G[i].numpy() @ z <= h[i].numpy(),
+                                                   A[i].numpy() @ z == b[i].numpy()]).solve(
+            solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+        np.testing.assert_allclose(res.z[i].numpy(), z.value, atol=1e-7)

@@ -154,8 +154,10 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         ds = -(rc + s * dl) / lam
         eta = 1 - mu.squeeze(-1).sqrt().clamp(1e-4, 1e-2)
         alpha = (eta * torch.minimum(max_step(s, ds), max_step(lam, dl))).clamp(max=1.0)
-        alpha = torch.where(done, torch.zeros_like(alpha), alpha).unsqueeze(-1)
-        y_new, s_new = y + alpha * dy, s + alpha * ds
+        alpha = alpha.unsqueeze(-1)
+        # a converged element keeps its iterate (its step may not be finite: 0 · NaN would poison it)
+        y_new = torch.where(done.unsqueeze(-1), y, y + alpha * dy)
+        s_new = torch.where(done.unsqueeze(-1), s, s + alpha * ds)
         # Tapia's indicator: an active constraint's slack falls faster than its multiplier, an
         # inactive one's multiplier faster than its slack (s⁺/s < λ⁺/λ), whatever their scales
         tap = torch.where(done.unsqueeze(-1), tap, s_new * lam < y_new[:, :m] * s)

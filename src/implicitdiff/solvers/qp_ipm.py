@@ -176,6 +176,8 @@ class QPInteriorPoint:
         scale = 1 + max(float(t.abs().max()) if t.numel() else 0.0 for t in (Q, G, A))
         delta = torch.tensor(self.reg * scale, dtype=dt, device=dev)
         kind, LQ = self._choose_kind(Q, n, m, k, delta, scale, LQ)
+        if kind == "primal" and Q.shape[0] > 1 and not bool(Q.any()):
+            Q = Q[:1]  # an LP: one shared zero Q (its products are one matrix product, not a batch of them)
         pre = kkt_precompute(kind, Q, G, A, LQ, delta)
         P = KKTProducts.build(Q, G, A, pre if kind == "primal" else ())
         pB, hB, bB = p.expand(B, n), h.expand(B, m), b.expand(B, k)
@@ -289,6 +291,13 @@ class QPInteriorPoint:
         best = res.clone()
         stall = torch.zeros(B, dtype=torch.long, device=dev)
         check_every = 1 if dev.type == "cpu" else 4  # a host sync on CPU costs nothing
+        # converged elements leave the working batch once a quarter of it is done (as in the dual loop):
+        # every per-element tensor below has idx.numel() rows, outs holds the full batch
+        idx, outs = torch.arange(B, device=dev), None
+
+        def write_back():
+            for o, t in zip(outs, (z, s, lam, nu, status, iters, res)):
+                o.index_copy_(0, idx, t)
         for it in range(self.max_iter + 1):
             r, (rd, rp, re, Qz, Gz, Az, GAy) = kkt_residual(P, p, h, b, z, s, lam, nu)
             res = torch.where(done, res, r)
@@ -302,6 +311,18 @@ class QPInteriorPoint:
                                                       floor=self.rtol)
             if it == self.max_iter or (it % check_every == 0 and bool(done.all())):
                 break
+            nb = idx.numel()
+            if it % check_every == 0 and nb >= 16 and int(done.sum()) * 4 >= nb:
+                if outs is None:
+                    outs = [t.clone() for t in (z, s, lam, nu, status, iters, res)]
+                else:
+                    write_back()
+                keep = torch.nonzero(~done).squeeze(-1)
+                idx = idx[keep]
+                z, s, lam, nu, status, iters, res, best, stall, done, p, h, b, rd, rp, re = (
+                    t[keep] for t in (z, s, lam, nu, status, iters, res, best, stall, done, p, h, b, rd, rp, re))
+                P, G, A = take(P, keep), take(G, keep), take(A, keep)
+                pre = tuple(take(t, keep) for t in pre)
             iters = iters + (~done).long()
             # --- Mehrotra predictor-corrector step, all elements at once ---
             mu = (s * lam).sum(-1, keepdim=True) / m
@@ -322,8 +343,21 @@ class QPInteriorPoint:
             # fraction to the boundary → 1 as μ → 0, so the end game is not capped at 100× per step
             eta = 1 - mu.squeeze(-1).sqrt().clamp(1e-4, 1e-2)
             alpha = (eta * torch.minimum(max_step(s, ds), max_step(lam, dl))).clamp(max=1.0)
-            alpha = torch.where(done, torch.zeros_like(alpha), alpha).unsqueeze(-1)
-            z, s, lam, nu = z + alpha * dz, s + alpha * ds, lam + alpha * dl, nu + alpha * dn
-        return z, s, lam, nu, status, iters, res
+            # a converged element keeps its iterate: its step (factored with ever larger weights) may not
+            # even be finite, and 0 · NaN would poison it.  An element whose step is not finite (the
+            # regularized factorization broke down near the solution) stops where it is, as a stall:
+            # the active-set polish finishes it and its status is decided on the polished residual
+            bad = ~(torch.isfinite(alpha) & torch.isfinite(dz).all(-1) & torch.isfinite(dl).all(-1)
+                    & torch.isfinite(ds).all(-1) & torch.isfinite(dn).all(-1)) & ~done
+            status = torch.where(bad, int(Status.MAX_ITERATIONS), status)
+            done = done | bad
+            alpha = alpha.unsqueeze(-1)
+            keep = done.unsqueeze(-1)
+            z, s = torch.where(keep, z, z + alpha * dz), torch.where(keep, s, s + alpha * ds)
+            lam, nu = torch.where(keep, lam, lam + alpha * dl), torch.where(keep, nu, nu + alpha * dn)
+        if outs is None:
+            return z, s, lam, nu, status, iters, res
+        write_back()
+        return tuple(outs)
 
     _interior_point_dual = interior_point_dual
