@@ -55,7 +55,25 @@ def _sdp(rng):
     return A, b, svecC, {"z": 1, "l": 2, "s": [k]}
 
 
-CASES = {"lp": _lp, "socp": _socp, "sdp": _sdp}
+def _exp(rng):
+    k = 4
+    q = rng.standard_normal(k)
+    # x = (p, t); max Σt + qᵀp  s.t. Σp = 1 (z), p ≤ 0.6 (l k), (tᵢ, pᵢ, 1) ∈ K_exp (tᵢ ≤ −pᵢ log pᵢ)
+    n = 2 * k
+    A = np.zeros((1 + k + 3 * k, n))
+    b = np.zeros(A.shape[0])
+    A[0, :k], b[0] = 1.0, 1.0
+    A[1:1 + k, :k], b[1:1 + k] = np.eye(k), 0.6
+    for i in range(k):
+        r = 1 + k + 3 * i
+        A[r, k + i] = -1.0
+        A[r + 1, i] = -1.0
+        b[r + 2] = 1.0
+    c = -np.concatenate([q, np.ones(k)])
+    return A, b, c, {"z": 1, "l": k, "ep": k}
+
+
+CASES = {"lp": _lp, "socp": _socp, "sdp": _sdp, "exp": _exp}
 
 
 def case(name, seed=0):

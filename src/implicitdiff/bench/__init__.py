@@ -12,6 +12,7 @@ directory):
 * :mod:`implicitdiff.bench.deq` — deep equilibrium layers against torchdeq and
   unrolled autograd;
 * :mod:`implicitdiff.bench.qp` — batched QPs against qpth and cvxpylayers;
+* :mod:`implicitdiff.bench.cone` — cone programs (SOCP, SDP, exponential cone) as layers against cvxpylayers;
 * :mod:`implicitdiff.bench.krylov` — Krylov solves against ``scipy.sparse.linalg``.
 
 Shared machinery (threads, timing, memory, tables) is in ``_harness``.  Peers

@@ -5,7 +5,7 @@ second-order cone program, written in cvxpy and made a layer by :class:`~implici
 
     x*(y; L, c) = argmin_x ‖x − y‖²   s.t.   ‖Lx − c‖₂ ≤ 1
 
-We see 256 points and their projections onto a hidden ellipse ``(L*, c*)`` (generated here, no
+We see 192 points and their projections onto a hidden ellipse ``(L*, c*)`` (generated here, no
 downloads) and learn ``L`` (2 × 2) and ``c`` from the unit circle by Adam on the squared error
 between ``x*(y; L, c)`` and the observed projections: every gradient comes from the implicit
 derivative of the cone program's solution map (``cone_program``'s backward), through the affine
@@ -66,7 +66,7 @@ def run(args) -> dict:
     out = getattr(args, "out", None) or "."
     t0 = time.perf_counter()
     with threads(1):
-        results = {"train": _train(epochs=8 if quick else 30, n_points=64 if quick else 256)}
+        results = {"train": _train(epochs=8 if quick else 24, n_points=64 if quick else 192)}
         results["report"] = _report(results["train"]["layer"], results["train"]["params"])
         results["gradient"] = _gradient_check(results["train"]["layer"])
     results["plot"] = _plot(results, out)
@@ -87,24 +87,28 @@ def _train(epochs: int, n_points: int, steps_per_epoch: int = 5, layer_cls=Cvxpy
         (target_test,) = layer(y_test, L_true, c_true)
     L = torch.eye(2, dtype=F64).requires_grad_()
     c = torch.zeros(2, dtype=F64, requires_grad=True)
-    opt = torch.optim.Adam([L, c], lr=0.05)
+    opt = torch.optim.Adam([L, c], lr=0.06)
     history = []
     print(f"  {'epoch':>5}  {'train mse':>10}  {'test mse':>10}  {'shape err':>9}  {'centre err':>10}")
+    every = max(1, epochs // 8)
     for epoch in progress(range(epochs + 1), total=epochs + 1, desc="epochs"):
-        if epoch:
-            for _ in range(steps_per_epoch):
-                (x,) = layer(y, L, c)
-                loss = (x - target).square().sum(-1).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        train = None
+        for _ in range(steps_per_epoch if epoch else 0):
+            (x,) = layer(y, L, c)
+            loss = (x - target).square().sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            train = float(loss.detach())  # before the step: the epoch's last training loss
+        if epoch % every and epoch != epochs:
+            continue
         with torch.no_grad():
-            train = float((layer(y, L, c)[0] - target).square().sum(-1).mean())
+            if train is None:
+                train = float((layer(y, L, c)[0] - target).square().sum(-1).mean())
             test = float((layer(y_test, L, c)[0] - target_test).square().sum(-1).mean())
         shape, centre = ellipse_error(L.detach(), c.detach(), L_true, c_true)
         history.append(dict(epoch=epoch, train=train, test=test, shape=shape, centre=centre))
-        if epoch % max(1, epochs // 8) == 0 or epoch == epochs:
-            print(f"  {epoch:5d}  {train:10.2e}  {test:10.2e}  {shape:9.3f}  {centre:10.3f}")
+        print(f"  {epoch:5d}  {train:10.2e}  {test:10.2e}  {shape:9.3f}  {centre:10.3f}")
     print(f"  learned M = LᵀL within {100 * history[-1]['shape']:.1f}% of the hidden one, centre within "
           f"{history[-1]['centre']:.3f} (from the unit circle at the origin: {100 * history[0]['shape']:.0f}%, "
           f"{history[0]['centre']:.2f})")

@@ -93,8 +93,6 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     check_bool("return_info", return_info)
     max_iter = check_int("max_iter", max_iter, low=1, allow_none=False)
     spec = parse_cones(cones)
-    if spec.ep:
-        raise InputError("exponential cones (cones['ep']) are not supported yet; remove them")
     A = as_float_tensor("A", _as_dense("A", A))
     b = as_float_tensor("b", b, like=A)
     c = as_float_tensor("c", c, like=A)
@@ -126,7 +124,7 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     b64 = b.to(torch.float64).expand(B, m)
     c64 = c.to(torch.float64).expand(B, n)
     problem = ConeProblem(spec, ConeInteriorPoint(rtol=rtol, max_iter=max_iter))
-    x, y, s, status, residual, iters = ConeFn.apply(A64, b64, c64, problem)
+    x, y, s, status, residual, iters, _, _ = ConeFn.apply(A64, b64, c64, problem)
     x, y, s = (t.to(dtype) for t in (x, y, s))
     info = SolveInfo(status, residual.to(dtype), iters)
     x = apply_on_failure(x, info, on_failure, "cone_program", _HINTS)

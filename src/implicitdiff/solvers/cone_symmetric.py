@@ -44,7 +44,7 @@ class Nonneg:
         return torch.ones_like(s)
 
     @staticmethod
-    def scale(s, y):
+    def scale(s, y, mu=None):
         w = torch.sqrt(s / y)
         return (w, torch.sqrt(s * y))
 
@@ -93,7 +93,7 @@ class SecondOrder:
         return torch.sqrt(((u[..., 0] - u[..., 1:].norm(dim=-1)) * (u[..., 0] + u[..., 1:].norm(dim=-1))).clamp(min=0))
 
     @staticmethod
-    def scale(s, y):
+    def scale(s, y, mu=None):
         ns, ny = SecondOrder._jnorm(s), SecondOrder._jnorm(y)
         sb, yb = s / ns[..., None], y / ny[..., None]
         gamma = torch.sqrt((1 + (sb * yb).sum(-1)) / 2)
@@ -200,7 +200,7 @@ class PSD:
         return svec(e).expand_as(s).clone()
 
     @staticmethod
-    def scale(s, y):
+    def scale(s, y, mu=None):
         d = s.shape[-1]
         k = int(round((math.sqrt(8 * d + 1) - 1) / 2))
         S, Y = smat(s, k), smat(y, k)
