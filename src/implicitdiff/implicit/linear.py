@@ -262,7 +262,7 @@ class _EagerLUSolveFn(torch.autograd.Function):
             gA, gB = _vjp(ctx.kind, False, A, b, X, gX, (LU_, piv), ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         else:
             U = torch.linalg.lu_solve(LU_, piv, gX, adjoint=ctx.kind != "lu_t")  # A⁻ᵀ X̄
-            gA = torch.matmul(U, X.mT).neg_() if ctx.needs_input_grad[1] else None
+            gA = torch.matmul(U.neg(), X.mT) if ctx.needs_input_grad[1] else None  # negate the n × k factor
             gB = U if ctx.needs_input_grad[2] else None
         if gB is not None and ctx.vector:
             gB = gB.squeeze(-1)
