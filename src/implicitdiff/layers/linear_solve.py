@@ -24,7 +24,7 @@ from ..implicit.linear import SolveSpec, fast_square_solve, solve
 from ..implicit.sparse_direct import splu_solve
 from ..linalg.operator import LinearOperator, aslinearoperator
 from ..linalg.selection import Nearest, Pinned, consistency_rtol, resolve_selection
-from ..linalg.solvers import SPARSE_DENSE_MAX, Solver, _matrix_free, as_solver
+from ..linalg.solvers import Solver, as_solver, is_matrix_free
 
 __all__ = ["linear_solve", "linear_solve_ex", "ambiguity"]
 
@@ -126,7 +126,7 @@ def linear_solve(A, b, *, selection="auto", solver="auto", on_failure="raise", r
             SciPy's SuperLU factorized once; the backward reuses it, ``Ā`` stays on
             A's pattern; reverse mode only, no vmap; ``b`` is ``(n,)`` or ``(*, n, k)``).
             ``"auto"``: a dense ``A`` (or a sparse one with at most
-            ``SPARSE_DENSE_MAX`` columns) is factorized — Cholesky for a
+            ``linalg.solvers.SPARSE_DENSE_MAX`` columns) is factorized — Cholesky for a
             ``LinearOperator`` tagged ``positive_definite``; a matrix-free or
             large sparse ``A`` goes to CG (tagged positive definite), MINRES
             (tagged symmetric), GMRES (square) or LSMR (non-square, ``"min_norm"``).
@@ -199,7 +199,7 @@ def linear_solve(A, b, *, selection="auto", solver="auto", on_failure="raise", r
         return _sparse_direct(A, b, selection, on_failure, return_info, check_finite)
     if slv.family == "krylov":
         return _iterative(A, b, selection, slv, on_failure, return_info, check_finite)
-    if _matrix_free(A) and isinstance(A, LinearOperator) and A.matrix is None:
+    if is_matrix_free(A) and isinstance(A, LinearOperator) and A.matrix is None:
         raise InputError(f"solver={slv.name!r} factorizes a matrix: a matrix-free LinearOperator needs an "
                          f"iterative solver; pass ('cg', 'minres', 'gmres', 'bicgstab', 'lsqr', 'lsmr') or 'auto'")
     if slv.name == "lu" and not return_info and isinstance(selection, str) and selection in ("auto", "exact"):
@@ -260,9 +260,6 @@ def _empty(prob: _Problem, sel: str):
     Y = Y + 0 * (A.sum() + B.sum())  # connected to the inputs: backward gives zero gradients
     zeros = torch.zeros(batch, dtype=torch.int64, device=A.device)
     return Y, SolveInfo(zeros, torch.zeros(batch, dtype=A.dtype, device=A.device), zeros)
-
-
-KRYLOV = ("cg", "minres", "gmres", "bicgstab", "lsqr", "lsmr")
 
 
 def _iterative(A, b, selection, slv: Solver, on_failure, return_info, check_finite_values):
