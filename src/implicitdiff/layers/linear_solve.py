@@ -23,15 +23,15 @@ from ..implicit.iterative import iterative_solve
 from ..implicit.linear import SolveSpec, fast_square_solve, solve
 from ..implicit.sparse_direct import splu_solve
 from ..linalg.operator import LinearOperator, aslinearoperator
-from ..linalg.selection import Nearest, Pinned, consistency_rtol, resolve_selection
+from ..linalg.selection import Nearest, Pinned, consistency_rtol, not_symmetric, resolve_selection
 from ..linalg.solvers import Solver, as_solver, is_matrix_free
 
 __all__ = ["linear_solve", "linear_solve_ex", "ambiguity"]
 
 _HINTS = {
     Status.SINGULAR: ("A is singular: use selection='min_norm' with solver='auto' or 'svd' (pseudo-inverse), or a "
-                      "Pinned/Nearest selection; under solver='cholesky' A may instead be not positive definite "
-                      "(use solver='lu')"),
+                      "Pinned/Nearest selection; under solver='cholesky' A may instead be not symmetric positive "
+                      "definite (use solver='lu')"),
     Status.INCONSISTENT: "b is not in the range of A: use selection='least_squares' or 'min_norm'",
     Status.RANK_DEFICIENT: ("use selection='min_norm' with solver='auto' or 'svd' for the minimum-norm "
                             "least-squares solution"),
@@ -212,6 +212,12 @@ def linear_solve(A, b, *, selection="auto", solver="auto", on_failure="raise", r
     prob = _prepare(A, b)
     if check_finite:
         check_finite_(prob)
+    if solver == "cholesky" and on_failure == "raise" and not is_vmapped(prob.A) and prob.A.shape[-1] == prob.A.shape[-2]:
+        # a broken structural promise is an input error when raising; otherwise (a batch kept under
+        # on_failure="nan"/"warn", or vmap) the element is reported SINGULAR and set to NaN
+        if bool(not_symmetric(prob.A).any()):
+            raise InputError("solver='cholesky' needs a symmetric positive definite A, but A is not symmetric "
+                             "(|A − Aᵀ| > sqrt(eps)·max|A|); use solver='lu'")
     m, n = prob.A.shape[-2:]
     safe = on_failure != "raise"  # failed elements are kept (as NaN): shield the others' gradients
     if isinstance(selection, Nearest):
