@@ -30,8 +30,8 @@ __all__ = ["linear_solve", "linear_solve_ex", "ambiguity"]
 
 _HINTS = {
     Status.SINGULAR: ("A is singular: use selection='min_norm' with solver='auto' or 'svd' (pseudo-inverse), or a "
-                      "Pinned/Nearest selection; under solver='cholesky' A may instead be not symmetric positive "
-                      "definite (use solver='lu')"),
+                      "Pinned/Nearest selection; under solver='cholesky' A may instead be not positive definite "
+                      "or not symmetric (use solver='lu')"),
     Status.INCONSISTENT: "b is not in the range of A: use selection='least_squares' or 'min_norm'",
     Status.RANK_DEFICIENT: ("use selection='min_norm' with solver='auto' or 'svd' for the minimum-norm "
                             "least-squares solution"),
