@@ -232,13 +232,14 @@ def solve(spec: SolveSpec, A: torch.Tensor, B: torch.Tensor):
 
 # ----------------------------------------------------------------------------- the eager fast path
 class _EagerLUSolveFn(torch.autograd.Function):
-    """``X = A⁻¹ B`` with the LU of ``A`` (``lu``) or of ``Aᵀ`` (``lu_t``), in the old style (``forward(ctx, ...)``).
+    """``X = A⁻¹ B`` with the LU of ``A`` (``lu``) or of ``Aᵀ`` (``lu_t``), old style (``forward(ctx, ...)``).
 
-    A ``setup_context`` Function binds its arguments by signature on every call, a third of the time
-    of ``torch.linalg.solve`` at n = 100 (``docs/benchmarks.md``); old-style Functions do not compose with ``torch.func``
-    transforms, so this one is used only outside them (:func:`fast_square_solve`).  ``b`` may be a
-    vector (``vector``: no autograd nodes for the unsqueeze/squeeze).  First-order backward: ``U = A⁻ᵀ X̄``, ``B̄ = U``, ``Ā = −U Xᵀ``; under ``create_graph`` the
-    differentiable formulas of ``_vjp`` (so every order reuses the factors); forward mode: ``_jvp``.
+    A ``setup_context`` Function binds its arguments by signature on every call, a third of the
+    time of ``torch.linalg.solve`` at n = 100; old-style Functions do not compose with
+    ``torch.func`` transforms, so this one is used only outside them (:func:`fast_square_solve`).
+    ``b`` may be a vector (``vector``: no autograd nodes for the unsqueeze/squeeze).  First-order
+    backward: ``U = A⁻ᵀ X̄``, ``B̄ = U``, ``Ā = −U Xᵀ``; under ``create_graph`` the differentiable
+    formulas of ``_vjp`` (so every order reuses the factors); forward mode: ``_jvp``.
     """
 
     @staticmethod
