@@ -425,3 +425,15 @@ def test_cholesky_asymmetric_element_in_a_kept_batch(g):
     assert info.status.tolist() == [Status.SUCCESS, Status.SINGULAR]
     torch.testing.assert_close(y[0], torch.linalg.solve(S, torch.ones(4, dtype=F64)))
     assert torch.isnan(y[1]).all()
+
+
+@pytest.mark.parametrize("values", ["a", None, [1.0, "b"], torch.ones(2, dtype=torch.int64)])
+def test_pinned_values_must_be_numbers(values):
+    with pytest.raises(InputError, match="Pinned.values"):
+        idf.linear_solve(torch.ones(1, 3, dtype=F64), torch.ones(1, dtype=F64), selection=Pinned([0, 1], values))
+
+
+@pytest.mark.parametrize("y0", ["a", None, torch.tensor([0.0, float("nan"), 0.0], dtype=F64), torch.zeros(4, dtype=F64)])
+def test_nearest_reference_is_validated(y0):
+    with pytest.raises(InputError, match="Nearest.y0"):
+        idf.linear_solve(torch.ones(1, 3, dtype=F64), torch.ones(1, dtype=F64), selection=Nearest(y0))

@@ -420,10 +420,7 @@ def _pinned(prob: _Problem, sel: Pinned, solver, rank_rtol, rtol, safe=False, re
     keep[idx] = False
     free = torch.nonzero(keep).reshape(-1)
     k = B.shape[-1]
-    vals = sel.values
-    if not isinstance(vals, torch.Tensor):
-        vals = torch.as_tensor(vals, dtype=A.dtype, device=A.device)
-    vals = as_float_tensor("Pinned.values", vals, like=A)
+    vals = as_float_tensor("Pinned.values", sel.values, like=A)
     check_same_dtype_device("A", A, **{"Pinned.values": vals})
     check_finite("Pinned.values", vals)
     if vals.dim() == 0:
