@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from operator import mul
 from typing import Callable
 
 import torch
@@ -294,21 +295,19 @@ class _Batched:
 # d = −h0 g + Zᵀ coef.
 
 def _solve_upper(R, b):
-    """``x`` with ``R x = b``, ``R[i][j] = s_iᵀ r_j`` (``i ≤ j``) in time order."""
-    k = len(b)
-    x = [0.0] * k
-    for i in range(k - 1, -1, -1):
+    """``x`` with ``R x = b``, ``R[i][j] = s_iᵀ r_j`` (``i ≤ j``) in time order (lists of floats)."""
+    x = []                                      # x[i:], built from the back
+    for i in range(len(b) - 1, -1, -1):
         Ri = R[i]
-        x[i] = (b[i] - sum(Ri[j] * x[j] for j in range(i + 1, k))) / Ri[i]
+        x.insert(0, (b[i] - sum(map(mul, Ri[i + 1:], x))) / Ri[i])
     return x
 
 
 def _solve_lower_t(R, b):
     """``x`` with ``Rᵀ x = b``."""
-    k = len(b)
-    x = [0.0] * k
-    for i in range(k):
-        x[i] = (b[i] - sum(R[j][i] * x[j] for j in range(i))) / R[i][i]
+    x = []
+    for i, col in enumerate(zip(*R)):          # column i of R: R[j][i]
+        x.append((b[i] - sum(map(mul, col[:i], x))) / col[i])
     return x
 
 
@@ -408,12 +407,11 @@ def _direction_host(Z, g, a, b, slots, SR, YR, h0, gg, m, out) -> float:
     if not slots:
         torch.mul(g, -h0, out=out)
         return -h0 * gg
-    k = len(slots)
     q = _solve_upper(SR, a)                                            # R⁻¹ a
-    wv = [SR[i][i] * q[i] + h0 * (sum(YR[i][j] * q[j] for j in range(k)) - b[i]) for i in range(k)]
+    wv = [SR[i][i] * qi + h0 * (sum(map(mul, YR[i], q)) - bi) for i, (qi, bi) in enumerate(zip(q, b))]
     p = _solve_lower_t(SR, wv)                                         # R⁻ᵀ((D + h0 YᵀY) q − h0 b)
     coef = [0.0] * (2 * m)
     for i, s in enumerate(slots):
         coef[s], coef[m + s] = -p[i], h0 * q[i]
     torch.addmv(g, Z[:2 * m].T, torch.tensor(coef, dtype=g.dtype, device=g.device), beta=-h0, out=out)
-    return -h0 * gg - sum(pi * ai for pi, ai in zip(p, a)) + h0 * sum(qi * bi for qi, bi in zip(q, b))
+    return -h0 * gg - sum(map(mul, p, a)) + h0 * sum(map(mul, q, b))
