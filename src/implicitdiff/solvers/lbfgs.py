@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from .._core.engine import vjp as engine_vjp
 from .._core.errors import InputError
 from .._core.validate import in_transform
 from .._core.status import Status
@@ -90,12 +91,13 @@ def _appended(SS, SY, V, perm, unused, tab):
 def _objective(f: Callable, shape, batch, nb: int, params, dtype):
     """``evaluate(y) -> (v, g)`` for flattened ``y`` (nb, n): values (nb,) and gradients (nb, n).
 
-    Plain ``torch.autograd.grad`` on a leaf copy of ``y`` (cheaper than ``torch.func``);
+    One reverse pass of the autograd engine on a leaf copy of ``y`` (:func:`~implicitdiff._core.engine.vjp`:
+    ``torch.autograd.grad`` without its per-call checks; cheaper than ``torch.func``);
     ``torch.func.grad_and_value`` when a ``torch.func`` transform is active (``requires_grad_``
     is refused there) or under inference mode.  The first call checks what ``f`` returns.
     """
     plain = not in_transform() and not torch.is_inference_mode_enabled()
-    checked = []
+    checked, one = [], []
 
     def check(v):
         if not isinstance(v, torch.Tensor) or v.shape != batch:
@@ -121,7 +123,10 @@ def _objective(f: Callable, shape, batch, nb: int, params, dtype):
                     check(v)
                 g = None
                 if v.requires_grad:                    # else f does not depend on y: ∇f = 0
-                    (g,) = torch.autograd.grad(v.sum() if batch else v, yy, allow_unused=True)
+                    total = v.sum() if batch else v
+                    if not one:                        # the cotangent 1 of the objective, made once
+                        one.append(torch.ones_like(total))
+                    (g,) = engine_vjp(total, (yy,), one[0], retain_graph=False)
             return v.detach().reshape(nb), torch.zeros_like(yf) if g is None else g
         if not checked:
             with torch.no_grad():
@@ -154,9 +159,12 @@ def lbfgs(f: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=
     tolerances far below what ``f``'s rounding can resolve.  A rejected trial
     shrinks ``α`` by safeguarded quadratic interpolation (into ``[0.1α, 0.5α]``);
     every trial is one iteration, so each element backtracks on its own with no
-    host sync.  Unbatched with ``check_every = 1`` (the CPU default), the
-    line-search decisions are read on the host instead (no masking; scalar
-    arithmetic in double precision), with the same iterates in float64.
+    host sync.  Unbatched with ``check_every = 1`` (the CPU default), a loop of
+    its own reads the decisions on the host instead: one sync per iteration
+    for ``f``, ``‖∇f‖`` and every inner product the iteration needs (one
+    product with the stored pairs), the ``history × history`` algebra on
+    Python floats (double precision) — the same rules, iterates equal up to
+    rounding, about ten tensor operations per iteration besides ``f``.
 
     Stopping rule, per element ``i`` (norms over the non-batch dims)::
 
