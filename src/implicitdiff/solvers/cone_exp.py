@@ -24,8 +24,8 @@ import torch
 
 __all__ = ["ExpCone"]
 
-# the central point s = y = −∇F(s) (as in Clarabel / ECOS), inside both K and K*
-_CENTRAL = (-1.051383945322714, 0.556409619469370, 1.258967884768947)
+# the central point s = y = −∇F(s) of this barrier (Newton's method), inside both K and K*
+_CENTRAL = (-0.8278383990656786, 0.8051020015847954, 1.290927709856958)
 _GRID = 0.8 ** torch.arange(0, 100, dtype=torch.float64)  # interior-step candidates, 1 down to ~2e-10
 _BACK = 0.9 ** torch.arange(0, 12, dtype=torch.float64)   # then the neighbourhood's backtracking
 _BETA = 2.0
