@@ -16,11 +16,15 @@ Each iteration is Mehrotra's predictor–corrector.  A Newton step solves
     [0  Aᵀ] [Δx]   [r₁]          Δs = −d_s − H Δy   (per cone, see cone_symmetric / cone_exp)
     [A −H ] [Δy] = [r₂] − Δτ [c; −b],   Δκ = −(d_κ + κΔτ)/τ
 
-with ``H`` the block-diagonal scaling (zero on the zero cone's rows).  The cone rows are
-eliminated, ``Δy_c = H⁻¹(A_cΔx − r₂)``, leaving the ``(n + z)`` system
-``[[A_cᵀH⁻¹A_c, A_zᵀ], [A_z, 0]]`` — one batched LU per iteration (Cholesky without a zero
-cone), used for three solves (the ``Δτ`` column, the predictor, the corrector), each
-polished by one step of iterative refinement against the unregularized system.
+with ``H = WᵀW`` the block-diagonal scaling (zero on the zero cone's rows).  The cone rows
+are eliminated *in the scaled frame* (``Ã = W⁻ᵀA_c``, ``Δỹ = WΔy_c = ÃΔx − W⁻ᵀr₂``; ``H`` is
+never formed: its condition number grows like ``1/μ²``, ``W``'s like ``1/μ``), leaving the
+``(n + z)`` system ``[[ÃᵀÃ, A_zᵀ], [A_z, 0]]`` — one batched factorization per iteration
+(Cholesky without a zero cone, else LU; a ``eps^¾`` shift) used for three solves (the ``Δτ``
+column, the predictor, the corrector), each polished by one step of iterative refinement.
+``Δs = Wᵀ(−d̃ − Δỹ)`` comes from the scaled complementarity rows.  An element that stops
+progressing (step ``≤ 1e-8``) is reported ``BREAKDOWN``, and a failed element returns its
+best iterate (smallest residual).
 
 Stopping rule (per element, ``x̂ = x/τ`` etc.):
 ``‖Ax̂ + ŝ − b‖∞ ≤ rtol (1 + max(‖b‖∞, ‖Ax̂‖∞, ‖ŝ‖∞))``,
