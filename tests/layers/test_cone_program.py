@@ -180,3 +180,20 @@ def test_cuda_matches_cpu(name):
     xc, yc, _ = _solve(Ac, b, c, cones)
     (xc.sum() + yc.sum()).backward()
     assert torch.allclose(Ag.grad.cpu(), Ac.grad, atol=1e-6)
+
+
+def test_vmap_over_b_equals_the_batch():
+    A, b, c, cones = case("lp", 0)
+    g = torch.Generator().manual_seed(5)
+    bb = b + 0.1 * torch.rand(3, b.shape[0], generator=g, dtype=b.dtype)
+    x_batch, _, _ = _solve(A, bb, c, cones)
+    x_vmap = torch.func.vmap(lambda b_: _solve(A, b_, c, cones)[0])(bb)
+    assert torch.allclose(x_vmap, x_batch, atol=1e-10)
+
+
+def test_jacrev_and_jacfwd_match_the_reverse_jacobian():
+    A, b, c, cones = case("socp", 0)
+    f = lambda b_: _solve(A, b_, c, cones)[0]  # noqa: E731
+    J = torch.autograd.functional.jacobian(f, b)
+    assert torch.allclose(torch.func.jacrev(f)(b), J, atol=1e-10)
+    assert torch.allclose(torch.func.jacfwd(f)(b), J, atol=1e-10)

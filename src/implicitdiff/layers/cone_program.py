@@ -13,7 +13,7 @@ from .._core.errors import InputError
 from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
 from .._core.options import check_bool, check_int, check_real
 from .._core.status import SolveInfo, Status
-from .._core.validate import as_float_tensor, check_finite, check_same_dtype_device
+from .._core.validate import as_float_tensor, check_finite, check_same_dtype_device, is_vmapped
 from ..implicit.cone import ConeFn, ConeProblem
 from ..linalg.cone_spec import parse_cones
 from ..solvers.cone_ipm import ConeInteriorPoint
@@ -127,7 +127,10 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     x, y, s, status, residual, iters, _, _ = ConeFn.apply(A64, b64, c64, problem)
     x, y, s = (t.to(dtype) for t in (x, y, s))
     info = SolveInfo(status, residual.to(dtype), iters)
-    x = apply_on_failure(x, info, on_failure, "cone_program", _HINTS)
+    if is_vmapped(status):  # nothing can be raised from data under vmap: failed elements are NaN
+        x = nan_where_failed(x, info.ok)
+    else:
+        x = apply_on_failure(x, info, on_failure, "cone_program", _HINTS)
     y, s = nan_where_failed(y, info.ok), nan_where_failed(s, info.ok)
     if not batched:
         x, y, s = x[0], y[0], s[0]
