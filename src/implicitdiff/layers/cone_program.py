@@ -68,17 +68,24 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     Returns:
         ``(x, y, s)`` of shapes ``(*, n)``, ``(*, m)``, ``(*, m)`` (``*`` = the batch, or
         nothing), then the info if ``return_info``.  All three are differentiable with
-        respect to ``A``, ``b`` and ``c`` (reverse mode and ``torch.func.jvp``).
+        respect to ``A``, ``b`` and ``c``: reverse mode, ``torch.func.jvp``, ``vmap``, ``jacrev``,
+        ``jacfwd`` (a vmapped call folds into the batch).  Not twice differentiable: the
+        backward is ``once_differentiable``.
 
     Statuses per element: ``SUCCESS``; ``INFEASIBLE`` (primal infeasible, with a dual
     certificate) and ``UNBOUNDED`` (dual infeasible) from the homogeneous embedding;
     ``MAX_ITERATIONS``; ``BREAKDOWN`` (no progress); ``NONFINITE``.
 
-    Gradients are the exact derivative of the solution map (diffcp's residual map, see
-    :mod:`implicitdiff.implicit.cone`).  Where the map is not differentiable (a constraint
-    active with a zero multiplier, a non-unique solution) the one-sided value of
-    :mod:`implicitdiff.implicit.cone_projection` is used, or, if the derivative's linear
-    system is singular, backward raises :class:`~implicitdiff.SolveError`.
+    The interior point's answer is polished by one Newton step on diffcp's residual map (on a
+    curved cone an interior point's ``x`` is only about ``√gap`` accurate; the step makes it
+    accurate to rounding at a regular solution), and that step's factorization is reused by the
+    derivative.  Gradients are the exact derivative of the solution map (diffcp's residual map,
+    see :mod:`implicitdiff.implicit.cone`).  At a non-differentiable point (a constraint active
+    with a zero multiplier) the one-sided value of :mod:`implicitdiff.implicit.cone_projection`
+    is used; where the solution is not unique (e.g. an auxiliary variable of an inactive
+    constraint in a modelling tool's output) the derivative's singular system is solved by a
+    shifted LU with iterative refinement, which gives the exact derivative of every unique part
+    of the solution.
 
     Example (``min x₁ + x₂`` over the unit disc: ``x = −(1, 1)/√2``):
         >>> import torch, implicitdiff as idf
