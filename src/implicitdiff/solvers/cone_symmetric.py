@@ -228,11 +228,12 @@ class PSD:
         r, c, off = svec_indices(k, P.device)
         one = torch.ones(off.shape, dtype=P.dtype, device=P.device)
         sc = torch.where(off, one * math.sqrt(2.0), one)
-        Prr = P[..., r[:, None], r[None, :]]   # [l, j] = P[r_l, r_j]
-        Pcc = P[..., c[:, None], c[None, :]]
-        Pcr = P[..., c[:, None], r[None, :]]
-        Prc = P[..., r[:, None], c[None, :]]
-        M = Prr * Pcc + off[:, None].to(P.dtype) * Pcr * Prc
+        d = r.numel()
+        Pf = P.reshape(P.shape[:-2] + (k * k,))
+
+        def gather(a, b):  # [l, j] = P[a_l, b_j], by index_select on the flattened P (fast)
+            return Pf.index_select(-1, (a[:, None] * k + b[None, :]).reshape(-1)).reshape(P.shape[:-2] + (d, d))
+        M = gather(r, r) * gather(c, c) + off[:, None].to(P.dtype) * gather(c, r) * gather(r, c)
         return (M / sc[:, None] * sc[None, :]).mT
 
     @staticmethod
