@@ -131,7 +131,7 @@ class Canonical:
                                         for i, t in enumerate(params)] + [one], dim=1)
                 p, lead = single, ()
             # one sparse × dense product per block: bandwidth-bound, the fastest of gather/scatter variants
-            flat = torch.sparse.mm(mp.matrix, p.T).T
+            flat = torch.sparse.mm(mp.matrix, p.T).T.contiguous()  # batch-major: the solver's products read rows
             out[name] = flat.reshape(lead + ((self.m, self.n) if name == "A" else (mp.size,)))
         return out["A"], out["b"], out["c"], batch
 
