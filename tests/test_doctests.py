@@ -69,3 +69,38 @@ def test_ci_runs_exactly_the_readmes_test_command():
     assert len(test_command) == 1, commands
     ci_lines = [line for line in ci.read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert test_command[0] in ci_lines
+
+
+def _defines(path: pathlib.Path, dotted: str) -> bool:
+    """Whether ``path`` defines ``dotted`` (``name`` or ``Class.method``) at the top level."""
+    import ast
+
+    body = ast.parse(path.read_text()).body
+    for part in dotted.split("."):
+        found = None
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == part:
+                found = node
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any(isinstance(t, ast.Name) and t.id == part for t in targets):
+                    found = node
+        if found is None:
+            return False
+        body = getattr(found, "body", [])
+    return True
+
+
+def test_architecture_page_names_only_code_that_exists():
+    """docs/architecture.md cites ``file.py::name``: every file and every name must exist."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    refs = re.findall(r"`((?:[\w.]+/)*[\w.]+\.py)(?:::([\w.]+))?`", text)
+    assert len(refs) > 30
+    missing = []
+    for path, name in refs:
+        file = ROOT / path if path.startswith("tests/") else ROOT / "src" / "implicitdiff" / path
+        if not file.is_file():
+            missing.append(path)
+        elif name and not _defines(file, name):
+            missing.append(f"{path}::{name}")
+    assert not missing, f"docs/architecture.md cites what does not exist: {missing}"

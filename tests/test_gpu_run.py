@@ -18,7 +18,7 @@ def test_plan_runs_the_cuda_tests_then_each_installed_benchmark_on_the_device(tm
     steps = _gpu.plan("cuda", str(tmp_path))
     assert steps[0].name == "tests" and steps[0].argv[-3:] == ("-m", "cuda", "tests")
     names = [s.name for s in steps[1:]]
-    assert names[:3] == ["bench linear", "bench qp", "bench deq"]  # cone joins once it exists
+    assert names == ["bench linear", "bench qp", "bench deq", "bench cone"]
     for s in steps[1:]:
         assert s.argv[1:4] == ("-m", "implicitdiff", "bench") and "--quick" in s.argv
         assert s.argv[s.argv.index("--device") + 1] == "cuda"
@@ -99,7 +99,7 @@ def test_bad_options_are_usage_errors(capsys):
     assert "unknown --device 'tpu'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["linear", "deq", "hypergrad"])
+@pytest.mark.parametrize("name", ["linear", "qp", "deq", "cone", "hypergrad"])
 def test_benchmarks_take_a_device(name):
     """``implicitdiff bench --device`` reaches these through ``run(..., device=...)`` (defaulting to the CPU)."""
     import importlib
@@ -107,3 +107,12 @@ def test_benchmarks_take_a_device(name):
 
     param = inspect.signature(importlib.import_module(f"implicitdiff.bench.{name}").run).parameters.get("device")
     assert param is not None and param.default == "cpu"
+
+
+def test_ctrl_c_exits_130_without_traceback(monkeypatch, capsys, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_gpu, "run_steps", interrupted)
+    assert _gpu.main(["--device", "cpu", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == ".ci/gpu: interrupted"

@@ -12,6 +12,8 @@ from .checks.report import GradientReport as GradientReport
 from .linalg.selection import Nearest as Nearest, Pinned as Pinned
 from .implicit.adjoint import Implicit as Implicit, Neumann as Neumann, Unroll as Unroll
 from .implicit.fixed_point_adjoint import FixedPointAdjoint as FixedPointAdjoint
+from .solvers.objects import (Anderson as Anderson, Broyden as Broyden, LBFGS as LBFGS, Newton as Newton,
+                              Picard as Picard)
 from .layers.argmin import argmin as argmin
 from .layers.custom_root import custom_fixed_point as custom_fixed_point, custom_root as custom_root
 from .layers.fixed_point import fixed_point as fixed_point

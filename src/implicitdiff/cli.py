@@ -35,7 +35,10 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error raises instead of exiting, so that ``main`` returns its code."""
+    """argparse, but a usage error raises instead of exiting, so that ``main`` returns its code;
+    ``commands`` maps each subcommand to its parser (set by :func:`build_parser`)."""
+
+    commands: dict = {}
 
     def error(self, message):
         self.print_usage(sys.stderr)
@@ -44,20 +47,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _usage_error(parser: argparse.ArgumentParser, command: Optional[str], message: str) -> int:
     """Print ``message`` with the usage of ``command`` (or of the program); return the exit code 2."""
-    sub = _subcommands(parser).get(command, parser)
+    sub = getattr(parser, "commands", {}).get(command, parser)
     try:
         sub.error(message)
     except _UsageError as e:
         print(e, file=sys.stderr)
     return 2
-
-
-def _subcommands(parser: argparse.ArgumentParser) -> dict:
-    """name → parser of each subcommand of ``parser``."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"implicitdiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.commands = sub.choices
 
     demo = sub.add_parser("demo", help="run a demo (default: the flagship); writes a PNG plot",
                           description="Run a demo on embedded data: prints what it shows and writes a PNG plot.")

@@ -180,8 +180,10 @@ class DEQ(torch.nn.Module):
     Args:
         cell: any ``nn.Module`` called as ``cell(z, x)`` and returning a tensor
             of ``z``'s shape; samples (dim 0) must not interact.
-        solver: forward solver ``"anderson"`` (default) | ``"broyden"`` |
-            ``"picard"`` | ``"newton"`` | a callable.
+        solver: forward solver: ``None`` (default: the lazily started
+            :data:`~implicitdiff.layers.deq.DEFAULT_SOLVER`), a solver object
+            (``Anderson(...)``, ``Broyden(...)``, ``Picard(...)``, ``Newton(...)``),
+            its name, or a callable.
         adjoint: the gradient: :data:`~implicitdiff.layers.deq.DEFAULT_ADJOINT`
             (exact: the adjoint fixed point by Picard, GMRES where that fails),
             ``Implicit(solver="gmres" | "lu" | ...)`` (exact),
@@ -196,7 +198,7 @@ class DEQ(torch.nn.Module):
             samples.  In training mode the estimate is left in
             :attr:`jac_loss` (differentiable, double backward included) for
             the user to add to the loss with a weight.
-        solver_options: extra keyword arguments of the forward solver.
+        solver_options: removed (raises ``InputError``): options live on the solver object.
         track_trace: keep the residual of every forward iteration in
             ``last_info.trace`` (from the same solve, no extra cost but memory
             ``(iterations + 1) × B``).
@@ -228,7 +230,7 @@ class DEQ(torch.nn.Module):
         ([0, 0, 0, 0], torch.Size([8, 8]))
     """
 
-    def __init__(self, cell: torch.nn.Module, *, solver="anderson", adjoint=DEFAULT_ADJOINT, rtol=None, atol=0.0,
+    def __init__(self, cell: torch.nn.Module, *, solver=None, adjoint=DEFAULT_ADJOINT, rtol=None, atol=None,
                  max_iter=None, on_failure="raise", jac_reg: int = 0, solver_options: Optional[dict] = None,
                  track_trace: bool = False):
         super().__init__()

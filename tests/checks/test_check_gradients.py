@@ -233,3 +233,12 @@ def test_finite_differences_match_closed_forms():
     assert torch.allclose(J_A, -(A_inv[:, :, None] * y[None, None, :]).reshape(3, 9), atol=1e-8)
     t = torch.randn(3, generator=torch.Generator().manual_seed(3), dtype=F64)
     assert torch.allclose(finite_diff.jvp(idf.linear_solve, (A, b), (None, t)), A_inv @ t, atol=1e-8)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(dtype=torch.float16), "dtype"), (dict(seed=0.5), "seed"),
+                                           (dict(pattern=3), "pattern")])
+def test_selfcheck_run_validates_its_options(kwargs, match):
+    from implicitdiff.checks.selfcheck import run
+
+    with pytest.raises(InputError, match=match):
+        run(**kwargs)

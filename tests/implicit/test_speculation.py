@@ -44,7 +44,13 @@ def data(B=3, n=4, m=3, seed=1):
     return torch.randn(B, m, generator=g, dtype=D), torch.randn(B, n, generator=g, dtype=D)
 
 
+#: the DEQ's lazily started Anderson (its default) and whole-batch Picard, by short names
+DEQ_SOLVERS = {"anderson": None, "picard": idf.Picard(freeze=False)}
+
+
 def loss(cell, x, w, **kw):
+    if isinstance(kw.get("solver"), str):
+        kw["solver"] = DEQ_SOLVERS[kw["solver"]]
     return (deq(cell, x, torch.zeros_like(w), **kw) * w).sum()
 
 
@@ -189,8 +195,8 @@ def test_fixed_point_picard_freeze_false_speculates_through_the_map(spy):
         return torch.tanh(z @ A.mT + b)
 
     def run(freeze, adjoint, A=A, b=b, rtol=1e-12):
-        z = idf.fixed_point(T, torch.zeros(3, 5, dtype=D), A, b, solver="picard", batch_dims=1, rtol=rtol,
-                            adjoint=adjoint, solver_options={"freeze": freeze}, max_iter=500)
+        z = idf.fixed_point(T, torch.zeros(3, 5, dtype=D), A, b, solver=idf.Picard(freeze=freeze), batch_dims=1,
+                            rtol=rtol, adjoint=adjoint, max_iter=500)
         return (z * w).sum()
 
     ref = fd_grads(lambda: run(False, idf.Implicit(solver="gmres"), rtol=1e-13), [A, b])
@@ -343,7 +349,7 @@ def test_failed_element_discards_the_recording(spy):
     x = x.clone()
     x[1] *= 1e6                                              # a huge input: tanh saturates; still contractive
     xr = x.requires_grad_()
-    kw = dict(solver="picard", rtol=1e-12, max_iter=12, on_failure="nan", return_info=True)
+    kw = dict(solver=idf.Picard(freeze=False), rtol=1e-12, max_iter=12, on_failure="nan", return_info=True)
     z, info = deq(cell, xr, torch.zeros_like(w), **kw)
     ok = info.ok
     assert not bool(ok.all()) and bool(ok.any())
@@ -415,7 +421,7 @@ def test_saved_memory_does_not_grow_with_forward_iterations(spy):
     sizes = {}
     for max_iter, rtol in ((20, 0.5), (400, 1e-4)):
         spy["taken"].clear()
-        nbytes, (z, info) = saved_bytes_and_output(lambda: deq(cell, x, z0, solver="picard", rtol=rtol,
+        nbytes, (z, info) = saved_bytes_and_output(lambda: deq(cell, x, z0, solver=idf.Picard(freeze=False), rtol=rtol,
                                                                max_iter=max_iter, return_info=True))
         assert bool(info.ok.all()) and hit(spy)
         sizes[max_iter] = (nbytes, int(info.iterations.max()))
@@ -424,8 +430,7 @@ def test_saved_memory_does_not_grow_with_forward_iterations(spy):
         assert cell.calls == 0
     assert sizes[20][1] <= 4 and sizes[400][1] >= 40
     assert sizes[20][0] == sizes[400][0] > 0
-    frozen = saved_bytes(lambda: deq(cell, x, z0, solver="picard", rtol=1e-4, max_iter=400,
-                                     solver_options={"freeze": True}))
+    frozen = saved_bytes(lambda: deq(cell, x, z0, solver=idf.Picard(freeze=True), rtol=1e-4, max_iter=400))
     assert 0 < frozen < sizes[400][0]
 
 

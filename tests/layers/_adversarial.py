@@ -21,7 +21,7 @@ BAD_OPTIONS = [
     ("on_failure", "ignore"), ("on_failure", None),
     ("return_info", "yes"),
     ("solver", "bogus"), ("solver", 3),
-    ("solver_options", {"bogus": 1}), ("solver_options", {"rtol": 1e-3}), ("solver_options", [1]),
+    ("solver_options", {"m": 3}), ("solver_options", {}), ("solver", object()),
     ("adjoint", "implicit"),
 ]
 

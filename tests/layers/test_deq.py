@@ -214,7 +214,7 @@ def test_backward_memory_does_not_grow_with_forward_iterations(adjoint):
     x, _ = data(4, 8, seed=3)
     runs = {}
     for max_iter, rtol in ((5, 0.8), (200, 1e-4)):
-        nbytes, (z, info) = _saved_bytes(lambda: deq(cell, x, solver="picard", adjoint=adjoint, rtol=rtol,
+        nbytes, (z, info) = _saved_bytes(lambda: deq(cell, x, solver=idf.Picard(freeze=False), adjoint=adjoint, rtol=rtol,
                                                      max_iter=max_iter, return_info=True))
         assert bool(info.ok.all())
         runs[max_iter] = (nbytes, int(info.iterations.max()))
@@ -233,16 +233,16 @@ def test_nonconverging_forward_is_reported_per_sample():
     x, _ = data(3, 4, seed=5)
     x[1] = 0.0  # f(0, 0) = 0: converged at the start; the others need hundreds of Picard steps
     with pytest.raises(idf.SolveError, match="deq") as e:
-        deq(cell, x, solver="picard", max_iter=10)
+        deq(cell, x, solver=idf.Picard(freeze=False), max_iter=10)
     assert e.value.status == idf.Status.MAX_ITERATIONS and 0 < e.value.residual < 1
-    layer = DEQ(cell, solver="picard", max_iter=10, on_failure="nan")
+    layer = DEQ(cell, solver=idf.Picard(freeze=False), max_iter=10, on_failure="nan")
     z = layer(x)
     info = layer.last_info
     assert info.status.tolist() == [idf.Status.MAX_ITERATIONS, idf.Status.SUCCESS, idf.Status.MAX_ITERATIONS]
     assert info.iterations.tolist() == [10, 0, 10] and bool((info.residual[[0, 2]] > 1e-3).all())
     assert bool(torch.isnan(z[[0, 2]]).all()) and bool((z[1] == 0).all())
     with pytest.warns(idf.SolveWarning, match="2 of 3"):
-        DEQ(cell, solver="picard", max_iter=10, on_failure="warn")(x)
+        DEQ(cell, solver=idf.Picard(freeze=False), max_iter=10, on_failure="warn")(x)
 
 
 def test_failed_samples_do_not_poison_the_gradient_of_the_others():
@@ -254,12 +254,11 @@ def test_failed_samples_do_not_poison_the_gradient_of_the_others():
     x[1] = evecs[:, 0]  # along the fastest eigenvector (eigenvalue 0.495): converges within 10 steps
     # freeze=True: a converged sample stops where it converged, so its result does not depend on the
     # batch (by default it keeps iterating while the others run: more accurate, but not bit-equal)
-    frozen = {"freeze": True}
-    z, info = deq(cell, x, solver="picard", rtol=1e-2, max_iter=10, on_failure="nan", return_info=True,
-                  solver_options=frozen)
+    frozen = idf.Picard(freeze=True)
+    z, info = deq(cell, x, solver=frozen, rtol=1e-2, max_iter=10, on_failure="nan", return_info=True)
     assert info.ok.tolist() == [False, True, False] and bool(torch.isnan(z[[0, 2]]).all())
     g, = torch.autograd.grad((z[info.ok] * w[info.ok]).sum(), cell.A)
-    zr = deq(cell, x[1:2], solver="picard", rtol=1e-2, max_iter=10, solver_options=frozen)
+    zr = deq(cell, x[1:2], solver=frozen, rtol=1e-2, max_iter=10)
     gr, = torch.autograd.grad((zr * w[1:2]).sum(), cell.A)
     assert bool(torch.isfinite(g).all()) and float(gr.abs().max()) > 1e-3
     torch.testing.assert_close(g, gr, rtol=1e-12, atol=1e-14)
@@ -343,7 +342,7 @@ def test_last_info_and_trace():
     cell = Linear(_contraction(6, 0.7, seed=5))
     x, _ = data(4, 6, seed=10)
     x = x * torch.tensor([1.0, 10.0, 0.1, 1.0], dtype=D)[:, None]
-    layer = DEQ(cell, solver="picard", rtol=1e-8, track_trace=True)
+    layer = DEQ(cell, solver=idf.Picard(freeze=False), rtol=1e-8, track_trace=True)
     z = layer(x)
     info = layer.last_info
     assert info.status.shape == info.residual.shape == info.iterations.shape == (4,)

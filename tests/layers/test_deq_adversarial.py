@@ -53,7 +53,11 @@ def test_bad_options_are_named_at_construction(kw):
 
 def test_unknown_solver_option_is_named():
     with pytest.raises(InputError, match="bogus"):
-        idf.nn.DEQ(Cell(), solver_options={"bogus": 1})(torch.ones(2, 4, dtype=D))
+        idf.nn.DEQ(Cell(), solver=idf.Anderson(bogus=1))
+    with pytest.raises(InputError, match="solver_options was removed.*Anderson"):
+        idf.nn.DEQ(Cell(), solver_options={"m": 3})
+    with pytest.raises(InputError, match="rtol given both"):
+        idf.nn.DEQ(Cell(), solver=idf.Anderson(rtol=1e-6), rtol=1e-8)
 
 
 @pytest.mark.parametrize("dtype", BAD_DTYPES)

@@ -116,3 +116,26 @@ def test_krylov_adjoint_under_double_backward_and_vmap():
     gs = torch.func.vmap(torch.func.grad(lambda x: f(W.detach(), x).sum()))(xs)
     ref = torch.stack([torch.func.grad(lambda x: f(W.detach(), x).sum())(xi) for xi in xs])
     torch.testing.assert_close(gs, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("adjoint", [idf.FixedPointAdjoint(), idf.FixedPointAdjoint(solver="anderson", fallback=None),
+                                     idf.FixedPointAdjoint(solver="broyden")], ids=["picard", "anderson", "broyden"])
+def test_fixed_point_adjoint_strategy_matches_the_dense_adjoint(adjoint):
+    # FixedPointAdjoint lives in implicit/ with the other strategies and works for fixed_point, not only nn.DEQ
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(3, 4, 4, generator=g, dtype=D) * 0.2
+    b = torch.randn(3, 4, generator=g, dtype=D)
+    w = torch.randn(3, 4, generator=g, dtype=D)
+    T = lambda z, A, b: torch.tanh((A @ z.unsqueeze(-1)).squeeze(-1) + b)  # noqa: E731
+    grads = []
+    for adj in (adjoint, idf.Implicit(solver="lu")):
+        Ar, br = A.clone().requires_grad_(), b.clone().requires_grad_()
+        z = idf.fixed_point(T, torch.zeros(3, 4, dtype=D), Ar, br, batch_dims=1, adjoint=adj, rtol=1e-13)
+        grads.append(torch.autograd.grad((z * w).sum(), (Ar, br)))
+    for got, ref in zip(*grads):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_fixed_point_adjoint_is_refused_by_root():
+    with pytest.raises(idf.InputError, match="use it with fixed_point or nn.DEQ"):
+        idf.root(lambda y: y - 1, torch.zeros(2, dtype=D), adjoint=idf.FixedPointAdjoint())

@@ -345,3 +345,30 @@ def test_auto_solver_is_inspectable_and_matches_the_string_forms(g):
                                idf.linear_solve(A, b, solver="gmres", rtol=1e-13))
     torch.testing.assert_close(idf.linear_solve(A, b, solver=linalg.SVD(rank_rtol=1e-12)), torch.linalg.solve(A, b))
     assert linalg.CG(rtol=1e-3).options() == {"rtol": 1e-3}
+
+
+# ============================================================================ sparse direct (splu)
+def _sparse(A):
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")  # torch's "sparse CSR is beta" note
+        return A.to_sparse_csr()
+
+
+def test_splu_adversarial_inputs():
+    pytest.importorskip("scipy")
+    A = 3 * torch.eye(4, dtype=F64) + torch.diag(torch.ones(3, dtype=F64), 1)
+    S, b = _sparse(A), torch.ones(4, dtype=F64)
+    torch.testing.assert_close(idf.linear_solve(S, b, solver="splu"), torch.linalg.solve(A, b))
+    torch.testing.assert_close(idf.linear_solve(_sparse(A * 1e-300), b, solver="splu") * 1e-300,
+                               torch.linalg.solve(A, b), atol=0, rtol=1e-12)
+    assert idf.linear_solve(_sparse(torch.zeros(0, 0, dtype=F64)), torch.zeros(0, dtype=F64), solver="splu").shape == (0,)
+    with pytest.raises(InputError, match="b contains"):
+        idf.linear_solve(S, b * float("nan"), solver="splu")
+    with pytest.raises(InputError, match="sparse"):
+        idf.linear_solve(A, b, solver="splu")
+    with pytest.raises(InputError, match="'rtol' does not apply to solver='splu'"):
+        idf.linear_solve(S, b, solver="splu", rtol=1e-3)
+    with pytest.raises(InputError, match="b has dtype"):
+        idf.linear_solve(S, b.long(), solver="splu")
+    with pytest.raises(SolveError, match="SINGULAR"):
+        idf.linear_solve(_sparse(torch.zeros(4, 4, dtype=F64)), b, solver="splu")

@@ -1,10 +1,11 @@
-"""Dtype-aware default tolerances, in one place so every solver agrees."""
+"""Defaults of the solvers and strategies, in one place so every solver agrees: tolerances, limits, thresholds."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["eps", "default_rtol", "rank_rtol"]
+__all__ = ["eps", "default_rtol", "rank_rtol", "SOLVER_MAX_ITER", "DENSE_MAX", "DEQ_ANDERSON_START_RATE",
+           "ADJOINT_PICARD_MAX_ITER"]
 
 
 def eps(dtype: torch.dtype) -> float:
@@ -24,3 +25,16 @@ def rank_rtol(dtype: torch.dtype, m: int, n: int) -> float:
     matrix counts as singular when its reciprocal condition estimate is below it.
     """
     return eps(dtype) * max(m, n, 1)
+
+
+#: Iteration limits of the forward solvers when ``max_iter`` is not given (per solver name).
+SOLVER_MAX_ITER = {"newton": 50, "broyden": 100, "anderson": 100, "picard": 200, "lbfgs": 200}
+
+#: ``Implicit(solver="auto")``: the per-element size up to which the adjoint is solved densely (LU).
+DENSE_MAX = 200
+
+#: The DEQ's Anderson starts mixing only when the plain steps stop contracting by this factor per step.
+DEQ_ANDERSON_START_RATE = 0.8
+
+#: Iteration limit of :class:`~implicitdiff.FixedPointAdjoint`'s Picard loop.
+ADJOINT_PICARD_MAX_ITER = 200

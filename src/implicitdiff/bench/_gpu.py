@@ -1,5 +1,5 @@
 """The prepared GPU run behind ``.ci/gpu``: the CUDA tests, then ``implicitdiff bench NAME --device
-cuda --quick`` for linear, qp, deq (and cone, once it exists), within a time budget; one table.
+cuda --quick`` for linear, qp, deq and cone, within a time budget; one table.
 
 Each step runs in a process of its own (a crash or a hang costs that step only), with the time
 left in the budget as its limit; a step that cannot start in time is reported as skipped.
@@ -11,7 +11,7 @@ the run uses the interpreter it is started with.
 ``--device cpu`` runs the same steps on the CPU (the tests of ``tests/test_devices.py`` that are
 not CUDA-only), which is how the logic is tested on a machine without a GPU; ``--dry-run`` prints
 the steps and runs nothing.  Exit codes: 0 every step passed; 1 a step failed, timed out or was
-skipped; 2 a usage error (CUDA requested where there is none).
+skipped; 2 a usage error (CUDA requested where there is none); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -166,7 +166,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f".ci/gpu: error: {problem}", file=sys.stderr)
         return 2
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-    outcomes = run_steps(steps, budget_s=args.budget, out_dir=args.out, env=env)
+    try:
+        outcomes = run_steps(steps, budget_s=args.budget, out_dir=args.out, env=env)
+    except KeyboardInterrupt:
+        print(".ci/gpu: interrupted", file=sys.stderr)
+        return 130
     print(table(outcomes, device=args.device, budget_s=args.budget))
     return 0 if all(o.status == "ok" for o in outcomes) else 1
 

@@ -51,6 +51,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..implicit.fixed_point_adjoint import picard_adjoint
+from ..solvers.objects import Anderson, Picard
 from ..layers.deq import ANDERSON_START_RATE, deq
 from ..implicit.adjoint import Implicit, Neumann
 from ..linalg.krylov import gmres
@@ -121,8 +122,8 @@ def _torchdeq(**kw):
 
 
 def _methods(k_unroll: int, with_lu: bool) -> dict:
-    m = {"ours": _ours(), "ours anderson": _ours(solver_options={"start_rate": 0.0}),
-         "ours picard": _ours(solver="picard"),
+    m = {"ours": _ours(), "ours anderson": _ours(solver=Anderson(freeze=False)),
+         "ours picard": _ours(solver=Picard(freeze=False)),
          "ours gmres": _ours(adjoint=Implicit(solver="gmres", rtol=TOL)), "ours neumann5": _ours(adjoint=Neumann(5))}
     if with_lu:
         m["ours lu"] = _ours(adjoint=Implicit(solver="lu"))

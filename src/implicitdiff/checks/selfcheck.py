@@ -29,6 +29,8 @@ import torch
 
 from ..layers.linear_solve import ambiguity, linear_solve
 from ..linalg.selection import Nearest, Pinned
+from .._core.errors import InputError
+from .._core.options import check_choice, check_int
 from .check_gradients import check_gradients
 from .report import GradientReport
 
@@ -90,6 +92,10 @@ def run(*, device="cpu", dtype=torch.float64, pattern: Optional[str] = None, see
         >>> [(r.case.name, r.passed) for r in results]
         [('linear_solve/auto_square', True)]
     """
+    check_choice("dtype", dtype, (torch.float64, torch.float32))
+    check_int("seed", seed, allow_none=False)
+    if pattern is not None and not isinstance(pattern, str):
+        raise InputError(f"pattern must be a string (a part of a case's name) or None, got {type(pattern).__name__}")
     out = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny cases: extra threads only synchronise (and crawl on a busy machine)

@@ -25,9 +25,9 @@ forward (:meth:`ConeFn.jvp`) solves.  ``DΠ_{K*}`` is in :mod:`.cone_projection`
 convention at non-differentiable points.  Elements whose forward failed get ``M = I`` and
 zero cotangents (no NaN reaches a shared input's gradient).  A singular ``M`` means the
 solution is not unique (common in modelling-tool output: an auxiliary variable of an inactive
-constraint, e.g. ``t`` in ``‖x‖ ≤ t ≤ 1``); the LU solve's residual check detects it and
-those elements use the min-norm solution ``M⁺ g`` (as diffcp's LSQR mode), which gives the
-exact derivative of every unique part of the solution.
+constraint, e.g. ``t`` in ``‖x‖ ≤ t ≤ 1``); the solves use a shifted LU with iterative
+refinement, which converges to a solution of a consistent singular system, so every unique
+part of the solution gets its exact derivative (diffcp uses LSQR for the same reason).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._core.status import Status
+from .._core.validate import is_vmapped
 from ..linalg.cone_spec import ConeSpec
-from .cone_projection import dual_projection_jacobian, project_dual
+from .cone_projection import apply_block_diagonal, dual_projection_jacobian, project_dual
 
 __all__ = ["ConeFn", "ConeProblem"]
 
@@ -61,7 +62,7 @@ class ConeProblem(NamedTuple):
 
     spec: ConeSpec
     solver: Any
-    refine: int = 2
+    refine: int = 1
 
 
 def _system(A, b, c, x, y, s, ok, spec):
@@ -69,17 +70,17 @@ def _system(A, b, c, x, y, s, ok, spec):
     B, m, n = A.shape
     N = n + m + 1
     D = dual_projection_jacobian(spec, y, s)
-    Q = A.new_zeros(B, N, N)
-    Q[:, :n, n:n + m] = A.mT
-    Q[:, :n, -1] = c
-    Q[:, n:n + m, :n] = -A
-    Q[:, n:n + m, -1] = b
-    Q[:, -1, :n] = -c
-    Q[:, -1, n:n + m] = -b
-    M = Q.clone()
-    M[:, :, n:n + m] = Q[:, :, n:n + m] @ D
-    # M = Q·DΠ − DΠ + I: only the v-block of DΠ differs from I
-    M[:, n:n + m, n:n + m] += torch.eye(m, dtype=A.dtype, device=A.device) - D
+    # M = Q·DΠ − DΠ + I.  Q's u- and w-columns meet the identity blocks of DΠ; its v-columns are
+    # (Aᵀ, 0, −bᵀ), so they become (AᵀD, I − D, −bᵀD) with D = DΠ_{K*} symmetric block-diagonal.
+    DA = apply_block_diagonal(spec, D, torch.cat([A, b[..., None]], -1))
+    M = A.new_zeros(B, N, N)
+    M[:, :n, n:n + m] = DA[..., :n].mT
+    M[:, -1, n:n + m] = -DA[..., n]
+    M[:, n:n + m, n:n + m] = torch.eye(m, dtype=A.dtype, device=A.device) - D
+    M[:, :n, -1] = c
+    M[:, n:n + m, :n] = -A
+    M[:, n:n + m, -1] = b
+    M[:, -1, :n] = -c
     # M is singular: N is homogeneous of degree 0, so M z = N(z) = 0, and Mᵀℓ = 0 for ℓ = Π(z) =
     # (x, y, 1).  The null direction z changes (ẋ, ẏ, ṡ) by nothing, and every right-hand side
     # Q̇ℓ is consistent (ℓᵀQ̇ℓ = 0, Q̇ skew).  Adding ℓ e_wᵀ makes M nonsingular and picks the
@@ -91,20 +92,41 @@ def _system(A, b, c, x, y, s, ok, spec):
     return M, D
 
 
-def _solve(M, g, adjoint=False):
-    """``M⁻¹ g`` (``M⁻ᵀ g`` with ``adjoint``) by batched LU; where LU is singular or inaccurate, the
-    min-norm least-squares solution (pseudo-inverse), as diffcp's LSQR mode gives."""
-    LU, piv, _ = torch.linalg.lu_factor_ex(M)
-    sol = torch.linalg.lu_solve(LU, piv, g[..., None], adjoint=adjoint)[..., 0]
+def _shifted_lu(M):
+    """LU of ``M + δI``, ``δ = √eps·max|M|``: nonsingular even where ``M`` is singular (a solution
+    that is not unique), and a Newton / refinement step with it differs from one with ``M`` by a
+    factor ``1 + O(δ‖M⁻¹‖)``."""
+    delta = torch.finfo(M.dtype).eps ** 0.5 * M.abs().amax((-2, -1)).clamp(min=1.0)
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    LU, piv, _ = torch.linalg.lu_factor_ex(M + delta[:, None, None] * eye)
+    return LU, piv
+
+
+def _solve(M, g, adjoint=False, fac=None, steps=4):
+    """``M⁻¹ g`` (``M⁻ᵀ g`` with ``adjoint``) by iterative refinement with a shifted LU.
+
+    ``fac``: the shifted LU of a nearby matrix (the last refinement step's, a Newton step away);
+    where refinement with it does not converge, a fresh shifted LU of ``M``.  Where ``M`` is
+    singular (a non-unique solution) and the system consistent, the iteration converges to one
+    of its solutions (iterated Tikhonov), which gives the derivative of every unique part of
+    the solution; an inconsistent system (a cotangent on a non-unique part) gets a bounded,
+    regularized answer."""
     Mo = M.mT if adjoint else M
-    res = _mv(Mo, sol) - g
-    scale = g.abs().amax(-1) + Mo.abs().amax((-2, -1)) * sol.abs().amax(-1)
-    rel = res.abs().amax(-1) / scale.clamp(min=torch.finfo(M.dtype).tiny)
-    bad = ~(rel <= 1e3 * torch.finfo(M.dtype).eps ** 0.5)
-    if bool(bad.any()):
-        Mb = Mo[bad]
-        sol = sol.clone()
-        sol[bad] = (torch.linalg.pinv(Mb, hermitian=False) @ g[bad][..., None])[..., 0]
+
+    def run(LU, piv):
+        sol = torch.linalg.lu_solve(LU, piv, g[..., None], adjoint=adjoint)[..., 0]
+        for _ in range(steps):
+            res = g - _mv(Mo, sol)
+            sol = sol + torch.linalg.lu_solve(LU, piv, res[..., None], adjoint=adjoint)[..., 0]
+        res = g - _mv(Mo, sol)
+        scale = g.abs().amax(-1) + Mo.abs().amax((-2, -1)) * sol.abs().amax(-1)
+        return sol, res.abs().amax(-1) / scale.clamp(min=torch.finfo(M.dtype).tiny)
+
+    if fac is not None and not (is_vmapped(M) or is_vmapped(g)):  # (the test below reads data)
+        sol, rel = run(*fac)
+        if bool((rel <= torch.finfo(M.dtype).eps ** 0.75).all()):
+            return sol
+    sol, _ = run(*_shifted_lu(M))
     return sol
 
 
@@ -126,15 +148,18 @@ def refine(A, b, c, x, y, s, ok, spec, steps):
     An interior point stops at a small duality gap, but on a curved cone (second-order, PSD) the
     gap is quadratic in the distance along the cone's boundary: its ``x`` is only about ``√gap``
     accurate.  Newton on ``N`` converges quadratically at a regular solution; a step is kept only
-    where it decreases ``‖N‖``.
+    where it decreases ``‖N‖``.  Returns the refined ``(x, y, s)`` and the last step's LU of
+    ``M`` (``(None, None)`` without steps), which the derivative reuses.
     """
     n = x.shape[-1]
     u, v = x.clone(), y - s
     res, yv = _residual_map(A, b, c, u, v, spec, s, y)
     nrm = res.abs().amax(-1)
+    LU = piv = None
     for _ in range(steps):
         M, _ = _system(A, b, c, u, yv, yv - v, ok, spec)
-        dz = torch.linalg.solve_ex(M, res)[0]
+        LU, piv = _shifted_lu(M)
+        dz = torch.linalg.lu_solve(LU, piv, res[..., None])[..., 0]
         un, vn = u - dz[:, :n], v - dz[:, n:-1]
         wn = 1 - dz[:, -1:]
         un, vn = un / wn, vn / wn
@@ -145,11 +170,15 @@ def refine(A, b, c, x, y, s, ok, spec, steps):
         res = torch.where(better, rn, res)
         nrm = torch.where(better[:, 0], nn, nrm)
     okc = ok[:, None]
-    return (torch.where(okc, u, x), torch.where(okc, yv, y), torch.where(okc, yv - v, s))
+    return (torch.where(okc, u, x), torch.where(okc, yv, y), torch.where(okc, yv - v, s)), (LU, piv)
+
+
+def unfold_lu(t, V):
+    return t.reshape((V, t.shape[0] // V) + t.shape[1:])
 
 
 class ConeFn(torch.autograd.Function):
-    """``(x, y, s, status, residual, iterations) = ConeFn.apply(A, b, c, problem)``.
+    """``(x, y, s, status, residual, iterations, LU, pivots) = ConeFn.apply(A, b, c, problem)``.
 
     ``A (B, m, n)``, ``b (B, m)``, ``c (B, n)`` batched (the caller expands shared inputs, so
     autograd sums their gradients); outputs ``x (B, n)``, ``y, s (B, m)`` differentiable.
@@ -158,42 +187,63 @@ class ConeFn(torch.autograd.Function):
     @staticmethod
     def forward(A, b, c, problem):
         x, y, s, status, residual, iters = problem.solver.solve(A, b, c, problem.spec)
+        LU = piv = None
         if problem.refine:
-            x, y, s = refine(A, b, c, x, y, s, status == Status.SUCCESS, problem.spec, problem.refine)
-        return x, y, s, status, residual, iters
+            (x, y, s), (LU, piv) = refine(A, b, c, x, y, s, status == Status.SUCCESS, problem.spec,
+                                          problem.refine)
+        if LU is None:  # no refinement: the derivative factorizes its own M
+            LU, piv = A.new_zeros(0), torch.zeros(0, dtype=torch.int32, device=A.device)
+        return x, y, s, status, residual, iters, LU, piv
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         A, b, c, problem = inputs
-        x, y, s, status, residual, iters = output
-        ctx.mark_non_differentiable(status, residual, iters)
+        x, y, s, status, residual, iters, LU, piv = output
+        ctx.mark_non_differentiable(status, residual, iters, LU, piv)
+        ctx.set_materialize_grads(False)
         ctx.spec = problem.spec
-        ctx.save_for_backward(A, b, c, x, y, s, status)
-        ctx.save_for_forward(A, b, c, x, y, s, status)
+        ctx.save_for_backward(A, b, c, x, y, s, status, LU, piv)
+        ctx.save_for_forward(A, b, c, x, y, s, status, LU, piv)
+
+    @staticmethod
+    def vmap(info, in_dims, A, b, c, problem):
+        # the function is batched already: fold the vmapped dim into the batch, solve, unfold
+        V = info.batch_size
+        flat = []
+        for t, d in zip((A, b, c), in_dims[:3]):
+            t = t.unsqueeze(0).expand((V,) + t.shape) if d is None else t.movedim(d, 0)
+            flat.append(t.reshape((-1,) + t.shape[2:]))
+        out = ConeFn.apply(*flat, problem)
+        unfold = [t.reshape((V, t.shape[0] // V) + t.shape[1:]) for t in out[:6]]
+        LU, piv = out[6:]
+        if LU.numel():
+            return tuple(unfold) + (unfold_lu(LU, V), unfold_lu(piv, V)), (0,) * 8
+        return tuple(unfold) + (LU, piv), (0,) * 6 + (None, None)
 
     @staticmethod
     def _unpack(ctx):
-        A, b, c, x, y, s, status = ctx.saved_tensors
+        A, b, c, x, y, s, status, LU, piv = ctx.saved_tensors
         ok = status == Status.SUCCESS
         z = torch.zeros_like
         x, y, s = (torch.where(ok[:, None], t, z(t)) for t in (x, y, s))
         M, D = _system(A, b, c, x, y, s, ok, ctx.spec)
-        return A, b, c, x, y, s, ok, M, D
+        fac = (LU, piv) if LU.numel() else None
+        return A, b, c, x, y, s, ok, M, D, fac
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gx, gy, gs, *_):
-        A, b, c, x, y, s, ok, M, D = ConeFn._unpack(ctx)
+        A, b, c, x, y, s, ok, M, D, fac = ConeFn._unpack(ctx)
         B, m, n = A.shape
         gx = torch.zeros_like(x) if gx is None else gx
         gy = torch.zeros_like(y) if gy is None else gy
         gs = torch.zeros_like(s) if gs is None else gs
         okc = ok[:, None]
         gx, gy, gs = (torch.where(okc, t, torch.zeros_like(t)) for t in (gx, gy, gs))
-        gv = ((gy + gs)[:, None, :] @ D)[:, 0] - gs
+        gv = apply_block_diagonal(ctx.spec, D, (gy + gs)[..., None])[..., 0] - gs  # D symmetric
         gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
         g = torch.cat([gx, gv, gw[:, None]], -1)
-        r = -_solve(M, g, adjoint=True)
+        r = -_solve(M, g, adjoint=True, fac=fac)
         ru, rv, rw = r[:, :n], r[:, n:n + m], r[:, -1:]
         gA = y[:, :, None] * ru[:, None, :] - rv[:, :, None] * x[:, None, :]
         gb = rv - rw * y
@@ -202,7 +252,7 @@ class ConeFn(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dA, db, dc, _):
-        A, b, c, x, y, s, ok, M, D = ConeFn._unpack(ctx)
+        A, b, c, x, y, s, ok, M, D, fac = ConeFn._unpack(ctx)
         B, m, n = A.shape
         dA = torch.zeros_like(A) if dA is None else dA
         db = torch.zeros_like(b) if db is None else db
@@ -211,10 +261,10 @@ class ConeFn(torch.autograd.Function):
                        -_mv(dA, x) + db,
                        (-(dc * x).sum(-1) - (db * y).sum(-1))[:, None]], -1)
         g = torch.where(ok[:, None], g, torch.zeros_like(g))
-        dz = -_solve(M, g)
+        dz = -_solve(M, g, fac=fac)
         du, dv, dw = dz[:, :n], dz[:, n:n + m], dz[:, -1:]
-        Ddv = _mv(D, dv)
+        Ddv = apply_block_diagonal(ctx.spec, D, dv[..., None])[..., 0]
         dx = du - x * dw
         dy = Ddv - y * dw
         ds = Ddv - dv - s * dw
-        return dx, dy, ds, None, None, None
+        return dx, dy, ds, None, None, None, None, None

@@ -234,8 +234,8 @@ def solve(spec: SolveSpec, A: torch.Tensor, B: torch.Tensor):
 class _EagerLUSolveFn(torch.autograd.Function):
     """``X = A⁻¹ B`` with the LU of ``A`` (``lu``) or of ``Aᵀ`` (``lu_t``), in the old style (``forward(ctx, ...)``).
 
-    A ``setup_context`` Function costs ~25 µs more per call (argument binding by signature), a third of
-    ``torch.linalg.solve`` at n = 100; old-style Functions do not compose with ``torch.func``
+    A ``setup_context`` Function binds its arguments by signature on every call, a third of the time
+    of ``torch.linalg.solve`` at n = 100 (``docs/benchmarks.md``); old-style Functions do not compose with ``torch.func``
     transforms, so this one is used only outside them (:func:`fast_square_solve`).  ``b`` may be a
     vector (``vector``: no autograd nodes for the unsqueeze/squeeze); a screening vector ``z`` rides
     along in the same triangular solves and ``A⁻¹z`` comes back as a second, non-differentiable

@@ -82,9 +82,12 @@ class SpluSolveFn(torch.autograd.Function):
         # Relative backward error ‖B − A X‖ / (‖A‖_F ‖X‖ + ‖B‖), O(nnz): near eps for a sound LU; a large
         # value means the factors are useless (reported SINGULAR), never a silently wrong X.
         Xn = X.numpy()
-        num = np.linalg.norm(Bn - M @ Xn)
-        den = np.linalg.norm(csc.data) * np.linalg.norm(Xn) + np.linalg.norm(Bn)
-        residual = float(num / den) if den > 0 else 0.0
+        # the norms as max|v| · ‖v / max|v|‖ (no overflow at |x| ~ 1e300, no underflow at 1e-300),
+        # the ratio as a product of ratios
+        (na, sa), (nx, sx), (nb, sb) = (_scaled_norm(np, v) for v in (csc.data, Xn, Bn))
+        nr, sr = _scaled_norm(np, Bn - M @ Xn)
+        den = na * nx * (sa * sx / sr) + nb * (sb / sr) if sr > 0 else 1.0
+        residual = float(nr / den) if sr > 0 and den > 0 else 0.0
         # A backward-stable LU has a small backward error even for a nearly singular A, so a tiny pivot is
         # detected from U's diagonal: the pivot ratio max|u_ii| / min|u_ii| (a cheap condition indicator, not a
         # bound) above 1 / rank_rtol = 1 / (eps · n).
@@ -126,6 +129,14 @@ class SpluSolveFn(torch.autograd.Function):
     def jvp(ctx, *tangents):
         raise InputError("forward mode (jvp) is not implemented for solver='splu'; use reverse mode, or "
                          "solver='lu' on a dense A")
+
+
+def _scaled_norm(np, v):
+    """``(‖v/s‖, s)`` with ``s = max|v|`` (``(0, 0)`` for a zero or empty ``v``): ``‖v‖ = s · ‖v/s‖``."""
+    s = float(np.abs(v).max()) if v.size else 0.0
+    if not s > 0 or not np.isfinite(s):
+        return (float(np.linalg.norm(v)) if v.size else 0.0), (1.0 if s == 0 or not v.size else s)
+    return float(np.linalg.norm(v / s)), s
 
 
 def splu_solve(A: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, SolveInfo]:
@@ -188,6 +199,10 @@ def splu_solve(A: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, SolveInf
         raise InputError(f"b has shape {tuple(b.shape)} but A is {n} × {n}: b must be ({n},) or (*, {n}, k)")
     # (*, n, k) -> (n, *·k): every right-hand side is a column of one SuperLU solve
     B = b.unsqueeze(-1) if vector else b
+    if n == 0 or B.numel() == 0:  # nothing to factorize: the (empty or zero) solution, zero gradients
+        zero = torch.zeros((), dtype=torch.int64)
+        x = torch.zeros(b.shape[:-2] + (n, b.shape[-1]) if not vector else (n,), dtype=b.dtype) + 0 * b.sum()
+        return x, SolveInfo(zero, torch.zeros((), dtype=b.dtype), zero, cond=torch.ones((), dtype=b.dtype))
     batch, k = B.shape[:-2], B.shape[-1]
     B2 = B.movedim(-2, 0).reshape(n, -1)
     X2, status, residual, cond, _lu = SpluSolveFn.apply(A, B2)

@@ -7,8 +7,6 @@ those into a :class:`~implicitdiff.implicit.root.RootProblem` and applies it.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import replace
 from typing import Callable
 
@@ -24,9 +22,10 @@ from ..implicit.adjoint import Unroll, check_adjoint
 from ..implicit.fixed_point_adjoint import FixedPointAdjoint
 from ..implicit.root import RootFn, RootProblem, may_speculate
 from ..implicit.unroll import unrolled_newton, unrolled_picard
+from ..solvers.objects import Solver, as_solver
 from ..solvers.registry import get_root_solver
 
-__all__ = ["solve_implicit", "forward_solver", "check_solver_options", "FORWARD_HINTS"]
+__all__ = ["solve_implicit", "forward_solver", "reject_solver_options", "with_iterate", "FORWARD_HINTS"]
 
 FORWARD_HINTS = {
     Status.MAX_ITERATIONS: "raise max_iter, loosen rtol/atol, start closer (y0), or try another solver; if the "
@@ -80,6 +79,9 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
     hints = FORWARD_HINTS if hints is None else {**FORWARD_HINTS, **hints}
 
     if isinstance(adjoint, Unroll):
+        if isinstance(solve, Solver):  # the stopping rule of the solver object
+            rtol, atol, max_iter = solve.rtol, solve.atol, solve.max_iter
+        atol = 0.0 if atol is None else atol
         F_p = lambda y: F(y, *params)  # noqa: E731
         n_iter = adjoint.max_iter or max_iter or (500 if unroll == "picard" else 50)
         run = unrolled_picard if unroll == "picard" else unrolled_newton
@@ -116,58 +118,29 @@ def _empty_info(y0, batch_dims):
     return SolveInfo(z, torch.zeros(shape, dtype=y0.dtype, device=y0.device), z.clone())
 
 
-def check_solver_options(fn: Callable, options: dict, where: str = "solver_options") -> dict:
-    """``options`` after checking that ``fn`` (a forward solver) takes every key as a keyword."""
-    if not isinstance(options, dict):
-        raise InputError(f"{where} must be a dict of keyword arguments of the solver, got {type(options).__name__}")
-    if not options:
-        return options
-    taken = _keywords(fn)
-    if taken is None:  # **kwargs, or a callable without a signature: its own error will do
-        return options
-    reserved = {"rtol", "atol", "max_iter", "batch_dims"}
-    for key in options:
-        if key in reserved:
-            raise InputError(f"{where} must not set {key!r}: pass {key}= to the call itself")
-        if key not in taken:
-            name = getattr(fn, "__name__", "the solver")
-            valid = ", ".join(sorted(taken - reserved)) or "none"
-            raise InputError(f"{where} has {key!r}, which {name} does not take; its options: {valid}")
-    return options
+def reject_solver_options(solver_options) -> None:
+    """``solver_options`` was removed: options live on the solver object."""
+    if solver_options is not None:
+        raise InputError("solver_options was removed: options live on the solver object, e.g. "
+                         "solver=implicitdiff.solvers.Anderson(m=5, beta=0.5) or Newton(line_search=False) "
+                         "(rtol/atol/max_iter may stay keywords of the call)")
 
 
-def forward_solver(name_or_fn, *, registry: Callable, rtol, atol, max_iter, options: dict | None):
-    """Wrap a solver name (looked up in ``registry``) or a user callable as ``solve(F, y0, params, batch_dims)``."""
-    options = {} if options is None else options
-    kw = {"rtol": check_real("rtol", rtol, low=0.0), "atol": check_real("atol", atol, low=0.0)}
+def forward_solver(solver, *, rtol, atol, max_iter, solver_options=None,
+                   allowed=("newton", "broyden", "anderson", "picard")):
+    """``solve(F, y0, params, batch_dims, **call)``: a :class:`~implicitdiff.solvers.objects.Solver`
+    (from a name with the call's ``rtol``/``atol``/``max_iter``, or an object with them merged in),
+    or a user callable wrapped to receive them as keywords."""
+    reject_solver_options(solver_options)
+    s = as_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, allowed=allowed)
+    if isinstance(s, Solver):
+        return s
+    kw = {"rtol": check_real("rtol", rtol, low=0.0), "atol": check_real("atol", atol, low=0.0) or 0.0}
     max_iter = check_int("max_iter", max_iter, low=0)
     if max_iter is not None:
         kw["max_iter"] = max_iter
-    if callable(name_or_fn):
-        fn = name_or_fn
-        options = dict(check_solver_options(fn, options) if not _is_user(fn) else options)
-    else:
-        fn = registry(name_or_fn)
-        options = dict(check_solver_options(fn, options))
 
-    def solve(F, y0, params, batch_dims):
-        return fn(F, y0, params, batch_dims=batch_dims, **kw, **options)
+    def solve(F, y0, params, batch_dims, **call):
+        return s(F, y0, params, batch_dims=batch_dims, **kw, **call)
 
     return solve
-
-
-@functools.lru_cache(maxsize=64)
-def _keywords(fn) -> frozenset | None:
-    """The keyword-only parameters of a solver function (``None``: it takes ``**kwargs``, or has no signature)."""
-    try:
-        ps = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values()):
-        return None
-    return frozenset(k for k, p in ps.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
-
-
-def _is_user(fn) -> bool:
-    """A user's solver callable (not one of the library's): its keywords are its own business."""
-    return not getattr(fn, "__module__", "").startswith("implicitdiff.")

@@ -8,11 +8,8 @@ import torch
 
 from .._core.status import Status
 from ..implicit.adjoint import Implicit
-from ..solvers.lbfgs import lbfgs
-from ..solvers.newton import newton
-from ..solvers.registry import get_root_solver
-from .._core.options import check_int, check_real
-from ._implicit import check_solver_options, forward_solver, solve_implicit
+from ..solvers.objects import LBFGS, Newton
+from ._implicit import forward_solver, solve_implicit
 
 __all__ = ["argmin", "gradient_residual", "ARGMIN_HINTS"]
 
@@ -39,7 +36,7 @@ def gradient_residual(f: Callable, batch_dims: int = 0) -> Callable:
     return F
 
 
-def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=None, atol=0.0, max_iter=None,
+def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=None, atol=None, max_iter=None,
            batch_dims=0, on_failure="raise", return_info=False, solver_options=None):
     r"""Find ``y* = argmin_y f(y, *params)`` from ``y0``; gradients through ``∇_y f(y*, θ) = 0``.
 
@@ -49,9 +46,9 @@ def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=No
     Args:
         f: ``f(y, *params)`` returning a scalar (or one value per batch element).
         y0: starting point (no gradient).
-        solver: ``"lbfgs"`` (default; under ``torch.func.vmap`` Newton on ``∇f``
-            is used, as the objective is not vmapped), ``"newton"`` (on ``∇f``, its Hessian
-            factorization is reused by the backward), or any root solver name or callable.
+        solver: ``LBFGS(...)`` (default ``"lbfgs"``; under ``torch.func.vmap`` Newton on ``∇f``
+            is used, as the objective is not vmapped), ``Newton(...)`` (on ``∇f``, its Hessian
+            factorization is reused by the backward), any root solver object or name, or a callable.
         Other arguments as :func:`implicitdiff.root`; the stopping rule is
         ``‖∇f(y)‖ ≤ atol + rtol ‖∇f(y0)‖``.
 
@@ -67,24 +64,17 @@ def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=No
         True
     """
     F = gradient_residual(f, batch_dims)
-    if isinstance(solver, str) and solver == "lbfgs":
-        rtol = check_real("rtol", rtol, low=0.0)
-        atol = check_real("atol", atol, low=0.0, allow_none=False)
-        max_iter = check_int("max_iter", max_iter, low=0)
-        kw = dict(check_solver_options(lbfgs, {} if solver_options is None else solver_options))
-        if max_iter is not None:
-            kw["max_iter"] = max_iter
+    solve = forward_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, solver_options=solver_options,
+                           allowed=("lbfgs", "newton", "broyden", "anderson", "picard"))
+    if isinstance(solve, LBFGS):
+        lb = solve
 
-        def solve(F_, y0_, params, bd):
+        def solve(F_, y0_, params, bd, **call):
             if bd != batch_dims:
                 # under vmap the mechanism hands over a vmapped gradient F_ (and one more batch dim);
                 # the objective itself is not vmapped, so solve ∇f = 0 by Newton on F_ instead
-                return newton(F_, y0_, params, batch_dims=bd, rtol=rtol, atol=atol,
-                              **({"max_iter": max_iter} if max_iter is not None else {}))
-            return lbfgs(f, y0_, params, batch_dims=bd, rtol=rtol, atol=atol, **kw)
-    else:
-        solve = forward_solver(solver, registry=get_root_solver, rtol=rtol, atol=atol, max_iter=max_iter,
-                               options=solver_options)
+                return Newton(rtol=lb.rtol, atol=lb.atol, max_iter=lb.max_iter)(F_, y0_, params, bd)
+            return lb(f, y0_, params, bd, **call)
     return solve_implicit(F, y0, params, solve=solve, adjoint=adjoint, batch_dims=batch_dims,
                           on_failure=on_failure, return_info=return_info, what="argmin", symmetric=True, definite=True,
                           hints=ARGMIN_HINTS,

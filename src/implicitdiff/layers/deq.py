@@ -13,40 +13,38 @@ they are explicit inputs of the implicit mechanism and every one of them
 receives its gradient (a parameter captured by a closure would silently get
 none).
 
-Defaults, measured on ``benchmarks/deq.py`` (width 256, batch 64, float64, one
-thread, tolerance 1e-6; a cell evaluation 0.5 ms, a VJP 0.3 ms).  There every
-method needs 12–13 iterations: the eigenvalues of ``∂f/∂z`` fill a disk, on which
-neither Anderson mixing nor a Krylov method converges faster than Picard.
+Defaults (measured in ``benchmarks/deq.py``, figures in ``docs/benchmarks.md``).  On a
+typical contractive cell every method needs about the same number of iterations: the
+eigenvalues of ``∂f/∂z`` fill a disk, on which neither Anderson mixing nor a Krylov method
+converges faster than Picard.
 
-* Forward: ``solver="anderson"`` started lazily (:data:`ANDERSON_START_RATE`):
-  plain steps ``z ← f(z, x)`` while the worst sample's residual shrinks by ≥ 20 %
-  per step; mixing (0.3 ms per step) only where it does not — slowly or
-  non-contracting cells, where it saves evaluations.  The plain steps run the
-  whole batch without masks (``freeze=False``, the DEQ's default for
-  ``"anderson"`` and ``"picard"``): a sample that has converged keeps iterating
-  while others run — on a contraction it only gets more accurate — and a step
-  costs the cell plus ~0.03 ms (one norm, one host read).  Its ``iterations``
-  count the steps it needed; ``solver_options={"freeze": True}`` stops each
-  sample where it converged (its result then does not depend on the batch).
-* The last evaluation is recorded: when the residual trend predicts that the
-  next step meets the tolerance, that cell evaluation runs with autograd
-  recording (:class:`~implicitdiff.implicit.root.Speculation`), and the
-  backward takes its products from that graph instead of evaluating the cell
-  again at ``z*``.  The graph is kept until the backward: what torchdeq keeps
-  too (the cell's saved tensors at ``z*``).
-* Backward: :data:`DEFAULT_ADJOINT` ``= FixedPointAdjoint()`` iterates the
-  adjoint fixed point by Picard in a dedicated loop (:mod:`implicitdiff.implicit.fixed_point_adjoint`): its
-  first step is free, then one VJP of the cell (through the autograd engine
-  directly, :mod:`implicitdiff._core.engine`) and ~0.03 ms per step; GMRES only
-  for samples where that fails.  ``Implicit(solver="gmres")`` takes as many
-  iterations at ~1.1 ms each (its batched Arnoldi step costs twice a VJP);
-  ``Implicit(solver="auto")`` — dense LU, the mechanism's default at this size —
-  first builds each sample's 256 × 256 Jacobian from 256 VJPs: ~17× the whole
-  forward solve.
+* Forward: :data:`DEFAULT_SOLVER` ``= Anderson(start_rate=0.8, freeze=False)``: plain steps
+  ``z ← f(z, x)`` while the worst sample's residual shrinks by ≥ 20 % per step; mixing only
+  where it does not — slowly or non-contracting cells, where it saves evaluations.  The
+  plain steps run the whole batch without masks (``freeze=False``): a sample that has
+  converged keeps iterating while others run — on a contraction it only gets more accurate —
+  and a step costs the cell plus one norm and one host read.  Its ``iterations`` count the
+  steps it needed; ``solver=Anderson(start_rate=0.8, freeze=True)`` stops each sample where it
+  converged (its result then does not depend on the batch); ``solver="anderson"`` is
+  ``Anderson()``, the same algorithm as :func:`~implicitdiff.fixed_point`'s.
+* The last evaluation is recorded: when the residual trend predicts that the next step meets
+  the tolerance, that cell evaluation runs with autograd recording
+  (:class:`~implicitdiff.implicit.root.Speculation`), and the backward takes its products from
+  that graph instead of evaluating the cell again at ``z*``.  The graph is kept until the
+  backward: what torchdeq keeps too (the cell's saved tensors at ``z*``).
+* Backward: :data:`DEFAULT_ADJOINT` ``= FixedPointAdjoint()`` iterates the adjoint fixed point
+  by Picard in a dedicated loop (:mod:`implicitdiff.implicit.fixed_point_adjoint`): its first
+  step is free, then one VJP of the cell per step; GMRES only for samples where that fails.
+  ``Implicit(solver="gmres")`` takes as many iterations, each about twice a VJP (the batched
+  Arnoldi step); ``Implicit(solver="auto")`` — dense LU, the mechanism's default at small
+  width — first builds each sample's Jacobian from one VJP per row.
+* Higher-order derivatives (double backward, ``jacrev``) go through the library's
+  differentiable GMRES over the cell's products: matrix-free, whatever the adjoint.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import NamedTuple, Optional
 
@@ -54,15 +52,17 @@ import torch
 
 from .._core.errors import InputError
 from .._core.failure import check_on_failure
-from .._core.options import check_bool, check_int, check_real
+from .._core.defaults import DEQ_ANDERSON_START_RATE
+from .._core.options import check_bool
 from .._core.status import SolveInfo, Status
 from ..implicit.adjoint import Implicit, Neumann, Unroll
-from ..solvers.registry import get_root_solver
+from ..solvers.objects import Anderson, Solver, as_solver
 from ..implicit.fixed_point_adjoint import DEFAULT_ADJOINT, FixedPointAdjoint
-from ._implicit import forward_solver, solve_implicit
+from ._implicit import forward_solver, reject_solver_options, solve_implicit
 from .fixed_point import fixed_point_residual
 
-__all__ = ["deq", "jacobian_penalty", "DEQInfo", "FixedPointAdjoint", "DEFAULT_ADJOINT", "ANDERSON_START_RATE",
+__all__ = ["deq", "jacobian_penalty", "DEQInfo", "FixedPointAdjoint", "DEFAULT_ADJOINT", "DEFAULT_SOLVER",
+           "ANDERSON_START_RATE",
            "DEQ_HINTS", "check_deq_options"]
 
 
@@ -161,8 +161,8 @@ def _forward_solve(solve, cell, F, trace: bool, record: dict):
     return run
 
 
-def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = None, *, solver="anderson",
-        adjoint=DEFAULT_ADJOINT, rtol=None, atol=0.0, max_iter=None, on_failure="raise", return_info=False,
+def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = None, *, solver=None,
+        adjoint=DEFAULT_ADJOINT, rtol=None, atol=None, max_iter=None, on_failure="raise", return_info=False,
         solver_options=None, trace=False):
     r"""The equilibrium ``z* = cell(z*, x)``, per sample; gradients to ``x`` and every cell parameter.
 
@@ -176,16 +176,16 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
             statistics in the cell, e.g. BatchNorm in training mode).
         x: input injection, ``(B, ...)``; receives a gradient.
         z0: initial state ``(B, ...)`` (no gradient), default zeros shaped like ``x``.
-        solver: forward solver: ``"anderson"`` (default; Anderson mixing with a
+        solver: forward solver: ``None`` is :data:`DEFAULT_SOLVER`
+            ``= Anderson(start_rate=0.8, freeze=False)`` (Anderson mixing with a
             regularized, safeguarded least-squares step, started lazily: plain
             Picard steps while every sample's residual shrinks at least by the
-            factor :data:`ANDERSON_START_RATE` ``= 0.8`` per step, and at most
-            for half of ``max_iter``; a converged sample keeps stepping while
-            others run unless ``solver_options={"freeze": True}`` — see the
-            module docstring;
-            ``solver_options={"start_rate": 0}`` mixes from the first step),
-            ``"broyden"``, ``"picard"``, ``"newton"`` or a callable (see
-            :func:`~implicitdiff.root`).
+            factor ``0.8`` per step, and at most for half of ``max_iter``; a
+            converged sample keeps stepping while others run — see the module
+            docstring); any solver object (``Anderson(...)``, ``Broyden(...)``,
+            ``Picard(...)``, ``Newton(...)``), its name (``"anderson"`` is
+            ``Anderson()``, the same algorithm as :func:`~implicitdiff.fixed_point`'s)
+            or a callable (see :func:`~implicitdiff.root`).
         adjoint: :data:`DEFAULT_ADJOINT` ``= FixedPointAdjoint()`` (exact:
             the adjoint fixed point by Picard to the forward's ``rtol``, GMRES
             where that fails); ``Implicit(solver="gmres")`` (exact,
@@ -201,8 +201,7 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
             that did not converge: a failed sample is never returned as if it
             had converged.
         return_info: also return a :class:`DEQInfo`.
-        solver_options: extra keyword arguments of the forward solver (e.g.
-            ``{"m": 5, "beta": 1.0, "start_rate": 0.8}`` for Anderson).
+        solver_options: removed (raises ``InputError``): options live on the solver object.
         trace: keep the residual of every forward iteration in ``DEQInfo.trace``.
 
     Returns:
@@ -233,22 +232,18 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
         True
     """
     z0 = _check(cell, x, z0)
-    check_deq_options(solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, max_iter=max_iter,
-                      on_failure=on_failure, solver_options=solver_options)
     check_bool("return_info", return_info)
     check_bool("trace", trace)
-    options = dict(solver_options or {})
-    if solver == "anderson":
-        options.setdefault("start_rate", ANDERSON_START_RATE)
-    if solver in ("anderson", "picard"):
-        options.setdefault("freeze", False)  # the plain steps without masks (module docstring)
-    if trace and not isinstance(adjoint, Unroll) and not callable(solver):
-        options["trace"] = True
+    # the solver and its options are validated here, the adjoint and the policy by solve_implicit
+    solve = forward_solver(DEFAULT_SOLVER if solver is None else solver, rtol=rtol, atol=atol, max_iter=max_iter,
+                           solver_options=solver_options)
+    if isinstance(solve, Solver):
+        rtol, atol, max_iter = solve.rtol, solve.atol, solve.max_iter
+        if trace and not isinstance(adjoint, Unroll):
+            solve = functools.partial(solve, trace=True)
     if isinstance(adjoint, FixedPointAdjoint) and adjoint.rtol is None and rtol is not None:
         adjoint = replace(adjoint, rtol=rtol)  # the gradient as accurate as the forward solve
     record: dict = {"trace": None}
-    solve = forward_solver(solver, registry=get_root_solver, rtol=rtol, atol=atol, max_iter=max_iter,
-                           options=options)
     F = fixed_point_residual(_cell_map(cell), _CELL)
     lifted = _lifted(cell)
     z, info = _solve(F, z0, (lifted, x), solve=_forward_solve(solve, cell, F, trace, record),
@@ -259,6 +254,7 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
 
 
 _WHAT = "deq (the fixed point z = f(z, x))"
+_CELL = "the DEQ cell, called as cell(z, x),"
 
 _NOT_CONTRACTION = ("the cell may not be a contraction at this input (its fixed point is unstable or absent): "
                     "train with Jacobian regularization (DEQ(jac_reg=1), adding layer.jac_loss to the loss), "
@@ -272,22 +268,20 @@ DEQ_HINTS = {Status.MAX_ITERATIONS: _NOT_CONTRACTION, Status.DIVERGED: _NOT_CONT
 
 def check_deq_options(*, solver, adjoint, rtol, atol, max_iter, on_failure, solver_options) -> None:
     """Validate the options of :func:`deq` / :class:`~implicitdiff.nn.DEQ` (at construction, not at the solve)."""
-    if not callable(solver):
-        get_root_solver(solver)
+    reject_solver_options(solver_options)
+    as_solver(DEFAULT_SOLVER if solver is None else solver, rtol=rtol, atol=atol, max_iter=max_iter)
     if not isinstance(adjoint, (FixedPointAdjoint, Implicit, Unroll, Neumann)):
         raise InputError("adjoint must be FixedPointAdjoint(...), implicitdiff.Implicit(...), "
                          f"implicitdiff.Neumann(k) or implicitdiff.Unroll(), got {adjoint!r}")
-    check_real("rtol", rtol, low=0.0)
-    check_real("atol", atol, low=0.0, allow_none=False)
-    check_int("max_iter", max_iter, low=0)
     check_on_failure(on_failure)
-    if solver_options is not None and not isinstance(solver_options, dict):
-        raise InputError(f"solver_options must be a dict of keyword arguments of the solver, "
-                         f"got {type(solver_options).__name__}")
-_CELL = "the DEQ cell, called as cell(z, x),"
 
-#: Anderson's lazy start in a DEQ (``solver_options["start_rate"]``, module docstring).
-ANDERSON_START_RATE = 0.8
+
+#: The DEQ's forward solver: Anderson started lazily (plain steps while every sample's residual
+#: shrinks by ``start_rate`` per step), whole-batch plain steps (``freeze=False``; module docstring).
+DEFAULT_SOLVER = Anderson(start_rate=DEQ_ANDERSON_START_RATE, freeze=False)
+
+#: Anderson's lazy start in a DEQ (:data:`DEFAULT_SOLVER`'s ``start_rate``).
+ANDERSON_START_RATE = DEQ_ANDERSON_START_RATE
 
 
 def _solve(F, z0, params, *, solve, adjoint, on_failure, rtol, atol, max_iter):

@@ -8,7 +8,6 @@ import torch
 
 from .._core.errors import InputError
 from ..implicit.adjoint import Implicit
-from ..solvers.registry import get_root_solver
 from ._implicit import forward_solver, solve_implicit
 
 __all__ = ["fixed_point", "fixed_point_residual", "FixedPointResidual"]
@@ -44,7 +43,7 @@ def fixed_point_residual(T: Callable, name: str = "T") -> FixedPointResidual:
     return FixedPointResidual(T, name)
 
 
-def fixed_point(T: Callable, z0, *params, solver="anderson", adjoint=Implicit(), rtol=None, atol=0.0,
+def fixed_point(T: Callable, z0, *params, solver="anderson", adjoint=Implicit(), rtol=None, atol=None,
                 max_iter=None, batch_dims=0, on_failure="raise", return_info=False, solver_options=None):
     r"""Find ``z* = T(z*, *params)`` from ``z0``; gradients by the implicit function theorem.
 
@@ -55,7 +54,10 @@ def fixed_point(T: Callable, z0, *params, solver="anderson", adjoint=Implicit(),
     Args:
         T: ``T(z, *params)`` returning a tensor of ``z``'s shape (pure function).
         z0: starting point (no gradient).
-        solver: ``"anderson"`` (default), ``"picard"``, ``"broyden"``, ``"newton"`` or a callable.
+        solver: ``Anderson(...)`` (default ``"anderson"``: ``Anderson()``), ``Picard(...)``,
+            ``Broyden(...)``, ``Newton(...)``, their names, or a callable.
+        adjoint: ``Implicit(...)`` (default), ``FixedPointAdjoint(...)`` (the adjoint
+            fixed point ``v = (∂T/∂z)ᵀ v + z̄`` iterated), ``Neumann(k)`` or ``Unroll()``.
         Other arguments as :func:`implicitdiff.root`; the stopping rule is
         ``‖T(z) − z‖ ≤ atol + rtol ‖T(z0) − z0‖``.
 
@@ -67,8 +69,7 @@ def fixed_point(T: Callable, z0, *params, solver="anderson", adjoint=Implicit(),
         >>> round(float(z.detach()), 8), round(float(a.grad), 6)
         (2.0, 4.0)
     """
-    solve = forward_solver(solver, registry=get_root_solver, rtol=rtol, atol=atol, max_iter=max_iter,
-                           options=solver_options)
+    solve = forward_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, solver_options=solver_options)
     return solve_implicit(fixed_point_residual(T), z0, params, solve=solve, adjoint=adjoint,
                           batch_dims=batch_dims, on_failure=on_failure, return_info=return_info,
                           what="fixed_point", neumann_alpha=-1.0, unroll="picard", rtol=rtol, atol=atol,

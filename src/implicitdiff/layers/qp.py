@@ -98,7 +98,13 @@ def qp(Q, p, G=None, h=None, A=None, b=None, *, rtol=None, max_iter=50, on_failu
             iterations per batch element) — no host sync.
         warm_start: ``z₀`` ``(*, n)`` or a tuple ``(z₀, λ₀, ν₀)`` (entries may be ``None``)
             to start the interior point from.
-        check_finite: raise :class:`~implicitdiff.InputError` on NaN/Inf (one sync).
+        check_finite: ``True``: raise :class:`~implicitdiff.InputError` on NaN/Inf (one sync);
+            ``False``: an element with NaN/Inf data gets the status ``NONFINITE`` (the others are
+            solved); ``None`` (default): ``True`` under ``on_failure="raise"``, else ``False``.
+
+    Every tolerance is relative to the data's scale: the solver sees the problem equilibrated
+    (:func:`equilibrate`).  ``Q`` must be positive semidefinite on the null space of ``A``
+    (``λ_min ≥ −1e-8·max|Qᵢⱼ|``; ``1e-5`` for float32 data), else the status is ``NONCONVEX``.
 
     Returns:
         ``z`` of shape ``(*batch, n)`` (``(n,)`` when nothing is batched); with
@@ -114,7 +120,7 @@ def qp(Q, p, G=None, h=None, A=None, b=None, *, rtol=None, max_iter=50, on_failu
     Raises:
         InputError: a missing partner (``G`` without ``h``), wrong shapes (naming the
             parameter and the expected shape), mixed dtypes/devices, NaN/Inf.
-        SolveError: an infeasible (``INFEASIBLE``) or unbounded (``UNBOUNDED``) problem,
+        SolveError: a non-convex (``NONCONVEX``), infeasible (``INFEASIBLE``) or unbounded (``UNBOUNDED``) problem,
             or no convergence, naming the status per batch element; in backward, a
             non-unique solution (singular active-set KKT system).
 
@@ -198,8 +204,8 @@ def equilibrate(Q, p, G, h, A, b):
     (feasibility, optimality, convergence, convexity) are relative to the data's scale.
     """
     sq = _scale_of(Q, (-2, -1))
-    sigma = torch.where(Q.detach().abs().amax(dim=(-2, -1)) > 0 if Q.numel() else torch.zeros_like(sq, dtype=torch.bool),
-                        sq, _scale_of(p, (-1,)))
+    nonzero = Q.detach().abs().amax(dim=(-2, -1)) > 0 if Q.numel() else torch.zeros_like(sq, dtype=torch.bool)
+    sigma = torch.where(nonzero, sq, _scale_of(p, (-1,)))
     dG, dA = _scale_of(G, (-1,)), _scale_of(A, (-1,))
     return (Q / sq[..., None, None], p / sigma.unsqueeze(-1), G / dG.unsqueeze(-1), h / dG,
             A / dA.unsqueeze(-1), b / dA), (sigma, dG, dA)

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Callable
 
 from ..implicit.adjoint import Implicit
-from ..solvers.registry import get_root_solver
 from ._implicit import forward_solver, solve_implicit
 
 __all__ = ["root"]
 
 
-def root(F: Callable, y0, *params, solver="newton", adjoint=Implicit(), rtol=None, atol=0.0, max_iter=None,
+def root(F: Callable, y0, *params, solver="newton", adjoint=Implicit(), rtol=None, atol=None, max_iter=None,
          batch_dims=0, on_failure="raise", return_info=False, solver_options=None):
     r"""Find ``y*`` with ``F(y*, *params) = 0`` from ``y0``; gradients flow to ``params`` by the IFT.
 
@@ -27,17 +26,21 @@ def root(F: Callable, y0, *params, solver="newton", adjoint=Implicit(), rtol=Non
             call ``torch.func.functional_call(module, p, (y,))`` inside ``F``.
         y0: starting point, any shape (a 0-d tensor included). Gets no gradient.
         *params: tensors or pytrees of tensors (gradients flow to every tensor).
-        solver: ``"newton"`` (default; its Jacobian factorization at the
-            solution is reused by the backward), ``"broyden"``, ``"anderson"``,
-            ``"picard"``, or a callable ``solver(F, y0, params, *, batch_dims, rtol,
-            atol, max_iter, ...) -> SolverResult``.
+        solver: a solver object carrying its options — ``Newton(...)``
+            (default; its Jacobian factorization at the solution is reused by the
+            backward), ``Broyden(...)``, ``Anderson(...)``, ``Picard(...)``
+            (:mod:`implicitdiff.solvers`) — or its name (``"newton"``, …: the class
+            with its defaults), or a callable ``solver(F, y0, params, *, batch_dims,
+            rtol, atol, max_iter) -> SolverResult``.
         adjoint: ``Implicit(...)`` (default), ``Unroll()`` or ``Neumann(k)``.
         rtol, atol, max_iter: forward stopping rule ``‖F(y)‖ ≤ atol + rtol ‖F(y0)‖``
-            per batch element (defaults: rtol 1e-10 in float64, 1e-6 in float32).
+            per batch element (defaults: rtol 1e-10 in float64, 1e-6 in float32, atol 0);
+            shorthand for the solver object's options (``solver="newton", rtol=r`` is
+            ``solver=Newton(rtol=r)``; set on both, one option raises).
         batch_dims: leading dims of ``y`` that index independent problems.
         on_failure: ``"raise"`` | ``"warn"`` | ``"nan"`` for non-converged elements.
         return_info: also return the :class:`~implicitdiff.SolveInfo`.
-        solver_options: extra keyword arguments of the forward solver.
+        solver_options: removed (raises ``InputError``): options live on the solver object.
 
     Raises:
         SolveError: the forward solve did not converge (status, residual,
@@ -52,8 +55,7 @@ def root(F: Callable, y0, *params, solver="newton", adjoint=Implicit(), rtol=Non
         >>> round(float(y.detach()), 6), round(float(theta.grad), 6)   # y = θ^(1/3), dy/dθ = 1/(3 y²)
         (2.0, 0.083333)
     """
-    solve = forward_solver(solver, registry=get_root_solver, rtol=rtol, atol=atol, max_iter=max_iter,
-                           options=solver_options)
+    solve = forward_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, solver_options=solver_options)
     return solve_implicit(F, y0, params, solve=solve, adjoint=adjoint, batch_dims=batch_dims,
                           on_failure=on_failure, return_info=return_info, what="root", unroll="newton",
                           rtol=rtol, atol=atol, max_iter=max_iter)

@@ -62,8 +62,16 @@ class LinearOperator:
     def __init__(self, matvec: Callable, shape, params: tuple = (), *, rmatvec: Optional[Callable] = None,
                  dtype=None, device=None, symmetric: bool = False, positive_definite: bool = False,
                  matrix: Optional[torch.Tensor] = None, batch_shape=(), vectorized: bool = True):
-        if len(shape) != 2:
-            raise InputError(f"shape must be (m, n), got {tuple(shape)}")
+        if not callable(matvec):
+            raise InputError(f"matvec must be callable as matvec(x, *params), got {type(matvec).__name__}")
+        if rmatvec is not None and not callable(rmatvec):
+            raise InputError(f"rmatvec must be callable as rmatvec(y, *params), got {type(rmatvec).__name__}")
+        try:
+            ok = len(shape) == 2 and all(int(d) == d and int(d) >= 0 and not isinstance(d, bool) for d in shape)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise InputError(f"shape must be (m, n) with non-negative integers, got {shape!r}")
         if positive_definite and shape[0] != shape[1]:
             raise InputError(f"a positive definite operator must be square, got shape {tuple(shape)}")
         if symmetric and shape[0] != shape[1]:

@@ -1,8 +1,8 @@
 """The symmetric part of a (batch of) square matrices, at the cost of one copy.
 
 ``(M + Mᵀ)/2`` written as ``M + Mᵀ`` reads one operand transposed, element by element, which
-on CPU is ~5× slower than materializing ``Mᵀ`` first (a blocked copy) and adding in place
-(128 × 100 × 100 float64: 11.6 ms against 2.0 ms).
+on CPU is several times slower than materializing ``Mᵀ`` first (a blocked copy) and adding in
+place (figures in ``docs/benchmarks.md``).
 
 Example:
     >>> import torch

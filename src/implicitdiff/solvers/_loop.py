@@ -234,7 +234,7 @@ def plain_phase(fun: Callable, y: torch.Tensor, f: torch.Tensor, opts: Options, 
     two predict (linear convergence, ``q_{k+1} ≈ q_k² / q_{k−1}``) to be at most 1.2, so
     that the final evaluation is usually the speculative one (the rate of a contraction creeps
     up as its slowest mode takes over: the prediction errs low, and a guess one step early costs
-    a recorded evaluation, ~0.05 ms on a DEQ, where a miss would cost one evaluation more in the
+    a recorded evaluation — a fraction of one evaluation — where a miss would cost one evaluation more in the
     backward).
     """
     tiny = torch.finfo(y.dtype).tiny

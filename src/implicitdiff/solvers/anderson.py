@@ -48,8 +48,8 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
     Cost per iteration, beyond the one evaluation of ``F``: two passes over
     ``ΔG`` (the new row of ``ΔGᵀΔG``, updated in place rather than recomputed,
     and ``ΔGᵀg``), one over ``ΔY + βΔG`` (kept instead of ``ΔY``), an ``m × m``
-    Cholesky, and about 25 small tensor operations (width 256, batch 64,
-    float64, one CPU thread: ≈ 0.25 ms against 0.5 ms for the cell of a DEQ).
+    Cholesky, and about 25 small tensor operations (about half a cell evaluation of
+    the DEQ in ``benchmarks/deq.py``; figures in ``docs/benchmarks.md``).
 
     Args:
         F: residual, ``F(y, *params)`` returns a tensor of ``y``'s shape, acting

@@ -51,9 +51,18 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
     # with the fixed Schur complement M = K_GG − XᵀX: each iteration factors M + W (size m, not m + k).
 
     def factor(MG, w):
-        S = MG.expand(w.shape[0], m, m).clone()
-        S.diagonal(dim1=-2, dim2=-1).add_(w)
-        return torch.linalg.cholesky_ex(S)[0]
+        """Cholesky of ``M + diag(w)``.  A per-element ``M`` gets ``w`` on its diagonal in place and its
+        diagonal back, exactly, afterwards (one pass over ``M`` less than a copy)."""
+        if MG.shape[0] != w.shape[0] or MG.requires_grad:
+            S = MG.expand(w.shape[0], m, m).clone()
+            S.diagonal(dim1=-2, dim2=-1).add_(w)
+            return torch.linalg.cholesky_ex(S)[0]
+        d = MG.diagonal(dim1=-2, dim2=-1)
+        d0 = d.clone()
+        d.add_(w)
+        L = torch.linalg.cholesky_ex(MG)[0]
+        d.copy_(d0)
+        return L
 
     def solve(LG, LA, X, r):
         """``(K + diag(W, δI))⁻¹ r`` by the block elimination above."""

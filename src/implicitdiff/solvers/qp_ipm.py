@@ -45,7 +45,9 @@ loop).  The *active-set* system
     [ G_𝒜  0     0  ] [λ𝒜] = [h𝒜]        (inactive: λᵢ = 0)
     [ A    0     0  ] [ν ]   [ b ]
 
-is then factorized and solved by refinement ("polishing", as OSQP does), which gives the
+is then factorized (the dual kind factors only the rows of its active constraints, gathered and
+padded to the largest active set of the batch, with the equality block eliminated once) and
+solved by refinement ("polishing", as OSQP does), which gives the
 solution to rounding when the guess is right.  The guess is corrected as in an active-set
 method, for the elements that need it only: constraints the polished point violates are
 added, those whose multiplier comes out negative *or zero* (weakly active, ``λᵢ = 0 = sᵢ``:
@@ -57,12 +59,18 @@ the OptNet instances this saves a quarter of the factorizations of running to ``
 backward pass reuses the final factorization: it is the exact Jacobian of the KKT conditions
 on the active set.
 
+**Screening** (:mod:`~implicitdiff.solvers.qp_screen`) runs first: an element with non-finite
+data gets ``NONFINITE`` and one whose ``Q`` is not positive semidefinite on the null space of
+``A`` (beyond ``psd_tol``) gets ``NONCONVEX``; neither is solved, and neither can affect the
+others.  The tolerances are relative: the layer hands the solver equilibrated data
+(:func:`implicitdiff.layers.qp.equilibrate`).
+
 **Statuses** per element: ``SUCCESS`` when the relative KKT residual (stationarity,
 feasibility, complementarity) is ``≤ rtol``; ``INFEASIBLE`` when the iterate is a
 Farkas certificate ``λ ≥ 0``, ``‖Gᵀλ + Aᵀν‖∞ ≤ ε (−hᵀλ − bᵀν)``; ``UNBOUNDED`` when
 ``z`` or the step ``dz`` is a recession certificate ``‖Qx‖∞, ‖Ax‖∞, max(Gx)₊ ≤ ε (−pᵀx)``
 (both never fire on a problem with a primal-dual solution of 1-norm ``< 1/ε``);
-``NONFINITE``; ``MAX_ITERATIONS`` (also when the residual stagnates near the tolerance).
+``NONFINITE``; ``NONCONVEX``; ``MAX_ITERATIONS`` (also when the residual stagnates near the tolerance).
 The status is decided on the full KKT residual of the returned point.  Equality-only
 problems take one direct solve (no iterations).
 """

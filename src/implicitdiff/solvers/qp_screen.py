@@ -19,7 +19,8 @@ factorization reuses: a Cholesky that succeeds proves ``Q ≻ 0``.  Only where i
 smallest eigenvalue computed, element by element.  An element whose ``Q`` is indefinite but
 whose reduced Hessian is semidefinite is solved as the equivalent convex problem
 ``½zᵀ(Q + ρAᵀA)z + (p − ρAᵀb)ᵀz`` (the same on the feasible set: same ``z``, ``λ``, ``ν``);
-``ρ`` is returned so that the backward solves with the matrix that was factored.  ``psd_tol`` is ``1e-8`` for float64 data,
+``ρ`` is returned so that the backward solves with the matrix that was factored.
+``psd_tol`` is ``1e-8`` for float64 data,
 ``1e-5`` for float32 data (rounding of a singular ``LLᵀ`` in float32 gives eigenvalues of a
 few ``1e-7·‖Q‖``).
 

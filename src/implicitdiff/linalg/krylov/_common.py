@@ -229,7 +229,7 @@ def _preconditioner(M, n: int) -> Optional[Callable]:
         mv, *_ = _operator_applies(M, "M")
         return mv
     if callable(M):
-        return M
+        return _checked_apply(M, None, "the preconditioner M")
     raise InputError(f"M must be a callable r -> M r on (..., n) vectors, a LinearOperator or a tensor; "
                      f"got {type(M).__name__}")
 

@@ -136,7 +136,7 @@ def gmres(A, b, x0=None, *, rtol=None, atol=0.0, max_iter=None, M=None, callback
     prob = normalize(A, b, x0, rtol=rtol, atol=atol, max_iter=max_iter, M=M, callback=callback,
                      check_every=check_every, solver="gmres")
     n = prob.x0.shape[-1]
-    restart = min(20, n) if restart is None else restart
+    restart = min(20, max(n, 1)) if restart is None else restart
     if not isinstance(restart, int) or isinstance(restart, bool) or restart < 1:
         raise InputError(f"gmres: restart must be a positive int (the Krylov dimension per cycle), got {restart!r}")
     return run(_GMRES(prob, min(restart, max(n, 1))))
