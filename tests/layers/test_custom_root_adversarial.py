@@ -99,3 +99,17 @@ def test_correct_solver_gradient_matches_closed_form():
     y = idf.custom_root(F)(newton_sqrt)(torch.ones(2, dtype=D), a)
     y.sum().backward()
     torch.testing.assert_close(a.grad, 1 / (2 * torch.sqrt(a.detach())), rtol=1e-12, atol=0)
+
+
+def test_a_start_that_is_already_a_root_is_accepted():
+    # ‖F(y0)‖ = 0: a solver that returns y0 (or a y within rounding of it) has solved the problem
+    a = torch.tensor([4.0, 9.0], dtype=D, requires_grad=True)
+    y = idf.custom_root(F)(lambda y0, a: y0 * (1 + 1e-16))(torch.tensor([2.0, 3.0], dtype=D), a)
+    y.sum().backward()
+    torch.testing.assert_close(a.grad, 1 / (2 * torch.sqrt(a.detach())), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("bad", [lambda y, a: None, lambda y, a: (y ** 2 - a)[:1], lambda y, a: [y]])
+def test_an_optimality_condition_returning_the_wrong_thing_is_named(bad):
+    with pytest.raises(InputError, match="optimality condition of custom_root"):
+        idf.custom_root(bad)(newton_sqrt)(torch.ones(2, dtype=D), torch.full((2,), 4.0, dtype=D))

@@ -107,3 +107,12 @@ def test_one_bad_sample_does_not_poison_the_parameters_gradient(on_failure, adjo
     idf.nn.DEQ(cell, rtol=1e-12, **kw)(x[[0, 1, 3]]).sum().backward()
     tol = 1e-8 if not isinstance(adjoint, idf.Neumann) else 1e-6
     torch.testing.assert_close(got, cell.lin.weight.grad, rtol=tol, atol=tol)
+
+
+def test_a_cell_that_fails_inside_torch_is_named_with_the_shapes():
+    # z0 of another feature size than the cell takes: torch's matmul error, wrapped with where it happened
+    with pytest.raises(InputError, match=r"DEQ cell.*shape \(2, 4\).*mat1"):
+        idf.nn.DEQ(Cell(n=3))(torch.ones(2, 3, dtype=D), torch.zeros(2, 4, dtype=D))
+    # a module with the wrong signature (cell(z) instead of cell(z, x))
+    with pytest.raises(InputError, match="DEQ cell.*TypeError"):
+        idf.nn.DEQ(torch.nn.Sequential(torch.nn.Linear(3, 3, dtype=D)))(torch.ones(2, 3, dtype=D))

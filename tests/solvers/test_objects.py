@@ -82,3 +82,9 @@ def test_argmin_lbfgs_object_options_are_used():
     y, info = idf.argmin(lambda y, c: 0.5 * ((y - c) ** 2).sum() + 0.25 * (y ** 4).sum(), torch.zeros(2, dtype=D), c,
                          solver=idf.LBFGS(history=3, max_iter=2), on_failure="nan", return_info=True)
     assert int(info.iterations) <= 2 and int(info.status) == int(idf.Status.MAX_ITERATIONS)
+
+
+def test_a_solver_class_stands_for_its_defaults():
+    t = torch.tensor([8.0, 27.0], dtype=D)
+    y = idf.root(lambda y, t: y ** 3 - t, torch.ones(2, dtype=D), t, solver=idf.Broyden)
+    torch.testing.assert_close(y, torch.tensor([2.0, 3.0], dtype=D))

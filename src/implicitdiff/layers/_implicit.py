@@ -25,7 +25,7 @@ from ..implicit.unroll import unrolled_newton, unrolled_picard
 from ..solvers.objects import Solver, as_solver
 from ..solvers.registry import get_root_solver
 
-__all__ = ["solve_implicit", "forward_solver", "reject_solver_options", "with_iterate", "FORWARD_HINTS"]
+__all__ = ["solve_implicit", "forward_solver", "reject_solver_options", "FORWARD_HINTS"]
 
 FORWARD_HINTS = {
     Status.MAX_ITERATIONS: "raise max_iter, loosen rtol/atol, start closer (y0), or try another solver; if the "
@@ -51,7 +51,9 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
     """
     check_on_failure(on_failure)
     check_bool("return_info", return_info)
-    adjoint = with_iterate(check_adjoint(adjoint, fixed_point=neumann_alpha == -1.0))
+    adjoint = check_adjoint(adjoint, fixed_point=neumann_alpha == -1.0)
+    if isinstance(adjoint, FixedPointAdjoint) and adjoint.solver != "picard" and adjoint.iterate is None:
+        adjoint = replace(adjoint, iterate=get_root_solver(adjoint.solver))  # implicit/ does not import solvers/
     batch_dims = check_int("batch_dims", batch_dims, low=0)
     y0 = as_float_tensor("y0", y0)
     if batch_dims > y0.dim():
@@ -104,14 +106,6 @@ def _policy(y, info, on_failure, what, hints):
     return apply_on_failure(y, info, on_failure, what, hints)
 
 
-def with_iterate(adjoint):
-    """A :class:`FixedPointAdjoint` of ``solver="anderson"``/``"broyden"`` with that solver supplied
-    (``implicit/`` does not import ``solvers/``); any other adjoint unchanged."""
-    if isinstance(adjoint, FixedPointAdjoint) and adjoint.solver != "picard" and adjoint.iterate is None:
-        return replace(adjoint, iterate=get_root_solver(adjoint.solver))
-    return adjoint
-
-
 def _empty_info(y0, batch_dims):
     shape = y0.shape[:batch_dims]
     z = torch.zeros(shape, dtype=torch.int64, device=y0.device)
@@ -131,7 +125,8 @@ def forward_solver(solver, *, rtol, atol, max_iter, solver_options=None,
     """``solve(F, y0, params, batch_dims, **call)``: a :class:`~implicitdiff.solvers.objects.Solver`
     (from a name with the call's ``rtol``/``atol``/``max_iter``, or an object with them merged in),
     or a user callable wrapped to receive them as keywords."""
-    reject_solver_options(solver_options)
+    if solver_options is not None:
+        reject_solver_options(solver_options)
     s = as_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, allowed=allowed)
     if isinstance(s, Solver):
         return s

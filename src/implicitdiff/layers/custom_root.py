@@ -33,14 +33,25 @@ def _wrap_user_solver(solver: Callable, check_rtol: Optional[float], what: str):
             return out
         rtol = check_rtol if check_rtol is not None else default_check_rtol(y.dtype)
         bd = batch_dims
-        r = F(y, *params).reshape(*y.shape[:bd], -1).norm(dim=-1)
-        r0 = F(y0, *params).reshape(*y.shape[:bd], -1).norm(dim=-1)
+        r, r0 = (_residual_norm(F, v, params, bd, what) for v in (y, y0))
         rel = r / torch.clamp(r0, min=torch.finfo(r.dtype).tiny)
         status = torch.where(torch.isfinite(y.reshape(*y.shape[:bd], -1)).all(-1), int(Status.SUCCESS),
                              int(Status.NONFINITE)).to(torch.int64)
-        status = torch.where((status == 0) & ~(rel <= rtol), int(Status.MAX_ITERATIONS), status)
+        # y0 already a root (‖F(y0)‖ = 0): a y within rounding of it is one too
+        floor = torch.finfo(y.dtype).eps ** 0.5 * torch.clamp(y.reshape(*y.shape[:bd], -1).norm(dim=-1), min=1.0)
+        accept = (rel <= rtol) | ((r0 == 0) & (r <= floor))
+        status = torch.where((status == 0) & ~accept, int(Status.MAX_ITERATIONS), status)
         return SolverResult(y, SolveInfo(status, rel, torch.zeros_like(status)))
     return solve
+
+
+def _residual_norm(F, y, params, bd, what):
+    f = F(y, *params)
+    if not isinstance(f, torch.Tensor) or f.shape != y.shape:
+        got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+        raise InputError(f"the optimality condition of {what} must return a tensor of y's shape {tuple(y.shape)}, "
+                         f"got {got}")
+    return f.reshape(*y.shape[:bd], -1).norm(dim=-1)
 
 
 def default_check_rtol(dtype: torch.dtype) -> float:

@@ -59,7 +59,7 @@ from ..implicit.adjoint import Implicit, Neumann, Unroll
 from ..solvers.objects import Anderson, Solver, as_solver
 from ..implicit.fixed_point_adjoint import DEFAULT_ADJOINT, FixedPointAdjoint
 from ._implicit import forward_solver, reject_solver_options, solve_implicit
-from .fixed_point import fixed_point_residual
+from .fixed_point import FixedPointResidual
 
 __all__ = ["deq", "jacobian_penalty", "DEQInfo", "FixedPointAdjoint", "DEFAULT_ADJOINT", "DEFAULT_SOLVER",
            "ANDERSON_START_RATE",
@@ -89,23 +89,6 @@ class DEQInfo(NamedTuple):
     @property
     def ok(self) -> torch.Tensor:
         return self.status == 0
-
-
-def _cell_map(cell: torch.nn.Module):
-    """``T(z, params, x) = cell(z, x)`` with the parameters as an explicit argument."""
-    def T(z, params, x):
-        return torch.func.functional_call(cell, params, (z, x))
-    return T
-
-
-def _lifted(cell: torch.nn.Module) -> dict:
-    """The cell's parameters by name: the tensors the implicit gradient flows to.
-
-    Buffers are not lifted: ``functional_call`` takes them from the module
-    (they receive no gradient).  Tied parameters appear once (``named_parameters``
-    removes duplicates; ``functional_call`` re-ties them).
-    """
-    return dict(cell.named_parameters())
 
 
 def _check(cell, x, z0):
@@ -149,7 +132,7 @@ def _forward_solve(solve, cell, F, trace: bool, record: dict):
             and len(lifted) == len(dict(cell.named_parameters()))
         if own:
             # the plain steps z ← f(z, x), with the cell called directly
-            fun = fixed_point_residual(lambda z, params, x: cell(z, x), _CELL)
+            fun = FixedPointResidual(lambda z, params, x: cell(z, x), _CELL)
             if spec is not None:
                 # the speculative evaluation (recorded for the backward) calls the cell directly too
                 fun.speculate = lambda z, *_: spec(z, map=lambda zz, _lifted, x: cell(zz, x))
@@ -244,10 +227,14 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
     if isinstance(adjoint, FixedPointAdjoint) and adjoint.rtol is None and rtol is not None:
         adjoint = replace(adjoint, rtol=rtol)  # the gradient as accurate as the forward solve
     record: dict = {"trace": None}
-    F = fixed_point_residual(_cell_map(cell), _CELL)
-    lifted = _lifted(cell)
-    z, info = _solve(F, z0, (lifted, x), solve=_forward_solve(solve, cell, F, trace, record),
-                     adjoint=adjoint, on_failure=on_failure, rtol=rtol, atol=atol, max_iter=max_iter)
+    # T(z, params, x) = cell(z, x) with the parameters explicit (functional_call); every parameter is lifted
+    # (buffers are not: functional_call takes them from the module; tied parameters appear once and are re-tied)
+    F = FixedPointResidual(lambda z, params, x: torch.func.functional_call(cell, params, (z, x)), _CELL)
+    lifted = dict(cell.named_parameters())
+    z, info = solve_implicit(F, z0, (lifted, x), solve=_forward_solve(solve, cell, F, trace, record),
+                             adjoint=adjoint, batch_dims=1, on_failure=on_failure, return_info=True, what=_WHAT,
+                             hints=DEQ_HINTS, neumann_alpha=-1.0, unroll="picard", rtol=rtol, atol=atol,
+                             max_iter=max_iter)
     if not return_info:
         return z
     return z, _info(info, record["trace"])
@@ -282,13 +269,6 @@ DEFAULT_SOLVER = Anderson(start_rate=DEQ_ANDERSON_START_RATE, freeze=False)
 
 #: Anderson's lazy start in a DEQ (:data:`DEFAULT_SOLVER`'s ``start_rate``).
 ANDERSON_START_RATE = DEQ_ANDERSON_START_RATE
-
-
-def _solve(F, z0, params, *, solve, adjoint, on_failure, rtol, atol, max_iter):
-    """``(z*, SolveInfo)`` by :func:`~implicitdiff.layers._implicit.solve_implicit` (batch dim 0)."""
-    return solve_implicit(F, z0, params, solve=solve, adjoint=adjoint, batch_dims=1, on_failure=on_failure,
-                          return_info=True, what=_WHAT, hints=DEQ_HINTS, neumann_alpha=-1.0, unroll="picard",
-                          rtol=rtol, atol=atol, max_iter=max_iter)
 
 
 def _info(info: SolveInfo, trace) -> DEQInfo:

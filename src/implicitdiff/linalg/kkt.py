@@ -13,7 +13,8 @@ definite by construction and factored by Cholesky (never an unpivoted LU):
 * ``"primal"`` (any ``Q ⪰ 0``): ``H = Q + δI + Gᵀ diag(winv) G`` (size ``n``) and
   ``S = A H⁻¹ Aᵀ + δI`` (size ``k``);
 * ``"dual"`` (``Q`` positive definite): ``z`` eliminated through ``Q = LQ LQᵀ``, and the Schur
-  complement ``S = C Q⁻¹ Cᵀ + diag(1/winv, δ)`` with ``C = [G; A]`` (size ``m + k``).
+  complement ``S = C Q⁻¹ Cᵀ + diag(1/winv, δ)`` with ``C = [G; A]``, its equality block eliminated
+  once, so only the rows of active inequalities are factored (size ≤ ``m``).
 
 :func:`kkt_apply` multiplies by the *exact* (unregularized) KKT matrix and :func:`kkt_refine`
 removes the regularization by iterative refinement against it.
@@ -91,10 +92,13 @@ class KKTFactorization:
     ``H⁻¹Aᵀ`` ``(B, n, k)``, the inverse ``(2,2)``-block weights ``(B, m)`` and ``δ`` ``()``.
 
     ``"dual"`` (``Q`` positive definite, cheaper when ``m + k`` is small against ``n``):
-    ``tensors = (LQ, W, LS, rowmask, δ)`` — Cholesky ``Q = LQ LQᵀ`` ``(B|1, n, n)`` (``Q`` is not
-    regularized), ``W = LQ⁻¹Cᵀ`` with ``C = [G; A]`` ``(B|1, n, m + k)``, Cholesky of the Schur
-    complement ``S = R C Q⁻¹ Cᵀ R + diag(1/winv, δ)`` ``(B, m + k, m + k)`` with
-    ``R = diag(rowmask)`` (zero rows: constraints dropped from the active set), the mask and ``δ``.
+    ``tensors = (LQ, W, LA, X, L, idx, active, w, δ)`` — Cholesky ``Q = LQ LQᵀ`` ``(B|1, n, n)``
+    (``Q`` is not regularized), ``W = LQ⁻¹Cᵀ`` with ``C = [G; A]`` ``(B|1, n, m + k)``, the
+    equality block eliminated once (``LA``, ``X`` of :func:`kkt_precompute`), and the Cholesky
+    ``L`` ``(B, a, a)`` of the Schur complement ``M + diag(w)`` restricted to the active rows
+    ``idx`` ``(B, a)`` (``a``: the largest active set of the batch; padding rows are the identity,
+    padding index ``m``), the mask ``active`` ``(B, m)`` (inactive rows are decoupled: their
+    ``G`` row is dropped), the weights ``w = 1/winv`` ``(B, m)`` and ``δ``.
     """
 
     kind: str

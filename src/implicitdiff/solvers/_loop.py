@@ -113,7 +113,13 @@ def flatten_root(F: Callable, opts: Options, name: str = "F") -> tuple[Callable,
         raise InputError(f"{name} must be a callable F(y, *params) -> tensor of y's shape, got {F!r}")
     shape, params = opts.y0.shape, opts.params
     flat = (*opts.batch_shape, opts.n)
-    f0 = F(opts.y0, *params)
+    name = getattr(F, "name", None) or name          # a fixed-point residual names its map (the DEQ cell)
+    try:
+        f0 = F(opts.y0, *params)
+    except (RuntimeError, TypeError) as e:            # torch's shape errors, a wrong signature: say where
+        raise InputError(f"{name} failed at the starting point (y of shape {tuple(shape)}, {opts.y0.dtype}; "
+                         f"{len(params)} parameter(s)) with {type(e).__name__}: {e}. Check that it takes "
+                         f"(y, *params) and returns a tensor of y's shape") from e
     if not isinstance(f0, torch.Tensor):
         raise InputError(f"{name}(y, *params) must return a tensor, got {type(f0).__name__}")
     if f0.shape != shape:

@@ -158,6 +158,8 @@ SOLVER_CLASSES = {"newton": Newton, "broyden": Broyden, "anderson": Anderson, "p
 def as_solver(solver, *, rtol=None, atol=None, max_iter=None, allowed=("newton", "broyden", "anderson", "picard")):
     """A :class:`Solver` from a name (with the layer's ``rtol``/``atol``/``max_iter``) or an object
     (those keywords merged in); a user callable is returned as is.  ``allowed``: the names the layer takes."""
+    if isinstance(solver, type) and issubclass(solver, Solver):  # the class itself: its defaults
+        solver = solver()
     if isinstance(solver, Solver):
         if solver.name not in allowed:
             raise InputError(f"{type(solver).__name__} does not apply here; choose one of "
