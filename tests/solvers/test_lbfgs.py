@@ -256,3 +256,17 @@ def test_host_path_backtracks_from_nan_and_reports_a_nan_start():
     for check_every in (1, 2):
         start = lbfgs(lambda y: (torch.nan * y).sum(), torch.tensor([2.0], dtype=F64), check_every=check_every)
         assert start.info.status == Status.NONFINITE and start.info.iterations == 0
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_nan_objective_with_zero_gradient_is_nonfinite(batch):
+    # f(y0) is NaN but its gradient is finite and zero: the gradient test alone would say SUCCESS
+    from implicitdiff._core.status import Status
+    from implicitdiff.solvers.lbfgs import lbfgs
+
+    def f(y):
+        return (y * 0.0).sum(-1) + float("nan")
+
+    y0 = torch.ones(*batch, 2, dtype=torch.float64)
+    res = lbfgs(f, y0, batch_dims=len(batch))
+    assert (res.info.status == int(Status.NONFINITE)).all()

@@ -227,7 +227,12 @@ def lbfgs(f: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=
             run = _Batched(evaluate, nb, n, m, torch.finfo(dt).eps, tab)
             out = iterate(run.step, y.reshape(*batch, n), g.reshape(*batch, n), run.init(v, y, *memory), opts,
                           trace=trace, callback=callback, unflatten=lambda t: t.reshape(shape), divergence=False)
-    return SolverResult(out.y.reshape(shape), out.info, None, out.trace)
+        # A non-finite objective at y0 is NONFINITE even where its gradient is finite (or zero): the
+        # stopping rule reads the gradient only, and trials from a non-finite f(y0) are never compared.
+        info = out.info
+        info = info._replace(status=torch.where(torch.isfinite(v).reshape(info.status.shape), info.status,
+                                                torch.full_like(info.status, int(Status.NONFINITE))))
+    return SolverResult(out.y.reshape(shape), info, None, out.trace)
 
 
 class _Batched:
