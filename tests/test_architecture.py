@@ -136,20 +136,14 @@ def test_import_is_light():
 
 # ----------------------------------------------------------------------------- timings in docstrings
 
-# Files that still quote timings in their docstrings or comments (to move to docs/benchmarks.md); no other
-# file may start to. Remove a file from the list once its timings have moved.
-TIMING_PROSE_LEFT = {"linalg/symmetric.py", "implicit/linear.py"}
-
-
 def test_no_timings_in_src_outside_bench():
     """Millisecond and microsecond figures go stale in docstrings: they belong in docs/benchmarks.md."""
     import re
 
     figure = re.compile(r"\d(?:\.\d+)?\s?(?:ms|µs)\b")
-    quoting = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
-               if _part(p) != "bench" and figure.search(p.read_text())}
-    assert quoting <= TIMING_PROSE_LEFT, f"timings quoted in {sorted(quoting - TIMING_PROSE_LEFT)}: move them to " \
-                                         f"docs/benchmarks.md"
+    quoting = sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
+                     if _part(p) != "bench" and figure.search(p.read_text()))
+    assert not quoting, f"timings quoted in {quoting}: move them to docs/benchmarks.md"
 
 
 # ----------------------------------------------------------------------------- a fresh machine
