@@ -148,3 +148,24 @@ def test_no_root_hint_says_so():
         idf.root(lambda y: y ** 2 + 1, torch.ones(2, dtype=D))
     with pytest.raises(SolveError, match="no root"):
         idf.root(lambda y: y ** 2 + 1, torch.ones(2, dtype=D), solver="broyden")
+
+
+def test_a_stall_far_above_the_tolerance_says_a_root_may_not_exist():
+    # y² + 1 + t = 0 has no real root: Newton's line search stalls at the minimum of ‖F‖ (y = 0)
+    F = lambda y, t: y ** 2 + 1 + t  # noqa: E731
+    for kw in ({}, {"rtol": 1e-3}):
+        with pytest.raises(SolveError, match="non-zero local minimum of ‖F‖") as e:
+            idf.root(F, torch.ones(2, dtype=D), torch.tensor(1.0, dtype=D), **kw)
+        assert e.value.status == idf.Status.BREAKDOWN
+        assert "rounding" not in str(e.value)
+        assert e.value.residual > 0.1
+
+
+def test_a_stall_at_rounding_level_keeps_the_rounding_hint():
+    # with rtol = atol = 0 the residual of 1000 sin(y) + y² = t stalls at rounding level, never exactly 0
+    F = lambda y, t: torch.sin(y) * 1e3 - t + y * y  # noqa: E731
+    with pytest.raises(SolveError, match="rounding") as e:
+        idf.root(F, torch.linspace(0.1, 1.0, 7, dtype=D), torch.tensor(2.0, dtype=D), rtol=0.0)
+    assert e.value.status == idf.Status.BREAKDOWN
+    assert e.value.residual < 1e-12
+    assert "local minimum" not in str(e.value)

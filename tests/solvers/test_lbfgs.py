@@ -99,7 +99,8 @@ def test_elements_are_independent_and_nan_is_contained():
     for i in (0, 2, 3):
         alone = lbfgs(rosenbrock, y0[i], (a[i],))
         assert alone.info.iterations == res.info.iterations[i]
-        assert torch.allclose(alone.y, res.y[i], atol=1e-13, rtol=0)
+        # the unbatched host path rounds the m × m algebra differently: same steps, iterates to rounding
+        assert torch.allclose(alone.y, res.y[i], atol=1e-11, rtol=0)
 
 
 def test_max_iterations_breakdown_and_trace():
@@ -207,15 +208,16 @@ def test_iterates_match_the_two_loop_recursion(history):
 
 
 def test_unbatched_host_path_equals_the_masked_path():
-    # check_every = 2 runs the masked (batched) step on the unbatched problem: same iterates in float64
+    # check_every = 2 runs the masked (batched) step on the unbatched problem: the same decisions, so the
+    # same iteration count and iterates equal up to the rounding of the host path's m × m algebra
     A = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=F64)
     f = lambda y: 0.25 * (y ** 4).sum() + 0.5 * y @ A @ y - y.sum()  # noqa: E731
     host = lbfgs(f, torch.zeros(3, dtype=F64), trace=True)
     masked = lbfgs(f, torch.zeros(3, dtype=F64), trace=True, check_every=2)
     assert host.info.status == masked.info.status == Status.SUCCESS
     assert host.info.iterations == masked.info.iterations
-    assert torch.equal(host.y, masked.y)
-    assert torch.equal(host.trace, masked.trace[:host.trace.shape[0]])
+    assert torch.allclose(host.y, masked.y, atol=1e-14, rtol=0)
+    assert torch.allclose(host.trace, masked.trace[:host.trace.shape[0]], atol=1e-13, rtol=1e-6)
 
 
 def test_objective_called_inside_torch_func_transforms():
@@ -235,3 +237,36 @@ def test_objective_called_inside_torch_func_transforms():
     # the objective is found flat where it does not depend on y: ∇f = 0 at y0, nothing to do
     flat = lbfgs(lambda y: torch.tensor(3.0, dtype=F64), torch.ones(2, dtype=F64))
     assert flat.info.status == Status.SUCCESS and flat.info.iterations == 0
+
+
+def test_host_path_backtracks_from_nan_and_reports_a_nan_start():
+    # unbatched (the host loop) and masked: a trial where f is NaN is backtracked, not accepted
+    def f(y):
+        inside = y <= 1.2                                # f NaN past 1.2 (its gradient there: 0)
+        return torch.where(inside, (torch.where(inside, y, 0.0) - 1) ** 2, torch.nan).sum()
+
+    y0 = torch.tensor([0.9], dtype=F64)
+    host = lbfgs(f, y0, trace=True)
+    masked = lbfgs(f, y0, trace=True, check_every=2)
+    for res in (host, masked):
+        assert res.info.status == Status.SUCCESS and res.info.iterations >= 2
+        assert torch.allclose(res.y, torch.ones(1, dtype=F64), atol=1e-12, rtol=0)
+        assert torch.isfinite(res.trace).all()       # the NaN trial never became the iterate
+    assert host.info.iterations == masked.info.iterations
+    for check_every in (1, 2):
+        start = lbfgs(lambda y: (torch.nan * y).sum(), torch.tensor([2.0], dtype=F64), check_every=check_every)
+        assert start.info.status == Status.NONFINITE and start.info.iterations == 0
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_nan_objective_with_zero_gradient_is_nonfinite(batch):
+    # f(y0) is NaN but its gradient is finite and zero: the gradient test alone would say SUCCESS
+    from implicitdiff._core.status import Status
+    from implicitdiff.solvers.lbfgs import lbfgs
+
+    def f(y):
+        return (y * 0.0).sum(-1) + float("nan")
+
+    y0 = torch.ones(*batch, 2, dtype=torch.float64)
+    res = lbfgs(f, y0, batch_dims=len(batch))
+    assert (res.info.status == int(Status.NONFINITE)).all()

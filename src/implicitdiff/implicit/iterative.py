@@ -29,6 +29,7 @@ skipped when ``‖r‖`` (resp. ``‖P x̄‖``) is below the solve tolerance.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -222,6 +223,10 @@ class IterativeSolveFn(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, op, b, x0, *params):
+        if any(p is not q for p, q in zip(params, op.params)):  # the tensors passed in (functorch may wrap them)
+            op = copy.copy(op)
+            op.params = tuple(params)
+            op.matrix = params[0] if spec.kind != "matvec" else op.matrix
         x, info = SOLVERS[spec.solver](op, b, x0, rtol=spec.rtol, atol=spec.atol, max_iter=spec.max_iter, M=spec.M)
         return x, info.status, info.residual, info.iterations
 

@@ -62,6 +62,10 @@ class RootProblem:
     on_failure: str = "raise"
     what: str = "root"
     hints: Optional[dict] = None
+    # a BREAKDOWN (stalled line search) whose relative residual exceeds ``stall_far`` gets ``stall_hint``
+    # instead of hints[BREAKDOWN]: ‖F‖ stagnates far above the tolerance, not at rounding level
+    stall_far: float = math.inf
+    stall_hint: Optional[str] = None
     # a list when the forward should speculate (:class:`Speculation`): it passes the recording to the backward
     recorded: Optional[list] = None
 
@@ -217,6 +221,17 @@ def isolate(bd: int, ok: torch.Tensor, y: torch.Tensor, leaves: tuple):
     return y, tuple(out)
 
 
+def _hints(problem: RootProblem, info) -> Optional[dict]:
+    """The hints of a failed forward: a BREAKDOWN far above the tolerance (any element's relative
+    residual above ``problem.stall_far``) reads as a non-zero local minimum of ``‖F‖``, not rounding."""
+    if problem.stall_hint is None or is_vmapped(info.status):
+        return problem.hints
+    stalled = (info.status == Status.BREAKDOWN) & (info.residual > problem.stall_far)
+    if not bool(stalled.any()):
+        return problem.hints
+    return {**(problem.hints or {}), Status.BREAKDOWN: problem.stall_hint}
+
+
 def _expand(mask, like):
     """A batch-shaped mask broadcast against ``like`` (batch dims first)."""
     return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
@@ -239,7 +254,7 @@ class RootFn(torch.autograd.Function):
         if problem.recorded is not None:
             problem.recorded[:] = [F.take(y)]
         factors = tuple(res.jacobian.tensors()) if res.jacobian is not None else ()
-        y_out = apply_on_failure(y, info, problem.on_failure, problem.what, problem.hints)
+        y_out = apply_on_failure(y, info, problem.on_failure, problem.what, _hints(problem, info))
         # the raw last iterate is kept for the backward where it differs from y_out: a failed element
         # (NaN in y_out under on_failure="nan") must not turn the gradients of the others into NaN.
         # Otherwise an empty placeholder (returning y itself twice would make y_out non-differentiable)

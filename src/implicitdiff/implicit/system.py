@@ -163,16 +163,15 @@ class JacobianSystem:
     # ------------------------------------------------------------------ which way
     def route(self, r: torch.Tensor) -> str:
         """How a matrix-free strategy must solve: ``"plain"`` (first order: any loop),
-        ``"differentiable"`` (double backward, an autograd jvp, ``jacrev``: the differentiable
-        Krylov solve), ``"dense"`` (inside nested ``torch.func`` transforms or ``vmap`` over the
-        problem's own data, whose wrapped tensors the Krylov ``autograd.Function`` cannot take).
+        ``"differentiable"`` (double backward, an autograd jvp, ``jacrev``, ``torch.func.grad`` and
+        grad-of-grad: the differentiable Krylov solve), ``"dense"`` (``vmap`` over the problem's own
+        data, or a tangent solve under ``vmap`` inside a ``torch.func`` transform).
         A tangent inside ``torch.func.jvp`` is ``"plain"`` (first order)."""
         if not (is_vmapped(r) or torch.is_grad_enabled()):
             return "plain"
         if is_vmapped(self.y) or any(is_vmapped(leaf) for leaf in self.leaves):
             return "dense"
-        functorch = in_transform()
-        if not functorch or (self.transpose and is_vmapped(r)):
+        if not in_transform() or self.transpose:
             return "differentiable"
         if not self.transpose and not is_vmapped(r):
             return "plain"

@@ -7,11 +7,13 @@ those into a :class:`~implicitdiff.implicit.root.RootProblem` and applies it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Callable
 
 import torch
 
+from .._core.defaults import default_rtol, eps
 from .._core.errors import InputError
 from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
 from .._core.options import check_bool, check_int, check_real
@@ -35,8 +37,13 @@ FORWARD_HINTS = {
                      "solver overshoots: try solver='newton' with line search, or a damped fixed-point solver",
     Status.SINGULAR: "Newton met a singular Jacobian: F may have no root (a residual stuck away from 0 at a "
                      "minimum of ‖F‖), or a flat direction; start elsewhere (y0), regularize F, or use solver='broyden'",
-    Status.BREAKDOWN: "the line search stalled (the tolerance may be below rounding): loosen rtol or pass atol",
+    Status.BREAKDOWN: "the line search stalled near the tolerance (it may be below rounding): loosen rtol or "
+                      "pass atol",
 }
+
+#: The hint of a stalled line search far above the tolerance (see :func:`_stall_far`).
+STALL_HINT = ("the residual stagnates at a non-zero local minimum of ‖F‖ (the line search found no decrease): "
+              "a root may not exist — check that F(y) = 0 has a solution, or start elsewhere (y0)")
 
 
 def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, batch_dims: int, on_failure: str,
@@ -78,6 +85,8 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
                 y = y + leaf.sum() * 0
         info = _empty_info(y0, batch_dims)
         return (y, info) if return_info else y
+    # a caller's own BREAKDOWN hint (argmin's: ‖∇f‖ is no residual of a root) replaces the stall hint too
+    stall_hint = STALL_HINT if hints is None or Status.BREAKDOWN not in hints else None
     hints = FORWARD_HINTS if hints is None else {**FORWARD_HINTS, **hints}
 
     if isinstance(adjoint, Unroll):
@@ -93,11 +102,18 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
 
     problem = RootProblem(F=F, solve=solve, tree=tree, batch_dims=int(batch_dims), adjoint=adjoint,
                           symmetric=symmetric, definite=definite, neumann_alpha=neumann_alpha, on_failure=on_failure, what=what,
-                          hints=hints,
+                          hints=hints, stall_far=_stall_far(solve, rtol, y0.dtype), stall_hint=stall_hint,
                           recorded=[] if may_speculate(adjoint, y0, leaves, int(batch_dims)) else None)
     y, status, residual, iterations, *_ = RootFn.apply(problem, y0, *leaves)
     info = SolveInfo(status, residual, iterations)
     return (y, info) if return_info else y
+
+
+def _stall_far(solve, rtol, dtype) -> float:
+    """The relative residual above which a stall is not rounding: ``max(10 · rtol, √eps)``."""
+    if isinstance(solve, Solver):
+        rtol = solve.rtol
+    return max(10 * (default_rtol(dtype) if rtol is None else float(rtol)), math.sqrt(eps(dtype)))
 
 
 def _policy(y, info, on_failure, what, hints):
