@@ -456,3 +456,19 @@ def test_batch_equals_its_elements_and_float32_follows_float64():
     X32, y32 = layer(*[v.float() for v in values])
     assert X32.dtype == torch.float32 and layer.last_info.residual.dtype == torch.float32
     assert torch.allclose(X32.double(), X, atol=1e-3) and torch.allclose(y32.double(), y, atol=1e-3)
+
+
+def test_an_infeasible_element_is_named_and_the_others_kept():
+    from implicitdiff import SolveError, Status
+    from implicitdiff.nn import CvxpyLayer
+
+    x = cp.Variable(2)
+    lo = cp.Parameter(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x)), [x >= lo, cp.sum(x) <= 1])
+    bounds = torch.tensor([[0.1, 0.2], [0.8, 0.9]], dtype=F64)  # the second: x ≥ lo and Σx ≤ 1 cannot hold
+    with pytest.raises(SolveError, match="INFEASIBLE"):
+        CvxpyLayer(prob, [lo], [x])(bounds)
+    layer = CvxpyLayer(prob, [lo], [x], on_failure="nan")
+    (sol,) = layer(bounds)
+    assert layer.last_info.status.tolist() == [Status.SUCCESS, Status.INFEASIBLE]
+    assert torch.allclose(sol[0], bounds[0], atol=1e-7) and bool(torch.isnan(sol[1]).all())
