@@ -49,12 +49,13 @@ STALL_HINT = ("the residual stagnates at a non-zero local minimum of ‖F‖ (th
 def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, batch_dims: int, on_failure: str,
                    return_info: bool, what: str, symmetric: bool = False, definite: bool = False,
                    neumann_alpha: float = 1.0, hints: dict | None = None,
-                   unroll: str = "newton", rtol=None, atol=0.0, max_iter=None):
+                   unroll: str = "newton", rtol=None, atol=0.0, max_iter=None, records=None):
     """Solve ``F(y, *params) = 0`` from ``y0`` with ``solve`` and attach gradients by ``adjoint``.
 
     ``adjoint``: the strategy, which owns the backward's linear solve (a ``FixedPointAdjoint``
     only where ``F`` is a fixed-point residual, ``neumann_alpha = −1``).
     ``hints``: status → hint of a failed forward solve (default :data:`FORWARD_HINTS`).
+    ``records``: whether ``solve`` takes ``recorder=`` (default: a solver object's ``records``).
     """
     check_on_failure(on_failure)
     check_bool("return_info", return_info)
@@ -103,7 +104,8 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
     problem = RootProblem(F=F, solve=solve, tree=tree, batch_dims=int(batch_dims), adjoint=adjoint,
                           symmetric=symmetric, definite=definite, neumann_alpha=neumann_alpha, on_failure=on_failure, what=what,
                           hints=hints, stall_far=_stall_far(solve, rtol, y0.dtype), stall_hint=stall_hint,
-                          recorded=[] if may_speculate(adjoint, y0, leaves, int(batch_dims)) else None)
+                          speculative=(isinstance(solve, Solver) and solve.records if records is None else records)
+                          and may_speculate(adjoint, y0, leaves, int(batch_dims)))
     y, status, residual, iterations, *_ = RootFn.apply(problem, y0, *leaves)
     info = SolveInfo(status, residual, iterations)
     return (y, info) if return_info else y
