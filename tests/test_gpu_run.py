@@ -2,6 +2,7 @@
 the table, the exit codes, and the script failing clearly where there is no CUDA."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -85,10 +86,17 @@ def test_dry_run_prints_the_steps_and_runs_nothing(tmp_path, capsys):
 def test_script_without_cuda_fails_clearly():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
+    env = dict(os.environ, PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(ROOT / ".ci" / "gpu"), "--budget", "60"], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=env)
     assert proc.returncode == 2
     assert "CUDA is not available" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_script_without_torch_fails_clearly(tmp_path):
+    env = dict(os.environ, PYTHON=str(tmp_path / "no-such-python"))
+    proc = subprocess.run(["bash", str(ROOT / ".ci" / "gpu")], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and "cannot import torch" in proc.stderr
 
 
 def test_bad_options_are_usage_errors(capsys):

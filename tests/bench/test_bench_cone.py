@@ -16,7 +16,6 @@ from implicitdiff.bench import cone as B  # noqa: E402
 from bench_scripts import script_with_fake_run  # noqa: E402
 
 HAVE_CVXPYLAYERS = importlib.util.find_spec("cvxpylayers") is not None
-HAVE_CONE = importlib.util.find_spec("implicitdiff.layers.cone_program") is not None
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +40,9 @@ def test_run_returns_documented_structure(quick):
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(results["rows"]))
 
 
-@pytest.mark.skipif(not HAVE_CONE, reason="cone_program is not on this branch yet")
 def test_ours_agrees_with_the_exact_references(quick):
     results, _, _ = quick
     for r in results["rows"]:
-        if "not supported yet" in r.get("ours_error", ""):  # cone_program grows cone by cone
-            continue
         assert "ours_error" not in r, r
         assert r["speedup"] > 0 if HAVE_CVXPYLAYERS else "speedup" not in r
         assert r["ours_x_err"] < 1e-6 and r["ours_grad_err"] < 1e-5, r

@@ -90,8 +90,21 @@ def test_profile_rows(quick):
     for p in results["profile"]:
         assert p["lbfgs_iterations"] > 0
         assert p["ms_per_iteration"] == pytest.approx(p["forward_ms"] / p["lbfgs_iterations"])
-        for k in ("forward_ms", "grad_eval_ms", "matvecs_ms", "backward_auto_ms", "backward_cg_ms"):
+        for k in ("forward_ms", "grad_eval_ms", "matvecs_ms", "backward_auto_ms", "backward_cg_ms",
+                  "bare_ms_per_iteration"):
             assert p[k] > 0
+        assert p["overhead_ms_per_iteration"] == pytest.approx(p["ms_per_iteration"] - p["bare_ms_per_iteration"])
+
+
+@pytest.mark.parametrize("ours", sorted(B._OURS))
+def test_ridge_hypergradient_equals_the_closed_form(ours):
+    # the benchmark's ridge case (smaller), float64, through the unbatched host L-BFGS path (history 10 wraps
+    # around well before convergence) and either adjoint: relative error ≤ 1e-8 against the closed form
+    p = B._problem("ridge", 400, 80, seed=3)
+    g, iters = B._hypergrad(B._OURS[ours], p)
+    ref, _ = B._hypergrad(B._closed_form, p)
+    assert g.dtype == torch.float64 and iters > 10
+    assert float((g - ref).abs().max() / ref.abs().max()) <= 1e-8
 
 
 def test_logistic_reference_matches_finite_differences():

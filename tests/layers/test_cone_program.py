@@ -155,3 +155,45 @@ def test_bad_inputs_raise(kw, match):
     args.update(kw)
     with pytest.raises(InputError, match=match):
         idf.cone_program(args.pop("A"), args.pop("b"), args.pop("c"), args.pop("cones"), **args)
+
+
+def test_sparse_A_equals_dense():
+    A, b, c, cones = case("socp", 0)
+    x, y, s = _solve(A, b, c, cones)
+    As = A.to_sparse().requires_grad_()
+    xs, ys, ss = _solve(As, b, c, cones)
+    assert torch.allclose(xs, x, atol=1e-10) and torch.allclose(ys, y, atol=1e-10)
+    xs.sum().backward()
+    assert As.grad is not None and torch.isfinite(As.grad.to_dense()).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cuda_matches_cpu(name):
+    A, b, c, cones = case(name, 0)
+    x, y, s = _solve(A, b, c, cones)
+    Ag = A.cuda().requires_grad_()
+    xg, yg, sg = _solve(Ag, b.cuda(), c.cuda(), cones)
+    assert torch.allclose(xg.cpu(), x, atol=1e-7) and torch.allclose(yg.cpu(), y, atol=1e-7)
+    (xg.sum() + yg.sum()).backward()
+    Ac = A.clone().requires_grad_()
+    xc, yc, _ = _solve(Ac, b, c, cones)
+    (xc.sum() + yc.sum()).backward()
+    assert torch.allclose(Ag.grad.cpu(), Ac.grad, atol=1e-6)
+
+
+def test_vmap_over_b_equals_the_batch():
+    A, b, c, cones = case("lp", 0)
+    g = torch.Generator().manual_seed(5)
+    bb = b + 0.1 * torch.rand(3, b.shape[0], generator=g, dtype=b.dtype)
+    x_batch, _, _ = _solve(A, bb, c, cones)
+    x_vmap = torch.func.vmap(lambda b_: _solve(A, b_, c, cones)[0])(bb)
+    assert torch.allclose(x_vmap, x_batch, atol=1e-10)
+
+
+def test_jacrev_and_jacfwd_match_the_reverse_jacobian():
+    A, b, c, cones = case("socp", 0)
+    f = lambda b_: _solve(A, b_, c, cones)[0]  # noqa: E731
+    J = torch.autograd.functional.jacobian(f, b)
+    assert torch.allclose(torch.func.jacrev(f)(b), J, atol=1e-10)
+    assert torch.allclose(torch.func.jacfwd(f)(b), J, atol=1e-10)

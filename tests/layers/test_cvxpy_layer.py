@@ -270,7 +270,7 @@ def test_layer_pipeline_with_a_reference_cone_solve(monkeypatch):
         zeros = torch.zeros(x.shape[:-1], dtype=torch.int64)
         return x, None, None, SolveInfo(zeros, zeros.double(), zeros)
 
-    monkeypatch.setattr(L, "_cone_program", lambda: reference)
+    monkeypatch.setattr(L, "cone_program", reference)
     prob, params, variables = psd_problem()
     layer = CvxpyLayer(prob, params, variables)
     values = random_values(params, batch=(2,), seed=3)
@@ -339,23 +339,7 @@ def test_dual_variables_recovered_like_cvxpy():
         canon.variables(torch.as_tensor(x))
 
 
-# ----------------------------------------------------------------------------- with cone_program: values and gradients
-needs_cone = pytest.mark.skipif(__import__("importlib").util.find_spec("implicitdiff.layers.cone_program") is None,
-                                reason="cone_program is not on this branch yet")
-
-
-def _skip_without_exp_cones(name):
-    """cone_program grows cone by cone; the exponential cone comes last."""
-    if name != "exp":
-        return
-    from implicitdiff.layers.cone_program import cone_program
-
-    A = torch.tensor([[-1.0], [0.0], [0.0]], dtype=F64)
-    try:
-        cone_program(A, torch.tensor([0.0, 1.0, 1.0], dtype=F64), torch.tensor([-1.0], dtype=F64), {"ep": 1})
-    except InputError as err:
-        if "not supported" in str(err):
-            pytest.skip("cone_program does not take exponential cones yet")
+# ----------------------------------------------------------------------------- values and gradients (cone_program)
 
 
 def _directions(params, values, seed):
@@ -380,13 +364,11 @@ def _cvxpy_loss(prob, params, variables, values, ws, batch):
     return total
 
 
-@needs_cone
 @pytest.mark.parametrize("batched", [False, True], ids=["unbatched", "batched"])
 @pytest.mark.parametrize("name", list(PROBLEMS))
 def test_values_and_gradients_match_cvxpy_and_finite_differences(name, batched):
     from implicitdiff.nn import CvxpyLayer
 
-    _skip_without_exp_cones(name)
     prob, params, variables = PROBLEMS[name]()
     layer = CvxpyLayer(prob, params, variables, rtol=1e-10)
     batch = (2,) if batched else ()
@@ -422,7 +404,6 @@ def test_values_and_gradients_match_cvxpy_and_finite_differences(name, batched):
         assert abs(dd - fd) <= tol * max(1.0, abs(fd)), (dd, fd)
 
 
-@needs_cone
 @pytest.mark.parametrize("batched", [False, True], ids=["unbatched", "batched"])
 @pytest.mark.parametrize("name", ["readme", "psd", "exp"])
 def test_same_outputs_and_gradients_as_cvxpylayers(name, batched):
@@ -434,7 +415,6 @@ def test_same_outputs_and_gradients_as_cvxpylayers(name, batched):
     theirs_mod = pytest.importorskip("cvxpylayers.torch")
     from implicitdiff.nn import CvxpyLayer
 
-    _skip_without_exp_cones(name)
     prob, params, variables = PROBLEMS[name]()
     ours = CvxpyLayer(prob, params, variables, rtol=1e-10)
     prob2, params2, variables2 = PROBLEMS[name]()
@@ -462,7 +442,6 @@ def test_same_outputs_and_gradients_as_cvxpylayers(name, batched):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4 * max(1.0, float(b.abs().max())))
 
 
-@needs_cone
 def test_batch_equals_its_elements_and_float32_follows_float64():
     from implicitdiff.nn import CvxpyLayer
 

@@ -372,3 +372,68 @@ def test_splu_adversarial_inputs():
         idf.linear_solve(S, b.long(), solver="splu")
     with pytest.raises(SolveError, match="SINGULAR"):
         idf.linear_solve(_sparse(torch.zeros(4, 4, dtype=F64)), b, solver="splu")
+
+
+# ============================================================================ transforms and float32
+def test_cholesky_asymmetry_under_vmap_is_a_status_not_a_wrong_answer(g):
+    S = _well(g, 4, 4)
+    S = S @ S.mT
+    N = S + torch.triu(torch.ones(4, 4, dtype=F64), 1)
+    b = torch.ones(4, dtype=F64)
+    y = torch.func.vmap(lambda A: idf.linear_solve(A, b, solver="cholesky", on_failure="nan"))(torch.stack([S, N]))
+    torch.testing.assert_close(y[0], torch.linalg.solve(S, b))
+    assert torch.isnan(y[1]).all()
+
+
+def test_float32_eager_path(g):
+    A = _well(g, 2, 30, 30)
+    b = torch.randn(2, 30, generator=g, dtype=F64)
+    A32, b32 = A.float().requires_grad_(), b.float().requires_grad_()
+    y = idf.linear_solve(A32, b32)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), torch.linalg.solve(A, b), atol=1e-5, rtol=1e-5)
+    gA, gb = torch.autograd.grad(y.sum(), (A32, b32))
+    A64, b64 = A.clone().requires_grad_(), b.clone().requires_grad_()
+    rA, rb = torch.autograd.grad(torch.linalg.solve(A64, b64).sum(), (A64, b64))
+    torch.testing.assert_close(gA.double(), rA, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gb.double(), rb, atol=1e-5, rtol=1e-4)
+
+
+def test_screened_condition_estimate_is_an_upper_bound_on_rcond(g):
+    # the screen may be loose for well-conditioned matrices, never smaller than the truth's bound
+    # (an upper bound on rcond), and it agrees with Hager's in doubt
+    A = torch.stack([mk_cond(g, c) for c in (1.0, 1e3, 1e8, 1e13)])
+    _, screened = linalg.LU.factor(A, screen=True)
+    _, full = linalg.LU.factor(A)
+    exact = 1.0 / (torch.linalg.matrix_norm(A, ord=1) * torch.linalg.matrix_norm(torch.linalg.inv(A), ord=1))
+    assert bool((screened >= exact * (1 - 1e-10)).all()) and bool((full >= exact * (1 - 1e-10)).all())
+    assert bool((screened[2:] == full[2:]).all())  # below sqrt(eps): Hager ran (its estimate is kept)
+
+
+def mk_cond(g, c, n=8):
+    Q1, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    Q2, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    s = torch.logspace(0, -torch.log10(torch.tensor(c)).item(), n, dtype=F64)
+    return Q1 @ torch.diag(s) @ Q2.mT
+
+
+def test_cholesky_asymmetric_element_in_a_kept_batch(g):
+    S = _well(g, 4, 4)
+    S = S @ S.mT
+    A = torch.stack([S, S + torch.triu(torch.ones(4, 4, dtype=F64), 1)])
+    y, info = idf.linear_solve_ex(A, torch.ones(2, 4, dtype=F64), solver="cholesky")
+    assert info.status.tolist() == [Status.SUCCESS, Status.SINGULAR]
+    torch.testing.assert_close(y[0], torch.linalg.solve(S, torch.ones(4, dtype=F64)))
+    assert torch.isnan(y[1]).all()
+
+
+@pytest.mark.parametrize("values", ["a", None, [1.0, "b"], torch.ones(2, dtype=torch.int64)])
+def test_pinned_values_must_be_numbers(values):
+    with pytest.raises(InputError, match="Pinned.values"):
+        idf.linear_solve(torch.ones(1, 3, dtype=F64), torch.ones(1, dtype=F64), selection=Pinned([0, 1], values))
+
+
+@pytest.mark.parametrize("y0", ["a", None, torch.tensor([0.0, float("nan"), 0.0], dtype=F64), torch.zeros(4, dtype=F64)])
+def test_nearest_reference_is_validated(y0):
+    with pytest.raises(InputError, match="Nearest.y0"):
+        idf.linear_solve(torch.ones(1, 3, dtype=F64), torch.ones(1, dtype=F64), selection=Nearest(y0))

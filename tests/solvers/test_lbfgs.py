@@ -99,7 +99,8 @@ def test_elements_are_independent_and_nan_is_contained():
     for i in (0, 2, 3):
         alone = lbfgs(rosenbrock, y0[i], (a[i],))
         assert alone.info.iterations == res.info.iterations[i]
-        assert torch.allclose(alone.y, res.y[i], atol=1e-13, rtol=0)
+        # the unbatched host path rounds the m × m algebra differently: same steps, iterates to rounding
+        assert torch.allclose(alone.y, res.y[i], atol=1e-11, rtol=0)
 
 
 def test_max_iterations_breakdown_and_trace():
@@ -207,15 +208,16 @@ def test_iterates_match_the_two_loop_recursion(history):
 
 
 def test_unbatched_host_path_equals_the_masked_path():
-    # check_every = 2 runs the masked (batched) step on the unbatched problem: same iterates in float64
+    # check_every = 2 runs the masked (batched) step on the unbatched problem: the same decisions, so the
+    # same iteration count and iterates equal up to the rounding of the host path's m × m algebra
     A = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=F64)
     f = lambda y: 0.25 * (y ** 4).sum() + 0.5 * y @ A @ y - y.sum()  # noqa: E731
     host = lbfgs(f, torch.zeros(3, dtype=F64), trace=True)
     masked = lbfgs(f, torch.zeros(3, dtype=F64), trace=True, check_every=2)
     assert host.info.status == masked.info.status == Status.SUCCESS
     assert host.info.iterations == masked.info.iterations
-    assert torch.equal(host.y, masked.y)
-    assert torch.equal(host.trace, masked.trace[:host.trace.shape[0]])
+    assert torch.allclose(host.y, masked.y, atol=1e-14, rtol=0)
+    assert torch.allclose(host.trace, masked.trace[:host.trace.shape[0]], atol=1e-13, rtol=1e-6)
 
 
 def test_objective_called_inside_torch_func_transforms():

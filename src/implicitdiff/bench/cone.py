@@ -49,6 +49,7 @@ TARGETS = {"cvxpylayers": 20.0}  # minimum speed-up, forward + backward
 GRAD_TOL = 1e-6
 F64 = torch.float64
 FD_STEP = 1e-5
+SLOW_S = 5.0  # a forward + backward slower than this is timed once more, not `repeats` times
 
 
 class Case(NamedTuple):
@@ -266,11 +267,16 @@ def _measure(case, *, seed, repeats, build_repeats, R, cvx_R, n_dirs, device, ve
     # forward + backward
     ours_out = None
     try:
+        t0 = time.perf_counter()
         ours_out = _run_ours(ours, params, ws, device=device)
+        first = time.perf_counter() - t0
+        if first > SLOW_S:  # one more sample each, the first call having warmed up
+            repeats = 1
         t = time_callables({"ours_fwd": lambda: _run_ours(ours, params, ws, grad=False, device=device),
                             "ours": lambda: _run_ours(ours, params, ws, device=device)},
-                           warmup=1, repeats=repeats, device=device)
+                           warmup=0 if first > SLOW_S else 1, repeats=repeats, device=device)
         row["ours_fwd_ms"], row["ours_ms"] = 1e3 * t["ours_fwd"].median, 1e3 * t["ours"].median
+        row["ours_repeats"] = repeats
     except Exception as err:  # noqa: BLE001 - a failure is a result
         row["ours_error"] = f"{type(err).__name__}: {str(err)[:160]}"
     cvx_out = None
@@ -350,7 +356,12 @@ def run(quick: bool = False, out: Optional[str] = None, *, threads: int = 1, see
                                  cvx_R=min(settings["cvxpylayers_instances"], case.batch),
                                  n_dirs=settings["directions"], device=device, verbose=verbose))
             if verbose:
-                print(f"  {case.label}: {time.perf_counter() - t1:.1f} s", flush=True)
+                r = rows[-1]
+                print(f"  {case.label}: {time.perf_counter() - t1:.1f} s; f+b ours {r.get('ours_ms', math.nan):.0f} ms, "
+                      f"cvxpylayers {r.get('cvxpylayers_ms', math.nan):.0f} ms (x{r.get('speedup', math.nan):.1f}); "
+                      f"build ratio {r.get('build_ratio', math.nan):.2f}; grad err ours "
+                      f"{r.get('ours_grad_err', math.nan):.1e}, cvxpylayers {r.get('cvxpylayers_grad_err', math.nan):.1e}",
+                      flush=True)
     finally:
         configure_threads(previous)
     settings["wall_s"] = time.perf_counter() - t0

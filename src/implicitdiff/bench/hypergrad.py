@@ -41,7 +41,10 @@ A second table compares, on one ridge problem, *unrolled* autograd through
 (``custom_root`` + CG adjoint): time, gradient error, and the bytes autograd
 keeps for the backward (``saved_tensors_hooks``), which grow with ``K``
 unrolled and stay flat implicit.  A third splits our time into forward
-(L-BFGS iterations, the cost of one gradient evaluation) and backward.
+(L-BFGS iterations, the cost of one gradient evaluation) and backward, and sets the forward
+beside a bare torch loop making the same products (one value and gradient of ``f`` by
+autograd and one step per iteration, as many iterations): the difference per iteration is
+L-BFGS's own overhead (direction, line search, host reads).
 
 Peers are optional (adapters: :mod:`._hypergrad_peers`); a missing one is skipped with its reason.  ``jax`` runs
 with ``jax_enable_x64``.  "One thread" is enforced by pinning the process to
@@ -263,11 +266,24 @@ def _profile(p: Problem, *, repeats, min_sample_s):
            "matvecs": lambda: p.X.T @ (p.X @ w - p.t)}
     for name, (loss, theta) in graphs.items():
         fns[f"backward {name}"] = lambda loss=loss, theta=theta: torch.autograd.grad(loss, theta, retain_graph=True)
-    t = time_callables(fns, warmup=1, repeats=repeats, min_sample_s=min_sample_s, device=p.X.device)
     iters = int(lbfgs(p.inner, w, args, rtol=TOL, max_iter=MAX_ITER).info.iterations)
+
+    def bare():  # the same products as the L-BFGS forward: one value and gradient of f and a step per iteration
+        y = w
+        for _ in range(iters):
+            with torch.enable_grad():
+                yy = y.detach().requires_grad_()
+                (g,) = torch.autograd.grad(p.inner(yy, *args), yy)
+            y = y - 1e-3 * g
+        return y
+
+    fns["bare loop"] = bare
+    t = time_callables(fns, warmup=1, repeats=repeats, min_sample_s=min_sample_s, device=p.X.device)
     ms = {k: 1e3 * v.median for k, v in t.items()}
     return {"case": p.label, "n": p.n, "forward_ms": ms["forward"], "lbfgs_iterations": iters,
-            "ms_per_iteration": ms["forward"] / max(iters, 1), "grad_eval_ms": ms["grad_eval"],
+            "ms_per_iteration": ms["forward"] / max(iters, 1), "bare_ms_per_iteration": ms["bare loop"] / max(iters, 1),
+            "overhead_ms_per_iteration": (ms["forward"] - ms["bare loop"]) / max(iters, 1),
+            "grad_eval_ms": ms["grad_eval"],
             "matvecs_ms": ms["matvecs"], "backward_auto_ms": ms["backward ours auto"],
             "backward_cg_ms": ms["backward ours cg"]}
 
@@ -313,7 +329,8 @@ _MAIN_COLUMNS = [("case", "case", ""), ("method", "method", ""), ("time_ms", "ms
 _UNROLL_COLUMNS = [("method", "method", ""), ("K", "K", ""), ("time_ms", "ms", ".1f"), ("saved_kb", "saved kB", ".1f"),
                    ("rel_err", "rel err", ".1e")]
 _PROFILE_COLUMNS = [("case", "case", ""), ("forward_ms", "L-BFGS ms", ".1f"), ("lbfgs_iterations", "it", ""),
-                    ("ms_per_iteration", "ms/it", ".2f"), ("grad_eval_ms", "grad eval ms", ".3f"),
+                    ("ms_per_iteration", "ms/it", ".2f"), ("bare_ms_per_iteration", "bare loop ms/it", ".2f"),
+                    ("overhead_ms_per_iteration", "overhead ms/it", ".2f"), ("grad_eval_ms", "grad eval ms", ".3f"),
                     ("matvecs_ms", "Xᵀ(Xw−t) ms", ".3f"), ("backward_auto_ms", "bwd auto ms", ".1f"),
                     ("backward_cg_ms", "bwd cg ms", ".1f")]
 

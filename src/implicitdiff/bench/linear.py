@@ -25,7 +25,8 @@ rank-deficient 200², rank 150  ``selection="min_norm"``, ``solver="svd"``  ``pi
                                and ``solver="auto"`` (LU, then SVD)
 =============================  ========================================  =================
 
-Targets (DESIGN §5): square ≤ 1.1 × ``torch.linalg.solve``; non-square
+Targets (DESIGN §5): square ≤ 1.1 × ``torch.linalg.solve`` (≤ 1.5 × at n = 100), a batch of 64
+systems 64 × 64 ≤ 1.2 ×; non-square
 ≥ 5 × faster than ``lstsq`` and ``pinv`` (ratio ≤ 0.2).  The rank-deficient
 case is reported without a target.
 
@@ -64,12 +65,14 @@ DEFAULT_OUT = "bench-linear.json"
 #: the largest acceptable ratio ours / peer, per (case kind, peer)
 TARGETS = {
     ("square", "torch.solve"): 1.1,
-    ("batch", "torch.solve"): 1.1,
+    ("batch", "torch.solve"): 1.2,
     ("wide", "pinv"): 0.2,
     ("wide", "lstsq"): 0.2,
     ("tall", "pinv"): 0.2,
     ("tall", "lstsq"): 0.2,
 }
+#: DESIGN §5 / issue 15: a small square solve (n ≤ SMALL_N) has the looser target 1.5 × torch.linalg.solve
+SMALL_N, SMALL_SQUARE_TARGET = 100, 1.5
 _FD_RTOL = 1e-6  # a gradient within this (relative to its size) of central differences is "ok"
 
 
@@ -207,6 +210,8 @@ def _measure_case(case: Case, *, seed, dtype, device, warmup, repeats, min_sampl
 def _compare(case, ours, peer, rows, grads, ys):
     o, p = rows[ours], rows[peer]
     target = TARGETS.get((case.kind, peer))
+    if case.kind == "square" and case.n <= SMALL_N and target is not None:
+        target = SMALL_SQUARE_TARGET
     c = {"case": case.label, "kind": case.kind, "ours": ours, "peer": peer, "ours_ms": o.get("time_ms"),
          "peer_ms": p.get("time_ms"), "ratio": None, "target": target, "met": None, "grad_diff": None,
          "grad_scale": None, "y_diff": None, "ours_saved_mb": o.get("saved_mb"), "peer_saved_mb": p.get("saved_mb"),

@@ -38,6 +38,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._core.status import Status
+from .._core.validate import is_vmapped
 from ..linalg.cone_spec import ConeSpec
 from .cone_projection import apply_block_diagonal, dual_projection_jacobian, project_dual
 
@@ -121,7 +122,7 @@ def _solve(M, g, adjoint=False, fac=None, steps=4):
         scale = g.abs().amax(-1) + Mo.abs().amax((-2, -1)) * sol.abs().amax(-1)
         return sol, res.abs().amax(-1) / scale.clamp(min=torch.finfo(M.dtype).tiny)
 
-    if fac is not None:
+    if fac is not None and not (is_vmapped(M) or is_vmapped(g)):  # (the test below reads data)
         sol, rel = run(*fac)
         if bool((rel <= torch.finfo(M.dtype).eps ** 0.75).all()):
             return sol
@@ -172,6 +173,10 @@ def refine(A, b, c, x, y, s, ok, spec, steps):
     return (torch.where(okc, u, x), torch.where(okc, yv, y), torch.where(okc, yv - v, s)), (LU, piv)
 
 
+def unfold_lu(t, V):
+    return t.reshape((V, t.shape[0] // V) + t.shape[1:])
+
+
 class ConeFn(torch.autograd.Function):
     """``(x, y, s, status, residual, iterations, LU, pivots) = ConeFn.apply(A, b, c, problem)``.
 
@@ -199,6 +204,21 @@ class ConeFn(torch.autograd.Function):
         ctx.spec = problem.spec
         ctx.save_for_backward(A, b, c, x, y, s, status, LU, piv)
         ctx.save_for_forward(A, b, c, x, y, s, status, LU, piv)
+
+    @staticmethod
+    def vmap(info, in_dims, A, b, c, problem):
+        # the function is batched already: fold the vmapped dim into the batch, solve, unfold
+        V = info.batch_size
+        flat = []
+        for t, d in zip((A, b, c), in_dims[:3]):
+            t = t.unsqueeze(0).expand((V,) + t.shape) if d is None else t.movedim(d, 0)
+            flat.append(t.reshape((-1,) + t.shape[2:]))
+        out = ConeFn.apply(*flat, problem)
+        unfold = [t.reshape((V, t.shape[0] // V) + t.shape[1:]) for t in out[:6]]
+        LU, piv = out[6:]
+        if LU.numel():
+            return tuple(unfold) + (unfold_lu(LU, V), unfold_lu(piv, V)), (0,) * 8
+        return tuple(unfold) + (LU, piv), (0,) * 6 + (None, None)
 
     @staticmethod
     def _unpack(ctx):

@@ -232,38 +232,30 @@ def solve(spec: SolveSpec, A: torch.Tensor, B: torch.Tensor):
 
 # ----------------------------------------------------------------------------- the eager fast path
 class _EagerLUSolveFn(torch.autograd.Function):
-    """``X = A⁻¹ B`` with the LU of ``A`` (``lu``) or of ``Aᵀ`` (``lu_t``), in the old style (``forward(ctx, ...)``).
+    """``X = A⁻¹ B`` with the LU of ``A`` (``lu``) or of ``Aᵀ`` (``lu_t``), old style (``forward(ctx, ...)``).
 
-    A ``setup_context`` Function binds its arguments by signature on every call, a third of the time
-    of ``torch.linalg.solve`` at n = 100 (``docs/benchmarks.md``); old-style Functions do not compose with ``torch.func``
-    transforms, so this one is used only outside them (:func:`fast_square_solve`).  ``b`` may be a
-    vector (``vector``: no autograd nodes for the unsqueeze/squeeze); a screening vector ``z`` rides
-    along in the same triangular solves and ``A⁻¹z`` comes back as a second, non-differentiable
-    output.  First-order backward: ``U = A⁻ᵀ X̄``, ``B̄ = U``, ``Ā = −U Xᵀ``; under ``create_graph`` the
-    differentiable formulas of ``_vjp`` (so every order reuses the factors); forward mode: ``_jvp``.
+    A ``setup_context`` Function binds its arguments by signature on every call, a third of the
+    time of ``torch.linalg.solve`` at n = 100; old-style Functions do not compose with
+    ``torch.func`` transforms, so this one is used only outside them (:func:`fast_square_solve`).
+    ``b`` may be a vector (``vector``: no autograd nodes for the unsqueeze/squeeze).  First-order
+    backward: ``U = A⁻ᵀ X̄``, ``B̄ = U``, ``Ā = −U Xᵀ``; under ``create_graph`` the differentiable
+    formulas of ``_vjp`` (so every order reuses the factors); forward mode: ``_jvp``.
     """
 
     @staticmethod
-    def forward(ctx, kind, A, b, vector, z, LU_, piv):
+    def forward(ctx, kind, A, b, vector, LU_, piv):
         B = b.unsqueeze(-1) if vector else b
-        k = B.shape[-1]
-        S = torch.linalg.lu_solve(LU_, piv, torch.cat([B, z.expand(*B.shape[:-1], 1)], dim=-1),
-                                  adjoint=kind == "lu_t")
-        # fresh tensors, not views of S: a custom Function's differentiable output must not be a view
+        X = torch.linalg.lu_solve(LU_, piv, B, adjoint=kind == "lu_t")
+        # a fresh tensor, not a view: a custom Function's differentiable output must not be a view
         # (forward-mode AD checks the tangent's layout against the view's)
-        X = S[..., 0].clone() if vector else S[..., :k].clone()
-        Z = S[..., k:].clone()
+        X = X.squeeze(-1).clone() if vector else X
         ctx.kind, ctx.vector = kind, vector
-        ctx.mark_non_differentiable(Z)
-        ctx.set_materialize_grads(False)
         ctx.save_for_backward(A, b, X, LU_, piv)
         ctx.save_for_forward(A, b, X, LU_, piv)
-        return X, Z
+        return X
 
     @staticmethod
-    def backward(ctx, gX, _gZ):
-        if gX is None:
-            return (None,) * 7
+    def backward(ctx, gX):
         A, b, X, LU_, piv = ctx.saved_tensors
         if ctx.vector:
             gX, X, b = gX.unsqueeze(-1), X.unsqueeze(-1), b.unsqueeze(-1)
@@ -271,20 +263,20 @@ class _EagerLUSolveFn(torch.autograd.Function):
             gA, gB = _vjp(ctx.kind, False, A, b, X, gX, (LU_, piv), ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         else:
             U = torch.linalg.lu_solve(LU_, piv, gX, adjoint=ctx.kind != "lu_t")  # A⁻ᵀ X̄
-            gA = torch.matmul(U, X.mT).neg_() if ctx.needs_input_grad[1] else None
+            gA = torch.matmul(U.neg(), X.mT) if ctx.needs_input_grad[1] else None  # negate the n × k factor
             gB = U if ctx.needs_input_grad[2] else None
         if gB is not None and ctx.vector:
             gB = gB.squeeze(-1)
-        return None, gA, gB, None, None, None, None
+        return None, gA, gB, None, None, None
 
     @staticmethod
-    def jvp(ctx, _k, dA, db, _v, _z, _lu, _piv):
+    def jvp(ctx, _k, dA, db, _v, _lu, _piv):
         A, b, X, LU_, piv = ctx.saved_tensors
         if ctx.vector:
             b, X = b.unsqueeze(-1), X.unsqueeze(-1)
             db = None if db is None else db.unsqueeze(-1)
         dX = _jvp(ctx.kind, False, A, b, X, dA, db, (LU_, piv))
-        return (dX.squeeze(-1) if ctx.vector else dX), None
+        return dX.squeeze(-1) if ctx.vector else dX
 
 
 _GENERIC: dict = {}
@@ -318,7 +310,8 @@ def fast_square_solve(A: torch.Tensor, b: torch.Tensor, vector: bool, rank_rtol:
     transposed = n > 1 and Ad.is_contiguous()  # a row-major A is LAPACK's column-major Aᵀ: no copy
     LU_, piv, _ = torch.linalg.lu_factor_ex(Ad.mT if transposed else Ad)
     z, zsum = _generic_vector(n, A.dtype, A.device)
-    X, Z = _EagerLUSolveFn.apply("lu_t" if transposed else "lu", A, b, vector, z, LU_, piv)
+    X = _EagerLUSolveFn.apply("lu_t" if transposed else "lu", A, b, vector, LU_, piv)
+    Z = torch.linalg.lu_solve(LU_, piv, z.expand(*LU_.shape[:-1], 1), adjoint=transposed)  # A⁻¹z (no graph)
     est = torch.linalg.vector_norm(Z, 1, dim=(-2, -1))  # ‖A⁻¹z‖₁
     dmin = torch.linalg.vector_norm(LU_.diagonal(dim1=-2, dim2=-1), float("-inf"), dim=-1)  # min |u_ii|
     # max|a_ij| ≤ ‖A‖₁, so the bound below stays an upper bound on rcond (looser by ≤ n, which the

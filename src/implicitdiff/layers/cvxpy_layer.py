@@ -34,6 +34,7 @@ import torch
 
 from .._core.errors import InputError
 from .._core.options import check_real
+from .cone_program import cone_program
 
 __all__ = ["canonicalize", "Canonical", "CONE_KEYS", "solve_canonical", "rtol_from_solver_args"]
 
@@ -130,7 +131,7 @@ class Canonical:
                                         for i, t in enumerate(params)] + [one], dim=1)
                 p, lead = single, ()
             # one sparse × dense product per block: bandwidth-bound, the fastest of gather/scatter variants
-            flat = torch.sparse.mm(mp.matrix, p.T).T
+            flat = torch.sparse.mm(mp.matrix, p.T).T.contiguous()  # batch-major: the solver's products read rows
             out[name] = flat.reshape(lead + ((self.m, self.n) if name == "A" else (mp.size,)))
         return out["A"], out["b"], out["c"], batch
 
@@ -166,16 +167,10 @@ def solve_canonical(canon: Canonical, params: Sequence[torch.Tensor], *, rtol=No
     parameters through the affine map).  Failed elements follow ``on_failure`` there.
     """
     A, b, c, batch = canon.data(params)
-    x, y, _, info = _cone_program()(A, b, c, canon.cones, rtol=rtol, on_failure=on_failure, return_info=True)
+    x, y, _, info = cone_program(A, b, c, canon.cones, rtol=rtol, on_failure=on_failure, return_info=True)
     if batch and x.dim() == 1:  # a batched parameter that enters none of A, b, c
         x, y = x.expand(batch + x.shape), y.expand(batch + y.shape)
     return canon.variables(x, y), info
-
-
-def _cone_program():
-    from .cone_program import cone_program
-
-    return cone_program
 
 
 _EPS_KEYS = ("eps", "eps_abs", "eps_rel")

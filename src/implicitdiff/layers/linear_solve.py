@@ -23,15 +23,15 @@ from ..implicit.iterative import iterative_solve
 from ..implicit.linear import SolveSpec, fast_square_solve, solve
 from ..implicit.sparse_direct import splu_solve
 from ..linalg.operator import LinearOperator, aslinearoperator
-from ..linalg.selection import Nearest, Pinned, consistency_rtol, resolve_selection
-from ..linalg.solvers import SPARSE_DENSE_MAX, Solver, _matrix_free, as_solver
+from ..linalg.selection import Nearest, Pinned, consistency_rtol, not_symmetric, resolve_selection
+from ..linalg.solvers import Solver, as_solver, is_matrix_free
 
 __all__ = ["linear_solve", "linear_solve_ex", "ambiguity"]
 
 _HINTS = {
     Status.SINGULAR: ("A is singular: use selection='min_norm' with solver='auto' or 'svd' (pseudo-inverse), or a "
                       "Pinned/Nearest selection; under solver='cholesky' A may instead be not positive definite "
-                      "(use solver='lu')"),
+                      "or not symmetric (use solver='lu')"),
     Status.INCONSISTENT: "b is not in the range of A: use selection='least_squares' or 'min_norm'",
     Status.RANK_DEFICIENT: ("use selection='min_norm' with solver='auto' or 'svd' for the minimum-norm "
                             "least-squares solution"),
@@ -126,7 +126,7 @@ def linear_solve(A, b, *, selection="auto", solver="auto", on_failure="raise", r
             SciPy's SuperLU factorized once; the backward reuses it, ``Ā`` stays on
             A's pattern; reverse mode only, no vmap; ``b`` is ``(n,)`` or ``(*, n, k)``).
             ``"auto"``: a dense ``A`` (or a sparse one with at most
-            ``SPARSE_DENSE_MAX`` columns) is factorized — Cholesky for a
+            ``linalg.solvers.SPARSE_DENSE_MAX`` columns) is factorized — Cholesky for a
             ``LinearOperator`` tagged ``positive_definite``; a matrix-free or
             large sparse ``A`` goes to CG (tagged positive definite), MINRES
             (tagged symmetric), GMRES (square) or LSMR (non-square, ``"min_norm"``).
@@ -199,7 +199,7 @@ def linear_solve(A, b, *, selection="auto", solver="auto", on_failure="raise", r
         return _sparse_direct(A, b, selection, on_failure, return_info, check_finite)
     if slv.family == "krylov":
         return _iterative(A, b, selection, slv, on_failure, return_info, check_finite)
-    if _matrix_free(A) and isinstance(A, LinearOperator) and A.matrix is None:
+    if is_matrix_free(A) and isinstance(A, LinearOperator) and A.matrix is None:
         raise InputError(f"solver={slv.name!r} factorizes a matrix: a matrix-free LinearOperator needs an "
                          f"iterative solver; pass ('cg', 'minres', 'gmres', 'bicgstab', 'lsqr', 'lsmr') or 'auto'")
     if slv.name == "lu" and not return_info and isinstance(selection, str) and selection in ("auto", "exact"):
@@ -212,6 +212,12 @@ def linear_solve(A, b, *, selection="auto", solver="auto", on_failure="raise", r
     prob = _prepare(A, b)
     if check_finite:
         check_finite_(prob)
+    if solver == "cholesky" and on_failure == "raise" and not is_vmapped(prob.A) and prob.A.shape[-1] == prob.A.shape[-2]:
+        # a broken structural promise is an input error when raising; otherwise (a batch kept under
+        # on_failure="nan"/"warn", or vmap) the element is reported SINGULAR and set to NaN
+        if bool(not_symmetric(prob.A).any()):
+            raise InputError("solver='cholesky' needs a symmetric positive definite A, but A is not symmetric "
+                             "(|A − Aᵀ| > sqrt(eps)·max|A|); use solver='lu'")
     m, n = prob.A.shape[-2:]
     safe = on_failure != "raise"  # failed elements are kept (as NaN): shield the others' gradients
     if isinstance(selection, Nearest):
@@ -260,9 +266,6 @@ def _empty(prob: _Problem, sel: str):
     Y = Y + 0 * (A.sum() + B.sum())  # connected to the inputs: backward gives zero gradients
     zeros = torch.zeros(batch, dtype=torch.int64, device=A.device)
     return Y, SolveInfo(zeros, torch.zeros(batch, dtype=A.dtype, device=A.device), zeros)
-
-
-KRYLOV = ("cg", "minres", "gmres", "bicgstab", "lsqr", "lsmr")
 
 
 def _iterative(A, b, selection, slv: Solver, on_failure, return_info, check_finite_values):
@@ -417,10 +420,7 @@ def _pinned(prob: _Problem, sel: Pinned, solver, rank_rtol, rtol, safe=False, re
     keep[idx] = False
     free = torch.nonzero(keep).reshape(-1)
     k = B.shape[-1]
-    vals = sel.values
-    if not isinstance(vals, torch.Tensor):
-        vals = torch.as_tensor(vals, dtype=A.dtype, device=A.device)
-    vals = as_float_tensor("Pinned.values", vals, like=A)
+    vals = as_float_tensor("Pinned.values", sel.values, like=A)
     check_same_dtype_device("A", A, **{"Pinned.values": vals})
     check_finite("Pinned.values", vals)
     if vals.dim() == 0:

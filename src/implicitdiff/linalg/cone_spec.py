@@ -15,6 +15,7 @@ once (``s[..., idx]`` has shape ``(*, blocks, size)``).  Forward only: no gradie
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import NamedTuple
@@ -113,7 +114,12 @@ def parse_cones(cones) -> ConeSpec:
 
 
 def svec_indices(k: int, device=None):
-    """Row indices, column indices and scale (``1`` diagonal, ``√2`` off) of SCS's svec order."""
+    """Row indices, column indices and off-diagonal mask of SCS's svec order (cached)."""
+    return _svec_indices(k, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _svec_indices(k: int, device):
     rows, cols = [], []
     for j in range(k):
         for i in range(j, k):

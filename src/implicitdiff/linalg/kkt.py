@@ -13,7 +13,8 @@ definite by construction and factored by Cholesky (never an unpivoted LU):
 * ``"primal"`` (any ``Q ⪰ 0``): ``H = Q + δI + Gᵀ diag(winv) G`` (size ``n``) and
   ``S = A H⁻¹ Aᵀ + δI`` (size ``k``);
 * ``"dual"`` (``Q`` positive definite): ``z`` eliminated through ``Q = LQ LQᵀ``, and the Schur
-  complement ``S = C Q⁻¹ Cᵀ + diag(1/winv, δ)`` with ``C = [G; A]`` (size ``m + k``).
+  complement ``S = C Q⁻¹ Cᵀ + diag(1/winv, δ)`` with ``C = [G; A]``, its equality block eliminated
+  once, so only the rows of active inequalities are factored (size ≤ ``m``).
 
 :func:`kkt_apply` multiplies by the *exact* (unregularized) KKT matrix and :func:`kkt_refine`
 removes the regularization by iterative refinement against it.
@@ -48,7 +49,7 @@ __all__ = ["KKTFactorization", "ActiveSetKKT", "KKTProducts", "kkt_precompute", 
            "kkt_apply", "kkt_refine", "bmv", "brmv", "chol_solve", "tri_solve", "take_rows", "put_rows"]
 
 # the factor tensors that differ per element after a polish (the others are the shared precomputation)
-_PER_ELEMENT = {"dual": (4, 5, 6, 7), "primal": (0, 1, 2, 3)}
+_PER_ELEMENT = {"dual": (4, 5, 6, 7), "primal": (0, 1, 2, 3, 6, 8)}
 
 
 def _pad_active(ta, tb):
@@ -91,10 +92,13 @@ class KKTFactorization:
     ``H⁻¹Aᵀ`` ``(B, n, k)``, the inverse ``(2,2)``-block weights ``(B, m)`` and ``δ`` ``()``.
 
     ``"dual"`` (``Q`` positive definite, cheaper when ``m + k`` is small against ``n``):
-    ``tensors = (LQ, W, LS, rowmask, δ)`` — Cholesky ``Q = LQ LQᵀ`` ``(B|1, n, n)`` (``Q`` is not
-    regularized), ``W = LQ⁻¹Cᵀ`` with ``C = [G; A]`` ``(B|1, n, m + k)``, Cholesky of the Schur
-    complement ``S = R C Q⁻¹ Cᵀ R + diag(1/winv, δ)`` ``(B, m + k, m + k)`` with
-    ``R = diag(rowmask)`` (zero rows: constraints dropped from the active set), the mask and ``δ``.
+    ``tensors = (LQ, W, LA, X, L, idx, active, w, δ)`` — Cholesky ``Q = LQ LQᵀ`` ``(B|1, n, n)``
+    (``Q`` is not regularized), ``W = LQ⁻¹Cᵀ`` with ``C = [G; A]`` ``(B|1, n, m + k)``, the
+    equality block eliminated once (``LA``, ``X`` of :func:`kkt_precompute`), and the Cholesky
+    ``L`` ``(B, a, a)`` of the Schur complement ``M + diag(w)`` restricted to the active rows
+    ``idx`` ``(B, a)`` (``a``: the largest active set of the batch; padding rows are the identity,
+    padding index ``m``), the mask ``active`` ``(B, m)`` (inactive rows are decoupled: their
+    ``G`` row is dropped), the weights ``w = 1/winv`` ``(B, m)`` and ``δ``.
     """
 
     kind: str
@@ -224,7 +228,7 @@ def kkt_precompute(kind, Q, G, A, LQ=None, delta=None):
     equality block eliminated once: ``LA LAᵀ = K_AA + δI`` ``(B|1, k, k)``, ``X = LA⁻¹ K_AG`` ``(B|1, k, m)``
     and ``M = K_GG − XᵀX`` ``(B|1, m, m)`` (the Schur complement every dual system is built on)."""
     if kind == "primal":
-        return ()
+        return _bound_rows(G)
     if LQ is None:
         LQ, _ = torch.linalg.cholesky_ex(Q)
     m, k = G.shape[-2], A.shape[-2]
@@ -239,6 +243,49 @@ def kkt_precompute(kind, Q, G, A, LQ=None, delta=None):
     else:
         LA, X, M = K.new_zeros(Bc, 0, 0), K.new_zeros(Bc, 0, m), K
     return LQ, W, K, LA, X, M
+
+
+def _bound_rows(G):
+    """The ``"primal"`` precomputation: rows of ``G`` with one nonzero (bounds, ``±zⱼ ≤ hᵢ``) add to the
+    diagonal of ``GᵀWG`` only, so when at least a quarter of the rows are such, the product is formed
+    from the other rows alone: ``(dense (B|1, r), Gd (B|1, r, n), col (B|1, m), gv (B|1, m))`` — the
+    indices of the ``r`` rows multiplied densely (every row with two or more nonzeros, padded with bound
+    rows to the largest count of the batch), those rows, and each row's column and value
+    (``gv = 0`` for the dense rows); :func:`gmv` and :func:`grmv` multiply with it.  ``()`` when
+    there are too few bound rows to pay."""
+    m = G.shape[-2]
+    if m == 0:
+        return ()
+    nz = G != 0
+    single = nz.sum(-1) == 1
+    r = int((~single).sum(-1).max())  # one sync per solve
+    if (m - r) * 4 < m:
+        return ()
+    dense = torch.argsort(single.to(torch.int8), dim=-1, stable=True)[:, :r]
+    Gd = torch.gather(G, 1, dense.unsqueeze(-1).expand(*dense.shape, G.shape[-1]))
+    diag = torch.ones_like(single, dtype=G.dtype).scatter(1, dense, 0.0)
+    col = nz.to(torch.int8).argmax(-1)
+    return dense, Gd, col, G.sum(-1) * diag
+
+
+def gmv(G, rows, x):
+    """``G x`` (``(B, m)``), through the bound-row split ``rows`` of :func:`_bound_rows` when given."""
+    if not rows:
+        return bmv(G, x)
+    dense, Gd, col, gv = rows
+    B = x.shape[0]
+    y = gv * torch.gather(x, 1, col.expand(B, -1))
+    return y.scatter(1, dense.expand(B, -1), bmv(Gd, x))
+
+
+def grmv(G, rows, y):
+    """``Gᵀ y`` (``(B, n)``), through the bound-row split ``rows`` when given."""
+    if not rows:
+        return brmv(G, y)
+    dense, Gd, col, gv = rows
+    B = y.shape[0]
+    out = y.new_zeros(B, Gd.shape[-1]).scatter_add_(1, col.expand(B, -1), gv * y)
+    return out + brmv(Gd, torch.gather(y, 1, dense.expand(B, -1)))
 
 
 def _gather_active(M, w, active):
@@ -276,16 +323,28 @@ def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorizati
         active = torch.ones_like(w) if rowmask is None else rowmask
         L, idx = _gather_active(M, w, active)
         return KKTFactorization("dual", (LQ, Wc, LA, X, L, idx, active, w, delta))
-    H = Q + delta * torch.eye(n, dtype=dt, device=dev)
-    if G.shape[-2]:
-        H = torch.baddbmm(H, (G * winv.unsqueeze(-1)).mT, G.expand(B, *G.shape[1:]))
+    if pre:  # bound rows on the diagonal, the others by a product (see _bound_rows); rowmask: G's masked rows
+        dense, Gd, col, gv = pre
+        we = winv if rowmask is None else winv * rowmask
+        d = torch.zeros(B, n, dtype=dt, device=dev).scatter_add_(1, col.expand(B, -1), we * gv * gv)
+        wd = torch.gather(we, 1, dense.expand(B, -1))
+        H = torch.baddbmm(Q, (Gd * wd.unsqueeze(-1)).mT, Gd.expand(B, *Gd.shape[1:]))
+        H.diagonal(dim1=-2, dim2=-1).add_(d + delta)
+    else:
+        H = Q + delta * torch.eye(n, dtype=dt, device=dev)
+        if G.shape[-2]:
+            H = torch.baddbmm(H, (G * winv.unsqueeze(-1)).mT, G.expand(B, *G.shape[1:]))
     LH, _ = torch.linalg.cholesky_ex(H.expand(B, n, n))
     if k:
         HiAt = chol_solve(LH, A.mT.expand(B, n, k))
         LS, _ = torch.linalg.cholesky_ex(A @ HiAt + delta * torch.eye(k, dtype=dt, device=dev))
     else:
         HiAt, LS = Q.new_zeros(B, n, 0), Q.new_zeros(B, 0, 0)
-    return KKTFactorization("primal", (LH, LS, HiAt, winv, delta))
+    rows = ()
+    if pre:  # the split of the (masked) G the solves multiply with
+        rows = pre if rowmask is None else (dense, Gd * torch.gather(rowmask, 1, dense.expand(B, -1)).unsqueeze(-1),
+                                            col, gv * rowmask)
+    return KKTFactorization("primal", (LH, LS, HiAt, winv, delta) + rows)
 
 
 def kkt_solve_reg(f: "KKTFactorization", G, A, r1, r2, r3):
@@ -316,15 +375,16 @@ def kkt_solve_reg(f: "KKTFactorization", G, A, r1, r2, r3):
         uA = tri_solve(LA, tA - bmv(X, act * uG), adjoint=True) if A.shape[-2] else r3[:, :0]
         x = tri_solve(LQ, t - bmv(Wc, torch.cat([act * uG, uA], dim=-1)), adjoint=True)
         return x, uG, uA
-    LH, LS, HiAt, winv, _ = f.tensors
-    r1p = r1 + brmv(G, winv * r2) if m else r1
+    LH, LS, HiAt, winv, _ = f.tensors[:5]
+    rows = f.tensors[5:]
+    r1p = r1 + grmv(G, rows, winv * r2) if m else r1
     x = chol_solve(LH, r1p.unsqueeze(-1)).squeeze(-1)
     if A.shape[-2]:
         v = chol_solve(LS, (bmv(A, x) - r3).unsqueeze(-1)).squeeze(-1)
         x = x - bmv(HiAt, v)
     else:
         v = r3
-    y = winv * (bmv(G, x) - r2) if m else r2
+    y = winv * (gmv(G, rows, x) - r2) if m else r2
     return x, y, v
 
 
@@ -335,18 +395,23 @@ class KKTProducts(NamedTuple):
     Q: torch.Tensor
     G: torch.Tensor
     A: torch.Tensor
+    rows: tuple = ()  # the bound-row split of G (kkt_precompute("primal", ...)), or ()
 
     @classmethod
-    def build(cls, Q, G, A):
-        return cls(Q, G, A)
+    def build(cls, Q, G, A, rows=()):
+        return cls(Q, G, A, rows)
+
+    def take(self, idx) -> "KKTProducts":
+        """The products of the elements ``idx``."""
+        return KKTProducts(*(take_rows(u, idx) for u in self[:3]), tuple(take_rows(u, idx) for u in self.rows))
 
     def forward(self, x):
         """``(Qx, Gx, Ax)``."""
-        return bmv(self.Q, x), bmv(self.G, x), bmv(self.A, x)
+        return bmv(self.Q, x), gmv(self.G, self.rows, x), bmv(self.A, x)
 
     def adjoint(self, lam, nu):
         """``Gᵀλ + Aᵀν``."""
-        return brmv(self.G, lam) + brmv(self.A, nu)
+        return grmv(self.G, self.rows, lam) + brmv(self.A, nu)
 
 
 def kkt_apply(P: "KKTProducts", w, x, y, v, mask=None):

@@ -32,13 +32,13 @@ import torch
 from .._core.defaults import eps, rank_rtol as default_rank_rtol
 from .._core.errors import InputError
 from .._core.status import Status
-from .._core.validate import is_vmapped
 from .cholesky import Cholesky
 from .lu import LU
 from .qr import QR, QRTransposed
 from .svd import SVD
 
-__all__ = ["Nearest", "Pinned", "SELECTIONS", "SOLVERS", "resolve_selection", "factorize", "consistency_rtol"]
+__all__ = ["Nearest", "Pinned", "SELECTIONS", "SOLVERS", "resolve_selection", "factorize", "consistency_rtol",
+           "not_symmetric"]
 
 SELECTIONS = ("auto", "exact", "min_norm", "least_squares")
 SOLVERS = ("auto", "lu", "cholesky", "qr", "svd")
@@ -104,6 +104,12 @@ def resolve_selection(selection, m: int, n: int) -> str:
     return selection
 
 
+def not_symmetric(A: torch.Tensor) -> torch.Tensor:
+    """Per element of a batch of square matrices: ``max|A − Aᵀ| > sqrt(eps) · max|A|`` (relative to
+    ``A``'s scale; one pass over ``A``)."""
+    return (A - A.mT).abs().amax(dim=(-2, -1)) > eps(A.dtype) ** 0.5 * A.abs().amax(dim=(-2, -1))
+
+
 def consistency_rtol(dtype) -> float:
     """Default tolerance of the ``"exact"`` consistency check: ``sqrt(eps)``."""
     return eps(dtype) ** 0.5
@@ -146,10 +152,8 @@ def factorize(A: torch.Tensor, selection: str, solver: str = "auto", rank_rtol: 
     if solver == "cholesky":
         # Cholesky reads one triangle: a non-symmetric A would be solved as another matrix.  Checked
         # relative to A's scale (one pass over A, cheap beside the factorization).
-        asym = (A - A.mT).abs().amax(dim=(-2, -1)) > eps(A.dtype) ** 0.5 * A.abs().amax(dim=(-2, -1))
-        if not is_vmapped(asym) and bool(asym.any()):
-            raise InputError("solver='cholesky' needs a symmetric positive definite A, but A is not symmetric "
-                             "(|A − Aᵀ| > sqrt(eps)·max|A|); use solver='lu'")
+        # A non-symmetric element is reported SINGULAR ("not symmetric positive definite"), per element.
+        asym = not_symmetric(A)
     if solver == "lu" and m != n:
         raise InputError(f"solver='lu' needs a square A, got shape ({m}, {n}); use solver='qr' or 'svd'")
 

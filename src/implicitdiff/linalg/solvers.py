@@ -42,7 +42,7 @@ from .qr import QR as QRFactor
 from .svd import SVD as SVDFactor
 
 __all__ = ["Solver", "LU", "Cholesky", "QR", "SVD", "CG", "MINRES", "GMRES", "BiCGStab", "LSQR", "LSMR", "SPLU",
-           "as_solver", "auto_solver", "SPARSE_DENSE_MAX"]
+           "as_solver", "auto_solver", "is_matrix_free", "SPARSE_DENSE_MAX"]
 
 #: a sparse ``A`` with at most this many columns is factorized densely under ``solver="auto"``
 SPARSE_DENSE_MAX = 2000
@@ -50,7 +50,8 @@ SPARSE_DENSE_MAX = 2000
 
 @dataclass(frozen=True)
 class Solver:
-    """Abstract: a linear solver and its options (frozen, hashable, compared by value)."""
+    """Abstract: a linear solver and its options (frozen; direct solvers compare by value, Krylov ones,
+    which may hold tensors (``M``, ``x0``), by identity)."""
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""  # "direct" | "krylov" | "sparse"
@@ -203,7 +204,9 @@ _DEFAULT = {cls: cls() for cls in _BY_NAME.values()}  # solvers are immutable: "
 _OPTION_NAMES = ("rank_rtol", "rtol", "atol", "max_iter", "M", "x0", "adjoint_rtol", "adjoint_max_iter")
 
 
-def _matrix_free(A) -> bool:
+def is_matrix_free(A) -> bool:
+    """Whether ``solver="auto"`` treats ``A`` as matrix-free (a matvec operator, or sparse with more than
+    :data:`SPARSE_DENSE_MAX` columns): it then picks a Krylov solver."""
     if isinstance(A, LinearOperator):
         return A.matrix is None or (A.is_sparse and A.shape[1] > SPARSE_DENSE_MAX)
     return isinstance(A, torch.Tensor) and A.layout != torch.strided and A.shape[-1] > SPARSE_DENSE_MAX
@@ -234,7 +237,7 @@ def auto_solver(A, selection="auto") -> Solver:
     else:
         raise InputError(f"A must be a torch.Tensor or an implicitdiff.linalg.LinearOperator, got "
                          f"{type(A).__name__}")
-    if _matrix_free(A):
+    if is_matrix_free(A):
         if m != n:
             return _DEFAULT[LSMR]
         return _DEFAULT[CG] if pd else _DEFAULT[MINRES] if sym else _DEFAULT[GMRES]

@@ -2,7 +2,7 @@
 
 ``(M + Mᵀ)/2`` written as ``M + Mᵀ`` reads one operand transposed, element by element, which
 on CPU is several times slower than materializing ``Mᵀ`` first (a blocked copy) and adding in
-place (figures in ``docs/benchmarks.md``).
+place.
 
 Example:
     >>> import torch

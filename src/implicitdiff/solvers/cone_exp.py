@@ -24,8 +24,8 @@ import torch
 
 __all__ = ["ExpCone"]
 
-# the central point s = y = −∇F(s) (as in Clarabel / ECOS), inside both K and K*
-_CENTRAL = (-1.051383945322714, 0.556409619469370, 1.258967884768947)
+# the central point s = y = −∇F(s) of this barrier (Newton's method), inside both K and K*
+_CENTRAL = (-0.8278383990656786, 0.8051020015847954, 1.290927709856958)
 _GRID = 0.8 ** torch.arange(0, 100, dtype=torch.float64)  # interior-step candidates, 1 down to ~2e-10
 _BACK = 0.9 ** torch.arange(0, 12, dtype=torch.float64)   # then the neighbourhood's backtracking
 _BETA = 2.0
@@ -119,18 +119,22 @@ class ExpCone:
                   & _in_dual(y[..., None, :] + a[:, None] * dy[..., None, :])).all(dim=1)   # (B, J)
         first = torch.where(inside, J, a.numel()).amin(-1)
         a_in = torch.where(first < a.numel(), a[first.clamp(max=a.numel() - 1)], torch.zeros_like(a[:1]))
-        # 2) backtrack from there until the pair is in the central-path neighbourhood
-        b = a_in[:, None] * _BACK.to(dtype=s.dtype, device=s.device)                           # (B, K)
-        sa = s[..., None, :] + b[:, None, :, None] * ds[..., None, :]                            # (B, nb, K, 3)
-        ya = y[..., None, :] + b[:, None, :, None] * dy[..., None, :]
-        mub = (sa * ya).sum(-1) / 3
-        ga, Ha = _grad_hess(sa)
-        r = ya + mub[..., None] * ga
-        Hr = torch.linalg.solve_ex(Ha, r[..., None])[0][..., 0]
-        near = ((r * Hr).sum(-1) <= (_BETA * mub) ** 2) & torch.isfinite(Hr).all(-1)
-        near = near.all(dim=1)                                                               # (B, K)
-        K = torch.arange(b.shape[-1], device=s.device)
-        k = torch.where(near, K, b.shape[-1]).amin(-1)
-        # no step keeps the pair central (rounding in ψ near the boundary): the last candidate
-        alpha = b.gather(1, k.clamp(max=b.shape[-1] - 1)[:, None])[:, 0]
+        # 2) backtrack from there until the pair is in the central-path neighbourhood (one
+        # candidate at a time: the first is usually accepted); if none is, the last candidate
+        alpha = a_in.clone()
+        pending = torch.ones_like(a_in, dtype=torch.bool)
+        for k, f in enumerate(_BACK.tolist()):
+            b = a_in * f
+            sa = s + b[:, None, None] * ds
+            ya = y + b[:, None, None] * dy
+            mub = (sa * ya).sum(-1) / 3
+            ga, Ha = _grad_hess(sa)
+            r = ya + mub[..., None] * ga
+            Hr = torch.linalg.solve_ex(Ha, r[..., None])[0][..., 0]
+            near = (((r * Hr).sum(-1) <= (_BETA * mub) ** 2) & torch.isfinite(Hr).all(-1)).all(-1)
+            take = pending & (near | (k == _BACK.numel() - 1))
+            alpha = torch.where(take, b, alpha)
+            pending = pending & ~take
+            if not bool(pending.any()):
+                break
         return torch.where(ok.all(-1), alpha, torch.zeros_like(alpha))

@@ -16,11 +16,15 @@ Each iteration is Mehrotra's predictor–corrector.  A Newton step solves
     [0  Aᵀ] [Δx]   [r₁]          Δs = −d_s − H Δy   (per cone, see cone_symmetric / cone_exp)
     [A −H ] [Δy] = [r₂] − Δτ [c; −b],   Δκ = −(d_κ + κΔτ)/τ
 
-with ``H`` the block-diagonal scaling (zero on the zero cone's rows).  The cone rows are
-eliminated, ``Δy_c = H⁻¹(A_cΔx − r₂)``, leaving the ``(n + z)`` system
-``[[A_cᵀH⁻¹A_c, A_zᵀ], [A_z, 0]]`` — one batched LU per iteration (Cholesky without a zero
-cone), used for three solves (the ``Δτ`` column, the predictor, the corrector), each
-polished by one step of iterative refinement against the unregularized system.
+with ``H = WᵀW`` the block-diagonal scaling (zero on the zero cone's rows).  The cone rows
+are eliminated *in the scaled frame* (``Ã = W⁻ᵀA_c``, ``Δỹ = WΔy_c = ÃΔx − W⁻ᵀr₂``; ``H`` is
+never formed: its condition number grows like ``1/μ²``, ``W``'s like ``1/μ``), leaving the
+``(n + z)`` system ``[[ÃᵀÃ, A_zᵀ], [A_z, 0]]`` — one batched factorization per iteration
+(Cholesky without a zero cone, else LU; a ``eps^¾`` shift) used for three solves (the ``Δτ``
+column, the predictor, the corrector), each polished by one step of iterative refinement.
+``Δs = Wᵀ(−d̃ − Δỹ)`` comes from the scaled complementarity rows.  An element that stops
+progressing (step ``≤ 1e-8``) is reported ``BREAKDOWN``, and a failed element returns its
+best iterate (smallest residual).
 
 Stopping rule (per element, ``x̂ = x/τ`` etc.):
 ``‖Ax̂ + ŝ − b‖∞ ≤ rtol (1 + max(‖b‖∞, ‖Ax̂‖∞, ‖ŝ‖∞))``,
@@ -57,6 +61,37 @@ def _rmv(M, v):
 _CONES = {"l": Nonneg, "q": SecondOrder, "s": PSD, "ep": ExpCone}
 
 
+class _Rows(NamedTuple):
+    """A group's rows when they are one contiguous range: read and written as views."""
+
+    start: int
+    stop: int
+    shape: tuple
+
+
+def _fast(idx):
+    flat = idx.reshape(-1).cpu()
+    start = int(flat[0])
+    if torch.equal(flat, torch.arange(start, start + flat.numel())):
+        return _Rows(start, start + flat.numel(), tuple(idx.shape))
+    return idx
+
+
+def _take(v, g):
+    """``v[:, g]`` (a view for contiguous rows)."""
+    if isinstance(g, _Rows):
+        return v[:, g.start:g.stop].reshape((v.shape[0],) + g.shape + v.shape[2:])
+    return v[:, g]
+
+
+def _put(out, g, val):
+    """``out[:, g] = val``."""
+    if isinstance(g, _Rows):
+        out[:, g.start:g.stop] = val.reshape((val.shape[0], g.stop - g.start) + val.shape[1 + len(g.shape):])
+    else:
+        out[:, g] = val
+
+
 class ConeResult(NamedTuple):
     x: torch.Tensor          # (B, n)
     y: torch.Tensor          # (B, m)
@@ -85,9 +120,9 @@ class ConeInteriorPoint:
         out = torch.zeros_like(V)
         vec = V.dim() == 2
         for (kind, _, idx), st in zip(groups, states):
-            blk = V[:, idx]
-            out[:, idx] = (_CONES[kind].winv_t(st, blk[..., None])[..., 0] if vec
-                           else _CONES[kind].winv_t(st, blk))
+            blk = _take(V, idx)
+            _put(out, idx, _CONES[kind].winv_t(st, blk[..., None])[..., 0] if vec
+                 else _CONES[kind].winv_t(st, blk))
         return out
 
     def _factor(self, A, spec, groups, states):
@@ -132,7 +167,7 @@ class ConeInteriorPoint:
     def _unscale(self, method, v, groups, states):
         out = torch.zeros_like(v)
         for (kind, _, idx), st in zip(groups, states):
-            out[:, idx] = getattr(_CONES[kind], method)(st, v[:, idx])
+            _put(out, idx, getattr(_CONES[kind], method)(st, _take(v, idx)))
         return out
 
     # -- the iteration ------------------------------------------------------------------------
@@ -140,12 +175,12 @@ class ConeInteriorPoint:
         """``A (B, m, n)``, ``b (B, m)``, ``c (B, n)`` of one dtype and device."""
         B, m, n = A.shape
         z, dt, dev = spec.z, A.dtype, A.device
-        groups = spec.groups(dev)
+        groups = [(k, size, _fast(idx)) for k, size, idx in spec.groups(dev)]
         nu = spec.degree
         x = A.new_zeros(B, n)
         s = A.new_zeros(B, m)
         for kind, _, idx in groups:
-            s[:, idx] = _CONES[kind].unit(s[:, idx])
+            _put(s, idx, _CONES[kind].unit(_take(s, idx)))
         y = s.clone()
         tau = A.new_ones(B)
         kappa = A.new_ones(B)
@@ -190,7 +225,7 @@ class ConeInteriorPoint:
                 break
             # one Newton system per iteration ---------------------------------------------------
             mu = ((s[:, z:] * y[:, z:]).sum(-1) + tau * kappa) / (nu + 1)
-            states = [_CONES[k].scale(s[:, idx], y[:, idx], mu) for k, _, idx in groups]
+            states = [_CONES[k].scale(_take(s, idx), _take(y, idx), mu) for k, _, idx in groups]
             fac = self._factor(A, spec, groups, states)
             p2, qz2, yt2 = self._solve(fac, A, z, -c, b[:, :z], self._scale_rows(b, groups, states))
             # cᵀp₂ + bᵀq₂ = −q₂ᵀHq₂ = −‖Δỹ₂‖² ≤ 0 exactly; computed this way it has no cancellation
@@ -215,7 +250,7 @@ class ConeInteriorPoint:
             def max_step(ds, dy, dtau, dkap):
                 alpha = torch.full_like(tau, float("inf"))
                 for (kind, _, idx), st in zip(groups, states):
-                    alpha = torch.minimum(alpha, _CONES[kind].step(st, ds[:, idx], dy[:, idx]))
+                    alpha = torch.minimum(alpha, _CONES[kind].step(st, _take(ds, idx), _take(dy, idx)))
                 for v, dv in ((tau, dtau), (kappa, dkap)):
                     alpha = torch.where(dv < 0, torch.minimum(alpha, -v / dv), alpha)
                 return alpha
@@ -223,8 +258,8 @@ class ConeInteriorPoint:
             def rhs_s(sigma_mu, corr):  # d̃ per cone (zero on the zero cone's rows)
                 out = torch.zeros_like(s)
                 for (kind, _, idx), st in zip(groups, states):
-                    cr = None if corr is None else (corr[0][:, idx], corr[1][:, idx])
-                    out[:, idx] = _CONES[kind].rhs(st, sigma_mu, cr)
+                    cr = None if corr is None else (_take(corr[0], idx), _take(corr[1], idx))
+                    _put(out, idx, _CONES[kind].rhs(st, sigma_mu, cr))
                 return out
 
             zero = torch.zeros_like(tau)
@@ -235,8 +270,9 @@ class ConeInteriorPoint:
             # corrector (Mehrotra)
             corr_s, corr_y = torch.zeros_like(s), torch.zeros_like(s)
             for (kind, _, idx), st in zip(groups, states):
-                a_, b_ = _CONES[kind].scaled(st, dsa[:, idx], dya[:, idx])
-                corr_s[:, idx], corr_y[:, idx] = a_, b_
+                a_, b_ = _CONES[kind].scaled(st, _take(dsa, idx), _take(dya, idx))
+                _put(corr_s, idx, a_)
+                _put(corr_y, idx, b_)
             dk = tau * kappa + dta * dka - sigma * mu
             dx, dy, ds, dtau, dkap = direction(1 - sigma, rhs_s(sigma * mu, (corr_s, corr_y)), dk)
             alpha = (0.99 * max_step(ds, dy, dtau, dkap)).clamp(max=1.0)

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ..linalg.cone_spec import smat, svec
+from ..linalg.cone_spec import smat, svec, svec_indices
 
 __all__ = ["Nonneg", "SecondOrder", "PSD"]
 
@@ -216,38 +216,48 @@ class PSD:
         R = (Ls @ Vh.mT) * isq[..., None, :]                     # R = L_s V Λ^{-1/2}
         Rinv = (Vh * lam.sqrt()[..., :, None]) @ torch.linalg.solve_triangular(
             Ls, torch.eye(k, dtype=s.dtype, device=s.device).expand_as(Ls), upper=False)  # Λ^{1/2} Vᵀ L_s⁻¹
-        return (R, Rinv, lam, k, ok)
+        return (R, Rinv, lam, k, ok, PSD._cong_matrix(Rinv.mT, k))
 
     @staticmethod
-    def _cong(P, V, k):
-        """``svec(Pᵀ smat(v) P)`` for each column ``v`` of ``V (B, nb, d, r)``."""
-        X = smat(V.transpose(-1, -2), k)                          # (B, nb, r, k, k)
-        Pe = P[..., None, :, :]
-        return svec(Pe.mT @ X @ Pe).transpose(-1, -2)
+    def _cong_matrix(P, k):
+        """The ``(d, d)`` matrix of ``v ↦ svec(Pᵀ smat(v) P)`` (``P (*, k, k)``).
+
+        Entry ``[j, l] = (σⱼ/σₗ)(P[rₗ, rⱼ] P[cₗ, cⱼ] + [rₗ ≠ cₗ] P[cₗ, rⱼ] P[rₗ, cⱼ])`` for the svec
+        positions ``(rⱼ, cⱼ)`` and scales ``σ`` (1 or √2): a gather, so that the congruence of a
+        block of rows is one matrix product (many small ``k × k`` products are slow on CPU)."""
+        r, c, off = svec_indices(k, P.device)
+        one = torch.ones(off.shape, dtype=P.dtype, device=P.device)
+        sc = torch.where(off, one * math.sqrt(2.0), one)
+        d = r.numel()
+        Pf = P.reshape(P.shape[:-2] + (k * k,))
+
+        def gather(a, b):  # [l, j] = P[a_l, b_j], by index_select on the flattened P (fast)
+            return Pf.index_select(-1, (a[:, None] * k + b[None, :]).reshape(-1)).reshape(P.shape[:-2] + (d, d))
+        M = gather(r, r) * gather(c, c) + off[:, None].to(P.dtype) * gather(c, r) * gather(r, c)
+        return (M / sc[:, None] * sc[None, :]).mT
 
     @staticmethod
     def winv_t(st, V):  # W⁻ᵀ(X) = R⁻¹ X R⁻ᵀ on the columns of V (B, nb, d, r)
-        R, Rinv, lam, k, _ = st
-        return PSD._cong(Rinv.mT, V, k)
+        return st[5] @ V
 
     @staticmethod
     def winv(st, v):  # W⁻¹(X) = R⁻ᵀ X R⁻¹
-        R, Rinv, lam, k, _ = st
+        R, Rinv, lam, k, _, _ = st
         return svec(Rinv.mT @ smat(v, k) @ Rinv)
 
     @staticmethod
     def w_t(st, v):  # Wᵀ(X) = R X Rᵀ
-        R, Rinv, lam, k, _ = st
+        R, Rinv, lam, k, _, _ = st
         return svec(R @ smat(v, k) @ R.mT)
 
     @staticmethod
     def scaled(st, ds, dy):
-        R, Rinv, lam, k, _ = st
+        R, Rinv, lam, k, _, _ = st
         return (svec(Rinv @ smat(ds, k) @ Rinv.mT), svec(R.mT @ smat(dy, k) @ R))
 
     @staticmethod
     def rhs(st, sigma_mu, corr):
-        R, Rinv, lam, k, _ = st
+        R, Rinv, lam, k, _, _ = st
         T = torch.diag_embed(lam * lam - sigma_mu[:, None, None])
         if corr is not None:
             X, Y = smat(corr[0], k), smat(corr[1], k)
@@ -256,7 +266,7 @@ class PSD:
 
     @staticmethod
     def step(st, ds, dy):
-        R, Rinv, lam, k, _ = st
+        R, Rinv, lam, k, _, _ = st
         a, b = PSD.scaled(st, ds, dy)
         isq = lam.rsqrt()
         out = []

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from operator import mul
 from typing import Callable
 
 import torch
 
+from .._core.engine import vjp as engine_vjp
 from .._core.errors import InputError
 from .._core.validate import in_transform
 from .._core.status import Status
-from ._loop import int_option, iterate, norm, options, single
+from .._core.status import SolveInfo
+from ._loop import LoopResult, finite_probe, int_option, iterate, norm, options, single
 from .result import SolverResult
 
 __all__ = ["lbfgs"]
@@ -88,12 +91,13 @@ def _appended(SS, SY, V, perm, unused, tab):
 def _objective(f: Callable, shape, batch, nb: int, params, dtype):
     """``evaluate(y) -> (v, g)`` for flattened ``y`` (nb, n): values (nb,) and gradients (nb, n).
 
-    Plain ``torch.autograd.grad`` on a leaf copy of ``y`` (cheaper than ``torch.func``);
+    One reverse pass of the autograd engine on a leaf copy of ``y`` (:func:`~implicitdiff._core.engine.vjp`:
+    ``torch.autograd.grad`` without its per-call checks; cheaper than ``torch.func``);
     ``torch.func.grad_and_value`` when a ``torch.func`` transform is active (``requires_grad_``
     is refused there) or under inference mode.  The first call checks what ``f`` returns.
     """
     plain = not in_transform() and not torch.is_inference_mode_enabled()
-    checked = []
+    checked, one = [], []
 
     def check(v):
         if not isinstance(v, torch.Tensor) or v.shape != batch:
@@ -119,7 +123,10 @@ def _objective(f: Callable, shape, batch, nb: int, params, dtype):
                     check(v)
                 g = None
                 if v.requires_grad:                    # else f does not depend on y: ∇f = 0
-                    (g,) = torch.autograd.grad(v.sum() if batch else v, yy, allow_unused=True)
+                    total = v.sum() if batch else v
+                    if not one:                        # the cotangent 1 of the objective, made once
+                        one.append(torch.ones_like(total))
+                    (g,) = engine_vjp(total, (yy,), one[0], retain_graph=False)
             return v.detach().reshape(nb), torch.zeros_like(yf) if g is None else g
         if not checked:
             with torch.no_grad():
@@ -152,9 +159,12 @@ def lbfgs(f: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=
     tolerances far below what ``f``'s rounding can resolve.  A rejected trial
     shrinks ``α`` by safeguarded quadratic interpolation (into ``[0.1α, 0.5α]``);
     every trial is one iteration, so each element backtracks on its own with no
-    host sync.  Unbatched with ``check_every = 1`` (the CPU default), the
-    line-search decisions are read on the host instead (no masking; scalar
-    arithmetic in double precision), with the same iterates in float64.
+    host sync.  Unbatched with ``check_every = 1`` (the CPU default), a loop of
+    its own reads the decisions on the host instead: one sync per iteration
+    for ``f``, ``‖∇f‖`` and every inner product the iteration needs (one
+    product with the stored pairs), the ``history × history`` algebra on
+    Python floats (double precision) — the same rules, iterates equal up to
+    rounding, about ten tensor operations per iteration besides ``f``.
 
     Stopping rule, per element ``i`` (norms over the non-batch dims)::
 
@@ -204,15 +214,18 @@ def lbfgs(f: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=
     with torch.no_grad():
         y = opts.y0.reshape(nb, n)
         v, g = evaluate(y)
-        tab = _Tables(m, dt, dev)
-        memory = (y.new_zeros(nb, 2 * m + 1, n),                        # SY
-                  y.new_zeros(2, nb, m, m),                             # SS
-                  torch.stack([tab.unused[0].expand(nb, m, m), y.new_zeros(nb, m, m)]),   # RM: R = I, M = 0
-                  (-1.0 / torch.clamp(norm(g), min=torch.finfo(dt).tiny)).reshape(nb, 1, 1))   # −h0
-        run = (_Single if single(opts) else _Batched)(evaluate, nb, n, m, torch.finfo(dt).eps, tab)
-        state = run.init(v, y, *memory)
-        out = iterate(run.step, y.reshape(*batch, n), g.reshape(*batch, n), state, opts, trace=trace,
-                      callback=callback, unflatten=lambda t: t.reshape(shape), divergence=False)
+        if single(opts):
+            out = _single(evaluate, y.reshape(n), v, g.reshape(n), opts, m, trace=trace, callback=callback,
+                          unflatten=lambda t: t.reshape(shape))
+        else:
+            tab = _Tables(m, dt, dev)
+            memory = (y.new_zeros(nb, 2 * m + 1, n),                        # SY
+                      y.new_zeros(2, nb, m, m),                             # SS
+                      torch.stack([tab.unused[0].expand(nb, m, m), y.new_zeros(nb, m, m)]),   # RM: R = I, M = 0
+                      (-1.0 / torch.clamp(norm(g), min=torch.finfo(dt).tiny)).reshape(nb, 1, 1))   # −h0
+            run = _Batched(evaluate, nb, n, m, torch.finfo(dt).eps, tab)
+            out = iterate(run.step, y.reshape(*batch, n), g.reshape(*batch, n), run.init(v, y, *memory), opts,
+                          trace=trace, callback=callback, unflatten=lambda t: t.reshape(shape), divergence=False)
     return SolverResult(out.y.reshape(shape), out.info, None, out.trace)
 
 
@@ -278,59 +291,135 @@ class _Batched:
             code.reshape(shape[:-1])
 
 
-class _Single:
-    """One problem read on the host every iteration (:func:`~._loop.single`): Python branches instead
-    of masks — a direction only after an accepted trial, the pair products only when one is stored.
 
-    The vector arithmetic is the batched step's (nb = 1), the scalar decisions are Python floats:
-    in float64 both take the same decisions on the same values.
-    """
 
-    def __init__(self, evaluate, nb, n, m, eps, tab):
-        self.evaluate, self.n, self.m, self.eps, self.tab = evaluate, n, m, eps, tab
+# ----------------------------------------------------------------------------- one problem, read on the host
+# One problem on the CPU (:func:`~._loop.single`) is bound by the count of small tensor operations, not by
+# arithmetic: its own loop keeps about ten per iteration besides f.  One buffer Z (2m + 4, n) holds the ring
+# (s in rows [0, m), r in rows [m, 2m)) and the rows [d, r, g_t, Δ = y_t − y] of the trial; one product
+# Z[2m:] Zᵀ gives every inner product an iteration needs (the new pair's with itself and the ring, ∇fᵀd, the
+# new gradient's with the ring), read with f(y_t) and ‖∇f(y_t)‖ in one host sync.  The m × m algebra of the
+# compact form runs on Python floats (double precision), in time order; the direction is one product
+# d = −h0 g + Zᵀ coef.
 
-    def init(self, v, y, SY, SS, RM, nh0):
-        self.v, self.d, self.alpha, self.slope, self.need = float(v), None, 1.0, 0.0, True
-        self.SY, self.SS, self.RM, self.nh0, self.c = SY, SS, RM, nh0, 0
-        return ()
+def _solve_upper(R, b):
+    """``x`` with ``R x = b``, ``R[i][j] = s_iᵀ r_j`` (``i ≤ j``) in time order (lists of floats)."""
+    x = []                                      # x[i:], built from the back
+    for i in range(len(b) - 1, -1, -1):
+        Ri = R[i]
+        x.insert(0, (b[i] - sum(map(mul, Ri[i + 1:], x))) / Ri[i])
+    return x
 
-    def step(self, k, y, g, state, active):
-        n, m, eps, tab = self.n, self.m, self.eps, self.tab
-        shape = y.shape
-        y, g = y.reshape(1, n), g.reshape(1, n)
-        slot = self.c % m
-        if self.need:
-            d = _direction(g.unsqueeze(1), self.SY, self.RM, self.nh0, tab.perm[slot:slot + 1],
-                           tab.inv[slot:slot + 1]).squeeze(1)
-            slope = float((g * d).sum())
-            if not -math.inf < slope < 0:                              # safeguard: scaled −∇f
-                d = g * self.nh0.view(1, 1)
-                slope = float((g * d).sum())
-            self.d, self.slope, self.alpha, self.need = d, slope, 1.0, False
-        d, alpha, slope, v = self.d, self.alpha, self.slope, self.v
-        y_t = y + alpha * d
-        v_t, g_t = self.evaluate(y_t)
-        v_t, gd, probe = torch.stack([v_t[0], (g_t * d).sum(), ((g_t + y_t) * 0).sum()]).tolist()
-        finite = abs(v_t + probe) < math.inf
+
+def _solve_lower_t(R, b):
+    """``x`` with ``Rᵀ x = b``."""
+    x = []
+    for i, col in enumerate(zip(*R)):          # column i of R: R[j][i]
+        x.append((b[i] - sum(map(mul, col[:i], x))) / col[i])
+    return x
+
+
+def _single(evaluate, y, v, g, opts, m, *, trace, callback, unflatten) -> LoopResult:
+    """The L-BFGS iteration of :func:`lbfgs` for one problem, decisions on the host (same rules as
+    :class:`_Batched`, the same iterates up to rounding); returns the loop's :class:`LoopResult`."""
+    n, dt, dev = y.shape[0], y.dtype, y.device
+    eps, tiny = torch.finfo(dt).eps, torch.finfo(dt).tiny
+    fn = norm(g)
+    f0 = fn
+    probe, tol, v = torch.stack([finite_probe(fn, y), opts.atol + opts.rtol * f0, v.reshape(())]).tolist()
+    status = None
+    if not math.isfinite(probe):
+        status = Status.NONFINITE
+    elif probe <= tol:
+        status = Status.SUCCESS
+    Z = y.new_zeros(2 * m + 4, n)
+    ring = Z[:2 * m]
+    d_row, r_row, g_row, dy_row = Z[2 * m], Z[2 * m + 1], Z[2 * m + 2], Z[2 * m + 3]
+    slots, SR, YR = [], [], []                  # time order: ring slots, s_iᵀr_j, r_iᵀr_j
+    h0 = 1.0 / max(probe, tiny) if math.isfinite(probe) else 1.0
+    gg = probe * probe if math.isfinite(probe) else 0.0
+    torch.mul(g, -h0, out=d_row)                # first direction −∇f / ‖∇f‖
+    slope, alpha, c = -h0 * gg, 1.0, 0
+    rows = [fn] if trace else None
+    iterations = 0
+    for k in range(opts.max_iter):
+        if status is not None:
+            break
+        iterations += 1
+        y_t = torch.add(y, d_row, alpha=alpha)
+        v_t, g_t = evaluate(y_t.unsqueeze(0))
+        g_t = g_t.view(n)
+        torch.sub(g_t, g, out=r_row)
+        g_row.copy_(g_t)
+        torch.sub(y_t, y, out=dy_row)
+        fn_t = norm(g_t)
+        vals = torch.cat([v_t.view(1), fn_t.view(1), torch.mm(Z[2 * m:], Z.T).view(-1)]).tolist()
+        v_t, gn, B = vals[0], vals[1], vals[2:]
+        w = 2 * m + 4
+        dd, dr, dg, dydy = B[2 * m], B[2 * m + 1], B[2 * m + 2], B[3 * w + 2 * m + 3]
+        finite = math.isfinite(v_t) and math.isfinite(gn) and math.isfinite(dydy)
         armijo = v_t <= v + _ARMIJO * alpha * slope
-        approx_wolfe = v_t <= v + 1e4 * eps * abs(v) and gd <= (1 - 2 * _ARMIJO) * abs(slope)
+        approx_wolfe = v_t <= v + 1e4 * eps * abs(v) and dg <= (1 - 2 * _ARMIJO) * abs(slope)
         if finite and (armijo or approx_wolfe):
-            if bool((y_t == y).all()):                                 # y did not move: stalled
-                return y.reshape(shape), g.reshape(shape), state, _BREAKDOWN
-            V = torch.stack([alpha * d, g_t - g], 1)
-            ss, sr, _, rr = torch.bmm(V, V.mT).flatten().tolist()
-            if sr > eps * math.sqrt(ss) * math.sqrt(rr):               # positive curvature: store
-                self.SY[:, slot::m][:, :2] = V                         # rows slot and m + slot
-                self.c += 1
-                self.SS, self.RM, self.nh0 = _appended(self.SS, self.SY, V, tab.perm[self.c % m:self.c % m + 1],
-                                                       tab.unused[min(self.c, m)], tab)
-            self.v, self.need = v_t, True
-            return y_t.reshape(shape), g_t.reshape(shape), state, 0
-        # quadratic through φ(0), φ'(0), φ(α) (see the batched step), into [0.1α, 0.5α]
-        den = 2 * (v_t - v - slope * alpha)
-        t_star = -slope * alpha * alpha / den if den != 0 else math.nan
-        if not (t_star > 0 and t_star < math.inf):
-            t_star = 0.1 * alpha
-        self.alpha = shrunk = min(max(t_star, 0.1 * alpha), 0.5 * alpha)
-        stalled = shrunk < _MIN_STEP or bool((y + shrunk * d == y).all())
-        return y.reshape(shape), g.reshape(shape), state, _BREAKDOWN if stalled else 0
+            if dydy == 0 and bool((y_t == y).all()):          # y did not move: stalled
+                status = _BREAKDOWN
+            else:
+                ss, sr, rr = alpha * alpha * dd, alpha * dr, B[w + 2 * m + 1]
+                # the new gradient against the ring, by time order (before the new pair goes in)
+                a = [B[2 * w + i] for i in slots]
+                b = [B[2 * w + m + i] for i in slots]
+                if sr > eps * math.sqrt(ss) * math.sqrt(rr):   # positive curvature: store (s, r)
+                    slot = c % m
+                    torch.mul(d_row, alpha, out=ring[slot])
+                    ring[m + slot].copy_(r_row)
+                    col = [B[w + i] for i in slots]           # s_iᵀ r_new
+                    ycol = [B[w + m + i] for i in slots]      # r_iᵀ r_new
+                    if len(slots) == m:                       # the oldest pair leaves
+                        slots, col, ycol, a, b = slots[1:], col[1:], ycol[1:], a[1:], b[1:]
+                        SR = [row[1:] for row in SR[1:]]
+                        YR = [row[1:] for row in YR[1:]]
+                    SR = [row + [x] for row, x in zip(SR, col)] + [[0.0] * len(col) + [sr]]
+                    YR = [row + [x] for row, x in zip(YR, ycol)] + [ycol + [rr]]
+                    slots = slots + [slot]
+                    a, b = a + [alpha * dg], b + [B[w + 2 * m + 2]]
+                    h0, c = sr / rr, c + 1
+                y, g, v, fn, gg = y_t, g_t, v_t, fn_t, B[2 * w + 2 * m + 2]
+                if gn <= tol:
+                    status = Status.SUCCESS
+                else:                                         # the next direction d = −H g
+                    slope = _direction_host(Z, g, a, b, slots, SR, YR, h0, gg, m, d_row)
+                    if not -math.inf < slope < 0:             # safeguard: scaled −∇f
+                        torch.mul(g, -h0, out=d_row)
+                        slope = -h0 * gg
+                    alpha = 1.0
+        else:
+            # quadratic through φ(0), φ'(0), φ(α) (see the batched step), into [0.1α, 0.5α]
+            den = 2 * (v_t - v - slope * alpha) if finite else math.nan
+            t_star = -slope * alpha * alpha / den if den != 0 else math.nan
+            if not (t_star > 0 and t_star < math.inf):
+                t_star = 0.1 * alpha
+            alpha = min(max(t_star, 0.1 * alpha), 0.5 * alpha)
+            if alpha < _MIN_STEP or bool((y + alpha * d_row == y).all()):
+                status = _BREAKDOWN
+        if rows is not None:
+            rows.append(fn)
+        if callback is not None:
+            callback(k + 1, unflatten(y), fn)
+    status = torch.tensor(int(Status.MAX_ITERATIONS if status is None else status), dtype=torch.int64, device=dev)
+    info = SolveInfo(status, fn / torch.clamp(f0, min=tiny), torch.tensor(iterations, dtype=torch.int64, device=dev))
+    return LoopResult(y, g, (), info, torch.stack(rows) if rows is not None else None)
+
+
+def _direction_host(Z, g, a, b, slots, SR, YR, h0, gg, m, out) -> float:
+    """``out = −H g`` by the compact form (time order; ``a = Sᵀg``, ``b = Yᵀg``); returns ``gᵀd``."""
+    if not slots:
+        torch.mul(g, -h0, out=out)
+        return -h0 * gg
+    q = _solve_upper(SR, a)                                            # R⁻¹ a
+    wv = [SR[i][i] * qi + h0 * (sum(map(mul, YR[i], q)) - bi) for i, (qi, bi) in enumerate(zip(q, b))]
+    p = _solve_lower_t(SR, wv)                                         # R⁻ᵀ((D + h0 YᵀY) q − h0 b)
+    coef = [0.0] * (2 * m)
+    for i, s in enumerate(slots):
+        coef[s], coef[m + s] = -p[i], h0 * q[i]
+    torch.addmv(g, Z[:2 * m].T, torch.tensor(coef, dtype=g.dtype, device=g.device), beta=-h0, out=out)
+    return -h0 * gg - sum(map(mul, p, a)) + h0 * sum(map(mul, q, b))

@@ -177,7 +177,7 @@ class QPInteriorPoint:
         delta = torch.tensor(self.reg * scale, dtype=dt, device=dev)
         kind, LQ = self._choose_kind(Q, n, m, k, delta, scale, LQ)
         pre = kkt_precompute(kind, Q, G, A, LQ, delta)
-        P = KKTProducts.build(Q, G, A)
+        P = KKTProducts.build(Q, G, A, pre if kind == "primal" else ())
         pB, hB, bB = p.expand(B, n), h.expand(B, m), b.expand(B, k)
         if not m:  # equality-only: one direct solve
             loop = (p.new_zeros(B, n), p.new_zeros(B, 0), p.new_zeros(B, 0), p.new_zeros(B, k),

@@ -86,7 +86,7 @@ def initial_shift(s, lam):
 def take(t, idx):
     """Rows ``idx`` of a per-element tensor (or of :class:`KKTProducts`); a shared one (``(1, …)``, 0-d) as is."""
     if isinstance(t, KKTProducts):
-        return KKTProducts(*(take_rows(u, idx) for u in t))
+        return t.take(idx)
     return take_rows(t, idx)
 
 

@@ -1,0 +1,122 @@
+"""The cone interior point's parts: cone layout, svec, NT scaling, steps, the exponential cone's
+barrier, and the solver's statuses (float64)."""
+
+import math
+
+import pytest
+import torch
+
+from implicitdiff import InputError, Status
+from implicitdiff.linalg.cone_spec import parse_cones, smat, svec
+from implicitdiff.solvers.cone_exp import ExpCone, _grad_hess, _in_dual, _in_primal
+from implicitdiff.solvers.cone_ipm import ConeInteriorPoint
+from implicitdiff.solvers.cone_symmetric import PSD, SecondOrder
+
+F64 = torch.float64
+
+
+def _soc_point(g, k):
+    v = torch.randn(2, 3, k, generator=g, dtype=F64)
+    v[..., 0] = v[..., 1:].norm(dim=-1) + torch.rand(2, 3, generator=g, dtype=F64) + 0.1
+    return v
+
+
+def _psd_point(g, k):
+    M = torch.randn(2, 3, k, k, generator=g, dtype=F64)
+    return svec(M @ M.mT + 0.1 * torch.eye(k, dtype=F64))
+
+
+def test_svec_matches_scs_convention_and_round_trips():
+    X = torch.tensor([[1.0, 2.0], [2.0, 3.0]], dtype=F64)
+    assert torch.allclose(svec(X), torch.tensor([1.0, 2 * math.sqrt(2), 3.0], dtype=F64))
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 4, generator=g, dtype=F64)
+    A, B = A + A.T, A @ A.T
+    assert torch.allclose(smat(svec(A), 4), A)
+    assert torch.allclose(svec(A) @ svec(B), torch.trace(A @ B))  # an isometry
+
+
+def test_cone_spec_groups_follow_scs_row_order():
+    spec = parse_cones({"z": 1, "l": 2, "q": [3, 2, 3], "s": [2], "ep": 1})
+    assert spec.m == 1 + 2 + 8 + 3 + 3 and spec.degree == 2 + 3 + 2 + 3
+    groups = {(k, size): idx.tolist() for k, size, idx in spec.groups()}
+    assert groups[("l", 2)] == [1, 2]
+    assert groups[("q", 3)] == [[3, 4, 5], [8, 9, 10]]
+    assert groups[("q", 2)] == [[6, 7]]
+    assert groups[("s", 2)] == [[11, 12, 13]]
+    assert groups[("ep", 3)] == [[14, 15, 16]]
+    with pytest.raises(InputError, match="power cones"):
+        parse_cones({"p": [0.5]})
+
+
+@pytest.mark.parametrize("cone, point, k", [(SecondOrder, _soc_point, 4), (PSD, _psd_point, 3)])
+def test_nt_scaling_identities_and_step_to_boundary(cone, point, k):
+    g = torch.Generator().manual_seed(1)
+    s, y = point(g, k), point(g, k)
+    st = cone.scale(s, y)
+    ls, ly = cone.scaled(st, s, y)  # W⁻ᵀs and Wy: both equal λ
+    assert torch.allclose(ls, ly, atol=1e-12)
+    assert torch.allclose(cone.w_t(st, ls), s, atol=1e-12)      # Wᵀ(W⁻ᵀ s) = s
+    assert torch.allclose(cone.winv(st, ly), y, atol=1e-12)     # W⁻¹(W y) = y
+    V = torch.randn(s.shape + (2,), generator=g, dtype=F64)
+    col = cone.winv_t(st, V)[..., 0]
+    assert torch.allclose(col, cone.scaled(st, V[..., 0], V[..., 0])[0], atol=1e-12)
+    ds, dy = (torch.randn(s.shape, generator=g, dtype=F64) for _ in range(2))
+    alpha = cone.step(st, ds, dy)                                 # (2,): per batch row
+
+    def margin(v):
+        if cone is SecondOrder:
+            return (v[..., 0] - v[..., 1:].norm(dim=-1)).amin(-1)
+        return torch.linalg.eigvalsh(smat(v, k))[..., 0].amin(-1)
+    a = alpha[:, None, None]
+    on_boundary = torch.minimum(margin(s + a * ds), margin(y + a * dy))
+    assert torch.allclose(on_boundary, torch.zeros_like(on_boundary), atol=1e-9)
+    assert (torch.minimum(margin(s + 0.99 * a * ds), margin(y + 0.99 * a * dy)) > 0).all()
+
+
+def test_exponential_cone_barrier_and_central_point():
+    e = ExpCone.unit(torch.zeros(1, 1, 3, dtype=F64))
+    assert _in_primal(e).all() and _in_dual(e).all()
+    grad, _ = _grad_hess(e)
+    assert torch.allclose(-grad, e, atol=1e-9)  # the central point: s = −∇F(s)
+    s = torch.tensor([[[0.3, 0.7, 2.0]]], dtype=F64, requires_grad=True)
+
+    def F(t):
+        x, y, z = t.unbind(-1)
+        return (-torch.log(y * torch.log(z / y) - x) - torch.log(y) - torch.log(z)).sum()
+    g_auto = torch.autograd.grad(F(s), s)[0]
+    H_auto = torch.autograd.functional.hessian(F, s.detach())[0, 0, :, 0, 0, :]
+    g, H = _grad_hess(s.detach())
+    assert torch.allclose(g, g_auto, atol=1e-12) and torch.allclose(H[0, 0], H_auto, atol=1e-10)
+
+
+def _lp_batch():
+    # element 0 feasible (min x, x ≥ 1), 1 infeasible (x ≥ 1, x ≤ 0), 2 unbounded (min −x, x ≥ 0)
+    A = torch.tensor([[[-1.0], [0.0]], [[-1.0], [1.0]], [[-1.0], [0.0]]], dtype=F64)
+    b = torch.tensor([[-1.0, 1.0], [-1.0, 0.0], [0.0, 1.0]], dtype=F64)
+    c = torch.tensor([[1.0], [1.0], [-1.0]], dtype=F64)
+    return A, b, c
+
+
+def test_statuses_per_element_with_certificates():
+    A, b, c = _lp_batch()
+    r = ConeInteriorPoint(rtol=1e-9, max_iter=50).solve(A, b, c, parse_cones({"l": 2}))
+    assert r.status.tolist() == [Status.SUCCESS, Status.INFEASIBLE, Status.UNBOUNDED]
+    assert torch.allclose(r.x[0], torch.ones(1, dtype=F64), atol=1e-8)
+    r = ConeInteriorPoint(rtol=1e-9, max_iter=2).solve(A[:1], b[:1], c[:1], parse_cones({"l": 2}))
+    assert r.status.tolist() == [Status.MAX_ITERATIONS] and torch.isfinite(r.residual).all()
+
+
+def test_batch_equals_single_solves():
+    g = torch.Generator().manual_seed(3)
+    B, n = 4, 3
+    A = torch.cat([torch.eye(n, dtype=F64)[None].expand(B, n, n),                # x ≤ 1 (l)
+                   torch.zeros(B, 1, n, dtype=F64), -torch.eye(n, dtype=F64)[None].expand(B, n, n)], 1)  # ‖x‖ ≤ 2 (q)
+    b = torch.cat([torch.ones(B, n, dtype=F64), 2 * torch.ones(B, 1, dtype=F64), torch.zeros(B, n, dtype=F64)], 1)
+    c = torch.randn(B, n, generator=g, dtype=F64)
+    spec = parse_cones({"l": n, "q": [n + 1]})
+    solver = ConeInteriorPoint(rtol=1e-10)
+    r = solver.solve(A, b, c, spec)
+    for i in range(B):
+        ri = solver.solve(A[i:i + 1], b[i:i + 1], c[i:i + 1], spec)
+        assert torch.allclose(ri.x[0], r.x[i], atol=1e-8) and ri.status[0] == r.status[i] == Status.SUCCESS
