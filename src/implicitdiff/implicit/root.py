@@ -69,6 +69,9 @@ class RootProblem:
     stall_hint: Optional[str] = None
     # the forward solver is handed a :class:`~implicitdiff.implicit.speculation.Recorder` (it takes ``recorder=``)
     speculative: bool = False
+    # the fixed-point map the recorder records (the same map as ``F``'s, evaluated more cheaply: a DEQ cell
+    # called directly); ``None``: ``F.map`` or ``F``
+    record_map: Optional[Callable] = None
 
     def residual(self, y, leaves):
         return self.F(y, *self.tree.unflatten(leaves))
@@ -141,7 +144,7 @@ def isolate(bd: int, ok: torch.Tensor, y: torch.Tensor, leaves: tuple):
 def _hints(problem: RootProblem, info) -> Optional[dict]:
     """The hints of a failed forward: a BREAKDOWN far above the tolerance (any element's relative
     residual above ``problem.stall_far``) reads as a non-zero local minimum of ``‖F‖``, not rounding."""
-    if problem.stall_hint is None or is_vmapped(info.status):
+    if is_vmapped(info.status):
         return problem.hints
     stalled = (info.status == Status.BREAKDOWN) & (info.residual > problem.stall_far)
     if not bool(stalled.any()):
@@ -167,13 +170,14 @@ class RootFn(torch.autograd.Function):
         with torch.no_grad():
             if problem.speculative:
                 res = problem.solve(problem.F, y0.detach(), params, problem.batch_dims,
-                                    recorder=Recorder(problem, leaves))
+                                    recorder=Recorder(problem, leaves, problem.record_map))
             else:
                 res = problem.solve(problem.F, y0.detach(), params, problem.batch_dims)
         y, info = res.y, res.info
         recording = res.recording if problem.speculative else None
         factors = tuple(res.jacobian.tensors()) if res.jacobian is not None else ()
-        y_out = apply_on_failure(y, info, problem.on_failure, problem.what, _hints(problem, info))
+        hints = problem.hints if problem.stall_hint is None or bool(info.ok.all()) else _hints(problem, info)
+        y_out = apply_on_failure(y, info, problem.on_failure, problem.what, hints)
         # the raw last iterate is kept for the backward where it differs from y_out: a failed element
         # (NaN in y_out under on_failure="nan") must not turn the gradients of the others into NaN.
         # Otherwise an empty placeholder (returning y itself twice would make y_out non-differentiable)

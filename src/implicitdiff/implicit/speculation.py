@@ -17,12 +17,11 @@ The pieces and where they meet (nothing else travels between forward and backwar
   ``recording`` as a non-tensor output that its ``setup_context`` keeps for the backward;
 * the solver calls :meth:`Recorder.record` instead of ``F`` for the predicted step, and
   :meth:`Recorder.take` on the iterate it returns;
-* ``nn.DEQ`` records its cell called directly (:meth:`Recorder.with_map`).
+* ``nn.DEQ`` records its cell called directly (``RootProblem.record_map``).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, Optional
 
 import torch
@@ -85,16 +84,10 @@ class Recorder:
     """
 
     def __init__(self, problem, leaves, map: Optional[Callable] = None):
+        # ``map``: the fixed-point map to record, when not ``problem.F``'s (a DEQ cell called directly)
         self.problem, self.leaves, self.map = problem, leaves, map
         self._last = None
         self._params = None                              # the leaves unflattened, once
-
-    def with_map(self, map: Callable) -> "Recorder":
-        """A recorder of the same problem that records the fixed-point map ``map(y, *params)``
-        (the same map as ``F``'s, evaluated more cheaply: a DEQ cell called directly)."""
-        other = copy.copy(self)                          # one recorder per solve: no second construction
-        other.map = map
-        return other
 
     def record(self, y):
         """``F(y)``, recorded."""

@@ -54,7 +54,7 @@ from .._core.errors import InputError
 from .._core.failure import check_on_failure
 from .._core.defaults import DEQ_ANDERSON_START_RATE
 from .._core.options import check_bool
-from .._core.status import SolveInfo, Status
+from .._core.status import Status
 from ..implicit.adjoint import Implicit, Neumann, Unroll
 from ..solvers.objects import Anderson, Solver, as_solver
 from ..implicit.fixed_point_adjoint import DEFAULT_ADJOINT, FixedPointAdjoint
@@ -107,7 +107,7 @@ def _check(cell, x, z0):
     return z0
 
 
-def _forward_solve(solve, cell, F, trace: bool, record: dict):
+def _forward_solve(solve, cell, F, direct, trace: bool, record: dict):
     """The forward ``solve`` as the mechanism calls it, with two DEQ specifics.
 
     * The iterations call the cell directly, not through ``functional_call``
@@ -117,7 +117,7 @@ def _forward_solve(solve, cell, F, trace: bool, record: dict):
       tensors or another ``F``, and the functional form is kept.  The residual
       handed to the solver carries the cell as its map (``fun.map``: the plain
       steps ``z ← f(z, x)``) and, when the mechanism speculates, its
-      ``recorder`` records the cell called directly as well (``Recorder.with_map``).
+      recorder records the cell called directly as well (``record_map=direct``).
     * The residual trace of the run is kept in ``record["trace"]`` (the
       mechanism keeps only ``(y, info)``): no second solve.
 
@@ -130,9 +130,7 @@ def _forward_solve(solve, cell, F, trace: bool, record: dict):
             and len(lifted) == len(dict(cell.named_parameters()))
         if own:
             # the plain steps z ← f(z, x), with the cell called directly
-            F_ = FixedPointResidual(lambda z, params, x: cell(z, x), _CELL)
-            if "recorder" in call:  # the speculative evaluation (recorded for the backward) calls the cell directly too
-                call["recorder"] = call["recorder"].with_map(lambda zz, _lifted, x: cell(zz, x))
+            F_ = FixedPointResidual(direct, _CELL)
         res = solve(F_, y0, params, batch_dims, **call)
         record["trace"] = res.trace if trace else None
         return res
@@ -227,13 +225,16 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
     # (buffers are not: functional_call takes them from the module; tied parameters appear once and are re-tied)
     F = FixedPointResidual(lambda z, params, x: torch.func.functional_call(cell, params, (z, x)), _CELL)
     lifted = dict(cell.named_parameters())
-    z, info = solve_implicit(F, z0, (lifted, x), solve=_forward_solve(solve, cell, F, trace, record),
+    direct = lambda z, _params, x: cell(z, x)  # noqa: E731  (T with the cell called directly)
+    z, info = solve_implicit(F, z0, (lifted, x), solve=_forward_solve(solve, cell, F, direct, trace, record),
                              adjoint=adjoint, batch_dims=1, on_failure=on_failure, return_info=True, what=_WHAT,
                              hints=DEQ_HINTS, neumann_alpha=-1.0, unroll="picard", rtol=rtol, atol=atol,
-                             max_iter=max_iter, records=records)
+                             max_iter=max_iter, records=records, record_map=direct)
     if not return_info:
         return z
-    return z, _info(info, record["trace"])
+    trace = record["trace"]
+    return z, DEQInfo(info.status.detach(), info.residual.detach(), info.iterations.detach(),
+                      None if trace is None else trace.detach())
 
 
 _WHAT = "deq (the fixed point z = f(z, x))"
@@ -265,11 +266,6 @@ DEFAULT_SOLVER = Anderson(start_rate=DEQ_ANDERSON_START_RATE, freeze=False)
 
 #: Anderson's lazy start in a DEQ (:data:`DEFAULT_SOLVER`'s ``start_rate``).
 ANDERSON_START_RATE = DEQ_ANDERSON_START_RATE
-
-
-def _info(info: SolveInfo, trace) -> DEQInfo:
-    return DEQInfo(info.status.detach(), info.residual.detach(), info.iterations.detach(),
-                   None if trace is None else trace.detach())
 
 
 def jacobian_penalty(cell: torch.nn.Module, z: torch.Tensor, x: torch.Tensor, *, samples: int = 1,

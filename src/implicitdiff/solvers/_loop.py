@@ -185,11 +185,7 @@ def fixed_map(F: Callable, opts: Options) -> Optional[Callable]:
     """``F.map`` on flattened iterates — the map ``T`` of a fixed-point residual ``F = T − id``
     (:func:`~implicitdiff.fixed_point_residual`) — or ``None``: :func:`plain_phase` then steps
     ``y ← T(y)`` instead of ``y ← y + F(y)`` (one pass fewer per step)."""
-    return _flat_attribute(F, "map", opts)
-
-
-def _flat_attribute(F: Callable, name: str, opts: Options) -> Optional[Callable]:
-    fn = getattr(F, name, None)
+    fn = getattr(F, "map", None)                          # a FixedPointResidual knows its map
     if fn is None:
         return None
     shape, params = opts.y0.shape, opts.params

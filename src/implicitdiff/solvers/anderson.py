@@ -10,7 +10,6 @@ import torch
 from .._core.errors import InputError
 from ._loop import float_option, int_option, flatten_root, iterate, lean, options, phase_result, plain_phase, \
     recording, fixed_map
-from .picard import _result
 from .result import SolverResult
 
 __all__ = ["anderson"]
@@ -170,7 +169,8 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
                                 spec=recording(recorder, opts), tmap=fixed_map(F, opts))
             if phase.done:
                 out = phase_result(phase, opts, trace)
-                return _result(out, opts, recorder)
+                y = out.y.reshape(opts.y0.shape)
+                return SolverResult(y, out.info, None, out.trace, None if recorder is None else recorder.take(y))
             y, g, lazy = phase.y, phase.f, False
         state = (torch.add(y, g, alpha=beta), y.new_empty(m, nb, n), y.new_empty(m, nb, n), y.new_empty(nb, m, m),
                  None, None if lazy else 0, torch.linalg.vector_norm(g, dim=-1) if lazy else None)
@@ -185,4 +185,5 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
             state = (X, U, dG, G, r, -1, None)                          # k0 = −1: one row in use at k = 0
         out = iterate(step, y, g, state, opts, trace=trace, callback=callback,
                       unflatten=lambda t: t.reshape(opts.y0.shape), resume=phase)
-    return _result(out, opts, recorder)
+    y = out.y.reshape(opts.y0.shape)
+    return SolverResult(y, out.info, None, out.trace, None if recorder is None else recorder.take(y))

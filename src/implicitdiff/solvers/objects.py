@@ -168,6 +168,8 @@ def as_solver(solver, *, rtol=None, atol=None, max_iter=None, allowed=("newton",
         if solver.name not in allowed:
             raise InputError(f"{type(solver).__name__} does not apply here; choose one of "
                              f"{', '.join(SOLVER_CLASSES[k].__name__ for k in allowed)} (or their names)")
+        if rtol is None and atol is None and max_iter is None:
+            return solver
         return solver.merged(rtol=rtol, atol=atol, max_iter=max_iter)
     if isinstance(solver, str):
         if solver not in allowed:

@@ -87,10 +87,5 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
         else:
             out = iterate(step, y, f, (), opts, trace=trace, callback=callback,
                           unflatten=lambda t: t.reshape(opts.y0.shape), resume=phase)
-    return _result(out, opts, recorder)
-
-
-def _result(out, opts, recorder) -> SolverResult:
-    """The :class:`SolverResult` of a fixed-point type solve, with what ``recorder`` took at its ``y``."""
     y = out.y.reshape(opts.y0.shape)
     return SolverResult(y, out.info, None, out.trace, None if recorder is None else recorder.take(y))
