@@ -237,3 +237,36 @@ def test_objective_called_inside_torch_func_transforms():
     # the objective is found flat where it does not depend on y: ∇f = 0 at y0, nothing to do
     flat = lbfgs(lambda y: torch.tensor(3.0, dtype=F64), torch.ones(2, dtype=F64))
     assert flat.info.status == Status.SUCCESS and flat.info.iterations == 0
+
+
+def test_host_path_backtracks_from_nan_and_reports_a_nan_start():
+    # unbatched (the host loop) and masked: a trial where f is NaN is backtracked, not accepted
+    def f(y):
+        inside = y <= 1.2                                # f NaN past 1.2 (its gradient there: 0)
+        return torch.where(inside, (torch.where(inside, y, 0.0) - 1) ** 2, torch.nan).sum()
+
+    y0 = torch.tensor([0.9], dtype=F64)
+    host = lbfgs(f, y0, trace=True)
+    masked = lbfgs(f, y0, trace=True, check_every=2)
+    for res in (host, masked):
+        assert res.info.status == Status.SUCCESS and res.info.iterations >= 2
+        assert torch.allclose(res.y, torch.ones(1, dtype=F64), atol=1e-12, rtol=0)
+        assert torch.isfinite(res.trace).all()       # the NaN trial never became the iterate
+    assert host.info.iterations == masked.info.iterations
+    for check_every in (1, 2):
+        start = lbfgs(lambda y: (torch.nan * y).sum(), torch.tensor([2.0], dtype=F64), check_every=check_every)
+        assert start.info.status == Status.NONFINITE and start.info.iterations == 0
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_nan_objective_with_zero_gradient_is_nonfinite(batch):
+    # f(y0) is NaN but its gradient is finite and zero: the gradient test alone would say SUCCESS
+    from implicitdiff._core.status import Status
+    from implicitdiff.solvers.lbfgs import lbfgs
+
+    def f(y):
+        return (y * 0.0).sum(-1) + float("nan")
+
+    y0 = torch.ones(*batch, 2, dtype=torch.float64)
+    res = lbfgs(f, y0, batch_dims=len(batch))
+    assert (res.info.status == int(Status.NONFINITE)).all()
