@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .._core.defaults import default_rtol, eps
 from .._core.failure import apply_on_failure
 from .._core.status import Status
 from .._core.tree import Tree
@@ -63,9 +64,10 @@ class RootProblem:
     on_failure: str = "raise"
     what: str = "root"
     hints: Optional[dict] = None
-    # a BREAKDOWN (stalled line search) whose relative residual exceeds ``stall_far`` gets ``stall_hint``
-    # instead of hints[BREAKDOWN]: ‖F‖ stagnates far above the tolerance, not at rounding level
-    stall_far: float = math.inf
+    # a BREAKDOWN (stalled line search) whose relative residual exceeds max(10 · rtol, √eps) (``stall_rtol``:
+    # the solve's rtol, None for the dtype's default) gets ``stall_hint`` instead of hints[BREAKDOWN]:
+    # ‖F‖ stagnates far above the tolerance, not at rounding level
+    stall_rtol: Optional[float] = None
     stall_hint: Optional[str] = None
     # the forward solver is handed a :class:`~implicitdiff.implicit.speculation.Recorder` (it takes ``recorder=``)
     speculative: bool = False
@@ -143,10 +145,12 @@ def isolate(bd: int, ok: torch.Tensor, y: torch.Tensor, leaves: tuple):
 
 def _hints(problem: RootProblem, info) -> Optional[dict]:
     """The hints of a failed forward: a BREAKDOWN far above the tolerance (any element's relative
-    residual above ``problem.stall_far``) reads as a non-zero local minimum of ``‖F‖``, not rounding."""
+    residual above ``max(10 · rtol, √eps)``) reads as a non-zero local minimum of ``‖F‖``, not rounding."""
     if is_vmapped(info.status):
         return problem.hints
-    stalled = (info.status == Status.BREAKDOWN) & (info.residual > problem.stall_far)
+    dtype, rtol = info.residual.dtype, problem.stall_rtol
+    far = max(10 * (default_rtol(dtype) if rtol is None else float(rtol)), math.sqrt(eps(dtype)))
+    stalled = (info.status == Status.BREAKDOWN) & (info.residual > far)
     if not bool(stalled.any()):
         return problem.hints
     return {**(problem.hints or {}), Status.BREAKDOWN: problem.stall_hint}
@@ -176,7 +180,7 @@ class RootFn(torch.autograd.Function):
         y, info = res.y, res.info
         recording = res.recording if problem.speculative else None
         factors = tuple(res.jacobian.tensors()) if res.jacobian is not None else ()
-        hints = problem.hints if problem.stall_hint is None or bool(info.ok.all()) else _hints(problem, info)
+        hints = problem.hints if problem.stall_hint is None or bool((info.status == 0).all()) else _hints(problem, info)
         y_out = apply_on_failure(y, info, problem.on_failure, problem.what, hints)
         # the raw last iterate is kept for the backward where it differs from y_out: a failed element
         # (NaN in y_out under on_failure="nan") must not turn the gradients of the others into NaN.

@@ -7,13 +7,11 @@ those into a :class:`~implicitdiff.implicit.root.RootProblem` and applies it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Callable
 
 import torch
 
-from .._core.defaults import default_rtol, eps
 from .._core.errors import InputError
 from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
 from .._core.options import check_bool, check_int, check_real
@@ -103,12 +101,10 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
         y = _policy(y, info, on_failure, what, hints)
         return (y, info) if return_info else y
 
-    # a stall above max(10 · rtol, √eps) (relative residual) is not rounding: a non-zero local minimum of ‖F‖
-    r = solve.rtol if isinstance(solve, Solver) else rtol
-    stall_far = max(10 * (default_rtol(y0.dtype) if r is None else float(r)), math.sqrt(eps(y0.dtype)))
     problem = RootProblem(F=F, solve=solve, tree=tree, batch_dims=int(batch_dims), adjoint=adjoint,
                           symmetric=symmetric, definite=definite, neumann_alpha=neumann_alpha, on_failure=on_failure, what=what,
-                          hints=hints, stall_far=stall_far, stall_hint=stall_hint, record_map=record_map,
+                          hints=hints, stall_rtol=solve.rtol if isinstance(solve, Solver) else rtol,
+                          stall_hint=stall_hint, record_map=record_map,
                           speculative=(isinstance(solve, Solver) and solve.records if records is None else records)
                           and may_speculate(adjoint, y0, leaves, int(batch_dims)))
     y, status, residual, iterations, *_ = RootFn.apply(problem, y0, *leaves)
