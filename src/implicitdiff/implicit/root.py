@@ -162,7 +162,8 @@ def _expand(mask, like):
 
 
 class RootFn(torch.autograd.Function):
-    """``y* = root of F(·, θ)`` from ``y0``; outputs ``(y*, status, residual, iterations, y_raw, recording, *jacobian_factors)``.
+    """``y* = root of F(·, θ)`` from ``y0``; outputs
+    ``(y*, status, residual, iterations, y_raw, recording, *jacobian_factors)``.
 
     Only ``y*`` is differentiable; ``y0`` gets no gradient (the root does not
     depend on the starting point).
@@ -180,7 +181,8 @@ class RootFn(torch.autograd.Function):
         y, info = res.y, res.info
         recording = res.recording if problem.speculative else None
         factors = tuple(res.jacobian.tensors()) if res.jacobian is not None else ()
-        hints = problem.hints if problem.stall_hint is None or bool((info.status == 0).all()) else _hints(problem, info)
+        failed = problem.stall_hint is not None and not bool((info.status == 0).all())
+        hints = _hints(problem, info) if failed else problem.hints
         y_out = apply_on_failure(y, info, problem.on_failure, problem.what, hints)
         # the raw last iterate is kept for the backward where it differs from y_out: a failed element
         # (NaN in y_out under on_failure="nan") must not turn the gradients of the others into NaN.
