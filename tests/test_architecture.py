@@ -178,3 +178,23 @@ def test_benchmarks_have_one_home():
         elif len(text.splitlines()) > 60:
             bad.append(f"{s.name} has {len(text.splitlines())} lines: move its code into implicitdiff.bench.{s.stem}")
     assert scripts and not bad, "\n".join(bad)
+
+
+def test_the_speculative_recording_is_one_isolated_piece():
+    """The forward's recording for the backward lives in ``implicit/speculation.py`` alone (the
+    ``Recorder`` and its ``Linearization``), reaches a solver only as its ``recorder=`` argument and
+    comes back in ``SolverResult.recording``: no other module defines them, and no residual carries a
+    ``speculate`` attribute read back by ``getattr``."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        rel = path.relative_to(PKG).as_posix()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name in ("Recorder", "Linearization", "Speculation") \
+                    and rel != "implicit/speculation.py":
+                bad.append(f"{rel}:{node.lineno} defines {node.name}")
+            if isinstance(node, ast.Attribute) and node.attr == "speculate":
+                bad.append(f"{rel}:{node.lineno} uses .speculate")
+            if isinstance(node, ast.Constant) and node.value == "speculate":
+                bad.append(f"{rel}:{node.lineno} names 'speculate'")
+    assert not bad, "\n".join(bad)

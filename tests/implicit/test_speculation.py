@@ -1,6 +1,6 @@
-"""The forward's last evaluation recorded for the backward (Speculation): the backward of a DEQ and of
+"""The forward's last evaluation recorded for the backward (Recorder, implicit/speculation.py): the backward of a DEQ and of
 ``fixed_point(..., solver="picard", freeze=False)`` evaluates the map zero times when it hits, and its
-gradients are exact (finite differences, the dense adjoint); ``Speculation.take`` refuses a recording made at
+gradients are exact (finite differences, the dense adjoint); ``Recorder.take`` refuses a recording made at
 another iterate; no speculation where the backward could not use it (no_grad, no leaf requiring grad,
 ``torch.func`` transforms, a dense adjoint, a failed element); retain_graph, create_graph; saved memory."""
 
@@ -10,7 +10,8 @@ import torch
 import implicitdiff as idf
 from implicitdiff._core.tree import flatten
 from implicitdiff.checks.memory import saved_bytes, saved_bytes_and_output
-from implicitdiff.implicit.root import RootProblem, Speculation
+from implicitdiff.implicit.root import RootProblem
+from implicitdiff.implicit.speculation import Recorder
 from implicitdiff.layers.deq import deq
 from implicitdiff.layers.fixed_point import fixed_point_residual
 from implicitdiff.nn import DEQ
@@ -75,9 +76,9 @@ def fd_grads(f, tensors, eps=1e-6):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts Speculations made, their ``speculate`` calls, and what ``take`` handed over (None: a miss)."""
+    """Counts Recorders made, their ``record`` calls, and what ``take`` handed over (None: a miss)."""
     log = {"made": 0, "speculated": 0, "taken": []}
-    init, speculate, take = Speculation.__init__, Speculation.speculate, Speculation.take
+    init, speculate, take = Recorder.__init__, Recorder.record, Recorder.take
 
     def init_(self, *a, **k):
         log["made"] += 1
@@ -92,9 +93,9 @@ def spy(monkeypatch):
         log["taken"].append(out)
         return out
 
-    monkeypatch.setattr(Speculation, "__init__", init_)
-    monkeypatch.setattr(Speculation, "speculate", speculate_)
-    monkeypatch.setattr(Speculation, "take", take_)
+    monkeypatch.setattr(Recorder, "__init__", init_)
+    monkeypatch.setattr(Recorder, "record", speculate_)
+    monkeypatch.setattr(Recorder, "take", take_)
     return log
 
 
@@ -219,7 +220,7 @@ def test_fixed_point_picard_freeze_false_speculates_through_the_map(spy):
         torch.testing.assert_close(gr, r, rtol=1e-7, atol=1e-9)
 
 
-# ----------------------------------------------------------------------------- Speculation.take
+# ----------------------------------------------------------------------------- Recorder.take
 def _problem():
     """A tiny fixed point ``z = a · tanh(z) + c`` as a RootProblem, with its leaves (requiring grad)."""
     a = torch.tensor(0.5, dtype=D, requires_grad=True)
@@ -230,14 +231,14 @@ def _problem():
 
 
 def test_speculate_records_the_map_in_the_original_leaves():
-    """``speculate`` returns F(y) (= T(y) − y), and its recording gives (∂T/∂y)ᵀv, (∂F/∂y)ᵀv and −(∂F/∂θ)ᵀu
-    in the original leaves, whatever (detached) params the solver passes."""
+    """``record`` returns F(y) (= T(y) − y), and its recording gives (∂T/∂y)ᵀv, (∂F/∂y)ᵀv and −(∂F/∂θ)ᵀu
+    in the original leaves (not the solver's detached params)."""
     problem, (a, c) = _problem()
-    spec = Speculation(problem, (a, c))
+    spec = Recorder(problem, (a, c))
     y = torch.tensor([0.1, 0.2, -0.4], dtype=D)
-    value = spec.speculate(y, a.detach() + 100.0, c.detach())      # the solver's params are ignored
+    value = spec.record(y)
     torch.testing.assert_close(value, 0.5 * torch.tanh(y) + c.detach() - y, rtol=1e-15, atol=0.0)
-    torch.testing.assert_close(spec(y, a.detach(), c.detach()), value, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(problem.F(y, a.detach(), c.detach()), value, rtol=0.0, atol=0.0)
     lin = spec.take(y)
     assert lin is not None and lin.fixed
     v = torch.tensor([1.0, -2.0, 0.5], dtype=D)
@@ -254,24 +255,24 @@ def test_take_refuses_a_recording_made_at_another_iterate():
     (other storage), a reshaped view (other shape), the same tensor modified in place (version bump), nor
     when nothing was recorded."""
     problem, leaves = _problem()
-    spec = Speculation(problem, leaves)
+    spec = Recorder(problem, leaves)
     assert spec.take(torch.zeros(3, dtype=D)) is None          # nothing recorded
     y = torch.tensor([0.1, 0.2, -0.4], dtype=D)
-    spec.speculate(y)
+    spec.record(y)
     assert spec.take(y) is not None
     assert spec.take(y) is None                                # handed over once
-    spec.speculate(y)
+    spec.record(y)
     assert spec.take(y.clone()) is None                        # same values, other storage
-    spec.speculate(y)
+    spec.record(y)
     assert spec.take(y.view(3, 1)) is None                     # same storage, other shape
-    spec.speculate(y)
+    spec.record(y)
     y.mul_(1.0)                                                # same values, but written to
     assert spec.take(y) is None
-    spec.speculate(y)
+    spec.record(y)
     other = torch.tensor([0.0, 0.0, 0.0], dtype=D)
-    spec.speculate(other)                                      # a later speculation replaces the earlier one
+    spec.record(other)                                      # a later speculation replaces the earlier one
     assert spec.take(y) is None
-    spec.speculate(y)
+    spec.record(y)
     assert spec.take(y[:]) is not None                         # a view of the same storage, shape and version
 
 
@@ -280,9 +281,9 @@ def test_plain_residual_records_F():
     a = torch.tensor(0.7, dtype=D, requires_grad=True)
     leaves, tree = flatten((a,))
     problem = RootProblem(F=lambda y, a: a * y ** 3 - 1.0, solve=picard, tree=tree)
-    spec = Speculation(problem, leaves)
+    spec = Recorder(problem, leaves)
     y = torch.tensor([1.0, 2.0], dtype=D)
-    torch.testing.assert_close(spec.speculate(y), 0.7 * y ** 3 - 1.0, rtol=1e-15, atol=0.0)
+    torch.testing.assert_close(spec.record(y), 0.7 * y ** 3 - 1.0, rtol=1e-15, atol=0.0)
     lin = spec.take(y)
     assert not lin.fixed
     v = torch.tensor([1.0, 1.0], dtype=D)
@@ -292,7 +293,7 @@ def test_plain_residual_records_F():
 
 # ----------------------------------------------------------------------------- where nothing is recorded
 def test_no_speculation_without_a_first_order_backward(reference, spy):
-    """No Speculation under no_grad, when no leaf requires grad, or with the dense adjoint (its backward builds
+    """No Recorder under no_grad, when no leaf requires grad, or with the dense adjoint (its backward builds
     the Jacobian anyway); the forward's result is the same."""
     cell, x, w, _ = reference
     z0 = torch.zeros_like(w)
@@ -330,7 +331,7 @@ def test_no_speculation_under_torch_func(reference, spy):
     assert list(gp) == [f"cell.{k}" for k, _ in cell.named_parameters()]
     for g, r in zip([*gp.values(), gx], ref):
         torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-9)
-    # vmap over samples, forward only, matrix-free default adjoint: no Speculation, the same equilibria
+    # vmap over samples, forward only, matrix-free default adjoint: no Recorder, the same equilibria
     zv = torch.func.vmap(lambda xi, zi: layer(xi[None], zi[None])[0])(x, z0)
     assert spy["made"] == 0
     torch.testing.assert_close(zv.detach(), layer(x, z0).detach(), rtol=1e-9, atol=1e-11)
@@ -448,14 +449,15 @@ def test_dropped_recording_is_not_counted(spy):
         return torch.tanh(z @ A.mT + b)
 
     def solver(where):
-        def solve(F, y0, params, *, batch_dims, rtol, atol, max_iter=200):
+        # a solver object that takes a recorder (a Picard whose function guesses where told)
+        def solve(F, y0, params, *, batch_dims, rtol=None, atol=0.0, max_iter=200, recorder=None):
             if where == "start":
-                F.speculate(y0, *params)                    # a wrong guess
+                recorder.record(y0)                         # a wrong guess
             res = picard(F, y0, params, batch_dims=batch_dims, rtol=rtol, atol=atol, max_iter=max_iter)
             if where == "end":
-                F.speculate(res.y, *params)                 # the right one
-            return res
-        return solve
+                recorder.record(res.y)                      # the right one
+            return res._replace(recording=recorder.take(res.y))
+        return type("Guessing", (idf.Picard,), {"fn": staticmethod(solve)})()
 
     def run(where):
         return idf.fixed_point(T, torch.zeros(4, 16, dtype=D), A, b, solver=solver(where), batch_dims=1,

@@ -306,10 +306,10 @@ def test_zero_initial_residual_keeps_the_plain_phase(name):
     x[1] = 0.0
     y0 = torch.zeros(3, 5, dtype=F64)
     frozen = SOLVERS[name](tanh_map, y0, (W, x), batch_dims=1, freeze=True)
-    F = Speculating(tanh_map)
-    plain = SOLVERS[name](F, y0, (W, x), batch_dims=1, freeze=False)
+    F = Speculating(tanh_map, (W, x))
+    plain = SOLVERS[name](F, y0, (W, x), batch_dims=1, freeze=False, recorder=F)
     same_outcome(frozen, plain)
-    assert F.asked and F.asked[-1].data_ptr() == plain.y.data_ptr()
+    assert F.asked and F.asked[-1].data_ptr() == plain.y.data_ptr() and plain.recording is F.asked[-1]
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))
@@ -329,42 +329,48 @@ def test_float32(name):
 
 
 class Speculating:
-    """A residual with a ``speculate`` method (the contract of ``solvers._loop.speculative``): the same
-    value, and a log of the iterates it was asked for."""
+    """A residual that counts its plain calls, and a recorder for it (the contract of ``recorder=``,
+    :class:`~implicitdiff.implicit.speculation.Recorder`): ``record`` gives the same value and logs the
+    iterate it was asked for; ``take`` returns that iterate when it is the one the solver returns."""
 
-    def __init__(self, F):
-        self.F, self.asked, self.plain = F, [], 0
+    def __init__(self, F, params=()):
+        self.F, self.params, self.asked, self.plain = F, params, [], 0
 
     def __call__(self, y, *params):
         self.plain += 1
         return self.F(y, *params)
 
-    def speculate(self, y, *params):
+    def record(self, y):
         self.asked.append(y)
-        return self.F(y, *params)
+        return self.F(y, *self.params)
+
+    def take(self, y):
+        last = self.asked[-1] if self.asked else None
+        return last if last is not None and last.data_ptr() == y.data_ptr() and last.shape == y.shape else None
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_speculative_evaluation_is_the_last_one(name):
-    """freeze=False calls ``F.speculate`` for the evaluation it predicts to be the last: same result bit for bit,
+    """freeze=False calls ``recorder.record`` for the evaluation it predicts to be the last: same result bit for bit,
     and (on this linear contraction) the last speculated iterate is the returned y itself, same storage."""
     W, x = tanh_problem((4,), 6, F64)
     y0 = torch.zeros(4, 6, dtype=F64)
     ref = SOLVERS[name](tanh_map, y0, (W, x), batch_dims=1, freeze=False)
-    F = Speculating(tanh_map)
-    res = SOLVERS[name](F, y0, (W, x), batch_dims=1, freeze=False)
+    F = Speculating(tanh_map, (W, x))
+    res = SOLVERS[name](F, y0, (W, x), batch_dims=1, freeze=False, recorder=F)
     assert torch.equal(res.y, ref.y) and torch.equal(res.info.iterations, ref.info.iterations)
+    assert ref.recording is None and res.recording is F.asked[-1]
     k = int(res.info.iterations.max())
     assert 1 <= len(F.asked) <= 3 and F.plain + len(F.asked) == k + 1   # one evaluation per iteration, plus F(y0)
     assert F.asked[-1].data_ptr() == res.y.data_ptr() and F.asked[-1].shape == res.y.shape
     # freeze=True never speculates
-    F = Speculating(tanh_map)
-    SOLVERS[name](F, y0, (W, x), batch_dims=1, freeze=True)
-    assert F.asked == []
+    F = Speculating(tanh_map, (W, x))
+    res = SOLVERS[name](F, y0, (W, x), batch_dims=1, freeze=True, recorder=F)
+    assert F.asked == [] and res.recording is None
 
 
 def test_speculation_with_non_flat_iterates():
-    """With two batch dims and a (2, 3) state per element, ``speculate`` receives iterates of y0's shape and the
+    """With two batch dims and a (2, 3) state per element, ``record`` receives iterates of y0's shape and the
     returned y shares the last one's storage."""
     g = torch.Generator().manual_seed(0)
     A = 0.4 * torch.randn(6, 6, generator=g, dtype=F64) / 6 ** 0.5
@@ -374,7 +380,7 @@ def test_speculation_with_non_flat_iterates():
         return torch.tanh((y.reshape(2, 3, 6) @ A.mT).reshape(y.shape) + x)
 
     F = Speculating(lambda y: T(y) - y)
-    res = picard(F, torch.zeros(2, 3, 2, 3, dtype=F64), batch_dims=2, freeze=False)
+    res = picard(F, torch.zeros(2, 3, 2, 3, dtype=F64), batch_dims=2, freeze=False, recorder=F)
     assert res.info.status.shape == (2, 3) and bool((res.info.status == Status.SUCCESS).all())
     assert F.asked and all(y.shape == (2, 3, 2, 3) for y in F.asked)
     assert F.asked[-1].data_ptr() == res.y.data_ptr()

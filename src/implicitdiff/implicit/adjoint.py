@@ -156,7 +156,8 @@ class Neumann:
 
 
 def richardson(mv, R, alpha, *, rtol=None, atol=0.0, max_iter=None, check_every: int = 5):
-    """``x ← x + α (R − J x)`` from 0 until ``‖R − J x‖ ≤ atol + rtol ‖R‖`` per element: ``(x, info)``.
+    """``x ← x + α (R − J x)`` from 0 until ``‖R − J x‖ ≤ max(rtol ‖R‖, atol)`` per element (the stopping
+    rule of every adjoint linear solve, the Krylov methods' too): ``(x, info)``.
 
     For a fixed point (``J = ∂T/∂z − I``, ``α = −1``) this is the adjoint fixed-point
     iteration ``x ← (∂T/∂z)ᵀ x − ȳ``: one vector-Jacobian product per step,
@@ -165,7 +166,7 @@ def richardson(mv, R, alpha, *, rtol=None, atol=0.0, max_iter=None, check_every:
     rtol = default_rtol(R.dtype) if rtol is None else rtol
     max_iter = 1000 if max_iter is None else int(max_iter)
     rnorm0 = R.norm(dim=-1)
-    tol = atol + rtol * rnorm0
+    tol = torch.clamp(rtol * rnorm0, min=atol)
     x = torch.zeros_like(R)
     it = torch.zeros(rnorm0.shape, dtype=torch.int64, device=R.device)
     for k in range(max_iter + 1):

@@ -47,7 +47,7 @@ class FixedPointAdjoint:
 
     iterated from ``v = z̄`` — one vector-Jacobian product of the cell per
     iteration, and little else — to the per-sample stopping rule
-    ``‖(I − ∂f/∂z)ᵀ v − z̄‖ ≤ atol + rtol ‖z̄‖``.  It converges at the rate of the
+    ``‖(I − ∂f/∂z)ᵀ v − z̄‖ ≤ max(rtol ‖z̄‖, atol)``.  It converges at the rate of the
     forward Picard iteration (the spectral radius of ``∂f/∂z`` at ``z*``), so it
     suits the contractive cells DEQs are trained to be.  Samples where it fails
     (``MAX_ITERATIONS``, ``NONFINITE``, or ``DIVERGED`` when that spectral radius
@@ -143,7 +143,8 @@ class FixedPointAdjoint:
 
 
 def picard_adjoint(mv, R, *, rtol, atol, max_iter, map_mv=None):
-    r"""``x ← x + (mv(x) − R)`` to ``‖mv(x) − R‖ ≤ atol + rtol ‖R‖`` per sample: ``(x, info)``.
+    r"""``x ← x + (mv(x) − R)`` to ``‖mv(x) − R‖ ≤ max(rtol ‖R‖, atol)`` per sample (the rule of its GMRES
+    fallback and of every adjoint linear solve): ``(x, info)``.
 
     ``R`` is ``(*batch, n)``, ``mv`` linear; ``map_mv``, where given, is the fixed-point map's
     ``x ↦ (∂f/∂z)ᵀ x`` (:class:`~implicitdiff.implicit.system.Products`), which the steps then use.
@@ -162,7 +163,7 @@ def picard_adjoint(mv, R, *, rtol, atol, max_iter, map_mv=None):
     rtol = default_rtol(R.dtype) if rtol is None else rtol
     tiny = torch.finfo(R.dtype).tiny
     r0 = torch.linalg.vector_norm(R, dim=-1)
-    tol = torch.clamp(atol + rtol * r0, min=tiny)         # ‖R‖ = 0: x = 0 is exact, 0 ≤ tiny
+    tol = torch.clamp(rtol * r0, min=max(atol, tiny))     # ‖R‖ = 0: x = 0 is exact, 0 ≤ tiny
     limit = _DIVERGENCE * torch.clamp(r0, min=tiny)
     # below this max_i ‖G_i‖ / tol_i no sample can have diverged (R_i = 0 stays at x_i = 0 exactly)
     safe = float(torch.where(r0 > 0, limit / tol, math.inf).min()) if r0.numel() else math.inf

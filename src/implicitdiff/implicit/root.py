@@ -28,15 +28,16 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .._core.engine import vjp as engine_vjp
+from .._core.defaults import default_rtol, eps
 from .._core.failure import apply_on_failure
 from .._core.status import Status
 from .._core.tree import Tree
 from .._core.validate import in_transform, is_vmapped
 from .adjoint import Implicit
+from .speculation import Linearization, Recorder, record
 from .system import JacobianSystem, jvp_by_vjp
 
-__all__ = ["RootProblem", "RootFn", "Linearization", "Speculation", "record", "may_speculate", "isolate"]
+__all__ = ["RootProblem", "RootFn", "Linearization", "record", "may_speculate", "isolate"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,8 +48,9 @@ class RootProblem:
     optional ``jacobian`` factorization at ``y``); ``batch_dims`` leading dims of
     ``y`` are independent problems; ``symmetric`` declares ``∂F/∂y`` symmetric
     (argmin's Hessian), ``definite`` also positive definite (a strict minimum: CG applies); ``neumann_alpha`` is the default step of :class:`Neumann`.
-    ``recorded``: a list (fresh per solve) when the forward solver should be handed a
-    :class:`Speculation`, whose recording then goes to the backward through it.
+    ``speculative``: hand the forward solver a :class:`~implicitdiff.implicit.speculation.Recorder`
+    (``solve(..., recorder=)``); the :class:`Linearization` it returns in ``SolverResult.recording``
+    goes to the backward as a (non-tensor) output of :class:`RootFn`.
     """
 
     F: Callable
@@ -62,99 +64,19 @@ class RootProblem:
     on_failure: str = "raise"
     what: str = "root"
     hints: Optional[dict] = None
-    # a BREAKDOWN (stalled line search) whose relative residual exceeds ``stall_far`` gets ``stall_hint``
-    # instead of hints[BREAKDOWN]: ‖F‖ stagnates far above the tolerance, not at rounding level
-    stall_far: float = math.inf
+    # a BREAKDOWN (stalled line search) whose relative residual exceeds max(10 · rtol, √eps) (``stall_rtol``:
+    # the solve's rtol, None for the dtype's default) gets ``stall_hint`` instead of hints[BREAKDOWN]:
+    # ‖F‖ stagnates far above the tolerance, not at rounding level
+    stall_rtol: Optional[float] = None
     stall_hint: Optional[str] = None
-    # a list when the forward should speculate (:class:`Speculation`): it passes the recording to the backward
-    recorded: Optional[list] = None
+    # the forward solver is handed a :class:`~implicitdiff.implicit.speculation.Recorder` (it takes ``recorder=``)
+    speculative: bool = False
+    # the fixed-point map the recorder records (the same map as ``F``'s, evaluated more cheaply: a DEQ cell
+    # called directly); ``None``: ``F.map`` or ``F``
+    record_map: Optional[Callable] = None
 
     def residual(self, y, leaves):
         return self.F(y, *self.tree.unflatten(leaves))
-
-
-class Linearization:
-    """``F`` recorded once at ``y`` for a first-order, matrix-free backward.
-
-    The adjoint products ``(∂F/∂y)ᵀ v`` (one reverse pass in ``y``: the θ branches of the
-    graph are pruned) and the parameter VJP ``(∂F/∂θ)ᵀ u`` share one evaluation of ``F``
-    (``torch.func.vjp`` evaluates ``F`` once for each, and costs more per product).  For a
-    fixed-point residual ``F = T − id`` (``F.map = T``, :func:`~implicitdiff.fixed_point_residual`)
-    ``T`` is recorded instead: ``(∂F/∂y)ᵀ v = (∂T/∂y)ᵀ v − v``, ``∂F/∂θ = ∂T/∂θ``, and
-    :meth:`map_vjp` gives the adjoint fixed-point iteration its products without the ``− v``.
-    """
-
-    def __init__(self, yr: torch.Tensor, out: torch.Tensor, fixed: bool):
-        self.yr, self.out, self.fixed = yr, out, fixed
-
-    def map_vjp(self, v):
-        """``(∂T/∂y)ᵀ v`` for a fixed-point residual, else ``(∂F/∂y)ᵀ v``; ``v`` of ``y``'s shape."""
-        g = engine_vjp(self.out, (self.yr,), v)[0]
-        return torch.zeros_like(v) if g is None else g
-
-    def rmv(self, v):
-        """``(∂F/∂y)ᵀ v``."""
-        g = self.map_vjp(v)
-        return g - v if self.fixed else g
-
-    def theta_vjp(self, u, leaves):
-        """``−(∂F/∂θ)ᵀ u`` for each of ``leaves`` (``None`` where ``F`` does not depend on it)."""
-        return engine_vjp(self.out, leaves, -u, retain_graph=False)
-
-
-def record(problem: RootProblem, y, leaves, T: Optional[Callable] = None, params=None) -> Linearization:
-    """A :class:`Linearization` of ``problem.F`` at ``y`` (grad mode on, ``y`` a fresh leaf).
-
-    ``T``: the fixed-point map to record (``F = T − id``), when it is not ``problem.F.map``
-    (a cheaper way to evaluate the same map, e.g. a DEQ cell called directly); ``params``:
-    ``leaves`` already unflattened."""
-    params = problem.tree.unflatten(list(leaves)) if params is None else params
-    T = getattr(problem.F, "map", None) if T is None else T
-    with torch.enable_grad():
-        yr = y.detach().requires_grad_()
-        if T is not None:
-            return Linearization(yr, T(yr, *params), True)
-        return Linearization(yr, problem.F(yr, *params), False)
-
-
-class Speculation:
-    """The residual handed to the forward solver when the backward may reuse one of its evaluations.
-
-    Called as ``F``; its ``speculate(y, *params)`` (see
-    :func:`~implicitdiff.solvers._loop.speculative`) returns ``F(y)`` too, but recorded as a
-    :class:`Linearization` in the *original* (differentiable) leaves — the solver's own
-    ``params`` are detached copies, and are ignored.  A solver calls it for the evaluation it
-    expects to be its last; :meth:`take` hands the recording over only if it was taken at the
-    very iterate the solver returned (same storage, shape and version), so a wrong guess costs
-    one recorded evaluation, never a gradient at the wrong point.
-    """
-
-    def __init__(self, problem: RootProblem, leaves):
-        self.problem, self.leaves = problem, leaves
-        self.F = problem.F
-        self.map = getattr(problem.F, "map", None)       # a fixed-point residual's map, for the solver's steps
-        self._last = None
-        self._params = None                              # the leaves unflattened, once
-
-    def __call__(self, y, *params):
-        return self.F(y, *params)
-
-    def speculate(self, y, *params, map: Optional[Callable] = None):
-        """``F(y)``, recorded; ``map``: the fixed-point map to record instead of ``F``'s (see :func:`record`),
-        called with the original parameters."""
-        if self._params is None:
-            self._params = self.problem.tree.unflatten(list(self.leaves))
-        lin = record(self.problem, y, self.leaves, map, self._params)
-        self._last = (lin, y.data_ptr(), y.shape, y._version)
-        value = lin.out.detach()
-        return value - y if lin.fixed else value
-
-    def take(self, y) -> Optional[Linearization]:
-        last, self._last = self._last, None
-        if last is None:
-            return None
-        lin, ptr, shape, version = last
-        return lin if (y.data_ptr() == ptr and y.shape == shape and y._version == version) else None
 
 
 def may_speculate(adjoint, y0, leaves, batch_dims: int) -> bool:
@@ -223,10 +145,12 @@ def isolate(bd: int, ok: torch.Tensor, y: torch.Tensor, leaves: tuple):
 
 def _hints(problem: RootProblem, info) -> Optional[dict]:
     """The hints of a failed forward: a BREAKDOWN far above the tolerance (any element's relative
-    residual above ``problem.stall_far``) reads as a non-zero local minimum of ``‖F‖``, not rounding."""
-    if problem.stall_hint is None or is_vmapped(info.status):
+    residual above ``max(10 · rtol, √eps)``) reads as a non-zero local minimum of ``‖F‖``, not rounding."""
+    if is_vmapped(info.status):
         return problem.hints
-    stalled = (info.status == Status.BREAKDOWN) & (info.residual > problem.stall_far)
+    dtype, rtol = info.residual.dtype, problem.stall_rtol
+    far = max(10 * (default_rtol(dtype) if rtol is None else float(rtol)), math.sqrt(eps(dtype)))
+    stalled = (info.status == Status.BREAKDOWN) & (info.residual > far)
     if not bool(stalled.any()):
         return problem.hints
     return {**(problem.hints or {}), Status.BREAKDOWN: problem.stall_hint}
@@ -238,7 +162,8 @@ def _expand(mask, like):
 
 
 class RootFn(torch.autograd.Function):
-    """``y* = root of F(·, θ)`` from ``y0``; outputs ``(y*, status, residual, iterations, *jacobian_factors)``.
+    """``y* = root of F(·, θ)`` from ``y0``; outputs
+    ``(y*, status, residual, iterations, y_raw, recording, *jacobian_factors)``.
 
     Only ``y*`` is differentiable; ``y0`` gets no gradient (the root does not
     depend on the starting point).
@@ -247,28 +172,32 @@ class RootFn(torch.autograd.Function):
     @staticmethod
     def forward(problem: RootProblem, y0, *leaves):
         params = problem.tree.unflatten(leaves)
-        F = Speculation(problem, leaves) if problem.recorded is not None else problem.F
         with torch.no_grad():
-            res = problem.solve(F, y0.detach(), params, problem.batch_dims)
+            if problem.speculative:
+                res = problem.solve(problem.F, y0.detach(), params, problem.batch_dims,
+                                    recorder=Recorder(problem, leaves, problem.record_map))
+            else:
+                res = problem.solve(problem.F, y0.detach(), params, problem.batch_dims)
         y, info = res.y, res.info
-        if problem.recorded is not None:
-            problem.recorded[:] = [F.take(y)]
+        recording = res.recording if problem.speculative else None
         factors = tuple(res.jacobian.tensors()) if res.jacobian is not None else ()
-        y_out = apply_on_failure(y, info, problem.on_failure, problem.what, _hints(problem, info))
+        failed = problem.stall_hint is not None and not bool((info.status == 0).all())
+        hints = _hints(problem, info) if failed else problem.hints
+        y_out = apply_on_failure(y, info, problem.on_failure, problem.what, hints)
         # the raw last iterate is kept for the backward where it differs from y_out: a failed element
         # (NaN in y_out under on_failure="nan") must not turn the gradients of the others into NaN.
         # Otherwise an empty placeholder (returning y itself twice would make y_out non-differentiable)
         y_raw = y.new_empty(0) if y_out is y else y
-        return (y_out, info.status, info.residual, info.iterations, y_raw) + factors
+        return (y_out, info.status, info.residual, info.iterations, y_raw, recording) + factors
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         problem, _, *leaves = inputs
-        y, status, residual, iterations, y_raw, *factors = output
+        y, status, residual, iterations, y_raw, recording, *factors = output
         ctx.mark_non_differentiable(status, residual, iterations, y_raw, *factors)
         ctx.set_materialize_grads(False)  # no zero cotangents for y_raw and Newton's factors
         ctx.problem = problem
-        ctx.recorded = problem.recorded.pop() if problem.recorded else None
+        ctx.recorded = recording
         ctx.nfactors = len(factors)
         # every element converged (y_raw is the empty placeholder): the statuses are not needed
         status_saved = status if y_raw.numel() else y_raw
@@ -346,14 +275,14 @@ class RootFn(torch.autograd.Function):
             if ok is not None:
                 ys, leaves = isolate(problem.batch_dims, ok, y, leaves)
                 if ys is None:  # no element converged: every tangent is NaN
-                    return (torch.full_like(y, float("nan")), None, None, None, None) + (None,) * ctx.nfactors
+                    return (torch.full_like(y, float("nan")),) + (None,) * (5 + ctx.nfactors)
                 y = ys
             _, w = jvp_by_vjp(F_theta, tuple(leaves[i] for i in idx), tuple(dleaves[i] for i in idx))
             system = JacobianSystem(problem, y, leaves, False, factors, None if ok is None else ~ok)
             dy = problem.adjoint.solve(system, -w)
             if ok is not None:
                 dy = torch.where(_expand(ok, dy), dy, torch.full_like(dy, float("nan")))
-        return (dy, None, None, None, None) + (None,) * ctx.nfactors
+        return (dy,) + (None,) * (5 + ctx.nfactors)
 
     @staticmethod
     def vmap(info, in_dims, problem: RootProblem, y0, *leaves):
@@ -371,9 +300,9 @@ class RootFn(torch.autograd.Function):
 
         new = replace(problem, F=F_v, batch_dims=bd + 1)
         out = RootFn.apply(new, y0m, *leaves_m)
-        nf = len(out) - 5
+        nf = len(out) - 6
         raw_dim = 0 if out[4].numel() else None  # the empty placeholder of a y_raw equal to y has no batch dim
-        return out, (0, 0, 0, 0, raw_dim) + (0,) * nf
+        return out, (0, 0, 0, 0, raw_dim, None) + (0,) * nf
 
 
 def _leaves_of(tree: Tree, params) -> tuple:

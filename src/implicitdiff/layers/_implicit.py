@@ -7,13 +7,11 @@ those into a :class:`~implicitdiff.implicit.root.RootProblem` and applies it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Callable
 
 import torch
 
-from .._core.defaults import default_rtol, eps
 from .._core.errors import InputError
 from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
 from .._core.options import check_bool, check_int, check_real
@@ -41,7 +39,7 @@ FORWARD_HINTS = {
                       "pass atol",
 }
 
-#: The hint of a stalled line search far above the tolerance (see :func:`_stall_far`).
+#: The hint of a stalled line search far above the tolerance (a relative residual above ``max(10 · rtol, √eps)``).
 STALL_HINT = ("the residual stagnates at a non-zero local minimum of ‖F‖ (the line search found no decrease): "
               "a root may not exist — check that F(y) = 0 has a solution, or start elsewhere (y0)")
 
@@ -49,12 +47,15 @@ STALL_HINT = ("the residual stagnates at a non-zero local minimum of ‖F‖ (th
 def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, batch_dims: int, on_failure: str,
                    return_info: bool, what: str, symmetric: bool = False, definite: bool = False,
                    neumann_alpha: float = 1.0, hints: dict | None = None,
-                   unroll: str = "newton", rtol=None, atol=0.0, max_iter=None):
+                   unroll: str = "newton", rtol=None, atol=0.0, max_iter=None, records=None,
+                   record_map=None):
     """Solve ``F(y, *params) = 0`` from ``y0`` with ``solve`` and attach gradients by ``adjoint``.
 
     ``adjoint``: the strategy, which owns the backward's linear solve (a ``FixedPointAdjoint``
     only where ``F`` is a fixed-point residual, ``neumann_alpha = −1``).
     ``hints``: status → hint of a failed forward solve (default :data:`FORWARD_HINTS`).
+    ``records``: whether ``solve`` takes ``recorder=`` (default: a solver object's ``records``);
+    ``record_map``: the fixed-point map it records, when not ``F.map`` (``RootProblem.record_map``).
     """
     check_on_failure(on_failure)
     check_bool("return_info", return_info)
@@ -102,18 +103,13 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
 
     problem = RootProblem(F=F, solve=solve, tree=tree, batch_dims=int(batch_dims), adjoint=adjoint,
                           symmetric=symmetric, definite=definite, neumann_alpha=neumann_alpha, on_failure=on_failure, what=what,
-                          hints=hints, stall_far=_stall_far(solve, rtol, y0.dtype), stall_hint=stall_hint,
-                          recorded=[] if may_speculate(adjoint, y0, leaves, int(batch_dims)) else None)
+                          hints=hints, stall_rtol=solve.rtol if isinstance(solve, Solver) else rtol,
+                          stall_hint=stall_hint, record_map=record_map,
+                          speculative=(isinstance(solve, Solver) and solve.records if records is None else records)
+                          and may_speculate(adjoint, y0, leaves, int(batch_dims)))
     y, status, residual, iterations, *_ = RootFn.apply(problem, y0, *leaves)
     info = SolveInfo(status, residual, iterations)
     return (y, info) if return_info else y
-
-
-def _stall_far(solve, rtol, dtype) -> float:
-    """The relative residual above which a stall is not rounding: ``max(10 · rtol, √eps)``."""
-    if isinstance(solve, Solver):
-        rtol = solve.rtol
-    return max(10 * (default_rtol(dtype) if rtol is None else float(rtol)), math.sqrt(eps(dtype)))
 
 
 def _policy(y, info, on_failure, what, hints):

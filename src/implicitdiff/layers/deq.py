@@ -29,7 +29,7 @@ converges faster than Picard.
   ``Anderson()``, the same algorithm as :func:`~implicitdiff.fixed_point`'s.
 * The last evaluation is recorded: when the residual trend predicts that the next step meets
   the tolerance, that cell evaluation runs with autograd recording
-  (:class:`~implicitdiff.implicit.root.Speculation`), and the backward takes its products from
+  (:class:`~implicitdiff.implicit.speculation.Recorder`), and the backward takes its products from
   that graph instead of evaluating the cell again at ``z*``.  The graph is kept until the
   backward: what torchdeq keeps too (the cell's saved tensors at ``z*``).
 * Backward: :data:`DEFAULT_ADJOINT` ``= FixedPointAdjoint()`` iterates the adjoint fixed point
@@ -54,7 +54,7 @@ from .._core.errors import InputError
 from .._core.failure import check_on_failure
 from .._core.defaults import DEQ_ANDERSON_START_RATE
 from .._core.options import check_bool
-from .._core.status import SolveInfo, Status
+from .._core.status import Status
 from ..implicit.adjoint import Implicit, Neumann, Unroll
 from ..solvers.objects import Anderson, Solver, as_solver
 from ..implicit.fixed_point_adjoint import DEFAULT_ADJOINT, FixedPointAdjoint
@@ -107,7 +107,7 @@ def _check(cell, x, z0):
     return z0
 
 
-def _forward_solve(solve, cell, F, trace: bool, record: dict):
+def _forward_solve(solve, cell, F, direct, trace: bool, record: dict):
     """The forward ``solve`` as the mechanism calls it, with two DEQ specifics.
 
     * The iterations call the cell directly, not through ``functional_call``
@@ -116,30 +116,23 @@ def _forward_solve(solve, cell, F, trace: bool, record: dict):
       ``torch.func`` transforms or ``vmap`` the mechanism hands over other
       tensors or another ``F``, and the functional form is kept.  The residual
       handed to the solver carries the cell as its map (``fun.map``: the plain
-      steps ``z ← f(z, x)``) and, when the mechanism speculates, a
-      ``speculate`` that records the cell called directly as well.
+      steps ``z ← f(z, x)``) and, when the mechanism speculates, its
+      recorder records the cell called directly as well (``record_map=direct``).
     * The residual trace of the run is kept in ``record["trace"]`` (the
       mechanism keeps only ``(y, info)``): no second solve.
 
     (A failed sample does not poison the others' gradients: the mechanism keeps
     its last finite iterate for the backward and gives it no cotangent.)
     """
-    def run(F_, y0, params, batch_dims):
+    def run(F_, y0, params, batch_dims, **call):
         lifted = params[0]
-        spec = getattr(F_, "speculate", None)            # a Speculation wrapping F (the mechanism's)
-        own = (F_ is F or (spec is not None and F_.F is F)) \
-            and all(lifted.get(k) is p for k, p in cell.named_parameters()) \
+        own = F_ is F and all(lifted.get(k) is p for k, p in cell.named_parameters()) \
             and len(lifted) == len(dict(cell.named_parameters()))
         if own:
             # the plain steps z ← f(z, x), with the cell called directly
-            fun = FixedPointResidual(lambda z, params, x: cell(z, x), _CELL)
-            if spec is not None:
-                # the speculative evaluation (recorded for the backward) calls the cell directly too
-                fun.speculate = lambda z, *_: spec(z, map=lambda zz, _lifted, x: cell(zz, x))
-        else:
-            fun = F_
-        res = solve(fun, y0, params, batch_dims)
-        record["trace"] = getattr(res, "trace", None) if trace else None
+            F_ = FixedPointResidual(direct, _CELL)
+        res = solve(F_, y0, params, batch_dims, **call)
+        record["trace"] = res.trace if trace else None
         return res
     return run
 
@@ -220,6 +213,7 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
     # the solver and its options are validated here, the adjoint and the policy by solve_implicit
     solve = forward_solver(DEFAULT_SOLVER if solver is None else solver, rtol=rtol, atol=atol, max_iter=max_iter,
                            solver_options=solver_options)
+    records = isinstance(solve, Solver) and solve.records
     if isinstance(solve, Solver):
         rtol, atol, max_iter = solve.rtol, solve.atol, solve.max_iter
         if trace and not isinstance(adjoint, Unroll):
@@ -231,13 +225,16 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
     # (buffers are not: functional_call takes them from the module; tied parameters appear once and are re-tied)
     F = FixedPointResidual(lambda z, params, x: torch.func.functional_call(cell, params, (z, x)), _CELL)
     lifted = dict(cell.named_parameters())
-    z, info = solve_implicit(F, z0, (lifted, x), solve=_forward_solve(solve, cell, F, trace, record),
+    direct = lambda z, _params, x: cell(z, x)  # noqa: E731  (T with the cell called directly)
+    z, info = solve_implicit(F, z0, (lifted, x), solve=_forward_solve(solve, cell, F, direct, trace, record),
                              adjoint=adjoint, batch_dims=1, on_failure=on_failure, return_info=True, what=_WHAT,
                              hints=DEQ_HINTS, neumann_alpha=-1.0, unroll="picard", rtol=rtol, atol=atol,
-                             max_iter=max_iter)
+                             max_iter=max_iter, records=records, record_map=direct)
     if not return_info:
         return z
-    return z, _info(info, record["trace"])
+    trace = record["trace"]
+    return z, DEQInfo(info.status.detach(), info.residual.detach(), info.iterations.detach(),
+                      None if trace is None else trace.detach())
 
 
 _WHAT = "deq (the fixed point z = f(z, x))"
@@ -269,11 +266,6 @@ DEFAULT_SOLVER = Anderson(start_rate=DEQ_ANDERSON_START_RATE, freeze=False)
 
 #: Anderson's lazy start in a DEQ (:data:`DEFAULT_SOLVER`'s ``start_rate``).
 ANDERSON_START_RATE = DEQ_ANDERSON_START_RATE
-
-
-def _info(info: SolveInfo, trace) -> DEQInfo:
-    return DEQInfo(info.status.detach(), info.residual.detach(), info.iterations.detach(),
-                   None if trace is None else trace.detach())
 
 
 def jacobian_penalty(cell: torch.nn.Module, z: torch.Tensor, x: torch.Tensor, *, samples: int = 1,

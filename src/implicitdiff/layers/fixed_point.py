@@ -22,12 +22,11 @@ class FixedPointResidual:
     ``z``'s shape.
     """
 
-    __slots__ = ("map", "name", "speculate")
+    __slots__ = ("map", "name")
 
     def __init__(self, T: Callable, name: str = "T"):
         self.map = T
         self.name = name
-        self.speculate = None
 
     def __call__(self, z, *params):
         t = self.map(z, *params)

@@ -47,7 +47,7 @@ from .._core.errors import InputError
 from .._core.status import SolveInfo, Status
 from .._core.validate import as_float_tensor
 
-__all__ = ["Options", "options", "int_option", "float_option", "flatten_root", "speculative", "iterate", "norm",
+__all__ = ["Options", "options", "int_option", "float_option", "flatten_root", "recording", "iterate", "norm",
            "where", "single", "finite_probe", "LoopResult", "Phase", "plain_phase", "lean", "phase_result", "fixed_map"]
 
 # ‖F‖ grows past this multiple of ‖F(y0)‖: the element is declared DIVERGED
@@ -167,25 +167,25 @@ def finite_probe(fn: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return fn + (y * 0).sum(-1)
 
 
-def speculative(F: Callable, opts: Options) -> Optional[Callable]:
-    """``F.speculate`` on flattened iterates, or ``None`` when ``F`` has none.
+def recording(recorder, opts: Options) -> Optional[Callable]:
+    """``recorder.record`` on flattened iterates, or ``None`` without a recorder.
 
-    A residual may carry ``speculate(y, *params)``: the value of ``F(y, *params)``, computed
-    so that the caller can reuse the evaluation (the implicit mechanism records its graph
-    for the backward, :class:`~implicitdiff.implicit.root.RootFn`).  A solver calls it for
-    the evaluation it expects to be its last (:func:`plain_phase`)."""
-    return _flat_attribute(F, "speculate", opts)
+    A recorder (:class:`~implicitdiff.implicit.speculation.Recorder`) returns ``F(y)`` and keeps
+    the evaluation for the caller's backward; :func:`plain_phase` calls it for the step it predicts
+    to be its last, and the solver returns ``recorder.take(y)`` in ``SolverResult.recording``."""
+    if recorder is None:
+        return None
+    shape, flat = opts.y0.shape, (*opts.batch_shape, opts.n)
+    if tuple(flat) == tuple(shape):
+        return recorder.record
+    return lambda y: recorder.record(y.reshape(shape)).reshape(flat)
 
 
 def fixed_map(F: Callable, opts: Options) -> Optional[Callable]:
     """``F.map`` on flattened iterates — the map ``T`` of a fixed-point residual ``F = T − id``
     (:func:`~implicitdiff.fixed_point_residual`) — or ``None``: :func:`plain_phase` then steps
     ``y ← T(y)`` instead of ``y ← y + F(y)`` (one pass fewer per step)."""
-    return _flat_attribute(F, "map", opts)
-
-
-def _flat_attribute(F: Callable, name: str, opts: Options) -> Optional[Callable]:
-    fn = getattr(F, name, None)
+    fn = getattr(F, "map", None)                          # a FixedPointResidual knows its map
     if fn is None:
         return None
     shape, params = opts.y0.shape, opts.params
@@ -236,7 +236,7 @@ def plain_phase(fun: Callable, y: torch.Tensor, f: torch.Tensor, opts: Options, 
       than the others soon is the worst one);
     * after ``budget`` steps.
 
-    ``spec``: see :func:`speculative`; it replaces ``fun`` for the step whose ``q`` the last
+    ``spec``: see :func:`recording`; it replaces ``fun`` for the step whose ``q`` the last
     two predict (linear convergence, ``q_{k+1} ≈ q_k² / q_{k−1}``) to be at most 1.2, so
     that the final evaluation is usually the speculative one (the rate of a contraction creeps
     up as its slowest mode takes over: the prediction errs low, and a guess one step early costs

@@ -9,7 +9,7 @@ import torch
 
 from .._core.errors import InputError
 from ._loop import float_option, int_option, flatten_root, iterate, lean, options, phase_result, plain_phase, \
-    speculative, fixed_map
+    recording, fixed_map
 from .result import SolverResult
 
 __all__ = ["anderson"]
@@ -17,7 +17,7 @@ __all__ = ["anderson"]
 
 def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=0.0, max_iter: int = 100,
              batch_dims: int = 0, m: int = 5, beta: float = 1.0, lam: float = 1e-4, start_rate: float = 0.0,
-             check_every=None, trace: bool = False, callback=None, freeze: bool = True) -> SolverResult:
+             check_every=None, trace: bool = False, callback=None, freeze: bool = True, recorder=None) -> SolverResult:
     """Solve ``F(y, *params) = 0`` by Anderson mixing on the fixed-point map ``y ↦ y + F(y)``.
 
     For a fixed point ``y = T(y)`` pass ``F(y) = T(y) − y``.  With ``g_k = F(y_k)``
@@ -67,6 +67,7 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
         start_rate: lazy start ``0 ≤ ρ < 1``: plain steps while every running element's residual
             shrinks by this factor per step (checked over two steps, above); 0 mixes from the first step.
         check_every, trace, callback: as in :func:`~implicitdiff.solvers.picard.picard`.
+        recorder: as in :func:`~implicitdiff.solvers.picard.picard`.
         freeze: as in :func:`~implicitdiff.solvers.picard.picard`, for the plain steps of the
             lazy start (``start_rate > 0``): with ``False`` they run without masks, one host read
             per step, and mixing starts from where they stop, their last step the first column of
@@ -165,10 +166,11 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
         phase = None
         if lazy and lean(opts, callback, freeze):  # the plain steps without masks, then mixing from there on
             phase = plain_phase(fun, y, g, opts, beta=beta, budget=opts.max_iter // 2, start_rate=start_rate,
-                                spec=speculative(F, opts), tmap=fixed_map(F, opts))
+                                spec=recording(recorder, opts), tmap=fixed_map(F, opts))
             if phase.done:
                 out = phase_result(phase, opts, trace)
-                return SolverResult(out.y.reshape(opts.y0.shape), out.info, None, out.trace)
+                y = out.y.reshape(opts.y0.shape)
+                return SolverResult(y, out.info, None, out.trace, None if recorder is None else recorder.take(y))
             y, g, lazy = phase.y, phase.f, False
         state = (torch.add(y, g, alpha=beta), y.new_empty(m, nb, n), y.new_empty(m, nb, n), y.new_empty(nb, m, m),
                  None, None if lazy else 0, torch.linalg.vector_norm(g, dim=-1) if lazy else None)
@@ -183,4 +185,5 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
             state = (X, U, dG, G, r, -1, None)                          # k0 = −1: one row in use at k = 0
         out = iterate(step, y, g, state, opts, trace=trace, callback=callback,
                       unflatten=lambda t: t.reshape(opts.y0.shape), resume=phase)
-    return SolverResult(out.y.reshape(opts.y0.shape), out.info, None, out.trace)
+    y = out.y.reshape(opts.y0.shape)
+    return SolverResult(y, out.info, None, out.trace, None if recorder is None else recorder.take(y))

@@ -46,6 +46,8 @@ class Solver:
     fn: Callable = staticmethod(lambda *a, **k: None)
     #: option name -> validator (value -> value); ``None`` means "the function's default"
     takes: dict = {}
+    #: whether the solver takes ``recorder=`` (:class:`~implicitdiff.implicit.speculation.Recorder`)
+    records: bool = False
 
     def __init__(self, *, rtol: Optional[float] = None, atol: Optional[float] = None,
                  max_iter: Optional[int] = None, **options: Any):
@@ -123,6 +125,7 @@ class Anderson(Solver):
 
     name = "anderson"
     fn = staticmethod(anderson)
+    records = True
     takes = {"m": lambda v: check_int("Anderson(m=...)", v, low=1),
              "beta": lambda v: check_real("Anderson(beta=...)", v, low=0.0, low_open=True),
              "lam": lambda v: check_real("Anderson(lam=...)", v, low=0.0),
@@ -137,6 +140,7 @@ class Picard(Solver):
 
     name = "picard"
     fn = staticmethod(picard)
+    records = True
     takes = {"beta": lambda v: check_real("Picard(beta=...)", v, low=0.0, low_open=True),
              "freeze": lambda v: check_bool("Picard(freeze=...)", v), "check_every": _check_every,
              "callback": _callback}
@@ -164,6 +168,8 @@ def as_solver(solver, *, rtol=None, atol=None, max_iter=None, allowed=("newton",
         if solver.name not in allowed:
             raise InputError(f"{type(solver).__name__} does not apply here; choose one of "
                              f"{', '.join(SOLVER_CLASSES[k].__name__ for k in allowed)} (or their names)")
+        if rtol is None and atol is None and max_iter is None:
+            return solver
         return solver.merged(rtol=rtol, atol=atol, max_iter=max_iter)
     if isinstance(solver, str):
         if solver not in allowed:

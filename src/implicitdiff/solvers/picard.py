@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from ._loop import (fixed_map, float_option, flatten_root, iterate, lean, options, phase_result, plain_phase,
-                    speculative)
+                    recording)
 from .result import SolverResult
 
 __all__ = ["picard"]
@@ -15,7 +15,7 @@ __all__ = ["picard"]
 
 def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=0.0, max_iter: int = 200,
            batch_dims: int = 0, beta: float = 1.0, check_every=None, trace: bool = False,
-           callback=None, freeze: bool = True) -> SolverResult:
+           callback=None, freeze: bool = True, recorder=None) -> SolverResult:
     """Solve ``F(y, *params) = 0`` by the damped iteration ``y_{k+1} = y_k + β F(y_k)``.
 
     For a fixed point ``y = T(y)`` pass ``F(y) = T(y) − y``: with ``β = 1`` this
@@ -48,6 +48,9 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
             again, and is reported as it ends); a NaN/Inf or diverging element
             hands the batch over to the masked loop.  Only where ``check_every = 1`` (CPU), ``batch_dims ≥ 1`` and
             no ``callback``.
+        recorder: a :class:`~implicitdiff.implicit.speculation.Recorder`: the plain phase evaluates
+            its predicted last step through it, and ``SolverResult.recording`` is what it took at
+            the returned ``y`` (the implicit mechanism's backward reuses it).
 
     Returns:
         :class:`SolverResult` ``(y, info, None, trace)``.  Failure modes, per
@@ -76,7 +79,7 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
 
         phase = None
         if lean(opts, callback, freeze):
-            phase = plain_phase(fun, y, f, opts, beta=beta, budget=opts.max_iter, spec=speculative(F, opts),
+            phase = plain_phase(fun, y, f, opts, beta=beta, budget=opts.max_iter, spec=recording(recorder, opts),
                                 tmap=fixed_map(F, opts))
             y, f = phase.y, phase.f
         if phase is not None and phase.done:
@@ -84,4 +87,5 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
         else:
             out = iterate(step, y, f, (), opts, trace=trace, callback=callback,
                           unflatten=lambda t: t.reshape(opts.y0.shape), resume=phase)
-    return SolverResult(out.y.reshape(opts.y0.shape), out.info, None, out.trace)
+    y = out.y.reshape(opts.y0.shape)
+    return SolverResult(y, out.info, None, out.trace, None if recorder is None else recorder.take(y))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -31,9 +31,12 @@ class SolverResult(NamedTuple):
             not divided by ``‖F(y0)‖``), shape ``(k_max + 1, *batch)``: row 0 is
             the initial point, row ``k`` after the ``k``-th loop iteration
             (frozen elements repeat their final value).
+        recording: what a ``recorder`` passed to the solver took at the returned ``y``
+            (:class:`~implicitdiff.implicit.speculation.Recorder`; Picard and Anderson), else ``None``.
     """
 
     y: torch.Tensor
     info: SolveInfo
     jacobian: Optional[Factorization] = None
     trace: Optional[torch.Tensor] = None
+    recording: Any = None
