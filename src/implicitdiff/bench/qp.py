@@ -262,30 +262,27 @@ def _max_err(got: dict, refs: list, names, R):
 
 
 # ----------------------------------------------------------------------------- one case
+def _add_peer(fns, rows, name, run, P, w, family) -> bool:
+    """Run peer ``name`` once; if it works, add its forward and forward+backward to ``fns`` (else
+    record its error in ``rows``). Returns whether it is timed."""
+    try:
+        run(P, w, family)
+    except Exception as err:  # noqa: BLE001 - a peer failing is a result
+        rows[f"{name}_error"] = f"{type(err).__name__}: {str(err)[:100]}"
+        return False
+    fns[f"{name} fwd"] = lambda: run(P, w, family, fwd_only=True)
+    fns[name] = lambda: run(P, w, family)
+    return True
+
+
 def _measure(case, *, repeats, R, cvx_R, cvx_repeats, device="cpu"):
     P, w = _instance(case)
     P, w = tuple(t.to(device) for t in P), w.to(device)
     cpu = torch.device(device).type == "cpu"
     rows = dict(case=case.label, family=case.family, n=case.n, m=case.m, k=case.k, batch=case.batch)
     fns = {"ours fwd": lambda: _ours_fwd(P), "ours": lambda: _ours(P, w)}
-    prox_ok = cpu and _proxsuite_fn() is not None
-    if prox_ok:
-        try:
-            _proxsuite(P, w, case.family)
-            fns["proxsuite fwd"] = lambda: _proxsuite(P, w, case.family, fwd_only=True)
-            fns["proxsuite"] = lambda: _proxsuite(P, w, case.family)
-        except Exception as err:  # noqa: BLE001 - a peer failing is a result
-            rows["proxsuite_error"] = f"{type(err).__name__}: {str(err)[:100]}"
-            prox_ok = False
-    qpth_ok = _qpth_fn() is not None
-    if qpth_ok:
-        try:
-            _qpth(P, w, case.family)
-            fns["qpth fwd"] = lambda: _qpth(P, w, case.family, fwd_only=True)
-            fns["qpth"] = lambda: _qpth(P, w, case.family)
-        except Exception as err:  # noqa: BLE001 - a peer failing is a result
-            rows["qpth_error"] = f"{type(err).__name__}: {str(err)[:100]}"
-            qpth_ok = False
+    prox_ok = cpu and _proxsuite_fn() is not None and _add_peer(fns, rows, "proxsuite", _proxsuite, P, w, case.family)
+    qpth_ok = _qpth_fn() is not None and _add_peer(fns, rows, "qpth", _qpth, P, w, case.family)
     t = time_callables(fns, warmup=1, repeats=repeats, device=device)
     for name, tm in t.items():
         rows[f"{name} ms".replace(" ", "_")] = 1e3 * tm.median
