@@ -90,8 +90,10 @@ def test_sigint_in_a_running_demo_exits_130_without_traceback(tmp_path):
     if not hasattr(signal, "SIGINT") or os.name == "nt":
         pytest.skip("POSIX signals only")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # a shell's background job inherits SIGINT ignored, and Python then installs no handler: restore it
     proc = subprocess.Popen([sys.executable, "-m", "implicitdiff", "demo", "sudoku", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = proc.stdout.readline()  # "implicitdiff demo sudoku: ..." — the demo is running
         assert first.startswith("implicitdiff demo sudoku"), first + proc.stderr.read()
