@@ -84,14 +84,14 @@ class DataMatrix:
         self.shared = A.dim() == 2
 
     def mv(self, v):
-        """``A v`` for ``v (B, n)`` → ``(B, m)``."""
-        if self.shared:
+        """``A v`` for ``v (B, n)`` → ``(B, m)``, or each of ``r`` columns ``v (B, r, n)`` → ``(B, r, m)``."""
+        if self.shared or v.dim() == 3:
             return v @ self.A.mT
         return (v[:, None, :] @ self.A.mT)[:, 0]  # a row-vector product: much faster than A @ v[..., None]
 
     def rmv(self, u):
-        """``Aᵀ u`` for ``u (B, m)`` → ``(B, n)``."""
-        if self.shared:
+        """``Aᵀ u`` for ``u (B, m)`` → ``(B, n)``, or ``(B, r, m)`` → ``(B, r, n)``."""
+        if self.shared or u.dim() == 3:
             return u @ self.A
         return (u[:, None, :] @ self.A)[:, 0]
 

@@ -91,7 +91,9 @@ class ConeInteriorPoint:
     # (its condition number grows like 1/μ², W's like 1/μ).
     @staticmethod
     def _map(method, v, groups, states):
-        """A per-cone map on the cone rows of ``v (B, m)`` (zero on the zero cone's rows)."""
+        """A per-cone map on the cone rows of ``v (B, m)`` or ``(B, r, m)`` (zero on the zero cone's rows)."""
+        if v.dim() == 3:
+            return torch.stack([ConeInteriorPoint._map(method, v[:, j], groups, states) for j in range(v.shape[1])], 1)
         out = torch.zeros_like(v)
         for (kind, _, idx), st in zip(groups, states):
             put(out, idx, getattr(_CONES[kind], method)(st, take(v, idx)))
@@ -99,7 +101,9 @@ class ConeInteriorPoint:
 
     @staticmethod
     def _scale(v, groups, states):
-        """``W⁻ᵀ v`` on the cone rows (zero on the zero cone's rows)."""
+        """``W⁻ᵀ v`` on the cone rows of ``v (B, m)`` or ``(B, r, m)`` (zero on the zero cone's rows)."""
+        if v.dim() == 3:
+            return torch.stack([ConeInteriorPoint._scale(v[:, j], groups, states) for j in range(v.shape[1])], 1)
         out = torch.zeros_like(v)
         for (kind, _, idx), st in zip(groups, states):
             put(out, idx, _CONES[kind].winv_t(st, take(v, idx)[..., None])[..., 0])
@@ -126,16 +130,17 @@ class ConeInteriorPoint:
 
     def _solve_once(self, fac, data, z, r1, r2z, rt, groups, states):
         """``(Δx, Δy_z, Δỹ, AΔx)`` for the x-rows ``r₁``, zero rows ``r₂z`` and scaled cone rows ``r̃``
-        (``None``: zero)."""
+        (``None``: zero), each with ``r`` columns (``(B, r, ·)``: one product with ``A`` and one
+        triangular solve for all of them)."""
         kind, F = fac
         rhs1 = r1 if rt is None else r1 + data.rmv(self._map("winv", rt, groups, states))
         if kind == "chol":
-            p = torch.cholesky_solve(rhs1[..., None], F)[..., 0]
-            qz = rhs1[:, :0]
+            p = torch.cholesky_solve(rhs1.mT, F).mT
+            qz = rhs1[..., :0]
         else:
             n = r1.shape[-1]
-            sol = torch.linalg.lu_solve(F[0], F[1], torch.cat([rhs1, r2z], -1)[..., None])[..., 0]
-            p, qz = sol[:, :n], sol[:, n:]
+            sol = torch.linalg.lu_solve(F[0], F[1], torch.cat([rhs1, r2z], -1).mT).mT
+            p, qz = sol[..., :n], sol[..., n:]
         Ap = data.mv(p)
         yt = self._scale(Ap, groups, states)
         return p, qz, (yt if rt is None else yt - rt), Ap
@@ -146,14 +151,14 @@ class ConeInteriorPoint:
         Returns ``(Δx, Δy, Δỹ)`` with ``Δy = (Δy_z, W⁻¹Δỹ)``."""
         p, qz, yt, Ap = self._solve_once(fac, data, z, r1, r2z, rt, groups, states)
         q = self._map("winv", yt, groups, states)
-        q[:, :z] = qz
+        q[..., :z] = qz
         for _ in range(refine):
             e1 = r1 - data.rmv(q)
-            e2 = r2z - Ap[:, :z]
+            e2 = r2z - Ap[..., :z]
             dp, dqz, dyt, dAp = self._solve_once(fac, data, z, e1, e2, None, groups, states)
             p, yt, Ap = p + dp, yt + dyt, Ap + dAp
             q = q + self._map("winv", dyt, groups, states)
-            q[:, :z] += dqz
+            q[..., :z] += dqz
         return p, q, yt
 
     # -- the iteration ------------------------------------------------------------------------
@@ -218,16 +223,15 @@ class ConeInteriorPoint:
             fac = self._factor(normal(states, B), data, z)
             # iterative refinement pays once the normal matrix is ill-conditioned (cond ~ 1/μ²)
             refine = int(bool((torch.where(running, mu, torch.ones_like(mu)) < REFINE_BELOW_MU).any()))
-            p2, q2, yt2 = self._solve(fac, data, z, -c, b[:, :z], self._scale(b, groups, states), groups, states,
-                                      refine)
-            # cᵀp₂ + bᵀq₂ = −q₂ᵀHq₂ = −‖Δỹ₂‖² ≤ 0 exactly; computed this way it has no cancellation
-            den = -(yt2 * yt2).sum(-1) - kappa / tau
-            rz_t = self._scale(rz, groups, states)
 
-            def direction(eta, dt_rhs, dk):
+            def direction(eta, dt_rhs, dk, sol=None):
                 # x-rows −ηr_x; cone rows (scaled) −ηW⁻ᵀr_z + d̃; zero rows −ηr_z
-                p1, q1, yt1 = self._solve(fac, data, z, -eta[:, None] * rx, -eta[:, None] * rz[:, :z],
-                                          -eta[:, None] * rz_t + dt_rhs, groups, states, refine)
+                if sol is None:
+                    e1 = eta[:, None, None]
+                    sol = self._solve(fac, data, z, -e1 * rx[:, None], -e1 * rz[:, None, :z],
+                                      (-eta[:, None] * rz_t + dt_rhs)[:, None], groups, states, refine)
+                    sol = tuple(t[:, 0] for t in sol)
+                p1, q1, yt1 = sol
                 rhs_t = -eta * rt + dk / tau
                 dtau = (rhs_t - (c * p1).sum(-1) - (b * q1).sum(-1)) / den
                 dx = p1 + dtau[:, None] * p2
@@ -252,9 +256,20 @@ class ConeInteriorPoint:
                     put(out, idx, _CONES[kind].rhs(st, sigma_mu, cr))
                 return out
 
+            rz_t = self._scale(rz, groups, states)
             zero = torch.zeros_like(tau)
+            dt_aff = rhs_s(zero, None)
+            # the Δτ column (x-rows −c, rows b) and the predictor's (η = 1), solved together
+            P, Q, YT = self._solve(fac, data, z, torch.stack([-c, -rx], 1), torch.stack([b[:, :z], -rz[:, :z]], 1),
+                                   torch.stack([self._scale(b, groups, states), -rz_t + dt_aff], 1), groups, states,
+                                   refine)
+            p2, q2, yt2 = P[:, 0], Q[:, 0], YT[:, 0]
+            # cᵀp₂ + bᵀq₂ = −q₂ᵀHq₂ = −‖Δỹ₂‖² ≤ 0 exactly; computed this way it has no cancellation
+            den = -(yt2 * yt2).sum(-1) - kappa / tau
+
             # predictor (affine scaling)
-            dxa, dya, dsa, dta, dka = direction(torch.ones_like(tau), rhs_s(zero, None), tau * kappa)
+            dxa, dya, dsa, dta, dka = direction(torch.ones_like(tau), dt_aff, tau * kappa,
+                                                (P[:, 1], Q[:, 1], YT[:, 1]))
             alpha_a = max_step(dsa, dya, dta, dka).clamp(max=1.0)
             sigma = (1 - alpha_a) ** 3
             # corrector (Mehrotra)
