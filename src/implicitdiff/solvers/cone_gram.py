@@ -83,6 +83,10 @@ class DataMatrix:
         self.A = A
         self.shared = A.dim() == 2
 
+    def subset(self, keep):
+        """The matrix of the batch elements ``keep`` (a shared one is kept as it is)."""
+        return self if self.shared else DataMatrix(self.A.index_select(0, keep))
+
     def mv(self, v):
         """``A v`` for ``v (B, n)`` → ``(B, m)``, or each of ``r`` columns ``v (B, r, n)`` → ``(B, r, m)``."""
         if self.shared or v.dim() == 3:
@@ -122,6 +126,14 @@ class NormalMatrix:
                 self.pre.append((Ak, P))
             else:
                 self.pre.append(None)
+
+    def subset(self, data: DataMatrix, keep):
+        """The normal matrix of the batch elements ``keep`` (``data``: their :class:`DataMatrix`)."""
+        out = NormalMatrix.__new__(NormalMatrix)
+        out.data, out.groups, out.cones = data, self.groups, self.cones
+        out.pre = [pre if pre is None or self.data.shared else (data.rows(idx), pre[1].index_select(0, keep))
+                   for (_, _, idx), pre in zip(self.groups, self.pre)]
+        return out
 
     def __call__(self, states, B):
         data = self.data

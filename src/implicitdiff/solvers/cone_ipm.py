@@ -60,6 +60,7 @@ __all__ = ["ConeInteriorPoint", "ConeResult"]
 
 
 _CONES = {"l": Nonneg, "q": SecondOrder, "s": PSD, "ep": ExpCone}
+COMPACT_BELOW = 0.75  # work on the running elements only once at most this fraction of the batch runs
 REFINE_BELOW_MU = 1e-5  # refine the Newton solves once some element's μ (1 at the start) is below this
 
 
@@ -186,6 +187,15 @@ class ConeInteriorPoint:
         rtol = self.rtol
         stalled = torch.zeros(B, dtype=torch.bool, device=dev)
         best = [x, y, s, tau, residual]
+        # the whole batch's results; the loop works on the elements `ids` (see COMPACT_BELOW)
+        ids = torch.arange(B, device=dev)
+        full = [x.clone(), y.clone(), s.clone(), tau.clone(), status.clone(), residual.clone(), iters.clone()]
+        full_best = [v.clone() for v in best]
+
+        def flush():  # write the working elements' state into the whole batch's
+            for f, v in zip(full + full_best, (x, y, s, tau, status, residual, iters) + tuple(best)):
+                f.index_copy_(0, ids, v)
+
         for it in range(self.max_iter + 1):
             # residuals of the embedding and the stopping rule ------------------------------
             Aty = data.rmv(y)
@@ -215,8 +225,24 @@ class ConeInteriorPoint:
             residual = torch.where(new, torch.where(pinf | dinf, torch.zeros_like(res), res), residual)
             iters = torch.where(new, torch.full_like(iters, it), iters)
             running = status < 0
-            if it == self.max_iter or not bool(running.any()):
+            n_run = int(running.sum())
+            if it == self.max_iter or n_run == 0:
                 break
+            if n_run <= COMPACT_BELOW * running.numel():
+                # drop the finished elements from the work (their results are final): an iteration's
+                # cost is proportional to the batch, and copying the running elements' data costs
+                # about one product with A
+                flush()
+                keep = running.nonzero()[:, 0]
+                ids = ids.index_select(0, keep)
+                x, y, s, tau, kappa, status, residual, iters, stalled, b, c, nb, nc, nA = (
+                    v.index_select(0, keep) for v in (x, y, s, tau, kappa, status, residual, iters, stalled,
+                                                      b, c, nb, nc, nA))
+                best = [v.index_select(0, keep) for v in best]
+                Ax, Aty, rx, rz, rt, running = (v.index_select(0, keep) for v in (Ax, Aty, rx, rz, rt, running))
+                data = data.subset(keep)
+                normal = normal.subset(data, keep)
+                B = n_run
             # one Newton system per iteration ---------------------------------------------------
             mu = ((s[:, z:] * y[:, z:]).sum(-1) + tau * kappa) / (nu + 1)
             states = [_CONES[k].scale(take(s, idx), take(y, idx), mu) for k, _, idx in groups]
@@ -292,6 +318,9 @@ class ConeInteriorPoint:
             x, y, s = (torch.where(m1, v + a1 * dv, v) for v, dv in ((x, dx), (y, dy), (s, ds)))
             tau = torch.where(move, tau + alpha * dtau, tau)
             kappa = torch.where(move, kappa + alpha * dkap, kappa)
+        flush()
+        x, y, s, tau, status, residual, iters = full
+        best = full_best
         status = torch.where(status < 0, torch.full_like(status, Status.MAX_ITERATIONS), status)
         # a failed element returns its best iterate (smallest residual), not its last
         failed = (status != Status.SUCCESS) & (status != Status.INFEASIBLE) & (status != Status.UNBOUNDED)
