@@ -120,3 +120,28 @@ def test_batch_equals_single_solves():
     for i in range(B):
         ri = solver.solve(A[i:i + 1], b[i:i + 1], c[i:i + 1], spec)
         assert torch.allclose(ri.x[0], r.x[i], atol=1e-8) and ri.status[0] == r.status[i] == Status.SUCCESS
+
+
+@pytest.mark.parametrize("compact", [0.0, 1.0])
+def test_dropping_finished_elements_changes_nothing(monkeypatch, compact):
+    # COMPACT_BELOW = 1: the loop works on the running elements only, from the first finished one on;
+    # 0: never.  Elements finish at different iterations with different statuses; shared and batched A.
+    import implicitdiff.solvers.cone_ipm as ipm
+
+    A, b, c = _lp_batch()
+    A, b, c = torch.cat([A, A[:1] * 2.0]), torch.cat([b, b[:1] * 3.0]), torch.cat([c, c[:1] * 0.5])
+    spec = parse_cones({"l": 2})
+    ref = ConeInteriorPoint(rtol=1e-9).solve(A, b, c, spec)
+    monkeypatch.setattr(ipm, "COMPACT_BELOW", compact)
+    r = ConeInteriorPoint(rtol=1e-9).solve(A, b, c, spec)
+    assert r.status.tolist() == [Status.SUCCESS, Status.INFEASIBLE, Status.UNBOUNDED, Status.SUCCESS]
+    assert r.iterations.tolist() == ref.iterations.tolist() and len(set(r.iterations.tolist())) > 1
+    for u, v in zip(r, ref):
+        assert torch.allclose(u, v, rtol=0, atol=1e-12)
+    for A_, b_, c_ in ((A, b, c), (A[0], b[[0, 3]], c[[0, 3]])):  # batched; shared by the batch
+        r = ConeInteriorPoint(rtol=1e-9).solve(A_, b_, c_, spec)
+        for i in range(b_.shape[0]):  # each element alone
+            Ai = A_[i:i + 1] if A_.dim() == 3 else A_
+            one = ConeInteriorPoint(rtol=1e-9).solve(Ai, b_[i:i + 1], c_[i:i + 1], spec)
+            assert one.status[0] == r.status[i] and one.iterations[0] == r.iterations[i]
+            assert torch.allclose(one.x[0], r.x[i], rtol=0, atol=1e-10)

@@ -130,19 +130,29 @@ def _svec_indices(k: int, device):
     return r, c, (r != c)
 
 
+@functools.lru_cache(maxsize=64)
+def _gathers(k: int, device, dtype):
+    """Flat gathers for svec and smat: the ``(i, j)`` entry of svec position ``p`` (``i·k + j``) with its
+    scale, and the svec position of each entry of the ``k × k`` matrix with its scale (one
+    ``index_select`` each way instead of two advanced-index scatters)."""
+    r, c, off = _svec_indices(k, device)
+    flat = r * k + c
+    scale = torch.where(off, torch.full(off.shape, math.sqrt(2.0), dtype=dtype, device=device),
+                        torch.ones(off.shape, dtype=dtype, device=device))
+    pos = torch.empty(k * k, dtype=torch.long, device=device)
+    pos[flat] = torch.arange(r.numel(), device=device)
+    pos[c * k + r] = torch.arange(r.numel(), device=device)
+    return flat, scale, pos, (1.0 / scale)[pos]
+
+
 def svec(X: torch.Tensor) -> torch.Tensor:
     """``(*, k, k)`` symmetric → ``(*, k(k+1)/2)`` scaled lower triangle (column-major)."""
     k = X.shape[-1]
-    r, c, off = svec_indices(k, X.device)
-    v = X[..., r, c]
-    return torch.where(off, v * math.sqrt(2.0), v)
+    flat, scale, _, _ = _gathers(k, X.device, X.dtype)
+    return X.reshape(X.shape[:-2] + (k * k,)).index_select(-1, flat) * scale
 
 
 def smat(v: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of :func:`svec`: ``(*, k(k+1)/2)`` → ``(*, k, k)`` symmetric."""
-    r, c, off = svec_indices(k, v.device)
-    v = torch.where(off, v / math.sqrt(2.0), v)
-    X = v.new_zeros(v.shape[:-1] + (k, k))
-    X[..., r, c] = v
-    X[..., c, r] = v
-    return X
+    _, _, pos, unscale = _gathers(k, v.device, v.dtype)
+    return (v.index_select(-1, pos) * unscale).reshape(v.shape[:-1] + (k, k))

@@ -1,8 +1,8 @@
 r"""A batched primal-dual interior point for cone programs on the homogeneous self-dual embedding.
 
 Solves ``min cᵀx  s.t.  Ax + s = b,  s ∈ K`` and its dual ``max −bᵀy  s.t.  Aᵀy + c = 0,
-y ∈ K*`` for a batch at once (``A`` ``(B, m, n)``), with ``K`` a product of zero,
-nonnegative, second-order, PSD and exponential cones (:mod:`~implicitdiff.linalg.cone_spec`).
+y ∈ K*`` for a batch at once (``A`` ``(B, m, n)``, or ``(m, n)`` shared by the batch), with ``K``
+a product of zero, nonnegative, second-order, PSD and exponential cones (:mod:`~implicitdiff.linalg.cone_spec`).
 
 The embedding (Ye, Todd, Mizuno; as in ECOS and Clarabel) adds ``τ, κ ≥ 0``:
 
@@ -17,22 +17,31 @@ Each iteration is Mehrotra's predictor–corrector.  A Newton step solves
     [A −H ] [Δy] = [r₂] − Δτ [c; −b],   Δκ = −(d_κ + κΔτ)/τ
 
 with ``H = WᵀW`` the block-diagonal scaling (zero on the zero cone's rows).  The cone rows
-are eliminated *in the scaled frame* (``Ã = W⁻ᵀA_c``, ``Δỹ = WΔy_c = ÃΔx − W⁻ᵀr₂``; ``H`` is
-never formed: its condition number grows like ``1/μ²``, ``W``'s like ``1/μ``), leaving the
-``(n + z)`` system ``[[ÃᵀÃ, A_zᵀ], [A_z, 0]]`` — one batched factorization per iteration
-(Cholesky without a zero cone, else LU; a ``eps^¾`` shift) used for three solves (the ``Δτ``
-column, the predictor, the corrector), each polished by one step of iterative refinement.
-``Δs = Wᵀ(−d̃ − Δỹ)`` comes from the scaled complementarity rows.  An element that stops
-progressing (step ``≤ 1e-8``) is reported ``BREAKDOWN``, and a failed element returns its
-best iterate (smallest residual).
+are eliminated *in the scaled frame* (``Δỹ = WΔy_c = W⁻ᵀ(A_cΔx) − W⁻ᵀr₂``), leaving the ``(n + z)``
+system ``[[N, A_zᵀ], [A_z, 0]]`` with the normal matrix ``N = A_cᵀH⁻¹A_c`` — one batched
+factorization per iteration (Cholesky without a zero cone, else LU; a ``eps^¾`` shift) used for
+three solves (the ``Δτ`` column, the predictor, the corrector).  ``N`` is formed per cone by
+:class:`~.cone_gram.NormalMatrix`: structured for large second-order cones (``A_kᵀA_k`` once per
+solve, a rank-one update per block and iteration), else ``(W⁻ᵀA_k)ᵀ(W⁻ᵀA_k)`` from the cone's
+``winv_t`` — **the seam for a cone**: a cone class gives ``unit, scale, winv_t, winv, w_t, scaled,
+rhs, step`` (``cone_symmetric``, ``cone_exp``) and gets the generic normal-matrix term; a
+structured term is optional and lives in ``cone_gram``.  ``A`` is used only through products
+(:class:`~.cone_gram.DataMatrix`: one matrix product for the batch when ``A`` is shared) and ``W``
+only on vectors, so ``H`` (condition number ``~1/μ²``) is never formed.  Once some element's ``μ``
+is below :data:`REFINE_BELOW_MU` each solve is polished by one step of iterative refinement
+against the unreduced system.  ``Δs = Wᵀ(−d̃ − Δỹ)`` comes from the scaled complementarity rows.
+An element that stops progressing (step ``≤ 1e-8``, or a direction that is not finite: the scaling
+at the limit of the arithmetic) is reported ``BREAKDOWN``, and a failed element returns its best
+iterate (smallest residual).
 
 Stopping rule (per element, ``x̂ = x/τ`` etc.):
 ``‖Ax̂ + ŝ − b‖∞ ≤ rtol (1 + max(‖b‖∞, ‖Ax̂‖∞, ‖ŝ‖∞))``,
 ``‖Aᵀŷ + c‖∞ ≤ rtol (1 + max(‖c‖∞, ‖Aᵀŷ‖∞))`` and
 ``|cᵀx̂ + bᵀŷ| ≤ rtol (1 + min(|cᵀx̂|, |bᵀŷ|))``.  Certificates are accepted at the same
 ``rtol``, scaled by the data (``‖Aᵀy‖∞ ‖b‖∞ ≤ rtol·(−bᵀy)·‖A‖∞`` and its dual).
-Converged elements are frozen while the others go on; the loop's only host sync is the
-"all done?" test.  Forward only: no gradients here.
+Converged elements are frozen while the others go on; the loop's host syncs are the "all done?"
+test, whether to refine, and whether a Cholesky factorization failed (then shifted by ``√eps``
+of its diagonal).  Forward only: no gradients here.
 """
 
 from __future__ import annotations
@@ -44,52 +53,15 @@ import torch
 from .._core.status import Status
 from ..linalg.cone_spec import ConeSpec
 from .cone_exp import ExpCone
+from .cone_gram import DataMatrix, NormalMatrix, Rows, contiguous, put, take
 from .cone_symmetric import PSD, Nonneg, SecondOrder
 
 __all__ = ["ConeInteriorPoint", "ConeResult"]
 
 
-def _mv(M, v):
-    """``M v`` for ``M (B, p, q)``, ``v (B, q)`` (a row-vector product: much faster than ``M @ v[..., None]``)."""
-    return (v[:, None, :] @ M.mT)[:, 0]
-
-
-def _rmv(M, v):
-    """``Mᵀ v`` for ``M (B, p, q)``, ``v (B, p)``."""
-    return (v[:, None, :] @ M)[:, 0]
-
 _CONES = {"l": Nonneg, "q": SecondOrder, "s": PSD, "ep": ExpCone}
-
-
-class _Rows(NamedTuple):
-    """A group's rows when they are one contiguous range: read and written as views."""
-
-    start: int
-    stop: int
-    shape: tuple
-
-
-def _fast(idx):
-    flat = idx.reshape(-1).cpu()
-    start = int(flat[0])
-    if torch.equal(flat, torch.arange(start, start + flat.numel())):
-        return _Rows(start, start + flat.numel(), tuple(idx.shape))
-    return idx
-
-
-def _take(v, g):
-    """``v[:, g]`` (a view for contiguous rows)."""
-    if isinstance(g, _Rows):
-        return v[:, g.start:g.stop].reshape((v.shape[0],) + g.shape + v.shape[2:])
-    return v[:, g]
-
-
-def _put(out, g, val):
-    """``out[:, g] = val``."""
-    if isinstance(g, _Rows):
-        out[:, g.start:g.stop] = val.reshape((val.shape[0], g.stop - g.start) + val.shape[1 + len(g.shape):])
-    else:
-        out[:, g] = val
+COMPACT_BELOW = 0.75  # work on the running elements only once at most this fraction of the batch runs
+REFINE_BELOW_MU = 1e-5  # refine the Newton solves once some element's μ (1 at the start) is below this
 
 
 class ConeResult(NamedTuple):
@@ -114,88 +86,120 @@ class ConeInteriorPoint:
 
     # -- the Newton system, in the scaled frame -------------------------------------------------
     # Cone rows: with Ã = W⁻ᵀA_c, r̃ = W⁻ᵀr₂ and Δỹ = WΔy_c the rows A_cΔx − HΔy_c = r₂ read
-    # ÃΔx − Δỹ = r̃, so Δỹ = ÃΔx − r̃ and the x-rows become (ÃᵀÃ)Δx + A_zᵀΔy_z = r₁ + Ãᵀr̃.
-    # H = WᵀW is never formed: its condition number grows like 1/μ², W's like 1/μ.
-    def _scale_rows(self, V, groups, states):
-        out = torch.zeros_like(V)
-        vec = V.dim() == 2
-        for (kind, _, idx), st in zip(groups, states):
-            blk = _take(V, idx)
-            _put(out, idx, _CONES[kind].winv_t(st, blk[..., None])[..., 0] if vec
-                 else _CONES[kind].winv_t(st, blk))
-        return out
-
-    def _factor(self, A, spec, groups, states):
-        B, m, n = A.shape
-        z = spec.z
-        At = self._scale_rows(A, groups, states)
-        Mn = At.mT @ At
-        delta = A.new_full((B, 1), torch.finfo(A.dtype).eps ** 0.75)
-        if z == 0:
-            L, _ = torch.linalg.cholesky_ex(Mn + torch.diag_embed(delta.expand(B, n)))
-            return ("chol", L, At)
-        Az = A[:, :z]
-        K = torch.cat([torch.cat([Mn + torch.diag_embed(delta.expand(B, n)), Az.mT], -1),
-                       torch.cat([Az, -torch.diag_embed(delta.expand(B, z))], -1)], -2)
-        LU, piv, _ = torch.linalg.lu_factor_ex(K)
-        return ("lu", (LU, piv), At)
-
-    def _solve_once(self, fac, A, z, r1, r2z, rt):
-        """``(Δx, Δy_z, Δỹ)`` for the x-rows ``r₁``, zero rows ``r₂z`` and scaled cone rows ``r̃``."""
-        kind, F, At = fac
-        rhs1 = r1 + _rmv(At, rt)
-        if kind == "chol":
-            p = torch.cholesky_solve(rhs1[..., None], F)[..., 0]
-            qz = rhs1[:, :0]
-        else:
-            sol = torch.linalg.lu_solve(F[0], F[1], torch.cat([rhs1, r2z], -1)[..., None])[..., 0]
-            p, qz = sol[:, : A.shape[-1]], sol[:, A.shape[-1]:]
-        yt = _mv(At, p) - rt
-        return p, qz, yt
-
-    def _solve(self, fac, A, z, r1, r2z, rt, refine=1):
-        """Solve, then refine against the unregularized system (its scaled cone rows hold exactly)."""
-        At = fac[2]
-        p, qz, yt = self._solve_once(fac, A, z, r1, r2z, rt)
-        for _ in range(refine):
-            e1 = r1 - _rmv(A[:, :z], qz) - _rmv(At, yt)
-            e2 = r2z - _mv(A[:, :z], p)
-            dp, dqz, dyt = self._solve_once(fac, A, z, e1, e2, torch.zeros_like(rt))
-            p, qz, yt = p + dp, qz + dqz, yt + dyt
-        return p, qz, yt
-
-    def _unscale(self, method, v, groups, states):
+    # ÃΔx − Δỹ = r̃, so Δỹ = ÃΔx − r̃ and the x-rows become NΔx + A_zᵀΔy_z = r₁ + A_cᵀW⁻¹r̃ with
+    # N = ÃᵀÃ = A_cᵀH⁻¹A_c (cone_gram.NormalMatrix; structured per cone).  Products are with A
+    # itself (shared by the batch where it is) and W acts on vectors only: H is never formed
+    # (its condition number grows like 1/μ², W's like 1/μ).
+    @staticmethod
+    def _map(method, v, groups, states):
+        """A per-cone map on the cone rows of ``v (B, m)`` or ``(B, r, m)`` (zero on the zero cone's rows)."""
+        if v.dim() == 3:
+            return torch.stack([ConeInteriorPoint._map(method, v[:, j], groups, states) for j in range(v.shape[1])], 1)
         out = torch.zeros_like(v)
         for (kind, _, idx), st in zip(groups, states):
-            _put(out, idx, getattr(_CONES[kind], method)(st, _take(v, idx)))
+            put(out, idx, getattr(_CONES[kind], method)(st, take(v, idx)))
         return out
+
+    @staticmethod
+    def _scale(v, groups, states):
+        """``W⁻ᵀ v`` on the cone rows of ``v (B, m)`` or ``(B, r, m)`` (zero on the zero cone's rows)."""
+        if v.dim() == 3:
+            return torch.stack([ConeInteriorPoint._scale(v[:, j], groups, states) for j in range(v.shape[1])], 1)
+        out = torch.zeros_like(v)
+        for (kind, _, idx), st in zip(groups, states):
+            put(out, idx, _CONES[kind].winv_t(st, take(v, idx)[..., None])[..., 0])
+        return out
+
+    @staticmethod
+    def _factor(N, data, z):
+        B, n = N.shape[0], N.shape[-1]
+        eps = torch.finfo(N.dtype).eps
+        eye = torch.eye(n, dtype=N.dtype, device=N.device)
+        if z == 0:
+            L, info = torch.linalg.cholesky_ex(N + eps ** 0.75 * eye)
+            if bool((info > 0).any()):  # rounding made N indefinite: a shift relative to its diagonal
+                big = eps ** 0.5 * N.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
+                L2, _ = torch.linalg.cholesky_ex(N + big[:, None, None] * eye)
+                L = torch.where((info > 0)[:, None, None], L2, L)
+            return ("chol", L)
+        Az = data.rows(Rows(0, z, (z,))).expand(B, z, n)
+        delta = eps ** 0.75
+        K = torch.cat([torch.cat([N + delta * eye, Az.mT], -1),
+                       torch.cat([Az, -delta * torch.eye(z, dtype=N.dtype, device=N.device).expand(B, z, z)], -1)], -2)
+        LU, piv, _ = torch.linalg.lu_factor_ex(K)
+        return ("lu", (LU, piv))
+
+    def _solve_once(self, fac, data, z, r1, r2z, rt, groups, states):
+        """``(Δx, Δy_z, Δỹ, AΔx)`` for the x-rows ``r₁``, zero rows ``r₂z`` and scaled cone rows ``r̃``
+        (``None``: zero), each with ``r`` columns (``(B, r, ·)``: one product with ``A`` and one
+        triangular solve for all of them)."""
+        kind, F = fac
+        rhs1 = r1 if rt is None else r1 + data.rmv(self._map("winv", rt, groups, states))
+        if kind == "chol":
+            p = torch.cholesky_solve(rhs1.mT, F).mT
+            qz = rhs1[..., :0]
+        else:
+            n = r1.shape[-1]
+            sol = torch.linalg.lu_solve(F[0], F[1], torch.cat([rhs1, r2z], -1).mT).mT
+            p, qz = sol[..., :n], sol[..., n:]
+        Ap = data.mv(p)
+        yt = self._scale(Ap, groups, states)
+        return p, qz, (yt if rt is None else yt - rt), Ap
+
+    def _solve(self, fac, data, z, r1, r2z, rt, groups, states, refine=1):
+        """Solve, then refine against the unregularized system (its scaled cone rows hold exactly).
+
+        Returns ``(Δx, Δy, Δỹ)`` with ``Δy = (Δy_z, W⁻¹Δỹ)``."""
+        p, qz, yt, Ap = self._solve_once(fac, data, z, r1, r2z, rt, groups, states)
+        q = self._map("winv", yt, groups, states)
+        q[..., :z] = qz
+        for _ in range(refine):
+            e1 = r1 - data.rmv(q)
+            e2 = r2z - Ap[..., :z]
+            dp, dqz, dyt, dAp = self._solve_once(fac, data, z, e1, e2, None, groups, states)
+            p, yt, Ap = p + dp, yt + dyt, Ap + dAp
+            q = q + self._map("winv", dyt, groups, states)
+            q[..., :z] += dqz
+        return p, q, yt
 
     # -- the iteration ------------------------------------------------------------------------
     def solve(self, A, b, c, spec: ConeSpec) -> ConeResult:
-        """``A (B, m, n)``, ``b (B, m)``, ``c (B, n)`` of one dtype and device."""
-        B, m, n = A.shape
+        """``A (B, m, n)`` (or ``(m, n)`` shared by the batch; an expanded one is read as shared),
+        ``b (B, m)``, ``c (B, n)`` of one dtype and device."""
+        B, (m, n) = b.shape[0], A.shape[-2:]
         z, dt, dev = spec.z, A.dtype, A.device
-        groups = [(k, size, _fast(idx)) for k, size, idx in spec.groups(dev)]
+        data = DataMatrix(A)
+        groups = [(k, size, contiguous(idx)) for k, size, idx in spec.groups(dev)]
+        normal = NormalMatrix(data, groups, _CONES)
         nu = spec.degree
-        x = A.new_zeros(B, n)
-        s = A.new_zeros(B, m)
+        x = b.new_zeros(B, n)
+        s = b.new_zeros(B, m)
         for kind, _, idx in groups:
-            _put(s, idx, _CONES[kind].unit(_take(s, idx)))
+            put(s, idx, _CONES[kind].unit(take(s, idx)))
         y = s.clone()
-        tau = A.new_ones(B)
-        kappa = A.new_ones(B)
+        tau = b.new_ones(B)
+        kappa = b.new_ones(B)
         status = torch.full((B,), -1, dtype=torch.int64, device=dev)
-        residual = A.new_full((B,), float("inf"))
+        residual = b.new_full((B,), float("inf"))
         iters = torch.zeros(B, dtype=torch.int64, device=dev)
-        nA = A.abs().amax(dim=(-2, -1)).clamp(min=torch.finfo(dt).tiny)
+        nA = data.A.abs().amax(dim=(-2, -1)).clamp(min=torch.finfo(dt).tiny).expand(B)
         nb, nc = _inf_norm(b), _inf_norm(c)
         rtol = self.rtol
         stalled = torch.zeros(B, dtype=torch.bool, device=dev)
         best = [x, y, s, tau, residual]
+        # the whole batch's results; the loop works on the elements `ids` (see COMPACT_BELOW)
+        ids = torch.arange(B, device=dev)
+        full = [x.clone(), y.clone(), s.clone(), tau.clone(), status.clone(), residual.clone(), iters.clone()]
+        full_best = [v.clone() for v in best]
+
+        def flush():  # write the working elements' state into the whole batch's
+            for f, v in zip(full + full_best, (x, y, s, tau, status, residual, iters) + tuple(best)):
+                f.index_copy_(0, ids, v)
+
         for it in range(self.max_iter + 1):
             # residuals of the embedding and the stopping rule ------------------------------
-            Aty = _rmv(A, y)
-            Ax = _mv(A, x)
+            Aty = data.rmv(y)
+            Ax = data.mv(x)
             ctx, bty = (c * x).sum(-1), (b * y).sum(-1)
             rx = Aty + c * tau[:, None]
             rz = Ax + s - b * tau[:, None]
@@ -221,36 +225,52 @@ class ConeInteriorPoint:
             residual = torch.where(new, torch.where(pinf | dinf, torch.zeros_like(res), res), residual)
             iters = torch.where(new, torch.full_like(iters, it), iters)
             running = status < 0
-            if it == self.max_iter or not bool(running.any()):
+            n_run = int(running.sum())
+            if it == self.max_iter or n_run == 0:
                 break
+            if n_run <= COMPACT_BELOW * running.numel():
+                # drop the finished elements from the work (their results are final): an iteration's
+                # cost is proportional to the batch, and copying the running elements' data costs
+                # about one product with A
+                flush()
+                keep = running.nonzero()[:, 0]
+                ids = ids.index_select(0, keep)
+                x, y, s, tau, kappa, status, residual, iters, stalled, b, c, nb, nc, nA = (
+                    v.index_select(0, keep) for v in (x, y, s, tau, kappa, status, residual, iters, stalled,
+                                                      b, c, nb, nc, nA))
+                best = [v.index_select(0, keep) for v in best]
+                Ax, Aty, rx, rz, rt, running = (v.index_select(0, keep) for v in (Ax, Aty, rx, rz, rt, running))
+                data = data.subset(keep)
+                normal = normal.subset(data, keep)
+                B = n_run
             # one Newton system per iteration ---------------------------------------------------
             mu = ((s[:, z:] * y[:, z:]).sum(-1) + tau * kappa) / (nu + 1)
-            states = [_CONES[k].scale(_take(s, idx), _take(y, idx), mu) for k, _, idx in groups]
-            fac = self._factor(A, spec, groups, states)
-            p2, qz2, yt2 = self._solve(fac, A, z, -c, b[:, :z], self._scale_rows(b, groups, states))
-            # cᵀp₂ + bᵀq₂ = −q₂ᵀHq₂ = −‖Δỹ₂‖² ≤ 0 exactly; computed this way it has no cancellation
-            den = -(yt2 * yt2).sum(-1) - kappa / tau
-            rz_t = self._scale_rows(rz, groups, states)
-            q2 = torch.cat([qz2, self._unscale("winv", yt2, groups, states)[:, z:]], -1)
+            states = [_CONES[k].scale(take(s, idx), take(y, idx), mu) for k, _, idx in groups]
+            fac = self._factor(normal(states, B), data, z)
+            # iterative refinement pays once the normal matrix is ill-conditioned (cond ~ 1/μ²)
+            refine = int(bool((torch.where(running, mu, torch.ones_like(mu)) < REFINE_BELOW_MU).any()))
 
-            def direction(eta, dt_rhs, dk):
+            def direction(eta, dt_rhs, dk, sol=None):
                 # x-rows −ηr_x; cone rows (scaled) −ηW⁻ᵀr_z + d̃; zero rows −ηr_z
-                p1, qz1, yt1 = self._solve(fac, A, z, -eta[:, None] * rx, -eta[:, None] * rz[:, :z],
-                                           -eta[:, None] * rz_t + dt_rhs)
-                q1 = torch.cat([qz1, self._unscale("winv", yt1, groups, states)[:, z:]], -1)
+                if sol is None:
+                    e1 = eta[:, None, None]
+                    sol = self._solve(fac, data, z, -e1 * rx[:, None], -e1 * rz[:, None, :z],
+                                      (-eta[:, None] * rz_t + dt_rhs)[:, None], groups, states, refine)
+                    sol = tuple(t[:, 0] for t in sol)
+                p1, q1, yt1 = sol
                 rhs_t = -eta * rt + dk / tau
                 dtau = (rhs_t - (c * p1).sum(-1) - (b * q1).sum(-1)) / den
                 dx = p1 + dtau[:, None] * p2
                 dy = q1 + dtau[:, None] * q2
                 # Δs̃ = −d̃ − Δỹ (complementarity, in the scaled frame), Δs = WᵀΔs̃
-                ds = self._unscale("w_t", -dt_rhs - (yt1 + dtau[:, None] * yt2), groups, states)
+                ds = self._map("w_t", -dt_rhs - (yt1 + dtau[:, None] * yt2), groups, states)
                 dkap = -(dk + kappa * dtau) / tau
                 return dx, dy, ds, dtau, dkap
 
             def max_step(ds, dy, dtau, dkap):
                 alpha = torch.full_like(tau, float("inf"))
                 for (kind, _, idx), st in zip(groups, states):
-                    alpha = torch.minimum(alpha, _CONES[kind].step(st, _take(ds, idx), _take(dy, idx)))
+                    alpha = torch.minimum(alpha, _CONES[kind].step(st, take(ds, idx), take(dy, idx)))
                 for v, dv in ((tau, dtau), (kappa, dkap)):
                     alpha = torch.where(dv < 0, torch.minimum(alpha, -v / dv), alpha)
                 return alpha
@@ -258,31 +278,49 @@ class ConeInteriorPoint:
             def rhs_s(sigma_mu, corr):  # d̃ per cone (zero on the zero cone's rows)
                 out = torch.zeros_like(s)
                 for (kind, _, idx), st in zip(groups, states):
-                    cr = None if corr is None else (_take(corr[0], idx), _take(corr[1], idx))
-                    _put(out, idx, _CONES[kind].rhs(st, sigma_mu, cr))
+                    cr = None if corr is None else (take(corr[0], idx), take(corr[1], idx))
+                    put(out, idx, _CONES[kind].rhs(st, sigma_mu, cr))
                 return out
 
+            rz_t = self._scale(rz, groups, states)
             zero = torch.zeros_like(tau)
+            dt_aff = rhs_s(zero, None)
+            # the Δτ column (x-rows −c, rows b) and the predictor's (η = 1), solved together
+            P, Q, YT = self._solve(fac, data, z, torch.stack([-c, -rx], 1), torch.stack([b[:, :z], -rz[:, :z]], 1),
+                                   torch.stack([self._scale(b, groups, states), -rz_t + dt_aff], 1), groups, states,
+                                   refine)
+            p2, q2, yt2 = P[:, 0], Q[:, 0], YT[:, 0]
+            # cᵀp₂ + bᵀq₂ = −q₂ᵀHq₂ = −‖Δỹ₂‖² ≤ 0 exactly; computed this way it has no cancellation
+            den = -(yt2 * yt2).sum(-1) - kappa / tau
+
             # predictor (affine scaling)
-            dxa, dya, dsa, dta, dka = direction(torch.ones_like(tau), rhs_s(zero, None), tau * kappa)
+            dxa, dya, dsa, dta, dka = direction(torch.ones_like(tau), dt_aff, tau * kappa,
+                                                (P[:, 1], Q[:, 1], YT[:, 1]))
             alpha_a = max_step(dsa, dya, dta, dka).clamp(max=1.0)
             sigma = (1 - alpha_a) ** 3
             # corrector (Mehrotra)
             corr_s, corr_y = torch.zeros_like(s), torch.zeros_like(s)
             for (kind, _, idx), st in zip(groups, states):
-                a_, b_ = _CONES[kind].scaled(st, _take(dsa, idx), _take(dya, idx))
-                _put(corr_s, idx, a_)
-                _put(corr_y, idx, b_)
+                a_, b_ = _CONES[kind].scaled(st, take(dsa, idx), take(dya, idx))
+                put(corr_s, idx, a_)
+                put(corr_y, idx, b_)
             dk = tau * kappa + dta * dka - sigma * mu
             dx, dy, ds, dtau, dkap = direction(1 - sigma, rhs_s(sigma * mu, (corr_s, corr_y)), dk)
             alpha = (0.99 * max_step(ds, dy, dtau, dkap)).clamp(max=1.0)
-            alpha = torch.where(running & torch.isfinite(alpha), alpha, zero)
+            # a direction with a NaN or Inf (the scaling at the limit of the arithmetic, e.g. a slack that
+            # rounding put on the cone's boundary) is not taken: the element stalls and is reported
+            finite = (torch.isfinite(dx).all(-1) & torch.isfinite(dy).all(-1) & torch.isfinite(ds).all(-1)
+                      & torch.isfinite(dtau) & torch.isfinite(dkap))
+            alpha = torch.where(running & finite & torch.isfinite(alpha), alpha, zero)
             stalled = running & ~(alpha > 1e-8)  # no progress: reported next round (BREAKDOWN)
             move = alpha > 0  # (a NaN direction times a zero step would still be NaN)
             a1, m1 = alpha[:, None], move[:, None]
             x, y, s = (torch.where(m1, v + a1 * dv, v) for v, dv in ((x, dx), (y, dy), (s, ds)))
             tau = torch.where(move, tau + alpha * dtau, tau)
             kappa = torch.where(move, kappa + alpha * dkap, kappa)
+        flush()
+        x, y, s, tau, status, residual, iters = full
+        best = full_best
         status = torch.where(status < 0, torch.full_like(status, Status.MAX_ITERATIONS), status)
         # a failed element returns its best iterate (smallest residual), not its last
         failed = (status != Status.SUCCESS) & (status != Status.INFEASIBLE) & (status != Status.UNBOUNDED)

@@ -238,12 +238,13 @@ class PSD:
 
     @staticmethod
     def winv_t(st, V):  # W⁻ᵀ(X) = R⁻¹ X R⁻ᵀ on the columns of V (B, nb, d, r)
+        if V.shape[-1] == 1:  # one column: a row-vector product (a batched matrix-vector product is slow on CPU)
+            return (V.mT @ st[5].mT).mT
         return st[5] @ V
 
     @staticmethod
-    def winv(st, v):  # W⁻¹(X) = R⁻ᵀ X R⁻¹
-        R, Rinv, lam, k, _, _ = st
-        return svec(Rinv.mT @ smat(v, k) @ Rinv)
+    def winv(st, v):  # W⁻¹(X) = R⁻ᵀ X R⁻¹, the transpose of W⁻ᵀ's matrix
+        return (v[..., None, :] @ st[5])[..., 0, :]
 
     @staticmethod
     def w_t(st, v):  # Wᵀ(X) = R X Rᵀ

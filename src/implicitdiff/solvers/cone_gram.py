@@ -1,0 +1,160 @@
+r"""The cone interior point's data matrix and its normal matrix ``A_cᵀ H⁻¹ A_c``, per cone, batched.
+
+:class:`DataMatrix` holds ``A`` either *shared* by the batch (``(m, n)``: every product with it is
+one matrix product for the whole batch, never an expanded ``(B, m, n)`` copy) or batched
+``(B, m, n)``; an input ``(B, m, n)`` expanded from one matrix (stride 0 on the batch) is
+recognized as shared.
+
+:func:`normal_matrix` forms ``N = Σ_cones A_kᵀ W_k⁻¹ W_k⁻ᵀ A_k`` (``H = WᵀW`` the scaling of the
+interior point) — the matrix of the interior point's reduced Newton system — one term per group
+of blocks of one kind and size:
+
+* **second-order cones** of size ``k ≥`` :data:`SOC_STRUCTURED_MIN` (the structured Gram):
+  with NT scaling ``W = ηW̄``, ``W̄² = 2wwᵀ − J`` (``J = diag(1, −1, …, −1)``, ``W̄⁻¹ = JW̄J``)
+  the inverse scaling is ``W⁻¹W⁻ᵀ = η⁻²(2(Jw)(Jw)ᵀ − J)``, so
+
+      A_kᵀ W_k⁻² A_k = η⁻² (P_k + 2 v vᵀ),   P_k = A_kᵀ(−J)A_k = A_kᵀA_k − 2a₀a₀ᵀ,   v = A_kᵀJw
+
+  (``a₀`` the block's first row).  ``P_k`` depends on ``A`` only and is formed once per solve
+  (:meth:`NormalMatrix.__init__`); each iteration costs one product ``A_kᵀ(Jw)`` per block, a
+  weighted sum of the ``P_k`` and one rank-``(blocks)`` update — instead of forming
+  ``W⁻ᵀA_k`` (``k·n`` entries through ``W``) and its ``k·n²`` Gram.  Rounding: both forms carry
+  an absolute error ``~eps·η⁻²‖w‖²‖A_k‖²``, the size of the largest term (the normal matrix's
+  usual ill-conditioning as ``μ → 0``); the interior point refines its solves against the
+  unreduced system, which is formed without ``N``.
+* **every other cone** (nonnegative, PSD, exponential, small second-order blocks): the generic
+  form ``ÃᵀÃ`` with ``Ã = W⁻ᵀA_k`` built by the cone's ``winv_t(state, rows)`` — the seam a
+  new cone needs (``cone_exp.ExpCone`` uses it unchanged).  With ``A`` shared, ``winv_t``
+  receives the block's rows with a leading dimension of 1 and broadcasts.
+
+Forward only: no gradients here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["DataMatrix", "NormalMatrix", "Rows", "contiguous", "take", "put", "SOC_STRUCTURED_MIN"]
+
+SOC_STRUCTURED_MIN = 8  # smaller second-order blocks: the generic form (a k·n² Gram is cheap there)
+_STRUCTURED_BYTES = 1 << 28  # the P_k of one group above this size: the generic form (memory)
+
+
+class Rows(NamedTuple):
+    """A group's rows when they are one contiguous range: read and written as views."""
+
+    start: int
+    stop: int
+    shape: tuple
+
+
+def contiguous(idx):
+    """``idx`` as :class:`Rows` when its rows are one contiguous range, else ``idx``."""
+    flat = idx.reshape(-1).cpu()
+    start = int(flat[0])
+    if torch.equal(flat, torch.arange(start, start + flat.numel())):
+        return Rows(start, start + flat.numel(), tuple(idx.shape))
+    return idx
+
+
+def take(v, g):
+    """``v[:, g]`` (a view for :class:`Rows`)."""
+    if isinstance(g, Rows):
+        return v[:, g.start:g.stop].reshape((v.shape[0],) + g.shape + v.shape[2:])
+    return v[:, g]
+
+
+def put(out, g, val):
+    """``out[:, g] = val``."""
+    if isinstance(g, Rows):
+        out[:, g.start:g.stop] = val.reshape((val.shape[0], g.stop - g.start) + val.shape[1 + len(g.shape):])
+    else:
+        out[:, g] = val
+
+
+class DataMatrix:
+    """``A`` shared ``(m, n)`` or batched ``(B, m, n)``, with the products the interior point needs."""
+
+    def __init__(self, A: torch.Tensor):
+        if A.dim() == 3 and A.stride(0) == 0:  # expanded from one matrix
+            A = A[0]
+        self.A = A
+        self.shared = A.dim() == 2
+
+    def subset(self, keep):
+        """The matrix of the batch elements ``keep`` (a shared one is kept as it is)."""
+        return self if self.shared else DataMatrix(self.A.index_select(0, keep))
+
+    def mv(self, v):
+        """``A v`` for ``v (B, n)`` → ``(B, m)``, or each of ``r`` columns ``v (B, r, n)`` → ``(B, r, m)``."""
+        if self.shared or v.dim() == 3:
+            return v @ self.A.mT
+        return (v[:, None, :] @ self.A.mT)[:, 0]  # a row-vector product: much faster than A @ v[..., None]
+
+    def rmv(self, u):
+        """``Aᵀ u`` for ``u (B, m)`` → ``(B, n)``, or ``(B, r, m)`` → ``(B, r, n)``."""
+        if self.shared or u.dim() == 3:
+            return u @ self.A
+        return (u[:, None, :] @ self.A)[:, 0]
+
+    def rows(self, idx):
+        """The rows ``idx`` (a ``long`` tensor ``(*s)`` or :class:`Rows`) as ``(1 or B, *s, n)``."""
+        return take(self.A[None] if self.shared else self.A, idx)
+
+
+class NormalMatrix:
+    """``N(states) = Σ_groups A_kᵀ W_k⁻¹W_k⁻ᵀ A_k`` for the cone groups ``[(kind, size, idx), …]``.
+
+    ``cones`` maps a kind to its class (``winv_t`` is the only method used, for the generic form);
+    the structured second-order-cone terms ``P_k`` are formed here, once.
+    """
+
+    def __init__(self, data: DataMatrix, groups, cones):
+        self.data, self.groups, self.cones = data, groups, cones
+        self.pre = []
+        n = data.A.shape[-1]
+        lead = 1 if data.shared else data.A.shape[0]
+        for kind, size, idx in groups:
+            nb = idx.shape[0] if len(idx.shape) == 2 else 1
+            if (kind == "q" and size >= SOC_STRUCTURED_MIN
+                    and lead * nb * n * n * data.A.element_size() <= _STRUCTURED_BYTES):
+                Ak = data.rows(idx)                                     # (S, nb, k, n)
+                a0 = Ak[..., :1, :]
+                P = Ak[..., 1:, :].mT @ Ak[..., 1:, :] - a0.mT @ a0    # A_kᵀ(−J)A_k
+                self.pre.append((Ak, P))
+            else:
+                self.pre.append(None)
+
+    def subset(self, data: DataMatrix, keep):
+        """The normal matrix of the batch elements ``keep`` (``data``: their :class:`DataMatrix`)."""
+        out = NormalMatrix.__new__(NormalMatrix)
+        out.data, out.groups, out.cones = data, self.groups, self.cones
+        out.pre = [pre if pre is None or self.data.shared else (data.rows(idx), pre[1].index_select(0, keep))
+                   for (_, _, idx), pre in zip(self.groups, self.pre)]
+        return out
+
+    def __call__(self, states, B):
+        data = self.data
+        n = data.A.shape[-1]
+        N = data.A.new_zeros(B, n, n)
+        for (kind, _, idx), st, pre in zip(self.groups, states, self.pre):
+            if pre is None:  # generic: (W⁻ᵀA_k)ᵀ(W⁻ᵀA_k)
+                At = self.cones[kind].winv_t(st, data.rows(idx)).reshape(B, -1, n)
+                N = torch.baddbmm(N, At.mT, At)
+                continue
+            Ak, P = pre
+            w, eta = st[0], st[1]                                      # (B, nb, k), (B, nb)
+            e = eta.reciprocal().square()
+            Jw = torch.cat([w[..., :1], -w[..., 1:]], -1)              # J w
+            nb = w.shape[1]
+            if data.shared:  # one batched product over blocks: (nb, B, k) @ (nb, k, n)
+                v = (Jw.transpose(0, 1) @ Ak[0]).transpose(0, 1)       # (B, nb, n)
+                N = torch.addmm(N.reshape(B, n * n), e, P[0].reshape(nb, n * n)).reshape(B, n, n)
+            else:
+                v = (Jw[..., None, :] @ Ak)[..., 0, :]                 # (B, nb, n)
+                N = N + (e[:, None, :] @ P.reshape(B, nb, n * n)).reshape(B, n, n)
+            U = v * (2 * e).sqrt()[..., None]
+            N = torch.baddbmm(N, U.mT, U)
+        return N

@@ -1,0 +1,190 @@
+"""The interior point's normal matrix and data matrix (cone_gram): the structured second-order-cone
+Gram against the dense ``(W⁻ᵀA)ᵀ(W⁻ᵀA)``, a shared ``A`` against the same matrix batched, and the
+solver's status at a tolerance below its arithmetic's reach (float64)."""
+
+import pytest
+import torch
+
+import implicitdiff as idf
+from implicitdiff import SolveError, Status
+from implicitdiff.linalg.cone_spec import parse_cones, svec
+from implicitdiff.solvers.cone_exp import ExpCone
+from implicitdiff.solvers.cone_gram import SOC_STRUCTURED_MIN, DataMatrix, NormalMatrix, contiguous, put, take
+from implicitdiff.solvers.cone_ipm import _CONES, ConeInteriorPoint
+
+F64 = torch.float64
+CONES = {"z": 2, "l": 3, "q": [9, 3, 9, 12], "s": [3], "ep": 2}  # structured (9, 12) and generic (3) SOC blocks
+
+
+def _interior(spec, B, g, spread=1.0):
+    """A random point in the interior of K (and of K*: the symmetric cones are self-dual), ``(B, m)``."""
+    v = torch.zeros(B, spec.m, dtype=F64)
+    for kind, _, idx in spec.groups():
+        if kind == "l":
+            v[:, idx] = torch.rand(B, idx.numel(), generator=g, dtype=F64) * spread + 1e-3
+        elif kind == "q":
+            u = torch.randn(B, *idx.shape, generator=g, dtype=F64) * spread
+            u[..., 0] = u[..., 1:].norm(dim=-1) * (1 + torch.rand(B, idx.shape[0], generator=g, dtype=F64) * 1e-3) + 1e-9
+            v[:, idx] = u
+        elif kind == "s":
+            k = int(round(((8 * idx.shape[1] + 1) ** 0.5 - 1) / 2))
+            M = torch.randn(B, idx.shape[0], k, k, generator=g, dtype=F64)
+            v[:, idx] = svec(M @ M.mT + 1e-3 * torch.eye(k, dtype=F64))
+        else:
+            v[:, idx] = ExpCone.unit(v[:, idx]) * (1 + 0.1 * torch.rand(B, idx.shape[0], 1, generator=g, dtype=F64))
+    return v
+
+
+def _states(spec, s, y):
+    groups = [(k, size, contiguous(idx)) for k, size, idx in spec.groups()]
+    mu = (s[:, spec.z:] * y[:, spec.z:]).sum(-1) / spec.degree
+    return groups, [_CONES[k].scale(take(s, idx), take(y, idx), mu) for k, _, idx in groups]
+
+
+def _dense_normal(A, spec, groups, states):
+    """``Σ (W⁻ᵀA_k)ᵀ(W⁻ᵀA_k)`` from each cone's ``winv_t`` on the rows of a batched ``A`` (the reference)."""
+    At = torch.zeros_like(A)
+    for (kind, _, idx), st in zip(groups, states):
+        put(At, idx, _CONES[kind].winv_t(st, take(A, idx)))
+    return At.mT @ At
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_structured_normal_matrix_equals_the_dense_one(shared):
+    g = torch.Generator().manual_seed(0)
+    spec = parse_cones(CONES)
+    B, n = 3, 7
+    A = torch.randn(spec.m, n, generator=g, dtype=F64)
+    A = A.expand(B, spec.m, n) if shared else A + 0.1 * torch.randn(B, spec.m, n, generator=g, dtype=F64)
+    # far from the central path: the scaling is badly conditioned (‖w‖ large), as near the solution
+    s, y = _interior(spec, B, g, 3.0), _interior(spec, B, g, 3.0)
+    groups, states = _states(spec, s, y)
+    data = DataMatrix(A)
+    assert data.shared is shared
+    normal = NormalMatrix(data, groups, _CONES)
+    structured = [size for (kind, size, _), pre in zip(groups, normal.pre) if pre is not None]
+    assert structured == [9, 12] and all(k >= SOC_STRUCTURED_MIN for k in structured)
+    N = normal(states, B)
+    ref = _dense_normal(A.contiguous(), spec, groups, states)
+    assert torch.allclose(N, N.mT, rtol=0, atol=1e-12 * float(ref.abs().max()))
+    err = float((N - ref).abs().max() / ref.abs().max())
+    assert err < 1e-11, err
+
+
+def test_data_matrix_products_shared_and_batched():
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(5, 3, generator=g, dtype=F64)
+    v, u = torch.randn(4, 3, generator=g, dtype=F64), torch.randn(4, 5, generator=g, dtype=F64)
+    for M in (DataMatrix(A), DataMatrix(A.expand(4, 5, 3)), DataMatrix(A.expand(4, 5, 3).clone())):
+        assert torch.allclose(M.mv(v), v @ A.T, atol=1e-14) and torch.allclose(M.rmv(u), u @ A, atol=1e-14)
+    assert DataMatrix(A.expand(4, 5, 3)).shared and not DataMatrix(A.expand(4, 5, 3).clone()).shared
+
+
+def _mixed_problem(B, g):
+    """A feasible, bounded program on every cone: x ∈ Rⁿ, equalities, and each cone's slack ``b − Ax``
+    interior at x = 0 (``b`` interior), with a cost ``c = −Aᵀy₀`` for an interior ``y₀`` (dual feasible)."""
+    spec = parse_cones(CONES)
+    n = 6
+    A = torch.randn(spec.m, n, generator=g, dtype=F64)
+    b = _interior(spec, B, g) + 0.5 * _interior(spec, B, g)
+    b[:, : spec.z] = 0.0
+    y0 = _interior(spec, B, g) + _interior(spec, B, g)
+    y0[:, : spec.z] = torch.randn(B, spec.z, generator=g, dtype=F64)
+    c = -(y0 @ A)
+    return spec, A, b, c
+
+
+def test_shared_A_equals_the_same_matrix_batched():
+    g = torch.Generator().manual_seed(2)
+    spec, A, b, c = _mixed_problem(4, g)
+    solver = ConeInteriorPoint(rtol=1e-9)
+    shared = solver.solve(A, b, c, spec)
+    expanded = solver.solve(A.expand(4, *A.shape), b, c, spec)
+    batched = solver.solve(A.expand(4, *A.shape).clone(), b, c, spec)
+    assert shared.status.tolist() == [Status.SUCCESS] * 4
+    for r in (expanded, batched):
+        assert r.status.tolist() == shared.status.tolist() and r.iterations.tolist() == shared.iterations.tolist()
+        for a, b_ in zip(r[:3], shared[:3]):
+            assert torch.allclose(a, b_, rtol=0, atol=1e-9)
+    # the solution: primal and dual feasible, complementary
+    x, y, s = shared.x, shared.y, shared.s
+    assert (x @ A.T + s - b).abs().max() < 1e-7 and (y @ A + c).abs().max() < 1e-7
+    assert ((c * x).sum(-1) + (b * y).sum(-1)).abs().max() < 1e-6
+
+
+def test_cone_program_with_a_shared_matrix_float32_and_gradients():
+    g = torch.Generator().manual_seed(3)
+    spec, A, b, c = _mixed_problem(3, g)
+    cones = dict(CONES)
+    A.requires_grad_(True)
+    Ab = A.detach().expand(3, *A.shape).clone().requires_grad_(True)
+    x, y, s = idf.cone_program(A, b, c, cones)                       # A shared by the batch
+    xb, yb, sb = idf.cone_program(Ab, b, c, cones)
+    assert torch.allclose(x, xb, atol=1e-9) and torch.allclose(y, yb, atol=1e-9)
+    w = torch.randn(x.shape, generator=g, dtype=F64)
+    (gA,) = torch.autograd.grad((w * x).sum(), A)
+    (gAb,) = torch.autograd.grad((w * xb).sum(), Ab)
+    assert torch.allclose(gA, gAb.sum(0), rtol=1e-8, atol=1e-10)     # a shared input: the sum over the batch
+    # float32 inputs: solved in float64 at float32's default tolerance (1e-5), returned in float32
+    A32, b32, c32 = A.detach().float(), b.float(), c.float()
+    x32 = idf.cone_program(A32, b32, c32, cones)[0]
+    x64 = idf.cone_program(A32.double(), b32.double(), c32.double(), cones, rtol=1e-5)[0]
+    assert x32.dtype == torch.float32 and torch.allclose(x32.double(), x64, rtol=0, atol=1e-6)
+    assert torch.allclose(x32.double(), x.detach(), atol=1e-2)
+
+
+def test_gradient_to_a_shared_matrix_against_finite_differences():
+    g = torch.Generator().manual_seed(5)
+    A, b, c, cones = _robust_least_squares(3, g)
+    A = A[0].clone().requires_grad_(True)                            # one F for the batch; g per element
+    x = idf.cone_program(A, b, c, cones)[0]
+    w = torch.randn(x.shape, generator=g, dtype=F64)
+    (gA,) = torch.autograd.grad((w * x).sum(), A)
+    for _ in range(2):
+        d = torch.randn(A.shape, generator=g, dtype=F64)
+        d[A == 0] = 0.0                                             # keep the cone structure's zeros
+        fds = []
+        for h in (1e-5, 5e-6):
+            with torch.no_grad():
+                xp = idf.cone_program(A + h * d, b, c, cones, rtol=1e-10)[0]
+                xm = idf.cone_program(A - h * d, b, c, cones, rtol=1e-10)[0]
+            fds.append(float((w * (xp - xm)).sum() / (2 * h)))
+        assert abs(fds[0] - fds[1]) <= 1e-7 * max(1.0, abs(fds[0]))   # the differences are converged
+        assert abs(float((gA * d).sum()) - fds[1]) <= 1e-6 * max(1.0, abs(fds[1]))
+
+
+def _robust_least_squares(B, g, n=10, N=15, rho=1.0):
+    """min ‖Fx − g‖ + ρ‖x‖ as a cone program in (x, t₁, t₂): two second-order cones."""
+    F = torch.randn(B, N, n, generator=g, dtype=F64)
+    gv = torch.randn(B, N, generator=g, dtype=F64)
+    m, nv = 1 + N + 1 + n, n + 2
+    A = torch.zeros(B, m, nv, dtype=F64)
+    b = torch.zeros(B, m, dtype=F64)
+    A[:, 0, n] = -1.0                   # (t₁, Fx − g) ∈ Q: rows t₁ − 0, g − Fx
+    A[:, 1:1 + N, :n] = F
+    b[:, 1:1 + N] = gv
+    A[:, 1 + N, n + 1] = -1.0           # (t₂, x) ∈ Q
+    A[:, 2 + N:, :n] = -torch.eye(n, dtype=F64)
+    c = torch.zeros(B, nv, dtype=F64)
+    c[:, n], c[:, n + 1] = 1.0, rho
+    return A, b, c, {"q": [1 + N, 1 + n]}
+
+
+def test_a_tolerance_beyond_reach_stops_with_a_reported_status():
+    # rtol = 1e-12 is below what the interior point's arithmetic reaches on these SOCPs (~1e-11): the
+    # elements must end SUCCESS or with a named failure and a finite best iterate — never NaN, never
+    # NONFINITE (which is for non-finite data)
+    g = torch.Generator().manual_seed(4)
+    A, b, c, cones = _robust_least_squares(4, g)
+    r = ConeInteriorPoint(rtol=1e-12).solve(A, b, c, parse_cones(cones))
+    assert set(r.status.tolist()) <= {Status.SUCCESS, Status.BREAKDOWN, Status.MAX_ITERATIONS}
+    assert torch.isfinite(r.x).all() and torch.isfinite(r.y).all() and torch.isfinite(r.residual).all()
+    assert (r.residual < 1e-9).all()  # the best iterate is returned: accurate to near the arithmetic's limit
+    x, y, s, info = idf.cone_program(A, b, c, cones, rtol=1e-12, on_failure="nan", return_info=True)
+    assert not (info.status == Status.NONFINITE).any()
+    assert torch.isfinite(x[info.status == Status.SUCCESS]).all()
+    if not bool((info.status == Status.SUCCESS).all()):
+        with pytest.raises(SolveError, match="BREAKDOWN|MAX_ITERATIONS"):
+            idf.cone_program(A, b, c, cones, rtol=1e-12)
+    x8 = idf.cone_program(A, b, c, cones)[0]  # the default tolerance converges
+    assert torch.allclose(x[info.status == Status.SUCCESS], x8[info.status == Status.SUCCESS], atol=1e-7)
