@@ -60,15 +60,11 @@ def _psi(s):
 
 
 def _in_primal(s):
-    x, y, z = s.unbind(-1)
-    # where y or z is not positive the log is NaN or ±inf: the comparison is then False or ignored
-    return (y > 0) & (z > 0) & (y * torch.log(z / y) - x > 0)
+    return _psi_positive(s)
 
 
 def _in_dual(v):
-    # −u·exp(v/u) < e·w with u < 0, times −u > 0:  v − u − u·log(−w/u) > 0
-    u, vv, w = v.unbind(-1)
-    return (u < 0) & (w > 0) & (vv - u - u * torch.log(-w / u) > 0)
+    return _psi_positive(_to_primal(v))
 
 
 def _chol(s):
@@ -165,24 +161,36 @@ def _ltsolve(le, v):  # L⁻ᵀ v
     return torch.stack([(v0 - l10 * u1 - l20 * u2) / l00, u1, u2], -1)
 
 
-def _inside(s, y, a, ds, dy):
-    """Whether ``s + aΔs ∈ int K`` and ``y + aΔy ∈ int K*`` on every block (``a`` per batch element)."""
-    a = a[:, None, None]
-    return (_in_primal(s + a * ds) & _in_dual(y + a * dy)).all(-1)
+def _to_primal(v):
+    """``(u, v, w) ∈ int K*  ⟺  (u − v, −u, w) ∈ int K`` (``φ = ψ(u − v, −u, w)``): one test for both."""
+    u, vv, w = v.unbind(-1)
+    return torch.stack([u - vv, -u, w], -1)
+
+
+def _psi_positive(p):
+    """``p ∈ int K`` for points ``(*, 3)``; where ``y ≤ 0`` or ``z ≤ 0`` the log makes ``ψ`` NaN or
+    ``−∞`` (so the comparison is False) except for ``y, z < 0``, excluded by ``y > 0``."""
+    x, y, z = p.unbind(-1)
+    return (y > 0) & (y * torch.log(z / y) - x > 0)
 
 
 def _boundary(s, y, ds, dy):
     """The largest ``α ≤ 1`` (to ``0.7 %``) with ``s + αΔs ∈ int K`` and ``y + αΔy ∈ int K*`` on every
     block, per batch element: bisection of ``log α`` on ``[_FLOOR, 1]``; ``0`` below ``_FLOOR``."""
     B = s.shape[0]
-    full = _inside(s, y, s.new_ones(B), ds, dy)
-    floor_ok = _inside(s, y, s.new_full((B,), _FLOOR), ds, dy)
+    P = torch.cat([s, _to_primal(y)], 1)          # both cones' blocks, as points of K
+    D = torch.cat([ds, _to_primal(dy)], 1)
+
+    def inside(a):
+        return _psi_positive(torch.addcmul(P, a[:, None, None], D)).all(-1)
+    full = inside(s.new_ones(B))
+    floor_ok = inside(s.new_full((B,), _FLOOR))
     lo = s.new_full((B,), math.log(_FLOOR))
     hi = s.new_zeros(B)
     for _ in range(_BISECT):
         mid = 0.5 * (lo + hi)
-        inside = _inside(s, y, torch.exp(mid), ds, dy)
-        lo, hi = torch.where(inside, mid, lo), torch.where(inside, hi, mid)
+        ins = inside(torch.exp(mid))
+        lo, hi = torch.where(ins, mid, lo), torch.where(ins, hi, mid)
     return torch.where(full, torch.ones_like(lo), torch.where(floor_ok, torch.exp(lo), torch.zeros_like(lo)))
 
 
