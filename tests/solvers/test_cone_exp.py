@@ -48,6 +48,12 @@ def test_membership_tests():
     assert not _in_primal(torch.tensor([[-1.0, 0.0, 1.0], [0.0, -1.0, 1.0], [0.0, 1.0, -1.0]], dtype=F64)).any()
     assert not _in_dual(torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, 1.0, 0.0]], dtype=F64)).any()
     assert (_in_primal(s) == (s[..., 1] * torch.exp(s[..., 0] / s[..., 1]) < s[..., 2])).all()
+    # the definitions, on points of every sign: K with y > 0, K* with u < 0
+    p = torch.randn(2000, 3, generator=g, dtype=F64)
+    x, yy, z = p.unbind(-1)
+    assert (_in_primal(p) == ((yy > 0) & (yy * torch.exp(x / yy) < z))).all()
+    assert (_in_dual(p) == ((x < 0) & (-x * torch.exp(yy / x) < math.e * z))).all()
+    assert 0 < int(_in_primal(p).sum()) < 1000 and 0 < int(_in_dual(p).sum()) < 1000
 
 
 @pytest.mark.parametrize("psi", [1.0, 1e-2, 1e-6])
