@@ -20,8 +20,12 @@ simplify exactly, so it is accurate up to the boundary, where ``∇ψ∇ψᵀ/ψ
     L̂₁₀ = (1−ℓ)/ψ        L̂₂₁ = −(y/z) / √(ψ(y+ψ))
     L̂₂₀ = −(y/z)/ψ       L̂₂₂ = √((2y+ψ)/(y+ψ)) / z
 
-and ``∇F(s) = (L̂₀₀, L̂₁₀ − 1/y, L̂₂₀ − 1/z)``; ``L = √μ·L̂``.  Products with ``L``, ``Lᵀ`` and
-their inverses are elementwise on the blocks (triangular 3 × 3).
+and ``∇F(s) = (L̂₀₀, L̂₁₀ − 1/y, L̂₂₀ − 1/z)``.  The scaling factors ``μ∇²F(s) + δI`` with a
+shift ``δ = _SHIFT·eps·tr(μ∇²F(s))`` (:func:`_chol_shifted`, also free of cancellation; ``δ = 0``
+would give ``L = √μ·L̂``): near the end of a solve it bounds the scaling's condition number,
+without which the last directions lose accuracy and the step collapses (``BREAKDOWN`` on
+logistic regressions at ``rtol = 1e-10``).  Products with ``L``, ``Lᵀ`` and their inverses are
+elementwise on the blocks (triangular 3 × 3).
 
 **The step** is the largest ``α ≤ 1`` keeping ``s + αΔs`` and ``y + αΔy`` strictly inside their
 cones *and* the pair inside a neighbourhood of the central path,
@@ -29,10 +33,11 @@ cones *and* the pair inside a neighbourhood of the central path,
 keeps a primal-scaled method from stalling at the boundary (Skajaa & Ye 2015, §3;
 Serrano 2015, ch. 8).  It is found in two vectorized passes, with no host sync:
 (1) the boundary: both feasible sets are intervals ``[0, α_b)`` (the cones are convex), so
-``min_b α_b`` is bisected in ``log α`` on ``[1e-12, 1]`` (``_BISECT`` halvings: within
+``min_b α_b`` is bisected (one membership test for both cones: ``(u, v, w) ∈ int K*`` iff
+``(u − v, −u, w) ∈ int K``) in ``log α`` on ``[1e-12, 1]`` (``_BISECT`` halvings: within
 ``0.7 %`` of the boundary), every block and batch element at once; (2) the neighbourhood:
-the candidates ``α_in·0.9ᵏ`` (``k ∈ {1, 2, 3, 4, 5, 7, 9, 12}``) are all checked at once and the largest whose blocks
-all pass is taken (the smallest when none does).  Forward only, no gradients.
+the candidates ``α_in·0.9ᵏ`` (``k ∈ {1, 2, 3, 4, 5, 7, 9, 12}``) are all checked at once and
+the largest whose blocks all pass is taken (the smallest when none does).  Forward only, no gradients.
 """
 
 from __future__ import annotations
