@@ -395,3 +395,28 @@ def test_degenerate_planted_programs_solve_or_report_their_residual(seed):
     assert ok.float().mean() >= 0.6
     assert (res[ok] <= rtol * (1 + 1e-6)).all()
     assert torch.allclose(r.residual[~ok], res[~ok], rtol=1e-6) and (res[~ok] > rtol).all()
+
+
+def test_logistic_regression_gradients_match_finite_differences():
+    """Through ``cone_program`` (its backward differentiates the solution the exp blocks converged to)."""
+    import implicitdiff as idf
+    g = torch.Generator().manual_seed(4)
+    A, b, c, cones = _logistic(g)
+
+    def solve(A_, b_, c_):
+        return idf.cone_program(A_, b_, c_, cones, rtol=1e-10)
+    Ar, br, cr = (t.clone().requires_grad_() for t in (A, b, c))
+    x, y, s = solve(Ar, br, cr)
+    w = [torch.randn(t.shape, generator=g, dtype=F64) for t in (x, y, s)]
+    loss = sum((wi * t).sum() for wi, t in zip(w, (x, y, s)))
+    grads = torch.autograd.grad(loss, (Ar, br, cr))
+    d = [torch.randn(t.shape, generator=g, dtype=F64) for t in (A, b, c)]
+    d[0] = d[0] * (A != 0)
+
+    def f(h):
+        out = solve(A + h * d[0], b + h * d[1], c + h * d[2])
+        return sum((wi * t).sum() for wi, t in zip(w, out))
+    h = 1e-4
+    fd = (f(h) - f(-h)) / (2 * h)
+    an = sum((gi * di).sum() for gi, di in zip(grads, d))
+    assert abs(float(an - fd)) <= 1e-6 * max(1.0, abs(float(fd))), (float(an), float(fd))
