@@ -420,3 +420,12 @@ def test_logistic_regression_gradients_match_finite_differences():
     fd = (f(h) - f(-h)) / (2 * h)
     an = sum((gi * di).sum() for gi, di in zip(grads, d))
     assert abs(float(an - fd)) <= 1e-6 * max(1.0, abs(float(fd))), (float(an), float(fd))
+
+
+def test_float32_logistic_regression():
+    import implicitdiff as idf
+    A, b, c, cones = _logistic(torch.Generator().manual_seed(0))
+    x64 = idf.cone_program(A, b, c, cones, rtol=1e-10)[0]
+    x32, _, _, info = idf.cone_program(A.float(), b.float(), c.float(), cones, return_info=True)
+    assert x32.dtype == torch.float32 and int(info.status) == Status.SUCCESS
+    assert torch.allclose(x32.double(), x64, atol=1e-4)
