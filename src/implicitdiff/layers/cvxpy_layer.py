@@ -46,6 +46,7 @@ class _Map(NamedTuple):
     the sparse ``(size, len(p̃))`` matrix of those triples."""
 
     matrix: torch.Tensor  # sparse COO, coalesced
+    transposed: torch.Tensor  # its transpose, coalesced (the backward's map)
     size: int
     params: frozenset  # which user parameters it reads
 
@@ -55,6 +56,36 @@ class _Output(NamedTuple):
     shape: tuple
     dual: bool = False  # read from y (a constraint's dual variable) instead of x
     scale: Optional[torch.Tensor] = None  # per entry (a PSD dual: 1/√2 off the diagonal, undoing svec)
+
+
+class _AffineMap(torch.autograd.Function):
+    """``out = p Mᵀ`` for ``p (B, width)`` and the sparse ``M (size, width)`` of a :class:`_Map`: one gather of
+    ``p``'s columns and one ``index_add`` into the batch-major ``(B, size)`` output (no ``(size, B)``
+    intermediate to transpose).  The backward is the same map with ``Mᵀ`` (so it is differentiable
+    again); under ``vmap`` the vmapped dimension is folded into the batch (sparse products have no
+    vmap rule)."""
+
+    @staticmethod
+    def forward(p, matrix, transposed):
+        target, source = matrix.indices()
+        out = p.new_zeros(p.shape[0], matrix.shape[0])
+        return out.index_add_(1, target, p[:, source] * matrix.values())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.matrices = inputs[1:]
+
+    @staticmethod
+    def backward(ctx, grad):
+        matrix, transposed = ctx.matrices
+        return _AffineMap.apply(grad, transposed, matrix), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, p, matrix, transposed):
+        V = info.batch_size
+        p = p.unsqueeze(0).expand((V,) + p.shape) if in_dims[0] is None else p.movedim(in_dims[0], 0)
+        out = _AffineMap.apply(p.reshape((-1,) + p.shape[2:]), matrix, transposed)
+        return out.reshape((V, -1) + out.shape[1:]), 0
 
 
 class Canonical:
@@ -130,15 +161,15 @@ class Canonical:
                     single = torch.cat([t.new_zeros(1, t[0].numel()) if i in batched else t.reshape(1, -1)
                                         for i, t in enumerate(params)] + [one], dim=1)
                 p, lead = single, ()
-            # one sparse × dense product per block: bandwidth-bound, the fastest of gather/scatter variants
-            flat = torch.sparse.mm(mp.matrix, p.T).T.contiguous()  # batch-major: the solver's products read rows
+            flat = _AffineMap.apply(p, mp.matrix, mp.transposed)  # batch-major: the solver's products read rows
             out[name] = flat.reshape(lead + ((self.m, self.n) if name == "A" else (mp.size,)))
         return out["A"], out["b"], out["c"], batch
 
     def _maps_on(self, dtype, device):
         key = (dtype, str(device))
         if key not in self._cache:
-            self._cache[key] = {name: mp._replace(matrix=mp.matrix.to(device=device, dtype=dtype))
+            self._cache[key] = {name: mp._replace(matrix=mp.matrix.to(device=device, dtype=dtype),
+                                                  transposed=mp.transposed.to(device=device, dtype=dtype))
                                 for name, mp in self.maps.items()}
         return self._cache[key]
 
@@ -345,7 +376,8 @@ def _make(target, col, coef, size, col2flat, col2param):
     width = int(col2flat[P]) + 1  # the user's flat parameters, then the constant 1
     matrix = torch.sparse_coo_tensor(index, torch.as_tensor(np.asarray(coef, dtype=np.float64)), (int(size), width),
                                      check_invariants=True)
-    return _Map(matrix.coalesce(), int(size), params)
+    matrix = matrix.coalesce()
+    return _Map(matrix, matrix.t().coalesce(), int(size), params)
 
 
 def _output(prog, chain, var):
