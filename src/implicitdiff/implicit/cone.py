@@ -20,14 +20,23 @@ reading ``rᵀ Q̇ (x, y, 1)`` off per block,
 
     Ā = y r_uᵀ − r_v xᵀ,   b̄ = r_v − r_w y,   c̄ = r_u − r_w x.
 
-``M`` is ``(n + m + 1)`` square; one batched LU serves the reverse (``adjoint=True``) and
-forward (:meth:`ConeFn.jvp`) solves.  ``DΠ_{K*}`` is in :mod:`.cone_projection`, with the
-convention at non-differentiable points.  Elements whose forward failed get ``M = I`` and
-zero cotangents (no NaN reaches a shared input's gradient).  A singular ``M`` means the
-solution is not unique (common in modelling-tool output: an auxiliary variable of an inactive
-constraint, e.g. ``t`` in ``‖x‖ ≤ t ≤ 1``); the solves use a shifted LU with iterative
-refinement, which converges to a solution of a consistent singular system, so every unique
-part of the solution gets its exact derivative (diffcp uses LSQR for the same reason).
+``M`` is ``(n + m + 1)`` square; :class:`~.cone_system.ConeSystem` solves it (and its
+transpose) without a dense LU: in the eigen-frame of ``DΠ_{K*}`` (:mod:`.cone_frame`) the
+rows with ``λ < 1 − τ`` are eliminated into an ``n × n`` Gram matrix and the others stay
+unknowns of an ``(n + p)`` system, the last row and column are bordered out, and iterative
+refinement against the exact ``M`` makes the answer exact (derivation there).  The forward's
+refinement (:func:`refine`), the backward and :meth:`ConeFn.jvp` all use it.  ``DΠ_{K*}`` is
+in :mod:`.cone_projection`, with the convention at non-differentiable points.  Elements whose
+forward failed get zero cotangents (no NaN reaches a shared input's gradient).  A singular
+``M`` means the solution is not unique (common in modelling-tool output: an auxiliary variable
+of an inactive constraint, e.g. ``t`` in ``‖x‖ ≤ t ≤ 1``); ``M`` is taken with ``ℓ = (x, y, 1)``
+added to its last column (the solution with ``ẇ = 0``) and the reduced system with a small
+shift, and refinement converges to a solution of a consistent singular system, so every
+unique part of the solution gets its exact derivative (diffcp uses LSQR for the same reason).
+
+Double backward: the backward is written in differentiable operations; its one linear solve
+is :class:`_AdjointSolve`, whose own backward is one solve with ``M`` and an autograd pass
+through a differentiable mat-vec with ``Mᵀ`` (``D`` from :func:`dual_projection_jacobian`).
 """
 
 from __future__ import annotations
@@ -84,8 +93,8 @@ def refine(A, b, c, x, y, s, ok, spec, steps):
     An interior point stops at a small duality gap, but on a curved cone (second-order, PSD) the
     gap is quadratic in the distance along the cone's boundary: its ``x`` is only about ``√gap``
     accurate.  Newton on ``N`` converges quadratically at a regular solution; a step is kept only
-    where it decreases ``‖N‖``.  Returns the refined ``(x, y, s)`` and the last step's LU of
-    ``M`` (``(None, None)`` without steps), which the derivative reuses.
+    where it decreases ``‖N‖``.  Each step solves with :class:`ConeSystem`.  Returns the refined
+    ``(x, y, s)``.
     """
     n = x.shape[-1]
     u, v = x.clone(), y - s

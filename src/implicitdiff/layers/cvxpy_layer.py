@@ -34,6 +34,7 @@ import torch
 
 from .._core.errors import InputError
 from .._core.options import check_real
+from ..implicit.sparse_affine import SparseAffineFn
 from .cone_program import cone_program
 
 __all__ = ["canonicalize", "Canonical", "CONE_KEYS", "solve_canonical", "rtol_from_solver_args"]
@@ -56,36 +57,6 @@ class _Output(NamedTuple):
     shape: tuple
     dual: bool = False  # read from y (a constraint's dual variable) instead of x
     scale: Optional[torch.Tensor] = None  # per entry (a PSD dual: 1/√2 off the diagonal, undoing svec)
-
-
-class _AffineMap(torch.autograd.Function):
-    """``out = p Mᵀ`` for ``p (B, width)`` and the sparse ``M (size, width)`` of a :class:`_Map`: one gather of
-    ``p``'s columns and one ``index_add`` into the batch-major ``(B, size)`` output (no ``(size, B)``
-    intermediate to transpose).  The backward is the same map with ``Mᵀ`` (so it is differentiable
-    again); under ``vmap`` the vmapped dimension is folded into the batch (sparse products have no
-    vmap rule)."""
-
-    @staticmethod
-    def forward(p, matrix, transposed):
-        target, source = matrix.indices()
-        out = p.new_zeros(p.shape[0], matrix.shape[0])
-        return out.index_add_(1, target, p[:, source] * matrix.values())
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.matrices = inputs[1:]
-
-    @staticmethod
-    def backward(ctx, grad):
-        matrix, transposed = ctx.matrices
-        return _AffineMap.apply(grad, transposed, matrix), None, None
-
-    @staticmethod
-    def vmap(info, in_dims, p, matrix, transposed):
-        V = info.batch_size
-        p = p.unsqueeze(0).expand((V,) + p.shape) if in_dims[0] is None else p.movedim(in_dims[0], 0)
-        out = _AffineMap.apply(p.reshape((-1,) + p.shape[2:]), matrix, transposed)
-        return out.reshape((V, -1) + out.shape[1:]), 0
 
 
 class Canonical:
@@ -161,7 +132,7 @@ class Canonical:
                     single = torch.cat([t.new_zeros(1, t[0].numel()) if i in batched else t.reshape(1, -1)
                                         for i, t in enumerate(params)] + [one], dim=1)
                 p, lead = single, ()
-            flat = _AffineMap.apply(p, mp.matrix, mp.transposed)  # batch-major: the solver's products read rows
+            flat = SparseAffineFn.apply(p, mp.matrix, mp.transposed)  # batch-major: the solver's products read rows
             out[name] = flat.reshape(lead + ((self.m, self.n) if name == "A" else (mp.size,)))
         return out["A"], out["b"], out["c"], batch
 
