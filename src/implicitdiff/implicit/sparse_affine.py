@@ -21,7 +21,8 @@ class SparseAffineFn(torch.autograd.Function):
 
     Example:
         >>> import torch
-        >>> M = torch.sparse_coo_tensor([[0, 1, 1], [0, 0, 2]], [2.0, 1.0, -1.0], (2, 3)).coalesce()
+        >>> M = torch.sparse_coo_tensor([[0, 1, 1], [0, 0, 2]], [2.0, 1.0, -1.0], (2, 3),
+        ...                             check_invariants=True).coalesce()
         >>> p = torch.tensor([[1.0, 5.0, 3.0]])
         >>> SparseAffineFn.apply(p, M, M.t().coalesce())
         tensor([[ 2., -2.]])
