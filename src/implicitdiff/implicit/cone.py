@@ -41,7 +41,7 @@ through a differentiable mat-vec with ``Mᵀ`` (``D`` from :func:`dual_projectio
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -68,11 +68,14 @@ def _rmv(M, v):
 class ConeProblem(NamedTuple):
     """Static part of a call: the cone layout, a solver with ``solve(A, b, c, spec)`` returning
     ``(x, y, s, status, residual, iterations)`` for ``A (B, m, n)``, ``b (B, m)``, ``c (B, n)``,
-    and the number of Newton refinement steps on the residual map (:func:`refine`)."""
+    the number of Newton refinement steps on the residual map (:func:`refine`), and ``cache``: a
+    fresh ``dict`` per call through which the last step's factorization reaches the derivative
+    (``None``: the derivative factorizes its own)."""
 
     spec: ConeSpec
     solver: Any
     refine: int = 1
+    cache: Optional[dict] = None
 
 
 def _residual_map(A, b, c, u, v, spec, s, y):
@@ -93,16 +96,19 @@ def refine(A, b, c, x, y, s, ok, spec, steps):
     An interior point stops at a small duality gap, but on a curved cone (second-order, PSD) the
     gap is quadratic in the distance along the cone's boundary: its ``x`` is only about ``√gap``
     accurate.  Newton on ``N`` converges quadratically at a regular solution; a step is kept only
-    where it decreases ``‖N‖``.  Each step solves with :class:`ConeSystem`.  Returns the refined
-    ``(x, y, s)``.
+    where it decreases ``‖N‖``.  Each step solves with :class:`ConeSystem` (its shifted reduced
+    LU, no refinement: a Newton step needs no more).  Returns the refined ``(x, y, s)`` and the
+    last step's system (``None`` without steps), whose factorization the derivative reuses.
     """
     n = x.shape[-1]
     u, v = x.clone(), y - s
     res, yv = _residual_map(A, b, c, u, v, spec, s, y)
     res = torch.where(ok[:, None], res, torch.zeros_like(res))
     nrm = res.abs().amax(-1)
+    system = None
     for _ in range(steps):
-        dz = ConeSystem(A, b, c, u, yv, yv - v, ok, spec).solve(res, steps=1, check=False)
+        system = ConeSystem(A, b, c, u, yv, yv - v, ok, spec)
+        dz = system.solve(res, steps=0, check=False)
         un, vn = u - dz[:, :n], v - dz[:, n:-1]
         wn = 1 - dz[:, -1:]
         un, vn = un / wn, vn / wn
@@ -113,7 +119,7 @@ def refine(A, b, c, x, y, s, ok, spec, steps):
         res = torch.where(better, rn, res)
         nrm = torch.where(better[:, 0], nn, nrm)
     okc = ok[:, None]
-    return torch.where(okc, u, x), torch.where(okc, yv, y), torch.where(okc, yv - v, s)
+    return (torch.where(okc, u, x), torch.where(okc, yv, y), torch.where(okc, yv - v, s)), system
 
 
 def _pullback_rhs(spec, D, x, y, s, gx, gy, gs):
@@ -145,7 +151,8 @@ class _AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(g, A, b, c, x, y, s, ok, spec, holder):
-        holder.append(ConeSystem(A, b, c, x, y, s, ok, spec))  # (read back by setup_context)
+        # holder: [a nearby system to reuse or None] in, [this system] out (read by setup_context)
+        holder.append(ConeSystem(A, b, c, x, y, s, ok, spec, reuse=holder.pop() if holder else None))
         return -holder[-1].solve(g, adjoint=True)
 
     @staticmethod
@@ -178,7 +185,9 @@ class ConeFn(torch.autograd.Function):
     def forward(A, b, c, problem):
         x, y, s, status, residual, iters = problem.solver.solve(A, b, c, problem.spec)
         if problem.refine:
-            x, y, s = refine(A, b, c, x, y, s, status == Status.SUCCESS, problem.spec, problem.refine)
+            (x, y, s), system = refine(A, b, c, x, y, s, status == Status.SUCCESS, problem.spec, problem.refine)
+            if problem.cache is not None:
+                problem.cache["system"] = system
         empty = A.new_zeros(0), torch.zeros(0, dtype=torch.int32, device=A.device)
         return (x, y, s, status, residual, iters) + empty
 
@@ -189,6 +198,7 @@ class ConeFn(torch.autograd.Function):
         ctx.mark_non_differentiable(status, residual, iters, e1, e2)
         ctx.set_materialize_grads(False)
         ctx.spec = problem.spec
+        ctx.reuse = problem.cache.pop("system", None) if problem.cache is not None else None
         ctx.save_for_backward(A, b, c, x, y, s, status)
         ctx.save_for_forward(A, b, c, x, y, s, status)
 
@@ -225,9 +235,9 @@ class ConeFn(torch.autograd.Function):
             # create_graph: every step differentiable, the solve through _AdjointSolve
             D = dual_projection_jacobian(spec, y, s)
             g = _pullback_rhs(spec, D, x, y, s, gx, gy, gs)
-            r = _AdjointSolve.apply(g, A, b, c, x, y, s, ok, spec, [])
+            r = _AdjointSolve.apply(g, A, b, c, x, y, s, ok, spec, [ctx.reuse])
         else:
-            system = ConeSystem(A, b, c, x, y, s, ok, spec)
+            system = ConeSystem(A, b, c, x, y, s, ok, spec, reuse=ctx.reuse)
             gv = from_frame(system.frame, system.lam * to_frame(system.frame, gy + gs)) - gs
             gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
             r = -system.solve(torch.cat([gx, gv, gw[:, None]], -1), adjoint=True)
@@ -247,7 +257,7 @@ class ConeFn(torch.autograd.Function):
         g = torch.cat([_rmv(dA, y) + dc,
                        -_mv(dA, x) + db,
                        (-(dc * x).sum(-1) - (db * y).sum(-1))[:, None]], -1)
-        system = ConeSystem(A, b, c, x, y, s, ok, ctx.spec)
+        system = ConeSystem(A, b, c, x, y, s, ok, ctx.spec, reuse=ctx.reuse)
         dz = -system.solve(g)
         du, dv, dw = dz[:, :n], dz[:, n:n + m], dz[:, -1:]
         Ddv = from_frame(system.frame, system.lam * to_frame(system.frame, dv))

@@ -86,28 +86,17 @@ def _shifted_lu(K):
     return LU, piv
 
 
-class ConeSystem:
-    """The structured factorization of ``M`` at ``(A, b, c, x, y, s)`` (``(B, m, n)``, ``(B, m)``,
-    ``(B, n)``; ``ok (B,)`` the elements to solve): :meth:`solve` applies ``M⁻¹`` or ``M⁻ᵀ``.
+class _Factor:
+    """The shifted reduced LU of ``M`` at one point, in that point's frame (the preconditioner)."""
 
-    Cost: the frame, ``Ã = UᵀA`` (``O(m·n)`` for zero, nonnegative and second-order cones),
-    ``ÃᵀWÃ`` (``B·m·n²``) and one LU of ``n + p`` (``p`` the kept rows) per element.
-    """
-
-    def __init__(self, A, b, c, x, y, s, ok, spec: ConeSpec):
-        okc = ok[:, None]
-        x, y, s = (torch.where(okc, t, torch.zeros_like(t)) for t in (x, y, s))
-        self.A, self.b, self.c, self.x, self.y, self.s, self.ok, self.spec = A, b, c, x, y, s, ok, spec
+    def __init__(self, A, b, c, x, y, frame, ok):
         B, m, n = A.shape
-        self.n, self.m = n, m
-        frame = dual_projection_frame(spec, y, s)
-        self.frame = frame
+        self.n, self.frame = n, frame
         lam = frame.lam
         self.lam = lam
         At = to_frame(frame, A)
         self.At = At
-        self.bt = to_frame(frame, b)
-        self.yt = to_frame(frame, y)
+        bt = to_frame(frame, b)
         kept = lam >= 1 - TAU
         self.kept = kept
         one_m = (1 - lam).clamp(min=TAU)
@@ -120,7 +109,6 @@ class ConeSystem:
         self.idx, self.valid, self.P = order, valid, P
         AK = At.gather(1, order[..., None].expand(B, P, n)) * valid[..., None]
         lamK = lam.gather(1, order) * valid
-        self.lamK = lamK
         G = At.mT @ (self.W[..., None] * At)
         K = A.new_zeros(B, n + P, n + P)
         K[:, :n, :n] = G
@@ -128,14 +116,12 @@ class ConeSystem:
         K[:, n:, :n] = -AK
         K[:, n:, n:] = torch.diag_embed(1 - lamK)
         eye = torch.eye(n + P, dtype=A.dtype, device=A.device)
-        K = torch.where(okc[..., None], K, eye)
+        K = torch.where(ok[:, None, None], K, eye)
         self.LU, self.piv = _shifted_lu(K)
         # the border: column (c + x, b̃ + ỹ), row (−c, −λb̃), corner 1
-        self.col = torch.cat([c + x, self.bt + self.yt], -1)
-        self.row = torch.cat([-c, -lam * self.bt], -1)
-        self.fallbacks = 0
+        self.col = torch.cat([c + x, bt + to_frame(frame, y)], -1)
+        self.row = torch.cat([-c, -lam * bt], -1)
 
-    # ------------------------------------------------------------------ the (n + m) block, reduced
     def _solve0(self, g, adjoint):
         """``M₀⁻¹ g`` (``M₀⁻ᵀ g``) in the frame, ``M₀`` the leading ``(n + m)`` block, ``g (B, n + m, r)``."""
         n, P = self.n, self.P
@@ -157,8 +143,11 @@ class ConeSystem:
         kept = torch.zeros_like(g2).scatter(1, idx[..., None].expand(B, P, r), vK)
         return torch.cat([u, torch.where(self.kept[..., None], kept, elim)], 1)
 
-    def _precondition(self, g, adjoint):
-        """The bordered solve with the shifted reduced LU, ``g (B, n + m + 1)`` in the frame."""
+    def apply(self, g, adjoint):
+        """The bordered solve with the shifted reduced LU, ``g (B, n + m + 1)`` in the original
+        coordinates (moved to the frame and back)."""
+        n = self.n
+        g = torch.cat([g[:, :n], to_frame(self.frame, g[:, n:-1]), g[:, -1:]], -1)
         first, second = (self.row, self.col) if adjoint else (self.col, self.row)
         z = self._solve0(torch.stack([g[:, :-1], first], -1), adjoint)
         zg, zc = z[..., 0], z[..., 1]
@@ -166,75 +155,107 @@ class ConeSystem:
         tiny = torch.finfo(den.dtype).tiny
         den = torch.where(den.abs() < tiny, torch.full_like(den, tiny), den)
         w = (g[:, -1] - (second * zg).sum(-1)) / den
-        return torch.cat([zg - w[:, None] * zc, w[:, None]], -1)
+        z = zg - w[:, None] * zc
+        return torch.cat([z[:, :n], from_frame(self.frame, z[:, n:]), w[:, None]], -1)
+
+
+class ConeSystem:
+    """``M`` at ``(A, b, c, x, y, s)`` (``(B, m, n)``, ``(B, m)``, ``(B, n)``; ``ok (B,)`` the
+    elements to solve) and its structured factorization: :meth:`solve` applies ``M⁻¹`` or ``M⁻ᵀ``.
+
+    Cost: the frame, ``Ã = UᵀA`` (``O(m·n)`` for zero, nonnegative and second-order cones),
+    ``ÃᵀWÃ`` (``B·m·n²``) and one LU of ``n + p`` (``p`` the kept rows) per element.
+    ``reuse``: the :class:`ConeSystem` of a nearby point (the forward's last Newton step) whose
+    factorization preconditions the refinement here instead of a new one; where refinement with
+    it does not converge, this point is factorized after all.
+    """
+
+    def __init__(self, A, b, c, x, y, s, ok, spec: ConeSpec, reuse=None):
+        okc = ok[:, None]
+        x, y, s = (torch.where(okc, t, torch.zeros_like(t)) for t in (x, y, s))
+        self.A, self.b, self.c, self.x, self.y, self.s, self.ok, self.spec = A, b, c, x, y, s, ok, spec
+        self.n, self.m = A.shape[-1], A.shape[-2]
+        self.frame = dual_projection_frame(spec, y, s)
+        self.lam = self.frame.lam
+        # the backward error's scale (max|A| read from a reused system of the same A: one pass less)
+        amax = reuse.amax if reuse is not None and reuse.A is A else A.abs().amax((-2, -1))
+        self.amax = amax
+        self.scale = 1 + amax + (c + x).abs().amax(-1) + (b + y).abs().amax(-1)
+        self.factor = reuse.factor if reuse is not None else None
+        self.fallbacks = 0
+        self.refactored = 0
+
+    def _own_factor(self):
+        return _Factor(self.A, self.b, self.c, self.x, self.y, self.frame, self.ok)
+
+    def _D(self, v):
+        return from_frame(self.frame, self.lam * to_frame(self.frame, v))
 
     def _matvec(self, z, adjoint):
-        """``M z`` (``Mᵀ z``) in the frame."""
+        """``M z`` (``Mᵀ z``), exactly, in the original coordinates."""
         n = self.n
         u, v, w = z[:, :n], z[:, n:-1], z[:, -1:]
-        At, lam, bt, c = self.At, self.lam, self.bt, self.c
-        if adjoint:
-            r1 = -_rmv(At, v) - c * w
-            r2 = lam * (_mv(At, u) - bt * w) + (1 - lam) * v
-            r3 = (self.col[:, :n] * u).sum(-1, keepdim=True) + (self.col[:, n:] * v).sum(-1, keepdim=True) + w
-        else:
-            r1 = _rmv(At, lam * v) + self.col[:, :n] * w
-            r2 = -_mv(At, u) + (1 - lam) * v + self.col[:, n:] * w
-            r3 = -(c * u).sum(-1, keepdim=True) - (bt * lam * v).sum(-1, keepdim=True) + w
+        A, b, c = self.A, self.b, self.c
+        if adjoint:  # Mᵀ = [[0, −Aᵀ, −c], [DA, I − D, −Db], [(c + x)ᵀ, (b + y)ᵀ, 1]]
+            r1 = -_rmv(A, v) - c * w
+            r2 = self._D(_mv(A, u) - v - b * w) + v
+            r3 = ((c + self.x) * u).sum(-1, keepdim=True) + ((b + self.y) * v).sum(-1, keepdim=True) + w
+        else:  # M = [[0, AᵀD, c + x], [−A, I − D, b + y], [−cᵀ, −bᵀD, 1]]
+            Dv = self._D(v)
+            r1 = _rmv(A, Dv) + (c + self.x) * w
+            r2 = -_mv(A, u) + v - Dv + (b + self.y) * w
+            r3 = -(c * u).sum(-1, keepdim=True) - (b * Dv).sum(-1, keepdim=True) + w
         return torch.cat([r1, r2, r3], -1)
 
     # ------------------------------------------------------------------ public
     def solve(self, g, adjoint=False, steps=4, check=True):
-        """``M⁻¹ g`` (``M⁻ᵀ g``) for ``g (B, n + m + 1)`` in the original coordinates; zero for
-        elements that are not ``ok``.  Up to ``steps`` refinement steps, stopping once every
-        backward error is at rounding level; with ``check`` (skipped under vmap, where ``steps``
-        steps are taken: the test reads data), elements whose backward error is still above
-        ``eps^¾`` are solved again with a dense shifted LU."""
-        n, m = self.n, self.m
+        """``M⁻¹ g`` (``M⁻ᵀ g``) for ``g (B, n + m + 1)``; zero for elements that are not ``ok``.
+
+        Up to ``steps`` refinement steps, stopping once every backward error is at rounding level;
+        with ``check`` (skipped under vmap, where ``steps`` steps are taken: the test reads data),
+        elements whose backward error is still above ``eps^¾`` are solved again: with this
+        point's own factorization if a nearby one was reused, else with a dense shifted LU."""
         okc = self.ok[:, None]
         g = torch.where(okc, g, torch.zeros_like(g))
-        gt = torch.cat([g[:, :n], to_frame(self.frame, g[:, n:n + m]), g[:, -1:]], -1)
-        sol = self._precondition(gt, adjoint)
+        if self.factor is None:
+            self.factor = self._own_factor()
         check = check and not is_vmapped(g)
+        sol, bad = self._refine(self.factor, g, adjoint, steps, check)
+        if bad is not None and bool(bad.any()) and self.factor.frame is not self.frame:
+            self.refactored += 1
+            self.factor = self._own_factor()
+            sol2, bad = self._refine(self.factor, g, adjoint, steps, check)
+            sol = torch.where(okc, sol2, sol)
+        if bad is not None and bool(bad.any()):
+            sol = self._fallback(g, sol, bad, adjoint)
+        return torch.where(okc, sol, torch.zeros_like(sol))
+
+    def _refine(self, factor, g, adjoint, steps, check):
+        sol = factor.apply(g, adjoint)
         tol = torch.finfo(g.dtype).eps ** 0.75
-        scale_m = 1 + self.At.abs().amax((-2, -1)) + self.col.abs().amax(-1) + self.bt.abs().amax(-1)
         bad = None
         for i in range(steps + 1):
-            res = gt - self._matvec(sol, adjoint)
+            res = g - self._matvec(sol, adjoint)
             if check:  # refine to a backward error of rounding; accept eps^¾ after the last step
-                err = res.abs().amax(-1) / (gt.abs().amax(-1) + sol.abs().amax(-1) * scale_m)
+                err = res.abs().amax(-1) / (g.abs().amax(-1) + sol.abs().amax(-1) * self.scale)
                 bad = self.ok & ~(err <= tol)
                 if not bool((self.ok & ~(err <= 64 * torch.finfo(g.dtype).eps)).any()):
                     break
             if i < steps:
-                sol = sol + self._precondition(res, adjoint)
-        if bad is not None and bool(bad.any()):
-            sol = self._fallback(gt, sol, bad, adjoint)
-        sol = torch.cat([sol[:, :n], from_frame(self.frame, sol[:, n:n + m]), sol[:, -1:]], -1)
-        return torch.where(okc, sol, torch.zeros_like(sol))
+                sol = sol + factor.apply(res, adjoint)
+        return sol, bad
 
-    def _fallback(self, gt, sol, bad, adjoint):
-        """Dense shifted LU with refinement of ``M`` (in the frame) for the elements ``bad``."""
+    def _fallback(self, g, sol, bad, adjoint):
+        """Dense shifted LU with refinement of ``M`` for the elements ``bad``."""
         i = bad.nonzero()[:, 0]
         self.fallbacks += int(i.numel())
-        n, m = self.n, self.m
-        At, lam = self.At[i], self.lam[i]
-        N = n + m + 1
-        M = At.new_zeros(len(i), N, N)
-        M[:, :n, n:n + m] = At.mT * lam[:, None, :]
-        M[:, :n, -1] = self.col[i, :n]
-        M[:, n:n + m, :n] = -At
-        M[:, n:n + m, n:n + m] = torch.diag_embed(1 - lam)
-        M[:, n:n + m, -1] = self.col[i, n:]
-        M[:, -1, :n] = self.row[i, :n]
-        M[:, -1, n:n + m] = self.row[i, n:]
-        M[:, -1, -1] = 1.0
+        M = dense_system(self.A[i], self.b[i], self.c[i], self.x[i], self.y[i], self.s[i], self.ok[i], self.spec)
         Mo = M.mT if adjoint else M
         LU, piv = _shifted_lu(M)
-        g = gt[i]
-        x = torch.linalg.lu_solve(LU, piv, g[..., None], adjoint=adjoint)[..., 0]
+        gi = g[i]
+        x = torch.linalg.lu_solve(LU, piv, gi[..., None], adjoint=adjoint)[..., 0]
         for _ in range(6):
-            x = x + torch.linalg.lu_solve(LU, piv, (g - _mv(Mo, x))[..., None], adjoint=adjoint)[..., 0]
+            x = x + torch.linalg.lu_solve(LU, piv, (gi - _mv(Mo, x))[..., None], adjoint=adjoint)[..., 0]
         sol = sol.clone()
         sol[i] = x
         return sol

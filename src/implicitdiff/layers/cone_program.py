@@ -132,7 +132,7 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     A64 = A.to(torch.float64).expand(B, m, n)
     b64 = b.to(torch.float64).expand(B, m)
     c64 = c.to(torch.float64).expand(B, n)
-    problem = ConeProblem(spec, ConeInteriorPoint(rtol=rtol, max_iter=max_iter))
+    problem = ConeProblem(spec, ConeInteriorPoint(rtol=rtol, max_iter=max_iter), cache={})
     x, y, s, status, residual, iters, _, _ = ConeFn.apply(A64, b64, c64, problem)
     x, y, s = (t.to(dtype) for t in (x, y, s))
     info = SolveInfo(status, residual.to(dtype), iters)
