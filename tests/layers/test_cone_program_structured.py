@@ -146,3 +146,23 @@ def test_double_backward_matches_finite_differences_of_the_gradient(name):
         return sum(float((gi * ui).sum()) for gi, ui in zip(grad_of(*args), u))
     fd = (inner_at(h) - inner_at(-h)) / (2 * h)
     assert abs(an - fd) <= 1e-6 * max(1.0, abs(fd)), (an, fd)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_reused_nearby_factorization_gives_the_same_solves(name):
+    A, b, c, cones = case(name, 0)
+    spec = parse_cones(cones)
+    x, y, s = (t[None] for t in idf.cone_program(A, b, c, cones, rtol=1e-10))
+    A, b, c = A[None], b[None], c[None]
+    ok = torch.ones(1, dtype=torch.bool)
+    g = torch.randn(1, A.shape[1] + A.shape[2] + 1, generator=torch.Generator().manual_seed(4), dtype=F64)
+    fresh = ConeSystem(A, b, c, x, y, s, ok, spec)
+    near = ConeSystem(A, b, c, x * (1 + 1e-6), y * (1 - 1e-6), s * (1 + 1e-6), ok, spec)  # a nearby point
+    far = ConeSystem(A, b, c, torch.zeros_like(x), y.flip(-1), s.flip(-1), ok, spec)       # an unrelated one
+    for other, refactored in ((near, 0), (far, None)):
+        reused = ConeSystem(A, b, c, x, y, s, ok, spec, reuse=other)
+        for adjoint in (False, True):
+            assert torch.allclose(reused.solve(g, adjoint=adjoint), fresh.solve(g, adjoint=adjoint), rtol=0, atol=1e-11)
+        if refactored is not None:
+            assert reused.refactored == refactored
+        assert reused.fallbacks == 0
