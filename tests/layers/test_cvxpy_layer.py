@@ -472,3 +472,54 @@ def test_an_infeasible_element_is_named_and_the_others_kept():
     (sol,) = layer(bounds)
     assert layer.last_info.status.tolist() == [Status.SUCCESS, Status.INFEASIBLE]
     assert torch.allclose(sol[0], bounds[0], atol=1e-7) and bool(torch.isnan(sol[1]).all())
+
+
+# ----------------------------------------------------------------------------- transforms through the layer
+@pytest.mark.parametrize("name", ["socp", "psd"])
+def test_vmap_and_jacrev_through_the_layer_equal_the_batched_call(name):
+    from implicitdiff.nn import CvxpyLayer
+
+    prob, params, variables = PROBLEMS[name]()
+    layer = CvxpyLayer(prob, params, variables, rtol=1e-10)
+    values = random_values(params, batch=(3,), seed=8)
+    rest = [v[0] for v in values[1:]]  # vmapped over the first parameter only, the others shared
+    batched = layer(values[0], *rest)
+    mapped = torch.func.vmap(lambda p0: layer(p0, *rest))(values[0])
+    for a, b in zip(mapped, batched):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-10)
+
+    # jacrev of one element's first variable w.r.t. every parameter, against rows of autograd's Jacobian
+    def first(*ps):
+        return layer(*ps)[0]
+
+    args = [values[0][0]] + rest
+    J = torch.func.jacrev(first, argnums=tuple(range(len(args))))(*args)
+    leaves = [a.clone().requires_grad_() for a in args]
+    out = first(*leaves).reshape(-1)
+    for k in range(out.numel()):
+        rows = torch.autograd.grad(out[k], leaves, retain_graph=True, allow_unused=True)
+        for Jp, r in zip(J, rows):
+            r = torch.zeros_like(Jp.reshape(out.numel(), -1)[k]) if r is None else r.reshape(-1)
+            assert torch.allclose(Jp.reshape(out.numel(), -1)[k], r, atol=1e-10)
+
+
+def test_layer_is_twice_differentiable():
+    from implicitdiff.nn import CvxpyLayer
+
+    prob, params, variables = socp_problem()
+    layer = CvxpyLayer(prob, params, variables, rtol=1e-10)
+    mu, F = random_values(params, seed=9)
+    w = torch.randn(5, generator=torch.Generator().manual_seed(2), dtype=F64)
+    d = torch.randn(5, generator=torch.Generator().manual_seed(3), dtype=F64)
+
+    def grad_mu(mu_):
+        mu_ = mu_.clone().requires_grad_()
+        (g,) = torch.autograd.grad((layer(mu_, F)[0] * w).sum(), mu_, create_graph=True)
+        return g
+
+    mur = mu.clone().requires_grad_()
+    (hvp,) = torch.autograd.grad((grad_mu(mur) * d).sum(), mur)
+    h = 1e-4
+    fd = (grad_mu(mu + h * d) - grad_mu(mu - h * d)).detach() / (2 * h)
+    assert torch.allclose(hvp, fd, atol=1e-6 * max(1.0, float(fd.abs().max()))), (hvp, fd)
+    assert float(fd.abs().max()) > 1e-3  # a curved solution map: the test is not vacuous

@@ -20,27 +20,37 @@ reading ``rᵀ Q̇ (x, y, 1)`` off per block,
 
     Ā = y r_uᵀ − r_v xᵀ,   b̄ = r_v − r_w y,   c̄ = r_u − r_w x.
 
-``M`` is ``(n + m + 1)`` square; one batched LU serves the reverse (``adjoint=True``) and
-forward (:meth:`ConeFn.jvp`) solves.  ``DΠ_{K*}`` is in :mod:`.cone_projection`, with the
-convention at non-differentiable points.  Elements whose forward failed get ``M = I`` and
-zero cotangents (no NaN reaches a shared input's gradient).  A singular ``M`` means the
-solution is not unique (common in modelling-tool output: an auxiliary variable of an inactive
-constraint, e.g. ``t`` in ``‖x‖ ≤ t ≤ 1``); the solves use a shifted LU with iterative
-refinement, which converges to a solution of a consistent singular system, so every unique
-part of the solution gets its exact derivative (diffcp uses LSQR for the same reason).
+``M`` is ``(n + m + 1)`` square; :class:`~.cone_system.ConeSystem` solves it (and its
+transpose) without a dense LU: in the eigen-frame of ``DΠ_{K*}`` (:mod:`.cone_frame`) the
+rows with ``λ < 1 − τ`` are eliminated into an ``n × n`` Gram matrix and the others stay
+unknowns of an ``(n + p)`` system, the last row and column are bordered out, and iterative
+refinement against the exact ``M`` makes the answer exact (derivation there).  The forward's
+refinement (:func:`refine`), the backward and :meth:`ConeFn.jvp` all use it.  ``DΠ_{K*}`` is
+in :mod:`.cone_projection`, with the convention at non-differentiable points.  Elements whose
+forward failed get zero cotangents (no NaN reaches a shared input's gradient).  A singular
+``M`` means the solution is not unique (common in modelling-tool output: an auxiliary variable
+of an inactive constraint, e.g. ``t`` in ``‖x‖ ≤ t ≤ 1``); ``M`` is taken with ``ℓ = (x, y, 1)``
+added to its last column (the solution with ``ẇ = 0``) and the reduced system with a small
+shift, and refinement converges to a solution of a consistent singular system, so every
+unique part of the solution gets its exact derivative (diffcp uses LSQR for the same reason).
+
+Double backward: the backward is written in differentiable operations; its one linear solve
+is :class:`_AdjointSolve`, whose own backward is one solve with ``M`` and an autograd pass
+through a differentiable mat-vec with ``Mᵀ`` (``D`` from :func:`dual_projection_jacobian`).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._core.status import Status
 from .._core.validate import is_vmapped
 from ..linalg.cone_spec import ConeSpec
+from .cone_frame import from_frame, to_frame
 from .cone_projection import apply_block_diagonal, dual_projection_jacobian, project_dual
+from .cone_system import ConeSystem
 
 __all__ = ["ConeFn", "ConeProblem"]
 
@@ -58,76 +68,14 @@ def _rmv(M, v):
 class ConeProblem(NamedTuple):
     """Static part of a call: the cone layout, a solver with ``solve(A, b, c, spec)`` returning
     ``(x, y, s, status, residual, iterations)`` for ``A (B, m, n)``, ``b (B, m)``, ``c (B, n)``,
-    and the number of Newton refinement steps on the residual map (:func:`refine`)."""
+    the number of Newton refinement steps on the residual map (:func:`refine`), and ``cache``: a
+    fresh ``dict`` per call through which the last step's factorization reaches the derivative
+    (``None``: the derivative factorizes its own)."""
 
     spec: ConeSpec
     solver: Any
     refine: int = 1
-
-
-def _system(A, b, c, x, y, s, ok, spec):
-    """``M`` (with ``I`` for failed elements) and ``DΠ_{K*}``."""
-    B, m, n = A.shape
-    N = n + m + 1
-    D = dual_projection_jacobian(spec, y, s)
-    # M = Q·DΠ − DΠ + I.  Q's u- and w-columns meet the identity blocks of DΠ; its v-columns are
-    # (Aᵀ, 0, −bᵀ), so they become (AᵀD, I − D, −bᵀD) with D = DΠ_{K*} symmetric block-diagonal.
-    DA = apply_block_diagonal(spec, D, torch.cat([A, b[..., None]], -1))
-    M = A.new_zeros(B, N, N)
-    M[:, :n, n:n + m] = DA[..., :n].mT
-    M[:, -1, n:n + m] = -DA[..., n]
-    M[:, n:n + m, n:n + m] = torch.eye(m, dtype=A.dtype, device=A.device) - D
-    M[:, :n, -1] = c
-    M[:, n:n + m, :n] = -A
-    M[:, n:n + m, -1] = b
-    M[:, -1, :n] = -c
-    # M is singular: N is homogeneous of degree 0, so M z = N(z) = 0, and Mᵀℓ = 0 for ℓ = Π(z) =
-    # (x, y, 1).  The null direction z changes (ẋ, ẏ, ṡ) by nothing, and every right-hand side
-    # Q̇ℓ is consistent (ℓᵀQ̇ℓ = 0, Q̇ skew).  Adding ℓ e_wᵀ makes M nonsingular and picks the
-    # solution with ẇ = 0 (an LU of M itself would return a huge multiple of z whose cancellation
-    # in ẋ = u̇ − xẇ loses the digits).
-    M[:, :, -1] += torch.cat([x, y, torch.ones_like(x[:, :1])], -1)
-    eye = torch.eye(N, dtype=A.dtype, device=A.device)
-    M = torch.where(ok[:, None, None], M, eye)
-    return M, D
-
-
-def _shifted_lu(M):
-    """LU of ``M + δI``, ``δ = √eps·max|M|``: nonsingular even where ``M`` is singular (a solution
-    that is not unique), and a Newton / refinement step with it differs from one with ``M`` by a
-    factor ``1 + O(δ‖M⁻¹‖)``."""
-    delta = torch.finfo(M.dtype).eps ** 0.5 * M.abs().amax((-2, -1)).clamp(min=1.0)
-    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-    LU, piv, _ = torch.linalg.lu_factor_ex(M + delta[:, None, None] * eye)
-    return LU, piv
-
-
-def _solve(M, g, adjoint=False, fac=None, steps=4):
-    """``M⁻¹ g`` (``M⁻ᵀ g`` with ``adjoint``) by iterative refinement with a shifted LU.
-
-    ``fac``: the shifted LU of a nearby matrix (the last refinement step's, a Newton step away);
-    where refinement with it does not converge, a fresh shifted LU of ``M``.  Where ``M`` is
-    singular (a non-unique solution) and the system consistent, the iteration converges to one
-    of its solutions (iterated Tikhonov), which gives the derivative of every unique part of
-    the solution; an inconsistent system (a cotangent on a non-unique part) gets a bounded,
-    regularized answer."""
-    Mo = M.mT if adjoint else M
-
-    def run(LU, piv):
-        sol = torch.linalg.lu_solve(LU, piv, g[..., None], adjoint=adjoint)[..., 0]
-        for _ in range(steps):
-            res = g - _mv(Mo, sol)
-            sol = sol + torch.linalg.lu_solve(LU, piv, res[..., None], adjoint=adjoint)[..., 0]
-        res = g - _mv(Mo, sol)
-        scale = g.abs().amax(-1) + Mo.abs().amax((-2, -1)) * sol.abs().amax(-1)
-        return sol, res.abs().amax(-1) / scale.clamp(min=torch.finfo(M.dtype).tiny)
-
-    if fac is not None and not (is_vmapped(M) or is_vmapped(g)):  # (the test below reads data)
-        sol, rel = run(*fac)
-        if bool((rel <= torch.finfo(M.dtype).eps ** 0.75).all()):
-            return sol
-    sol, _ = run(*_shifted_lu(M))
-    return sol
+    cache: Optional[dict] = None
 
 
 def _residual_map(A, b, c, u, v, spec, s, y):
@@ -148,18 +96,19 @@ def refine(A, b, c, x, y, s, ok, spec, steps):
     An interior point stops at a small duality gap, but on a curved cone (second-order, PSD) the
     gap is quadratic in the distance along the cone's boundary: its ``x`` is only about ``√gap``
     accurate.  Newton on ``N`` converges quadratically at a regular solution; a step is kept only
-    where it decreases ``‖N‖``.  Returns the refined ``(x, y, s)`` and the last step's LU of
-    ``M`` (``(None, None)`` without steps), which the derivative reuses.
+    where it decreases ``‖N‖``.  Each step solves with :class:`ConeSystem` (its shifted reduced
+    LU, no refinement: a Newton step needs no more).  Returns the refined ``(x, y, s)`` and the
+    last step's system (``None`` without steps), whose factorization the derivative reuses.
     """
     n = x.shape[-1]
     u, v = x.clone(), y - s
     res, yv = _residual_map(A, b, c, u, v, spec, s, y)
+    res = torch.where(ok[:, None], res, torch.zeros_like(res))
     nrm = res.abs().amax(-1)
-    LU = piv = None
+    system = None
     for _ in range(steps):
-        M, _ = _system(A, b, c, u, yv, yv - v, ok, spec)
-        LU, piv = _shifted_lu(M)
-        dz = torch.linalg.lu_solve(LU, piv, res[..., None])[..., 0]
+        system = ConeSystem(A, b, c, u, yv, yv - v, ok, spec)
+        dz = system.solve(res, steps=0, check=False)
         un, vn = u - dz[:, :n], v - dz[:, n:-1]
         wn = 1 - dz[:, -1:]
         un, vn = un / wn, vn / wn
@@ -170,40 +119,88 @@ def refine(A, b, c, x, y, s, ok, spec, steps):
         res = torch.where(better, rn, res)
         nrm = torch.where(better[:, 0], nn, nrm)
     okc = ok[:, None]
-    return (torch.where(okc, u, x), torch.where(okc, yv, y), torch.where(okc, yv - v, s)), (LU, piv)
+    return (torch.where(okc, u, x), torch.where(okc, yv, y), torch.where(okc, yv - v, s)), system
 
 
-def unfold_lu(t, V):
-    return t.reshape((V, t.shape[0] // V) + t.shape[1:])
+def _pullback_rhs(spec, D, x, y, s, gx, gy, gs):
+    """``ḡ = (x̄, DΠᵀ(ȳ + s̄) − s̄, −xᵀx̄ − yᵀȳ − sᵀs̄)`` (``D`` dense block-diagonal, symmetric)."""
+    gv = apply_block_diagonal(spec, D, (gy + gs)[..., None])[..., 0] - gs
+    gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
+    return torch.cat([gx, gv, gw[:, None]], -1)
+
+
+def _transposed_matvec(A, b, c, x, y, s, ok, spec, r):
+    """``Mᵀ r`` with ``M`` of :mod:`.cone_system` built from differentiable ops (``D`` from
+    :func:`dual_projection_jacobian`), zero for elements that are not ``ok``."""
+    n, m = x.shape[-1], y.shape[-1]
+    ru, rv, rw = r[:, :n], r[:, n:n + m], r[:, -1:]
+    D = dual_projection_jacobian(spec, y, s)
+    # Mᵀ = [[0, −Aᵀ, −c], [DA, I − D, −Db], [(c + x)ᵀ, (b + y)ᵀ, 1]]
+    t1 = -_rmv(A, rv) - c * rw
+    t2 = apply_block_diagonal(spec, D, (_mv(A, ru) - rv - b * rw)[..., None])[..., 0] + rv
+    t3 = ((c + x) * ru).sum(-1, keepdim=True) + ((b + y) * rv).sum(-1, keepdim=True) + rw
+    out = torch.cat([t1, t2, t3], -1)
+    return torch.where(ok[:, None], out, torch.zeros_like(out))
+
+
+class _AdjointSolve(torch.autograd.Function):
+    """``r = −M⁻ᵀ ḡ`` as a differentiable function of ``ḡ`` and of ``(A, b, c, x, y, s)`` (through
+    ``M``), for the double backward.  Forward: the structured solve.  Backward (``Mᵀr = −ḡ``):
+    ``ḡ`` gets ``−M⁻¹ r̄``, and ``θ ∈ (A, b, c, x, y, s)`` gets ``∂_θ ⟨−M⁻¹ r̄, Mᵀ(θ) r⟩`` — one
+    solve with ``M`` and one autograd pass through :func:`_transposed_matvec`."""
+
+    @staticmethod
+    def forward(g, A, b, c, x, y, s, ok, spec, holder):
+        # holder: [a nearby system to reuse or None] in, [this system] out (read by setup_context)
+        holder.append(ConeSystem(A, b, c, x, y, s, ok, spec, reuse=holder.pop() if holder else None))
+        return -holder[-1].solve(g, adjoint=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, A, b, c, x, y, s, ok, spec, holder = inputs
+        ctx.system, ctx.spec = holder.pop(), spec
+        ctx.save_for_backward(A, b, c, x, y, s, ok, output)
+
+    @staticmethod
+    def backward(ctx, gr):
+        A, b, c, x, y, s, ok, r = ctx.saved_tensors
+        lam = -ctx.system.solve(gr)
+        inputs = [t.detach().requires_grad_() for t in (A, b, c, x, y, s)]
+        with torch.enable_grad():
+            f = (lam.detach() * _transposed_matvec(*inputs, ok, ctx.spec, r.detach())).sum()
+            grads = torch.autograd.grad(f, inputs, allow_unused=True)
+        return (lam,) + tuple(grads) + (None, None, None)
 
 
 class ConeFn(torch.autograd.Function):
-    """``(x, y, s, status, residual, iterations, LU, pivots) = ConeFn.apply(A, b, c, problem)``.
+    """``(x, y, s, status, residual, iterations, _, _) = ConeFn.apply(A, b, c, problem)``.
 
     ``A (B, m, n)``, ``b (B, m)``, ``c (B, n)`` batched (the caller expands shared inputs, so
-    autograd sums their gradients); outputs ``x (B, n)``, ``y, s (B, m)`` differentiable.
+    autograd sums their gradients); outputs ``x (B, n)``, ``y, s (B, m)`` differentiable (the last
+    two outputs are empty placeholders, kept for callers that unpack eight).  The backward is
+    differentiable (double backward: :class:`_AdjointSolve`).
     """
 
     @staticmethod
     def forward(A, b, c, problem):
         x, y, s, status, residual, iters = problem.solver.solve(A, b, c, problem.spec)
-        LU = piv = None
         if problem.refine:
-            (x, y, s), (LU, piv) = refine(A, b, c, x, y, s, status == Status.SUCCESS, problem.spec,
-                                          problem.refine)
-        if LU is None:  # no refinement: the derivative factorizes its own M
-            LU, piv = A.new_zeros(0), torch.zeros(0, dtype=torch.int32, device=A.device)
-        return x, y, s, status, residual, iters, LU, piv
+            (x, y, s), system = refine(A, b, c, x, y, s, status == Status.SUCCESS, problem.spec, problem.refine)
+            if problem.cache is not None:
+                problem.cache["system"] = system
+        empty = A.new_zeros(0), torch.zeros(0, dtype=torch.int32, device=A.device)
+        return (x, y, s, status, residual, iters) + empty
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         A, b, c, problem = inputs
-        x, y, s, status, residual, iters, LU, piv = output
-        ctx.mark_non_differentiable(status, residual, iters, LU, piv)
+        x, y, s, status, residual, iters, e1, e2 = output
+        ctx.mark_non_differentiable(status, residual, iters, e1, e2)
         ctx.set_materialize_grads(False)
         ctx.spec = problem.spec
-        ctx.save_for_backward(A, b, c, x, y, s, status, LU, piv)
-        ctx.save_for_forward(A, b, c, x, y, s, status, LU, piv)
+        ctx.reuse = problem.cache.pop("system", None) if problem.cache is not None else None
+        ctx.save_for_backward(A, b, c, x, y, s, status)
+        ctx.save_for_forward(A, b, c, x, y, s, status)
 
     @staticmethod
     def vmap(info, in_dims, A, b, c, problem):
@@ -215,35 +212,35 @@ class ConeFn(torch.autograd.Function):
             flat.append(t.reshape((-1,) + t.shape[2:]))
         out = ConeFn.apply(*flat, problem)
         unfold = [t.reshape((V, t.shape[0] // V) + t.shape[1:]) for t in out[:6]]
-        LU, piv = out[6:]
-        if LU.numel():
-            return tuple(unfold) + (unfold_lu(LU, V), unfold_lu(piv, V)), (0,) * 8
-        return tuple(unfold) + (LU, piv), (0,) * 6 + (None, None)
+        return tuple(unfold) + tuple(out[6:]), (0,) * 6 + (None, None)
 
     @staticmethod
     def _unpack(ctx):
-        A, b, c, x, y, s, status, LU, piv = ctx.saved_tensors
+        A, b, c, x, y, s, status = ctx.saved_tensors
         ok = status == Status.SUCCESS
-        z = torch.zeros_like
-        x, y, s = (torch.where(ok[:, None], t, z(t)) for t in (x, y, s))
-        M, D = _system(A, b, c, x, y, s, ok, ctx.spec)
-        fac = (LU, piv) if LU.numel() else None
-        return A, b, c, x, y, s, ok, M, D, fac
+        x, y, s = (torch.where(ok[:, None], t, torch.zeros_like(t)) for t in (x, y, s))
+        return A, b, c, x, y, s, ok
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gx, gy, gs, *_):
-        A, b, c, x, y, s, ok, M, D, fac = ConeFn._unpack(ctx)
-        B, m, n = A.shape
+        A, b, c, x, y, s, ok = ConeFn._unpack(ctx)
         gx = torch.zeros_like(x) if gx is None else gx
         gy = torch.zeros_like(y) if gy is None else gy
         gs = torch.zeros_like(s) if gs is None else gs
         okc = ok[:, None]
         gx, gy, gs = (torch.where(okc, t, torch.zeros_like(t)) for t in (gx, gy, gs))
-        gv = apply_block_diagonal(ctx.spec, D, (gy + gs)[..., None])[..., 0] - gs  # D symmetric
-        gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
-        g = torch.cat([gx, gv, gw[:, None]], -1)
-        r = -_solve(M, g, adjoint=True, fac=fac)
+        spec = ctx.spec
+        n, m = x.shape[-1], y.shape[-1]
+        if torch.is_grad_enabled() and not any(is_vmapped(t) for t in (gx, gy, gs)):
+            # create_graph: every step differentiable, the solve through _AdjointSolve
+            D = dual_projection_jacobian(spec, y, s)
+            g = _pullback_rhs(spec, D, x, y, s, gx, gy, gs)
+            r = _AdjointSolve.apply(g, A, b, c, x, y, s, ok, spec, [ctx.reuse])
+        else:
+            system = ConeSystem(A, b, c, x, y, s, ok, spec, reuse=ctx.reuse)
+            gv = from_frame(system.frame, system.lam * to_frame(system.frame, gy + gs)) - gs
+            gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
+            r = -system.solve(torch.cat([gx, gv, gw[:, None]], -1), adjoint=True)
         ru, rv, rw = r[:, :n], r[:, n:n + m], r[:, -1:]
         gA = y[:, :, None] * ru[:, None, :] - rv[:, :, None] * x[:, None, :]
         gb = rv - rw * y
@@ -252,18 +249,18 @@ class ConeFn(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dA, db, dc, _):
-        A, b, c, x, y, s, ok, M, D, fac = ConeFn._unpack(ctx)
-        B, m, n = A.shape
+        A, b, c, x, y, s, ok = ConeFn._unpack(ctx)
+        n, m = x.shape[-1], y.shape[-1]
         dA = torch.zeros_like(A) if dA is None else dA
         db = torch.zeros_like(b) if db is None else db
         dc = torch.zeros_like(c) if dc is None else dc
         g = torch.cat([_rmv(dA, y) + dc,
                        -_mv(dA, x) + db,
                        (-(dc * x).sum(-1) - (db * y).sum(-1))[:, None]], -1)
-        g = torch.where(ok[:, None], g, torch.zeros_like(g))
-        dz = -_solve(M, g, fac=fac)
+        system = ConeSystem(A, b, c, x, y, s, ok, ctx.spec, reuse=ctx.reuse)
+        dz = -system.solve(g)
         du, dv, dw = dz[:, :n], dz[:, n:n + m], dz[:, -1:]
-        Ddv = apply_block_diagonal(ctx.spec, D, dv[..., None])[..., 0]
+        Ddv = from_frame(system.frame, system.lam * to_frame(system.frame, dv))
         dx = du - x * dw
         dy = Ddv - y * dw
         ds = Ddv - dv - s * dw

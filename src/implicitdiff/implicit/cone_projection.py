@@ -29,7 +29,7 @@ import torch
 
 from ..linalg.cone_spec import ConeSpec, smat, svec
 
-__all__ = ["dual_projection_jacobian", "project_dual", "apply_block_diagonal"]
+__all__ = ["dual_projection_jacobian", "project_dual", "apply_block_diagonal", "psd_gamma"]
 
 
 def _soc(v):
@@ -50,15 +50,21 @@ def _soc(v):
     return torch.where(inside, eye, torch.where(polar, torch.zeros_like(D), D))
 
 
-def _psd(v, k):
-    lam, U = torch.linalg.eigh(smat(v, k))
+def psd_gamma(lam):
+    """``Γᵢⱼ = (λᵢ⁺ − λⱼ⁺)/(λᵢ − λⱼ)`` (``(*, k, k)``) for the eigenvalues ``lam (*, k)`` of ``smat(v)``;
+    on (numerically) equal eigenvalues ``1[λᵢ > 0 and λⱼ > 0] + ½·1[exactly one > 0]``."""
     lp = lam.clamp(min=0)
     dl = lam[..., :, None] - lam[..., None, :]
-    same = dl.abs() <= 1e3 * torch.finfo(v.dtype).eps * lam.abs().amax(-1, keepdim=True)[..., None].clamp(min=1)
+    same = dl.abs() <= 1e3 * torch.finfo(lam.dtype).eps * lam.abs().amax(-1, keepdim=True)[..., None].clamp(min=1)
     safe = torch.where(same, torch.ones_like(dl), dl)
-    G = torch.where(same, ((lam[..., :, None] > 0) & (lam[..., None, :] > 0)).to(v.dtype)
-                    + 0.5 * ((lam[..., :, None] > 0) ^ (lam[..., None, :] > 0)).to(v.dtype),
-                    (lp[..., :, None] - lp[..., None, :]) / safe)
+    return torch.where(same, ((lam[..., :, None] > 0) & (lam[..., None, :] > 0)).to(lam.dtype)
+                       + 0.5 * ((lam[..., :, None] > 0) ^ (lam[..., None, :] > 0)).to(lam.dtype),
+                       (lp[..., :, None] - lp[..., None, :]) / safe)
+
+
+def _psd(v, k):
+    lam, U = torch.linalg.eigh(smat(v, k))
+    G = psd_gamma(lam)
     d = v.shape[-1]
     basis = smat(torch.eye(d, dtype=v.dtype, device=v.device), k)               # (d, k, k)
     Ue = U[..., None, :, :]

@@ -69,8 +69,8 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
         ``(x, y, s)`` of shapes ``(*, n)``, ``(*, m)``, ``(*, m)`` (``*`` = the batch, or
         nothing), then the info if ``return_info``.  All three are differentiable with
         respect to ``A``, ``b`` and ``c``: reverse mode, ``torch.func.jvp``, ``vmap``, ``jacrev``,
-        ``jacfwd`` (a vmapped call folds into the batch).  Not twice differentiable: the
-        backward is ``once_differentiable``.
+        ``jacfwd`` (a vmapped call folds into the batch), and twice (the backward is
+        differentiable).
 
     Statuses per element: ``SUCCESS``; ``INFEASIBLE`` (primal infeasible, with a dual
     certificate) and ``UNBOUNDED`` (dual infeasible) from the homogeneous embedding;
@@ -78,14 +78,16 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
 
     The interior point's answer is polished by one Newton step on diffcp's residual map (on a
     curved cone an interior point's ``x`` is only about ``√gap`` accurate; the step makes it
-    accurate to rounding at a regular solution), and that step's factorization is reused by the
-    derivative.  Gradients are the exact derivative of the solution map (diffcp's residual map,
-    see :mod:`implicitdiff.implicit.cone`).  At a non-differentiable point (a constraint active
+    accurate to rounding at a regular solution); that step and the derivative solve with the
+    structured factorization of :mod:`implicitdiff.implicit.cone_system` (an ``n + p`` LU,
+    ``p`` the rows where the projection's derivative is ~1, instead of ``n + m + 1``).
+    Gradients are the exact derivative of the solution map (diffcp's residual map, see
+    :mod:`implicitdiff.implicit.cone`).  At a non-differentiable point (a constraint active
     with a zero multiplier) the one-sided value of :mod:`implicitdiff.implicit.cone_projection`
     is used; where the solution is not unique (e.g. an auxiliary variable of an inactive
     constraint in a modelling tool's output) the derivative's singular system is solved by a
-    shifted LU with iterative refinement, which gives the exact derivative of every unique part
-    of the solution.
+    shifted factorization with iterative refinement, which gives the exact derivative of every
+    unique part of the solution.
 
     Example (``min x₁ + x₂`` over the unit disc: ``x = −(1, 1)/√2``):
         >>> import torch, implicitdiff as idf
@@ -130,7 +132,7 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     A64 = A.to(torch.float64).expand(B, m, n)
     b64 = b.to(torch.float64).expand(B, m)
     c64 = c.to(torch.float64).expand(B, n)
-    problem = ConeProblem(spec, ConeInteriorPoint(rtol=rtol, max_iter=max_iter))
+    problem = ConeProblem(spec, ConeInteriorPoint(rtol=rtol, max_iter=max_iter), cache={})
     x, y, s, status, residual, iters, _, _ = ConeFn.apply(A64, b64, c64, problem)
     x, y, s = (t.to(dtype) for t in (x, y, s))
     info = SolveInfo(status, residual.to(dtype), iters)

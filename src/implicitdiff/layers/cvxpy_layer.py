@@ -34,6 +34,7 @@ import torch
 
 from .._core.errors import InputError
 from .._core.options import check_real
+from ..implicit.sparse_affine import SparseAffineFn
 from .cone_program import cone_program
 
 __all__ = ["canonicalize", "Canonical", "CONE_KEYS", "solve_canonical", "rtol_from_solver_args"]
@@ -46,6 +47,7 @@ class _Map(NamedTuple):
     the sparse ``(size, len(p̃))`` matrix of those triples."""
 
     matrix: torch.Tensor  # sparse COO, coalesced
+    transposed: torch.Tensor  # its transpose, coalesced (the backward's map)
     size: int
     params: frozenset  # which user parameters it reads
 
@@ -130,15 +132,15 @@ class Canonical:
                     single = torch.cat([t.new_zeros(1, t[0].numel()) if i in batched else t.reshape(1, -1)
                                         for i, t in enumerate(params)] + [one], dim=1)
                 p, lead = single, ()
-            # one sparse × dense product per block: bandwidth-bound, the fastest of gather/scatter variants
-            flat = torch.sparse.mm(mp.matrix, p.T).T.contiguous()  # batch-major: the solver's products read rows
+            flat = SparseAffineFn.apply(p, mp.matrix, mp.transposed)  # batch-major: the solver's products read rows
             out[name] = flat.reshape(lead + ((self.m, self.n) if name == "A" else (mp.size,)))
         return out["A"], out["b"], out["c"], batch
 
     def _maps_on(self, dtype, device):
         key = (dtype, str(device))
         if key not in self._cache:
-            self._cache[key] = {name: mp._replace(matrix=mp.matrix.to(device=device, dtype=dtype))
+            self._cache[key] = {name: mp._replace(matrix=mp.matrix.to(device=device, dtype=dtype),
+                                                  transposed=mp.transposed.to(device=device, dtype=dtype))
                                 for name, mp in self.maps.items()}
         return self._cache[key]
 
@@ -345,7 +347,8 @@ def _make(target, col, coef, size, col2flat, col2param):
     width = int(col2flat[P]) + 1  # the user's flat parameters, then the constant 1
     matrix = torch.sparse_coo_tensor(index, torch.as_tensor(np.asarray(coef, dtype=np.float64)), (int(size), width),
                                      check_invariants=True)
-    return _Map(matrix.coalesce(), int(size), params)
+    matrix = matrix.coalesce()
+    return _Map(matrix, matrix.t().coalesce(), int(size), params)
 
 
 def _output(prog, chain, var):

@@ -1,0 +1,152 @@
+r"""The eigen-frame of ``DΠ_{K*}(v)``: ``DΠ = U diag(λ) Uᵀ`` with ``U`` block-diagonal and orthogonal.
+
+``DΠ_{K*}`` at a cone program's solution (:mod:`.cone_projection`) is symmetric, block-diagonal
+(one block per cone) and ``0 ≼ DΠ ≼ I``.  In the coordinates of its eigenvectors it is the
+diagonal ``λ ∈ [0, 1]ᵐ``, and the derivative system of :mod:`.cone_system` becomes the one of a
+linear program (one scalar per row).  Each cone has its eigenvectors in closed form or from a
+small eigen-decomposition, so going to the frame costs ``O(m·r)`` (zero, nonnegative, second-order
+cones), ``O(k³·r)`` per ``k × k`` PSD block or ``3 × 3`` per exponential cone, for ``r`` vectors:
+
+- zero cone: ``U = I``, ``λ = 1``; nonnegative: ``U = I``, ``λᵢ = 1[vᵢ > 0]``;
+- second-order, ``v = (t, x)`` with ``‖x‖ > |t|``: ``e₁ = (1, x̂)/√2`` (``λ = 1``),
+  ``e₀ = (1, −x̂)/√2`` (``λ = 0``) and ``(0, w)`` for ``w ⟂ x̂`` (``λ = (1 + t/‖x‖)/2``), the
+  ``w`` the columns ``2…`` of the Householder reflection that maps the first unit vector to
+  ``±x̂``; inside ``K*`` all ``λ = 1``, in the polar all ``λ = 0`` (any orthonormal basis);
+- PSD, ``V = smat(v) = Q diag(μ) Qᵀ``: the eigenvectors of ``DΠ`` in svec coordinates are
+  ``svec(sym(qᵢqⱼᵀ))`` (normalized) with ``λ = Γᵢⱼ`` of :mod:`.cone_projection`, so the frame
+  coordinates of ``a`` are ``svec(Qᵀ smat(a) Q)``;
+- exponential: the ``3 × 3`` symmetric blocks, by ``eigh``.
+
+Forward only (no gradient flows through the frame: the differentiable path of the derivative
+uses :func:`~.cone_projection.dual_projection_jacobian`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..linalg.cone_spec import ConeSpec, smat, svec, svec_indices
+from .cone_projection import _exp, psd_gamma
+
+__all__ = ["Frame", "dual_projection_frame", "to_frame", "from_frame"]
+
+
+class Frame(NamedTuple):
+    """``DΠ_{K*} = U diag(lam) Uᵀ``: ``lam (B, m)`` and, per group of same-size blocks of
+    ``spec.groups()``, what defines ``U`` on it (``None`` where ``U = I``)."""
+
+    spec: ConeSpec
+    lam: torch.Tensor
+    parts: tuple  # ((kind, k, idx, data), ...)
+
+
+def _soc_frame(v):
+    """``(λ (*, k), (x̂, h))`` of second-order blocks ``v (*, k)``, ``k ≥ 2``; ``h`` the Householder
+    vector (``‖h‖² ≥ 2``) with ``(I − 2hhᵀ/‖h‖²) f₀ = ∓x̂``."""
+    t, x = v[..., 0], v[..., 1:]
+    nx = x.norm(dim=-1)
+    tiny = torch.finfo(v.dtype).tiny
+    f0 = torch.zeros_like(x)
+    f0[..., 0] = 1.0
+    xh = torch.where((nx > 0)[..., None], x / nx.clamp(min=tiny)[..., None], f0)
+    sgn = torch.where(xh[..., :1] >= 0, 1.0, -1.0).to(v.dtype)
+    h = f0 + sgn * xh
+    inside = nx <= t
+    polar = (nx <= -t) & ~inside
+    mu = 0.5 * (1 + t / nx.clamp(min=tiny))
+    k = v.shape[-1]
+    lam = torch.cat([torch.ones_like(t)[..., None], torch.zeros_like(t)[..., None],
+                     mu[..., None].expand(mu.shape + (k - 2,))], -1)
+    lam = torch.where(inside[..., None], torch.ones_like(lam), torch.where(polar[..., None], torch.zeros_like(lam), lam))
+    return lam, (xh, h)
+
+
+def _soc_to(data, a):
+    """Frame coordinates of second-order blocks ``a (*, k, r)``."""
+    xh, h = data
+    at, ax = a[..., 0, :], a[..., 1:, :]
+    p = (xh[..., None, :] @ ax)[..., 0, :]
+    hn = h * (2 / (h * h).sum(-1, keepdim=True))
+    hx = ax[..., 1:, :] - h[..., 1:, None] * (hn[..., None, :] @ ax)   # rows 1… of (I − 2hhᵀ/‖h‖²) a_x
+    r2 = math.sqrt(0.5)
+    return torch.cat([((at + p) * r2)[..., None, :], ((at - p) * r2)[..., None, :], hx], -2)
+
+
+def _soc_from(data, c):
+    """Inverse of :func:`_soc_to`."""
+    xh, h = data
+    r2 = math.sqrt(0.5)
+    c1, c0 = c[..., 0, :], c[..., 1, :]
+    perp = c[..., 2:, :]
+    hn = h * (2 / (h * h).sum(-1, keepdim=True))
+    hp = -h[..., :, None] * (hn[..., None, 1:] @ perp)                 # (I − 2hhᵀ/‖h‖²)(0, perp)
+    hp[..., 1:, :] += perp
+    ax = xh[..., :, None] * ((c1 - c0) * r2)[..., None, :] + hp
+    return torch.cat([((c1 + c0) * r2)[..., None, :], ax], -2)
+
+
+def _psd_conj(Q, a, k, transpose):
+    """``svec(Qᵀ smat(a) Q)`` (or ``svec(Q smat(a) Qᵀ)``) for ``a (*, d, r)``, ``Q (*, k, k)``."""
+    X = smat(a.mT, k)                      # (*, r, k, k)
+    Qe = Q[..., None, :, :]
+    Y = (Qe @ X @ Qe.mT) if transpose else (Qe.mT @ X @ Qe)
+    return svec(Y).mT
+
+
+def dual_projection_frame(spec: ConeSpec, y: torch.Tensor, s: torch.Tensor) -> Frame:
+    """The eigen-frame of ``DΠ_{K*}(y − s)`` (``y, s (B, m)``), the same matrix as
+    :func:`~.cone_projection.dual_projection_jacobian` (with its conventions at kinks)."""
+    v = y - s
+    lam = torch.ones_like(v)  # zero cone: K* = ℝ
+    parts = []
+    for kind, k, idx in spec.groups(y.device):
+        data = None
+        if kind == "l":
+            lam[:, idx] = (v[:, idx] > 0).to(v.dtype)
+        elif kind == "q" and k == 1:  # t ≥ 0: a nonnegative row
+            lam[:, idx] = (v[:, idx] >= 0).to(v.dtype)
+        elif kind == "q":
+            lam[:, idx], data = _soc_frame(v[:, idx])
+        elif kind == "s":
+            mu, Q = torch.linalg.eigh(smat(v[:, idx], k))
+            r, c, _ = svec_indices(k, v.device)
+            lam[:, idx] = psd_gamma(mu)[..., r, c]
+            data = Q
+        else:
+            D = _exp(s[:, idx], y[:, idx])
+            ev, Q = torch.linalg.eigh(0.5 * (D + D.mT))
+            lam[:, idx] = ev.clamp(0.0, 1.0)
+            data = Q
+        parts.append((kind, k, idx, data))
+    return Frame(spec, lam, tuple(parts))
+
+
+def _map(frame: Frame, V: torch.Tensor, inverse: bool) -> torch.Tensor:
+    vec = V.dim() == 2
+    if vec:
+        V = V[..., None]
+    out = V.clone()
+    for kind, k, idx, data in frame.parts:
+        if data is None:
+            continue
+        blk = V[:, idx]  # (B, blocks, rows, r)
+        if kind == "q":
+            out[:, idx] = _soc_from(data, blk) if inverse else _soc_to(data, blk)
+        elif kind == "s":
+            out[:, idx] = _psd_conj(data, blk, k, transpose=inverse)
+        else:
+            out[:, idx] = (data @ blk) if inverse else (data.mT @ blk)
+    return out[..., 0] if vec else out
+
+
+def to_frame(frame: Frame, V: torch.Tensor) -> torch.Tensor:
+    """``Uᵀ V`` for ``V (B, m)`` or ``(B, m, r)``."""
+    return _map(frame, V, inverse=False)
+
+
+def from_frame(frame: Frame, V: torch.Tensor) -> torch.Tensor:
+    """``U V`` for ``V (B, m)`` or ``(B, m, r)``."""
+    return _map(frame, V, inverse=True)
