@@ -10,8 +10,8 @@ A QP ``min ½zᵀQz + pᵀz  s.t.  Gz ≤ h, Az = b`` is solved (interior point)
 :class:`KKTFactorization` factors it in one of two condensed forms, both symmetric positive
 definite by construction and factored by Cholesky (never an unpivoted LU):
 
-* ``"primal"`` (any ``Q ⪰ 0``): ``H = Q + δI + Gᵀ diag(winv) G`` (size ``n``) and
-  ``S = A H⁻¹ Aᵀ + δI`` (size ``k``);
+* ``"primal"`` (any ``Q ⪰ 0``): one Cholesky of ``H̃ = Q + δI + Gᵀ diag(winv) G + AᵀA/δ``
+  (size ``n``; the equality block eliminated by ``v = (Ax − r₃)/δ``, see :func:`kkt_factor`);
 * ``"dual"`` (``Q`` positive definite): ``z`` eliminated through ``Q = LQ LQᵀ``, and the Schur
   complement ``S = C Q⁻¹ Cᵀ + diag(1/winv, δ)`` with ``C = [G; A]``, its equality block eliminated
   once, so only the rows of active inequalities are factored (size ≤ ``m``).
@@ -49,7 +49,7 @@ __all__ = ["KKTFactorization", "ActiveSetKKT", "KKTProducts", "kkt_precompute", 
            "kkt_apply", "kkt_refine", "bmv", "brmv", "chol_solve", "tri_solve", "take_rows", "put_rows"]
 
 # the factor tensors that differ per element after a polish (the others are the shared precomputation)
-_PER_ELEMENT = {"dual": (4, 5, 6, 7), "primal": (0, 1, 2, 3, 6, 8)}
+_PER_ELEMENT = {"dual": (4, 5, 6, 7), "primal": (0, 1, 4, 6)}
 
 
 def _pad_active(ta, tb):
@@ -87,9 +87,9 @@ def put_rows(full, part, idx):
 class KKTFactorization:
     """Factors of the regularized KKT system (a ``linalg`` factorization: factor once, solve many).
 
-    ``"primal"`` (any ``Q ⪰ 0``): ``tensors = (LH, LS, HiAt, winv, δ)`` — Cholesky of
-    ``H = Q + δI + Gᵀ diag(winv) G`` ``(B, n, n)``, of ``S = A H⁻¹ Aᵀ + δI`` ``(B, k, k)``,
-    ``H⁻¹Aᵀ`` ``(B, n, k)``, the inverse ``(2,2)``-block weights ``(B, m)`` and ``δ`` ``()``.
+    ``"primal"`` (any ``Q ⪰ 0``): ``tensors = (LH, winv, δ) + rows`` — Cholesky of
+    ``H̃ = Q + δI + Gᵀ diag(winv) G + AᵀA/δ`` ``(B, n, n)``, the inverse ``(2,2)``-block weights
+    ``(B, m)``, ``δ`` ``()`` and the bound-row split of ``G`` (:func:`_bound_rows`, masked) or ``()``.
 
     ``"dual"`` (``Q`` positive definite, cheaper when ``m + k`` is small against ``n``):
     ``tensors = (LQ, W, LA, X, L, idx, active, w, δ)`` — Cholesky ``Q = LQ LQᵀ`` ``(B|1, n, n)``
@@ -334,24 +334,26 @@ def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorizati
         H = Q + delta * torch.eye(n, dtype=dt, device=dev)
         if G.shape[-2]:
             H = torch.baddbmm(H, (G * winv.unsqueeze(-1)).mT, G.expand(B, *G.shape[1:]))
-    LH, _ = torch.linalg.cholesky_ex(H.expand(B, n, n))
     if k:
-        HiAt = chol_solve(LH, A.mT.expand(B, n, k))
-        LS, _ = torch.linalg.cholesky_ex(A @ HiAt + delta * torch.eye(k, dtype=dt, device=dev))
-    else:
-        HiAt, LS = Q.new_zeros(B, n, 0), Q.new_zeros(B, 0, 0)
+        # The equality block is eliminated first, v = (Ax − r₃)/δ, which leaves H̃ = H + AᵀA/δ.  Not the Schur
+        # complement S = A H⁻¹ Aᵀ + δI: at the end of an LP, H has eigenvalues ~1/δ along the active rows and
+        # only δ along the directions the equalities pin, cond(H) ~ 1/δ² > 1/eps, and H⁻¹Aᵀ came out wrong in
+        # every digit (elements stalled at a residual of ~1, depending on the rounding of their batch).  H̃ has
+        # the large entries in every direction a unique solution pins: cond ~ 1/δ.
+        H = torch.baddbmm(H.expand(B, n, n), (A / delta).mT.expand(B, n, k), A.expand(B, k, n))
+    LH, _ = torch.linalg.cholesky_ex(H.expand(B, n, n))
     rows = ()
     if pre:  # the split of the (masked) G the solves multiply with
         rows = pre if rowmask is None else (dense, Gd * torch.gather(rowmask, 1, dense.expand(B, -1)).unsqueeze(-1),
                                             col, gv * rowmask)
-    return KKTFactorization("primal", (LH, LS, HiAt, winv, delta) + rows)
+    return KKTFactorization("primal", (LH, winv, delta) + rows)
 
 
 def kkt_solve_reg(f: "KKTFactorization", G, A, r1, r2, r3):
     """Solve the regularized system of :func:`kkt_factor` for right-hand sides ``(r1, r2, r3)``.
 
-    primal: row 2 gives ``y = winv ∘ (Gx − r2)``; substituting, ``H x + Aᵀ v = r1 + Gᵀ(winv ∘ r2)``
-    and ``A x − δ v = r3``, so ``S v = A H⁻¹ r1' − r3`` and ``x = H⁻¹ r1' − H⁻¹Aᵀ v``.
+    primal: row 2 gives ``y = winv ∘ (Gx − r2)``; substituting, ``H x + Aᵀ v = r1 + Gᵀ(winv ∘ r2) = r1'``
+    and ``A x − δ v = r3``, so ``v = (Ax − r3)/δ`` and ``(H + AᵀA/δ) x = r1' + Aᵀ r3/δ``.
     dual: ``x = Q⁻¹(r1 − Cᵀ u)`` and ``C x − W u = (r2, r3)`` give ``S u = C Q⁻¹ r1 − (r2, r3)``.
     """
     m = G.shape[-2]
@@ -375,14 +377,14 @@ def kkt_solve_reg(f: "KKTFactorization", G, A, r1, r2, r3):
         uA = tri_solve(LA, tA - bmv(X, act * uG), adjoint=True) if A.shape[-2] else r3[:, :0]
         x = tri_solve(LQ, t - bmv(Wc, torch.cat([act * uG, uA], dim=-1)), adjoint=True)
         return x, uG, uA
-    LH, LS, HiAt, winv, _ = f.tensors[:5]
-    rows = f.tensors[5:]
+    LH, winv, delta = f.tensors[:3]
+    rows = f.tensors[3:]
     r1p = r1 + grmv(G, rows, winv * r2) if m else r1
-    x = chol_solve(LH, r1p.unsqueeze(-1)).squeeze(-1)
     if A.shape[-2]:
-        v = chol_solve(LS, (bmv(A, x) - r3).unsqueeze(-1)).squeeze(-1)
-        x = x - bmv(HiAt, v)
+        x = chol_solve(LH, (r1p + brmv(A, r3 / delta)).unsqueeze(-1)).squeeze(-1)
+        v = (bmv(A, x) - r3) / delta
     else:
+        x = chol_solve(LH, r1p.unsqueeze(-1)).squeeze(-1)
         v = r3
     y = winv * (gmv(G, rows, x) - r2) if m else r2
     return x, y, v

@@ -26,9 +26,10 @@ construction and factored by Cholesky (never an unpivoted LU):
   the dual space and each step factors ``S = C Q⁻¹ Cᵀ + diag(W, δ)`` — OptNet's Schur
   complement, here with Cholesky — whose equality block is eliminated once per solve, so an
   iteration costs one Cholesky of size ``m``.
-* ``"primal"`` (any ``Q ⪰ 0``, e.g. an LP): ``H = Q + δI + Gᵀ(W + δI)⁻¹G`` (size ``n``) and
-  ``S = A H⁻¹ Aᵀ + δI`` (size ``k``); the regularization ``δ`` (relative ``10⁻⁹``) makes ``Q = 0``
-  and redundant equalities need no special case — the *system* is regularized, not the
+* ``"primal"`` (any ``Q ⪰ 0``, e.g. an LP): ``H̃ = Q + δI + Gᵀ(W + δI)⁻¹G + AᵀA/δ`` (size ``n``;
+  the equalities eliminated first, ``dν = (A dz − r₃)/δ``, which keeps ``H̃`` within ``cond ~ 1/δ``
+  where ``H`` alone reaches ``1/δ²`` at the end of an LP); the regularization ``δ`` (relative
+  ``10⁻⁹``) makes ``Q = 0`` and redundant equalities need no special case — the *system* is regularized, not the
   problem — and one step of iterative refinement against the exact matrix removes it.
 
 Elements leave the working batch as they converge (a gather, no host sync on CPU; on CUDA
