@@ -46,7 +46,8 @@ from typing import NamedTuple, Optional
 import torch
 
 __all__ = ["KKTFactorization", "ActiveSetKKT", "KKTProducts", "kkt_precompute", "kkt_factor", "kkt_solve_reg",
-           "kkt_apply", "kkt_refine", "bmv", "brmv", "chol_solve", "tri_solve", "take_rows", "put_rows"]
+           "kkt_apply", "kkt_refine", "bmv", "brmv", "chol_solve", "tri_solve", "take_rows", "put_rows", "absmax",
+           "finite_rows", "cholesky_lower"]
 
 # the factor tensors that differ per element after a polish (the others are the shared precomputation)
 _PER_ELEMENT = {"dual": (4, 5, 6, 7), "primal": (0, 1, 4, 6)}
@@ -196,6 +197,37 @@ class ActiveSetKKT:
         return x, num / torch.where(den > 0, den, torch.ones_like(den))
 
 
+# Passes over a batch of matrices.  On CPU a reduction that writes no temporary streams the data once:
+# t.amax(dims) and t.sum(dims) run ~10x faster than t.abs().amax(dims) or torch.isfinite(t).all(dims),
+# which materialize an |t| or a bool tensor (and isfinite several), on the 128 x 100 x 100 matrices of a QP
+# batch.  These two helpers are the only place of that trick.
+def absmax(t, dims):
+    """``max |t|`` over ``dims`` (a tuple of dims), as ``max(amax, −amin)``: no temporary ``|t|``."""
+    return torch.maximum(t.amax(dim=dims), -t.amin(dim=dims))
+
+
+def finite_rows(t, dims):
+    """Whether ``t`` is finite over ``dims`` (per remaining index).  A NaN or Inf entry makes its sum
+    non-finite, so a finite sum proves the entries finite; only a non-finite sum (possibly an overflow of
+    finite entries) is checked entry by entry (one host sync)."""
+    ok = torch.isfinite(t.sum(dim=dims))
+    if bool(ok.all()):
+        return ok
+    return torch.isfinite(t).all(dim=dims) if dims else torch.isfinite(t)
+
+
+def cholesky_lower(S):
+    """``(L, info)`` with ``S = L Lᵀ`` for a symmetric ``S (*, n, n)`` (``torch.linalg.cholesky_ex``).
+
+    Computed as the transpose of the *upper* factor, a view: on CPU, ``cholesky_ex`` copies the input's
+    triangle into its column-major output first, and its ``triu`` copy ran ~8 % faster over a whole
+    factorization than the ``tril`` copy of ``upper=False`` (128 × 100 × 100, float64, one thread).  The
+    factor is the same up to rounding (``S`` symmetric); the view is row-major, which the triangular solves
+    take without a copy."""
+    U, info = torch.linalg.cholesky_ex(S, upper=True)
+    return U.mT, info
+
+
 def bmv(M, x):
     """``M x`` for ``M (B|1, r, c)``, ``x (B, c)`` -> ``(B, r)``."""
     if M.shape[0] == 1:
@@ -230,14 +262,14 @@ def kkt_precompute(kind, Q, G, A, LQ=None, delta=None):
     if kind == "primal":
         return _bound_rows(G)
     if LQ is None:
-        LQ, _ = torch.linalg.cholesky_ex(Q)
+        LQ, _ = cholesky_lower(Q)
     m, k = G.shape[-2], A.shape[-2]
     Bc = max(G.shape[0], A.shape[0], LQ.shape[0])
     C = torch.cat([G.expand(Bc, *G.shape[1:]), A.expand(Bc, *A.shape[1:])], dim=-2)
     W = torch.linalg.solve_triangular(LQ.expand(Bc, *LQ.shape[1:]), C.mT, upper=False)
     K = W.mT @ W
     if k:
-        LA = torch.linalg.cholesky_ex(K[:, m:, m:] + delta * torch.eye(k, dtype=K.dtype, device=K.device))[0]
+        LA = cholesky_lower(K[:, m:, m:] + delta * torch.eye(k, dtype=K.dtype, device=K.device))[0]
         X = torch.linalg.solve_triangular(LA, K[:, m:, :m], upper=False)
         M = K[:, :m, :m] - X.mT @ X
     else:
@@ -303,7 +335,7 @@ def _gather_active(M, w, active):
     vm = valid.to(S.dtype)
     S = S * (vm.unsqueeze(-1) * vm.unsqueeze(-2))
     S.diagonal(dim1=-2, dim2=-1).add_(torch.where(valid, torch.gather(w, 1, safe), torch.ones_like(vm)))
-    return torch.linalg.cholesky_ex(S)[0], idx
+    return cholesky_lower(S)[0], idx
 
 
 def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorization":
@@ -341,7 +373,7 @@ def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorizati
         # every digit (elements stalled at a residual of ~1, depending on the rounding of their batch).  H̃ has
         # the large entries in every direction a unique solution pins: cond ~ 1/δ.
         H = torch.baddbmm(H.expand(B, n, n), (A / delta).mT.expand(B, n, k), A.expand(B, k, n))
-    LH, _ = torch.linalg.cholesky_ex(H.expand(B, n, n))
+    LH, _ = cholesky_lower(H.expand(B, n, n))
     rows = ()
     if pre:  # the split of the (masked) G the solves multiply with
         rows = pre if rowmask is None else (dense, Gd * torch.gather(rowmask, 1, dense.expand(B, -1)).unsqueeze(-1),
@@ -410,6 +442,10 @@ class KKTProducts(NamedTuple):
     def forward(self, x):
         """``(Qx, Gx, Ax)``."""
         return bmv(self.Q, x), gmv(self.G, self.rows, x), bmv(self.A, x)
+
+    def gx(self, x):
+        """``Gx`` alone."""
+        return gmv(self.G, self.rows, x)
 
     def adjoint(self, lam, nu):
         """``Gᵀλ + Aᵀν``."""
