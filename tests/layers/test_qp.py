@@ -360,3 +360,17 @@ def test_gradient_through_the_duals_alone_matches_finite_differences(g, fd):
     want = fd.jacobian(f, [p, h], eps=1e-6)
     for a, e, name in zip(got, want, ("p", "h")):
         torch.testing.assert_close(a, e, atol=2e-7, rtol=1e-6, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("seed", [43, 53])
+def test_small_lp_batch_equals_each_element_alone(seed):
+    """24 LPs, n = 6, a box, 4 random rows and one equality: every element is solved, in the batch as alone
+    (they stalled at residuals up to ~1 as MAX_ITERATIONS, in the batch or alone depending on rounding, when
+    the equality was eliminated through an ill-conditioned H — see linalg/kkt.py)."""
+    Q, p, G, h, A, b = problem(torch.Generator().manual_seed(seed), n=6, m=4, k=1, batch=(24,), lp=True)
+    z, info = qp(Q, p, G, h, A, b, on_failure="nan", return_info=True)
+    assert (info.status == Status.SUCCESS).all(), info.status.tolist()
+    for i in range(24):
+        zi, ii = qp(Q[i], p[i], G[i], h[i], A[i], b[i], on_failure="nan", return_info=True)
+        assert int(ii.status) == Status.SUCCESS
+        torch.testing.assert_close(z[i], zi, atol=1e-8, rtol=1e-8)

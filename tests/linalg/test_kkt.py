@@ -126,3 +126,42 @@ def test_primal_factor_with_bound_rows_equals_the_dense_product():
             want = torch.linalg.solve(K, torch.cat([t[i] for t in r]))
             torch.testing.assert_close(torch.cat([x[i], y[i], v[i]]), want, atol=1e-8, rtol=1e-8)
         torch.testing.assert_close(torch.cat([x, y, v], -1), torch.cat([xd, yd, vd], -1), atol=1e-9, rtol=1e-9)
+
+
+def test_primal_factor_is_accurate_at_the_end_of_an_lp():
+    """The end game of an LP with an equality: ``Q = 0``, the weights of the n − k active rows ~1/δ (bounds on
+    n − 2 coordinates and one dense row), the others ~1e-11.  ``H = δI + GᵀWG`` is then ~δ along a direction
+    only the equality pins, which the dense row makes oblique: its Cholesky loses every digit there
+    (cond(H) ~ 1/δ² > 1/eps) and a Schur complement ``A H⁻¹ Aᵀ`` built on it gave steps wrong by 10⁸
+    (batch elements stalled at a residual of ~1).  The factorization must solve the regularized system
+    as a dense LU does (to the ~cond(K)·eps that LU itself has)."""
+    g = torch.Generator().manual_seed(4)
+    B, n, k = 4, 6, 1
+    eye = torch.eye(n, dtype=F64).expand(B, n, n)
+    G = torch.cat([eye, -eye, torch.randn(B, 4, n, generator=g, dtype=F64) / n ** 0.5], dim=1)
+    m = G.shape[-2]
+    Q = torch.zeros(1, n, n, dtype=F64)
+    A = torch.randn(B, k, n, generator=g, dtype=F64)
+    A = A / A.abs().amax(-1, keepdim=True)
+    delta = torch.tensor(2e-9, dtype=F64)
+    active = torch.zeros(B, m, dtype=torch.bool)
+    for i in range(B):  # bounds (upper or lower) on n − 2 coordinates, the last dense row: a vertex with A
+        perm = torch.randperm(n, generator=g)[: n - 2]
+        active[i, perm + n * int(torch.randint(2, (1,), generator=g))] = True
+        active[i, -1] = True
+    s = torch.where(active, 1e-10, 0.5 + torch.rand(B, m, generator=g, dtype=F64))
+    lam = torch.where(active, 0.5 + torch.rand(B, m, generator=g, dtype=F64), 1e-11)
+    winv = lam / (s + delta * lam)  # as the interior point factors it
+    r = tuple(torch.randn(B, d, generator=g, dtype=F64) for d in (n, m, k))
+    for pre in ((), kkt_precompute("primal", Q, G, A)):
+        x, y, v = kkt_factor("primal", pre, Q, G, A, winv, delta).solve(G, A, *r)
+        for i in range(B):
+            K = torch.zeros(n + m + k, n + m + k, dtype=F64)
+            K[:n, :n] = delta * torch.eye(n, dtype=F64)
+            K[n:n + m, :n], K[:n, n:n + m] = G[i], G[i].T
+            K[n:n + m, n:n + m] = -torch.diag(1 / winv[i])
+            K[n + m:, :n], K[:n, n + m:] = A[i], A[i].T
+            K[n + m:, n + m:] = -delta * torch.eye(k, dtype=F64)
+            want = torch.linalg.solve(K, torch.cat([t[i] for t in r]))
+            err = (torch.cat([x[i], y[i], v[i]]) - want).abs().max() / want.abs().max()
+            assert float(err) < 1e-5, (i, float(err))

@@ -16,6 +16,7 @@ from .._core.status import SolveInfo, Status
 from .._core.validate import as_float_tensor, check_same_dtype_device, is_vmapped
 from .._core.validate import check_finite as _check_finite
 from ..implicit.qp import QPSpec, qp_solve
+from ..linalg.kkt import absmax
 from ..solvers.qp_ipm import QPInteriorPoint
 
 __all__ = ["qp"]
@@ -188,7 +189,7 @@ def _empty(batch, Q, p, G, h, A, b, return_duals, return_info):
 
 def _scale_of(t, dims):
     """``max |t|`` over ``dims`` (detached); 1 where that is 0 or not finite (a neutral scale)."""
-    s = t.detach().abs().amax(dim=dims) if t.numel() else t.detach().new_ones(t.shape[: t.dim() - len(dims)])
+    s = absmax(t.detach(), dims) if t.numel() else t.detach().new_ones(t.shape[: t.dim() - len(dims)])
     return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
 
 
@@ -203,8 +204,9 @@ def equilibrate(Q, p, G, h, A, b):
     tensor it is read from: a shared ``Q`` stays shared.  With it, the solver's relative tests
     (feasibility, optimality, convergence, convexity) are relative to the data's scale.
     """
-    sq = _scale_of(Q, (-2, -1))
-    nonzero = Q.detach().abs().amax(dim=(-2, -1)) > 0 if Q.numel() else torch.zeros_like(sq, dtype=torch.bool)
+    qmax = absmax(Q.detach(), (-2, -1)) if Q.numel() else Q.detach().new_zeros(Q.shape[:-2])
+    sq = torch.where(torch.isfinite(qmax) & (qmax > 0), qmax, torch.ones_like(qmax))  # as _scale_of
+    nonzero = qmax > 0
     sigma = torch.where(nonzero, sq, _scale_of(p, (-1,)))
     dG, dA = _scale_of(G, (-1,)), _scale_of(A, (-1,))
     return (Q / sq[..., None, None], p / sigma.unsqueeze(-1), G / dG.unsqueeze(-1), h / dG,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._core.status import Status
-from ..linalg.kkt import bmv, brmv, chol_solve, tri_solve
+from ..linalg.kkt import bmv, brmv, chol_solve, cholesky_lower, tri_solve
 from .qp_steps import amax, initial_shift, max_step, update_status
 
 __all__ = ["interior_point_dual"]
@@ -44,7 +44,8 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
     pQp = (Lp * Lp).sum(-1)
     hb = torch.cat([h, b], dim=-1)
     # ‖Cᵀy‖₂² ≤ ‖Q‖₂ · yᵀKy: a certificate test without an n-dimensional product
-    qnorm = p.new_tensor(float(torch.linalg.matrix_norm(P.Q).amax()))  # ‖Q‖_F ≥ ‖Q‖₂
+    Qf = P.Q.reshape(P.Q.shape[0], 1, -1)
+    qnorm = p.new_tensor(float((Qf @ Qf.mT).amax().sqrt()))  # ‖Q‖_F ≥ ‖Q‖₂ (a dot product: one pass over Q)
 
     # The equality block is eliminated once (kkt_precompute): with K = [[K_GG, K_GA], [K_AG, K_AA]],
     # L_A L_Aᵀ = K_AA + δI and X = L_A⁻¹ K_AG, the Newton matrix K + diag(W, δI) is [[M + W, ·], [·, K_AA + δI]]
@@ -56,11 +57,11 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         if MG.shape[0] != w.shape[0] or MG.requires_grad:
             S = MG.expand(w.shape[0], m, m).clone()
             S.diagonal(dim1=-2, dim2=-1).add_(w)
-            return torch.linalg.cholesky_ex(S)[0]
+            return cholesky_lower(S)[0]
         d = MG.diagonal(dim1=-2, dim2=-1)
         d0 = d.clone()
         d.add_(w)
-        L = torch.linalg.cholesky_ex(MG)[0]
+        L = cholesky_lower(MG)[0]
         d.copy_(d0)
         return L
 

@@ -26,9 +26,10 @@ construction and factored by Cholesky (never an unpivoted LU):
   the dual space and each step factors ``S = C Q⁻¹ Cᵀ + diag(W, δ)`` — OptNet's Schur
   complement, here with Cholesky — whose equality block is eliminated once per solve, so an
   iteration costs one Cholesky of size ``m``.
-* ``"primal"`` (any ``Q ⪰ 0``, e.g. an LP): ``H = Q + δI + Gᵀ(W + δI)⁻¹G`` (size ``n``) and
-  ``S = A H⁻¹ Aᵀ + δI`` (size ``k``); the regularization ``δ`` (relative ``10⁻⁹``) makes ``Q = 0``
-  and redundant equalities need no special case — the *system* is regularized, not the
+* ``"primal"`` (any ``Q ⪰ 0``, e.g. an LP): ``H̃ = Q + δI + Gᵀ(W + δI)⁻¹G + AᵀA/δ`` (size ``n``;
+  the equalities eliminated first, ``dν = (A dz − r₃)/δ``, which keeps ``H̃`` within ``cond ~ 1/δ``
+  where ``H`` alone reaches ``1/δ²`` at the end of an LP); the regularization ``δ`` (relative
+  ``10⁻⁹``) makes ``Q = 0`` and redundant equalities need no special case — the *system* is regularized, not the
   problem — and one step of iterative refinement against the exact matrix removes it.
 
 Elements leave the working batch as they converge (a gather, no host sync on CPU; on CUDA
@@ -86,7 +87,8 @@ from .._core.status import Status
 from ..linalg.symmetric import symmetric_part
 from .qp_dual import interior_point_dual
 from .qp_screen import screen
-from ..linalg.kkt import ActiveSetKKT, KKTProducts, kkt_factor, kkt_precompute, kkt_refine, kkt_solve_reg, put_rows
+from ..linalg.kkt import (ActiveSetKKT, KKTProducts, absmax, kkt_factor, kkt_precompute, kkt_refine, kkt_solve_reg,
+                          put_rows)
 from .qp_steps import QPResult, amax, initial_shift, kkt_residual, max_step, merge, take, update_status
 
 __all__ = ["QPInteriorPoint", "QPResult"]
@@ -173,7 +175,7 @@ class QPInteriorPoint:
         B = max(t.shape[0] for t in (Q, p, G, h, A, b))
         n, m, k = p.shape[-1], h.shape[-1], b.shape[-1]
         dt, dev = p.dtype, p.device
-        scale = 1 + max(float(t.abs().max()) if t.numel() else 0.0 for t in (Q, G, A))
+        scale = 1 + max(float(absmax(t, (-2, -1)).max()) if t.numel() else 0.0 for t in (Q, G, A))
         delta = torch.tensor(self.reg * scale, dtype=dt, device=dev)
         kind, LQ = self._choose_kind(Q, n, m, k, delta, scale, LQ)
         if kind == "primal" and Q.shape[0] > 1 and not bool(Q.any()):
@@ -227,7 +229,7 @@ class QPInteriorPoint:
         active = guess.to(dt)
         fact, zp, lp, np_ = self._polish(kind, pre, P, Q, G, A, pB, hB, bB, active, delta)
         for _ in range(1, self.polish_rounds if m else 1):
-            Gz = P.forward(zp)[1]
+            Gz = P.gx(zp)
             tol_p = self.rtol * (1 + torch.maximum(amax(Gz), amax(hB))).unsqueeze(-1)
             tol_d = self.rtol * (1 + torch.maximum(amax(lp), amax(pB))).unsqueeze(-1)
             fix = (active == 0) & (Gz - hB > tol_p)
@@ -242,7 +244,7 @@ class QPInteriorPoint:
             zp, lp, np_ = put_rows(zp, z2, idx), put_rows(lp, l2, idx), put_rows(np_, n2, idx)
             fact = fact.put(f2, idx)
         lp = lp.clamp(min=0) * active
-        sp = (hB - P.forward(zp)[1]).clamp(min=0)
+        sp = (hB - P.gx(zp)).clamp(min=0)
         res_p, (_, _, re, *_) = kkt_residual(P, pB, hB, bB, zp, sp, lp, np_)
         res_p = torch.where(torch.isfinite(res_p), res_p, torch.full_like(res_p, float("inf")))
         open_ = (status == Status.SUCCESS) | (status == Status.MAX_ITERATIONS)
@@ -280,7 +282,7 @@ class QPInteriorPoint:
             s = -lam
         else:
             z = warm_start[0].expand(B, n).clone()
-            s = h - P.forward(z)[1]
+            s = h - P.gx(z)
             lam = warm_start[1].expand(B, m).clone() if warm_start[1] is not None else ones.clone()
             nu = warm_start[2].expand(B, k).clone() if warm_start[2] is not None else p.new_zeros(B, k)
         s, lam = initial_shift(s, lam)

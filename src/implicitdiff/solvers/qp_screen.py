@@ -34,6 +34,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._core.status import Status
+from ..linalg.kkt import absmax, cholesky_lower, finite_rows
 
 __all__ = ["Screened", "screen"]
 
@@ -52,7 +53,7 @@ def _finite(t, core):
     dims = tuple(range(t.dim() - core, t.dim()))
     if t.numel() == 0:
         return torch.ones(t.shape[: t.dim() - core], dtype=torch.bool, device=t.device)
-    return torch.isfinite(t).all(dim=dims) if dims else torch.isfinite(t)
+    return finite_rows(t, dims) if dims else torch.isfinite(t)
 
 
 def _replace(t, bad, value):
@@ -100,11 +101,13 @@ def screen(Q, p, G, h, A, b, psd_tol: float) -> Screened:
         bad = ~fin.expand(B)
         status = torch.where(bad, int(Status.NONFINITE), -1)
         Q, p, G, h, A, b = _neutralize(bad, Q, p, G, h, A, b)
-    LQ, info = torch.linalg.cholesky_ex(Q)
+    qs = absmax(Q, (-2, -1))
+    if not bool(qs.any()):  # Q = 0 (LPs): semidefinite, nothing to factor
+        return Screened((Q, p, G, h, A, b), status, None)
+    LQ, info = cholesky_lower(Q)
     if bool((info == 0).all()):
         return Screened((Q, p, G, h, A, b), status, LQ)
     # Q is not positive definite somewhere: is it (within psd_tol) semidefinite where it matters?
-    qs = Q.abs().amax(dim=(-2, -1))
     eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=dev)
     _, info2 = torch.linalg.cholesky_ex(Q + (psd_tol * qs)[:, None, None] * eye)
     cand = (info != 0) & (info2 != 0) & (qs > 0)
