@@ -145,3 +145,37 @@ print("ok")
     if proc.returncode != 0 and ("C++ compiler" in proc.stderr or "InvalidCxxCompiler" in proc.stderr):
         pytest.skip("torch.compile cannot run on this machine")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("copy_free_min", [0, 1 << 30])  # the transposed call form for every A / for none
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("batch, vector", [((), True), ((), False), ((3,), True), ((3,), False)])
+def test_solve_keeping_lu_returns_torch_solve_and_the_lu_it_used(monkeypatch, copy_free_min, contiguous, batch,
+                                                                  vector):
+    monkeypatch.setattr(tp, "COPY_FREE_MIN", copy_free_min)
+    g = torch.Generator().manual_seed(0)
+    n = 5
+    A = torch.randn(*batch, n, n, generator=g, dtype=F64)  # pivots: the LU of A and of Aᵀ differ
+    if not contiguous:
+        A = A.mT.contiguous().mT
+    B = torch.randn(*batch, n, *(() if vector else (2,)), generator=g, dtype=F64)
+    A.requires_grad_()
+    X, LU, piv, info, transposed = tp.solve_keeping_lu(A, B, vector)
+    assert transposed == tp.solve_factorizes_transpose(A) and not LU.requires_grad and bool((info == 0).all())
+    assert X.shape == B.shape
+    torch.testing.assert_close(X, torch.linalg.solve(A, B), atol=1e-13, rtol=0)
+    LU_ref, piv_ref = torch.linalg.lu_factor(A.detach().mT if transposed else A.detach())
+    assert torch.equal(LU, LU_ref) and torch.equal(piv, piv_ref)
+    Z = torch.randn(*batch, n, 1, generator=g, dtype=F64)
+    torch.testing.assert_close(torch.linalg.lu_solve(LU, piv, Z, adjoint=transposed),
+                               torch.linalg.solve(A.detach(), Z), atol=1e-12, rtol=0)
+    B.requires_grad_()
+    assert torch.autograd.gradcheck(lambda A, B: tp.solve_keeping_lu(A, B, vector)[0], (A, B),
+                                    check_forward_ad=True)
+
+
+def test_solve_keeping_lu_takes_a_large_row_major_matrix_without_a_copy():
+    A = torch.randn(300, 300, dtype=F64) + 30 * torch.eye(300, dtype=F64)  # 9·10⁴ ≥ COPY_FREE_MIN entries
+    assert A.numel() >= tp.COPY_FREE_MIN
+    X, LU, piv, info, transposed = tp.solve_keeping_lu(A, torch.ones(300, dtype=F64), True)
+    assert transposed and torch.equal(LU, torch.linalg.lu_factor(A.mT)[0])

@@ -437,3 +437,43 @@ def test_pinned_values_must_be_numbers(values):
 def test_nearest_reference_is_validated(y0):
     with pytest.raises(InputError, match="Nearest.y0"):
         idf.linear_solve(torch.ones(1, 3, dtype=F64), torch.ones(1, dtype=F64), selection=Nearest(y0))
+
+
+@pytest.mark.parametrize("n", [60, 300])  # 300² entries: a row-major A goes in as the transposed system
+@pytest.mark.parametrize("layout", ["row_major", "column_major"])
+def test_hidden_ill_conditioning_is_caught_whichever_factor_holds_it(layout, n):
+    # Kahan's matrix and its transpose, with a benign b (y = 1, nothing large in the solution):
+    # the pivots are all 1; the ill conditioning (≈ 2ⁿ) sits in U for one and in L for the other, and
+    # in a row-major or a column-major A torch may factorize A or Aᵀ — the screen's generic solve
+    # through both factors sees it every time, alone and in a batch of well-conditioned systems.
+    from implicitdiff.implicit.linear import fast_square_solve
+
+    upper = torch.triu(-torch.ones(n, n, dtype=F64), 1) + torch.eye(n, dtype=F64)
+    for K in (upper, upper.mT):
+        A = K.contiguous() if layout == "row_major" else K.mT.contiguous().mT
+        b = A @ torch.ones(n, dtype=F64)
+        assert fast_square_solve(A, b, True) is None
+        with pytest.raises(SolveError, match="SINGULAR"):
+            idf.linear_solve(A, b)
+        batch = torch.stack([torch.eye(n, dtype=F64) * 2, K, torch.eye(n, dtype=F64)])
+        _, info = idf.linear_solve_ex(batch, batch @ torch.ones(n, dtype=F64))
+        assert info.status.tolist() == [Status.SUCCESS, Status.SINGULAR, Status.SUCCESS]
+    # a well-conditioned system takes the fast path and gets the general path's bits
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(n, n, generator=g, dtype=F64) / n ** 0.5 + 2 * torch.eye(n, dtype=F64)
+    A = A if layout == "row_major" else A.mT.contiguous().mT
+    b = torch.randn(n, generator=g, dtype=F64)
+    y = fast_square_solve(A, b, True)
+    assert y is not None and torch.equal(y, idf.linear_solve(A, b, return_info=True)[0])
+    torch.testing.assert_close(y, torch.linalg.solve(A, b), atol=1e-13, rtol=0)
+
+
+def test_eager_square_path_gradients_match_finite_differences_float64(g):
+    # the eager path differentiates with torch.linalg.solve's formulas: check them against central
+    # differences (first order, forward mode, double backward), unbatched and batched, one and k columns
+    for shape_b in [(5,), (5, 3), (2, 5), (2, 5, 3)]:
+        batch = shape_b[:-1] if len(shape_b) == 2 and shape_b[0] == 2 else shape_b[:-2]
+        A = _well(g, *batch, 5, 5).requires_grad_()
+        b = torch.randn(*shape_b, generator=g, dtype=F64, requires_grad=True)
+        assert gradcheck(idf.linear_solve, (A, b), check_forward_ad=True, atol=1e-9, rtol=1e-7)
+        assert torch.autograd.gradgradcheck(idf.linear_solve, (A, b), atol=1e-9, rtol=1e-7)

@@ -19,7 +19,14 @@ What is here, and why:
   ``DeprecationWarning`` torch itself emits on the first forward-mode AD call of a process;
 * :func:`eager_under_compile` — ``torch.compiler.disable``, applied lazily: the decorator
   imports ``torch._dynamo`` (about a second) only when a ``torch.compile`` trace reaches it,
-  never at ``import implicitdiff``.
+  never at ``import implicitdiff``;
+* :func:`solve_keeping_lu` — ``torch._linalg_solve_ex``, the op ``torch.linalg.solve`` ends in, which
+  also returns its LU: the eager square path of ``linear_solve`` screens that LU for
+  ill-conditioning instead of factorizing twice, and keeps torch's compiled backward;
+  :func:`solve_factorizes_transpose` says whether that LU is of ``A`` or ``Aᵀ`` (torch's choice,
+  probed once per call form), and the general path's LU follows it, so both paths give the same
+  bits.  A large row-major ``A`` goes in as the transposed system (``left=False``), so that
+  LAPACK factorizes the column-major view ``Aᵀ`` instead of a copy of ``A``.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 __all__ = ["is_vmapped", "in_transform", "run_backward", "HAS_RUN_BACKWARD", "pytree", "warm_forward_ad",
-           "eager_under_compile"]
+           "eager_under_compile", "solve_keeping_lu", "solve_factorizes_transpose"]
 
 try:
     from torch._C._functorch import (
@@ -118,3 +125,64 @@ def eager_under_compile(fn: Callable) -> Callable:
 
     return wrapper
 
+
+
+_solve_ex = getattr(torch, "_linalg_solve_ex", None)
+
+#: ``solve_keeping_lu`` hands a C-contiguous ``A`` with at least this many entries to torch as the
+#: transposed system (``X Aᵀ = Bᵀ``, ``left=False``), whose matrix is the column-major view ``Aᵀ``
+#: that LAPACK factorizes in place of a copy of ``A`` (torch 2.13's plain solve copies a row-major
+#: ``A``).  Below it the copy costs less than the three views the transposed call adds.
+COPY_FREE_MIN = 1 << 16
+
+
+def _copy_free(A: torch.Tensor) -> bool:
+    return A.numel() >= COPY_FREE_MIN and A.is_contiguous()
+
+
+def _solve_ex_call(A, B, vector, copy_free):
+    if not copy_free:
+        return _solve_ex(A, B)
+    X, LU, piv, info = _solve_ex(A.mT, B.unsqueeze(-2) if vector else B.mT, left=False)
+    return (X.squeeze(-2) if vector else X.mT), LU, piv, info
+
+
+@functools.lru_cache(maxsize=None)
+def _lu_is_of_transpose(copy_free: bool, contiguous: bool, device_type: str) -> bool:
+    # Which matrix torch's solve factorizes (A or Aᵀ) is torch's choice and has changed between
+    # releases: ask it once per call form, on a matrix whose LU pivots.
+    M = torch.tensor([[1.0, 2.0, 0.0], [3.0, 1.0, 4.0], [0.0, 5.0, 1.0]], dtype=torch.float64, device=device_type)
+    if not contiguous:
+        M = M.mT.contiguous().mT
+    LU = _solve_ex_call(M, torch.ones(3, dtype=M.dtype, device=M.device), True, copy_free)[1]
+    if torch.equal(LU, torch.linalg.lu_factor(M)[0]):
+        return False
+    if torch.equal(LU, torch.linalg.lu_factor(M.mT)[0]):
+        return True
+    raise RuntimeError("torch._linalg_solve_ex returned an LU of neither A nor Aᵀ: "  # pragma: no cover
+                       "implicitdiff._core.torch_private.solve_keeping_lu needs updating for this torch")
+
+
+def solve_factorizes_transpose(A: torch.Tensor) -> bool:
+    """Whether :func:`solve_keeping_lu` factorizes ``Aᵀ`` (else ``A``) for this ``A``."""
+    if _solve_ex is None or A.is_complex():  # pragma: no cover - a torch without the op
+        return False
+    return _lu_is_of_transpose(_copy_free(A), A.is_contiguous(), A.device.type)
+
+
+def solve_keeping_lu(A: torch.Tensor, B: torch.Tensor, vector: bool) -> tuple:
+    """``X = A⁻¹ B`` by ``torch.linalg.solve``'s own op and autograd formulas, and its LU:
+    returns ``(X, LU, pivots, info, transposed)``.
+
+    ``B`` is ``(*, n)`` with ``A``'s batch shape when ``vector`` (``torch.linalg.solve``'s rule), else
+    ``(*, n, k)``.  ``LU, pivots`` factorize ``Aᵀ`` when ``transposed``
+    (:func:`solve_factorizes_transpose`), else ``A``: ``torch.linalg.lu_solve(LU, pivots, Z,
+    adjoint=transposed)`` is ``A⁻¹ Z``.  ``LU`` and ``pivots`` carry no gradient.  A large row-major
+    ``A`` is passed as the transposed system (:data:`COPY_FREE_MIN`).
+    """
+    if _solve_ex is None:  # pragma: no cover - a torch without the op: factorize twice
+        LU, piv, info = torch.linalg.lu_factor_ex(A.detach())
+        return torch.linalg.solve(A, B), LU, piv, info, False
+    copy_free = _copy_free(A)
+    X, LU, piv, info = _solve_ex_call(A, B, vector, copy_free)
+    return X, LU, piv, info, _lu_is_of_transpose(copy_free, A.is_contiguous(), A.device.type)

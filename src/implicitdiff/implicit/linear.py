@@ -38,6 +38,7 @@ import torch
 
 from .._core.defaults import eps
 from .._core.status import Status
+from .._core.torch_private import solve_keeping_lu
 from ..linalg.factorization import from_tensors, rank_flags as _flags
 from ..linalg.selection import consistency_rtol, factorize
 
@@ -231,64 +232,16 @@ def solve(spec: SolveSpec, A: torch.Tensor, B: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------- the eager fast path
-class _EagerLUSolveFn(torch.autograd.Function):
-    """``X = A⁻¹ B`` with the LU of ``A`` (``lu``) or of ``Aᵀ`` (``lu_t``), old style (``forward(ctx, ...)``).
-
-    A ``setup_context`` Function binds its arguments by signature on every call, a third of the
-    time of ``torch.linalg.solve`` at n = 100; old-style Functions do not compose with
-    ``torch.func`` transforms, so this one is used only outside them (:func:`fast_square_solve`).
-    ``b`` may be a vector (``vector``: no autograd nodes for the unsqueeze/squeeze).  First-order
-    backward: ``U = A⁻ᵀ X̄``, ``B̄ = U``, ``Ā = −U Xᵀ``; under ``create_graph`` the differentiable
-    formulas of ``_vjp`` (so every order reuses the factors); forward mode: ``_jvp``.
-    """
-
-    @staticmethod
-    def forward(ctx, kind, A, b, vector, LU_, piv):
-        B = b.unsqueeze(-1) if vector else b
-        X = torch.linalg.lu_solve(LU_, piv, B, adjoint=kind == "lu_t")
-        # a fresh tensor, not a view: a custom Function's differentiable output must not be a view
-        # (forward-mode AD checks the tangent's layout against the view's)
-        X = X.squeeze(-1).clone() if vector else X
-        ctx.kind, ctx.vector = kind, vector
-        ctx.save_for_backward(A, b, X, LU_, piv)
-        ctx.save_for_forward(A, b, X, LU_, piv)
-        return X
-
-    @staticmethod
-    def backward(ctx, gX):
-        A, b, X, LU_, piv = ctx.saved_tensors
-        if ctx.vector:
-            gX, X, b = gX.unsqueeze(-1), X.unsqueeze(-1), b.unsqueeze(-1)
-        if torch.is_grad_enabled():  # double backward: the differentiable formulas
-            gA, gB = _vjp(ctx.kind, False, A, b, X, gX, (LU_, piv), ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        else:
-            U = torch.linalg.lu_solve(LU_, piv, gX, adjoint=ctx.kind != "lu_t")  # A⁻ᵀ X̄
-            gA = torch.matmul(U.neg(), X.mT) if ctx.needs_input_grad[1] else None  # negate the n × k factor
-            gB = U if ctx.needs_input_grad[2] else None
-        if gB is not None and ctx.vector:
-            gB = gB.squeeze(-1)
-        return None, gA, gB, None, None, None
-
-    @staticmethod
-    def jvp(ctx, _k, dA, db, _v, _lu, _piv):
-        A, b, X, LU_, piv = ctx.saved_tensors
-        if ctx.vector:
-            b, X = b.unsqueeze(-1), X.unsqueeze(-1)
-            db = None if db is None else db.unsqueeze(-1)
-        dX = _jvp(ctx.kind, False, A, b, X, dA, db, (LU_, piv))
-        return dX.squeeze(-1) if ctx.vector else dX
-
-
 _GENERIC: dict = {}
 
 
 def _generic_vector(n, dtype, device):
-    """A fixed vector with no structure (cos of the golden angle × i), cached per size."""
+    """``(z, ‖z‖₁, eps)``: a fixed vector with no structure (cos of the golden angle × i), cached per size."""
     key = (n, dtype, device)
     z = _GENERIC.get(key)
     if z is None:
         z = torch.cos(torch.arange(n, dtype=dtype, device=device) * 2.399963229728653).unsqueeze(-1)
-        _GENERIC[key] = z = (z, float(z.abs().sum()))
+        _GENERIC[key] = z = (z, float(z.abs().sum()), eps(dtype))
     return z
 
 
@@ -296,34 +249,54 @@ def fast_square_solve(A: torch.Tensor, b: torch.Tensor, vector: bool, rank_rtol:
     """``y = A⁻¹ b`` for a square dense ``A`` that is clearly nonsingular, or ``None`` when in doubt.
 
     The eager path of ``linear_solve`` (outside ``torch.func`` transforms; ``b`` is ``(*, n)`` when
-    ``vector``, else ``(*, n, k)``, with ``A``'s batch shape): one LU, one solve, and a screen read
-    with one host sync — the LU's pivots and a solve with a fixed generic vector ``z`` give two lower
-    bounds on ``‖A⁻¹‖₁`` (as in :func:`implicitdiff.linalg.factorization.screened_rcond`), and the
-    sums of ``|A|`` and ``y`` are finite iff the data are.  It returns ``y`` only when the bound on the
-    reciprocal condition number is above ``sqrt(rank_rtol)`` (a margin of about 10⁷ in float64 over
-    the singularity threshold ``rank_rtol``) and everything is finite; otherwise ``None``, and the
-    caller takes the general path (:class:`SolveFn`), which estimates, reports and raises.
+    ``vector``, else ``(*, n, k)``, with ``A``'s batch shape).  The solve is ``torch.linalg.solve``'s
+    own op (:func:`~implicitdiff._core.torch_private.solve_keeping_lu`; a large row-major ``A`` goes
+    in as the transposed system, so that LAPACK factorizes ``Aᵀ`` without copying ``A``): one LU,
+    one solve, and torch's compiled autograd formulas — ``B̄ = A⁻ᵀ Ȳ`` with the same LU,
+    ``Ā = −B̄ Yᵀ``; forward mode; a double backward differentiates that formula (factorizing ``A``
+    once more), whereas the general path (:class:`SolveFn`) reuses its factors at every order.  A
+    Python ``autograd.Function`` costs more than the whole solve at ``n ≲ 100`` (binding, a Python
+    backward): that is why this path has none.
+
+    What this path adds is the screen, read with one host sync.  Two lower bounds on ``‖A⁻¹‖₁``:
+    the LU's pivots (``max 1/|u_ii| ≤ n ‖A⁻¹‖₁``, as
+    :func:`implicitdiff.linalg.factorization.screened_rcond`) and ``‖A⁻¹ z̃‖₁ / ‖z̃‖₁`` for a
+    generic vector: with ``A = P L U`` it is ``z̃ = P z`` and ``A⁻¹ z̃ = U⁻¹ L⁻¹ z`` — two triangular
+    solves with the factors, no permutation (``lu_solve`` would also check the pivots, a third of
+    the screen's time at small ``n``); with the LU of ``Aᵀ``, ``‖A⁻¹ z‖₁ = ‖L⁻ᵀ U⁻ᵀ z‖₁``.  The
+    pivots alone miss a matrix whose pivots are all 1 but whose condition is ~2ⁿ (the ill
+    conditioning is in ``L``); the solve does not.  ``‖A‖_F`` and the sum of ``y`` are finite iff
+    the data are.  It returns ``y`` only when the bound on the reciprocal condition number is above
+    ``sqrt(rank_rtol)`` (a margin of about 10⁷ in float64 over the singularity threshold
+    ``rank_rtol``) and everything is finite; otherwise ``None``, and the caller takes the general
+    path, which estimates, reports and raises.
     """
     n = A.shape[-1]
-    tol = eps(A.dtype) * n if rank_rtol is None else rank_rtol
-    Ad = A.detach()
-    transposed = n > 1 and Ad.is_contiguous()  # a row-major A is LAPACK's column-major Aᵀ: no copy
-    LU_, piv, _ = torch.linalg.lu_factor_ex(Ad.mT if transposed else Ad)
-    z, zsum = _generic_vector(n, A.dtype, A.device)
-    X = _EagerLUSolveFn.apply("lu_t" if transposed else "lu", A, b, vector, LU_, piv)
-    Z = torch.linalg.lu_solve(LU_, piv, z.expand(*LU_.shape[:-1], 1), adjoint=transposed)  # A⁻¹z (no graph)
-    est = torch.linalg.vector_norm(Z, 1, dim=(-2, -1))  # ‖A⁻¹z‖₁
-    dmin = torch.linalg.vector_norm(LU_.diagonal(dim1=-2, dim2=-1), float("-inf"), dim=-1)  # min |u_ii|
-    # max|a_ij| ≤ ‖A‖₁, so the bound below stays an upper bound on rcond (looser by ≤ n, which the
-    # margin absorbs); NaN/Inf iff A has them.  5× cheaper than the column sums of a row-major A.
-    amax = Ad.abs().amax(dim=(-2, -1))
-    # rcond ≤ min(‖z‖₁ / ‖A⁻¹z‖₁, n·min|u_ii|) / max|a_ij|  (lower bounds on ‖A⁻¹‖₁ and ‖A‖₁)
+    X, LU_, piv, _, transposed = solve_keeping_lu(A, b, vector)
+    z, zsum, eps_ = _generic_vector(n, A.dtype, A.device)
+    tol = eps_ * n if rank_rtol is None else rank_rtol
+    if transposed:  # LU_ factorizes Aᵀ: A⁻¹z = P L⁻ᵀ U⁻ᵀ z
+        F = LU_.mT
+        W = torch.linalg.solve_triangular(F, torch.linalg.solve_triangular(F, z, upper=False), upper=True,
+                                          unitriangular=True)
+    else:  # A⁻¹(P z) = U⁻¹ L⁻¹ z
+        W = torch.linalg.solve_triangular(LU_, torch.linalg.solve_triangular(LU_, z, upper=False,
+                                                                           unitriangular=True), upper=True)
+    diag = LU_.diagonal(dim1=-2, dim2=-1)
+    # ‖A‖_F / √n ≤ ‖A‖₁, so the bound below stays an upper bound on rcond (looser by ≤ n, which the
+    # margin absorbs); NaN/Inf iff A has them (or ‖A‖_F overflows: then the general path runs).  The
+    # 2-norm is torch's fastest full reduction: max|a_ij| (vector_norm(inf), amax) is 3–10× slower.
     if LU_.dim() == 2:  # one system: four scalars, one host read, the arithmetic in Python
-        e, d, a, xsum = torch.stack([est, dmin, amax, X.detach().sum()]).tolist()
-        worst = min(zsum / e if e > 0 else math.inf, n * d) / a if a > 0 else 0.0
+        e, d, a, xsum = torch.stack([torch.linalg.vector_norm(W, 1), torch.linalg.vector_norm(diag, float("-inf")),
+                                     torch.linalg.vector_norm(A.detach()), X.detach().sum()]).tolist()
+        # rcond ≤ min(‖z‖₁ / ‖A⁻¹z‖₁, n·min|u_ii|) / (‖A‖_F/√n)  (lower bounds on ‖A⁻¹‖₁ and ‖A‖₁)
+        worst = min(zsum / e if e > 0 else math.inf, n * d) * n ** 0.5 / a if a > 0 else 0.0
     else:
-        bound = torch.minimum(zsum / est, n * dmin) / amax
-        worst, xsum = torch.stack([bound.amin(), X.detach().sum()]).tolist()
+        est = torch.linalg.vector_norm(W, 1, dim=(-2, -1))
+        dmin = torch.linalg.vector_norm(diag, float("-inf"), dim=-1)
+        fro = torch.linalg.vector_norm(A.detach().flatten(-2), dim=-1)
+        bound = torch.minimum(zsum / est, n * dmin) / fro
+        worst, xsum = torch.stack([bound.amin() * n ** 0.5, X.detach().sum()]).tolist()
     if not (worst >= max(tol ** 0.5, tol) and math.isfinite(worst) and math.isfinite(xsum)):
         return None
     return X

@@ -240,17 +240,23 @@ def linear_solve(A, b, *, selection="auto", solver="auto", on_failure="raise", r
 
 def _eager_square(A, b, rank_rtol):
     """The fast path of a square dense solve outside ``torch.func`` transforms (None: take the general
-    path, which validates, reports and raises; see :func:`implicitdiff.implicit.linear.fast_square_solve`)."""
-    if not (isinstance(A, torch.Tensor) and isinstance(b, torch.Tensor) and A.layout == torch.strided
-            and b.layout == torch.strided and A.dim() >= 2 and A.device.type != "meta" and A.shape[-1] == A.shape[-2] > 0
-            and A.dtype in FLOAT_DTYPES and b.dtype == A.dtype and b.device == A.device and b.numel() > 0):
+    path, which validates, reports and raises; see :func:`implicitdiff.implicit.linear.fast_square_solve`).
+
+    Only the plain case is taken: dense tensors of one floating dtype and device, ``b`` with ``A``'s
+    batch shape (no broadcasting), nothing empty.  The checks read shapes once (they are part of the
+    time of a small solve)."""
+    if not (isinstance(A, torch.Tensor) and isinstance(b, torch.Tensor)):
         return None
-    vector = _is_vector(b, A)
-    n = A.shape[-1]
-    if vector:
-        if b.shape[-1] != n or b.shape[:-1] != A.shape[:-2]:
-            return None
-    elif b.dim() < 2 or b.shape[-2] != n or b.shape[:-2] != A.shape[:-2]:
+    sa, sb = A.shape, b.shape
+    if (len(sa) < 2 or sa[-1] != sa[-2] or A.dtype not in FLOAT_DTYPES or b.dtype != A.dtype
+            or A.layout != torch.strided or b.layout != torch.strided or A.is_meta or b.device != A.device
+            or b.numel() == 0):
+        return None
+    if sb == sa[:-1]:  # torch.linalg.solve's rule: a (batch of) vector(s)
+        vector = True
+    elif len(sb) == len(sa) and sb[:-1] == sa[:-1]:  # (*, n, k)
+        vector = False
+    else:
         return None
     if in_transform():
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._core.torch_private import solve_factorizes_transpose
 from .._core.validate import is_vmapped
 from .._core.defaults import eps
 from .factorization import Factorization, register, screened_rcond
@@ -46,11 +47,14 @@ class LU(Factorization):
         well-conditioned matrix then gets a looser (larger) estimate, never a smaller one.
 
         With ``allow_transposed`` (for callers that keep the factorization's
-        ``kind``), a row-major (C-contiguous) ``A`` is factorized as ``Aᵀ`` — a
-        column-major view LAPACK takes without a copy, as ``torch.linalg.solve``
-        does — and solved with the adjoint flag flipped (:class:`LUTransposed`).
+        ``kind``), ``A`` is factorized as ``torch.linalg.solve`` factorizes it: as ``Aᵀ``
+        (a row-major ``A`` is the column-major view ``Aᵀ``, which LAPACK takes without a copy)
+        in torch releases that do so, solved with the adjoint flag flipped
+        (:class:`LUTransposed`), else as ``A`` — so that the eager path of ``linear_solve``
+        (torch's own solve) and this one give the same bits.
         """
-        if allow_transposed and cls is LU and A.dim() >= 2 and A.is_contiguous() and A.shape[-1] > 1 and not is_vmapped(A):
+        if (allow_transposed and cls is LU and A.dim() >= 2 and A.shape[-1] > 1 and not is_vmapped(A)
+                and solve_factorizes_transpose(A)):
             LU_, piv, info = torch.linalg.lu_factor_ex(A.mT)
             fact = LUTransposed(LU_, piv)
         else:
