@@ -21,8 +21,7 @@ from .._core.validate import as_float_tensor, check_finite, is_vmapped
 from ..implicit.adjoint import Unroll, check_adjoint
 from ..implicit.fixed_point_adjoint import FixedPointAdjoint
 from ..implicit.root import RootFn, RootProblem, may_speculate
-from ..implicit.unroll import unrolled_newton, unrolled_picard
-from ..solvers.objects import Solver, as_solver
+from ..solvers.objects import Newton, Picard, Solver, as_solver
 from ..solvers.registry import get_root_solver
 
 __all__ = ["solve_implicit", "forward_solver", "reject_solver_options", "FORWARD_HINTS"]
@@ -94,10 +93,12 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
         if isinstance(solve, Solver):  # the stopping rule of the solver object
             rtol, atol, max_iter = solve.rtol, solve.atol, solve.max_iter
         atol = 0.0 if atol is None else atol
-        F_p = lambda y: F(y, *params)  # noqa: E731
+        # the same solver with autograd on: Picard for a fixed point, plain Newton for a root
         n_iter = adjoint.max_iter or max_iter or (500 if unroll == "picard" else 50)
-        run = unrolled_picard if unroll == "picard" else unrolled_newton
-        y, info = run(F_p, y0.detach(), batch_dims=batch_dims, rtol=rtol, atol=atol, max_iter=n_iter)
+        unrolled = Picard(rtol=rtol, atol=atol, max_iter=n_iter) if unroll == "picard" else \
+            Newton(rtol=rtol, atol=atol, max_iter=n_iter, line_search=False)
+        res = unrolled(F, y0.detach(), params, batch_dims, differentiable=True)
+        y, info = res.y, res.info
         y = _policy(y, info, on_failure, what, hints)
         return (y, info) if return_info else y
 

@@ -1,4 +1,5 @@
-"""The iteration loop shared by every nonlinear solver: tolerances, statuses, the stopping rule.
+"""The one nonlinear loop, :func:`iterate`, shared by every nonlinear solver: tolerances, statuses,
+the stopping rule, the freeze policy.
 
 Every solver here works on a *flattened* iterate ``y`` of shape ``(*batch, n)``
 (``batch = y0.shape[:batch_dims]``, ``n = prod(y0.shape[batch_dims:])``) and
@@ -8,26 +9,25 @@ contributes only a ``step``; this module owns what is common:
 
       ‖F(y_i)‖ ≤ atol + rtol · ‖F(y0_i)‖          rtol default: default_rtol(dtype)
 
-  (for L-BFGS ``F`` is the gradient).  A converged element is *frozen*: its
-  state is never updated again (``torch.where``), so a batch costs as many
-  iterations as its slowest element but every element stops on its own.
+  (for L-BFGS ``F`` is the gradient).  By default (``freeze=True``) a converged element is
+  *frozen*: its state is never updated again (``torch.where``), so a batch costs as many
+  iterations as its slowest element but every element stops on its own; ``freeze=False`` lets
+  converged elements step on while the batch runs without masks (:func:`iterate`).
 * **Statuses**: ``SUCCESS``; ``MAX_ITERATIONS`` when ``max_iter`` is spent;
   ``NONFINITE`` when an iterate or its residual holds NaN/Inf (the element is
   frozen at its last finite iterate, the others go on); ``DIVERGED`` when
   ``‖F‖ > 1e8 · ‖F(y0)‖`` (fixed-point type solvers); a status a step reports
   itself (Newton: ``SINGULAR`` Jacobian, ``BREAKDOWN`` of the line search).
   Solvers never raise on non-convergence: the caller applies the policy.
-* **No per-iteration host sync**: statuses live in tensors; the loop reads
-  "is anything still running?" only every ``check_every`` iterations (default
-  1 on CPU where reading is free, 8 on CUDA), so on a GPU up to
-  ``check_every − 1`` idle steps run after the last element converged (they
-  change nothing: every element is frozen).
-* **Where reading is free** (``check_every = 1``) the loop also reads whether
-  every element moved, and then skips the masks (the common case until the
-  first element stops); and one problem (``batch_dims = 0``) runs a host-side
-  loop: one read of ``‖F‖`` per iteration, statuses as Python values, and
-  a step that may branch in Python (:func:`single`).  The outcome is that of
-  the masked loop (``tests/solvers/test_loop.py`` checks it).
+* **No per-iteration host sync where it costs**: statuses live in tensors; the loop reads
+  "is anything still running?" only every ``check_every`` iterations (default 1 on CPU where
+  reading is free, 8 on CUDA).  Where reading is free the loop runs *unmasked* while nothing
+  needs a mask (one host read per iteration; one problem, ``batch_dims = 0``, is the case of
+  a batch of one), and *masked* from the first iteration where something happened on.
+* **One loop**: Picard is :func:`iterate` with :func:`fixed_point_step`; Anderson's lazy start is
+  that step with a ``rate`` stop, then the mixing step resumed from there (``resume=``); Newton
+  and Broyden bring their own steps; ``Unroll()`` runs Picard or Newton with autograd on
+  (``differentiable=True``: no ``no_grad``, nothing detached, no step state updated in place).
 
 Per-iteration cost matters here: on CPU each small tensor operation costs a
 few microseconds, as much as a (64, 256) elementwise pass, so the loop keeps
@@ -44,11 +44,12 @@ import torch
 
 from .._core.defaults import default_rtol
 from .._core.errors import InputError
+from .._core.residual import FixedPointResidual
 from .._core.status import SolveInfo, Status
 from .._core.validate import as_float_tensor
 
 __all__ = ["Options", "options", "int_option", "float_option", "flatten_root", "recording", "iterate", "norm",
-           "where", "single", "finite_probe", "LoopResult", "Phase", "plain_phase", "lean", "phase_result", "fixed_map"]
+           "where", "single", "finite_probe", "LoopResult", "fixed_map", "fixed_point_step"]
 
 # ‖F‖ grows past this multiple of ‖F(y0)‖: the element is declared DIVERGED
 DIVERGENCE_FACTOR = 1e8
@@ -83,13 +84,18 @@ def float_option(name: str, value, lo: float = 0.0, strict: bool = False) -> flo
     return v
 
 
-def options(y0, params, *, rtol, atol, max_iter, batch_dims, check_every, callback) -> Options:
-    """Validate what every solver takes; raise :class:`InputError` naming the argument."""
+def options(y0, params, *, rtol, atol, max_iter, batch_dims, check_every, callback,
+            differentiable: bool = False) -> Options:
+    """Validate what every solver takes; raise :class:`InputError` naming the argument.
+
+    ``differentiable``: keep ``params`` as given (autograd through the iterations, ``Unroll()``);
+    otherwise ``y0`` and the top-level tensors of ``params`` are detached."""
     y0 = as_float_tensor("y0", y0).detach()
     if not isinstance(params, (tuple, list)):
         raise InputError(f"params must be a tuple of the extra arguments of F, got {type(params).__name__}; "
                          f"wrap a single tensor as (theta,)")
-    params = tuple(p.detach() if isinstance(p, torch.Tensor) else p for p in params)
+    if not differentiable:
+        params = tuple(p.detach() if isinstance(p, torch.Tensor) else p for p in params)
     batch_dims = int_option("batch_dims", batch_dims, 0)
     if batch_dims > y0.dim():
         raise InputError(f"batch_dims={batch_dims} exceeds y0.ndim={y0.dim()} (y0 has shape {tuple(y0.shape)})")
@@ -113,7 +119,7 @@ def flatten_root(F: Callable, opts: Options, name: str = "F") -> tuple[Callable,
         raise InputError(f"{name} must be a callable F(y, *params) -> tensor of y's shape, got {F!r}")
     shape, params = opts.y0.shape, opts.params
     flat = (*opts.batch_shape, opts.n)
-    name = getattr(F, "name", None) or name          # a fixed-point residual names its map (the DEQ cell)
+    name = F.name if isinstance(F, FixedPointResidual) else name   # a fixed-point residual names its map
     try:
         f0 = F(opts.y0, *params)
     except (RuntimeError, TypeError) as e:            # torch's shape errors, a wrong signature: say where
@@ -136,7 +142,7 @@ def flatten_root(F: Callable, opts: Options, name: str = "F") -> tuple[Callable,
         def fun(y):
             return F(y.reshape(shape), *params).reshape(flat)
 
-    return fun, opts.y0.reshape(flat), f0.detach().reshape(flat)
+    return fun, opts.y0.reshape(flat), f0.reshape(flat)
 
 
 def norm(f: torch.Tensor) -> torch.Tensor:
@@ -182,115 +188,38 @@ def recording(recorder, opts: Options) -> Optional[Callable]:
 
 
 def fixed_map(F: Callable, opts: Options) -> Optional[Callable]:
-    """``F.map`` on flattened iterates — the map ``T`` of a fixed-point residual ``F = T − id``
-    (:func:`~implicitdiff.fixed_point_residual`) — or ``None``: :func:`plain_phase` then steps
+    """The map ``T`` of a fixed-point residual ``F = T − id`` (a :class:`FixedPointResidual`) on
+    flattened iterates, or ``None`` for any other residual: :func:`fixed_point_step` then steps
     ``y ← T(y)`` instead of ``y ← y + F(y)`` (one pass fewer per step)."""
-    fn = getattr(F, "map", None)                          # a FixedPointResidual knows its map
-    if fn is None:
+    if not isinstance(F, FixedPointResidual):
         return None
-    shape, params = opts.y0.shape, opts.params
+    fn, shape, params = F.map, opts.y0.shape, opts.params
     flat = (*opts.batch_shape, opts.n)
     if tuple(flat) == tuple(shape):
         return lambda y: fn(y, *params)
     return lambda y: fn(y.reshape(shape), *params).reshape(flat)
 
 
-def lean(opts: Options, callback, freeze: bool) -> bool:
-    """Whether a fixed-point type solver runs :func:`plain_phase`: ``freeze=False`` was asked, the
-    problem is batched, read on the host every iteration (the CPU default), without a callback."""
-    return (not freeze and len(opts.batch_shape) > 0 and opts.check_every == 1 and callback is None
-            and math.prod(opts.batch_shape) > 0 and opts.n > 0)
-
-
-class Phase(NamedTuple):
-    """Where :func:`plain_phase` stopped: the iterate ``y``, ``f = F(y)``, the reference norms
-    ``f0 = ‖F(y0)‖``, ``k`` iterations, the norms ``‖F(y_j)‖`` of every iterate (``k + 1`` rows,
-    the last one that of ``y``), whether every element has converged (``done``), and ``F`` at
-    the iterate before ``y`` (``None`` when ``k = 0``; Anderson seeds its history with it)."""
+class LoopResult(NamedTuple):
+    """The outcome of :func:`iterate`: the iterate ``y`` and ``f = F(y)`` (``(*batch, n)``), the step's
+    state ``extra``, the statuses ``info``, the residual norms of every iteration (``trace=True``), and
+    what a later call needs to go on from here (``resume=``): ``f0 = ‖F(y0)‖``, the iterations ``k``
+    run, the norms ``rows`` of every iterate (kept by ``freeze=False`` and ``trace``), ``F`` at the
+    iterate before ``y`` (``f_prev``; ``None`` after no step), and whether it ended on the unmasked path."""
 
     y: torch.Tensor
     f: torch.Tensor
-    f0: torch.Tensor
-    k: int
-    rows: list
-    done: bool
+    extra: tuple
+    info: SolveInfo
+    trace: Optional[torch.Tensor]
+    f0: Optional[torch.Tensor] = None
+    k: int = 0
+    rows: Optional[list] = None
     f_prev: Optional[torch.Tensor] = None
+    unmasked: bool = False
 
 
-def plain_phase(fun: Callable, y: torch.Tensor, f: torch.Tensor, opts: Options, *, beta: float, budget: int,
-                start_rate: float = 0.0, spec: Optional[Callable] = None, tmap: Optional[Callable] = None) -> Phase:
-    r"""Plain steps ``y ← y + β F(y)`` for the whole batch, one host read per step, no masks.
-
-    The cheap regime of a fixed-point iteration on a contraction (a DEQ cell): no element is
-    frozen — one that has converged keeps iterating while others run, which on a contraction
-    only makes it more accurate — so each step costs, beyond ``F``, the step itself, the
-    per-element norm and one read of ``q = max_i ‖F_i‖ / tol_i`` (``tol_i = atol + rtol ‖F(y0_i)‖``).
-    It stops with ``done`` when ``q ≤ 1`` (every element meets the tolerance), and otherwise
-    hands over to the masked loop (:func:`iterate` with ``resume=``), which then owns the
-    statuses:
-
-    * at once, from the last accepted iterate, when ``q`` is NaN/Inf (an element's iterate
-      or residual is not finite) or an element may have diverged (``‖F_i‖ > 1e8 ‖F(y0_i)‖``);
-    * with ``start_rate = ρ > 0``, when ``q`` — the worst element's — shrank by less than ``ρ²``
-      over the last two steps (checked every other step; no read beyond ``q``: an element slower
-      than the others soon is the worst one);
-    * after ``budget`` steps.
-
-    ``spec``: see :func:`recording`; it replaces ``fun`` for the step whose ``q`` the last
-    two predict (linear convergence, ``q_{k+1} ≈ q_k² / q_{k−1}``) to be at most 1.2, so
-    that the final evaluation is usually the speculative one (the rate of a contraction creeps
-    up as its slowest mode takes over: the prediction errs low, and a guess one step early costs
-    a recorded evaluation — a fraction of one evaluation — where a miss would cost one evaluation more in the
-    backward).
-    """
-    tiny = torch.finfo(y.dtype).tiny
-    fn = norm(f)
-    f0 = fn
-    tol = torch.clamp(opts.atol + opts.rtol * f0, min=tiny)      # ‖F(y0)‖ = 0: converged at once
-    itol = 1.0 / tol
-    # below this q no element can have diverged (‖F_i‖ ≤ 1e8 ‖F(y0_i)‖ for all i).  An element with
-    # F(y0) = 0 sits exactly at a fixed point and stays there; should it move, its q = ‖F_i‖ / tiny
-    # exceeds the bound at once and the masked loop takes over
-    bound = float(torch.where(f0 > 0, DIVERGENCE_FACTOR * f0 * itol, math.inf).amin())
-    rows = [fn]
-    q = float((fn * itol).max())                             # NaN: F(y0) not finite
-    if q <= 1.0:
-        return Phase(y, f, f0, 0, rows, True)
-    if not q < bound:                                        # not finite (or y0 beyond the bound): masked loop
-        return Phase(y, f, f0, 0, rows, False)
-    q_prev = math.inf
-    two_back = q
-    tmap = tmap if beta == 1.0 else None
-    t = y + f if tmap is not None else None                  # T(y): the next iterate
-    t_new = None
-    f_prev = None
-    for k in range(budget):
-        y_new = t if tmap is not None else torch.add(y, f, alpha=beta)
-        guess = spec is not None and q * q <= 1.2 * q_prev < math.inf
-        if guess:
-            f_new = spec(y_new)
-            if tmap is not None:
-                t_new = f_new + y_new
-        elif tmap is not None:
-            t_new = tmap(y_new)
-            f_new = t_new - y_new
-        else:
-            f_new = fun(y_new)
-        fn_new = norm(f_new)
-        q_new = float((fn_new * itol).amax())
-        if not q_new < bound:  # NaN/Inf, or an element may have diverged: the masked loop redoes this step
-            return Phase(y, f, f0, k, rows, False, f_prev)
-        f_prev = f
-        y, f, fn, t = y_new, f_new, fn_new, t_new
-        rows.append(fn)
-        if q_new <= 1.0:
-            return Phase(y, f, f0, k + 1, rows, True, f_prev)
-        if start_rate > 0.0 and k % 2 == 1:  # the two-step reduction of the worst element
-            if q_new > start_rate * start_rate * two_back:
-                return Phase(y, f, f0, k + 1, rows, False, f_prev)
-            two_back = q_new
-        q_prev, q = q, q_new
-    return Phase(y, f, f0, budget, rows, False, f_prev)
+Step = Callable[..., tuple]
 
 
 def _first_converged(rows: list, tol: torch.Tensor) -> torch.Tensor:
@@ -301,104 +230,136 @@ def _first_converged(rows: list, tol: torch.Tensor) -> torch.Tensor:
     return torch.cummin(above, 0)[0].sum(0)                  # leading rows above tol
 
 
-def phase_result(phase: Phase, opts: Options, trace: bool) -> "LoopResult":
-    """The :class:`LoopResult` of a :func:`plain_phase` that is ``done`` (every element converged)."""
-    tiny = torch.finfo(phase.y.dtype).tiny
-    tol = opts.atol + opts.rtol * phase.f0
-    fn = phase.rows[-1]
-    status = torch.zeros(fn.shape, dtype=torch.int64, device=fn.device)   # SUCCESS
-    info = SolveInfo(status, fn / torch.clamp(phase.f0, min=tiny), _first_converged(phase.rows, tol))
-    return LoopResult(phase.y, phase.f, (), info, torch.stack(phase.rows) if trace else None)
-
-
-class LoopResult(NamedTuple):
-    y: torch.Tensor           # (*batch, n)
-    f: torch.Tensor           # (*batch, n)
-    extra: tuple
-    info: SolveInfo
-    trace: Optional[torch.Tensor]
-
-
-Step = Callable[[int, torch.Tensor, torch.Tensor, tuple, torch.Tensor],
-                tuple[torch.Tensor, torch.Tensor, tuple, Optional[torch.Tensor]]]
-
-
 def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Options, *,
-            trace: bool = False, callback=None, unflatten: Callable = lambda y: y,
-            divergence: bool = True, resume: Optional["Phase"] = None) -> LoopResult:
-    """Run ``step`` until every element has stopped or ``opts.max_iter`` iterations.
+            trace: bool = False, callback=None, unflatten: Callable = lambda y: y, divergence: bool = True,
+            freeze: bool = True, rate: float = 0.0, record: Optional[Callable] = None,
+            resume: Optional[LoopResult] = None) -> LoopResult:
+    r"""The nonlinear loop: run ``step`` until every element has stopped or ``opts.max_iter`` iterations.
 
-    ``step(k, y, f, extra, active) -> (y, f, extra, code)`` advances every
-    element by one iteration (it may compute on all of them; the loop keeps
-    ``y, f`` of stopped elements frozen).  ``y, f`` are ``(*batch, n)``;
-    ``extra`` is the step's own state (a tuple of tensors with leading batch
-    dims), passed back as returned: the loop does not freeze it, since a
-    stopped element's state is never read again, so a step may update large
-    state in place (elements must stay independent: garbage in a stopped
-    element must not reach the others).  ``code`` is ``None`` or an int64
-    batch tensor, nonzero where the step itself failed with that
+    ``step(k, y, f, extra, active) -> (y, f, extra, code)`` advances every element by one
+    iteration (it may compute on all of them; the loop keeps ``y, f`` of stopped elements
+    frozen).  ``y, f`` are ``(*batch, n)``; ``extra`` is the step's own state, passed back as
+    returned: the loop does not freeze it, since a stopped element's state is never read again,
+    so a step may update large state in place (elements must stay independent).  ``code`` is
+    ``None`` or an int64 batch tensor, nonzero where the step itself failed with that
     :class:`Status` (such elements keep their previous ``y, f``).
 
-    With :func:`single` (one problem, ``check_every = 1``) the bookkeeping runs
-    on the host: one read of ``‖F‖`` (and of ``code``, which may then also be a
-    Python ``int``) per iteration, no masking; the outcome is the same.
+    Each iteration takes one of two paths:
 
-    ``resume``: the :class:`Phase` this loop takes over from (``y, f`` are its iterate): the
-    tolerances stay relative to the phase's ``‖F(y0)‖``, its iterations count and its trace
-    rows come first, and only the rest of ``opts.max_iter`` is spent.
+    * **unmasked** (where reading is free, ``check_every = 1``, the CPU default): every element
+      steps, and one host read of ``max_i ‖F_i‖ / tol_i`` (with ``freeze`` also the min, with it
+      ``Σ y`` — finite unless ``y`` holds NaN/Inf — and the step's code) tells that nothing happened
+      that needs a mask: every iterate finite, none possibly diverged, no code and, with
+      ``freeze``, none converged.  The new iterates are then taken as they are;
+    * **masked**, from the first iteration where something happened on: the per-element
+      bookkeeping with ``torch.where``, the "anything still running?" read every
+      ``check_every`` iterations only (on a GPU up to ``check_every − 1`` idle steps run after the
+      last element stopped; they change nothing).
+
+    **The freeze policy.** ``freeze=True``: an element that has converged is frozen, its ``y``
+    never updated again, so its result does not depend on the batch.  ``freeze=False`` (where the
+    unmasked path applies and the problem is batched, without a ``callback``; elsewhere it is
+    ``freeze=True``): while the batch steps unmasked a converged element keeps stepping — on a
+    contraction it only gets more accurate — and the loop ends when every element meets the
+    tolerance at once; its ``iterations`` count the steps it needed.  A NaN/Inf, a possible
+    divergence or a step code hands the batch to the masked path, which freezes.
+
+    **The speculative recording** (``freeze=False`` only): ``record`` is a
+    :class:`~implicitdiff.implicit.speculation.Recorder`'s ``record`` on flat iterates
+    (:func:`recording`); the step whose residual the last two predict (linear convergence,
+    ``q_{k+1} ≈ q_k² / q_{k−1}``, ``q = max_i ‖F_i‖ / tol_i``) to meet the tolerance
+    (``q ≤ 1.2``) is evaluated through it.  With ``record`` the step takes a sixth argument: the
+    evaluation of ``F`` to use for this step (``record``, or ``None`` for its own).  (The rate of a
+    contraction creeps up as its slowest mode takes over: the prediction errs low; a guess one step
+    early costs a recorded evaluation, a miss one evaluation more in the backward.)
+
+    ``rate = ρ > 0``: the loop also stops (running elements ``MAX_ITERATIONS``) when the worst
+    running element's ``‖F_i‖ / tol_i`` shrank by less than ``ρ²`` over the last two iterations
+    (checked every other one): a lazy start's plain steps (:func:`~.anderson.anderson`).
+
+    ``resume``: the :class:`LoopResult` this call goes on from (``y, f`` its iterate, ``extra``
+    the new step's state): the tolerances stay relative to its ``f0``, its trace rows come first,
+    only the rest of ``opts.max_iter`` is spent; after an unmasked end the loop simply goes on,
+    otherwise the elements it left ``MAX_ITERATIONS`` run on and the others keep their status.
+
+    The statuses follow from the final state: ``SUCCESS`` (``‖F‖ ≤ atol + rtol ‖F(y0)‖``),
+    ``MAX_ITERATIONS`` (still running), ``DIVERGED`` (``‖F‖ > 1e8 ‖F(y0)‖``, with ``divergence``),
+    ``NONFINITE`` (NaN/Inf: the element keeps its last finite iterate), or the step's code.
     """
-    if resume is not None:
-        opts = opts._replace(max_iter=max(opts.max_iter - resume.k, 0))
-    if single(opts):
-        return _iterate_single(step, y, f, extra, opts, trace=trace, callback=callback, unflatten=unflatten,
-                               divergence=divergence)
+    k0 = 0 if resume is None else resume.k
+    max_iter = max(opts.max_iter - k0, 0)
+    eager = opts.check_every == 1                        # reading on the host is free every iteration (CPU)
+    freeze = freeze or not (eager and len(opts.batch_shape) > 0 and callback is None)
+    spec = None if freeze else record
     tiny = torch.finfo(y.dtype).tiny
     fn = norm(f)
     f0 = fn if resume is None else resume.f0
     tol = opts.atol + opts.rtol * f0                     # NaN when F(y0) is NaN: never "converged"
     limit = DIVERGENCE_FACTOR * torch.clamp(f0, min=tiny)
-    nonfinite0 = ~(finite_probe(fn, y) < math.inf)
-    active = ~nonfinite0 & (fn > tol)
+    itol = 1.0 / torch.clamp(tol, min=tiny)
+    nonfinite0 = prior = None
+    counted = 0                                          # unmasked iterations, not yet in ``iterations``
     if resume is None:
-        iterations = torch.zeros(fn.shape, dtype=torch.int64, device=y.device)
-    else:  # the phase's steps: all of them for an element still running, else those it needed
-        iterations = torch.where(active, resume.k, _first_converged(resume.rows, tol))
+        nonfinite0 = ~(finite_probe(fn, y) < math.inf)
+        active = ~nonfinite0 & (fn > tol)
+    elif resume.unmasked:                                # the same loop, going on
+        active, counted = fn > tol, k0
+    else:                                                # the elements it left running run on
+        prior = resume.info.status
+        active = prior == int(Status.MAX_ITERATIONS)
+    started = active
+    iterations = torch.zeros(fn.shape, dtype=torch.int64, device=y.device) if prior is None \
+        else resume.info.iterations
+    rows = None if not (trace or not freeze) else [fn] if resume is None or resume.rows is None else list(resume.rows)
     failed_code = None
-    rows = None if not trace else [fn] if resume is None else list(resume.rows)
-    # The loop keeps only ``active``; the statuses follow from the final state (see the end):
-    # an element stops when it converges (‖F‖ ≤ tol), diverges (‖F‖ > limit: it moves there),
-    # hits NaN/Inf (it stays at its last finite iterate, whose ‖F‖ lies in (tol, limit]) or its
-    # step reports a code (kept in ``failed_code``).
-    eager = opts.check_every == 1            # reading on the host is allowed every iteration (CPU default)
-    counted = 0                              # iterations in which every element ran, not yet in ``iterations``
-    # Fast path (eager only): while every element runs, one host read of min/max ‖F_i‖ / tol_i per
-    # iteration decides that every element moved and goes on — finite (a NaN or Inf reaches the
-    # max), not converged (min > 1), not diverged (max ≤ min_i limit_i / tol_i) — without the masks.
-    # Otherwise the iteration takes the general path below, with ``active`` all True.
-    fast = False
-    if eager and opts.max_iter > 0 and fn.numel() > 0:   # (an empty batch: nothing runs)
-        head = torch.stack([active.all().to(fn.dtype), (limit / tol).amin() if divergence else fn.new_tensor(math.inf),
-                            tol.amin()]).tolist()         # NaN tol (F(y0) not finite): not all active
-        fast = head[0] == 1.0 and head[2] > 0.0
-        bound = head[1]
-    for k in range(opts.max_iter):
+    f_prev = None if resume is None else resume.f_prev
+    fast = eager and max_iter > 0 and fn.numel() > 0 and prior is None
+    bound = q = math.inf
+    if fast:   # all finite, some running and, with freeze, all running; below ``bound`` none can have diverged
+        head = torch.stack([(active | (fn <= tol)).all().to(fn.dtype), active.all().to(fn.dtype),
+                            active.any().to(fn.dtype), torch.where(f0 > 0, limit * itol, math.inf).amin()
+                            if divergence else fn.new_tensor(math.inf), (fn * itol).amax()]).tolist()
+        fast = head[0] == 1.0 and head[2] == 1.0 and (head[1] == 1.0 or not freeze)
+        bound, q = head[3], head[4]
+    q_prev, two_back = math.inf, q
+    ran = 0
+    for k in range(max_iter):
         if not fast and k % opts.check_every == 0 and not bool(active.any()):   # the host sync
             break
-        # a stopped element's extra state is never read again: the step's extra is kept as returned
-        y_new, f_new, extra, code = step(k, y, f, extra, active)
-        if fast and code is None:
+        ran = k + 1
+        if record is None:
+            y_new, f_new, extra, code = step(k, y, f, extra, active)
+        else:
+            guess = spec is not None and fast and q * q <= 1.2 * q_prev < math.inf
+            y_new, f_new, extra, code = step(k, y, f, extra, active, spec if guess else None)
+        if fast:
             fn_new = norm(f_new)
-            # the one host read; Σy is finite unless y holds NaN/Inf (or overflows: then the general path)
-            lo, hi, ysum = torch.stack([*torch.aminmax(fn_new / tol), y_new.sum()]).tolist()
-            if lo > 1.0 and hi < bound and math.isfinite(ysum):   # every element moved and still runs
-                y, f, fn = y_new, f_new, fn_new
+            parts = [*torch.aminmax(fn_new * itol)] if freeze else [(fn_new * itol).amax()] * 2
+            parts.append(y_new.sum())
+            if code is not None:
+                parts.append((code != 0).any().to(fn_new.dtype))
+            lo, hi, ysum, *bad = torch.stack(parts).tolist()        # the one host read
+            if hi < bound and math.isfinite(ysum) and not (bad and bad[0]) and (lo > 1.0 or not freeze):
+                f_prev, y, f, fn = f, y_new, f_new, fn_new
                 counted += 1
                 if rows is not None:
                     rows.append(fn)
                 if callback is not None:
-                    callback(k + 1, unflatten(y), fn)
+                    callback(k0 + k + 1, unflatten(y), fn)
+                if hi <= 1.0:                                        # (freeze=False) every element converged
+                    break
+                if rate > 0.0 and k % 2 == 1:                        # the worst element's two-step reduction
+                    if hi > rate * rate * two_back:
+                        break
+                    two_back = hi
+                q_prev, q = q, hi
                 continue
-        fast = False
+            # something happened: the masked path from here on, starting with this iteration
+            fast = False
+            active = active if freeze else fn > tol                 # converged elements stop here
+            iterations = iterations + (counted if freeze else
+                                       torch.where(active, counted, _first_converged(rows, tol)))
+            counted = 0
         fn_new = norm(f_new + y_new * 0)                   # ‖F‖, NaN where y or F holds NaN/Inf (y · 0 = ±0 or NaN)
         move = active & (fn_new < math.inf)
         if code is not None:
@@ -408,18 +369,28 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
         go = fn_new > tol                                  # NaN: False
         if divergence:
             go = go & (fn_new <= limit)
+        f_prev = f                                         # (read only for elements that moved)
         if eager and bool(move.all()):       # every element moves (typical until the first stops): no masks
             y, f, fn = y_new, f_new, fn_new
-            counted += 1                     # every element was active
-            active = go
         else:
             y, f, fn = where(move, y_new, y), where(move, f_new, f), torch.where(move, fn_new, fn)
-            iterations = iterations + active
-            active = move & go
+        iterations = iterations + active
+        active = move & go
         if rows is not None:
             rows.append(fn)
         if callback is not None:
-            callback(k + 1, unflatten(y), fn)
+            callback(k0 + k + 1, unflatten(y), fn)
+        if rate > 0.0 and k % 2 == 1:                      # the worst running element's two-step reduction
+            worst = float(torch.where(active, fn * itol, 0.0).amax()) if fn.numel() else 0.0
+            if worst > rate * rate * two_back:
+                break
+            two_back = worst
+    if fast or counted:                                  # ended on the unmasked path
+        if freeze:
+            iterations = iterations + counted
+        else:
+            active = fn > tol
+            iterations = iterations + torch.where(active, counted, _first_converged(rows, tol))
     # statuses from the final state: running → MAX_ITERATIONS; stopped → NONFINITE unless
     # ‖F‖ ≤ tol (SUCCESS), ‖F‖ > limit (DIVERGED) or the step's code; NaN/Inf at y0 → NONFINITE
     status = torch.where(active, int(Status.MAX_ITERATIONS), int(Status.NONFINITE))
@@ -428,52 +399,32 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
     status = torch.where(~active & (fn <= tol), int(Status.SUCCESS), status)
     if failed_code is not None:
         status = torch.where(failed_code != 0, failed_code, status)
-    status = torch.where(nonfinite0, int(Status.NONFINITE), status)
-    residual = fn / torch.clamp(f0, min=tiny)
-    info = SolveInfo(status, residual, iterations + counted if counted else iterations)
-    return LoopResult(y, f, extra, info, torch.stack(rows) if rows is not None else None)
+    if nonfinite0 is not None:
+        status = torch.where(nonfinite0, int(Status.NONFINITE), status)
+    if prior is not None:
+        status = torch.where(started, status, prior)
+    info = SolveInfo(status, fn / torch.clamp(f0, min=tiny), iterations)
+    return LoopResult(y, f, extra, info, torch.stack(rows) if trace else None, f0, k0 + ran, rows, f_prev, fast)
 
 
-def _iterate_single(step, y, f, extra, opts, *, trace, callback, unflatten, divergence) -> LoopResult:
-    """:func:`iterate` for one problem read on the host every iteration (same outcome, no masks)."""
-    tiny = torch.finfo(y.dtype).tiny
-    fn = norm(f)
-    f0 = fn
-    # the thresholds in the solve's dtype, as the batched loop compares them, read once
-    probe, tol, limit = torch.stack([finite_probe(fn, y), opts.atol + opts.rtol * f0,
-                                     DIVERGENCE_FACTOR * torch.clamp(f0, min=tiny)]).tolist()
-    status = None                                         # None: running
-    if not math.isfinite(probe):
-        status = Status.NONFINITE
-    elif probe <= tol:
-        status = Status.SUCCESS
-    iterations = 0
-    running = torch.ones((), dtype=torch.bool, device=y.device)
-    rows = [fn] if trace else None
-    for k in range(opts.max_iter):
-        if status is not None:
-            break
-        y_new, f_new, extra, code = step(k, y, f, extra, running)
-        iterations += 1
-        code = 0 if code is None else int(code)
-        if code != 0:                                     # a failed step keeps the previous y, f
-            status = code
-        else:
-            fn_new = norm(f_new + y_new * 0)              # ‖F‖, NaN where y or F holds NaN/Inf
-            val = float(fn_new)                           # the one host read
-            if not math.isfinite(val):
-                status = Status.NONFINITE
-            else:
-                y, f, fn = y_new, f_new, fn_new
-                if val <= tol:
-                    status = Status.SUCCESS
-                elif divergence and val > limit:
-                    status = Status.DIVERGED
-        if rows is not None:
-            rows.append(fn)
-        if callback is not None:
-            callback(k + 1, unflatten(y), fn)
-    dev = y.device
-    status = torch.tensor(int(Status.MAX_ITERATIONS if status is None else status), dtype=torch.int64, device=dev)
-    info = SolveInfo(status, fn / torch.clamp(f0, min=tiny), torch.tensor(iterations, dtype=torch.int64, device=dev))
-    return LoopResult(y, f, extra, info, torch.stack(rows) if rows is not None else None)
+def fixed_point_step(fun: Callable, beta: float, tmap: Optional[Callable] = None) -> tuple[Step, Callable]:
+    """``(step, start)``: the plain step ``y ← y + β F(y)`` of a fixed-point type solver for :func:`iterate`
+    (taking the loop's speculative evaluation), and ``start(y, f)``, its initial state.
+
+    ``tmap``: the map ``T`` of a fixed-point residual ``F = T − id`` (:func:`fixed_map`) — used at
+    ``β = 1``, where the step is ``y ← T(y)`` with ``T(y) = y + F(y)`` carried over from the last step,
+    one pass fewer than ``y + F(y)`` then ``T(y) − y``."""
+    if tmap is None or beta != 1.0:
+        def step(k, y, f, extra, active, ev=None):
+            y_new = torch.add(y, f, alpha=beta)
+            return y_new, (ev or fun)(y_new), extra, None
+        return step, lambda y, f: ()
+
+    def step_map(k, y, f, extra, active, ev=None):
+        y_new = extra[0]                                 # T(y)
+        if ev is not None:
+            f_new = ev(y_new)
+            return y_new, f_new, (f_new + y_new,), None
+        t_new = tmap(y_new)
+        return y_new, t_new - y_new, (t_new,), None
+    return step_map, lambda y, f: (y + f,)

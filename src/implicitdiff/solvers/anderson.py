@@ -8,8 +8,7 @@ from typing import Callable
 import torch
 
 from .._core.errors import InputError
-from ._loop import float_option, int_option, flatten_root, iterate, lean, options, phase_result, plain_phase, \
-    recording, fixed_map
+from ._loop import fixed_map, fixed_point_step, float_option, flatten_root, int_option, iterate, options, recording
 from .result import SolverResult
 
 __all__ = ["anderson"]
@@ -130,26 +129,12 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
             # times slower
             return torch.baddbmm(X.reshape(nb, 1, n), gamma.mT, U[:h].transpose(0, 1), alpha=-1).view(shape)
 
-        def step(k, y, g, state, active):
-            X, U, dG, G, r, k0, gn = state                        # k0: the step the history started at
-            if k0 is None:                                        # lazy start: a plain step, no history
-                g_new = fun(X)
-                X_new = torch.add(X, g_new, alpha=beta)
-                if 2 * (k + 1) < opts.max_iter:                   # past half the budget: mix from now on
-                    if k % 2 == 0:                                # checked every other step:
-                        return X, g_new, (X_new, U, dG, G, r, None, gn), None
-                    gn_new = torch.linalg.vector_norm(g_new, dim=-1)  # ‖g_{k+1}‖ against ‖g_{k−1}‖
-                    # the worst two-step reduction among running elements (stopped ones may sit at
-                    # rounding level); a NaN reaches the max and starts the mixing (the loop stops it)
-                    worst = float(torch.where(active, gn_new / gn, 0.0).max()) if gn_new.numel() else 0.0
-                    if worst <= start_rate ** 2:
-                        return X, g_new, (X_new, U, dG, G, r, None, gn_new), None
-                k0, y_new = k, X                                  # this step's difference starts the history
-            else:
-                h = min(k - k0, m)                                # rows in use
-                y_new = X if h == 0 else mix(X, U, G, r, h, y.shape)   # empty history: γ = 0
-                g_new = fun(y_new)
-                X_new = torch.add(y_new, g_new, alpha=beta)
+        def step(k, y, g, state, active, ev=None):
+            X, U, dG, G, r, k0 = state                            # k0: the step the history started at
+            h = min(k - k0, m)                                    # rows in use
+            y_new = X if h == 0 else mix(X, U, G, r, h, y.shape)  # empty history: γ = 0
+            g_new = (ev or fun)(y_new)
+            X_new = torch.add(y_new, g_new, alpha=beta)
             kk = k - k0
             j = kk % m
             torch.sub(X_new.reshape(nb, n), X.reshape(nb, n), out=U[j])
@@ -160,30 +145,28 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
             G[:, j:j + 1, :row.shape[-1]] = row
             G[:, :row.shape[-1], j:j + 1] = row.mT
             r = torch.bmm(g_new.reshape(nb, 1, n), dGh).mT           # (nb, h', 1)
-            return y_new, g_new, (X_new, U, dG, G, r, k0, None), None
+            return y_new, g_new, (X_new, U, dG, G, r, k0), None
 
-        lazy = start_rate > 0.0
-        phase = None
-        if lazy and lean(opts, callback, freeze):  # the plain steps without masks, then mixing from there on
-            phase = plain_phase(fun, y, g, opts, beta=beta, budget=opts.max_iter // 2, start_rate=start_rate,
-                                spec=recording(recorder, opts), tmap=fixed_map(F, opts))
-            if phase.done:
-                out = phase_result(phase, opts, trace)
-                y = out.y.reshape(opts.y0.shape)
-                return SolverResult(y, out.info, None, out.trace, None if recorder is None else recorder.take(y))
-            y, g, lazy = phase.y, phase.f, False
+        record = recording(recorder, opts)
+        unflatten = lambda t: t.reshape(opts.y0.shape)  # noqa: E731
+        first = None
+        if start_rate > 0.0:  # the lazy start: plain steps while the residuals contract fast, for half the budget
+            plain, start = fixed_point_step(fun, beta, fixed_map(F, opts))
+            first = iterate(plain, y, g, start(y, g), opts._replace(max_iter=opts.max_iter // 2), trace=trace,
+                            callback=callback, freeze=freeze, rate=start_rate, record=record, unflatten=unflatten)
+            y, g = first.y, first.f
         state = (torch.add(y, g, alpha=beta), y.new_empty(m, nb, n), y.new_empty(m, nb, n), y.new_empty(nb, m, m),
-                 None, None if lazy else 0, torch.linalg.vector_norm(g, dim=-1) if lazy else None)
-        if phase is not None and phase.f_prev is not None:
-            # the plain phase's last step is the first history column (ΔX = X_k − X_{k−1} = β g_k, since
-            # X_{k−1} = y_k; ΔG = g_k − g_{k−1}): the mixing starts at once, as the lazy start does
-            X, U, dG, G, _, _, _ = state
+                 None, 0)
+        if first is not None and first.f_prev is not None:
+            # the last plain step is the first history column (ΔX = X_k − X_{k−1} = β g_k, since
+            # X_{k−1} = y_k; ΔG = g_k − g_{k−1}): the mixing starts at once
+            X, U, dG, G, _, _ = state
             torch.mul(g.reshape(nb, n), beta, out=U[0])
-            torch.sub(g.reshape(nb, n), phase.f_prev.reshape(nb, n), out=dG[0])
+            torch.sub(g.reshape(nb, n), first.f_prev.reshape(nb, n), out=dG[0])
             G[:, :1, :1] = torch.bmm(dG[0].unsqueeze(1), dG[0].unsqueeze(2))
             r = torch.bmm(g.reshape(nb, 1, n), dG[0].unsqueeze(2))      # (nb, 1, 1)
-            state = (X, U, dG, G, r, -1, None)                          # k0 = −1: one row in use at k = 0
-        out = iterate(step, y, g, state, opts, trace=trace, callback=callback,
-                      unflatten=lambda t: t.reshape(opts.y0.shape), resume=phase)
+            state = (X, U, dG, G, r, -1)                                # k0 = −1: one row in use at k = 0
+        out = iterate(step, y, g, state, opts, trace=trace, callback=callback, freeze=freeze, record=record,
+                      unflatten=unflatten, resume=first)
     y = out.y.reshape(opts.y0.shape)
     return SolverResult(y, out.info, None, out.trace, None if recorder is None else recorder.take(y))

@@ -6,8 +6,7 @@ from typing import Callable
 
 import torch
 
-from ._loop import (fixed_map, float_option, flatten_root, iterate, lean, options, phase_result, plain_phase,
-                    recording)
+from ._loop import fixed_map, fixed_point_step, float_option, flatten_root, iterate, options, recording
 from .result import SolverResult
 
 __all__ = ["picard"]
@@ -15,7 +14,7 @@ __all__ = ["picard"]
 
 def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=0.0, max_iter: int = 200,
            batch_dims: int = 0, beta: float = 1.0, check_every=None, trace: bool = False,
-           callback=None, freeze: bool = True, recorder=None) -> SolverResult:
+           callback=None, freeze: bool = True, recorder=None, differentiable: bool = False) -> SolverResult:
     """Solve ``F(y, *params) = 0`` by the damped iteration ``y_{k+1} = y_k + β F(y_k)``.
 
     For a fixed point ``y = T(y)`` pass ``F(y) = T(y) − y``: with ``β = 1`` this
@@ -51,6 +50,8 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
         recorder: a :class:`~implicitdiff.implicit.speculation.Recorder`: the plain phase evaluates
             its predicted last step through it, and ``SolverResult.recording`` is what it took at
             the returned ``y`` (the implicit mechanism's backward reuses it).
+        differentiable: run with autograd on — ``params`` not detached, every step recorded — so that
+            the result is differentiable through the iterations (``Unroll()``; memory grows with them).
 
     Returns:
         :class:`SolverResult` ``(y, info, None, trace)``.  Failure modes, per
@@ -68,24 +69,12 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
         (True, True)
     """
     opts = options(y0, params, rtol=rtol, atol=atol, max_iter=max_iter, batch_dims=batch_dims,
-                   check_every=check_every, callback=callback)
+                   check_every=check_every, callback=callback, differentiable=differentiable)
     beta = float_option("beta", beta, 0.0, strict=True)
-    with torch.no_grad():
+    with torch.set_grad_enabled(torch.is_grad_enabled() and differentiable):
         fun, y, f = flatten_root(F, opts)
-
-        def step(k, y, f, extra, active):
-            y_new = torch.add(y, f, alpha=beta)
-            return y_new, fun(y_new), (), None
-
-        phase = None
-        if lean(opts, callback, freeze):
-            phase = plain_phase(fun, y, f, opts, beta=beta, budget=opts.max_iter, spec=recording(recorder, opts),
-                                tmap=fixed_map(F, opts))
-            y, f = phase.y, phase.f
-        if phase is not None and phase.done:
-            out = phase_result(phase, opts, trace)
-        else:
-            out = iterate(step, y, f, (), opts, trace=trace, callback=callback,
-                          unflatten=lambda t: t.reshape(opts.y0.shape), resume=phase)
+        step, start = fixed_point_step(fun, beta, fixed_map(F, opts))
+        out = iterate(step, y, f, start(y, f), opts, trace=trace, callback=callback, freeze=freeze,
+                      record=recording(recorder, opts), unflatten=lambda t: t.reshape(opts.y0.shape))
     y = out.y.reshape(opts.y0.shape)
     return SolverResult(y, out.info, None, out.trace, None if recorder is None else recorder.take(y))
