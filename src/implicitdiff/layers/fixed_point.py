@@ -7,7 +7,8 @@ from typing import Callable
 
 from .._core.residual import FixedPointResidual
 from ..implicit.adjoint import Implicit
-from ._implicit import forward_solver, solve_implicit
+from ..solvers.objects import as_solver
+from ._implicit import solve_implicit
 
 __all__ = ["fixed_point", "fixed_point_residual", "FixedPointResidual"]
 
@@ -43,7 +44,7 @@ def fixed_point(T: Callable, z0, *params, solver="anderson", adjoint=Implicit(),
         >>> round(float(z.detach()), 8), round(float(a.grad), 6)
         (2.0, 4.0)
     """
-    solve = forward_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, solver_options=solver_options)
+    solve = as_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, solver_options=solver_options)
     return solve_implicit(fixed_point_residual(T), z0, params, solve=solve, adjoint=adjoint,
                           batch_dims=batch_dims, on_failure=on_failure, return_info=return_info,
                           what="fixed_point", neumann_alpha=-1.0, unroll="picard", rtol=rtol, atol=atol,

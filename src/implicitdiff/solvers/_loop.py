@@ -44,6 +44,7 @@ import torch
 
 from .._core.defaults import default_rtol
 from .._core.errors import InputError
+from .._core.options import check_int, check_real
 from .._core.residual import FixedPointResidual
 from .._core.status import SolveInfo, Status
 from .._core.validate import as_float_tensor
@@ -69,19 +70,13 @@ class Options(NamedTuple):
 
 
 def int_option(name: str, value, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise InputError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return int(value)
+    """``value`` as an int ``≥ lo`` (:func:`~implicitdiff._core.options.check_int`)."""
+    return check_int(name, value, low=lo, allow_none=False)
 
 
 def float_option(name: str, value, lo: float = 0.0, strict: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a real number, got {value!r}") from None
-    if not math.isfinite(v) or v < lo or (strict and v == lo):
-        raise InputError(f"{name} must be a finite number {'>' if strict else '>='} {lo}, got {value!r}")
-    return v
+    """``value`` as a finite float ``≥ lo`` (``> lo`` if ``strict``; :func:`~implicitdiff._core.options.check_real`)."""
+    return check_real(name, value, low=lo, low_open=strict, allow_none=False)
 
 
 def options(y0, params, *, rtol, atol, max_iter, batch_dims, check_every, callback,
@@ -96,15 +91,15 @@ def options(y0, params, *, rtol, atol, max_iter, batch_dims, check_every, callba
                          f"wrap a single tensor as (theta,)")
     if not differentiable:
         params = tuple(p.detach() if isinstance(p, torch.Tensor) else p for p in params)
-    batch_dims = int_option("batch_dims", batch_dims, 0)
+    batch_dims = check_int("batch_dims", batch_dims, low=0, allow_none=False)
     if batch_dims > y0.dim():
         raise InputError(f"batch_dims={batch_dims} exceeds y0.ndim={y0.dim()} (y0 has shape {tuple(y0.shape)})")
-    rtol = default_rtol(y0.dtype) if rtol is None else float_option("rtol", rtol)
-    atol = float_option("atol", atol)
-    max_iter = int_option("max_iter", max_iter, 0)
+    rtol = default_rtol(y0.dtype) if rtol is None else check_real("rtol", rtol, low=0.0)
+    atol = check_real("atol", atol, low=0.0, allow_none=False)
+    max_iter = check_int("max_iter", max_iter, low=0, allow_none=False)
     if check_every is None:
         check_every = 1 if y0.device.type == "cpu" else 8
-    check_every = int_option("check_every", check_every, 1)
+    check_every = check_int("check_every", check_every, low=1, allow_none=False)
     if callback is not None and not callable(callback):
         raise InputError(f"callback must be callable as callback(iteration, y, residual_norms), got {callback!r}")
     batch_shape = y0.shape[:batch_dims]
@@ -177,7 +172,7 @@ def recording(recorder, opts: Options) -> Optional[Callable]:
     """``recorder.record`` on flattened iterates, or ``None`` without a recorder.
 
     A recorder (:class:`~implicitdiff.implicit.speculation.Recorder`) returns ``F(y)`` and keeps
-    the evaluation for the caller's backward; :func:`plain_phase` calls it for the step it predicts
+    the evaluation for the caller's backward; :func:`iterate` calls it (``freeze=False``) for the step it predicts
     to be its last, and the solver returns ``recorder.take(y)`` in ``SolverResult.recording``."""
     if recorder is None:
         return None
@@ -407,9 +402,10 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
     return LoopResult(y, f, extra, info, torch.stack(rows) if trace else None, f0, k0 + ran, rows, f_prev, fast)
 
 
-def fixed_point_step(fun: Callable, beta: float, tmap: Optional[Callable] = None) -> tuple[Step, Callable]:
-    """``(step, start)``: the plain step ``y ← y + β F(y)`` of a fixed-point type solver for :func:`iterate`
-    (taking the loop's speculative evaluation), and ``start(y, f)``, its initial state.
+def fixed_point_step(fun: Callable, beta: float, tmap: Optional[Callable], y: torch.Tensor,
+                     f: torch.Tensor) -> tuple[Step, tuple]:
+    """``(step, extra)``: the plain step ``y ← y + β F(y)`` of a fixed-point type solver for :func:`iterate`
+    (taking the loop's speculative evaluation) and its state at ``y`` (``f = F(y)``).
 
     ``tmap``: the map ``T`` of a fixed-point residual ``F = T − id`` (:func:`fixed_map`) — used at
     ``β = 1``, where the step is ``y ← T(y)`` with ``T(y) = y + F(y)`` carried over from the last step,
@@ -418,7 +414,7 @@ def fixed_point_step(fun: Callable, beta: float, tmap: Optional[Callable] = None
         def step(k, y, f, extra, active, ev=None):
             y_new = torch.add(y, f, alpha=beta)
             return y_new, (ev or fun)(y_new), extra, None
-        return step, lambda y, f: ()
+        return step, ()
 
     def step_map(k, y, f, extra, active, ev=None):
         y_new = extra[0]                                 # T(y)
@@ -427,4 +423,4 @@ def fixed_point_step(fun: Callable, beta: float, tmap: Optional[Callable] = None
             return y_new, f_new, (f_new + y_new,), None
         t_new = tmap(y_new)
         return y_new, t_new - y_new, (t_new,), None
-    return step_map, lambda y, f: (y + f,)
+    return step_map, (y + f,)

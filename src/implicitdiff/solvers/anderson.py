@@ -7,8 +7,8 @@ from typing import Callable
 
 import torch
 
-from .._core.errors import InputError
-from ._loop import fixed_map, fixed_point_step, float_option, flatten_root, int_option, iterate, options, recording
+from .._core.options import check_int, check_real
+from ._loop import fixed_map, fixed_point_step, flatten_root, iterate, options, recording
 from .result import SolverResult
 
 __all__ = ["anderson"]
@@ -91,13 +91,11 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
     """
     opts = options(y0, params, rtol=rtol, atol=atol, max_iter=max_iter, batch_dims=batch_dims,
                    check_every=check_every, callback=callback)
-    m = int_option("m", m, 1)
-    beta = float_option("beta", beta, 0.0, strict=True)
-    lam = float_option("lam", lam)
-    start_rate = float_option("start_rate", start_rate)
-    if start_rate >= 1.0:
-        raise InputError(f"start_rate must be in [0, 1) (the per-step residual reduction below which mixing "
-                         f"starts), got {start_rate!r}")
+    m = check_int("m", m, low=1, allow_none=False)
+    beta = check_real("beta", beta, low=0.0, low_open=True, allow_none=False)
+    lam = check_real("lam", lam, low=0.0, allow_none=False)
+    start_rate = check_real("start_rate (the per-step residual reduction below which mixing starts)", start_rate,
+                            low=0.0, high=1.0, high_open=True, allow_none=False)
     with torch.no_grad():
         fun, y, g = flatten_root(F, opts)
         batch, n = opts.batch_shape, opts.n
@@ -151,8 +149,8 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
         unflatten = lambda t: t.reshape(opts.y0.shape)  # noqa: E731
         first = None
         if start_rate > 0.0:  # the lazy start: plain steps while the residuals contract fast, for half the budget
-            plain, start = fixed_point_step(fun, beta, fixed_map(F, opts))
-            first = iterate(plain, y, g, start(y, g), opts._replace(max_iter=opts.max_iter // 2), trace=trace,
+            plain, extra = fixed_point_step(fun, beta, fixed_map(F, opts), y, g)
+            first = iterate(plain, y, g, extra, opts._replace(max_iter=opts.max_iter // 2), trace=trace,
                             callback=callback, freeze=freeze, rate=start_rate, record=record, unflatten=unflatten)
             y, g = first.y, first.f
         state = (torch.add(y, g, alpha=beta), y.new_empty(m, nb, n), y.new_empty(m, nb, n), y.new_empty(nb, m, m),

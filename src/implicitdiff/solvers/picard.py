@@ -6,7 +6,8 @@ from typing import Callable
 
 import torch
 
-from ._loop import fixed_map, fixed_point_step, float_option, flatten_root, iterate, options, recording
+from .._core.options import check_real
+from ._loop import fixed_map, fixed_point_step, flatten_root, iterate, options, recording
 from .result import SolverResult
 
 __all__ = ["picard"]
@@ -70,11 +71,11 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
     """
     opts = options(y0, params, rtol=rtol, atol=atol, max_iter=max_iter, batch_dims=batch_dims,
                    check_every=check_every, callback=callback, differentiable=differentiable)
-    beta = float_option("beta", beta, 0.0, strict=True)
+    beta = check_real("beta", beta, low=0.0, low_open=True, allow_none=False)
     with torch.set_grad_enabled(torch.is_grad_enabled() and differentiable):
         fun, y, f = flatten_root(F, opts)
-        step, start = fixed_point_step(fun, beta, fixed_map(F, opts))
-        out = iterate(step, y, f, start(y, f), opts, trace=trace, callback=callback, freeze=freeze,
+        step, extra = fixed_point_step(fun, beta, fixed_map(F, opts), y, f)
+        out = iterate(step, y, f, extra, opts, trace=trace, callback=callback, freeze=freeze,
                       record=recording(recorder, opts), unflatten=lambda t: t.reshape(opts.y0.shape))
     y = out.y.reshape(opts.y0.shape)
     return SolverResult(y, out.info, None, out.trace, None if recorder is None else recorder.take(y))
