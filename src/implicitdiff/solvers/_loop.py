@@ -200,7 +200,8 @@ class LoopResult(NamedTuple):
     state ``extra``, the statuses ``info``, the residual norms of every iteration (``trace=True``), and
     what a later call needs to go on from here (``resume=``): ``f0 = ‖F(y0)‖``, the iterations ``k``
     run, the norms ``rows`` of every iterate (kept by ``freeze=False`` and ``trace``), ``F`` at the
-    iterate before ``y`` (``f_prev``; ``None`` after no step), and whether it ended on the unmasked path."""
+    iterate before ``y`` (``f_prev``; ``None`` after no step), whether it ended on the unmasked path, and
+    whether it is known to have ended with every element stopped (``done``: nothing left to resume)."""
 
     y: torch.Tensor
     f: torch.Tensor
@@ -212,6 +213,7 @@ class LoopResult(NamedTuple):
     rows: Optional[list] = None
     f_prev: Optional[torch.Tensor] = None
     unmasked: bool = False
+    done: bool = False
 
 
 Step = Callable[..., tuple]
@@ -242,10 +244,12 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
     Each iteration takes one of two paths:
 
     * **unmasked** (where reading is free, ``check_every = 1``, the CPU default): every element
-      steps, and one host read of ``max_i ‖F_i‖ / tol_i`` (with ``freeze`` also the min, with it
-      ``Σ y`` — finite unless ``y`` holds NaN/Inf — and the step's code) tells that nothing happened
+      steps, and one host read of ``max_i ‖F_i‖ / tol_i`` (with ``freeze`` or a step code also the
+      min, ``Σ y`` — finite unless ``y`` holds NaN/Inf — and the code) tells that nothing happened
       that needs a mask: every iterate finite, none possibly diverged, no code and, with
-      ``freeze``, none converged.  The new iterates are then taken as they are;
+      ``freeze``, none converged.  The new iterates are then taken as they are.  (With
+      ``freeze=False`` and no code, the lean case of a DEQ's plain steps, a finite residual is
+      taken for a finite iterate — as ``F = T(y) − y`` ensures: one reduction fewer per step.);
     * **masked**, from the first iteration where something happened on: the per-element
       bookkeeping with ``torch.where``, the "anything still running?" read every
       ``check_every`` iterations only (on a GPU up to ``check_every − 1`` idle steps run after the
@@ -317,9 +321,10 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
         fast = head[0] == 1.0 and head[2] == 1.0 and (head[1] == 1.0 or not freeze)
         bound, q = head[3], head[4]
     q_prev, two_back = math.inf, q
-    ran = 0
+    ran, done = 0, False
     for k in range(max_iter):
         if not fast and k % opts.check_every == 0 and not bool(active.any()):   # the host sync
+            done = True
             break
         ran = k + 1
         if record is None:
@@ -329,11 +334,14 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
             y_new, f_new, extra, code = step(k, y, f, extra, active, spec if guess else None)
         if fast:
             fn_new = norm(f_new)
-            parts = [*torch.aminmax(fn_new * itol)] if freeze else [(fn_new * itol).amax()] * 2
-            parts.append(y_new.sum())
-            if code is not None:
-                parts.append((code != 0).any().to(fn_new.dtype))
-            lo, hi, ysum, *bad = torch.stack(parts).tolist()        # the one host read
+            if freeze or code is not None:
+                parts = [*torch.aminmax(fn_new * itol), y_new.sum()]
+                if code is not None:
+                    parts.append((code != 0).any().to(fn_new.dtype))
+                lo, hi, ysum, *bad = torch.stack(parts).tolist()    # the one host read
+            else:  # (the lean case) a finite residual stands for a finite iterate, as F = T(y) − y ensures
+                lo = hi = float((fn_new * itol).amax())             # the one host read
+                ysum, bad = 0.0, ()
             if hi < bound and math.isfinite(ysum) and not (bad and bad[0]) and (lo > 1.0 or not freeze):
                 f_prev, y, f, fn = f, y_new, f_new, fn_new
                 counted += 1
@@ -342,6 +350,7 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
                 if callback is not None:
                     callback(k0 + k + 1, unflatten(y), fn)
                 if hi <= 1.0:                                        # (freeze=False) every element converged
+                    done = True
                     break
                 if rate > 0.0 and k % 2 == 1:                        # the worst element's two-step reduction
                     if hi > rate * rate * two_back:
@@ -399,7 +408,8 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
     if prior is not None:
         status = torch.where(started, status, prior)
     info = SolveInfo(status, fn / torch.clamp(f0, min=tiny), iterations)
-    return LoopResult(y, f, extra, info, torch.stack(rows) if trace else None, f0, k0 + ran, rows, f_prev, fast)
+    return LoopResult(y, f, extra, info, torch.stack(rows) if trace else None, f0, k0 + ran, rows, f_prev, fast,
+                      done)
 
 
 def fixed_point_step(fun: Callable, beta: float, tmap: Optional[Callable], y: torch.Tensor,

@@ -153,6 +153,9 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
             first = iterate(plain, y, g, extra, opts._replace(max_iter=opts.max_iter // 2), trace=trace,
                             callback=callback, freeze=freeze, rate=start_rate, record=record, unflatten=unflatten)
             y, g = first.y, first.f
+            if first.done:                                # every element converged in the plain steps
+                y = y.reshape(opts.y0.shape)
+                return SolverResult(y, first.info, None, first.trace, None if recorder is None else recorder.take(y))
         state = (torch.add(y, g, alpha=beta), y.new_empty(m, nb, n), y.new_empty(m, nb, n), y.new_empty(nb, m, m),
                  None, 0)
         if first is not None and first.f_prev is not None:
