@@ -12,7 +12,7 @@ gradient at the wrong point; a miss costs one evaluation more in the backward (:
 The pieces and where they meet (nothing else travels between forward and backward):
 
 * :class:`~implicitdiff.implicit.root.RootFn` hands ``recorder=Recorder(problem, leaves)`` to a
-  solver that takes one (``Solver.records``: Picard and Anderson, whose plain phase predicts its
+  solver that takes one (``Solver.records``: Picard and Anderson, whose loop predicts its
   last step, :func:`~implicitdiff.solvers._loop.iterate` with ``freeze=False``), and returns the solver's
   ``recording`` as a non-tensor output that its ``setup_context`` keeps for the backward;
 * the solver calls :meth:`Recorder.record` instead of ``F`` for the predicted step, and

@@ -152,8 +152,8 @@ def where(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Ten
 
 
 def single(opts: Options) -> bool:
-    """Whether :func:`iterate` runs its unbatched fast path: one problem (``batch_dims = 0``),
-    statuses read on the host every iteration (``check_every = 1``, the CPU default).
+    """Whether one problem (``batch_dims = 0``) has its statuses read on the host every iteration
+    (``check_every = 1``, the CPU default).
 
     A step may then branch in Python on values it reads (see :func:`iterate`)."""
     return len(opts.batch_shape) == 0 and opts.check_every == 1

@@ -34,14 +34,14 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
     plain Picard step instead, so a rank-deficient history (repeated
     directions, a stalled element) cannot crash or poison the batch.
 
-    Lazy start (``start_rate = ρ > 0``): while every running element's residual shrinks by
-    ``‖g_{k+2}‖ ≤ ρ² ‖g_k‖`` every two steps, the iteration takes the plain step ``y + β g`` and
-    keeps no history; mixing starts (for the whole batch, with an empty history) at the first
-    check that some element's residual shrank less or became NaN, or once half of ``max_iter``
-    is spent.  A fast contraction — a deep equilibrium cell with ``ρ(∂f/∂z) ≈ 0.35`` — thus
-    costs Picard's iteration and no mixing, which on such cells (eigenvalues of ``∂f/∂z``
-    filling a disk) saves no evaluation of ``F`` anyway; a slow or non-contractive one gets
-    Anderson.  The check is one norm and one host read every other step; ``start_rate = 0``
+    Lazy start (``start_rate = ρ > 0``): while the worst running element's ``‖g‖ / tol`` shrinks
+    by ``ρ²`` every two steps, the iteration takes the plain step ``y + β g`` and keeps no history
+    (the one loop, :func:`~implicitdiff.solvers._loop.iterate`, with the plain step and its
+    ``rate`` stop); mixing starts, its history seeded with the last plain step, at the first check
+    where it shrank less (or an element became NaN), or once half of ``max_iter`` is spent.  A fast
+    contraction — a deep equilibrium cell with ``ρ(∂f/∂z) ≈ 0.35`` — thus costs Picard's iteration
+    and no mixing, which on such cells (eigenvalues of ``∂f/∂z`` filling a disk) saves no
+    evaluation of ``F`` anyway; a slow or non-contractive one gets Anderson.  ``start_rate = 0``
     (default) mixes from the first step, as above.
 
     Cost per iteration, beyond the one evaluation of ``F``: two passes over
@@ -67,10 +67,11 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
             shrinks by this factor per step (checked over two steps, above); 0 mixes from the first step.
         check_every, trace, callback: as in :func:`~implicitdiff.solvers.picard.picard`.
         recorder: as in :func:`~implicitdiff.solvers.picard.picard`.
-        freeze: as in :func:`~implicitdiff.solvers.picard.picard`, for the plain steps of the
-            lazy start (``start_rate > 0``): with ``False`` they run without masks, one host read
-            per step, and mixing starts from where they stop, their last step the first column of
-            its history.
+        freeze: as in :func:`~implicitdiff.solvers.picard.picard` (the freeze policy of the one loop,
+            :func:`~implicitdiff.solvers._loop.iterate`), for the lazy start's plain steps and the mixing
+            alike: with ``False`` the batch steps without masks, one host read per step, until every
+            element meets the tolerance.  After a lazy start, mixing starts from where the plain
+            steps stopped, their last step the first column of its history.
 
     Returns:
         :class:`SolverResult` ``(y, info, None, trace)``.  Failure modes per

@@ -48,7 +48,7 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
             again, and is reported as it ends); a NaN/Inf or diverging element
             hands the batch over to the masked loop.  Only where ``check_every = 1`` (CPU), ``batch_dims ≥ 1`` and
             no ``callback``.
-        recorder: a :class:`~implicitdiff.implicit.speculation.Recorder`: the plain phase evaluates
+        recorder: a :class:`~implicitdiff.implicit.speculation.Recorder`: with ``freeze=False`` the loop evaluates
             its predicted last step through it, and ``SolverResult.recording`` is what it took at
             the returned ``y`` (the implicit mechanism's backward reuses it).
         differentiable: run with autograd on — ``params`` not detached, every step recorded — so that
