@@ -1,7 +1,7 @@
 """The residual of a fixed point, ``F(z) = T(z) − z``, as a type that knows its map ``T``.
 
 ``fixed_point``, ``custom_fixed_point`` and ``nn.DEQ`` build one; the solvers step ``z ← T(z)``
-with its map (:func:`~implicitdiff.solvers._loop.fixed_map`), and the speculative recording
+with its map (:attr:`~implicitdiff.solvers._loop.Flat.tmap`), and the speculative recording
 records ``T`` rather than ``F`` (:func:`~implicitdiff.implicit.speculation.record`).  Both test
 for the type (``isinstance``), never for an attribute: a plain callable is a plain residual.
 It lives in ``_core`` because ``solvers/`` and ``implicit/`` both read it and import neither

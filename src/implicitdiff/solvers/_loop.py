@@ -49,8 +49,8 @@ from .._core.residual import FixedPointResidual
 from .._core.status import SolveInfo, Status
 from .._core.validate import as_float_tensor
 
-__all__ = ["Options", "options", "int_option", "float_option", "flatten_root", "recording", "iterate", "norm",
-           "where", "single", "finite_probe", "LoopResult", "fixed_map", "fixed_point_step"]
+__all__ = ["Options", "options", "int_option", "float_option", "Flat", "flatten_root", "iterate", "norm",
+           "where", "single", "finite_probe", "LoopResult", "fixed_point_step"]
 
 # ‖F‖ grows past this multiple of ‖F(y0)‖: the element is declared DIVERGED
 DIVERGENCE_FACTOR = 1e8
@@ -107,14 +107,31 @@ def options(y0, params, *, rtol, atol, max_iter, batch_dims, check_every, callba
     return Options(y0, params, batch_shape, n, rtol, atol, max_iter, check_every)
 
 
-def flatten_root(F: Callable, opts: Options, name: str = "F") -> tuple[Callable, torch.Tensor, torch.Tensor]:
-    """``(fun, y, f)``: the residual on flattened iterates ``(*batch, n) -> (*batch, n)``,
-    the flattened ``y0`` and ``F(y0)``; checks once that ``F`` keeps ``y``'s shape and dtype."""
+class Flat(NamedTuple):
+    """The residual and what a solver needs of it on flattened iterates ``(*batch, n)``
+    (:func:`flatten_root`): ``fun(y) = F(y, *params)``, the flattened ``y0`` and ``f = F(y0)``, the map
+    ``tmap`` of a fixed-point residual ``F = T − id`` (a :class:`FixedPointResidual`; ``None`` for any
+    other ``F``: :func:`fixed_point_step` then steps ``y ← T(y)``, one pass fewer than ``y + F(y)``), and
+    ``record``, a recorder's ``record`` (:class:`~implicitdiff.implicit.speculation.Recorder`: it returns
+    ``F(y)`` and keeps the evaluation for the caller's backward; :func:`iterate` calls it, with
+    ``freeze=False``, for the step it predicts to be its last; ``None`` without a recorder)."""
+
+    fun: Callable
+    y: torch.Tensor
+    f: torch.Tensor
+    tmap: Optional[Callable] = None
+    record: Optional[Callable] = None
+
+
+def flatten_root(F: Callable, opts: Options, name: str = "F", recorder=None) -> Flat:
+    """``F`` on flattened iterates (:class:`Flat`); checks once, at ``y0``, that ``F`` keeps ``y``'s shape
+    and dtype."""
     if not callable(F):
         raise InputError(f"{name} must be a callable F(y, *params) -> tensor of y's shape, got {F!r}")
     shape, params = opts.y0.shape, opts.params
     flat = (*opts.batch_shape, opts.n)
-    name = F.name if isinstance(F, FixedPointResidual) else name   # a fixed-point residual names its map
+    fixed = isinstance(F, FixedPointResidual)
+    name = F.name if fixed else name                 # a fixed-point residual names its map
     try:
         f0 = F(opts.y0, *params)
     except (RuntimeError, TypeError) as e:            # torch's shape errors, a wrong signature: say where
@@ -129,15 +146,19 @@ def flatten_root(F: Callable, opts: Options, name: str = "F") -> tuple[Callable,
     if f0.dtype != opts.y0.dtype or f0.device != opts.y0.device:
         raise InputError(f"{name}(y, *params) returned {f0.dtype} on {f0.device} for y of {opts.y0.dtype} on "
                          f"{opts.y0.device}; make {name} keep y's dtype and device")
-
+    T = F.map if fixed else None
+    record = None if recorder is None else recorder.record
     if tuple(flat) == tuple(shape):                      # already flat (one batch dim): no reshapes
         def fun(y):
             return F(y, *params)
+        tmap = None if T is None else lambda y: T(y, *params)
     else:
         def fun(y):
             return F(y.reshape(shape), *params).reshape(flat)
-
-    return fun, opts.y0.reshape(flat), f0.reshape(flat)
+        tmap = None if T is None else lambda y: T(y.reshape(shape), *params).reshape(flat)
+        if record is not None:
+            record = lambda y, r=record: r(y.reshape(shape)).reshape(flat)  # noqa: E731
+    return Flat(fun, opts.y0.reshape(flat), f0.reshape(flat), tmap, record)
 
 
 def norm(f: torch.Tensor) -> torch.Tensor:
@@ -166,33 +187,6 @@ def finite_probe(fn: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     to ``fn`` or poisons it: one pass over ``y`` (``isfinite(y).all(-1)`` costs a 4× slower
     boolean reduction on CPU)."""
     return fn + (y * 0).sum(-1)
-
-
-def recording(recorder, opts: Options) -> Optional[Callable]:
-    """``recorder.record`` on flattened iterates, or ``None`` without a recorder.
-
-    A recorder (:class:`~implicitdiff.implicit.speculation.Recorder`) returns ``F(y)`` and keeps
-    the evaluation for the caller's backward; :func:`iterate` calls it (``freeze=False``) for the step it predicts
-    to be its last, and the solver returns ``recorder.take(y)`` in ``SolverResult.recording``."""
-    if recorder is None:
-        return None
-    shape, flat = opts.y0.shape, (*opts.batch_shape, opts.n)
-    if tuple(flat) == tuple(shape):
-        return recorder.record
-    return lambda y: recorder.record(y.reshape(shape)).reshape(flat)
-
-
-def fixed_map(F: Callable, opts: Options) -> Optional[Callable]:
-    """The map ``T`` of a fixed-point residual ``F = T − id`` (a :class:`FixedPointResidual`) on
-    flattened iterates, or ``None`` for any other residual: :func:`fixed_point_step` then steps
-    ``y ← T(y)`` instead of ``y ← y + F(y)`` (one pass fewer per step)."""
-    if not isinstance(F, FixedPointResidual):
-        return None
-    fn, shape, params = F.map, opts.y0.shape, opts.params
-    flat = (*opts.batch_shape, opts.n)
-    if tuple(flat) == tuple(shape):
-        return lambda y: fn(y, *params)
-    return lambda y: fn(y.reshape(shape), *params).reshape(flat)
 
 
 class LoopResult(NamedTuple):
@@ -265,7 +259,7 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
 
     **The speculative recording** (``freeze=False`` only): ``record`` is a
     :class:`~implicitdiff.implicit.speculation.Recorder`'s ``record`` on flat iterates
-    (:func:`recording`); the step whose residual the last two predict (linear convergence,
+    (:attr:`Flat.record`); the step whose residual the last two predict (linear convergence,
     ``q_{k+1} ≈ q_k² / q_{k−1}``, ``q = max_i ‖F_i‖ / tol_i``) to meet the tolerance
     (``q ≤ 1.2``) is evaluated through it.  With ``record`` the step takes a sixth argument: the
     evaluation of ``F`` to use for this step (``record``, or ``None`` for its own).  (The rate of a
@@ -417,7 +411,7 @@ def fixed_point_step(fun: Callable, beta: float, tmap: Optional[Callable], y: to
     """``(step, extra)``: the plain step ``y ← y + β F(y)`` of a fixed-point type solver for :func:`iterate`
     (taking the loop's speculative evaluation) and its state at ``y`` (``f = F(y)``).
 
-    ``tmap``: the map ``T`` of a fixed-point residual ``F = T − id`` (:func:`fixed_map`) — used at
+    ``tmap``: the map ``T`` of a fixed-point residual ``F = T − id`` (:attr:`Flat.tmap`) — used at
     ``β = 1``, where the step is ``y ← T(y)`` with ``T(y) = y + F(y)`` carried over from the last step,
     one pass fewer than ``y + F(y)`` then ``T(y) − y``."""
     if tmap is None or beta != 1.0:

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from .._core.options import check_int, check_real
-from ._loop import fixed_map, fixed_point_step, flatten_root, iterate, options, recording
+from ._loop import fixed_point_step, flatten_root, iterate, options
 from .result import SolverResult
 
 __all__ = ["anderson"]
@@ -98,7 +98,7 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
     start_rate = check_real("start_rate (the per-step residual reduction below which mixing starts)", start_rate,
                             low=0.0, high=1.0, high_open=True, allow_none=False)
     with torch.no_grad():
-        fun, y, g = flatten_root(F, opts)
+        fun, y, g, tmap, record = flatten_root(F, opts, recorder=recorder)
         batch, n = opts.batch_shape, opts.n
         nb = math.prod(batch)                                     # the batch, flattened (1 if none)
         tiny = torch.finfo(y.dtype).tiny
@@ -146,11 +146,10 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
             r = torch.bmm(g_new.reshape(nb, 1, n), dGh).mT           # (nb, h', 1)
             return y_new, g_new, (X_new, U, dG, G, r, k0), None
 
-        record = recording(recorder, opts)
         unflatten = lambda t: t.reshape(opts.y0.shape)  # noqa: E731
         first = None
         if start_rate > 0.0:  # the lazy start: plain steps while the residuals contract fast, for half the budget
-            plain, extra = fixed_point_step(fun, beta, fixed_map(F, opts), y, g)
+            plain, extra = fixed_point_step(fun, beta, tmap, y, g)
             first = iterate(plain, y, g, extra, opts._replace(max_iter=opts.max_iter // 2), trace=trace,
                             callback=callback, freeze=freeze, rate=start_rate, record=record, unflatten=unflatten)
             y, g = first.y, first.f

@@ -76,7 +76,7 @@ def newton(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
     line_search = bool(line_search)
     on_cpu = opts.y0.device.type == "cpu"
     with torch.set_grad_enabled(torch.is_grad_enabled() and differentiable):
-        fun, y, f = flatten_root(F, opts)
+        fun, y, f, *_ = flatten_root(F, opts)
         batch = opts.batch_shape
         no_code = torch.zeros(batch, dtype=torch.int64, device=y.device)
 

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from .._core.options import check_real
-from ._loop import fixed_map, fixed_point_step, flatten_root, iterate, options, recording
+from ._loop import fixed_point_step, flatten_root, iterate, options
 from .result import SolverResult
 
 __all__ = ["picard"]
@@ -73,9 +73,9 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
                    check_every=check_every, callback=callback, differentiable=differentiable)
     beta = check_real("beta", beta, low=0.0, low_open=True, allow_none=False)
     with torch.set_grad_enabled(torch.is_grad_enabled() and differentiable):
-        fun, y, f = flatten_root(F, opts)
-        step, extra = fixed_point_step(fun, beta, fixed_map(F, opts), y, f)
+        fun, y, f, tmap, record = flatten_root(F, opts, recorder=recorder)
+        step, extra = fixed_point_step(fun, beta, tmap, y, f)
         out = iterate(step, y, f, extra, opts, trace=trace, callback=callback, freeze=freeze,
-                      record=recording(recorder, opts), unflatten=lambda t: t.reshape(opts.y0.shape))
+                      record=record, unflatten=lambda t: t.reshape(opts.y0.shape))
     y = out.y.reshape(opts.y0.shape)
     return SolverResult(y, out.info, None, out.trace, None if recorder is None else recorder.take(y))
