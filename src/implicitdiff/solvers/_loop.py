@@ -292,8 +292,10 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
     itol = 1.0 / torch.clamp(tol, min=tiny)
     nonfinite0 = prior = None
     counted = 0                                          # unmasked iterations, not yet in ``iterations``
+    probe = fn
     if resume is None:
-        nonfinite0 = ~(finite_probe(fn, y) < math.inf)
+        probe = finite_probe(fn, y)                      # NaN where y0 or F(y0) is not finite
+        nonfinite0 = ~(probe < math.inf)
         active = ~nonfinite0 & (fn > tol)
     elif resume.unmasked:                                # the same loop, going on
         active, counted = fn > tol, k0
@@ -308,12 +310,13 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
     f_prev = None if resume is None else resume.f_prev
     fast = eager and max_iter > 0 and fn.numel() > 0 and prior is None
     bound = q = math.inf
-    if fast:   # all finite, some running and, with freeze, all running; below ``bound`` none can have diverged
-        head = torch.stack([(active | (fn <= tol)).all().to(fn.dtype), active.all().to(fn.dtype),
-                            active.any().to(fn.dtype), torch.where(f0 > 0, limit * itol, math.inf).amin()
-                            if divergence else fn.new_tensor(math.inf), (fn * itol).amax()]).tolist()
-        fast = head[0] == 1.0 and head[2] == 1.0 and (head[1] == 1.0 or not freeze)
-        bound, q = head[3], head[4]
+    if fast:   # all finite (q < inf), some running (q > 1) and, with freeze, all running (min > 1)
+        head = [*torch.aminmax(probe * itol)]
+        if divergence:  # below this max_i ‖F_i‖ / tol_i none can have diverged
+            head.append(torch.where(f0 > 0, limit * itol, math.inf).amin())
+        lo, q, *bound = torch.stack(head).tolist()
+        fast = 1.0 < q < math.inf and (lo > 1.0 or not freeze)
+        bound = bound[0] if bound else math.inf
     q_prev, two_back = math.inf, q
     ran, done = 0, False
     for k in range(max_iter):
@@ -383,6 +386,11 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
             if worst > rate * rate * two_back:
                 break
             two_back = worst
+    if fast and done:                                    # (freeze=False) every element converged unmasked
+        info = SolveInfo(torch.zeros(fn.shape, dtype=torch.int64, device=fn.device),  # SUCCESS
+                         fn / torch.clamp(f0, min=tiny), _first_converged(rows, tol))
+        return LoopResult(y, f, extra, info, torch.stack(rows) if trace else None, f0, k0 + ran, rows, f_prev,
+                          True, True)
     if fast or counted:                                  # ended on the unmasked path
         if freeze:
             iterations = iterations + counted
