@@ -255,14 +255,11 @@ class DEQ(torch.nn.Module):
         self.last_info: Optional[DEQInfo] = None
         self.jac_loss: Optional[torch.Tensor] = None
 
-    def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self._forward(x, z0)
-
     # Under torch.compile the layer runs eagerly (a graph break): the solver's loop stops on data
     # (a host sync per iteration), which dynamo would otherwise retrace iteration by iteration —
     # seconds of compilation per call shape for nothing it can fuse.  The modules around it compile.
     @eager_under_compile
-    def _forward(self, x, z0):
+    def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
         z, info = deq(self.cell, x, z0, solver=self.solver, adjoint=self.adjoint, rtol=self.rtol, atol=self.atol,
                       max_iter=self.max_iter, on_failure=self.on_failure, return_info=True,
                       solver_options=self.solver_options, trace=self.track_trace)

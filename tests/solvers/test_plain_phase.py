@@ -11,6 +11,7 @@ import torch
 import solver_problems
 from solver_problems import tanh_map
 from implicitdiff import Status
+from implicitdiff._core.residual import FixedPointResidual
 from implicitdiff.solvers.anderson import anderson
 from implicitdiff.solvers.picard import picard
 
@@ -388,17 +389,21 @@ def test_speculation_with_non_flat_iterates():
     assert math.isfinite(float(res.info.residual.max()))
 
 
-class WithMap:
-    """``F = T − id`` carrying ``F.map = T`` (as ``fixed_point_residual`` builds it); counts the calls of each."""
+class WithMap(FixedPointResidual):
+    """``F = T − id`` as a :class:`FixedPointResidual` (as ``fixed_point_residual`` builds it); counts the calls
+    of ``F`` and of its map."""
+
+    __slots__ = ("T", "calls")
 
     def __init__(self, T):
         self.T, self.calls = T, {"F": 0, "map": 0}
+        super().__init__(self._map)
 
     def __call__(self, y, *params):
         self.calls["F"] += 1
         return self.T(y, *params) - y
 
-    def map(self, y, *params):
+    def _map(self, y, *params):
         self.calls["map"] += 1
         return self.T(y, *params)
 

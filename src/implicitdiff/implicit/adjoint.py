@@ -21,13 +21,15 @@ from typing import Optional
 
 import torch
 
-from .._core.defaults import default_rtol
 from .._core.errors import InputError
 from .._core.options import check_int, check_real
-from .._core.status import SolveInfo, Status
+from .fixed_point_adjoint import picard_adjoint
 from .system import JacobianSystem, flat
 
-__all__ = ["Implicit", "Unroll", "Neumann", "ADJOINT_SOLVERS", "check_adjoint", "richardson"]
+__all__ = ["Implicit", "Unroll", "Neumann", "ADJOINT_SOLVERS", "check_adjoint"]
+
+# Richardson's iteration limit (``Implicit(solver="richardson")``, ``max_iter`` unset)
+_RICHARDSON_MAX_ITER = 1000
 
 ADJOINT_SOLVERS = ("auto", "lu", "cg", "minres", "gmres", "bicgstab", "richardson")
 
@@ -96,8 +98,9 @@ class Implicit:
         if name == "lu":
             return system.dense(r)
         if name == "richardson":
-            x, info = richardson(system.products().mv, flat(r, system.bd), p.neumann_alpha, rtol=self.rtol,
-                                 atol=self.atol, max_iter=self.max_iter)
+            x, info = picard_adjoint(system.products().mv, flat(r, system.bd), alpha=p.neumann_alpha,
+                                     rtol=self.rtol, atol=self.atol,
+                                     max_iter=_RICHARDSON_MAX_ITER if self.max_iter is None else self.max_iter)
         else:
             x, info = system.krylov(name, r, **kw)
         return system.check(x, info, r.shape)
@@ -153,34 +156,6 @@ class Neumann:
         for _ in range(int(self.k)):
             x = x + alpha * (R - mv(x))
         return x.reshape(r.shape)
-
-
-def richardson(mv, R, alpha, *, rtol=None, atol=0.0, max_iter=None, check_every: int = 5):
-    """``x ← x + α (R − J x)`` from 0 until ``‖R − J x‖ ≤ max(rtol ‖R‖, atol)`` per element (the stopping
-    rule of every adjoint linear solve, the Krylov methods' too): ``(x, info)``.
-
-    For a fixed point (``J = ∂T/∂z − I``, ``α = −1``) this is the adjoint fixed-point
-    iteration ``x ← (∂T/∂z)ᵀ x − ȳ``: one vector-Jacobian product per step,
-    convergent when ``T`` is a contraction at ``z*``.
-    """
-    rtol = default_rtol(R.dtype) if rtol is None else rtol
-    max_iter = 1000 if max_iter is None else int(max_iter)
-    rnorm0 = R.norm(dim=-1)
-    tol = torch.clamp(rtol * rnorm0, min=atol)
-    x = torch.zeros_like(R)
-    it = torch.zeros(rnorm0.shape, dtype=torch.int64, device=R.device)
-    for k in range(max_iter + 1):
-        r = R - mv(x)
-        rn = r.norm(dim=-1)
-        done = rn <= tol
-        if k == max_iter or (k % check_every == 0 and bool(done.all())):
-            break
-        x = torch.where(done.unsqueeze(-1), x, x + alpha * r)
-        it = it + (~done).to(torch.int64)
-    status = torch.where(done, int(Status.SUCCESS), torch.where(torch.isfinite(rn), int(Status.MAX_ITERATIONS),
-                                                                int(Status.NONFINITE))).to(torch.int64)
-    residual = rn / torch.clamp(rnorm0, min=torch.finfo(rn.dtype).tiny)
-    return x, SolveInfo(status, residual, it)
 
 
 def check_adjoint(adjoint, *, fixed_point: bool = False):

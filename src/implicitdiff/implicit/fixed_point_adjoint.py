@@ -128,9 +128,16 @@ class FixedPointAdjoint:
             kw = dict(self.solver_options or {})
             if self.max_iter is not None:
                 kw["max_iter"] = self.max_iter
-            res = self.iterate(lambda x: products.mv(x) - R, torch.zeros_like(R), (), batch_dims=R.dim() - 1,
-                               rtol=self.rtol, atol=self.atol, **kw)
-            x, info = res.y, res.info
+            # the one stopping rule, ‖mv(x) − R‖ ≤ tol = max(rtol ‖R‖, atol), handed to the forward loop
+            # (whose rule is ‖F‖ ≤ atol + rtol ‖F(0)‖) as atol = 1 on the system scaled by it: x = tol ξ,
+            # mv(ξ) = R / tol (mv is linear; the iterates are those of the unscaled system, times 1 / tol)
+            rtol = default_rtol(R.dtype) if self.rtol is None else self.rtol
+            tol = torch.clamp(rtol * torch.linalg.vector_norm(R, dim=-1, keepdim=True),
+                              min=max(self.atol, torch.finfo(R.dtype).tiny))
+            Rs = R / tol
+            res = self.iterate(lambda xi: products.mv(xi) - Rs, torch.zeros_like(R), (), batch_dims=R.dim() - 1,
+                               rtol=0.0, atol=1.0, **kw)
+            x, info = res.y * tol, res.info
         if self.fallback is not None and not bool(info.ok.all()):      # one host sync per backward
             # GMRES for the whole batch, warm-started: the converged samples already meet the
             # tolerance (it stops them at once), those out of iterations go on from their iterate,
@@ -142,9 +149,12 @@ class FixedPointAdjoint:
         return system.check(x, info, r.shape)
 
 
-def picard_adjoint(mv, R, *, rtol, atol, max_iter, map_mv=None):
-    r"""``x ← x + (mv(x) − R)`` to ``‖mv(x) − R‖ ≤ max(rtol ‖R‖, atol)`` per sample (the rule of its GMRES
-    fallback and of every adjoint linear solve): ``(x, info)``.
+def picard_adjoint(mv, R, *, rtol, atol=0.0, max_iter, map_mv=None, alpha: float = -1.0):
+    r"""The adjoint loop: ``x ← x + α (R − mv(x))`` from 0 to ``‖mv(x) − R‖ ≤ max(rtol ‖R‖, atol)`` per
+    sample (the rule of its GMRES fallback and of every adjoint linear solve): ``(x, info)``.
+
+    ``α = −1`` (default) is the adjoint fixed point ``x ← x + (mv(x) − R)``; another ``α`` is
+    Richardson's iteration for a root's adjoint (``Implicit(solver="richardson")``).
 
     ``R`` is ``(*batch, n)``, ``mv`` linear; ``map_mv``, where given, is the fixed-point map's
     ``x ↦ (∂f/∂z)ᵀ x`` (:class:`~implicitdiff.implicit.system.Products`), which the steps then use.
@@ -161,6 +171,7 @@ def picard_adjoint(mv, R, *, rtol, atol, max_iter, map_mv=None):
     caller's GMRES fallback goes on from there).  ``info.iterations`` counts the products of ``mv``.
     """
     rtol = default_rtol(R.dtype) if rtol is None else rtol
+    atol = 0.0 if atol is None else atol
     tiny = torch.finfo(R.dtype).tiny
     r0 = torch.linalg.vector_norm(R, dim=-1)
     tol = torch.clamp(rtol * r0, min=max(atol, tiny))     # ‖R‖ = 0: x = 0 is exact, 0 ≤ tiny
@@ -169,7 +180,7 @@ def picard_adjoint(mv, R, *, rtol, atol, max_iter, map_mv=None):
     safe = float(torch.where(r0 > 0, limit / tol, math.inf).min()) if r0.numel() else math.inf
     # with the map's own transposed products ``tm(x) = (∂f/∂z)ᵀ x`` (mv(x) = tm(x) − x), the next
     # iterate is ``tm(x) − R`` and the residual the difference of two iterates: no ``− x`` in the VJP
-    tm = map_mv
+    tm = map_mv if alpha == -1.0 else None
     # In float64 the residual follows its own recursion: G(x_{k+1}) = G(x_k) + (∂f/∂z)ᵀ G(x_k) − G(x_k)
     # = (∂f/∂z)ᵀ G(x_k), and x_{k+1} = x_k + G(x_k) — one product, one norm and one addition per step.
     # The additions' rounding (≤ 2 k eps ‖x‖ on the residual, ‖x‖ ≲ k ‖R‖ / ln(1/rtol) after k steps of
@@ -178,7 +189,7 @@ def picard_adjoint(mv, R, *, rtol, atol, max_iter, map_mv=None):
     eps = torch.finfo(R.dtype).eps
     recursion = tm is not None and 0.0 < rtol < 1.0 and 200 * max_iter ** 2 * eps <= rtol * math.log(1 / rtol)
     itol = 1.0 / tol
-    x = -R
+    x = -R if alpha == -1.0 else alpha * R               # the first step from 0 needs no product
     k = 0
     g = tm(x) if recursion else None                      # G(−R) = (∂f/∂z)ᵀ(−R)
     while True:
@@ -197,7 +208,7 @@ def picard_adjoint(mv, R, *, rtol, atol, max_iter, map_mv=None):
             break
         if q > safe and bool((gn > limit).any()):          # a sample diverged
             break
-        x = x_next if tm is not None and not recursion else x + g
+        x = x_next if tm is not None and not recursion else torch.add(x, g, alpha=-alpha)
     if q <= 1.0:                                          # every sample converged
         status = torch.zeros(r0.shape, dtype=torch.int64, device=R.device)
     else:

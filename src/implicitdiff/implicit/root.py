@@ -71,9 +71,10 @@ class RootProblem:
     stall_hint: Optional[str] = None
     # the forward solver is handed a :class:`~implicitdiff.implicit.speculation.Recorder` (it takes ``recorder=``)
     speculative: bool = False
-    # the fixed-point map the recorder records (the same map as ``F``'s, evaluated more cheaply: a DEQ cell
-    # called directly); ``None``: ``F.map`` or ``F``
-    record_map: Optional[Callable] = None
+    # the same residual as ``F`` at the problem's own parameters, evaluated more cheaply (a DEQ cell called
+    # directly rather than through ``functional_call``): the forward solve iterates it and the recorder records
+    # it.  Set only outside ``torch.func`` transforms; ``RootFn.vmap`` drops it
+    direct: Optional[Callable] = None
 
     def residual(self, y, leaves):
         return self.F(y, *self.tree.unflatten(leaves))
@@ -98,9 +99,11 @@ def _linearization(problem: RootProblem, y, leaves, gy, factors, recorded=None) 
     """
     if torch.is_grad_enabled() or factors or is_vmapped(gy) or in_transform():
         return None
+    if recorded is not None:          # the forward recorded it: its adjoint wanted one (may_speculate)
+        return recorded
     if not problem.adjoint.wants_linearization(math.prod(y.shape[problem.batch_dims:]), factors, problem):
         return None
-    return recorded if recorded is not None else record(problem, y, leaves)
+    return record(problem, y, leaves)
 
 
 def isolate(bd: int, ok: torch.Tensor, y: torch.Tensor, leaves: tuple):
@@ -172,12 +175,13 @@ class RootFn(torch.autograd.Function):
     @staticmethod
     def forward(problem: RootProblem, y0, *leaves):
         params = problem.tree.unflatten(leaves)
+        F = problem.F if problem.direct is None else problem.direct
         with torch.no_grad():
             if problem.speculative:
-                res = problem.solve(problem.F, y0.detach(), params, problem.batch_dims,
-                                    recorder=Recorder(problem, leaves, problem.record_map))
+                res = problem.solve(F, y0.detach(), params, problem.batch_dims,
+                                    recorder=Recorder(problem, leaves, F))
             else:
-                res = problem.solve(problem.F, y0.detach(), params, problem.batch_dims)
+                res = problem.solve(F, y0.detach(), params, problem.batch_dims)
         y, info = res.y, res.info
         recording = res.recording if problem.speculative else None
         factors = tuple(res.jacobian.tensors()) if res.jacobian is not None else ()
@@ -238,8 +242,11 @@ class RootFn(torch.autograd.Function):
         system = JacobianSystem(problem, y, leaves, True, factors, None if ok is None else ~ok, lin)
         u = problem.adjoint.solve(system, gy)
         # θ̄ = −(∂F/∂θ)ᵀ u
-        wanted = [i for i in range(nleaves) if ctx.needs_input_grad[2 + i]]
-        sub = [leaves[i] for i in wanted]
+        wanted, sub = [], []                 # the leaves that need a gradient
+        for i in range(nleaves):
+            if ctx.needs_input_grad[2 + i]:
+                wanted.append(i)
+                sub.append(leaves[i])
         out = [None] * nleaves
         if lin is not None:  # from the same evaluation of F as the adjoint products
             for i, g in zip(wanted, lin.theta_vjp(u, sub)):
@@ -298,7 +305,7 @@ class RootFn(torch.autograd.Function):
             lv = _leaves_of(tree, params)
             return torch.func.vmap(lambda yy, *ll: F(yy, *tree.unflatten(ll)), in_dims=(0,) + leaf_dims)(y, *lv)
 
-        new = replace(problem, F=F_v, batch_dims=bd + 1)
+        new = replace(problem, F=F_v, batch_dims=bd + 1, direct=None)
         out = RootFn.apply(new, y0m, *leaves_m)
         nf = len(out) - 6
         raw_dim = 0 if out[4].numel() else None  # the empty placeholder of a y_raw equal to y has no batch dim

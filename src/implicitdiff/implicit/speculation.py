@@ -12,38 +12,40 @@ gradient at the wrong point; a miss costs one evaluation more in the backward (:
 The pieces and where they meet (nothing else travels between forward and backward):
 
 * :class:`~implicitdiff.implicit.root.RootFn` hands ``recorder=Recorder(problem, leaves)`` to a
-  solver that takes one (``Solver.records``: Picard and Anderson, whose plain phase predicts its
-  last step, :func:`~implicitdiff.solvers._loop.plain_phase`), and returns the solver's
+  solver that takes one (``Solver.records``: Picard and Anderson, whose loop predicts its
+  last step, :func:`~implicitdiff.solvers._loop.iterate` with ``freeze=False``), and returns the solver's
   ``recording`` as a non-tensor output that its ``setup_context`` keeps for the backward;
 * the solver calls :meth:`Recorder.record` instead of ``F`` for the predicted step, and
   :meth:`Recorder.take` on the iterate it returns;
-* ``nn.DEQ`` records its cell called directly (``RootProblem.record_map``).
+* ``nn.DEQ`` records its cell called directly (``RootProblem.direct``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from .._core.engine import vjp as engine_vjp
+from .._core.residual import FixedPointResidual
 
 __all__ = ["Linearization", "record", "Recorder"]
 
 
-class Linearization:
+class Linearization(NamedTuple):
     """``F`` recorded once at ``y`` for a first-order, matrix-free backward.
 
     The adjoint products ``(∂F/∂y)ᵀ v`` (one reverse pass in ``y``: the θ branches of the
     graph are pruned) and the parameter VJP ``(∂F/∂θ)ᵀ u`` share one evaluation of ``F``
     (``torch.func.vjp`` evaluates ``F`` once for each, and costs more per product).  For a
-    fixed-point residual ``F = T − id`` (``F.map = T``, :func:`~implicitdiff.fixed_point_residual`)
+    fixed-point residual ``F = T − id`` (a :class:`~implicitdiff._core.residual.FixedPointResidual`)
     ``T`` is recorded instead: ``(∂F/∂y)ᵀ v = (∂T/∂y)ᵀ v − v``, ``∂F/∂θ = ∂T/∂θ``, and
     :meth:`map_vjp` gives the adjoint fixed-point iteration its products without the ``− v``.
     """
 
-    def __init__(self, yr: torch.Tensor, out: torch.Tensor, fixed: bool):
-        self.yr, self.out, self.fixed = yr, out, fixed
+    yr: torch.Tensor        # the point, a leaf requiring grad
+    out: torch.Tensor       # F(yr) — or T(yr) for a fixed-point residual — with its graph
+    fixed: bool             # whether ``out`` is the map T of F = T − id
 
     def map_vjp(self, v):
         """``(∂T/∂y)ᵀ v`` for a fixed-point residual, else ``(∂F/∂y)ᵀ v``; ``v`` of ``y``'s shape."""
@@ -60,19 +62,18 @@ class Linearization:
         return engine_vjp(self.out, leaves, -u, retain_graph=False)
 
 
-def record(problem, y, leaves, T: Optional[Callable] = None, params=None) -> Linearization:
-    """A :class:`Linearization` of ``problem.F`` at ``y`` (grad mode on, ``y`` a fresh leaf).
+def record(problem, y, leaves, F: Optional[Callable] = None, params=None) -> Linearization:
+    """A :class:`Linearization` of ``F`` (default ``problem.F``) at ``y`` (grad mode on, ``y`` a fresh leaf);
+    of its map ``T`` for a :class:`~implicitdiff._core.residual.FixedPointResidual` ``F = T − id``.
 
-    ``T``: the fixed-point map to record (``F = T − id``), when it is not ``problem.F.map``
-    (a cheaper way to evaluate the same map, e.g. a DEQ cell called directly); ``params``:
-    ``leaves`` already unflattened."""
+    ``params``: ``leaves`` already unflattened."""
     params = problem.tree.unflatten(list(leaves)) if params is None else params
-    T = getattr(problem.F, "map", None) if T is None else T   # a FixedPointResidual knows its map
+    F = problem.F if F is None else F
     with torch.enable_grad():
         yr = y.detach().requires_grad_()
-        if T is not None:
-            return Linearization(yr, T(yr, *params), True)
-        return Linearization(yr, problem.F(yr, *params), False)
+        if isinstance(F, FixedPointResidual):
+            return Linearization(yr, F.map(yr, *params), True)
+        return Linearization(yr, F(yr, *params), False)
 
 
 class Recorder:
@@ -83,9 +84,9 @@ class Recorder:
     only if it was taken at the very iterate ``y`` (same storage, shape and version), else ``None``.
     """
 
-    def __init__(self, problem, leaves, map: Optional[Callable] = None):
-        # ``map``: the fixed-point map to record, when not ``problem.F``'s (a DEQ cell called directly)
-        self.problem, self.leaves, self.map = problem, leaves, map
+    def __init__(self, problem, leaves, F: Optional[Callable] = None):
+        # ``F``: the residual the solver iterates, when not ``problem.F`` (``RootProblem.direct``)
+        self.problem, self.leaves, self.F = problem, leaves, F
         self._last = None
         self._params = None                              # the leaves unflattened, once
 
@@ -93,7 +94,7 @@ class Recorder:
         """``F(y)``, recorded."""
         if self._params is None:
             self._params = self.problem.tree.unflatten(list(self.leaves))
-        lin = record(self.problem, y, self.leaves, self.map, self._params)
+        lin = record(self.problem, y, self.leaves, self.F, self._params)
         self._last = (lin, y.data_ptr(), y.shape, y._version)
         value = lin.out.detach()
         return value - y if lin.fixed else value

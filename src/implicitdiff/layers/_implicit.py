@@ -14,18 +14,17 @@ import torch
 
 from .._core.errors import InputError
 from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
-from .._core.options import check_bool, check_int, check_real
+from .._core.options import check_bool, check_int
 from .._core.status import SolveInfo, Status
 from .._core.tree import flatten
 from .._core.validate import as_float_tensor, check_finite, is_vmapped
 from ..implicit.adjoint import Unroll, check_adjoint
 from ..implicit.fixed_point_adjoint import FixedPointAdjoint
 from ..implicit.root import RootFn, RootProblem, may_speculate
-from ..implicit.unroll import unrolled_newton, unrolled_picard
-from ..solvers.objects import Solver, as_solver
+from ..solvers.objects import Newton, Picard, Solver
 from ..solvers.registry import get_root_solver
 
-__all__ = ["solve_implicit", "forward_solver", "reject_solver_options", "FORWARD_HINTS"]
+__all__ = ["solve_implicit", "FORWARD_HINTS"]
 
 FORWARD_HINTS = {
     Status.MAX_ITERATIONS: "raise max_iter, loosen rtol/atol, start closer (y0), or try another solver; if the "
@@ -48,14 +47,14 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
                    return_info: bool, what: str, symmetric: bool = False, definite: bool = False,
                    neumann_alpha: float = 1.0, hints: dict | None = None,
                    unroll: str = "newton", rtol=None, atol=0.0, max_iter=None, records=None,
-                   record_map=None):
+                   direct=None):
     """Solve ``F(y, *params) = 0`` from ``y0`` with ``solve`` and attach gradients by ``adjoint``.
 
     ``adjoint``: the strategy, which owns the backward's linear solve (a ``FixedPointAdjoint``
     only where ``F`` is a fixed-point residual, ``neumann_alpha = −1``).
     ``hints``: status → hint of a failed forward solve (default :data:`FORWARD_HINTS`).
     ``records``: whether ``solve`` takes ``recorder=`` (default: a solver object's ``records``);
-    ``record_map``: the fixed-point map it records, when not ``F.map`` (``RootProblem.record_map``).
+    ``direct``: ``F`` evaluated more cheaply at these very parameters (``RootProblem.direct``).
     """
     check_on_failure(on_failure)
     check_bool("return_info", return_info)
@@ -94,17 +93,19 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
         if isinstance(solve, Solver):  # the stopping rule of the solver object
             rtol, atol, max_iter = solve.rtol, solve.atol, solve.max_iter
         atol = 0.0 if atol is None else atol
-        F_p = lambda y: F(y, *params)  # noqa: E731
+        # the same solver with autograd on: Picard for a fixed point, plain Newton for a root
         n_iter = adjoint.max_iter or max_iter or (500 if unroll == "picard" else 50)
-        run = unrolled_picard if unroll == "picard" else unrolled_newton
-        y, info = run(F_p, y0.detach(), batch_dims=batch_dims, rtol=rtol, atol=atol, max_iter=n_iter)
+        unrolled = Picard(rtol=rtol, atol=atol, max_iter=n_iter) if unroll == "picard" else \
+            Newton(rtol=rtol, atol=atol, max_iter=n_iter, line_search=False)
+        res = unrolled(F, y0.detach(), params, batch_dims, differentiable=True)
+        y, info = res.y, res.info
         y = _policy(y, info, on_failure, what, hints)
         return (y, info) if return_info else y
 
     problem = RootProblem(F=F, solve=solve, tree=tree, batch_dims=int(batch_dims), adjoint=adjoint,
                           symmetric=symmetric, definite=definite, neumann_alpha=neumann_alpha, on_failure=on_failure, what=what,
                           hints=hints, stall_rtol=solve.rtol if isinstance(solve, Solver) else rtol,
-                          stall_hint=stall_hint, record_map=record_map,
+                          stall_hint=stall_hint, direct=direct,
                           speculative=(isinstance(solve, Solver) and solve.records if records is None else records)
                           and may_speculate(adjoint, y0, leaves, int(batch_dims)))
     y, status, residual, iterations, *_ = RootFn.apply(problem, y0, *leaves)
@@ -122,32 +123,3 @@ def _empty_info(y0, batch_dims):
     shape = y0.shape[:batch_dims]
     z = torch.zeros(shape, dtype=torch.int64, device=y0.device)
     return SolveInfo(z, torch.zeros(shape, dtype=y0.dtype, device=y0.device), z.clone())
-
-
-def reject_solver_options(solver_options) -> None:
-    """``solver_options`` was removed: options live on the solver object."""
-    if solver_options is not None:
-        raise InputError("solver_options was removed: options live on the solver object, e.g. "
-                         "solver=implicitdiff.solvers.Anderson(m=5, beta=0.5) or Newton(line_search=False) "
-                         "(rtol/atol/max_iter may stay keywords of the call)")
-
-
-def forward_solver(solver, *, rtol, atol, max_iter, solver_options=None,
-                   allowed=("newton", "broyden", "anderson", "picard")):
-    """``solve(F, y0, params, batch_dims, **call)``: a :class:`~implicitdiff.solvers.objects.Solver`
-    (from a name with the call's ``rtol``/``atol``/``max_iter``, or an object with them merged in),
-    or a user callable wrapped to receive them as keywords."""
-    if solver_options is not None:
-        reject_solver_options(solver_options)
-    s = as_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, allowed=allowed)
-    if isinstance(s, Solver):
-        return s
-    kw = {"rtol": check_real("rtol", rtol, low=0.0), "atol": check_real("atol", atol, low=0.0) or 0.0}
-    max_iter = check_int("max_iter", max_iter, low=0)
-    if max_iter is not None:
-        kw["max_iter"] = max_iter
-
-    def solve(F, y0, params, batch_dims, **call):
-        return s(F, y0, params, batch_dims=batch_dims, **kw, **call)
-
-    return solve

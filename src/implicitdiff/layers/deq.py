@@ -44,7 +44,6 @@ converges faster than Picard.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 from typing import NamedTuple, Optional
 
@@ -55,10 +54,11 @@ from .._core.failure import check_on_failure
 from .._core.defaults import DEQ_ANDERSON_START_RATE
 from .._core.options import check_bool
 from .._core.status import Status
+from .._core.validate import in_transform
 from ..implicit.adjoint import Implicit, Neumann, Unroll
 from ..solvers.objects import Anderson, Solver, as_solver
 from ..implicit.fixed_point_adjoint import DEFAULT_ADJOINT, FixedPointAdjoint
-from ._implicit import forward_solver, reject_solver_options, solve_implicit
+from ._implicit import solve_implicit
 from .fixed_point import FixedPointResidual
 
 __all__ = ["deq", "jacobian_penalty", "DEQInfo", "FixedPointAdjoint", "DEFAULT_ADJOINT", "DEFAULT_SOLVER",
@@ -105,36 +105,6 @@ def _check(cell, x, z0):
         raise InputError(f"z0 and x must share the batch dimension (dim 0): z0 {tuple(z0.shape)}, "
                          f"x {tuple(x.shape)}; pass z0 of shape (B, ...) or leave it None for zeros like x")
     return z0
-
-
-def _forward_solve(solve, cell, F, direct, trace: bool, record: dict):
-    """The forward ``solve`` as the mechanism calls it, with two DEQ specifics.
-
-    * The iterations call the cell directly, not through ``functional_call``
-      (which costs about as much as a small cell evaluation): the lifted
-      parameters *are* the module's own tensors, checked by identity.  Under
-      ``torch.func`` transforms or ``vmap`` the mechanism hands over other
-      tensors or another ``F``, and the functional form is kept.  The residual
-      handed to the solver carries the cell as its map (``fun.map``: the plain
-      steps ``z ← f(z, x)``) and, when the mechanism speculates, its
-      recorder records the cell called directly as well (``record_map=direct``).
-    * The residual trace of the run is kept in ``record["trace"]`` (the
-      mechanism keeps only ``(y, info)``): no second solve.
-
-    (A failed sample does not poison the others' gradients: the mechanism keeps
-    its last finite iterate for the backward and gives it no cotangent.)
-    """
-    def run(F_, y0, params, batch_dims, **call):
-        lifted = params[0]
-        own = F_ is F and all(lifted.get(k) is p for k, p in cell.named_parameters()) \
-            and len(lifted) == len(dict(cell.named_parameters()))
-        if own:
-            # the plain steps z ← f(z, x), with the cell called directly
-            F_ = FixedPointResidual(direct, _CELL)
-        res = solve(F_, y0, params, batch_dims, **call)
-        record["trace"] = res.trace if trace else None
-        return res
-    return run
 
 
 def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = None, *, solver=None,
@@ -211,30 +181,41 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
     check_bool("return_info", return_info)
     check_bool("trace", trace)
     # the solver and its options are validated here, the adjoint and the policy by solve_implicit
-    solve = forward_solver(DEFAULT_SOLVER if solver is None else solver, rtol=rtol, atol=atol, max_iter=max_iter,
+    solve = as_solver(DEFAULT_SOLVER if solver is None else solver, rtol=rtol, atol=atol, max_iter=max_iter,
                            solver_options=solver_options)
     records = isinstance(solve, Solver) and solve.records
     if isinstance(solve, Solver):
         rtol, atol, max_iter = solve.rtol, solve.atol, solve.max_iter
-        if trace and not isinstance(adjoint, Unroll):
-            solve = functools.partial(solve, trace=True)
     if isinstance(adjoint, FixedPointAdjoint) and adjoint.rtol is None and rtol is not None:
         adjoint = replace(adjoint, rtol=rtol)  # the gradient as accurate as the forward solve
-    record: dict = {"trace": None}
+    traces: list = []
+    if trace and isinstance(solve, Solver) and not isinstance(adjoint, Unroll):
+        solve = _keeping_trace(solve, traces)
     # T(z, params, x) = cell(z, x) with the parameters explicit (functional_call); every parameter is lifted
     # (buffers are not: functional_call takes them from the module; tied parameters appear once and are re-tied)
     F = FixedPointResidual(lambda z, params, x: torch.func.functional_call(cell, params, (z, x)), _CELL)
-    lifted = dict(cell.named_parameters())
-    direct = lambda z, _params, x: cell(z, x)  # noqa: E731  (T with the cell called directly)
-    z, info = solve_implicit(F, z0, (lifted, x), solve=_forward_solve(solve, cell, F, direct, trace, record),
-                             adjoint=adjoint, batch_dims=1, on_failure=on_failure, return_info=True, what=_WHAT,
-                             hints=DEQ_HINTS, neumann_alpha=-1.0, unroll="picard", rtol=rtol, atol=atol,
-                             max_iter=max_iter, records=records, record_map=direct)
+    # the forward iterations call the cell directly (functional_call costs about a small cell evaluation): the
+    # lifted parameters *are* the module's own tensors — except under torch.func transforms, which hand the
+    # mechanism other tensors (RootProblem.direct)
+    direct = None if in_transform() else FixedPointResidual(lambda z, _params, x: cell(z, x), _CELL)
+    z, info = solve_implicit(F, z0, (dict(cell.named_parameters()), x), solve=solve, adjoint=adjoint, batch_dims=1,
+                             on_failure=on_failure, return_info=True, what=_WHAT, hints=DEQ_HINTS, neumann_alpha=-1.0,
+                             unroll="picard", rtol=rtol, atol=atol, max_iter=max_iter, records=records, direct=direct)
     if not return_info:
         return z
-    trace = record["trace"]
+    trace = traces[-1] if traces else None
     return z, DEQInfo(info.status.detach(), info.residual.detach(), info.iterations.detach(),
                       None if trace is None else trace.detach())
+
+
+def _keeping_trace(solve, traces: list):
+    """``solve`` with ``trace=True``, its residual trace appended to ``traces`` (the mechanism keeps only
+    ``(y, info)``): ``deq(trace=True)`` needs no second solve."""
+    def run(F, y0, params, batch_dims, **call):
+        res = solve(F, y0, params, batch_dims, trace=True, **call)
+        traces.append(res.trace)
+        return res
+    return run
 
 
 _WHAT = "deq (the fixed point z = f(z, x))"
@@ -252,8 +233,8 @@ DEQ_HINTS = {Status.MAX_ITERATIONS: _NOT_CONTRACTION, Status.DIVERGED: _NOT_CONT
 
 def check_deq_options(*, solver, adjoint, rtol, atol, max_iter, on_failure, solver_options) -> None:
     """Validate the options of :func:`deq` / :class:`~implicitdiff.nn.DEQ` (at construction, not at the solve)."""
-    reject_solver_options(solver_options)
-    as_solver(DEFAULT_SOLVER if solver is None else solver, rtol=rtol, atol=atol, max_iter=max_iter)
+    as_solver(DEFAULT_SOLVER if solver is None else solver, rtol=rtol, atol=atol, max_iter=max_iter,
+              solver_options=solver_options)
     if not isinstance(adjoint, (FixedPointAdjoint, Implicit, Unroll, Neumann)):
         raise InputError("adjoint must be FixedPointAdjoint(...), implicitdiff.Implicit(...), "
                          f"implicitdiff.Neumann(k) or implicitdiff.Unroll(), got {adjoint!r}")

@@ -4,37 +4,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 
-from .._core.errors import InputError
+from .._core.residual import FixedPointResidual
 from ..implicit.adjoint import Implicit
-from ._implicit import forward_solver, solve_implicit
+from ..solvers.objects import as_solver
+from ._implicit import solve_implicit
 
 __all__ = ["fixed_point", "fixed_point_residual", "FixedPointResidual"]
-
-
-class FixedPointResidual:
-    """The optimality condition of a fixed point, ``F(z, *params) = T(z, *params) − z``, knowing its map.
-
-    ``map`` is ``T``: the solvers step ``z ← T(z)`` with it, and the implicit mechanism records
-    ``T`` rather than ``F`` for the backward (:class:`~implicitdiff.implicit.root.Linearization`).
-    ``name`` names ``T`` in the error raised when it returns something other than a tensor of
-    ``z``'s shape.
-    """
-
-    __slots__ = ("map", "name")
-
-    def __init__(self, T: Callable, name: str = "T"):
-        self.map = T
-        self.name = name
-
-    def __call__(self, z, *params):
-        t = self.map(z, *params)
-        if not isinstance(t, torch.Tensor) or t.shape != z.shape:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise InputError(f"{self.name} must return a tensor of z's shape {tuple(z.shape)} (a fixed point maps "
-                             f"z to a tensor like z), got {got}")
-        return t - z
 
 
 def fixed_point_residual(T: Callable, name: str = "T") -> FixedPointResidual:
@@ -68,7 +44,7 @@ def fixed_point(T: Callable, z0, *params, solver="anderson", adjoint=Implicit(),
         >>> round(float(z.detach()), 8), round(float(a.grad), 6)
         (2.0, 4.0)
     """
-    solve = forward_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, solver_options=solver_options)
+    solve = as_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, solver_options=solver_options)
     return solve_implicit(fixed_point_residual(T), z0, params, solve=solve, adjoint=adjoint,
                           batch_dims=batch_dims, on_failure=on_failure, return_info=return_info,
                           what="fixed_point", neumann_alpha=-1.0, unroll="picard", rtol=rtol, atol=atol,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 from ..implicit.adjoint import Implicit
-from ._implicit import forward_solver, solve_implicit
+from ..solvers.objects import as_solver
+from ._implicit import solve_implicit
 
 __all__ = ["root"]
 
@@ -55,7 +56,7 @@ def root(F: Callable, y0, *params, solver="newton", adjoint=Implicit(), rtol=Non
         >>> round(float(y.detach()), 6), round(float(theta.grad), 6)   # y = θ^(1/3), dy/dθ = 1/(3 y²)
         (2.0, 0.083333)
     """
-    solve = forward_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, solver_options=solver_options)
+    solve = as_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, solver_options=solver_options)
     return solve_implicit(F, y0, params, solve=solve, adjoint=adjoint, batch_dims=batch_dims,
                           on_failure=on_failure, return_info=return_info, what="root", unroll="newton",
                           rtol=rtol, atol=atol, max_iter=max_iter)

@@ -7,9 +7,8 @@ from typing import Callable
 
 import torch
 
-from .._core.errors import InputError
-from ._loop import float_option, int_option, flatten_root, iterate, lean, options, phase_result, plain_phase, \
-    recording, fixed_map
+from .._core.options import check_int, check_real
+from ._loop import fixed_point_step, flatten_root, iterate, options
 from .result import SolverResult
 
 __all__ = ["anderson"]
@@ -35,14 +34,14 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
     plain Picard step instead, so a rank-deficient history (repeated
     directions, a stalled element) cannot crash or poison the batch.
 
-    Lazy start (``start_rate = ρ > 0``): while every running element's residual shrinks by
-    ``‖g_{k+2}‖ ≤ ρ² ‖g_k‖`` every two steps, the iteration takes the plain step ``y + β g`` and
-    keeps no history; mixing starts (for the whole batch, with an empty history) at the first
-    check that some element's residual shrank less or became NaN, or once half of ``max_iter``
-    is spent.  A fast contraction — a deep equilibrium cell with ``ρ(∂f/∂z) ≈ 0.35`` — thus
-    costs Picard's iteration and no mixing, which on such cells (eigenvalues of ``∂f/∂z``
-    filling a disk) saves no evaluation of ``F`` anyway; a slow or non-contractive one gets
-    Anderson.  The check is one norm and one host read every other step; ``start_rate = 0``
+    Lazy start (``start_rate = ρ > 0``): while the worst running element's ``‖g‖ / tol`` shrinks
+    by ``ρ²`` every two steps, the iteration takes the plain step ``y + β g`` and keeps no history
+    (the one loop, :func:`~implicitdiff.solvers._loop.iterate`, with the plain step and its
+    ``rate`` stop); mixing starts, its history seeded with the last plain step, at the first check
+    where it shrank less (or an element became NaN), or once half of ``max_iter`` is spent.  A fast
+    contraction — a deep equilibrium cell with ``ρ(∂f/∂z) ≈ 0.35`` — thus costs Picard's iteration
+    and no mixing, which on such cells (eigenvalues of ``∂f/∂z`` filling a disk) saves no
+    evaluation of ``F`` anyway; a slow or non-contractive one gets Anderson.  ``start_rate = 0``
     (default) mixes from the first step, as above.
 
     Cost per iteration, beyond the one evaluation of ``F``: two passes over
@@ -68,10 +67,11 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
             shrinks by this factor per step (checked over two steps, above); 0 mixes from the first step.
         check_every, trace, callback: as in :func:`~implicitdiff.solvers.picard.picard`.
         recorder: as in :func:`~implicitdiff.solvers.picard.picard`.
-        freeze: as in :func:`~implicitdiff.solvers.picard.picard`, for the plain steps of the
-            lazy start (``start_rate > 0``): with ``False`` they run without masks, one host read
-            per step, and mixing starts from where they stop, their last step the first column of
-            its history.
+        freeze: as in :func:`~implicitdiff.solvers.picard.picard` (the freeze policy of the one loop,
+            :func:`~implicitdiff.solvers._loop.iterate`), for the lazy start's plain steps and the mixing
+            alike: with ``False`` the batch steps without masks, one host read per step, until every
+            element meets the tolerance.  After a lazy start, mixing starts from where the plain
+            steps stopped, their last step the first column of its history.
 
     Returns:
         :class:`SolverResult` ``(y, info, None, trace)``.  Failure modes per
@@ -92,15 +92,13 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
     """
     opts = options(y0, params, rtol=rtol, atol=atol, max_iter=max_iter, batch_dims=batch_dims,
                    check_every=check_every, callback=callback)
-    m = int_option("m", m, 1)
-    beta = float_option("beta", beta, 0.0, strict=True)
-    lam = float_option("lam", lam)
-    start_rate = float_option("start_rate", start_rate)
-    if start_rate >= 1.0:
-        raise InputError(f"start_rate must be in [0, 1) (the per-step residual reduction below which mixing "
-                         f"starts), got {start_rate!r}")
+    m = check_int("m", m, low=1, allow_none=False)
+    beta = check_real("beta", beta, low=0.0, low_open=True, allow_none=False)
+    lam = check_real("lam", lam, low=0.0, allow_none=False)
+    start_rate = check_real("start_rate (the per-step residual reduction below which mixing starts)", start_rate,
+                            low=0.0, high=1.0, high_open=True, allow_none=False)
     with torch.no_grad():
-        fun, y, g = flatten_root(F, opts)
+        fun, y, g, tmap, record = flatten_root(F, opts, recorder=recorder)
         batch, n = opts.batch_shape, opts.n
         nb = math.prod(batch)                                     # the batch, flattened (1 if none)
         tiny = torch.finfo(y.dtype).tiny
@@ -130,26 +128,12 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
             # times slower
             return torch.baddbmm(X.reshape(nb, 1, n), gamma.mT, U[:h].transpose(0, 1), alpha=-1).view(shape)
 
-        def step(k, y, g, state, active):
-            X, U, dG, G, r, k0, gn = state                        # k0: the step the history started at
-            if k0 is None:                                        # lazy start: a plain step, no history
-                g_new = fun(X)
-                X_new = torch.add(X, g_new, alpha=beta)
-                if 2 * (k + 1) < opts.max_iter:                   # past half the budget: mix from now on
-                    if k % 2 == 0:                                # checked every other step:
-                        return X, g_new, (X_new, U, dG, G, r, None, gn), None
-                    gn_new = torch.linalg.vector_norm(g_new, dim=-1)  # ‖g_{k+1}‖ against ‖g_{k−1}‖
-                    # the worst two-step reduction among running elements (stopped ones may sit at
-                    # rounding level); a NaN reaches the max and starts the mixing (the loop stops it)
-                    worst = float(torch.where(active, gn_new / gn, 0.0).max()) if gn_new.numel() else 0.0
-                    if worst <= start_rate ** 2:
-                        return X, g_new, (X_new, U, dG, G, r, None, gn_new), None
-                k0, y_new = k, X                                  # this step's difference starts the history
-            else:
-                h = min(k - k0, m)                                # rows in use
-                y_new = X if h == 0 else mix(X, U, G, r, h, y.shape)   # empty history: γ = 0
-                g_new = fun(y_new)
-                X_new = torch.add(y_new, g_new, alpha=beta)
+        def step(k, y, g, state, active, ev=None):
+            X, U, dG, G, r, k0 = state                            # k0: the step the history started at
+            h = min(k - k0, m)                                    # rows in use
+            y_new = X if h == 0 else mix(X, U, G, r, h, y.shape)  # empty history: γ = 0
+            g_new = (ev or fun)(y_new)
+            X_new = torch.add(y_new, g_new, alpha=beta)
             kk = k - k0
             j = kk % m
             torch.sub(X_new.reshape(nb, n), X.reshape(nb, n), out=U[j])
@@ -160,30 +144,30 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
             G[:, j:j + 1, :row.shape[-1]] = row
             G[:, :row.shape[-1], j:j + 1] = row.mT
             r = torch.bmm(g_new.reshape(nb, 1, n), dGh).mT           # (nb, h', 1)
-            return y_new, g_new, (X_new, U, dG, G, r, k0, None), None
+            return y_new, g_new, (X_new, U, dG, G, r, k0), None
 
-        lazy = start_rate > 0.0
-        phase = None
-        if lazy and lean(opts, callback, freeze):  # the plain steps without masks, then mixing from there on
-            phase = plain_phase(fun, y, g, opts, beta=beta, budget=opts.max_iter // 2, start_rate=start_rate,
-                                spec=recording(recorder, opts), tmap=fixed_map(F, opts))
-            if phase.done:
-                out = phase_result(phase, opts, trace)
-                y = out.y.reshape(opts.y0.shape)
-                return SolverResult(y, out.info, None, out.trace, None if recorder is None else recorder.take(y))
-            y, g, lazy = phase.y, phase.f, False
+        unflatten = lambda t: t.reshape(opts.y0.shape)  # noqa: E731
+        first = None
+        if start_rate > 0.0:  # the lazy start: plain steps while the residuals contract fast, for half the budget
+            plain, extra = fixed_point_step(fun, beta, tmap, y, g)
+            first = iterate(plain, y, g, extra, opts._replace(max_iter=opts.max_iter // 2), trace=trace,
+                            callback=callback, freeze=freeze, rate=start_rate, record=record, unflatten=unflatten)
+            y, g = first.y, first.f
+            if first.done:                                # every element converged in the plain steps
+                y = y.reshape(opts.y0.shape)
+                return SolverResult(y, first.info, None, first.trace, None if recorder is None else recorder.take(y))
         state = (torch.add(y, g, alpha=beta), y.new_empty(m, nb, n), y.new_empty(m, nb, n), y.new_empty(nb, m, m),
-                 None, None if lazy else 0, torch.linalg.vector_norm(g, dim=-1) if lazy else None)
-        if phase is not None and phase.f_prev is not None:
-            # the plain phase's last step is the first history column (ΔX = X_k − X_{k−1} = β g_k, since
-            # X_{k−1} = y_k; ΔG = g_k − g_{k−1}): the mixing starts at once, as the lazy start does
-            X, U, dG, G, _, _, _ = state
+                 None, 0)
+        if first is not None and first.f_prev is not None:
+            # the last plain step is the first history column (ΔX = X_k − X_{k−1} = β g_k, since
+            # X_{k−1} = y_k; ΔG = g_k − g_{k−1}): the mixing starts at once
+            X, U, dG, G, _, _ = state
             torch.mul(g.reshape(nb, n), beta, out=U[0])
-            torch.sub(g.reshape(nb, n), phase.f_prev.reshape(nb, n), out=dG[0])
+            torch.sub(g.reshape(nb, n), first.f_prev.reshape(nb, n), out=dG[0])
             G[:, :1, :1] = torch.bmm(dG[0].unsqueeze(1), dG[0].unsqueeze(2))
             r = torch.bmm(g.reshape(nb, 1, n), dG[0].unsqueeze(2))      # (nb, 1, 1)
-            state = (X, U, dG, G, r, -1, None)                          # k0 = −1: one row in use at k = 0
-        out = iterate(step, y, g, state, opts, trace=trace, callback=callback,
-                      unflatten=lambda t: t.reshape(opts.y0.shape), resume=phase)
+            state = (X, U, dG, G, r, -1)                                # k0 = −1: one row in use at k = 0
+        out = iterate(step, y, g, state, opts, trace=trace, callback=callback, freeze=freeze, record=record,
+                      unflatten=unflatten, resume=first)
     y = out.y.reshape(opts.y0.shape)
     return SolverResult(y, out.info, None, out.trace, None if recorder is None else recorder.take(y))

@@ -103,7 +103,7 @@ def broyden(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, ato
     opts = options(y0, params, rtol=rtol, atol=atol, max_iter=max_iter, batch_dims=batch_dims,
                    check_every=check_every, callback=callback)
     with torch.no_grad():
-        fun, y, f = flatten_root(F, opts)
+        fun, y, f, *_ = flatten_root(F, opts)
         batch, n = opts.batch_shape, opts.n
         eps = torch.finfo(y.dtype).eps
         # dense H costs n² per element and per product, the low-rank form 2 k n at iteration

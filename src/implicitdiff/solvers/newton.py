@@ -20,7 +20,7 @@ _MIN_STEP = 1e-10    # line search gives up (BREAKDOWN) below this step length
 
 def newton(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=0.0, max_iter: int = 50,
            batch_dims: int = 0, line_search: bool = True, check_every=None, trace: bool = False,
-           callback=None) -> SolverResult:
+           callback=None, differentiable: bool = False) -> SolverResult:
     """Solve ``F(y, *params) = 0`` by Newton's method, batched, each element on its own.
 
     Each element ``b`` of the batch is a problem of size ``n = prod(y0.shape[batch_dims:])``
@@ -48,7 +48,8 @@ def newton(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
             iteration that starts a new direction also forms a Jacobian).
         batch_dims: leading dims of ``y0`` that index independent problems.
         line_search: backtrack (default) or always take the full Newton step.
-        check_every, trace, callback: as in :func:`~implicitdiff.solvers.picard.picard`.
+        check_every, trace, callback, differentiable: as in :func:`~implicitdiff.solvers.picard.picard`
+            (``differentiable``: no Jacobian factorization is returned).
 
     Returns:
         :class:`SolverResult` ``(y, info, jacobian, trace)`` with ``jacobian`` the
@@ -71,11 +72,11 @@ def newton(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
         ([0, 0], True)
     """
     opts = options(y0, params, rtol=rtol, atol=atol, max_iter=max_iter, batch_dims=batch_dims,
-                   check_every=check_every, callback=callback)
+                   check_every=check_every, callback=callback, differentiable=differentiable)
     line_search = bool(line_search)
     on_cpu = opts.y0.device.type == "cpu"
-    with torch.no_grad():
-        fun, y, f = flatten_root(F, opts)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and differentiable):
+        fun, y, f, *_ = flatten_root(F, opts)
         batch = opts.batch_shape
         no_code = torch.zeros(batch, dtype=torch.int64, device=y.device)
 
@@ -122,6 +123,8 @@ def newton(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
                  torch.ones(batch, dtype=torch.bool, device=y.device))
         out = iterate(step, y, f, extra, opts, trace=trace, callback=callback,
                       unflatten=lambda t: t.reshape(opts.y0.shape), divergence=not line_search)
+        if differentiable:
+            return SolverResult(out.y.reshape(opts.y0.shape), out.info, None, out.trace)
         # the Jacobian at the returned y, factorized once for the backward
         lu, rcond = LU.factor(batch_jacobian(fun, out.y))
         cond = torch.where(rcond > 0, 1.0 / rcond, torch.full_like(rcond, float("inf")))

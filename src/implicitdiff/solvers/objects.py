@@ -159,9 +159,16 @@ class LBFGS(Solver):
 SOLVER_CLASSES = {"newton": Newton, "broyden": Broyden, "anderson": Anderson, "picard": Picard, "lbfgs": LBFGS}
 
 
-def as_solver(solver, *, rtol=None, atol=None, max_iter=None, allowed=("newton", "broyden", "anderson", "picard")):
-    """A :class:`Solver` from a name (with the layer's ``rtol``/``atol``/``max_iter``) or an object
-    (those keywords merged in); a user callable is returned as is.  ``allowed``: the names the layer takes."""
+def as_solver(solver, *, rtol=None, atol=None, max_iter=None, allowed=("newton", "broyden", "anderson", "picard"),
+              solver_options=None):
+    """The forward solver of a layer, called as ``solve(F, y0, params, batch_dims, **call)``: a :class:`Solver`
+    from a name (with the layer's ``rtol``/``atol``/``max_iter``) or an object (those keywords merged in), or a
+    user callable wrapped to receive them as keywords.  ``allowed``: the names the layer takes;
+    ``solver_options`` was removed (options live on the solver object) and raises."""
+    if solver_options is not None:
+        raise InputError("solver_options was removed: options live on the solver object, e.g. "
+                         "solver=implicitdiff.solvers.Anderson(m=5, beta=0.5) or Newton(line_search=False) "
+                         "(rtol/atol/max_iter may stay keywords of the call)")
     if isinstance(solver, type) and issubclass(solver, Solver):  # the class itself: its defaults
         solver = solver()
     if isinstance(solver, Solver):
@@ -178,6 +185,14 @@ def as_solver(solver, *, rtol=None, atol=None, max_iter=None, allowed=("newton",
                              f"({', '.join(SOLVER_CLASSES[k].__name__ for k in allowed)}), or pass a callable "
                              f"solver(F, y0, params, *, batch_dims, rtol, atol, max_iter) -> SolverResult")
         return SOLVER_CLASSES[solver](rtol=rtol, atol=atol, max_iter=max_iter)
-    if callable(solver):
-        return solver
-    raise InputError(f"solver must be a name, a solver object or a callable, got {type(solver).__name__}")
+    if not callable(solver):
+        raise InputError(f"solver must be a name, a solver object or a callable, got {type(solver).__name__}")
+    kw = {"rtol": check_real("rtol", rtol, low=0.0), "atol": check_real("atol", atol, low=0.0) or 0.0}
+    max_iter = check_int("max_iter", max_iter, low=0)
+    if max_iter is not None:
+        kw["max_iter"] = max_iter
+
+    def solve(F, y0, params, batch_dims, **call):
+        return solver(F, y0, params, batch_dims=batch_dims, **kw, **call)
+
+    return solve

@@ -6,8 +6,8 @@ from typing import Callable
 
 import torch
 
-from ._loop import (fixed_map, float_option, flatten_root, iterate, lean, options, phase_result, plain_phase,
-                    recording)
+from .._core.options import check_real
+from ._loop import fixed_point_step, flatten_root, iterate, options
 from .result import SolverResult
 
 __all__ = ["picard"]
@@ -15,7 +15,7 @@ __all__ = ["picard"]
 
 def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=0.0, max_iter: int = 200,
            batch_dims: int = 0, beta: float = 1.0, check_every=None, trace: bool = False,
-           callback=None, freeze: bool = True, recorder=None) -> SolverResult:
+           callback=None, freeze: bool = True, recorder=None, differentiable: bool = False) -> SolverResult:
     """Solve ``F(y, *params) = 0`` by the damped iteration ``y_{k+1} = y_k + β F(y_k)``.
 
     For a fixed point ``y = T(y)`` pass ``F(y) = T(y) − y``: with ``β = 1`` this
@@ -48,9 +48,11 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
             again, and is reported as it ends); a NaN/Inf or diverging element
             hands the batch over to the masked loop.  Only where ``check_every = 1`` (CPU), ``batch_dims ≥ 1`` and
             no ``callback``.
-        recorder: a :class:`~implicitdiff.implicit.speculation.Recorder`: the plain phase evaluates
+        recorder: a :class:`~implicitdiff.implicit.speculation.Recorder`: with ``freeze=False`` the loop evaluates
             its predicted last step through it, and ``SolverResult.recording`` is what it took at
             the returned ``y`` (the implicit mechanism's backward reuses it).
+        differentiable: run with autograd on — ``params`` not detached, every step recorded — so that
+            the result is differentiable through the iterations (``Unroll()``; memory grows with them).
 
     Returns:
         :class:`SolverResult` ``(y, info, None, trace)``.  Failure modes, per
@@ -68,24 +70,12 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
         (True, True)
     """
     opts = options(y0, params, rtol=rtol, atol=atol, max_iter=max_iter, batch_dims=batch_dims,
-                   check_every=check_every, callback=callback)
-    beta = float_option("beta", beta, 0.0, strict=True)
-    with torch.no_grad():
-        fun, y, f = flatten_root(F, opts)
-
-        def step(k, y, f, extra, active):
-            y_new = torch.add(y, f, alpha=beta)
-            return y_new, fun(y_new), (), None
-
-        phase = None
-        if lean(opts, callback, freeze):
-            phase = plain_phase(fun, y, f, opts, beta=beta, budget=opts.max_iter, spec=recording(recorder, opts),
-                                tmap=fixed_map(F, opts))
-            y, f = phase.y, phase.f
-        if phase is not None and phase.done:
-            out = phase_result(phase, opts, trace)
-        else:
-            out = iterate(step, y, f, (), opts, trace=trace, callback=callback,
-                          unflatten=lambda t: t.reshape(opts.y0.shape), resume=phase)
+                   check_every=check_every, callback=callback, differentiable=differentiable)
+    beta = check_real("beta", beta, low=0.0, low_open=True, allow_none=False)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and differentiable):
+        fun, y, f, tmap, record = flatten_root(F, opts, recorder=recorder)
+        step, extra = fixed_point_step(fun, beta, tmap, y, f)
+        out = iterate(step, y, f, extra, opts, trace=trace, callback=callback, freeze=freeze,
+                      record=record, unflatten=lambda t: t.reshape(opts.y0.shape))
     y = out.y.reshape(opts.y0.shape)
     return SolverResult(y, out.info, None, out.trace, None if recorder is None else recorder.take(y))
