@@ -104,8 +104,8 @@ def test_shared_A_equals_the_same_matrix_batched():
     assert shared.status.tolist() == [Status.SUCCESS] * 4
     for r in (expanded, batched):
         assert r.status.tolist() == shared.status.tolist() and r.iterations.tolist() == shared.iterations.tolist()
-        for a, b_ in zip(r[:3], shared[:3]):
-            assert torch.allclose(a, b_, rtol=0, atol=1e-9)
+        for a, b_ in zip(r[:3], shared[:3]):  # same iterations; rounding differs (one matmul vs a bmm)
+            assert torch.allclose(a, b_, rtol=0, atol=1e-8 * (1 + float(b_.abs().max())))
     # the solution: primal and dual feasible, complementary
     x, y, s = shared.x, shared.y, shared.s
     assert (x @ A.T + s - b).abs().max() < 1e-7 and (y @ A + c).abs().max() < 1e-7
