@@ -477,3 +477,21 @@ def test_eager_square_path_gradients_match_finite_differences_float64(g):
         b = torch.randn(*shape_b, generator=g, dtype=F64, requires_grad=True)
         assert gradcheck(idf.linear_solve, (A, b), check_forward_ad=True, atol=1e-9, rtol=1e-7)
         assert torch.autograd.gradgradcheck(idf.linear_solve, (A, b), atol=1e-9, rtol=1e-7)
+
+
+def test_an_lu_layout_torch_does_not_report_sends_every_solve_the_general_way(monkeypatch, g):
+    # a future torch whose solve returns an LU of neither A nor Aᵀ: no screen can be read from it,
+    # so the eager path declines and the general path (its own LU) solves, reports and raises
+    from implicitdiff._core import torch_private as tp
+    from implicitdiff.implicit.linear import fast_square_solve
+
+    tp._lu_is_of_transpose.cache_clear()
+    monkeypatch.setattr(tp, "_lu_is_of_transpose", lambda *a: None)
+    A = _well(g, 6, 6).requires_grad_()
+    b = torch.randn(6, generator=g, dtype=F64, requires_grad=True)
+    assert fast_square_solve(A, b, True) is None
+    y = idf.linear_solve(A, b)
+    torch.testing.assert_close(y, torch.linalg.solve(A, b), atol=1e-13, rtol=0)
+    assert gradcheck(idf.linear_solve, (A, b))
+    with pytest.raises(SolveError, match="SINGULAR"):
+        idf.linear_solve(torch.ones(4, 4, dtype=F64), torch.ones(4, dtype=F64))

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -148,9 +148,10 @@ def _solve_ex_call(A, B, vector, copy_free):
 
 
 @functools.lru_cache(maxsize=None)
-def _lu_is_of_transpose(copy_free: bool, contiguous: bool, device_type: str) -> bool:
+def _lu_is_of_transpose(copy_free: bool, contiguous: bool, device_type: str) -> Optional[bool]:
     # Which matrix torch's solve factorizes (A or Aᵀ) is torch's choice and has changed between
-    # releases: ask it once per call form, on a matrix whose LU pivots.
+    # releases: ask it once per call form, on a matrix whose LU pivots.  None: neither (an LU
+    # this module cannot read; the callers then do without it).
     M = torch.tensor([[1.0, 2.0, 0.0], [3.0, 1.0, 4.0], [0.0, 5.0, 1.0]], dtype=torch.float64, device=device_type)
     if not contiguous:
         M = M.mT.contiguous().mT
@@ -159,15 +160,14 @@ def _lu_is_of_transpose(copy_free: bool, contiguous: bool, device_type: str) -> 
         return False
     if torch.equal(LU, torch.linalg.lu_factor(M.mT)[0]):
         return True
-    raise RuntimeError("torch._linalg_solve_ex returned an LU of neither A nor Aᵀ: "  # pragma: no cover
-                       "implicitdiff._core.torch_private.solve_keeping_lu needs updating for this torch")
+    return None  # pragma: no cover - no torch seen so far
 
 
 def solve_factorizes_transpose(A: torch.Tensor) -> bool:
-    """Whether :func:`solve_keeping_lu` factorizes ``Aᵀ`` (else ``A``) for this ``A``."""
+    """Whether :func:`solve_keeping_lu` factorizes ``Aᵀ`` (else ``A``, or an LU it cannot read) for this ``A``."""
     if _solve_ex is None or A.is_complex():  # pragma: no cover - a torch without the op
         return False
-    return _lu_is_of_transpose(_copy_free(A), A.is_contiguous(), A.device.type)
+    return _lu_is_of_transpose(_copy_free(A), A.is_contiguous(), A.device.type) is True
 
 
 def solve_keeping_lu(A: torch.Tensor, B: torch.Tensor, vector: bool) -> tuple:
@@ -175,9 +175,10 @@ def solve_keeping_lu(A: torch.Tensor, B: torch.Tensor, vector: bool) -> tuple:
     returns ``(X, LU, pivots, info, transposed)``.
 
     ``B`` is ``(*, n)`` with ``A``'s batch shape when ``vector`` (``torch.linalg.solve``'s rule), else
-    ``(*, n, k)``.  ``LU, pivots`` factorize ``Aᵀ`` when ``transposed``
-    (:func:`solve_factorizes_transpose`), else ``A``: ``torch.linalg.lu_solve(LU, pivots, Z,
-    adjoint=transposed)`` is ``A⁻¹ Z``.  ``LU`` and ``pivots`` carry no gradient.  A large row-major
+    ``(*, n, k)``.  ``LU, pivots`` factorize ``Aᵀ`` when ``transposed`` is True
+    (:func:`solve_factorizes_transpose`), ``A`` when it is False: ``torch.linalg.lu_solve(LU, pivots,
+    Z, adjoint=transposed)`` is ``A⁻¹ Z``; ``None`` when this torch's LU is neither (do not use it).
+    ``LU`` and ``pivots`` carry no gradient.  A large row-major
     ``A`` is passed as the transposed system (:data:`COPY_FREE_MIN`).
     """
     if _solve_ex is None:  # pragma: no cover - a torch without the op: factorize twice

@@ -273,6 +273,8 @@ def fast_square_solve(A: torch.Tensor, b: torch.Tensor, vector: bool, rank_rtol:
     """
     n = A.shape[-1]
     X, LU_, piv, _, transposed = solve_keeping_lu(A, b, vector)
+    if transposed is None:  # an LU this torch lays out otherwise: no screen, so no fast path
+        return None
     z, zsum, eps_ = _generic_vector(n, A.dtype, A.device)
     tol = eps_ * n if rank_rtol is None else rank_rtol
     if transposed:  # LU_ factorizes Aᵀ: A⁻¹z = P L⁻ᵀ U⁻ᵀ z
