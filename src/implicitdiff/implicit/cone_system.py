@@ -50,13 +50,14 @@ TAU = 1e-3  # rows with λ ≥ 1 − τ stay unknowns of the reduced system (see
 
 
 def _mv(M, v):
-    """``M v`` for ``M (B, p, q)``, ``v (B, q)`` (a row-vector product: much faster than ``M @ v[..., None]``)."""
-    return (v[:, None, :] @ M.mT)[:, 0]
+    """``M v`` for ``M (B, p, q)`` or a shared ``(p, q)`` (one matmul), ``v (B, q)`` (a row-vector product:
+    much faster than ``M @ v[..., None]``)."""
+    return v @ M.mT if M.dim() == 2 else (v[:, None, :] @ M.mT)[:, 0]
 
 
 def _rmv(M, v):
-    """``Mᵀ v`` for ``M (B, p, q)``, ``v (B, p)``."""
-    return (v[:, None, :] @ M)[:, 0]
+    """``Mᵀ v`` for ``M (B, p, q)`` or a shared ``(p, q)``, ``v (B, p)``."""
+    return v @ M if M.dim() == 2 else (v[:, None, :] @ M)[:, 0]
 
 
 def dense_system(A, b, c, x, y, s, ok, spec):
@@ -90,11 +91,11 @@ class _Factor:
     """The shifted reduced LU of ``M`` at one point, in that point's frame (the preconditioner)."""
 
     def __init__(self, A, b, c, x, y, frame, ok):
-        B, m, n = A.shape
+        B, (m, n) = b.shape[0], A.shape[-2:]
         self.n, self.frame = n, frame
         lam = frame.lam
         self.lam = lam
-        At = to_frame(frame, A)
+        At = to_frame(frame, A.expand(B, m, n))  # per element even for a shared A (the frame is)
         self.At = At
         bt = to_frame(frame, b)
         kept = lam >= 1 - TAU
@@ -160,8 +161,8 @@ class _Factor:
 
 
 class ConeSystem:
-    """``M`` at ``(A, b, c, x, y, s)`` (``(B, m, n)``, ``(B, m)``, ``(B, n)``; ``ok (B,)`` the
-    elements to solve) and its structured factorization: :meth:`solve` applies ``M⁻¹`` or ``M⁻ᵀ``.
+    """``M`` at ``(A, b, c, x, y, s)`` (``(B, m, n)`` or a shared ``(m, n)``, ``(B, m)``, ``(B, n)``;
+    ``ok (B,)`` the elements to solve) and its structured factorization: :meth:`solve` applies ``M⁻¹`` or ``M⁻ᵀ``.
 
     Cost: the frame, ``Ã = UᵀA`` (``O(m·n)`` for zero, nonnegative and second-order cones),
     ``ÃᵀWÃ`` (``B·m·n²``) and one LU of ``n + p`` (``p`` the kept rows) per element.
@@ -178,7 +179,7 @@ class ConeSystem:
         self.frame = dual_projection_frame(spec, y, s)
         self.lam = self.frame.lam
         # the backward error's scale (max|A| read from a reused system of the same A: one pass less)
-        amax = reuse.amax if reuse is not None and reuse.A is A else A.abs().amax((-2, -1))
+        amax = reuse.amax if reuse is not None and reuse.A is A else A.abs().amax((-2, -1))  # () if A is shared
         self.amax = amax
         self.scale = 1 + amax + (c + x).abs().amax(-1) + (b + y).abs().amax(-1)
         self.factor = reuse.factor if reuse is not None else None
@@ -249,7 +250,7 @@ class ConeSystem:
         """Dense shifted LU with refinement of ``M`` for the elements ``bad``."""
         i = bad.nonzero()[:, 0]
         self.fallbacks += int(i.numel())
-        M = dense_system(self.A[i], self.b[i], self.c[i], self.x[i], self.y[i], self.s[i], self.ok[i], self.spec)
+        M = dense_system(self.A.expand(self.b.shape[:1] + self.A.shape[-2:])[i], self.b[i], self.c[i], self.x[i], self.y[i], self.s[i], self.ok[i], self.spec)
         Mo = M.mT if adjoint else M
         LU, piv = _shifted_lu(M)
         gi = g[i]
