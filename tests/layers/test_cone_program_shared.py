@@ -132,3 +132,29 @@ def test_double_backward_shared_A_matches_finite_differences():
     fd = (float(first(A + h * dA).detach()) - float(first(A - h * dA).detach())) / (2 * h)
     an = float((gA * dA).sum())
     assert abs(an - fd) <= 1e-5 * max(1.0, abs(fd)), (an, fd)
+
+
+def test_shared_second_order_gram_equals_the_direct_form():
+    # the reduced Gram ÃᵀWÃ of cone_system: the shared-A second-order form vs the direct product,
+    # at random points (second-order blocks inside, in the polar and in general position)
+    from implicitdiff.implicit.cone_frame import dual_projection_frame, to_frame
+    from implicitdiff.implicit.cone_system import TAU, _gram
+    from implicitdiff.linalg.cone_spec import parse_cones
+    spec = parse_cones({"z": 1, "l": 3, "q": [5, 5, 3, 2, 1], "s": [3]})
+    g = torch.Generator().manual_seed(2)
+    m, n, Bn = spec.m, 6, 5
+    A = torch.randn(m, n, generator=g, dtype=torch.float64)
+    y = torch.randn(Bn, m, generator=g, dtype=torch.float64)
+    s = torch.randn(Bn, m, generator=g, dtype=torch.float64)
+    y[0, 4:9] = torch.tensor([3.0, 0.1, 0.2, 0.3, 0.1], dtype=torch.float64)   # v inside K*
+    s[0, 4:9] = 0
+    y[1, 4:9] = 0
+    s[1, 4:9] = torch.tensor([3.0, -0.1, 0.2, 0.3, 0.1], dtype=torch.float64)  # v in the polar
+    frame = dual_projection_frame(spec, y, s)
+    At = to_frame(frame, A.expand(Bn, m, n))
+    lam = frame.lam
+    W = torch.where(lam >= 1 - TAU, torch.zeros_like(lam), lam / (1 - lam).clamp(min=TAU))
+    direct = At.mT @ (W[..., None] * At)
+    shared = _gram(A, At, W, frame)
+    assert torch.allclose(shared, direct, atol=1e-12 * float(direct.abs().max()), rtol=0)
+    assert torch.equal(_gram(A.expand(Bn, m, n), At, W, frame), direct)  # batched A: the direct form

@@ -87,6 +87,39 @@ def _shifted_lu(K):
     return LU, piv
 
 
+def _gram(A, At, W, frame):
+    """``ÃᵀWÃ`` (``B·m·n²``).  **Shared-A second-order Gram**: for a shared ``A (m, n)`` each
+    second-order block's share is formed from a Gram matrix of ``A`` computed once for the batch.
+    In the frame a block's rows are ``e₁`` (``λ = 1``: kept, ``W = 0``), ``e₀`` (``λ = 0``, ``W = 0``)
+    and the ``k − 2`` rows ``(0, w)``, ``w ⟂ x̂``, all with one weight ``ω`` (and ``ω = 0`` inside
+    ``K*`` or its polar), so with ``A_x`` the block's rows ``1…`` and ``p = A_xᵀx̂``:
+
+        Σ_block Wᵢ ãᵢãᵢᵀ = ω A_xᵀ(I − x̂x̂ᵀ)A_x = ω (A_xᵀA_x − p pᵀ),
+
+    ``A_xᵀA_x`` once, then ``n²`` per element and block instead of ``k·n²``.  Rounding: an
+    absolute ``eps·ω‖A_x‖²``, the size of the direct form's; the factorization is a preconditioner
+    refined against the exact ``M`` (:class:`ConeSystem`)."""
+    B, m, n = At.shape
+    soc = [(idx, data) for kind, k, idx, data in frame.parts if kind == "q" and data is not None and k > 2]
+    if A.dim() != 2 or not soc:
+        return At.mT @ (W[..., None] * At)
+    rest = torch.ones(m, dtype=torch.bool, device=A.device)
+    G = A.new_zeros(B, n, n)
+    for idx, (xh, _) in soc:
+        nb = idx.shape[0]
+        rest[idx.reshape(-1)] = False
+        Ax = A[idx[:, 1:]]                                           # (nb, k − 1, n), shared
+        P0 = Ax.mT @ Ax                                              # once for the batch
+        p = (xh.transpose(0, 1) @ Ax).transpose(0, 1)                # (B, nb, n)
+        om = W[:, idx[:, 2]]                                         # (B, nb): the ⟂ rows' weight
+        G = torch.addmm(G.reshape(B, n * n), om, P0.reshape(nb, n * n)).reshape(B, n, n)
+        U = p * om.sqrt()[..., None]
+        G = torch.baddbmm(G, U.mT, U, alpha=-1)
+    r = rest.nonzero()[:, 0]
+    Ar = At[:, r]
+    return torch.baddbmm(G, Ar.mT, W[:, r, None] * Ar)
+
+
 class _Factor:
     """The shifted reduced LU of ``M`` at one point, in that point's frame (the preconditioner)."""
 
@@ -110,7 +143,7 @@ class _Factor:
         self.idx, self.valid, self.P = order, valid, P
         AK = At.gather(1, order[..., None].expand(B, P, n)) * valid[..., None]
         lamK = lam.gather(1, order) * valid
-        G = At.mT @ (self.W[..., None] * At)
+        G = _gram(A, At, self.W, frame)
         K = A.new_zeros(B, n + P, n + P)
         K[:, :n, :n] = G
         K[:, :n, n:] = AK.mT * lamK[:, None, :]
