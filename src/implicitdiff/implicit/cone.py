@@ -56,13 +56,14 @@ __all__ = ["ConeFn", "ConeProblem"]
 
 
 def _mv(M, v):
-    """``M v`` for ``M (B, p, q)``, ``v (B, q)`` (a row-vector product: much faster than ``M @ v[..., None]``)."""
-    return (v[:, None, :] @ M.mT)[:, 0]
+    """``M v`` for ``M (B, p, q)`` or a shared ``(p, q)`` (one matmul), ``v (B, q)`` (a row-vector product:
+    much faster than ``M @ v[..., None]``)."""
+    return v @ M.mT if M.dim() == 2 else (v[:, None, :] @ M.mT)[:, 0]
 
 
 def _rmv(M, v):
-    """``Mᵀ v`` for ``M (B, p, q)``, ``v (B, p)``."""
-    return (v[:, None, :] @ M)[:, 0]
+    """``Mᵀ v`` for ``M (B, p, q)`` or a shared ``(p, q)``, ``v (B, p)``."""
+    return v @ M if M.dim() == 2 else (v[:, None, :] @ M)[:, 0]
 
 
 class ConeProblem(NamedTuple):
@@ -175,7 +176,9 @@ class _AdjointSolve(torch.autograd.Function):
 class ConeFn(torch.autograd.Function):
     """``(x, y, s, status, residual, iterations, _, _) = ConeFn.apply(A, b, c, problem)``.
 
-    ``A (B, m, n)``, ``b (B, m)``, ``c (B, n)`` batched (the caller expands shared inputs, so
+    ``A (B, m, n)`` or shared ``(m, n)`` (kept unexpanded throughout: every product with it is one
+    matmul for the batch, and its gradient is the sum over the batch, formed as one product
+    ``yᵀr_u − r_vᵀx``), ``b (B, m)``, ``c (B, n)`` batched (the caller expands shared ``b``, ``c``, so
     autograd sums their gradients); outputs ``x (B, n)``, ``y, s (B, m)`` differentiable (the last
     two outputs are empty placeholders, kept for callers that unpack eight).  The backward is
     differentiable (double backward: :class:`_AdjointSolve`).
@@ -183,7 +186,8 @@ class ConeFn(torch.autograd.Function):
 
     @staticmethod
     def forward(A, b, c, problem):
-        x, y, s, status, residual, iters = problem.solver.solve(A, b, c, problem.spec)
+        Ab = A.expand(b.shape[:1] + A.shape[-2:])  # the solver reads a stride-0 expand as shared
+        x, y, s, status, residual, iters = problem.solver.solve(Ab, b, c, problem.spec)
         if problem.refine:
             (x, y, s), system = refine(A, b, c, x, y, s, status == Status.SUCCESS, problem.spec, problem.refine)
             if problem.cache is not None:
@@ -207,8 +211,14 @@ class ConeFn(torch.autograd.Function):
         # the function is batched already: fold the vmapped dim into the batch, solve, unfold
         V = info.batch_size
         flat = []
-        for t, d in zip((A, b, c), in_dims[:3]):
+        B = b.shape[0] if in_dims[1] is None else b.shape[1 if in_dims[1] == 0 else 0]
+        for i, (t, d) in enumerate(zip((A, b, c), in_dims[:3])):
+            if i == 0 and d is None and t.dim() == 2:  # a shared A stays shared
+                flat.append(t)
+                continue
             t = t.unsqueeze(0).expand((V,) + t.shape) if d is None else t.movedim(d, 0)
+            if i == 0 and t.dim() == 3:  # a vmapped shared A: one matrix per vmapped index
+                t = t.unsqueeze(1).expand(V, B, *t.shape[1:])
             flat.append(t.reshape((-1,) + t.shape[2:]))
         out = ConeFn.apply(*flat, problem)
         unfold = [t.reshape((V, t.shape[0] // V) + t.shape[1:]) for t in out[:6]]
@@ -242,7 +252,10 @@ class ConeFn(torch.autograd.Function):
             gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
             r = -system.solve(torch.cat([gx, gv, gw[:, None]], -1), adjoint=True)
         ru, rv, rw = r[:, :n], r[:, n:n + m], r[:, -1:]
-        gA = y[:, :, None] * ru[:, None, :] - rv[:, :, None] * x[:, None, :]
+        if A.dim() == 2:  # shared: the sum over the batch, one product
+            gA = y.mT @ ru - rv.mT @ x
+        else:
+            gA = y[:, :, None] * ru[:, None, :] - rv[:, :, None] * x[:, None, :]
         gb = rv - rw * y
         gc = ru - rw * x
         return gA, gb, gc, None

@@ -50,13 +50,14 @@ TAU = 1e-3  # rows with λ ≥ 1 − τ stay unknowns of the reduced system (see
 
 
 def _mv(M, v):
-    """``M v`` for ``M (B, p, q)``, ``v (B, q)`` (a row-vector product: much faster than ``M @ v[..., None]``)."""
-    return (v[:, None, :] @ M.mT)[:, 0]
+    """``M v`` for ``M (B, p, q)`` or a shared ``(p, q)`` (one matmul), ``v (B, q)`` (a row-vector product:
+    much faster than ``M @ v[..., None]``)."""
+    return v @ M.mT if M.dim() == 2 else (v[:, None, :] @ M.mT)[:, 0]
 
 
 def _rmv(M, v):
-    """``Mᵀ v`` for ``M (B, p, q)``, ``v (B, p)``."""
-    return (v[:, None, :] @ M)[:, 0]
+    """``Mᵀ v`` for ``M (B, p, q)`` or a shared ``(p, q)``, ``v (B, p)``."""
+    return v @ M if M.dim() == 2 else (v[:, None, :] @ M)[:, 0]
 
 
 def dense_system(A, b, c, x, y, s, ok, spec):
@@ -86,15 +87,48 @@ def _shifted_lu(K):
     return LU, piv
 
 
+def _gram(A, At, W, frame):
+    """``ÃᵀWÃ`` (``B·m·n²``).  **Shared-A second-order Gram**: for a shared ``A (m, n)`` each
+    second-order block's share is formed from a Gram matrix of ``A`` computed once for the batch.
+    In the frame a block's rows are ``e₁`` (``λ = 1``: kept, ``W = 0``), ``e₀`` (``λ = 0``, ``W = 0``)
+    and the ``k − 2`` rows ``(0, w)``, ``w ⟂ x̂``, all with one weight ``ω`` (and ``ω = 0`` inside
+    ``K*`` or its polar), so with ``A_x`` the block's rows ``1…`` and ``p = A_xᵀx̂``:
+
+        Σ_block Wᵢ ãᵢãᵢᵀ = ω A_xᵀ(I − x̂x̂ᵀ)A_x = ω (A_xᵀA_x − p pᵀ),
+
+    ``A_xᵀA_x`` once, then ``n²`` per element and block instead of ``k·n²``.  Rounding: an
+    absolute ``eps·ω‖A_x‖²``, the size of the direct form's; the factorization is a preconditioner
+    refined against the exact ``M`` (:class:`ConeSystem`)."""
+    B, m, n = At.shape
+    soc = [(idx, data) for kind, k, idx, data in frame.parts if kind == "q" and data is not None and k > 2]
+    if A.dim() != 2 or not soc:
+        return At.mT @ (W[..., None] * At)
+    rest = torch.ones(m, dtype=torch.bool, device=A.device)
+    G = A.new_zeros(B, n, n)
+    for idx, (xh, _) in soc:
+        nb = idx.shape[0]
+        rest[idx.reshape(-1)] = False
+        Ax = A[idx[:, 1:]]                                           # (nb, k − 1, n), shared
+        P0 = Ax.mT @ Ax                                              # once for the batch
+        p = (xh.transpose(0, 1) @ Ax).transpose(0, 1)                # (B, nb, n)
+        om = W[:, idx[:, 2]]                                         # (B, nb): the ⟂ rows' weight
+        G = torch.addmm(G.reshape(B, n * n), om, P0.reshape(nb, n * n)).reshape(B, n, n)
+        U = p * om.sqrt()[..., None]
+        G = torch.baddbmm(G, U.mT, U, alpha=-1)
+    r = rest.nonzero()[:, 0]
+    Ar = At[:, r]
+    return torch.baddbmm(G, Ar.mT, W[:, r, None] * Ar)
+
+
 class _Factor:
     """The shifted reduced LU of ``M`` at one point, in that point's frame (the preconditioner)."""
 
     def __init__(self, A, b, c, x, y, frame, ok):
-        B, m, n = A.shape
+        B, (m, n) = b.shape[0], A.shape[-2:]
         self.n, self.frame = n, frame
         lam = frame.lam
         self.lam = lam
-        At = to_frame(frame, A)
+        At = to_frame(frame, A.expand(B, m, n))  # per element even for a shared A (the frame is)
         self.At = At
         bt = to_frame(frame, b)
         kept = lam >= 1 - TAU
@@ -109,7 +143,7 @@ class _Factor:
         self.idx, self.valid, self.P = order, valid, P
         AK = At.gather(1, order[..., None].expand(B, P, n)) * valid[..., None]
         lamK = lam.gather(1, order) * valid
-        G = At.mT @ (self.W[..., None] * At)
+        G = _gram(A, At, self.W, frame)
         K = A.new_zeros(B, n + P, n + P)
         K[:, :n, :n] = G
         K[:, :n, n:] = AK.mT * lamK[:, None, :]
@@ -160,8 +194,8 @@ class _Factor:
 
 
 class ConeSystem:
-    """``M`` at ``(A, b, c, x, y, s)`` (``(B, m, n)``, ``(B, m)``, ``(B, n)``; ``ok (B,)`` the
-    elements to solve) and its structured factorization: :meth:`solve` applies ``M⁻¹`` or ``M⁻ᵀ``.
+    """``M`` at ``(A, b, c, x, y, s)`` (``(B, m, n)`` or a shared ``(m, n)``, ``(B, m)``, ``(B, n)``;
+    ``ok (B,)`` the elements to solve) and its structured factorization: :meth:`solve` applies ``M⁻¹`` or ``M⁻ᵀ``.
 
     Cost: the frame, ``Ã = UᵀA`` (``O(m·n)`` for zero, nonnegative and second-order cones),
     ``ÃᵀWÃ`` (``B·m·n²``) and one LU of ``n + p`` (``p`` the kept rows) per element.
@@ -178,7 +212,7 @@ class ConeSystem:
         self.frame = dual_projection_frame(spec, y, s)
         self.lam = self.frame.lam
         # the backward error's scale (max|A| read from a reused system of the same A: one pass less)
-        amax = reuse.amax if reuse is not None and reuse.A is A else A.abs().amax((-2, -1))
+        amax = reuse.amax if reuse is not None and reuse.A is A else A.abs().amax((-2, -1))  # () if A is shared
         self.amax = amax
         self.scale = 1 + amax + (c + x).abs().amax(-1) + (b + y).abs().amax(-1)
         self.factor = reuse.factor if reuse is not None else None
@@ -249,7 +283,7 @@ class ConeSystem:
         """Dense shifted LU with refinement of ``M`` for the elements ``bad``."""
         i = bad.nonzero()[:, 0]
         self.fallbacks += int(i.numel())
-        M = dense_system(self.A[i], self.b[i], self.c[i], self.x[i], self.y[i], self.s[i], self.ok[i], self.spec)
+        M = dense_system(self.A.expand(self.b.shape[:1] + self.A.shape[-2:])[i], self.b[i], self.c[i], self.x[i], self.y[i], self.s[i], self.ok[i], self.spec)
         Mo = M.mT if adjoint else M
         LU, piv = _shifted_lu(M)
         gi = g[i]

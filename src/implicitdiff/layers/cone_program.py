@@ -129,7 +129,10 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     rtol = check_real("rtol", rtol, low=0.0, low_open=True, high=1.0, high_open=True, allow_none=False)
     batched = bool(batch)
     B = batch[0] if batched else 1
-    A64 = A.to(torch.float64).expand(B, m, n)
+    if A.dim() == 3 and A.stride(0) == 0:  # a stride-0 expand of one matrix: shared (gradient summed by the expand)
+        A = A[0]
+    A64 = A.to(torch.float64)
+    # a shared A stays (m, n) through ConeFn: one matmul per product, its gradient the sum over the batch
     b64 = b.to(torch.float64).expand(B, m)
     c64 = c.to(torch.float64).expand(B, n)
     problem = ConeProblem(spec, ConeInteriorPoint(rtol=rtol, max_iter=max_iter), cache={})
