@@ -94,6 +94,18 @@ def test_flatten_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(back.factor.tensors, kkt.factor.tensors))
 
 
+def _dense_lp_kkt(G, A, winv, delta):
+    """The regularized KKT matrix of one LP element (``Q = 0``), dense: the reference the factorizations solve."""
+    n, m, k = G.shape[-1], G.shape[-2], A.shape[-2]
+    K = torch.zeros(n + m + k, n + m + k, dtype=F64)
+    K[:n, :n] = delta * torch.eye(n, dtype=F64)
+    K[n:n + m, :n], K[:n, n:n + m] = G, G.T
+    K[n:n + m, n:n + m] = -torch.diag(1 / winv)
+    K[n + m:, :n], K[:n, n + m:] = A, A.T
+    K[n + m:, n + m:] = -delta * torch.eye(k, dtype=F64)
+    return K
+
+
 def test_primal_factor_with_bound_rows_equals_the_dense_product():
     """Rows of G with one nonzero (bounds) go on the diagonal of GᵀWG, the others through the product:
     the regularized system's solve equals the dense oracle, with and without a row mask, for a G whose
@@ -117,13 +129,7 @@ def test_primal_factor_with_bound_rows_equals_the_dense_product():
         x, y, v = kkt_factor("primal", pre, Q, GM, A, winv, delta, mask).solve(GM, A, *r)
         xd, yd, vd = kkt_factor("primal", (), Q, GM, A, winv, delta).solve(GM, A, *r)
         for i in range(B):
-            K = torch.zeros(n + m + k, n + m + k, dtype=F64)
-            K[:n, :n] = delta * torch.eye(n, dtype=F64)
-            K[n:n + m, :n], K[:n, n:n + m] = GM[i], GM[i].T
-            K[n:n + m, n:n + m] = -torch.diag(1 / winv[i])
-            K[n + m:, :n], K[:n, n + m:] = A[i], A[i].T
-            K[n + m:, n + m:] = -delta * torch.eye(k, dtype=F64)
-            want = torch.linalg.solve(K, torch.cat([t[i] for t in r]))
+            want = torch.linalg.solve(_dense_lp_kkt(GM[i], A[i], winv[i], delta), torch.cat([t[i] for t in r]))
             torch.testing.assert_close(torch.cat([x[i], y[i], v[i]]), want, atol=1e-8, rtol=1e-8)
         torch.testing.assert_close(torch.cat([x, y, v], -1), torch.cat([xd, yd, vd], -1), atol=1e-9, rtol=1e-9)
 
@@ -156,12 +162,6 @@ def test_primal_factor_is_accurate_at_the_end_of_an_lp():
     for pre in ((), kkt_precompute("primal", Q, G, A)):
         x, y, v = kkt_factor("primal", pre, Q, G, A, winv, delta).solve(G, A, *r)
         for i in range(B):
-            K = torch.zeros(n + m + k, n + m + k, dtype=F64)
-            K[:n, :n] = delta * torch.eye(n, dtype=F64)
-            K[n:n + m, :n], K[:n, n:n + m] = G[i], G[i].T
-            K[n:n + m, n:n + m] = -torch.diag(1 / winv[i])
-            K[n + m:, :n], K[:n, n + m:] = A[i], A[i].T
-            K[n + m:, n + m:] = -delta * torch.eye(k, dtype=F64)
-            want = torch.linalg.solve(K, torch.cat([t[i] for t in r]))
+            want = torch.linalg.solve(_dense_lp_kkt(G[i], A[i], winv[i], delta), torch.cat([t[i] for t in r]))
             err = (torch.cat([x[i], y[i], v[i]]) - want).abs().max() / want.abs().max()
             assert float(err) < 1e-5, (i, float(err))
