@@ -50,20 +50,9 @@ from .._core.validate import is_vmapped
 from ..linalg.cone_spec import ConeSpec
 from .cone_frame import from_frame, to_frame
 from .cone_projection import apply_block_diagonal, dual_projection_jacobian, project_dual
-from .cone_system import ConeSystem
+from .cone_system import ConeSystem, _mv, _rmv
 
 __all__ = ["ConeFn", "ConeProblem"]
-
-
-def _mv(M, v):
-    """``M v`` for ``M (B, p, q)`` or a shared ``(p, q)`` (one matmul), ``v (B, q)`` (a row-vector product:
-    much faster than ``M @ v[..., None]``)."""
-    return v @ M.mT if M.dim() == 2 else (v[:, None, :] @ M.mT)[:, 0]
-
-
-def _rmv(M, v):
-    """``Mᵀ v`` for ``M (B, p, q)`` or a shared ``(p, q)``, ``v (B, p)``."""
-    return v @ M if M.dim() == 2 else (v[:, None, :] @ M)[:, 0]
 
 
 class ConeProblem(NamedTuple):
