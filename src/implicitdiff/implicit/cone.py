@@ -50,20 +50,9 @@ from .._core.validate import is_vmapped
 from ..linalg.cone_spec import ConeSpec
 from .cone_frame import from_frame, to_frame
 from .cone_projection import apply_block_diagonal, dual_projection_jacobian, project_dual
-from .cone_system import ConeSystem
+from .cone_system import ConeSystem, _mv, _rmv
 
 __all__ = ["ConeFn", "ConeProblem"]
-
-
-def _mv(M, v):
-    """``M v`` for ``M (B, p, q)`` or a shared ``(p, q)`` (one matmul), ``v (B, q)`` (a row-vector product:
-    much faster than ``M @ v[..., None]``)."""
-    return v @ M.mT if M.dim() == 2 else (v[:, None, :] @ M.mT)[:, 0]
-
-
-def _rmv(M, v):
-    """``Mᵀ v`` for ``M (B, p, q)`` or a shared ``(p, q)``, ``v (B, p)``."""
-    return v @ M if M.dim() == 2 else (v[:, None, :] @ M)[:, 0]
 
 
 class ConeProblem(NamedTuple):
@@ -174,14 +163,13 @@ class _AdjointSolve(torch.autograd.Function):
 
 
 class ConeFn(torch.autograd.Function):
-    """``(x, y, s, status, residual, iterations, _, _) = ConeFn.apply(A, b, c, problem)``.
+    """``(x, y, s, status, residual, iterations) = ConeFn.apply(A, b, c, problem)``.
 
     ``A (B, m, n)`` or shared ``(m, n)`` (kept unexpanded throughout: every product with it is one
     matmul for the batch, and its gradient is the sum over the batch, formed as one product
     ``yᵀr_u − r_vᵀx``), ``b (B, m)``, ``c (B, n)`` batched (the caller expands shared ``b``, ``c``, so
-    autograd sums their gradients); outputs ``x (B, n)``, ``y, s (B, m)`` differentiable (the last
-    two outputs are empty placeholders, kept for callers that unpack eight).  The backward is
-    differentiable (double backward: :class:`_AdjointSolve`).
+    autograd sums their gradients); outputs ``x (B, n)``, ``y, s (B, m)`` differentiable.  The
+    backward is differentiable (double backward: :class:`_AdjointSolve`).
     """
 
     @staticmethod
@@ -192,14 +180,13 @@ class ConeFn(torch.autograd.Function):
             (x, y, s), system = refine(A, b, c, x, y, s, status == Status.SUCCESS, problem.spec, problem.refine)
             if problem.cache is not None:
                 problem.cache["system"] = system
-        empty = A.new_zeros(0), torch.zeros(0, dtype=torch.int32, device=A.device)
-        return (x, y, s, status, residual, iters) + empty
+        return x, y, s, status, residual, iters
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         A, b, c, problem = inputs
-        x, y, s, status, residual, iters, e1, e2 = output
-        ctx.mark_non_differentiable(status, residual, iters, e1, e2)
+        x, y, s, status, residual, iters = output
+        ctx.mark_non_differentiable(status, residual, iters)
         ctx.set_materialize_grads(False)
         ctx.spec = problem.spec
         ctx.reuse = problem.cache.pop("system", None) if problem.cache is not None else None
@@ -221,8 +208,7 @@ class ConeFn(torch.autograd.Function):
                 t = t.unsqueeze(1).expand(V, B, *t.shape[1:])
             flat.append(t.reshape((-1,) + t.shape[2:]))
         out = ConeFn.apply(*flat, problem)
-        unfold = [t.reshape((V, t.shape[0] // V) + t.shape[1:]) for t in out[:6]]
-        return tuple(unfold) + tuple(out[6:]), (0,) * 6 + (None, None)
+        return tuple(t.reshape((V, t.shape[0] // V) + t.shape[1:]) for t in out), (0,) * 6
 
     @staticmethod
     def _unpack(ctx):
@@ -277,4 +263,4 @@ class ConeFn(torch.autograd.Function):
         dx = du - x * dw
         dy = Ddv - y * dw
         ds = Ddv - dv - s * dw
-        return dx, dy, ds, None, None, None, None, None
+        return dx, dy, ds, None, None, None

@@ -136,7 +136,7 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     b64 = b.to(torch.float64).expand(B, m)
     c64 = c.to(torch.float64).expand(B, n)
     problem = ConeProblem(spec, ConeInteriorPoint(rtol=rtol, max_iter=max_iter), cache={})
-    x, y, s, status, residual, iters, _, _ = ConeFn.apply(A64, b64, c64, problem)
+    x, y, s, status, residual, iters = ConeFn.apply(A64, b64, c64, problem)
     x, y, s = (t.to(dtype) for t in (x, y, s))
     info = SolveInfo(status, residual.to(dtype), iters)
     if is_vmapped(status):  # nothing can be raised from data under vmap: failed elements are NaN

@@ -59,11 +59,6 @@ _BETA = 2.0
 _SHIFT = 4.0       # the scaling's diagonal shift δ = _SHIFT·eps·tr(μ∇²F(s)) (see _chol_shifted)
 
 
-def _psi(s):
-    x, y, z = s.unbind(-1)
-    return y * torch.log(z / y) - x
-
-
 def _in_primal(s):
     return _psi_positive(s)
 

@@ -8,8 +8,8 @@ scaled directions ``Δs̃ = W⁻ᵀΔs`` and ``Δỹ = WΔy``,
     Δs̃ + Δỹ = −d̃,   d̃ = λ \ (λ∘λ + (W⁻ᵀΔs_a)∘(WΔy_a) − σμ e)
 
 (the second term is Mehrotra's corrector, absent in the predictor).  Every cone here offers
-``scale(s, y) → state``, ``winv_t(state, V)`` (``W⁻ᵀ`` on a block of rows ``V``, to scale
-``A``), ``winv``/``w_t`` (to unscale ``Δỹ`` and ``Δs̃``), ``scaled(state, Δs, Δy)``,
+``scale(s, y, μ) → state`` (``μ`` unused here: only the exponential cone's scaling reads it),
+``winv_t(state, V)`` (``W⁻ᵀ`` on a block of rows ``V``, to scale ``A``), ``winv``/``w_t`` (to unscale ``Δỹ`` and ``Δs̃``), ``scaled(state, Δs, Δy)``,
 ``rhs(state, σμ, corr)`` (``d̃``) and ``step(state, Δs, Δy)`` (the largest step keeping both
 in the cone, computed in the scaled frame where it is the same test for ``s`` and ``y``).  Each works on all blocks of one size at once: the nonnegative
 cone on ``(B, rows)``, the others on ``(B, blocks, size)``.  Forward only, no gradients.
