@@ -187,10 +187,15 @@ def _empty(batch, Q, p, G, h, A, b, return_duals, return_info):
     return out if len(out) > 1 else out[0]
 
 
+def _neutral(s):
+    """``s``, with 1 where it is 0 or not finite (a neutral scale)."""
+    return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+
+
 def _scale_of(t, dims):
     """``max |t|`` over ``dims`` (detached); 1 where that is 0 or not finite (a neutral scale)."""
     s = absmax(t.detach(), dims) if t.numel() else t.detach().new_ones(t.shape[: t.dim() - len(dims)])
-    return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+    return _neutral(s)
 
 
 def equilibrate(Q, p, G, h, A, b):
@@ -205,9 +210,8 @@ def equilibrate(Q, p, G, h, A, b):
     (feasibility, optimality, convergence, convexity) are relative to the data's scale.
     """
     qmax = absmax(Q.detach(), (-2, -1)) if Q.numel() else Q.detach().new_zeros(Q.shape[:-2])
-    sq = torch.where(torch.isfinite(qmax) & (qmax > 0), qmax, torch.ones_like(qmax))  # as _scale_of
-    nonzero = qmax > 0
-    sigma = torch.where(nonzero, sq, _scale_of(p, (-1,)))
+    sq = _neutral(qmax)
+    sigma = torch.where(qmax > 0, sq, _scale_of(p, (-1,)))
     dG, dA = _scale_of(G, (-1,)), _scale_of(A, (-1,))
     return (Q / sq[..., None, None], p / sigma.unsqueeze(-1), G / dG.unsqueeze(-1), h / dG,
             A / dA.unsqueeze(-1), b / dA), (sigma, dG, dA)

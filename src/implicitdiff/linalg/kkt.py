@@ -116,12 +116,11 @@ class KKTFactorization:
     def put(self, part: "KKTFactorization", idx) -> "KKTFactorization":
         """This factorization with the elements ``idx`` replaced by ``part`` (in place where per element)."""
         own = _PER_ELEMENT[self.kind]
+        mine, theirs = self.tensors, part.tensors
         if self.kind == "dual":  # the factored active blocks may differ in size: pad the smaller
-            mine, theirs = _pad_active(self.tensors, part.tensors)
-            return KKTFactorization(self.kind, tuple(put_rows(a, b, idx) if i in own else a
-                                                     for i, (a, b) in enumerate(zip(mine, theirs))))
+            mine, theirs = _pad_active(mine, theirs)
         return KKTFactorization(self.kind, tuple(put_rows(a, b, idx) if i in own else a
-                                                 for i, (a, b) in enumerate(zip(self.tensors, part.tensors))))
+                                                 for i, (a, b) in enumerate(zip(mine, theirs))))
 
 
 def _amax(x):
@@ -207,13 +206,13 @@ def absmax(t, dims):
 
 
 def finite_rows(t, dims):
-    """Whether ``t`` is finite over ``dims`` (per remaining index).  A NaN or Inf entry makes its sum
-    non-finite, so a finite sum proves the entries finite; only a non-finite sum (possibly an overflow of
-    finite entries) is checked entry by entry (one host sync)."""
+    """Whether ``t`` is finite over ``dims`` (a non-empty tuple; per remaining index).  A NaN or Inf entry
+    makes its sum non-finite, so a finite sum proves the entries finite; only a non-finite sum (possibly an
+    overflow of finite entries) is checked entry by entry (one host sync)."""
     ok = torch.isfinite(t.sum(dim=dims))
     if bool(ok.all()):
         return ok
-    return torch.isfinite(t).all(dim=dims) if dims else torch.isfinite(t)
+    return torch.isfinite(t).all(dim=dims)
 
 
 def cholesky_lower(S):

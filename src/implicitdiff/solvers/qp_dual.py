@@ -126,17 +126,20 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         infeas = (c < 0) & ((qnorm * yKy.clamp(min=0)).sqrt() <= ipm.cert_tol * (-c))
         status, done, stall, best = update_status(r, infeas, torch.zeros_like(done), rtol, status, done,
                                                    stall, best, floor=ipm.rtol)
-        if it == max_iter or (it % check_every == 0 and bool(done.all())):
+        if it == max_iter:
             break
-        nb = idx.numel()
-        if it % check_every == 0 and nb >= 16 and int(done.sum()) * 4 >= nb:
-            write_back()
-            keep = torch.nonzero(~done).squeeze(-1)
-            idx = idx[keep]
-            y, s, c0, pQp, h, b, hb = (t[keep] for t in (y, s, c0, pQp, h, b, hb))
-            status, iters, done, best, stall, tap = (t[keep] for t in (status, iters, done, best, stall, tap))
-            Kw, MG, LA, X = (t[keep] if t is not None and t.shape[0] > 1 else t for t in (Kw, MG, LA, X))
-            lam, rp, re = y[:, :m], rp[keep], re[keep]
+        if it % check_every == 0:
+            nb, ndone = idx.numel(), int(done.sum())  # one host read for both decisions
+            if ndone == nb:
+                break
+            if nb >= 16 and ndone * 4 >= nb:
+                write_back()
+                keep = torch.nonzero(~done).squeeze(-1)
+                idx = idx[keep]
+                y, s, c0, pQp, h, b, hb = (t[keep] for t in (y, s, c0, pQp, h, b, hb))
+                status, iters, done, best, stall, tap = (t[keep] for t in (status, iters, done, best, stall, tap))
+                Kw, MG, LA, X = (t[keep] if t is not None and t.shape[0] > 1 else t for t in (Kw, MG, LA, X))
+                lam, rp, re = y[:, :m], rp[keep], re[keep]
         iters = iters + (~done).long()
         mu = (s * lam).sum(-1, keepdim=True) / m
         w = s / lam

@@ -32,8 +32,8 @@ construction and factored by Cholesky (never an unpivoted LU):
   ``10⁻⁹``) makes ``Q = 0`` and redundant equalities need no special case — the *system* is regularized, not the
   problem — and one step of iterative refinement against the exact matrix removes it.
 
-Elements leave the working batch as they converge (a gather, no host sync on CPU; on CUDA
-the convergence test syncs every fourth iteration).
+Elements leave the working batch as they converge (a gather once a quarter of it is done,
+decided on the convergence test's one host read: every iteration on CPU, every fourth on CUDA).
 
 **Early stop, then the active set.**  The interior point stops at a loose tolerance
 (``early_rtol = 10⁻³``; the primal loop at ``rtol``) and the active set is read off its last
@@ -311,20 +311,23 @@ class QPInteriorPoint:
             unbnd = (pz > 0) & (viol <= eps_c * pz)
             status, done, stall, best = update_status(r, infeas, unbnd, rtol, status, done, stall, best,
                                                       floor=self.rtol)
-            if it == self.max_iter or (it % check_every == 0 and bool(done.all())):
+            if it == self.max_iter:
                 break
-            nb = idx.numel()
-            if it % check_every == 0 and nb >= 16 and int(done.sum()) * 4 >= nb:
-                if outs is None:
-                    outs = [t.clone() for t in (z, s, lam, nu, status, iters, res)]
-                else:
-                    write_back()
-                keep = torch.nonzero(~done).squeeze(-1)
-                idx = idx[keep]
-                z, s, lam, nu, status, iters, res, best, stall, done, p, h, b, rd, rp, re = (
-                    t[keep] for t in (z, s, lam, nu, status, iters, res, best, stall, done, p, h, b, rd, rp, re))
-                P, G, A = take(P, keep), take(G, keep), take(A, keep)
-                pre = tuple(take(t, keep) for t in pre)
+            if it % check_every == 0:
+                nb, ndone = idx.numel(), int(done.sum())  # one host read for both decisions
+                if ndone == nb:
+                    break
+                if nb >= 16 and ndone * 4 >= nb:
+                    if outs is None:
+                        outs = [t.clone() for t in (z, s, lam, nu, status, iters, res)]
+                    else:
+                        write_back()
+                    keep = torch.nonzero(~done).squeeze(-1)
+                    idx = idx[keep]
+                    z, s, lam, nu, status, iters, res, best, stall, done, p, h, b, rd, rp, re = (
+                        t[keep] for t in (z, s, lam, nu, status, iters, res, best, stall, done, p, h, b, rd, rp, re))
+                    P, G, A = take(P, keep), take(G, keep), take(A, keep)
+                    pre = tuple(take(t, keep) for t in pre)
             iters = iters + (~done).long()
             # --- Mehrotra predictor-corrector step, all elements at once ---
             mu = (s * lam).sum(-1, keepdim=True) / m
