@@ -49,7 +49,7 @@ from .._core.residual import FixedPointResidual
 from .._core.status import SolveInfo, Status
 from .._core.validate import as_float_tensor
 
-__all__ = ["Options", "options", "int_option", "float_option", "Flat", "flatten_root", "iterate", "norm",
+__all__ = ["Options", "options", "int_option", "Flat", "flatten_root", "iterate", "norm",
            "where", "single", "finite_probe", "LoopResult", "fixed_point_step"]
 
 # ‖F‖ grows past this multiple of ‖F(y0)‖: the element is declared DIVERGED
@@ -72,11 +72,6 @@ class Options(NamedTuple):
 def int_option(name: str, value, lo: int) -> int:
     """``value`` as an int ``≥ lo`` (:func:`~implicitdiff._core.options.check_int`)."""
     return check_int(name, value, low=lo, allow_none=False)
-
-
-def float_option(name: str, value, lo: float = 0.0, strict: bool = False) -> float:
-    """``value`` as a finite float ``≥ lo`` (``> lo`` if ``strict``; :func:`~implicitdiff._core.options.check_real`)."""
-    return check_real(name, value, low=lo, low_open=strict, allow_none=False)
 
 
 def options(y0, params, *, rtol, atol, max_iter, batch_dims, check_every, callback,
