@@ -171,7 +171,8 @@ def single(opts: Options) -> bool:
     """Whether one problem (``batch_dims = 0``) has its statuses read on the host every iteration
     (``check_every = 1``, the CPU default).
 
-    A step may then branch in Python on values it reads (see :func:`iterate`)."""
+    L-BFGS then runs its host-side loop, whose step may branch in Python on values it reads
+    (:func:`~implicitdiff.solvers.lbfgs.lbfgs`); :func:`iterate` treats this case as a batch of one."""
     return len(opts.batch_shape) == 0 and opts.check_every == 1
 
 
