@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from .._core.defaults import DENSE_MAX
 from .._core.errors import InputError
 from .._core.options import check_int, check_real
 from .fixed_point_adjoint import picard_adjoint
@@ -58,7 +59,7 @@ class Implicit:
     rtol: Optional[float] = None
     atol: float = 0.0
     max_iter: Optional[int] = None
-    dense_max: int = 200
+    dense_max: int = DENSE_MAX
 
     def __post_init__(self):
         if not isinstance(self.solver, str) or self.solver not in ADJOINT_SOLVERS:

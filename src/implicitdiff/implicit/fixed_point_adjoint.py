@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .._core.defaults import default_rtol
+from .._core.defaults import ADJOINT_PICARD_MAX_ITER, default_rtol
 from .._core.errors import InputError
 from .._core.options import check_int, check_real
 from .._core.status import SolveInfo, Status
@@ -117,7 +117,7 @@ class FixedPointAdjoint:
             return system.dense(r)
         products = system.products()
         R = flat(r, system.bd)
-        steps = 200 if self.max_iter is None else self.max_iter
+        steps = ADJOINT_PICARD_MAX_ITER if self.max_iter is None else self.max_iter
         if self.solver == "picard":
             x, info = picard_adjoint(products.mv, R, rtol=self.rtol, atol=self.atol, max_iter=steps,
                                      map_mv=products.map_mv)

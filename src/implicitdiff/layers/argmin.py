@@ -8,8 +8,7 @@ import torch
 
 from .._core.status import Status
 from ..implicit.adjoint import Implicit
-from ..solvers.objects import LBFGS, Newton
-from ..solvers.objects import as_solver
+from ..solvers.objects import LBFGS, Newton, as_solver
 from ._implicit import solve_implicit
 
 __all__ = ["argmin", "gradient_residual", "ARGMIN_HINTS"]
@@ -66,7 +65,7 @@ def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=No
     """
     F = gradient_residual(f, batch_dims)
     solve = as_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, solver_options=solver_options,
-                           allowed=("lbfgs", "newton", "broyden", "anderson", "picard"))
+                      allowed=("lbfgs", "newton", "broyden", "anderson", "picard"))
     if isinstance(solve, LBFGS):
         lb = solve
 

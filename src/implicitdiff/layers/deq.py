@@ -182,7 +182,7 @@ def deq(cell: torch.nn.Module, x: torch.Tensor, z0: Optional[torch.Tensor] = Non
     check_bool("trace", trace)
     # the solver and its options are validated here, the adjoint and the policy by solve_implicit
     solve = as_solver(DEFAULT_SOLVER if solver is None else solver, rtol=rtol, atol=atol, max_iter=max_iter,
-                           solver_options=solver_options)
+                      solver_options=solver_options)
     records = isinstance(solve, Solver) and solve.records
     if isinstance(solve, Solver):
         rtol, atol, max_iter = solve.rtol, solve.atol, solve.max_iter

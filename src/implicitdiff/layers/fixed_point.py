@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-
 from .._core.residual import FixedPointResidual
 from ..implicit.adjoint import Implicit
 from ..solvers.objects import as_solver

@@ -49,7 +49,7 @@ from .._core.residual import FixedPointResidual
 from .._core.status import SolveInfo, Status
 from .._core.validate import as_float_tensor
 
-__all__ = ["Options", "options", "int_option", "float_option", "Flat", "flatten_root", "iterate", "norm",
+__all__ = ["Options", "options", "int_option", "Flat", "flatten_root", "iterate", "norm",
            "where", "single", "finite_probe", "LoopResult", "fixed_point_step"]
 
 # ‖F‖ grows past this multiple of ‖F(y0)‖: the element is declared DIVERGED
@@ -72,11 +72,6 @@ class Options(NamedTuple):
 def int_option(name: str, value, lo: int) -> int:
     """``value`` as an int ``≥ lo`` (:func:`~implicitdiff._core.options.check_int`)."""
     return check_int(name, value, low=lo, allow_none=False)
-
-
-def float_option(name: str, value, lo: float = 0.0, strict: bool = False) -> float:
-    """``value`` as a finite float ``≥ lo`` (``> lo`` if ``strict``; :func:`~implicitdiff._core.options.check_real`)."""
-    return check_real(name, value, low=lo, low_open=strict, allow_none=False)
 
 
 def options(y0, params, *, rtol, atol, max_iter, batch_dims, check_every, callback,
@@ -176,7 +171,8 @@ def single(opts: Options) -> bool:
     """Whether one problem (``batch_dims = 0``) has its statuses read on the host every iteration
     (``check_every = 1``, the CPU default).
 
-    A step may then branch in Python on values it reads (see :func:`iterate`)."""
+    L-BFGS then runs its host-side loop, whose step may branch in Python on values it reads
+    (:func:`~implicitdiff.solvers.lbfgs.lbfgs`); :func:`iterate` treats this case as a batch of one."""
     return len(opts.batch_shape) == 0 and opts.check_every == 1
 
 
