@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["eps", "default_rtol", "rank_rtol", "SOLVER_MAX_ITER", "DENSE_MAX", "DEQ_ANDERSON_START_RATE",
-           "ADJOINT_PICARD_MAX_ITER"]
+           "ADJOINT_PICARD_MAX_ITER", "ADJOINT_RICHARDSON_MAX_ITER"]
 
 
 def eps(dtype: torch.dtype) -> float:
@@ -38,3 +38,6 @@ DEQ_ANDERSON_START_RATE = 0.8
 
 #: Iteration limit of :class:`~implicitdiff.FixedPointAdjoint`'s Picard loop.
 ADJOINT_PICARD_MAX_ITER = 200
+
+#: Iteration limit of ``Implicit(solver="richardson")`` when its ``max_iter`` is not given.
+ADJOINT_RICHARDSON_MAX_ITER = 1000

@@ -21,16 +21,13 @@ from typing import Optional
 
 import torch
 
-from .._core.defaults import DENSE_MAX
+from .._core.defaults import ADJOINT_RICHARDSON_MAX_ITER, DENSE_MAX
 from .._core.errors import InputError
 from .._core.options import check_int, check_real
 from .fixed_point_adjoint import picard_adjoint
 from .system import JacobianSystem, flat
 
 __all__ = ["Implicit", "Unroll", "Neumann", "ADJOINT_SOLVERS", "check_adjoint"]
-
-# Richardson's iteration limit (``Implicit(solver="richardson")``, ``max_iter`` unset)
-_RICHARDSON_MAX_ITER = 1000
 
 ADJOINT_SOLVERS = ("auto", "lu", "cg", "minres", "gmres", "bicgstab", "richardson")
 
@@ -101,7 +98,7 @@ class Implicit:
         if name == "richardson":
             x, info = picard_adjoint(system.products().mv, flat(r, system.bd), alpha=p.neumann_alpha,
                                      rtol=self.rtol, atol=self.atol,
-                                     max_iter=_RICHARDSON_MAX_ITER if self.max_iter is None else self.max_iter)
+                                     max_iter=ADJOINT_RICHARDSON_MAX_ITER if self.max_iter is None else self.max_iter)
         else:
             x, info = system.krylov(name, r, **kw)
         return system.check(x, info, r.shape)

@@ -74,7 +74,7 @@ def anderson(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, at
             steps stopped, their last step the first column of its history.
 
     Returns:
-        :class:`SolverResult` ``(y, info, None, trace)``.  Failure modes per
+        :class:`SolverResult` ``(y, info, None, trace, recording)``.  Failure modes per
         element: ``MAX_ITERATIONS``, ``NONFINITE`` (the element keeps its last
         finite iterate), ``DIVERGED`` (``‖F‖`` grew past ``1e8 · ‖F(y0)‖``).
         Never raises on non-convergence; raises :class:`InputError` for

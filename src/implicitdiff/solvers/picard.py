@@ -55,7 +55,7 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
             the result is differentiable through the iterations (``Unroll()``; memory grows with them).
 
     Returns:
-        :class:`SolverResult` ``(y, info, None, trace)``.  Failure modes, per
+        :class:`SolverResult` ``(y, info, None, trace, recording)``.  Failure modes, per
         element, as ``info.status``: ``MAX_ITERATIONS``; ``NONFINITE`` (NaN/Inf:
         the element keeps its last finite iterate); ``DIVERGED`` (``‖F‖`` grew
         past ``1e8 · ‖F(y0)‖``).  Never raises on non-convergence; raises
