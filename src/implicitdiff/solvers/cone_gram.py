@@ -36,7 +36,10 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["DataMatrix", "NormalMatrix", "Rows", "contiguous", "take", "put", "SOC_STRUCTURED_MIN"]
+from ..linalg.kkt import chol_solve
+
+__all__ = ["DataMatrix", "NormalMatrix", "Rows", "contiguous", "take", "put", "factor_normal", "solve_normal",
+           "SOC_STRUCTURED_MIN"]
 
 SOC_STRUCTURED_MIN = 8  # smaller second-order blocks: the generic form (a k·n² Gram is cheap there)
 _STRUCTURED_BYTES = 1 << 28  # the P_k of one group above this size: the generic form (memory)
@@ -158,3 +161,37 @@ class NormalMatrix:
             U = v * (2 * e).sqrt()[..., None]
             N = torch.baddbmm(N, U.mT, U)
         return N
+
+
+def factor_normal(N, data, z):
+    """The factorization of the reduced Newton system ``[[N, A_zᵀ], [A_z, 0]]`` (``z`` zero-cone rows):
+    Cholesky of ``N + eps^¾ I`` without a zero cone, else an LU of the quasi-definite matrix
+    regularized by ``±eps^¾``."""
+    B, n = N.shape[0], N.shape[-1]
+    eps = torch.finfo(N.dtype).eps
+    eye = torch.eye(n, dtype=N.dtype, device=N.device)
+    if z == 0:
+        L, info = torch.linalg.cholesky_ex(N + eps ** 0.75 * eye)
+        if bool((info > 0).any()):  # rounding made N indefinite: a shift relative to its diagonal
+            big = eps ** 0.5 * N.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
+            L2, _ = torch.linalg.cholesky_ex(N + big[:, None, None] * eye)
+            L = torch.where((info > 0)[:, None, None], L2, L)
+        return ("chol", L)
+    Az = data.rows(Rows(0, z, (z,))).expand(B, z, n)
+    delta = eps ** 0.75
+    K = torch.cat([torch.cat([N + delta * eye, Az.mT], -1),
+                   torch.cat([Az, -delta * torch.eye(z, dtype=N.dtype, device=N.device).expand(B, z, z)], -1)], -2)
+    LU, piv, _ = torch.linalg.lu_factor_ex(K)
+    return ("lu", (LU, piv))
+
+
+def solve_normal(fac, rhs1, r2z):
+    """``(p, q_z)`` solving the factored system for the x-rows ``rhs1 (B, r, n)`` and zero-cone rows
+    ``r2z (B, r, z)``: two triangular solves for a Cholesky factor (much faster than
+    ``cholesky_solve`` on the CPU), ``lu_solve`` for the LU."""
+    kind, F = fac
+    if kind == "chol":
+        return chol_solve(F, rhs1.mT).mT, rhs1[..., :0]
+    n = rhs1.shape[-1]
+    sol = torch.linalg.lu_solve(F[0], F[1], torch.cat([rhs1, r2z], -1).mT).mT
+    return sol[..., :n], sol[..., n:]

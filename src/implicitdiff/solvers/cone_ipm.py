@@ -53,7 +53,7 @@ import torch
 from .._core.status import Status
 from ..linalg.cone_spec import ConeSpec
 from .cone_exp import ExpCone
-from .cone_gram import DataMatrix, NormalMatrix, Rows, contiguous, put, take
+from .cone_gram import DataMatrix, NormalMatrix, contiguous, factor_normal, put, solve_normal, take
 from .cone_symmetric import PSD, Nonneg, SecondOrder
 
 __all__ = ["ConeInteriorPoint", "ConeResult"]
@@ -110,38 +110,12 @@ class ConeInteriorPoint:
             put(out, idx, _CONES[kind].winv_t(st, take(v, idx)[..., None])[..., 0])
         return out
 
-    @staticmethod
-    def _factor(N, data, z):
-        B, n = N.shape[0], N.shape[-1]
-        eps = torch.finfo(N.dtype).eps
-        eye = torch.eye(n, dtype=N.dtype, device=N.device)
-        if z == 0:
-            L, info = torch.linalg.cholesky_ex(N + eps ** 0.75 * eye)
-            if bool((info > 0).any()):  # rounding made N indefinite: a shift relative to its diagonal
-                big = eps ** 0.5 * N.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
-                L2, _ = torch.linalg.cholesky_ex(N + big[:, None, None] * eye)
-                L = torch.where((info > 0)[:, None, None], L2, L)
-            return ("chol", L)
-        Az = data.rows(Rows(0, z, (z,))).expand(B, z, n)
-        delta = eps ** 0.75
-        K = torch.cat([torch.cat([N + delta * eye, Az.mT], -1),
-                       torch.cat([Az, -delta * torch.eye(z, dtype=N.dtype, device=N.device).expand(B, z, z)], -1)], -2)
-        LU, piv, _ = torch.linalg.lu_factor_ex(K)
-        return ("lu", (LU, piv))
-
     def _solve_once(self, fac, data, z, r1, r2z, rt, groups, states):
         """``(Δx, Δy_z, Δỹ, AΔx)`` for the x-rows ``r₁``, zero rows ``r₂z`` and scaled cone rows ``r̃``
         (``None``: zero), each with ``r`` columns (``(B, r, ·)``: one product with ``A`` and one
         triangular solve for all of them)."""
-        kind, F = fac
         rhs1 = r1 if rt is None else r1 + data.rmv(self._map("winv", rt, groups, states))
-        if kind == "chol":
-            p = torch.cholesky_solve(rhs1.mT, F).mT
-            qz = rhs1[..., :0]
-        else:
-            n = r1.shape[-1]
-            sol = torch.linalg.lu_solve(F[0], F[1], torch.cat([rhs1, r2z], -1).mT).mT
-            p, qz = sol[..., :n], sol[..., n:]
+        p, qz = solve_normal(fac, rhs1, r2z)
         Ap = data.mv(p)
         yt = self._scale(Ap, groups, states)
         return p, qz, (yt if rt is None else yt - rt), Ap
@@ -246,7 +220,7 @@ class ConeInteriorPoint:
             # one Newton system per iteration ---------------------------------------------------
             mu = ((s[:, z:] * y[:, z:]).sum(-1) + tau * kappa) / (nu + 1)
             states = [_CONES[k].scale(take(s, idx), take(y, idx), mu) for k, _, idx in groups]
-            fac = self._factor(normal(states, B), data, z)
+            fac = factor_normal(normal(states, B), data, z)
             # iterative refinement pays once the normal matrix is ill-conditioned (cond ~ 1/μ²)
             refine = int(bool((torch.where(running, mu, torch.ones_like(mu)) < REFINE_BELOW_MU).any()))
 
