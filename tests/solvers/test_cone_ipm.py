@@ -145,3 +145,90 @@ def test_dropping_finished_elements_changes_nothing(monkeypatch, compact):
             one = ConeInteriorPoint(rtol=1e-9).solve(Ai, b_[i:i + 1], c_[i:i + 1], spec)
             assert one.status[0] == r.status[i] and one.iterations[0] == r.iterations[i]
             assert torch.allclose(one.x[0], r.x[i], rtol=0, atol=1e-10)
+
+
+def _interior_pair(spec, g, B):
+    """An interior ``(s, y)`` of every cone of ``spec`` (zero on the zero cone's rows), ``(B, m)``."""
+    from implicitdiff.solvers.cone_gram import put, take
+    from implicitdiff.solvers.cone_ipm import _CONES
+
+    out = []
+    for _ in range(2):
+        v = torch.zeros(B, spec.m, dtype=F64)
+        for kind, _, idx in spec.groups():
+            u = _CONES[kind].unit(take(v, idx))
+            put(v, idx, u + 0.05 * torch.randn(u.shape, generator=g, dtype=F64))
+        out.append(v)
+    return out
+
+
+def test_cone_maps_take_the_columns_at_once():
+    # every cone kind: _map / _scale on (B, r, m) equal the cone's own map applied column by column
+    from implicitdiff.solvers.cone_gram import take
+    from implicitdiff.solvers.cone_ipm import _CONES
+
+    g = torch.Generator().manual_seed(5)
+    spec = parse_cones({"z": 1, "l": 3, "q": [4, 3, 4], "s": [3], "ep": 2})
+    B, r = 3, 4
+    s, y = _interior_pair(spec, g, B)
+    groups = list(spec.groups())
+    states = [_CONES[k].scale(take(s, idx), take(y, idx), torch.ones(B, dtype=F64)) for k, _, idx in groups]
+    v = torch.randn(B, r, spec.m, generator=g, dtype=F64)
+    for method in ("winv", "w_t", "winv_t"):
+        ref = torch.zeros_like(v)
+        for j in range(r):
+            for (kind, _, idx), st in zip(groups, states):
+                vj = take(v[:, j], idx)
+                out = (getattr(_CONES[kind], method)(st, vj[..., None])[..., 0] if method == "winv_t"
+                       else getattr(_CONES[kind], method)(st, vj))
+                ref[:, j, idx] = out
+        got = (ConeInteriorPoint._scale(v, groups, states) if method == "winv_t"
+               else ConeInteriorPoint._map(method, v, groups, states))
+        assert torch.allclose(got, ref, rtol=1e-13, atol=1e-13), method
+        one = (ConeInteriorPoint._scale(v[:, 1], groups, states) if method == "winv_t"
+               else ConeInteriorPoint._map(method, v[:, 1], groups, states))
+        assert torch.allclose(one, ref[:, 1], rtol=1e-13, atol=1e-13), method
+
+
+def test_second_order_scaling_products_match_the_dense_matrix():
+    # W̄ = [[w₀, w₁ᵀ], [w₁, I + w₁w₁ᵀ/(1 + w₀)]] and W̄⁻¹ = JW̄J, on columns that w broadcasts over
+    g = torch.Generator().manual_seed(6)
+    k = 5
+    s, y = _soc_point(g, k), _soc_point(g, k)
+    w = SecondOrder.scale(s, y)[0]                                  # (2, 3, k), ‖w‖_J = 1
+    w0, w1 = w[..., :1], w[..., 1:]
+    Wb = torch.cat([torch.cat([w0[..., None], w1[..., None, :]], -1),
+                    torch.cat([w1[..., :, None], torch.eye(k - 1, dtype=F64) + w1[..., :, None] * w1[..., None, :]
+                               / (1 + w0[..., None])], -1)], -2)
+    J = torch.diag(torch.tensor([1.0] + [-1.0] * (k - 1), dtype=F64))
+    v = torch.randn(4, 2, 3, k, generator=g, dtype=F64)            # 4 leading columns
+    assert torch.allclose(SecondOrder._wbar(w, v), (Wb @ v[..., None])[..., 0], rtol=1e-13, atol=1e-13)
+    assert torch.allclose(SecondOrder._wbar_inv(w, v), (J @ Wb @ J @ v[..., None])[..., 0], rtol=1e-13, atol=1e-13)
+    assert torch.allclose(SecondOrder._wbar(w, SecondOrder._wbar_inv(w, v)), v, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_success_meets_the_stopping_rule_on_fresh_products(shared):
+    # the loop carries Ax (module docstring, "products with A"); the residuals of the returned
+    # solution, recomputed here from scratch, must meet the stopping rule it reported
+    g = torch.Generator().manual_seed(7)
+    spec = parse_cones({"z": 1, "l": 5, "q": [6, 4]})
+    B, n = 6, 5
+    A = torch.randn(1 if shared else B, spec.m, n, generator=g, dtype=F64).expand(B, spec.m, n)
+    s0, y0 = _interior_pair(spec, g, B)
+    y0[:, 0] = torch.randn(B, generator=g, dtype=F64)               # the zero cone's dual is free
+    x0 = torch.randn(B, n, generator=g, dtype=F64)
+    b = (A @ x0[..., None])[..., 0] + s0
+    c = -(A.mT @ y0[..., None])[..., 0]
+    rtol = 1e-9
+    r = ConeInteriorPoint(rtol=rtol).solve(A, b, c, spec)
+    assert (r.status == Status.SUCCESS).all() and (r.iterations > 3).all()
+    Ax = (A @ r.x[..., None])[..., 0]
+    Aty = (A.mT @ r.y[..., None])[..., 0]
+    inf = lambda v: v.abs().amax(-1)  # noqa: E731
+    pres = inf(Ax + r.s - b) / (1 + torch.maximum(inf(b), torch.maximum(inf(Ax), inf(r.s))))
+    dres = inf(Aty + c) / (1 + torch.maximum(inf(c), inf(Aty)))
+    ctx, bty = (c * r.x).sum(-1), (b * r.y).sum(-1)
+    gap = (ctx + bty).abs() / (1 + torch.minimum(ctx.abs(), bty.abs()))
+    assert (pres <= 1.01 * rtol).all() and (dres <= 1.01 * rtol).all() and (gap <= 1.01 * rtol).all()
+    assert torch.allclose(torch.maximum(pres, torch.maximum(dres, gap)), r.residual, rtol=1e-3, atol=1e-15)

@@ -34,6 +34,15 @@ An element that stops progressing (step ``≤ 1e-8``, or a direction that is not
 at the limit of the arithmetic) is reported ``BREAKDOWN``, and a failed element returns its best
 iterate (smallest residual).
 
+**Products with A** (with ``A`` batched each reads all of it, the costliest small step; ``r``
+columns cost about one): four per iteration, eight with refinement.  (1) One ``Aᵀ`` product
+serves the residual ``Aᵀy`` and both cone-row columns of the first solve, so the scaling is
+computed before the stopping test.  (2) ``Ax`` is not formed at the top: ``x`` rides along
+as a column in the first solve's ``A`` product, and the next round's ``Ax`` is that exact
+product plus ``α·AΔx`` (``AΔx = Ap₁ + Δτ·Ap₂`` from the solves) — one rounding step from a
+fresh product, never an accumulated recurrence.  (3) Cone maps take the ``r`` columns at once
+(where the cone's maps broadcast: ``COLUMNS_LEADING``).
+
 Stopping rule (per element, ``x̂ = x/τ`` etc.):
 ``‖Ax̂ + ŝ − b‖∞ ≤ rtol (1 + max(‖b‖∞, ‖Ax̂‖∞, ‖ŝ‖∞))``,
 ``‖Aᵀŷ + c‖∞ ≤ rtol (1 + max(‖c‖∞, ‖Aᵀŷ‖∞))`` and
@@ -53,7 +62,7 @@ import torch
 from .._core.status import Status
 from ..linalg.cone_spec import ConeSpec
 from .cone_exp import ExpCone
-from .cone_gram import DataMatrix, NormalMatrix, contiguous, factor_normal, put, solve_normal, take
+from .cone_gram import DataMatrix, NormalMatrix, Rows, contiguous, factor_normal, put, solve_normal, take
 from .cone_symmetric import PSD, Nonneg, SecondOrder
 
 __all__ = ["ConeInteriorPoint", "ConeResult"]
@@ -71,6 +80,28 @@ class ConeResult(NamedTuple):
     status: torch.Tensor     # (B,) int64
     residual: torch.Tensor   # (B,)
     iterations: torch.Tensor  # (B,) int64
+
+
+def _take_last(v, g):
+    """The rows ``g`` (:class:`~.cone_gram.Rows` or indices) of ``v``'s last dimension (a view for ``Rows``)."""
+    if isinstance(g, Rows):
+        return v[..., g.start:g.stop].reshape(v.shape[:-1] + g.shape)
+    return v[..., g]
+
+
+def _put_last(out, g, val):
+    """``out[..., g] = val``."""
+    if isinstance(g, Rows):
+        out[..., g.start:g.stop] = val.reshape(out.shape[:-1] + (g.stop - g.start,))
+    else:
+        out[..., g] = val
+
+
+def _subset(state, keep):
+    """A cone's scaling state (tensors with the batch first, nested tuples, other values) for the elements ``keep``."""
+    if torch.is_tensor(state):
+        return state.index_select(0, keep)
+    return tuple(_subset(t, keep) for t in state) if isinstance(state, tuple) else state
 
 
 def _inf_norm(v):
@@ -92,49 +123,73 @@ class ConeInteriorPoint:
     # (its condition number grows like 1/μ², W's like 1/μ).
     @staticmethod
     def _map(method, v, groups, states):
-        """A per-cone map on the cone rows of ``v (B, m)`` or ``(B, r, m)`` (zero on the zero cone's rows)."""
-        if v.dim() == 3:
-            return torch.stack([ConeInteriorPoint._map(method, v[:, j], groups, states) for j in range(v.shape[1])], 1)
-        out = torch.zeros_like(v)
+        """A per-cone map on the cone rows of ``v (B, m)`` or ``(B, r, m)`` (zero on the zero cone's rows).
+
+        The ``r`` columns go to a cone with ``COLUMNS_LEADING`` in one call, as a leading dimension
+        ``(r, B, …)`` that its state (``(B, …)``) broadcasts over; to the others one by one."""
+        cols = v.transpose(0, 1) if v.dim() == 3 else v
+        out = torch.zeros_like(cols)
         for (kind, _, idx), st in zip(groups, states):
-            put(out, idx, getattr(_CONES[kind], method)(st, take(v, idx)))
-        return out
+            f = getattr(_CONES[kind], method)
+            if v.dim() == 3 and not getattr(_CONES[kind], "COLUMNS_LEADING", False):
+                _put_last(out, idx, torch.stack([f(st, _take_last(col, idx)) for col in cols]))
+            else:
+                _put_last(out, idx, f(st, _take_last(cols, idx)))
+        return out.transpose(0, 1) if v.dim() == 3 else out
 
     @staticmethod
     def _scale(v, groups, states):
-        """``W⁻ᵀ v`` on the cone rows of ``v (B, m)`` or ``(B, r, m)`` (zero on the zero cone's rows)."""
-        if v.dim() == 3:
-            return torch.stack([ConeInteriorPoint._scale(v[:, j], groups, states) for j in range(v.shape[1])], 1)
-        out = torch.zeros_like(v)
+        """``W⁻ᵀ v`` on the cone rows of ``v (B, m)`` or ``(B, r, m)`` (zero on the zero cone's rows):
+        the cone's ``winv_t`` on its rows with the ``r`` columns last."""
+        cols = v.mT if v.dim() == 3 else v[..., None]  # (B, m, r)
+        out = torch.zeros_like(cols)
         for (kind, _, idx), st in zip(groups, states):
-            put(out, idx, _CONES[kind].winv_t(st, take(v, idx)[..., None])[..., 0])
-        return out
+            put(out, idx, _CONES[kind].winv_t(st, take(cols, idx)))
+        return out.mT if v.dim() == 3 else out[..., 0]
 
-    def _solve_once(self, fac, data, z, r1, r2z, rt, groups, states):
-        """``(Δx, Δy_z, Δỹ, AΔx)`` for the x-rows ``r₁``, zero rows ``r₂z`` and scaled cone rows ``r̃``
-        (``None``: zero), each with ``r`` columns (``(B, r, ·)``: one product with ``A`` and one
-        triangular solve for all of them)."""
-        rhs1 = r1 if rt is None else r1 + data.rmv(self._map("winv", rt, groups, states))
+    def _fold(self, data, r1, rt, groups, states):
+        """The x-rows' right-hand side with the scaled cone rows folded in: ``r₁ + A_cᵀW⁻¹r̃``."""
+        return r1 + data.rmv(self._map("winv", rt, groups, states))
+
+    def _solve_once(self, fac, data, rhs1, r2z, rt, groups, states, extra=None):
+        """``(Δx, Δy_z, Δỹ, AΔx, A·extra)`` for the folded x-rows ``rhs1`` (:meth:`_fold`), zero rows
+        ``r₂z`` and scaled cone rows ``r̃`` (``None``: zero), each with ``r`` columns (``(B, r, ·)``:
+        one product with ``A`` and one triangular solve for all of them); the columns ``extra``
+        ``(B, j, n)`` ride along in the product."""
         p, qz = solve_normal(fac, rhs1, r2z)
-        Ap = data.mv(p)
+        Ap = data.mv(p if extra is None else torch.cat([p, extra], 1))
+        Ap, Ae = Ap[:, :p.shape[1]], Ap[:, p.shape[1]:]
         yt = self._scale(Ap, groups, states)
-        return p, qz, (yt if rt is None else yt - rt), Ap
+        return p, qz, (yt if rt is None else yt - rt), Ap, Ae
 
-    def _solve(self, fac, data, z, r1, r2z, rt, groups, states, refine=1):
+    def _solve(self, fac, data, z, rhs1, r1, r2z, rt, groups, states, refine, extra=None):
         """Solve, then refine against the unregularized system (its scaled cone rows hold exactly).
 
-        Returns ``(Δx, Δy, Δỹ)`` with ``Δy = (Δy_z, W⁻¹Δỹ)``."""
-        p, qz, yt, Ap = self._solve_once(fac, data, z, r1, r2z, rt, groups, states)
+        Returns ``(Δx, Δy, Δỹ, AΔx, A·extra)`` with ``Δy = (Δy_z, W⁻¹Δỹ)``."""
+        p, qz, yt, Ap, Ae = self._solve_once(fac, data, rhs1, r2z, rt, groups, states, extra)
         q = self._map("winv", yt, groups, states)
         q[..., :z] = qz
         for _ in range(refine):
             e1 = r1 - data.rmv(q)
             e2 = r2z - Ap[..., :z]
-            dp, dqz, dyt, dAp = self._solve_once(fac, data, z, e1, e2, None, groups, states)
+            dp, dqz, dyt, dAp, _ = self._solve_once(fac, data, e1, e2, None, groups, states)
             p, yt, Ap = p + dp, yt + dyt, Ap + dAp
             q = q + self._map("winv", dyt, groups, states)
             q[..., :z] += dqz
-        return p, q, yt
+        return p, q, yt, Ap, Ae
+
+    @staticmethod
+    def _states(s, y, mu, groups):
+        return [_CONES[k].scale(take(s, idx), take(y, idx), mu) for k, _, idx in groups]
+
+    @staticmethod
+    def _rhs_s(s, sigma_mu, corr, groups, states):
+        """``d̃`` per cone (zero on the zero cone's rows); ``corr``: Mehrotra's ``(W⁻ᵀΔs_a, WΔy_a)``."""
+        out = torch.zeros_like(s)
+        for (kind, _, idx), st in zip(groups, states):
+            cr = None if corr is None else (take(corr[0], idx), take(corr[1], idx))
+            put(out, idx, _CONES[kind].rhs(st, sigma_mu, cr))
+        return out
 
     # -- the iteration ------------------------------------------------------------------------
     def solve(self, A, b, c, spec: ConeSpec) -> ConeResult:
@@ -156,7 +211,7 @@ class ConeInteriorPoint:
         status = torch.full((B,), -1, dtype=torch.int64, device=dev)
         residual = b.new_full((B,), float("inf"))
         iters = torch.zeros(B, dtype=torch.int64, device=dev)
-        nA = data.A.abs().amax(dim=(-2, -1)).clamp(min=torch.finfo(dt).tiny).expand(B)
+        nA = torch.linalg.vector_norm(data.A, float("inf"), dim=(-2, -1)).clamp(min=torch.finfo(dt).tiny).expand(B)
         nb, nc = _inf_norm(b), _inf_norm(c)
         rtol = self.rtol
         stalled = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -165,18 +220,26 @@ class ConeInteriorPoint:
         ids = torch.arange(B, device=dev)
         full = [x.clone(), y.clone(), s.clone(), tau.clone(), status.clone(), residual.clone(), iters.clone()]
         full_best = [v.clone() for v in best]
+        Ax = b.new_zeros(B, m)  # A x, carried (see "products with A" in the module docstring)
 
         def flush():  # write the working elements' state into the whole batch's
             for f, v in zip(full + full_best, (x, y, s, tau, status, residual, iters) + tuple(best)):
                 f.index_copy_(0, ids, v)
 
         for it in range(self.max_iter + 1):
+            # the scaling, and one product with Aᵀ for the residual Aᵀy and the first solve's cone rows
+            rz = Ax + s - b * tau[:, None]
+            mu = ((s[:, z:] * y[:, z:]).sum(-1) + tau * kappa) / (nu + 1)
+            states = self._states(s, y, mu, groups)
+            rz_t = self._scale(rz, groups, states)
+            dt_aff = self._rhs_s(s, torch.zeros_like(tau), None, groups, states)
+            # the Δτ column (x-rows −c, rows b) and the predictor's (η = 1), solved together
+            rt1 = torch.stack([self._scale(b, groups, states), -rz_t + dt_aff], 1)
+            AtV = data.rmv(torch.cat([y[:, None], self._map("winv", rt1, groups, states)], 1))
+            Aty = AtV[:, 0]
             # residuals of the embedding and the stopping rule ------------------------------
-            Aty = data.rmv(y)
-            Ax = data.mv(x)
             ctx, bty = (c * x).sum(-1), (b * y).sum(-1)
             rx = Aty + c * tau[:, None]
-            rz = Ax + s - b * tau[:, None]
             rt = kappa + ctx + bty
             it_ = 1.0 / tau
             pres = _inf_norm(rz) * it_ / (1 + torch.maximum(nb, torch.maximum(_inf_norm(Ax), _inf_norm(s)) * it_))
@@ -213,13 +276,13 @@ class ConeInteriorPoint:
                     v.index_select(0, keep) for v in (x, y, s, tau, kappa, status, residual, iters, stalled,
                                                       b, c, nb, nc, nA))
                 best = [v.index_select(0, keep) for v in best]
-                Ax, Aty, rx, rz, rt, running = (v.index_select(0, keep) for v in (Ax, Aty, rx, rz, rt, running))
+                Ax, rx, rz, rt, running, mu, rz_t, dt_aff, rt1, AtV = (
+                    v.index_select(0, keep) for v in (Ax, rx, rz, rt, running, mu, rz_t, dt_aff, rt1, AtV))
+                states = [_subset(st, keep) for st in states]
                 data = data.subset(keep)
                 normal = normal.subset(data, keep)
                 B = n_run
             # one Newton system per iteration ---------------------------------------------------
-            mu = ((s[:, z:] * y[:, z:]).sum(-1) + tau * kappa) / (nu + 1)
-            states = [_CONES[k].scale(take(s, idx), take(y, idx), mu) for k, _, idx in groups]
             fac = factor_normal(normal(states, B), data, z)
             # iterative refinement pays once the normal matrix is ill-conditioned (cond ~ 1/μ²)
             refine = int(bool((torch.where(running, mu, torch.ones_like(mu)) < REFINE_BELOW_MU).any()))
@@ -228,10 +291,11 @@ class ConeInteriorPoint:
                 # x-rows −ηr_x; cone rows (scaled) −ηW⁻ᵀr_z + d̃; zero rows −ηr_z
                 if sol is None:
                     e1 = eta[:, None, None]
-                    sol = self._solve(fac, data, z, -e1 * rx[:, None], -e1 * rz[:, None, :z],
-                                      (-eta[:, None] * rz_t + dt_rhs)[:, None], groups, states, refine)
-                    sol = tuple(t[:, 0] for t in sol)
-                p1, q1, yt1 = sol
+                    r1, rt_ = -e1 * rx[:, None], (-eta[:, None] * rz_t + dt_rhs)[:, None]
+                    sol = self._solve(fac, data, z, self._fold(data, r1, rt_, groups, states), r1,
+                                      -e1 * rz[:, None, :z], rt_, groups, states, refine)
+                    sol = tuple(t[:, 0] for t in sol[:4])
+                p1, q1, yt1, Ap1 = sol
                 rhs_t = -eta * rt + dk / tau
                 dtau = (rhs_t - (c * p1).sum(-1) - (b * q1).sum(-1)) / den
                 dx = p1 + dtau[:, None] * p2
@@ -239,7 +303,7 @@ class ConeInteriorPoint:
                 # Δs̃ = −d̃ − Δỹ (complementarity, in the scaled frame), Δs = WᵀΔs̃
                 ds = self._map("w_t", -dt_rhs - (yt1 + dtau[:, None] * yt2), groups, states)
                 dkap = -(dk + kappa * dtau) / tau
-                return dx, dy, ds, dtau, dkap
+                return dx, dy, ds, dtau, dkap, Ap1 + dtau[:, None] * Ap2
 
             def max_step(ds, dy, dtau, dkap):
                 alpha = torch.full_like(tau, float("inf"))
@@ -249,27 +313,18 @@ class ConeInteriorPoint:
                     alpha = torch.where(dv < 0, torch.minimum(alpha, -v / dv), alpha)
                 return alpha
 
-            def rhs_s(sigma_mu, corr):  # d̃ per cone (zero on the zero cone's rows)
-                out = torch.zeros_like(s)
-                for (kind, _, idx), st in zip(groups, states):
-                    cr = None if corr is None else (take(corr[0], idx), take(corr[1], idx))
-                    put(out, idx, _CONES[kind].rhs(st, sigma_mu, cr))
-                return out
-
-            rz_t = self._scale(rz, groups, states)
-            zero = torch.zeros_like(tau)
-            dt_aff = rhs_s(zero, None)
-            # the Δτ column (x-rows −c, rows b) and the predictor's (η = 1), solved together
-            P, Q, YT = self._solve(fac, data, z, torch.stack([-c, -rx], 1), torch.stack([b[:, :z], -rz[:, :z]], 1),
-                                   torch.stack([self._scale(b, groups, states), -rz_t + dt_aff], 1), groups, states,
-                                   refine)
-            p2, q2, yt2 = P[:, 0], Q[:, 0], YT[:, 0]
+            r1 = torch.stack([-c, -rx], 1)
+            # x rides along in the first solve's product: A x exact, the base of next round's A x
+            P, Q, YT, AP, Ax = self._solve(fac, data, z, r1 + AtV[:, 1:], r1,
+                                           torch.stack([b[:, :z], -rz[:, :z]], 1), rt1, groups, states, refine,
+                                           x[:, None])
+            p2, q2, yt2, Ap2, Ax = P[:, 0], Q[:, 0], YT[:, 0], AP[:, 0], Ax[:, 0]
             # cᵀp₂ + bᵀq₂ = −q₂ᵀHq₂ = −‖Δỹ₂‖² ≤ 0 exactly; computed this way it has no cancellation
             den = -(yt2 * yt2).sum(-1) - kappa / tau
 
             # predictor (affine scaling)
-            dxa, dya, dsa, dta, dka = direction(torch.ones_like(tau), dt_aff, tau * kappa,
-                                                (P[:, 1], Q[:, 1], YT[:, 1]))
+            dxa, dya, dsa, dta, dka, _ = direction(torch.ones_like(tau), dt_aff, tau * kappa,
+                                                   (P[:, 1], Q[:, 1], YT[:, 1], AP[:, 1]))
             alpha_a = max_step(dsa, dya, dta, dka).clamp(max=1.0)
             sigma = (1 - alpha_a) ** 3
             # corrector (Mehrotra)
@@ -279,17 +334,18 @@ class ConeInteriorPoint:
                 put(corr_s, idx, a_)
                 put(corr_y, idx, b_)
             dk = tau * kappa + dta * dka - sigma * mu
-            dx, dy, ds, dtau, dkap = direction(1 - sigma, rhs_s(sigma * mu, (corr_s, corr_y)), dk)
+            dx, dy, ds, dtau, dkap, Adx = direction(1 - sigma, self._rhs_s(s, sigma * mu, (corr_s, corr_y), groups,
+                                                                           states), dk)
             alpha = (0.99 * max_step(ds, dy, dtau, dkap)).clamp(max=1.0)
             # a direction with a NaN or Inf (the scaling at the limit of the arithmetic, e.g. a slack that
             # rounding put on the cone's boundary) is not taken: the element stalls and is reported
             finite = (torch.isfinite(dx).all(-1) & torch.isfinite(dy).all(-1) & torch.isfinite(ds).all(-1)
                       & torch.isfinite(dtau) & torch.isfinite(dkap))
-            alpha = torch.where(running & finite & torch.isfinite(alpha), alpha, zero)
+            alpha = torch.where(running & finite & torch.isfinite(alpha), alpha, torch.zeros_like(tau))
             stalled = running & ~(alpha > 1e-8)  # no progress: reported next round (BREAKDOWN)
             move = alpha > 0  # (a NaN direction times a zero step would still be NaN)
             a1, m1 = alpha[:, None], move[:, None]
-            x, y, s = (torch.where(m1, v + a1 * dv, v) for v, dv in ((x, dx), (y, dy), (s, ds)))
+            x, y, s, Ax = (torch.where(m1, v + a1 * dv, v) for v, dv in ((x, dx), (y, dy), (s, ds), (Ax, Adx)))
             tau = torch.where(move, tau + alpha * dtau, tau)
             kappa = torch.where(move, kappa + alpha * dkap, kappa)
         flush()

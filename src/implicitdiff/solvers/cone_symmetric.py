@@ -39,6 +39,8 @@ def _max_step_from_eig(e: torch.Tensor) -> torch.Tensor:
 class Nonneg:
     """``s ≥ 0`` elementwise; ``W = diag(√(s/y))``, ``λ = √(sy)``."""
 
+    COLUMNS_LEADING = True  # winv / w_t broadcast the state over leading column dimensions (r, B, …)
+
     @staticmethod
     def unit(s):
         return torch.ones_like(s)
@@ -82,6 +84,8 @@ class Nonneg:
 class SecondOrder:
     """``(t, x)`` with ``‖x‖ ≤ t``; ``W = η W̄`` with ``W̄`` a hyperbolic rotation (``W̄² = 2w̄w̄ᵀ − J``)."""
 
+    COLUMNS_LEADING = True  # winv / w_t broadcast the state over leading column dimensions (r, B, …)
+
     @staticmethod
     def unit(s):
         e = torch.zeros_like(s)
@@ -90,7 +94,8 @@ class SecondOrder:
 
     @staticmethod
     def _jnorm(u):
-        return torch.sqrt(((u[..., 0] - u[..., 1:].norm(dim=-1)) * (u[..., 0] + u[..., 1:].norm(dim=-1))).clamp(min=0))
+        r = u[..., 1:].norm(dim=-1)
+        return torch.sqrt(((u[..., 0] - r) * (u[..., 0] + r)).clamp(min=0))
 
     @staticmethod
     def scale(s, y, mu=None):
@@ -102,24 +107,27 @@ class SecondOrder:
         w[..., 1:] = sb[..., 1:] - yb[..., 1:]
         w = w / (2 * gamma[..., None])
         eta = torch.sqrt(ns / ny)
-        st = (w, eta, None)
         lam = SecondOrder._wbar(w, y) * eta[..., None]
         return (w, eta, lam)
 
     @staticmethod
     def _wbar(w, v):
-        """``W̄ v`` for ``W̄ = [[w₀, w₁ᵀ], [w₁, I + w₁w₁ᵀ/(1 + w₀)]]``."""
-        w0, w1 = w[..., :1], w[..., 1:]
-        v0, v1 = v[..., :1], v[..., 1:]
-        d = (w1 * v1).sum(-1, keepdim=True)
-        return torch.cat([w0 * v0 + d, v1 + (v0 + d / (1 + w0)) * w1], dim=-1)
+        """``W̄ v`` for ``W̄ = [[w₀, w₁ᵀ], [w₁, I + w₁w₁ᵀ/(1 + w₀)]]`` (``v`` may carry leading column
+        dimensions that ``w`` broadcasts over); row 0 is written over the axpy's (no concatenation)."""
+        w0, v0 = w[..., :1], v[..., :1]
+        d = (w[..., 1:] * v[..., 1:]).sum(-1, keepdim=True)
+        out = v + (v0 + d / (1 + w0)) * w
+        out[..., :1] = w0 * v0 + d
+        return out
 
     @staticmethod
     def _wbar_inv(w, v):
-        """``W̄⁻¹ v = J W̄ J v``."""
-        jv = torch.cat([v[..., :1], -v[..., 1:]], dim=-1)
-        u = SecondOrder._wbar(w, jv)
-        return torch.cat([u[..., :1], -u[..., 1:]], dim=-1)
+        """``W̄⁻¹ v = J W̄ J v``, expanded: the same roundings as :meth:`_wbar` on ``Jv``, negated."""
+        w0, v0 = w[..., :1], v[..., :1]
+        d = (w[..., 1:] * v[..., 1:]).sum(-1, keepdim=True)
+        out = v - (v0 - d / (1 + w0)) * w
+        out[..., :1] = w0 * v0 - d
+        return out
 
     @staticmethod
     def winv_t(st, V):  # W is symmetric: W⁻¹ on the columns of V (B, nb, k, r)
@@ -143,16 +151,19 @@ class SecondOrder:
 
     @staticmethod
     def _jprod(u, v):
-        return torch.cat([(u * v).sum(-1, keepdim=True), u[..., :1] * v[..., 1:] + v[..., :1] * u[..., 1:]], dim=-1)
+        out = u[..., :1] * v + v[..., :1] * u
+        out[..., :1] = (u * v).sum(-1, keepdim=True)
+        return out
 
     @staticmethod
     def _jdiv(lam, r):
         """``x`` with ``λ ∘ x = r``."""
         l0, l1 = lam[..., :1], lam[..., 1:]
-        r0, r1 = r[..., :1], r[..., 1:]
         det = l0 * l0 - (l1 * l1).sum(-1, keepdim=True)
-        x0 = (l0 * r0 - (l1 * r1).sum(-1, keepdim=True)) / det
-        return torch.cat([x0, (r1 - x0 * l1) / l0], dim=-1)
+        x0 = (l0 * r[..., :1] - (l1 * r[..., 1:]).sum(-1, keepdim=True)) / det
+        out = (r - x0 * lam) / l0
+        out[..., :1] = x0
+        return out
 
     @staticmethod
     def rhs(st, sigma_mu, corr):
