@@ -298,12 +298,11 @@ class ConeInteriorPoint:
                 p1, q1, yt1, Ap1 = sol
                 rhs_t = -eta * rt + dk / tau
                 dtau = (rhs_t - (c * p1).sum(-1) - (b * q1).sum(-1)) / den
-                dx = p1 + dtau[:, None] * p2
                 dy = q1 + dtau[:, None] * q2
                 # Δs̃ = −d̃ − Δỹ (complementarity, in the scaled frame), Δs = WᵀΔs̃
                 ds = self._map("w_t", -dt_rhs - (yt1 + dtau[:, None] * yt2), groups, states)
                 dkap = -(dk + kappa * dtau) / tau
-                return dx, dy, ds, dtau, dkap, Ap1 + dtau[:, None] * Ap2
+                return dy, ds, dtau, dkap, p1, Ap1  # Δx = p₁ + Δτ p₂ (the corrector's only)
 
             def max_step(ds, dy, dtau, dkap):
                 alpha = torch.full_like(tau, float("inf"))
@@ -323,8 +322,8 @@ class ConeInteriorPoint:
             den = -(yt2 * yt2).sum(-1) - kappa / tau
 
             # predictor (affine scaling)
-            dxa, dya, dsa, dta, dka, _ = direction(torch.ones_like(tau), dt_aff, tau * kappa,
-                                                   (P[:, 1], Q[:, 1], YT[:, 1], AP[:, 1]))
+            dya, dsa, dta, dka, _, _ = direction(torch.ones_like(tau), dt_aff, tau * kappa,
+                                                 (P[:, 1], Q[:, 1], YT[:, 1], AP[:, 1]))
             alpha_a = max_step(dsa, dya, dta, dka).clamp(max=1.0)
             sigma = (1 - alpha_a) ** 3
             # corrector (Mehrotra)
@@ -334,8 +333,9 @@ class ConeInteriorPoint:
                 put(corr_s, idx, a_)
                 put(corr_y, idx, b_)
             dk = tau * kappa + dta * dka - sigma * mu
-            dx, dy, ds, dtau, dkap, Adx = direction(1 - sigma, self._rhs_s(s, sigma * mu, (corr_s, corr_y), groups,
+            dy, ds, dtau, dkap, p1, Ap1 = direction(1 - sigma, self._rhs_s(s, sigma * mu, (corr_s, corr_y), groups,
                                                                            states), dk)
+            dx, Adx = p1 + dtau[:, None] * p2, Ap1 + dtau[:, None] * Ap2
             alpha = (0.99 * max_step(ds, dy, dtau, dkap)).clamp(max=1.0)
             # a direction with a NaN or Inf (the scaling at the limit of the arithmetic, e.g. a slack that
             # rounding put on the cone's boundary) is not taken: the element stalls and is reported

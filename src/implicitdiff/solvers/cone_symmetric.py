@@ -176,7 +176,8 @@ class SecondOrder:
 
     @staticmethod
     def _step(lam, d):
-        """Largest α with ``λ + α d`` in the cone (``λ`` interior), per batch row."""
+        """Largest α with ``λ + α d`` in the cone (``λ`` interior), per batch row (``d`` may carry
+        leading dimensions that ``λ`` broadcasts over)."""
         l0, l1, d0, d1 = lam[..., 0], lam[..., 1:], d[..., 0], d[..., 1:]
         a = d0 * d0 - (d1 * d1).sum(-1)
         b = 2 * (l0 * d0 - (l1 * d1).sum(-1))
@@ -192,13 +193,12 @@ class SecondOrder:
         # the t-component must stay nonnegative too (the other nappe of the quadric)
         r3 = torch.where(d0 < 0, -l0 / torch.where(d0 < 0, d0, -torch.ones_like(d0)), inf)
         alpha = torch.minimum(torch.minimum(r1, r2), r3)
-        return alpha.reshape(alpha.shape[0], -1).min(dim=1).values
+        return alpha.amin(-1)
 
     @staticmethod
     def step(st, ds, dy):
         a, b = SecondOrder.scaled(st, ds, dy)
-        lam = st[2]
-        return torch.minimum(SecondOrder._step(lam, a), SecondOrder._step(lam, b))
+        return SecondOrder._step(st[2], torch.stack([a, b])).amin(0)  # both directions in one pass
 
 
 class PSD:
