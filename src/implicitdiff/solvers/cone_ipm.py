@@ -231,10 +231,10 @@ class ConeInteriorPoint:
             rz = Ax + s - b * tau[:, None]
             mu = ((s[:, z:] * y[:, z:]).sum(-1) + tau * kappa) / (nu + 1)
             states = self._states(s, y, mu, groups)
-            rz_t = self._scale(rz, groups, states)
+            bt, rz_t = self._scale(torch.stack([b, rz], 1), groups, states).unbind(1)
             dt_aff = self._rhs_s(s, torch.zeros_like(tau), None, groups, states)
             # the Δτ column (x-rows −c, rows b) and the predictor's (η = 1), solved together
-            rt1 = torch.stack([self._scale(b, groups, states), -rz_t + dt_aff], 1)
+            rt1 = torch.stack([bt, -rz_t + dt_aff], 1)
             AtV = data.rmv(torch.cat([y[:, None], self._map("winv", rt1, groups, states)], 1))
             Aty = AtV[:, 0]
             # residuals of the embedding and the stopping rule ------------------------------
