@@ -215,14 +215,10 @@ class PSD:
     def scale(s, y, mu=None):
         d = s.shape[-1]
         k = int(round((math.sqrt(8 * d + 1) - 1) / 2))
-        S, Y = smat(s, k), smat(y, k)
-        Ls, info_s = torch.linalg.cholesky_ex(S)
-        Ly, info_y = torch.linalg.cholesky_ex(Y)
+        L, info = torch.linalg.cholesky_ex(smat(torch.stack([s, y]), k))
         # an iterate that rounding pushed out of the cone: unit scaling, and step() returns 0
-        ok = (info_s == 0) & (info_y == 0)
-        eye = torch.eye(k, dtype=s.dtype, device=s.device)
-        Ls = torch.where(ok[..., None, None], Ls, eye)
-        Ly = torch.where(ok[..., None, None], Ly, eye)
+        ok = (info == 0).all(0)
+        Ls, Ly = torch.where(ok[..., None, None], L, torch.eye(k, dtype=s.dtype, device=s.device))
         U, lam, Vh = torch.linalg.svd(Ly.mT @ Ls)                 # L_yᵀ L_s = U Λ Vᵀ
         isq = lam.rsqrt()
         R = (Ls @ Vh.mT) * isq[..., None, :]                       # R = L_s V Λ^{-1/2}
@@ -253,19 +249,19 @@ class PSD:
         R, Rinv, lam, k, _ = st
         T = torch.diag_embed(lam * lam - sigma_mu[:, None, None])
         if corr is not None:
-            X, Y = smat(corr[0], k), smat(corr[1], k)
-            T = T + 0.5 * (X @ Y + Y @ X)
+            XY = smat(corr[0], k) @ smat(corr[1], k)
+            T = T + 0.5 * (XY + XY.mT)                                 # X ∘ Y, with YX = (XY)ᵀ
         return svec(2 * T / (lam[..., :, None] + lam[..., None, :]))  # λ \ T : Λ X + X Λ = 2T
 
     @staticmethod
     def step(st, ds, dy):
+        # λ + α W⁻ᵀΔs ⪰ 0  ⇔  I + α Λ^{-1/2} R⁻¹ ΔS R⁻ᵀ Λ^{-1/2} ⪰ 0 (and Δy with Rᵀ for R⁻¹)
         R, Rinv, lam, k, ok = st
-        a, b = PSD.scaled(st, ds, dy)
-        isq = lam.rsqrt()
-        X = smat(torch.stack([a, b]), k) * isq[..., :, None] * isq[..., None, :]
+        isq = lam.rsqrt()[..., :, None]
+        P = torch.stack([isq * Rinv, isq * R.mT])
+        X = P @ smat(torch.stack([ds, dy]), k) @ P.mT
         X = torch.where(torch.isfinite(X), X, torch.zeros_like(X))
-        e = torch.linalg.eigvalsh(X)                               # both directions in one call
-        alpha = torch.minimum(_max_step_from_eig(e[0]), _max_step_from_eig(e[1]))
+        alpha = _max_step_from_eig(torch.linalg.eigvalsh(X).transpose(0, 1))  # both directions in one call
         return torch.where(ok.reshape(ok.shape[0], -1).all(-1), alpha, torch.zeros_like(alpha))
 
 
