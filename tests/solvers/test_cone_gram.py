@@ -1,6 +1,7 @@
 """The interior point's normal matrix and data matrix (cone_gram): the structured second-order-cone
-Gram against the dense ``(W⁻ᵀA)ᵀ(W⁻ᵀA)``, a shared ``A`` against the same matrix batched, and the
-solver's status at a tolerance below its arithmetic's reach (float64)."""
+Gram and the one from ``A``'s zero pattern (cone_sparse: shared and private columns, batched, on a
+subset of the batch, the dense fallback) against the dense ``(W⁻ᵀA)ᵀ(W⁻ᵀA)``, a shared ``A`` against
+the same matrix batched, and the solver's status at a tolerance below its arithmetic's reach (float64)."""
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from implicitdiff.linalg.cone_spec import parse_cones, svec
 from implicitdiff.solvers.cone_exp import ExpCone
 from implicitdiff.solvers.cone_gram import SOC_STRUCTURED_MIN, DataMatrix, NormalMatrix, contiguous, put, take
 from implicitdiff.solvers.cone_ipm import _CONES, ConeInteriorPoint
+from implicitdiff.solvers.cone_sparse import PRIVATE_MAX_BLOCKS, SparseGram
 
 F64 = torch.float64
 CONES = {"z": 2, "l": 3, "q": [9, 3, 9, 12], "s": [3], "ep": 2}  # structured (9, 12) and generic (3) SOC blocks
@@ -188,3 +190,86 @@ def test_a_tolerance_beyond_reach_stops_with_a_reported_status():
             idf.cone_program(A, b, c, cones, rtol=1e-12)
     x8 = idf.cone_program(A, b, c, cones)[0]  # the default tolerance converges
     assert torch.allclose(x[info.status == Status.SUCCESS], x8[info.status == Status.SUCCESS], atol=1e-7)
+
+
+# -- the normal matrix from A's zero pattern (cone_sparse) ------------------------------------
+# an exp-cone group whose blocks share the first D columns (like a logistic regression's weights),
+# nonnegative rows, small SOC blocks (generic) and a large one (structured or sparse), a PSD block
+SPARSE_CONES = {"l": 6, "q": [3, 3, 9], "s": [2], "ep": 8}
+
+
+def _sparse_A(spec, B, g, n=41, d=5, drop=0.2):
+    """``(B, m, n)``: every block touches a few columns of its own, the exp blocks also the first ``d``
+    columns (only half of them: blocks with and without shared columns); a fraction ``drop`` of the
+    entries set to zero (each element its own zeros)."""
+    A = torch.zeros(B, spec.m, n, dtype=F64)
+    col = d
+    for kind, _, idx in spec.groups():
+        blocks = idx[:, None] if idx.dim() == 1 else idx
+        for j, rows in enumerate(blocks):
+            own = torch.arange(col, col + 2) % n
+            col += 2
+            A[:, rows[:, None], own] = torch.randn(B, rows.numel(), 2, generator=g, dtype=F64)
+            if kind == "ep" and j % 2 == 0:
+                A[:, rows[0], :d] = torch.randn(B, d, generator=g, dtype=F64)
+            if kind == "q" and rows.numel() > 3:       # the large SOC block: a few more columns
+                A[:, rows[:, None], torch.arange(n - 6, n)] = torch.randn(B, rows.numel(), 6, generator=g, dtype=F64)
+    A[:, 0, n - 1] = 1.0  # column n−1: shared by the first "l" row and the large SOC block (1-2 blocks)
+    return A * (torch.rand(B, spec.m, n, generator=g, dtype=F64) >= drop)
+
+
+def _check(A, B, spec, g, keep=None):
+    s, y = _interior(spec, B, g, 3.0), _interior(spec, B, g, 3.0)
+    data = DataMatrix(A)
+    groups, states = _states(spec, s, y)
+    normal = NormalMatrix(data, groups, _CONES)
+    kinds = [kind for (kind, _, _), pre in zip(groups, normal.pre) if isinstance(pre, SparseGram)]
+    if keep is not None:
+        data = data.subset(keep)
+        normal = normal.subset(data, keep)
+        s, y, A = s[keep], y[keep], A[keep] if A.dim() == 3 else A
+        groups, states = _states(spec, s, y)
+        B = keep.numel()
+    N = normal(states, B)
+    ref = _dense_normal(A.expand(B, *A.shape[-2:]).contiguous(), spec, groups, states)
+    err = float((N - ref).abs().max() / ref.abs().max())
+    assert err < 1e-12, err
+    return kinds
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_sparse_normal_matrix_equals_the_dense_one(shared):
+    g = torch.Generator().manual_seed(0)
+    spec = parse_cones(SPARSE_CONES)
+    B = 3
+    A = _sparse_A(spec, B, g)
+    kinds = _check(A[0] if shared else A, B, spec, g)
+    assert set(kinds) >= {"l", "ep", "s"}          # the groups with a sparse pattern take the sparse form
+
+
+def test_sparse_normal_matrix_on_a_subset_of_the_batch():
+    g = torch.Generator().manual_seed(1)
+    spec = parse_cones(SPARSE_CONES)
+    A = _sparse_A(spec, 5, g)
+    assert "ep" in _check(A, 5, spec, g, keep=torch.tensor([0, 3, 4]))
+
+
+def test_shared_columns_split_blocks_with_and_without_them():
+    g = torch.Generator().manual_seed(2)
+    spec = parse_cones({"ep": 8})
+    A = _sparse_A(spec, 2, g)
+    s, y = _interior(spec, 2, g), _interior(spec, 2, g)
+    groups, states = _states(spec, s, y)
+    (plan,) = NormalMatrix(DataMatrix(A), groups, _CONES).pre
+    # 5 shared columns, touched by the even blocks; 2 private columns per block, 3 for block 0 (row 0)
+    assert plan.d == 5 and plan.p == 3 and plan.touch.tolist() == [0, 2, 4, 6] and plan.other.tolist() == [1, 3, 5, 7]
+    assert PRIVATE_MAX_BLOCKS < 4
+
+
+def test_dense_pattern_keeps_the_dense_form():
+    g = torch.Generator().manual_seed(3)
+    spec = parse_cones(SPARSE_CONES)
+    A = torch.randn(spec.m, 7, generator=g, dtype=F64)
+    s, y = _interior(spec, 2, g), _interior(spec, 2, g)
+    groups, _ = _states(spec, s, y)
+    assert not any(isinstance(p, SparseGram) for p in NormalMatrix(DataMatrix(A), groups, _CONES).pre)

@@ -26,6 +26,11 @@ of blocks of one kind and size:
   form ``ÃᵀÃ`` with ``Ã = W⁻ᵀA_k`` built by the cone's ``winv_t(state, rows)`` — the seam a
   new cone needs (``cone_exp.ExpCone`` uses it unchanged).  With ``A`` shared, ``winv_t``
   receives the block's rows with a leading dimension of 1 and broadcasts.
+* **any group whose blocks touch few columns** of ``A`` (its zero pattern, shared by the batch):
+  the same generic term on each block's nonzero columns only (:mod:`~.cone_sparse`), where it
+  costs at most half the form above (cvxpy's canonical exponential-cone programs).
+
+The first dense term writes ``N``; the others and the sparse terms add into it in place.
 
 Forward only: no gradients here.
 """
@@ -37,6 +42,7 @@ from typing import NamedTuple
 import torch
 
 from ..linalg.kkt import chol_solve
+from .cone_sparse import SparseGram, sparse_gram
 
 __all__ = ["DataMatrix", "NormalMatrix", "Rows", "contiguous", "take", "put", "factor_normal", "solve_normal",
            "SOC_STRUCTURED_MIN"]
@@ -111,7 +117,8 @@ class NormalMatrix:
     """``N(states) = Σ_groups A_kᵀ W_k⁻¹W_k⁻ᵀ A_k`` for the cone groups ``[(kind, size, idx), …]``.
 
     ``cones`` maps a kind to its class (``winv_t`` is the only method used, for the generic form);
-    the structured second-order-cone terms ``P_k`` are formed here, once.
+    the structured second-order-cone terms ``P_k`` and the generic groups' :class:`~.cone_sparse.SparseGram`
+    (from ``A``'s zero pattern, where it pays) are formed here, once.
     """
 
     def __init__(self, data: DataMatrix, groups, cones):
@@ -119,33 +126,40 @@ class NormalMatrix:
         self.pre = []
         n = data.A.shape[-1]
         lead = 1 if data.shared else data.A.shape[0]
+        pattern = (data.A != 0) if data.shared else (data.A != 0).any(0)
         for kind, size, idx in groups:
             nb = idx.shape[0] if len(idx.shape) == 2 else 1
-            if (kind == "q" and size >= SOC_STRUCTURED_MIN
-                    and lead * nb * n * n * data.A.element_size() <= _STRUCTURED_BYTES):
+            structured = (kind == "q" and size >= SOC_STRUCTURED_MIN
+                          and lead * nb * n * n * data.A.element_size() <= _STRUCTURED_BYTES)
+            sparse = sparse_gram(data.rows(idx), take(pattern[None], idx)[0], n,
+                                 nb * (n + size) * n if structured else None)
+            if sparse is None and structured:
                 Ak = data.rows(idx)                                     # (S, nb, k, n)
                 a0 = Ak[..., :1, :]
                 P = Ak[..., 1:, :].mT @ Ak[..., 1:, :] - a0.mT @ a0    # A_kᵀ(−J)A_k
                 self.pre.append((Ak, P))
             else:
-                self.pre.append(None)
+                self.pre.append(sparse)
 
     def subset(self, data: DataMatrix, keep):
         """The normal matrix of the batch elements ``keep`` (``data``: their :class:`DataMatrix`)."""
         out = NormalMatrix.__new__(NormalMatrix)
         out.data, out.groups, out.cones = data, self.groups, self.cones
-        out.pre = [pre if pre is None or self.data.shared else (data.rows(idx), pre[1].index_select(0, keep))
+        out.pre = [pre if pre is None or self.data.shared else
+                   pre.subset(keep) if isinstance(pre, SparseGram) else (data.rows(idx), pre[1].index_select(0, keep))
                    for (_, _, idx), pre in zip(self.groups, self.pre)]
         return out
 
     def __call__(self, states, B):
         data = self.data
         n = data.A.shape[-1]
-        N = data.A.new_zeros(B, n, n)
+        N = None  # the first dense term writes it
         for (kind, _, idx), st, pre in zip(self.groups, states, self.pre):
+            if isinstance(pre, SparseGram):
+                continue  # added in place below
             if pre is None:  # generic: (W⁻ᵀA_k)ᵀ(W⁻ᵀA_k)
                 At = self.cones[kind].winv_t(st, data.rows(idx)).reshape(B, -1, n)
-                N = torch.baddbmm(N, At.mT, At)
+                N = At.mT @ At if N is None else N.baddbmm_(At.mT, At)
                 continue
             Ak, P = pre
             w, eta = st[0], st[1]                                      # (B, nb, k), (B, nb)
@@ -154,12 +168,21 @@ class NormalMatrix:
             nb = w.shape[1]
             if data.shared:  # one batched product over blocks: (nb, B, k) @ (nb, k, n)
                 v = (Jw.transpose(0, 1) @ Ak[0]).transpose(0, 1)       # (B, nb, n)
-                N = torch.addmm(N.reshape(B, n * n), e, P[0].reshape(nb, n * n)).reshape(B, n, n)
+                e2, P2 = e[None], P[0].reshape(1, nb, n * n)           # Σ_k e_k P_k: (1, B, nb) @ (1, nb, n²)
             else:
                 v = (Jw[..., None, :] @ Ak)[..., 0, :]                 # (B, nb, n)
-                N = N + (e[:, None, :] @ P.reshape(B, nb, n * n)).reshape(B, n, n)
+                e2, P2 = e[:, None, :], P.reshape(B, nb, n * n)        # (B, 1, nb) @ (B, nb, n²)
+            if N is None:
+                N = (e2 @ P2).reshape(B, n, n)
+            else:
+                N.view(e2.shape[0], -1, n * n).baddbmm_(e2, P2)
             U = v * (2 * e).sqrt()[..., None]
-            N = torch.baddbmm(N, U.mT, U)
+            N.baddbmm_(U.mT, U)
+        if N is None:
+            N = data.A.new_zeros(B, n, n)
+        for (kind, _, _), st, pre in zip(self.groups, states, self.pre):
+            if isinstance(pre, SparseGram):
+                pre(self.cones[kind].winv_t, st, N)
         return N
 
 

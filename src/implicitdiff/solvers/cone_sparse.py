@@ -1,0 +1,115 @@
+r"""A cone group's normal-matrix term ``Σ_b (W_b⁻ᵀA_b)ᵀ(W_b⁻ᵀA_b)`` from the zero pattern of ``A``.
+
+**The trick** (:class:`SparseGram`, used by :class:`~.cone_gram.NormalMatrix` for a generic
+group when it pays).  ``W_b⁻ᵀ`` mixes only the rows of its block ``b``, so ``Ã_b = W_b⁻ᵀA_b`` is
+zero outside the columns ``S_b`` where ``A_b`` has a nonzero (the pattern of ``A``, shared by the
+batch: a batched ``A``'s union over the batch; computed once per solve), and the block's term
+``Ã_bᵀÃ_b`` lives on ``S_b × S_b``.  Canonical cone programs (cvxpy's) have many such blocks:
+an exponential block of a logistic regression touches the weights and two columns of its own.
+The columns are split once per solve into
+
+* **shared** columns ``D``: in more than :data:`PRIVATE_MAX_BLOCKS` blocks of the group, and
+* each block's **private** columns ``P_b = S_b \ D`` (padded to the group's largest count ``p``
+  with columns of zeros),
+
+and ``A``'s rows are gathered once onto the ``d + p`` columns ``[D, P_b]`` of each block.  Per
+iteration the cone's ``winv_t`` scales these ``d + p`` columns instead of ``n``, and
+
+    N_DD        += X_DᵀX_D            (one batched Gram over the rows of the blocks that touch D)
+    N_{P_b, ·}  += Ã_b[:, P_b]ᵀ Ã_b   (on [D, P_b] for blocks that touch D, on P_b for the others)
+    N_{D, P_b}  += its transpose
+
+are added into ``N`` by one ``index_add_`` over indices formed once per solve (padding columns
+add exact zeros).  The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in
+another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
+half the cost of the form it replaces (:data:`SCATTER_COST`): the dense Gram, or for large
+second-order blocks the structured term (``~n²`` per block, see :mod:`~.cone_gram`).  Forward only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["SparseGram", "sparse_gram", "PRIVATE_MAX_BLOCKS", "SCATTER_COST"]
+
+PRIVATE_MAX_BLOCKS = 2  # a column in more blocks of a group than this is shared (a dense Gram block)
+SCATTER_COST = 4.0      # an entry added by index_add_ costs about this many multiply-adds (measured, CPU)
+
+
+def sparse_gram(rows, pattern, n, cost=None):
+    """A :class:`SparseGram` for a group's rows ``(1 or B, *s, n)`` of ``A`` (``s = (rows,)``: blocks
+    of one row; ``(blocks, k)``) with ``pattern (*s, n)`` (bool), or ``None`` where it would cost
+    more than half of ``cost`` (multiply-adds per batch element; default: the dense Gram's)."""
+    sup = pattern if pattern.dim() == 2 else pattern.any(-2)   # (nb, n): S_b
+    if pattern.dim() == 2:
+        k = 1
+    else:
+        k = pattern.shape[-2]
+    nb = sup.shape[0]
+    shared = sup.sum(0) > PRIVATE_MAX_BLOCKS
+    D = shared.nonzero()[:, 0]
+    priv = sup & ~shared
+    p = int(priv.sum(1).max())
+    d = D.numel()
+    touch = sup[:, D].any(1)                                   # blocks that touch D
+    nd = int(touch.sum())
+    dense = nb * k * n * n if cost is None else cost
+    entries = d * d + nd * p * (2 * d + p) + (nb - nd) * p * p
+    flops = nd * k * d * d + nd * k * p * (d + p) + (nb - nd) * k * p * p
+    if flops + SCATTER_COST * entries > 0.5 * dense:
+        return None
+    return SparseGram(rows, sup, D, priv, p, k)
+
+
+class SparseGram:
+    """One generic group's term from ``A``'s pattern (module doc); ``__call__(winv_t, state, N)``
+    adds it into ``N (B, n, n)`` in place."""
+
+    def __init__(self, rows, sup, D, priv, p, k):
+        nb, n = sup.shape
+        d = D.numel()
+        # each block's private columns first; the padding's entries are set to zero below
+        order = torch.sort(priv.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :p]
+        P = order                                                   # (nb, p)
+        cols = torch.cat([D.expand(nb, d), P], 1)                   # (nb, d + p)
+        keep = torch.cat([torch.ones(nb, d, dtype=torch.bool, device=P.device), priv.gather(1, P)], 1)
+        ishape = rows.shape[1:-1]
+        if len(ishape) == 2:
+            cols, keep = cols[:, None, :].expand(nb, k, d + p), keep[:, None, :]
+        self.rows = rows.gather(-1, cols.expand(rows.shape[:1] + cols.shape)) * keep  # (1 or B, *s, d + p)
+        self.shape, self.d, self.p = (nb, k, d + p), d, p
+        touch = sup[:, D].any(1)
+        # blocks that touch D (their Gram on [D, P_b]) and the others (on P_b): None for all blocks
+        self.touch = None if bool(touch.all()) else touch.nonzero()[:, 0]
+        self.other = None if not bool(touch.any()) else (~touch).nonzero()[:, 0]
+        # flat indices into N (n·n), in the order __call__ concatenates the values
+        parts = [(D[:, None] * n + D).reshape(-1)]
+        Pt, Ct = _blocks(P, self.touch), _blocks(cols[:, 0] if len(ishape) == 2 else cols, self.touch)
+        parts += [(Pt[:, :, None] * n + Ct[:, None, :]).reshape(-1), (D[None, :, None] * n + Pt[:, None, :]).reshape(-1)]
+        Po = _blocks(P, self.other)
+        parts.append((Po[:, :, None] * n + Po[:, None, :]).reshape(-1))
+        self.index = torch.cat(parts)
+
+    def subset(self, keep):
+        """The same plan for the batch elements ``keep`` of a batched ``A``."""
+        out = SparseGram.__new__(SparseGram)
+        out.__dict__.update(self.__dict__)
+        out.rows = self.rows.index_select(0, keep)
+        return out
+
+    def __call__(self, winv_t, st, N):
+        B, n = N.shape[0], N.shape[-1]
+        d = self.d
+        At = winv_t(st, self.rows).reshape((B,) + self.shape)      # (B, nb, k, d + p)
+        At_t, At_o = _blocks(At, self.touch, 1), _blocks(At, self.other, 1)
+        X = At_t[..., :d].flatten(1, 2)                             # (B, nd·k, d)
+        R = At_t[..., d:].mT @ At_t                                # (B, nd, p, d + p)
+        Y = At_o[..., d:]
+        vals = [X.mT @ X, R, R[..., :d].mT, Y.mT @ Y]
+        N.view(B, n * n).index_add_(1, self.index, torch.cat([v.reshape(B, -1) for v in vals], 1))
+        return N
+
+
+def _blocks(v, ix, dim=0):
+    """The blocks ``ix`` of ``v`` along ``dim`` (``None``: all of them)."""
+    return v if ix is None else v.index_select(dim, ix)
