@@ -10,7 +10,8 @@ import implicitdiff as idf
 from implicitdiff import SolveError, Status
 from implicitdiff.linalg.cone_spec import parse_cones, svec
 from implicitdiff.solvers.cone_exp import ExpCone
-from implicitdiff.solvers.cone_gram import SOC_STRUCTURED_MIN, DataMatrix, NormalMatrix, contiguous, put, take
+from implicitdiff.solvers.cone_gram import (SOC_STRUCTURED_MIN, DataMatrix, NormalMatrix, contiguous, factor_normal, put,
+                                           take)
 from implicitdiff.solvers.cone_ipm import _CONES, ConeInteriorPoint
 from implicitdiff.solvers.cone_sparse import PRIVATE_MAX_BLOCKS, SparseGram
 
@@ -71,6 +72,21 @@ def test_structured_normal_matrix_equals_the_dense_one(shared):
     assert torch.allclose(N, N.mT, rtol=0, atol=1e-12 * float(ref.abs().max()))
     err = float((N - ref).abs().max() / ref.abs().max())
     assert err < 1e-11, err
+
+
+def test_factor_normal_shifts_in_place_and_retries_an_indefinite_matrix():
+    g = torch.Generator().manual_seed(6)
+    n = 6
+    X = torch.randn(2, 3, n, generator=g, dtype=F64)
+    N = X.mT @ X + torch.eye(n, dtype=F64)
+    N[1] -= (1 + 1e-11) * torch.eye(n, dtype=F64)       # rank 3, shifted below 0: Cholesky fails
+    eps = torch.finfo(F64).eps
+    kind, L = factor_normal(N.clone(), None, 0)
+    assert kind == "chol"
+    big = eps ** 0.5 * N[1].diagonal().abs().max().clamp(min=1.0)
+    for i, shift in ((0, eps ** 0.75), (1, big)):      # N + eps^¾ I; the failed element N + √eps·max|diag| I
+        ref = N[i] + shift * torch.eye(n, dtype=F64)
+        assert torch.allclose(L[i] @ L[i].mT, ref, rtol=0, atol=1e-13), i
 
 
 def test_data_matrix_products_shared_and_batched():

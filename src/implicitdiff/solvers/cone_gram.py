@@ -189,20 +189,22 @@ class NormalMatrix:
 def factor_normal(N, data, z):
     """The factorization of the reduced Newton system ``[[N, A_zᵀ], [A_z, 0]]`` (``z`` zero-cone rows):
     Cholesky of ``N + eps^¾ I`` without a zero cone, else an LU of the quasi-definite matrix
-    regularized by ``±eps^¾``."""
+    regularized by ``±eps^¾``.  ``N`` is overwritten (its diagonal shifted in place: no copy)."""
     B, n = N.shape[0], N.shape[-1]
     eps = torch.finfo(N.dtype).eps
-    eye = torch.eye(n, dtype=N.dtype, device=N.device)
+    delta = eps ** 0.75
+    diag = N.diagonal(dim1=-2, dim2=-1)
+    diag.add_(delta)
     if z == 0:
-        L, info = torch.linalg.cholesky_ex(N + eps ** 0.75 * eye)
+        L, info = torch.linalg.cholesky_ex(N)
         if bool((info > 0).any()):  # rounding made N indefinite: a shift relative to its diagonal
-            big = eps ** 0.5 * N.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
-            L2, _ = torch.linalg.cholesky_ex(N + big[:, None, None] * eye)
+            big = eps ** 0.5 * diag.abs().amax(-1).clamp(min=1.0)
+            diag.add_(big[:, None] - delta)
+            L2, _ = torch.linalg.cholesky_ex(N)
             L = torch.where((info > 0)[:, None, None], L2, L)
         return ("chol", L)
     Az = data.rows(Rows(0, z, (z,))).expand(B, z, n)
-    delta = eps ** 0.75
-    K = torch.cat([torch.cat([N + delta * eye, Az.mT], -1),
+    K = torch.cat([torch.cat([N, Az.mT], -1),
                    torch.cat([Az, -delta * torch.eye(z, dtype=N.dtype, device=N.device).expand(B, z, z)], -1)], -2)
     LU, piv, _ = torch.linalg.lu_factor_ex(K)
     return ("lu", (LU, piv))
