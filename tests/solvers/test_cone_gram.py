@@ -98,6 +98,22 @@ def test_data_matrix_products_shared_and_batched():
     assert DataMatrix(A.expand(4, 5, 3)).shared and not DataMatrix(A.expand(4, 5, 3).clone()).shared
 
 
+def test_sparse_data_matrix_products_equal_the_dense_ones():
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(4, 30, 20, generator=g, dtype=F64) * (torch.rand(30, 20, generator=g) < 0.1)
+    A[1, 0, 0] = 2.0                                   # a nonzero of one element only: in the pattern
+    data = DataMatrix(A)
+    assert data.sparse is not None and DataMatrix(torch.randn(4, 30, 20, dtype=F64)).sparse is None
+    keep = torch.tensor([1, 3])
+    for M, Ab in ((data, A), (data.subset(keep), A[keep])):
+        B = Ab.shape[0]
+        v, u = torch.randn(B, 20, generator=g, dtype=F64), torch.randn(B, 30, generator=g, dtype=F64)
+        V, U = torch.randn(B, 2, 20, generator=g, dtype=F64), torch.randn(B, 2, 30, generator=g, dtype=F64)
+        for got, ref in ((M.mv(v), (Ab @ v[..., None])[..., 0]), (M.rmv(u), (Ab.mT @ u[..., None])[..., 0]),
+                         (M.mv(V), V @ Ab.mT), (M.rmv(U), U @ Ab)):
+            assert got.shape == ref.shape and torch.allclose(got, ref, rtol=0, atol=1e-13)
+
+
 def _mixed_problem(B, g):
     """A feasible, bounded program on every cone: x ∈ Rⁿ, equalities, and each cone's slack ``b − Ax``
     interior at x = 0 (``b`` interior), with a cost ``c = −Aᵀy₀`` for an interior ``y₀`` (dual feasible)."""

@@ -3,7 +3,8 @@ r"""The cone interior point's data matrix and its normal matrix ``A_cᵀ H⁻¹ 
 :class:`DataMatrix` holds ``A`` either *shared* by the batch (``(m, n)``: every product with it is
 one matrix product for the whole batch, never an expanded ``(B, m, n)`` copy) or batched
 ``(B, m, n)``; an input ``(B, m, n)`` expanded from one matrix (stride 0 on the batch) is
-recognized as shared.
+recognized as shared; a batched one with few nonzeros multiplies from its nonzeros only
+(:class:`~.cone_sparse.SparseProducts`).
 
 :func:`normal_matrix` forms ``N = Σ_cones A_kᵀ W_k⁻¹ W_k⁻ᵀ A_k`` (``H = WᵀW`` the scaling of the
 interior point) — the matrix of the interior point's reduced Newton system — one term per group
@@ -42,7 +43,7 @@ from typing import NamedTuple
 import torch
 
 from ..linalg.kkt import chol_solve
-from .cone_sparse import SparseGram, sparse_gram
+from .cone_sparse import SPARSE_PRODUCTS, SparseGram, SparseProducts, sparse_gram
 
 __all__ = ["DataMatrix", "NormalMatrix", "Rows", "contiguous", "take", "put", "factor_normal", "solve_normal",
            "SOC_STRUCTURED_MIN"]
@@ -86,24 +87,35 @@ def put(out, g, val):
 class DataMatrix:
     """``A`` shared ``(m, n)`` or batched ``(B, m, n)``, with the products the interior point needs."""
 
-    def __init__(self, A: torch.Tensor):
+    def __init__(self, A: torch.Tensor, pattern=None, sparse=None):
         if A.dim() == 3 and A.stride(0) == 0:  # expanded from one matrix
             A = A[0]
         self.A = A
         self.shared = A.dim() == 2
+        # A's zero pattern, shared by the batch (a batched A: the union over its elements)
+        self.pattern = pattern if pattern is not None else (A != 0) if self.shared else (A != 0).any(0)
+        if sparse is None and not self.shared and int(self.pattern.sum()) <= SPARSE_PRODUCTS * self.pattern.numel():
+            sparse = SparseProducts(A, self.pattern)
+        self.sparse = sparse
 
     def subset(self, keep):
         """The matrix of the batch elements ``keep`` (a shared one is kept as it is)."""
-        return self if self.shared else DataMatrix(self.A.index_select(0, keep))
+        if self.shared:
+            return self
+        return DataMatrix(self.A.index_select(0, keep), self.pattern, self.sparse and self.sparse.subset(keep))
 
     def mv(self, v):
         """``A v`` for ``v (B, n)`` → ``(B, m)``, or each of ``r`` columns ``v (B, r, n)`` → ``(B, r, m)``."""
+        if self.sparse is not None:
+            return self.sparse.mv(v)
         if self.shared or v.dim() == 3:
             return v @ self.A.mT
         return (v[:, None, :] @ self.A.mT)[:, 0]  # a row-vector product: much faster than A @ v[..., None]
 
     def rmv(self, u):
         """``Aᵀ u`` for ``u (B, m)`` → ``(B, n)``, or ``(B, r, m)`` → ``(B, r, n)``."""
+        if self.sparse is not None:
+            return self.sparse.rmv(u)
         if self.shared or u.dim() == 3:
             return u @ self.A
         return (u[:, None, :] @ self.A)[:, 0]
@@ -126,7 +138,7 @@ class NormalMatrix:
         self.pre = []
         n = data.A.shape[-1]
         lead = 1 if data.shared else data.A.shape[0]
-        pattern = (data.A != 0) if data.shared else (data.A != 0).any(0)
+        pattern = data.pattern
         for kind, size, idx in groups:
             nb = idx.shape[0] if len(idx.shape) == 2 else 1
             structured = (kind == "q" and size >= SOC_STRUCTURED_MIN

@@ -23,17 +23,26 @@ are added into ``N`` by one ``index_add_`` over indices formed once per solve (p
 add exact zeros).  The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in
 another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
 half the cost of the form it replaces (:data:`SCATTER_COST`): the dense Gram, or for large
-second-order blocks the structured term (``~n²`` per block, see :mod:`~.cone_gram`).  Forward only.
+second-order blocks the structured term (``~n²`` per block, see :mod:`~.cone_gram`).
+
+**Products with a batched sparse** ``A`` (:class:`SparseProducts`, used by
+:class:`~.cone_gram.DataMatrix` when at most :data:`SPARSE_PRODUCTS` of the pattern's entries are
+nonzero): ``A``'s values on the pattern ``(B, nnz)`` with their rows and columns, gathered once;
+``Av`` and ``Aᵀu`` multiply them with the gathered entries of ``v`` or ``u`` and ``index_add_`` the
+products into the rows or columns — ``nnz`` instead of ``m·n`` multiply-adds, and ``A`` itself
+(``B·m·n`` entries) is not read per product.  A shared ``A`` keeps its one matrix product.
+Forward only.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["SparseGram", "sparse_gram", "PRIVATE_MAX_BLOCKS", "SCATTER_COST"]
+__all__ = ["SparseGram", "sparse_gram", "SparseProducts", "PRIVATE_MAX_BLOCKS", "SCATTER_COST", "SPARSE_PRODUCTS"]
 
 PRIVATE_MAX_BLOCKS = 2  # a column in more blocks of a group than this is shared (a dense Gram block)
 SCATTER_COST = 4.0      # an entry added by index_add_ costs about this many multiply-adds (measured, CPU)
+SPARSE_PRODUCTS = 0.25  # a batched A with at most this fraction of nonzeros: SparseProducts
 
 
 def sparse_gram(rows, pattern, n, cost=None):
@@ -113,3 +122,32 @@ class SparseGram:
 def _blocks(v, ix, dim=0):
     """The blocks ``ix`` of ``v`` along ``dim`` (``None``: all of them)."""
     return v if ix is None else v.index_select(dim, ix)
+
+
+class SparseProducts:
+    """``Av`` and ``Aᵀu`` for a batched ``A (B, m, n)`` from its values on the ``pattern (m, n)``."""
+
+    def __init__(self, A, pattern):
+        self.shape = A.shape[-2:]
+        self.row, self.col = pattern.nonzero().unbind(1)
+        self.vals = A[:, self.row, self.col].T.contiguous()        # (nnz, B): the batch last, as below
+
+    def subset(self, keep):
+        out = SparseProducts.__new__(SparseProducts)
+        out.shape, out.row, out.col, out.vals = self.shape, self.row, self.col, self.vals.index_select(1, keep)
+        return out
+
+    def mv(self, v):
+        """``A v``: ``(B, n)`` → ``(B, m)`` or ``(B, r, n)`` → ``(B, r, m)``."""
+        return self._apply(v, self.col, self.row, self.shape[0])
+
+    def rmv(self, u):
+        """``Aᵀ u``: ``(B, m)`` → ``(B, n)`` or ``(B, r, m)`` → ``(B, r, n)``."""
+        return self._apply(u, self.row, self.col, self.shape[1])
+
+    def _apply(self, v, src, dst, size):
+        # on (entries, batch…) layouts: each gathered or added entry is a contiguous row of the batch
+        vt = v.movedim(-1, 0).contiguous()
+        prod = vt.index_select(0, src) * (self.vals if v.dim() == 2 else self.vals[..., None])
+        out = v.new_zeros(size, prod[0].numel()).index_add_(0, dst, prod.reshape(src.numel(), -1))
+        return out.reshape((size,) + vt.shape[1:]).movedim(0, -1).contiguous()
