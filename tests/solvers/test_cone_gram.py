@@ -11,9 +11,9 @@ from implicitdiff import SolveError, Status
 from implicitdiff.linalg.cone_spec import parse_cones, svec
 from implicitdiff.solvers.cone_exp import ExpCone
 from implicitdiff.solvers.cone_gram import (SOC_STRUCTURED_MIN, DataMatrix, NormalMatrix, contiguous, factor_normal, put,
-                                           take)
+                                           solve_normal, take)
 from implicitdiff.solvers.cone_ipm import _CONES, ConeInteriorPoint
-from implicitdiff.solvers.cone_sparse import PRIVATE_MAX_BLOCKS, SparseGram
+from implicitdiff.solvers.cone_sparse import PRIVATE_MAX_BLOCKS, Elimination, SparseGram
 
 F64 = torch.float64
 CONES = {"z": 2, "l": 3, "q": [9, 3, 9, 12], "s": [3], "ep": 2}  # structured (9, 12) and generic (3) SOC blocks
@@ -81,8 +81,8 @@ def test_factor_normal_shifts_in_place_and_retries_an_indefinite_matrix():
     N = X.mT @ X + torch.eye(n, dtype=F64)
     N[1] -= (1 + 1e-11) * torch.eye(n, dtype=F64)       # rank 3, shifted below 0: Cholesky fails
     eps = torch.finfo(F64).eps
-    kind, L = factor_normal(N.clone(), None, 0)
-    assert kind == "chol"
+    kind, (plan, (L,)) = factor_normal(N.clone(), DataMatrix(X[0].mT), 0)
+    assert kind == "chol" and plan is None
     big = eps ** 0.5 * N[1].diagonal().abs().max().clamp(min=1.0)
     for i, shift in ((0, eps ** 0.75), (1, big)):      # N + eps^¾ I; the failed element N + √eps·max|diag| I
         ref = N[i] + shift * torch.eye(n, dtype=F64)
@@ -305,3 +305,38 @@ def test_dense_pattern_keeps_the_dense_form():
     s, y = _interior(spec, 2, g), _interior(spec, 2, g)
     groups, _ = _states(spec, s, y)
     assert not any(isinstance(p, SparseGram) for p in NormalMatrix(DataMatrix(A), groups, _CONES).pre)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_elimination_solves_like_the_dense_cholesky(shared):
+    # N with its private columns' blocks eliminated first: the same solves as the dense Cholesky,
+    # and the same shifts (eps^¾, and √eps·max|diag| where N is indefinite)
+    g = torch.Generator().manual_seed(8)
+    spec = parse_cones(SPARSE_CONES)
+    B = 3
+    A = _sparse_A(spec, B, g, drop=0.0)
+    A = A[0] if shared else A
+    s, y = _interior(spec, B, g), _interior(spec, B, g)
+    groups, states = _states(spec, s, y)
+    data = DataMatrix(A)
+    N = NormalMatrix(data, groups, _CONES)(states, B)
+    n = N.shape[-1]
+    eye = torch.eye(n, dtype=F64)
+    N += eye                                                    # (A has fewer rows than columns in places)
+    plan = data.elimination
+    assert isinstance(plan, Elimination) and plan.D.tolist()[:5] == list(range(5)) and plan.comp.shape[1] > 1
+    N[2] -= (torch.linalg.eigvalsh(N[2])[0] + 1e-9) * eye      # element 2: indefinite
+    R = torch.randn(B, 2, n, generator=g, dtype=F64)
+    kind, (got_plan, F) = factor_normal(N.clone(), data, 0)
+    assert kind == "chol" and got_plan is plan
+    x = solve_normal((kind, (got_plan, F)), R, R[..., :0])[0]
+    data.elimination = None
+    xd = solve_normal(factor_normal(N.clone(), data, 0), R, R[..., :0])[0]
+    eps = torch.finfo(F64).eps
+    for i in range(B):
+        shift = eps ** 0.5 * N[i].diagonal().abs().max().clamp(min=1.0) if i == 2 else eps ** 0.75
+        Ni = N[i] + shift * eye                                 # backward stable: a small residual
+        assert float((x[i] @ Ni - R[i]).abs().max()) <= 1e-12 * float(Ni.abs().max() * x[i].abs().max())
+        if i < 2:                                               # (element 2 is nearly singular)
+            tol = 1e2 * eps * float(torch.linalg.cond(Ni))
+            assert torch.allclose(x[i], xd[i], rtol=0, atol=tol * float(xd[i].abs().max())) and tol < 1e-6

@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 
 from ..linalg.kkt import chol_solve
-from .cone_sparse import SPARSE_PRODUCTS, SparseGram, SparseProducts, sparse_gram
+from .cone_sparse import SPARSE_PRODUCTS, SparseGram, SparseProducts, elimination, sparse_gram
 
 __all__ = ["DataMatrix", "NormalMatrix", "Rows", "contiguous", "take", "put", "factor_normal", "solve_normal",
            "SOC_STRUCTURED_MIN"]
@@ -97,12 +97,15 @@ class DataMatrix:
         if sparse is None and not self.shared and int(self.pattern.sum()) <= SPARSE_PRODUCTS * self.pattern.numel():
             sparse = SparseProducts(A, self.pattern)
         self.sparse = sparse
+        self.elimination = None  # N's elimination order (cone_sparse.Elimination), set by NormalMatrix
 
     def subset(self, keep):
         """The matrix of the batch elements ``keep`` (a shared one is kept as it is)."""
         if self.shared:
             return self
-        return DataMatrix(self.A.index_select(0, keep), self.pattern, self.sparse and self.sparse.subset(keep))
+        out = DataMatrix(self.A.index_select(0, keep), self.pattern, self.sparse and self.sparse.subset(keep))
+        out.elimination = self.elimination
+        return out
 
     def mv(self, v):
         """``A v`` for ``v (B, n)`` → ``(B, m)``, or each of ``r`` columns ``v (B, r, n)`` → ``(B, r, m)``."""
@@ -139,11 +142,14 @@ class NormalMatrix:
         n = data.A.shape[-1]
         lead = 1 if data.shared else data.A.shape[0]
         pattern = data.pattern
+        supports = []  # the columns of each block
         for kind, size, idx in groups:
+            rows = take(pattern[None], idx)[0]
+            supports.append(rows if rows.dim() == 2 else rows.any(-2))
             nb = idx.shape[0] if len(idx.shape) == 2 else 1
             structured = (kind == "q" and size >= SOC_STRUCTURED_MIN
                           and lead * nb * n * n * data.A.element_size() <= _STRUCTURED_BYTES)
-            sparse = sparse_gram(data.rows(idx), take(pattern[None], idx)[0], n,
+            sparse = sparse_gram(data.rows(idx), rows, n,
                                  nb * (n + size) * n if structured else None)
             if sparse is None and structured:
                 Ak = data.rows(idx)                                     # (S, nb, k, n)
@@ -152,6 +158,7 @@ class NormalMatrix:
                 self.pre.append((Ak, P))
             else:
                 self.pre.append(sparse)
+        data.elimination = elimination(supports, n)
 
     def subset(self, data: DataMatrix, keep):
         """The normal matrix of the batch elements ``keep`` (``data``: their :class:`DataMatrix`)."""
@@ -200,26 +207,34 @@ class NormalMatrix:
 
 def factor_normal(N, data, z):
     """The factorization of the reduced Newton system ``[[N, A_zᵀ], [A_z, 0]]`` (``z`` zero-cone rows):
-    Cholesky of ``N + eps^¾ I`` without a zero cone, else an LU of the quasi-definite matrix
-    regularized by ``±eps^¾``.  ``N`` is overwritten (its diagonal shifted in place: no copy)."""
+    Cholesky of ``N + eps^¾ I`` without a zero cone (dense, or with ``data.elimination``'s private
+    columns eliminated first: :class:`~.cone_sparse.Elimination`), else an LU of the quasi-definite
+    matrix regularized by ``±eps^¾``.  ``N`` is overwritten (its diagonal shifted in place: no copy)."""
     B, n = N.shape[0], N.shape[-1]
     eps = torch.finfo(N.dtype).eps
     delta = eps ** 0.75
     diag = N.diagonal(dim1=-2, dim2=-1)
     diag.add_(delta)
     if z == 0:
-        L, info = torch.linalg.cholesky_ex(N)
+        plan = data.elimination
+        chol = _dense_cholesky if plan is None else plan.cholesky
+        F, info = chol(N)
         if bool((info > 0).any()):  # rounding made N indefinite: a shift relative to its diagonal
             big = eps ** 0.5 * diag.abs().amax(-1).clamp(min=1.0)
             diag.add_(big[:, None] - delta)
-            L2, _ = torch.linalg.cholesky_ex(N)
-            L = torch.where((info > 0)[:, None, None], L2, L)
-        return ("chol", L)
+            F2, _ = chol(N)
+            F = tuple(torch.where((info > 0).reshape((-1,) + (1,) * (f.dim() - 1)), f2, f) for f, f2 in zip(F, F2))
+        return ("chol", (plan, F))
     Az = data.rows(Rows(0, z, (z,))).expand(B, z, n)
     K = torch.cat([torch.cat([N, Az.mT], -1),
                    torch.cat([Az, -delta * torch.eye(z, dtype=N.dtype, device=N.device).expand(B, z, z)], -1)], -2)
     LU, piv, _ = torch.linalg.lu_factor_ex(K)
     return ("lu", (LU, piv))
+
+
+def _dense_cholesky(N):
+    L, info = torch.linalg.cholesky_ex(N)
+    return (L,), info
 
 
 def solve_normal(fac, rhs1, r2z):
@@ -228,7 +243,8 @@ def solve_normal(fac, rhs1, r2z):
     ``cholesky_solve`` on the CPU), ``lu_solve`` for the LU."""
     kind, F = fac
     if kind == "chol":
-        return chol_solve(F, rhs1.mT).mT, rhs1[..., :0]
+        plan, F = F
+        return (chol_solve(F[0], rhs1.mT).mT if plan is None else plan.solve(F, rhs1)), rhs1[..., :0]
     n = rhs1.shape[-1]
     sol = torch.linalg.lu_solve(F[0], F[1], torch.cat([rhs1, r2z], -1).mT).mT
     return sol[..., :n], sol[..., n:]
