@@ -286,6 +286,32 @@ def test_sparse_normal_matrix_on_a_subset_of_the_batch():
     assert "ep" in _check(A, 5, spec, g, keep=torch.tensor([0, 3, 4]))
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_structured_term_on_its_columns_equals_the_dense_one(shared):
+    # second-order blocks of 20 rows on 20 of 120 columns: the structured term (not a SparseGram), formed
+    # on those columns and scattered into N; also on a subset of the batch
+    g = torch.Generator().manual_seed(9)
+    spec = parse_cones({"l": 4, "q": [20, 20]})
+    B, n = 4, 120
+    A = torch.zeros(B, spec.m, n, dtype=F64)
+    A[:, :4, :8] = torch.randn(B, 4, 8, generator=g, dtype=F64)
+    A[:, 4:24, 10:30] = torch.randn(B, 20, 20, generator=g, dtype=F64)
+    A[:, 24:, 25:45] = torch.randn(B, 20, 20, generator=g, dtype=F64)
+    A = A[0] if shared else A
+    s, y = _interior(spec, B, g, 3.0), _interior(spec, B, g, 3.0)
+    data = DataMatrix(A)
+    groups, states = _states(spec, s, y)
+    normal = NormalMatrix(data, groups, _CONES)
+    (q,) = [pre for (kind, _, _), pre in zip(groups, normal.pre) if kind == "q"]
+    assert isinstance(q, tuple) and q[2][0].tolist() == list(range(10, 45))
+    keep = torch.tensor([0, 2, 3])
+    for d, nm, idx in ((data, normal, torch.arange(B)), (data.subset(keep), normal.subset(data.subset(keep), keep), keep)):
+        groups, states = _states(spec, s[idx], y[idx])
+        N = nm(states, idx.numel())
+        ref = _dense_normal((A if shared else A[idx]).expand(idx.numel(), spec.m, n).contiguous(), spec, groups, states)
+        assert float((N - ref).abs().max() / ref.abs().max()) < 1e-12
+
+
 def test_shared_columns_split_blocks_with_and_without_them():
     g = torch.Generator().manual_seed(2)
     spec = parse_cones({"ep": 8})

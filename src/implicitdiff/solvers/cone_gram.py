@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 
 from ..linalg.kkt import chol_solve
-from .cone_sparse import SPARSE_PRODUCTS, SparseGram, SparseProducts, elimination, sparse_gram
+from .cone_sparse import SPARSE_PRODUCTS, SparseGram, SparseProducts, elimination, sparse_gram, support_columns
 
 __all__ = ["DataMatrix", "NormalMatrix", "Rows", "contiguous", "take", "put", "factor_normal", "solve_normal",
            "SOC_STRUCTURED_MIN"]
@@ -152,10 +152,11 @@ class NormalMatrix:
             sparse = sparse_gram(data.rows(idx), rows, n,
                                  nb * (n + size) * n if structured else None)
             if sparse is None and structured:
-                Ak = data.rows(idx)                                     # (S, nb, k, n)
+                cols = support_columns(supports[-1].any(0))
+                Ak = _columns(data.rows(idx), cols)                     # (S, nb, k, n or s)
                 a0 = Ak[..., :1, :]
                 P = Ak[..., 1:, :].mT @ Ak[..., 1:, :] - a0.mT @ a0    # A_kᵀ(−J)A_k
-                self.pre.append((Ak, P))
+                self.pre.append((Ak, P, cols))
             else:
                 self.pre.append(sparse)
         data.elimination = elimination(supports, n)
@@ -164,45 +165,59 @@ class NormalMatrix:
         """The normal matrix of the batch elements ``keep`` (``data``: their :class:`DataMatrix`)."""
         out = NormalMatrix.__new__(NormalMatrix)
         out.data, out.groups, out.cones = data, self.groups, self.cones
-        out.pre = [pre if pre is None or self.data.shared else
-                   pre.subset(keep) if isinstance(pre, SparseGram) else (data.rows(idx), pre[1].index_select(0, keep))
+        out.pre = [pre if pre is None or self.data.shared else pre.subset(keep) if isinstance(pre, SparseGram)
+                   else (_columns(data.rows(idx), pre[2]), pre[1].index_select(0, keep), pre[2])
                    for (_, _, idx), pre in zip(self.groups, self.pre)]
         return out
 
     def __call__(self, states, B):
         data = self.data
         n = data.A.shape[-1]
-        N = None  # the first dense term writes it
+        N = None  # the first dense term writes it; the terms on few columns are added into it below
         for (kind, _, idx), st, pre in zip(self.groups, states, self.pre):
-            if isinstance(pre, SparseGram):
-                continue  # added in place below
+            if isinstance(pre, SparseGram) or (pre is not None and pre[2] is not None):
+                continue
             if pre is None:  # generic: (W⁻ᵀA_k)ᵀ(W⁻ᵀA_k)
                 At = self.cones[kind].winv_t(st, data.rows(idx)).reshape(B, -1, n)
                 N = At.mT @ At if N is None else N.baddbmm_(At.mT, At)
                 continue
-            Ak, P = pre
-            w, eta = st[0], st[1]                                      # (B, nb, k), (B, nb)
-            e = eta.reciprocal().square()
-            Jw = torch.cat([w[..., :1], -w[..., 1:]], -1)              # J w
-            nb = w.shape[1]
-            if data.shared:  # one batched product over blocks: (nb, B, k) @ (nb, k, n)
-                v = (Jw.transpose(0, 1) @ Ak[0]).transpose(0, 1)       # (B, nb, n)
-                e2, P2 = e[None], P[0].reshape(1, nb, n * n)           # Σ_k e_k P_k: (1, B, nb) @ (1, nb, n²)
-            else:
-                v = (Jw[..., None, :] @ Ak)[..., 0, :]                 # (B, nb, n)
-                e2, P2 = e[:, None, :], P.reshape(B, nb, n * n)        # (B, 1, nb) @ (B, nb, n²)
+            e2, P2, U = self._soc(pre, st, B)
             if N is None:
                 N = (e2 @ P2).reshape(B, n, n)
             else:
                 N.view(e2.shape[0], -1, n * n).baddbmm_(e2, P2)
-            U = v * (2 * e).sqrt()[..., None]
             N.baddbmm_(U.mT, U)
         if N is None:
             N = data.A.new_zeros(B, n, n)
         for (kind, _, _), st, pre in zip(self.groups, states, self.pre):
             if isinstance(pre, SparseGram):
                 pre(self.cones[kind].winv_t, st, N)
+            elif pre is not None and pre[2] is not None:  # structured on the group's s columns
+                e2, P2, U = self._soc(pre, st, B)
+                s = U.shape[-1]
+                T = (e2 @ P2).reshape(B, s, s).baddbmm_(U.mT, U)
+                N.view(B, n * n).index_add_(1, pre[2][1], T.reshape(B, s * s))
         return N
+
+    def _soc(self, pre, st, B):
+        """A structured group's ``Σ_k e_k P_k`` as the product ``e2 @ P2`` and ``U`` (its rank update ``UᵀU``)."""
+        Ak, P, _ = pre
+        w, eta = st[0], st[1]                                          # (B, nb, k), (B, nb)
+        e = eta.reciprocal().square()
+        Jw = torch.cat([w[..., :1], -w[..., 1:]], -1)                  # J w
+        nb, s = w.shape[1], Ak.shape[-1]
+        if self.data.shared:  # one batched product over blocks: (nb, B, k) @ (nb, k, s)
+            v = (Jw.transpose(0, 1) @ Ak[0]).transpose(0, 1)           # (B, nb, s)
+            e2, P2 = e[None], P[0].reshape(1, nb, s * s)               # (1, B, nb) @ (1, nb, s²)
+        else:
+            v = (Jw[..., None, :] @ Ak)[..., 0, :]                     # (B, nb, s)
+            e2, P2 = e[:, None, :], P.reshape(B, nb, s * s)            # (B, 1, nb) @ (B, nb, s²)
+        return e2, P2, v * (2 * e).sqrt()[..., None]
+
+
+def _columns(Ak, cols):
+    """``Ak`` on the columns ``cols`` (``None``: all)."""
+    return Ak if cols is None else Ak.index_select(-1, cols[0])
 
 
 def factor_normal(N, data, z):

@@ -23,7 +23,9 @@ are added into ``N`` by one ``index_add_`` over indices formed once per solve (p
 add exact zeros).  The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in
 another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
 half the cost of the form it replaces (:data:`SCATTER_COST`): the dense Gram, or for large
-second-order blocks the structured term (``~n²`` per block, see :mod:`~.cone_gram`).
+second-order blocks the structured term (``~n²`` per block, see :mod:`~.cone_gram`).  A structured
+group kept as such is formed on its columns ``S`` only (``|S| × |S|``, scattered) where
+:func:`support_columns` finds ``S`` small enough.
 
 **Products with a batched sparse** ``A`` (:class:`SparseProducts`, used by
 :class:`~.cone_gram.DataMatrix` when at most :data:`SPARSE_PRODUCTS` of the pattern's entries are
@@ -51,13 +53,23 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SparseGram", "sparse_gram", "SparseProducts", "Elimination", "elimination", "PRIVATE_MAX_BLOCKS",
+__all__ = ["SparseGram", "sparse_gram", "support_columns", "SparseProducts", "Elimination", "elimination", "PRIVATE_MAX_BLOCKS",
            "SCATTER_COST", "SPARSE_PRODUCTS", "ELIM_MAX_BLOCK"]
 
 PRIVATE_MAX_BLOCKS = 2  # a column in more blocks of a group than this is shared (a dense Gram block)
 SCATTER_COST = 4.0      # an entry added by index_add_ costs about this many multiply-adds (measured, CPU)
 SPARSE_PRODUCTS = 0.25  # a batched A with at most this fraction of nonzeros: SparseProducts
 ELIM_MAX_BLOCK = 16     # N_PP's diagonal blocks larger than this: the dense Cholesky
+
+
+def support_columns(sup):
+    """``(S, flat)`` for a term that lives on the columns ``S`` of ``sup (n,)`` (bool), with ``flat`` the
+    indices of ``S × S`` in ``N (n·n)``; ``None`` where ``S`` is too large for the scatter to pay."""
+    n = sup.numel()
+    S = sup.nonzero()[:, 0]
+    if 2 * SCATTER_COST * S.numel() ** 2 > n * n:
+        return None
+    return S, (S[:, None] * n + S).reshape(-1)
 
 
 def sparse_gram(rows, pattern, n, cost=None):
