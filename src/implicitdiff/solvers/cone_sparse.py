@@ -10,7 +10,7 @@ The columns are split once per solve into
 
 * **shared** columns ``D``: in more than :data:`PRIVATE_MAX_BLOCKS` blocks of the group, and
 * each block's **private** columns ``P_b = S_b \ D`` (padded to the group's largest count ``p``
-  with columns of zeros),
+  with entries set to zero),
 
 and ``A``'s rows are gathered once onto the ``d + p`` columns ``[D, P_b]`` of each block.  Per
 iteration the cone's ``winv_t`` scales these ``d + p`` columns instead of ``n``, and
@@ -53,8 +53,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SparseGram", "sparse_gram", "support_columns", "SparseProducts", "Elimination", "elimination", "PRIVATE_MAX_BLOCKS",
-           "SCATTER_COST", "SPARSE_PRODUCTS", "ELIM_MAX_BLOCK"]
+__all__ = ["SparseGram", "sparse_gram", "support_columns", "SparseProducts", "Elimination", "elimination",
+           "PRIVATE_MAX_BLOCKS", "SCATTER_COST", "SPARSE_PRODUCTS", "ELIM_MAX_BLOCK"]
 
 PRIVATE_MAX_BLOCKS = 2  # a column in more blocks of a group than this is shared (a dense Gram block)
 SCATTER_COST = 4.0      # an entry added by index_add_ costs about this many multiply-adds (measured, CPU)
@@ -77,10 +77,7 @@ def sparse_gram(rows, pattern, n, cost=None):
     of one row; ``(blocks, k)``) with ``pattern (*s, n)`` (bool), or ``None`` where it would cost
     more than half of ``cost`` (multiply-adds per batch element; default: the dense Gram's)."""
     sup = pattern if pattern.dim() == 2 else pattern.any(-2)   # (nb, n): S_b
-    if pattern.dim() == 2:
-        k = 1
-    else:
-        k = pattern.shape[-2]
+    k = 1 if pattern.dim() == 2 else pattern.shape[-2]
     nb = sup.shape[0]
     shared = sup.sum(0) > PRIVATE_MAX_BLOCKS
     D = shared.nonzero()[:, 0]
@@ -105,14 +102,14 @@ class SparseGram:
         nb, n = sup.shape
         d = D.numel()
         # each block's private columns first; the padding's entries are set to zero below
-        order = torch.sort(priv.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :p]
-        P = order                                                   # (nb, p)
+        P = torch.sort(priv.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :p]   # (nb, p)
         cols = torch.cat([D.expand(nb, d), P], 1)                   # (nb, d + p)
         keep = torch.cat([torch.ones(nb, d, dtype=torch.bool, device=P.device), priv.gather(1, P)], 1)
-        ishape = rows.shape[1:-1]
-        if len(ishape) == 2:
-            cols, keep = cols[:, None, :].expand(nb, k, d + p), keep[:, None, :]
-        self.rows = rows.gather(-1, cols.expand(rows.shape[:1] + cols.shape)) * keep  # (1 or B, *s, d + p)
+        if rows.dim() == 4:                                         # blocks of k rows
+            gcols, keep = cols[:, None, :].expand(nb, k, d + p), keep[:, None, :]
+        else:
+            gcols = cols
+        self.rows = rows.gather(-1, gcols.expand(rows.shape[:1] + gcols.shape)) * keep  # (1 or B, *s, d + p)
         self.shape, self.d, self.p = (nb, k, d + p), d, p
         touch = sup[:, D].any(1)
         # blocks that touch D (their Gram on [D, P_b]) and the others (on P_b): None for all blocks
@@ -120,8 +117,9 @@ class SparseGram:
         self.other = None if not bool(touch.any()) else (~touch).nonzero()[:, 0]
         # flat indices into N (n·n), in the order __call__ concatenates the values
         parts = [(D[:, None] * n + D).reshape(-1)]
-        Pt, Ct = _blocks(P, self.touch), _blocks(cols[:, 0] if len(ishape) == 2 else cols, self.touch)
-        parts += [(Pt[:, :, None] * n + Ct[:, None, :]).reshape(-1), (D[None, :, None] * n + Pt[:, None, :]).reshape(-1)]
+        Pt, Ct = _blocks(P, self.touch), _blocks(cols, self.touch)
+        parts += [(Pt[:, :, None] * n + Ct[:, None, :]).reshape(-1),
+                  (D[None, :, None] * n + Pt[:, None, :]).reshape(-1)]
         Po = _blocks(P, self.other)
         parts.append((Po[:, :, None] * n + Po[:, None, :]).reshape(-1))
         self.index = torch.cat(parts)
