@@ -13,7 +13,7 @@ from implicitdiff.solvers.cone_exp import ExpCone
 from implicitdiff.solvers.cone_gram import (SOC_STRUCTURED_MIN, DataMatrix, NormalMatrix, contiguous, factor_normal, put,
                                            solve_normal, take)
 from implicitdiff.solvers.cone_ipm import _CONES, ConeInteriorPoint
-from implicitdiff.solvers.cone_sparse import PRIVATE_MAX_BLOCKS, Elimination, SparseGram
+from implicitdiff.solvers.cone_sparse import ELIM_MAX_BLOCK, PRIVATE_MAX_BLOCKS, Elimination, SparseGram, elimination
 
 F64 = torch.float64
 CONES = {"z": 2, "l": 3, "q": [9, 3, 9, 12], "s": [3], "ep": 2}  # structured (9, 12) and generic (3) SOC blocks
@@ -366,3 +366,18 @@ def test_elimination_solves_like_the_dense_cholesky(shared):
         if i < 2:                                               # (element 2 is nearly singular)
             tol = 1e2 * eps * float(torch.linalg.cond(Ni))
             assert torch.allclose(x[i], xd[i], rtol=0, atol=tol * float(xd[i].abs().max())) and tol < 1e-6
+
+
+def test_elimination_finds_the_private_blocks_or_declines():
+    n = 41
+    pairs = torch.zeros(20, n, dtype=torch.bool)               # block i: columns 2i, 2i+1 and the shared 40
+    pairs[torch.arange(20), 2 * torch.arange(20)] = True
+    pairs[torch.arange(20), 2 * torch.arange(20) + 1] = True
+    pairs[:, 40] = True
+    plan = elimination([pairs[:10], pairs[10:]], n)             # (two groups)
+    assert plan.D.tolist() == [40] and sorted(plan.comp.tolist()) == [[2 * i, 2 * i + 1] for i in range(20)]
+    chain = torch.zeros(ELIM_MAX_BLOCK + 4, n, dtype=torch.bool)  # blocks (i, i+1): one block of 21 columns
+    chain[torch.arange(chain.shape[0]), torch.arange(chain.shape[0])] = True
+    chain[torch.arange(chain.shape[0]), torch.arange(chain.shape[0]) + 1] = True
+    assert elimination([chain], n) is None
+    assert elimination([torch.ones(3, n, dtype=torch.bool)], n) is None   # dense: nothing private

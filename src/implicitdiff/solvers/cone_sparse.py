@@ -182,19 +182,26 @@ def elimination(supports, n):
     """An :class:`Elimination` for ``N (n, n)`` from the blocks' column supports (``(nb, n)`` bool per
     group), or ``None`` where ``N_PP`` has a block above :data:`ELIM_MAX_BLOCK` or the dense
     factorization is cheaper."""
-    sup = torch.cat(supports).to(torch.float64)
+    sup = torch.cat(supports)
     shared = sup.sum(0) > PRIVATE_MAX_BLOCKS
     D, P = shared.nonzero()[:, 0], (~shared).nonzero()[:, 0]
     if P.numel() == 0:
         return None
-    Q = (sup[:, P].T @ sup[:, P]) > 0                           # N_PP's pattern
-    lab = torch.arange(P.numel(), device=P.device)
-    while True:                                                 # connected components: the least label
-        new = torch.where(Q, lab, P.numel()).amin(1)
+    # N_PP's blocks: the connected components of the graph linking each block's private columns
+    # (a chain per block), by label propagation; one of more than ELIM_MAX_BLOCK columns has a
+    # path longer than ELIM_MAX_BLOCK, so it does not settle within that many rounds
+    nz = (sup & ~shared).nonzero()                              # (block, column), sorted by block
+    link = nz[1:, 0] == nz[:-1, 0]
+    src, dst = nz[:-1, 1][link], nz[1:, 1][link]
+    lab = torch.arange(n, device=sup.device)
+    for _ in range(ELIM_MAX_BLOCK):
+        new = lab.scatter_reduce(0, dst, lab[src], "amin").scatter_reduce(0, src, lab[dst], "amin")
         if torch.equal(new, lab):
             break
         lab = new
-    _, comp_of, counts = torch.unique(lab, return_inverse=True, return_counts=True)
+    else:
+        return None
+    _, comp_of, counts = torch.unique(lab[P], return_inverse=True, return_counts=True)
     c, d = int(counts.max()), D.numel()
     if c > ELIM_MAX_BLOCK or (counts.numel() * (c ** 3 / 3 + c * c * d + c * d * d) + d ** 3 / 3) > n ** 3 / 6:
         return None
