@@ -31,7 +31,10 @@ of blocks of one kind and size:
   the same generic term on each block's nonzero columns only (:mod:`~.cone_sparse`), where it
   costs at most half the form above (cvxpy's canonical exponential-cone programs).
 
-The first dense term writes ``N``; the others and the sparse terms add into it in place.
+A structured term whose group touches few columns is formed on those columns only.  The first
+dense term writes ``N``; the others and the sparse terms add into it in place.  Without a zero
+cone, :func:`factor_normal` eliminates ``N``'s private columns first where their blocks are small
+(``DataMatrix.elimination``, found by :class:`NormalMatrix` from the pattern; :mod:`~.cone_sparse`).
 
 Forward only: no gradients here.
 """
@@ -103,7 +106,8 @@ class DataMatrix:
         """The matrix of the batch elements ``keep`` (a shared one is kept as it is)."""
         if self.shared:
             return self
-        out = DataMatrix(self.A.index_select(0, keep), self.pattern, self.sparse and self.sparse.subset(keep))
+        out = DataMatrix(self.A.index_select(0, keep), self.pattern,
+                         None if self.sparse is None else self.sparse.subset(keep))
         out.elimination = self.elimination
         return out
 
