@@ -10,9 +10,11 @@ import torch
 
 from implicitdiff import Status
 from implicitdiff.linalg.cone_spec import parse_cones
-from implicitdiff.solvers import cone_exp
+from implicitdiff.solvers import cone_exp, cone_gram
 from implicitdiff.solvers.cone_exp import ExpCone, _boundary, _chol, _dense, _grad_hess, _in_dual, _in_primal, _near
-from implicitdiff.solvers.cone_ipm import ConeInteriorPoint
+from implicitdiff.solvers.cone_gram import DataMatrix, NormalMatrix, contiguous
+from implicitdiff.solvers.cone_ipm import _CONES, ConeInteriorPoint
+from implicitdiff.solvers.cone_sparse import SparseGram
 
 F64 = torch.float64
 
@@ -429,3 +431,31 @@ def test_float32_logistic_regression():
     x32, _, _, info = idf.cone_program(A.float(), b.float(), c.float(), cones, return_info=True)
     assert x32.dtype == torch.float32 and int(info.status) == Status.SUCCESS
     assert torch.allclose(x32.double(), x64, atol=1e-4)
+
+
+def test_logistic_regression_sparse_normal_matrix_equals_the_dense_one(monkeypatch):
+    # the exp, second-order and nonnegative groups of a logistic regression take the normal matrix
+    # from A's zero pattern and factor it by eliminating the private columns first (cone_sparse); the
+    # same solves with the dense forms: same iterations, same solutions (up to rounding), on a batch
+    # with one A per element
+    g = torch.Generator().manual_seed(7)
+    progs = [_logistic(g, d=5, N=20) for _ in range(3)]
+    A = torch.stack([p[0] for p in progs])
+    b, c, cones = progs[0][1].expand(3, -1), torch.stack([p[2] for p in progs]), progs[0][3]
+    spec = parse_cones(cones)
+    groups = [(k, size, contiguous(idx)) for k, size, idx in spec.groups()]
+    data = DataMatrix(A)
+    kinds = [kind for (kind, _, _), pre in zip(groups, NormalMatrix(data, groups, _CONES).pre)
+             if isinstance(pre, SparseGram)]
+    assert kinds == ["l", "q", "ep"] and data.elimination.comp.shape[1] == 3    # (t_i, u_i1, u_i2)
+    solver = ConeInteriorPoint(rtol=1e-10)
+    sparse = solver.solve(A, b, c, spec)
+    monkeypatch.setattr(cone_gram, "sparse_gram", lambda *a: None)
+    monkeypatch.setattr(cone_gram, "elimination", lambda *a: None)
+    dense = solver.solve(A, b, c, spec)
+    assert sparse.status.tolist() == dense.status.tolist() == [Status.SUCCESS] * 3
+    assert sparse.iterations.tolist() == dense.iterations.tolist()
+    for a, d in zip(sparse[:3], dense[:3]):
+        assert torch.allclose(a, d, rtol=0, atol=1e-8 * (1 + float(d.abs().max())))
+    for i in range(3):
+        _check_optimal(A[i], b[i], c[i], sparse.x[i], sparse.y[i], sparse.s[i], 1e-8)

@@ -1,6 +1,7 @@
 """The interior point's normal matrix and data matrix (cone_gram): the structured second-order-cone
-Gram against the dense ``(W⁻ᵀA)ᵀ(W⁻ᵀA)``, a shared ``A`` against the same matrix batched, and the
-solver's status at a tolerance below its arithmetic's reach (float64)."""
+Gram and the one from ``A``'s zero pattern (cone_sparse: shared and private columns, batched, on a
+subset of the batch, the dense fallback) against the dense ``(W⁻ᵀA)ᵀ(W⁻ᵀA)``, a shared ``A`` against
+the same matrix batched, and the solver's status at a tolerance below its arithmetic's reach (float64)."""
 
 import pytest
 import torch
@@ -9,8 +10,10 @@ import implicitdiff as idf
 from implicitdiff import SolveError, Status
 from implicitdiff.linalg.cone_spec import parse_cones, svec
 from implicitdiff.solvers.cone_exp import ExpCone
-from implicitdiff.solvers.cone_gram import SOC_STRUCTURED_MIN, DataMatrix, NormalMatrix, contiguous, put, take
+from implicitdiff.solvers.cone_gram import (SOC_STRUCTURED_MIN, DataMatrix, NormalMatrix, contiguous, factor_normal, put,
+                                           solve_normal, take)
 from implicitdiff.solvers.cone_ipm import _CONES, ConeInteriorPoint
+from implicitdiff.solvers.cone_sparse import ELIM_MAX_BLOCK, PRIVATE_MAX_BLOCKS, Elimination, SparseGram, elimination
 
 F64 = torch.float64
 CONES = {"z": 2, "l": 3, "q": [9, 3, 9, 12], "s": [3], "ep": 2}  # structured (9, 12) and generic (3) SOC blocks
@@ -71,6 +74,21 @@ def test_structured_normal_matrix_equals_the_dense_one(shared):
     assert err < 1e-11, err
 
 
+def test_factor_normal_shifts_in_place_and_retries_an_indefinite_matrix():
+    g = torch.Generator().manual_seed(6)
+    n = 6
+    X = torch.randn(2, 3, n, generator=g, dtype=F64)
+    N = X.mT @ X + torch.eye(n, dtype=F64)
+    N[1] -= (1 + 1e-11) * torch.eye(n, dtype=F64)       # rank 3, shifted below 0: Cholesky fails
+    eps = torch.finfo(F64).eps
+    kind, (plan, (L,)) = factor_normal(N.clone(), DataMatrix(X[0].mT), 0)
+    assert kind == "chol" and plan is None
+    big = eps ** 0.5 * N[1].diagonal().abs().max().clamp(min=1.0)
+    for i, shift in ((0, eps ** 0.75), (1, big)):      # N + eps^¾ I; the failed element N + √eps·max|diag| I
+        ref = N[i] + shift * torch.eye(n, dtype=F64)
+        assert torch.allclose(L[i] @ L[i].mT, ref, rtol=0, atol=1e-13), i
+
+
 def test_data_matrix_products_shared_and_batched():
     g = torch.Generator().manual_seed(1)
     A = torch.randn(5, 3, generator=g, dtype=F64)
@@ -78,6 +96,22 @@ def test_data_matrix_products_shared_and_batched():
     for M in (DataMatrix(A), DataMatrix(A.expand(4, 5, 3)), DataMatrix(A.expand(4, 5, 3).clone())):
         assert torch.allclose(M.mv(v), v @ A.T, atol=1e-14) and torch.allclose(M.rmv(u), u @ A, atol=1e-14)
     assert DataMatrix(A.expand(4, 5, 3)).shared and not DataMatrix(A.expand(4, 5, 3).clone()).shared
+
+
+def test_sparse_data_matrix_products_equal_the_dense_ones():
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(4, 30, 20, generator=g, dtype=F64) * (torch.rand(30, 20, generator=g) < 0.1)
+    A[1, 0, 0] = 2.0                                   # a nonzero of one element only: in the pattern
+    data = DataMatrix(A)
+    assert data.sparse is not None and DataMatrix(torch.randn(4, 30, 20, dtype=F64)).sparse is None
+    keep = torch.tensor([1, 3])
+    for M, Ab in ((data, A), (data.subset(keep), A[keep])):
+        B = Ab.shape[0]
+        v, u = torch.randn(B, 20, generator=g, dtype=F64), torch.randn(B, 30, generator=g, dtype=F64)
+        V, U = torch.randn(B, 2, 20, generator=g, dtype=F64), torch.randn(B, 2, 30, generator=g, dtype=F64)
+        for got, ref in ((M.mv(v), (Ab @ v[..., None])[..., 0]), (M.rmv(u), (Ab.mT @ u[..., None])[..., 0]),
+                         (M.mv(V), V @ Ab.mT), (M.rmv(U), U @ Ab)):
+            assert got.shape == ref.shape and torch.allclose(got, ref, rtol=0, atol=1e-13)
 
 
 def _mixed_problem(B, g):
@@ -188,3 +222,162 @@ def test_a_tolerance_beyond_reach_stops_with_a_reported_status():
             idf.cone_program(A, b, c, cones, rtol=1e-12)
     x8 = idf.cone_program(A, b, c, cones)[0]  # the default tolerance converges
     assert torch.allclose(x[info.status == Status.SUCCESS], x8[info.status == Status.SUCCESS], atol=1e-7)
+
+
+# -- the normal matrix from A's zero pattern (cone_sparse) ------------------------------------
+# an exp-cone group whose blocks share the first D columns (like a logistic regression's weights),
+# nonnegative rows, small SOC blocks (generic) and a large one (structured or sparse), a PSD block
+SPARSE_CONES = {"l": 6, "q": [3, 3, 9], "s": [2], "ep": 8}
+
+
+def _sparse_A(spec, B, g, n=41, d=5, drop=0.2):
+    """``(B, m, n)``: every block touches a few columns of its own, the exp blocks also the first ``d``
+    columns (only half of them: blocks with and without shared columns); a fraction ``drop`` of the
+    entries set to zero (each element its own zeros)."""
+    A = torch.zeros(B, spec.m, n, dtype=F64)
+    col = d
+    for kind, _, idx in spec.groups():
+        blocks = idx[:, None] if idx.dim() == 1 else idx
+        for j, rows in enumerate(blocks):
+            own = torch.arange(col, col + 2) % n
+            col += 2
+            A[:, rows[:, None], own] = torch.randn(B, rows.numel(), 2, generator=g, dtype=F64)
+            if kind == "ep" and j % 2 == 0:
+                A[:, rows[0], :d] = torch.randn(B, d, generator=g, dtype=F64)
+            if kind == "q" and rows.numel() > 3:       # the large SOC block: a few more columns
+                A[:, rows[:, None], torch.arange(n - 6, n)] = torch.randn(B, rows.numel(), 6, generator=g, dtype=F64)
+    A[:, 0, n - 1] = 1.0  # column n−1: shared by the first "l" row and the large SOC block (1-2 blocks)
+    return A * (torch.rand(B, spec.m, n, generator=g, dtype=F64) >= drop)
+
+
+def _check(A, B, spec, g, keep=None):
+    s, y = _interior(spec, B, g, 3.0), _interior(spec, B, g, 3.0)
+    data = DataMatrix(A)
+    groups, states = _states(spec, s, y)
+    normal = NormalMatrix(data, groups, _CONES)
+    kinds = [kind for (kind, _, _), pre in zip(groups, normal.pre) if isinstance(pre, SparseGram)]
+    if keep is not None:
+        data = data.subset(keep)
+        normal = normal.subset(data, keep)
+        s, y, A = s[keep], y[keep], A[keep] if A.dim() == 3 else A
+        groups, states = _states(spec, s, y)
+        B = keep.numel()
+    N = normal(states, B)
+    ref = _dense_normal(A.expand(B, *A.shape[-2:]).contiguous(), spec, groups, states)
+    err = float((N - ref).abs().max() / ref.abs().max())
+    assert err < 1e-12, err
+    return kinds
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_sparse_normal_matrix_equals_the_dense_one(shared):
+    g = torch.Generator().manual_seed(0)
+    spec = parse_cones(SPARSE_CONES)
+    B = 3
+    A = _sparse_A(spec, B, g)
+    kinds = _check(A[0] if shared else A, B, spec, g)
+    assert set(kinds) >= {"l", "ep", "s"}          # the groups with a sparse pattern take the sparse form
+
+
+def test_sparse_normal_matrix_on_a_subset_of_the_batch():
+    g = torch.Generator().manual_seed(1)
+    spec = parse_cones(SPARSE_CONES)
+    A = _sparse_A(spec, 5, g)
+    assert "ep" in _check(A, 5, spec, g, keep=torch.tensor([0, 3, 4]))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_structured_term_on_its_columns_equals_the_dense_one(shared):
+    # second-order blocks of 20 rows on 20 of 120 columns: the structured term (not a SparseGram), formed
+    # on those columns and scattered into N; also on a subset of the batch
+    g = torch.Generator().manual_seed(9)
+    spec = parse_cones({"l": 4, "q": [20, 20]})
+    B, n = 4, 120
+    A = torch.zeros(B, spec.m, n, dtype=F64)
+    A[:, :4, :8] = torch.randn(B, 4, 8, generator=g, dtype=F64)
+    A[:, 4:24, 10:30] = torch.randn(B, 20, 20, generator=g, dtype=F64)
+    A[:, 24:, 25:45] = torch.randn(B, 20, 20, generator=g, dtype=F64)
+    A = A[0] if shared else A
+    s, y = _interior(spec, B, g, 3.0), _interior(spec, B, g, 3.0)
+    data = DataMatrix(A)
+    groups, states = _states(spec, s, y)
+    normal = NormalMatrix(data, groups, _CONES)
+    (q,) = [pre for (kind, _, _), pre in zip(groups, normal.pre) if kind == "q"]
+    assert isinstance(q, tuple) and q[2][0].tolist() == list(range(10, 45))
+    keep = torch.tensor([0, 2, 3])
+    for nm, idx in ((normal, torch.arange(B)), (normal.subset(data.subset(keep), keep), keep)):
+        groups, states = _states(spec, s[idx], y[idx])
+        N = nm(states, idx.numel())
+        ref = _dense_normal((A if shared else A[idx]).expand(idx.numel(), spec.m, n).contiguous(), spec, groups, states)
+        assert float((N - ref).abs().max() / ref.abs().max()) < 1e-12
+
+
+def test_shared_columns_split_blocks_with_and_without_them():
+    g = torch.Generator().manual_seed(2)
+    spec = parse_cones({"ep": 8})
+    A = _sparse_A(spec, 2, g)
+    s, y = _interior(spec, 2, g), _interior(spec, 2, g)
+    groups, states = _states(spec, s, y)
+    (plan,) = NormalMatrix(DataMatrix(A), groups, _CONES).pre
+    # 5 shared columns, touched by the even blocks; 2 private columns per block, 3 for block 0 (row 0)
+    assert plan.d == 5 and plan.p == 3 and plan.touch.tolist() == [0, 2, 4, 6] and plan.other.tolist() == [1, 3, 5, 7]
+    assert PRIVATE_MAX_BLOCKS < 4
+
+
+def test_dense_pattern_keeps_the_dense_form():
+    g = torch.Generator().manual_seed(3)
+    spec = parse_cones(SPARSE_CONES)
+    A = torch.randn(spec.m, 7, generator=g, dtype=F64)
+    s, y = _interior(spec, 2, g), _interior(spec, 2, g)
+    groups, _ = _states(spec, s, y)
+    assert not any(isinstance(p, SparseGram) for p in NormalMatrix(DataMatrix(A), groups, _CONES).pre)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_elimination_solves_like_the_dense_cholesky(shared):
+    # N with its private columns' blocks eliminated first: the same solves as the dense Cholesky,
+    # and the same shifts (eps^¾, and √eps·max|diag| where N is indefinite)
+    g = torch.Generator().manual_seed(8)
+    spec = parse_cones(SPARSE_CONES)
+    B = 3
+    A = _sparse_A(spec, B, g, drop=0.0)
+    A = A[0] if shared else A
+    s, y = _interior(spec, B, g), _interior(spec, B, g)
+    groups, states = _states(spec, s, y)
+    data = DataMatrix(A)
+    N = NormalMatrix(data, groups, _CONES)(states, B)
+    n = N.shape[-1]
+    eye = torch.eye(n, dtype=F64)
+    N += eye                                                    # (A has fewer rows than columns in places)
+    plan = data.elimination
+    assert isinstance(plan, Elimination) and plan.D.tolist()[:5] == list(range(5)) and plan.comp.shape[1] > 1
+    N[2] -= (torch.linalg.eigvalsh(N[2])[0] + 1e-9) * eye      # element 2: indefinite
+    R = torch.randn(B, 2, n, generator=g, dtype=F64)
+    kind, (got_plan, F) = factor_normal(N.clone(), data, 0)
+    assert kind == "chol" and got_plan is plan
+    x = solve_normal((kind, (got_plan, F)), R, R[..., :0])[0]
+    data.elimination = None
+    xd = solve_normal(factor_normal(N.clone(), data, 0), R, R[..., :0])[0]
+    eps = torch.finfo(F64).eps
+    for i in range(B):
+        shift = eps ** 0.5 * N[i].diagonal().abs().max().clamp(min=1.0) if i == 2 else eps ** 0.75
+        Ni = N[i] + shift * eye                                 # backward stable: a small residual
+        assert float((x[i] @ Ni - R[i]).abs().max()) <= 1e-12 * float(Ni.abs().max() * x[i].abs().max())
+        if i < 2:                                               # (element 2 is nearly singular)
+            tol = 1e2 * eps * float(torch.linalg.cond(Ni))
+            assert torch.allclose(x[i], xd[i], rtol=0, atol=tol * float(xd[i].abs().max())) and tol < 1e-6
+
+
+def test_elimination_finds_the_private_blocks_or_declines():
+    n = 41
+    pairs = torch.zeros(20, n, dtype=torch.bool)               # block i: columns 2i, 2i+1 and the shared 40
+    pairs[torch.arange(20), 2 * torch.arange(20)] = True
+    pairs[torch.arange(20), 2 * torch.arange(20) + 1] = True
+    pairs[:, 40] = True
+    plan = elimination([pairs[:10], pairs[10:]], n)             # (two groups)
+    assert plan.D.tolist() == [40] and sorted(plan.comp.tolist()) == [[2 * i, 2 * i + 1] for i in range(20)]
+    chain = torch.zeros(ELIM_MAX_BLOCK + 4, n, dtype=torch.bool)  # blocks (i, i+1): one block of 21 columns
+    chain[torch.arange(chain.shape[0]), torch.arange(chain.shape[0])] = True
+    chain[torch.arange(chain.shape[0]), torch.arange(chain.shape[0]) + 1] = True
+    assert elimination([chain], n) is None
+    assert elimination([torch.ones(3, n, dtype=torch.bool)], n) is None   # dense: nothing private

@@ -1,0 +1,258 @@
+r"""A cone group's normal-matrix term ``Σ_b (W_b⁻ᵀA_b)ᵀ(W_b⁻ᵀA_b)`` from the zero pattern of ``A``.
+
+**The trick** (:class:`SparseGram`, used by :class:`~.cone_gram.NormalMatrix` for a generic
+group when it pays).  ``W_b⁻ᵀ`` mixes only the rows of its block ``b``, so ``Ã_b = W_b⁻ᵀA_b`` is
+zero outside the columns ``S_b`` where ``A_b`` has a nonzero (the pattern of ``A``, shared by the
+batch: a batched ``A``'s union over the batch; computed once per solve), and the block's term
+``Ã_bᵀÃ_b`` lives on ``S_b × S_b``.  Canonical cone programs (cvxpy's) have many such blocks:
+an exponential block of a logistic regression touches the weights and two columns of its own.
+The columns are split once per solve into
+
+* **shared** columns ``D``: in more than :data:`PRIVATE_MAX_BLOCKS` blocks of the group, and
+* each block's **private** columns ``P_b = S_b \ D`` (padded to the group's largest count ``p``
+  with entries set to zero),
+
+and ``A``'s rows are gathered once onto the ``d + p`` columns ``[D, P_b]`` of each block.  Per
+iteration the cone's ``winv_t`` scales these ``d + p`` columns instead of ``n``, and
+
+    N_DD        += X_DᵀX_D            (one batched Gram over the rows of the blocks that touch D)
+    N_{P_b, ·}  += Ã_b[:, P_b]ᵀ Ã_b   (on [D, P_b] for blocks that touch D, on P_b for the others)
+    N_{D, P_b}  += its transpose
+
+are added into ``N`` by one ``index_add_`` over indices formed once per solve (padding columns
+add exact zeros).  The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in
+another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
+half the cost of the form it replaces (:data:`SCATTER_COST`): the dense Gram, or for large
+second-order blocks the structured term (``~n²`` per block, see :mod:`~.cone_gram`).  A structured
+group kept as such is formed on its columns ``S`` only (``|S| × |S|``, scattered) where
+:func:`support_columns` finds ``S`` small enough.
+
+**Products with a batched sparse** ``A`` (:class:`SparseProducts`, used by
+:class:`~.cone_gram.DataMatrix` when at most :data:`SPARSE_PRODUCTS` of the pattern's entries are
+nonzero): ``A``'s values on the pattern ``(B, nnz)`` with their rows and columns, gathered once;
+``Av`` and ``Aᵀu`` multiply them with the gathered entries of ``v`` or ``u`` and ``index_add_`` the
+products into the rows or columns — ``nnz`` instead of ``m·n`` multiply-adds, and ``A`` itself
+(``B·m·n`` entries) is not read per product.  A shared ``A`` keeps its one matrix product.
+
+**The Cholesky factor of** ``N`` **by eliminating private columns first** (:class:`Elimination`,
+used by :func:`~.cone_gram.factor_normal` without a zero cone).  ``N``'s pattern is the union of
+the blocks' ``S_b × S_b``.  With ``D`` the columns in more than :data:`PRIVATE_MAX_BLOCKS` blocks
+(over all groups) and ``P`` the others, ``N_PP`` often splits into many small diagonal blocks
+(a logistic regression: one ``3 × 3`` block per sample); then, ordering ``P`` first,
+
+    N_PP = L_P L_Pᵀ (blockwise, batched),  W = L_P⁻¹ N_PD,  N_DD − WᵀW = L_D L_Dᵀ
+
+is the Cholesky factorization of the symmetrically permuted ``N`` (as stable as the dense one),
+for ``~c³/3`` per block of size ``c`` and ``d³/3`` instead of ``n³/3``; a solve is two small
+blockwise and two ``d × d`` triangular solves.  Used when the blocks have at most
+:data:`ELIM_MAX_BLOCK` columns and the estimate is at most half the dense factorization's.
+Forward only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["SparseGram", "sparse_gram", "support_columns", "SparseProducts", "Elimination", "elimination",
+           "PRIVATE_MAX_BLOCKS", "SCATTER_COST", "SPARSE_PRODUCTS", "ELIM_MAX_BLOCK"]
+
+PRIVATE_MAX_BLOCKS = 2  # a column in more blocks of a group than this is shared (a dense Gram block)
+SCATTER_COST = 4.0      # an entry added by index_add_ costs about this many multiply-adds (measured, CPU)
+SPARSE_PRODUCTS = 0.25  # a batched A with at most this fraction of nonzeros: SparseProducts
+ELIM_MAX_BLOCK = 16     # N_PP's diagonal blocks larger than this: the dense Cholesky
+
+
+def support_columns(sup):
+    """``(S, flat)`` for a term that lives on the columns ``S`` of ``sup (n,)`` (bool), with ``flat`` the
+    indices of ``S × S`` in ``N (n·n)``; ``None`` where ``S`` is too large for the scatter to pay."""
+    n = sup.numel()
+    S = sup.nonzero()[:, 0]
+    if 2 * SCATTER_COST * S.numel() ** 2 > n * n:
+        return None
+    return S, (S[:, None] * n + S).reshape(-1)
+
+
+def sparse_gram(rows, pattern, n, cost=None):
+    """A :class:`SparseGram` for a group's rows ``(1 or B, *s, n)`` of ``A`` (``s = (rows,)``: blocks
+    of one row; ``(blocks, k)``) with ``pattern (*s, n)`` (bool), or ``None`` where it would cost
+    more than half of ``cost`` (multiply-adds per batch element; default: the dense Gram's)."""
+    sup = pattern if pattern.dim() == 2 else pattern.any(-2)   # (nb, n): S_b
+    k = 1 if pattern.dim() == 2 else pattern.shape[-2]
+    nb = sup.shape[0]
+    shared = sup.sum(0) > PRIVATE_MAX_BLOCKS
+    D = shared.nonzero()[:, 0]
+    priv = sup & ~shared
+    p = int(priv.sum(1).max())
+    d = D.numel()
+    touch = sup[:, D].any(1)                                   # blocks that touch D
+    nd = int(touch.sum())
+    dense = nb * k * n * n if cost is None else cost
+    entries = d * d + nd * p * (2 * d + p) + (nb - nd) * p * p
+    flops = nd * k * d * d + nd * k * p * (d + p) + (nb - nd) * k * p * p
+    if flops + SCATTER_COST * entries > 0.5 * dense:
+        return None
+    return SparseGram(rows, sup, D, priv, p, k)
+
+
+class SparseGram:
+    """One generic group's term from ``A``'s pattern (module doc); ``__call__(winv_t, state, N)``
+    adds it into ``N (B, n, n)`` in place."""
+
+    def __init__(self, rows, sup, D, priv, p, k):
+        nb, n = sup.shape
+        d = D.numel()
+        # each block's private columns first; the padding's entries are set to zero below
+        P = torch.sort(priv.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :p]   # (nb, p)
+        cols = torch.cat([D.expand(nb, d), P], 1)                   # (nb, d + p)
+        keep = torch.cat([torch.ones(nb, d, dtype=torch.bool, device=P.device), priv.gather(1, P)], 1)
+        if rows.dim() == 4:                                         # blocks of k rows
+            gcols, keep = cols[:, None, :].expand(nb, k, d + p), keep[:, None, :]
+        else:
+            gcols = cols
+        self.rows = rows.gather(-1, gcols.expand(rows.shape[:1] + gcols.shape)) * keep  # (1 or B, *s, d + p)
+        self.shape, self.d, self.p = (nb, k, d + p), d, p
+        touch = sup[:, D].any(1)
+        # blocks that touch D (their Gram on [D, P_b]) and the others (on P_b): None for all blocks
+        self.touch = None if bool(touch.all()) else touch.nonzero()[:, 0]
+        self.other = None if not bool(touch.any()) else (~touch).nonzero()[:, 0]
+        # flat indices into N (n·n), in the order __call__ concatenates the values
+        parts = [(D[:, None] * n + D).reshape(-1)]
+        Pt, Ct = _blocks(P, self.touch), _blocks(cols, self.touch)
+        parts += [(Pt[:, :, None] * n + Ct[:, None, :]).reshape(-1),
+                  (D[None, :, None] * n + Pt[:, None, :]).reshape(-1)]
+        Po = _blocks(P, self.other)
+        parts.append((Po[:, :, None] * n + Po[:, None, :]).reshape(-1))
+        self.index = torch.cat(parts)
+
+    def subset(self, keep):
+        """The same plan for the batch elements ``keep`` of a batched ``A``."""
+        out = SparseGram.__new__(SparseGram)
+        out.__dict__.update(self.__dict__)
+        out.rows = self.rows.index_select(0, keep)
+        return out
+
+    def __call__(self, winv_t, st, N):
+        B, n = N.shape[0], N.shape[-1]
+        d = self.d
+        At = winv_t(st, self.rows).reshape((B,) + self.shape)      # (B, nb, k, d + p)
+        At_t, At_o = _blocks(At, self.touch, 1), _blocks(At, self.other, 1)
+        X = At_t[..., :d].flatten(1, 2)                             # (B, nd·k, d)
+        R = At_t[..., d:].mT @ At_t                                # (B, nd, p, d + p)
+        Y = At_o[..., d:]
+        vals = [X.mT @ X, R, R[..., :d].mT, Y.mT @ Y]
+        N.view(B, n * n).index_add_(1, self.index, torch.cat([v.reshape(B, -1) for v in vals], 1))
+        return N
+
+
+def _blocks(v, ix, dim=0):
+    """The blocks ``ix`` of ``v`` along ``dim`` (``None``: all of them)."""
+    return v if ix is None else v.index_select(dim, ix)
+
+
+class SparseProducts:
+    """``Av`` and ``Aᵀu`` for a batched ``A (B, m, n)`` from its values on the ``pattern (m, n)``."""
+
+    def __init__(self, A, pattern):
+        self.shape = A.shape[-2:]
+        self.row, self.col = pattern.nonzero().unbind(1)
+        self.vals = A[:, self.row, self.col].T.contiguous()        # (nnz, B): the batch last, as below
+
+    def subset(self, keep):
+        out = SparseProducts.__new__(SparseProducts)
+        out.shape, out.row, out.col, out.vals = self.shape, self.row, self.col, self.vals.index_select(1, keep)
+        return out
+
+    def mv(self, v):
+        """``A v``: ``(B, n)`` → ``(B, m)`` or ``(B, r, n)`` → ``(B, r, m)``."""
+        return self._apply(v, self.col, self.row, self.shape[0])
+
+    def rmv(self, u):
+        """``Aᵀ u``: ``(B, m)`` → ``(B, n)`` or ``(B, r, m)`` → ``(B, r, n)``."""
+        return self._apply(u, self.row, self.col, self.shape[1])
+
+    def _apply(self, v, src, dst, size):
+        # on (entries, batch…) layouts: each gathered or added entry is a contiguous row of the batch
+        vt = v.movedim(-1, 0).contiguous()
+        prod = vt.index_select(0, src) * (self.vals if v.dim() == 2 else self.vals[..., None])
+        out = v.new_zeros(size, prod[0].numel()).index_add_(0, dst, prod.reshape(src.numel(), -1))
+        return out.reshape((size,) + vt.shape[1:]).movedim(0, -1).contiguous()
+
+
+def elimination(supports, n):
+    """An :class:`Elimination` for ``N (n, n)`` from the blocks' column supports (``(nb, n)`` bool per
+    group), or ``None`` where ``N_PP`` has a block above :data:`ELIM_MAX_BLOCK` or the dense
+    factorization is cheaper."""
+    sup = torch.cat(supports)
+    shared = sup.sum(0) > PRIVATE_MAX_BLOCKS
+    D, P = shared.nonzero()[:, 0], (~shared).nonzero()[:, 0]
+    if P.numel() == 0:
+        return None
+    # N_PP's blocks: the connected components of the graph linking each block's private columns
+    # (a chain per block), by label propagation; one of more than ELIM_MAX_BLOCK columns has a
+    # path longer than ELIM_MAX_BLOCK, so it does not settle within that many rounds
+    nz = (sup & ~shared).nonzero()                              # (block, column), sorted by block
+    link = nz[1:, 0] == nz[:-1, 0]
+    src, dst = nz[:-1, 1][link], nz[1:, 1][link]
+    lab = torch.arange(n, device=sup.device)
+    for _ in range(ELIM_MAX_BLOCK):
+        new = lab.scatter_reduce(0, dst, lab[src], "amin").scatter_reduce(0, src, lab[dst], "amin")
+        if torch.equal(new, lab):
+            break
+        lab = new
+    else:
+        return None
+    _, comp_of, counts = torch.unique(lab[P], return_inverse=True, return_counts=True)
+    c, d = int(counts.max()), D.numel()
+    if c > ELIM_MAX_BLOCK or (counts.numel() * (c ** 3 / 3 + c * c * d + c * d * d) + d ** 3 / 3) > n ** 3 / 6:
+        return None
+    order = torch.argsort(comp_of, stable=True)
+    slot = torch.arange(P.numel(), device=P.device) - (torch.cumsum(counts, 0) - counts)[comp_of[order]]
+    comp = torch.full((counts.numel(), c), -1, dtype=torch.long, device=P.device)
+    comp[comp_of[order], slot] = P[order]
+    return Elimination(D, comp, n)
+
+
+class Elimination:
+    """The Cholesky factorization of ``N`` with the private columns' blocks ``comp (ncomp, c)``
+    (padded with ``−1``) eliminated first, onto the shared columns ``D`` (module doc)."""
+
+    def __init__(self, D, comp, n):
+        self.D, self.valid = D, comp >= 0
+        self.comp = torch.where(self.valid, comp, comp[:, :1])    # padding: the block's first column
+        self.pad = self.valid[:, :, None] & self.valid[:, None, :]
+        cf = self.comp.reshape(-1)
+        # N_PP, N_PD, N_DD's entries in N (n·n), gathered by one index_select
+        cp = self.comp
+        self.flat = torch.cat([(cp[:, :, None] * n + cp[:, None, :]).reshape(-1), (cf[:, None] * n + D).reshape(-1),
+                               (D[:, None] * n + D).reshape(-1)])
+        # each column's place in [x_P (padded), x_D]
+        self.place = torch.empty(n, dtype=torch.long, device=D.device)
+        self.place[cf[self.valid.reshape(-1)]] = self.valid.reshape(-1).nonzero()[:, 0]
+        self.place[D] = cf.numel() + torch.arange(D.numel(), device=D.device)
+
+    def cholesky(self, N):
+        """``((L_P, W, X, L_D), info)``: ``L_P (B, ncomp, c, c)`` (identity on the padding), ``W = L_P⁻¹N_PD
+        (B, ncomp, c, d)`` and ``X`` its rows ``(B, ncomp·c, d)``, ``L_D (B, d, d)``; ``info > 0`` where
+        ``N`` is not positive definite."""
+        B, n = N.shape[0], N.shape[-1]
+        (nc, c), d = self.comp.shape, self.D.numel()
+        G = N.view(B, n * n).index_select(1, self.flat)
+        NPP, NPD, NDD = G.split([nc * c * c, nc * c * d, d * d], 1)
+        eye = torch.eye(c, dtype=N.dtype, device=N.device)
+        LP, info_p = torch.linalg.cholesky_ex(torch.where(self.pad, NPP.view(B, nc, c, c), eye))
+        W = torch.linalg.solve_triangular(LP, NPD.view(B, nc, c, d) * self.valid[..., None], upper=False)
+        X = W.flatten(1, 2)                                       # (B, nc·c, d)
+        LD, info_d = torch.linalg.cholesky_ex(torch.baddbmm(NDD.view(B, d, d), X.mT, X, alpha=-1))
+        return (LP, W, X, LD), torch.maximum(info_p.amax(-1), info_d)
+
+    def solve(self, F, R):
+        """``N⁻¹ R`` for ``R (B, r, n)``, from :meth:`cholesky`'s factor ``F``."""
+        LP, W, X, LD = F
+        B, r = R.shape[:2]
+        nc, c = self.comp.shape
+        RP = R.index_select(-1, self.comp.reshape(-1)).view(B, r, nc, c).permute(0, 2, 3, 1) * self.valid[..., None]
+        YP = torch.linalg.solve_triangular(LP, RP, upper=False)                       # (B, nc, c, r)
+        YD = torch.linalg.solve_triangular(LD, R.index_select(-1, self.D).mT - X.mT @ YP.flatten(1, 2), upper=False)
+        XD = torch.linalg.solve_triangular(LD.mT, YD, upper=True)                      # (B, d, r)
+        XP = torch.linalg.solve_triangular(LP.mT, YP - W @ XD[:, None], upper=True)
+        return torch.cat([XP.flatten(1, 2), XD], 1).index_select(1, self.place).mT
