@@ -15,7 +15,7 @@ cones), ``O(k³·r)`` per ``k × k`` PSD block or ``3 × 3`` per exponential con
 - PSD, ``V = smat(v) = Q diag(μ) Qᵀ``: the eigenvectors of ``DΠ`` in svec coordinates are
   ``svec(sym(qᵢqⱼᵀ))`` (normalized) with ``λ = Γᵢⱼ`` of :mod:`.cone_projection`, so the frame
   coordinates of ``a`` are ``svec(Qᵀ smat(a) Q)``;
-- exponential: the ``3 × 3`` symmetric blocks, by ``eigh``.
+- exponential: the ``3 × 3`` symmetric blocks, by ``eigh`` (eigenvalues within a few eps of 0 set to 0).
 
 Forward only (no gradient flows through the frame: the differentiable path of the derivative
 uses :func:`~.cone_projection.dual_projection_jacobian`).
@@ -118,7 +118,8 @@ def dual_projection_frame(spec: ConeSpec, y: torch.Tensor, s: torch.Tensor) -> F
         else:
             D = _exp(s[:, idx], y[:, idx])
             ev, Q = torch.linalg.eigh(0.5 * (D + D.mT))
-            lam[:, idx] = ev.clamp(0.0, 1.0)
+            # eigenvalues within eigh's rounding (a few eps, ‖D‖ ≤ 1) of 0 are 0: the normal direction
+            lam[:, idx] = torch.where(ev <= 4 * torch.finfo(ev.dtype).eps, torch.zeros_like(ev), ev.clamp(max=1.0))
             data = Q
         parts.append((kind, k, idx, data))
     return Frame(spec, lam, tuple(parts))
