@@ -23,6 +23,7 @@ uses :func:`~.cone_projection.dual_projection_jacobian`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -125,21 +126,40 @@ def dual_projection_frame(spec: ConeSpec, y: torch.Tensor, s: torch.Tensor) -> F
     return Frame(spec, lam, tuple(parts))
 
 
+@functools.lru_cache(maxsize=64)
+def _group_rows(spec: ConeSpec) -> tuple:
+    """Per group of ``spec.groups()``: the ``slice`` of its rows when they are consecutive (a single
+    block, consecutive blocks of one size, the nonnegative and exponential rows), else ``None``."""
+    out = []
+    for _, _, idx in spec.groups():
+        first, last = int(idx.reshape(-1)[0]), int(idx.reshape(-1)[-1])
+        out.append(slice(first, last + 1) if last - first + 1 == idx.numel() else None)
+    return tuple(out)
+
+
 def _map(frame: Frame, V: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """``U V`` or ``Uᵀ V``, group by group into one output (consecutive rows as views and slices:
+    on a ``(B, m, n)`` matrix every pass over it counts)."""
     vec = V.dim() == 2
     if vec:
         V = V[..., None]
-    out = V.clone()
-    for kind, k, idx, data in frame.parts:
+    out = torch.empty_like(V)
+    z = frame.spec.z
+    out[:, :z] = V[:, :z]
+    for (kind, k, idx, data), rows in zip(frame.parts, _group_rows(frame.spec)):
+        blk = V[:, idx] if rows is None else V[:, rows].view(V.shape[:1] + idx.shape + V.shape[2:])
         if data is None:
-            continue
-        blk = V[:, idx]  # (B, blocks, rows, r)
-        if kind == "q":
-            out[:, idx] = _soc_from(data, blk) if inverse else _soc_to(data, blk)
+            res = blk
+        elif kind == "q":
+            res = _soc_from(data, blk) if inverse else _soc_to(data, blk)
         elif kind == "s":
-            out[:, idx] = _psd_conj(data, blk, k, transpose=inverse)
+            res = _psd_conj(data, blk, k, transpose=inverse)
         else:
-            out[:, idx] = (data @ blk) if inverse else (data.mT @ blk)
+            res = (data @ blk) if inverse else (data.mT @ blk)
+        if rows is None:
+            out[:, idx] = res
+        else:
+            out[:, rows] = res.reshape(out[:, rows].shape)
     return out[..., 0] if vec else out
 
 
