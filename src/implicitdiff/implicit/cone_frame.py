@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._core.validate import is_vmapped
 from ..linalg.cone_spec import ConeSpec, smat, svec, svec_indices
 from .cone_projection import _exp, psd_gamma
 
@@ -65,15 +66,22 @@ def _soc_frame(v):
     return lam, (xh, h)
 
 
-def _soc_to(data, a):
-    """Frame coordinates of second-order blocks ``a (*, k, r)``."""
+def _soc_to(data, a, out=None):
+    """Frame coordinates of second-order blocks ``a (*, k, r)`` (into ``out`` if given): one product
+    with ``(x̂, 2h/‖h‖²)`` and one fused update of the rows ``2…``."""
     xh, h = data
     at, ax = a[..., 0, :], a[..., 1:, :]
-    p = (xh[..., None, :] @ ax)[..., 0, :]
     hn = h * (2 / (h * h).sum(-1, keepdim=True))
-    hx = ax[..., 1:, :] - h[..., 1:, None] * (hn[..., None, :] @ ax)   # rows 1… of (I − 2hhᵀ/‖h‖²) a_x
+    ph = torch.stack([xh, hn], -2) @ ax                                # (*, 2, r): x̂ᵀa_x, (2h/‖h‖²)ᵀa_x
+    p = ph[..., 0, :]
     r2 = math.sqrt(0.5)
-    return torch.cat([((at + p) * r2)[..., None, :], ((at - p) * r2)[..., None, :], hx], -2)
+    top = torch.stack([(at + p) * r2, (at - p) * r2], -2)
+    # rows 1… of (I − 2hhᵀ/‖h‖²) a_x
+    if out is None:  # functional (also under vmap, where out= has no batching rule)
+        return torch.cat([top, torch.addcmul(ax[..., 1:, :], h[..., 1:, None], ph[..., 1:, :], value=-1)], -2)
+    out[..., :2, :] = top
+    torch.addcmul(ax[..., 1:, :], h[..., 1:, None], ph[..., 1:, :], value=-1, out=out[..., 2:, :])
+    return out
 
 
 def _soc_from(data, c):
@@ -144,12 +152,16 @@ def _map(frame: Frame, V: torch.Tensor, inverse: bool) -> torch.Tensor:
     if vec:
         V = V[..., None]
     out = torch.empty_like(V)
+    vmapped = is_vmapped(V)
     z = frame.spec.z
     out[:, :z] = V[:, :z]
     for (kind, k, idx, data), rows in zip(frame.parts, _group_rows(frame.spec)):
         blk = V[:, idx] if rows is None else V[:, rows].view(V.shape[:1] + idx.shape + V.shape[2:])
         if data is None:
             res = blk
+        elif kind == "q" and not inverse and rows is not None and not vmapped:  # written in place
+            _soc_to(data, blk, out[:, rows].view(blk.shape))
+            continue
         elif kind == "q":
             res = _soc_from(data, blk) if inverse else _soc_to(data, blk)
         elif kind == "s":

@@ -231,7 +231,9 @@ class ConeSystem:
         self.frame = dual_projection_frame(spec, y, s)
         self.lam = self.frame.lam
         # the backward error's scale (max|A| read from a reused system of the same A: one pass less)
-        amax = reuse.amax if reuse is not None and reuse.A is A else A.abs().amax((-2, -1))  # () if A is shared
+        # (max|A| as max(max A, −min A): two passes without a temporary of A's size)
+        amax = (reuse.amax if reuse is not None and reuse.A is A
+                else torch.maximum(A.amax((-2, -1)), -A.amin((-2, -1))))  # () if A is shared
         self.amax = amax
         self.scale = 1 + amax + (c + x).abs().amax(-1) + (b + y).abs().amax(-1)
         self.factor = reuse.factor if reuse is not None else None
@@ -288,6 +290,8 @@ class ConeSystem:
         tol = torch.finfo(g.dtype).eps ** 0.75
         bad = None
         for i in range(steps + 1):
+            if not check and i == steps:  # the residual would not be read
+                break
             res = g - self._matvec(sol, adjoint)
             if check:  # refine to a backward error of rounding; accept eps^¾ after the last step
                 err = res.abs().amax(-1) / (g.abs().amax(-1) + sol.abs().amax(-1) * self.scale)
