@@ -79,6 +79,11 @@ def dense_system(A, b, c, x, y, s, ok, spec):
     return torch.where(ok[:, None, None], M, eye)
 
 
+def _absmax(M):
+    """``max|M|`` over the last two dimensions as ``max(max M, −min M)``: two passes, no temporary of ``M``'s size."""
+    return torch.maximum(M.amax((-2, -1)), -M.amin((-2, -1)))
+
+
 def _shifted_lu(K, kmax):
     """LU of ``K + δI``, ``δ = √eps·max(kmax, 1)`` for ``kmax = max|K|`` per element (``K`` is overwritten)."""
     delta = torch.finfo(K.dtype).eps ** 0.5 * kmax.clamp(min=1.0)
@@ -164,9 +169,9 @@ class _Factor:
         torch.mul(AK.mT, lamK[:, None, :], out=K[:, :n, n:])
         torch.neg(AK, out=K[:, n:, :n])
         K[:, n:, n:] = torch.diag_embed(1 - lamK)
-        kmax = G.abs().amax((-2, -1))
+        kmax = _absmax(G)
         if P:
-            kmax = torch.maximum(kmax, K[:, n:].abs().amax((-2, -1)))
+            kmax = torch.maximum(kmax, _absmax(K[:, n:]))
         if not bool(ok.all()):
             K[~ok] = torch.eye(n + P, dtype=A.dtype, device=A.device)
             kmax = torch.where(ok, kmax, torch.ones_like(kmax))
@@ -231,9 +236,7 @@ class ConeSystem:
         self.frame = dual_projection_frame(spec, y, s)
         self.lam = self.frame.lam
         # the backward error's scale (max|A| read from a reused system of the same A: one pass less)
-        # (max|A| as max(max A, −min A): two passes without a temporary of A's size)
-        amax = (reuse.amax if reuse is not None and reuse.A is A
-                else torch.maximum(A.amax((-2, -1)), -A.amin((-2, -1))))  # () if A is shared
+        amax = reuse.amax if reuse is not None and reuse.A is A else _absmax(A)  # () if A is shared
         self.amax = amax
         self.scale = 1 + amax + (c + x).abs().amax(-1) + (b + y).abs().amax(-1)
         self.factor = reuse.factor if reuse is not None else None
