@@ -19,6 +19,11 @@ cones), ``O(k³·r)`` per ``k × k`` PSD block or ``3 × 3`` per exponential con
 
 Forward only (no gradient flows through the frame: the differentiable path of the derivative
 uses :func:`~.cone_projection.dual_projection_jacobian`).
+
+Speed: the frame is applied to ``A`` itself (``(B, m, n)``), so every pass over it counts.  Groups of
+consecutive rows are read as views and written as slices of one output (:func:`_group_rows`,
+:func:`_map`), and the second-order blocks of a group are computed with one product and one fused
+update written straight into that output (:func:`_soc_to`; functional under ``vmap``).
 """
 
 from __future__ import annotations

@@ -33,6 +33,12 @@ A dense LU costs ``(n + m + 1)³``.  This module solves it in ``O(m·n² + (n + 
    solved again with a dense shifted LU of ``M`` (a safety net; counted in ``fallbacks``).
 
 Elements that are not ``ok`` get zero solutions.
+
+Speed (each in one function, named there): the **shared-A second-order Gram** (:func:`_gram`);
+**zero-weight rows skipped** in ``ÃᵀWÃ`` (:func:`_weighted_gram`: on the exponential case 150 of
+402 rows carry a weight); the reduced matrix **filled block by block** with its shift added on the
+diagonal in place and ``max|K|`` read from its blocks (:class:`_Factor`: at ``n + p ≈ 350`` every
+full-size temporary costs as much as the Gram); ``max|·|`` as ``max(max, −min)`` (:func:`_absmax`).
 """
 
 from __future__ import annotations
