@@ -157,4 +157,26 @@ def test_shared_second_order_gram_equals_the_direct_form():
     direct = At.mT @ (W[..., None] * At)
     shared = _gram(A, At, W, frame)
     assert torch.allclose(shared, direct, atol=1e-12 * float(direct.abs().max()), rtol=0)
-    assert torch.equal(_gram(A.expand(Bn, m, n), At, W, frame), direct)  # batched A: the direct form
+    batched = _gram(A.expand(Bn, m, n), At, W, frame)  # batched A: the direct form (zero-weight rows skipped)
+    assert torch.allclose(batched, direct, atol=1e-12 * float(direct.abs().max()), rtol=0)
+
+
+def test_gram_skipping_zero_weight_rows_equals_the_full_product():
+    # _weighted_gram gathers the rows with W > 0 (a different count per element, padded) when they are
+    # at most half: the same Gram as the product over all rows, with and without a matrix to add to
+    from implicitdiff.implicit.cone_system import _weighted_gram
+    g = torch.Generator().manual_seed(5)
+    Bn, r, n = 4, 40, 7
+    At = torch.randn(Bn, r, n, generator=g, dtype=torch.float64)
+    W = torch.rand(Bn, r, generator=g, dtype=torch.float64)
+    W[W < 0.6] = 0                       # about 40 % of the rows weighted, a different set per element
+    W[3] = 0                             # an element with no weighted row at all
+    assert 2 * int((W > 0).sum(-1).max()) <= r
+    full = At.mT @ (W[..., None] * At)
+    G0 = torch.randn(Bn, n, n, generator=g, dtype=torch.float64)
+    assert torch.allclose(_weighted_gram(At, W), full, atol=1e-13, rtol=0)
+    assert torch.allclose(_weighted_gram(At, W, G0), G0 + full, atol=1e-13, rtol=0)
+    assert torch.equal(_weighted_gram(At, W)[3], torch.zeros(n, n, dtype=torch.float64))
+    Wd = W.clone()
+    Wd[:, : r // 2 + 1] = 1.0            # more than half weighted: the direct product
+    assert torch.allclose(_weighted_gram(At, Wd), At.mT @ (Wd[..., None] * At), atol=1e-13, rtol=0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import implicitdiff as idf
-from implicitdiff.implicit.cone_frame import dual_projection_frame, from_frame
+from implicitdiff.implicit.cone_frame import dual_projection_frame, from_frame, to_frame
 from implicitdiff.implicit.cone_projection import dual_projection_jacobian, project_dual
 from implicitdiff.implicit.cone_system import ConeSystem, dense_system
 from implicitdiff.linalg.cone_spec import parse_cones
@@ -35,8 +35,11 @@ def _check(A, b, c, x, y, s, ok, spec, tol=1e-10, seed=0):
     return S
 
 
-def test_frame_diagonalizes_the_projection_jacobian():
-    spec = parse_cones({"z": 2, "l": 3, "q": [4, 3, 1, 2], "s": [3, 2]})
+@pytest.mark.parametrize("cones", [{"z": 2, "l": 3, "q": [4, 3, 1, 2], "s": [3, 2]},
+                                   {"z": 2, "l": 3, "q": [4, 3, 1, 2, 4], "s": [3, 2, 3]}])
+def test_frame_diagonalizes_the_projection_jacobian(cones):
+    # (the second layout has groups of same-size blocks that are not consecutive rows)
+    spec = parse_cones(cones)
     g = torch.Generator().manual_seed(0)
     v = torch.randn(6, spec.m, generator=g, dtype=F64)
     v[0, 5] = v[0, 6:9].norm() + 0.5      # a second-order block inside K*
@@ -47,6 +50,8 @@ def test_frame_diagonalizes_the_projection_jacobian():
     eye = torch.eye(spec.m, dtype=F64).expand(6, -1, -1)
     U = from_frame(F, eye)
     assert torch.allclose(U.mT @ U, eye, atol=1e-13)
+    assert torch.allclose(to_frame(F, eye), U.mT, atol=1e-13)
+    assert torch.allclose(to_frame(F, v), (U.mT @ v[..., None])[..., 0], atol=1e-13)
     assert torch.allclose(U @ torch.diag_embed(F.lam) @ U.mT, dual_projection_jacobian(spec, y, s), atol=1e-13)
     assert bool(((F.lam >= 0) & (F.lam <= 1)).all())
 

@@ -238,10 +238,11 @@ class ConeFn(torch.autograd.Function):
             gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
             r = -system.solve(torch.cat([gx, gv, gw[:, None]], -1), adjoint=True)
         ru, rv, rw = r[:, :n], r[:, n:n + m], r[:, -1:]
-        if A.dim() == 2:  # shared: the sum over the batch, one product
-            gA = y.mT @ ru - rv.mT @ x
+        # Ā = y r_uᵀ − r_v xᵀ as one product of rank 2 (shared A: the sum over the batch, rank 2B)
+        if A.dim() == 2:
+            gA = torch.cat([y, -rv], 0).mT @ torch.cat([ru, x], 0)
         else:
-            gA = y[:, :, None] * ru[:, None, :] - rv[:, :, None] * x[:, None, :]
+            gA = torch.stack([y, -rv], -1) @ torch.stack([ru, x], 1)
         gb = rv - rw * y
         gc = ru - rw * x
         return gA, gb, gc, None

@@ -15,19 +15,26 @@ cones), ``O(k³·r)`` per ``k × k`` PSD block or ``3 × 3`` per exponential con
 - PSD, ``V = smat(v) = Q diag(μ) Qᵀ``: the eigenvectors of ``DΠ`` in svec coordinates are
   ``svec(sym(qᵢqⱼᵀ))`` (normalized) with ``λ = Γᵢⱼ`` of :mod:`.cone_projection`, so the frame
   coordinates of ``a`` are ``svec(Qᵀ smat(a) Q)``;
-- exponential: the ``3 × 3`` symmetric blocks, by ``eigh``.
+- exponential: the ``3 × 3`` symmetric blocks, by ``eigh`` (eigenvalues within a few eps of 0 set to 0).
 
 Forward only (no gradient flows through the frame: the differentiable path of the derivative
 uses :func:`~.cone_projection.dual_projection_jacobian`).
+
+Speed: the frame is applied to ``A`` itself (``(B, m, n)``), so every pass over it counts.  Groups of
+consecutive rows are read as views and written as slices of one output (:func:`_group_rows`,
+:func:`_map`), and the second-order blocks of a group are computed with one product and one fused
+update written straight into that output (:func:`_soc_to`; functional under ``vmap``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import torch
 
+from .._core.validate import is_vmapped
 from ..linalg.cone_spec import ConeSpec, smat, svec, svec_indices
 from .cone_projection import _exp, psd_gamma
 
@@ -64,15 +71,22 @@ def _soc_frame(v):
     return lam, (xh, h)
 
 
-def _soc_to(data, a):
-    """Frame coordinates of second-order blocks ``a (*, k, r)``."""
+def _soc_to(data, a, out=None):
+    """Frame coordinates of second-order blocks ``a (*, k, r)`` (into ``out`` if given): one product
+    with ``(x̂, 2h/‖h‖²)`` and one fused update of the rows ``2…``."""
     xh, h = data
     at, ax = a[..., 0, :], a[..., 1:, :]
-    p = (xh[..., None, :] @ ax)[..., 0, :]
     hn = h * (2 / (h * h).sum(-1, keepdim=True))
-    hx = ax[..., 1:, :] - h[..., 1:, None] * (hn[..., None, :] @ ax)   # rows 1… of (I − 2hhᵀ/‖h‖²) a_x
+    ph = torch.stack([xh, hn], -2) @ ax                                # (*, 2, r): x̂ᵀa_x, (2h/‖h‖²)ᵀa_x
+    p = ph[..., 0, :]
     r2 = math.sqrt(0.5)
-    return torch.cat([((at + p) * r2)[..., None, :], ((at - p) * r2)[..., None, :], hx], -2)
+    top = torch.stack([(at + p) * r2, (at - p) * r2], -2)
+    # rows 1… of (I − 2hhᵀ/‖h‖²) a_x
+    if out is None:  # functional (also under vmap, where out= has no batching rule)
+        return torch.cat([top, torch.addcmul(ax[..., 1:, :], h[..., 1:, None], ph[..., 1:, :], value=-1)], -2)
+    out[..., :2, :] = top
+    torch.addcmul(ax[..., 1:, :], h[..., 1:, None], ph[..., 1:, :], value=-1, out=out[..., 2:, :])
+    return out
 
 
 def _soc_from(data, c):
@@ -118,27 +132,51 @@ def dual_projection_frame(spec: ConeSpec, y: torch.Tensor, s: torch.Tensor) -> F
         else:
             D = _exp(s[:, idx], y[:, idx])
             ev, Q = torch.linalg.eigh(0.5 * (D + D.mT))
-            lam[:, idx] = ev.clamp(0.0, 1.0)
+            # eigenvalues within eigh's rounding (a few eps, ‖D‖ ≤ 1) of 0 are 0: the normal direction
+            lam[:, idx] = torch.where(ev <= 4 * torch.finfo(ev.dtype).eps, torch.zeros_like(ev), ev.clamp(max=1.0))
             data = Q
         parts.append((kind, k, idx, data))
     return Frame(spec, lam, tuple(parts))
 
 
+@functools.lru_cache(maxsize=64)
+def _group_rows(spec: ConeSpec) -> tuple:
+    """Per group of ``spec.groups()``: the ``slice`` of its rows when they are consecutive (a single
+    block, consecutive blocks of one size, the nonnegative and exponential rows), else ``None``."""
+    out = []
+    for _, _, idx in spec.groups():
+        first, last = int(idx.reshape(-1)[0]), int(idx.reshape(-1)[-1])
+        out.append(slice(first, last + 1) if last - first + 1 == idx.numel() else None)
+    return tuple(out)
+
+
 def _map(frame: Frame, V: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """``U V`` or ``Uᵀ V``, group by group into one output (consecutive rows as views and slices:
+    on a ``(B, m, n)`` matrix every pass over it counts)."""
     vec = V.dim() == 2
     if vec:
         V = V[..., None]
-    out = V.clone()
-    for kind, k, idx, data in frame.parts:
+    out = torch.empty_like(V)
+    vmapped = is_vmapped(V)
+    z = frame.spec.z
+    out[:, :z] = V[:, :z]
+    for (kind, k, idx, data), rows in zip(frame.parts, _group_rows(frame.spec)):
+        blk = V[:, idx] if rows is None else V[:, rows].view(V.shape[:1] + idx.shape + V.shape[2:])
         if data is None:
+            res = blk
+        elif kind == "q" and not inverse and rows is not None and not vmapped:  # written in place
+            _soc_to(data, blk, out[:, rows].view(blk.shape))
             continue
-        blk = V[:, idx]  # (B, blocks, rows, r)
-        if kind == "q":
-            out[:, idx] = _soc_from(data, blk) if inverse else _soc_to(data, blk)
+        elif kind == "q":
+            res = _soc_from(data, blk) if inverse else _soc_to(data, blk)
         elif kind == "s":
-            out[:, idx] = _psd_conj(data, blk, k, transpose=inverse)
+            res = _psd_conj(data, blk, k, transpose=inverse)
         else:
-            out[:, idx] = (data @ blk) if inverse else (data.mT @ blk)
+            res = (data @ blk) if inverse else (data.mT @ blk)
+        if rows is None:
+            out[:, idx] = res
+        else:
+            out[:, rows] = res.reshape(out[:, rows].shape)
     return out[..., 0] if vec else out
 
 

@@ -33,6 +33,12 @@ A dense LU costs ``(n + m + 1)³``.  This module solves it in ``O(m·n² + (n + 
    solved again with a dense shifted LU of ``M`` (a safety net; counted in ``fallbacks``).
 
 Elements that are not ``ok`` get zero solutions.
+
+Speed (each in one function, named there): the **shared-A second-order Gram** (:func:`_gram`);
+**zero-weight rows skipped** in ``ÃᵀWÃ`` (:func:`_weighted_gram`: on the exponential case 150 of
+402 rows carry a weight); the reduced matrix **filled block by block** with its shift added on the
+diagonal in place and ``max|K|`` read from its blocks (:class:`_Factor`: at ``n + p ≈ 350`` every
+full-size temporary costs as much as the Gram); ``max|·|`` as ``max(max, −min)`` (:func:`_absmax`).
 """
 
 from __future__ import annotations
@@ -79,11 +85,16 @@ def dense_system(A, b, c, x, y, s, ok, spec):
     return torch.where(ok[:, None, None], M, eye)
 
 
-def _shifted_lu(K):
-    """LU of ``K + δI``, ``δ = √eps·max|K|`` (at least ``√eps``)."""
-    delta = torch.finfo(K.dtype).eps ** 0.5 * K.abs().amax((-2, -1)).clamp(min=1.0)
-    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
-    LU, piv, _ = torch.linalg.lu_factor_ex(K + delta[:, None, None] * eye)
+def _absmax(M):
+    """``max|M|`` over the last two dimensions as ``max(max M, −min M)``: two passes, no temporary of ``M``'s size."""
+    return torch.maximum(M.amax((-2, -1)), -M.amin((-2, -1)))
+
+
+def _shifted_lu(K, kmax):
+    """LU of ``K + δI``, ``δ = √eps·max(kmax, 1)`` for ``kmax = max|K|`` per element (``K`` is overwritten)."""
+    delta = torch.finfo(K.dtype).eps ** 0.5 * kmax.clamp(min=1.0)
+    K.diagonal(dim1=-2, dim2=-1).add_(delta[:, None])
+    LU, piv, _ = torch.linalg.lu_factor_ex(K)
     return LU, piv
 
 
@@ -102,7 +113,7 @@ def _gram(A, At, W, frame):
     B, m, n = At.shape
     soc = [(idx, data) for kind, k, idx, data in frame.parts if kind == "q" and data is not None and k > 2]
     if A.dim() != 2 or not soc:
-        return At.mT @ (W[..., None] * At)
+        return _weighted_gram(At, W)
     rest = torch.ones(m, dtype=torch.bool, device=A.device)
     G = A.new_zeros(B, n, n)
     for idx, (xh, _) in soc:
@@ -116,8 +127,21 @@ def _gram(A, At, W, frame):
         U = p * om.sqrt()[..., None]
         G = torch.baddbmm(G, U.mT, U, alpha=-1)
     r = rest.nonzero()[:, 0]
-    Ar = At[:, r]
-    return torch.baddbmm(G, Ar.mT, W[:, r, None] * Ar)
+    return _weighted_gram(At[:, r], W[:, r], G)
+
+
+def _weighted_gram(At, W, G=None):
+    """``G + Σᵢ Wᵢ ãᵢãᵢᵀ`` over the rows of ``At (B, r, n)``, ``W (B, r) ≥ 0``.  **Zero-weight rows
+    skipped**: rows with ``Wᵢ = 0`` (kept rows and ``λ = 0``: every nonnegative row, two of three per
+    exponential cone) add nothing; when at most half the rows are left they are gathered (padded to
+    the batch's largest count with rows of weight 0) and the product runs on them only."""
+    nz = W > 0
+    q = int(nz.sum(-1).max()) if W.numel() else 0
+    if 2 * q <= W.shape[-1]:
+        rows = torch.sort((~nz).to(torch.int8), dim=-1, stable=True).indices[:, :q]
+        At, W = At.gather(1, rows[..., None].expand(-1, -1, At.shape[-1])), W.gather(1, rows)
+    WA = W[..., None] * At
+    return At.mT @ WA if G is None else torch.baddbmm(G, At.mT, WA)
 
 
 class _Factor:
@@ -144,14 +168,20 @@ class _Factor:
         AK = At.gather(1, order[..., None].expand(B, P, n)) * valid[..., None]
         lamK = lam.gather(1, order) * valid
         G = _gram(A, At, self.W, frame)
-        K = A.new_zeros(B, n + P, n + P)
+        # K filled block by block (no full-size temporaries: at n + p ≈ 350 each costs as much as the
+        # Gram); max|K| from its first block and last rows (|λ_K Ã_K| ≤ |Ã_K|), the same value as a pass over K
+        K = A.new_empty(B, n + P, n + P)
         K[:, :n, :n] = G
-        K[:, :n, n:] = AK.mT * lamK[:, None, :]
-        K[:, n:, :n] = -AK
+        torch.mul(AK.mT, lamK[:, None, :], out=K[:, :n, n:])
+        torch.neg(AK, out=K[:, n:, :n])
         K[:, n:, n:] = torch.diag_embed(1 - lamK)
-        eye = torch.eye(n + P, dtype=A.dtype, device=A.device)
-        K = torch.where(ok[:, None, None], K, eye)
-        self.LU, self.piv = _shifted_lu(K)
+        kmax = _absmax(G)
+        if P:
+            kmax = torch.maximum(kmax, _absmax(K[:, n:]))
+        if not bool(ok.all()):
+            K[~ok] = torch.eye(n + P, dtype=A.dtype, device=A.device)
+            kmax = torch.where(ok, kmax, torch.ones_like(kmax))
+        self.LU, self.piv = _shifted_lu(K, kmax)
         # the border: column (c + x, b̃ + ỹ), row (−c, −λb̃), corner 1
         self.col = torch.cat([c + x, bt + to_frame(frame, y)], -1)
         self.row = torch.cat([-c, -lam * bt], -1)
@@ -212,7 +242,7 @@ class ConeSystem:
         self.frame = dual_projection_frame(spec, y, s)
         self.lam = self.frame.lam
         # the backward error's scale (max|A| read from a reused system of the same A: one pass less)
-        amax = reuse.amax if reuse is not None and reuse.A is A else A.abs().amax((-2, -1))  # () if A is shared
+        amax = reuse.amax if reuse is not None and reuse.A is A else _absmax(A)  # () if A is shared
         self.amax = amax
         self.scale = 1 + amax + (c + x).abs().amax(-1) + (b + y).abs().amax(-1)
         self.factor = reuse.factor if reuse is not None else None
@@ -269,6 +299,8 @@ class ConeSystem:
         tol = torch.finfo(g.dtype).eps ** 0.75
         bad = None
         for i in range(steps + 1):
+            if not check and i == steps:  # the residual would not be read
+                break
             res = g - self._matvec(sol, adjoint)
             if check:  # refine to a backward error of rounding; accept eps^¾ after the last step
                 err = res.abs().amax(-1) / (g.abs().amax(-1) + sol.abs().amax(-1) * self.scale)
@@ -285,7 +317,7 @@ class ConeSystem:
         self.fallbacks += int(i.numel())
         M = dense_system(self.A.expand(self.b.shape[:1] + self.A.shape[-2:])[i], self.b[i], self.c[i], self.x[i], self.y[i], self.s[i], self.ok[i], self.spec)
         Mo = M.mT if adjoint else M
-        LU, piv = _shifted_lu(M)
+        LU, piv = _shifted_lu(M.clone(), M.abs().amax((-2, -1)))
         gi = g[i]
         x = torch.linalg.lu_solve(LU, piv, gi[..., None], adjoint=adjoint)[..., 0]
         for _ in range(6):

@@ -32,7 +32,7 @@ class SparseAffineFn(torch.autograd.Function):
     def forward(p, matrix, transposed):
         target, source = matrix.indices()
         out = p.new_zeros(p.shape[0], matrix.shape[0])
-        return out.index_add_(1, target, p[:, source] * matrix.values())
+        return out.index_add_(1, target, p.index_select(1, source).mul_(matrix.values()))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
