@@ -38,7 +38,6 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
     m, k = h.shape[-1], b.shape[-1]
     dt, dev = p.dtype, p.device
     LQ, Wc, K, LA, X, MG = pre
-    p0 = p
     Lp = tri_solve(LQ, p)  # LQ⁻¹ p
     c0 = brmv(Wc, Lp)  # C Q⁻¹ p
     pQp = (Lp * Lp).sum(-1)
@@ -65,13 +64,21 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         d.copy_(d0)
         return L
 
-    def solve(LG, LA, X, r):
-        """``(K + diag(W, δI))⁻¹ r`` by the block elimination above."""
+    # With Z = L_A⁻ᵀ X = (K_AA + δI)⁻¹ K_AG (once per call), a right-hand side (r_G, r_A) gives
+    # u_G = (M + W)⁻¹ (r_G − Zᵀ r_A) and u_A = (K_AA + δI)⁻¹ r_A − Z u_G: the r_A parts are computed once per
+    # iteration (the predictor and the corrector share r_A = r_e), each solve adds one product with Z.
+    Z = torch.linalg.solve_triangular(LA.mT, X, upper=True) if k else None
+
+    def eq_part(rA):
+        """``(Zᵀ r_A, (K_AA + δI)⁻¹ r_A)``: what the equality rows contribute to a solve (``None`` if ``k = 0``)."""
+        return (brmv(Z, rA), chol_solve(LA, rA.unsqueeze(-1)).squeeze(-1)) if k else None
+
+    def solve(LG, rG, eq):
+        """``(K + diag(W, δI))⁻¹ (r_G, r_A)`` by the block elimination above (``eq = eq_part(r_A)``)."""
         if not k:
-            return chol_solve(LG, r.unsqueeze(-1)).squeeze(-1)
-        t = tri_solve(LA, r[:, m:])
-        uG = chol_solve(LG, (r[:, :m] - brmv(X, t)).unsqueeze(-1)).squeeze(-1)
-        return torch.cat([uG, tri_solve(LA, t - bmv(X, uG), adjoint=True)], dim=-1)
+            return chol_solve(LG, rG.unsqueeze(-1)).squeeze(-1)
+        uG = chol_solve(LG, (rG - eq[0]).unsqueeze(-1)).squeeze(-1)
+        return torch.cat([uG, eq[1] - bmv(Z, uG)], dim=-1)
 
     if init is not None:  # resume where an earlier run stopped: y = (λ, ν) and s, already interior
         y, s = init
@@ -80,7 +87,8 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         # matches the weight to the scale of K (multipliers → constraint values): on the OptNet
         # instances it saves ~15% of the iterations over μ₀ = 1 (CVXOPT's choice, the primal loop's)
         mu0 = (0.1 * K.diagonal(dim1=-2, dim2=-1)[..., :m].mean(-1, keepdim=True)).clamp(min=1).expand(B, m)
-        y = solve(factor(MG, mu0), LA, X, -c0 - hb)
+        r0 = -c0 - hb
+        y = solve(factor(MG, mu0), r0[:, :m], eq_part(r0[:, m:]))
         s = -mu0 * y[:, :m]
     else:
         z0 = warm_start[0].expand(B, n)
@@ -138,14 +146,15 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
                 idx = idx[keep]
                 y, s, c0, pQp, h, b, hb = (t[keep] for t in (y, s, c0, pQp, h, b, hb))
                 status, iters, done, best, stall, tap = (t[keep] for t in (status, iters, done, best, stall, tap))
-                Kw, MG, LA, X = (t[keep] if t is not None and t.shape[0] > 1 else t for t in (Kw, MG, LA, X))
+                Kw, MG, LA, Z = (t[keep] if t is not None and t.shape[0] > 1 else t for t in (Kw, MG, LA, Z))
                 lam, rp, re = y[:, :m], rp[keep], re[keep]
         iters = iters + (~done).long()
         mu = (s * lam).sum(-1, keepdim=True) / m
         w = s / lam
         LS = factor(MG, w)
+        eq = eq_part(re)
         # affine: r_c = s∘λ
-        dy = solve(LS, LA, X, torch.cat([rp - s, re], dim=-1))
+        dy = solve(LS, rp - s, eq)
         dl = dy[:, :m]
         ds = -s - w * dl
         a_aff = torch.minimum(max_step(s, ds), max_step(lam, dl)).clamp(max=1.0).unsqueeze(-1)
@@ -153,7 +162,7 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         sigma = (mu_aff / mu).clamp(0, 1) ** 3
         # corrector: r_c = s∘λ + ds_aff∘dλ_aff − σμ
         rc = s * lam + ds * dl - sigma * mu
-        dy = solve(LS, LA, X, torch.cat([rp - rc / lam, re], dim=-1))
+        dy = solve(LS, rp - rc / lam, eq)
         dl = dy[:, :m]
         ds = -(rc + s * dl) / lam
         eta = 1 - mu.squeeze(-1).sqrt().clamp(1e-4, 1e-2)
@@ -168,7 +177,7 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         y, s = y_new, s_new
     write_back()
     y, s = out_y, out_s
-    z = -tri_solve(LQ, tri_solve(LQ, p0) + bmv(Wc, y), adjoint=True)
+    z = -tri_solve(LQ, Lp + bmv(Wc, y), adjoint=True)
     lam, nu = y[:, :m], y[:, m:]
     # the full residual (with Q, G, A), not the dual-space one, is computed by the caller if needed
     return z, s, lam, nu, out_status, out_iters, None, out_tap
