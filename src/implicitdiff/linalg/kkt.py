@@ -184,7 +184,7 @@ class ActiveSetKKT:
         r = tuple(r)
         if self.rho is not None:
             r = (r[0] + self.rho.unsqueeze(-1) * brmv(A, r[2]), r[1], r[2])
-        GM = G * act.unsqueeze(-1)
+        GM = G * act.unsqueeze(-1) if self.factor.kind == "primal" else G  # the dual kind masks rows itself
         x = self.factor.solve(GM, A, *r)
         for _ in range(self.refine_steps):
             k = self.matvec(Q, G, A, *x)
@@ -270,7 +270,7 @@ def kkt_precompute(kind, Q, G, A, LQ=None, delta=None):
     if k:
         LA = cholesky_lower(K[:, m:, m:] + delta * torch.eye(k, dtype=K.dtype, device=K.device))[0]
         X = torch.linalg.solve_triangular(LA, K[:, m:, :m], upper=False)
-        M = K[:, :m, :m] - X.mT @ X
+        M = torch.baddbmm(K[:, :m, :m], X.mT, X, alpha=-1)
     else:
         LA, X, M = K.new_zeros(Bc, 0, 0), K.new_zeros(Bc, 0, m), K
     return LQ, W, K, LA, X, M
