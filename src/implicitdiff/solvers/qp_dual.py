@@ -80,25 +80,30 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         uG = chol_solve(LG, (rG - eq[0]).unsqueeze(-1)).squeeze(-1)
         return torch.cat([uG, eq[1] - bmv(Z, uG)], dim=-1)
 
+    first = None  # the factorization of M + W for the first iteration, when the start already made it
     if init is not None:  # resume where an earlier run stopped: y = (λ, ν) and s, already interior
         y, s = init
     elif warm_start is None:
-        # the W = μ₀I system, then s = −μ₀λ, both shifted inside.  μ₀ = max(1, mean diag K/10)
-        # matches the weight to the scale of K (multipliers → constraint values): on the OptNet
-        # instances it saves ~15% of the iterations over μ₀ = 1 (CVXOPT's choice, the primal loop's)
-        mu0 = (0.1 * K.diagonal(dim1=-2, dim2=-1)[..., :m].mean(-1, keepdim=True)).clamp(min=1).expand(B, m)
+        # The W = μ₀I system, then s = −μ₀λ, shifted inside (Mehrotra's shift), and each pair rebalanced to
+        # s/λ = μ₀ keeping s∘λ: the first iteration's Newton matrix is then M + μ₀I again (to rounding) and
+        # reuses this factorization.  μ₀ = max(1, 0.03 · mean diag K) matches the weight to the scale of K
+        # (multipliers → constraint values).  On the OptNet instances (n = 100, m = 100, k = 20, batch 128)
+        # this start takes 6.3 factorizations where μ₀ = mean diag K/10 with the plain shift took 7.6.
+        mu0 = (0.03 * K.diagonal(dim1=-2, dim2=-1)[..., :m].mean(-1, keepdim=True)).clamp(min=1).expand(B, m)
+        first = factor(MG, mu0)
         r0 = -c0 - hb
-        y = solve(factor(MG, mu0), r0[:, :m], eq_part(r0[:, m:]))
-        s = -mu0 * y[:, :m]
+        y = solve(first, r0[:, :m], eq_part(r0[:, m:]))
+        s, lam = initial_shift(-mu0 * y[:, :m], y[:, :m])
+        lam = (s * lam / mu0).sqrt()
+        s = mu0 * lam
+        y = torch.cat([lam, y[:, m:]], dim=-1)
     else:
         z0 = warm_start[0].expand(B, n)
         s = h - bmv(G, z0)
         lam0 = warm_start[1].expand(B, m) if warm_start[1] is not None else p.new_ones(B, m)
         nu0 = warm_start[2].expand(B, k) if warm_start[2] is not None else p.new_zeros(B, k)
-        y = torch.cat([lam0, nu0], dim=-1)
-    if init is None:
-        s, lam = initial_shift(s, y[:, :m])
-        y = torch.cat([lam, y[:, m:]], dim=-1)
+        s, lam = initial_shift(s, lam0)
+        y = torch.cat([lam, nu0], dim=-1)
     out_y, out_s = y.clone(), s.clone()
     tap = y[:, :m] > s  # the active-set guess (Tapia's indicator once a step is taken)
     out_tap = tap.clone()
@@ -147,11 +152,13 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
                 y, s, c0, pQp, h, b, hb = (t[keep] for t in (y, s, c0, pQp, h, b, hb))
                 status, iters, done, best, stall, tap = (t[keep] for t in (status, iters, done, best, stall, tap))
                 Kw, MG, LA, Z = (t[keep] if t is not None and t.shape[0] > 1 else t for t in (Kw, MG, LA, Z))
+                first = None if first is None else first[keep]
                 lam, rp, re = y[:, :m], rp[keep], re[keep]
         iters = iters + (~done).long()
         mu = (s * lam).sum(-1, keepdim=True) / m
         w = s / lam
-        LS = factor(MG, w)
+        LS = factor(MG, w) if first is None else first
+        first = None
         eq = eq_part(re)
         # affine: r_c = s∘λ
         dy = solve(LS, rp - s, eq)
