@@ -13,7 +13,14 @@ from .._core.status import Status
 from ..linalg.kkt import bmv, brmv, chol_solve, cholesky_lower, tri_solve
 from .qp_steps import amax, initial_shift, max_step, update_status
 
-__all__ = ["interior_point_dual"]
+__all__ = ["interior_point_dual", "dual_z"]
+
+
+def dual_z(pre, p, lam, nu):
+    """``z(y) = −Q⁻¹(p + Cᵀy)`` for ``y = (λ, ν)``, the primal point of a dual iterate (``pre``: the ``"dual"``
+    precomputation of :func:`~implicitdiff.linalg.kkt.kkt_precompute`)."""
+    LQ, Wc = pre[0], pre[1]
+    return -tri_solve(LQ, tri_solve(LQ, p) + bmv(Wc, torch.cat([lam, nu], dim=-1)), adjoint=True)
 
 
 def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, init=None, max_iter=None):
@@ -30,9 +37,10 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
     ``ipm`` is the :class:`~implicitdiff.solvers.qp_ipm.QPInteriorPoint` (its ``max_iter``,
     ``cert_tol``); the loop stops at ``rtol`` (the solver's early tolerance, then its own on a
     resume); ``init = (y, s)`` resumes from an interior iterate as is (no initial point, no
-    shift); ``max_iter`` overrides the solver's limit.  Returns ``(z, s, λ, ν, status,
-    iterations, None, active guess)``: the full residual is left to the caller, the guess is
-    Tapia's indicator of the last step (``(B, m)`` bool).
+    shift); ``max_iter`` overrides the solver's limit.  Returns ``(None, s, λ, ν, status,
+    iterations, None, active guess)``: ``z`` (:func:`dual_z`) and the full residual are left to the
+    caller (the polish usually replaces the iterate), the guess is Tapia's indicator of the last
+    step (``(B, m)`` bool).
     """
     B, n = p.shape
     m, k = h.shape[-1], b.shape[-1]
@@ -183,8 +191,5 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         tap = torch.where(done.unsqueeze(-1), tap, s_new * lam < y_new[:, :m] * s)
         y, s = y_new, s_new
     write_back()
-    y, s = out_y, out_s
-    z = -tri_solve(LQ, Lp + bmv(Wc, y), adjoint=True)
-    lam, nu = y[:, :m], y[:, m:]
-    # the full residual (with Q, G, A), not the dual-space one, is computed by the caller if needed
-    return z, s, lam, nu, out_status, out_iters, None, out_tap
+    # z(y) (dual_z) and the full residual (with Q, G, A), not the dual-space one, are computed by the caller if needed
+    return None, out_s, out_y[:, :m], out_y[:, m:], out_status, out_iters, None, out_tap

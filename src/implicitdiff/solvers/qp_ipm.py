@@ -85,7 +85,7 @@ import torch
 
 from .._core.status import Status
 from ..linalg.symmetric import symmetric_part
-from .qp_dual import interior_point_dual
+from .qp_dual import dual_z, interior_point_dual
 from .qp_screen import screen
 from ..linalg.kkt import (ActiveSetKKT, KKTProducts, absmax, kkt_factor, kkt_precompute, kkt_refine, kkt_solve_reg,
                           put_rows)
@@ -250,11 +250,15 @@ class QPInteriorPoint:
         res_p, (_, _, re, *_) = kkt_residual(P, pB, hB, bB, zp, sp, lp, np_, Gz=Gz)
         res_p = torch.where(torch.isfinite(res_p), res_p, torch.full_like(res_p, float("inf")))
         open_ = (status == Status.SUCCESS) | (status == Status.MAX_ITERATIONS)
-        if res is None:  # the dual loop defers the full residual of its iterate: needed only where the polish failed
+        # the dual loop defers z = z(y) and the full residual of its iterate: needed only where the polish failed
+        if res is None:
             res = torch.zeros_like(res_p)
             if bool((open_ & ~(res_p <= self.rtol)).any()):
+                z = dual_z(pre, pB, lam, nu)
                 res, _ = kkt_residual(P, pB, hB, bB, z, s, lam, nu)
         polished = open_ & (res_p <= torch.clamp(res, min=self.rtol))
+        if z is None:
+            z = zp if bool(polished.all()) else dual_z(pre, pB, lam, nu)
         z = torch.where(polished[:, None], zp, z)
         lam = torch.where(polished[:, None], lp, lam)
         nu = torch.where(polished[:, None], np_, nu)
