@@ -97,7 +97,8 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         # multipliers): the first iteration's Newton matrix is then M + μ₀I again (to rounding) and reuses
         # this factorization.  μ₀ = max(1, 0.03 · mean diag K) matches the weight to the scale of K
         # (multipliers → constraint values).  On the OptNet instances (n = 100, m = 100, k = 20, batch 128,
-        # seeds 0-2 and 5-7) this start takes 6.0 factorizations where μ₀ = mean diag K/10 with the plain shift took 7.6.
+        # seeds 0-2 and 5-7) this start takes 6.0 factorizations where μ₀ = mean diag K/10 with the plain
+        # shift took 7.6.
         mu0 = (0.03 * K.diagonal(dim1=-2, dim2=-1)[..., :m].mean(-1, keepdim=True)).clamp(min=1).expand(B, m)
         first = factor(MG, mu0)
         r0 = -c0 - hb
