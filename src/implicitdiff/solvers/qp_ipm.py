@@ -142,7 +142,8 @@ class QPInteriorPoint:
 
     def _polish(self, kind, pre, P, Q, G, A, p, h, b, active, delta):
         """Factor and solve the equality-constrained KKT system on ``active`` (see the module docstring)."""
-        GM = G * active.unsqueeze(-1) if kind == "primal" else G  # the dual kind masks its rows itself (rowmask)
+        # the dual kind and a bound-row split (pre) mask the rows themselves (rowmask): G is read for its shape
+        GM = G if kind == "dual" or pre else G * active.unsqueeze(-1)
         winv = active / delta + (1 - active)
         fact = kkt_factor(kind, pre, Q, GM, A, winv, delta, active)
         zp, lp, np_ = kkt_refine(fact, P, GM, A, 1 - active, (-p, active * h, b), self.refine_steps(kind), mask=active)
