@@ -165,3 +165,33 @@ def test_primal_factor_is_accurate_at_the_end_of_an_lp():
             want = torch.linalg.solve(_dense_lp_kkt(G[i], A[i], winv[i], delta), torch.cat([t[i] for t in r]))
             err = (torch.cat([x[i], y[i], v[i]]) - want).abs().max() / want.abs().max()
             assert float(err) < 1e-5, (i, float(err))
+
+
+def test_active_set_solve_reads_g_unmasked_only_where_the_factor_masks_rows():
+    """``ActiveSetKKT.solve`` passes ``G`` unmasked to a factorization that masks its rows itself (the dual
+    kind, the primal kind with a bound-row split) and ``diag(active) G`` to the plain primal one: every
+    kind's refined solve equals the dense solve of the exact active-set KKT system."""
+    g = torch.Generator().manual_seed(5)
+    B, n, k = 3, 6, 1
+    eye = torch.eye(n, dtype=F64).expand(B, n, n)
+    G = torch.cat([2.0 * eye, -eye, torch.randn(B, 2, n, generator=g, dtype=F64)], dim=1)
+    m = G.shape[-2]
+    L = torch.randn(B, n, n, generator=g, dtype=F64)
+    Q = L @ L.mT + torch.eye(n, dtype=F64)
+    A = torch.randn(B, k, n, generator=g, dtype=F64)
+    delta = torch.tensor(1e-10, dtype=F64)
+    act = torch.zeros(B, m, dtype=F64)
+    act[:, :n] = (torch.rand(B, n, generator=g) < 0.5).to(F64)  # upper bounds only: independent active rows
+    act[:, -1] = 1.0
+    winv = act / delta + (1 - act)
+    r = tuple(torch.randn(B, d, generator=g, dtype=F64) for d in (n, m, k))
+    factors = [_factor(Q, G, A, act, delta),
+               kkt_factor("primal", kkt_precompute("primal", Q, G, A), Q, G, A, winv, delta, act),
+               kkt_factor("primal", (), Q, G * act[..., None], A, winv, delta, act)]
+    assert [f.masks_rows for f in factors] == [True, True, False]
+    for f in factors:
+        (x, y, v), relres = ActiveSetKKT(act, f, refine_steps=3).solve(Q, G, A, r)
+        assert float(relres.max()) < 1e-12
+        for i in range(B):
+            want = torch.linalg.solve(_dense_active_kkt(Q[i], G[i], A[i], act[i]), torch.cat([t[i] for t in r]))
+            torch.testing.assert_close(torch.cat([x[i], y[i], v[i]]), want, atol=1e-9, rtol=1e-9)

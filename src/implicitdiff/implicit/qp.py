@@ -180,7 +180,7 @@ class QPFn(torch.autograd.Function):
 
         def outer2(a, b, c, d, alpha):
             """``alpha (a bᵀ + c dᵀ)`` as one bmm, ``(B, r) (B, c)`` -> ``(B, r, c)`` (one pass over the result)."""
-            out = torch.bmm(torch.stack([a, c], -1), torch.stack([b, d], -2)).mul_(alpha)
+            out = torch.bmm(torch.stack([a, c], -1).mul_(alpha), torch.stack([b, d], -2))
             return out if nan is None else out + nan[:, None, None]
 
         def vec(v):

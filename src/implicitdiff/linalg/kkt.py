@@ -105,6 +105,12 @@ class KKTFactorization:
     kind: str
     tensors: tuple
 
+    @property
+    def masks_rows(self) -> bool:
+        """Whether the solves mask the rows of ``G`` themselves (the dual kind, and the primal kind with a
+        bound-row split): then they read only ``G``'s shape, and ``G`` is passed unmasked."""
+        return self.kind == "dual" or len(self.tensors) > 3
+
     def solve(self, G, A, r1, r2, r3):
         """The regularized inverse applied to ``(r1, r2, r3)`` (``G`` as factorized, masked rows)."""
         return kkt_solve_reg(self, G, A, r1, r2, r3)
@@ -184,7 +190,7 @@ class ActiveSetKKT:
         r = tuple(r)
         if self.rho is not None:
             r = (r[0] + self.rho.unsqueeze(-1) * brmv(A, r[2]), r[1], r[2])
-        GM = G * act.unsqueeze(-1)
+        GM = G if self.factor.masks_rows else G * act.unsqueeze(-1)
         x = self.factor.solve(GM, A, *r)
         for _ in range(self.refine_steps):
             k = self.matvec(Q, G, A, *x)
@@ -270,7 +276,7 @@ def kkt_precompute(kind, Q, G, A, LQ=None, delta=None):
     if k:
         LA = cholesky_lower(K[:, m:, m:] + delta * torch.eye(k, dtype=K.dtype, device=K.device))[0]
         X = torch.linalg.solve_triangular(LA, K[:, m:, :m], upper=False)
-        M = K[:, :m, :m] - X.mT @ X
+        M = torch.baddbmm(K[:, :m, :m], X.mT, X, alpha=-1)
     else:
         LA, X, M = K.new_zeros(Bc, 0, 0), K.new_zeros(Bc, 0, m), K
     return LQ, W, K, LA, X, M

@@ -20,7 +20,7 @@ __all__ = ["symmetric_part"]
 
 
 def symmetric_part(M: torch.Tensor) -> torch.Tensor:
-    """``(M + Mᵀ) / 2`` for ``M (*, n, n)``, a new contiguous tensor (differentiable)."""
+    """``(M + Mᵀ) / 2`` for ``M (*, n, n)``, a new tensor, contiguous when ``M`` is (differentiable)."""
     if M.requires_grad and torch.is_grad_enabled():
         return 0.5 * (M + M.mT)
-    return M.mT.clone(memory_format=torch.contiguous_format).add_(M).mul_(0.5)  # a copy even when Mᵀ is contiguous
+    return torch.add(M, M.mT).mul_(0.5)  # a new tensor (laid out as M), exactly symmetric: a + b = b + a

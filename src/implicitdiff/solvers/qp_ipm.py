@@ -85,7 +85,7 @@ import torch
 
 from .._core.status import Status
 from ..linalg.symmetric import symmetric_part
-from .qp_dual import interior_point_dual
+from .qp_dual import dual_z, interior_point_dual
 from .qp_screen import screen
 from ..linalg.kkt import (ActiveSetKKT, KKTProducts, absmax, kkt_factor, kkt_precompute, kkt_refine, kkt_solve_reg,
                           put_rows)
@@ -142,7 +142,8 @@ class QPInteriorPoint:
 
     def _polish(self, kind, pre, P, Q, G, A, p, h, b, active, delta):
         """Factor and solve the equality-constrained KKT system on ``active`` (see the module docstring)."""
-        GM = G * active.unsqueeze(-1)
+        # the dual kind and a bound-row split (pre) mask the rows themselves (rowmask): G is read for its shape
+        GM = G if kind == "dual" or pre else G * active.unsqueeze(-1)
         winv = active / delta + (1 - active)
         fact = kkt_factor(kind, pre, Q, GM, A, winv, delta, active)
         zp, lp, np_ = kkt_refine(fact, P, GM, A, 1 - active, (-p, active * h, b), self.refine_steps(kind), mask=active)
@@ -228,8 +229,8 @@ class QPInteriorPoint:
         m, dt = hB.shape[-1], pB.dtype
         active = guess.to(dt)
         fact, zp, lp, np_ = self._polish(kind, pre, P, Q, G, A, pB, hB, bB, active, delta)
+        Gz = P.gx(zp)  # kept current: only the rows of the elements solved again are recomputed
         for _ in range(1, self.polish_rounds if m else 1):
-            Gz = P.gx(zp)
             tol_p = self.rtol * (1 + torch.maximum(amax(Gz), amax(hB))).unsqueeze(-1)
             tol_d = self.rtol * (1 + torch.maximum(amax(lp), amax(pB))).unsqueeze(-1)
             fix = (active == 0) & (Gz - hB > tol_p)
@@ -239,20 +240,26 @@ class QPInteriorPoint:
                 break
             active = torch.where(fix, 1.0, torch.where(drop, 0.0, active)).to(dt)
             idx = torch.nonzero(redo).squeeze(-1)
+            Ps = take(P, idx)
             f2, z2, l2, n2 = self._polish(kind, tuple(take(t, idx) for t in pre),
-                                          *(take(t, idx) for t in (P, Q, G, A, pB, hB, bB)), active[idx], delta)
+                                          Ps, *(take(t, idx) for t in (Q, G, A, pB, hB, bB)), active[idx], delta)
             zp, lp, np_ = put_rows(zp, z2, idx), put_rows(lp, l2, idx), put_rows(np_, n2, idx)
+            Gz = put_rows(Gz, Ps.gx(z2), idx)
             fact = fact.put(f2, idx)
         lp = lp.clamp(min=0) * active
-        sp = (hB - P.gx(zp)).clamp(min=0)
-        res_p, (_, _, re, *_) = kkt_residual(P, pB, hB, bB, zp, sp, lp, np_)
+        sp = (hB - Gz).clamp(min=0)
+        res_p, (_, _, re, *_) = kkt_residual(P, pB, hB, bB, zp, sp, lp, np_, Gz=Gz)
         res_p = torch.where(torch.isfinite(res_p), res_p, torch.full_like(res_p, float("inf")))
         open_ = (status == Status.SUCCESS) | (status == Status.MAX_ITERATIONS)
-        if res is None:  # the dual loop defers the full residual of its iterate: needed only where the polish failed
+        # the dual loop defers z = z(y) and the full residual of its iterate: needed only where the polish failed
+        if res is None:
             res = torch.zeros_like(res_p)
             if bool((open_ & ~(res_p <= self.rtol)).any()):
+                z = dual_z(pre, pB, lam, nu)
                 res, _ = kkt_residual(P, pB, hB, bB, z, s, lam, nu)
         polished = open_ & (res_p <= torch.clamp(res, min=self.rtol))
+        if z is None:
+            z = zp if bool(polished.all()) else dual_z(pre, pB, lam, nu)
         z = torch.where(polished[:, None], zp, z)
         lam = torch.where(polished[:, None], lp, lam)
         nu = torch.where(polished[:, None], np_, nu)

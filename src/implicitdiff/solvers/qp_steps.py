@@ -12,7 +12,7 @@ import torch
 from .._core.status import Status
 
 __all__ = ["QPResult", "amax", "kkt_residual", "max_step", "update_status", "initial_shift", "take", "merge"]
-from ..linalg.kkt import ActiveSetKKT, KKTProducts, put_rows, take_rows
+from ..linalg.kkt import ActiveSetKKT, KKTProducts, bmv, put_rows, take_rows
 
 
 class QPResult(NamedTuple):
@@ -31,9 +31,10 @@ def amax(x):
     return x.abs().amax(-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
 
 
-def kkt_residual(P, p, h, b, z, s, lam, nu):
-    """Relative KKT residual: max of stationarity, feasibility and complementarity (per element)."""
-    Qz, Gz, Az = P.forward(z)
+def kkt_residual(P, p, h, b, z, s, lam, nu, Gz=None):
+    """Relative KKT residual: max of stationarity, feasibility and complementarity (per element);
+    ``Gz``: the product ``Gz`` when the caller has it."""
+    Qz, Gz, Az = P.forward(z) if Gz is None else (bmv(P.Q, z), Gz, bmv(P.A, z))
     GAy = P.adjoint(lam, nu)
     rd = Qz + p + GAy
     rp = Gz + s - h
