@@ -25,7 +25,10 @@ three solves (the ``Δτ`` column, the predictor, the corrector).  ``N`` is form
 solve, a rank-one update per block and iteration), else ``(W⁻ᵀA_k)ᵀ(W⁻ᵀA_k)`` from the cone's
 ``winv_t`` — **the seam for a cone**: a cone class gives ``unit, scale, winv_t, winv, w_t, scaled,
 rhs, step`` (``cone_symmetric``, ``cone_exp``) and gets the generic normal-matrix term; a
-structured term is optional and lives in ``cone_gram``.  ``A`` is used only through products
+structured term is optional and lives in ``cone_gram``.  Where ``A`` has zeros shared by the batch
+(cvxpy's canonical programs), groups of small blocks are formed from their own columns and ``N`` is
+factored with each block's private columns eliminated first (:mod:`~.cone_sparse`), transparently
+to this loop.  ``A`` is used only through products
 (:class:`~.cone_gram.DataMatrix`: one matrix product for the batch when ``A`` is shared) and ``W``
 only on vectors, so ``H`` (condition number ``~1/μ²``) is never formed.  Once some element's ``μ``
 is below :data:`REFINE_BELOW_MU` each solve is polished by one step of iterative refinement
