@@ -195,3 +195,28 @@ def test_active_set_solve_reads_g_unmasked_only_where_the_factor_masks_rows():
         for i in range(B):
             want = torch.linalg.solve(_dense_active_kkt(Q[i], G[i], A[i], act[i]), torch.cat([t[i] for t in r]))
             torch.testing.assert_close(torch.cat([x[i], y[i], v[i]]), want, atol=1e-9, rtol=1e-9)
+
+
+def test_bound_row_split_finds_each_bound_column_and_value():
+    """The bound-row split's column (read off Σⱼ j·Gᵢⱼ / g) and value of every bound row equal the
+    definition (the column of the row's only nonzero, its value), for values of any sign and size: also
+    a huge one (the product overflows: the argmax fallback) and a subnormal one."""
+    g = torch.Generator().manual_seed(5)
+    B, n = 3, 7
+    eye = torch.eye(n, dtype=F64).expand(B, n, n)
+    vals = torch.randn(B, 2 * n, 1, generator=g, dtype=F64) * 10
+    G = torch.cat([eye, -eye], dim=1)[:, torch.randperm(2 * n, generator=g)] * vals
+    G = torch.cat([G, torch.randn(B, 3, n, generator=g, dtype=F64)], dim=1)
+    for big in (None, 1.7e308, 3e-320):
+        Gb = G.clone()
+        if big is not None:
+            Gb[1, 2] = 0.0
+            Gb[1, 2, 3] = -big  # a bound row −big·z₃ ≤ h
+        dense, Gd, col, gv = kkt_precompute("primal", Gb.new_zeros(1, n, n), Gb, Gb.new_zeros(B, 0, n))
+        nz = Gb != 0
+        bound = nz.sum(-1) == 1
+        bound.scatter_(1, dense, False)
+        want_col = nz.to(torch.int8).argmax(-1)
+        assert torch.equal(col[bound], want_col[bound])
+        assert torch.equal(gv, torch.where(bound, Gb.sum(-1), 0.0))
+        assert torch.equal(Gd, torch.gather(Gb, 1, dense.unsqueeze(-1).expand(-1, -1, n)))

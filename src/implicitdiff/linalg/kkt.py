@@ -293,16 +293,23 @@ def _bound_rows(G):
     m = G.shape[-2]
     if m == 0:
         return ()
-    nz = G != 0
-    single = nz.sum(-1) == 1
+    single = torch.linalg.vector_norm(G, ord=0, dim=-1) == 1  # the count of nonzeros, one pass
     r = int((~single).sum(-1).max())  # one sync per solve
     if (m - r) * 4 < m:
         return ()
     dense = torch.argsort(single.to(torch.int8), dim=-1, stable=True)[:, :r]
     Gd = torch.gather(G, 1, dense.unsqueeze(-1).expand(*dense.shape, G.shape[-1]))
     diag = torch.ones_like(single, dtype=G.dtype).scatter(1, dense, 0.0)
-    col = nz.to(torch.int8).argmax(-1)
-    return dense, Gd, col, G.sum(-1) * diag
+    gv = G.sum(-1) * diag
+    # the column of a bound row's nonzero g is (Σⱼ j·Gᵢⱼ)/g = j·g/g, which rounds to j (one product instead
+    # of an argmax over a bool copy of G: ~13 ms of 20 on 128 × 250 × 100); checked by G[i, col] = g
+    bound = (gv != 0) & torch.isfinite(gv)  # the bound rows not multiplied densely (the others: col = 0)
+    n = G.shape[-1]
+    col = torch.where(bound, (G @ torch.arange(n, dtype=G.dtype, device=G.device)) / gv, 0)
+    col = col.round().clamp(0, n - 1).long()
+    if not bool(((torch.gather(G, -1, col.unsqueeze(-1)).squeeze(-1) == gv) | ~bound).all()):  # g subnormal, huge
+        col = (G != 0).to(torch.int8).argmax(-1)
+    return dense, Gd, col, gv
 
 
 def gmv(G, rows, x):

@@ -206,7 +206,8 @@ class QPInteriorPoint:
         if not bool(retry.any()):  # one sync
             return out
         idx = torch.nonzero(retry).squeeze(-1)
-        Ps, Qs, Gs, As, ps, hs, bs = (take(t, idx) for t in (P, Q, G, A, pB, hB, bB))
+        Ps, ps, hs, bs = (take(t, idx) for t in (P, pB, hB, bB))
+        Qs, Gs, As = Ps.Q, Ps.G, Ps.A  # P holds the same Q, G, A: gathered once
         pres = tuple(take(t, idx) for t in pre)
         s, lam, nu = (loop[i][idx] for i in (1, 2, 3))
         budget = self.max_iter - int(out.iterations[idx].max())  # no element goes past max_iter in all
@@ -241,8 +242,8 @@ class QPInteriorPoint:
             active = torch.where(fix, 1.0, torch.where(drop, 0.0, active)).to(dt)
             idx = torch.nonzero(redo).squeeze(-1)
             Ps = take(P, idx)
-            f2, z2, l2, n2 = self._polish(kind, tuple(take(t, idx) for t in pre),
-                                          Ps, *(take(t, idx) for t in (Q, G, A, pB, hB, bB)), active[idx], delta)
+            f2, z2, l2, n2 = self._polish(kind, tuple(take(t, idx) for t in pre), Ps, Ps.Q, Ps.G, Ps.A,
+                                          *(take(t, idx) for t in (pB, hB, bB)), active[idx], delta)
             zp, lp, np_ = put_rows(zp, z2, idx), put_rows(lp, l2, idx), put_rows(np_, n2, idx)
             Gz = put_rows(Gz, Ps.gx(z2), idx)
             fact = fact.put(f2, idx)
@@ -333,7 +334,8 @@ class QPInteriorPoint:
                     idx = idx[keep]
                     z, s, lam, nu, status, iters, res, best, stall, done, p, h, b, rd, rp, re = (
                         t[keep] for t in (z, s, lam, nu, status, iters, res, best, stall, done, p, h, b, rd, rp, re))
-                    P, G, A = take(P, keep), take(G, keep), take(A, keep)
+                    P = take(P, keep)
+                    G, A = P.G, P.A  # the same tensors: gathered once
                     pre = tuple(take(t, keep) for t in pre)
             iters = iters + (~done).long()
             # --- Mehrotra predictor-corrector step, all elements at once ---
