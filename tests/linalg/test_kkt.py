@@ -109,7 +109,7 @@ def _dense_lp_kkt(G, A, winv, delta):
 def test_primal_factor_with_bound_rows_equals_the_dense_product():
     """Rows of G with one nonzero (bounds) go on the diagonal of GᵀWG, the others through the product:
     the regularized system's solve equals the dense oracle, with and without a row mask, for a G whose
-    elements have different numbers of bound rows (padding of the product's rows)."""
+    elements have different numbers of bound rows (padding of the product's rows); Q = None as Q = 0."""
     g = torch.Generator().manual_seed(3)
     B, n, k = 3, 6, 2
     eye = torch.eye(n, dtype=F64).expand(B, n, n)
@@ -132,6 +132,9 @@ def test_primal_factor_with_bound_rows_equals_the_dense_product():
             want = torch.linalg.solve(_dense_lp_kkt(GM[i], A[i], winv[i], delta), torch.cat([t[i] for t in r]))
             torch.testing.assert_close(torch.cat([x[i], y[i], v[i]]), want, atol=1e-8, rtol=1e-8)
         torch.testing.assert_close(torch.cat([x, y, v], -1), torch.cat([xd, yd, vd], -1), atol=1e-9, rtol=1e-9)
+        for split in (pre, ()):  # Q = None (an LP: no Q term) factors the same matrix as the zero Q
+            with_q, no_q = (kkt_factor("primal", split, q, GM, A, winv, delta, mask).tensors[0] for q in (Q, None))
+            assert torch.equal(with_q, no_q)
 
 
 def test_primal_factor_is_accurate_at_the_end_of_an_lp():

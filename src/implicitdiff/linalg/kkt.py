@@ -356,11 +356,12 @@ def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorizati
     Symmetric positive definite by construction (``Q ⪰ 0``, ``winv > 0``, ``δ > 0``); a
     Cholesky that fails in rounding gives non-finite factors, reported as ``NONFINITE``.
     ``rowmask`` (``"dual"`` only, ``(B, m)``): the active set; rows outside it are decoupled
-    (``G`` replaced by ``diag(rowmask) G``), and only the active rows are factored.
+    (``G`` replaced by ``diag(rowmask) G``), and only the active rows are factored.  ``Q = None``
+    (``"primal"`` only): ``Q = 0``, an LP (no term to add to the product).
     """
-    n, k = Q.shape[-1], A.shape[-2]
+    n, k = A.shape[-1], A.shape[-2]
     B = winv.shape[0]
-    dt, dev = Q.dtype, Q.device
+    dt, dev = winv.dtype, winv.device
     if kind == "dual":
         LQ, Wc, _, LA, X, M = pre
         w = 1 / winv
@@ -372,10 +373,12 @@ def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorizati
         we = winv if rowmask is None else winv * rowmask
         d = torch.zeros(B, n, dtype=dt, device=dev).scatter_add_(1, col.expand(B, -1), we * gv * gv)
         wd = torch.gather(we, 1, dense.expand(B, -1))
-        H = torch.baddbmm(Q, (Gd * wd.unsqueeze(-1)).mT, Gd.expand(B, *Gd.shape[1:]))
+        GdW, GdB = (Gd * wd.unsqueeze(-1)).mT, Gd.expand(B, *Gd.shape[1:])
+        H = torch.bmm(GdW, GdB) if Q is None else torch.baddbmm(Q, GdW, GdB)
         H.diagonal(dim1=-2, dim2=-1).add_(d + delta)
     else:
-        H = Q + delta * torch.eye(n, dtype=dt, device=dev)
+        H = delta * torch.eye(n, dtype=dt, device=dev).expand(1, n, n)
+        H = H if Q is None else Q + H
         if G.shape[-2]:
             H = torch.baddbmm(H, (G * winv.unsqueeze(-1)).mT, G.expand(B, *G.shape[1:]))
     if k:

@@ -179,8 +179,10 @@ class QPInteriorPoint:
         scale = 1 + max(float(absmax(t, (-2, -1)).max()) if t.numel() else 0.0 for t in (Q, G, A))
         delta = torch.tensor(self.reg * scale, dtype=dt, device=dev)
         kind, LQ = self._choose_kind(Q, n, m, k, delta, scale, LQ)
-        if kind == "primal" and Q.shape[0] > 1 and not bool(Q.any()):
+        lp = kind == "primal" and not bool(Q.any())
+        if lp:
             Q = Q[:1]  # an LP: one shared zero Q (its products are one matrix product, not a batch of them)
+        Qf = None if lp else Q  # what the factorizations add (an LP's H̃ has no Q term to add)
         pre = kkt_precompute(kind, Q, G, A, LQ, delta)
         P = KKTProducts.build(Q, G, A, pre if kind == "primal" else ())
         pB, hB, bB = p.expand(B, n), h.expand(B, m), b.expand(B, k)
@@ -188,12 +190,12 @@ class QPInteriorPoint:
             loop = (p.new_zeros(B, n), p.new_zeros(B, 0), p.new_zeros(B, 0), p.new_zeros(B, k),
                     torch.full((B,), int(Status.MAX_ITERATIONS), dtype=torch.long, device=dev),
                     torch.zeros(B, dtype=torch.long, device=dev), torch.full((B,), float("inf"), dtype=dt, device=dev))
-            return self._finish(kind, pre, P, Q, G, A, pB, hB, bB, delta, loop + (p.new_zeros(B, 0, dtype=torch.bool),))
+            return self._finish(kind, pre, P, Qf, G, A, pB, hB, bB, delta, loop + (p.new_zeros(B, 0, dtype=torch.bool),))
         if kind == "primal":
             # (stopping early and polishing saves nothing here: on LPs the guess λ > s of a loose iterate is
             # wrong too often)
-            loop = self._interior_point(P, pB, G, hB, A, bB, kind, pre, delta, warm_start, rtol=self.rtol)
-            return self._finish(kind, pre, P, Q, G, A, pB, hB, bB, delta, loop + (loop[2] > loop[1],))  # λ > s
+            loop = self._interior_point(P, Qf, pB, G, hB, A, bB, kind, pre, delta, warm_start, rtol=self.rtol)
+            return self._finish(kind, pre, P, Qf, G, A, pB, hB, bB, delta, loop + (loop[2] > loop[1],))  # λ > s
         # The dual loop stops early, at ``early_rtol``: the polish on the active set it identifies then
         # gives the solution to rounding (saving the last interior-point iterations); elements whose
         # polish fails to reach ``rtol`` (a wrong active set) resume the interior point to ``rtol``.
@@ -218,7 +220,8 @@ class QPInteriorPoint:
         return merge(out, sub, idx)
 
     def _finish(self, kind, pre, P, Q, G, A, pB, hB, bB, delta, loop) -> QPResult:
-        """Polish the interior point's result on its active set and decide the statuses.
+        """Polish the interior point's result on its active set and decide the statuses (``Q``: what the
+        factorizations add, ``None`` for an LP).
 
         The active-set ("polished") solve; for ``m = 0`` it is the whole (direct) solve.  Start from
         the strongly active constraints (weakly active ones, ``λᵢ ≈ 0 ≈ sᵢ``, are left out), then
@@ -242,7 +245,8 @@ class QPInteriorPoint:
             active = torch.where(fix, 1.0, torch.where(drop, 0.0, active)).to(dt)
             idx = torch.nonzero(redo).squeeze(-1)
             Ps = take(P, idx)
-            f2, z2, l2, n2 = self._polish(kind, tuple(take(t, idx) for t in pre), Ps, Ps.Q, Ps.G, Ps.A,
+            Qs = None if Q is None else Ps.Q
+            f2, z2, l2, n2 = self._polish(kind, tuple(take(t, idx) for t in pre), Ps, Qs, Ps.G, Ps.A,
                                           *(take(t, idx) for t in (pB, hB, bB)), active[idx], delta)
             zp, lp, np_ = put_rows(zp, z2, idx), put_rows(lp, l2, idx), put_rows(np_, n2, idx)
             Gz = put_rows(Gz, Ps.gx(z2), idx)
@@ -276,7 +280,8 @@ class QPInteriorPoint:
         status = torch.where(finite | (status != Status.SUCCESS), status, int(Status.NONFINITE))
         return QPResult(z, lam, nu, status, res, iters, ActiveSetKKT(active, fact, self.refine_steps(kind)))
 
-    def _interior_point(self, P, p, G, h, A, b, kind, pre, delta, warm_start, rtol):
+    def _interior_point(self, P, Q, p, G, h, A, b, kind, pre, delta, warm_start, rtol):
+        """The primal loop (``Q``: what the factorizations add, ``None`` for an LP; ``P`` multiplies)."""
         B, n = p.shape
         m, k = h.shape[-1], b.shape[-1]
         dt, dev = p.dtype, p.device
@@ -285,7 +290,7 @@ class QPInteriorPoint:
         if warm_start is None:
             # Start (as CVXOPT): solve the KKT system with W = I, i.e. the least-squares-slack
             # problem min ½zᵀQz + pᵀz + ½‖h − Gz‖², Az = b; then s = h − Gz, λ = −s, shifted inside.
-            f0 = kkt_factor(kind, pre, P.Q, G, A, ones, delta)
+            f0 = kkt_factor(kind, pre, Q, G, A, ones, delta)
             z, lam, nu = kkt_solve_reg(f0, G, A, -p, h, b)
             s = -lam
         else:
@@ -335,7 +340,7 @@ class QPInteriorPoint:
                     z, s, lam, nu, status, iters, res, best, stall, done, p, h, b, rd, rp, re = (
                         t[keep] for t in (z, s, lam, nu, status, iters, res, best, stall, done, p, h, b, rd, rp, re))
                     P = take(P, keep)
-                    G, A = P.G, P.A  # the same tensors: gathered once
+                    G, A, Q = P.G, P.A, None if Q is None else P.Q  # the same tensors: gathered once
                     pre = tuple(take(t, keep) for t in pre)
             iters = iters + (~done).long()
             # --- Mehrotra predictor-corrector step, all elements at once ---
@@ -343,7 +348,7 @@ class QPInteriorPoint:
             w = s / lam
             # the factorization regularizes the (2,2) block to −(W + δI) (bounded condition number);
             # the corrector's refinement is against the exact W
-            f = kkt_factor(kind, pre, P.Q, G, A, lam / (s + delta * lam), delta)
+            f = kkt_factor(kind, pre, Q, G, A, lam / (s + delta * lam), delta)
             # affine (predictor): complementarity target 0, r_c = s∘λ, so r₂ = −r_p + r_c/λ = −r_p + s
             dz, dl, dn = kkt_solve_reg(f, G, A, -rd, -rp + s, -re)
             ds = -s - w * dl
