@@ -173,7 +173,7 @@ def test_primal_factor_is_accurate_at_the_end_of_an_lp():
 def test_active_set_solve_reads_g_unmasked_only_where_the_factor_masks_rows():
     """``ActiveSetKKT.solve`` passes ``G`` unmasked to a factorization that masks its rows itself (the dual
     kind, the primal kind with a bound-row split) and ``diag(active) G`` to the plain primal one: every
-    kind's refined solve equals the dense solve of the exact active-set KKT system."""
+    kind's refined solve equals the dense solve of the exact active-set KKT system, its product the dense one."""
     g = torch.Generator().manual_seed(5)
     B, n, k = 3, 6, 1
     eye = torch.eye(n, dtype=F64).expand(B, n, n)
@@ -198,6 +198,12 @@ def test_active_set_solve_reads_g_unmasked_only_where_the_factor_masks_rows():
         for i in range(B):
             want = torch.linalg.solve(_dense_active_kkt(Q[i], G[i], A[i], act[i]), torch.cat([t[i] for t in r]))
             torch.testing.assert_close(torch.cat([x[i], y[i], v[i]]), want, atol=1e-9, rtol=1e-9)
+        # the product with K (the bound-row split multiplies by its own masked rows) is the dense one
+        u = tuple(torch.randn(B, d, generator=g, dtype=F64) for d in (n, m, k))
+        Ku = torch.cat(ActiveSetKKT(act, f, refine_steps=3).matvec(Q, G, A, *u), -1)
+        for i in range(B):
+            want = _dense_active_kkt(Q[i], G[i], A[i], act[i]) @ torch.cat([t[i] for t in u])
+            torch.testing.assert_close(Ku[i], want, atol=1e-12, rtol=1e-12)
 
 
 def test_bound_row_split_finds_each_bound_column_and_value():

@@ -178,6 +178,9 @@ class ActiveSetKKT:
         Qx = bmv(Q, x)
         if self.rho is not None:
             Qx = Qx + self.rho.unsqueeze(-1) * brmv(A, bmv(A, x))
+        rows = self.factor.tensors[3:] if self.factor.kind == "primal" else ()
+        if rows:  # the factor's bound-row split of MG (masked by the active set): G's bound rows not read densely
+            return Qx + grmv(G, rows, y) + brmv(A, v), gmv(G, rows, x) - (1 - act) * y, bmv(A, x)
         return Qx + brmv(G, act * y) + brmv(A, v), act * bmv(G, x) - (1 - act) * y, bmv(A, x)
 
     def solve(self, Q, G, A, r):
