@@ -89,7 +89,8 @@ from .qp_dual import dual_z, interior_point_dual
 from .qp_screen import screen
 from ..linalg.kkt import (ActiveSetKKT, KKTProducts, absmax, kkt_factor, kkt_precompute, kkt_refine, kkt_solve_reg,
                           put_rows)
-from .qp_steps import QPResult, amax, initial_shift, kkt_residual, max_step, merge, take, update_status
+from .qp_steps import (QPResult, amax, balanced_start, initial_shift, kkt_residual, max_step, merge, take,
+                       update_status)
 
 __all__ = ["QPInteriorPoint", "QPResult"]
 
@@ -287,18 +288,21 @@ class QPInteriorPoint:
         dt, dev = p.dtype, p.device
         eps_c = self.cert_tol
         ones = p.new_ones(B, m)
+        first = None  # the factorization for the first iteration, when the start already made it
         if warm_start is None:
             # Start (as CVXOPT): solve the KKT system with W = I, i.e. the least-squares-slack
-            # problem min ½zᵀQz + pᵀz + ½‖h − Gz‖², Az = b; then s = h − Gz, λ = −s, shifted inside.
-            f0 = kkt_factor(kind, pre, Q, G, A, ones, delta)
-            z, lam, nu = kkt_solve_reg(f0, G, A, -p, h, b)
-            s = -lam
+            # problem min ½zᵀQz + pᵀz + ½‖h − Gz‖², Az = b; then s = h − Gz, λ = −s, shifted inside and
+            # balanced to s = λ, so the first iteration reuses this factorization (LP, n = 100, m = 250,
+            # B = 128, seeds 0-3, and n = 50: 118 factorizations instead of 128)
+            first = kkt_factor(kind, pre, Q, G, A, ones, delta)
+            z, lam, nu = kkt_solve_reg(first, G, A, -p, h, b)
+            s, lam = balanced_start(-lam, lam, 1.0)
         else:
             z = warm_start[0].expand(B, n).clone()
             s = h - P.gx(z)
             lam = warm_start[1].expand(B, m).clone() if warm_start[1] is not None else ones.clone()
             nu = warm_start[2].expand(B, k).clone() if warm_start[2] is not None else p.new_zeros(B, k)
-        s, lam = initial_shift(s, lam)
+            s, lam = initial_shift(s, lam)
         status = torch.full((B,), int(Status.MAX_ITERATIONS), dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         iters = torch.zeros(B, dtype=torch.long, device=dev)
@@ -342,13 +346,15 @@ class QPInteriorPoint:
                     P = take(P, keep)
                     G, A, Q = P.G, P.A, None if Q is None else P.Q  # the same tensors: gathered once
                     pre = tuple(take(t, keep) for t in pre)
+                    first = None if first is None else first.take(keep)
             iters = iters + (~done).long()
             # --- Mehrotra predictor-corrector step, all elements at once ---
             mu = (s * lam).sum(-1, keepdim=True) / m
             w = s / lam
             # the factorization regularizes the (2,2) block to −(W + δI) (bounded condition number);
             # the corrector's refinement is against the exact W
-            f = kkt_factor(kind, pre, Q, G, A, lam / (s + delta * lam), delta)
+            f = kkt_factor(kind, pre, Q, G, A, lam / (s + delta * lam), delta) if first is None else first
+            first = None
             # affine (predictor): complementarity target 0, r_c = s∘λ, so r₂ = −r_p + r_c/λ = −r_p + s
             dz, dl, dn = kkt_solve_reg(f, G, A, -rd, -rp + s, -re)
             ds = -s - w * dl
