@@ -21,7 +21,8 @@ removes the regularization by iterative refinement against it.
 
 :class:`ActiveSetKKT` is what a QP forward solver hands to the backward: the active set at the
 solution and the factorization of the active-set KKT matrix; its :meth:`~ActiveSetKKT.solve`
-is the backward's one linear solve (refinement with that factorization, residual checked).
+is the backward's one linear solve (refinement with that factorization, residual checked); with a
+bound-row split (:func:`_bound_rows`) its products with ``diag(active) G`` use the factor's split rows.
 
 Shapes: ``Q (B|1, n, n)``, ``G (B|1, m, n)``, ``A (B|1, k, n)``, right-hand sides ``(B, ·)``.
 Failure mode: a Cholesky that fails in rounding gives non-finite factors (``cholesky_ex``, no

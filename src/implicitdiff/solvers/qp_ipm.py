@@ -35,6 +35,11 @@ construction and factored by Cholesky (never an unpivoted LU):
 Elements leave the working batch as they converge (a gather once a quarter of it is done,
 decided on the convergence test's one host read: every iteration on CPU, every fourth on CUDA).
 
+**Starts and LPs.**  A cold start solves the system with ``W = I`` (primal) or ``W = μ₀I`` (dual) and
+balances ``(s, λ)`` to ``s/λ = 1`` or ``μ₀`` (:func:`~implicitdiff.solvers.qp_steps.balanced_start`), so
+the first iteration reuses that factorization.  An LP (``Q = 0``) keeps one shared zero ``Q`` for the
+products and passes ``Q = None`` to the factorizations (no ``Q`` term to add to ``GᵀWG``).
+
 **Early stop, then the active set.**  The interior point stops at a loose tolerance
 (``early_rtol = 10⁻³``; the primal loop at ``rtol``) and the active set is read off its last
 step by Tapia's indicator — constraint ``i`` is active when its slack falls faster than its
@@ -191,7 +196,8 @@ class QPInteriorPoint:
             loop = (p.new_zeros(B, n), p.new_zeros(B, 0), p.new_zeros(B, 0), p.new_zeros(B, k),
                     torch.full((B,), int(Status.MAX_ITERATIONS), dtype=torch.long, device=dev),
                     torch.zeros(B, dtype=torch.long, device=dev), torch.full((B,), float("inf"), dtype=dt, device=dev))
-            return self._finish(kind, pre, P, Qf, G, A, pB, hB, bB, delta, loop + (p.new_zeros(B, 0, dtype=torch.bool),))
+            guess = p.new_zeros(B, 0, dtype=torch.bool)
+            return self._finish(kind, pre, P, Qf, G, A, pB, hB, bB, delta, loop + (guess,))
         if kind == "primal":
             # (stopping early and polishing saves nothing here: on LPs the guess λ > s of a loose iterate is
             # wrong too often)
