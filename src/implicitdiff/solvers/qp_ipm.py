@@ -352,7 +352,7 @@ class QPInteriorPoint:
                     P = take(P, keep)
                     G, A, Q = P.G, P.A, None if Q is None else P.Q  # the same tensors: gathered once
                     pre = tuple(take(t, keep) for t in pre)
-                    first = None if first is None else first.take(keep)
+                    first = None  # (a shrink before the first step: factor the remaining elements anew)
             iters = iters + (~done).long()
             # --- Mehrotra predictor-corrector step, all elements at once ---
             mu = (s * lam).sum(-1, keepdim=True) / m
