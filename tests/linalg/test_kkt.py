@@ -109,7 +109,7 @@ def _dense_lp_kkt(G, A, winv, delta):
 def test_primal_factor_with_bound_rows_equals_the_dense_product():
     """Rows of G with one nonzero (bounds) go on the diagonal of GᵀWG, the others through the product:
     the regularized system's solve equals the dense oracle, with and without a row mask, for a G whose
-    elements have different numbers of bound rows (padding of the product's rows)."""
+    elements have different numbers of bound rows (padding of the product's rows); Q = None as Q = 0."""
     g = torch.Generator().manual_seed(3)
     B, n, k = 3, 6, 2
     eye = torch.eye(n, dtype=F64).expand(B, n, n)
@@ -132,6 +132,9 @@ def test_primal_factor_with_bound_rows_equals_the_dense_product():
             want = torch.linalg.solve(_dense_lp_kkt(GM[i], A[i], winv[i], delta), torch.cat([t[i] for t in r]))
             torch.testing.assert_close(torch.cat([x[i], y[i], v[i]]), want, atol=1e-8, rtol=1e-8)
         torch.testing.assert_close(torch.cat([x, y, v], -1), torch.cat([xd, yd, vd], -1), atol=1e-9, rtol=1e-9)
+        for split in (pre, ()):  # Q = None (an LP: no Q term) factors the same matrix as the zero Q
+            with_q, no_q = (kkt_factor("primal", split, q, GM, A, winv, delta, mask).tensors[0] for q in (Q, None))
+            assert torch.equal(with_q, no_q)
 
 
 def test_primal_factor_is_accurate_at_the_end_of_an_lp():
@@ -170,7 +173,7 @@ def test_primal_factor_is_accurate_at_the_end_of_an_lp():
 def test_active_set_solve_reads_g_unmasked_only_where_the_factor_masks_rows():
     """``ActiveSetKKT.solve`` passes ``G`` unmasked to a factorization that masks its rows itself (the dual
     kind, the primal kind with a bound-row split) and ``diag(active) G`` to the plain primal one: every
-    kind's refined solve equals the dense solve of the exact active-set KKT system."""
+    kind's refined solve equals the dense solve of the exact active-set KKT system, its product the dense one."""
     g = torch.Generator().manual_seed(5)
     B, n, k = 3, 6, 1
     eye = torch.eye(n, dtype=F64).expand(B, n, n)
@@ -195,3 +198,34 @@ def test_active_set_solve_reads_g_unmasked_only_where_the_factor_masks_rows():
         for i in range(B):
             want = torch.linalg.solve(_dense_active_kkt(Q[i], G[i], A[i], act[i]), torch.cat([t[i] for t in r]))
             torch.testing.assert_close(torch.cat([x[i], y[i], v[i]]), want, atol=1e-9, rtol=1e-9)
+        # the product with K (the bound-row split multiplies by its own masked rows) is the dense one
+        u = tuple(torch.randn(B, d, generator=g, dtype=F64) for d in (n, m, k))
+        Ku = torch.cat(ActiveSetKKT(act, f, refine_steps=3).matvec(Q, G, A, *u), -1)
+        for i in range(B):
+            want = _dense_active_kkt(Q[i], G[i], A[i], act[i]) @ torch.cat([t[i] for t in u])
+            torch.testing.assert_close(Ku[i], want, atol=1e-12, rtol=1e-12)
+
+
+def test_bound_row_split_finds_each_bound_column_and_value():
+    """The bound-row split's column (read off Σⱼ j·Gᵢⱼ / g) and value of every bound row equal the
+    definition (the column of the row's only nonzero, its value), for values of any sign and size: also
+    a huge one (the product overflows: the argmax fallback) and a subnormal one."""
+    g = torch.Generator().manual_seed(5)
+    B, n = 3, 7
+    eye = torch.eye(n, dtype=F64).expand(B, n, n)
+    vals = torch.randn(B, 2 * n, 1, generator=g, dtype=F64) * 10
+    G = torch.cat([eye, -eye], dim=1)[:, torch.randperm(2 * n, generator=g)] * vals
+    G = torch.cat([G, torch.randn(B, 3, n, generator=g, dtype=F64)], dim=1)
+    for big in (None, 1.7e308, 3e-320):
+        Gb = G.clone()
+        if big is not None:
+            Gb[1, 2] = 0.0
+            Gb[1, 2, 3] = -big  # a bound row −big·z₃ ≤ h
+        dense, Gd, col, gv = kkt_precompute("primal", Gb.new_zeros(1, n, n), Gb, Gb.new_zeros(B, 0, n))
+        nz = Gb != 0
+        bound = nz.sum(-1) == 1
+        bound.scatter_(1, dense, False)
+        want_col = nz.to(torch.int8).argmax(-1)
+        assert torch.equal(col[bound], want_col[bound])
+        assert torch.equal(gv, torch.where(bound, Gb.sum(-1), 0.0))
+        assert torch.equal(Gd, torch.gather(Gb, 1, dense.unsqueeze(-1).expand(-1, -1, n)))

@@ -246,3 +246,27 @@ def test_batched_lp_with_bounds_matches_cvxpy_and_its_own_solves(g):
                                                    A[i].numpy() @ z == b[i].numpy()]).solve(
             solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
         np.testing.assert_allclose(res.z[i].numpy(), z.value, atol=1e-7)
+
+
+def test_primal_loop_first_step_reuses_the_start_factorization(g, monkeypatch):
+    """A cold start of the primal loop (an LP) balances s = λ, so its first step's Newton matrix is the
+    start's (W = I) and is not factored again: factorizations = loop steps + polishes, and the LP is solved."""
+    import implicitdiff.solvers.qp_ipm as qp_ipm
+    B, n = 8, 6
+    eye = torch.eye(n, dtype=F64).expand(B, n, n)
+    G = torch.cat([eye, -eye, torch.randn(B, 3, n, generator=g, dtype=F64)], dim=1)
+    z0 = 0.3 * torch.rand(B, n, generator=g, dtype=F64)  # feasible: inside the box and the random rows
+    h = torch.cat([torch.ones(B, 2 * n, dtype=F64), (G[:, 2 * n:] @ z0[..., None])[..., 0] + 0.1], dim=1)
+    Q, p = torch.zeros(B, n, n, dtype=F64), torch.randn(B, n, generator=g, dtype=F64)
+    A = torch.randn(B, 1, n, generator=g, dtype=F64)
+    b = (A @ z0[..., None])[..., 0]
+    calls = []
+    orig = qp_ipm.kkt_factor
+    monkeypatch.setattr(qp_ipm, "kkt_factor", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    polishes = _count_batches(monkeypatch, "_polish")
+    res = QPInteriorPoint.for_dtype(F64, kkt="primal").solve(Q, p, G, h, A, b)
+    assert (res.status == Status.SUCCESS).all() and (res.residual <= 1e-10).all()
+    stat, feas, _, comp, lam_min = kkt_residuals(Q, p, G, h, A, b, res.z, res.lam, res.nu)
+    assert float(stat.max()) < 1e-9 and float(feas.max()) < 1e-9 and float(comp.max()) < 1e-9
+    assert float(lam_min.min()) >= 0
+    assert len(calls) == int(res.iterations.max()) + len(polishes), (len(calls), res.iterations, polishes)

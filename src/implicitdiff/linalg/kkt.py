@@ -21,7 +21,8 @@ removes the regularization by iterative refinement against it.
 
 :class:`ActiveSetKKT` is what a QP forward solver hands to the backward: the active set at the
 solution and the factorization of the active-set KKT matrix; its :meth:`~ActiveSetKKT.solve`
-is the backward's one linear solve (refinement with that factorization, residual checked).
+is the backward's one linear solve (refinement with that factorization, residual checked); with a
+bound-row split (:func:`_bound_rows`) its products with ``diag(active) G`` use the factor's split rows.
 
 Shapes: ``Q (B|1, n, n)``, ``G (B|1, m, n)``, ``A (B|1, k, n)``, right-hand sides ``(B, ·)``.
 Failure mode: a Cholesky that fails in rounding gives non-finite factors (``cholesky_ex``, no
@@ -178,6 +179,9 @@ class ActiveSetKKT:
         Qx = bmv(Q, x)
         if self.rho is not None:
             Qx = Qx + self.rho.unsqueeze(-1) * brmv(A, bmv(A, x))
+        rows = self.factor.tensors[3:] if self.factor.kind == "primal" else ()
+        if rows:  # the factor's bound-row split of MG (masked by the active set): G's bound rows not read densely
+            return Qx + grmv(G, rows, y) + brmv(A, v), gmv(G, rows, x) - (1 - act) * y, bmv(A, x)
         return Qx + brmv(G, act * y) + brmv(A, v), act * bmv(G, x) - (1 - act) * y, bmv(A, x)
 
     def solve(self, Q, G, A, r):
@@ -293,16 +297,23 @@ def _bound_rows(G):
     m = G.shape[-2]
     if m == 0:
         return ()
-    nz = G != 0
-    single = nz.sum(-1) == 1
+    single = torch.linalg.vector_norm(G, ord=0, dim=-1) == 1  # the count of nonzeros, one pass
     r = int((~single).sum(-1).max())  # one sync per solve
     if (m - r) * 4 < m:
         return ()
     dense = torch.argsort(single.to(torch.int8), dim=-1, stable=True)[:, :r]
     Gd = torch.gather(G, 1, dense.unsqueeze(-1).expand(*dense.shape, G.shape[-1]))
     diag = torch.ones_like(single, dtype=G.dtype).scatter(1, dense, 0.0)
-    col = nz.to(torch.int8).argmax(-1)
-    return dense, Gd, col, G.sum(-1) * diag
+    gv = G.sum(-1) * diag
+    # the column of a bound row's nonzero g is (Σⱼ j·Gᵢⱼ)/g = j·g/g, which rounds to j (one product instead
+    # of an argmax over a bool copy of G, a few times slower); checked by G[i, col] = g
+    bound = (gv != 0) & torch.isfinite(gv)  # the bound rows not multiplied densely (the others: col = 0)
+    n = G.shape[-1]
+    col = torch.where(bound, (G @ torch.arange(n, dtype=G.dtype, device=G.device)) / gv, 0)
+    col = col.round().clamp(0, n - 1).long()
+    if not bool(((torch.gather(G, -1, col.unsqueeze(-1)).squeeze(-1) == gv) | ~bound).all()):  # g subnormal, huge
+        col = (G != 0).to(torch.int8).argmax(-1)
+    return dense, Gd, col, gv
 
 
 def gmv(G, rows, x):
@@ -349,11 +360,12 @@ def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorizati
     Symmetric positive definite by construction (``Q ⪰ 0``, ``winv > 0``, ``δ > 0``); a
     Cholesky that fails in rounding gives non-finite factors, reported as ``NONFINITE``.
     ``rowmask`` (``"dual"`` only, ``(B, m)``): the active set; rows outside it are decoupled
-    (``G`` replaced by ``diag(rowmask) G``), and only the active rows are factored.
+    (``G`` replaced by ``diag(rowmask) G``), and only the active rows are factored.  ``Q = None``
+    (``"primal"`` only): ``Q = 0``, an LP (no term to add to the product).
     """
-    n, k = Q.shape[-1], A.shape[-2]
+    n, k = A.shape[-1], A.shape[-2]
     B = winv.shape[0]
-    dt, dev = Q.dtype, Q.device
+    dt, dev = winv.dtype, winv.device
     if kind == "dual":
         LQ, Wc, _, LA, X, M = pre
         w = 1 / winv
@@ -365,10 +377,12 @@ def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorizati
         we = winv if rowmask is None else winv * rowmask
         d = torch.zeros(B, n, dtype=dt, device=dev).scatter_add_(1, col.expand(B, -1), we * gv * gv)
         wd = torch.gather(we, 1, dense.expand(B, -1))
-        H = torch.baddbmm(Q, (Gd * wd.unsqueeze(-1)).mT, Gd.expand(B, *Gd.shape[1:]))
+        GdW, GdB = (Gd * wd.unsqueeze(-1)).mT, Gd.expand(B, *Gd.shape[1:])
+        H = torch.bmm(GdW, GdB) if Q is None else torch.baddbmm(Q, GdW, GdB)
         H.diagonal(dim1=-2, dim2=-1).add_(d + delta)
     else:
-        H = Q + delta * torch.eye(n, dtype=dt, device=dev)
+        H = delta * torch.eye(n, dtype=dt, device=dev).expand(1, n, n)
+        H = H if Q is None else Q + H
         if G.shape[-2]:
             H = torch.baddbmm(H, (G * winv.unsqueeze(-1)).mT, G.expand(B, *G.shape[1:]))
     if k:

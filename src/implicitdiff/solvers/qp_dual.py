@@ -11,7 +11,7 @@ import torch
 
 from .._core.status import Status
 from ..linalg.kkt import bmv, brmv, chol_solve, cholesky_lower, tri_solve
-from .qp_steps import amax, initial_shift, max_step, update_status
+from .qp_steps import amax, balanced_start, initial_shift, max_step, update_status
 
 __all__ = ["interior_point_dual", "dual_z"]
 
@@ -103,9 +103,7 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
         first = factor(MG, mu0)
         r0 = -c0 - hb
         y = solve(first, r0[:, :m], eq_part(r0[:, m:]))
-        s, lam = initial_shift(-mu0 * y[:, :m], y[:, :m])
-        lam = (0.3 * s * lam / mu0).sqrt()
-        s = mu0 * lam
+        s, lam = balanced_start(-mu0 * y[:, :m], y[:, :m], mu0)
         y = torch.cat([lam, y[:, m:]], dim=-1)
     else:
         z0 = warm_start[0].expand(B, n)

@@ -35,6 +35,11 @@ construction and factored by Cholesky (never an unpivoted LU):
 Elements leave the working batch as they converge (a gather once a quarter of it is done,
 decided on the convergence test's one host read: every iteration on CPU, every fourth on CUDA).
 
+**Starts and LPs.**  A cold start solves the system with ``W = I`` (primal) or ``W = μ₀I`` (dual) and
+balances ``(s, λ)`` to ``s/λ = 1`` or ``μ₀`` (:func:`~implicitdiff.solvers.qp_steps.balanced_start`), so
+the first iteration reuses that factorization.  An LP (``Q = 0``) keeps one shared zero ``Q`` for the
+products and passes ``Q = None`` to the factorizations (no ``Q`` term to add to ``GᵀWG``).
+
 **Early stop, then the active set.**  The interior point stops at a loose tolerance
 (``early_rtol = 10⁻³``; the primal loop at ``rtol``) and the active set is read off its last
 step by Tapia's indicator — constraint ``i`` is active when its slack falls faster than its
@@ -89,7 +94,8 @@ from .qp_dual import dual_z, interior_point_dual
 from .qp_screen import screen
 from ..linalg.kkt import (ActiveSetKKT, KKTProducts, absmax, kkt_factor, kkt_precompute, kkt_refine, kkt_solve_reg,
                           put_rows)
-from .qp_steps import QPResult, amax, initial_shift, kkt_residual, max_step, merge, take, update_status
+from .qp_steps import (QPResult, amax, balanced_start, initial_shift, kkt_residual, max_step, merge, take,
+                       update_status)
 
 __all__ = ["QPInteriorPoint", "QPResult"]
 
@@ -179,8 +185,10 @@ class QPInteriorPoint:
         scale = 1 + max(float(absmax(t, (-2, -1)).max()) if t.numel() else 0.0 for t in (Q, G, A))
         delta = torch.tensor(self.reg * scale, dtype=dt, device=dev)
         kind, LQ = self._choose_kind(Q, n, m, k, delta, scale, LQ)
-        if kind == "primal" and Q.shape[0] > 1 and not bool(Q.any()):
+        lp = kind == "primal" and not bool(Q.any())
+        if lp:
             Q = Q[:1]  # an LP: one shared zero Q (its products are one matrix product, not a batch of them)
+        Qf = None if lp else Q  # what the factorizations add (an LP's H̃ has no Q term to add)
         pre = kkt_precompute(kind, Q, G, A, LQ, delta)
         P = KKTProducts.build(Q, G, A, pre if kind == "primal" else ())
         pB, hB, bB = p.expand(B, n), h.expand(B, m), b.expand(B, k)
@@ -188,12 +196,13 @@ class QPInteriorPoint:
             loop = (p.new_zeros(B, n), p.new_zeros(B, 0), p.new_zeros(B, 0), p.new_zeros(B, k),
                     torch.full((B,), int(Status.MAX_ITERATIONS), dtype=torch.long, device=dev),
                     torch.zeros(B, dtype=torch.long, device=dev), torch.full((B,), float("inf"), dtype=dt, device=dev))
-            return self._finish(kind, pre, P, Q, G, A, pB, hB, bB, delta, loop + (p.new_zeros(B, 0, dtype=torch.bool),))
+            guess = p.new_zeros(B, 0, dtype=torch.bool)
+            return self._finish(kind, pre, P, Qf, G, A, pB, hB, bB, delta, loop + (guess,))
         if kind == "primal":
             # (stopping early and polishing saves nothing here: on LPs the guess λ > s of a loose iterate is
             # wrong too often)
-            loop = self._interior_point(P, pB, G, hB, A, bB, kind, pre, delta, warm_start, rtol=self.rtol)
-            return self._finish(kind, pre, P, Q, G, A, pB, hB, bB, delta, loop + (loop[2] > loop[1],))  # λ > s
+            loop = self._interior_point(P, Qf, pB, G, hB, A, bB, kind, pre, delta, warm_start, rtol=self.rtol)
+            return self._finish(kind, pre, P, Qf, G, A, pB, hB, bB, delta, loop + (loop[2] > loop[1],))  # λ > s
         # The dual loop stops early, at ``early_rtol``: the polish on the active set it identifies then
         # gives the solution to rounding (saving the last interior-point iterations); elements whose
         # polish fails to reach ``rtol`` (a wrong active set) resume the interior point to ``rtol``.
@@ -206,7 +215,8 @@ class QPInteriorPoint:
         if not bool(retry.any()):  # one sync
             return out
         idx = torch.nonzero(retry).squeeze(-1)
-        Ps, Qs, Gs, As, ps, hs, bs = (take(t, idx) for t in (P, Q, G, A, pB, hB, bB))
+        Ps, ps, hs, bs = (take(t, idx) for t in (P, pB, hB, bB))
+        Qs, Gs, As = Ps.Q, Ps.G, Ps.A  # P holds the same Q, G, A: gathered once
         pres = tuple(take(t, idx) for t in pre)
         s, lam, nu = (loop[i][idx] for i in (1, 2, 3))
         budget = self.max_iter - int(out.iterations[idx].max())  # no element goes past max_iter in all
@@ -217,7 +227,8 @@ class QPInteriorPoint:
         return merge(out, sub, idx)
 
     def _finish(self, kind, pre, P, Q, G, A, pB, hB, bB, delta, loop) -> QPResult:
-        """Polish the interior point's result on its active set and decide the statuses.
+        """Polish the interior point's result on its active set and decide the statuses (``Q``: what the
+        factorizations add, ``None`` for an LP).
 
         The active-set ("polished") solve; for ``m = 0`` it is the whole (direct) solve.  Start from
         the strongly active constraints (weakly active ones, ``λᵢ ≈ 0 ≈ sᵢ``, are left out), then
@@ -241,8 +252,9 @@ class QPInteriorPoint:
             active = torch.where(fix, 1.0, torch.where(drop, 0.0, active)).to(dt)
             idx = torch.nonzero(redo).squeeze(-1)
             Ps = take(P, idx)
-            f2, z2, l2, n2 = self._polish(kind, tuple(take(t, idx) for t in pre),
-                                          Ps, *(take(t, idx) for t in (Q, G, A, pB, hB, bB)), active[idx], delta)
+            Qs = None if Q is None else Ps.Q
+            f2, z2, l2, n2 = self._polish(kind, tuple(take(t, idx) for t in pre), Ps, Qs, Ps.G, Ps.A,
+                                          *(take(t, idx) for t in (pB, hB, bB)), active[idx], delta)
             zp, lp, np_ = put_rows(zp, z2, idx), put_rows(lp, l2, idx), put_rows(np_, n2, idx)
             Gz = put_rows(Gz, Ps.gx(z2), idx)
             fact = fact.put(f2, idx)
@@ -275,24 +287,28 @@ class QPInteriorPoint:
         status = torch.where(finite | (status != Status.SUCCESS), status, int(Status.NONFINITE))
         return QPResult(z, lam, nu, status, res, iters, ActiveSetKKT(active, fact, self.refine_steps(kind)))
 
-    def _interior_point(self, P, p, G, h, A, b, kind, pre, delta, warm_start, rtol):
+    def _interior_point(self, P, Q, p, G, h, A, b, kind, pre, delta, warm_start, rtol):
+        """The primal loop (``Q``: what the factorizations add, ``None`` for an LP; ``P`` multiplies)."""
         B, n = p.shape
         m, k = h.shape[-1], b.shape[-1]
         dt, dev = p.dtype, p.device
         eps_c = self.cert_tol
         ones = p.new_ones(B, m)
+        first = None  # the factorization for the first iteration, when the start already made it
         if warm_start is None:
             # Start (as CVXOPT): solve the KKT system with W = I, i.e. the least-squares-slack
-            # problem min ½zᵀQz + pᵀz + ½‖h − Gz‖², Az = b; then s = h − Gz, λ = −s, shifted inside.
-            f0 = kkt_factor(kind, pre, P.Q, G, A, ones, delta)
-            z, lam, nu = kkt_solve_reg(f0, G, A, -p, h, b)
-            s = -lam
+            # problem min ½zᵀQz + pᵀz + ½‖h − Gz‖², Az = b; then s = h − Gz, λ = −s, shifted inside and
+            # balanced to s = λ, so the first iteration reuses this factorization (LP, n = 100, m = 250,
+            # B = 128, seeds 0-3, and n = 50: 118 factorizations instead of 128)
+            first = kkt_factor(kind, pre, Q, G, A, ones, delta)
+            z, lam, nu = kkt_solve_reg(first, G, A, -p, h, b)
+            s, lam = balanced_start(-lam, lam, 1.0)
         else:
             z = warm_start[0].expand(B, n).clone()
             s = h - P.gx(z)
             lam = warm_start[1].expand(B, m).clone() if warm_start[1] is not None else ones.clone()
             nu = warm_start[2].expand(B, k).clone() if warm_start[2] is not None else p.new_zeros(B, k)
-        s, lam = initial_shift(s, lam)
+            s, lam = initial_shift(s, lam)
         status = torch.full((B,), int(Status.MAX_ITERATIONS), dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         iters = torch.zeros(B, dtype=torch.long, device=dev)
@@ -333,15 +349,18 @@ class QPInteriorPoint:
                     idx = idx[keep]
                     z, s, lam, nu, status, iters, res, best, stall, done, p, h, b, rd, rp, re = (
                         t[keep] for t in (z, s, lam, nu, status, iters, res, best, stall, done, p, h, b, rd, rp, re))
-                    P, G, A = take(P, keep), take(G, keep), take(A, keep)
+                    P = take(P, keep)
+                    G, A, Q = P.G, P.A, None if Q is None else P.Q  # the same tensors: gathered once
                     pre = tuple(take(t, keep) for t in pre)
+                    first = None  # (a shrink before the first step: factor the remaining elements anew)
             iters = iters + (~done).long()
             # --- Mehrotra predictor-corrector step, all elements at once ---
             mu = (s * lam).sum(-1, keepdim=True) / m
             w = s / lam
             # the factorization regularizes the (2,2) block to −(W + δI) (bounded condition number);
             # the corrector's refinement is against the exact W
-            f = kkt_factor(kind, pre, P.Q, G, A, lam / (s + delta * lam), delta)
+            f = kkt_factor(kind, pre, Q, G, A, lam / (s + delta * lam), delta) if first is None else first
+            first = None
             # affine (predictor): complementarity target 0, r_c = s∘λ, so r₂ = −r_p + r_c/λ = −r_p + s
             dz, dl, dn = kkt_solve_reg(f, G, A, -rd, -rp + s, -re)
             ds = -s - w * dl

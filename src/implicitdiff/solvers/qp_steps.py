@@ -84,6 +84,16 @@ def initial_shift(s, lam):
             lam + 0.5 * sl / s.sum(-1, keepdim=True).clamp(min=1e-30) + 1e-3)
 
 
+def balanced_start(s, lam, mu0):
+    """A cold start's ``(s, λ)``: :func:`initial_shift`, then each pair rebalanced to ``s/λ = μ₀`` with ``s∘λ``
+    at 0.3 of the shifted product (the shift overshoots the scale of the solution's multipliers).  The
+    first iteration's weights are then ``μ₀`` (to rounding), those of the system the start solved: it
+    reuses that factorization."""
+    s, lam = initial_shift(s, lam)
+    lam = (0.3 * s * lam / mu0).sqrt()
+    return mu0 * lam, lam
+
+
 def take(t, idx):
     """Rows ``idx`` of a per-element tensor (or of :class:`KKTProducts`); a shared one (``(1, …)``, 0-d) as is."""
     if isinstance(t, KKTProducts):
