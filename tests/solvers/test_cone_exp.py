@@ -444,10 +444,9 @@ def test_logistic_regression_sparse_normal_matrix_equals_the_dense_one(monkeypat
     b, c, cones = progs[0][1].expand(3, -1), torch.stack([p[2] for p in progs]), progs[0][3]
     spec = parse_cones(cones)
     groups = [(k, size, contiguous(idx)) for k, size, idx in spec.groups()]
-    data = DataMatrix(A)
-    kinds = [kind for (kind, _, _), pre in zip(groups, NormalMatrix(data, groups, _CONES).pre)
-             if isinstance(pre, SparseGram)]
-    assert kinds == ["l", "q", "ep"] and data.elimination.comp.shape[1] == 3    # (t_i, u_i1, u_i2)
+    normal = NormalMatrix(DataMatrix(A), groups, _CONES)
+    kinds = [kind for (kind, _, _), pre in zip(groups, normal.pre) if isinstance(pre, SparseGram)]
+    assert kinds == ["l", "q", "ep"] and normal.elimination.comp.shape[1] == 3    # (t_i, u_i1, u_i2)
     solver = ConeInteriorPoint(rtol=1e-10)
     sparse = solver.solve(A, b, c, spec)
     monkeypatch.setattr(cone_gram, "sparse_gram", lambda *a: None)

@@ -345,18 +345,18 @@ def test_elimination_solves_like_the_dense_cholesky(shared):
     s, y = _interior(spec, B, g), _interior(spec, B, g)
     groups, states = _states(spec, s, y)
     data = DataMatrix(A)
-    N = NormalMatrix(data, groups, _CONES)(states, B)
+    normal = NormalMatrix(data, groups, _CONES)
+    N = normal(states, B)
     n = N.shape[-1]
     eye = torch.eye(n, dtype=F64)
     N += eye                                                    # (A has fewer rows than columns in places)
-    plan = data.elimination
+    plan = normal.elimination
     assert isinstance(plan, Elimination) and plan.D.tolist()[:5] == list(range(5)) and plan.comp.shape[1] > 1
     N[2] -= (torch.linalg.eigvalsh(N[2])[0] + 1e-9) * eye      # element 2: indefinite
     R = torch.randn(B, 2, n, generator=g, dtype=F64)
-    kind, (got_plan, F) = factor_normal(N.clone(), data, 0)
+    kind, (got_plan, F) = factor_normal(N.clone(), data, 0, plan)
     assert kind == "chol" and got_plan is plan
     x = solve_normal((kind, (got_plan, F)), R, R[..., :0])[0]
-    data.elimination = None
     xd = solve_normal(factor_normal(N.clone(), data, 0), R, R[..., :0])[0]
     eps = torch.finfo(F64).eps
     for i in range(B):

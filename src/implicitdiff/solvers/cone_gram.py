@@ -34,7 +34,7 @@ of blocks of one kind and size:
 A structured term whose group touches few columns is formed on those columns only.  The first
 dense term writes ``N``; the others and the sparse terms add into it in place.  Without a zero
 cone, :func:`factor_normal` eliminates ``N``'s private columns first where their blocks are small
-(``DataMatrix.elimination``, found by :class:`NormalMatrix` from the pattern; :mod:`~.cone_sparse`).
+(``NormalMatrix.elimination``, found from the pattern and passed to :func:`factor_normal`; :mod:`~.cone_sparse`).
 
 Forward only: no gradients here.
 """
@@ -100,16 +100,13 @@ class DataMatrix:
         if sparse is None and not self.shared and int(self.pattern.sum()) <= SPARSE_PRODUCTS * self.pattern.numel():
             sparse = SparseProducts(A, self.pattern)
         self.sparse = sparse
-        self.elimination = None  # N's elimination order (cone_sparse.Elimination), set by NormalMatrix
 
     def subset(self, keep):
         """The matrix of the batch elements ``keep`` (a shared one is kept as it is)."""
         if self.shared:
             return self
-        out = DataMatrix(self.A.index_select(0, keep), self.pattern,
-                         None if self.sparse is None else self.sparse.subset(keep))
-        out.elimination = self.elimination
-        return out
+        return DataMatrix(self.A.index_select(0, keep), self.pattern,
+                          None if self.sparse is None else self.sparse.subset(keep))
 
     def mv(self, v):
         """``A v`` for ``v (B, n)`` → ``(B, m)``, or each of ``r`` columns ``v (B, r, n)`` → ``(B, r, m)``."""
@@ -163,12 +160,12 @@ class NormalMatrix:
                 self.pre.append((Ak, P, cols))
             else:
                 self.pre.append(sparse)
-        data.elimination = elimination(supports, n)
+        self.elimination = elimination(supports, n)  # N's factorization order (None: dense), for factor_normal
 
     def subset(self, data: DataMatrix, keep):
         """The normal matrix of the batch elements ``keep`` (``data``: their :class:`DataMatrix`)."""
         out = NormalMatrix.__new__(NormalMatrix)
-        out.data, out.groups, out.cones = data, self.groups, self.cones
+        out.data, out.groups, out.cones, out.elimination = data, self.groups, self.cones, self.elimination
         out.pre = [pre if pre is None or self.data.shared else pre.subset(keep) if isinstance(pre, SparseGram)
                    else (_columns(data.rows(idx), pre[2]), pre[1].index_select(0, keep), pre[2])
                    for (_, _, idx), pre in zip(self.groups, self.pre)]
@@ -224,18 +221,18 @@ def _columns(Ak, cols):
     return Ak if cols is None else Ak.index_select(-1, cols[0])
 
 
-def factor_normal(N, data, z):
+def factor_normal(N, data, z, plan=None):
     """The factorization of the reduced Newton system ``[[N, A_zᵀ], [A_z, 0]]`` (``z`` zero-cone rows):
-    Cholesky of ``N + eps^¾ I`` without a zero cone (dense, or with ``data.elimination``'s private
-    columns eliminated first: :class:`~.cone_sparse.Elimination`), else an LU of the quasi-definite
-    matrix regularized by ``±eps^¾``.  ``N`` is overwritten (its diagonal shifted in place: no copy)."""
+    Cholesky of ``N + eps^¾ I`` without a zero cone (dense, or with the private columns of ``plan``,
+    :attr:`NormalMatrix.elimination`, eliminated first: :class:`~.cone_sparse.Elimination`), else an
+    LU of the quasi-definite matrix regularized by ``±eps^¾``.  ``N`` is overwritten (its diagonal
+    shifted in place: no copy)."""
     B, n = N.shape[0], N.shape[-1]
     eps = torch.finfo(N.dtype).eps
     delta = eps ** 0.75
     diag = N.diagonal(dim1=-2, dim2=-1)
     diag.add_(delta)
     if z == 0:
-        plan = data.elimination
         chol = _dense_cholesky if plan is None else plan.cholesky
         F, info = chol(N)
         if bool((info > 0).any()):  # rounding made N indefinite: a shift relative to its diagonal
