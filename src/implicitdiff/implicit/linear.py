@@ -287,7 +287,7 @@ def fast_square_solve(A: torch.Tensor, b: torch.Tensor, vector: bool, rank_rtol:
     diag = LU_.diagonal(dim1=-2, dim2=-1)
     # ‖A‖_F / √n ≤ ‖A‖₁, so the bound below stays an upper bound on rcond (looser by ≤ n, which the
     # margin absorbs); NaN/Inf iff A has them (or ‖A‖_F overflows: then the general path runs).  The
-    # 2-norm is torch's fastest full reduction: max|a_ij| (vector_norm(inf), amax) is 3–10× slower.
+    # 2-norm is torch's fastest full reduction (max|a_ij| by vector_norm(inf) or amax is slower).
     if LU_.dim() == 2:  # one system: four scalars, one host read, the arithmetic in Python
         e, d, a, xsum = torch.stack([torch.linalg.vector_norm(W, 1), torch.linalg.vector_norm(diag, float("-inf")),
                                      torch.linalg.vector_norm(A.detach()), X.detach().sum()]).tolist()

@@ -20,9 +20,8 @@ matrices, never as a ``(d, d)`` matrix in svec coordinates (``d = k(k+1)/2``).  
 application is ``W⁻ᵀ`` on the block's rows of ``A`` (``n`` columns) for the normal matrix: there,
 column ``c`` of the lower triangle of ``P Xⱼ Pᵀ`` is ``P[c:] (P Xⱼ)[c]ᵀ`` and row ``c`` of ``P Xⱼ``,
 for all ``j`` at once, is one product of ``P``'s row ``c`` with ``[X₁ … X_n]``; so every intermediate
-is about ``1/k`` of the result.  On the SDP benchmark (``k = 10``, ``n = 56``, ``B = 128``, ``A``
-shared) the scaling plus this product take 2.5× less time than building the ``(d, d)`` matrix
-(``d²`` gathered entries per element) and multiplying by it; most of that cost was fresh memory.
+is about ``1/k`` of the result, instead of building the ``(d, d)`` matrix (``d²`` gathered entries
+per element, in fresh memory) and multiplying by it (measured in docs/benchmarks.md, sixth session).
 
 References: Vandenberghe, "The CVXOPT linear and quadratic cone program solvers" (2010), §4.
 """
