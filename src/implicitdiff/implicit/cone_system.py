@@ -38,7 +38,7 @@ Speed (each in one function, named there): the **shared-A second-order Gram** (:
 **zero-weight rows skipped** in ``ÃᵀWÃ`` (:func:`_weighted_gram`: on the exponential case 150 of
 402 rows carry a weight); the reduced matrix **filled block by block** with its shift added on the
 diagonal in place and ``max|K|`` read from its blocks (:class:`_Factor`: at ``n + p ≈ 350`` every
-full-size temporary costs as much as the Gram); ``max|·|`` as ``max(max, −min)`` (:func:`_absmax`).
+full-size temporary costs as much as the Gram); ``max|·|`` as ``max(max, −min)`` (:func:`~implicitdiff.linalg.kkt.absmax`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import torch
 
 from .._core.validate import is_vmapped
 from ..linalg.cone_spec import ConeSpec
+from ..linalg.kkt import absmax
 from .cone_frame import dual_projection_frame, from_frame, to_frame
 from .cone_projection import apply_block_diagonal, dual_projection_jacobian
 
@@ -83,11 +84,6 @@ def dense_system(A, b, c, x, y, s, ok, spec):
     M[:, -1, -1] = 1.0
     eye = torch.eye(N, dtype=A.dtype, device=A.device)
     return torch.where(ok[:, None, None], M, eye)
-
-
-def _absmax(M):
-    """``max|M|`` over the last two dimensions as ``max(max M, −min M)``: two passes, no temporary of ``M``'s size."""
-    return torch.maximum(M.amax((-2, -1)), -M.amin((-2, -1)))
 
 
 def _shifted_lu(K, kmax):
@@ -175,9 +171,9 @@ class _Factor:
         torch.mul(AK.mT, lamK[:, None, :], out=K[:, :n, n:])
         torch.neg(AK, out=K[:, n:, :n])
         K[:, n:, n:] = torch.diag_embed(1 - lamK)
-        kmax = _absmax(G)
+        kmax = absmax(G, (-2, -1))
         if P:
-            kmax = torch.maximum(kmax, _absmax(K[:, n:]))
+            kmax = torch.maximum(kmax, absmax(K[:, n:], (-2, -1)))
         if not bool(ok.all()):
             K[~ok] = torch.eye(n + P, dtype=A.dtype, device=A.device)
             kmax = torch.where(ok, kmax, torch.ones_like(kmax))
@@ -242,7 +238,7 @@ class ConeSystem:
         self.frame = dual_projection_frame(spec, y, s)
         self.lam = self.frame.lam
         # the backward error's scale (max|A| read from a reused system of the same A: one pass less)
-        amax = reuse.amax if reuse is not None and reuse.A is A else _absmax(A)  # () if A is shared
+        amax = reuse.amax if reuse is not None and reuse.A is A else absmax(A, (-2, -1))  # () if A is shared
         self.amax = amax
         self.scale = 1 + amax + (c + x).abs().amax(-1) + (b + y).abs().amax(-1)
         self.factor = reuse.factor if reuse is not None else None

@@ -217,6 +217,8 @@ def _near(x, y, z, u, v, w):
 class ExpCone:
     """Blocks of shape ``(B, nb, 3)``; the state is ``(s, y, μ, ∇F(s), L, ok, L's entries)``."""
 
+    COLUMNS_LEADING = True  # winv / w_t broadcast the state over leading column dimensions (r, B, …)
+
     @staticmethod
     def unit(s):
         return torch.tensor(_CENTRAL, dtype=s.dtype, device=s.device).expand_as(s).clone()
@@ -243,7 +245,7 @@ class ExpCone:
         return _ltsolve(st[6], v)
 
     @staticmethod
-    def scaled(st, ds, dy):  # (W⁻ᵀΔs, WΔy); only used by the symmetric cones' corrector
+    def scaled(st, ds, dy):  # (W⁻ᵀΔs, WΔy): Mehrotra's corrector term, which rhs leaves out for these blocks
         return _ltmul(st[6], ds), _lsolve(st[6], dy)
 
     @staticmethod

@@ -6,7 +6,7 @@ one matrix product for the whole batch, never an expanded ``(B, m, n)`` copy) or
 recognized as shared; a batched one with few nonzeros multiplies from its nonzeros only
 (:class:`~.cone_sparse.SparseProducts`).
 
-:func:`normal_matrix` forms ``N = Σ_cones A_kᵀ W_k⁻¹ W_k⁻ᵀ A_k`` (``H = WᵀW`` the scaling of the
+:class:`NormalMatrix` forms ``N = Σ_cones A_kᵀ W_k⁻¹ W_k⁻ᵀ A_k`` (``H = WᵀW`` the scaling of the
 interior point) — the matrix of the interior point's reduced Newton system — one term per group
 of blocks of one kind and size:
 
@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..linalg.kkt import chol_solve
+from ..linalg.kkt import chol_solve, cholesky_lower
 from .cone_sparse import SPARSE_PRODUCTS, SparseGram, SparseProducts, elimination, sparse_gram, support_columns
 
 __all__ = ["DataMatrix", "NormalMatrix", "Rows", "contiguous", "take", "put", "factor_normal", "solve_normal",
@@ -137,7 +137,7 @@ class NormalMatrix:
     (from ``A``'s zero pattern, where it pays) are formed here, once.
     """
 
-    def __init__(self, data: DataMatrix, groups, cones):
+    def __init__(self, data: DataMatrix, groups, cones, eliminate: bool = True):
         self.data, self.groups, self.cones = data, groups, cones
         self.pre = []
         n = data.A.shape[-1]
@@ -160,7 +160,8 @@ class NormalMatrix:
                 self.pre.append((Ak, P, cols))
             else:
                 self.pre.append(sparse)
-        self.elimination = elimination(supports, n)  # N's factorization order (None: dense), for factor_normal
+        # N's factorization order (None: dense), for factor_normal; only a Cholesky (no zero cone) uses it
+        self.elimination = elimination(supports, n) if eliminate else None
 
     def subset(self, data: DataMatrix, keep):
         """The normal matrix of the batch elements ``keep`` (``data``: their :class:`DataMatrix`)."""
@@ -249,7 +250,7 @@ def factor_normal(N, data, z, plan=None):
 
 
 def _dense_cholesky(N):
-    L, info = torch.linalg.cholesky_ex(N)
+    L, info = cholesky_lower(N)
     return (L,), info
 
 

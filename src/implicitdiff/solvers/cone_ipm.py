@@ -64,6 +64,7 @@ import torch
 
 from .._core.status import Status
 from ..linalg.cone_spec import ConeSpec
+from ..linalg.kkt import absmax
 from .cone_exp import ExpCone
 from .cone_gram import DataMatrix, NormalMatrix, Rows, contiguous, factor_normal, put, solve_normal, take
 from .cone_symmetric import PSD, Nonneg, SecondOrder
@@ -202,7 +203,7 @@ class ConeInteriorPoint:
         z, dt, dev = spec.z, A.dtype, A.device
         data = DataMatrix(A)
         groups = [(k, size, contiguous(idx)) for k, size, idx in spec.groups(dev)]
-        normal = NormalMatrix(data, groups, _CONES)
+        normal = NormalMatrix(data, groups, _CONES, eliminate=z == 0)
         nu = spec.degree
         x = b.new_zeros(B, n)
         s = b.new_zeros(B, m)
@@ -214,7 +215,7 @@ class ConeInteriorPoint:
         status = torch.full((B,), -1, dtype=torch.int64, device=dev)
         residual = b.new_full((B,), float("inf"))
         iters = torch.zeros(B, dtype=torch.int64, device=dev)
-        nA = torch.linalg.vector_norm(data.A, float("inf"), dim=(-2, -1)).clamp(min=torch.finfo(dt).tiny).expand(B)
+        nA = absmax(data.A, (-2, -1)).clamp(min=torch.finfo(dt).tiny).expand(B)
         nb, nc = _inf_norm(b), _inf_norm(c)
         rtol = self.rtol
         stalled = torch.zeros(B, dtype=torch.bool, device=dev)
