@@ -212,8 +212,8 @@ def _scenario(name):
 @pytest.mark.parametrize("name", ["converge", "nonfinite", "inf_iterate_finite_residual", "code", "diverge",
                                   "max_iter", "exact_start"])
 def test_unbatched_host_path_matches_the_batched_loop(name):
-    # batch_dims = 0 with check_every = 1 runs the host-side loop; the same element in a batch of
-    # one (masks) and with check_every = 3 (masks, idle steps) must end in the same state
+    # one problem (batch_dims = 0) must end in the same state as the same element in a batch of one,
+    # with check_every 1 and 3 (masks, idle steps)
     step, kw = _scenario(name)
     y0 = torch.zeros(2, dtype=F64) if name == "exact_start" else torch.tensor([1.0, -2.0], dtype=F64)
     seen = []

@@ -84,3 +84,16 @@ def test_max_iterations_and_bad_input():
         picard(lambda y: y[:2], torch.zeros(4, dtype=F64))
     with pytest.raises(InputError, match="y0 has dtype torch.int64"):
         picard(lambda y: y, torch.zeros(4, dtype=torch.int64))
+
+
+def test_differentiable_run_keeps_no_graph_in_info_and_refuses_a_recorder():
+    # Unroll's solve (differentiable=True) is differentiable through y; its info holds plain numbers
+    from implicitdiff.implicit.speculation import Recorder
+
+    x = torch.tensor([0.5, -1.0], dtype=torch.float64, requires_grad=True)
+    res = picard(lambda y, x: 0.5 * torch.cos(y) + x - y, torch.zeros(2, dtype=torch.float64), (x,),
+                 batch_dims=1, differentiable=True)
+    assert res.y.requires_grad and not res.info.residual.requires_grad
+    with pytest.raises(InputError, match="recorder= .* does not apply with differentiable=True"):
+        picard(lambda y, x: 0.5 * torch.cos(y) + x - y, torch.zeros(2, dtype=torch.float64), (x,),
+               differentiable=True, recorder=Recorder(None, ()))

@@ -49,7 +49,7 @@ from .._core.residual import FixedPointResidual
 from .._core.status import SolveInfo, Status
 from .._core.validate import as_float_tensor
 
-__all__ = ["Options", "options", "int_option", "Flat", "flatten_root", "iterate", "norm",
+__all__ = ["Options", "options", "Flat", "flatten_root", "iterate", "norm",
            "where", "single", "finite_probe", "LoopResult", "fixed_point_step"]
 
 # ‖F‖ grows past this multiple of ‖F(y0)‖: the element is declared DIVERGED
@@ -67,11 +67,6 @@ class Options(NamedTuple):
     atol: float
     max_iter: int
     check_every: int
-
-
-def int_option(name: str, value, lo: int) -> int:
-    """``value`` as an int ``≥ lo`` (:func:`~implicitdiff._core.options.check_int`)."""
-    return check_int(name, value, low=lo, allow_none=False)
 
 
 def options(y0, params, *, rtol, atol, max_iter, batch_dims, check_every, callback,
@@ -301,7 +296,7 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
     started = active
     iterations = torch.zeros(fn.shape, dtype=torch.int64, device=y.device) if prior is None \
         else resume.info.iterations
-    rows = None if not (trace or not freeze) else [fn] if resume is None or resume.rows is None else list(resume.rows)
+    rows = ([fn] if resume is None or resume.rows is None else list(resume.rows)) if trace or not freeze else None
     failed_code = None
     f_prev = None if resume is None else resume.f_prev
     fast = eager and max_iter > 0 and fn.numel() > 0 and prior is None
@@ -384,7 +379,7 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
             two_back = worst
     if fast and done:                                    # (freeze=False) every element converged unmasked
         info = SolveInfo(torch.zeros(fn.shape, dtype=torch.int64, device=fn.device),  # SUCCESS
-                         fn / torch.clamp(f0, min=tiny), _first_converged(rows, tol))
+                         (fn / torch.clamp(f0, min=tiny)).detach(), _first_converged(rows, tol))
         return LoopResult(y, f, extra, info, torch.stack(rows) if trace else None, f0, k0 + ran, rows, f_prev,
                           True, True)
     if fast or counted:                                  # ended on the unmasked path
@@ -405,7 +400,7 @@ def iterate(step: Step, y: torch.Tensor, f: torch.Tensor, extra: tuple, opts: Op
         status = torch.where(nonfinite0, int(Status.NONFINITE), status)
     if prior is not None:
         status = torch.where(started, status, prior)
-    info = SolveInfo(status, fn / torch.clamp(f0, min=tiny), iterations)
+    info = SolveInfo(status, (fn / torch.clamp(f0, min=tiny)).detach(), iterations)  # (no graph kept in info)
     return LoopResult(y, f, extra, info, torch.stack(rows) if trace else None, f0, k0 + ran, rows, f_prev, fast,
                       done)
 

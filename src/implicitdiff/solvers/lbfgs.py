@@ -11,10 +11,11 @@ import torch
 
 from .._core.engine import vjp as engine_vjp
 from .._core.errors import InputError
+from .._core.options import check_int
 from .._core.validate import in_transform
 from .._core.status import Status
 from .._core.status import SolveInfo
-from ._loop import LoopResult, finite_probe, int_option, iterate, norm, options, single
+from ._loop import LoopResult, finite_probe, iterate, norm, options, single
 from .result import SolverResult
 
 __all__ = ["lbfgs"]
@@ -205,7 +206,7 @@ def lbfgs(f: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=
     """
     opts = options(y0, params, rtol=rtol, atol=atol, max_iter=max_iter, batch_dims=batch_dims,
                    check_every=check_every, callback=callback)
-    m = int_option("history", history, 1)
+    m = check_int("history", history, low=1, allow_none=False)
     if not callable(f):
         raise InputError(f"f must be a callable f(y, *params) -> objective per batch element, got {f!r}")
     shape, batch, n = opts.y0.shape, opts.batch_shape, opts.n

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from .._core.errors import InputError
 from .._core.options import check_real
 from ._loop import fixed_point_step, flatten_root, iterate, options
 from .result import SolverResult
@@ -69,6 +70,9 @@ def picard(F: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol
         >>> bool((res.info.status == 0).all()), bool(torch.allclose(res.y, 0.5 * torch.cos(res.y) + x))
         (True, True)
     """
+    if differentiable and recorder is not None:
+        raise InputError("recorder= records the last step for the implicit backward; it does not apply with "
+                         "differentiable=True (the gradient runs through the iterations): pass one or the other")
     opts = options(y0, params, rtol=rtol, atol=atol, max_iter=max_iter, batch_dims=batch_dims,
                    check_every=check_every, callback=callback, differentiable=differentiable)
     beta = check_real("beta", beta, low=0.0, low_open=True, allow_none=False)
