@@ -48,7 +48,7 @@ import torch
 
 __all__ = ["KKTFactorization", "ActiveSetKKT", "KKTProducts", "kkt_precompute", "kkt_factor", "kkt_solve_reg",
            "kkt_apply", "kkt_refine", "bmv", "brmv", "chol_solve", "tri_solve", "take_rows", "put_rows", "absmax",
-           "finite_rows", "cholesky_lower"]
+           "cholesky_lower"]
 
 # the factor tensors that differ per element after a polish (the others are the shared precomputation)
 _PER_ELEMENT = {"dual": (4, 5, 6, 7), "primal": (0, 1, 4, 6)}
@@ -208,28 +208,19 @@ class ActiveSetKKT:
 
 # Passes over a batch of matrices.  On CPU a reduction that writes no temporary streams the data once:
 # t.amax(dims) and t.sum(dims) are much cheaper than t.abs().amax(dims) or torch.isfinite(t).all(dims),
-# which materialize an |t| or a bool tensor (and isfinite several) of the (B, n, n) matrices of a QP batch.  These two helpers are the only place of that trick.
+# which materialize an |t| or a bool tensor (and isfinite several) of the (B, n, n) matrices of a QP batch.
+# absmax is the one place of that trick for max|t|; qp_screen._finite the one for finiteness.
 def absmax(t, dims):
     """``max |t|`` over ``dims`` (a tuple of dims), as ``max(amax, −amin)``: no temporary ``|t|``."""
     return torch.maximum(t.amax(dim=dims), -t.amin(dim=dims))
-
-
-def finite_rows(t, dims):
-    """Whether ``t`` is finite over ``dims`` (a non-empty tuple; per remaining index).  A NaN or Inf entry
-    makes its sum non-finite, so a finite sum proves the entries finite; only a non-finite sum (possibly an
-    overflow of finite entries) is checked entry by entry (one host sync)."""
-    ok = torch.isfinite(t.sum(dim=dims))
-    if bool(ok.all()):
-        return ok
-    return torch.isfinite(t).all(dim=dims)
 
 
 def cholesky_lower(S):
     """``(L, info)`` with ``S = L Lᵀ`` for a symmetric ``S (*, n, n)`` (``torch.linalg.cholesky_ex``).
 
     Computed as the transpose of the *upper* factor, a view: on CPU, ``cholesky_ex`` copies the input's
-    triangle into its column-major output first, and its ``triu`` copy ran ~8 % faster over a whole
-    factorization than the ``tril`` copy of ``upper=False`` (128 × 100 × 100, float64, one thread).  The
+    triangle into its column-major output first, and its ``triu`` copy is cheaper than the ``tril`` copy
+    of ``upper=False`` (measured on a QP batch; docs/benchmarks.md).  The
     factor is the same up to rounding (``S`` symmetric); the view is row-major, which the triangular solves
     take without a copy."""
     U, info = torch.linalg.cholesky_ex(S, upper=True)

@@ -253,7 +253,8 @@ class QPInteriorPoint:
             idx = torch.nonzero(redo).squeeze(-1)
             Ps = take(P, idx)
             Qs = None if Q is None else Ps.Q
-            f2, z2, l2, n2 = self._polish(kind, tuple(take(t, idx) for t in pre), Ps, Qs, Ps.G, Ps.A,
+            pres = Ps.rows if kind == "primal" else tuple(take(t, idx) for t in pre)  # (P holds the split)
+            f2, z2, l2, n2 = self._polish(kind, pres, Ps, Qs, Ps.G, Ps.A,
                                           *(take(t, idx) for t in (pB, hB, bB)), active[idx], delta)
             zp, lp, np_ = put_rows(zp, z2, idx), put_rows(lp, l2, idx), put_rows(np_, n2, idx)
             Gz = put_rows(Gz, Ps.gx(z2), idx)
@@ -351,7 +352,7 @@ class QPInteriorPoint:
                         t[keep] for t in (z, s, lam, nu, status, iters, res, best, stall, done, p, h, b, rd, rp, re))
                     P = take(P, keep)
                     G, A, Q = P.G, P.A, None if Q is None else P.Q  # the same tensors: gathered once
-                    pre = tuple(take(t, keep) for t in pre)
+                    pre = P.rows if kind == "primal" else tuple(take(t, keep) for t in pre)  # (P holds the split)
                     first = None  # (a shrink before the first step: factor the remaining elements anew)
             iters = iters + (~done).long()
             # --- Mehrotra predictor-corrector step, all elements at once ---

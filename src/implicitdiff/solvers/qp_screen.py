@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._core.status import Status
-from ..linalg.kkt import absmax, cholesky_lower, finite_rows
+from ..linalg.kkt import absmax, cholesky_lower
 
 __all__ = ["Screened", "screen"]
 
@@ -49,11 +49,23 @@ class Screened(NamedTuple):
     rho: Optional[torch.Tensor] = None  # (B,): Q + ρAᵀA, p − ρAᵀb replaced Q, p (0: unchanged); None: all 0
 
 
-def _finite(t, core):
+def _finite(t, core, exact):
+    """Whether each element of ``t`` is finite over its ``core`` dims.  Not ``exact``: a NaN or Inf entry
+    makes its sum non-finite, so a finite sum proves the entries finite (one pass, no temporary of
+    ``t``'s size); a non-finite sum (possibly an overflow of finite entries) needs the ``exact`` check."""
     dims = tuple(range(t.dim() - core, t.dim()))
     if t.numel() == 0:
         return torch.ones(t.shape[: t.dim() - core], dtype=torch.bool, device=t.device)
-    return finite_rows(t, dims) if dims else torch.isfinite(t)
+    if not dims:
+        return torch.isfinite(t)
+    return torch.isfinite(t).all(dim=dims) if exact else torch.isfinite(t.sum(dim=dims))
+
+
+def _all_finite(data, exact):
+    fin = _finite(*data[0], exact)
+    for t, core in data[1:]:
+        fin = fin & _finite(t, core, exact)
+    return fin
 
 
 def _replace(t, bad, value):
@@ -95,10 +107,10 @@ def screen(Q, p, G, h, A, b, psd_tol: float) -> Screened:
     """Find the elements that cannot be solved (see the module docstring) and neutralize them."""
     B = max(t.shape[0] for t in (Q, p, G, h, A, b))
     dev = p.device
-    fin = _finite(Q, 2) & _finite(p, 1) & _finite(G, 2) & _finite(h, 1) & _finite(A, 2) & _finite(b, 1)
+    data = ((Q, 2), (p, 1), (G, 2), (h, 1), (A, 2), (b, 1))
     status = None
-    if not bool(fin.all()):  # one sync
-        bad = ~fin.expand(B)
+    if not bool(_all_finite(data, exact=False).all()):  # one sync
+        bad = ~_all_finite(data, exact=True).expand(B)
         status = torch.where(bad, int(Status.NONFINITE), -1)
         Q, p, G, h, A, b = _neutralize(bad, Q, p, G, h, A, b)
     qs = absmax(Q, (-2, -1))
