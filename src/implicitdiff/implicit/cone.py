@@ -48,7 +48,6 @@ import torch
 from .._core.status import Status
 from .._core.validate import is_vmapped
 from ..linalg.cone_spec import ConeSpec
-from .cone_frame import from_frame, to_frame
 from .cone_projection import apply_block_diagonal, dual_projection_jacobian, project_dual
 from .cone_system import ConeSystem, _mv, _rmv
 
@@ -142,7 +141,7 @@ class _AdjointSolve(torch.autograd.Function):
     @staticmethod
     def forward(g, A, b, c, x, y, s, ok, spec, holder):
         # holder: [a nearby system to reuse or None] in, [this system] out (read by setup_context)
-        holder.append(ConeSystem(A, b, c, x, y, s, ok, spec, reuse=holder.pop() if holder else None))
+        holder.append(ConeSystem(A, b, c, x, y, s, ok, spec, reuse=holder.pop()))
         return -holder[-1].solve(g, adjoint=True)
 
     @staticmethod
@@ -234,7 +233,7 @@ class ConeFn(torch.autograd.Function):
             r = _AdjointSolve.apply(g, A, b, c, x, y, s, ok, spec, [ctx.reuse])
         else:
             system = ConeSystem(A, b, c, x, y, s, ok, spec, reuse=ctx.reuse)
-            gv = from_frame(system.frame, system.lam * to_frame(system.frame, gy + gs)) - gs
+            gv = system.apply_D(gy + gs) - gs
             gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
             r = -system.solve(torch.cat([gx, gv, gw[:, None]], -1), adjoint=True)
         ru, rv, rw = r[:, :n], r[:, n:n + m], r[:, -1:]
@@ -260,7 +259,7 @@ class ConeFn(torch.autograd.Function):
         system = ConeSystem(A, b, c, x, y, s, ok, ctx.spec, reuse=ctx.reuse)
         dz = -system.solve(g)
         du, dv, dw = dz[:, :n], dz[:, n:n + m], dz[:, -1:]
-        Ddv = from_frame(system.frame, system.lam * to_frame(system.frame, dv))
+        Ddv = system.apply_D(dv)
         dx = du - x * dw
         dy = Ddv - y * dw
         ds = Ddv - dv - s * dw

@@ -35,10 +35,10 @@ A dense LU costs ``(n + m + 1)³``.  This module solves it in ``O(m·n² + (n + 
 Elements that are not ``ok`` get zero solutions.
 
 Speed (each in one function, named there): the **shared-A second-order Gram** (:func:`_gram`);
-**zero-weight rows skipped** in ``ÃᵀWÃ`` (:func:`_weighted_gram`: on the exponential case 150 of
-402 rows carry a weight); the reduced matrix **filled block by block** with its shift added on the
-diagonal in place and ``max|K|`` read from its blocks (:class:`_Factor`: at ``n + p ≈ 350`` every
-full-size temporary costs as much as the Gram); ``max|·|`` as ``max(max, −min)`` (:func:`~implicitdiff.linalg.kkt.absmax`).
+**zero-weight rows skipped** in ``ÃᵀWÃ`` (:func:`_weighted_gram`: canonical programs have many, e.g.
+an exponential cone's normal directions); the reduced matrix **filled block by block** with its shift
+added on the diagonal in place and ``max|K|`` read from its blocks (:class:`_Factor`: a full-size
+temporary of ``K`` costs about as much as the Gram); ``max|·|`` as ``max(max, −min)`` (:func:`~implicitdiff.linalg.kkt.absmax`).
 """
 
 from __future__ import annotations
@@ -248,7 +248,8 @@ class ConeSystem:
     def _own_factor(self):
         return _Factor(self.A, self.b, self.c, self.x, self.y, self.frame, self.ok)
 
-    def _D(self, v):
+    def apply_D(self, v):
+        """``DΠ v`` (``DΠ`` the dual projection's derivative at the solution, symmetric), through the frame."""
         return from_frame(self.frame, self.lam * to_frame(self.frame, v))
 
     def _matvec(self, z, adjoint):
@@ -258,10 +259,10 @@ class ConeSystem:
         A, b, c = self.A, self.b, self.c
         if adjoint:  # Mᵀ = [[0, −Aᵀ, −c], [DA, I − D, −Db], [(c + x)ᵀ, (b + y)ᵀ, 1]]
             r1 = -_rmv(A, v) - c * w
-            r2 = self._D(_mv(A, u) - v - b * w) + v
+            r2 = self.apply_D(_mv(A, u) - v - b * w) + v
             r3 = ((c + self.x) * u).sum(-1, keepdim=True) + ((b + self.y) * v).sum(-1, keepdim=True) + w
         else:  # M = [[0, AᵀD, c + x], [−A, I − D, b + y], [−cᵀ, −bᵀD, 1]]
-            Dv = self._D(v)
+            Dv = self.apply_D(v)
             r1 = _rmv(A, Dv) + (c + self.x) * w
             r2 = -_mv(A, u) + v - Dv + (b + self.y) * w
             r3 = -(c * u).sum(-1, keepdim=True) - (b * Dv).sum(-1, keepdim=True) + w
@@ -313,7 +314,7 @@ class ConeSystem:
         self.fallbacks += int(i.numel())
         M = dense_system(self.A.expand(self.b.shape[:1] + self.A.shape[-2:])[i], self.b[i], self.c[i], self.x[i], self.y[i], self.s[i], self.ok[i], self.spec)
         Mo = M.mT if adjoint else M
-        LU, piv = _shifted_lu(M.clone(), M.abs().amax((-2, -1)))
+        LU, piv = _shifted_lu(M.clone(), absmax(M, (-2, -1)))
         gi = g[i]
         x = torch.linalg.lu_solve(LU, piv, gi[..., None], adjoint=adjoint)[..., 0]
         for _ in range(6):
