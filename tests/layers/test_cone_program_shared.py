@@ -180,3 +180,13 @@ def test_gram_skipping_zero_weight_rows_equals_the_full_product():
     Wd = W.clone()
     Wd[:, : r // 2 + 1] = 1.0            # more than half weighted: the direct product
     assert torch.allclose(_weighted_gram(At, Wd), At.mT @ (Wd[..., None] * At), atol=1e-13, rtol=0)
+
+
+def test_a_third_derivative_is_refused_with_a_clear_error():
+    # twice differentiable (double backward, tested above); building the third derivative raises
+    A, bb, cb, cones = _batch("lp")
+    w = _weights([(B, A.shape[1]), (B, A.shape[0]), (B, A.shape[0])])
+    br = bb.clone().requires_grad_()
+    (gb,) = torch.autograd.grad(_loss(_solve(A, br, cb, cones), w), br, create_graph=True)
+    with pytest.raises(NotImplementedError, match="differentiable twice"):
+        torch.autograd.grad((gb * gb).sum(), br, create_graph=True)

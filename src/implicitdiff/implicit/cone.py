@@ -152,6 +152,10 @@ class _AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gr):
+        if torch.is_grad_enabled():  # create_graph=True on the second derivative: the third is not built
+            raise NotImplementedError("cone_program's solution is differentiable twice (double backward, "
+                                      "torch.autograd.functional.hessian); a third derivative is not supported: take "
+                                      "the second derivative without create_graph=True")
         A, b, c, x, y, s, ok, r = ctx.saved_tensors
         lam = -ctx.system.solve(gr)
         inputs = [t.detach().requires_grad_() for t in (A, b, c, x, y, s)]
