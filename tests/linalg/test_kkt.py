@@ -229,3 +229,27 @@ def test_bound_row_split_finds_each_bound_column_and_value():
         assert torch.equal(col[bound], want_col[bound])
         assert torch.equal(gv, torch.where(bound, Gb.sum(-1), 0.0))
         assert torch.equal(Gd, torch.gather(Gb, 1, dense.unsqueeze(-1).expand(-1, -1, n)))
+
+
+def test_cholesky_lower_in_place_equals_the_copying_factor_and_reuses_the_memory():
+    from implicitdiff.linalg.kkt import cholesky_lower, cholesky_lower_
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(5, 7, 7, dtype=torch.float64, generator=g)
+    S = X @ X.mT + 0.1 * torch.eye(7, dtype=torch.float64)
+    S[2] = -torch.eye(7, dtype=torch.float64)  # not positive definite: info reports it
+    L_ref, info_ref = cholesky_lower(S)
+    work = S.clone()
+    L, info = cholesky_lower_(work)
+    assert L.data_ptr() == work.data_ptr()
+    assert torch.equal(info, info_ref) and int(info[2]) > 0 and int(info[0]) == 0
+    ok = info == 0
+    torch.testing.assert_close(L[ok], L_ref[ok], rtol=0, atol=1e-13)
+    assert torch.equal(L[ok].triu(1), torch.zeros_like(L[ok]).triu(1))  # the upper triangle is zeroed
+    torch.testing.assert_close(L[ok] @ L[ok].mT, S[ok], rtol=1e-12, atol=1e-12)
+    # a non-contiguous input is factored through a copy and left as it was
+    St = S[ok].mT
+    before = St.clone()
+    L2, _ = cholesky_lower_(St)
+    assert torch.equal(St, before)
+    torch.testing.assert_close(L2, L_ref[ok], rtol=0, atol=1e-13)
