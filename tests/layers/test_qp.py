@@ -308,6 +308,16 @@ def test_second_order_and_forward_mode_gradcheck(g):
     assert torch.autograd.gradgradcheck(qp, params, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+def test_nonsymmetric_q_gradients_match_finite_differences(g):
+    """Only Q's symmetric part enters: the backward's products use (Qx + Qᵀx)/2 on the unsymmetrized Q."""
+    Q, p, G, h, A, b = problem(g, n=4, m=4, k=1)
+    R = torch.randn(4, 4, generator=g, dtype=F64)
+    Q = Q + R - R.mT  # a skew part: the same symmetric part, Q − Qᵀ ≠ 0
+    params = [t.clone().requires_grad_() for t in (Q, p, G, h, A, b)]
+    assert (params[0] - params[0].mT).abs().max() > 0.1
+    assert torch.autograd.gradcheck(qp, params, eps=1e-6, atol=1e-6, check_forward_ad=True)
+
+
 # --------------------------------------------------------------------------- nn.QPLayer
 def test_qplayer_fills_grad_of_every_parameter(g, fd):
     from implicitdiff.nn import QPLayer

@@ -270,3 +270,16 @@ def test_primal_loop_first_step_reuses_the_start_factorization(g, monkeypatch):
     assert float(stat.max()) < 1e-9 and float(feas.max()) < 1e-9 and float(comp.max()) < 1e-9
     assert float(lam_min.min()) >= 0
     assert len(calls) == int(res.iterations.max()) + len(polishes), (len(calls), res.iterations, polishes)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("which", range(6))
+def test_a_nonfinite_entry_makes_its_element_nonfinite_and_leaves_the_others_alone(g, which, value):
+    """The screen reads the finiteness of Q, G, A off their max |entry| (amax/amin propagate NaN and ±Inf)."""
+    P = random_qp(g, 3, 5, 4, 1)
+    ref = QPInteriorPoint.for_dtype(F64).solve(*P)
+    bad = [t.clone() for t in P]
+    bad[which][1].view(-1)[-1] = value
+    res = QPInteriorPoint.for_dtype(F64).solve(*bad)
+    assert res.status.tolist() == [Status.SUCCESS, Status.NONFINITE, Status.SUCCESS]
+    torch.testing.assert_close(res.z[[0, 2]], ref.z[[0, 2]], atol=1e-9, rtol=0)

@@ -48,7 +48,6 @@ from .._core.errors import SolveError
 from .._core.status import Status
 from .._core.validate import is_vmapped
 from ..linalg.kkt import ActiveSetKKT
-from ..linalg.symmetric import symmetric_part
 
 __all__ = ["QPSpec", "QPFn", "qp_solve"]
 
@@ -152,8 +151,7 @@ class QPFn(torch.autograd.Function):
         batch = z.shape[:-1]
         B = z[..., 0].numel()
         dt = ctx.spec.dtype
-        Qf, Gf, Af = (_flat(t, 2, batch, B).to(dt) for t in (Q, G, A))
-        Qf = symmetric_part(Qf)
+        Qf, Gf, Af = (_flat(t, 2, batch, B).to(dt) for t in (Q, G, A))  # (kkt.solve uses Q's symmetric part)
         zf, lf, nf = (t.reshape(B, t.shape[-1]).to(dt) for t in (z, lam, nu))
         ok = (status.reshape(B) == Status.SUCCESS)
         kkt = ActiveSetKKT.unflatten(ctx.static, tensors)

@@ -24,6 +24,10 @@ solution and the factorization of the active-set KKT matrix; its :meth:`~ActiveS
 is the backward's one linear solve (refinement with that factorization, residual checked); with a
 bound-row split (:func:`_bound_rows`) its products with ``diag(active) G`` use the factor's split rows.
 
+Memory passes (CPU, the batches are larger than the caches): every matrix factored here is a scratch
+buffer, factored in its own memory (:func:`cholesky_lower_`), and ``W = LQ⁻¹Cᵀ`` is solved in the
+memory of ``C`` (``C.mT`` is column-major: ``solve_triangular(..., out=)`` its own input, no copy).
+
 Shapes: ``Q (B|1, n, n)``, ``G (B|1, m, n)``, ``A (B|1, k, n)``, right-hand sides ``(B, ·)``.
 Failure mode: a Cholesky that fails in rounding gives non-finite factors (``cholesky_ex``, no
 raise); the solver reports them as ``NONFINITE``, the backward's residual check as ``SINGULAR``.
@@ -174,9 +178,10 @@ class ActiveSetKKT:
         return cls(active, KKTFactorization(kind, factors), steps, rho)
 
     def matvec(self, Q, G, A, x, y, v):
-        """``K (x, y, v)`` (with ``Q + ρAᵀA`` where ``rho`` is given)."""
+        """``K (x, y, v)`` (with ``Q + ρAᵀA`` where ``rho`` is given); only ``Q``'s symmetric part enters, as
+        ``(Qx + Qᵀx)/2`` (two passes over ``Q``, cheaper than symmetrizing a copy first)."""
         act = self.active
-        Qx = bmv(Q, x)
+        Qx = 0.5 * (bmv(Q, x) + brmv(Q, x))
         if self.rho is not None:
             Qx = Qx + self.rho.unsqueeze(-1) * brmv(A, bmv(A, x))
         rows = self.factor.tensors[3:] if self.factor.kind == "primal" else ()
@@ -186,6 +191,7 @@ class ActiveSetKKT:
 
     def solve(self, Q, G, A, r):
         """Solve ``K x = r`` (``r = (r₁, r₂, r₃)``) by refinement with ``factor``; returns ``(x, relres)``.
+        ``Q`` need not be symmetric: its symmetric part is used (:meth:`matvec`).
 
         With ``rho``: ``K x = r`` ⟺ ``K_ρ x = r + (ρAᵀr₃, 0, 0)`` (the third row gives ``Ax = r₃``),
         and ``K_ρ`` is what was factored.
@@ -209,7 +215,7 @@ class ActiveSetKKT:
 # Passes over a batch of matrices.  On CPU a reduction that writes no temporary streams the data once:
 # t.amax(dims) and t.sum(dims) are much cheaper than t.abs().amax(dims) or torch.isfinite(t).all(dims),
 # which materialize an |t| or a bool tensor (and isfinite several) of the (B, n, n) matrices of a QP batch.
-# absmax is the one place of that trick for max|t|; qp_screen._finite the one for finiteness.
+# absmax is the one place of that trick for max|t| (qp_screen._sizes also reads the finiteness of Q, G, A off it).
 def absmax(t, dims):
     """``max |t|`` over ``dims`` (a tuple of dims), as ``max(amax, −amin)``: no temporary ``|t|``."""
     return torch.maximum(t.amax(dim=dims), -t.amin(dim=dims))
@@ -281,10 +287,11 @@ def kkt_precompute(kind, Q, G, A, LQ=None, delta=None):
     m, k = G.shape[-2], A.shape[-2]
     Bc = max(G.shape[0], A.shape[0], LQ.shape[0])
     C = torch.cat([G.expand(Bc, *G.shape[1:]), A.expand(Bc, *A.shape[1:])], dim=-2)
-    W = torch.linalg.solve_triangular(LQ.expand(Bc, *LQ.shape[1:]), C.mT, upper=False)
+    W = C.mT  # solved in C's own memory (column-major: the solve's out= its input, no copy)
+    torch.linalg.solve_triangular(LQ.expand(Bc, *LQ.shape[1:]), W, upper=False, out=W)
     K = W.mT @ W
     if k:
-        LA = cholesky_lower(K[:, m:, m:] + delta * torch.eye(k, dtype=K.dtype, device=K.device))[0]
+        LA = cholesky_lower_(K[:, m:, m:] + delta * torch.eye(k, dtype=K.dtype, device=K.device))[0]
         X = torch.linalg.solve_triangular(LA, K[:, m:, :m], upper=False)
         M = torch.baddbmm(K[:, :m, :m], X.mT, X, alpha=-1)
     else:
@@ -357,7 +364,7 @@ def _gather_active(M, w, active):
     vm = valid.to(S.dtype)
     S = S * (vm.unsqueeze(-1) * vm.unsqueeze(-2))
     S.diagonal(dim1=-2, dim2=-1).add_(torch.where(valid, torch.gather(w, 1, safe), torch.ones_like(vm)))
-    return cholesky_lower(S)[0], idx
+    return cholesky_lower_(S)[0], idx
 
 
 def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorization":
@@ -398,7 +405,7 @@ def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorizati
         # every digit (elements stalled at a residual of ~1, depending on the rounding of their batch).  H̃ has
         # the large entries in every direction a unique solution pins: cond ~ 1/δ.
         H = torch.baddbmm(H.expand(B, n, n), (A / delta).mT.expand(B, n, k), A.expand(B, k, n))
-    LH, _ = cholesky_lower(H.expand(B, n, n))
+    LH, _ = cholesky_lower_(H.expand(B, n, n))  # H is a new tensor (a shared one is copied)
     rows = ()
     if pre:  # the split of the (masked) G the solves multiply with
         rows = pre if rowmask is None else (dense, Gd * torch.gather(rowmask, 1, dense.expand(B, -1)).unsqueeze(-1),

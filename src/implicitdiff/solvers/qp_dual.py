@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._core.status import Status
-from ..linalg.kkt import bmv, brmv, chol_solve, cholesky_lower, tri_solve
+from ..linalg.kkt import bmv, brmv, chol_solve, cholesky_lower_, tri_solve
 from .qp_steps import amax, balanced_start, initial_shift, max_step, update_status
 
 __all__ = ["interior_point_dual", "dual_z"]
@@ -59,18 +59,11 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
     # with the fixed Schur complement M = K_GG − XᵀX: each iteration factors M + W (size m, not m + k).
 
     def factor(MG, w):
-        """Cholesky of ``M + diag(w)``.  A per-element ``M`` gets ``w`` on its diagonal in place and its
-        diagonal back, exactly, afterwards (one pass over ``M`` less than a copy)."""
-        if MG.shape[0] != w.shape[0] or MG.requires_grad:
-            S = MG.expand(w.shape[0], m, m).clone()
-            S.diagonal(dim1=-2, dim2=-1).add_(w)
-            return cholesky_lower(S)[0]
-        d = MG.diagonal(dim1=-2, dim2=-1)
-        d0 = d.clone()
-        d.add_(w)
-        L = cholesky_lower(MG)[0]
-        d.copy_(d0)
-        return L
+        """Cholesky of ``M + diag(w)``, factored in a scratch copy (:func:`cholesky_lower_`: the copy is cheaper
+        than ``cholesky_ex``'s own triangle copy)."""
+        S = MG.expand(w.shape[0], m, m).clone(memory_format=torch.contiguous_format)
+        S.diagonal(dim1=-2, dim2=-1).add_(w)
+        return cholesky_lower_(S)[0]
 
     # With Z = L_A⁻ᵀ X = (K_AA + δI)⁻¹ K_AG (once per call), a right-hand side (r_G, r_A) gives
     # u_G = (M + W)⁻¹ (r_G − Zᵀ r_A) and u_A = (K_AA + δI)⁻¹ r_A − Z u_G: the r_A parts are computed once per

@@ -92,7 +92,7 @@ from .._core.status import Status
 from ..linalg.symmetric import symmetric_part
 from .qp_dual import dual_z, interior_point_dual
 from .qp_screen import screen
-from ..linalg.kkt import (ActiveSetKKT, KKTProducts, absmax, kkt_factor, kkt_precompute, kkt_refine, kkt_solve_reg,
+from ..linalg.kkt import (ActiveSetKKT, KKTProducts, kkt_factor, kkt_precompute, kkt_refine, kkt_solve_reg,
                           put_rows)
 from .qp_steps import (QPResult, amax, balanced_start, initial_shift, kkt_residual, max_step, merge, take,
                        update_status)
@@ -168,7 +168,7 @@ class QPInteriorPoint:
         """
         Q = symmetric_part(Q)  # only the symmetric part enters the objective
         screened = screen(Q, p, G, h, A, b, self.psd_tol)
-        out = self._solve(*screened.data, screened.LQ, warm_start)
+        out = self._solve(*screened.data, screened.LQ, screened.scale, warm_start)
         if screened.rho is not None:  # the backward solves with the convexified matrix that was factored
             out = out._replace(kkt=dataclasses.replace(out.kkt, rho=screened.rho))
         if screened.status is None:
@@ -178,11 +178,11 @@ class QPInteriorPoint:
                             residual=torch.where(bad, torch.full_like(out.residual, float("inf")), out.residual),
                             iterations=torch.where(bad, 0, out.iterations))
 
-    def _solve(self, Q, p, G, h, A, b, LQ, warm_start) -> QPResult:
+    def _solve(self, Q, p, G, h, A, b, LQ, scale, warm_start) -> QPResult:
+        """``scale``: 1 + the largest |entry| of ``Q``, ``G``, ``A`` (the screen's)."""
         B = max(t.shape[0] for t in (Q, p, G, h, A, b))
         n, m, k = p.shape[-1], h.shape[-1], b.shape[-1]
         dt, dev = p.dtype, p.device
-        scale = 1 + max(float(absmax(t, (-2, -1)).max()) if t.numel() else 0.0 for t in (Q, G, A))
         delta = torch.tensor(self.reg * scale, dtype=dt, device=dev)
         kind, LQ = self._choose_kind(Q, n, m, k, delta, scale, LQ)
         lp = kind == "primal" and not bool(Q.any())

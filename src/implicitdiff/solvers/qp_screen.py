@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._core.status import Status
-from ..linalg.kkt import absmax, cholesky_lower
+from ..linalg.kkt import absmax, cholesky_lower_
 
 __all__ = ["Screened", "screen"]
 
@@ -46,26 +46,16 @@ class Screened(NamedTuple):
     data: tuple  # (Q, p, G, h, A, b)
     status: Optional[torch.Tensor]  # (B,) int64: -1 where the element is to be solved; None: all are
     LQ: Optional[torch.Tensor]
+    scale: float  # 1 + the largest |entry| of the returned Q, G, A over the batch
     rho: Optional[torch.Tensor] = None  # (B,): Q + ρAᵀA, p − ρAᵀb replaced Q, p (0: unchanged); None: all 0
 
 
-def _finite(t, core, exact):
-    """Whether each element of ``t`` is finite over its ``core`` dims.  Not ``exact``: a NaN or Inf entry
-    makes its sum non-finite, so a finite sum proves the entries finite (one pass, no temporary of
-    ``t``'s size); a non-finite sum (possibly an overflow of finite entries) needs the ``exact`` check."""
-    dims = tuple(range(t.dim() - core, t.dim()))
-    if t.numel() == 0:
-        return torch.ones(t.shape[: t.dim() - core], dtype=torch.bool, device=t.device)
-    if not dims:
-        return torch.isfinite(t)
-    return torch.isfinite(t).all(dim=dims) if exact else torch.isfinite(t.sum(dim=dims))
+def _sizes(Q, G, A):
+    """``max |entry|`` of ``Q``, ``G`` and ``A`` per element (``(B|1,)`` each, 0 for an empty block).
 
-
-def _all_finite(data, exact):
-    fin = _finite(*data[0], exact)
-    for t, core in data[1:]:
-        fin = fin & _finite(t, core, exact)
-    return fin
+    One pass each (:func:`~implicitdiff.linalg.kkt.absmax`), and they also decide finiteness exactly:
+    ``amax``/``amin`` propagate NaN and ±Inf, so a finite size proves the matrix finite (no separate pass)."""
+    return tuple(absmax(t, (-2, -1)) if t.numel() else t.new_zeros(t.shape[:-2]) for t in (Q, G, A))
 
 
 def _replace(t, bad, value):
@@ -107,18 +97,23 @@ def screen(Q, p, G, h, A, b, psd_tol: float) -> Screened:
     """Find the elements that cannot be solved (see the module docstring) and neutralize them."""
     B = max(t.shape[0] for t in (Q, p, G, h, A, b))
     dev = p.device
-    data = ((Q, 2), (p, 1), (G, 2), (h, 1), (A, 2), (b, 1))
     status = None
-    if not bool(_all_finite(data, exact=False).all()):  # one sync
-        bad = ~_all_finite(data, exact=True).expand(B)
+    sizes = _sizes(Q, G, A)
+    fin = torch.isfinite(p).all(-1) & torch.isfinite(h).all(-1) & torch.isfinite(b).all(-1)
+    for t in sizes:
+        fin = fin & torch.isfinite(t)
+    if not bool(fin.all()):  # one sync
+        bad = ~fin.expand(B)
         status = torch.where(bad, int(Status.NONFINITE), -1)
         Q, p, G, h, A, b = _neutralize(bad, Q, p, G, h, A, b)
-    qs = absmax(Q, (-2, -1))
-    if not bool(qs.any()):  # Q = 0 (LPs): semidefinite, nothing to factor
-        return Screened((Q, p, G, h, A, b), status, None)
-    LQ, info = cholesky_lower(Q)
+        sizes = tuple(torch.where(bad, float(v), t.expand(B)) for t, v in zip(sizes, (1, 0, 0)))  # Q = I, G = A = 0
+    qs = sizes[0]
+    qmax, scale = _top(sizes)
+    if qmax == 0:  # Q = 0 (LPs): semidefinite, nothing to factor
+        return Screened((Q, p, G, h, A, b), status, None, scale)
+    LQ, info = cholesky_lower_(Q.clone(memory_format=torch.contiguous_format))  # (cheaper than its triangle copy)
     if bool((info == 0).all()):
-        return Screened((Q, p, G, h, A, b), status, LQ)
+        return Screened((Q, p, G, h, A, b), status, LQ, scale)
     # Q is not positive definite somewhere: is it (within psd_tol) semidefinite where it matters?
     eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=dev)
     _, info2 = torch.linalg.cholesky_ex(Q + (psd_tol * qs)[:, None, None] * eye)
@@ -142,12 +137,21 @@ def screen(Q, p, G, h, A, b, psd_tol: float) -> Screened:
             new = torch.where(nonconvex, int(Status.NONCONVEX), -1)
             status = new if status is None else torch.where(status >= 0, status, new)
             Q, p, G, h, A, b = _neutralize(nonconvex, Q, p, G, h, A, b)
-        if bool((rho > 0).any()):
+        convex = bool((rho > 0).any())
+        if convex:
             AtA = A.mT @ A
             Q = Q + rho[:, None, None] * AtA
             p = p - rho[:, None] * (b.unsqueeze(-2) @ A).squeeze(-2)
-            return Screened((Q, p, G, h, A, b), status, None, rho)
-    return Screened((Q, p, G, h, A, b), status, None)
+        scale = _top(_sizes(Q, G, A))[1]  # of the data as changed
+        if convex:
+            return Screened((Q, p, G, h, A, b), status, None, scale, rho)
+    return Screened((Q, p, G, h, A, b), status, None, scale)
+
+
+def _top(sizes):
+    """``(max |Qᵢⱼ|, 1 + max |entry| of Q, G, A)`` over the batch, in one host read."""
+    top = torch.stack([t.amax() for t in sizes]).tolist()
+    return top[0], 1 + max(top)
 
 
 def _neutralize(bad, Q, p, G, h, A, b):
