@@ -283,3 +283,15 @@ def test_a_nonfinite_entry_makes_its_element_nonfinite_and_leaves_the_others_alo
     res = QPInteriorPoint.for_dtype(F64).solve(*bad)
     assert res.status.tolist() == [Status.SUCCESS, Status.NONFINITE, Status.SUCCESS]
     torch.testing.assert_close(res.z[[0, 2]], ref.z[[0, 2]], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("kkt", ["primal", "dual"])
+def test_a_symmetric_q_is_used_as_is_and_a_nonsymmetric_one_by_its_symmetric_part(g, kkt):
+    P = random_qp(g, 4, 6, 5, 1)
+    Q0 = P[0].clone()
+    ref = QPInteriorPoint.for_dtype(F64, kkt=kkt).solve(*P)
+    assert torch.equal(P[0], Q0)  # the caller's (symmetric) Q is not written to
+    R = torch.randn(4, 6, 6, generator=g, dtype=F64)
+    res = QPInteriorPoint.for_dtype(F64, kkt=kkt).solve(P[0] + R - R.mT, *P[1:])
+    assert (res.status == Status.SUCCESS).all()
+    torch.testing.assert_close(res.z, ref.z, atol=1e-9, rtol=0)

@@ -148,16 +148,16 @@ def qp(Q, p, G=None, h=None, A=None, b=None, *, rtol=None, max_iter=50, on_failu
     (Q, p, G, h, A, b), batch = _prepare(Q, p, G, h, A, b)
     if any(d == 0 for d in batch):  # an empty batch: empty results (connected to the inputs, zero gradients)
         return _empty(batch, Q, p, G, h, A, b, return_duals, return_info)
+    maxima = _maxima(Q, G, A)
     if check_finite or (check_finite is None and on_failure == "raise"):
-        for name, t in (("Q", Q), ("p", p), ("G", G), ("h", h), ("A", A), ("b", b)):
-            _check_finite(name, t)
+        _check_all_finite((Q, p, G, h, A, b), maxima)
     if rtol is None:
         rtol = 1e-10 if p.dtype == torch.float64 else 1e-7
     psd_tol = 1e-8 if p.dtype == torch.float64 else 1e-5
     spec = QPSpec(QPInteriorPoint.for_dtype(torch.float64, rtol=rtol, max_iter=max_iter, psd_tol=psd_tol),
                   torch.float64)
     warm = _warm(warm_start, p)
-    (Q, p, G, h, A, b), (sigma, dG, dA) = equilibrate(Q, p, G, h, A, b)
+    (Q, p, G, h, A, b), (sigma, dG, dA) = equilibrate(Q, p, G, h, A, b, maxima)
     if warm[1] is not None:
         warm = (warm[0], warm[1] * dG / sigma.unsqueeze(-1), warm[2])
     if warm[2] is not None:
@@ -192,13 +192,28 @@ def _neutral(s):
     return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
 
 
-def _scale_of(t, dims):
-    """``max |t|`` over ``dims`` (detached); 1 where that is 0 or not finite (a neutral scale)."""
-    s = absmax(t.detach(), dims) if t.numel() else t.detach().new_ones(t.shape[: t.dim() - len(dims)])
-    return _neutral(s)
+def _absmax(t, dims):
+    """``max |t|`` over ``dims`` (detached; NaN or Inf where ``t`` holds one: amax/amin propagate them); 1 if empty."""
+    return absmax(t.detach(), dims) if t.numel() else t.detach().new_ones(t.shape[: t.dim() - len(dims)])
 
 
-def equilibrate(Q, p, G, h, A, b):
+def _maxima(Q, G, A):
+    """What :func:`equilibrate` reads: ``max |Qᵢⱼ|`` per element (0 if ``Q`` is empty) and the largest entry of each
+    row of ``G`` and ``A``, raw (non-finite where the data is)."""
+    qmax = _absmax(Q, (-2, -1)) if Q.numel() else Q.detach().new_zeros(Q.shape[:-2])
+    return qmax, _absmax(G, (-1,)), _absmax(A, (-1,))
+
+
+def _check_all_finite(data, maxima):
+    """:func:`check_finite` of ``(Q, p, G, h, A, b)``; a matrix whose maxima are finite is finite (they propagate
+    NaN and Inf), so only the vectors, and a matrix that fails, are read again (to name the fault)."""
+    for name, t in zip(("Q", "p", "G", "h", "A", "b"), data):
+        mx = maxima[("Q", "G", "A").index(name)] if name in "QGA" else None
+        if mx is None or is_vmapped(mx) or not bool(torch.isfinite(mx).all()):
+            _check_finite(name, t)
+
+
+def equilibrate(Q, p, G, h, A, b, maxima=None):
     r"""The same QP with data of order one: ``(Q/σ, p/σ, D_G⁻¹G, D_G⁻¹h, D_A⁻¹A, D_A⁻¹b)`` and ``(σ, d_G, d_A)``.
 
     ``σ = max|Qᵢⱼ|`` (``max|pᵢ|`` for an LP) scales the objective and ``d_G``, ``d_A`` are the
@@ -208,11 +223,12 @@ def equilibrate(Q, p, G, h, A, b):
     ``z`` (the identity holds for every positive scale).  Each scale keeps the batch dims of the
     tensor it is read from: a shared ``Q`` stays shared.  With it, the solver's relative tests
     (feasibility, optimality, convergence, convexity) are relative to the data's scale.
+    ``maxima``: :func:`_maxima` of ``(Q, G, A)`` when the caller has them.
     """
-    qmax = absmax(Q.detach(), (-2, -1)) if Q.numel() else Q.detach().new_zeros(Q.shape[:-2])
+    qmax, gmax, amax = _maxima(Q, G, A) if maxima is None else maxima
     sq = _neutral(qmax)
-    sigma = torch.where(qmax > 0, sq, _scale_of(p, (-1,)))
-    dG, dA = _scale_of(G, (-1,)), _scale_of(A, (-1,))
+    sigma = torch.where(qmax > 0, sq, _neutral(_absmax(p, (-1,))))
+    dG, dA = _neutral(gmax), _neutral(amax)
     return (Q / sq[..., None, None], p / sigma.unsqueeze(-1), G / dG.unsqueeze(-1), h / dG,
             A / dA.unsqueeze(-1), b / dA), (sigma, dG, dA)
 

@@ -166,7 +166,9 @@ class QPInteriorPoint:
         ``warm_start``: ``(z, λ, ν)`` (``λ``, ``ν`` may be ``None``) to start the interior
         point from; the slacks and multipliers are moved inside the positive orthant.
         """
-        Q = symmetric_part(Q)  # only the symmetric part enters the objective
+        # only the symmetric part enters the objective; an exactly symmetric Q (the common case: one
+        # comparison pass) is used as is, never written to (symmetric_part would return it exactly)
+        Q = Q if torch.equal(Q, Q.mT) else symmetric_part(Q)
         screened = screen(Q, p, G, h, A, b, self.psd_tol)
         out = self._solve(*screened.data, screened.LQ, screened.scale, warm_start)
         if screened.rho is not None:  # the backward solves with the convexified matrix that was factored
