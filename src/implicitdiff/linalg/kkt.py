@@ -362,7 +362,7 @@ def _gather_active(M, w, active):
     safe = idx.clamp(max=max(m - 1, 0))
     S = torch.gather(torch.gather(Me, 1, safe.unsqueeze(-1).expand(B, a, m)), 2, safe.unsqueeze(-2).expand(B, a, a))
     vm = valid.to(S.dtype)
-    S.mul_(vm.unsqueeze(-1) * vm.unsqueeze(-2))
+    S.mul_(vm.unsqueeze(-1)).mul_(vm.unsqueeze(-2))
     S.diagonal(dim1=-2, dim2=-1).add_(torch.where(valid, torch.gather(w, 1, safe), torch.ones_like(vm)))
     return cholesky_lower_(S)[0], idx
 

@@ -58,10 +58,13 @@ def interior_point_dual(ipm, P, p, G, h, A, b, pre, delta, warm_start, *, rtol, 
     # L_A L_Aᵀ = K_AA + δI and X = L_A⁻¹ K_AG, the Newton matrix K + diag(W, δI) is [[M + W, ·], [·, K_AA + δI]]
     # with the fixed Schur complement M = K_GG − XᵀX: each iteration factors M + W (size m, not m + k).
 
+    scratch = p.new_empty(B, m, m)
+
     def factor(MG, w):
-        """Cholesky of ``M + diag(w)``, factored in a scratch copy (:func:`cholesky_lower_`: the copy is cheaper
-        than ``cholesky_ex``'s own triangle copy)."""
-        S = MG.expand(w.shape[0], m, m).clone(memory_format=torch.contiguous_format)
+        """Cholesky of ``M + diag(w)``, factored in ``scratch`` (:func:`cholesky_lower_`; one buffer for the whole
+        loop, fresh memory costs page faults): the factor lives until the next call, one iteration."""
+        S = scratch[: w.shape[0]]
+        S.copy_(MG.expand(w.shape[0], m, m))
         S.diagonal(dim1=-2, dim2=-1).add_(w)
         return cholesky_lower_(S)[0]
 
