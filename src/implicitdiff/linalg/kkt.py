@@ -367,14 +367,16 @@ def _gather_active(M, w, active):
     return cholesky_lower_(S)[0], idx
 
 
-def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorization":
+def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None, out=None) -> "KKTFactorization":
     """Factorize ``[[Q + δI, Gᵀ, Aᵀ], [G, −diag(1/winv), 0], [A, 0, −δI]]`` (see :class:`KKTFactorization`).
 
     Symmetric positive definite by construction (``Q ⪰ 0``, ``winv > 0``, ``δ > 0``); a
     Cholesky that fails in rounding gives non-finite factors, reported as ``NONFINITE``.
     ``rowmask`` (``"dual"`` only, ``(B, m)``): the active set; rows outside it are decoupled
     (``G`` replaced by ``diag(rowmask) G``), and only the active rows are factored.  ``Q = None``
-    (``"primal"`` only): ``Q = 0``, an LP (no term to add to the product).
+    (``"primal"`` only): ``Q = 0``, an LP (no term to add to the product).  ``out`` (``"primal"`` only): a
+    contiguous ``(B, n, n)`` scratch buffer to build and factor ``H̃`` in (the factor then lives there: a loop
+    reuses one buffer instead of page-faulting a fresh one per iteration).
     """
     n, k = A.shape[-1], A.shape[-2]
     B = winv.shape[0]
@@ -391,21 +393,21 @@ def kkt_factor(kind, pre, Q, G, A, winv, delta, rowmask=None) -> "KKTFactorizati
         d = torch.zeros(B, n, dtype=dt, device=dev).scatter_add_(1, col.expand(B, -1), we * gv * gv)
         wd = torch.gather(we, 1, dense.expand(B, -1))
         GdW, GdB = (Gd * wd.unsqueeze(-1)).mT, Gd.expand(B, *Gd.shape[1:])
-        H = torch.bmm(GdW, GdB) if Q is None else torch.baddbmm(Q, GdW, GdB)
+        H = torch.bmm(GdW, GdB, out=out) if Q is None else torch.baddbmm(Q, GdW, GdB, out=out)
         H.diagonal(dim1=-2, dim2=-1).add_(d + delta)
     else:
         H = delta * torch.eye(n, dtype=dt, device=dev).expand(1, n, n)
         H = H if Q is None else Q + H
         if G.shape[-2]:
-            H = torch.baddbmm(H, (G * winv.unsqueeze(-1)).mT, G.expand(B, *G.shape[1:]))
+            H = torch.baddbmm(H, (G * winv.unsqueeze(-1)).mT, G.expand(B, *G.shape[1:]), out=out)
     if k:
         # The equality block is eliminated first, v = (Ax − r₃)/δ, which leaves H̃ = H + AᵀA/δ.  Not the Schur
         # complement S = A H⁻¹ Aᵀ + δI: at the end of an LP, H has eigenvalues ~1/δ along the active rows and
         # only δ along the directions the equalities pin, cond(H) ~ 1/δ² > 1/eps, and H⁻¹Aᵀ came out wrong in
         # every digit (elements stalled at a residual of ~1, depending on the rounding of their batch).  H̃ has
         # the large entries in every direction a unique solution pins: cond ~ 1/δ.
-        H = torch.baddbmm(H.expand(B, n, n), (A / delta).mT.expand(B, n, k), A.expand(B, k, n))
-    LH, _ = cholesky_lower_(H.expand(B, n, n))  # H is a new tensor (a shared one is copied)
+        H = torch.baddbmm(H.expand(B, n, n), (A / delta).mT.expand(B, n, k), A.expand(B, k, n), out=out)
+    LH, _ = cholesky_lower_(H.expand(B, n, n))  # H is a new tensor or out (a shared one is copied)
     rows = ()
     if pre:  # the split of the (masked) G the solves multiply with
         rows = pre if rowmask is None else (dense, Gd * torch.gather(rowmask, 1, dense.expand(B, -1)).unsqueeze(-1),

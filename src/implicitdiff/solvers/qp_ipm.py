@@ -297,13 +297,14 @@ class QPInteriorPoint:
         dt, dev = p.dtype, p.device
         eps_c = self.cert_tol
         ones = p.new_ones(B, m)
+        scratch = p.new_empty(B, n, n)  # every iteration's H̃ is built and factored here (kkt_factor's out)
         first = None  # the factorization for the first iteration, when the start already made it
         if warm_start is None:
             # Start (as CVXOPT): solve the KKT system with W = I, i.e. the least-squares-slack
             # problem min ½zᵀQz + pᵀz + ½‖h − Gz‖², Az = b; then s = h − Gz, λ = −s, shifted inside and
             # balanced to s = λ, so the first iteration reuses this factorization (LP, n = 100, m = 250,
             # B = 128, seeds 0-3, and n = 50: 118 factorizations instead of 128)
-            first = kkt_factor(kind, pre, Q, G, A, ones, delta)
+            first = kkt_factor(kind, pre, Q, G, A, ones, delta, out=scratch)
             z, lam, nu = kkt_solve_reg(first, G, A, -p, h, b)
             s, lam = balanced_start(-lam, lam, 1.0)
         else:
@@ -362,7 +363,8 @@ class QPInteriorPoint:
             w = s / lam
             # the factorization regularizes the (2,2) block to −(W + δI) (bounded condition number);
             # the corrector's refinement is against the exact W
-            f = kkt_factor(kind, pre, Q, G, A, lam / (s + delta * lam), delta) if first is None else first
+            f = (kkt_factor(kind, pre, Q, G, A, lam / (s + delta * lam), delta, out=scratch[: p.shape[0]])
+                 if first is None else first)
             first = None
             # affine (predictor): complementarity target 0, r_c = s∘λ, so r₂ = −r_p + r_c/λ = −r_p + s
             dz, dl, dn = kkt_solve_reg(f, G, A, -rd, -rp + s, -re)
