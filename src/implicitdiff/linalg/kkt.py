@@ -25,8 +25,10 @@ is the backward's one linear solve (refinement with that factorization, residual
 bound-row split (:func:`_bound_rows`) its products with ``diag(active) G`` use the factor's split rows.
 
 Memory passes (CPU, the batches are larger than the caches): every matrix factored here is a scratch
-buffer, factored in its own memory (:func:`cholesky_lower_`), and ``W = LQ⁻¹Cᵀ`` is solved in the
-memory of ``C`` (``C.mT`` is column-major: ``solve_triangular(..., out=)`` its own input, no copy).
+buffer, factored in its own memory (:func:`cholesky_lower_`); the interior-point loops build and factor
+every iteration's matrix in one buffer (:func:`kkt_factor`'s ``out``, the dual loop's ``M + W``): a fresh
+10 MB tensor per iteration costs its page faults; and ``W = LQ⁻¹Cᵀ`` is solved in the memory of ``C``
+(``C.mT`` is column-major: ``solve_triangular(..., out=)`` its own input, no copy).
 
 Shapes: ``Q (B|1, n, n)``, ``G (B|1, m, n)``, ``A (B|1, k, n)``, right-hand sides ``(B, ·)``.
 Failure mode: a Cholesky that fails in rounding gives non-finite factors (``cholesky_ex``, no
