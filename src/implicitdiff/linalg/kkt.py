@@ -360,9 +360,9 @@ def _gather_active(M, w, active):
     idx = torch.argsort((~on).to(torch.int8), dim=-1, stable=True)[:, :a]
     valid = torch.gather(on, 1, idx)
     idx = torch.where(valid, idx, m)
-    Me = M.expand(B, m, m)
     safe = idx.clamp(max=max(m - 1, 0))
-    S = torch.gather(torch.gather(Me, 1, safe.unsqueeze(-1).expand(B, a, m)), 2, safe.unsqueeze(-2).expand(B, a, a))
+    flat = (safe.unsqueeze(-1) * m + safe.unsqueeze(-2)).view(B, a * a)  # one gather of the (i, j) entries
+    S = torch.gather(M.reshape(M.shape[0], m * m).expand(B, m * m), 1, flat).view(B, a, a)
     vm = valid.to(S.dtype)
     S.mul_(vm.unsqueeze(-1)).mul_(vm.unsqueeze(-2))
     S.diagonal(dim1=-2, dim2=-1).add_(torch.where(valid, torch.gather(w, 1, safe), torch.ones_like(vm)))
