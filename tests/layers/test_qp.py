@@ -210,6 +210,21 @@ def test_jvp_matches_directional_finite_difference(g, fd):
     torch.testing.assert_close(dz, fd.directional(qp, params, tangents), atol=1e-7, rtol=0)
 
 
+def test_jvp_of_the_duals_matches_directional_finite_differences_on_badly_scaled_data(g, fd):
+    """The layer solves the equilibrated problem inside QPFn: the tangents of λ and ν are mapped back through
+    the scales (λ = σλ'/d_G, ν = σν'/d_A); data far from unit scale makes a missing factor show."""
+    Q, p, G, h, A, b = problem(g, n=4, m=4, k=2)
+    rows = torch.tensor([[1e2], [1.0], [3e-2], [5.0]], dtype=F64)
+    params = (Q * 40.0, p * 3.0, G * rows, h * rows[:, 0], A * 7.0, b * 7.0)
+    tangents = tuple(torch.randn(t.shape, generator=g, dtype=F64) for t in params)
+
+    def duals(*P):
+        return torch.cat(qp(*P, return_duals=True)[1:], -1)
+    _, dy = jvp(duals, params, tangents)
+    want = fd.directional(duals, params, tangents)
+    torch.testing.assert_close(dy, want, atol=1e-6 * (1 + float(want.abs().max())), rtol=0)
+
+
 # --------------------------------------------------------------------------- failures
 def test_infeasible_raises_naming_the_status():
     I = torch.eye(1, dtype=F64)

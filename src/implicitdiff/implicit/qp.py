@@ -36,6 +36,13 @@ e.g. a degenerate LP) raises.
 The contract with the forward solver is a type: its result carries the
 :class:`~implicitdiff.linalg.kkt.ActiveSetKKT` at the solution (``result.kkt``), which this
 module flattens into the autograd Function's outputs and rebuilds in the backward.
+
+Scaling.  :class:`QPFn` takes the layer's equilibration scales (``σ_Q``, ``σ``, ``d_G``, ``d_A``, constants)
+with the raw data and solves ``(Q/σ_Q, p/σ, D_G⁻¹G, D_G⁻¹h, D_A⁻¹A, D_A⁻¹b)``: the same ``z``, multipliers
+``λ = σλ'/d_G``, ``ν = σν'/d_A``.  The system above is that of the scaled problem, and the chain rule
+through the scaling is folded into the gradients' products (``Q̄ = Q̄'/σ_Q`` is the ``−½/σ_Q`` of one
+bmm, ``Ḡ = D_G⁻¹Ḡ'`` scales its left factor): no division of a gradient matrix, and no autograd node
+per scaled tensor (each would read and write a batch of matrices again).
 """
 
 from __future__ import annotations
@@ -51,8 +58,9 @@ from ..linalg.kkt import ActiveSetKKT
 
 __all__ = ["QPSpec", "QPFn", "qp_solve"]
 
-_CORE = (2, 1, 2, 1, 2, 1, 1, 1, 1)  # core dims of Q, p, G, h, A, b, z0, λ0, ν0
-_N_OUT = 7  # z, λ, ν, status, residual, iterations, the static part of the ActiveSetKKT — then its tensors
+_CORE = (2, 1, 2, 1, 2, 1, 1, 1, 1, 0, 0, 1, 1)  # core dims of Q, p, G, h, A, b, z0, λ0, ν0, σ_Q, σ, d_G, d_A
+_N_OUT = 7  # z, λ, ν, status, residual, iterations, the static part of the ActiveSetKKT — then the scaled
+# Q, G, A and the ActiveSetKKT's tensors
 
 
 class QPSpec(NamedTuple):
@@ -75,6 +83,11 @@ def _flat(t, core, batch, B):
     if all(d == 1 for d in lead):
         return t.reshape((1,) + t.shape[t.dim() - core:])
     return t.expand(batch + t.shape[t.dim() - core:]).reshape((B,) + t.shape[t.dim() - core:])
+
+
+def _flat_scales(scales, batch, B, dt):
+    """The scales ``(σ_Q, σ, d_G, d_A)`` flattened like the data: ``(B|1,)``, ``(B|1,)``, ``(B|1, m)``, ``(B|1, k)``."""
+    return tuple(_flat(t, c, batch, B).to(dt) for t, c in zip(scales, _CORE[9:]))
 
 
 def _mv(M, x):
@@ -103,69 +116,83 @@ def _check_backward(relres, ok, spec, grad_like):
 
 
 class QPFn(torch.autograd.Function):
-    """``(z, λ, ν, status, residual, iterations, static, *kkt_tensors) = QPFn.apply(spec, Q, p, G, h, A, b,
-    z0, λ0, ν0)``.
+    """``(z, λ, ν, status, residual, iterations, static, Q', G', A', *kkt_tensors) = QPFn.apply(spec, Q, p,
+    G, h, A, b, z0, λ0, ν0, σ_Q, σ, d_G, d_A)``.
 
     Shapes ``Q (*, n, n)``, ``p (*, n)``, ``G (*, m, n)``, ``h (*, m)``, ``A (*, k, n)``,
-    ``b (*, k)`` (``m``/``k`` may be 0), leading dims broadcast; warm starts may be ``None``.
-    ``z, λ, ν`` are ``(*batch, ·)`` and differentiable; the rest is not.  Factor tensors are
-    flattened to ``(B, …)`` (``(1, …)`` when shared) for the backward.
+    ``b (*, k)`` (``m``/``k`` may be 0), leading dims broadcast; warm starts may be ``None``; the
+    scales (see the module docstring, constants) ``σ_Q (*)``, ``σ (*)``, ``d_G (*, m)``, ``d_A (*, k)``.
+    ``z, λ, ν`` are ``(*batch, ·)`` and differentiable; the rest is not.  The scaled ``Q', G', A'`` and
+    the factor tensors are flattened to ``(B, …)`` (``(1, …)`` when shared) for the backward.
     """
 
     @staticmethod
-    def forward(spec, Q, p, G, h, A, b, z0, l0, n0):
+    def forward(spec, Q, p, G, h, A, b, z0, l0, n0, sq, sg, dG, dA):
         ins = (Q, p, G, h, A, b)
         batch = torch.broadcast_shapes(*(t.shape[: t.dim() - c] for t, c in zip(ins, _CORE)))
         B = 1
         for d in batch:
             B *= d
-        flat = [_flat(t, c, batch, B).to(spec.dtype) for t, c in zip(ins, _CORE)]
+        dt = spec.dtype
+        Qf, pf, Gf, hf, Af, bf = (_flat(t, c, batch, B).to(dt) for t, c in zip(ins, _CORE))
+        sq, sg, dG, dA = _flat_scales((sq, sg, dG, dA), batch, B, dt)
+        Qs, Gs, As = Qf / sq[:, None, None], Gf / dG.unsqueeze(-1), Af / dA.unsqueeze(-1)
         warm = None
         if z0 is not None:
-            warm = tuple(None if t is None else _flat(t, 1, batch, B).to(spec.dtype) for t in (z0, l0, n0))
-        r = spec.solver.solve(*flat, warm)
+            z0, l0, n0 = (None if t is None else _flat(t, 1, batch, B).to(dt) for t in (z0, l0, n0))
+            warm = (z0, None if l0 is None else l0 * dG / sg[:, None], None if n0 is None else n0 * dA / sg[:, None])
+        r = spec.solver.solve(Qs, pf / sg[:, None], Gs, hf / dG, As, bf / dA, warm)
         static, tensors = r.kkt.flatten()
-        dt = p.dtype
+        out_dt = p.dtype
 
         def out(t):
-            return t.reshape(batch + t.shape[1:]).to(dt if t.is_floating_point() else t.dtype)
+            return t.reshape(batch + t.shape[1:]).to(out_dt if t.is_floating_point() else t.dtype)
 
-        return (out(r.z), out(r.lam), out(r.nu), out(r.status), out(r.residual), out(r.iterations),
-                static) + tensors
+        lam, nu = r.lam * (sg[:, None] / dG), r.nu * (sg[:, None] / dA)
+        return (out(r.z), out(lam), out(nu), out(r.status), out(r.residual), out(r.iterations),
+                static, Qs, Gs, As) + tensors
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         spec, Q, p, G, h, A, b = inputs[:7]
+        scales = inputs[10:]
         z, lam, nu, status, residual, iters, static, *tensors = output
         ctx.mark_non_differentiable(status, residual, iters, *tensors)
         ctx.set_materialize_grads(False)  # no zero cotangents for the (large) factor outputs
         ctx.spec, ctx.static, ctx.nf = spec, static, len(tensors)
         ctx.shapes = tuple(t.shape for t in (Q, p, G, h, A, b))
         ctx.in_dtype = p.dtype
-        ctx.save_for_backward(Q, G, A, z, lam, nu, status, *tensors)
-        ctx.save_for_forward(Q, G, A, z, lam, nu, status, *tensors)
+        ctx.save_for_backward(Q, G, A, *scales, z, lam, nu, status, *tensors)
+        ctx.save_for_forward(Q, G, A, *scales, z, lam, nu, status, *tensors)
 
     @staticmethod
     def _unpack(ctx):
-        Q, G, A, z, lam, nu, status, *tensors = ctx.saved_tensors
+        """The scaled problem's ``Q', G', A'``, ``z``, ``λ'``, ``ν'``, the status, factor and flat scales."""
+        Q, G, A, sq, sg, dG, dA, z, lam, nu, status, Qs, Gs, As, *tensors = ctx.saved_tensors
         batch = z.shape[:-1]
         B = z[..., 0].numel()
         dt = ctx.spec.dtype
-        Qf, Gf, Af = (_flat(t, 2, batch, B).to(dt) for t in (Q, G, A))  # (kkt.solve uses Q's symmetric part)
+        sq, sg, dG, dA = _flat_scales((sq, sg, dG, dA), batch, B, dt)
+        if torch.is_grad_enabled():  # create_graph: the scaled matrices as a function of the inputs
+            Qs, Gs, As = (_flat(t, 2, batch, B).to(dt) / s for t, s in
+                          zip((Q, G, A), (sq[:, None, None], dG.unsqueeze(-1), dA.unsqueeze(-1))))
         zf, lf, nf = (t.reshape(B, t.shape[-1]).to(dt) for t in (z, lam, nu))
+        lf, nf = lf * (dG / sg[:, None]), nf * (dA / sg[:, None])
         ok = (status.reshape(B) == Status.SUCCESS)
         kkt = ActiveSetKKT.unflatten(ctx.static, tensors)
-        return Qf, Gf, Af, zf, lf, nf, ok, kkt, batch, B
+        return Qs, Gs, As, zf, lf, nf, ok, kkt, batch, B, (sq, sg, dG, dA)
 
     @staticmethod
     def backward(ctx, gz, gl, gn, *_):
-        Qf, Gf, Af, zf, lf, nf, ok, kkt, batch, B = QPFn._unpack(ctx)
+        Qf, Gf, Af, zf, lf, nf, ok, kkt, batch, B, (sq, sg, dG, dA) = QPFn._unpack(ctx)
         act = kkt.active
         dt = ctx.spec.dtype
         okc = ok.unsqueeze(-1)
         rhs = []
-        for g, like in ((gz, zf), (gl, lf), (gn, nf)):
+        # the cotangents of the scaled problem's λ' = λ d_G/σ and ν' = ν d_A/σ
+        for g, like, s in ((gz, zf, None), (gl, lf, dG), (gn, nf, dA)):
             g = torch.zeros_like(like) if g is None else g.reshape(B, like.shape[-1]).to(dt)
+            g = g if s is None else g * (sg[:, None] / s)
             rhs.append(torch.where(okc, g, torch.zeros_like(g)))  # failed elements: no gradient, no NaN
         (uz, ul, un), relres = kkt.solve(Qf, Gf, Af, rhs)
         bad = _check_backward(relres, ok, ctx.spec, rhs[0])
@@ -184,13 +211,15 @@ class QPFn(torch.autograd.Function):
         def vec(v):
             return v if nan is None else v + nan[:, None]
 
+        # the scaled problem's gradients, mapped to the inputs' by the chain rule through the scaling
+        sG, sA = act / dG, 1 / dA
         grads = (
-            lambda: outer2(uz, zs, zs, uz, -0.5),
-            lambda: vec(-uz),
-            lambda: outer2(act * ul, zs, act * ls, uz, -1.0),
-            lambda: vec(act * ul),
-            lambda: outer2(un, zs, ns, uz, -1.0),
-            lambda: vec(un),
+            lambda: outer2(uz, zs, zs, uz, (-0.5 / sq)[:, None, None]),
+            lambda: vec(-uz / sg[:, None]),
+            lambda: outer2(sG * ul, zs, sG * ls, uz, -1.0),
+            lambda: vec(sG * ul),
+            lambda: outer2(sA * un, zs, sA * ns, uz, -1.0),
+            lambda: vec(sA * un),
         )
         res = []
         for g, shape, need in zip(grads, ctx.shapes, ctx.needs_input_grad[1:7]):
@@ -200,22 +229,23 @@ class QPFn(torch.autograd.Function):
             g = g()
             g = g.reshape(batch + g.shape[1:]).to(ctx.in_dtype)
             res.append(g.sum_to_size(shape))
-        return (None, *res, None, None, None)
+        return (None, *res) + (None,) * 7
 
     @staticmethod
-    def jvp(ctx, _spec, dQ, dp, dG, dh, dA, db, *_warm):
-        Qf, Gf, Af, zf, lf, nf, ok, kkt, batch, B = QPFn._unpack(ctx)
+    def jvp(ctx, _spec, dQ, dp, dG, dh, dA, db, *_warm_and_scales):
+        Qf, Gf, Af, zf, lf, nf, ok, kkt, batch, B, (sq, sg, sG, sA) = QPFn._unpack(ctx)
         act = kkt.active
         dt = ctx.spec.dtype
         n, m, k = zf.shape[-1], lf.shape[-1], nf.shape[-1]
 
-        def flat(t, c, size):
+        def flat(t, c, scale):
+            """The tangent of a scaled parameter: the input's, flattened and divided by its scale."""
             if t is None:
                 return None
-            return _flat(t, c, batch, B).to(dt).expand((B,) + t.shape[t.dim() - c:])
+            return (_flat(t, c, batch, B).to(dt) / scale).expand((B,) + t.shape[t.dim() - c:])
 
-        dQ, dG, dA = flat(dQ, 2, None), flat(dG, 2, None), flat(dA, 2, None)
-        dp, dh, db = flat(dp, 1, None), flat(dh, 1, None), flat(db, 1, None)
+        dQ, dG, dA = flat(dQ, 2, sq[:, None, None]), flat(dG, 2, sG.unsqueeze(-1)), flat(dA, 2, sA.unsqueeze(-1))
+        dp, dh, db = flat(dp, 1, sg[:, None]), flat(dh, 1, sG), flat(db, 1, sA)
         # ṙ − K̇ x
         r1 = -dp if dp is not None else zf.new_zeros(B, n)
         r2 = act * dh if dh is not None else lf.new_zeros(B, m)
@@ -233,15 +263,16 @@ class QPFn(torch.autograd.Function):
         (dz, dl, dn), relres = kkt.solve(Qf, Gf, Af, r)
         bad = _check_backward(relres, ok, ctx.spec, r1)
         keep = okc & ~bad.unsqueeze(-1)
+        dl, dn = dl * (sg[:, None] / sG), dn * (sg[:, None] / sA)  # λ = σλ'/d_G, ν = σν'/d_A
         outs = []
-        for t, like in ((dz, ctx.saved_tensors[3]), (dl, ctx.saved_tensors[4]), (dn, ctx.saved_tensors[5])):
+        for t, like in ((dz, ctx.saved_tensors[7]), (dl, ctx.saved_tensors[8]), (dn, ctx.saved_tensors[9])):
             t = torch.where(keep, t, torch.full_like(t, float("nan")))
             outs.append(t.reshape(like.shape).to(like.dtype))
         return (*outs, None, None, None, None) + (None,) * ctx.nf
 
     @staticmethod
-    def vmap(info, in_dims, spec, Q, p, G, h, A, b, z0, l0, n0):
-        ins = (Q, p, G, h, A, b, z0, l0, n0)
+    def vmap(info, in_dims, spec, Q, p, G, h, A, b, z0, l0, n0, sq, sg, dG, dA):
+        ins = (Q, p, G, h, A, b, z0, l0, n0, sq, sg, dG, dA)
         dims = in_dims[1:]
         logical = [None if t is None else t.dim() - c - (d is not None) for t, c, d in zip(ins, _CORE, dims)]
         L = max(x for x in logical if x is not None)
@@ -267,7 +298,8 @@ class QPFn(torch.autograd.Function):
         return tuple(out[:_N_OUT]) + tuple(factors), (0, 0, 0, 0, 0, 0, None) + tuple(fdims)
 
 
-def qp_solve(spec: QPSpec, Q, p, G, h, A, b, warm=(None, None, None)):
-    """Differentiable ``(z, λ, ν)`` plus ``(status, residual, iterations)`` of a batch of QPs."""
-    z, lam, nu, status, residual, iters, *_ = QPFn.apply(spec, Q, p, G, h, A, b, *warm)
+def qp_solve(spec: QPSpec, Q, p, G, h, A, b, warm, scales):
+    """Differentiable ``(z, λ, ν)`` plus ``(status, residual, iterations)`` of a batch of QPs, solved scaled by
+    ``scales = (σ_Q, σ, d_G, d_A)`` (constants; see the module docstring)."""
+    z, lam, nu, status, residual, iters, *_ = QPFn.apply(spec, Q, p, G, h, A, b, *warm, *scales)
     return z, lam, nu, status, residual, iters

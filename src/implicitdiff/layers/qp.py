@@ -157,13 +157,7 @@ def qp(Q, p, G=None, h=None, A=None, b=None, *, rtol=None, max_iter=50, on_failu
     spec = QPSpec(QPInteriorPoint.for_dtype(torch.float64, rtol=rtol, max_iter=max_iter, psd_tol=psd_tol),
                   torch.float64)
     warm = _warm(warm_start, p)
-    (Q, p, G, h, A, b), (sigma, dG, dA) = equilibrate(Q, p, G, h, A, b, maxima)
-    if warm[1] is not None:
-        warm = (warm[0], warm[1] * dG / sigma.unsqueeze(-1), warm[2])
-    if warm[2] is not None:
-        warm = (warm[0], warm[1], warm[2] * dA / sigma.unsqueeze(-1))
-    z, lam, nu, status, residual, iters = qp_solve(spec, Q, p, G, h, A, b, warm)
-    lam, nu = lam * (sigma.unsqueeze(-1) / dG), nu * (sigma.unsqueeze(-1) / dA)
+    z, lam, nu, status, residual, iters = qp_solve(spec, Q, p, G, h, A, b, warm, equilibrate(Q, p, G, A, maxima))
     info = SolveInfo(status, residual, iters)
     if is_vmapped(status):
         z, lam, nu = (nan_where_failed(t, info.ok) for t in (z, lam, nu))  # nothing can be raised under vmap
@@ -213,24 +207,23 @@ def _check_all_finite(data, maxima):
             _check_finite(name, t)
 
 
-def equilibrate(Q, p, G, h, A, b, maxima=None):
-    r"""The same QP with data of order one: ``(Q/σ, p/σ, D_G⁻¹G, D_G⁻¹h, D_A⁻¹A, D_A⁻¹b)`` and ``(σ, d_G, d_A)``.
+def equilibrate(Q, p, G, A, maxima=None):
+    r"""The scales ``(σ_Q, σ, d_G, d_A)`` with which the layer solves the same QP with data of order one,
+    ``(Q/σ_Q, p/σ, D_G⁻¹G, D_G⁻¹h, D_A⁻¹A, D_A⁻¹b)`` (the scaling is applied, and differentiated, by
+    :class:`~implicitdiff.implicit.qp.QPFn`).
 
-    ``σ = max|Qᵢⱼ|`` (``max|pᵢ|`` for an LP) scales the objective and ``d_G``, ``d_A`` are the
-    largest entries of each constraint row: none changes the solution ``z``, and the
-    multipliers of the original problem are ``λ = σ λ' / d_G``, ``ν = σ ν' / d_A``.  The scales
-    are constants (detached), so autograd through the divisions gives the exact gradient of
-    ``z`` (the identity holds for every positive scale).  Each scale keeps the batch dims of the
-    tensor it is read from: a shared ``Q`` stays shared.  With it, the solver's relative tests
-    (feasibility, optimality, convergence, convexity) are relative to the data's scale.
+    ``σ_Q = max|Qᵢⱼ|`` and ``σ = σ_Q`` (``max|pᵢ|`` for an LP, ``Q = 0``) scale the objective and ``d_G``,
+    ``d_A`` are the largest entries of each constraint row (1 where that is 0 or not finite): none changes the
+    solution ``z``, and the multipliers of the original problem are ``λ = σ λ' / d_G``, ``ν = σ ν' / d_A``.
+    The scales are constants (detached): the gradient of ``z`` is exact for every positive scale.  Each scale
+    keeps the batch dims of the tensors it is read from: a shared ``Q`` stays shared.  With it, the solver's
+    relative tests (feasibility, optimality, convergence, convexity) are relative to the data's scale.
     ``maxima``: :func:`_maxima` of ``(Q, G, A)`` when the caller has them.
     """
     qmax, gmax, amax = _maxima(Q, G, A) if maxima is None else maxima
     sq = _neutral(qmax)
     sigma = torch.where(qmax > 0, sq, _neutral(_absmax(p, (-1,))))
-    dG, dA = _neutral(gmax), _neutral(amax)
-    return (Q / sq[..., None, None], p / sigma.unsqueeze(-1), G / dG.unsqueeze(-1), h / dG,
-            A / dA.unsqueeze(-1), b / dA), (sigma, dG, dA)
+    return sq, sigma, _neutral(gmax), _neutral(amax)
 
 
 def _warm(warm_start, p):
