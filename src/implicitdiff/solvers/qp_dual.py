@@ -1,7 +1,8 @@
 """The dual-space Mehrotra loop of :class:`~implicitdiff.solvers.qp_ipm.QPInteriorPoint` (``Q`` positive definite).
 
 ``z`` is eliminated exactly, ``z(y) = −Q⁻¹(p + Cᵀy)`` with ``C = [G; A]`` and ``y = (λ, ν)``,
-so an iteration factors one Schur complement of size ``m`` (see :func:`interior_point_dual`).
+so an iteration factors one Schur complement of size ``m`` (see :func:`interior_point_dual`), in one
+scratch buffer for the whole loop (a fresh batch of matrices per iteration costs its page faults).
 Forward only; shapes as in :mod:`implicitdiff.solvers.qp_ipm` (one batch dim, ``1`` when shared).
 """
 

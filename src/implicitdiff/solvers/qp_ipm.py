@@ -65,6 +65,10 @@ the OptNet instances this saves a quarter of the factorizations of running to ``
 backward pass reuses the final factorization: it is the exact Jacobian of the KKT conditions
 on the active set.
 
+**Memory passes** (the batches outgrow the caches): an exactly symmetric ``Q`` (one comparison pass) is
+used as is, not symmetrized (two passes); the primal loop builds and factors every iteration's ``H̃`` in one
+scratch buffer (:func:`~implicitdiff.linalg.kkt.kkt_factor`'s ``out``; fresh memory costs page faults).
+
 **Screening** (:mod:`~implicitdiff.solvers.qp_screen`) runs first: an element with non-finite
 data gets ``NONFINITE`` and one whose ``Q`` is not positive semidefinite on the null space of
 ``A`` (beyond ``psd_tol``) gets ``NONCONVEX``; neither is solved, and neither can affect the

@@ -137,13 +137,13 @@ def screen(Q, p, G, h, A, b, psd_tol: float) -> Screened:
             new = torch.where(nonconvex, int(Status.NONCONVEX), -1)
             status = new if status is None else torch.where(status >= 0, status, new)
             Q, p, G, h, A, b = _neutralize(nonconvex, Q, p, G, h, A, b)
-        convex = bool((rho > 0).any())
-        if convex:
+        convexified = bool((rho > 0).any())
+        if convexified:
             AtA = A.mT @ A
             Q = Q + rho[:, None, None] * AtA
             p = p - rho[:, None] * (b.unsqueeze(-2) @ A).squeeze(-2)
         scale = _top(_sizes(Q, G, A))[1]  # of the data as changed
-        if convex:
+        if convexified:
             return Screened((Q, p, G, h, A, b), status, None, scale, rho)
     return Screened((Q, p, G, h, A, b), status, None, scale)
 
