@@ -81,12 +81,33 @@ def test_factor_normal_shifts_in_place_and_retries_an_indefinite_matrix():
     N = X.mT @ X + torch.eye(n, dtype=F64)
     N[1] -= (1 + 1e-11) * torch.eye(n, dtype=F64)       # rank 3, shifted below 0: Cholesky fails
     eps = torch.finfo(F64).eps
-    kind, (plan, (L,)) = factor_normal(N.clone(), DataMatrix(X[0].mT), 0)
+    kind, (plan, (L,)) = factor_normal(N.clone, DataMatrix(X[0].mT), 0)
     assert kind == "chol" and plan is None
     big = eps ** 0.5 * N[1].diagonal().abs().max().clamp(min=1.0)
     for i, shift in ((0, eps ** 0.75), (1, big)):      # N + eps^¾ I; the failed element N + √eps·max|diag| I
         ref = N[i] + shift * torch.eye(n, dtype=F64)
         assert torch.allclose(L[i] @ L[i].mT, ref, rtol=0, atol=1e-13), i
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_factor_normal_lu_with_a_zero_cone_solves_the_quasi_definite_system(shared):
+    # the LU is factored in the column-major buffer K is assembled in: against a dense solve of K
+    g = torch.Generator().manual_seed(9)
+    B, n, z = 3, 7, 2
+    X = torch.randn(B, 10, n, generator=g, dtype=F64)
+    N = X.mT @ X
+    A = torch.randn(z + 4, n, generator=g, dtype=F64)
+    data = DataMatrix(A if shared else A.expand(B, z + 4, n).clone())
+    kind, F = factor_normal(N.clone, data, z)
+    assert kind == "lu"
+    delta = torch.finfo(F64).eps ** 0.75
+    Az = A[:z].expand(B, z, n)
+    K = torch.cat([torch.cat([N + delta * torch.eye(n, dtype=F64), Az.mT], -1),
+                   torch.cat([Az, -delta * torch.eye(z, dtype=F64).expand(B, z, z)], -1)], -2)
+    R = torch.randn(B, 2, n + z, generator=g, dtype=F64)
+    p, qz = solve_normal((kind, F), R[..., :n], R[..., n:])
+    ref = torch.linalg.solve(K, R.mT).mT
+    assert torch.allclose(torch.cat([p, qz], -1), ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
 
 
 def test_data_matrix_products_shared_and_batched():
@@ -354,10 +375,10 @@ def test_elimination_solves_like_the_dense_cholesky(shared):
     assert isinstance(plan, Elimination) and plan.D.tolist()[:5] == list(range(5)) and plan.comp.shape[1] > 1
     N[2] -= (torch.linalg.eigvalsh(N[2])[0] + 1e-9) * eye      # element 2: indefinite
     R = torch.randn(B, 2, n, generator=g, dtype=F64)
-    kind, (got_plan, F) = factor_normal(N.clone(), data, 0, plan)
+    kind, (got_plan, F) = factor_normal(N.clone, data, 0, plan)
     assert kind == "chol" and got_plan is plan
     x = solve_normal((kind, (got_plan, F)), R, R[..., :0])[0]
-    xd = solve_normal(factor_normal(N.clone(), data, 0), R, R[..., :0])[0]
+    xd = solve_normal(factor_normal(N.clone, data, 0), R, R[..., :0])[0]
     eps = torch.finfo(F64).eps
     for i in range(B):
         shift = eps ** 0.5 * N[i].diagonal().abs().max().clamp(min=1.0) if i == 2 else eps ** 0.75

@@ -36,6 +36,11 @@ dense term writes ``N``; the others and the sparse terms add into it in place.  
 cone, :func:`factor_normal` eliminates ``N``'s private columns first where their blocks are small
 (``NormalMatrix.elimination``, found from the pattern and passed to :func:`factor_normal`; :mod:`~.cone_sparse`).
 
+**In place** (the speed trick of :func:`factor_normal`, one place): ``N`` is a scratch buffer, so the
+dense Cholesky overwrites it (:func:`~implicitdiff.linalg.kkt.cholesky_lower_`: no triangle copy), and
+with a zero cone ``[[N, A_zᵀ], [A_z, −δI]]`` is assembled in a column-major buffer that the LU factors
+where it lies (no ``cat`` copies, no copy into the LU's own column-major output).
+
 Forward only: no gradients here.
 """
 
@@ -45,7 +50,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..linalg.kkt import chol_solve, cholesky_lower
+from ..linalg.kkt import chol_solve, cholesky_lower_
 from .cone_sparse import SPARSE_PRODUCTS, SparseGram, SparseProducts, elimination, sparse_gram, support_columns
 
 __all__ = ["DataMatrix", "NormalMatrix", "Rows", "contiguous", "take", "put", "factor_normal", "solve_normal",
@@ -222,35 +227,45 @@ def _columns(Ak, cols):
     return Ak if cols is None else Ak.index_select(-1, cols[0])
 
 
-def factor_normal(N, data, z, plan=None):
+def factor_normal(make_N, data, z, plan=None):
     """The factorization of the reduced Newton system ``[[N, A_zᵀ], [A_z, 0]]`` (``z`` zero-cone rows):
     Cholesky of ``N + eps^¾ I`` without a zero cone (dense, or with the private columns of ``plan``,
     :attr:`NormalMatrix.elimination`, eliminated first: :class:`~.cone_sparse.Elimination`), else an
-    LU of the quasi-definite matrix regularized by ``±eps^¾``.  ``N`` is overwritten (its diagonal
-    shifted in place: no copy)."""
+    LU of the quasi-definite matrix regularized by ``±eps^¾``.
+
+    ``make_N()`` returns a fresh ``N``: a scratch buffer, overwritten by its factor (the dense
+    Cholesky and the LU work in place: :func:`~implicitdiff.linalg.kkt.cholesky_lower_`, and the LU
+    in the column-major buffer it is assembled in, so neither copies its input).  It is called a
+    second time only where a Cholesky fails."""
+    N = make_N()
     B, n = N.shape[0], N.shape[-1]
     eps = torch.finfo(N.dtype).eps
     delta = eps ** 0.75
-    diag = N.diagonal(dim1=-2, dim2=-1)
-    diag.add_(delta)
     if z == 0:
         chol = _dense_cholesky if plan is None else plan.cholesky
+        N.diagonal(dim1=-2, dim2=-1).add_(delta)
         F, info = chol(N)
         if bool((info > 0).any()):  # rounding made N indefinite: a shift relative to its diagonal
-            big = eps ** 0.5 * diag.abs().amax(-1).clamp(min=1.0)
-            diag.add_(big[:, None] - delta)
+            N = make_N()
+            diag = N.diagonal(dim1=-2, dim2=-1)
+            diag.add_(eps ** 0.5 * diag.abs().amax(-1, keepdim=True).clamp(min=1.0))
             F2, _ = chol(N)
             F = tuple(torch.where((info > 0).reshape((-1,) + (1,) * (f.dim() - 1)), f2, f) for f, f2 in zip(F, F2))
         return ("chol", (plan, F))
-    Az = data.rows(Rows(0, z, (z,))).expand(B, z, n)
-    K = torch.cat([torch.cat([N, Az.mT], -1),
-                   torch.cat([Az, -delta * torch.eye(z, dtype=N.dtype, device=N.device).expand(B, z, z)], -1)], -2)
-    LU, piv, _ = torch.linalg.lu_factor_ex(K)
-    return ("lu", (LU, piv))
+    K = N.new_empty(B, n + z, n + z).mT  # column-major, as the LU works: factored where it lies
+    K[:, :n, :n] = N
+    Az = data.rows(Rows(0, z, (z,)))
+    K[:, n:, :n] = Az
+    K[:, :n, n:] = Az.mT
+    K[:, n:, n:] = -delta * torch.eye(z, dtype=N.dtype, device=N.device)
+    K.diagonal(dim1=-2, dim2=-1)[:, :n].add_(delta)
+    piv = torch.empty(B, n + z, dtype=torch.int32, device=N.device)
+    torch.linalg.lu_factor_ex(K, out=(K, piv, torch.empty(B, dtype=torch.int32, device=N.device)))
+    return ("lu", (K, piv))
 
 
 def _dense_cholesky(N):
-    L, info = cholesky_lower(N)
+    L, info = cholesky_lower_(N)
     return (L,), info
 
 

@@ -287,7 +287,7 @@ class ConeInteriorPoint:
                 normal = normal.subset(data, keep)
                 B = n_run
             # one Newton system per iteration ---------------------------------------------------
-            fac = factor_normal(normal(states, B), data, z, normal.elimination)
+            fac = factor_normal(lambda: normal(states, B), data, z, normal.elimination)
             # iterative refinement pays once the normal matrix is ill-conditioned (cond ~ 1/μ²)
             refine = int(bool((torch.where(running, mu, torch.ones_like(mu)) < REFINE_BELOW_MU).any()))
 
