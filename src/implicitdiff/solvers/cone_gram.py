@@ -160,8 +160,9 @@ class NormalMatrix:
             if sparse is None and structured:
                 cols = support_columns(supports[-1].any(0))
                 Ak = _columns(data.rows(idx), cols)                     # (S, nb, k, n or s)
-                a0 = Ak[..., :1, :]
-                P = Ak[..., 1:, :].mT @ Ak[..., 1:, :] - a0.mT @ a0    # A_kᵀ(−J)A_k
+                a0 = Ak[..., :1, :].reshape(-1, 1, Ak.shape[-1])
+                P = Ak[..., 1:, :].mT @ Ak[..., 1:, :]                 # A_kᵀ(−J)A_k, the a₀ term in place:
+                P.view(-1, *P.shape[-2:]).baddbmm_(a0.mT, a0, alpha=-1)
                 self.pre.append((Ak, P, cols))
             else:
                 self.pre.append(sparse)
@@ -181,6 +182,7 @@ class NormalMatrix:
         data = self.data
         n = data.A.shape[-1]
         N = None  # the first dense term writes it; the terms on few columns are added into it below
+        Us = []  # the dense structured terms' rank updates, applied together: one pass over N
         for (kind, _, idx), st, pre in zip(self.groups, states, self.pre):
             if isinstance(pre, SparseGram) or (pre is not None and pre[2] is not None):
                 continue
@@ -189,10 +191,10 @@ class NormalMatrix:
                 N = At.mT @ At if N is None else N.baddbmm_(At.mT, At)
                 continue
             e2, P2, U = self._soc(pre, st, B)
-            if N is None:
-                N = (e2 @ P2).reshape(B, n, n)
-            else:
-                N.view(e2.shape[0], -1, n * n).baddbmm_(e2, P2)
+            N = _add_weighted(N, e2, P2, B, n)
+            Us.append(U)
+        if Us:
+            U = torch.cat(Us, 1) if len(Us) > 1 else Us[0]
             N.baddbmm_(U.mT, U)
         if N is None:
             N = data.A.new_zeros(B, n, n)
@@ -202,7 +204,7 @@ class NormalMatrix:
             elif pre is not None and pre[2] is not None:  # structured on the group's s columns
                 e2, P2, U = self._soc(pre, st, B)
                 s = U.shape[-1]
-                T = (e2 @ P2).reshape(B, s, s).baddbmm_(U.mT, U)
+                T = _add_weighted(None, e2, P2, B, s).baddbmm_(U.mT, U)
                 N.view(B, n * n).index_add_(1, pre[2][1], T.reshape(B, s * s))
         return N
 
@@ -220,6 +222,21 @@ class NormalMatrix:
             v = (Jw[..., None, :] @ Ak)[..., 0, :]                     # (B, nb, s)
             e2, P2 = e[:, None, :], P.reshape(B, nb, s * s)            # (B, 1, nb) @ (B, nb, s²)
         return e2, P2, v * (2 * e).sqrt()[..., None]
+
+
+def _add_weighted(N, e2, P2, B, n):
+    """``N + e2 @ P2`` in place (``N`` ``None``: a new ``(B, n, n)``), the weighted sum ``Σ_k e_k P_k`` of a
+    structured group; with one block an elementwise product (a matrix product with an inner dimension of
+    1 is several times slower)."""
+    one = P2.shape[-2] == 1
+    if N is None:
+        return (e2 * P2 if one else e2 @ P2).reshape(B, n, n)
+    Nv = N.view(e2.shape[0], -1, n * n)
+    if one:
+        Nv.addcmul_(e2, P2)
+    else:
+        Nv.baddbmm_(e2, P2)
+    return N
 
 
 def _columns(Ak, cols):
