@@ -74,14 +74,16 @@ def test_structured_normal_matrix_equals_the_dense_one(shared):
     assert err < 1e-11, err
 
 
-def test_factor_normal_shifts_in_place_and_retries_an_indefinite_matrix():
+@pytest.mark.parametrize("reuse", [False, True])
+def test_factor_normal_shifts_in_place_and_retries_an_indefinite_matrix(reuse):
     g = torch.Generator().manual_seed(6)
     n = 6
     X = torch.randn(2, 3, n, generator=g, dtype=F64)
     N = X.mT @ X + torch.eye(n, dtype=F64)
     N[1] -= (1 + 1e-11) * torch.eye(n, dtype=F64)       # rank 3, shifted below 0: Cholesky fails
     eps = torch.finfo(F64).eps
-    kind, (plan, (L,)) = factor_normal(N.clone, DataMatrix(X[0].mT), 0)
+    buf = torch.empty_like(N)                           # reuse: every N in one memory, as NormalMatrix does
+    kind, (plan, (L,)) = factor_normal((lambda: buf.copy_(N)) if reuse else N.clone, DataMatrix(X[0].mT), 0)
     assert kind == "chol" and plan is None
     big = eps ** 0.5 * N[1].diagonal().abs().max().clamp(min=1.0)
     for i, shift in ((0, eps ** 0.75), (1, big)):      # N + eps^¾ I; the failed element N + √eps·max|diag| I

@@ -36,10 +36,12 @@ dense term writes ``N``; the others and the sparse terms add into it in place.  
 cone, :func:`factor_normal` eliminates ``N``'s private columns first where their blocks are small
 (``NormalMatrix.elimination``, found from the pattern and passed to :func:`factor_normal`; :mod:`~.cone_sparse`).
 
-**In place** (the speed trick of :func:`factor_normal`, one place): ``N`` is a scratch buffer, so the
-dense Cholesky overwrites it (:func:`~implicitdiff.linalg.kkt.cholesky_lower_`: no triangle copy), and
-with a zero cone ``[[N, A_zᵀ], [A_z, −δI]]`` is assembled in a column-major buffer that the LU factors
-where it lies (no ``cat`` copies, no copy into the LU's own column-major output).
+**In place** (the speed trick of :class:`NormalMatrix` and :func:`factor_normal`, one place): ``N`` is
+written into one buffer reused by every iteration (a fresh ``(B, n, n)`` tensor costs as much in page
+faults as the pass that writes it), a scratch that the dense Cholesky overwrites
+(:func:`~implicitdiff.linalg.kkt.cholesky_lower_`: no triangle copy); with a zero cone
+``[[N, A_zᵀ], [A_z, −δI]]`` is assembled in a column-major buffer that the LU factors where it lies
+(no ``cat`` copies, no copy into the LU's own column-major output).
 
 Forward only: no gradients here.
 """
@@ -145,6 +147,7 @@ class NormalMatrix:
     def __init__(self, data: DataMatrix, groups, cones, eliminate: bool = True):
         self.data, self.groups, self.cones = data, groups, cones
         self.pre = []
+        self._buf = None  # N's memory, reused by every call (see "In place" above)
         n = data.A.shape[-1]
         lead = 1 if data.shared else data.A.shape[0]
         pattern = data.pattern
@@ -173,31 +176,36 @@ class NormalMatrix:
         """The normal matrix of the batch elements ``keep`` (``data``: their :class:`DataMatrix`)."""
         out = NormalMatrix.__new__(NormalMatrix)
         out.data, out.groups, out.cones, out.elimination = data, self.groups, self.cones, self.elimination
+        out._buf = None
         out.pre = [pre if pre is None or self.data.shared else pre.subset(keep) if isinstance(pre, SparseGram)
                    else (_columns(data.rows(idx), pre[2]), pre[1].index_select(0, keep), pre[2])
                    for (_, _, idx), pre in zip(self.groups, self.pre)]
         return out
 
     def __call__(self, states, B):
+        """``N (B, n, n)``, written into memory that the next call overwrites."""
         data = self.data
         n = data.A.shape[-1]
-        N = None  # the first dense term writes it; the terms on few columns are added into it below
+        if self._buf is None or self._buf.shape[0] != B:
+            self._buf = data.A.new_empty(B, n, n)
+        out = self._buf
+        N = None  # the first dense term writes it (into out); the terms on few columns are added into it below
         Us = []  # the dense structured terms' rank updates, applied together: one pass over N
         for (kind, _, idx), st, pre in zip(self.groups, states, self.pre):
             if isinstance(pre, SparseGram) or (pre is not None and pre[2] is not None):
                 continue
             if pre is None:  # generic: (W⁻ᵀA_k)ᵀ(W⁻ᵀA_k)
                 At = self.cones[kind].winv_t(st, data.rows(idx)).reshape(B, -1, n)
-                N = At.mT @ At if N is None else N.baddbmm_(At.mT, At)
+                N = torch.bmm(At.mT, At, out=out) if N is None else N.baddbmm_(At.mT, At)
                 continue
             e2, P2, U = self._soc(pre, st, B)
-            N = _add_weighted(N, e2, P2, B, n)
+            N = _add_weighted(N, e2, P2, B, n, out)
             Us.append(U)
         if Us:
             U = torch.cat(Us, 1) if len(Us) > 1 else Us[0]
             N.baddbmm_(U.mT, U)
         if N is None:
-            N = data.A.new_zeros(B, n, n)
+            N = out.zero_()
         for (kind, _, _), st, pre in zip(self.groups, states, self.pre):
             if isinstance(pre, SparseGram):
                 pre(self.cones[kind].winv_t, st, N)
@@ -224,13 +232,14 @@ class NormalMatrix:
         return e2, P2, v * (2 * e).sqrt()[..., None]
 
 
-def _add_weighted(N, e2, P2, B, n):
-    """``N + e2 @ P2`` in place (``N`` ``None``: a new ``(B, n, n)``), the weighted sum ``Σ_k e_k P_k`` of a
-    structured group; with one block an elementwise product (a matrix product with an inner dimension of
-    1 is several times slower)."""
+def _add_weighted(N, e2, P2, B, n, out=None):
+    """``N + e2 @ P2`` in place (``N`` ``None``: written into ``out`` or a new ``(B, n, n)``), the weighted
+    sum ``Σ_k e_k P_k`` of a structured group; with one block an elementwise product (a matrix product
+    with an inner dimension of 1 is several times slower)."""
     one = P2.shape[-2] == 1
     if N is None:
-        return (e2 * P2 if one else e2 @ P2).reshape(B, n, n)
+        o = None if out is None else out.view(e2.shape[0], -1, n * n)
+        return (torch.mul(e2, P2, out=o) if one else torch.bmm(e2, P2, out=o)).view(B, n, n)
     Nv = N.view(e2.shape[0], -1, n * n)
     if one:
         Nv.addcmul_(e2, P2)
@@ -263,6 +272,7 @@ def factor_normal(make_N, data, z, plan=None):
         N.diagonal(dim1=-2, dim2=-1).add_(delta)
         F, info = chol(N)
         if bool((info > 0).any()):  # rounding made N indefinite: a shift relative to its diagonal
+            F = tuple(f.clone() for f in F)  # (make_N may reuse N's memory, where F lies)
             N = make_N()
             diag = N.diagonal(dim1=-2, dim2=-1)
             diag.add_(eps ** 0.5 * diag.abs().amax(-1, keepdim=True).clamp(min=1.0))
