@@ -74,6 +74,26 @@ def test_structured_normal_matrix_equals_the_dense_one(shared):
     assert err < 1e-11, err
 
 
+def test_structured_products_made_by_the_caller_give_the_same_normal_matrix():
+    # a batched A with at most RIDE_ALONG_MAX structured blocks: the interior point makes A_kᵀ(Jw) in its
+    # own Aᵀ product (NormalMatrix.columns) and passes them in
+    g = torch.Generator().manual_seed(3)
+    spec = parse_cones({"l": 3, "q": [9, 12, 3], "s": [3]})
+    B, n = 4, 7
+    A = torch.randn(B, spec.m, n, generator=g, dtype=F64)
+    s, y = _interior(spec, B, g, 3.0), _interior(spec, B, g, 3.0)
+    groups, states = _states(spec, s, y)
+    data = DataMatrix(A)
+    normal = NormalMatrix(data, groups, _CONES)
+    cols = normal.columns(states, spec.m)
+    assert cols.shape == (B, 2, spec.m)
+    N = normal(states, B, data.rmv(cols)).clone()
+    ref = _dense_normal(A, spec, groups, states)
+    assert float((N - ref).abs().max() / ref.abs().max()) < 1e-11
+    assert torch.allclose(N, normal(states, B), rtol=0, atol=1e-13 * float(ref.abs().max()))
+    assert NormalMatrix(DataMatrix(A[0]), groups, _CONES).columns(states, spec.m) is None  # shared: its own product
+
+
 @pytest.mark.parametrize("reuse", [False, True])
 def test_factor_normal_shifts_in_place_and_retries_an_indefinite_matrix(reuse):
     g = torch.Generator().manual_seed(6)

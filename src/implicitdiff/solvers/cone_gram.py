@@ -17,7 +17,9 @@ of blocks of one kind and size:
       A_kᵀ W_k⁻² A_k = η⁻² (P_k + 2 v vᵀ),   P_k = A_kᵀ(−J)A_k = A_kᵀA_k − 2a₀a₀ᵀ,   v = A_kᵀJw
 
   (``a₀`` the block's first row).  ``P_k`` depends on ``A`` only and is formed once per solve
-  (:meth:`NormalMatrix.__init__`); each iteration costs one product ``A_kᵀ(Jw)`` per block, a
+  (:meth:`NormalMatrix.__init__`); each iteration costs one product ``A_kᵀ(Jw)`` per block (with
+  a batched ``A`` and at most :data:`RIDE_ALONG_MAX` blocks, made by the interior point as extra
+  columns of an ``Aᵀ`` product it makes anyway: :meth:`NormalMatrix.columns`), a
   weighted sum of the ``P_k`` and one rank-``(blocks)`` update — instead of forming
   ``W⁻ᵀA_k`` (``k·n`` entries through ``W``) and its ``k·n²`` Gram.  Rounding: both forms carry
   an absolute error ``~eps·η⁻²‖w‖²‖A_k‖²``, the size of the largest term (the normal matrix's
@@ -60,6 +62,7 @@ __all__ = ["DataMatrix", "NormalMatrix", "Rows", "contiguous", "take", "put", "f
 
 SOC_STRUCTURED_MIN = 8  # smaller second-order blocks: the generic form (a k·n² Gram is cheap there)
 _STRUCTURED_BYTES = 1 << 28  # the P_k of one group above this size: the generic form (memory)
+RIDE_ALONG_MAX = 2  # at most this many structured blocks have their A_kᵀ(Jw) made in the interior point's Aᵀ product
 
 
 class Rows(NamedTuple):
@@ -182,8 +185,33 @@ class NormalMatrix:
                    for (_, _, idx), pre in zip(self.groups, self.pre)]
         return out
 
-    def __call__(self, states, B):
-        """``N (B, n, n)``, written into memory that the next call overwrites."""
+    def _riding(self):
+        """The dense structured groups whose products ``A_kᵀ(Jw)`` ride along in the interior point's first
+        ``Aᵀ`` product (a batched ``A``, at most :data:`RIDE_ALONG_MAX` blocks in all; else ``[]``)."""
+        if self.data.shared or self.data.sparse is not None:
+            return []
+        dense = [i for i, pre in enumerate(self.pre) if isinstance(pre, tuple) and pre[2] is None]
+        return dense if sum(_blocks(self.groups[i][2]) for i in dense) <= RIDE_ALONG_MAX else []
+
+    def columns(self, states, m):
+        """``(B, j, m)``: the vectors ``Jw`` of the riding blocks (:meth:`_riding`), each on its block's rows
+        and zero elsewhere, whose ``Aᵀ`` products :meth:`__call__` takes as ``v``; ``None`` without."""
+        ride = self._riding()
+        if not ride:
+            return None
+        cols = []
+        for i in ride:
+            idx, w = self.groups[i][2], states[i][0]                 # w (B, nb, k)
+            rows = (torch.arange(idx.start, idx.stop, device=w.device).view(idx.shape)
+                    if isinstance(idx, Rows) else idx).reshape(-1, w.shape[-1])
+            cols.append(w.new_zeros(w.shape[0], w.shape[1], m).scatter_(2, rows.expand(w.shape), _jw(w)))
+        return torch.cat(cols, 1)
+
+    def __call__(self, states, B, v=None):
+        """``N (B, n, n)``, written into memory that the next call overwrites; ``v``: the products
+        ``Aᵀ`` :meth:`columns` (``(B, j, n)``) where the caller made them."""
+        ride = self._riding() if v is not None else []
+        v = {i: t for i, t in zip(ride, v.split([_blocks(self.groups[i][2]) for i in ride], 1))} if ride else {}
         data = self.data
         n = data.A.shape[-1]
         if self._buf is None or self._buf.shape[0] != B:
@@ -191,14 +219,14 @@ class NormalMatrix:
         out = self._buf
         N = None  # the first dense term writes it (into out); the terms on few columns are added into it below
         Us = []  # the dense structured terms' rank updates, applied together: one pass over N
-        for (kind, _, idx), st, pre in zip(self.groups, states, self.pre):
+        for i, ((kind, _, idx), st, pre) in enumerate(zip(self.groups, states, self.pre)):
             if isinstance(pre, SparseGram) or (pre is not None and pre[2] is not None):
                 continue
             if pre is None:  # generic: (W⁻ᵀA_k)ᵀ(W⁻ᵀA_k)
                 At = self.cones[kind].winv_t(st, data.rows(idx)).reshape(B, -1, n)
                 N = torch.bmm(At.mT, At, out=out) if N is None else N.baddbmm_(At.mT, At)
                 continue
-            e2, P2, U = self._soc(pre, st, B)
+            e2, P2, U = self._soc(pre, st, B, v.get(i))
             N = _add_weighted(N, e2, P2, B, n, out)
             Us.append(U)
         if Us:
@@ -216,20 +244,32 @@ class NormalMatrix:
                 N.view(B, n * n).index_add_(1, pre[2][1], T.reshape(B, s * s))
         return N
 
-    def _soc(self, pre, st, B):
-        """A structured group's ``Σ_k e_k P_k`` as the product ``e2 @ P2`` and ``U`` (its rank update ``UᵀU``)."""
+    def _soc(self, pre, st, B, v=None):
+        """A structured group's ``Σ_k e_k P_k`` as the product ``e2 @ P2`` and ``U`` (its rank update ``UᵀU``);
+        ``v``: its products ``A_kᵀ(Jw)`` ``(B, nb, n)`` where the caller made them."""
         Ak, P, _ = pre
         w, eta = st[0], st[1]                                          # (B, nb, k), (B, nb)
         e = eta.reciprocal().square()
-        Jw = torch.cat([w[..., :1], -w[..., 1:]], -1)                  # J w
         nb, s = w.shape[1], Ak.shape[-1]
         if self.data.shared:  # one batched product over blocks: (nb, B, k) @ (nb, k, s)
-            v = (Jw.transpose(0, 1) @ Ak[0]).transpose(0, 1)           # (B, nb, s)
+            v = (_jw(w).transpose(0, 1) @ Ak[0]).transpose(0, 1)       # (B, nb, s)
             e2, P2 = e[None], P[0].reshape(1, nb, s * s)               # (1, B, nb) @ (1, nb, s²)
         else:
-            v = (Jw[..., None, :] @ Ak)[..., 0, :]                     # (B, nb, s)
+            if v is None:
+                v = (_jw(w)[..., None, :] @ Ak)[..., 0, :]             # (B, nb, s)
             e2, P2 = e[:, None, :], P.reshape(B, nb, s * s)            # (B, 1, nb) @ (B, nb, s²)
         return e2, P2, v * (2 * e).sqrt()[..., None]
+
+
+def _jw(w):
+    """``J w`` (``J = diag(1, −1, …, −1)``) for ``w (…, k)``."""
+    return torch.cat([w[..., :1], -w[..., 1:]], -1)
+
+
+def _blocks(idx):
+    """The number of blocks of a group's rows ``idx`` (``(nb, k)``, or ``(rows,)``: one)."""
+    shape = idx.shape if isinstance(idx, Rows) else tuple(idx.shape)
+    return shape[0] if len(shape) == 2 else 1
 
 
 def _add_weighted(N, e2, P2, B, n, out=None):
