@@ -141,6 +141,34 @@ def test_data_matrix_products_shared_and_batched():
     assert DataMatrix(A.expand(4, 5, 3)).shared and not DataMatrix(A.expand(4, 5, 3).clone()).shared
 
 
+@pytest.mark.parametrize("rest,scattered", [(True, False), (False, False), (True, True)])
+def test_dense_block_data_matrix_products_equal_the_dense_ones(rest, scattered):
+    # dense rows on some columns (a data block), the other rows one nonzero each (an identity, or none):
+    # the products on the block and the others' nonzeros; the block on ranges (slices) or scattered
+    g = torch.Generator().manual_seed(4)
+    B, m, n = 3, 12, 8
+    A = torch.zeros(B, m, n, dtype=F64)
+    A[:, 1:6, 2:] = torch.randn(B, 5, n - 2, generator=g, dtype=F64)
+    if rest:
+        A[:, 6:, 2:] = -torch.eye(6, dtype=F64) * torch.rand(B, 1, 1, generator=g, dtype=F64)
+        A[:, 0, 0] = 1.0
+    if scattered:
+        A = A[:, torch.randperm(m, generator=g)][:, :, torch.randperm(n, generator=g)]
+    data = DataMatrix(A)
+    assert data.sparse is None and data.block is not None and (data.block[3] is not None) is rest
+    assert all(isinstance(ix, slice) is not scattered for ix in data.block[:2])
+    v, u = torch.randn(B, n, generator=g, dtype=F64), torch.randn(B, m, generator=g, dtype=F64)
+    V, U = torch.randn(B, 3, n, generator=g, dtype=F64), torch.randn(B, 3, m, generator=g, dtype=F64)
+    keep = torch.tensor([2, 0])
+    for M, idx in ((data, torch.arange(B)), (data.subset(keep), keep)):
+        Ai = A[idx]
+        assert torch.allclose(M.mv(v[idx]), (Ai @ v[idx, :, None])[..., 0], rtol=0, atol=1e-14)
+        assert torch.allclose(M.rmv(u[idx]), (Ai.mT @ u[idx, :, None])[..., 0], rtol=0, atol=1e-14)
+        assert torch.allclose(M.mv(V[idx]), V[idx] @ Ai.mT, rtol=0, atol=1e-14)
+        assert torch.allclose(M.rmv(U[idx]), U[idx] @ Ai, rtol=0, atol=1e-14)
+    assert DataMatrix(torch.randn(B, m, n, generator=g, dtype=F64)).block is None  # dense: the whole A
+
+
 def test_sparse_data_matrix_products_equal_the_dense_ones():
     g = torch.Generator().manual_seed(7)
     A = torch.randn(4, 30, 20, generator=g, dtype=F64) * (torch.rand(30, 20, generator=g) < 0.1)

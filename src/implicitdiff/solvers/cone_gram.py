@@ -4,7 +4,12 @@ r"""The cone interior point's data matrix and its normal matrix ``A_cᵀ H⁻¹ 
 one matrix product for the whole batch, never an expanded ``(B, m, n)`` copy) or batched
 ``(B, m, n)``; an input ``(B, m, n)`` expanded from one matrix (stride 0 on the batch) is
 recognized as shared; a batched one with few nonzeros multiplies from its nonzeros only
-(:class:`~.cone_sparse.SparseProducts`).
+(:class:`~.cone_sparse.SparseProducts`).  **A dense block**: a batched ``A`` whose rows with many
+nonzeros (more than :data:`~.cone_sparse.SPARSE_PRODUCTS` of ``n``) cover, on their columns, at
+most :data:`DENSE_BLOCK_BELOW` of it (cvxpy's canonical programs: a data matrix next to rows with
+one ``±1`` each) keeps that block as its own ``(B, rows, columns)`` copy and the other rows' few
+nonzeros as :class:`~.cone_sparse.SparseProducts`: a product reads the block, not all of ``A``
+(each product is bound by reading ``A``; the robust least squares of ``bench cone``: 58% of it).
 
 :class:`NormalMatrix` forms ``N = Σ_cones A_kᵀ W_k⁻¹ W_k⁻ᵀ A_k`` (``H = WᵀW`` the scaling of the
 interior point) — the matrix of the interior point's reduced Newton system — one term per group
@@ -62,6 +67,7 @@ __all__ = ["DataMatrix", "NormalMatrix", "Rows", "contiguous", "take", "put", "f
 
 SOC_STRUCTURED_MIN = 8  # smaller second-order blocks: the generic form (a k·n² Gram is cheap there)
 _STRUCTURED_BYTES = 1 << 28  # the P_k of one group above this size: the generic form (memory)
+DENSE_BLOCK_BELOW = 0.75  # a batched A's dense rows on their columns at most this part of it: products on them
 RIDE_ALONG_MAX = 2  # at most this many structured blocks have their A_kᵀ(Jw) made in the interior point's Aᵀ product
 
 
@@ -100,43 +106,101 @@ def put(out, g, val):
 class DataMatrix:
     """``A`` shared ``(m, n)`` or batched ``(B, m, n)``, with the products the interior point needs."""
 
-    def __init__(self, A: torch.Tensor, pattern=None, sparse=None):
+    def __init__(self, A: torch.Tensor, pattern=None, sparse=None, block=None):
         if A.dim() == 3 and A.stride(0) == 0:  # expanded from one matrix
             A = A[0]
         self.A = A
         self.shared = A.dim() == 2
         # A's zero pattern, shared by the batch (a batched A: the union over its elements)
         self.pattern = pattern if pattern is not None else (A != 0) if self.shared else (A != 0).any(0)
-        if sparse is None and not self.shared and int(self.pattern.sum()) <= SPARSE_PRODUCTS * self.pattern.numel():
-            sparse = SparseProducts(A, self.pattern)
+        if sparse is None and not self.shared:
+            if int(self.pattern.sum()) <= SPARSE_PRODUCTS * self.pattern.numel():
+                sparse = SparseProducts(A, self.pattern)
+            elif block is None:
+                block = _dense_block(A, self.pattern)
         self.sparse = sparse
+        self.block = block  # (rows, columns, A on them, the other rows' SparseProducts or None); or None
 
     def subset(self, keep):
         """The matrix of the batch elements ``keep`` (a shared one is kept as it is)."""
         if self.shared:
             return self
+        block = None
+        if self.block is not None:
+            rows, cols, Ab, rest = self.block
+            block = (rows, cols, Ab.index_select(0, keep), None if rest is None else rest.subset(keep))
         return DataMatrix(self.A.index_select(0, keep), self.pattern,
-                          None if self.sparse is None else self.sparse.subset(keep))
+                          None if self.sparse is None else self.sparse.subset(keep), block)
 
     def mv(self, v):
         """``A v`` for ``v (B, n)`` → ``(B, m)``, or each of ``r`` columns ``v (B, r, n)`` → ``(B, r, m)``."""
+        if self.block is not None:
+            rows, cols, Ab, rest = self.block
+            out = v.new_zeros(v.shape[:-1] + self.A.shape[-2:-1]) if rest is None else rest.mv(v)
+            return _add_last(out, rows, _rowmul(_take_last(v, cols), Ab.mT))
         if self.sparse is not None:
             return self.sparse.mv(v)
-        if self.shared or v.dim() == 3:
+        if self.shared:
             return v @ self.A.mT
-        return (v[:, None, :] @ self.A.mT)[:, 0]  # a row-vector product: much faster than A @ v[..., None]
+        return _rowmul(v, self.A.mT)
 
     def rmv(self, u):
         """``Aᵀ u`` for ``u (B, m)`` → ``(B, n)``, or ``(B, r, m)`` → ``(B, r, n)``."""
+        if self.block is not None:
+            rows, cols, Ab, rest = self.block
+            out = u.new_zeros(u.shape[:-1] + self.A.shape[-1:]) if rest is None else rest.rmv(u)
+            return _add_last(out, cols, _rowmul(_take_last(u, rows), Ab))
         if self.sparse is not None:
             return self.sparse.rmv(u)
-        if self.shared or u.dim() == 3:
+        if self.shared:
             return u @ self.A
-        return (u[:, None, :] @ self.A)[:, 0]
+        return _rowmul(u, self.A)
 
     def rows(self, idx):
         """The rows ``idx`` (a ``long`` tensor ``(*s)`` or :class:`Rows`) as ``(1 or B, *s, n)``."""
         return take(self.A[None] if self.shared else self.A, idx)
+
+
+def _rowmul(v, M):
+    """``v M`` per batch element for ``v (B, r, p)`` or ``(B, p)`` (a row-vector product: much faster than
+    ``Mᵀ @ v[..., None]``) and ``M (B, p, q)``."""
+    return v @ M if v.dim() == 3 else (v[:, None, :] @ M)[:, 0]
+
+
+def _dense_block(A, pattern):
+    """``(rows, columns, A on them, rest)`` for a batched ``A`` whose rows with more than
+    :data:`SPARSE_PRODUCTS` of ``n`` nonzeros cover at most :data:`DENSE_BLOCK_BELOW` of it on their
+    columns (``rest``: the other rows' :class:`~.cone_sparse.SparseProducts`, ``None`` without a
+    nonzero); else ``None``."""
+    m, n = pattern.shape
+    dense = pattern.sum(1) > SPARSE_PRODUCTS * n
+    rows = dense.nonzero()[:, 0]
+    cols = pattern[rows].any(0).nonzero()[:, 0]
+    if rows.numel() == 0 or rows.numel() * cols.numel() > DENSE_BLOCK_BELOW * m * n:
+        return None
+    rest = pattern & ~dense[:, None]
+    rows, cols = _range(rows), _range(cols)
+    Ab = _take_last(_take_last(A.mT, rows).mT, cols).contiguous()
+    return rows, cols, Ab, SparseProducts(A, rest) if bool(rest.any()) else None
+
+
+# A dense block's rows and columns are a slice where they are one range (cvxpy's canonical programs):
+# index_select on the last dimension is several times slower than the slice's copy
+def _range(idx):
+    """``idx`` (sorted) as a ``slice`` where it is one contiguous range, else ``idx``."""
+    lo = int(idx[0])
+    return slice(lo, lo + idx.numel()) if int(idx[-1]) - lo + 1 == idx.numel() else idx
+
+
+def _take_last(v, ix):
+    return v[..., ix] if isinstance(ix, slice) else v.index_select(-1, ix)
+
+
+def _add_last(out, ix, val):
+    if isinstance(ix, slice):
+        out[..., ix] += val
+        return out
+    return out.index_add_(-1, ix, val)
 
 
 class NormalMatrix:
@@ -188,7 +252,7 @@ class NormalMatrix:
     def _riding(self):
         """The dense structured groups whose products ``A_kᵀ(Jw)`` ride along in the interior point's first
         ``Aᵀ`` product (a batched ``A``, at most :data:`RIDE_ALONG_MAX` blocks in all; else ``[]``)."""
-        if self.data.shared or self.data.sparse is not None:
+        if self.data.shared:
             return []
         dense = [i for i, pre in enumerate(self.pre) if isinstance(pre, tuple) and pre[2] is None]
         return dense if sum(_blocks(self.groups[i][2]) for i in dense) <= RIDE_ALONG_MAX else []
