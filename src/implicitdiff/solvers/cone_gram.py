@@ -111,8 +111,9 @@ class DataMatrix:
             A = A[0]
         self.A = A
         self.shared = A.dim() == 2
-        # A's zero pattern, shared by the batch (a batched A: the union over its elements)
-        self.pattern = pattern if pattern is not None else (A != 0) if self.shared else (A != 0).any(0)
+        # A's zero pattern, shared by the batch (a batched A: the union over its elements, as a sum of
+        # |A| that is zero only where every entry is: faster than (A != 0).any(0), a bool temporary)
+        self.pattern = pattern if pattern is not None else (A != 0) if self.shared else A.abs().sum(0) != 0
         if sparse is None and not self.shared:
             if int(self.pattern.sum()) <= SPARSE_PRODUCTS * self.pattern.numel():
                 sparse = SparseProducts(A, self.pattern)
