@@ -74,6 +74,28 @@ def test_structured_normal_matrix_equals_the_dense_one(shared):
     assert err < 1e-11, err
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_structured_term_with_a_sparse_P_equals_the_dense_one(shared):
+    # ‖x‖ ≤ t on a variable's rows (cvxpy's canonical form: −I under a t row): P_k is diagonal, added on
+    # its nonzeros; next to a dense structured block and a nonnegative one
+    g = torch.Generator().manual_seed(5)
+    spec = parse_cones({"l": 2, "q": [13, 10]})
+    B, n = 3, 11
+    A = torch.randn(B, spec.m, n, generator=g, dtype=F64)
+    A[:, 15:] = 0.0
+    A[:, 15, 0] = -1.0
+    A[:, 16:, 2:] = -torch.eye(9, dtype=F64) * torch.rand(B, 1, 1, generator=g, dtype=F64)
+    A = A[0] if shared else A
+    s, y = _interior(spec, B, g, 3.0), _interior(spec, B, g, 3.0)
+    groups, states = _states(spec, s, y)
+    normal = NormalMatrix(DataMatrix(A), groups, _CONES)
+    flats = [pre[3] for (kind, _, _), pre in zip(groups, normal.pre) if kind == "q"]
+    assert flats[0] is None and flats[1].numel() == 10               # the diagonal's 9 and (0, 0)
+    N = normal(states, B)
+    ref = _dense_normal(A.expand(B, spec.m, n).contiguous(), spec, groups, states)
+    assert float((N - ref).abs().max() / ref.abs().max()) < 1e-12
+
+
 def test_structured_products_made_by_the_caller_give_the_same_normal_matrix():
     # a batched A with at most RIDE_ALONG_MAX structured blocks: the interior point makes A_kᵀ(Jw) in its
     # own Aᵀ product (NormalMatrix.columns) and passes them in

@@ -25,7 +25,8 @@ of blocks of one kind and size:
   (:meth:`NormalMatrix.__init__`); each iteration costs one product ``A_kᵀ(Jw)`` per block (with
   a batched ``A`` and at most :data:`RIDE_ALONG_MAX` blocks, made by the interior point as extra
   columns of an ``Aᵀ`` product it makes anyway: :meth:`NormalMatrix.columns`), a
-  weighted sum of the ``P_k`` and one rank-``(blocks)`` update — instead of forming
+  weighted sum of the ``P_k`` (a ``P_k`` that ``A``'s pattern makes sparse, e.g. diagonal for
+  ``‖x‖ ≤ t`` on a variable, added on its nonzeros only) and one rank-``(blocks)`` update — instead of forming
   ``W⁻ᵀA_k`` (``k·n`` entries through ``W``) and its ``k·n²`` Gram.  Rounding: both forms carry
   an absolute error ``~eps·η⁻²‖w‖²‖A_k‖²``, the size of the largest term (the normal matrix's
   usual ill-conditioning as ``μ → 0``); the interior point refines its solves against the
@@ -60,7 +61,7 @@ from typing import NamedTuple
 import torch
 
 from ..linalg.kkt import chol_solve, cholesky_lower_
-from .cone_sparse import SPARSE_PRODUCTS, SparseGram, SparseProducts, elimination, sparse_gram, support_columns
+from .cone_sparse import SCATTER_COST, SPARSE_PRODUCTS, SparseGram, SparseProducts, elimination, sparse_gram, support_columns
 
 __all__ = ["DataMatrix", "NormalMatrix", "Rows", "contiguous", "take", "put", "factor_normal", "solve_normal",
            "SOC_STRUCTURED_MIN"]
@@ -234,7 +235,7 @@ class NormalMatrix:
                 a0 = Ak[..., :1, :].reshape(-1, 1, Ak.shape[-1])
                 P = Ak[..., 1:, :].mT @ Ak[..., 1:, :]                 # A_kᵀ(−J)A_k, the a₀ term in place:
                 P.view(-1, *P.shape[-2:]).baddbmm_(a0.mT, a0, alpha=-1)
-                self.pre.append((Ak, P, cols))
+                self.pre.append((Ak,) + _sparse_p(P, cols, rows, n))
             else:
                 self.pre.append(sparse)
         # N's factorization order (None: dense), for factor_normal; only a Cholesky (no zero cone) uses it
@@ -246,7 +247,7 @@ class NormalMatrix:
         out.data, out.groups, out.cones, out.elimination = data, self.groups, self.cones, self.elimination
         out._buf = None
         out.pre = [pre if pre is None or self.data.shared else pre.subset(keep) if isinstance(pre, SparseGram)
-                   else (_columns(data.rows(idx), pre[2]), pre[1].index_select(0, keep), pre[2])
+                   else (_columns(data.rows(idx), pre[2]), pre[1].index_select(0, keep)) + pre[2:]
                    for (_, _, idx), pre in zip(self.groups, self.pre)]
         return out
 
@@ -284,6 +285,7 @@ class NormalMatrix:
         out = self._buf
         N = None  # the first dense term writes it (into out); the terms on few columns are added into it below
         Us = []  # the dense structured terms' rank updates, applied together: one pass over N
+        on_nonzeros = []  # the weighted sums of the structured terms whose P_k is sparse
         for i, ((kind, _, idx), st, pre) in enumerate(zip(self.groups, states, self.pre)):
             if isinstance(pre, SparseGram) or (pre is not None and pre[2] is not None):
                 continue
@@ -292,13 +294,18 @@ class NormalMatrix:
                 N = torch.bmm(At.mT, At, out=out) if N is None else N.baddbmm_(At.mT, At)
                 continue
             e2, P2, U = self._soc(pre, st, B, v.get(i))
-            N = _add_weighted(N, e2, P2, B, n, out)
             Us.append(U)
+            if pre[3] is None:
+                N = _add_weighted(N, e2, P2, B, n, out)
+            else:
+                on_nonzeros.append((pre[3], e2, P2))
+        if N is None:
+            N = out.zero_()
         if Us:
             U = torch.cat(Us, 1) if len(Us) > 1 else Us[0]
             N.baddbmm_(U.mT, U)
-        if N is None:
-            N = out.zero_()
+        for flat, e2, P2 in on_nonzeros:
+            N.view(B, n * n).index_add_(1, flat, _weighted(e2, P2).reshape(B, -1))
         for (kind, _, _), st, pre in zip(self.groups, states, self.pre):
             if isinstance(pre, SparseGram):
                 pre(self.cones[kind].winv_t, st, N)
@@ -312,17 +319,17 @@ class NormalMatrix:
     def _soc(self, pre, st, B, v=None):
         """A structured group's ``Σ_k e_k P_k`` as the product ``e2 @ P2`` and ``U`` (its rank update ``UᵀU``);
         ``v``: its products ``A_kᵀ(Jw)`` ``(B, nb, n)`` where the caller made them."""
-        Ak, P, _ = pre
+        Ak, P = pre[:2]
         w, eta = st[0], st[1]                                          # (B, nb, k), (B, nb)
         e = eta.reciprocal().square()
         nb, s = w.shape[1], Ak.shape[-1]
         if self.data.shared:  # one batched product over blocks: (nb, B, k) @ (nb, k, s)
             v = (_jw(w).transpose(0, 1) @ Ak[0]).transpose(0, 1)       # (B, nb, s)
-            e2, P2 = e[None], P[0].reshape(1, nb, s * s)               # (1, B, nb) @ (1, nb, s²)
+            e2, P2 = e[None], P[0].reshape(1, nb, -1)                  # (1, B, nb) @ (1, nb, s² or nnz)
         else:
             if v is None:
                 v = (_jw(w)[..., None, :] @ Ak)[..., 0, :]             # (B, nb, s)
-            e2, P2 = e[:, None, :], P.reshape(B, nb, s * s)            # (B, 1, nb) @ (B, nb, s²)
+            e2, P2 = e[:, None, :], P.reshape(B, nb, -1)               # (B, 1, nb) @ (B, nb, s² or nnz)
         return e2, P2, v * (2 * e).sqrt()[..., None]
 
 
@@ -341,16 +348,35 @@ def _add_weighted(N, e2, P2, B, n, out=None):
     """``N + e2 @ P2`` in place (``N`` ``None``: written into ``out`` or a new ``(B, n, n)``), the weighted
     sum ``Σ_k e_k P_k`` of a structured group; with one block an elementwise product (a matrix product
     with an inner dimension of 1 is several times slower)."""
-    one = P2.shape[-2] == 1
     if N is None:
-        o = None if out is None else out.view(e2.shape[0], -1, n * n)
-        return (torch.mul(e2, P2, out=o) if one else torch.bmm(e2, P2, out=o)).view(B, n, n)
+        return _weighted(e2, P2, None if out is None else out.view(e2.shape[0], -1, n * n)).view(B, n, n)
     Nv = N.view(e2.shape[0], -1, n * n)
-    if one:
+    if P2.shape[-2] == 1:
         Nv.addcmul_(e2, P2)
     else:
         Nv.baddbmm_(e2, P2)
     return N
+
+
+def _weighted(e2, P2, out=None):
+    """``e2 @ P2``; with one block (``P2 (·, 1, ·)``) an elementwise product."""
+    return torch.mul(e2, P2, out=out) if P2.shape[-2] == 1 else torch.bmm(e2, P2, out=out)
+
+
+def _sparse_p(P, cols, pattern, n):
+    """``(P, cols, flat)``: a dense structured group's ``P_k`` ``(S, nb, n, n)`` kept on the entries that
+    its rows' ``pattern (nb, k, n)`` can make nonzero (two columns in one row; the others are sums of
+    exact zeros), their places ``flat`` in ``N``'s ``n²``, where adding them costs at most half of a
+    dense pass (:data:`~.cone_sparse.SCATTER_COST`; an SOC ``‖x‖ ≤ t`` on a variable's rows: ``P_k``
+    diagonal); else ``(P, cols, None)``."""
+    if cols is not None:
+        return P, cols, None
+    pat = pattern.reshape(-1, pattern.shape[-2], n).to(P.dtype)
+    nz = ((pat.mT @ pat) != 0).any(0).reshape(-1)
+    if SCATTER_COST * pat.shape[0] * int(nz.sum()) > n * n / 2:
+        return P, cols, None
+    flat = nz.nonzero()[:, 0]
+    return P.reshape(P.shape[:-2] + (n * n,)).index_select(-1, flat), cols, flat
 
 
 def _columns(Ak, cols):
