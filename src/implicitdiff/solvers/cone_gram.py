@@ -24,9 +24,9 @@ of blocks of one kind and size:
   (``a₀`` the block's first row).  ``P_k`` depends on ``A`` only and is formed once per solve
   (:meth:`NormalMatrix.__init__`); each iteration costs one product ``A_kᵀ(Jw)`` per block (with
   a batched ``A`` and at most :data:`RIDE_ALONG_MAX` blocks, made by the interior point as extra
-  columns of an ``Aᵀ`` product it makes anyway: :meth:`NormalMatrix.columns`), a
-  weighted sum of the ``P_k`` (a ``P_k`` that ``A``'s pattern makes sparse, e.g. diagonal for
-  ``‖x‖ ≤ t`` on a variable, added on its nonzeros only) and one rank-``(blocks)`` update — instead of forming
+  columns of an ``Aᵀ`` product it makes anyway: :meth:`NormalMatrix.columns`), a weighted sum of
+  the ``P_k`` (a ``P_k`` that ``A``'s pattern makes sparse, e.g. diagonal for ``‖x‖ ≤ t`` on a
+  variable, added on its nonzeros only) and one rank-``(blocks)`` update — instead of forming
   ``W⁻ᵀA_k`` (``k·n`` entries through ``W``) and its ``k·n²`` Gram.  Rounding: both forms carry
   an absolute error ``~eps·η⁻²‖w‖²‖A_k‖²``, the size of the largest term (the normal matrix's
   usual ill-conditioning as ``μ → 0``); the interior point refines its solves against the
@@ -61,7 +61,8 @@ from typing import NamedTuple
 import torch
 
 from ..linalg.kkt import chol_solve, cholesky_lower_
-from .cone_sparse import SCATTER_COST, SPARSE_PRODUCTS, SparseGram, SparseProducts, elimination, sparse_gram, support_columns
+from .cone_sparse import (SCATTER_COST, SPARSE_PRODUCTS, SparseGram, SparseProducts, elimination, sparse_gram,
+                          support_columns)
 
 __all__ = ["DataMatrix", "NormalMatrix", "Rows", "contiguous", "take", "put", "factor_normal", "solve_normal",
            "SOC_STRUCTURED_MIN"]
@@ -69,7 +70,7 @@ __all__ = ["DataMatrix", "NormalMatrix", "Rows", "contiguous", "take", "put", "f
 SOC_STRUCTURED_MIN = 8  # smaller second-order blocks: the generic form (a k·n² Gram is cheap there)
 _STRUCTURED_BYTES = 1 << 28  # the P_k of one group above this size: the generic form (memory)
 DENSE_BLOCK_BELOW = 0.75  # a batched A's dense rows on their columns at most this part of it: products on them
-RIDE_ALONG_MAX = 2  # at most this many structured blocks have their A_kᵀ(Jw) made in the interior point's Aᵀ product
+RIDE_ALONG_MAX = 2  # at most this many structured blocks: their A_kᵀ(Jw) in the interior point's Aᵀ product
 
 
 class Rows(NamedTuple):
@@ -346,8 +347,7 @@ def _blocks(idx):
 
 def _add_weighted(N, e2, P2, B, n, out=None):
     """``N + e2 @ P2`` in place (``N`` ``None``: written into ``out`` or a new ``(B, n, n)``), the weighted
-    sum ``Σ_k e_k P_k`` of a structured group; with one block an elementwise product (a matrix product
-    with an inner dimension of 1 is several times slower)."""
+    sum ``Σ_k e_k P_k`` of a structured group."""
     if N is None:
         return _weighted(e2, P2, None if out is None else out.view(e2.shape[0], -1, n * n)).view(B, n, n)
     Nv = N.view(e2.shape[0], -1, n * n)
@@ -359,7 +359,8 @@ def _add_weighted(N, e2, P2, B, n, out=None):
 
 
 def _weighted(e2, P2, out=None):
-    """``e2 @ P2``; with one block (``P2 (·, 1, ·)``) an elementwise product."""
+    """``e2 @ P2``; with one block (``P2 (·, 1, ·)``) an elementwise product (a matrix product with an
+    inner dimension of 1 is several times slower)."""
     return torch.mul(e2, P2, out=out) if P2.shape[-2] == 1 else torch.bmm(e2, P2, out=out)
 
 
