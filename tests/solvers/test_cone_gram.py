@@ -74,19 +74,84 @@ def test_structured_normal_matrix_equals_the_dense_one(shared):
     assert err < 1e-11, err
 
 
-def test_factor_normal_shifts_in_place_and_retries_an_indefinite_matrix():
+@pytest.mark.parametrize("shared", [False, True])
+def test_structured_term_with_a_sparse_P_equals_the_dense_one(shared):
+    # ‖x‖ ≤ t on a variable's rows (cvxpy's canonical form: −I under a t row): P_k is diagonal, added on
+    # its nonzeros; next to a dense structured block and a nonnegative one
+    g = torch.Generator().manual_seed(5)
+    spec = parse_cones({"l": 2, "q": [13, 10]})
+    B, n = 3, 11
+    A = torch.randn(B, spec.m, n, generator=g, dtype=F64)
+    A[:, 15:] = 0.0
+    A[:, 15, 0] = -1.0
+    A[:, 16:, 2:] = -torch.eye(9, dtype=F64) * torch.rand(B, 1, 1, generator=g, dtype=F64)
+    A = A[0] if shared else A
+    s, y = _interior(spec, B, g, 3.0), _interior(spec, B, g, 3.0)
+    groups, states = _states(spec, s, y)
+    normal = NormalMatrix(DataMatrix(A), groups, _CONES)
+    flats = [pre[3] for (kind, _, _), pre in zip(groups, normal.pre) if kind == "q"]
+    assert flats[0] is None and flats[1].numel() == 10               # the diagonal's 9 and (0, 0)
+    N = normal(states, B)
+    ref = _dense_normal(A.expand(B, spec.m, n).contiguous(), spec, groups, states)
+    assert float((N - ref).abs().max() / ref.abs().max()) < 1e-12
+
+
+def test_structured_products_made_by_the_caller_give_the_same_normal_matrix():
+    # a batched A with at most RIDE_ALONG_MAX structured blocks: the interior point makes A_kᵀ(Jw) in its
+    # own Aᵀ product (NormalMatrix.columns) and passes them in
+    g = torch.Generator().manual_seed(3)
+    spec = parse_cones({"l": 3, "q": [9, 12, 3], "s": [3]})
+    B, n = 4, 7
+    A = torch.randn(B, spec.m, n, generator=g, dtype=F64)
+    s, y = _interior(spec, B, g, 3.0), _interior(spec, B, g, 3.0)
+    groups, states = _states(spec, s, y)
+    data = DataMatrix(A)
+    normal = NormalMatrix(data, groups, _CONES)
+    cols = normal.columns(states, spec.m)
+    assert cols.shape == (B, 2, spec.m)
+    N = normal(states, B, data.rmv(cols)).clone()
+    ref = _dense_normal(A, spec, groups, states)
+    assert float((N - ref).abs().max() / ref.abs().max()) < 1e-11
+    assert torch.allclose(N, normal(states, B), rtol=0, atol=1e-13 * float(ref.abs().max()))
+    assert NormalMatrix(DataMatrix(A[0]), groups, _CONES).columns(states, spec.m) is None  # shared: its own product
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_factor_normal_shifts_in_place_and_retries_an_indefinite_matrix(reuse):
     g = torch.Generator().manual_seed(6)
     n = 6
     X = torch.randn(2, 3, n, generator=g, dtype=F64)
     N = X.mT @ X + torch.eye(n, dtype=F64)
     N[1] -= (1 + 1e-11) * torch.eye(n, dtype=F64)       # rank 3, shifted below 0: Cholesky fails
     eps = torch.finfo(F64).eps
-    kind, (plan, (L,)) = factor_normal(N.clone(), DataMatrix(X[0].mT), 0)
+    buf = torch.empty_like(N)                           # reuse: every N in one memory, as NormalMatrix does
+    kind, (plan, (L,)) = factor_normal((lambda: buf.copy_(N)) if reuse else N.clone, DataMatrix(X[0].mT), 0)
     assert kind == "chol" and plan is None
     big = eps ** 0.5 * N[1].diagonal().abs().max().clamp(min=1.0)
     for i, shift in ((0, eps ** 0.75), (1, big)):      # N + eps^¾ I; the failed element N + √eps·max|diag| I
         ref = N[i] + shift * torch.eye(n, dtype=F64)
         assert torch.allclose(L[i] @ L[i].mT, ref, rtol=0, atol=1e-13), i
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_factor_normal_lu_with_a_zero_cone_solves_the_quasi_definite_system(shared):
+    # the LU is factored in the column-major buffer K is assembled in: against a dense solve of K
+    g = torch.Generator().manual_seed(9)
+    B, n, z = 3, 7, 2
+    X = torch.randn(B, 10, n, generator=g, dtype=F64)
+    N = X.mT @ X
+    A = torch.randn(z + 4, n, generator=g, dtype=F64)
+    data = DataMatrix(A if shared else A.expand(B, z + 4, n).clone())
+    kind, F = factor_normal(N.clone, data, z)
+    assert kind == "lu"
+    delta = torch.finfo(F64).eps ** 0.75
+    Az = A[:z].expand(B, z, n)
+    K = torch.cat([torch.cat([N + delta * torch.eye(n, dtype=F64), Az.mT], -1),
+                   torch.cat([Az, -delta * torch.eye(z, dtype=F64).expand(B, z, z)], -1)], -2)
+    R = torch.randn(B, 2, n + z, generator=g, dtype=F64)
+    p, qz = solve_normal((kind, F), R[..., :n], R[..., n:])
+    ref = torch.linalg.solve(K, R.mT).mT
+    assert torch.allclose(torch.cat([p, qz], -1), ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
 
 
 def test_data_matrix_products_shared_and_batched():
@@ -96,6 +161,34 @@ def test_data_matrix_products_shared_and_batched():
     for M in (DataMatrix(A), DataMatrix(A.expand(4, 5, 3)), DataMatrix(A.expand(4, 5, 3).clone())):
         assert torch.allclose(M.mv(v), v @ A.T, atol=1e-14) and torch.allclose(M.rmv(u), u @ A, atol=1e-14)
     assert DataMatrix(A.expand(4, 5, 3)).shared and not DataMatrix(A.expand(4, 5, 3).clone()).shared
+
+
+@pytest.mark.parametrize("rest,scattered", [(True, False), (False, False), (True, True)])
+def test_dense_block_data_matrix_products_equal_the_dense_ones(rest, scattered):
+    # dense rows on some columns (a data block), the other rows one nonzero each (an identity, or none):
+    # the products on the block and the others' nonzeros; the block on ranges (slices) or scattered
+    g = torch.Generator().manual_seed(4)
+    B, m, n = 3, 12, 8
+    A = torch.zeros(B, m, n, dtype=F64)
+    A[:, 1:6, 2:] = torch.randn(B, 5, n - 2, generator=g, dtype=F64)
+    if rest:
+        A[:, 6:, 2:] = -torch.eye(6, dtype=F64) * torch.rand(B, 1, 1, generator=g, dtype=F64)
+        A[:, 0, 0] = 1.0
+    if scattered:
+        A = A[:, torch.randperm(m, generator=g)][:, :, torch.randperm(n, generator=g)]
+    data = DataMatrix(A)
+    assert data.sparse is None and data.block is not None and (data.block[3] is not None) is rest
+    assert all(isinstance(ix, slice) is not scattered for ix in data.block[:2])
+    v, u = torch.randn(B, n, generator=g, dtype=F64), torch.randn(B, m, generator=g, dtype=F64)
+    V, U = torch.randn(B, 3, n, generator=g, dtype=F64), torch.randn(B, 3, m, generator=g, dtype=F64)
+    keep = torch.tensor([2, 0])
+    for M, idx in ((data, torch.arange(B)), (data.subset(keep), keep)):
+        Ai = A[idx]
+        assert torch.allclose(M.mv(v[idx]), (Ai @ v[idx, :, None])[..., 0], rtol=0, atol=1e-14)
+        assert torch.allclose(M.rmv(u[idx]), (Ai.mT @ u[idx, :, None])[..., 0], rtol=0, atol=1e-14)
+        assert torch.allclose(M.mv(V[idx]), V[idx] @ Ai.mT, rtol=0, atol=1e-14)
+        assert torch.allclose(M.rmv(U[idx]), U[idx] @ Ai, rtol=0, atol=1e-14)
+    assert DataMatrix(torch.randn(B, m, n, generator=g, dtype=F64)).block is None  # dense: the whole A
 
 
 def test_sparse_data_matrix_products_equal_the_dense_ones():
@@ -354,10 +447,10 @@ def test_elimination_solves_like_the_dense_cholesky(shared):
     assert isinstance(plan, Elimination) and plan.D.tolist()[:5] == list(range(5)) and plan.comp.shape[1] > 1
     N[2] -= (torch.linalg.eigvalsh(N[2])[0] + 1e-9) * eye      # element 2: indefinite
     R = torch.randn(B, 2, n, generator=g, dtype=F64)
-    kind, (got_plan, F) = factor_normal(N.clone(), data, 0, plan)
+    kind, (got_plan, F) = factor_normal(N.clone, data, 0, plan)
     assert kind == "chol" and got_plan is plan
     x = solve_normal((kind, (got_plan, F)), R, R[..., :0])[0]
-    xd = solve_normal(factor_normal(N.clone(), data, 0), R, R[..., :0])[0]
+    xd = solve_normal(factor_normal(N.clone, data, 0), R, R[..., :0])[0]
     eps = torch.finfo(F64).eps
     for i in range(B):
         shift = eps ** 0.5 * N[i].diagonal().abs().max().clamp(min=1.0) if i == 2 else eps ** 0.75

@@ -10,7 +10,7 @@ import torch
 
 from implicitdiff.layers.cone_program import cone_program
 from implicitdiff.linalg.cone_spec import smat, svec
-from implicitdiff.solvers.cone_symmetric import PSD, _congruence_columns
+from implicitdiff.solvers.cone_symmetric import COLUMNS_MIN, PSD, _congruence_columns
 
 F64 = torch.float64
 
@@ -30,17 +30,18 @@ def _dense_congruence(P, V, k):
 @pytest.mark.parametrize("shared", [False, True])
 def test_congruence_of_columns_matches_one_column_at_a_time(k, shared):
     g = torch.Generator().manual_seed(k)
-    B, nb, r, d = 3, 2, 7, k * (k + 1) // 2
+    B, nb, r, d = 3, 2, COLUMNS_MIN + 1, k * (k + 1) // 2
     P = torch.randn(B, nb, k, k, generator=g, dtype=F64)
     V = torch.randn(1 if shared else B, nb, d, r, generator=g, dtype=F64)  # shared: the rows of a shared A
     ref = _dense_congruence(P, V, k)
     assert torch.allclose(_congruence_columns(P, V, k), ref, rtol=1e-13, atol=1e-13)
-    # W⁻ᵀ = R⁻¹ · R⁻ᵀ on a block of columns and on one column (its vector path)
+    # W⁻ᵀ = R⁻¹ · R⁻ᵀ on a block of columns, on fewer than COLUMNS_MIN (at once) and on one column
     s, y = _psd(g, (B, nb), k), _psd(g, (B, nb), k)
     st = PSD.scale(s, y)
     ref = _dense_congruence(st[1], V, k)
     assert torch.allclose(PSD.winv_t(st, V), ref, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(PSD.winv_t(st, V[..., :1]), ref[..., :1], rtol=1e-12, atol=1e-12)
+    for j in (1, COLUMNS_MIN - 1):
+        assert torch.allclose(PSD.winv_t(st, V[..., :j]), ref[..., :j], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("k", [1, 3, 10])

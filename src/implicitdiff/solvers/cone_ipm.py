@@ -39,7 +39,8 @@ iterate (smallest residual).
 
 **Products with A** (with ``A`` batched each reads all of it, the costliest small step; ``r``
 columns cost about one): four per iteration, eight with refinement.  (1) One ``Aᵀ`` product
-serves the residual ``Aᵀy`` and both cone-row columns of the first solve, so the scaling is
+serves the residual ``Aᵀy``, both cone-row columns of the first solve and the structured
+normal matrix's products (:meth:`~.cone_gram.NormalMatrix.columns`), so the scaling is
 computed before the stopping test.  (2) ``Ax`` is not formed at the top: ``x`` rides along
 as a column in the first solve's ``A`` product, and the next round's ``Ax`` is that exact
 product plus ``α·AΔx`` (``AΔx = Ap₁ + Δτ·Ap₂`` from the solves) — one rounding step from a
@@ -239,7 +240,10 @@ class ConeInteriorPoint:
             dt_aff = self._rhs_s(s, torch.zeros_like(tau), None, groups, states)
             # the Δτ column (x-rows −c, rows b) and the predictor's (η = 1), solved together
             rt1 = torch.stack([bt, -rz_t + dt_aff], 1)
-            AtV = data.rmv(torch.cat([y[:, None], self._map("winv", rt1, groups, states)], 1))
+            # (and the normal matrix's products A_kᵀ(Jw), where it has them: NormalMatrix.columns)
+            ride = normal.columns(states, m)
+            AtV = data.rmv(torch.cat([y[:, None], self._map("winv", rt1, groups, states)]
+                                     + ([] if ride is None else [ride]), 1))
             Aty = AtV[:, 0]
             # residuals of the embedding and the stopping rule ------------------------------
             ctx, bty = (c * x).sum(-1), (b * y).sum(-1)
@@ -287,7 +291,8 @@ class ConeInteriorPoint:
                 normal = normal.subset(data, keep)
                 B = n_run
             # one Newton system per iteration ---------------------------------------------------
-            fac = factor_normal(normal(states, B), data, z, normal.elimination)
+            fac = factor_normal(lambda: normal(states, B, None if ride is None else AtV[:, 3:]), data, z,
+                                normal.elimination)
             # iterative refinement pays once the normal matrix is ill-conditioned (cond ~ 1/μ²)
             refine = int(bool((torch.where(running, mu, torch.ones_like(mu)) < REFINE_BELOW_MU).any()))
 
@@ -318,7 +323,7 @@ class ConeInteriorPoint:
 
             r1 = torch.stack([-c, -rx], 1)
             # x rides along in the first solve's product: A x exact, the base of next round's A x
-            P, Q, YT, AP, Ax = self._solve(fac, data, z, r1 + AtV[:, 1:], r1,
+            P, Q, YT, AP, Ax = self._solve(fac, data, z, r1 + AtV[:, 1:3], r1,
                                            torch.stack([b[:, :z], -rz[:, :z]], 1), rt1, groups, states, refine,
                                            x[:, None])
             p2, q2, yt2, Ap2, Ax = P[:, 0], Q[:, 0], YT[:, 0], AP[:, 0], Ax[:, 0]

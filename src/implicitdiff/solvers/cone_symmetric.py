@@ -22,6 +22,9 @@ column ``c`` of the lower triangle of ``P Xⱼ Pᵀ`` is ``P[c:] (P Xⱼ)[c]ᵀ`
 for all ``j`` at once, is one product of ``P``'s row ``c`` with ``[X₁ … X_n]``; so every intermediate
 is about ``1/k`` of the result, instead of building the ``(d, d)`` matrix (``d²`` gathered entries
 per element, in fresh memory) and multiplying by it (measured in docs/benchmarks.md, sixth session).
+Fewer than :data:`COLUMNS_MIN` columns (the interior point's right-hand sides) take one congruence with
+the columns as a leading dimension instead: there the loop over ``k`` costs more than the work
+(3-4x slower at ``k = 10``, 2-3 columns, batch 128).
 
 References: Vandenberghe, "The CVXOPT linear and quadratic cone program solvers" (2010), §4.
 """
@@ -38,6 +41,7 @@ from ..linalg.cone_spec import _gathers, smat, svec
 __all__ = ["Nonneg", "SecondOrder", "PSD"]
 
 _INF = float("inf")
+COLUMNS_MIN = 8  # PSD W⁻ᵀ on at least this many columns: column by column (_congruence_columns), else at once
 
 
 def _max_step_from_eig(e: torch.Tensor) -> torch.Tensor:
@@ -237,8 +241,8 @@ class PSD:
 
     @staticmethod
     def winv_t(st, V):  # W⁻ᵀ(X) = R⁻¹ X R⁻ᵀ on the columns of V (B, nb, d, r)
-        if V.shape[-1] == 1:
-            return _congruence(st[1], V[..., 0], st[3])[..., None]
+        if V.shape[-1] < COLUMNS_MIN:  # the r columns as a leading dimension of one congruence
+            return _congruence(st[1][..., None, :, :], V.mT, st[3]).mT
         return _congruence_columns(st[1], V, st[3])
 
     @staticmethod
