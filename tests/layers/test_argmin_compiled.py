@@ -95,6 +95,8 @@ def test_what_it_cannot_run_is_a_clear_error(compiled_run):
     with pytest.raises(idf.InputError, match="batch_dims=0"):
         idf.argmin(lambda w, th: (th * w * w).sum(-1), torch.zeros(2, N, dtype=D), theta, batch_dims=1,
                    compiled=True)
+    with pytest.raises(idf.InputError, match="one objective"):         # checked before any compile
+        idf.argmin(lambda w, th: th * w * w, y0 + 1, theta, compiled=True)
     with pytest.raises(idf.InputError, match="tensors"):
         idf.argmin(lambda w, th, c: c * (th * w * w).sum(), y0, theta, 2.0, compiled=True)
     with pytest.raises(idf.InputError, match="torch.func"):

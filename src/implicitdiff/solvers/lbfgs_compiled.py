@@ -23,9 +23,9 @@ What it needs: one problem (``batch_dims = 0``) on the CPU, outside ``torch.func
 ``params`` all tensors, and an ``f`` that Inductor can trace (no Python branching on tensor values:
 that raises :class:`~implicitdiff.InputError`).  Tensors ``f`` closes over are frozen into the
 compiled code: pass what changes as ``params``.  Each compiled function is cached on ``f`` (by
-equality, so a bound method is found again), the shapes, dtypes and which parameters need
-gradients; another shape or dtype compiles again (seconds), the cache keeps the last
-:data:`CACHE_SIZE`.
+equality, so a bound method is found again: define ``f`` once, as a new lambda per call compiles
+again), the shapes, dtypes and which parameters need gradients; another shape or dtype compiles
+again (seconds); the cache keeps the last :data:`CACHE_SIZE`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 from .._core.errors import InputError
 from .._core.status import SolveInfo, Status
 from .._core.torch_private import inductor_compile
-from .lbfgs import _ARMIJO, _MIN_STEP
+from .lbfgs import _ARMIJO, _MIN_STEP, _objective
 from .result import SolverResult
 
 __all__ = ["compiled_lbfgs", "compiled_adjoint", "CACHE_SIZE"]
@@ -112,12 +112,10 @@ def compiled_lbfgs(f: Callable, y0: torch.Tensor, params: tuple, *, rtol: float,
     shape, n, dt, m = y0.shape, y0.numel(), y0.dtype, history
     y = y0.reshape(n)
     with torch.no_grad():
-        g, v = torch.func.grad_and_value(lambda yf: f(yf.reshape(shape), *params))(y)
-        if not isinstance(v, torch.Tensor) or v.shape != () or v.dtype != dt:
-            raise InputError(f"f(y, *params) must return a scalar of y's dtype {dt}, got "
-                             f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+        v, g = _objective(f, shape, torch.Size(), 1, params, dt)(y.unsqueeze(0))   # checks what f returns
+        v, g = v.reshape(()), g.reshape(n)
         gn0 = torch.linalg.vector_norm(g)
-        gn0_f, v_f = torch.stack([gn0, v.detach()]).tolist()
+        gn0_f, v_f = torch.stack([gn0, v]).tolist()
         status = None
         if not (math.isfinite(gn0_f) and math.isfinite(v_f)):
             status = Status.NONFINITE
@@ -125,7 +123,7 @@ def compiled_lbfgs(f: Callable, y0: torch.Tensor, params: tuple, *, rtol: float,
             status = Status.SUCCESS
         tol = atol + rtol * gn0_f
         zeros = y.new_zeros(m, n)
-        state = (y, g, v.detach(), -g / gn0, torch.ones((), dtype=dt), zeros, zeros.clone(), y.new_zeros(m), 1 / gn0)
+        state = (y, g, v, -g / gn0, torch.ones((), dtype=dt), zeros, zeros.clone(), y.new_zeros(m), 1 / gn0)
         step = _compiled("lbfgs", f, lambda: _lbfgs_step(f, shape, m, torch.finfo(dt).eps), state + params, m) \
             if status is None else None
         iterations, gn = 0, gn0_f
