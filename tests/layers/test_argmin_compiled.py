@@ -14,9 +14,12 @@ D = torch.float64
 N, M = 6, 30
 
 
+HALF = torch.tensor(0.5, dtype=D)                                    # a tensor f closes over
+
+
 def ridge(w, theta, X, t):
     r = X @ w - t
-    return 0.5 * (r * r).sum() / X.shape[0] + 0.5 * (theta.exp() * w * w).sum()
+    return HALF * (r * r).sum() / X.shape[0] + 0.5 * (theta.exp() * w * w).sum()
 
 
 def data(n=N, seed=0):

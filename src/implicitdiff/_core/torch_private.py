@@ -137,7 +137,8 @@ def inductor_compile(fn: Callable, example_args: Sequence[torch.Tensor]) -> Call
     caller keys its cache on them) and returns ``fn``'s outputs, without autograd.  No guards
     are evaluated per call (``torch.compile``'s dynamo guards on the closure cost more than a
     small problem's arithmetic); Python control flow on tensor values in ``fn`` cannot be traced
-    and raises.  Matrix-vector products stay BLAS calls (``aten.mv``/``addmv`` are not decomposed
+    and raises; tensors ``fn`` closes over become constants of the graph (the tensor as it is
+    at the call, by reference: a name rebound later is not seen).  Matrix-vector products stay BLAS calls (``aten.mv``/``addmv`` are not decomposed
     into Inductor's generated reductions, which are slower on the CPU).
     """
     with warnings.catch_warnings():  # torch's own deprecation notices on importing Inductor
@@ -152,7 +153,7 @@ def inductor_compile(fn: Callable, example_args: Sequence[torch.Tensor]) -> Call
         table = {op: d for op, d in select_decomp_table().items() if op not in keep}
         # distinct examples: make_fx maps one tensor passed twice to one graph input
         examples = [a.detach().clone() for a in example_args]
-        graph = make_fx(fn, tracing_mode="fake")(*examples)
+        graph = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
         return compile_fx(graph, examples, decompositions=table)
 
 

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from .._core.defaults import SOLVER_MAX_ITER, default_rtol
 from .._core.errors import InputError
 from .._core.failure import apply_on_failure, check_on_failure
 from .._core.options import check_bool
@@ -113,8 +114,8 @@ def _argmin_compiled(f, y0, params, solver, adjoint, rtol, atol, max_iter, batch
         raise InputError(need + "to run outside torch.func transforms (vmap, grad, jacrev): use compiled=False")
     if not callable(f):
         raise InputError(f"f must be a callable f(y, *params) -> scalar, got {f!r}")
-    opts = options(y0, params, rtol=lb.rtol, atol=lb.atol or 0.0, max_iter=200 if lb.max_iter is None else lb.max_iter,
-                   batch_dims=batch_dims, check_every=None, callback=None)
+    opts = options(y0, params, rtol=lb.rtol, atol=lb.atol or 0.0, batch_dims=batch_dims, check_every=None,
+                   callback=None, max_iter=SOLVER_MAX_ITER["lbfgs"] if lb.max_iter is None else lb.max_iter)
     if batch_dims != 0:
         raise InputError(need + f"one problem (batch_dims=0), got batch_dims={batch_dims}: use compiled=False")
     if not all(isinstance(p, torch.Tensor) for p in params):
@@ -126,7 +127,7 @@ def _argmin_compiled(f, y0, params, solver, adjoint, rtol, atol, max_iter, batch
     y = apply_on_failure(res.y, res.info, on_failure, "argmin", ARGMIN_HINTS)
     which = tuple(i for i, p in enumerate(params) if p.requires_grad)
     if which and torch.is_grad_enabled():
-        cg = dict(rtol=adjoint.rtol if adjoint.rtol is not None else opts.rtol, atol=adjoint.atol,
+        cg = dict(rtol=default_rtol(opts.y0.dtype) if adjoint.rtol is None else adjoint.rtol, atol=adjoint.atol,
                   max_iter=adjoint.max_iter if adjoint.max_iter is not None else 10 * opts.n)
         solved = int(res.info.status) == Status.SUCCESS
 

@@ -21,8 +21,8 @@ matrix-vector products kept as BLAS calls), so that an iteration is one call and
 
 What it needs: one problem (``batch_dims = 0``) on the CPU, outside ``torch.func`` transforms,
 ``params`` all tensors, and an ``f`` that Inductor can trace (no Python branching on tensor values:
-that raises :class:`~implicitdiff.InputError`).  Tensors ``f`` closes over are frozen into the
-compiled code: pass what changes as ``params``.  Each compiled function is cached on ``f`` (by
+that raises :class:`~implicitdiff.InputError`).  Tensors ``f`` closes over are constants of the
+compiled code (a name rebound later is not seen): pass what changes as ``params``.  Each compiled function is cached on ``f`` (by
 equality, so a bound method is found again: define ``f`` once, as a new lambda per call compiles
 again), the shapes, dtypes and which parameters need gradients; another shape or dtype compiles
 again (seconds); the cache keeps the last :data:`CACHE_SIZE`.
