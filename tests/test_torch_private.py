@@ -179,3 +179,17 @@ def test_solve_keeping_lu_takes_a_large_row_major_matrix_without_a_copy():
     assert A.numel() >= tp.COPY_FREE_MIN
     X, LU, piv, info, transposed = tp.solve_keeping_lu(A, torch.ones(300, dtype=F64), True)
     assert transposed and torch.equal(LU, torch.linalg.lu_factor(A.mT)[0])
+
+
+
+def test_inductor_compile_traces_once_and_keeps_the_examples_apart():
+    # one tensor passed twice as the examples must still give two graph inputs (make_fx alone merges them)
+    # and a tensor fn closes over stays a tensor of the graph (not a fake one)
+    A, x, y, c = torch.randn(4, 3, dtype=F64), torch.randn(3, dtype=F64), torch.randn(3, dtype=F64), torch.randn(4, dtype=F64)
+
+    def fn(A, x, y):
+        return A @ (x - y) + c, (x * y).sum()
+
+    compiled = tp.inductor_compile(fn, (A, x, x))
+    for got, want in zip(compiled(A, x, y), fn(A, x, y)):
+        torch.testing.assert_close(got, want, atol=1e-14, rtol=0)

@@ -27,6 +27,10 @@ What is here, and why:
   probed once per call form), and the general path's LU follows it, so both paths give the same
   bits.  A large row-major ``A`` goes in as the transposed system (``left=False``), so that
   LAPACK factorizes the column-major view ``Aᵀ`` instead of a copy of ``A``.
+* :func:`inductor_compile` — ``torch.fx.experimental.proxy_tensor.make_fx`` and
+  ``torch._inductor.compile_fx``: a function of tensors traced once (fake tensors) and compiled by
+  Inductor, called without dynamo's per-call guards (``argmin(..., compiled=True)``); imported on
+  first use only.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 __all__ = ["is_vmapped", "in_transform", "run_backward", "HAS_RUN_BACKWARD", "pytree", "warm_forward_ad",
-           "eager_under_compile", "solve_keeping_lu", "solve_factorizes_transpose"]
+           "eager_under_compile", "solve_keeping_lu", "solve_factorizes_transpose", "inductor_compile"]
 
 try:
     from torch._C._functorch import (
@@ -125,6 +129,32 @@ def eager_under_compile(fn: Callable) -> Callable:
 
     return wrapper
 
+
+def inductor_compile(fn: Callable, example_args: Sequence[torch.Tensor]) -> Callable:
+    """``fn`` traced once on fake copies of ``example_args`` and compiled by Inductor (CPU C++).
+
+    The result takes tensors of the examples' shapes, dtypes and devices (nothing checks it: the
+    caller keys its cache on them) and returns ``fn``'s outputs, without autograd.  No guards
+    are evaluated per call (``torch.compile``'s dynamo guards on the closure cost more than a
+    small problem's arithmetic); Python control flow on tensor values in ``fn`` cannot be traced
+    and raises; tensors ``fn`` closes over become constants of the graph (the tensor as it is
+    at the call, by reference: a name rebound later is not seen).  Matrix-vector products stay BLAS calls (``aten.mv``/``addmv`` are not decomposed
+    into Inductor's generated reductions, which are slower on the CPU).
+    """
+    with warnings.catch_warnings():  # torch's own deprecation notices on importing Inductor
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.decomposition import select_decomp_table
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        aten = torch.ops.aten
+        keep = {aten.mv.default, aten.mv.out, aten.addmv.default, aten.addmv.out}
+        table = {op: d for op, d in select_decomp_table().items() if op not in keep}
+        # distinct examples: make_fx maps one tensor passed twice to one graph input
+        examples = [a.detach().clone() for a in example_args]
+        graph = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
+        return compile_fx(graph, examples, decompositions=table)
 
 
 _solve_ex = getattr(torch, "_linalg_solve_ex", None)

@@ -22,6 +22,10 @@ interleaved repeats (:mod:`._harness`):
 * ``ours auto`` / ``ours cg``: :func:`implicitdiff.argmin` (L-BFGS forward)
   with ``Implicit()`` (dense Hessian by ``jacrev`` + LU up to ``dense_max = 200`` unknowns, CG beyond)
   and ``Implicit(solver="cg")`` (Hessian-vector products);
+* ``ours compiled`` (full runs on the CPU only: it compiles, seconds per case): the same
+  with ``compiled=True`` and ``Implicit(solver="cg")``, each L-BFGS and CG iteration one
+  call compiled by Inductor (:mod:`implicitdiff.solvers.lbfgs_compiled`); the compile is
+  excluded from the timings (the probe call compiles);
 * ``closed form`` (ridge): ``torch.linalg.solve(XᵀX/m + diag(e^θ), Xᵀt/m)``
   under autograd — also the reference of the gradient errors; for logistic
   the reference is Newton's method to machine precision plus the formula above
@@ -119,10 +123,10 @@ def _reference(p: Problem) -> torch.Tensor:
 # ----------------------------------------------------------------------------- torch methods
 # Each maps (problem, θ with requires_grad) to (w*(θ) differentiable, inner iterations or None).
 
-def _ours(adjoint):
+def _ours(adjoint, compiled=False):
     def solve(p: Problem, theta):
         w, info = argmin(p.inner, torch.zeros(p.n, dtype=D, device=p.X.device), theta, p.X, p.t, rtol=TOL,
-                         max_iter=MAX_ITER, adjoint=adjoint, return_info=True)
+                         max_iter=MAX_ITER, adjoint=adjoint, return_info=True, compiled=compiled)
         return w, int(info.iterations)
     return solve
 
@@ -133,6 +137,8 @@ def _closed_form(p: Problem, theta):
 
 
 _OURS = {"ours auto": _ours(Implicit()), "ours cg": _ours(Implicit(solver="cg", rtol=ADJ_RTOL))}
+#: measured beside ``_OURS`` (not in the comparisons) in full runs on the CPU
+_COMPILED = {"ours compiled": _ours(Implicit(solver="cg", rtol=ADJ_RTOL), compiled=True)}
 
 
 def _short(err: BaseException) -> str:
@@ -142,13 +148,14 @@ def _short(err: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- the main table
 
-def _measure_case(p: Problem, peers: dict, *, warmup, repeats, min_sample_s):
+def _measure_case(p: Problem, peers: dict, *, warmup, repeats, min_sample_s, compiled=False):
 
     ref = _reference(p)
     scale = float(ref.abs().max())
     w0 = torch.zeros(p.n, dtype=D, device=p.X.device)
     tol_abs = TOL * float(torch.linalg.vector_norm(torch.func.grad(p.inner)(w0, p.theta, p.X, p.t)))
-    methods = {name: (lambda s=s: _hypergrad(s, p), lambda s=s: _saved_kb(s, p)) for name, s in _OURS.items()}
+    ours = {**_OURS, **(_COMPILED if compiled else {})}
+    methods = {name: (lambda s=s: _hypergrad(s, p), lambda s=s: _saved_kb(s, p)) for name, s in ours.items()}
     if p.kind == "ridge":
         methods["closed form"] = (lambda: _hypergrad(_closed_form, p), lambda: _saved_kb(_closed_form, p))
     rows, runnable = {}, {}
@@ -177,13 +184,13 @@ def _measure_case(p: Problem, peers: dict, *, warmup, repeats, min_sample_s):
         rows[name].update(time_ms=1e3 * tm.median, q25_ms=1e3 * tm.q25, q75_ms=1e3 * tm.q75, min_ms=1e3 * tm.min,
                           repeats=tm.repeats)
     for row in rows.values():
-        for ours in _OURS:
-            o = rows.get(ours, {}).get("time_ms")
-            row[f"{ours} / this"] = o / row["time_ms"] if o and row.get("time_ms") else None
+        for name in ours:
+            o = rows.get(name, {}).get("time_ms")
+            row[f"{name} / this"] = o / row["time_ms"] if o and row.get("time_ms") else None
     comparisons = []
     for ours in _OURS:
         for name, row in rows.items():
-            if name in _OURS:
+            if name in _OURS or name in _COMPILED:
                 continue
             target = TARGETS.get(p.label, {}).get(name)
             ratio = row.get(f"{ours} / this")
@@ -325,7 +332,7 @@ def _available_peers(peers) -> dict:
 _MAIN_COLUMNS = [("case", "case", ""), ("method", "method", ""), ("time_ms", "ms", ".1f"), ("min_ms", "min ms", ".1f"),
                  ("iterations", "inner it", ""), ("rel_err", "rel err", ".1e"), ("saved_kb", "saved kB", ".1f"),
                  ("ours cg / this", "ours cg/this", ".2f"), ("ours auto / this", "ours auto/this", ".2f"),
-                 ("error", "note", "")]
+                 ("ours compiled / this", "compiled/this", ".2f"), ("error", "note", "")]
 _UNROLL_COLUMNS = [("method", "method", ""), ("K", "K", ""), ("time_ms", "ms", ".1f"), ("saved_kb", "saved kB", ".1f"),
                    ("rel_err", "rel err", ".1e")]
 _PROFILE_COLUMNS = [("case", "case", ""), ("forward_ms", "L-BFGS ms", ".1f"), ("lbfgs_iterations", "it", ""),
@@ -400,7 +407,8 @@ def run(quick: bool = False, out: Optional[str] = None, *, peers: Optional[Seque
         problems = [_problem(kind, m, n, seed + i, device) for i, (kind, m, n) in enumerate(_cases(quick))]
         for p in problems:
             rows, comps = _measure_case(p, peer_status, warmup=settings["warmup"], repeats=settings["repeats"],
-                                        min_sample_s=settings["min_sample_s"])
+                                        min_sample_s=settings["min_sample_s"],
+                                        compiled=not quick and str(device) == "cpu")
             methods += rows
             comparisons += comps
             profile.append(_profile(p, repeats=settings["repeats"], min_sample_s=settings["min_sample_s"]))

@@ -37,7 +37,7 @@ from .adjoint import Implicit
 from .speculation import Linearization, Recorder, record
 from .system import JacobianSystem, jvp_by_vjp
 
-__all__ = ["RootProblem", "RootFn", "Linearization", "record", "may_speculate", "isolate"]
+__all__ = ["RootProblem", "RootFn", "GivenVJPFn", "Linearization", "record", "may_speculate", "isolate"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,6 +162,22 @@ def _hints(problem: RootProblem, info) -> Optional[dict]:
 def _expand(mask, like):
     """A batch-shaped mask broadcast against ``like`` (batch dims first)."""
     return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
+
+
+class GivenVJPFn(torch.autograd.Function):
+    """``y*`` solved outside autograd, with its backward given: ``apply(vjp, y, *params)``, where
+    ``vjp(ȳ)`` returns one gradient (or ``None``) per parameter — a compiled implicit backward
+    (:mod:`implicitdiff.solvers.lbfgs_compiled`).  Once differentiable; no forward mode."""
+
+    @staticmethod
+    def forward(ctx, vjp, y, *params):
+        ctx.vjp = vjp
+        return y.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        return (None, None) + tuple(ctx.vjp(gy))
 
 
 class RootFn(torch.autograd.Function):

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
+from .._core.defaults import SOLVER_MAX_ITER, default_rtol
+from .._core.errors import InputError
+from .._core.failure import apply_on_failure, check_on_failure
+from .._core.options import check_bool
 from .._core.status import Status
+from .._core.validate import in_transform
 from ..implicit.adjoint import Implicit
+from ..implicit.root import GivenVJPFn
+from ..solvers._loop import options
+from ..solvers.lbfgs_compiled import compiled_adjoint, compiled_lbfgs
 from ..solvers.objects import LBFGS, Newton, as_solver
 from ._implicit import solve_implicit
 
@@ -37,7 +46,7 @@ def gradient_residual(f: Callable, batch_dims: int = 0) -> Callable:
 
 
 def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=None, atol=None, max_iter=None,
-           batch_dims=0, on_failure="raise", return_info=False, solver_options=None):
+           batch_dims=0, on_failure="raise", return_info=False, solver_options=None, compiled=False):
     r"""Find ``y* = argmin_y f(y, *params)`` from ``y0``; gradients through ``∇_y f(y*, θ) = 0``.
 
     The adjoint system is ``∇²_yy f · u = ȳ`` (symmetric: Hessian-vector
@@ -49,6 +58,10 @@ def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=No
         solver: ``LBFGS(...)`` (default ``"lbfgs"``; under ``torch.func.vmap`` Newton on ``∇f``
             is used, as the objective is not vmapped), ``Newton(...)`` (on ``∇f``, its Hessian
             factorization is reused by the backward), any root solver object or name, or a callable.
+        compiled: run L-BFGS and the adjoint conjugate gradients with each iteration one call
+            compiled by Inductor (:mod:`implicitdiff.solvers.lbfgs_compiled`: what it needs, what
+            it caches); for one small problem on the CPU, where eager per-operation overhead
+            dominates.  The first call per ``f`` and shapes compiles (seconds).
         Other arguments as :func:`implicitdiff.root`; the stopping rule is
         ``‖∇f(y)‖ ≤ atol + rtol ‖∇f(y0)‖``.
 
@@ -63,6 +76,9 @@ def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=No
         >>> bool(torch.allclose(w, closed, atol=1e-8))
         True
     """
+    if check_bool("compiled", compiled):
+        return _argmin_compiled(f, y0, params, solver, adjoint, rtol, atol, max_iter, batch_dims, on_failure,
+                                return_info, solver_options)
     F = gradient_residual(f, batch_dims)
     solve = as_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, solver_options=solver_options,
                       allowed=("lbfgs", "newton", "broyden", "anderson", "picard"))
@@ -79,3 +95,53 @@ def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=No
                           on_failure=on_failure, return_info=return_info, what="argmin", symmetric=True, definite=True,
                           hints=ARGMIN_HINTS,
                           unroll="newton", rtol=rtol, atol=atol, max_iter=max_iter)
+
+
+def _argmin_compiled(f, y0, params, solver, adjoint, rtol, atol, max_iter, batch_dims, on_failure, return_info,
+                     solver_options):
+    """``argmin(..., compiled=True)``: what it cannot run raises :class:`InputError` (see the module
+    docstring of :mod:`implicitdiff.solvers.lbfgs_compiled`)."""
+    check_on_failure(on_failure)
+    check_bool("return_info", return_info)
+    lb = as_solver(solver, rtol=rtol, atol=atol, max_iter=max_iter, solver_options=solver_options,
+                   allowed=("lbfgs", "newton", "broyden", "anderson", "picard"))
+    need = "argmin(compiled=True) needs "
+    if not isinstance(lb, LBFGS) or set(lb.options) - {"history"}:
+        raise InputError(need + f"solver='lbfgs' (an LBFGS with at most history=), got {solver!r}")
+    if not isinstance(adjoint, Implicit) or adjoint.solver not in ("auto", "cg"):
+        raise InputError(need + f"adjoint=Implicit() or Implicit(solver='cg') (its CG is compiled), got {adjoint!r}")
+    if in_transform():
+        raise InputError(need + "to run outside torch.func transforms (vmap, grad, jacrev): use compiled=False")
+    if not callable(f):
+        raise InputError(f"f must be a callable f(y, *params) -> scalar, got {f!r}")
+    opts = options(y0, params, rtol=lb.rtol, atol=lb.atol or 0.0, batch_dims=batch_dims, check_every=None,
+                   callback=None, max_iter=SOLVER_MAX_ITER["lbfgs"] if lb.max_iter is None else lb.max_iter)
+    if batch_dims != 0:
+        raise InputError(need + f"one problem (batch_dims=0), got batch_dims={batch_dims}: use compiled=False")
+    if not all(isinstance(p, torch.Tensor) for p in params):
+        raise InputError(need + "params that are all tensors (pass constants inside f)")
+    if any(t.device.type != "cpu" for t in (opts.y0,) + tuple(params)):
+        raise InputError(need + "y0 and params on the CPU (Inductor's C++ backend): use compiled=False")
+    res = compiled_lbfgs(f, opts.y0, opts.params, rtol=opts.rtol, atol=opts.atol, max_iter=opts.max_iter,
+                         history=lb.options.get("history", 10))
+    y = apply_on_failure(res.y, res.info, on_failure, "argmin", ARGMIN_HINTS)
+    which = tuple(i for i, p in enumerate(params) if p.requires_grad)
+    if which and torch.is_grad_enabled():
+        cg = dict(rtol=default_rtol(opts.y0.dtype) if adjoint.rtol is None else adjoint.rtol, atol=adjoint.atol,
+                  max_iter=adjoint.max_iter if adjoint.max_iter is not None else 10 * opts.n)
+        solved = int(res.info.status) == Status.SUCCESS
+
+        def vjp(gy):
+            if solved:
+                grads, info = compiled_adjoint(f, res.y, opts.params, gy, which, **cg)
+                if int(info.status) != Status.SUCCESS:
+                    apply_on_failure(res.y, info, "raise", "argmin's adjoint (compiled CG)")
+            else:  # a failed forward kept under on_failure="nan"/"warn": NaN gradients, as its NaN y
+                grads = [torch.full_like(params[i], math.nan) for i in which]
+            out = [None] * len(params)
+            for i, g in zip(which, grads):
+                out[i] = g
+            return out
+
+        y = GivenVJPFn.apply(vjp, y, *params)
+    return (y, res.info) if return_info else y
