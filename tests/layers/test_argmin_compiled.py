@@ -4,11 +4,17 @@ Each compile costs seconds on the CPU: one small ridge problem, one objective (m
 that every test finds the compiled functions in the cache), few compiles in all.
 """
 
+import os
+import shutil
+
 import pytest
 import torch
 
 import implicitdiff as idf
 from implicitdiff.solvers import lbfgs_compiled
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                reason="compiled=True needs a C++ compiler (Inductor's CPU backend)")
 
 D = torch.float64
 N, M = 6, 30
