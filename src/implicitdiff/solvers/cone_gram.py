@@ -9,7 +9,7 @@ nonzeros (more than :data:`~.cone_sparse.SPARSE_PRODUCTS` of ``n``) cover, on th
 most :data:`DENSE_BLOCK_BELOW` of it (cvxpy's canonical programs: a data matrix next to rows with
 one ``±1`` each) keeps that block as its own ``(B, rows, columns)`` copy and the other rows' few
 nonzeros as :class:`~.cone_sparse.SparseProducts`: a product reads the block, not all of ``A``
-(each product is bound by reading ``A``; the robust least squares of ``bench cone``: 58% of it).
+(each product is bound by reading ``A``).
 
 :class:`NormalMatrix` forms ``N = Σ_cones A_kᵀ W_k⁻¹ W_k⁻ᵀ A_k`` (``H = WᵀW`` the scaling of the
 interior point) — the matrix of the interior point's reduced Newton system — one term per group
@@ -113,14 +113,16 @@ class DataMatrix:
             A = A[0]
         self.A = A
         self.shared = A.dim() == 2
-        # A's zero pattern, shared by the batch (a batched A: the union over its elements, as a sum of
-        # |A| that is zero only where every entry is: faster than (A != 0).any(0), a bool temporary)
-        self.pattern = pattern if pattern is not None else (A != 0) if self.shared else A.abs().sum(0) != 0
-        if sparse is None and not self.shared:
-            if int(self.pattern.sum()) <= SPARSE_PRODUCTS * self.pattern.numel():
-                sparse = SparseProducts(A, self.pattern)
-            elif block is None:
-                block = _dense_block(A, self.pattern)
+        if pattern is None:  # (a subset is given its parent's pattern and layout)
+            # A's zero pattern, shared by the batch (a batched A: the union over its elements, as a sum of
+            # |A| that is zero only where every entry is: faster than (A != 0).any(0), a bool temporary)
+            pattern = (A != 0) if self.shared else A.abs().sum(0) != 0
+            if not self.shared:
+                if int(pattern.sum()) <= SPARSE_PRODUCTS * pattern.numel():
+                    sparse = SparseProducts(A, pattern)
+                else:
+                    block = _dense_block(A, pattern)
+        self.pattern = pattern
         self.sparse = sparse
         self.block = block  # (rows, columns, A on them, the other rows' SparseProducts or None); or None
 

@@ -23,8 +23,7 @@ for all ``j`` at once, is one product of ``P``'s row ``c`` with ``[X₁ … X_n]
 is about ``1/k`` of the result, instead of building the ``(d, d)`` matrix (``d²`` gathered entries
 per element, in fresh memory) and multiplying by it (measured in docs/benchmarks.md, sixth session).
 Fewer than :data:`COLUMNS_MIN` columns (the interior point's right-hand sides) take one congruence with
-the columns as a leading dimension instead: there the loop over ``k`` costs more than the work
-(3-4x slower at ``k = 10``, 2-3 columns, batch 128).
+the columns as a leading dimension instead: there the loop over ``k`` costs more than the work.
 
 References: Vandenberghe, "The CVXOPT linear and quadratic cone program solvers" (2010), §4.
 """
