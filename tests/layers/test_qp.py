@@ -185,6 +185,27 @@ def test_shared_parameters_get_summed_gradients(g):
         torch.testing.assert_close(got[j], want, atol=1e-9, rtol=1e-9, msg=name)
 
 
+
+def test_shared_q_with_batched_vectors_forward_and_reverse_modes_of_the_duals_at_a_far_scale(g, fd):
+    """A shared Q, G, A (one scale σ_Q, per-row d_G, d_A) with batched p, h, b (per-element σ): z, λ and ν
+    by reverse and forward mode against finite differences, data far from unit scale."""
+    Q, p, G, h, A, b = problem(g, n=4, m=5, k=1, batch=(3,))
+    Q, G, A = 40.0 * Q[0], 1e-2 * G[0], 7.0 * A[0]
+    z0 = torch.randn(3, 4, generator=g, dtype=F64)
+    h = (z0 @ G.T) + 3e-3 * torch.rand(3, 5, generator=g, dtype=F64)
+    b = z0 @ A.T
+    p = 25.0 * p
+    args = (Q, p, G, h, A, b)
+    f = lambda *P: torch.cat(qp(*P, return_duals=True), -1)  # noqa: E731
+    want = fd.jacobian(f, list(args))
+    rev = jacrev(f, argnums=tuple(range(6)))(*args)
+    fwd = jacfwd(f, argnums=tuple(range(6)))(*args)
+    for name, w, r, fw in zip(NAMES, want, rev, fwd):  # entries span 1e-7 … 5e5: relative to the largest
+        scale = w.abs().max()
+        assert (r - w).abs().max() <= 1e-7 * scale, name
+        assert (fw - w).abs().max() <= 1e-7 * scale, name
+
+
 # --------------------------------------------------------------------------- transforms
 def test_vmap_matches_batched_and_jacrev_matches_jacfwd_and_fd(g, fd):
     Q, p, G, h, A, b = problem(g, n=4, m=4, k=1, batch=(3,))

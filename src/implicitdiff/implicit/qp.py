@@ -233,7 +233,7 @@ class QPFn(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _spec, dQ, dp, dG, dh, dA, db, *_warm_and_scales):
-        Qf, Gf, Af, zf, lf, nf, ok, kkt, batch, B, (sq, sg, sG, sA) = QPFn._unpack(ctx)
+        Qf, Gf, Af, zf, lf, nf, ok, kkt, batch, B, (sq, sg, sG, sA) = QPFn._unpack(ctx)  # sG, sA: d_G, d_A
         act = kkt.active
         dt = ctx.spec.dtype
         n, m, k = zf.shape[-1], lf.shape[-1], nf.shape[-1]

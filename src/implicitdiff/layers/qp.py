@@ -157,7 +157,7 @@ def qp(Q, p, G=None, h=None, A=None, b=None, *, rtol=None, max_iter=50, on_failu
     spec = QPSpec(QPInteriorPoint.for_dtype(torch.float64, rtol=rtol, max_iter=max_iter, psd_tol=psd_tol),
                   torch.float64)
     warm = _warm(warm_start, p)
-    z, lam, nu, status, residual, iters = qp_solve(spec, Q, p, G, h, A, b, warm, equilibrate(Q, p, G, A, maxima))
+    z, lam, nu, status, residual, iters = qp_solve(spec, Q, p, G, h, A, b, warm, equilibrate(p, maxima))
     info = SolveInfo(status, residual, iters)
     if is_vmapped(status):
         z, lam, nu = (nan_where_failed(t, info.ok) for t in (z, lam, nu))  # nothing can be raised under vmap
@@ -201,13 +201,13 @@ def _maxima(Q, G, A):
 def _check_all_finite(data, maxima):
     """:func:`check_finite` of ``(Q, p, G, h, A, b)``; a matrix whose maxima are finite is finite (they propagate
     NaN and Inf), so only the vectors, and a matrix that fails, are read again (to name the fault)."""
-    for name, t in zip(("Q", "p", "G", "h", "A", "b"), data):
-        mx = maxima[("Q", "G", "A").index(name)] if name in "QGA" else None
+    qmax, gmax, amax = maxima
+    for name, t, mx in zip(("Q", "p", "G", "h", "A", "b"), data, (qmax, None, gmax, None, amax, None)):
         if mx is None or is_vmapped(mx) or not bool(torch.isfinite(mx).all()):
             _check_finite(name, t)
 
 
-def equilibrate(Q, p, G, A, maxima=None):
+def equilibrate(p, maxima):
     r"""The scales ``(σ_Q, σ, d_G, d_A)`` with which the layer solves the same QP with data of order one,
     ``(Q/σ_Q, p/σ, D_G⁻¹G, D_G⁻¹h, D_A⁻¹A, D_A⁻¹b)`` (the scaling is applied, and differentiated, by
     :class:`~implicitdiff.implicit.qp.QPFn`).
@@ -218,9 +218,9 @@ def equilibrate(Q, p, G, A, maxima=None):
     The scales are constants (detached): the gradient of ``z`` is exact for every positive scale.  Each scale
     keeps the batch dims of the tensors it is read from: a shared ``Q`` stays shared.  With it, the solver's
     relative tests (feasibility, optimality, convergence, convexity) are relative to the data's scale.
-    ``maxima``: :func:`_maxima` of ``(Q, G, A)`` when the caller has them.
+    ``maxima``: :func:`_maxima` of ``(Q, G, A)``.
     """
-    qmax, gmax, amax = _maxima(Q, G, A) if maxima is None else maxima
+    qmax, gmax, amax = maxima
     sq = _neutral(qmax)
     sigma = torch.where(qmax > 0, sq, _neutral(_absmax(p, (-1,))))
     return sq, sigma, _neutral(gmax), _neutral(amax)

@@ -72,8 +72,8 @@ scratch buffer (:func:`~implicitdiff.linalg.kkt.kkt_factor`'s ``out``; fresh mem
 **Screening** (:mod:`~implicitdiff.solvers.qp_screen`) runs first: an element with non-finite
 data gets ``NONFINITE`` and one whose ``Q`` is not positive semidefinite on the null space of
 ``A`` (beyond ``psd_tol``) gets ``NONCONVEX``; neither is solved, and neither can affect the
-others.  The tolerances are relative: the layer hands the solver equilibrated data
-(:func:`implicitdiff.layers.qp.equilibrate`).
+others.  The tolerances are relative: the layer hands the solver equilibrated data (the scales
+from :func:`implicitdiff.layers.qp.equilibrate`, applied by :class:`~implicitdiff.implicit.qp.QPFn`).
 
 **Statuses** per element: ``SUCCESS`` when the relative KKT residual (stationarity,
 feasibility, complementarity) is ``≤ rtol``; ``INFEASIBLE`` when the iterate is a
