@@ -185,7 +185,8 @@ def test_solve_keeping_lu_takes_a_large_row_major_matrix_without_a_copy():
 def test_inductor_compile_traces_once_and_keeps_the_examples_apart():
     # one tensor passed twice as the examples must still give two graph inputs (make_fx alone merges them)
     # and a tensor fn closes over stays a tensor of the graph (not a fake one)
-    A, x, y, c = torch.randn(4, 3, dtype=F64), torch.randn(3, dtype=F64), torch.randn(3, dtype=F64), torch.randn(4, dtype=F64)
+    A, c = torch.randn(4, 3, dtype=F64), torch.randn(4, dtype=F64)
+    x, y = torch.randn(3, dtype=F64), torch.randn(3, dtype=F64)
 
     def fn(A, x, y):
         return A @ (x - y) + c, (x * y).sum()

@@ -1,11 +1,13 @@
-"""argmin(compiled=True): the compiled L-BFGS and adjoint against the eager path and the closed form.
+"""argmin(compiled=True): the compiled L-BFGS and adjoint against the eager path, finite differences and
+closed forms.
 
-Each compile costs seconds on the CPU: one small ridge problem, one objective (module level, so
-that every test finds the compiled functions in the cache), few compiles in all.
+Each compile costs seconds on the CPU: one small non-quadratic ridge problem, one objective (module
+level, so that every test finds the compiled functions in the cache), few compiles in all.
 """
 
 import os
 import shutil
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -18,14 +20,17 @@ pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is No
 
 D = torch.float64
 N, M = 6, 30
+LBFGS3 = idf.solvers.LBFGS(history=3)
+CG = idf.Implicit(solver="cg", rtol=1e-12)
 
 
 HALF = torch.tensor(0.5, dtype=D)                                    # a tensor f closes over
 
 
 def ridge(w, theta, X, t):
+    """Ridge regression plus a quartic term: the Hessian depends on w (a CG at the wrong point is wrong)."""
     r = X @ w - t
-    return HALF * (r * r).sum() / X.shape[0] + 0.5 * (theta.exp() * w * w).sum()
+    return HALF * (r * r).sum() / X.shape[0] + 0.5 * (theta.exp() * w * w).sum() + 0.05 * (w ** 4).sum()
 
 
 def data(n=N, seed=0):
@@ -37,70 +42,116 @@ def data(n=N, seed=0):
     return theta, X, t, Xv, tv
 
 
-def hypergrads(compiled, theta, X, t, Xv, tv, **kw):
+def solve(compiled, theta, X, t, **kw):
+    return idf.argmin(ridge, torch.zeros(theta.shape[0], dtype=D), theta, X, t, rtol=1e-12, solver=LBFGS3,
+                      compiled=compiled, **kw)
+
+
+def hypergrads(compiled, theta, X, t, Xv, tv):
     theta, t = theta.clone().requires_grad_(), t.clone().requires_grad_()
-    w, info = idf.argmin(ridge, torch.zeros(theta.shape[0], dtype=D), theta, X, t, rtol=1e-12, return_info=True,
-                         adjoint=idf.Implicit(solver="cg", rtol=1e-12), compiled=compiled, **kw)
+    w, info = solve(compiled, theta, X, t, return_info=True, adjoint=CG)
     return w.detach(), torch.autograd.grad(((Xv @ w - tv) ** 2).mean(), (theta, t)), info
-
-
-def closed_form(theta, X, t, Xv, tv):
-    theta, t = theta.clone().requires_grad_(), t.clone().requires_grad_()
-    w = torch.linalg.solve(X.T @ X / M + torch.diag(theta.exp()), X.T @ t / M)
-    return w.detach(), torch.autograd.grad(((Xv @ w - tv) ** 2).mean(), (theta, t))
 
 
 @pytest.fixture(scope="module")
 def compiled_run():
     problem = data()
-    return problem, hypergrads(True, *problem, solver=idf.solvers.LBFGS(history=3))
+    return problem, hypergrads(True, *problem)
 
 
-def test_compiled_equals_the_eager_path_and_the_closed_form(compiled_run):
+def test_compiled_equals_the_eager_path_and_finite_differences(compiled_run):
     problem, (w, grads, info) = compiled_run
-    w_e, grads_e, info_e = hypergrads(False, *problem, solver=idf.solvers.LBFGS(history=3))
-    w_c, grads_c = closed_form(*problem)
+    theta, X, t, Xv, tv = problem
+    w_e, grads_e, info_e = hypergrads(False, *problem)
     assert int(info.status) == 0 and 0 < int(info.iterations) <= int(info_e.iterations) + 2
     assert float(info.residual) <= 1e-12
     torch.testing.assert_close(w, w_e, rtol=0, atol=1e-12)          # the same rules, up to rounding
-    for g, g_e, g_c in zip(grads, grads_e, grads_c):                  # θ̄ and t̄: two parameters' mixed products
+    for g, g_e in zip(grads, grads_e):                                # θ̄ and t̄: two parameters' mixed products
         torch.testing.assert_close(g, g_e, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(g, g_c, rtol=1e-8, atol=1e-11)
+
+    def loss(theta, t):                                               # the compiled forward, from the cache
+        return float(((Xv @ solve(True, theta, X, t) - tv) ** 2).mean())
+
+    g = torch.Generator().manual_seed(5)
+    eps = 1e-5
+    for i, (g_p, p) in enumerate(zip(grads, (theta, t))):            # central differences along a direction
+        d = torch.randn(p.shape, generator=g, dtype=D)
+        args = lambda s: [theta + s * d, t] if i == 0 else [theta, t + s * d]  # noqa: E731
+        fd = (loss(*args(eps)) - loss(*args(-eps))) / (2 * eps)
+        assert abs(float(g_p @ d) - fd) <= 1e-8 * abs(fd), (i, float(g_p @ d), fd)
 
 
-def test_another_shape_compiles_again(compiled_run):
-    theta, X, t, _, _ = data(n=N + 1, seed=1)                        # the forward alone: one more compile
-    w = idf.argmin(ridge, torch.zeros(N + 1, dtype=D), theta, X, t, rtol=1e-12, solver=idf.solvers.LBFGS(history=3),
-                   compiled=True)
-    w_c = torch.linalg.solve(X.T @ X / M + torch.diag(theta.exp()), X.T @ t / M)
-    torch.testing.assert_close(w, w_c, rtol=0, atol=1e-10)
+def test_a_transposed_parameter_compiles_again(compiled_run):
+    (theta, X, t, _, _), (w, _, _) = compiled_run
+    Xt = X.T.contiguous().T                                          # the same values, another layout
+    assert Xt.stride() != X.stride()
+    torch.testing.assert_close(solve(True, theta, Xt, t), w, rtol=0, atol=1e-12)
+
+
+def rows(W, s):
+    """Minimized by W = s / (k + 1) in every entry, k = W.shape[-1]: y's shape changes the answer."""
+    return 0.5 * ((W.sum(-1) - s) ** 2).sum() + 0.5 * (W * W).sum()
+
+
+def test_another_shape_compiles_again_in_float32():
+    s = torch.tensor(1.5, dtype=torch.float32, requires_grad=True)
+    for shape in ((2, 3), (3, 2)):                                    # the same flat size, another answer
+        W = idf.argmin(rows, torch.zeros(shape), s, solver=LBFGS3, compiled=True)
+        assert W.dtype == torch.float32 and W.shape == shape
+        k = shape[1]
+        torch.testing.assert_close(W.detach(), torch.full(shape, 1.5 / (k + 1)), rtol=0, atol=1e-4)
+        (g,) = torch.autograd.grad(W.sum(), s)                       # dW/ds = 1 / (k + 1) in every entry
+        torch.testing.assert_close(g, torch.tensor(W.numel() / (k + 1)), rtol=0, atol=1e-4)
+
+
+def test_the_adjoint_scales_the_cotangent(compiled_run):
+    theta, X, t = (p.clone().requires_grad_() for p in compiled_run[0][:3])
+    w = solve(True, theta, X, t, adjoint=CG)
+    gy = torch.randn(N, generator=torch.Generator().manual_seed(3), dtype=D)
+    grads = torch.autograd.grad(w, (theta, t), gy, retain_graph=True)
+    tiny = torch.autograd.grad(w, (theta, t), gy * 1e-170, retain_graph=True)   # rᵀr would underflow
+    for g, g_tiny in zip(grads, tiny):
+        assert g.abs().max() > 1e-3
+        torch.testing.assert_close(g_tiny * 1e170, g, rtol=1e-9, atol=0)
+    with pytest.raises(idf.SolveError, match="NONFINITE.*NaN/Inf"):
+        torch.autograd.grad(w, (theta, t), torch.full_like(gy, float("nan")), retain_graph=True)
+
+
+def test_a_failed_adjoint_is_reported_with_its_residual_and_hints(compiled_run):
+    theta, X, t = (p.clone().requires_grad_() for p in compiled_run[0][:3])
+    w = solve(True, theta, X, t, adjoint=idf.Implicit(solver="cg", rtol=1e-12, max_iter=1))
+    with pytest.raises(idf.SolveError, match=r"MAX_ITERATIONS.*residual.*Implicit\(max_iter=...\)") as err:
+        torch.autograd.grad(w.sum(), (theta, t))
+    assert err.value.residual > 1e-12
 
 
 def test_a_failed_solve_is_reported_with_its_residual(compiled_run):
     problem, _ = compiled_run
     theta, X, t = problem[:3]
-    call = dict(rtol=1e-12, max_iter=2, solver=idf.solvers.LBFGS(history=3), compiled=True)
+    call = dict(max_iter=2)
     with pytest.raises(idf.SolveError, match="MAX_ITERATIONS.*residual") as err:
-        idf.argmin(ridge, torch.zeros(N, dtype=D), theta, X, t, **call)
+        solve(True, theta, X, t, **call)
     assert err.value.residual > 1e-12
     theta = theta.clone().requires_grad_()
-    y, info = idf.argmin(ridge, torch.zeros(N, dtype=D), theta, X, t, on_failure="nan", return_info=True, **call)
-    assert int(info.status) == int(idf.Status.MAX_ITERATIONS) and int(info.iterations) == 2 and y.isnan().all()
-    (g,) = torch.autograd.grad(y.sum(), theta)
-    assert g.isnan().all()
+    for compiled in (True, False):                                    # no gradient from a failed forward, as eager
+        y, info = solve(compiled, theta, X, t, on_failure="nan", return_info=True, **call)
+        assert int(info.status) == int(idf.Status.MAX_ITERATIONS) and int(info.iterations) == 2 and y.isnan().all()
+        assert torch.autograd.grad(y.sum(), theta, allow_unused=True) == (None,)
 
 
-def test_what_it_cannot_run_is_a_clear_error(compiled_run):
-    problem, _ = compiled_run
-    theta, X, t = problem[:3]
+def test_what_it_cannot_run_is_a_clear_error():
+    theta, X, t = data()[:3]
     y0 = torch.zeros(N, dtype=D)
     cases = [(dict(solver="newton", compiled=True), "solver='lbfgs'"),
              (dict(solver=idf.solvers.LBFGS(check_every=2), compiled=True), "solver='lbfgs'"),
              (dict(adjoint=idf.Implicit(solver="lu"), compiled=True), "Implicit"),
+             (dict(adjoint=idf.Implicit(dense_max=5), compiled=True), "no dense_max"),
              (dict(compiled="yes"), "compiled")]
     for kw, match in cases:
         with pytest.raises(idf.InputError, match=match):
             idf.argmin(ridge, y0, theta, X, t, **kw)
+    with pytest.raises(idf.InputError, match="f must be callable"):
+        idf.argmin(3.0, y0, theta, compiled=True)
     with pytest.raises(idf.InputError, match="batch_dims=0"):
         idf.argmin(lambda w, th: (th * w * w).sum(-1), torch.zeros(2, N, dtype=D), theta, batch_dims=1,
                    compiled=True)
@@ -115,5 +166,12 @@ def test_what_it_cannot_run_is_a_clear_error(compiled_run):
                    compiled=True)
 
 
-def test_the_cache_is_bounded():
-    assert len(lbfgs_compiled._CACHE) <= lbfgs_compiled.CACHE_SIZE
+def test_the_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(lbfgs_compiled, "_CACHE", OrderedDict())      # the real cache keeps its entries
+    monkeypatch.setattr(lbfgs_compiled, "inductor_compile", lambda fn, examples: fn)
+    x = torch.zeros(2)
+    for i in range(lbfgs_compiled.CACHE_SIZE + 1):
+        assert lbfgs_compiled._compiled("k", ridge, lambda: i, (x,), i) == i
+    assert len(lbfgs_compiled._CACHE) == lbfgs_compiled.CACHE_SIZE
+    assert ("k", ridge, 0, ((2,), (1,), torch.float32, x.device)) not in lbfgs_compiled._CACHE
+    assert ("k", ridge, 1, ((2,), (1,), torch.float32, x.device)) in lbfgs_compiled._CACHE

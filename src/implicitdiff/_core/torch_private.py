@@ -133,13 +133,15 @@ def eager_under_compile(fn: Callable) -> Callable:
 def inductor_compile(fn: Callable, example_args: Sequence[torch.Tensor]) -> Callable:
     """``fn`` traced once on fake copies of ``example_args`` and compiled by Inductor (CPU C++).
 
-    The result takes tensors of the examples' shapes, dtypes and devices (nothing checks it: the
-    caller keys its cache on them) and returns ``fn``'s outputs, without autograd.  No guards
+    The result takes tensors of the examples' shapes, strides, dtypes and devices (nothing checks
+    the shapes; another stride is an ``AssertionError`` of Inductor's: the caller keys its cache on
+    all four) and returns ``fn``'s outputs, without autograd.  No guards
     are evaluated per call (``torch.compile``'s dynamo guards on the closure cost more than a
     small problem's arithmetic); Python control flow on tensor values in ``fn`` cannot be traced
     and raises; tensors ``fn`` closes over become constants of the graph (the tensor as it is
-    at the call, by reference: a name rebound later is not seen).  Matrix-vector products stay BLAS calls (``aten.mv``/``addmv`` are not decomposed
-    into Inductor's generated reductions, which are slower on the CPU).
+    at the call, by reference: a name rebound later is not seen).  Matrix-vector products stay BLAS
+    calls (``aten.mv``/``addmv`` are not decomposed into Inductor's generated reductions, which are
+    slower on the CPU).
     """
     with warnings.catch_warnings():  # torch's own deprecation notices on importing Inductor
         warnings.simplefilter("ignore", DeprecationWarning)

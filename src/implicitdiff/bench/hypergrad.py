@@ -154,8 +154,8 @@ def _measure_case(p: Problem, peers: dict, *, warmup, repeats, min_sample_s, com
     scale = float(ref.abs().max())
     w0 = torch.zeros(p.n, dtype=D, device=p.X.device)
     tol_abs = TOL * float(torch.linalg.vector_norm(torch.func.grad(p.inner)(w0, p.theta, p.X, p.t)))
-    ours = {**_OURS, **(_COMPILED if compiled else {})}
-    methods = {name: (lambda s=s: _hypergrad(s, p), lambda s=s: _saved_kb(s, p)) for name, s in ours.items()}
+    variants = {**_OURS, **(_COMPILED if compiled else {})}   # ours, measured
+    methods = {name: (lambda s=s: _hypergrad(s, p), lambda s=s: _saved_kb(s, p)) for name, s in variants.items()}
     if p.kind == "ridge":
         methods["closed form"] = (lambda: _hypergrad(_closed_form, p), lambda: _saved_kb(_closed_form, p))
     rows, runnable = {}, {}
@@ -184,7 +184,7 @@ def _measure_case(p: Problem, peers: dict, *, warmup, repeats, min_sample_s, com
         rows[name].update(time_ms=1e3 * tm.median, q25_ms=1e3 * tm.q25, q75_ms=1e3 * tm.q75, min_ms=1e3 * tm.min,
                           repeats=tm.repeats)
     for row in rows.values():
-        for name in ours:
+        for name in variants:
             o = rows.get(name, {}).get("time_ms")
             row[f"{name} / this"] = o / row["time_ms"] if o and row.get("time_ms") else None
     comparisons = []

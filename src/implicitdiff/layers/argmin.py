@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
-from .._core.defaults import SOLVER_MAX_ITER, default_rtol
+from .._core.defaults import DENSE_MAX, default_rtol
 from .._core.errors import InputError
 from .._core.failure import apply_on_failure, check_on_failure
-from .._core.options import check_bool
+from .._core.options import check_bool, check_callable
 from .._core.status import Status
 from .._core.validate import in_transform
 from ..implicit.adjoint import Implicit
 from ..implicit.root import GivenVJPFn
 from ..solvers._loop import options
+from ..solvers.lbfgs import HISTORY
 from ..solvers.lbfgs_compiled import compiled_adjoint, compiled_lbfgs
 from ..solvers.objects import LBFGS, Newton, as_solver
 from ._implicit import solve_implicit
@@ -32,6 +32,12 @@ ARGMIN_HINTS = {Status.MAX_ITERATIONS: _UNBOUNDED, Status.DIVERGED: _UNBOUNDED,
                 Status.BREAKDOWN: "the line search stalled: f may be unbounded below or non-smooth, rtol may be "
                                   "below rounding (loosen rtol or pass atol), or y* is far from unit scale "
                                   "(rescale y, or use solver='newton')"}
+#: Hints of a failed adjoint CG of ``argmin(compiled=True)`` (no LU or MINRES on that path).
+_COMPILED_ADJOINT_HINTS = {
+    Status.MAX_ITERATIONS: "raise Implicit(max_iter=...), or use compiled=False",
+    Status.BREAKDOWN: "the Hessian is not positive definite along a CG direction (not a strict minimum): use "
+                      "compiled=False, whose Implicit() falls back to MINRES or LU",
+    Status.NONFINITE: "the cotangent of y or a Hessian-vector product is NaN/Inf"}
 
 
 def gradient_residual(f: Callable, batch_dims: int = 0) -> Callable:
@@ -61,14 +67,17 @@ def argmin(f: Callable, y0, *params, solver="lbfgs", adjoint=Implicit(), rtol=No
         compiled: run L-BFGS and the adjoint conjugate gradients with each iteration one call
             compiled by Inductor (:mod:`implicitdiff.solvers.lbfgs_compiled`: what it needs, what
             it caches); for one small problem on the CPU, where eager per-operation overhead
-            dominates.  The first call per ``f`` and shapes compiles (seconds).
+            dominates.  The first call per ``f`` and shapes compiles (seconds).  The adjoint is
+            conjugate gradients there: ``Implicit()`` (or ``Implicit(solver="cg")``) with its
+            ``rtol``/``atol``/``max_iter``, no LU and no MINRES retry (``dense_max`` raises).
         Other arguments as :func:`implicitdiff.root`; the stopping rule is
         ``‖∇f(y)‖ ≤ atol + rtol ‖∇f(y0)‖``.
 
     Example (ridge regression: ``y* = (XᵀX + λI)⁻¹ Xᵀt``):
         >>> import torch, implicitdiff as idf
         >>> g = torch.Generator().manual_seed(0)
-        >>> X = torch.randn(20, 3, generator=g, dtype=torch.float64); t = torch.randn(20, generator=g, dtype=torch.float64)
+        >>> X = torch.randn(20, 3, generator=g, dtype=torch.float64)
+        >>> t = torch.randn(20, generator=g, dtype=torch.float64)
         >>> lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
         >>> f = lambda w, lam: 0.5 * ((X @ w - t) ** 2).sum() + 0.5 * lam * (w ** 2).sum()
         >>> w = idf.argmin(f, torch.zeros(3, dtype=torch.float64), lam)
@@ -108,14 +117,15 @@ def _argmin_compiled(f, y0, params, solver, adjoint, rtol, atol, max_iter, batch
     need = "argmin(compiled=True) needs "
     if not isinstance(lb, LBFGS) or set(lb.options) - {"history"}:
         raise InputError(need + f"solver='lbfgs' (an LBFGS with at most history=), got {solver!r}")
-    if not isinstance(adjoint, Implicit) or adjoint.solver not in ("auto", "cg"):
-        raise InputError(need + f"adjoint=Implicit() or Implicit(solver='cg') (its CG is compiled), got {adjoint!r}")
+    if not isinstance(adjoint, Implicit) or adjoint.solver not in ("auto", "cg") or adjoint.dense_max != DENSE_MAX:
+        raise InputError(need + f"adjoint=Implicit() or Implicit(solver='cg') with rtol/atol/max_iter at most "
+                                f"(its CG is compiled: no LU, so no dense_max), got {adjoint!r}")
     if in_transform():
         raise InputError(need + "to run outside torch.func transforms (vmap, grad, jacrev): use compiled=False")
-    if not callable(f):
-        raise InputError(f"f must be a callable f(y, *params) -> scalar, got {f!r}")
-    opts = options(y0, params, rtol=lb.rtol, atol=lb.atol or 0.0, batch_dims=batch_dims, check_every=None,
-                   callback=None, max_iter=SOLVER_MAX_ITER["lbfgs"] if lb.max_iter is None else lb.max_iter)
+    check_callable("f", f)
+    kw = lb.keywords()
+    opts = options(y0, params, rtol=kw.get("rtol"), atol=kw.get("atol", 0.0), batch_dims=batch_dims,
+                   check_every=None, callback=None, max_iter=kw["max_iter"])
     if batch_dims != 0:
         raise InputError(need + f"one problem (batch_dims=0), got batch_dims={batch_dims}: use compiled=False")
     if not all(isinstance(p, torch.Tensor) for p in params):
@@ -123,7 +133,7 @@ def _argmin_compiled(f, y0, params, solver, adjoint, rtol, atol, max_iter, batch
     if any(t.device.type != "cpu" for t in (opts.y0,) + tuple(params)):
         raise InputError(need + "y0 and params on the CPU (Inductor's C++ backend): use compiled=False")
     res = compiled_lbfgs(f, opts.y0, opts.params, rtol=opts.rtol, atol=opts.atol, max_iter=opts.max_iter,
-                         history=lb.options.get("history", 10))
+                         history=kw.get("history", HISTORY))
     y = apply_on_failure(res.y, res.info, on_failure, "argmin", ARGMIN_HINTS)
     which = tuple(i for i, p in enumerate(params) if p.requires_grad)
     if which and torch.is_grad_enabled():
@@ -132,13 +142,11 @@ def _argmin_compiled(f, y0, params, solver, adjoint, rtol, atol, max_iter, batch
         solved = int(res.info.status) == Status.SUCCESS
 
         def vjp(gy):
-            if solved:
-                grads, info = compiled_adjoint(f, res.y, opts.params, gy, which, **cg)
-                if int(info.status) != Status.SUCCESS:
-                    apply_on_failure(res.y, info, "raise", "argmin's adjoint (compiled CG)")
-            else:  # a failed forward kept under on_failure="nan"/"warn": NaN gradients, as its NaN y
-                grads = [torch.full_like(params[i], math.nan) for i in which]
             out = [None] * len(params)
+            if not solved:  # a failed forward kept under on_failure="nan"/"warn": no gradient, as the eager path
+                return out
+            grads, info = compiled_adjoint(f, res.y, opts.params, gy, which, **cg)
+            apply_on_failure(res.y, info, "raise", "argmin's adjoint (compiled CG)", _COMPILED_ADJOINT_HINTS)
             for i, g in zip(which, grads):
                 out[i] = g
             return out

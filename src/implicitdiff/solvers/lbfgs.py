@@ -22,6 +22,7 @@ __all__ = ["lbfgs"]
 
 _ARMIJO = 1e-4       # sufficient decrease constant c
 _MIN_STEP = 1e-10    # line search gives up (BREAKDOWN) below this step length (relative to the first trial)
+HISTORY = 10         # pairs kept by default (also argmin(compiled=True)'s default)
 _BREAKDOWN = int(Status.BREAKDOWN)
 
 # ----------------------------------------------------------------------------- the pairs, in compact form
@@ -140,7 +141,7 @@ def _objective(f: Callable, shape, batch, nb: int, params, dtype):
 
 
 def lbfgs(f: Callable, y0: torch.Tensor, params: tuple = (), *, rtol=None, atol=0.0, max_iter: int = 200,
-          batch_dims: int = 0, history: int = 10, check_every=None, trace: bool = False,
+          batch_dims: int = 0, history: int = HISTORY, check_every=None, trace: bool = False,
           callback=None) -> SolverResult:
     """Minimize ``f(y, *params)`` by L-BFGS, batched, each element on its own.
 

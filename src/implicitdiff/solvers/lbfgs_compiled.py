@@ -17,15 +17,19 @@ matrix-vector products kept as BLAS calls), so that an iteration is one call and
   (the two-loop recursion instead of the compact form).
 * the adjoint (:func:`compiled_adjoint`): conjugate gradients on ``∇²f u = ȳ`` with each step
   (one Hessian-vector product, reverse over reverse) compiled, stopping at
-  ``‖r‖ ≤ atol + rtol‖ȳ‖``; then one compiled mixed product ``θ̄ = −∂_θ(∇_y f · u)``.
+  ``‖r‖ ≤ atol + rtol‖ȳ‖``; then one compiled mixed product ``θ̄ = −∂_θ(∇_y f · u)``.  As the
+  eager Krylov solvers do, ``ȳ`` is divided by a power of two near its largest entry (exact) and
+  the gradients multiplied back, so that a tiny or huge ``ȳ`` neither underflows ``rᵀr`` nor
+  overflows it; a non-finite ``ȳ`` is ``NONFINITE`` before the first step.
 
 What it needs: one problem (``batch_dims = 0``) on the CPU, outside ``torch.func`` transforms,
 ``params`` all tensors, and an ``f`` that Inductor can trace (no Python branching on tensor values:
 that raises :class:`~implicitdiff.InputError`).  Tensors ``f`` closes over are constants of the
-compiled code (a name rebound later is not seen): pass what changes as ``params``.  Each compiled function is cached on ``f`` (by
-equality, so a bound method is found again: define ``f`` once, as a new lambda per call compiles
-again), the shapes, dtypes and which parameters need gradients; another shape or dtype compiles
-again (seconds); the cache keeps the last :data:`CACHE_SIZE`.
+compiled code (a name rebound later is not seen): pass what changes as ``params``.  Each compiled
+function is cached on ``f`` (by equality, so a bound method is found again: define ``f`` once, as
+a new lambda per call compiles again), ``y``'s shape, the shapes, strides and dtypes of the
+tensors it takes, and which parameters need gradients; another shape, layout (a transposed
+parameter) or dtype compiles again (seconds); the cache keeps the last :data:`CACHE_SIZE`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import torch
 from .._core.errors import InputError
 from .._core.status import SolveInfo, Status
 from .._core.torch_private import inductor_compile
+from ..linalg.krylov._common import _pow2_scale
 from .lbfgs import _ARMIJO, _MIN_STEP, _objective
 from .result import SolverResult
 
@@ -50,7 +55,10 @@ _CACHE: OrderedDict = OrderedDict()
 
 
 def _compiled(kind: str, f: Callable, build: Callable, examples: tuple, extra=()) -> Callable:
-    key = (kind, f, extra) + tuple((tuple(a.shape), a.dtype, a.device) for a in examples)
+    """The compiled ``build()`` for ``examples``, cached on ``(kind, f, extra)`` and the examples' shapes,
+    strides, dtypes and devices (a compiled call asserts its inputs' strides); ``extra`` holds what
+    the examples do not show, such as ``y``'s shape (the compiled code sees ``y`` flat)."""
+    key = (kind, f, extra) + tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in examples)
     fn = _CACHE.get(key)
     if fn is None:
         try:
@@ -124,7 +132,8 @@ def compiled_lbfgs(f: Callable, y0: torch.Tensor, params: tuple, *, rtol: float,
         tol = atol + rtol * gn0_f
         zeros = y.new_zeros(m, n)
         state = (y, g, v, -g / gn0, torch.ones((), dtype=dt), zeros, zeros.clone(), y.new_zeros(m), 1 / gn0)
-        step = _compiled("lbfgs", f, lambda: _lbfgs_step(f, shape, m, torch.finfo(dt).eps), state + params, m) \
+        step = _compiled("lbfgs", f, lambda: _lbfgs_step(f, shape, m, torch.finfo(dt).eps), state + params,
+                          (m, tuple(shape))) \
             if status is None else None
         iterations, gn = 0, gn0_f
         while status is None and iterations < max_iter:
@@ -171,17 +180,21 @@ def _mixed(f: Callable, shape, which: tuple) -> Callable:
 def compiled_adjoint(f: Callable, y: torch.Tensor, params: tuple, gy: torch.Tensor, which: tuple, *, rtol: float,
                      atol: float, max_iter: int) -> tuple:
     """``θ̄_i = −∂_{θ_i}(∇_y f · u)`` for ``i`` in ``which``, ``∇²f u = ȳ`` by compiled CG (module
-    docstring); ``(θ̄ tuple, SolveInfo of the CG)`` — the caller raises on its failure."""
+    docstring); ``(θ̄ tuple, SolveInfo of the CG)``, ``θ̄`` ``None`` where the CG failed (the caller
+    raises)."""
     shape, n = y.shape, y.numel()
     yf, b = y.reshape(n), gy.reshape(n).to(y.dtype)
     with torch.no_grad():
+        scale = _pow2_scale(b.abs().amax())                          # exact: ȳ / scale has entries near 1
+        b = b / scale
         x, r, p = torch.zeros_like(b), b.clone(), b.clone()
         rs = r @ r
         bn = math.sqrt(float(rs))
-        tol2 = (atol + rtol * bn) ** 2
-        step = _compiled("cg", f, lambda: _cg_step(f, shape), (yf, x, r, p, rs) + params)
-        status, k, rs_f = Status.SUCCESS, 0, bn * bn
-        while rs_f > tol2:
+        tol2 = (atol / float(scale) + rtol * bn) ** 2
+        status, k, rs_f = None if math.isfinite(bn) else Status.NONFINITE, 0, bn * bn
+        step = _compiled("cg", f, lambda: _cg_step(f, shape), (yf, x, r, p, rs) + params, tuple(shape)) \
+            if status is None else None
+        while status is None and rs_f > tol2:
             if k == max_iter:
                 status = Status.MAX_ITERATIONS
                 break
@@ -190,8 +203,9 @@ def compiled_adjoint(f: Callable, y: torch.Tensor, params: tuple, gy: torch.Tens
             rs_f, php = read.tolist()
             if not (php > 0 and math.isfinite(rs_f)):     # not positive definite along p, or overflow
                 status = Status.BREAKDOWN if math.isfinite(rs_f) else Status.NONFINITE
-                break
-        mixed = _compiled("mixed", f, lambda: _mixed(f, shape, which), (yf, x) + params, which)
-        info = SolveInfo(torch.tensor(int(status)), torch.tensor(math.sqrt(rs_f) / max(bn, torch.finfo(y.dtype).tiny)),
-                         torch.tensor(k))
-        return mixed(yf, x, *params), info
+        info = SolveInfo(torch.tensor(int(Status.SUCCESS if status is None else status)),
+                         torch.tensor(math.sqrt(rs_f) / max(bn, torch.finfo(y.dtype).tiny)), torch.tensor(k))
+        if status is not None:
+            return None, info
+        mixed = _compiled("mixed", f, lambda: _mixed(f, shape, which), (yf, x) + params, (which, tuple(shape)))
+        return tuple(g * scale for g in mixed(yf, x, *params)), info

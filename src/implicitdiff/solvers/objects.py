@@ -77,14 +77,19 @@ class Solver:
         changes = {k: v for k, v in given.items() if v is not None}
         return self.replace(**changes) if changes else self
 
-    def __call__(self, F, y0, params, batch_dims, **call):
+    def keywords(self, **call) -> dict:
+        """The keywords :attr:`fn` is called with: the options, ``call``'s, and the set ``rtol``/``atol``,
+        ``max_iter`` always (its default filled in)."""
         kw = dict(self.options, **call)
         if self.rtol is not None:
             kw["rtol"] = self.rtol
         if self.atol is not None:
             kw["atol"] = self.atol
         kw["max_iter"] = SOLVER_MAX_ITER[self.name] if self.max_iter is None else self.max_iter
-        return type(self).fn(F, y0, params, batch_dims=batch_dims, **kw)
+        return kw
+
+    def __call__(self, F, y0, params, batch_dims, **call):
+        return type(self).fn(F, y0, params, batch_dims=batch_dims, **self.keywords(**call))
 
     def __eq__(self, other):
         return type(other) is type(self) and (self.rtol, self.atol, self.max_iter, self.options) == \
