@@ -251,21 +251,33 @@ def _sparse_A(spec, B, g, n=41, d=5, drop=0.2):
 
 
 def _check(A, B, spec, g, keep=None):
+    # N dense, and in the elimination's compact layout (formed there directly): every entry the
+    # factorization reads equals the dense reference's
     s, y = _interior(spec, B, g, 3.0), _interior(spec, B, g, 3.0)
     data = DataMatrix(A)
     groups, states = _states(spec, s, y)
-    normal = NormalMatrix(data, groups, _CONES)
-    kinds = [kind for (kind, _, _), pre in zip(groups, normal.pre) if isinstance(pre, SparseGram)]
+    normals = [NormalMatrix(data, groups, _CONES, eliminate) for eliminate in (False, True)]
+    kinds = [kind for (kind, _, _), pre in zip(groups, normals[0].pre) if isinstance(pre, SparseGram)]
     if keep is not None:
         data = data.subset(keep)
-        normal = normal.subset(data, keep)
+        normals = [normal.subset(data, keep) for normal in normals]
         s, y, A = s[keep], y[keep], A[keep] if A.dim() == 3 else A
         groups, states = _states(spec, s, y)
         B = keep.numel()
-    N = normal(states, B)
     ref = _dense_normal(A.expand(B, *A.shape[-2:]).contiguous(), spec, groups, states)
-    err = float((N - ref).abs().max() / ref.abs().max())
-    assert err < 1e-12, err
+    dense, compact = (normal(states, B) for normal in normals)
+    plan = normals[1].elimination
+    assert normals[0].elimination is None and isinstance(plan, Elimination)
+    size = sum(plan.sizes)
+    real = plan.slot < size
+    assert compact.shape == (B, size + 1)
+    # the entries left out are zeros or the transposes of entries kept (N_DP)
+    n = ref.shape[-1]
+    out = (~real).nonzero()[:, 0]
+    assert bool((real[(out % n) * n + out // n] | (ref.view(B, -1)[:, out] == 0).all(0)).all())
+    for N, R in ((dense, ref), (compact[:, plan.slot[real]], ref.view(B, -1)[:, real])):
+        err = float((N - R).abs().max() / ref.abs().max())
+        assert err < 1e-12, err
     return kinds
 
 
@@ -277,6 +289,21 @@ def test_sparse_normal_matrix_equals_the_dense_one(shared):
     A = _sparse_A(spec, B, g)
     kinds = _check(A[0] if shared else A, B, spec, g)
     assert set(kinds) >= {"l", "ep", "s"}          # the groups with a sparse pattern take the sparse form
+
+
+def test_compact_normal_matrix_with_a_dense_term(monkeypatch):
+    # a group kept dense (the nonnegative rows here) is formed in N (n × n), which is then gathered into
+    # the elimination's compact layout, where the other groups add their terms
+    from implicitdiff.solvers import cone_gram
+    sparse_gram = cone_gram.sparse_gram
+
+    def decline_single_rows(rows, pattern, n, cost=None):
+        return None if pattern.dim() == 2 else sparse_gram(rows, pattern, n, cost)
+    monkeypatch.setattr(cone_gram, "sparse_gram", decline_single_rows)
+    g = torch.Generator().manual_seed(4)
+    spec = parse_cones(SPARSE_CONES)
+    kinds = _check(_sparse_A(spec, 3, g), 3, spec, g)
+    assert "l" not in kinds and "ep" in kinds
 
 
 def test_sparse_normal_matrix_on_a_subset_of_the_batch():
@@ -345,16 +372,15 @@ def test_elimination_solves_like_the_dense_cholesky(shared):
     s, y = _interior(spec, B, g), _interior(spec, B, g)
     groups, states = _states(spec, s, y)
     data = DataMatrix(A)
-    normal = NormalMatrix(data, groups, _CONES)
-    N = normal(states, B)
+    N = NormalMatrix(data, groups, _CONES, eliminate=False)(states, B)
     n = N.shape[-1]
     eye = torch.eye(n, dtype=F64)
     N += eye                                                    # (A has fewer rows than columns in places)
-    plan = normal.elimination
+    plan = NormalMatrix(data, groups, _CONES).elimination
     assert isinstance(plan, Elimination) and plan.D.tolist()[:5] == list(range(5)) and plan.comp.shape[1] > 1
     N[2] -= (torch.linalg.eigvalsh(N[2])[0] + 1e-9) * eye      # element 2: indefinite
     R = torch.randn(B, 2, n, generator=g, dtype=F64)
-    kind, (got_plan, F) = factor_normal(N.clone(), data, 0, plan)
+    kind, (got_plan, F) = factor_normal(plan.compact(N), data, 0, plan)
     assert kind == "chol" and got_plan is plan
     x = solve_normal((kind, (got_plan, F)), R, R[..., :0])[0]
     xd = solve_normal(factor_normal(N.clone(), data, 0), R, R[..., :0])[0]

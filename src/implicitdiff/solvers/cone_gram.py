@@ -32,7 +32,8 @@ of blocks of one kind and size:
   costs at most half the form above (cvxpy's canonical exponential-cone programs).
 
 A structured term whose group touches few columns is formed on those columns only.  The first
-dense term writes ``N``; the others and the sparse terms add into it in place.  Without a zero
+dense term writes ``N``; the others and the sparse terms add into it in place — into the compact
+layout of the elimination below where there is one (:class:`~.cone_sparse.Elimination`).  Without a zero
 cone, :func:`factor_normal` eliminates ``N``'s private columns first where their blocks are small
 (``NormalMatrix.elimination``, found from the pattern and passed to :func:`factor_normal`; :mod:`~.cone_sparse`).
 
@@ -161,7 +162,11 @@ class NormalMatrix:
             else:
                 self.pre.append(sparse)
         # N's factorization order (None: dense), for factor_normal; only a Cholesky (no zero cone) uses it
-        self.elimination = elimination(supports, n) if eliminate else None
+        self.elimination = plan = elimination(supports, n) if eliminate else None
+        if plan is not None:  # N in the plan's compact layout: the terms on few columns add straight into it
+            self.pre = [pre.onto(plan.slot) if isinstance(pre, SparseGram) else
+                        pre if pre is None or pre[2] is None else pre[:2] + ((pre[2][0], plan.slot[pre[2][1]]),)
+                        for pre in self.pre]
 
     def subset(self, data: DataMatrix, keep):
         """The normal matrix of the batch elements ``keep`` (``data``: their :class:`DataMatrix`)."""
@@ -173,7 +178,8 @@ class NormalMatrix:
         return out
 
     def __call__(self, states, B):
-        data = self.data
+        """``N (B, n, n)``, or ``(B, size + 1)`` in the compact layout of :attr:`elimination` where there is one."""
+        data, plan = self.data, self.elimination
         n = data.A.shape[-1]
         N = None  # the first dense term writes it; the terms on few columns are added into it below
         for (kind, _, idx), st, pre in zip(self.groups, states, self.pre):
@@ -189,7 +195,9 @@ class NormalMatrix:
             else:
                 N.view(e2.shape[0], -1, n * n).baddbmm_(e2, P2)
             N.baddbmm_(U.mT, U)
-        if N is None:
+        if plan is not None:
+            N = plan.zeros(B, data.A) if N is None else plan.compact(N)
+        elif N is None:
             N = data.A.new_zeros(B, n, n)
         for (kind, _, _), st, pre in zip(self.groups, states, self.pre):
             if isinstance(pre, SparseGram):
@@ -198,7 +206,7 @@ class NormalMatrix:
                 e2, P2, U = self._soc(pre, st, B)
                 s = U.shape[-1]
                 T = (e2 @ P2).reshape(B, s, s).baddbmm_(U.mT, U)
-                N.view(B, n * n).index_add_(1, pre[2][1], T.reshape(B, s * s))
+                N.view(B, -1).index_add_(1, pre[2][1], T.reshape(B, s * s))
         return N
 
     def _soc(self, pre, st, B):
@@ -226,19 +234,21 @@ def factor_normal(N, data, z, plan=None):
     """The factorization of the reduced Newton system ``[[N, A_zᵀ], [A_z, 0]]`` (``z`` zero-cone rows):
     Cholesky of ``N + eps^¾ I`` without a zero cone (dense, or with the private columns of ``plan``,
     :attr:`NormalMatrix.elimination`, eliminated first: :class:`~.cone_sparse.Elimination`), else an
-    LU of the quasi-definite matrix regularized by ``±eps^¾``.  ``N`` is overwritten (its diagonal
-    shifted in place: no copy)."""
+    LU of the quasi-definite matrix regularized by ``±eps^¾``.  ``N`` is :class:`NormalMatrix`'s:
+    ``(B, n, n)``, or in ``plan``'s compact layout; it is overwritten (its diagonal shifted in place: no copy)."""
     B, n = N.shape[0], N.shape[-1]
     eps = torch.finfo(N.dtype).eps
     delta = eps ** 0.75
-    diag = N.diagonal(dim1=-2, dim2=-1)
-    diag.add_(delta)
+    diags = (N.diagonal(dim1=-2, dim2=-1),) if plan is None else plan.diagonals(N)
+    for diag in diags:
+        diag.add_(delta)
     if z == 0:
         chol = _dense_cholesky if plan is None else plan.cholesky
         F, info = chol(N)
         if bool((info > 0).any()):  # rounding made N indefinite: a shift relative to its diagonal
-            big = eps ** 0.5 * diag.abs().amax(-1).clamp(min=1.0)
-            diag.add_(big[:, None] - delta)
+            big = eps ** 0.5 * torch.stack([dg.abs().flatten(1).amax(-1) for dg in diags]).amax(0).clamp(min=1.0)
+            for diag in diags:
+                diag.add_((big - delta).reshape((-1,) + (1,) * (diag.dim() - 1)))
             F2, _ = chol(N)
             F = tuple(torch.where((info > 0).reshape((-1,) + (1,) * (f.dim() - 1)), f2, f) for f, f2 in zip(F, F2))
         return ("chol", (plan, F))

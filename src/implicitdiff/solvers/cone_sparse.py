@@ -44,7 +44,11 @@ the blocks' ``S_b × S_b``.  With ``D`` the columns in more than :data:`PRIVATE_
 
 is the Cholesky factorization of the symmetrically permuted ``N`` (as stable as the dense one),
 for ``~c³/3`` per block of size ``c`` and ``d³/3`` instead of ``n³/3``; a solve is two small
-blockwise and two ``d × d`` triangular solves.  Used when the blocks have at most
+blockwise and two ``d × d`` triangular solves.  **The compact layout**: the factorization reads
+``N_PP``'s blocks, ``N_PD`` and ``N_DD`` only, so the normal matrix is formed straight into them
+(``B·(ncomp·c² + ncomp·c·d + d²)`` entries, not ``B·n²``): the terms' flat indices into ``N`` are
+mapped there once per solve (:attr:`Elimination.slot`), and a dense term, where a group has one,
+is gathered there.  Used when the blocks have at most
 :data:`ELIM_MAX_BLOCK` columns and the estimate is at most half the dense factorization's.
 Forward only.
 """
@@ -96,7 +100,7 @@ def sparse_gram(rows, pattern, n, cost=None):
 
 class SparseGram:
     """One generic group's term from ``A``'s pattern (module doc); ``__call__(winv_t, state, N)``
-    adds it into ``N (B, n, n)`` in place."""
+    adds it into ``N (B, n, n)`` in place, or into an :class:`Elimination`'s compact layout (:meth:`onto`)."""
 
     def __init__(self, rows, sup, D, priv, p, k):
         nb, n = sup.shape
@@ -131,16 +135,22 @@ class SparseGram:
         out.rows = self.rows.index_select(0, keep)
         return out
 
+    def onto(self, slot):
+        """The same term added into the compact layout whose :attr:`Elimination.slot` is ``slot``."""
+        out = SparseGram.__new__(SparseGram)
+        out.__dict__.update(self.__dict__)
+        out.index = slot[self.index]
+        return out
+
     def __call__(self, winv_t, st, N):
-        B, n = N.shape[0], N.shape[-1]
-        d = self.d
+        B, d = N.shape[0], self.d
         At = winv_t(st, self.rows).reshape((B,) + self.shape)      # (B, nb, k, d + p)
         At_t, At_o = _blocks(At, self.touch, 1), _blocks(At, self.other, 1)
         X = At_t[..., :d].flatten(1, 2)                             # (B, nd·k, d)
         R = At_t[..., d:].mT @ At_t                                # (B, nd, p, d + p)
         Y = At_o[..., d:]
         vals = [X.mT @ X, R, R[..., :d].mT, Y.mT @ Y]
-        N.view(B, n * n).index_add_(1, self.index, torch.cat([v.reshape(B, -1) for v in vals], 1))
+        N.view(B, -1).index_add_(1, self.index, torch.cat([v.reshape(B, -1) for v in vals], 1))
         return N
 
 
@@ -214,35 +224,66 @@ def elimination(supports, n):
 
 class Elimination:
     """The Cholesky factorization of ``N`` with the private columns' blocks ``comp (ncomp, c)``
-    (padded with ``−1``) eliminated first, onto the shared columns ``D`` (module doc)."""
+    (padded with ``−1``) eliminated first, onto the shared columns ``D`` (module doc).
+
+    It reads ``N`` in its own *compact layout* ``(B, size + 1)``: ``N_PP``'s blocks ``(ncomp, c, c)``,
+    ``N_PD (ncomp, c, d)`` and ``N_DD (d, d)`` one after the other, then one discarded slot.
+    :attr:`slot` maps each entry of ``N (n·n)`` to its place there; the entries the factorization
+    does not read (``N_DP``, ``N_PD``'s transpose) map to the discarded slot, so a term given as
+    values and flat indices into ``N`` is added into the layout by one ``index_add_`` on
+    ``slot[indices]``, and ``N`` (``n²`` entries) is never formed where every term is."""
 
     def __init__(self, D, comp, n):
         self.D, self.valid = D, comp >= 0
         self.comp = torch.where(self.valid, comp, comp[:, :1])    # padding: the block's first column
         self.pad = self.valid[:, :, None] & self.valid[:, None, :]
         cf = self.comp.reshape(-1)
-        # N_PP, N_PD, N_DD's entries in N (n·n), gathered by one index_select
+        (nc, c), d = comp.shape, D.numel()
+        # N_PP, N_PD, N_DD's entries in N (n·n): the compact layout
         cp = self.comp
         self.flat = torch.cat([(cp[:, :, None] * n + cp[:, None, :]).reshape(-1), (cf[:, None] * n + D).reshape(-1),
                                (D[:, None] * n + D).reshape(-1)])
+        self.sizes = [nc * c * c, nc * c * d, d * d]
+        size = sum(self.sizes)
+        real = torch.cat([self.pad.reshape(-1), self.valid[:, :, None].expand(nc, c, d).reshape(-1),
+                          torch.ones(d * d, dtype=torch.bool, device=D.device)])
+        self.slot = torch.full((n * n,), size, dtype=torch.long, device=D.device)
+        self.slot[self.flat[real]] = real.nonzero()[:, 0]
         # each column's place in [x_P (padded), x_D]
         self.place = torch.empty(n, dtype=torch.long, device=D.device)
         self.place[cf[self.valid.reshape(-1)]] = self.valid.reshape(-1).nonzero()[:, 0]
         self.place[D] = cf.numel() + torch.arange(D.numel(), device=D.device)
 
-    def cholesky(self, N):
-        """``((L_P, W, X, L_D), info)``: ``L_P (B, ncomp, c, c)`` (identity on the padding), ``W = L_P⁻¹N_PD
-        (B, ncomp, c, d)`` and ``X`` its rows ``(B, ncomp·c, d)``, ``L_D (B, d, d)``; ``info > 0`` where
-        ``N`` is not positive definite."""
-        B, n = N.shape[0], N.shape[-1]
-        (nc, c), d = self.comp.shape, self.D.numel()
-        G = N.view(B, n * n).index_select(1, self.flat)
-        NPP, NPD, NDD = G.split([nc * c * c, nc * c * d, d * d], 1)
-        eye = torch.eye(c, dtype=N.dtype, device=N.device)
-        LP, info_p = torch.linalg.cholesky_ex(torch.where(self.pad, NPP.view(B, nc, c, c), eye))
-        W = torch.linalg.solve_triangular(LP, NPD.view(B, nc, c, d) * self.valid[..., None], upper=False)
+    def zeros(self, B, like):
+        """A zero ``N`` in the compact layout ``(B, size + 1)`` (``like``'s dtype and device)."""
+        return like.new_zeros(B, sum(self.sizes) + 1)
+
+    def compact(self, N):
+        """A dense ``N (B, n, n)`` in the compact layout (the discarded slot: any value)."""
+        return N.view(N.shape[0], -1).index_select(1, torch.cat([self.flat, self.flat[:1]]))
+
+    def _blocks(self, G):
+        """``(N_PP (B, ncomp, c, c), N_PD (B, ncomp, c, d), N_DD (B, d, d))``: views of ``G`` (compact)."""
+        B, (nc, c), d = G.shape[0], self.comp.shape, self.D.numel()
+        NPP, NPD, NDD, _ = G.split(self.sizes + [1], 1)
+        return NPP.view(B, nc, c, c), NPD.view(B, nc, c, d), NDD.view(B, d, d)
+
+    def diagonals(self, G):
+        """``N``'s diagonal in ``G`` (compact) as two views, ``(B, ncomp, c)`` and ``(B, d)`` (shifted in place)."""
+        NPP, _, NDD = self._blocks(G)
+        return NPP.diagonal(dim1=-2, dim2=-1), NDD.diagonal(dim1=-2, dim2=-1)
+
+    def cholesky(self, G):
+        """``((L_P, W, X, L_D), info)`` for ``N`` in the compact layout ``G``: ``L_P (B, ncomp, c, c)``
+        (identity on the padding), ``W = L_P⁻¹N_PD (B, ncomp, c, d)`` and ``X`` its rows
+        ``(B, ncomp·c, d)``, ``L_D (B, d, d)``; ``info > 0`` where ``N`` is not positive definite."""
+        NPP, NPD, NDD = self._blocks(G)
+        c = NPP.shape[-1]
+        eye = torch.eye(c, dtype=G.dtype, device=G.device)
+        LP, info_p = torch.linalg.cholesky_ex(torch.where(self.pad, NPP, eye))
+        W = torch.linalg.solve_triangular(LP, NPD * self.valid[..., None], upper=False)
         X = W.flatten(1, 2)                                       # (B, nc·c, d)
-        LD, info_d = torch.linalg.cholesky_ex(torch.baddbmm(NDD.view(B, d, d), X.mT, X, alpha=-1))
+        LD, info_d = torch.linalg.cholesky_ex(torch.baddbmm(NDD, X.mT, X, alpha=-1))
         return (LP, W, X, LD), torch.maximum(info_p.amax(-1), info_d)
 
     def solve(self, F, R):
