@@ -306,6 +306,26 @@ def test_compact_normal_matrix_with_a_dense_term(monkeypatch):
     assert "l" not in kinds and "ep" in kinds
 
 
+def test_compact_normal_matrix_keeps_a_transposed_part_it_reads():
+    # column 29 is private to two nonnegative rows and one exp block (in each group), but shared in the
+    # elimination (three blocks): N's entries (0, 29) and (29, 0) both lie in N_DD, so the nonnegative
+    # group's transposed part N_{D, P_b} (D = column 0, in every row) is kept in the compact layout
+    g = torch.Generator().manual_seed(5)
+    spec = parse_cones({"l": 6, "ep": 4})
+    B, n = 2, 30
+    A = torch.zeros(B, spec.m, n, dtype=F64)
+    for i in range(6):
+        A[:, i, [0, 1 + 2 * i, 2 + 2 * i]] = torch.randn(B, 3, generator=g, dtype=F64)
+    for j in range(4):
+        A[:, 6 + 3 * j:9 + 3 * j, [13 + 2 * j, 14 + 2 * j]] = torch.randn(B, 3, 2, generator=g, dtype=F64)
+    A[:, [0, 1, 6], 29] = torch.randn(B, 3, generator=g, dtype=F64)
+    groups, _ = _states(spec, _interior(spec, B, g), _interior(spec, B, g))
+    normal = NormalMatrix(DataMatrix(A), groups, _CONES)
+    assert normal.elimination.D.tolist() == [0, 29] and normal.pre[0].mirror is not None
+    assert normal.pre[1].mirror is None
+    assert _check(A, B, spec, g) == ["l", "ep"]
+
+
 def test_sparse_normal_matrix_on_a_subset_of_the_batch():
     g = torch.Generator().manual_seed(1)
     spec = parse_cones(SPARSE_CONES)

@@ -164,7 +164,7 @@ class NormalMatrix:
         # N's factorization order (None: dense), for factor_normal; only a Cholesky (no zero cone) uses it
         self.elimination = plan = elimination(supports, n) if eliminate else None
         if plan is not None:  # N in the plan's compact layout: the terms on few columns add straight into it
-            self.pre = [pre.onto(plan.slot) if isinstance(pre, SparseGram) else
+            self.pre = [pre.onto(plan) if isinstance(pre, SparseGram) else
                         pre if pre is None or pre[2] is None else pre[:2] + ((pre[2][0], plan.slot[pre[2][1]]),)
                         for pre in self.pre]
 

@@ -105,10 +105,12 @@ class SparseGram:
     def __init__(self, rows, sup, D, priv, p, k):
         nb, n = sup.shape
         d = D.numel()
-        # each block's private columns first; the padding's entries are set to zero below
+        # each block's private columns first; the padding repeats the first one, its entries set to zero below
         P = torch.sort(priv.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :p]   # (nb, p)
+        real = priv.gather(1, P)
+        P = torch.where(real, P, P[:, :1])
         cols = torch.cat([D.expand(nb, d), P], 1)                   # (nb, d + p)
-        keep = torch.cat([torch.ones(nb, d, dtype=torch.bool, device=P.device), priv.gather(1, P)], 1)
+        keep = torch.cat([torch.ones(nb, d, dtype=torch.bool, device=P.device), real], 1)
         if rows.dim() == 4:                                         # blocks of k rows
             gcols, keep = cols[:, None, :].expand(nb, k, d + p), keep[:, None, :]
         else:
@@ -127,6 +129,7 @@ class SparseGram:
         Po = _blocks(P, self.other)
         parts.append((Po[:, :, None] * n + Po[:, None, :]).reshape(-1))
         self.index = torch.cat(parts)
+        self.mirror = (parts[0].numel() + parts[1].numel(), parts[2].numel())   # N_{D, P_b}'s span in index
 
     def subset(self, keep):
         """The same plan for the batch elements ``keep`` of a batched ``A``."""
@@ -135,11 +138,16 @@ class SparseGram:
         out.rows = self.rows.index_select(0, keep)
         return out
 
-    def onto(self, slot):
-        """The same term added into the compact layout whose :attr:`Elimination.slot` is ``slot``."""
+    def onto(self, plan):
+        """The same term added into ``plan``'s compact layout (an :class:`Elimination`); the transposed
+        part ``N_{D, P_b}`` is left out where the layout has none of it."""
         out = SparseGram.__new__(SparseGram)
         out.__dict__.update(self.__dict__)
-        out.index = slot[self.index]
+        out.index = plan.slot[self.index]
+        start, size = self.mirror
+        if bool((out.index[start:start + size] == sum(plan.sizes)).all()):
+            out.index = torch.cat([out.index[:start], out.index[start + size:]])
+            out.mirror = None
         return out
 
     def __call__(self, winv_t, st, N):
@@ -149,7 +157,7 @@ class SparseGram:
         X = At_t[..., :d].flatten(1, 2)                             # (B, nd·k, d)
         R = At_t[..., d:].mT @ At_t                                # (B, nd, p, d + p)
         Y = At_o[..., d:]
-        vals = [X.mT @ X, R, R[..., :d].mT, Y.mT @ Y]
+        vals = [X.mT @ X, R] + ([R[..., :d].mT] if self.mirror is not None else []) + [Y.mT @ Y]
         N.view(B, -1).index_add_(1, self.index, torch.cat([v.reshape(B, -1) for v in vals], 1))
         return N
 
@@ -295,5 +303,5 @@ class Elimination:
         YP = torch.linalg.solve_triangular(LP, RP, upper=False)                       # (B, nc, c, r)
         YD = torch.linalg.solve_triangular(LD, R.index_select(-1, self.D).mT - X.mT @ YP.flatten(1, 2), upper=False)
         XD = torch.linalg.solve_triangular(LD.mT, YD, upper=True)                      # (B, d, r)
-        XP = torch.linalg.solve_triangular(LP.mT, YP - W @ XD[:, None], upper=True)
+        XP = torch.linalg.solve_triangular(LP.mT, YP - (X @ XD).view(YP.shape), upper=True)  # (W = X's blocks)
         return torch.cat([XP.flatten(1, 2), XD], 1).index_select(1, self.place).mT
