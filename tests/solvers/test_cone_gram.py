@@ -13,7 +13,8 @@ from implicitdiff.solvers.cone_exp import ExpCone
 from implicitdiff.solvers.cone_gram import (SOC_STRUCTURED_MIN, DataMatrix, NormalMatrix, contiguous, factor_normal, put,
                                            solve_normal, take)
 from implicitdiff.solvers.cone_ipm import _CONES, ConeInteriorPoint
-from implicitdiff.solvers.cone_sparse import ELIM_MAX_BLOCK, PRIVATE_MAX_BLOCKS, Elimination, SparseGram, elimination
+from implicitdiff.solvers.cone_sparse import (ELIM_MAX_BLOCK, PRIVATE_MAX_BLOCKS, Elimination, SparseGram, _substitute,
+                                             elimination)
 
 F64 = torch.float64
 CONES = {"z": 2, "l": 3, "q": [9, 3, 9, 12], "s": [3], "ep": 2}  # structured (9, 12) and generic (3) SOC blocks
@@ -412,6 +413,18 @@ def test_elimination_solves_like_the_dense_cholesky(shared):
         if i < 2:                                               # (element 2 is nearly singular)
             tol = 1e2 * eps * float(torch.linalg.cond(Ni))
             assert torch.allclose(x[i], xd[i], rtol=0, atol=tol * float(xd[i].abs().max())) and tol < 1e-6
+
+
+@pytest.mark.parametrize("c", [1, 3, 7])
+def test_blockwise_substitution_equals_the_triangular_solve(c):
+    g = torch.Generator().manual_seed(c)
+    M = torch.randn(4, 5, c, c, generator=g, dtype=F64)
+    L = torch.linalg.cholesky(M @ M.mT + 1e-3 * torch.eye(c, dtype=F64))     # (some ill-conditioned blocks)
+    R = torch.randn(4, 5, c, 3, generator=g, dtype=F64)
+    for transpose in (False, True):
+        ref = torch.linalg.solve_triangular(L.mT if transpose else L, R, upper=transpose)
+        got = _substitute(L, R, transpose)
+        assert float((got - ref).abs().max()) <= 1e-12 * float(ref.abs().max()), transpose
 
 
 def test_elimination_finds_the_private_blocks_or_declines():
