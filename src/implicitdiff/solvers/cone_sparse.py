@@ -50,7 +50,7 @@ blockwise and two ``d × d`` triangular solves.  **The compact layout**: the fac
 (``B·(ncomp·c² + ncomp·c·d + d²)`` entries, not ``B·n²``): the terms' flat indices into ``N`` are
 mapped there once per solve (:attr:`Elimination.slot`), and a dense term, where a group has one,
 is gathered there.  **The blocks' triangular solves** with ``L_P`` are substitutions row by row,
-each step one elementwise op on all ``B·ncomp`` blocks (:func:`_substitute`): LAPACK takes one
+each step one elementwise op on all ``B·ncomp`` blocks (:func:`_substitute_`): LAPACK takes one
 call per block, whose overhead dominates at ``c ≤`` :data:`ELIM_MAX_BLOCK` (measured at ``c = 3``:
 5-9x faster for 1-2 right-hand sides, 1.2x for ``d = 50``).  Used when the blocks have at most
 :data:`ELIM_MAX_BLOCK` columns and the estimate is at most half the dense factorization's.
@@ -62,6 +62,8 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from ..linalg.kkt import cholesky_lower_
 
 __all__ = ["SparseGram", "sparse_gram", "support_columns", "SparseProducts", "Elimination", "elimination",
            "PRIVATE_MAX_BLOCKS", "SCATTER_COST", "SPARSE_PRODUCTS", "ELIM_MAX_BLOCK"]
@@ -316,9 +318,9 @@ class Elimination:
         c = NPP.shape[-1]
         eye = torch.eye(c, dtype=G.dtype, device=G.device)
         LP, info_p = torch.linalg.cholesky_ex(torch.where(self.pad, NPP, eye))
-        W = _substitute(LP, NPD * self.valid[..., None])
+        W = _substitute_(LP, NPD * self.valid[..., None])
         X = W.flatten(1, 2)                                       # (B, nc·c, d)
-        LD, info_d = torch.linalg.cholesky_ex(torch.baddbmm(NDD, X.mT, X, alpha=-1))
+        LD, info_d = cholesky_lower_(torch.baddbmm(NDD, X.mT, X, alpha=-1))
         return (LP, W, X, LD), torch.maximum(info_p.amax(-1), info_d)
 
     def solve(self, F, R):
@@ -327,20 +329,19 @@ class Elimination:
         B, r = R.shape[:2]
         nc, c = self.comp.shape
         RP = R.index_select(-1, self.comp.reshape(-1)).view(B, r, nc, c).permute(0, 2, 3, 1) * self.valid[..., None]
-        YP = _substitute(LP, RP)                                                       # (B, nc, c, r)
+        YP = _substitute_(LP, RP)                                                       # (B, nc, c, r)
         YD = torch.linalg.solve_triangular(LD, R.index_select(-1, self.D).mT - X.mT @ YP.flatten(1, 2), upper=False)
         XD = torch.linalg.solve_triangular(LD.mT, YD, upper=True)                      # (B, d, r)
-        XP = _substitute(LP, YP - (X @ XD).view(YP.shape), transpose=True)           # (W = X's blocks)
+        XP = _substitute_(LP, YP - (X @ XD).view(YP.shape), transpose=True)           # (W = X's blocks)
         return torch.cat([XP.flatten(1, 2), XD], 1).index_select(1, self.place).mT
 
 
-def _substitute(L, R, transpose=False):
-    """``L⁻¹R`` (``L⁻ᵀR`` with ``transpose``) for the small lower-triangular blocks ``L (*, c, c)`` and
-    ``R (*, c, r)``: substitution row by row, each step one elementwise op on all blocks at once —
-    LAPACK's triangular solve is one call per ``c × c`` block, whose overhead dominates at this size
-    (B·ncomp calls per solve; the same arithmetic, so the same backward stability)."""
+def _substitute_(L, X, transpose=False):
+    """``L⁻¹X`` (``L⁻ᵀX`` with ``transpose``) in ``X``'s memory for the small lower-triangular blocks
+    ``L (*, c, c)`` and ``X (*, c, r)``: substitution row by row, each step one elementwise op on all
+    blocks at once — LAPACK's triangular solve is one call per ``c × c`` block, whose overhead
+    dominates at this size (B·ncomp calls per solve; the same arithmetic, so the same backward stability)."""
     c = L.shape[-1]
-    X = R.clone()
     for i in (reversed(range(c)) if transpose else range(c)):
         xi = X[..., i, :]
         for j in (range(i + 1, c) if transpose else range(i)):
