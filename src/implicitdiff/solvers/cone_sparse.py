@@ -19,7 +19,7 @@ iteration the cone's ``winv_t`` scales these ``d + p`` columns instead of ``n``,
     N_{P_b, ·}  += Ã_b[:, P_b]ᵀ Ã_b   (on [D, P_b] for blocks that touch D, on P_b for the others)
     N_{D, P_b}  += its transpose
 
-are added into ``N`` by one ``index_add_`` over indices formed once per solve (padding columns
+are added into ``N`` by an ``index_add_`` each over indices formed once per solve (padding columns
 add exact zeros).  The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in
 another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
 half the cost of the form it replaces (:data:`SCATTER_COST`): the dense Gram, or for large
@@ -129,15 +129,12 @@ class SparseGram:
         # blocks that touch D (their Gram on [D, P_b]) and the others (on P_b): None for all blocks
         self.touch = None if bool(touch.all()) else touch.nonzero()[:, 0]
         self.other = None if not bool(touch.any()) else (~touch).nonzero()[:, 0]
-        # flat indices into N (n·n), in the order __call__ concatenates the values
-        parts = [(D[:, None] * n + D).reshape(-1)]
-        Pt, Ct = _blocks(P, self.touch), _blocks(cols, self.touch)
-        parts += [(Pt[:, :, None] * n + Ct[:, None, :]).reshape(-1),
-                  (D[None, :, None] * n + Pt[:, None, :]).reshape(-1)]
-        Po = _blocks(P, self.other)
-        parts.append((Po[:, :, None] * n + Po[:, None, :]).reshape(-1))
-        self.index = torch.cat(parts)
-        self.mirror = (parts[0].numel() + parts[1].numel(), parts[2].numel())   # N_{D, P_b}'s span in index
+        # flat indices into N (n·n) of the terms N_DD, N_{P_b, [D, P_b]} (blocks on D), N_{P_b, P_b} (the
+        # others) and the transpose N_{D, P_b} (the last: onto may leave it out)
+        Pt, Ct, Po = _blocks(P, self.touch), _blocks(cols, self.touch), _blocks(P, self.other)
+        self.index = [(D[:, None] * n + D).reshape(-1), (Pt[:, :, None] * n + Ct[:, None, :]).reshape(-1),
+                      (Po[:, :, None] * n + Po[:, None, :]).reshape(-1),
+                      (D[None, :, None] * n + Pt[:, None, :]).reshape(-1)]
 
     def subset(self, keep):
         """The same plan for the batch elements ``keep`` of a batched ``A``."""
@@ -151,11 +148,9 @@ class SparseGram:
         part ``N_{D, P_b}`` is left out where the layout has none of it."""
         out = SparseGram.__new__(SparseGram)
         out.__dict__.update(self.__dict__)
-        out.index = plan.slot[self.index]
-        start, size = self.mirror
-        if bool((out.index[start:start + size] == sum(plan.sizes)).all()):
-            out.index = torch.cat([out.index[:start], out.index[start + size:]])
-            out.mirror = None
+        out.index = [plan.slot[ix] for ix in self.index]
+        if bool((out.index[3] == sum(plan.sizes)).all()):
+            out.index = out.index[:3]
         return out
 
     def __call__(self, winv_t, st, N):
@@ -164,8 +159,9 @@ class SparseGram:
         At_t, Y = _blocks(At, self.touch, 1), _blocks(At[..., d:], self.other, 1)
         X = At_t[..., :d].flatten(1, 2)                             # (B, nd·k, d)
         R = At_t[..., d:].mT @ At_t                                # (B, nd, p, d + p)
-        vals = [X.mT @ X, R] + ([R[..., :d].mT] if self.mirror is not None else []) + [Y.mT @ Y]
-        N.view(B, -1).index_add_(1, self.index, torch.cat([v.reshape(B, -1) for v in vals], 1))
+        flat = N.view(B, -1)
+        for ix, v in zip(self.index, (X.mT @ X, R, Y.mT @ Y, R[..., :d].mT)):   # (the transpose: where indexed)
+            flat.index_add_(1, ix, v.reshape(B, -1))
         return N
 
 
