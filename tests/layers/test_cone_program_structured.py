@@ -171,3 +171,21 @@ def test_a_reused_nearby_factorization_gives_the_same_solves(name):
         if refactored is not None:
             assert reused.refactored == refactored
         assert reused.fallbacks == 0
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_shifted_lu_of_the_transpose_solves_both_ways(layout):
+    # the factor of (K + δI)ᵀ, computed in K's memory (contiguous) or copied (any other K): solves with
+    # K + δI and its transpose against a dense solve
+    from implicitdiff.implicit.cone_system import _lu_solve, _shifted_lu
+    g = torch.Generator().manual_seed(3)
+    K = torch.randn(3, 9, 9, generator=g, dtype=F64)
+    kmax = K.abs().amax((-2, -1))
+    shifted = K + (torch.finfo(F64).eps ** 0.5 * kmax.clamp(min=1.0))[:, None, None] * torch.eye(9, dtype=F64)
+    work = K.clone() if layout == "contiguous" else K.mT.contiguous().mT
+    LU, piv = _shifted_lu(work, kmax)
+    assert (LU.data_ptr() == work.data_ptr()) == (layout == "contiguous")
+    rhs = torch.randn(3, 9, 2, generator=g, dtype=F64)
+    for adjoint in (False, True):
+        ref = torch.linalg.solve(shifted.mT if adjoint else shifted, rhs)
+        assert torch.allclose(_lu_solve(LU, piv, rhs, adjoint), ref, rtol=0, atol=1e-12 * float(ref.abs().max()))

@@ -193,6 +193,7 @@ def test_step_is_inside_both_cones_and_the_neighbourhood(seed, scale):
     near = (d <= bound * (1 + 1e-9)).all(-1)
     last = torch.isclose(alpha, cands[:, -1], rtol=1e-14)
     assert (near | last).all() and near.float().mean() > 0.5
+    assert int((alpha < cands[:, 0] * (1 - 1e-14)).sum()) >= 3    # (later candidates tried: step's loop)
     # no larger candidate is in the neighbourhood
     for i in range(s.shape[0]):
         for c in cands[i]:

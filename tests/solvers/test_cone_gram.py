@@ -13,7 +13,8 @@ from implicitdiff.solvers.cone_exp import ExpCone
 from implicitdiff.solvers.cone_gram import (SOC_STRUCTURED_MIN, DataMatrix, NormalMatrix, contiguous, factor_normal, put,
                                            solve_normal, take)
 from implicitdiff.solvers.cone_ipm import _CONES, ConeInteriorPoint
-from implicitdiff.solvers.cone_sparse import ELIM_MAX_BLOCK, PRIVATE_MAX_BLOCKS, Elimination, SparseGram, elimination
+from implicitdiff.solvers.cone_sparse import (ELIM_MAX_BLOCK, PRIVATE_MAX_BLOCKS, Elimination, SparseGram, _substitute_,
+                                             elimination)
 
 F64 = torch.float64
 CONES = {"z": 2, "l": 3, "q": [9, 3, 9, 12], "s": [3], "ep": 2}  # structured (9, 12) and generic (3) SOC blocks
@@ -344,21 +345,33 @@ def _sparse_A(spec, B, g, n=41, d=5, drop=0.2):
 
 
 def _check(A, B, spec, g, keep=None):
+    # N dense, and in the elimination's compact layout (formed there directly): every entry the
+    # factorization reads equals the dense reference's
     s, y = _interior(spec, B, g, 3.0), _interior(spec, B, g, 3.0)
     data = DataMatrix(A)
     groups, states = _states(spec, s, y)
-    normal = NormalMatrix(data, groups, _CONES)
-    kinds = [kind for (kind, _, _), pre in zip(groups, normal.pre) if isinstance(pre, SparseGram)]
+    normals = [NormalMatrix(data, groups, _CONES, eliminate) for eliminate in (False, True)]
+    kinds = [kind for (kind, _, _), pre in zip(groups, normals[0].pre) if isinstance(pre, SparseGram)]
     if keep is not None:
         data = data.subset(keep)
-        normal = normal.subset(data, keep)
+        normals = [normal.subset(data, keep) for normal in normals]
         s, y, A = s[keep], y[keep], A[keep] if A.dim() == 3 else A
         groups, states = _states(spec, s, y)
         B = keep.numel()
-    N = normal(states, B)
     ref = _dense_normal(A.expand(B, *A.shape[-2:]).contiguous(), spec, groups, states)
-    err = float((N - ref).abs().max() / ref.abs().max())
-    assert err < 1e-12, err
+    dense, compact = (normal(states, B) for normal in normals)
+    plan = normals[1].elimination
+    assert normals[0].elimination is None and isinstance(plan, Elimination)
+    size = sum(plan.sizes)
+    real = plan.slot < size
+    assert compact.shape == (B, size + 1)
+    # the entries left out are zeros or the transposes of entries kept (N_DP)
+    n = ref.shape[-1]
+    out = (~real).nonzero()[:, 0]
+    assert bool((real[(out % n) * n + out // n] | (ref.view(B, -1)[:, out] == 0).all(0)).all())
+    for N, R in ((dense, ref), (compact[:, plan.slot[real]], ref.view(B, -1)[:, real])):
+        err = float((N - R).abs().max() / ref.abs().max())
+        assert err < 1e-12, err
     return kinds
 
 
@@ -370,6 +383,41 @@ def test_sparse_normal_matrix_equals_the_dense_one(shared):
     A = _sparse_A(spec, B, g)
     kinds = _check(A[0] if shared else A, B, spec, g)
     assert set(kinds) >= {"l", "ep", "s"}          # the groups with a sparse pattern take the sparse form
+
+
+def test_compact_normal_matrix_with_a_dense_term(monkeypatch):
+    # a group kept dense (the nonnegative rows here) is formed in N (n × n), which is then gathered into
+    # the elimination's compact layout, where the other groups add their terms
+    from implicitdiff.solvers import cone_gram
+    sparse_gram = cone_gram.sparse_gram
+
+    def decline_single_rows(rows, pattern, n, cost=None):
+        return None if pattern.dim() == 2 else sparse_gram(rows, pattern, n, cost)
+    monkeypatch.setattr(cone_gram, "sparse_gram", decline_single_rows)
+    g = torch.Generator().manual_seed(4)
+    spec = parse_cones(SPARSE_CONES)
+    kinds = _check(_sparse_A(spec, 3, g), 3, spec, g)
+    assert "l" not in kinds and "ep" in kinds
+
+
+def test_compact_normal_matrix_keeps_a_transposed_part_it_reads():
+    # column 29 is private to two nonnegative rows and one exp block (in each group), but shared in the
+    # elimination (three blocks): N's entries (0, 29) and (29, 0) both lie in N_DD, so the nonnegative
+    # group's transposed part N_{D, P_b} (D = column 0, in every row) is kept in the compact layout
+    g = torch.Generator().manual_seed(5)
+    spec = parse_cones({"l": 6, "ep": 4})
+    B, n = 2, 30
+    A = torch.zeros(B, spec.m, n, dtype=F64)
+    for i in range(6):
+        A[:, i, [0, 1 + 2 * i, 2 + 2 * i]] = torch.randn(B, 3, generator=g, dtype=F64)
+    for j in range(4):
+        A[:, 6 + 3 * j:9 + 3 * j, [13 + 2 * j, 14 + 2 * j]] = torch.randn(B, 3, 2, generator=g, dtype=F64)
+    A[:, [0, 1, 6], 29] = torch.randn(B, 3, generator=g, dtype=F64)
+    groups, _ = _states(spec, _interior(spec, B, g), _interior(spec, B, g))
+    normal = NormalMatrix(DataMatrix(A), groups, _CONES)
+    assert normal.elimination.D.tolist() == [0, 29] and len(normal.pre[0].index) == 4
+    assert len(normal.pre[1].index) == 3
+    assert _check(A, B, spec, g) == ["l", "ep"]
 
 
 def test_sparse_normal_matrix_on_a_subset_of_the_batch():
@@ -438,16 +486,15 @@ def test_elimination_solves_like_the_dense_cholesky(shared):
     s, y = _interior(spec, B, g), _interior(spec, B, g)
     groups, states = _states(spec, s, y)
     data = DataMatrix(A)
-    normal = NormalMatrix(data, groups, _CONES)
-    N = normal(states, B)
+    N = NormalMatrix(data, groups, _CONES, eliminate=False)(states, B)
     n = N.shape[-1]
     eye = torch.eye(n, dtype=F64)
     N += eye                                                    # (A has fewer rows than columns in places)
-    plan = normal.elimination
+    plan = NormalMatrix(data, groups, _CONES).elimination
     assert isinstance(plan, Elimination) and plan.D.tolist()[:5] == list(range(5)) and plan.comp.shape[1] > 1
     N[2] -= (torch.linalg.eigvalsh(N[2])[0] + 1e-9) * eye      # element 2: indefinite
     R = torch.randn(B, 2, n, generator=g, dtype=F64)
-    kind, (got_plan, F) = factor_normal(N.clone, data, 0, plan)
+    kind, (got_plan, F) = factor_normal(lambda: plan.compact(N), data, 0, plan)
     assert kind == "chol" and got_plan is plan
     x = solve_normal((kind, (got_plan, F)), R, R[..., :0])[0]
     xd = solve_normal(factor_normal(N.clone, data, 0), R, R[..., :0])[0]
@@ -459,6 +506,18 @@ def test_elimination_solves_like_the_dense_cholesky(shared):
         if i < 2:                                               # (element 2 is nearly singular)
             tol = 1e2 * eps * float(torch.linalg.cond(Ni))
             assert torch.allclose(x[i], xd[i], rtol=0, atol=tol * float(xd[i].abs().max())) and tol < 1e-6
+
+
+@pytest.mark.parametrize("c", [1, 3, 7])
+def test_blockwise_substitution_equals_the_triangular_solve(c):
+    g = torch.Generator().manual_seed(c)
+    M = torch.randn(4, 5, c, c, generator=g, dtype=F64)
+    L = torch.linalg.cholesky(M @ M.mT + 1e-3 * torch.eye(c, dtype=F64))     # (some ill-conditioned blocks)
+    R = torch.randn(4, 5, c, 3, generator=g, dtype=F64)
+    for transpose in (False, True):
+        ref = torch.linalg.solve_triangular(L.mT if transpose else L, R, upper=transpose)
+        got = _substitute_(L, R.clone(), transpose)
+        assert float((got - ref).abs().max()) <= 1e-12 * float(ref.abs().max()), transpose
 
 
 def test_elimination_finds_the_private_blocks_or_declines():

@@ -31,13 +31,16 @@ elementwise on the blocks (triangular 3 × 3).
 cones *and* the pair inside a neighbourhood of the central path,
 ``‖y + μ_b∇F(s)‖_{∇²F(s)⁻¹} ≤ β μ_b`` with the block's ``μ_b = sᵀy/3`` — the safeguard that
 keeps a primal-scaled method from stalling at the boundary (Skajaa & Ye 2015, §3;
-Serrano 2015, ch. 8).  It is found in two vectorized passes, with no host sync:
+Serrano 2015, ch. 8).  It is found in two vectorized passes:
 (1) the boundary: both feasible sets are intervals ``[0, α_b)`` (the cones are convex), so
 ``min_b α_b`` is bisected (one membership test for both cones: ``(u, v, w) ∈ int K*`` iff
 ``(u − v, −u, w) ∈ int K``) in ``log α`` on ``[1e-12, 1]`` (``_BISECT`` halvings: within
 ``0.7 %`` of the boundary), every block and batch element at once; (2) the neighbourhood:
-the candidates ``α_in·0.9ᵏ`` (``k ∈ {1, 2, 3, 4, 5, 7, 9, 12}``) are all checked at once and
-the largest whose blocks all pass is taken (the smallest when none does).  Forward only, no gradients.
+the candidates ``α_in·0.9ᵏ`` (``k ∈ {1, 2, 3, 4, 5, 7, 9, 12}``): the largest whose blocks all
+pass is taken (the smallest when none does).  (1) has no host sync; (2) checks the candidates
+largest first, each for the whole batch, until every element has passed one — a host sync per
+candidate tried, for ``1/K`` of the cost of checking all ``K`` at once where the first suffices
+(the logistic-regression bench: 38 of 42 steps).  Forward only, no gradients.
 """
 
 from __future__ import annotations
@@ -257,13 +260,19 @@ class ExpCone:
     def step(st, ds, dy):
         s, y, ok = st[0], st[1], st[5]
         a_in = _boundary(s, y, ds, dy)
-        # the neighbourhood at every candidate a_in·0.9ᵏ at once, on (B, K, nb) components
+        # the neighbourhood at the candidates a_in·0.9ᵏ, largest first, each for the whole batch,
+        # until every element has one that passes (module doc: almost always the first)
         cand = a_in[:, None] * _BACK.to(dtype=s.dtype, device=s.device)
-        c = cand[:, :, None]
-        sa = [torch.addcmul(v[:, None], c, dv[:, None]) for v, dv in zip(s.unbind(-1), ds.unbind(-1))]
-        ya = [torch.addcmul(v[:, None], c, dv[:, None]) for v, dv in zip(y.unbind(-1), dy.unbind(-1))]
-        near = _near(*sa, *ya).all(-1)                                                       # (B, K)
         K = cand.shape[1]
-        first = torch.where(near, torch.arange(K, device=s.device), K - 1).amin(-1)
+        first = torch.full_like(ok[:, 0], K - 1, dtype=torch.long)
+        found = torch.zeros_like(ok[:, 0])
+        for k in range(K - 1):
+            c = cand[:, k, None]
+            near = _near(*(torch.addcmul(v, c, dv) for v, dv in zip(s.unbind(-1) + y.unbind(-1),
+                                                                 ds.unbind(-1) + dy.unbind(-1)))).all(-1)
+            first = torch.where(near & ~found, k, first)
+            found = found | near
+            if bool(found.all()):
+                break
         alpha = cand.gather(1, first[:, None])[:, 0]
         return torch.where(ok.all(-1), alpha, torch.zeros_like(alpha))

@@ -40,7 +40,8 @@ of blocks of one kind and size:
   costs at most half the form above (cvxpy's canonical exponential-cone programs).
 
 A structured term whose group touches few columns is formed on those columns only.  The first
-dense term writes ``N``; the others and the sparse terms add into it in place.  Without a zero
+dense term writes ``N``; the others and the sparse terms add into it in place — into the compact
+layout of the elimination below where there is one (:class:`~.cone_sparse.Elimination`).  Without a zero
 cone, :func:`factor_normal` eliminates ``N``'s private columns first where their blocks are small
 (``NormalMatrix.elimination``, found from the pattern and passed to :func:`factor_normal`; :mod:`~.cone_sparse`).
 
@@ -242,7 +243,11 @@ class NormalMatrix:
             else:
                 self.pre.append(sparse)
         # N's factorization order (None: dense), for factor_normal; only a Cholesky (no zero cone) uses it
-        self.elimination = elimination(supports, n) if eliminate else None
+        self.elimination = plan = elimination(supports, n) if eliminate else None
+        if plan is not None:  # N in the plan's compact layout: the terms on few columns add straight into it
+            self.pre = [pre.onto(plan) if isinstance(pre, SparseGram) else
+                        pre if pre is None or pre[2] is None else pre[:2] + ((pre[2][0], plan.slot[pre[2][1]]),)
+                        for pre in self.pre]
 
     def subset(self, data: DataMatrix, keep):
         """The normal matrix of the batch elements ``keep`` (``data``: their :class:`DataMatrix`)."""
@@ -277,11 +282,12 @@ class NormalMatrix:
         return torch.cat(cols, 1)
 
     def __call__(self, states, B, v=None):
-        """``N (B, n, n)``, written into memory that the next call overwrites; ``v``: the products
-        ``Aᵀ`` :meth:`columns` (``(B, j, n)``) where the caller made them."""
+        """``N (B, n, n)``, written into memory that the next call overwrites, or ``(B, size + 1)`` in the
+        compact layout of :attr:`elimination` where there is one; ``v``: the products ``Aᵀ`` :meth:`columns`
+        (``(B, j, n)``) where the caller made them."""
         ride = self._riding() if v is not None else []
         v = {i: t for i, t in zip(ride, v.split([_blocks(self.groups[i][2]) for i in ride], 1))} if ride else {}
-        data = self.data
+        data, plan = self.data, self.elimination
         n = data.A.shape[-1]
         if self._buf is None or self._buf.shape[0] != B:
             self._buf = data.A.new_empty(B, n, n)
@@ -302,13 +308,15 @@ class NormalMatrix:
                 N = _add_weighted(N, e2, P2, B, n, out)
             else:
                 on_nonzeros.append((pre[3], e2, P2))
-        if N is None:
+        if N is None and (Us or plan is None):
             N = out.zero_()
         if Us:
             U = torch.cat(Us, 1) if len(Us) > 1 else Us[0]
             N.baddbmm_(U.mT, U)
         for flat, e2, P2 in on_nonzeros:
             N.view(B, n * n).index_add_(1, flat, _weighted(e2, P2).reshape(B, -1))
+        if plan is not None:
+            N = plan.zeros(B, data.A) if N is None else plan.compact(N)
         for (kind, _, _), st, pre in zip(self.groups, states, self.pre):
             if isinstance(pre, SparseGram):
                 pre(self.cones[kind].winv_t, st, N)
@@ -316,7 +324,7 @@ class NormalMatrix:
                 e2, P2, U = self._soc(pre, st, B)
                 s = U.shape[-1]
                 T = _add_weighted(None, e2, P2, B, s).baddbmm_(U.mT, U)
-                N.view(B, n * n).index_add_(1, pre[2][1], T.reshape(B, s * s))
+                N.view(B, -1).index_add_(1, pre[2][1], T.reshape(B, s * s))
         return N
 
     def _soc(self, pre, st, B, v=None):
@@ -393,23 +401,30 @@ def factor_normal(make_N, data, z, plan=None):
     :attr:`NormalMatrix.elimination`, eliminated first: :class:`~.cone_sparse.Elimination`), else an
     LU of the quasi-definite matrix regularized by ``±eps^¾``.
 
-    ``make_N()`` returns a fresh ``N``: a scratch buffer, overwritten by its factor (the dense
-    Cholesky and the LU work in place: :func:`~implicitdiff.linalg.kkt.cholesky_lower_`, and the LU
-    in the column-major buffer it is assembled in, so neither copies its input).  It is called a
-    second time only where a Cholesky fails."""
+    ``make_N()`` returns a fresh ``N`` (:class:`NormalMatrix`'s: ``(B, n, n)``, or in ``plan``'s compact
+    layout): a scratch buffer, its diagonal shifted in place; the dense Cholesky and the LU factor it
+    where it lies (:func:`~implicitdiff.linalg.kkt.cholesky_lower_`, and the LU in the column-major
+    buffer it is assembled in), so neither copies it.  It is called a second time only where a dense
+    Cholesky fails (the elimination's factor is in new memory: it shifts the same ``N`` again)."""
     N = make_N()
     B, n = N.shape[0], N.shape[-1]
     eps = torch.finfo(N.dtype).eps
     delta = eps ** 0.75
     if z == 0:
         chol = _dense_cholesky if plan is None else plan.cholesky
-        N.diagonal(dim1=-2, dim2=-1).add_(delta)
+        diags = (N.diagonal(dim1=-2, dim2=-1),) if plan is None else plan.diagonals(N)
+        for diag in diags:
+            diag.add_(delta)
         F, info = chol(N)
         if bool((info > 0).any()):  # rounding made N indefinite: a shift relative to its diagonal
-            F = tuple(f.clone() for f in F)  # (make_N may reuse N's memory, where F lies)
-            N = make_N()
-            diag = N.diagonal(dim1=-2, dim2=-1)
-            diag.add_(eps ** 0.5 * diag.abs().amax(-1, keepdim=True).clamp(min=1.0))
+            shift = delta
+            if plan is None:  # the factor lies in N's memory: keep it, and build N again
+                F = tuple(f.clone() for f in F)
+                N, shift = make_N(), 0.0
+                diags = (N.diagonal(dim1=-2, dim2=-1),)
+            big = eps ** 0.5 * torch.stack([dg.abs().flatten(1).amax(-1) for dg in diags]).amax(0).clamp(min=1.0)
+            for diag in diags:
+                diag.add_((big - shift).reshape((-1,) + (1,) * (diag.dim() - 1)))
             F2, _ = chol(N)
             F = tuple(torch.where((info > 0).reshape((-1,) + (1,) * (f.dim() - 1)), f2, f) for f, f2 in zip(F, F2))
         return ("chol", (plan, F))

@@ -19,7 +19,7 @@ iteration the cone's ``winv_t`` scales these ``d + p`` columns instead of ``n``,
     N_{P_b, ·}  += Ã_b[:, P_b]ᵀ Ã_b   (on [D, P_b] for blocks that touch D, on P_b for the others)
     N_{D, P_b}  += its transpose
 
-are added into ``N`` by one ``index_add_`` over indices formed once per solve (padding columns
+are added into ``N`` by an ``index_add_`` each over indices formed once per solve (padding columns
 add exact zeros).  The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in
 another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
 half the cost of the form it replaces (:data:`SCATTER_COST`): the dense Gram, or for large
@@ -29,10 +29,11 @@ group kept as such is formed on its columns ``S`` only (``|S| × |S|``, scattere
 
 **Products with a batched sparse** ``A`` (:class:`SparseProducts`, used by
 :class:`~.cone_gram.DataMatrix` when at most :data:`SPARSE_PRODUCTS` of the pattern's entries are
-nonzero): ``A``'s values on the pattern ``(B, nnz)`` with their rows and columns, gathered once;
-``Av`` and ``Aᵀu`` multiply them with the gathered entries of ``v`` or ``u`` and ``index_add_`` the
-products into the rows or columns — ``nnz`` instead of ``m·n`` multiply-adds, and ``A`` itself
-(``B·m·n`` entries) is not read per product.  A shared ``A`` keeps its one matrix product.
+nonzero): ``A``'s values on the pattern ``(B, nnz)``, gathered once into block-diagonal CSR matrices
+``diag(A_1, …, A_B)`` and ``diag(A_1ᵀ, …, A_Bᵀ)``; ``Av`` and ``Aᵀu`` (``r`` columns each) are one
+sparse-dense product ``(B·m, B·n) × (B·n, r)`` — ``nnz`` instead of ``m·n`` multiply-adds, and ``A``
+itself (``B·m·n`` entries) is not read per product (a gather/multiply/``index_add_`` over the entries
+cost 4-7x more on CPU with ``r = 2, 3``: measured).  A shared ``A`` keeps its one matrix product.
 
 **The Cholesky factor of** ``N`` **by eliminating private columns first** (:class:`Elimination`,
 used by :func:`~.cone_gram.factor_normal` without a zero cone).  ``N``'s pattern is the union of
@@ -44,14 +45,25 @@ the blocks' ``S_b × S_b``.  With ``D`` the columns in more than :data:`PRIVATE_
 
 is the Cholesky factorization of the symmetrically permuted ``N`` (as stable as the dense one),
 for ``~c³/3`` per block of size ``c`` and ``d³/3`` instead of ``n³/3``; a solve is two small
-blockwise and two ``d × d`` triangular solves.  Used when the blocks have at most
+blockwise and two ``d × d`` triangular solves.  **The compact layout**: the factorization reads
+``N_PP``'s blocks, ``N_PD`` and ``N_DD`` only, so the normal matrix is formed straight into them
+(``B·(ncomp·c² + ncomp·c·d + d²)`` entries, not ``B·n²``): the terms' flat indices into ``N`` are
+mapped there once per solve (:attr:`Elimination.slot`), and a dense term, where a group has one,
+is gathered there.  **The blocks' triangular solves** with ``L_P`` are substitutions row by row,
+each step one elementwise op on all ``B·ncomp`` blocks (:func:`_substitute_`): LAPACK takes one
+call per block, whose overhead dominates at ``c ≤`` :data:`ELIM_MAX_BLOCK` (measured at ``c = 3``:
+5-9x faster for 1-2 right-hand sides, 1.2x for ``d = 50``).  Used when the blocks have at most
 :data:`ELIM_MAX_BLOCK` columns and the estimate is at most half the dense factorization's.
 Forward only.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+from ..linalg.kkt import cholesky_lower_
 
 __all__ = ["SparseGram", "sparse_gram", "support_columns", "SparseProducts", "Elimination", "elimination",
            "PRIVATE_MAX_BLOCKS", "SCATTER_COST", "SPARSE_PRODUCTS", "ELIM_MAX_BLOCK"]
@@ -96,15 +108,17 @@ def sparse_gram(rows, pattern, n, cost=None):
 
 class SparseGram:
     """One generic group's term from ``A``'s pattern (module doc); ``__call__(winv_t, state, N)``
-    adds it into ``N (B, n, n)`` in place."""
+    adds it into ``N (B, n, n)`` in place, or into an :class:`Elimination`'s compact layout (:meth:`onto`)."""
 
     def __init__(self, rows, sup, D, priv, p, k):
         nb, n = sup.shape
         d = D.numel()
-        # each block's private columns first; the padding's entries are set to zero below
+        # each block's private columns first; the padding repeats the first one, its entries set to zero below
         P = torch.sort(priv.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :p]   # (nb, p)
+        real = priv.gather(1, P)
+        P = torch.where(real, P, P[:, :1])
         cols = torch.cat([D.expand(nb, d), P], 1)                   # (nb, d + p)
-        keep = torch.cat([torch.ones(nb, d, dtype=torch.bool, device=P.device), priv.gather(1, P)], 1)
+        keep = torch.cat([torch.ones(nb, d, dtype=torch.bool, device=P.device), real], 1)
         if rows.dim() == 4:                                         # blocks of k rows
             gcols, keep = cols[:, None, :].expand(nb, k, d + p), keep[:, None, :]
         else:
@@ -115,14 +129,12 @@ class SparseGram:
         # blocks that touch D (their Gram on [D, P_b]) and the others (on P_b): None for all blocks
         self.touch = None if bool(touch.all()) else touch.nonzero()[:, 0]
         self.other = None if not bool(touch.any()) else (~touch).nonzero()[:, 0]
-        # flat indices into N (n·n), in the order __call__ concatenates the values
-        parts = [(D[:, None] * n + D).reshape(-1)]
-        Pt, Ct = _blocks(P, self.touch), _blocks(cols, self.touch)
-        parts += [(Pt[:, :, None] * n + Ct[:, None, :]).reshape(-1),
-                  (D[None, :, None] * n + Pt[:, None, :]).reshape(-1)]
-        Po = _blocks(P, self.other)
-        parts.append((Po[:, :, None] * n + Po[:, None, :]).reshape(-1))
-        self.index = torch.cat(parts)
+        # flat indices into N (n·n) of the terms N_DD, N_{P_b, [D, P_b]} (blocks on D), N_{P_b, P_b} (the
+        # others) and the transpose N_{D, P_b} (the last: onto may leave it out)
+        Pt, Ct, Po = _blocks(P, self.touch), _blocks(cols, self.touch), _blocks(P, self.other)
+        self.index = [(D[:, None] * n + D).reshape(-1), (Pt[:, :, None] * n + Ct[:, None, :]).reshape(-1),
+                      (Po[:, :, None] * n + Po[:, None, :]).reshape(-1),
+                      (D[None, :, None] * n + Pt[:, None, :]).reshape(-1)]
 
     def subset(self, keep):
         """The same plan for the batch elements ``keep`` of a batched ``A``."""
@@ -131,16 +143,25 @@ class SparseGram:
         out.rows = self.rows.index_select(0, keep)
         return out
 
+    def onto(self, plan):
+        """The same term added into ``plan``'s compact layout (an :class:`Elimination`); the transposed
+        part ``N_{D, P_b}`` is left out where the layout has none of it."""
+        out = SparseGram.__new__(SparseGram)
+        out.__dict__.update(self.__dict__)
+        out.index = [plan.slot[ix] for ix in self.index]
+        if bool((out.index[3] == sum(plan.sizes)).all()):
+            out.index = out.index[:3]
+        return out
+
     def __call__(self, winv_t, st, N):
-        B, n = N.shape[0], N.shape[-1]
-        d = self.d
+        B, d = N.shape[0], self.d
         At = winv_t(st, self.rows).reshape((B,) + self.shape)      # (B, nb, k, d + p)
-        At_t, At_o = _blocks(At, self.touch, 1), _blocks(At, self.other, 1)
+        At_t, Y = _blocks(At, self.touch, 1), _blocks(At[..., d:], self.other, 1)
         X = At_t[..., :d].flatten(1, 2)                             # (B, nd·k, d)
         R = At_t[..., d:].mT @ At_t                                # (B, nd, p, d + p)
-        Y = At_o[..., d:]
-        vals = [X.mT @ X, R, R[..., :d].mT, Y.mT @ Y]
-        N.view(B, n * n).index_add_(1, self.index, torch.cat([v.reshape(B, -1) for v in vals], 1))
+        flat = N.view(B, -1)
+        for ix, v in zip(self.index, (X.mT @ X, R, Y.mT @ Y, R[..., :d].mT)):   # (the transpose: where indexed)
+            flat.index_add_(1, ix, v.reshape(B, -1))
         return N
 
 
@@ -153,29 +174,51 @@ class SparseProducts:
     """``Av`` and ``Aᵀu`` for a batched ``A (B, m, n)`` from its values on the ``pattern (m, n)``."""
 
     def __init__(self, A, pattern):
-        self.shape = A.shape[-2:]
-        self.row, self.col = pattern.nonzero().unbind(1)
-        self.vals = A[:, self.row, self.col].T.contiguous()        # (nnz, B): the batch last, as below
+        m, n = self.shape = A.shape[-2:]
+        self.row, self.col = pattern.nonzero().unbind(1)           # sorted by row, then column
+        self.tperm = torch.argsort(self.col * m + self.row)         # the same entries sorted by column, then row
+        self._values(A[:, self.row, self.col])
+
+    def _values(self, vals):
+        """The batch's values ``(B, nnz)`` on the pattern, and ``A``, ``Aᵀ`` as block-diagonal CSR matrices."""
+        (m, n), t = self.shape, self.tperm
+        self.vals = vals
+        self.a = _block_diagonal(vals, self.row, self.col, m, n)
+        self.at = _block_diagonal(vals[:, t], self.col[t], self.row[t], n, m)
 
     def subset(self, keep):
         out = SparseProducts.__new__(SparseProducts)
-        out.shape, out.row, out.col, out.vals = self.shape, self.row, self.col, self.vals.index_select(1, keep)
+        out.shape, out.row, out.col, out.tperm = self.shape, self.row, self.col, self.tperm
+        out._values(self.vals.index_select(0, keep))
         return out
 
     def mv(self, v):
         """``A v``: ``(B, n)`` → ``(B, m)`` or ``(B, r, n)`` → ``(B, r, m)``."""
-        return self._apply(v, self.col, self.row, self.shape[0])
+        return _block_product(self.a, v, self.shape[0])
 
     def rmv(self, u):
         """``Aᵀ u``: ``(B, m)`` → ``(B, n)`` or ``(B, r, m)`` → ``(B, r, n)``."""
-        return self._apply(u, self.row, self.col, self.shape[1])
+        return _block_product(self.at, u, self.shape[1])
 
-    def _apply(self, v, src, dst, size):
-        # on (entries, batch…) layouts: each gathered or added entry is a contiguous row of the batch
-        vt = v.movedim(-1, 0).contiguous()
-        prod = vt.index_select(0, src) * (self.vals if v.dim() == 2 else self.vals[..., None])
-        out = v.new_zeros(size, prod[0].numel()).index_add_(0, dst, prod.reshape(src.numel(), -1))
-        return out.reshape((size,) + vt.shape[1:]).movedim(0, -1).contiguous()
+
+def _block_diagonal(vals, row, col, m, n):
+    """The ``(B·m, B·n)`` CSR matrix with the ``B`` blocks whose values ``vals (B, nnz)`` lie at ``(row, col)``
+    (sorted by row, then column) on its diagonal."""
+    B = vals.shape[0]
+    counts = torch.bincount(row, minlength=m).repeat(B)
+    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    cols = (torch.arange(B, device=col.device)[:, None] * n + col).reshape(-1)
+    with warnings.catch_warnings():  # torch's notice that its CSR support is in beta (the product used here is not)
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, vals.reshape(-1), (B * m, B * n), check_invariants=False)
+
+
+def _block_product(M, v, size):
+    """``M``'s blocks times ``v (B, c)`` or ``(B, r, c)``: one sparse product, the columns ``r`` of each block last."""
+    cols = v.mT if v.dim() == 3 else v[..., None]                  # (B, c, r)
+    B, r = cols.shape[0], cols.shape[-1]
+    out = (M @ cols.reshape(-1, r)).view(B, size, r)
+    return out.mT.contiguous() if v.dim() == 3 else out[..., 0]
 
 
 def elimination(supports, n):
@@ -214,35 +257,66 @@ def elimination(supports, n):
 
 class Elimination:
     """The Cholesky factorization of ``N`` with the private columns' blocks ``comp (ncomp, c)``
-    (padded with ``−1``) eliminated first, onto the shared columns ``D`` (module doc)."""
+    (padded with ``−1``) eliminated first, onto the shared columns ``D`` (module doc).
+
+    It reads ``N`` in its own *compact layout* ``(B, size + 1)``: ``N_PP``'s blocks ``(ncomp, c, c)``,
+    ``N_PD (ncomp, c, d)`` and ``N_DD (d, d)`` one after the other, then one discarded slot.
+    :attr:`slot` maps each entry of ``N (n·n)`` to its place there; the entries the factorization
+    does not read (``N_DP``, ``N_PD``'s transpose) map to the discarded slot, so a term given as
+    values and flat indices into ``N`` is added into the layout by one ``index_add_`` on
+    ``slot[indices]``, and ``N`` (``n²`` entries) is never formed where every term is."""
 
     def __init__(self, D, comp, n):
         self.D, self.valid = D, comp >= 0
         self.comp = torch.where(self.valid, comp, comp[:, :1])    # padding: the block's first column
         self.pad = self.valid[:, :, None] & self.valid[:, None, :]
         cf = self.comp.reshape(-1)
-        # N_PP, N_PD, N_DD's entries in N (n·n), gathered by one index_select
+        (nc, c), d = comp.shape, D.numel()
+        # N_PP, N_PD, N_DD's entries in N (n·n): the compact layout
         cp = self.comp
         self.flat = torch.cat([(cp[:, :, None] * n + cp[:, None, :]).reshape(-1), (cf[:, None] * n + D).reshape(-1),
                                (D[:, None] * n + D).reshape(-1)])
+        self.sizes = [nc * c * c, nc * c * d, d * d]
+        size = sum(self.sizes)
+        real = torch.cat([self.pad.reshape(-1), self.valid[:, :, None].expand(nc, c, d).reshape(-1),
+                          torch.ones(d * d, dtype=torch.bool, device=D.device)])
+        self.slot = torch.full((n * n,), size, dtype=torch.long, device=D.device)
+        self.slot[self.flat[real]] = real.nonzero()[:, 0]
         # each column's place in [x_P (padded), x_D]
         self.place = torch.empty(n, dtype=torch.long, device=D.device)
         self.place[cf[self.valid.reshape(-1)]] = self.valid.reshape(-1).nonzero()[:, 0]
         self.place[D] = cf.numel() + torch.arange(D.numel(), device=D.device)
 
-    def cholesky(self, N):
-        """``((L_P, W, X, L_D), info)``: ``L_P (B, ncomp, c, c)`` (identity on the padding), ``W = L_P⁻¹N_PD
-        (B, ncomp, c, d)`` and ``X`` its rows ``(B, ncomp·c, d)``, ``L_D (B, d, d)``; ``info > 0`` where
-        ``N`` is not positive definite."""
-        B, n = N.shape[0], N.shape[-1]
-        (nc, c), d = self.comp.shape, self.D.numel()
-        G = N.view(B, n * n).index_select(1, self.flat)
-        NPP, NPD, NDD = G.split([nc * c * c, nc * c * d, d * d], 1)
-        eye = torch.eye(c, dtype=N.dtype, device=N.device)
-        LP, info_p = torch.linalg.cholesky_ex(torch.where(self.pad, NPP.view(B, nc, c, c), eye))
-        W = torch.linalg.solve_triangular(LP, NPD.view(B, nc, c, d) * self.valid[..., None], upper=False)
+    def zeros(self, B, like):
+        """A zero ``N`` in the compact layout ``(B, size + 1)`` (``like``'s dtype and device)."""
+        return like.new_zeros(B, sum(self.sizes) + 1)
+
+    def compact(self, N):
+        """A dense ``N (B, n, n)`` in the compact layout (the discarded slot: any value)."""
+        return N.view(N.shape[0], -1).index_select(1, torch.cat([self.flat, self.flat[:1]]))
+
+    def _blocks(self, G):
+        """``(N_PP (B, ncomp, c, c), N_PD (B, ncomp, c, d), N_DD (B, d, d))``: views of ``G`` (compact)."""
+        B, (nc, c), d = G.shape[0], self.comp.shape, self.D.numel()
+        NPP, NPD, NDD, _ = G.split(self.sizes + [1], 1)
+        return NPP.view(B, nc, c, c), NPD.view(B, nc, c, d), NDD.view(B, d, d)
+
+    def diagonals(self, G):
+        """``N``'s diagonal in ``G`` (compact) as two views, ``(B, ncomp, c)`` and ``(B, d)`` (shifted in place)."""
+        NPP, _, NDD = self._blocks(G)
+        return NPP.diagonal(dim1=-2, dim2=-1), NDD.diagonal(dim1=-2, dim2=-1)
+
+    def cholesky(self, G):
+        """``((L_P, W, X, L_D), info)`` for ``N`` in the compact layout ``G``: ``L_P (B, ncomp, c, c)``
+        (identity on the padding), ``W = L_P⁻¹N_PD (B, ncomp, c, d)`` and ``X`` its rows
+        ``(B, ncomp·c, d)``, ``L_D (B, d, d)``; ``info > 0`` where ``N`` is not positive definite."""
+        NPP, NPD, NDD = self._blocks(G)
+        c = NPP.shape[-1]
+        eye = torch.eye(c, dtype=G.dtype, device=G.device)
+        LP, info_p = torch.linalg.cholesky_ex(torch.where(self.pad, NPP, eye))
+        W = _substitute_(LP, NPD * self.valid[..., None])
         X = W.flatten(1, 2)                                       # (B, nc·c, d)
-        LD, info_d = torch.linalg.cholesky_ex(torch.baddbmm(NDD.view(B, d, d), X.mT, X, alpha=-1))
+        LD, info_d = cholesky_lower_(torch.baddbmm(NDD, X.mT, X, alpha=-1))
         return (LP, W, X, LD), torch.maximum(info_p.amax(-1), info_d)
 
     def solve(self, F, R):
@@ -251,8 +325,22 @@ class Elimination:
         B, r = R.shape[:2]
         nc, c = self.comp.shape
         RP = R.index_select(-1, self.comp.reshape(-1)).view(B, r, nc, c).permute(0, 2, 3, 1) * self.valid[..., None]
-        YP = torch.linalg.solve_triangular(LP, RP, upper=False)                       # (B, nc, c, r)
+        YP = _substitute_(LP, RP)                                                       # (B, nc, c, r)
         YD = torch.linalg.solve_triangular(LD, R.index_select(-1, self.D).mT - X.mT @ YP.flatten(1, 2), upper=False)
         XD = torch.linalg.solve_triangular(LD.mT, YD, upper=True)                      # (B, d, r)
-        XP = torch.linalg.solve_triangular(LP.mT, YP - W @ XD[:, None], upper=True)
+        XP = _substitute_(LP, YP - (X @ XD).view(YP.shape), transpose=True)           # (W = X's blocks)
         return torch.cat([XP.flatten(1, 2), XD], 1).index_select(1, self.place).mT
+
+
+def _substitute_(L, X, transpose=False):
+    """``L⁻¹X`` (``L⁻ᵀX`` with ``transpose``) in ``X``'s memory for the small lower-triangular blocks
+    ``L (*, c, c)`` and ``X (*, c, r)``: substitution row by row, each step one elementwise op on all
+    blocks at once — LAPACK's triangular solve is one call per ``c × c`` block, whose overhead
+    dominates at this size (B·ncomp calls per solve; the same arithmetic, so the same backward stability)."""
+    c = L.shape[-1]
+    for i in (reversed(range(c)) if transpose else range(c)):
+        xi = X[..., i, :]
+        for j in (range(i + 1, c) if transpose else range(i)):
+            xi.addcmul_(L[..., j, i, None] if transpose else L[..., i, j, None], X[..., j, :], value=-1)
+        xi.div_(L[..., i, i, None])
+    return X
