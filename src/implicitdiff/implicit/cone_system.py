@@ -41,8 +41,8 @@ added on the diagonal in place and ``max|K|`` read from its blocks (:class:`_Fac
 temporary of ``K`` costs about as much as the Gram); ``max|·|`` as ``max(max, −min)`` (:func:`~implicitdiff.linalg.kkt.absmax`);
 the **LU of the transpose in place** (:func:`_shifted_lu`): a row-major ``K`` read column-major is
 ``Kᵀ``, which LAPACK factors where it lies (``out=`` itself), skipping the column-major copy of
-``K`` (a third of the factorization at ``n + p = 352``, measured); solves use it with ``adjoint``
-flipped (:func:`_lu_solve`; partial pivoting on ``Kᵀ``, as stable).
+``K`` (docs/benchmarks.md); solves use it with ``adjoint`` flipped
+(:class:`~implicitdiff.linalg.lu.LUTransposed`; partial pivoting on ``Kᵀ``, as stable).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ import torch
 from .._core.validate import is_vmapped
 from ..linalg.cone_spec import ConeSpec
 from ..linalg.kkt import absmax
+from ..linalg.lu import LUTransposed
 from .cone_frame import dual_projection_frame, from_frame, to_frame
 from .cone_projection import apply_block_diagonal, dual_projection_jacobian
 
@@ -91,8 +92,10 @@ def dense_system(A, b, c, x, y, s, ok, spec):
 
 
 def _shifted_lu(K, kmax):
-    """LU of ``(K + δI)ᵀ``, ``δ = √eps·max(kmax, 1)`` for ``kmax = max|K|`` per element, for :func:`_lu_solve`
-    (``K`` is overwritten: the factor of the transpose is computed in its memory, module doc)."""
+    """LU of ``(K + δI)ᵀ``, ``δ = √eps·max(kmax, 1)`` for ``kmax = max|K|`` per element, for
+    :class:`~implicitdiff.linalg.lu.LUTransposed` (``K`` is overwritten: the factor of the transpose is
+    computed in its memory, module doc; a ``K`` that requires grad or is vmapped is copied — defensive,
+    as :func:`~implicitdiff.linalg.kkt.cholesky_lower_`: the derivative's ``K`` is neither today)."""
     delta = torch.finfo(K.dtype).eps ** 0.5 * kmax.clamp(min=1.0)
     K.diagonal(dim1=-2, dim2=-1).add_(delta[:, None])
     Kt = K.mT
@@ -102,11 +105,6 @@ def _shifted_lu(K, kmax):
     piv = torch.empty(K.shape[:-1], dtype=torch.int32, device=K.device)
     torch.linalg.lu_factor_ex(Kt, out=(Kt, piv, torch.empty(K.shape[:-2], dtype=torch.int32, device=K.device)))
     return Kt, piv
-
-
-def _lu_solve(LU, piv, rhs, adjoint):
-    """``(K + δI)⁻¹ rhs`` (``adjoint``: ``(K + δI)⁻ᵀ rhs``) from :func:`_shifted_lu`'s factor of the transpose."""
-    return torch.linalg.lu_solve(LU, piv, rhs, adjoint=not adjoint)
 
 
 def _gram(A, At, W, frame):
@@ -192,7 +190,7 @@ class _Factor:
         if not bool(ok.all()):
             K[~ok] = torch.eye(n + P, dtype=A.dtype, device=A.device)
             kmax = torch.where(ok, kmax, torch.ones_like(kmax))
-        self.LU, self.piv = _shifted_lu(K, kmax)
+        self.lu = LUTransposed(*_shifted_lu(K, kmax))
         # the border: column (c + x, b̃ + ỹ), row (−c, −λb̃), corner 1
         self.col = torch.cat([c + x, bt + to_frame(frame, y)], -1)
         self.row = torch.cat([-c, -lam * bt], -1)
@@ -210,7 +208,7 @@ class _Factor:
         else:
             rhs1 = g1 - ((self.W[..., None] * g2).mT @ At).mT
         rhs2 = g2.gather(1, idx[..., None].expand(B, P, r)) * valid[..., None]
-        sol = _lu_solve(self.LU, self.piv, torch.cat([rhs1, rhs2], 1), adjoint)
+        sol = self.lu.solve(torch.cat([rhs1, rhs2], 1), adjoint)
         u, vK = sol[:, :n], sol[:, n:] * valid[..., None]
         Au = (u.mT @ At.mT).mT
         elim = (g2 - self.lam[..., None] * Au) if adjoint else (g2 + Au)
@@ -329,11 +327,11 @@ class ConeSystem:
         self.fallbacks += int(i.numel())
         M = dense_system(self.A.expand(self.b.shape[:1] + self.A.shape[-2:])[i], self.b[i], self.c[i], self.x[i], self.y[i], self.s[i], self.ok[i], self.spec)
         Mo = M.mT if adjoint else M
-        LU, piv = _shifted_lu(M.clone(), absmax(M, (-2, -1)))
+        lu = LUTransposed(*_shifted_lu(M.clone(), absmax(M, (-2, -1))))
         gi = g[i]
-        x = _lu_solve(LU, piv, gi[..., None], adjoint)[..., 0]
+        x = lu.solve(gi[..., None], adjoint)[..., 0]
         for _ in range(6):
-            x = x + _lu_solve(LU, piv, (gi - _mv(Mo, x))[..., None], adjoint)[..., 0]
+            x = x + lu.solve((gi - _mv(Mo, x))[..., None], adjoint)[..., 0]
         sol = sol.clone()
         sol[i] = x
         return sol

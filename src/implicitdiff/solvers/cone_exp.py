@@ -265,7 +265,7 @@ class ExpCone:
         cand = a_in[:, None] * _BACK.to(dtype=s.dtype, device=s.device)
         K = cand.shape[1]
         first = torch.full_like(ok[:, 0], K - 1, dtype=torch.long)
-        found = torch.zeros_like(ok[:, 0])
+        found = ~ok.all(-1) | (a_in == 0)  # their step is 0 whichever candidate: nothing to search
         for k in range(K - 1):
             c = cand[:, k, None]
             near = _near(*(torch.addcmul(v, c, dv) for v, dv in zip(s.unbind(-1) + y.unbind(-1),

@@ -33,7 +33,8 @@ nonzero): ``A``'s values on the pattern ``(B, nnz)``, gathered once into block-d
 ``diag(A_1, …, A_B)`` and ``diag(A_1ᵀ, …, A_Bᵀ)``; ``Av`` and ``Aᵀu`` (``r`` columns each) are one
 sparse-dense product ``(B·m, B·n) × (B·n, r)`` — ``nnz`` instead of ``m·n`` multiply-adds, and ``A``
 itself (``B·m·n`` entries) is not read per product (a gather/multiply/``index_add_`` over the entries
-cost 4-7x more on CPU with ``r = 2, 3``: measured).  A shared ``A`` keeps its one matrix product.
+costs several times more on CPU with ``r = 2, 3``: docs/benchmarks.md).  A shared ``A`` keeps its one
+matrix product.
 
 **The Cholesky factor of** ``N`` **by eliminating private columns first** (:class:`Elimination`,
 used by :func:`~.cone_gram.factor_normal` without a zero cone).  ``N``'s pattern is the union of
@@ -51,8 +52,8 @@ blockwise and two ``d × d`` triangular solves.  **The compact layout**: the fac
 mapped there once per solve (:attr:`Elimination.slot`), and a dense term, where a group has one,
 is gathered there.  **The blocks' triangular solves** with ``L_P`` are substitutions row by row,
 each step one elementwise op on all ``B·ncomp`` blocks (:func:`_substitute_`): LAPACK takes one
-call per block, whose overhead dominates at ``c ≤`` :data:`ELIM_MAX_BLOCK` (measured at ``c = 3``:
-5-9x faster for 1-2 right-hand sides, 1.2x for ``d = 50``).  Used when the blocks have at most
+call per block, whose overhead dominates for blocks of at most :data:`SUBSTITUTE_MAX` columns
+(docs/benchmarks.md); larger blocks take LAPACK's batched solve.  Used when the blocks have at most
 :data:`ELIM_MAX_BLOCK` columns and the estimate is at most half the dense factorization's.
 Forward only.
 """
@@ -72,6 +73,7 @@ PRIVATE_MAX_BLOCKS = 2  # a column in more blocks of a group than this is shared
 SCATTER_COST = 4.0      # an entry added by index_add_ costs about this many multiply-adds (measured, CPU)
 SPARSE_PRODUCTS = 0.25  # a batched A with at most this fraction of nonzeros: SparseProducts
 ELIM_MAX_BLOCK = 16     # N_PP's diagonal blocks larger than this: the dense Cholesky
+SUBSTITUTE_MAX = 4      # blocks of N_PP with more columns: LAPACK's triangular solves, not substitution
 
 
 def support_columns(sup):
@@ -307,28 +309,27 @@ class Elimination:
         return NPP.diagonal(dim1=-2, dim2=-1), NDD.diagonal(dim1=-2, dim2=-1)
 
     def cholesky(self, G):
-        """``((L_P, W, X, L_D), info)`` for ``N`` in the compact layout ``G``: ``L_P (B, ncomp, c, c)``
-        (identity on the padding), ``W = L_P⁻¹N_PD (B, ncomp, c, d)`` and ``X`` its rows
-        ``(B, ncomp·c, d)``, ``L_D (B, d, d)``; ``info > 0`` where ``N`` is not positive definite."""
+        """``((L_P, X, L_D), info)`` for ``N`` in the compact layout ``G``: ``L_P (B, ncomp, c, c)``
+        (identity on the padding), ``X (B, ncomp·c, d)`` the rows of ``W = L_P⁻¹N_PD (B, ncomp, c, d)``,
+        ``L_D (B, d, d)``; ``info > 0`` where ``N`` is not positive definite."""
         NPP, NPD, NDD = self._blocks(G)
         c = NPP.shape[-1]
         eye = torch.eye(c, dtype=G.dtype, device=G.device)
         LP, info_p = torch.linalg.cholesky_ex(torch.where(self.pad, NPP, eye))
-        W = _substitute_(LP, NPD * self.valid[..., None])
-        X = W.flatten(1, 2)                                       # (B, nc·c, d)
+        X = _substitute_(LP, NPD * self.valid[..., None]).flatten(1, 2)    # W's rows (B, nc·c, d)
         LD, info_d = cholesky_lower_(torch.baddbmm(NDD, X.mT, X, alpha=-1))
-        return (LP, W, X, LD), torch.maximum(info_p.amax(-1), info_d)
+        return (LP, X, LD), torch.maximum(info_p.amax(-1), info_d)
 
     def solve(self, F, R):
         """``N⁻¹ R`` for ``R (B, r, n)``, from :meth:`cholesky`'s factor ``F``."""
-        LP, W, X, LD = F
+        LP, X, LD = F
         B, r = R.shape[:2]
         nc, c = self.comp.shape
         RP = R.index_select(-1, self.comp.reshape(-1)).view(B, r, nc, c).permute(0, 2, 3, 1) * self.valid[..., None]
         YP = _substitute_(LP, RP)                                                       # (B, nc, c, r)
         YD = torch.linalg.solve_triangular(LD, R.index_select(-1, self.D).mT - X.mT @ YP.flatten(1, 2), upper=False)
         XD = torch.linalg.solve_triangular(LD.mT, YD, upper=True)                      # (B, d, r)
-        XP = _substitute_(LP, YP - (X @ XD).view(YP.shape), transpose=True)           # (W = X's blocks)
+        XP = _substitute_(LP, YP - (X @ XD).view(YP.shape), transpose=True)
         return torch.cat([XP.flatten(1, 2), XD], 1).index_select(1, self.place).mT
 
 
@@ -338,6 +339,8 @@ def _substitute_(L, X, transpose=False):
     blocks at once — LAPACK's triangular solve is one call per ``c × c`` block, whose overhead
     dominates at this size (B·ncomp calls per solve; the same arithmetic, so the same backward stability)."""
     c = L.shape[-1]
+    if c > SUBSTITUTE_MAX:  # c(c+1)/2 elementwise steps cost more than LAPACK's calls
+        return X.copy_(torch.linalg.solve_triangular(L.mT if transpose else L, X, upper=transpose))
     for i in (reversed(range(c)) if transpose else range(c)):
         xi = X[..., i, :]
         for j in (range(i + 1, c) if transpose else range(i)):
