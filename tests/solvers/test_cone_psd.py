@@ -44,6 +44,21 @@ def test_congruence_of_columns_matches_one_column_at_a_time(k, shared):
         assert torch.allclose(PSD.winv_t(st, V[..., :j]), ref[..., :j], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["winv", "w_t"])
+def test_maps_on_leading_columns_match_one_column_at_a_time(method):
+    # COLUMNS_LEADING: the interior point's _map hands r columns at once, as a leading dimension (r, B, …)
+    g = torch.Generator().manual_seed(3)
+    k, B, nb, r = 4, 3, 2, 5
+    st = PSD.scale(_psd(g, (B, nb), k), _psd(g, (B, nb), k))
+    v = torch.randn(r, B, nb, k * (k + 1) // 2, generator=g, dtype=F64)
+    f = getattr(PSD, method)
+    P = st[1].mT if method == "winv" else st[0]  # W⁻¹(X) = R⁻ᵀ X R⁻¹, Wᵀ(X) = R X Rᵀ
+    for j in range(r):
+        ref = svec(P @ smat(v[j], k) @ P.mT)
+        assert torch.allclose(f(st, v)[j], ref, rtol=1e-13, atol=1e-13)
+        assert torch.allclose(f(st, v[j]), ref, rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("k", [1, 3, 10])
 def test_nt_scaling_identities(k):
     g = torch.Generator().manual_seed(10 + k)

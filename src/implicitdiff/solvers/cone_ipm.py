@@ -24,7 +24,9 @@ three solves (the ``Δτ`` column, the predictor, the corrector).  ``N`` is form
 :class:`~.cone_gram.NormalMatrix`: structured for large second-order cones (``A_kᵀA_k`` once per
 solve, a rank-one update per block and iteration), else ``(W⁻ᵀA_k)ᵀ(W⁻ᵀA_k)`` from the cone's
 ``winv_t`` — **the seam for a cone**: a cone class gives ``unit, scale, winv_t, winv, w_t, scaled,
-rhs, step`` (``cone_symmetric``, ``cone_exp``) and gets the generic normal-matrix term; a
+rhs, step`` (``cone_symmetric``, ``cone_exp``; optionally ``step_scaled``, the step's test on the
+predictor's scaled directions, which the loop computes once for that test and Mehrotra's corrector)
+and gets the generic normal-matrix term; a
 structured term is optional and lives in ``cone_gram``.  Where ``A`` has zeros shared by the batch
 (cvxpy's canonical programs), groups of small blocks are formed from their own columns and ``N`` is
 factored with each block's private columns eliminated first (:mod:`~.cone_sparse`), transparently
@@ -313,10 +315,16 @@ class ConeInteriorPoint:
                 dkap = -(dk + kappa * dtau) / tau
                 return dy, ds, dtau, dkap, p1, Ap1  # Δx = p₁ + Δτ p₂ (the corrector's only)
 
-            def max_step(ds, dy, dtau, dkap):
+            def max_step(ds, dy, dtau, dkap, scaled=None):
+                # scaled: the cones' (W⁻ᵀΔs, WΔy), for those that test the step on them (step_scaled)
                 alpha = torch.full_like(tau, float("inf"))
-                for (kind, _, idx), st in zip(groups, states):
-                    alpha = torch.minimum(alpha, _CONES[kind].step(st, take(ds, idx), take(dy, idx)))
+                for i, ((kind, _, idx), st) in enumerate(zip(groups, states)):
+                    cone = _CONES[kind]
+                    if scaled is not None and hasattr(cone, "step_scaled"):
+                        a = cone.step_scaled(st, *scaled[i])
+                    else:
+                        a = cone.step(st, take(ds, idx), take(dy, idx))
+                    alpha = torch.minimum(alpha, a)
                 for v, dv in ((tau, dtau), (kappa, dkap)):
                     alpha = torch.where(dv < 0, torch.minimum(alpha, -v / dv), alpha)
                 return alpha
@@ -333,12 +341,14 @@ class ConeInteriorPoint:
             # predictor (affine scaling)
             dya, dsa, dta, dka, _, _ = direction(torch.ones_like(tau), dt_aff, tau * kappa,
                                                  (P[:, 1], Q[:, 1], YT[:, 1], AP[:, 1]))
-            alpha_a = max_step(dsa, dya, dta, dka).clamp(max=1.0)
+            # its directions scaled once: the step's test and Mehrotra's corrector
+            scaled = [_CONES[kind].scaled(st, take(dsa, idx), take(dya, idx))
+                      for (kind, _, idx), st in zip(groups, states)]
+            alpha_a = max_step(dsa, dya, dta, dka, scaled).clamp(max=1.0)
             sigma = (1 - alpha_a) ** 3
             # corrector (Mehrotra)
             corr_s, corr_y = torch.zeros_like(s), torch.zeros_like(s)
-            for (kind, _, idx), st in zip(groups, states):
-                a_, b_ = _CONES[kind].scaled(st, take(dsa, idx), take(dya, idx))
+            for (kind, _, idx), (a_, b_) in zip(groups, scaled):
                 put(corr_s, idx, a_)
                 put(corr_y, idx, b_)
             dk = tau * kappa + dta * dka - sigma * mu

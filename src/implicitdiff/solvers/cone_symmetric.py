@@ -11,7 +11,10 @@ scaled directions ``Δs̃ = W⁻ᵀΔs`` and ``Δỹ = WΔy``,
 ``scale(s, y, μ) → state`` (``μ`` unused here: only the exponential cone's scaling reads it),
 ``winv_t(state, V)`` (``W⁻ᵀ`` on a block of rows ``V``, to scale ``A``), ``winv``/``w_t`` (to unscale ``Δỹ`` and ``Δs̃``), ``scaled(state, Δs, Δy)``,
 ``rhs(state, σμ, corr)`` (``d̃``) and ``step(state, Δs, Δy)`` (the largest step keeping both
-in the cone, computed in the scaled frame where it is the same test for ``s`` and ``y``).  Each works on all blocks of one size at once: the nonnegative
+in the cone, computed in the scaled frame where it is the same test for ``s`` and ``y``); the
+nonnegative and second-order cones also offer that test on directions already scaled,
+``step_scaled(state, W⁻ᵀΔs, WΔy)``: the interior point scales the predictor once, for its step
+and for Mehrotra's corrector.  Each works on all blocks of one size at once: the nonnegative
 cone on ``(B, rows)``, the others on ``(B, blocks, size)``.  Forward only, no gradients.
 
 **PSD blocks: congruences by the ``k × k`` factors, column by column** (:func:`_congruence_columns`).
@@ -22,6 +25,8 @@ column ``c`` of the lower triangle of ``P Xⱼ Pᵀ`` is ``P[c:] (P Xⱼ)[c]ᵀ`
 for all ``j`` at once, is one product of ``P``'s row ``c`` with ``[X₁ … X_n]``; so every intermediate
 is about ``1/k`` of the result, instead of building the ``(d, d)`` matrix (``d²`` gathered entries
 per element, in fresh memory) and multiplying by it (measured in docs/benchmarks.md, sixth session).
+The rows of ``P`` are first copied to contiguous memory (one ``k × k`` copy per element): a product
+with a strided row (stride ``k``) was about 10x slower than with a contiguous one.
 Fewer than :data:`COLUMNS_MIN` columns (the interior point's right-hand sides) take one congruence with
 the columns as a leading dimension instead: there the loop over ``k`` costs more than the work.
 
@@ -89,7 +94,10 @@ class Nonneg:
 
     @staticmethod
     def step(st, ds, dy):
-        a, b = Nonneg.scaled(st, ds, dy)
+        return Nonneg.step_scaled(st, *Nonneg.scaled(st, ds, dy))
+
+    @staticmethod
+    def step_scaled(st, a, b):
         lam = st[1]
         return _max_step_from_eig(torch.cat([a / lam, b / lam], dim=1))
 
@@ -210,13 +218,18 @@ class SecondOrder:
 
     @staticmethod
     def step(st, ds, dy):
-        a, b = SecondOrder.scaled(st, ds, dy)
+        return SecondOrder.step_scaled(st, *SecondOrder.scaled(st, ds, dy))
+
+    @staticmethod
+    def step_scaled(st, a, b):
         return SecondOrder._step(st[2], torch.stack([a, b])).amin(0)  # both directions in one pass
 
 
 class PSD:
     """Symmetric PSD matrices in svec form; ``W y = Rᵀ Y R``, ``W⁻ᵀ s = R⁻¹ S R⁻ᵀ = Λ`` diagonal
     (``R = L_s V Λ^{-1/2}``, ``R⁻¹ = Λ^{-1/2} Uᵀ L_yᵀ`` from ``L_yᵀ L_s = U Λ Vᵀ``, as in CVXOPT)."""
+
+    COLUMNS_LEADING = True  # winv / w_t broadcast the state over leading column dimensions (r, B, …)
 
     @staticmethod
     def unit(s):
@@ -300,9 +313,10 @@ def _congruence_columns(P, V, k):
     shared = X.shape[0] == 1
     if shared:
         P = P.transpose(0, 1).contiguous()
+        rows = P.movedim(-2, 0).contiguous()  # rows[c] = P[..., c, :] (module docstring)
     out = V.new_empty(P.shape[:2] + (flat.numel(), r))
     for c, start in enumerate(_column_starts(k)):
-        PXc = P[..., c, :] @ X[0] if shared else P[..., c:c + 1, :] @ X                  # (P Xⱼ)[c, b]
+        PXc = rows[c] @ X[0] if shared else P[..., c:c + 1, :] @ X                      # (P Xⱼ)[c, b]
         out[..., start:start + k - c, :] = P[..., c:, :] @ PXc.reshape(P.shape[:2] + (k, r))
     out.mul_(scale[:, None])
     return out.transpose(0, 1) if shared else out
