@@ -20,7 +20,12 @@ iteration the cone's ``winv_t`` scales these ``d + p`` columns instead of ``n``,
     N_{D, P_b}  += its transpose
 
 are added into ``N`` by an ``index_add_`` each over indices formed once per solve (padding columns
-add exact zeros).  The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in
+add exact zeros).  **The per-block product** ``Ã_b[:, P_b]ᵀ Ã_b`` (``k × p`` by ``k × (d + p)``) of
+blocks of few rows is a sum of ``k`` outer products, each one elementwise op on all blocks
+(:func:`_block_tmul`): ATen's batched ``bmm`` multiplies matrices with ``k·p·(d + p)`` below
+:data:`BMM_NAIVE_BELOW` by a naive loop per matrix, about twice as slow here (an exp block of a
+logistic regression: ``k = 3``, ``p = 2``, ``d + p = 52``); it keeps ``bmm`` beyond that size or
+:data:`OUTER_MAX_ROWS` rows.  The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in
 another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
 half the cost of the form it replaces (:data:`SCATTER_COST`): the dense Gram, or for large
 second-order blocks the structured term (``~n²`` per block, see :mod:`~.cone_gram`).  A structured
@@ -74,6 +79,8 @@ SCATTER_COST = 4.0      # an entry added by index_add_ costs about this many mul
 SPARSE_PRODUCTS = 0.25  # a batched A with at most this fraction of nonzeros: SparseProducts
 ELIM_MAX_BLOCK = 16     # N_PP's diagonal blocks larger than this: the dense Cholesky
 SUBSTITUTE_MAX = 4      # blocks of N_PP with more columns: LAPACK's triangular solves, not substitution
+BMM_NAIVE_BELOW = 400   # ATen's CPU bmm multiplies (p×k)(k×q) matrices with k·p·q below this by a naive loop
+OUTER_MAX_ROWS = 4      # blocks of more rows: SparseGram's per-block product by bmm, not outer products
 
 
 def support_columns(sup):
@@ -160,11 +167,24 @@ class SparseGram:
         At = winv_t(st, self.rows).reshape((B,) + self.shape)      # (B, nb, k, d + p)
         At_t, Y = _blocks(At, self.touch, 1), _blocks(At[..., d:], self.other, 1)
         X = At_t[..., :d].flatten(1, 2)                             # (B, nd·k, d)
-        R = At_t[..., d:].mT @ At_t                                # (B, nd, p, d + p)
+        R = _block_tmul(At_t[..., d:], At_t)                        # (B, nd, p, d + p)
         flat = N.view(B, -1)
-        for ix, v in zip(self.index, (X.mT @ X, R, Y.mT @ Y, R[..., :d].mT)):   # (the transpose: where indexed)
+        terms = (X.mT @ X, R, _block_tmul(Y, Y), R[..., :d].mT)
+        for ix, v in zip(self.index, terms):                        # (the transpose: where indexed)
             flat.index_add_(1, ix, v.reshape(B, -1))
         return N
+
+
+def _block_tmul(P, V):
+    """``Pᵀ V`` per block for ``P (*, k, p)`` and ``V (*, k, q)``: a sum of ``k`` outer products, each one
+    elementwise op on all blocks (module doc), where ATen's ``bmm`` takes its naive loop; else ``bmm``."""
+    (k, p), q = P.shape[-2:], V.shape[-1]
+    if k > OUTER_MAX_ROWS or k * p * q >= BMM_NAIVE_BELOW:
+        return P.mT @ V
+    R = P[..., 0, :, None] * V[..., 0, None, :]
+    for i in range(1, k):
+        R.addcmul_(P[..., i, :, None], V[..., i, None, :])
+    return R
 
 
 def _blocks(v, ix, dim=0):
