@@ -547,3 +547,22 @@ def test_block_products_by_outer_products_equal_the_matrix_product(k, p, q):
     assert got.shape == (5, 7, p, q)
     assert float((got - ref).abs().max()) <= 1e-14 * float(ref.abs().max())
     assert float((_block_tmul(P, P) - P.mT @ P).abs().max()) <= 1e-14 * float(ref.abs().max())
+
+
+def test_blocks_in_one_range_are_taken_as_views():
+    # the exp blocks reordered so that those touching the shared columns come first: both sets are
+    # ranges (views), the term equals the one taken by index_select and the dense ÃᵀÃ
+    g = torch.Generator().manual_seed(5)
+    spec = parse_cones({"ep": 8})
+    A = _sparse_A(spec, 2, g).view(2, 8, 3, -1)[:, [0, 2, 4, 6, 1, 3, 5, 7]].reshape(2, 24, -1)
+    s, y = _interior(spec, 2, g), _interior(spec, 2, g)
+    groups, states = _states(spec, s, y)
+    (plan,) = NormalMatrix(DataMatrix(A), groups, _CONES, eliminate=False).pre     # (onto N, not compact)
+    assert plan.touch == (0, 4) and plan.other == (4, 4)
+    indexed = plan.subset(torch.arange(2))
+    indexed.touch, indexed.other = torch.arange(4), torch.arange(4, 8)
+    n = A.shape[-1]
+    N, ref = (p(ExpCone.winv_t, states[0], A.new_zeros(2, n, n)) for p in (plan, indexed))
+    assert torch.equal(N, ref)
+    dense = _dense_normal(A, spec, groups, states)
+    assert float((N - dense).abs().max()) <= 1e-12 * float(dense.abs().max())

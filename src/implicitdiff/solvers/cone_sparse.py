@@ -25,7 +25,8 @@ blocks of few rows is a sum of ``k`` outer products, each one elementwise op on 
 (:func:`_block_tmul`): ATen's batched ``bmm`` multiplies matrices with ``k·p·(d + p)`` below
 :data:`BMM_NAIVE_BELOW` by a naive loop per matrix, about twice as slow here (an exp block of a
 logistic regression: ``k = 3``, ``p = 2``, ``d + p = 52``); it keeps ``bmm`` beyond that size or
-:data:`OUTER_MAX_ROWS` rows.  The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in
+:data:`OUTER_MAX_ROWS` rows.  The blocks that touch ``D`` and the others are taken as views where
+each is one range of blocks (cvxpy's canonical programs: :func:`_span`), not copied per iteration.  The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in
 another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
 half the cost of the form it replaces (:data:`SCATTER_COST`): the dense Gram, or for large
 second-order blocks the structured term (``~n²`` per block, see :mod:`~.cone_gram`).  A structured
@@ -136,8 +137,8 @@ class SparseGram:
         self.shape, self.d, self.p = (nb, k, d + p), d, p
         touch = sup[:, D].any(1)
         # blocks that touch D (their Gram on [D, P_b]) and the others (on P_b): None for all blocks
-        self.touch = None if bool(touch.all()) else touch.nonzero()[:, 0]
-        self.other = None if not bool(touch.any()) else (~touch).nonzero()[:, 0]
+        self.touch = None if bool(touch.all()) else _span(touch.nonzero()[:, 0])
+        self.other = None if not bool(touch.any()) else _span((~touch).nonzero()[:, 0])
         # flat indices into N (n·n) of the terms N_DD, N_{P_b, [D, P_b]} (blocks on D), N_{P_b, P_b} (the
         # others) and the transpose N_{D, P_b} (the last: onto may leave it out)
         Pt, Ct, Po = _blocks(P, self.touch), _blocks(cols, self.touch), _blocks(P, self.other)
@@ -187,9 +188,19 @@ def _block_tmul(P, V):
     return R
 
 
+def _span(ix):
+    """The block indices ``ix`` (sorted) as ``(start, length)`` where they are one range, else ``ix``."""
+    if ix.numel() == 0:
+        return ix
+    lo = int(ix[0])
+    return (lo, ix.numel()) if int(ix[-1]) - lo + 1 == ix.numel() else ix
+
+
 def _blocks(v, ix, dim=0):
-    """The blocks ``ix`` of ``v`` along ``dim`` (``None``: all of them)."""
-    return v if ix is None else v.index_select(dim, ix)
+    """The blocks ``ix`` of ``v`` along ``dim`` (``None``: all of them; a range: a view, not a copy)."""
+    if ix is None:
+        return v
+    return v.narrow(dim, *ix) if isinstance(ix, tuple) else v.index_select(dim, ix)
 
 
 class SparseProducts:
