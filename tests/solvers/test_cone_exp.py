@@ -459,3 +459,15 @@ def test_logistic_regression_sparse_normal_matrix_equals_the_dense_one(monkeypat
         assert torch.allclose(a, d, rtol=0, atol=1e-8 * (1 + float(d.abs().max())))
     for i in range(3):
         _check_optimal(A[i], b[i], c[i], sparse.x[i], sparse.y[i], sparse.s[i], 1e-8)
+
+
+@pytest.mark.parametrize("r", [1, 2, 44, 45, 60])
+def test_winv_t_on_few_and_many_columns_equals_the_dense_product(r):
+    # elementwise below ATen's naive-bmm size (9r < 400), a batched matmul beyond: both Lᵀ V, on a
+    # strided V (the interior point's columns come transposed)
+    g = torch.Generator().manual_seed(r)
+    s, y, mu, st = _state(g)
+    V = torch.randn((s.shape[0], r) + s.shape[1:], generator=g, dtype=F64).permute(0, 2, 3, 1)
+    ref = torch.einsum("bkji,bkjr->bkir", st[4], V)
+    got = ExpCone.winv_t(st, V)
+    assert got.shape == V.shape and float((got - ref).abs().max()) <= 1e-14 * float(ref.abs().max())

@@ -13,8 +13,8 @@ from implicitdiff.solvers.cone_exp import ExpCone
 from implicitdiff.solvers.cone_gram import (SOC_STRUCTURED_MIN, DataMatrix, NormalMatrix, contiguous, factor_normal, put,
                                            solve_normal, take)
 from implicitdiff.solvers.cone_ipm import _CONES, ConeInteriorPoint
-from implicitdiff.solvers.cone_sparse import (ELIM_MAX_BLOCK, PRIVATE_MAX_BLOCKS, Elimination, SparseGram, _substitute_,
-                                             elimination)
+from implicitdiff.solvers.cone_sparse import (ELIM_MAX_BLOCK, PRIVATE_MAX_BLOCKS, Elimination, SparseGram, _block_tmul,
+                                             _substitute_, elimination)
 
 F64 = torch.float64
 CONES = {"z": 2, "l": 3, "q": [9, 3, 9, 12], "s": [3], "ep": 2}  # structured (9, 12) and generic (3) SOC blocks
@@ -533,3 +533,36 @@ def test_elimination_finds_the_private_blocks_or_declines():
     chain[torch.arange(chain.shape[0]), torch.arange(chain.shape[0]) + 1] = True
     assert elimination([chain], n) is None
     assert elimination([torch.ones(3, n, dtype=torch.bool)], n) is None   # dense: nothing private
+
+
+@pytest.mark.parametrize("k, p, q", [(1, 2, 52), (3, 2, 52), (3, 3, 5), (4, 2, 52), (3, 8, 18), (9, 2, 3)])
+def test_block_products_by_outer_products_equal_the_matrix_product(k, p, q):
+    # SparseGram's per-block product Pᵀ V: outer products for blocks below ATen's naive-bmm size (the first
+    # three), bmm for the others; both against the products summed in float64 by einsum, on strided views
+    g = torch.Generator().manual_seed(k * 100 + p)
+    V = torch.randn(5, 7, k, q + 3, generator=g, dtype=F64)[..., 3:]
+    P = V[..., -p:]
+    got = _block_tmul(P, V)
+    ref = torch.einsum("bjki,bjkl->bjil", P, V)
+    assert got.shape == (5, 7, p, q)
+    assert float((got - ref).abs().max()) <= 1e-14 * float(ref.abs().max())
+    assert float((_block_tmul(P, P) - P.mT @ P).abs().max()) <= 1e-14 * float(ref.abs().max())
+
+
+def test_blocks_in_one_range_are_taken_as_views():
+    # the exp blocks reordered so that those touching the shared columns come first: both sets are
+    # ranges (views), the term equals the one taken by index_select and the dense ÃᵀÃ
+    g = torch.Generator().manual_seed(5)
+    spec = parse_cones({"ep": 8})
+    A = _sparse_A(spec, 2, g).view(2, 8, 3, -1)[:, [0, 2, 4, 6, 1, 3, 5, 7]].reshape(2, 24, -1)
+    s, y = _interior(spec, 2, g), _interior(spec, 2, g)
+    groups, states = _states(spec, s, y)
+    (plan,) = NormalMatrix(DataMatrix(A), groups, _CONES, eliminate=False).pre     # (onto N, not compact)
+    assert plan.touch == (0, 4) and plan.other == (4, 4)
+    indexed = plan.subset(torch.arange(2))
+    indexed.touch, indexed.other = torch.arange(4), torch.arange(4, 8)
+    n = A.shape[-1]
+    N, ref = (p(ExpCone.winv_t, states[0], A.new_zeros(2, n, n)) for p in (plan, indexed))
+    assert torch.equal(N, ref)
+    dense = _dense_normal(A, spec, groups, states)
+    assert float((N - dense).abs().max()) <= 1e-12 * float(dense.abs().max())

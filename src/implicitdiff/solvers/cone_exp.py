@@ -25,7 +25,10 @@ shift ``δ = _SHIFT·eps·tr(μ∇²F(s))`` (:func:`_chol_shifted`, also free of
 would give ``L = √μ·L̂``): near the end of a solve it bounds the scaling's condition number,
 without which the last directions lose accuracy and the step collapses (``BREAKDOWN`` on
 logistic regressions at ``rtol = 1e-10``).  Products with ``L``, ``Lᵀ`` and their inverses are
-elementwise on the blocks (triangular 3 × 3).
+elementwise on the blocks (triangular 3 × 3); ``W⁻ᵀ = Lᵀ`` on many columns (the rows of ``A`` in
+the normal matrix) is a batched matmul, which BLAS does faster than the 6 elementwise products,
+but ATen multiplies ``3 × 3`` by ``3 × r`` with ``9r`` below
+:data:`~.cone_sparse.BMM_NAIVE_BELOW` by a naive loop per block, slower than them.
 
 **The step** is the largest ``α ≤ 1`` keeping ``s + αΔs`` and ``y + αΔy`` strictly inside their
 cones *and* the pair inside a neighbourhood of the central path,
@@ -48,6 +51,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .cone_sparse import BMM_NAIVE_BELOW
 
 __all__ = ["ExpCone"]
 
@@ -236,8 +241,10 @@ class ExpCone:
         return (s, y, mu, g, _dense(le), ok, le)
 
     @staticmethod
-    def winv_t(st, V):  # W⁻ᵀ = Lᵀ on the rows of V (B, nb, 3, r): a batched matmul beats 6 axpys here
-        return st[4].mT @ V
+    def winv_t(st, V):  # W⁻ᵀ = Lᵀ on the rows of V (B, nb, 3, r) (module doc: few columns, elementwise)
+        if 9 * V.shape[-1] >= BMM_NAIVE_BELOW:
+            return st[4].mT @ V
+        return _ltmul(tuple(e[..., None] for e in st[6]), V.mT).mT
 
     @staticmethod
     def winv(st, v):

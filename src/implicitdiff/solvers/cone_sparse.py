@@ -20,7 +20,13 @@ iteration the cone's ``winv_t`` scales these ``d + p`` columns instead of ``n``,
     N_{D, P_b}  += its transpose
 
 are added into ``N`` by an ``index_add_`` each over indices formed once per solve (padding columns
-add exact zeros).  The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in
+add exact zeros).  **The per-block product** ``Ã_b[:, P_b]ᵀ Ã_b`` (``k × p`` by ``k × (d + p)``) of
+blocks of few rows is a sum of ``k`` outer products, each one elementwise op on all blocks
+(:func:`_block_tmul`): ATen's batched ``bmm`` multiplies matrices with ``k·p·(d + p)`` below
+:data:`BMM_NAIVE_BELOW` by a naive loop per matrix, about twice as slow here (an exp block of a
+logistic regression: ``k = 3``, ``p = 2``, ``d + p = 52``); it keeps ``bmm`` beyond that size or
+:data:`OUTER_MAX_ROWS` rows.  The blocks that touch ``D`` and the others are taken as views where
+each is one range of blocks (cvxpy's canonical programs: :func:`_span`), not copied per iteration.  The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in
 another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
 half the cost of the form it replaces (:data:`SCATTER_COST`): the dense Gram, or for large
 second-order blocks the structured term (``~n²`` per block, see :mod:`~.cone_gram`).  A structured
@@ -74,6 +80,8 @@ SCATTER_COST = 4.0      # an entry added by index_add_ costs about this many mul
 SPARSE_PRODUCTS = 0.25  # a batched A with at most this fraction of nonzeros: SparseProducts
 ELIM_MAX_BLOCK = 16     # N_PP's diagonal blocks larger than this: the dense Cholesky
 SUBSTITUTE_MAX = 4      # blocks of N_PP with more columns: LAPACK's triangular solves, not substitution
+BMM_NAIVE_BELOW = 400   # ATen's CPU bmm multiplies (p×k)(k×q) matrices with k·p·q below this by a naive loop
+OUTER_MAX_ROWS = 4      # blocks of more rows: SparseGram's per-block product by bmm, not outer products
 
 
 def support_columns(sup):
@@ -129,8 +137,8 @@ class SparseGram:
         self.shape, self.d, self.p = (nb, k, d + p), d, p
         touch = sup[:, D].any(1)
         # blocks that touch D (their Gram on [D, P_b]) and the others (on P_b): None for all blocks
-        self.touch = None if bool(touch.all()) else touch.nonzero()[:, 0]
-        self.other = None if not bool(touch.any()) else (~touch).nonzero()[:, 0]
+        self.touch = None if bool(touch.all()) else _span(touch.nonzero()[:, 0])
+        self.other = None if not bool(touch.any()) else _span((~touch).nonzero()[:, 0])
         # flat indices into N (n·n) of the terms N_DD, N_{P_b, [D, P_b]} (blocks on D), N_{P_b, P_b} (the
         # others) and the transpose N_{D, P_b} (the last: onto may leave it out)
         Pt, Ct, Po = _blocks(P, self.touch), _blocks(cols, self.touch), _blocks(P, self.other)
@@ -160,16 +168,39 @@ class SparseGram:
         At = winv_t(st, self.rows).reshape((B,) + self.shape)      # (B, nb, k, d + p)
         At_t, Y = _blocks(At, self.touch, 1), _blocks(At[..., d:], self.other, 1)
         X = At_t[..., :d].flatten(1, 2)                             # (B, nd·k, d)
-        R = At_t[..., d:].mT @ At_t                                # (B, nd, p, d + p)
+        R = _block_tmul(At_t[..., d:], At_t)                        # (B, nd, p, d + p)
         flat = N.view(B, -1)
-        for ix, v in zip(self.index, (X.mT @ X, R, Y.mT @ Y, R[..., :d].mT)):   # (the transpose: where indexed)
+        terms = (X.mT @ X, R, _block_tmul(Y, Y), R[..., :d].mT)
+        for ix, v in zip(self.index, terms):                        # (the transpose: where indexed)
             flat.index_add_(1, ix, v.reshape(B, -1))
         return N
 
 
+def _block_tmul(P, V):
+    """``Pᵀ V`` per block for ``P (*, k, p)`` and ``V (*, k, q)``: a sum of ``k`` outer products, each one
+    elementwise op on all blocks (module doc), where ATen's ``bmm`` takes its naive loop; else ``bmm``."""
+    (k, p), q = P.shape[-2:], V.shape[-1]
+    if k > OUTER_MAX_ROWS or k * p * q >= BMM_NAIVE_BELOW:
+        return P.mT @ V
+    R = P[..., 0, :, None] * V[..., 0, None, :]
+    for i in range(1, k):
+        R.addcmul_(P[..., i, :, None], V[..., i, None, :])
+    return R
+
+
+def _span(ix):
+    """The block indices ``ix`` (sorted) as ``(start, length)`` where they are one range, else ``ix``."""
+    if ix.numel() == 0:
+        return ix
+    lo = int(ix[0])
+    return (lo, ix.numel()) if int(ix[-1]) - lo + 1 == ix.numel() else ix
+
+
 def _blocks(v, ix, dim=0):
-    """The blocks ``ix`` of ``v`` along ``dim`` (``None``: all of them)."""
-    return v if ix is None else v.index_select(dim, ix)
+    """The blocks ``ix`` of ``v`` along ``dim`` (``None``: all of them; a range: a view, not a copy)."""
+    if ix is None:
+        return v
+    return v.narrow(dim, *ix) if isinstance(ix, tuple) else v.index_select(dim, ix)
 
 
 class SparseProducts:
