@@ -46,7 +46,7 @@ def test_congruence_of_columns_matches_one_column_at_a_time(k, shared):
 
 @pytest.mark.parametrize("method", ["winv", "w_t"])
 def test_maps_on_leading_columns_match_one_column_at_a_time(method):
-    # COLUMNS_LEADING: the interior point's _map hands r columns at once, as a leading dimension (r, B, …)
+    # the seam: the interior point's _map hands r columns at once, as a leading dimension (r, B, …)
     g = torch.Generator().manual_seed(3)
     k, B, nb, r = 4, 3, 2, 5
     st = PSD.scale(_psd(g, (B, nb), k), _psd(g, (B, nb), k))

@@ -225,8 +225,6 @@ def _near(x, y, z, u, v, w):
 class ExpCone:
     """Blocks of shape ``(B, nb, 3)``; the state is ``(s, y, μ, ∇F(s), L, ok, L's entries)``."""
 
-    COLUMNS_LEADING = True  # winv / w_t broadcast the state over leading column dimensions (r, B, …)
-
     @staticmethod
     def unit(s):
         return torch.tensor(_CENTRAL, dtype=s.dtype, device=s.device).expand_as(s).clone()

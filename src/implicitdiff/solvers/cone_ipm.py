@@ -24,10 +24,10 @@ three solves (the ``Δτ`` column, the predictor, the corrector).  ``N`` is form
 :class:`~.cone_gram.NormalMatrix`: structured for large second-order cones (``A_kᵀA_k`` once per
 solve, a rank-one update per block and iteration), else ``(W⁻ᵀA_k)ᵀ(W⁻ᵀA_k)`` from the cone's
 ``winv_t`` — **the seam for a cone**: a cone class gives ``unit, scale, winv_t, winv, w_t, scaled,
-rhs, step`` (``cone_symmetric``, ``cone_exp``; optionally ``step_scaled``, the step's test on the
-predictor's scaled directions, which the loop computes once for that test and Mehrotra's corrector)
-and gets the generic normal-matrix term; a
-structured term is optional and lives in ``cone_gram``.  Where ``A`` has zeros shared by the batch
+rhs, step`` (``cone_symmetric``, ``cone_exp``; ``winv`` and ``w_t`` broadcast the state over a
+leading column dimension; optionally ``step_scaled``, the step's test on the predictor's scaled
+directions, which the loop computes once for that test and Mehrotra's corrector) and gets the
+generic normal-matrix term; a structured term is optional and lives in ``cone_gram``.  Where ``A`` has zeros shared by the batch
 (cvxpy's canonical programs), groups of small blocks are formed from their own columns and ``N`` is
 factored with each block's private columns eliminated first (:mod:`~.cone_sparse`), transparently
 to this loop.  ``A`` is used only through products
@@ -47,7 +47,7 @@ computed before the stopping test.  (2) ``Ax`` is not formed at the top: ``x`` r
 as a column in the first solve's ``A`` product, and the next round's ``Ax`` is that exact
 product plus ``α·AΔx`` (``AΔx = Ap₁ + Δτ·Ap₂`` from the solves) — one rounding step from a
 fresh product, never an accumulated recurrence.  (3) Cone maps take the ``r`` columns at once
-(where the cone's maps broadcast: ``COLUMNS_LEADING``).
+(the seam: ``winv`` and ``w_t`` broadcast the state over a leading column dimension).
 
 Stopping rule (per element, ``x̂ = x/τ`` etc.):
 ``‖Ax̂ + ŝ − b‖∞ ≤ rtol (1 + max(‖b‖∞, ‖Ax̂‖∞, ‖ŝ‖∞))``,
@@ -132,16 +132,12 @@ class ConeInteriorPoint:
     def _map(method, v, groups, states):
         """A per-cone map on the cone rows of ``v (B, m)`` or ``(B, r, m)`` (zero on the zero cone's rows).
 
-        The ``r`` columns go to a cone with ``COLUMNS_LEADING`` in one call, as a leading dimension
-        ``(r, B, …)`` that its state (``(B, …)``) broadcasts over; to the others one by one."""
+        The ``r`` columns go to each cone in one call, as a leading dimension ``(r, B, …)`` that its
+        state (``(B, …)``) broadcasts over (the seam: every cone's ``winv`` and ``w_t`` do)."""
         cols = v.transpose(0, 1) if v.dim() == 3 else v
         out = torch.zeros_like(cols)
         for (kind, _, idx), st in zip(groups, states):
-            f = getattr(_CONES[kind], method)
-            if v.dim() == 3 and not getattr(_CONES[kind], "COLUMNS_LEADING", False):
-                _put_last(out, idx, torch.stack([f(st, _take_last(col, idx)) for col in cols]))
-            else:
-                _put_last(out, idx, f(st, _take_last(cols, idx)))
+            _put_last(out, idx, getattr(_CONES[kind], method)(st, _take_last(cols, idx)))
         return out.transpose(0, 1) if v.dim() == 3 else out
 
     @staticmethod

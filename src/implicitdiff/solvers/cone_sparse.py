@@ -26,8 +26,8 @@ blocks of few rows is a sum of ``k`` outer products, each one elementwise op on 
 :data:`BMM_NAIVE_BELOW` by a naive loop per matrix, about twice as slow here (an exp block of a
 logistic regression: ``k = 3``, ``p = 2``, ``d + p = 52``); it keeps ``bmm`` beyond that size or
 :data:`OUTER_MAX_ROWS` rows.  The blocks that touch ``D`` and the others are taken as views where
-each is one range of blocks (cvxpy's canonical programs: :func:`_span`), not copied per iteration.  The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in
-another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
+each is one range of blocks (cvxpy's canonical programs: :func:`_span`), not copied per iteration.
+The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
 half the cost of the form it replaces (:data:`SCATTER_COST`): the dense Gram, or for large
 second-order blocks the structured term (``~n²`` per block, see :mod:`~.cone_gram`).  A structured
 group kept as such is formed on its columns ``S`` only (``|S| × |S|``, scattered) where

@@ -57,8 +57,6 @@ def _max_step_from_eig(e: torch.Tensor) -> torch.Tensor:
 class Nonneg:
     """``s ≥ 0`` elementwise; ``W = diag(√(s/y))``, ``λ = √(sy)``."""
 
-    COLUMNS_LEADING = True  # winv / w_t broadcast the state over leading column dimensions (r, B, …)
-
     @staticmethod
     def unit(s):
         return torch.ones_like(s)
@@ -104,8 +102,6 @@ class Nonneg:
 
 class SecondOrder:
     """``(t, x)`` with ``‖x‖ ≤ t``; ``W = η W̄`` with ``W̄`` a hyperbolic rotation (``W̄² = 2w̄w̄ᵀ − J``)."""
-
-    COLUMNS_LEADING = True  # winv / w_t broadcast the state over leading column dimensions (r, B, …)
 
     @staticmethod
     def unit(s):
@@ -228,8 +224,6 @@ class SecondOrder:
 class PSD:
     """Symmetric PSD matrices in svec form; ``W y = Rᵀ Y R``, ``W⁻ᵀ s = R⁻¹ S R⁻ᵀ = Λ`` diagonal
     (``R = L_s V Λ^{-1/2}``, ``R⁻¹ = Λ^{-1/2} Uᵀ L_yᵀ`` from ``L_yᵀ L_s = U Λ Vᵀ``, as in CVXOPT)."""
-
-    COLUMNS_LEADING = True  # winv / w_t broadcast the state over leading column dimensions (r, B, …)
 
     @staticmethod
     def unit(s):
