@@ -17,7 +17,8 @@ matrix-vector products kept as BLAS calls), so that an iteration is one call and
   (the two-loop recursion instead of the compact form).
 * the adjoint (:func:`compiled_adjoint`): conjugate gradients on ``∇²f u = ȳ`` with each step
   (one Hessian-vector product, reverse over reverse) compiled, stopping at
-  ``‖r‖ ≤ atol + rtol‖ȳ‖``; then one compiled mixed product ``θ̄ = −∂_θ(∇_y f · u)``.  As the
+  ``‖r‖ ≤ max(rtol‖ȳ‖, atol)`` (the rule of every adjoint solve); then one compiled mixed product
+  ``θ̄ = −∂_θ(∇_y f · u)``.  As the
   eager Krylov solvers do, ``ȳ`` is divided by a power of two near its largest entry (exact) and
   the gradients multiplied back, so that a tiny or huge ``ȳ`` neither underflows ``rᵀr`` nor
   overflows it; a non-finite ``ȳ`` is ``NONFINITE`` before the first step.
@@ -190,7 +191,7 @@ def compiled_adjoint(f: Callable, y: torch.Tensor, params: tuple, gy: torch.Tens
         x, r, p = torch.zeros_like(b), b.clone(), b.clone()
         rs = r @ r
         bn = math.sqrt(float(rs))
-        tol2 = (atol / float(scale) + rtol * bn) ** 2
+        tol2 = max(rtol * bn, atol / float(scale)) ** 2              # the adjoint solves' one rule (linalg.krylov)
         status, k, rs_f = None if math.isfinite(bn) else Status.NONFINITE, 0, bn * bn
         step = _compiled("cg", f, lambda: _cg_step(f, shape), (yf, x, r, p, rs) + params, tuple(shape)) \
             if status is None else None
