@@ -3,6 +3,7 @@
 A torch release that renames one, changes its signature or its meaning fails here, by name.
 """
 
+import functools
 import subprocess
 import sys
 import warnings
@@ -182,7 +183,10 @@ def test_solve_keeping_lu_takes_a_large_row_major_matrix_without_a_copy():
 
 
 
-def test_inductor_compile_traces_once_and_keeps_the_examples_apart():
+def test_inductor_compile_traces_once_and_keeps_the_examples_apart(monkeypatch):
+    # CI=1: Inductor then refuses an implicit fallback for an op that has a decomposition (the
+    # first CI run of argmin(compiled=True) failed so on aten.mv); products must never need one
+    monkeypatch.setenv("CI", "1")
     # one tensor passed twice as the examples must still give two graph inputs (make_fx alone merges them)
     # and a tensor fn closes over stays a tensor of the graph (not a fake one)
     A, c = torch.randn(4, 3, dtype=F64), torch.randn(4, dtype=F64)
@@ -194,3 +198,16 @@ def test_inductor_compile_traces_once_and_keeps_the_examples_apart():
     compiled = tp.inductor_compile(fn, (A, x, x))
     for got, want in zip(compiled(A, x, y), fn(A, x, y)):
         torch.testing.assert_close(got, want, atol=1e-14, rtol=0)
+    from torch._inductor.lowering import lowerings
+    assert torch.ops.aten.mv.default not in lowerings, "aten.mv reached Inductor as an implicit fallback"
+
+
+def test_inductor_compile_keeps_addmv_semantics(monkeypatch):
+    # addmv as a one-column mm: alpha and beta applied, and beta = 0 ignores self (NaN included)
+    monkeypatch.setenv("CI", "1")
+    A, x = torch.randn(5, 3, dtype=F64), torch.randn(3, dtype=F64)
+    for beta, alpha, b in ((1, 1, torch.randn(5, dtype=F64)), (0.5, -2.0, torch.randn(5, dtype=F64)),
+                           (0, 3.0, torch.full((5,), float("nan"), dtype=F64))):
+        fn = functools.partial(torch.addmv, beta=beta, alpha=alpha)
+        got = tp.inductor_compile(fn, (b, A, x))(b, A, x)
+        torch.testing.assert_close(got, fn(b, A, x), atol=1e-14, rtol=0)

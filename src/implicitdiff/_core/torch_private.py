@@ -140,8 +140,8 @@ def inductor_compile(fn: Callable, example_args: Sequence[torch.Tensor]) -> Call
     small problem's arithmetic); Python control flow on tensor values in ``fn`` cannot be traced
     and raises; tensors ``fn`` closes over become constants of the graph (the tensor as it is
     at the call, by reference: a name rebound later is not seen).  Matrix-vector products stay BLAS
-    calls (``aten.mv``/``addmv`` are not decomposed into Inductor's generated reductions, which are
-    slower on the CPU).
+    calls (``aten.mv``/``addmv`` become one-column ``mm``, not Inductor's generated reductions, which
+    are slower on the CPU).
     """
     with warnings.catch_warnings():  # torch's own deprecation notices on importing Inductor
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -151,12 +151,29 @@ def inductor_compile(fn: Callable, example_args: Sequence[torch.Tensor]) -> Call
         from torch.fx.experimental.proxy_tensor import make_fx
 
         aten = torch.ops.aten
-        keep = {aten.mv.default, aten.mv.out, aten.addmv.default, aten.addmv.out}
-        table = {op: d for op, d in select_decomp_table().items() if op not in keep}
+        table = dict(select_decomp_table())
+        table[aten.mv.default], table[aten.addmv.default] = _mv_as_mm, _addmv_as_mm
         # distinct examples: make_fx maps one tensor passed twice to one graph input
         examples = [a.detach().clone() for a in example_args]
         graph = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
         return compile_fx(graph, examples, decompositions=table)
+
+
+def _mv_as_mm(mat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    # A matrix-vector product as a one-column matrix product: Inductor's CPU lowering of ``mm``
+    # is a BLAS call, where its own decomposition of ``mv`` is a generated reduction (slower).  A
+    # decomposition, not a fallback: an op without lowering gets an implicit fallback, which
+    # Inductor refuses outright when the environment sets ``CI`` and the op has a decomposition.
+    return torch.mm(mat, vec.unsqueeze(-1)).squeeze(-1)
+
+
+def _addmv_as_mm(self: torch.Tensor, mat: torch.Tensor, vec: torch.Tensor, *, beta=1, alpha=1) -> torch.Tensor:
+    out = _mv_as_mm(mat, vec)
+    if alpha != 1:
+        out = out * alpha
+    if beta == 0:  # addmv ignores ``self`` then (NaN in it included)
+        return out
+    return out + (self if beta == 1 else self * beta)
 
 
 _solve_ex = getattr(torch, "_linalg_solve_ex", None)
