@@ -495,3 +495,33 @@ def test_an_lu_layout_torch_does_not_report_sends_every_solve_the_general_way(mo
     assert gradcheck(idf.linear_solve, (A, b))
     with pytest.raises(SolveError, match="SINGULAR"):
         idf.linear_solve(torch.ones(4, 4, dtype=F64), torch.ones(4, dtype=F64))
+
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA is not available here")])])
+@pytest.mark.parametrize("batched", [False, True])
+def test_eager_screen_reads_the_same_verdicts_on_every_device(device, batched, g):
+    # the screen's scalars are read one item() at a time on the CPU and stacked into one read
+    # elsewhere: on each device, for one system and a batch, it passes a well-conditioned system
+    # with torch.linalg.solve's values and declines Kahan's matrix (ill conditioning hidden in a
+    # factor) and a NaN in b
+    from implicitdiff.implicit.linear import fast_square_solve
+
+    n = 40
+    kahan = torch.triu(-torch.ones(n, n, dtype=F64), 1) + torch.eye(n, dtype=F64)
+    well = _well(g, n, n)
+    b = torch.randn(n, generator=g, dtype=F64)
+    nan_b = b.clone()
+    nan_b[3] = float("nan")
+
+    def system(M, rhs):  # batched: behind a benign system, so only the second element can fail
+        if batched:
+            M, rhs = torch.stack([2 * torch.eye(n, dtype=F64), M]), torch.stack([torch.ones(n, dtype=F64), rhs])
+        return M.to(device), rhs.to(device)
+
+    A, rhs = system(well, b)
+    y = fast_square_solve(A, rhs, True)
+    assert y is not None and torch.equal(y, torch.linalg.solve(A, rhs))
+    assert fast_square_solve(*system(kahan, b), True) is None
+    assert fast_square_solve(*system(well, nan_b), True) is None
