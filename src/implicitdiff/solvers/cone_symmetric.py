@@ -30,6 +30,15 @@ with a strided row (stride ``k``) was about 10x slower than with a contiguous on
 Fewer than :data:`COLUMNS_MIN` columns (the interior point's right-hand sides) take one congruence with
 the columns as a leading dimension instead: there the loop over ``k`` costs more than the work.
 
+**PSD scaling: one symmetric eigendecomposition, not an SVD** (:meth:`PSD.scale`).  CVXOPT's NT scaling
+takes ``U, Λ, V`` from the SVD ``L_yᵀL_s = U Λ Vᵀ``; here ``V`` comes from ``eigh(MᵀM)`` (``M = L_yᵀL_s``),
+then ``UΛ = MV``, ``λ`` its column norms (not the square roots of ``MᵀM``'s eigenvalues: a norm keeps
+the small ``λ`` to relative accuracy) and ``R⁻¹ = Λ^{-1/2}Uᵀ L_yᵀ = Λ^{-3/2}(MV)ᵀL_yᵀ``.  LAPACK's batched
+``eigh`` of ``10 × 10`` matrices took about half the time of ``svd`` (18 µs each); the identities
+``RᵀYR = Λ = R⁻¹SR⁻ᵀ`` hold to the same rounding (``eps·κ(M)²`` against ``eps·κ(M)``, where ``κ(M)``
+is ``√`` of the spread of ``SY``'s eigenvalues: near 1 on the central path; tests check both far from
+it and at the end of a solve against the SVD).
+
 References: Vandenberghe, "The CVXOPT linear and quadratic cone program solvers" (2010), §4.
 """
 
@@ -223,7 +232,8 @@ class SecondOrder:
 
 class PSD:
     """Symmetric PSD matrices in svec form; ``W y = Rᵀ Y R``, ``W⁻ᵀ s = R⁻¹ S R⁻ᵀ = Λ`` diagonal
-    (``R = L_s V Λ^{-1/2}``, ``R⁻¹ = Λ^{-1/2} Uᵀ L_yᵀ`` from ``L_yᵀ L_s = U Λ Vᵀ``, as in CVXOPT)."""
+    (``R = L_s V Λ^{-1/2}``, ``R⁻¹ = Λ^{-1/2} Uᵀ L_yᵀ`` from ``L_yᵀ L_s = U Λ Vᵀ``, as in CVXOPT; ``U, Λ, V``
+    from one ``eigh``: module docstring)."""
 
     @staticmethod
     def unit(s):
@@ -239,10 +249,13 @@ class PSD:
         # an iterate that rounding pushed out of the cone: unit scaling, and step() returns 0
         ok = (info == 0).all(0)
         Ls, Ly = torch.where(ok[..., None, None], L, torch.eye(k, dtype=s.dtype, device=s.device))
-        U, lam, Vh = torch.linalg.svd(Ly.mT @ Ls)                 # L_yᵀ L_s = U Λ Vᵀ
+        M = Ly.mT @ Ls                                             # L_yᵀ L_s = U Λ Vᵀ (module docstring)
+        V = torch.linalg.eigh(M.mT @ M).eigenvectors
+        MV = M @ V                                                 # U Λ
+        lam = torch.linalg.vector_norm(MV, dim=-2)
         isq = lam.rsqrt()
-        R = (Ls @ Vh.mT) * isq[..., None, :]                       # R = L_s V Λ^{-1/2}
-        Rinv = isq[..., :, None] * (U.mT @ Ly.mT)                  # R⁻¹ = Λ^{-1/2} Uᵀ L_yᵀ
+        R = (Ls @ V) * isq[..., None, :]                           # R = L_s V Λ^{-1/2}
+        Rinv = (isq / lam)[..., :, None] * (MV.mT @ Ly.mT)         # R⁻¹ = Λ^{-1/2} Uᵀ L_yᵀ
         return (R, Rinv, lam, k, ok)
 
     @staticmethod
