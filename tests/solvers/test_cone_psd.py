@@ -103,11 +103,15 @@ def test_step_is_the_largest_in_both_cones_and_zero_outside():
         return lo
     ref = torch.minimum(boundary(s, ds), boundary(y, dy))
     assert torch.allclose(alpha, ref, rtol=1e-8)
+    # the same test on the scaled directions (the predictor's: no congruence), and on the generic path
+    assert torch.allclose(PSD.step_scaled(st, *PSD.scaled(st, ds, dy)), ref, rtol=1e-8)
+    assert torch.allclose(PSD.step_scaled(st, *PSD.scaled(st, ds, dy)), alpha, rtol=1e-12)
     # an iterate outside the cone (not positive definite): no step, not a NaN
     s_bad = s.clone()
     s_bad[1] = svec(-torch.eye(k, dtype=F64))
-    alpha = PSD.step(PSD.scale(s_bad, y), ds, dy)
-    assert alpha[1] == 0 and torch.isfinite(alpha).all() and (alpha[[0, 2, 3, 4, 5]] > 0).all()
+    st = PSD.scale(s_bad, y)
+    for alpha in (PSD.step(st, ds, dy), PSD.step_scaled(st, *PSD.scaled(st, ds, dy))):
+        assert alpha[1] == 0 and torch.isfinite(alpha).all() and (alpha[[0, 2, 3, 4, 5]] > 0).all()
 
 
 def _spectraplex_projection(P):

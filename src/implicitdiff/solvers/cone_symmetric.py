@@ -12,9 +12,9 @@ scaled directions ``Δs̃ = W⁻ᵀΔs`` and ``Δỹ = WΔy``,
 ``winv_t(state, V)`` (``W⁻ᵀ`` on a block of rows ``V``, to scale ``A``), ``winv``/``w_t`` (to unscale ``Δỹ`` and ``Δs̃``), ``scaled(state, Δs, Δy)``,
 ``rhs(state, σμ, corr)`` (``d̃``) and ``step(state, Δs, Δy)`` (the largest step keeping both
 in the cone, computed in the scaled frame where it is the same test for ``s`` and ``y``); the
-nonnegative and second-order cones also offer that test on directions already scaled,
-``step_scaled(state, W⁻ᵀΔs, WΔy)``: the interior point scales the predictor once, for its step
-and for Mehrotra's corrector.  Each works on all blocks of one size at once: the nonnegative
+cones also offer that test on directions already scaled, ``step_scaled(state, W⁻ᵀΔs, WΔy)``: the
+interior point scales the predictor once, for its step and for Mehrotra's corrector (for PSD blocks
+the test is then ``I + αΛ^{-1/2}XΛ^{-1/2} ⪰ 0``, no congruence).  Each works on all blocks of one size at once: the nonnegative
 cone on ``(B, rows)``, the others on ``(B, blocks, size)``.  Forward only, no gradients.
 
 **PSD blocks: congruences by the ``k × k`` factors, column by column** (:func:`_congruence_columns`).
@@ -292,7 +292,19 @@ class PSD:
         R, Rinv, lam, k, ok = st
         isq = lam.rsqrt()[..., :, None]
         P = torch.stack([isq * Rinv, isq * R.mT])
-        X = P @ smat(torch.stack([ds, dy]), k) @ P.mT
+        return PSD._step(st, P @ smat(torch.stack([ds, dy]), k) @ P.mT)
+
+    @staticmethod
+    def step_scaled(st, a, b):
+        # the same test on the scaled directions a = W⁻ᵀΔs, b = WΔy: I + α Λ^{-1/2} smat(·) Λ^{-1/2} ⪰ 0
+        isq = st[2].rsqrt()
+        return PSD._step(st, smat(torch.stack([a, b]), st[3]) * (isq[..., :, None] * isq[..., None, :]))
+
+    @staticmethod
+    def _step(st, X):
+        """Largest α with ``I + αX ⪰ 0`` for both of ``X (2, B, nb, k, k)``, per batch row; 0 where the
+        iterate was out of the cone (``st``'s ``ok``)."""
+        ok = st[4]
         X = torch.where(torch.isfinite(X), X, torch.zeros_like(X))
         alpha = _max_step_from_eig(torch.linalg.eigvalsh(X).transpose(0, 1))  # both directions in one call
         return torch.where(ok.reshape(ok.shape[0], -1).all(-1), alpha, torch.zeros_like(alpha))
