@@ -211,14 +211,14 @@ class SecondOrder:
         disc = b * b - 4 * a * c
         sq = torch.sqrt(disc.clamp(min=0))
         q = -0.5 * (b + torch.where(b >= 0, sq, -sq))
-        inf = torch.full_like(a, _INF)
-        r1 = torch.where(a != 0, q / torch.where(a != 0, a, torch.ones_like(a)), inf)
-        r2 = torch.where(q != 0, c / torch.where(q != 0, q, torch.ones_like(q)), inf)
-        r1 = torch.where((r1 > 0) & (disc >= 0), r1, inf)
-        r2 = torch.where((r2 > 0) & (disc >= 0), r2, inf)
+        # the roots q/a and c/q, unguarded: a division by zero gives ±inf or NaN, and the tests `> 0`
+        # take +inf (no limit) and drop the others, as a guarded division's inf would be
+        real = disc >= 0
+        r1, r2, r3 = q / a, c / q, -l0 / d0
+        alpha = torch.where((r1 > 0) & real, r1, _INF)
+        alpha = torch.where((r2 > 0) & real, torch.minimum(alpha, r2), alpha)
         # the t-component must stay nonnegative too (the other nappe of the quadric)
-        r3 = torch.where(d0 < 0, -l0 / torch.where(d0 < 0, d0, -torch.ones_like(d0)), inf)
-        alpha = torch.minimum(torch.minimum(r1, r2), r3)
+        alpha = torch.where(d0 < 0, torch.minimum(alpha, r3), alpha)
         return alpha.amin(-1)
 
     @staticmethod
