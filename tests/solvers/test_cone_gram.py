@@ -566,3 +566,26 @@ def test_blocks_in_one_range_are_taken_as_views():
     assert torch.equal(N, ref)
     dense = _dense_normal(A, spec, groups, states)
     assert float((N - dense).abs().max()) <= 1e-12 * float(dense.abs().max())
+
+
+def test_data_matrix_norm_is_the_largest_entry_per_element_and_follows_a_subset():
+    # the stopping rule's ‖A‖∞ (max |A| per element), from the |A| that the pattern is made of: shared,
+    # batched dense, batched with a dense block, batched sparse; a subset keeps its elements'
+    g = torch.Generator().manual_seed(9)
+    B, m, n = 4, 12, 8
+    dense = torch.randn(B, m, n, generator=g, dtype=F64)
+    block = torch.zeros(B, m, n, dtype=F64)
+    block[:, :5, 2:] = torch.randn(B, 5, n - 2, generator=g, dtype=F64)
+    block[:, 5:, :7] = -3 * torch.eye(7, dtype=F64) * torch.rand(B, 1, 1, generator=g, dtype=F64)
+    sparse = torch.zeros(B, m, n, dtype=F64)
+    sparse[:, torch.arange(m), torch.arange(m) % n] = torch.randn(B, m, generator=g, dtype=F64)
+    sparse[1] *= -5
+    for A in (dense, block, sparse):
+        data = DataMatrix(A)
+        ref = A.abs().flatten(1).max(1).values
+        assert torch.equal(data.norm, ref)
+        keep = torch.tensor([3, 1])
+        assert torch.equal(data.subset(keep).norm, ref[keep])
+    assert DataMatrix(block).block is not None and DataMatrix(sparse).sparse is not None
+    assert torch.equal(DataMatrix(dense[0]).norm, dense[0].abs().max())
+    assert torch.equal(DataMatrix(dense[:1].expand(B, m, n)).norm, dense[0].abs().max())

@@ -62,7 +62,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..linalg.kkt import chol_solve, cholesky_lower_
+from ..linalg.kkt import absmax, chol_solve, cholesky_lower_
 from .cone_sparse import (SCATTER_COST, SPARSE_PRODUCTS, SparseGram, SparseProducts, elimination, sparse_gram,
                           support_columns)
 
@@ -110,15 +110,16 @@ def put(out, g, val):
 class DataMatrix:
     """``A`` shared ``(m, n)`` or batched ``(B, m, n)``, with the products the interior point needs."""
 
-    def __init__(self, A: torch.Tensor, pattern=None, sparse=None, block=None):
+    def __init__(self, A: torch.Tensor, pattern=None, sparse=None, block=None, norm=None):
         if A.dim() == 3 and A.stride(0) == 0:  # expanded from one matrix
             A = A[0]
         self.A = A
         self.shared = A.dim() == 2
-        if pattern is None:  # (a subset is given its parent's pattern and layout)
+        if pattern is None:  # (a subset is given its parent's pattern, layout and norms)
             # A's zero pattern, shared by the batch (a batched A: the union over its elements, as a sum of
-            # |A| that is zero only where every entry is: faster than (A != 0).any(0), a bool temporary)
-            pattern = (A != 0) if self.shared else A.abs().sum(0) != 0
+            # |A| that is zero only where every entry is: faster than (A != 0).any(0), a bool temporary),
+            # and max |A| per element from the same |A|
+            pattern, norm = (A != 0, absmax(A, (-2, -1))) if self.shared else _pattern_and_norm(A)
             if not self.shared:
                 if int(pattern.sum()) <= SPARSE_PRODUCTS * pattern.numel():
                     sparse = SparseProducts(A, pattern)
@@ -127,6 +128,7 @@ class DataMatrix:
         self.pattern = pattern
         self.sparse = sparse
         self.block = block  # (rows, columns, A on them, the other rows' SparseProducts or None); or None
+        self.norm = norm  # max |A|: () shared, (B,) batched
 
     def subset(self, keep):
         """The matrix of the batch elements ``keep`` (a shared one is kept as it is)."""
@@ -137,7 +139,7 @@ class DataMatrix:
             rows, cols, Ab, rest = self.block
             block = (rows, cols, Ab.index_select(0, keep), None if rest is None else rest.subset(keep))
         return DataMatrix(self.A.index_select(0, keep), self.pattern,
-                          None if self.sparse is None else self.sparse.subset(keep), block)
+                          None if self.sparse is None else self.sparse.subset(keep), block, self.norm.index_select(0, keep))
 
     def mv(self, v):
         """``A v`` for ``v (B, n)`` → ``(B, m)``, or each of ``r`` columns ``v (B, r, n)`` → ``(B, r, m)``."""
@@ -166,6 +168,13 @@ class DataMatrix:
     def rows(self, idx):
         """The rows ``idx`` (a ``long`` tensor ``(*s)`` or :class:`Rows`) as ``(1 or B, *s, n)``."""
         return take(self.A[None] if self.shared else self.A, idx)
+
+
+def _pattern_and_norm(A):
+    """A batched ``A``'s pattern (shared by the batch) and ``max |A|`` per element, from one ``|A|``
+    (freed on return)."""
+    absA = A.abs()
+    return absA.sum(0) != 0, absA.amax((-2, -1))
 
 
 def _rowmul(v, M):
@@ -256,8 +265,7 @@ class NormalMatrix:
         out.data, out.groups, out.cones, out.elimination = data, self.groups, self.cones, self.elimination
         out._buf = None
         out.pre = [pre if pre is None or self.data.shared else pre.subset(keep) if isinstance(pre, SparseGram)
-                   else (_columns(data.rows(idx), pre[2]), pre[1].index_select(0, keep)) + pre[2:]
-                   for (_, _, idx), pre in zip(self.groups, self.pre)]
+                   else (pre[0].index_select(0, keep), pre[1].index_select(0, keep)) + pre[2:] for pre in self.pre]
         return out
 
     def _riding(self):

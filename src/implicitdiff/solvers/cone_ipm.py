@@ -67,7 +67,6 @@ import torch
 
 from .._core.status import Status
 from ..linalg.cone_spec import ConeSpec
-from ..linalg.kkt import absmax
 from .cone_exp import ExpCone
 from .cone_gram import DataMatrix, NormalMatrix, Rows, contiguous, factor_normal, put, solve_normal, take
 from .cone_symmetric import PSD, Nonneg, SecondOrder
@@ -214,7 +213,7 @@ class ConeInteriorPoint:
         status = torch.full((B,), -1, dtype=torch.int64, device=dev)
         residual = b.new_full((B,), float("inf"))
         iters = torch.zeros(B, dtype=torch.int64, device=dev)
-        nA = absmax(data.A, (-2, -1)).clamp(min=torch.finfo(dt).tiny).expand(B)
+        nA = data.norm.clamp(min=torch.finfo(dt).tiny).expand(B)
         nb, nc = _inf_norm(b), _inf_norm(c)
         rtol = self.rtol
         stalled = torch.zeros(B, dtype=torch.bool, device=dev)
