@@ -589,3 +589,28 @@ def test_data_matrix_norm_is_the_largest_entry_per_element_and_follows_a_subset(
     assert DataMatrix(block).block is not None and DataMatrix(sparse).sparse is not None
     assert torch.equal(DataMatrix(dense[0]).norm, dense[0].abs().max())
     assert torch.equal(DataMatrix(dense[:1].expand(B, m, n)).norm, dense[0].abs().max())
+
+
+def test_subset_with_a_block_or_sparse_products_copies_A_only_when_read():
+    # the products of a subset with a dense block (or sparse products) never read A itself: its rows are
+    # copied on first use (rows(), for a generic term), and then equal the elements' own; also a subset
+    # of a subset, and the normal matrix formed on it
+    g = torch.Generator().manual_seed(10)
+    B, m, n = 4, 12, 8
+    block = torch.zeros(B, m, n, dtype=F64)
+    block[:, :5, 2:] = torch.randn(B, 5, n - 2, generator=g, dtype=F64)
+    block[:, 5:, :7] = -torch.eye(7, dtype=F64) * torch.rand(B, 1, 1, generator=g, dtype=F64)
+    sparse = torch.randn(B, m, n, generator=g, dtype=F64) * (torch.rand(m, n, generator=g) < 0.1)
+    for A in (block, sparse):
+        data = DataMatrix(A)
+        assert (data.block is not None) or (data.sparse is not None)
+        keep, keep2 = torch.tensor([3, 0, 2]), torch.tensor([2, 0])
+        sub = data.subset(keep)
+        sub2 = sub.subset(keep2)
+        v = torch.randn(2, n, generator=g, dtype=F64)
+        assert sub._A is None and sub2._A is None            # not copied by the products
+        assert torch.allclose(sub2.mv(v), (A[keep][keep2] @ v[..., None])[..., 0], rtol=0, atol=1e-14)
+        assert sub._A is None and sub2._A is None
+        idx = contiguous(torch.arange(5))
+        assert torch.equal(sub2.rows(idx), A[keep][keep2][:, :5]) and torch.equal(sub2.A, A[keep][keep2])
+        assert sub2.shape == (m, n) and sub2.dtype == F64 and not sub2.shared
