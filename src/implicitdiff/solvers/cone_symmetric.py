@@ -36,7 +36,7 @@ the columns as a leading dimension instead: there the loop over ``k`` costs more
 takes ``U, Λ, V`` from the SVD ``L_yᵀL_s = U Λ Vᵀ``; here ``V`` comes from ``eigh(MᵀM)`` (``M = L_yᵀL_s``),
 then ``UΛ = MV``, ``λ`` its column norms (not the square roots of ``MᵀM``'s eigenvalues: a norm keeps
 the small ``λ`` to relative accuracy) and ``R⁻¹ = Λ^{-1/2}Uᵀ L_yᵀ = Λ^{-3/2}(MV)ᵀL_yᵀ``.  LAPACK's batched
-``eigh`` of ``10 × 10`` matrices took about half the time of ``svd`` (18 µs each); the identities
+``eigh`` of ``10 × 10`` matrices took about half the time of ``svd``; the identities
 ``RᵀYR = Λ = R⁻¹SR⁻ᵀ`` hold to the same rounding (``eps·κ(M)²`` against ``eps·κ(M)``, where ``κ(M)``
 is ``√`` of the spread of ``SY``'s eigenvalues: near 1 on the central path; tests check both far from
 it and at the end of a solve against the SVD).
