@@ -129,9 +129,8 @@ class SecondOrder:
         ns, ny = SecondOrder._jnorm(s), SecondOrder._jnorm(y)
         sb, yb = s / ns[..., None], y / ny[..., None]
         gamma = torch.sqrt((1 + (sb * yb).sum(-1)) / 2)
-        w = sb.clone()
+        w = sb - yb
         w[..., 0] = sb[..., 0] + yb[..., 0]
-        w[..., 1:] = sb[..., 1:] - yb[..., 1:]
         w = w / (2 * gamma[..., None])
         eta = torch.sqrt(ns / ny)
         lam = SecondOrder._wbar(w, y) * eta[..., None]
@@ -306,7 +305,7 @@ class PSD:
         """Largest α with ``I + αX ⪰ 0`` for both of ``X (2, B, nb, k, k)``, per batch row; 0 where the
         iterate was out of the cone (``st``'s ``ok``)."""
         ok = st[4]
-        X = torch.where(torch.isfinite(X), X, torch.zeros_like(X))
+        X = torch.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0)
         alpha = _max_step_from_eig(torch.linalg.eigvalsh(X).transpose(0, 1))  # both directions in one call
         return torch.where(ok.reshape(ok.shape[0], -1).all(-1), alpha, torch.zeros_like(alpha))
 
