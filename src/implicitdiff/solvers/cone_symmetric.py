@@ -14,8 +14,9 @@ scaled directions ``Δs̃ = W⁻ᵀΔs`` and ``Δỹ = WΔy``,
 in the cone, computed in the scaled frame where it is the same test for ``s`` and ``y``); the
 cones also offer that test on directions already scaled, ``step_scaled(state, W⁻ᵀΔs, WΔy)``: the
 interior point scales the predictor once, for its step and for Mehrotra's corrector (for PSD blocks
-the test is then ``I + αΛ^{-1/2}XΛ^{-1/2} ⪰ 0``, no congruence).  Each works on all blocks of one size at once: the nonnegative
-cone on ``(B, rows)``, the others on ``(B, blocks, size)``.  Forward only, no gradients.
+the test is then ``I + αΛ^{-1/2}XΛ^{-1/2} ⪰ 0``, no congruence).  Each works on all blocks of one
+size at once: the nonnegative cone on ``(B, rows)``, the others on ``(B, blocks, size)``.  Forward
+only, no gradients.
 
 **PSD blocks: congruences by the ``k × k`` factors, column by column** (:func:`_congruence_columns`).
 Every PSD map is ``X ↦ P X Pᵀ`` with ``P`` one of ``R, R⁻¹`` (and transposes), applied to ``k × k``
@@ -318,7 +319,7 @@ def _congruence(P, v, k):
 def _congruence_columns(P, V, k):
     """``svec(P smat(v) Pᵀ)`` for each column ``v`` of ``V (1 or B, nb, d, r)`` (all ``r`` at once),
     ``P (B, nb, k, k)``: one svec column of the result at a time (see the module docstring)."""
-    flat, scale, pos, unscale = _gathers(k, V.device, V.dtype)
+    _, scale, pos, unscale = _gathers(k, V.device, V.dtype)
     r = V.shape[-1]
     X = (V.index_select(-2, pos) * unscale[:, None]).reshape(V.shape[:-2] + (k, k * r))  # [a, (b, j)] = Xⱼ[a, b]
     # a shared X (the rows of a shared A): blocks first, (nb, B), so that row c of P Xⱼ is one
