@@ -566,3 +566,51 @@ def test_blocks_in_one_range_are_taken_as_views():
     assert torch.equal(N, ref)
     dense = _dense_normal(A, spec, groups, states)
     assert float((N - dense).abs().max()) <= 1e-12 * float(dense.abs().max())
+
+
+def test_data_matrix_norm_is_the_largest_entry_per_element_and_follows_a_subset():
+    # the stopping rule's ‖A‖∞ (max |A| per element), from the |A| that the pattern is made of: shared,
+    # batched dense, batched with a dense block, batched sparse; a subset keeps its elements'
+    g = torch.Generator().manual_seed(9)
+    B, m, n = 4, 12, 8
+    dense = torch.randn(B, m, n, generator=g, dtype=F64)
+    block = torch.zeros(B, m, n, dtype=F64)
+    block[:, :5, 2:] = torch.randn(B, 5, n - 2, generator=g, dtype=F64)
+    block[:, 5:, :7] = -3 * torch.eye(7, dtype=F64) * torch.rand(B, 1, 1, generator=g, dtype=F64)
+    sparse = torch.zeros(B, m, n, dtype=F64)
+    sparse[:, torch.arange(m), torch.arange(m) % n] = torch.randn(B, m, generator=g, dtype=F64)
+    sparse[1] *= -5
+    for A in (dense, block, sparse):
+        data = DataMatrix(A)
+        ref = A.abs().flatten(1).max(1).values
+        assert torch.equal(data.norm, ref)
+        keep = torch.tensor([3, 1])
+        assert torch.equal(data.subset(keep).norm, ref[keep])
+    assert DataMatrix(block).block is not None and DataMatrix(sparse).sparse is not None
+    assert torch.equal(DataMatrix(dense[0]).norm, dense[0].abs().max())
+    assert torch.equal(DataMatrix(dense[:1].expand(B, m, n)).norm, dense[0].abs().max())
+
+
+def test_subset_with_a_block_or_sparse_products_copies_A_only_when_read():
+    # the products of a subset with a dense block (or sparse products) never read A itself: its rows are
+    # copied on first use (rows(), for a generic term), and then equal the elements' own; also a subset
+    # of a subset, and the normal matrix formed on it
+    g = torch.Generator().manual_seed(10)
+    B, m, n = 4, 12, 8
+    block = torch.zeros(B, m, n, dtype=F64)
+    block[:, :5, 2:] = torch.randn(B, 5, n - 2, generator=g, dtype=F64)
+    block[:, 5:, :7] = -torch.eye(7, dtype=F64) * torch.rand(B, 1, 1, generator=g, dtype=F64)
+    sparse = torch.randn(B, m, n, generator=g, dtype=F64) * (torch.rand(m, n, generator=g) < 0.1)
+    for A in (block, sparse):
+        data = DataMatrix(A)
+        assert (data.block is not None) or (data.sparse is not None)
+        keep, keep2 = torch.tensor([3, 0, 2]), torch.tensor([2, 0])
+        sub = data.subset(keep)
+        sub2 = sub.subset(keep2)
+        v = torch.randn(2, n, generator=g, dtype=F64)
+        assert sub._A is None and sub2._A is None            # not copied by the products
+        assert torch.allclose(sub2.mv(v), (A[keep][keep2] @ v[..., None])[..., 0], rtol=0, atol=1e-14)
+        assert sub._A is None and sub2._A is None
+        idx = contiguous(torch.arange(5))
+        assert torch.equal(sub2.rows(idx), A[keep][keep2][:, :5]) and torch.equal(sub2.A, A[keep][keep2])
+        assert sub2.shape == (m, n) and sub2.dtype == F64 and not sub2.shared

@@ -232,3 +232,34 @@ def test_success_meets_the_stopping_rule_on_fresh_products(shared):
     gap = (ctx + bty).abs() / (1 + torch.minimum(ctx.abs(), bty.abs()))
     assert (pres <= 1.01 * rtol).all() and (dres <= 1.01 * rtol).all() and (gap <= 1.01 * rtol).all()
     assert torch.allclose(torch.maximum(pres, torch.maximum(dres, gap)), r.residual, rtol=1e-3, atol=1e-15)
+
+
+def test_second_order_step_on_edge_directions_matches_bisection():
+    # SecondOrder._step divides unguarded (a root q/a or c/q with a zero divisor is ±inf or NaN, and
+    # only a positive finite root limits the step): directions with a = 0 (on the cone's boundary),
+    # d₀ = 0, d = 0, d = ±λ and d = Jλ against bisection on the margin t − ‖x‖ (inf: no limit)
+    g = torch.Generator().manual_seed(12)
+    k, B = 5, 8
+    lam = _soc_point(g, k)[0, :1].expand(B, 1, k).clone()
+    d = torch.randn(B, 1, k, generator=g, dtype=F64)
+    d[0, :, 0] = d[0, :, 1:].norm(dim=-1)         # on the boundary, pointing in: no limit
+    d[1, :, 0] = -d[1, :, 1:].norm(dim=-1)        # on the boundary of −K: a limit
+    d[2, :, 0] = 0.0
+    d[3] = 0.0
+    d[4], d[5] = lam[4], -lam[5]
+    d[6] = lam[6] * torch.tensor([-1.0] + [1.0] * (k - 1), dtype=F64)
+    alpha = SecondOrder._step(lam, d)
+
+    def margin(a):
+        v = lam + a[:, None, None] * d
+        return (v[..., 0] - v[..., 1:].norm(dim=-1))[:, 0]
+    big = torch.full((B,), 1e8, dtype=F64)
+    unbounded = margin(big) >= 0
+    lo, hi = torch.zeros(B, dtype=F64), big.clone()
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        inside = margin(mid) >= 0
+        lo, hi = torch.where(inside, mid, lo), torch.where(inside, hi, mid)
+    assert unbounded[[0, 3, 4]].all() and not unbounded[[1, 2, 5, 6, 7]].any()
+    assert torch.isinf(alpha[unbounded]).all()
+    assert torch.allclose(alpha[~unbounded], lo[~unbounded], rtol=1e-9)

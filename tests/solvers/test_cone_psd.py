@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from implicitdiff.layers.cone_program import cone_program
-from implicitdiff.linalg.cone_spec import smat, svec
+from implicitdiff.linalg.cone_spec import parse_cones, smat, svec
+from implicitdiff.solvers.cone_ipm import ConeInteriorPoint
 from implicitdiff.solvers.cone_symmetric import COLUMNS_MIN, PSD, _congruence_columns
 
 F64 = torch.float64
@@ -102,11 +103,15 @@ def test_step_is_the_largest_in_both_cones_and_zero_outside():
         return lo
     ref = torch.minimum(boundary(s, ds), boundary(y, dy))
     assert torch.allclose(alpha, ref, rtol=1e-8)
+    # the same test on the scaled directions (the predictor's: no congruence), and on the generic path
+    assert torch.allclose(PSD.step_scaled(st, *PSD.scaled(st, ds, dy)), ref, rtol=1e-8)
+    assert torch.allclose(PSD.step_scaled(st, *PSD.scaled(st, ds, dy)), alpha, rtol=1e-12)
     # an iterate outside the cone (not positive definite): no step, not a NaN
     s_bad = s.clone()
     s_bad[1] = svec(-torch.eye(k, dtype=F64))
-    alpha = PSD.step(PSD.scale(s_bad, y), ds, dy)
-    assert alpha[1] == 0 and torch.isfinite(alpha).all() and (alpha[[0, 2, 3, 4, 5]] > 0).all()
+    st = PSD.scale(s_bad, y)
+    for alpha in (PSD.step(st, ds, dy), PSD.step_scaled(st, *PSD.scaled(st, ds, dy))):
+        assert alpha[1] == 0 and torch.isfinite(alpha).all() and (alpha[[0, 2, 3, 4, 5]] > 0).all()
 
 
 def _spectraplex_projection(P):
@@ -120,14 +125,10 @@ def _spectraplex_projection(P):
     return (V * (lam - theta).clamp(min=0)[..., None, :]) @ V.mT
 
 
-def test_nearest_density_matrix_and_its_gradient_match_the_closed_form():
-    # min ‖X − P‖²_F s.t. X ⪰ 0, tr X = 1 as a cone program in (svec X, t):
-    # min t  s.t.  tr X = 1 (z), ‖(t − 1, 2 svec(X − P))‖ ≤ t + 1 (q), X ⪰ 0 (s)
-    g = torch.Generator().manual_seed(7)
-    k, B = 6, 8
+def _density_program(k):
+    """``(A, c, b(P))`` of ``min ‖X − P‖²_F s.t. X ⪰ 0, tr X = 1`` as a cone program in ``(svec X, t)``:
+    ``min t  s.t.  tr X = 1 (z), ‖(t − 1, 2 svec(X − P))‖ ≤ t + 1 (q), X ⪰ 0 (s)``."""
     d, n = k * (k + 1) // 2, k * (k + 1) // 2 + 1
-    Q = (torch.randn(B, k, k, generator=g, dtype=F64) / math.sqrt(k)).requires_grad_()
-    W = torch.randn(B, k, k, generator=g, dtype=F64)
     A = torch.zeros(1 + (d + 2) + d, n, dtype=F64)
     A[0, :d] = svec(torch.eye(k, dtype=F64))
     A[1, d], A[2, d] = -1.0, -1.0
@@ -136,11 +137,22 @@ def test_nearest_density_matrix_and_its_gradient_match_the_closed_form():
     c = torch.zeros(n, dtype=F64)
     c[d] = 1.0
 
+    def rhs(P):
+        return torch.cat([torch.tensor([1.0, 1.0, -1.0], dtype=F64).expand(P.shape[0], 3), -2 * svec(P),
+                          torch.zeros(P.shape[0], d, dtype=F64)], 1)
+    return A, c, rhs
+
+
+def test_nearest_density_matrix_and_its_gradient_match_the_closed_form():
+    g = torch.Generator().manual_seed(7)
+    k, B = 6, 8
+    d = k * (k + 1) // 2
+    Q = (torch.randn(B, k, k, generator=g, dtype=F64) / math.sqrt(k)).requires_grad_()
+    W = torch.randn(B, k, k, generator=g, dtype=F64)
+    A, c, rhs = _density_program(k)
+
     def solve(Q):
-        P = (Q + Q.mT) / 2
-        b = torch.cat([torch.tensor([1.0, 1.0, -1.0], dtype=F64).expand(B, 3), -2 * svec(P),
-                       torch.zeros(B, d, dtype=F64)], 1)
-        x, _, _, info = cone_program(A, b, c, {"z": 1, "q": [d + 2], "s": [k]}, return_info=True)
+        x, _, _, info = cone_program(A, rhs((Q + Q.mT) / 2), c, {"z": 1, "q": [d + 2], "s": [k]}, return_info=True)
         assert (info.status == 0).all()
         return smat(x[:, :d], k)
     X = solve(Q)
@@ -149,3 +161,29 @@ def test_nearest_density_matrix_and_its_gradient_match_the_closed_form():
     grad, = torch.autograd.grad((W * X).sum(), Q)
     grad_ref, = torch.autograd.grad((W * X_ref).sum(), Q)
     assert torch.allclose(grad, grad_ref, atol=1e-7)
+
+
+def test_nt_scaling_at_the_end_of_a_solve_matches_the_svd_of_ly_t_ls():
+    # PSD.scale takes Λ and V from one eigh of MᵀM (M = L_yᵀL_s), not from an SVD of M: at a solution,
+    # where s and y are nearly complementary (λ ~ √μ, S's and Y's eigenvalues spread over ~1/μ), it
+    # gives the SVD's λ and the (unique) NT scaling R Rᵀ, and its inverse, to rounding
+    g = torch.Generator().manual_seed(11)
+    k, B = 10, 16
+    d = k * (k + 1) // 2
+    A, c, rhs = _density_program(k)
+    P = torch.randn(B, k, k, generator=g, dtype=F64)
+    res = ConeInteriorPoint(rtol=1e-9).solve(A, rhs((P + P.mT) / 2), c.expand(B, -1),
+                                              parse_cones({"z": 1, "q": [d + 2], "s": [k]}))
+    assert (res.status == 0).all()
+    s, y = res.s[:, None, -d:], res.y[:, None, -d:]
+    R, Rinv, lam, _, ok = PSD.scale(s, y)
+    assert ok.all()
+    Ls, Ly = torch.linalg.cholesky(smat(s, k)), torch.linalg.cholesky(smat(y, k))
+    U, lam_ref, Vh = torch.linalg.svd(Ly.mT @ Ls)
+    ev = torch.linalg.eigvalsh(smat(s, k))
+    assert (ev[..., -1] / ev[..., 0] > 1e6).all()  # near complementarity: S nearly singular
+    R_ref = (Ls @ Vh.mT) * lam_ref.rsqrt()[..., None, :]
+    Rinv_ref = lam_ref.rsqrt()[..., :, None] * (U.mT @ Ly.mT)
+    assert torch.allclose(lam.sort(-1).values, lam_ref.sort(-1).values, rtol=1e-10, atol=0)
+    for G, G_ref in ((R @ R.mT, R_ref @ R_ref.mT), (Rinv.mT @ Rinv, Rinv_ref.mT @ Rinv_ref)):
+        assert torch.allclose(G, G_ref, rtol=0, atol=1e-10 * G_ref.abs().amax())

@@ -9,7 +9,9 @@ nonzeros (more than :data:`~.cone_sparse.SPARSE_PRODUCTS` of ``n``) cover, on th
 most :data:`DENSE_BLOCK_BELOW` of it (cvxpy's canonical programs: a data matrix next to rows with
 one ``±1`` each) keeps that block as its own ``(B, rows, columns)`` copy and the other rows' few
 nonzeros as :class:`~.cone_sparse.SparseProducts`: a product reads the block, not all of ``A``
-(each product is bound by reading ``A``).
+(each product is bound by reading ``A``).  So a subset of the batch (the interior point drops its
+finished elements) with a block or sparse products copies the block and the nonzeros, and ``A``
+itself only where it is read (:meth:`DataMatrix.subset`; about 3% of a second-order-cone solve).
 
 :class:`NormalMatrix` forms ``N = Σ_cones A_kᵀ W_k⁻¹ W_k⁻ᵀ A_k`` (``H = WᵀW`` the scaling of the
 interior point) — the matrix of the interior point's reduced Newton system — one term per group
@@ -62,7 +64,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..linalg.kkt import chol_solve, cholesky_lower_
+from ..linalg.kkt import absmax, chol_solve, cholesky_lower_
 from .cone_sparse import (SCATTER_COST, SPARSE_PRODUCTS, SparseGram, SparseProducts, elimination, sparse_gram,
                           support_columns)
 
@@ -110,15 +112,17 @@ def put(out, g, val):
 class DataMatrix:
     """``A`` shared ``(m, n)`` or batched ``(B, m, n)``, with the products the interior point needs."""
 
-    def __init__(self, A: torch.Tensor, pattern=None, sparse=None, block=None):
+    def __init__(self, A: torch.Tensor, pattern=None, sparse=None, block=None, norm=None):
         if A.dim() == 3 and A.stride(0) == 0:  # expanded from one matrix
             A = A[0]
-        self.A = A
+        self._A, self._lazy = A, None  # _lazy: a subset's A, made on first use (see subset)
         self.shared = A.dim() == 2
-        if pattern is None:  # (a subset is given its parent's pattern and layout)
+        self.shape, self.dtype, self.device = A.shape[-2:], A.dtype, A.device  # (m, n)
+        if pattern is None:  # (a subset is given its parent's pattern, layout and norms)
             # A's zero pattern, shared by the batch (a batched A: the union over its elements, as a sum of
-            # |A| that is zero only where every entry is: faster than (A != 0).any(0), a bool temporary)
-            pattern = (A != 0) if self.shared else A.abs().sum(0) != 0
+            # |A| that is zero only where every entry is: faster than (A != 0).any(0), a bool temporary),
+            # and max |A| per element from the same |A|
+            pattern, norm = (A != 0, absmax(A, (-2, -1))) if self.shared else _pattern_and_norm(A)
             if not self.shared:
                 if int(pattern.sum()) <= SPARSE_PRODUCTS * pattern.numel():
                     sparse = SparseProducts(A, pattern)
@@ -127,23 +131,40 @@ class DataMatrix:
         self.pattern = pattern
         self.sparse = sparse
         self.block = block  # (rows, columns, A on them, the other rows' SparseProducts or None); or None
+        self.norm = norm  # max |A|: () shared, (B,) batched
+
+    @property
+    def A(self):
+        """``A`` (``(m, n)`` shared, ``(B, m, n)`` batched)."""
+        if self._lazy is not None:
+            self._A, self._lazy = self._lazy(), None
+        return self._A
 
     def subset(self, keep):
-        """The matrix of the batch elements ``keep`` (a shared one is kept as it is)."""
+        """The matrix of the batch elements ``keep`` (a shared one is kept as it is).  With a dense block or
+        sparse products, the products do not read ``A`` itself: its elements ``keep`` are copied on first
+        use only (:meth:`rows`, for a generic normal-matrix term or the zero cone's rows), not here."""
         if self.shared:
             return self
         block = None
         if self.block is not None:
             rows, cols, Ab, rest = self.block
             block = (rows, cols, Ab.index_select(0, keep), None if rest is None else rest.subset(keep))
-        return DataMatrix(self.A.index_select(0, keep), self.pattern,
-                          None if self.sparse is None else self.sparse.subset(keep), block)
+        norm = self.norm.index_select(0, keep)
+        if block is None and self.sparse is None:
+            return DataMatrix(self.A.index_select(0, keep), self.pattern, None, None, norm)
+        out = DataMatrix.__new__(DataMatrix)
+        out.__dict__.update(self.__dict__)
+        out.sparse = None if self.sparse is None else self.sparse.subset(keep)
+        out.block, out.norm = block, norm
+        out._A, out._lazy = None, lambda: self.A.index_select(0, keep)
+        return out
 
     def mv(self, v):
         """``A v`` for ``v (B, n)`` → ``(B, m)``, or each of ``r`` columns ``v (B, r, n)`` → ``(B, r, m)``."""
         if self.block is not None:
             rows, cols, Ab, rest = self.block
-            out = v.new_zeros(v.shape[:-1] + self.A.shape[-2:-1]) if rest is None else rest.mv(v)
+            out = v.new_zeros(v.shape[:-1] + self.shape[:1]) if rest is None else rest.mv(v)
             return _add_last(out, rows, _rowmul(_take_last(v, cols), Ab.mT))
         if self.sparse is not None:
             return self.sparse.mv(v)
@@ -155,7 +176,7 @@ class DataMatrix:
         """``Aᵀ u`` for ``u (B, m)`` → ``(B, n)``, or ``(B, r, m)`` → ``(B, r, n)``."""
         if self.block is not None:
             rows, cols, Ab, rest = self.block
-            out = u.new_zeros(u.shape[:-1] + self.A.shape[-1:]) if rest is None else rest.rmv(u)
+            out = u.new_zeros(u.shape[:-1] + self.shape[1:]) if rest is None else rest.rmv(u)
             return _add_last(out, cols, _rowmul(_take_last(u, rows), Ab))
         if self.sparse is not None:
             return self.sparse.rmv(u)
@@ -166,6 +187,13 @@ class DataMatrix:
     def rows(self, idx):
         """The rows ``idx`` (a ``long`` tensor ``(*s)`` or :class:`Rows`) as ``(1 or B, *s, n)``."""
         return take(self.A[None] if self.shared else self.A, idx)
+
+
+def _pattern_and_norm(A):
+    """A batched ``A``'s pattern (shared by the batch) and ``max |A|`` per element, from one ``|A|``
+    (freed on return)."""
+    absA = A.abs()
+    return absA.sum(0) != 0, absA.amax((-2, -1))
 
 
 def _rowmul(v, M):
@@ -256,8 +284,7 @@ class NormalMatrix:
         out.data, out.groups, out.cones, out.elimination = data, self.groups, self.cones, self.elimination
         out._buf = None
         out.pre = [pre if pre is None or self.data.shared else pre.subset(keep) if isinstance(pre, SparseGram)
-                   else (_columns(data.rows(idx), pre[2]), pre[1].index_select(0, keep)) + pre[2:]
-                   for (_, _, idx), pre in zip(self.groups, self.pre)]
+                   else (pre[0].index_select(0, keep), pre[1].index_select(0, keep)) + pre[2:] for pre in self.pre]
         return out
 
     def _riding(self):
@@ -289,9 +316,9 @@ class NormalMatrix:
         ride = self._riding() if v is not None else []
         v = {i: t for i, t in zip(ride, v.split([_blocks(self.groups[i][2]) for i in ride], 1))} if ride else {}
         data, plan = self.data, self.elimination
-        n = data.A.shape[-1]
+        n = data.shape[-1]
         if self._buf is None or self._buf.shape[0] != B:
-            self._buf = data.A.new_empty(B, n, n)
+            self._buf = torch.empty(B, n, n, dtype=data.dtype, device=data.device)
         out = self._buf
         N = None  # the first dense term writes it (into out); the terms on few columns are added into it below
         Us = []  # the dense structured terms' rank updates, applied together: one pass over N
@@ -317,7 +344,7 @@ class NormalMatrix:
         for flat, e2, P2 in on_nonzeros:
             N.view(B, n * n).index_add_(1, flat, _weighted(e2, P2).reshape(B, -1))
         if plan is not None:
-            N = plan.zeros(B, data.A) if N is None else plan.compact(N)
+            N = plan.zeros(B, data.norm) if N is None else plan.compact(N)
         for (kind, _, _), st, pre in zip(self.groups, states, self.pre):
             if isinstance(pre, SparseGram):
                 pre(self.cones[kind].winv_t, st, N)

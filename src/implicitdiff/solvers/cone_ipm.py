@@ -67,7 +67,6 @@ import torch
 
 from .._core.status import Status
 from ..linalg.cone_spec import ConeSpec
-from ..linalg.kkt import absmax
 from .cone_exp import ExpCone
 from .cone_gram import DataMatrix, NormalMatrix, Rows, contiguous, factor_normal, put, solve_normal, take
 from .cone_symmetric import PSD, Nonneg, SecondOrder
@@ -76,7 +75,9 @@ __all__ = ["ConeInteriorPoint", "ConeResult"]
 
 
 _CONES = {"l": Nonneg, "q": SecondOrder, "s": PSD, "ep": ExpCone}
-COMPACT_BELOW = 0.75  # work on the running elements only once at most this fraction of the batch runs
+COMPACT_BELOW = 0.85  # work on the running elements only once at most this fraction of the batch runs
+# (copying them costs about one product with A, a fraction of an iteration: 0.85 against 0.75 saved
+# about 1.5% of the SDP bench's solve, which has 78% of its batch running at one iteration)
 REFINE_BELOW_MU = 1e-5  # refine the Newton solves once some element's μ (1 at the start) is below this
 
 
@@ -214,7 +215,7 @@ class ConeInteriorPoint:
         status = torch.full((B,), -1, dtype=torch.int64, device=dev)
         residual = b.new_full((B,), float("inf"))
         iters = torch.zeros(B, dtype=torch.int64, device=dev)
-        nA = absmax(data.A, (-2, -1)).clamp(min=torch.finfo(dt).tiny).expand(B)
+        nA = data.norm.clamp(min=torch.finfo(dt).tiny).expand(B)
         nb, nc = _inf_norm(b), _inf_norm(c)
         rtol = self.rtol
         stalled = torch.zeros(B, dtype=torch.bool, device=dev)

@@ -12,10 +12,11 @@ scaled directions ``Δs̃ = W⁻ᵀΔs`` and ``Δỹ = WΔy``,
 ``winv_t(state, V)`` (``W⁻ᵀ`` on a block of rows ``V``, to scale ``A``), ``winv``/``w_t`` (to unscale ``Δỹ`` and ``Δs̃``), ``scaled(state, Δs, Δy)``,
 ``rhs(state, σμ, corr)`` (``d̃``) and ``step(state, Δs, Δy)`` (the largest step keeping both
 in the cone, computed in the scaled frame where it is the same test for ``s`` and ``y``); the
-nonnegative and second-order cones also offer that test on directions already scaled,
-``step_scaled(state, W⁻ᵀΔs, WΔy)``: the interior point scales the predictor once, for its step
-and for Mehrotra's corrector.  Each works on all blocks of one size at once: the nonnegative
-cone on ``(B, rows)``, the others on ``(B, blocks, size)``.  Forward only, no gradients.
+cones also offer that test on directions already scaled, ``step_scaled(state, W⁻ᵀΔs, WΔy)``: the
+interior point scales the predictor once, for its step and for Mehrotra's corrector (for PSD blocks
+the test is then ``I + αΛ^{-1/2}XΛ^{-1/2} ⪰ 0``, no congruence).  Each works on all blocks of one
+size at once: the nonnegative cone on ``(B, rows)``, the others on ``(B, blocks, size)``.  Forward
+only, no gradients.
 
 **PSD blocks: congruences by the ``k × k`` factors, column by column** (:func:`_congruence_columns`).
 Every PSD map is ``X ↦ P X Pᵀ`` with ``P`` one of ``R, R⁻¹`` (and transposes), applied to ``k × k``
@@ -26,16 +27,26 @@ for all ``j`` at once, is one product of ``P``'s row ``c`` with ``[X₁ … X_n]
 is about ``1/k`` of the result, instead of building the ``(d, d)`` matrix (``d²`` gathered entries
 per element, in fresh memory) and multiplying by it (measured in docs/benchmarks.md, sixth session).
 The rows of ``P`` are first copied to contiguous memory (one ``k × k`` copy per element): a product
-with a strided row (stride ``k``) was about 10x slower than with a contiguous one.
+with a strided row (stride ``k``) was about 10x slower than with a contiguous one.  The ``k`` columns
+are concatenated once (assigning each into a slice of the result, strided over the batch, took about
+10% longer at ``k = 10``, ``n = 56``, batch 128).
 Fewer than :data:`COLUMNS_MIN` columns (the interior point's right-hand sides) take one congruence with
 the columns as a leading dimension instead: there the loop over ``k`` costs more than the work.
+
+**PSD scaling: one symmetric eigendecomposition, not an SVD** (:meth:`PSD.scale`).  CVXOPT's NT scaling
+takes ``U, Λ, V`` from the SVD ``L_yᵀL_s = U Λ Vᵀ``; here ``V`` comes from ``eigh(MᵀM)`` (``M = L_yᵀL_s``),
+then ``UΛ = MV``, ``λ`` its column norms (not the square roots of ``MᵀM``'s eigenvalues: a norm keeps
+the small ``λ`` to relative accuracy) and ``R⁻¹ = Λ^{-1/2}Uᵀ L_yᵀ = Λ^{-3/2}(MV)ᵀL_yᵀ``.  LAPACK's batched
+``eigh`` of ``10 × 10`` matrices took about half the time of ``svd``; the identities
+``RᵀYR = Λ = R⁻¹SR⁻ᵀ`` hold to the same rounding (``eps·κ(M)²`` against ``eps·κ(M)``, where ``κ(M)``
+is ``√`` of the spread of ``SY``'s eigenvalues: near 1 on the central path; tests check both far from
+it and at the end of a solve against the SVD).
 
 References: Vandenberghe, "The CVXOPT linear and quadratic cone program solvers" (2010), §4.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -119,9 +130,8 @@ class SecondOrder:
         ns, ny = SecondOrder._jnorm(s), SecondOrder._jnorm(y)
         sb, yb = s / ns[..., None], y / ny[..., None]
         gamma = torch.sqrt((1 + (sb * yb).sum(-1)) / 2)
-        w = sb.clone()
+        w = sb - yb
         w[..., 0] = sb[..., 0] + yb[..., 0]
-        w[..., 1:] = sb[..., 1:] - yb[..., 1:]
         w = w / (2 * gamma[..., None])
         eta = torch.sqrt(ns / ny)
         lam = SecondOrder._wbar(w, y) * eta[..., None]
@@ -202,14 +212,14 @@ class SecondOrder:
         disc = b * b - 4 * a * c
         sq = torch.sqrt(disc.clamp(min=0))
         q = -0.5 * (b + torch.where(b >= 0, sq, -sq))
-        inf = torch.full_like(a, _INF)
-        r1 = torch.where(a != 0, q / torch.where(a != 0, a, torch.ones_like(a)), inf)
-        r2 = torch.where(q != 0, c / torch.where(q != 0, q, torch.ones_like(q)), inf)
-        r1 = torch.where((r1 > 0) & (disc >= 0), r1, inf)
-        r2 = torch.where((r2 > 0) & (disc >= 0), r2, inf)
+        # the roots q/a and c/q, unguarded: a division by zero gives ±inf or NaN, and the tests `> 0`
+        # take +inf (no limit) and drop the others, as a guarded division's inf would be
+        real = disc >= 0
+        r1, r2, r3 = q / a, c / q, -l0 / d0
+        alpha = torch.where((r1 > 0) & real, r1, _INF)
+        alpha = torch.where((r2 > 0) & real, torch.minimum(alpha, r2), alpha)
         # the t-component must stay nonnegative too (the other nappe of the quadric)
-        r3 = torch.where(d0 < 0, -l0 / torch.where(d0 < 0, d0, -torch.ones_like(d0)), inf)
-        alpha = torch.minimum(torch.minimum(r1, r2), r3)
+        alpha = torch.where(d0 < 0, torch.minimum(alpha, r3), alpha)
         return alpha.amin(-1)
 
     @staticmethod
@@ -223,7 +233,8 @@ class SecondOrder:
 
 class PSD:
     """Symmetric PSD matrices in svec form; ``W y = Rᵀ Y R``, ``W⁻ᵀ s = R⁻¹ S R⁻ᵀ = Λ`` diagonal
-    (``R = L_s V Λ^{-1/2}``, ``R⁻¹ = Λ^{-1/2} Uᵀ L_yᵀ`` from ``L_yᵀ L_s = U Λ Vᵀ``, as in CVXOPT)."""
+    (``R = L_s V Λ^{-1/2}``, ``R⁻¹ = Λ^{-1/2} Uᵀ L_yᵀ`` from ``L_yᵀ L_s = U Λ Vᵀ``, as in CVXOPT; ``U, Λ, V``
+    from one ``eigh``: module docstring)."""
 
     @staticmethod
     def unit(s):
@@ -239,10 +250,13 @@ class PSD:
         # an iterate that rounding pushed out of the cone: unit scaling, and step() returns 0
         ok = (info == 0).all(0)
         Ls, Ly = torch.where(ok[..., None, None], L, torch.eye(k, dtype=s.dtype, device=s.device))
-        U, lam, Vh = torch.linalg.svd(Ly.mT @ Ls)                 # L_yᵀ L_s = U Λ Vᵀ
+        M = Ly.mT @ Ls                                             # L_yᵀ L_s = U Λ Vᵀ (module docstring)
+        V = torch.linalg.eigh(M.mT @ M).eigenvectors
+        MV = M @ V                                                 # U Λ
+        lam = torch.linalg.vector_norm(MV, dim=-2)
         isq = lam.rsqrt()
-        R = (Ls @ Vh.mT) * isq[..., None, :]                       # R = L_s V Λ^{-1/2}
-        Rinv = isq[..., :, None] * (U.mT @ Ly.mT)                  # R⁻¹ = Λ^{-1/2} Uᵀ L_yᵀ
+        R = (Ls @ V) * isq[..., None, :]                           # R = L_s V Λ^{-1/2}
+        Rinv = (isq / lam)[..., :, None] * (MV.mT @ Ly.mT)         # R⁻¹ = Λ^{-1/2} Uᵀ L_yᵀ
         return (R, Rinv, lam, k, ok)
 
     @staticmethod
@@ -279,8 +293,20 @@ class PSD:
         R, Rinv, lam, k, ok = st
         isq = lam.rsqrt()[..., :, None]
         P = torch.stack([isq * Rinv, isq * R.mT])
-        X = P @ smat(torch.stack([ds, dy]), k) @ P.mT
-        X = torch.where(torch.isfinite(X), X, torch.zeros_like(X))
+        return PSD._step(st, P @ smat(torch.stack([ds, dy]), k) @ P.mT)
+
+    @staticmethod
+    def step_scaled(st, a, b):
+        # the same test on the scaled directions a = W⁻ᵀΔs, b = WΔy: I + α Λ^{-1/2} smat(·) Λ^{-1/2} ⪰ 0
+        isq = st[2].rsqrt()
+        return PSD._step(st, smat(torch.stack([a, b]), st[3]) * (isq[..., :, None] * isq[..., None, :]))
+
+    @staticmethod
+    def _step(st, X):
+        """Largest α with ``I + αX ⪰ 0`` for both of ``X (2, B, nb, k, k)``, per batch row; 0 where the
+        iterate was out of the cone (``st``'s ``ok``)."""
+        ok = st[4]
+        X = torch.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0)
         alpha = _max_step_from_eig(torch.linalg.eigvalsh(X).transpose(0, 1))  # both directions in one call
         return torch.where(ok.reshape(ok.shape[0], -1).all(-1), alpha, torch.zeros_like(alpha))
 
@@ -290,16 +316,10 @@ def _congruence(P, v, k):
     return svec(P @ smat(v, k) @ P.mT)
 
 
-@functools.lru_cache(maxsize=64)
-def _column_starts(k):
-    """Where each column of the lower triangle starts in svec (column-major) order."""
-    return tuple(c * k - c * (c - 1) // 2 for c in range(k))
-
-
 def _congruence_columns(P, V, k):
     """``svec(P smat(v) Pᵀ)`` for each column ``v`` of ``V (1 or B, nb, d, r)`` (all ``r`` at once),
     ``P (B, nb, k, k)``: one svec column of the result at a time (see the module docstring)."""
-    flat, scale, pos, unscale = _gathers(k, V.device, V.dtype)
+    _, scale, pos, unscale = _gathers(k, V.device, V.dtype)
     r = V.shape[-1]
     X = (V.index_select(-2, pos) * unscale[:, None]).reshape(V.shape[:-2] + (k, k * r))  # [a, (b, j)] = Xⱼ[a, b]
     # a shared X (the rows of a shared A): blocks first, (nb, B), so that row c of P Xⱼ is one
@@ -308,9 +328,9 @@ def _congruence_columns(P, V, k):
     if shared:
         P = P.transpose(0, 1).contiguous()
         rows = P.movedim(-2, 0).contiguous()  # rows[c] = P[..., c, :] (module docstring)
-    out = V.new_empty(P.shape[:2] + (flat.numel(), r))
-    for c, start in enumerate(_column_starts(k)):
+    cols = []  # svec's columns, concatenated once (writing each into a slice of the result cost more)
+    for c in range(k):
         PXc = rows[c] @ X[0] if shared else P[..., c:c + 1, :] @ X                      # (P Xⱼ)[c, b]
-        out[..., start:start + k - c, :] = P[..., c:, :] @ PXc.reshape(P.shape[:2] + (k, r))
-    out.mul_(scale[:, None])
+        cols.append(P[..., c:, :] @ PXc.reshape(P.shape[:2] + (k, r)))
+    out = torch.cat(cols, -2).mul_(scale[:, None])
     return out.transpose(0, 1) if shared else out
