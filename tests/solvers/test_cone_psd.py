@@ -187,3 +187,18 @@ def test_nt_scaling_at_the_end_of_a_solve_matches_the_svd_of_ly_t_ls():
     assert torch.allclose(lam.sort(-1).values, lam_ref.sort(-1).values, rtol=1e-10, atol=0)
     for G, G_ref in ((R @ R.mT, R_ref @ R_ref.mT), (Rinv.mT @ Rinv, Rinv_ref.mT @ Rinv_ref)):
         assert torch.allclose(G, G_ref, rtol=0, atol=1e-10 * G_ref.abs().amax())
+
+
+def test_nt_scaling_far_from_the_central_path_keeps_the_svd_accuracy():
+    # λ spread ~1e-7 (far from the central path): the squared form eigh(MᵀM) would lose ~1e-4 in
+    # R⁻¹SR⁻ᵀ = Λ; PSD.scale takes the SVD there, whose identities hold to ~1e-8 relative per column
+    k = 3
+    Q = torch.linalg.qr(torch.randn(k, k, dtype=F64, generator=torch.Generator().manual_seed(0)))[0]
+    Q2 = torch.linalg.qr(torch.randn(k, k, dtype=F64, generator=torch.Generator().manual_seed(1)))[0]
+    S = Q @ torch.diag(torch.tensor([1.0, 1e-6, 1e-9], dtype=F64)) @ Q.mT
+    Y = Q2 @ torch.diag(torch.tensor([1.0, 1e-3, 1e-6], dtype=F64)) @ Q2.mT
+    R, Rinv, lam, _, ok = PSD.scale(svec(S)[None, None], svec(Y)[None, None])
+    assert ok.all() and lam.amin() < 1e-6 * lam.amax()
+    torch.testing.assert_close(Rinv @ R, torch.eye(k, dtype=F64).expand_as(R), rtol=0, atol=1e-12)
+    for G in (Rinv @ S @ Rinv.mT, R.mT @ Y @ R):
+        assert ((G - torch.diag_embed(lam)).abs() / lam[..., None, :]).max() < 1e-6

@@ -40,7 +40,9 @@ the small ``λ`` to relative accuracy) and ``R⁻¹ = Λ^{-1/2}Uᵀ L_yᵀ = Λ^
 ``eigh`` of ``10 × 10`` matrices took about half the time of ``svd``; the identities
 ``RᵀYR = Λ = R⁻¹SR⁻ᵀ`` hold to the same rounding (``eps·κ(M)²`` against ``eps·κ(M)``, where ``κ(M)``
 is ``√`` of the spread of ``SY``'s eigenvalues: near 1 on the central path; tests check both far from
-it and at the end of a solve against the SVD).
+it and at the end of a solve against the SVD).  Where some ``λ_min/λ_max`` is below ``eps^{1/8}``
+(:data:`_EIGH_SPREAD`; far from the central path) the batch takes the SVD: past that spread the squared
+form would lose more than a factor ``eps^{-1/8}`` (about 90 in float64) against it.
 
 References: Vandenberghe, "The CVXOPT linear and quadratic cone program solvers" (2010), §4.
 """
@@ -52,6 +54,9 @@ import math
 import torch
 
 from ..linalg.cone_spec import _gathers, smat, svec
+
+#: PSD.scale's eigh path only while every λ_min/λ_max ≥ eps^{1/8} (module docstring), else the SVD
+_EIGH_SPREAD = {dt: torch.finfo(dt).eps ** 0.125 for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 __all__ = ["Nonneg", "SecondOrder", "PSD"]
 
@@ -254,6 +259,9 @@ class PSD:
         V = torch.linalg.eigh(M.mT @ M).eigenvectors
         MV = M @ V                                                 # U Λ
         lam = torch.linalg.vector_norm(MV, dim=-2)
+        if bool((lam.amin(-1) < _EIGH_SPREAD[lam.dtype] * lam.amax(-1)).any()):  # far from the central path
+            U, lam, Vh = torch.linalg.svd(M)
+            V, MV = Vh.mT, U * lam[..., None, :]
         isq = lam.rsqrt()
         R = (Ls @ V) * isq[..., None, :]                           # R = L_s V Λ^{-1/2}
         Rinv = (isq / lam)[..., :, None] * (MV.mT @ Ly.mT)         # R⁻¹ = Λ^{-1/2} Uᵀ L_yᵀ
