@@ -1,4 +1,4 @@
-"""CvxpyLayer: the probe's findings — forward mode (torch.func.jvp, jacfwd, forward_ad)."""
+"""CvxpyLayer: the probe's findings — forward mode (torch.func.jvp, jacfwd, forward_ad) and an empty batch."""
 
 import pytest
 import torch
@@ -74,3 +74,23 @@ def test_jacfwd_through_the_layer_equals_jacrev():
     for a, b in zip(Jf, Jr):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-9)
     assert float(Jr[0].abs().max()) > 1e-3
+
+
+# ----------------------------------------------------------------------------- an empty batch
+@pytest.mark.parametrize("shared", [False, True], ids=["all-batched", "one-shared"])
+def test_an_empty_batch_gives_empty_results_and_zero_gradients(shared):
+    from implicitdiff.nn import CvxpyLayer
+
+    prob, params, variables = PROBLEMS["psd"]()
+    con = prob.constraints[1]  # y ≥ 0: its dual variable is read from the dual solution
+    layer = CvxpyLayer(prob, params, variables + [con.dual_variables[0]])
+    values = [v.expand((0,) + v.shape) for v in random_values(params, seed=3)]
+    if shared:
+        values[1] = random_values(params, seed=3)[1]
+    leaves = [v.clone().requires_grad_() for v in values]
+    outs = layer(*leaves)
+    assert [tuple(o.shape) for o in outs] == [(0, 3, 3), (0, 2), (0, 2)]
+    info = layer.last_info
+    assert info.status.shape == info.residual.shape == info.iterations.shape == (0,)
+    grads = torch.autograd.grad(sum(o.sum() for o in outs), leaves)
+    assert all(g.shape == v.shape and not bool(g.any()) for g, v in zip(grads, values))

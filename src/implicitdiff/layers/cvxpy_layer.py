@@ -34,6 +34,7 @@ import torch
 
 from .._core.errors import InputError
 from .._core.options import check_real
+from .._core.status import SolveInfo
 from ..implicit.sparse_affine import SparseAffineFn
 from .cone_program import cone_program
 
@@ -109,6 +110,7 @@ class Canonical:
         """``(A, b, c, batch)`` for the parameter tensors: ``A`` ``(*, m, n)``, ``b`` ``(*, m)``, ``c`` ``(*, n)``.
 
         Each of ``A, b, c`` is batched only if a parameter it depends on is; the others broadcast.
+        An empty batch (``B = 0``) gives empty batched data.
         """
         batch = self.batch_shape(params)
         ref = params[0] if params else None
@@ -124,13 +126,14 @@ class Canonical:
         for name, mp in maps.items():
             if mp.params & batched:
                 if full is None:
-                    full = torch.cat([t.reshape(B, -1) if i in batched else t.reshape(1, -1).expand(B, -1)
-                                      for i, t in enumerate(params)] + [one.expand(B, 1)], dim=1)
+                    full = torch.cat([t.reshape(B, size) if i in batched else t.reshape(1, size).expand(B, size)
+                                      for i, (t, size) in enumerate(zip(params, self.param_sizes))]
+                                     + [one.expand(B, 1)], dim=1)
                 p, lead = full, batch
             else:
                 if single is None:  # the columns of batched parameters are zero here, and never read
-                    single = torch.cat([t.new_zeros(1, t[0].numel()) if i in batched else t.reshape(1, -1)
-                                        for i, t in enumerate(params)] + [one], dim=1)
+                    single = torch.cat([t.new_zeros(1, size) if i in batched else t.reshape(1, size)
+                                        for i, (t, size) in enumerate(zip(params, self.param_sizes))] + [one], dim=1)
                 p, lead = single, ()
             flat = SparseAffineFn.apply(p, mp.matrix, mp.transposed)  # batch-major: the solver's products read rows
             out[name] = flat.reshape(lead + ((self.m, self.n) if name == "A" else (mp.size,)))
@@ -166,13 +169,24 @@ def solve_canonical(canon: Canonical, params: Sequence[torch.Tensor], *, rtol=No
 
     ``A, b, c`` are built by :meth:`Canonical.data` and handed to
     :func:`~implicitdiff.cone_program` (which differentiates the solution map; the gradient reaches the
-    parameters through the affine map).  Failed elements follow ``on_failure`` there.
+    parameters through the affine map).  Failed elements follow ``on_failure`` there.  An empty batch
+    gives empty results (zero gradients) without a solve.
     """
     A, b, c, batch = canon.data(params)
+    if batch == (0,):
+        return _empty(canon, A, b, c)
     x, y, _, info = cone_program(A, b, c, canon.cones, rtol=rtol, on_failure=on_failure, return_info=True)
     if batch and x.dim() == 1:  # a batched parameter that enters none of A, b, c
         x, y = x.expand(batch + x.shape), y.expand(batch + y.shape)
     return canon.variables(x, y), info
+
+
+def _empty(canon: Canonical, A, b, c):
+    """The results of an empty batch: each variable ``(0, *shape)``, connected to ``A, b, c`` (zero gradients)."""
+    zero = sum((t.sum() * 0 for t in (A, b, c) if t.requires_grad), A.new_zeros(()))
+    x, y = A.new_zeros(0, canon.n) + zero, A.new_zeros(0, canon.m) + zero
+    long = torch.zeros(0, dtype=torch.long, device=A.device)
+    return canon.variables(x, y), SolveInfo(long, A.new_zeros(0), long.clone())
 
 
 _EPS_KEYS = ("eps", "eps_abs", "eps_rel")
