@@ -1,8 +1,10 @@
-"""CvxpyLayer: the probe's findings — forward mode (torch.func.jvp, jacfwd, forward_ad) and an empty batch."""
+"""CvxpyLayer: the probe's findings — forward mode (torch.func.jvp, jacfwd, forward_ad), an empty batch, and
+messages that name the user's parameters (a NaN, a parameter given twice)."""
 
 import pytest
 import torch
 
+from implicitdiff._core.errors import InputError
 from implicitdiff.implicit.sparse_affine import SparseAffineFn
 
 from .test_cvxpy_layer import PROBLEMS, _directions, random_values
@@ -94,3 +96,36 @@ def test_an_empty_batch_gives_empty_results_and_zero_gradients(shared):
     assert info.status.shape == info.residual.shape == info.iterations.shape == (0,)
     grads = torch.autograd.grad(sum(o.sum() for o in outs), leaves)
     assert all(g.shape == v.shape and not bool(g.any()) for g, v in zip(grads, values))
+
+
+# ----------------------------------------------------------------------------- messages naming the parameters
+def _named_problem():
+    x = cp.Variable(2)
+    A, b = cp.Parameter((3, 2), name="A"), cp.Parameter(3, name="b")
+    prob = cp.Problem(cp.Minimize(0.5 * cp.pnorm(A @ x - b, p=1)), [x >= 0])
+    return prob, A, b, x
+
+
+@pytest.mark.parametrize("on_failure", ["raise", "nan"])
+def test_a_nan_parameter_is_named_in_the_error(on_failure):
+    from implicitdiff.nn import CvxpyLayer
+
+    prob, A, b, x = _named_problem()
+    layer = CvxpyLayer(prob, [A, b], [x], on_failure=on_failure)
+    At, bt = torch.ones(3, 2, dtype=F64), torch.ones(3, dtype=F64)
+    with pytest.raises(InputError, match=r"parameter 1 \(cvxpy Parameter 'b'\) contains 1 NaN or Inf"):
+        layer(At, torch.tensor([1.0, float("nan"), 1.0], dtype=F64))
+    batched = At.repeat(2, 1, 1)
+    batched[1, 0, 0] = batched[1, 2, 1] = float("inf")  # in the second element of a batch
+    with pytest.raises(InputError, match=r"parameter 0 \(cvxpy Parameter 'A'\) contains 2 NaN or Inf"):
+        layer(batched, bt)
+
+
+def test_a_parameter_given_twice_is_named():
+    from implicitdiff.nn import CvxpyLayer
+
+    prob, A, b, x = _named_problem()
+    with pytest.raises(InputError, match=r"each once \(given more than once: \['A'\]\)"):
+        CvxpyLayer(prob, [A, A, b], [x])
+    with pytest.raises(InputError, match=r"given more than once: \['A'\]; missing: \['b'\]"):
+        CvxpyLayer(prob, [A, A], [x])

@@ -35,6 +35,7 @@ import torch
 from .._core.errors import InputError
 from .._core.options import check_real
 from .._core.status import SolveInfo
+from .._core.validate import check_finite
 from ..implicit.sparse_affine import SparseAffineFn
 from .cone_program import cone_program
 
@@ -64,12 +65,13 @@ class Canonical:
     """The parametrized cone program of a DPP problem: ``params → (A, b, c)`` and ``x → variables``.
 
     Built by :func:`canonicalize`; holds no reference to cvxpy objects after construction except
-    the shapes it needs.  ``m, n``: rows and columns of ``A``; ``cones``: the SCS cone dict.
+    the shapes and names it needs.  ``m, n``: rows and columns of ``A``; ``cones``: the SCS cone dict.
     """
 
-    def __init__(self, m, n, cones, param_shapes, maps, outputs):
+    def __init__(self, m, n, cones, param_shapes, param_names, maps, outputs):
         self.m, self.n, self.cones = m, n, cones
         self.param_shapes = param_shapes
+        self.param_names = param_names  # the cvxpy Parameters' names, for messages
         self.param_sizes = [_prod(s) for s in param_shapes]
         self.maps = maps  # {"A": _Map, "b": _Map, "c": _Map}
         self.outputs = outputs  # [_Output]
@@ -77,7 +79,7 @@ class Canonical:
 
     # ---------------------------------------------------------------- parameters -> (A, b, c)
     def batch_shape(self, params: Sequence[torch.Tensor]) -> tuple:
-        """Check the parameter tensors (number, shape, dtype, device); the batch shape ``()`` or ``(B,)``."""
+        """Check the parameter tensors (number, shape, dtype, device, finite); the batch shape ``()`` or ``(B,)``."""
         if len(params) != len(self.param_shapes):
             raise InputError(f"the layer takes {len(self.param_shapes)} parameter tensors (one per cvxpy Parameter, "
                              f"in the order given to the layer), got {len(params)}")
@@ -104,6 +106,8 @@ class Canonical:
                 continue
             raise InputError(f"parameter {i} has shape {tuple(t.shape)} but its cvxpy Parameter has shape {shape}; "
                              f"pass {shape} or (B, *{shape}) with a leading batch dimension")
+        for i, t in enumerate(params):
+            check_finite(f"parameter {i} (cvxpy Parameter {self.param_names[i]!r})", t)
         return () if batch is None else (batch,)
 
     def data(self, params: Sequence[torch.Tensor]):
@@ -251,11 +255,14 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
     if bad:
         raise InputError(f"parameters must be cvxpy.Parameter objects; got {[type(b).__name__ for b in bad]}")
     own = problem.parameters()
-    if len(set(p.id for p in parameters)) != len(parameters) or {p.id for p in parameters} != {p.id for p in own}:
-        missing = [p.name() for p in own if p.id not in {q.id for q in parameters}]
-        extra = [p.name() for p in parameters if p.id not in {q.id for q in own}]
-        raise InputError(f"parameters must be exactly the problem's parameters, each once (missing: {missing}, "
-                         f"not in the problem: {extra}); pass problem.parameters() in the order you will feed them")
+    given, owned = [p.id for p in parameters], {p.id for p in own}
+    wrong = {"given more than once": list(dict.fromkeys(p.name() for p in parameters if given.count(p.id) > 1)),
+             "missing": [p.name() for p in own if p.id not in given],
+             "not in the problem": [p.name() for p in parameters if p.id not in owned]}
+    if any(wrong.values()):
+        what = "; ".join(f"{k}: {v}" for k, v in wrong.items() if v)
+        raise InputError(f"parameters must be exactly the problem's parameters, each once ({what}); pass "
+                         "problem.parameters() in the order you will feed them")
     own_vars = {v.id for v in problem.variables()}
     duals = {dv.id: con for con in problem.constraints for dv in con.dual_variables}
     for v in variables:
@@ -275,7 +282,8 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
     maps = _maps(prog, idx, ptr, m, n, pmap)
     outputs = [_output(prog, chain, v) if v.id in own_vars else _dual_output(prog, chain, v, duals[v.id])
                for v in variables]
-    return Canonical(m, n, cones, [tuple(int(s) for s in p.shape) for p in parameters], maps, outputs)
+    return Canonical(m, n, cones, [tuple(int(s) for s in p.shape) for p in parameters],
+                     [p.name() for p in parameters], maps, outputs)
 
 
 def _cones(dims) -> dict:
