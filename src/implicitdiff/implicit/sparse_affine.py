@@ -1,4 +1,4 @@
-r"""A sparse linear map applied to a batch, as a differentiable, vmappable function.
+r"""A sparse linear map applied to a batch, as a differentiable, vmappable function (both AD modes).
 
 ``SparseAffineFn.apply(p, M, Mᵀ)`` is ``p Mᵀ`` for a dense batch ``p (B, width)`` and a sparse ``M``
 — the parameter map of :class:`~implicitdiff.nn.CvxpyLayer`.  Sparse products have no ``vmap``
@@ -16,8 +16,9 @@ class SparseAffineFn(torch.autograd.Function):
     """``out = p Mᵀ`` for ``p (B, width)`` and a sparse COO ``M (size, width)`` (coalesced; ``transposed``
     its coalesced transpose): one gather of ``p``'s columns and one ``index_add`` into the
     batch-major ``(B, size)`` output (no ``(size, B)`` intermediate to transpose).  The backward is
-    the same map with ``Mᵀ`` (so it is differentiable again); under ``vmap`` the vmapped dimension
-    is folded into the batch.
+    the same map with ``Mᵀ`` (so it is differentiable again), the forward-mode ``jvp`` the same map
+    with ``M`` applied to ``p``'s tangent (the map is linear in ``p``); under ``vmap`` the vmapped
+    dimension is folded into the batch.
 
     Example:
         >>> import torch
@@ -42,6 +43,11 @@ class SparseAffineFn(torch.autograd.Function):
     def backward(ctx, grad):
         matrix, transposed = ctx.matrices
         return SparseAffineFn.apply(grad, transposed, matrix), None, None
+
+    @staticmethod
+    def jvp(ctx, p_dot, matrix_dot, transposed_dot):
+        matrix, transposed = ctx.matrices
+        return SparseAffineFn.apply(p_dot, matrix, transposed)
 
     @staticmethod
     def vmap(info, in_dims, p, matrix, transposed):

@@ -34,6 +34,8 @@ import torch
 
 from .._core.errors import InputError
 from .._core.options import check_real
+from .._core.status import SolveInfo
+from .._core.validate import check_finite
 from ..implicit.sparse_affine import SparseAffineFn
 from .cone_program import cone_program
 
@@ -63,12 +65,13 @@ class Canonical:
     """The parametrized cone program of a DPP problem: ``params → (A, b, c)`` and ``x → variables``.
 
     Built by :func:`canonicalize`; holds no reference to cvxpy objects after construction except
-    the shapes it needs.  ``m, n``: rows and columns of ``A``; ``cones``: the SCS cone dict.
+    the shapes and names it needs.  ``m, n``: rows and columns of ``A``; ``cones``: the SCS cone dict.
     """
 
-    def __init__(self, m, n, cones, param_shapes, maps, outputs):
+    def __init__(self, m, n, cones, param_shapes, param_names, maps, outputs):
         self.m, self.n, self.cones = m, n, cones
         self.param_shapes = param_shapes
+        self.param_names = param_names  # the cvxpy Parameters' names, for messages
         self.param_sizes = [_prod(s) for s in param_shapes]
         self.maps = maps  # {"A": _Map, "b": _Map, "c": _Map}
         self.outputs = outputs  # [_Output]
@@ -76,7 +79,7 @@ class Canonical:
 
     # ---------------------------------------------------------------- parameters -> (A, b, c)
     def batch_shape(self, params: Sequence[torch.Tensor]) -> tuple:
-        """Check the parameter tensors (number, shape, dtype, device); the batch shape ``()`` or ``(B,)``."""
+        """Check the parameter tensors (number, shape, dtype, device, finite); the batch shape ``()`` or ``(B,)``."""
         if len(params) != len(self.param_shapes):
             raise InputError(f"the layer takes {len(self.param_shapes)} parameter tensors (one per cvxpy Parameter, "
                              f"in the order given to the layer), got {len(params)}")
@@ -103,12 +106,15 @@ class Canonical:
                 continue
             raise InputError(f"parameter {i} has shape {tuple(t.shape)} but its cvxpy Parameter has shape {shape}; "
                              f"pass {shape} or (B, *{shape}) with a leading batch dimension")
+        for i, t in enumerate(params):
+            check_finite(f"parameter {i} (cvxpy Parameter {self.param_names[i]!r})", t)
         return () if batch is None else (batch,)
 
     def data(self, params: Sequence[torch.Tensor]):
         """``(A, b, c, batch)`` for the parameter tensors: ``A`` ``(*, m, n)``, ``b`` ``(*, m)``, ``c`` ``(*, n)``.
 
         Each of ``A, b, c`` is batched only if a parameter it depends on is; the others broadcast.
+        An empty batch (``B = 0``) gives empty batched data.
         """
         batch = self.batch_shape(params)
         ref = params[0] if params else None
@@ -124,13 +130,14 @@ class Canonical:
         for name, mp in maps.items():
             if mp.params & batched:
                 if full is None:
-                    full = torch.cat([t.reshape(B, -1) if i in batched else t.reshape(1, -1).expand(B, -1)
-                                      for i, t in enumerate(params)] + [one.expand(B, 1)], dim=1)
+                    full = torch.cat([t.reshape(B, size) if i in batched else t.reshape(1, size).expand(B, size)
+                                      for i, (t, size) in enumerate(zip(params, self.param_sizes))]
+                                     + [one.expand(B, 1)], dim=1)
                 p, lead = full, batch
             else:
                 if single is None:  # the columns of batched parameters are zero here, and never read
-                    single = torch.cat([t.new_zeros(1, t[0].numel()) if i in batched else t.reshape(1, -1)
-                                        for i, t in enumerate(params)] + [one], dim=1)
+                    single = torch.cat([t.new_zeros(1, size) if i in batched else t.reshape(1, size)
+                                        for i, (t, size) in enumerate(zip(params, self.param_sizes))] + [one], dim=1)
                 p, lead = single, ()
             flat = SparseAffineFn.apply(p, mp.matrix, mp.transposed)  # batch-major: the solver's products read rows
             out[name] = flat.reshape(lead + ((self.m, self.n) if name == "A" else (mp.size,)))
@@ -166,13 +173,24 @@ def solve_canonical(canon: Canonical, params: Sequence[torch.Tensor], *, rtol=No
 
     ``A, b, c`` are built by :meth:`Canonical.data` and handed to
     :func:`~implicitdiff.cone_program` (which differentiates the solution map; the gradient reaches the
-    parameters through the affine map).  Failed elements follow ``on_failure`` there.
+    parameters through the affine map).  Failed elements follow ``on_failure`` there.  An empty batch
+    gives empty results (zero gradients) without a solve.
     """
     A, b, c, batch = canon.data(params)
+    if batch == (0,):
+        return _empty(canon, A, b, c)
     x, y, _, info = cone_program(A, b, c, canon.cones, rtol=rtol, on_failure=on_failure, return_info=True)
     if batch and x.dim() == 1:  # a batched parameter that enters none of A, b, c
         x, y = x.expand(batch + x.shape), y.expand(batch + y.shape)
     return canon.variables(x, y), info
+
+
+def _empty(canon: Canonical, A, b, c):
+    """The results of an empty batch: each variable ``(0, *shape)``, connected to ``A, b, c`` (zero gradients)."""
+    zero = sum((t.sum() * 0 for t in (A, b, c) if t.requires_grad), A.new_zeros(()))
+    x, y = A.new_zeros(0, canon.n) + zero, A.new_zeros(0, canon.m) + zero
+    long = torch.zeros(0, dtype=torch.long, device=A.device)
+    return canon.variables(x, y), SolveInfo(long, A.new_zeros(0), long.clone())
 
 
 _EPS_KEYS = ("eps", "eps_abs", "eps_rel")
@@ -237,11 +255,14 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
     if bad:
         raise InputError(f"parameters must be cvxpy.Parameter objects; got {[type(b).__name__ for b in bad]}")
     own = problem.parameters()
-    if len(set(p.id for p in parameters)) != len(parameters) or {p.id for p in parameters} != {p.id for p in own}:
-        missing = [p.name() for p in own if p.id not in {q.id for q in parameters}]
-        extra = [p.name() for p in parameters if p.id not in {q.id for q in own}]
-        raise InputError(f"parameters must be exactly the problem's parameters, each once (missing: {missing}, "
-                         f"not in the problem: {extra}); pass problem.parameters() in the order you will feed them")
+    given, owned = [p.id for p in parameters], {p.id for p in own}
+    wrong = {"given more than once": list(dict.fromkeys(p.name() for p in parameters if given.count(p.id) > 1)),
+             "missing": [p.name() for p in own if p.id not in given],
+             "not in the problem": [p.name() for p in parameters if p.id not in owned]}
+    if any(wrong.values()):
+        what = "; ".join(f"{k}: {v}" for k, v in wrong.items() if v)
+        raise InputError(f"parameters must be exactly the problem's parameters, each once ({what}); pass "
+                         "problem.parameters() in the order you will feed them")
     own_vars = {v.id for v in problem.variables()}
     duals = {dv.id: con for con in problem.constraints for dv in con.dual_variables}
     for v in variables:
@@ -261,7 +282,8 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
     maps = _maps(prog, idx, ptr, m, n, pmap)
     outputs = [_output(prog, chain, v) if v.id in own_vars else _dual_output(prog, chain, v, duals[v.id])
                for v in variables]
-    return Canonical(m, n, cones, [tuple(int(s) for s in p.shape) for p in parameters], maps, outputs)
+    return Canonical(m, n, cones, [tuple(int(s) for s in p.shape) for p in parameters],
+                     [p.name() for p in parameters], maps, outputs)
 
 
 def _cones(dims) -> dict:
