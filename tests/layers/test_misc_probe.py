@@ -42,3 +42,27 @@ def test_learned_q_gradient_matches_finite_differences():
     h = 1e-6
     fd = (loss(L0 + h * D) - loss(L0 - h * D)) / (2 * h)
     torch.testing.assert_close((layer.Q_factor.grad * D).sum(), fd, atol=1e-7, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ finding 4: radius / bound shapes
+def test_radius_that_would_enlarge_the_batch_is_an_error():
+    x = torch.zeros(2, 3, dtype=F64)
+    for f in (project_simplex, project_l1_ball, project_l2_ball):
+        with pytest.raises(InputError, match=r"radius has shape \(2, 1\).*\(2,\)"):
+            f(x, radius=torch.tensor([[1.0], [2.0]], dtype=F64))
+        with pytest.raises(InputError, match=r"radius has shape \(1,\).*pass a scalar"):
+            f(x[0], radius=torch.ones(1, dtype=F64))
+    with pytest.raises(InputError, match=r"lower has shape \(2, 3\).*shape of x \(3,\)"):
+        project_box(x[0], torch.zeros(2, 3, dtype=F64), 1.0)
+
+
+def test_radius_that_broadcasts_to_the_batch_is_accepted():
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    r = torch.tensor([1.0, 2.0], dtype=F64)
+    z = project_simplex(x, radius=r)
+    assert z.shape == x.shape
+    for i in range(2):
+        torch.testing.assert_close(z[i], project_simplex(x[i], radius=r[i]))
+    torch.testing.assert_close(project_simplex(x, radius=r[:1]), project_simplex(x, radius=1.0))
+    lower = torch.tensor([0.0, -1.0, 0.5], dtype=F64)
+    torch.testing.assert_close(project_box(x, lower, 1.0), torch.maximum(x, lower).clamp(max=1.0))
