@@ -66,3 +66,40 @@ def test_radius_that_broadcasts_to_the_batch_is_accepted():
     torch.testing.assert_close(project_simplex(x, radius=r[:1]), project_simplex(x, radius=1.0))
     lower = torch.tensor([0.0, -1.0, 0.5], dtype=F64)
     torch.testing.assert_close(project_box(x, lower, 1.0), torch.maximum(x, lower).clamp(max=1.0))
+
+
+# ------------------------------------------------------------------ finding 16: linear_solve's shape message
+def test_linear_solve_rows_message_names_the_fix():
+    A = torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=F64) + 3 * torch.eye(3, dtype=F64)
+    b = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    with pytest.raises(InputError, match=r"b must be \(3,\) or \(\*, 3, k\); .*b\[\.\.\., None\].*b\.mT") as e:
+        idf.linear_solve(A, b)
+    assert "(3,), (3,)" not in str(e.value)
+    with pytest.raises(InputError, match=r"b must be \(3,\), \(2, 3\) or \(\*, 3, k\)"):
+        idf.linear_solve(A.expand(2, 3, 3), torch.ones(4, dtype=F64))
+    # the two fixes the message suggests solve what they say
+    torch.testing.assert_close(idf.linear_solve(A, b[..., None])[..., 0], torch.linalg.solve(A, b.T).T)
+    torch.testing.assert_close(idf.linear_solve(A, b.mT), torch.linalg.solve(A, b.T))
+
+
+# ------------------------------------------------------------------ finding 16: the DEQ's dtype message
+class _Cell(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4, dtype=F64)
+
+    def forward(self, z, x):
+        return torch.tanh(0.3 * self.lin(z) + x)
+
+
+def test_deq_dtype_errors_name_x_z0_and_the_cell_parameter():
+    cell, x = _Cell(), torch.randn(3, 4, dtype=F64)
+    for call in (lambda: deq(cell, x.float()), lambda: DEQ(cell)(x.float())):
+        with pytest.raises(InputError, match=r"parameter 'lin.weight' is torch.float64.*x is torch.float32.*x.to") \
+                as e:
+            call()
+        assert "y0" not in str(e.value)
+    with pytest.raises(InputError, match=r"z0 has dtype torch.float32 but x has torch.float64"):
+        deq(cell, x, z0=torch.zeros(3, 4))
+    with pytest.raises(InputError, match=r"x has dtype torch.int64"):
+        deq(cell, torch.ones(3, 4, dtype=torch.int64))
