@@ -18,6 +18,7 @@ from ._core.torch_private import eager_under_compile
 from .layers.cvxpy_layer import canonicalize, rtol_from_solver_args, solve_canonical
 from .layers.deq import DEFAULT_ADJOINT, DEQInfo, check_deq_options, deq, jacobian_penalty
 from .layers.qp import qp
+from .linalg.symmetric import symmetric_part
 
 __all__ = ["QPLayer", "DEQ", "DEQInfo", "CvxpyLayer"]
 
@@ -39,7 +40,9 @@ class QPLayer(torch.nn.Module):
             plain parameters.  Defaults when no initial tensor is given: ``L = I``, ``p = 0``,
             ``G`` and ``A`` random with rows of norm ≈ 1, ``h = 1``, ``b = 0`` (so ``z = 0``
             is feasible at initialization).
-        Q, p, G, h, A, b: initial values (learned) or fixed values (buffers).
+        Q, p, G, h, A, b: initial values (learned) or fixed values (buffers).  As in
+            :func:`~implicitdiff.qp`, only the symmetric part of ``Q`` is used (a learned ``Q``
+            starts as the factor of ``(Q + Qᵀ)/2``).
         q_ridge: the ``ε`` of a learned ``Q = L Lᵀ + εI``.
         rtol, max_iter, on_failure: passed to :func:`~implicitdiff.qp`.
         dtype, device, generator: of the default initializations.
@@ -100,7 +103,8 @@ class QPLayer(torch.nn.Module):
             t = torch.as_tensor(t, dtype=dtype, device=device)
             if name == "Q" and name in learn:
                 eye = torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
-                L, info = torch.linalg.cholesky_ex(t - q_ridge * eye + 1e-12 * eye)
+                # the factor of Q's symmetric part, as qp uses (a Cholesky reads one triangle only)
+                L, info = torch.linalg.cholesky_ex(symmetric_part(t) - q_ridge * eye + 1e-12 * eye)
                 if bool((info != 0).any()):
                     raise InputError("QPLayer learns Q as L Lᵀ + q_ridge·I, but the initial Q − q_ridge·I is not "
                                      "positive definite; pass a positive definite Q (or a smaller q_ridge)")

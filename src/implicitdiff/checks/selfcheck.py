@@ -59,7 +59,7 @@ class CaseResult(NamedTuple):
 REGISTRY: list = []
 """The cases, in registration order.  Append with :func:`register_case`."""
 
-CASE_MODULES: list = ["implicitdiff.checks.cases_implicit"]
+CASE_MODULES: list = ["implicitdiff.checks.cases_implicit", "implicitdiff.checks.cases_layers"]
 """Modules (dotted names) that register more cases when imported, e.g. ``"implicitdiff.checks.cases_qp"``."""
 
 

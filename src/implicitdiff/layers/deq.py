@@ -54,7 +54,7 @@ from .._core.failure import check_on_failure
 from .._core.defaults import DEQ_ANDERSON_START_RATE
 from .._core.options import check_bool
 from .._core.status import Status
-from .._core.validate import in_transform
+from .._core.validate import as_float_tensor, check_same_dtype_device, in_transform
 from ..implicit.adjoint import Implicit, Neumann, Unroll
 from ..solvers.objects import Anderson, Solver, as_solver
 from ..implicit.fixed_point_adjoint import DEFAULT_ADJOINT, FixedPointAdjoint
@@ -104,6 +104,13 @@ def _check(cell, x, z0):
     if x.dim() < 1 or z0.shape[0] != x.shape[0]:
         raise InputError(f"z0 and x must share the batch dimension (dim 0): z0 {tuple(z0.shape)}, "
                          f"x {tuple(x.shape)}; pass z0 of shape (B, ...) or leave it None for zeros like x")
+    # dtypes and devices named here (the mechanism would name its own y0 and "parameter leaf i")
+    x = as_float_tensor("x", x)
+    check_same_dtype_device("x", x, z0=z0)
+    for name, p in cell.named_parameters():
+        if p.is_floating_point() and (p.dtype != x.dtype or p.device != x.device):
+            raise InputError(f"the DEQ cell's parameter {name!r} is {p.dtype} on {p.device} but x is {x.dtype} on "
+                             f"{x.device}; convert x (e.g. x.to({p.dtype})) or the cell (cell.to(x.dtype))")
     return z0
 
 

@@ -66,10 +66,12 @@ def _prepare(A, b) -> _Problem:
     vector = _is_vector(b, A)
     B = b.unsqueeze(-1) if vector else b
     if B.dim() < 2 or B.shape[-2] != m:
-        raise InputError(
-            f"b has shape {tuple(b.shape)} but A has shape {tuple(A.shape)}: b must be ({m},), "
-            f"{tuple(A.shape[:-1])} or (*, {m}, k)"
-        )
+        batch_of_vectors = f", {tuple(A.shape[:-1])}" if A.dim() > 2 else ""
+        rows = (f"; if b holds right-hand sides as rows (last dim {m}), pass b[..., None] (one ({m}, 1) right-hand "
+                f"side per row: y is (*, n, 1)) or b.mT (the rows as the columns of b)"
+                if b.dim() >= 2 and b.shape[-1] == m else "")
+        raise InputError(f"b has shape {tuple(b.shape)} but A has shape {tuple(A.shape)}: b must be ({m},)"
+                         f"{batch_of_vectors} or (*, {m}, k){rows}")
     try:
         torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
     except RuntimeError:

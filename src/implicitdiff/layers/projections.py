@@ -36,12 +36,20 @@ def _radius(radius, x, name="radius"):
         raise InputError(f"{name} must be finite and >= 0, got {r.tolist() if r.numel() < 8 else 'a bad entry'}")
     if r.dim() == 0:
         return r
-    try:
-        torch.broadcast_shapes(r.shape, x.shape[:-1])
-    except RuntimeError:
-        raise InputError(f"{name} must be a scalar or broadcast with the batch shape of x {tuple(x.shape[:-1])}, "
-                         f"got {tuple(r.shape)}") from None
+    _check_broadcasts_to(name, r, x.shape[:-1], "the batch shape of x (one radius per projected vector)")
     return r.unsqueeze(-1)
+
+
+def _check_broadcasts_to(name, t, shape, what):
+    """A projection returns the shape of ``x``: ``t`` must broadcast *to* ``shape``, not enlarge it."""
+    try:
+        ok = torch.broadcast_shapes(t.shape, shape) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        hint = f"a scalar or a tensor of shape {tuple(shape)}" if len(shape) else "a scalar"
+        raise InputError(f"{name} has shape {tuple(t.shape)} but must broadcast to {what} {tuple(shape)}, so "
+                         f"that the result has the shape of x: pass {hint}")
 
 
 def _simplex(x, r):
@@ -72,7 +80,8 @@ def project_simplex(x, radius=1.0):
 
     Args:
         x: ``(*, n)``.
-        radius: positive scalar or tensor broadcastable to ``(*,)`` (differentiable).
+        radius: positive scalar or tensor broadcastable to ``(*,)`` (differentiable); a shape that
+            would enlarge the batch (such as ``(*, 1)``) is an ``InputError``.
 
     Returns:
         ``z`` of shape ``(*, n)``.  Gradient: ``diag(s) − s sᵀ/|S|`` on the support ``S``.
@@ -106,8 +115,8 @@ def sparsemax(x, dim=-1):
 
 
 def project_box(x, lower, upper):
-    r"""Project onto the box ``{z : lower ≤ z ≤ upper}`` (elementwise clamp; bounds broadcast with ``x``
-    and receive gradients).
+    r"""Project onto the box ``{z : lower ≤ z ≤ upper}`` (elementwise clamp; bounds broadcast to the shape
+    of ``x`` and receive gradients).
 
     Example:
         >>> import torch, implicitdiff as idf
@@ -128,11 +137,7 @@ def _bound(name, t, x):
         raise InputError(f"{name} must be a number or a tensor, got {type(t).__name__} {t!r}")
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device) if not isinstance(t, torch.Tensor) else t
     t = as_float_tensor(name, t, like=x)
-    try:
-        torch.broadcast_shapes(t.shape, x.shape)
-    except RuntimeError:
-        raise InputError(f"{name} has shape {tuple(t.shape)}, which does not broadcast with x {tuple(x.shape)}") \
-            from None
+    _check_broadcasts_to(name, t, x.shape, "the shape of x")
     return t
 
 
