@@ -4,8 +4,7 @@ Each case has a closed form (or the unrolled iteration) as its reference, valid 
 case's data: a QP or a projection is smooth where its active set does not change, so the
 data keep every constraint clearly active or clearly inactive (the reference fixes that
 active set and checks its value against the layer's).  The ``CvxpyLayer`` case is registered
-only where ``cvxpy`` is installed (an optional dependency); it runs in reverse mode only, as
-the layer has no forward mode.
+only where ``cvxpy`` is installed (an optional dependency).
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ def _has(module: str) -> bool:
 
 
 if _has("cvxpy"):
-    @register_case("CvxpyLayer/simplex_projection", layer="CvxpyLayer", mode="rev")
+    @register_case("CvxpyLayer/simplex_projection", layer="CvxpyLayer")
     def _cvxpy(device, dtype):
         # argmin ‖x − q‖² over the probability simplex, written in cvxpy; the reference is project_simplex
         import cvxpy as cp
