@@ -313,7 +313,8 @@ class CvxpyLayer(torch.nn.Module):
     with one leading batch dimension (batched and unbatched tensors mix; unbatched ones broadcast),
     all of one floating dtype on one device, and returns a tuple with one tensor per variable
     (batched iff a parameter is).  Raises :class:`~implicitdiff.InputError` for a non-DPP problem,
-    foreign parameters or variables, and wrong number, shape or dtype of tensors.
+    foreign parameters or variables, a parameter given twice, wrong number, shape or dtype of tensors,
+    and a NaN/Inf in a parameter tensor (named by its position and cvxpy name).
 
     Example:
         >>> import cvxpy as cp, torch
