@@ -132,6 +132,9 @@ def _argmin_compiled(f, y0, params, solver, adjoint, rtol, atol, max_iter, batch
         raise InputError(need + "params that are all tensors (pass constants inside f)")
     if any(t.device.type != "cpu" for t in (opts.y0,) + tuple(params)):
         raise InputError(need + "y0 and params on the CPU (Inductor's C++ backend): use compiled=False")
+    for i, p in enumerate(params):  # the eager path's rule (a mixed-dtype f fails inside the compiled code)
+        if p.is_floating_point() and p.dtype != opts.y0.dtype:
+            raise InputError(f"parameter {i} has dtype {p.dtype} but y0 has {opts.y0.dtype}; convert one of them")
     res = compiled_lbfgs(f, opts.y0, opts.params, rtol=opts.rtol, atol=opts.atol, max_iter=opts.max_iter,
                          history=kw.get("history", HISTORY))
     y = apply_on_failure(res.y, res.info, on_failure, "argmin", ARGMIN_HINTS)
