@@ -232,3 +232,12 @@ def test_an_unhashable_f_is_cached_by_identity(uncompiled):
                                atol=1e-12)
     assert len(uncompiled) == 2 * compiled
 
+
+def test_a_singular_hessian_is_a_breakdown_of_the_adjoint(uncompiled):
+    """Flat in y[1]: CG divides by a vanishing curvature and its iterates overflow, with finite Hessian products."""
+    a = torch.tensor([1.0, 2.0], dtype=D, requires_grad=True)
+    y = idf.argmin(lambda y, a: (y[0] - a[0]) ** 2 + 0 * y[1] ** 2 + (y[2] - a[1]) ** 4, torch.zeros(3, dtype=D),
+                   a, compiled=True)
+    with pytest.raises(idf.SolveError, match=r"BREAKDOWN.*residual.*singular.*compiled=False") as err:
+        y.sum().backward()
+    assert not err.value.residual < 1

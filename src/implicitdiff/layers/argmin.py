@@ -35,8 +35,9 @@ ARGMIN_HINTS = {Status.MAX_ITERATIONS: _UNBOUNDED, Status.DIVERGED: _UNBOUNDED,
 #: Hints of a failed adjoint CG of ``argmin(compiled=True)`` (no LU or MINRES on that path).
 _COMPILED_ADJOINT_HINTS = {
     Status.MAX_ITERATIONS: "raise Implicit(max_iter=...), or use compiled=False",
-    Status.BREAKDOWN: "the Hessian is not positive definite along a CG direction (not a strict minimum): use "
-                      "compiled=False, whose Implicit() falls back to MINRES or LU",
+    Status.BREAKDOWN: "the Hessian is not positive definite along a CG direction, or singular (the CG iterates "
+                      "overflowed along a flat direction): y* is not a strict minimum; use compiled=False, whose "
+                      "Implicit() falls back to MINRES or LU and reports a singular Hessian",
     Status.NONFINITE: "the cotangent of y or a Hessian-vector product is NaN/Inf"}
 
 

@@ -21,7 +21,9 @@ matrix-vector products kept as BLAS calls), so that an iteration is one call and
   ``θ̄ = −∂_θ(∇_y f · u)``.  As the
   eager Krylov solvers do, ``ȳ`` is divided by a power of two near its largest entry (exact) and
   the gradients multiplied back, so that a tiny or huge ``ȳ`` neither underflows ``rᵀr`` nor
-  overflows it; a non-finite ``ȳ`` is ``NONFINITE`` before the first step.
+  overflows it; a non-finite ``ȳ`` is ``NONFINITE`` before the first step, as is a NaN/Inf
+  Hessian-vector product; ``pᵀHp ≤ 0`` is ``BREAKDOWN``, and so are iterates that overflow while
+  ``pᵀHp`` is finite (a singular ``H``, whose flat direction CG divides by a vanishing curvature).
 
 What it needs: one problem (``batch_dims = 0``) on the CPU, outside ``torch.func`` transforms,
 ``params`` all tensors (of ``y0``'s dtype), and an ``f`` that
@@ -235,8 +237,10 @@ def compiled_adjoint(f: Callable, y: torch.Tensor, params: tuple, gy: torch.Tens
             x, r, p, rs, read = step(yf, x, r, p, rs, *params)
             k += 1
             rs_f, php = read.tolist()
-            if not (php > 0 and math.isfinite(rs_f)):     # not positive definite along p, or overflow
-                status = Status.BREAKDOWN if math.isfinite(rs_f) else Status.NONFINITE
+            if not math.isfinite(php):                    # a Hessian-vector product is NaN/Inf
+                status = Status.NONFINITE
+            elif not (php > 0 and math.isfinite(rs_f)):   # not positive definite along p, or (nearly) singular
+                status = Status.BREAKDOWN
         info = SolveInfo(torch.tensor(int(Status.SUCCESS if status is None else status)),
                          torch.tensor(math.sqrt(rs_f) / max(bn, torch.finfo(y.dtype).tiny)), torch.tensor(k))
         if status is not None:
