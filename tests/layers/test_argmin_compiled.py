@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from torch.autograd import forward_ad
 
 import implicitdiff as idf
 from implicitdiff.solvers import lbfgs_compiled
@@ -178,6 +179,35 @@ def test_the_cache_is_bounded(monkeypatch):
     assert ("k", ridge, 1, ((2,), (1,), torch.float32, x.device)) in lbfgs_compiled._CACHE
 
 
+def test_second_derivatives_equal_the_eager_path_and_finite_differences(compiled_run):
+    """create_graph=True: the compiled backward hands over to the eager implicit backward (differentiable)."""
+    (theta, X, t, Xv, tv), _ = compiled_run
+    g = torch.Generator().manual_seed(7)
+    v, d = torch.randn(N, generator=g, dtype=D), torch.randn(N, generator=g, dtype=D)
+
+    def hypergrad(compiled, theta, create_graph=False):
+        theta = theta.clone().requires_grad_()
+        w = solve(compiled, theta, X, t, adjoint=CG)
+        (h,) = torch.autograd.grad(((Xv @ w - tv) ** 2).mean(), theta, create_graph=create_graph)
+        return theta, h
+
+    hv = {}
+    for compiled in (True, False):                                    # ∂²L/∂θ² · v, through the backward
+        theta_c, h = hypergrad(compiled, theta, create_graph=True)
+        (hv[compiled],) = torch.autograd.grad(h @ v, theta_c)
+    assert hv[True].abs().max() > 1e-3
+    torch.testing.assert_close(hv[True], hv[False], rtol=1e-8, atol=1e-12)
+    eps = 1e-5                                                        # central differences of the first order
+    fd = float((hypergrad(True, theta + eps * d)[1] - hypergrad(True, theta - eps * d)[1]) @ v) / (2 * eps)
+    assert abs(float(hv[True] @ d) - fd) <= 1e-8 * abs(fd), (float(hv[True] @ d), fd)
+
+
+def test_forward_mode_is_a_clear_error(compiled_run):
+    (theta, X, t, _, _), _ = compiled_run
+    with forward_ad.dual_level():                                     # no silent loss of the tangent
+        dual = forward_ad.make_dual(theta, torch.ones_like(theta))
+        with pytest.raises(idf.InputError, match=r"forward-mode tangents.*compiled=False"):
+            solve(True, dual, X, t)
 
 
 def test_strided_and_expanded_inputs_are_taken_as_their_values(compiled_run):

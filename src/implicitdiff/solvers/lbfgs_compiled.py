@@ -26,7 +26,7 @@ matrix-vector products kept as BLAS calls), so that an iteration is one call and
   ``pᵀHp`` is finite (a singular ``H``, whose flat direction CG divides by a vanishing curvature).
 
 What it needs: one problem (``batch_dims = 0``) on the CPU, outside ``torch.func`` transforms,
-``params`` all tensors (of ``y0``'s dtype), and an ``f`` that
+``params`` all tensors (of ``y0``'s dtype, without forward-mode tangents), and an ``f`` that
 Inductor can trace (no Python branching on tensor values: that raises
 :class:`~implicitdiff.InputError`).  Tensors ``f`` closes over are constants of the compiled code
 (a name rebound later is not seen): pass what changes as ``params``.  Each compiled function is
