@@ -5,12 +5,14 @@ Each compile costs seconds on the CPU: one small non-quadratic ridge problem, on
 level, so that every test finds the compiled functions in the cache), few compiles in all.
 """
 
+import dataclasses
 import os
 import shutil
 from collections import OrderedDict
 
 import pytest
 import torch
+from torch.autograd import forward_ad
 
 import implicitdiff as idf
 from implicitdiff.solvers import lbfgs_compiled
@@ -81,7 +83,7 @@ def test_compiled_equals_the_eager_path_and_finite_differences(compiled_run):
         assert abs(float(g_p @ d) - fd) <= 1e-8 * abs(fd), (i, float(g_p @ d), fd)
 
 
-def test_a_transposed_parameter_compiles_again(compiled_run):
+def test_a_transposed_parameter_is_taken_as_its_values(compiled_run):
     (theta, X, t, _, _), (w, _, _) = compiled_run
     Xt = X.T.contiguous().T                                          # the same values, another layout
     assert Xt.stride() != X.stride()
@@ -175,3 +177,97 @@ def test_the_cache_is_bounded(monkeypatch):
     assert len(lbfgs_compiled._CACHE) == lbfgs_compiled.CACHE_SIZE
     assert ("k", ridge, 0, ((2,), (1,), torch.float32, x.device)) not in lbfgs_compiled._CACHE
     assert ("k", ridge, 1, ((2,), (1,), torch.float32, x.device)) in lbfgs_compiled._CACHE
+
+
+def test_second_derivatives_equal_the_eager_path_and_finite_differences(compiled_run):
+    """create_graph=True: the compiled backward hands over to the eager implicit backward (differentiable)."""
+    (theta, X, t, Xv, tv), _ = compiled_run
+    g = torch.Generator().manual_seed(7)
+    v, d = torch.randn(N, generator=g, dtype=D), torch.randn(N, generator=g, dtype=D)
+
+    def hypergrad(compiled, theta, create_graph=False):
+        theta = theta.clone().requires_grad_()
+        w = solve(compiled, theta, X, t, adjoint=CG)
+        (h,) = torch.autograd.grad(((Xv @ w - tv) ** 2).mean(), theta, create_graph=create_graph)
+        return theta, h
+
+    hv = {}
+    for compiled in (True, False):                                    # ∂²L/∂θ² · v, through the backward
+        theta_c, h = hypergrad(compiled, theta, create_graph=True)
+        (hv[compiled],) = torch.autograd.grad(h @ v, theta_c)
+    assert hv[True].abs().max() > 1e-3
+    torch.testing.assert_close(hv[True], hv[False], rtol=1e-8, atol=1e-12)
+    eps = 1e-5                                                        # central differences of the first order
+    fd = float((hypergrad(True, theta + eps * d)[1] - hypergrad(True, theta - eps * d)[1]) @ v) / (2 * eps)
+    assert abs(float(hv[True] @ d) - fd) <= 1e-8 * abs(fd), (float(hv[True] @ d), fd)
+
+
+def test_forward_mode_is_a_clear_error(compiled_run):
+    (theta, X, t, _, _), _ = compiled_run
+    with forward_ad.dual_level():                                     # no silent loss of the tangent
+        dual = forward_ad.make_dual(theta, torch.ones_like(theta))
+        with pytest.raises(idf.InputError, match=r"forward-mode tangents.*compiled=False"):
+            solve(True, dual, X, t)
+
+
+def test_strided_and_expanded_inputs_are_taken_as_their_values(compiled_run):
+    (theta, X, t, Xv, tv), (w, grads, _) = compiled_run
+    theta_s = torch.stack([theta, theta], -1)[:, 0].requires_grad_()  # stride 2: not dense
+    t_s = torch.stack([t, t], -1)[:, 1].requires_grad_()
+    X_s = torch.stack([X, X], -1)[..., 0]
+    y0 = torch.zeros(1, dtype=D).expand(N)                            # stride 0
+    assert theta_s.stride() == (2,) and X_s.stride() == (2 * N, 2) and y0.stride() == (0,)
+    w_s = idf.argmin(ridge, y0, theta_s, X_s, t_s, rtol=1e-12, solver=LBFGS3, compiled=True, adjoint=CG)
+    torch.testing.assert_close(w_s.detach(), w, rtol=0, atol=1e-12)
+    for g_s, g in zip(torch.autograd.grad(((Xv @ w_s - tv) ** 2).mean(), (theta_s, t_s)), grads):
+        torch.testing.assert_close(g_s, g, rtol=1e-9, atol=1e-12)
+
+
+def test_a_parameter_of_another_dtype_is_a_clear_error(compiled_run):
+    (theta, X, t, _, _), _ = compiled_run
+    with pytest.raises(idf.InputError, match="parameter 1 has dtype torch.float32 but y0 has torch.float64"):
+        solve(True, theta, X.float(), t)
+
+
+@pytest.fixture
+def uncompiled(monkeypatch):
+    """The compiled path's functions run as plain Python (no seconds per compile), in a cache of their own;
+    returns the list of what was compiled."""
+    compiles = []
+    monkeypatch.setattr(lbfgs_compiled, "_CACHE", OrderedDict())
+    monkeypatch.setattr(lbfgs_compiled, "inductor_compile", lambda fn, examples: compiles.append(fn) or fn)
+    return compiles
+
+
+@dataclasses.dataclass
+class Penalized:
+    """A callable dataclass, not frozen: unhashable."""
+    lam: float
+
+    def __call__(self, y, a):
+        return ((y - a) ** 2).sum() + self.lam * (y ** 4).sum()
+
+
+def test_an_unhashable_f_is_cached_by_identity(uncompiled):
+    a, y0 = torch.tensor([0.5, 1.5], dtype=D), torch.zeros(2, dtype=D)
+    f = Penalized(0.25)
+    with pytest.raises(TypeError):
+        hash(f)
+    torch.testing.assert_close(idf.argmin(f, y0, a, compiled=True), idf.argmin(f, y0, a), rtol=0, atol=1e-12)
+    compiled = len(uncompiled)
+    idf.argmin(f, y0, a, compiled=True)
+    assert len(uncompiled) == compiled                                # the same object: found again
+    other = Penalized(1.0)
+    torch.testing.assert_close(idf.argmin(other, y0, a, compiled=True), idf.argmin(other, y0, a), rtol=0,
+                               atol=1e-12)
+    assert len(uncompiled) == 2 * compiled
+
+
+def test_a_singular_hessian_is_a_breakdown_of_the_adjoint(uncompiled):
+    """Flat in y[1]: CG divides by a vanishing curvature and its iterates overflow, with finite Hessian products."""
+    a = torch.tensor([1.0, 2.0], dtype=D, requires_grad=True)
+    y = idf.argmin(lambda y, a: (y[0] - a[0]) ** 2 + 0 * y[1] ** 2 + (y[2] - a[1]) ** 4, torch.zeros(3, dtype=D),
+                   a, compiled=True)
+    with pytest.raises(idf.SolveError, match=r"BREAKDOWN.*residual.*singular.*compiled=False") as err:
+        y.sum().backward()
+    assert not err.value.residual < 1

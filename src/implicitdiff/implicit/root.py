@@ -166,18 +166,20 @@ def _expand(mask, like):
 
 class GivenVJPFn(torch.autograd.Function):
     """``y*`` solved outside autograd, with its backward given: ``apply(vjp, y, *params)``, where
-    ``vjp(ȳ)`` returns one gradient (or ``None``) per parameter — a compiled implicit backward
-    (:mod:`implicitdiff.solvers.lbfgs_compiled`).  Once differentiable; no forward mode."""
+    ``vjp(ȳ, *params)`` returns one gradient (or ``None``) per parameter — a compiled implicit
+    backward (:mod:`implicitdiff.solvers.lbfgs_compiled`).  When the backward is itself
+    differentiated (``create_graph=True``: grad mode is on in it), ``vjp`` must return gradients
+    differentiable in ``ȳ`` and ``params`` (those passed to it); no forward mode."""
 
     @staticmethod
     def forward(ctx, vjp, y, *params):
         ctx.vjp = vjp
+        ctx.save_for_backward(*params)
         return y.clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        return (None, None) + tuple(ctx.vjp(gy))
+        return (None, None) + tuple(ctx.vjp(gy, *ctx.saved_tensors))
 
 
 class RootFn(torch.autograd.Function):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.autograd import forward_ad
 
 from .._core.defaults import DENSE_MAX, default_rtol
 from .._core.errors import InputError
@@ -35,8 +36,9 @@ ARGMIN_HINTS = {Status.MAX_ITERATIONS: _UNBOUNDED, Status.DIVERGED: _UNBOUNDED,
 #: Hints of a failed adjoint CG of ``argmin(compiled=True)`` (no LU or MINRES on that path).
 _COMPILED_ADJOINT_HINTS = {
     Status.MAX_ITERATIONS: "raise Implicit(max_iter=...), or use compiled=False",
-    Status.BREAKDOWN: "the Hessian is not positive definite along a CG direction (not a strict minimum): use "
-                      "compiled=False, whose Implicit() falls back to MINRES or LU",
+    Status.BREAKDOWN: "the Hessian is not positive definite along a CG direction, or singular (the CG iterates "
+                      "overflowed along a flat direction): y* is not a strict minimum; use compiled=False, whose "
+                      "Implicit() falls back to MINRES or LU and reports a singular Hessian",
     Status.NONFINITE: "the cotangent of y or a Hessian-vector product is NaN/Inf"}
 
 
@@ -130,8 +132,14 @@ def _argmin_compiled(f, y0, params, solver, adjoint, rtol, atol, max_iter, batch
         raise InputError(need + f"one problem (batch_dims=0), got batch_dims={batch_dims}: use compiled=False")
     if not all(isinstance(p, torch.Tensor) for p in params):
         raise InputError(need + "params that are all tensors (pass constants inside f)")
+    if any(forward_ad.unpack_dual(p).tangent is not None for p in params):
+        raise InputError(need + "params without forward-mode tangents (torch.autograd.forward_ad): its backward is "
+                                "reverse mode only; use compiled=False")
     if any(t.device.type != "cpu" for t in (opts.y0,) + tuple(params)):
         raise InputError(need + "y0 and params on the CPU (Inductor's C++ backend): use compiled=False")
+    for i, p in enumerate(params):  # the eager path's rule (a mixed-dtype f fails inside the compiled code)
+        if p.is_floating_point() and p.dtype != opts.y0.dtype:
+            raise InputError(f"parameter {i} has dtype {p.dtype} but y0 has {opts.y0.dtype}; convert one of them")
     res = compiled_lbfgs(f, opts.y0, opts.params, rtol=opts.rtol, atol=opts.atol, max_iter=opts.max_iter,
                          history=kw.get("history", HISTORY))
     y = apply_on_failure(res.y, res.info, on_failure, "argmin", ARGMIN_HINTS)
@@ -141,12 +149,20 @@ def _argmin_compiled(f, y0, params, solver, adjoint, rtol, atol, max_iter, batch
                   max_iter=adjoint.max_iter if adjoint.max_iter is not None else 10 * opts.n)
         solved = int(res.info.status) == Status.SUCCESS
 
-        def vjp(gy):
+        def vjp(gy, *leaves):
             out = [None] * len(params)
             if not solved:  # a failed forward kept under on_failure="nan"/"warn": no gradient, as the eager path
                 return out
-            grads, info = compiled_adjoint(f, res.y, opts.params, gy, which, **cg)
-            apply_on_failure(res.y, info, "raise", "argmin's adjoint (compiled CG)", _COMPILED_ADJOINT_HINTS)
+            if torch.is_grad_enabled():
+                # the backward is differentiated again (create_graph=True): the compiled CG is not
+                # differentiable, so the eager implicit backward at the y* at hand (its "solver"
+                # returns the compiled forward's result; y0 a copy: an input is no output)
+                y_eager = argmin(f, res.y.clone(), *leaves, solver=lambda *_, **__: res, adjoint=adjoint)
+                grads = torch.autograd.grad(y_eager, [leaves[i] for i in which], gy, create_graph=True,
+                                            allow_unused=True)
+            else:
+                grads, info = compiled_adjoint(f, res.y, opts.params, gy, which, **cg)
+                apply_on_failure(res.y, info, "raise", "argmin's adjoint (compiled CG)", _COMPILED_ADJOINT_HINTS)
             for i, g in zip(which, grads):
                 out[i] = g
             return out

@@ -21,16 +21,22 @@ matrix-vector products kept as BLAS calls), so that an iteration is one call and
   ``θ̄ = −∂_θ(∇_y f · u)``.  As the
   eager Krylov solvers do, ``ȳ`` is divided by a power of two near its largest entry (exact) and
   the gradients multiplied back, so that a tiny or huge ``ȳ`` neither underflows ``rᵀr`` nor
-  overflows it; a non-finite ``ȳ`` is ``NONFINITE`` before the first step.
+  overflows it; a non-finite ``ȳ`` is ``NONFINITE`` before the first step, as is a NaN/Inf
+  Hessian-vector product; ``pᵀHp ≤ 0`` is ``BREAKDOWN``, and so are iterates that overflow while
+  ``pᵀHp`` is finite (a singular ``H``, whose flat direction CG divides by a vanishing curvature).
 
 What it needs: one problem (``batch_dims = 0``) on the CPU, outside ``torch.func`` transforms,
-``params`` all tensors, and an ``f`` that Inductor can trace (no Python branching on tensor values:
-that raises :class:`~implicitdiff.InputError`).  Tensors ``f`` closes over are constants of the
-compiled code (a name rebound later is not seen): pass what changes as ``params``.  Each compiled
-function is cached on ``f`` (by equality, so a bound method is found again: define ``f`` once, as
-a new lambda per call compiles again), ``y``'s shape, the shapes, strides and dtypes of the
-tensors it takes, and which parameters need gradients; another shape, layout (a transposed
-parameter) or dtype compiles again (seconds); the cache keeps the last :data:`CACHE_SIZE`.
+``params`` all tensors (of ``y0``'s dtype, without forward-mode tangents), and an ``f`` that
+Inductor can trace (no Python branching on tensor values: that raises
+:class:`~implicitdiff.InputError`).  Tensors ``f`` closes over are constants of the compiled code
+(a name rebound later is not seen): pass what changes as ``params``.  Each compiled function is
+cached on ``f`` (by equality, so a bound method is found again: define ``f`` once, as a new lambda
+per call compiles again; an unhashable ``f`` by identity), ``y``'s shape, the shapes, strides and
+dtypes of the tensors it takes, and which parameters need gradients; another shape or dtype
+compiles again (seconds); the cache keeps the last :data:`CACHE_SIZE`.  ``y0`` and the parameters
+are made contiguous first (a copy where they are not): a compiled call asserts the strides it was
+traced with, and the trace's examples are contiguous copies of a strided or expanded tensor, so a
+layout never compiles again and a view (``a[::2]``, ``a.expand(n)``) is taken as its values.
 """
 
 from __future__ import annotations
@@ -55,11 +61,35 @@ CACHE_SIZE = 16
 _CACHE: OrderedDict = OrderedDict()
 
 
+class _Identity:
+    """An unhashable ``f`` (an instance of a non-frozen dataclass) in a cache key, by identity: the key
+    holds ``f``, so its id is not reused by another object while the entry is cached."""
+    __slots__ = ("f",)
+
+    def __init__(self, f):
+        self.f = f
+
+    def __hash__(self):
+        return id(self.f)
+
+    def __eq__(self, other):
+        return isinstance(other, _Identity) and other.f is self.f
+
+
+def _by_equality_or_identity(f: Callable):
+    try:
+        hash(f)
+    except TypeError:
+        return _Identity(f)
+    return f
+
+
 def _compiled(kind: str, f: Callable, build: Callable, examples: tuple, extra=()) -> Callable:
     """The compiled ``build()`` for ``examples``, cached on ``(kind, f, extra)`` and the examples' shapes,
     strides, dtypes and devices (a compiled call asserts its inputs' strides); ``extra`` holds what
     the examples do not show, such as ``y``'s shape (the compiled code sees ``y`` flat)."""
-    key = (kind, f, extra) + tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in examples)
+    layouts = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in examples)
+    key = (kind, _by_equality_or_identity(f), extra) + layouts
     fn = _CACHE.get(key)
     if fn is None:
         try:
@@ -73,6 +103,11 @@ def _compiled(kind: str, f: Callable, build: Callable, examples: tuple, extra=()
             _CACHE.popitem(last=False)
     _CACHE.move_to_end(key)
     return fn
+
+
+def _contiguous(tensors: tuple) -> tuple:
+    """The layout every compiled call takes (module docstring)."""
+    return tuple(t.contiguous() for t in tensors)
 
 
 def _lbfgs_step(f: Callable, shape, m: int, eps: float) -> Callable:
@@ -119,7 +154,7 @@ def compiled_lbfgs(f: Callable, y0: torch.Tensor, params: tuple, *, rtol: float,
     """:func:`~.lbfgs.lbfgs` on one problem, each iteration one compiled call (module docstring);
     ``y0`` and ``params`` detached tensors on the CPU. ``info.residual`` is ``‖∇f(y)‖ / ‖∇f(y0)‖``."""
     shape, n, dt, m = y0.shape, y0.numel(), y0.dtype, history
-    y = y0.reshape(n)
+    y, params = y0.reshape(n).contiguous(), _contiguous(params)
     with torch.no_grad():
         v, g = _objective(f, shape, torch.Size(), 1, params, dt)(y.unsqueeze(0))   # checks what f returns
         v, g = v.reshape(()), g.reshape(n)
@@ -184,7 +219,7 @@ def compiled_adjoint(f: Callable, y: torch.Tensor, params: tuple, gy: torch.Tens
     docstring); ``(θ̄ tuple, SolveInfo of the CG)``, ``θ̄`` ``None`` where the CG failed (the caller
     raises)."""
     shape, n = y.shape, y.numel()
-    yf, b = y.reshape(n), gy.reshape(n).to(y.dtype)
+    yf, b, params = y.reshape(n).contiguous(), gy.reshape(n).to(y.dtype), _contiguous(params)
     with torch.no_grad():
         scale = _pow2_scale(b.abs().amax())                          # exact: ȳ / scale has entries near 1
         b = b / scale
@@ -202,8 +237,10 @@ def compiled_adjoint(f: Callable, y: torch.Tensor, params: tuple, gy: torch.Tens
             x, r, p, rs, read = step(yf, x, r, p, rs, *params)
             k += 1
             rs_f, php = read.tolist()
-            if not (php > 0 and math.isfinite(rs_f)):     # not positive definite along p, or overflow
-                status = Status.BREAKDOWN if math.isfinite(rs_f) else Status.NONFINITE
+            if not math.isfinite(php):                    # a Hessian-vector product is NaN/Inf
+                status = Status.NONFINITE
+            elif not (php > 0 and math.isfinite(rs_f)):   # not positive definite along p, or (nearly) singular
+                status = Status.BREAKDOWN
         info = SolveInfo(torch.tensor(int(Status.SUCCESS if status is None else status)),
                          torch.tensor(math.sqrt(rs_f) / max(bn, torch.finfo(y.dtype).tiny)), torch.tensor(k))
         if status is not None:
