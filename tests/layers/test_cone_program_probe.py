@@ -110,3 +110,37 @@ def test_entropy_at_the_domain_boundary_does_not_crash():
     prob.solve(solver=cp.CLARABEL)
     assert abs(float(c @ x) + prob.value) < 1e-6      # the optimum (cone_program minimizes −Σ entr)
 
+
+def _lp_with_a_face_of_optima():
+    # min x₁ + x₂  s.t.  x₁ + x₂ ≥ 1, x ≥ 0: every point of the segment x₁ + x₂ = 1 is optimal
+    A = torch.tensor([[-1.0, -1.0], [-1.0, 0.0], [0.0, -1.0]], dtype=F64)
+    return A, torch.tensor([-1.0, 0.0, 0.0], dtype=F64), torch.tensor([1.0, 1.0], dtype=F64), {"l": 3}
+
+
+def test_non_unique_solution_is_reported_not_differentiated():
+    # the probe's c16: dx₁/dc came out as ±1.6e8 with SUCCESS (finite differences: ±5e5 at h = 1e-6, no limit)
+    A, b, c, cones = _lp_with_a_face_of_optima()
+    bb, cc = b.clone().requires_grad_(), c.clone().requires_grad_()
+    x, _, _ = idf.cone_program(A, bb, cc, cones)
+    with pytest.raises(SolveError, match="not unique") as err:
+        torch.autograd.grad(x[0], (bb, cc))
+    assert err.value.status == Status.SINGULAR and err.value.residual > 1e-3
+    with pytest.raises(SolveError, match="not unique"):
+        torch.func.jvp(lambda t: idf.cone_program(A, b, t, cones)[0], (c,), (torch.tensor([1.0, 0.0], dtype=F64),))
+    # the unique part, x₁ + x₂ = −b₁, keeps its exact derivative
+    x, _, _ = idf.cone_program(A, bb, cc, cones)
+    gb, gc = torch.autograd.grad(x.sum(), (bb, cc))
+    assert torch.allclose(gb, torch.tensor([-1.0, 0.0, 0.0], dtype=F64), atol=1e-7), gb
+    assert torch.allclose(gc, torch.zeros(2, dtype=F64), atol=1e-7), gc
+
+
+def test_auxiliary_variable_of_an_inactive_constraint_is_reported():
+    # ‖x‖ ≤ t ≤ 2 over a box: t ∈ [‖x*‖, 2] is not unique (x* is: its gradient is tested in
+    # test_cone_program_structured.py); dt/db came out as a finite number with SUCCESS
+    A = torch.tensor([[0, 0, 1], [1, 0, 0], [0, 1, 0], [-1, 0, 0], [0, -1, 0],
+                      [0, 0, -1], [-1, 0, 0], [0, -1, 0]], dtype=F64)
+    b = torch.tensor([2, 0.5, 0.5, 1, 1, 0, 0, 0], dtype=F64, requires_grad=True)
+    c = torch.tensor([-1.0, -2.0, 0.0], dtype=F64)
+    x, _, _ = idf.cone_program(A, b, c, {"l": 5, "q": [3]}, rtol=1e-10)
+    with pytest.raises(SolveError, match="singular and inconsistent"):
+        torch.autograd.grad(x[2], b)

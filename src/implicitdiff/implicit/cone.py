@@ -33,6 +33,11 @@ of an inactive constraint, e.g. ``t`` in ``‖x‖ ≤ t ≤ 1``); ``M`` is take
 added to its last column (the solution with ``ẇ = 0``) and the reduced system with a small
 shift, and refinement converges to a solution of a consistent singular system, so every
 unique part of the solution gets its exact derivative (diffcp uses LSQR for the same reason).
+An *inconsistent* singular system means the derivative asked for does not exist (a part of the
+solution that is not unique, e.g. ``x`` of an LP with a face of optima, is differentiated):
+:func:`_check_unique` raises :class:`~implicitdiff.SolveError` ``SINGULAR`` there, as the QP
+layer does for its singular KKT system (under ``vmap``, where the solve's check is skipped, it
+cannot be detected).
 
 Double backward: the backward is written in differentiable operations; its one linear solve
 is :class:`_AdjointSolve`, whose own backward is one solve with ``M`` and an autograd pass
@@ -45,6 +50,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from .._core.errors import SolveError
 from .._core.status import Status
 from .._core.validate import is_vmapped
 from ..linalg.cone_spec import ConeSpec
@@ -111,6 +117,22 @@ def refine(A, b, c, x, y, s, ok, spec, steps):
     return (torch.where(okc, u, x), torch.where(okc, yv, y), torch.where(okc, yv - v, s)), system
 
 
+def _check_unique(system, what):
+    """Raise ``SINGULAR`` where the last solve of ``system`` met an inconsistent singular ``M``
+    (:mod:`.cone_system`): the solution is not unique along the derivative asked for."""
+    bad = system.singular
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        rel = float(system.relres[i])
+        raise SolveError(
+            f"cone_program {what} failed in {int(bad.sum())} of {bad.numel()} batch elements (first: {i}): "
+            f"the derivative system is singular and inconsistent (relative residual {rel:.3e}), so the solution "
+            "is not unique along the requested derivative (e.g. an LP with a face of optima) and has no "
+            "derivative there. Make the solution unique (e.g. add a small ε‖x‖² to the objective: a second-order "
+            "cone) or differentiate only the parts of the solution that are unique.",
+            status=Status.SINGULAR, residual=rel)
+
+
 def _pullback_rhs(spec, D, x, y, s, gx, gy, gs):
     """``ḡ = (x̄, DΠᵀ(ȳ + s̄) − s̄, −xᵀx̄ − yᵀȳ − sᵀs̄)`` (``D`` dense block-diagonal, symmetric)."""
     gv = apply_block_diagonal(spec, D, (gy + gs)[..., None])[..., 0] - gs
@@ -142,7 +164,9 @@ class _AdjointSolve(torch.autograd.Function):
     def forward(g, A, b, c, x, y, s, ok, spec, holder):
         # holder: [a nearby system to reuse or None] in, [this system] out (read by setup_context)
         holder.append(ConeSystem(A, b, c, x, y, s, ok, spec, reuse=holder.pop()))
-        return -holder[-1].solve(g, adjoint=True)
+        r = -holder[-1].solve(g, adjoint=True)
+        _check_unique(holder[-1], "backward")
+        return r
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -158,6 +182,7 @@ class _AdjointSolve(torch.autograd.Function):
                                       "the second derivative without create_graph=True")
         A, b, c, x, y, s, ok, r = ctx.saved_tensors
         lam = -ctx.system.solve(gr)
+        _check_unique(ctx.system, "double backward")
         inputs = [t.detach().requires_grad_() for t in (A, b, c, x, y, s)]
         with torch.enable_grad():
             f = (lam.detach() * _transposed_matvec(*inputs, ok, ctx.spec, r.detach())).sum()
@@ -240,6 +265,7 @@ class ConeFn(torch.autograd.Function):
             gv = system.apply_D(gy + gs) - gs
             gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
             r = -system.solve(torch.cat([gx, gv, gw[:, None]], -1), adjoint=True)
+            _check_unique(system, "backward")
         ru, rv, rw = r[:, :n], r[:, n:n + m], r[:, -1:]
         # Ā = y r_uᵀ − r_v xᵀ as one product of rank 2 (shared A: the sum over the batch, rank 2B)
         if A.dim() == 2:
@@ -262,6 +288,7 @@ class ConeFn(torch.autograd.Function):
                        (-(dc * x).sum(-1) - (db * y).sum(-1))[:, None]], -1)
         system = ConeSystem(A, b, c, x, y, s, ok, ctx.spec, reuse=ctx.reuse)
         dz = -system.solve(g)
+        _check_unique(system, "forward-mode derivative (jvp)")
         du, dv, dw = dz[:, :n], dz[:, n:n + m], dz[:, -1:]
         Ddv = system.apply_D(dv)
         dx = du - x * dw
