@@ -144,3 +144,30 @@ def test_auxiliary_variable_of_an_inactive_constraint_is_reported():
     x, _, _ = idf.cone_program(A, b, c, {"l": 5, "q": [3]}, rtol=1e-10)
     with pytest.raises(SolveError, match="singular and inconsistent"):
         torch.autograd.grad(x[2], b)
+
+
+def _disc():
+    A = torch.tensor([[0.0, 0.0], [-1.0, 0.0], [0.0, -1.0]], dtype=F64)
+    return A, torch.tensor([1.0, 0.0, 0.0], dtype=F64), torch.ones(2, dtype=F64), {"q": [3]}
+
+
+@pytest.mark.parametrize("which", ["b", "A", "c"])
+def test_empty_batch_gives_empty_results(which):
+    # was IndexError from the solver; qp, linear_solve and DEQ return empty results
+    A, b, c, cones = _disc()
+    A = A.expand(0, 3, 2) if which == "A" else A
+    b = b.expand(0, 3) if which == "b" else b
+    c = (c.expand(0, 2) if which == "c" else c).clone().requires_grad_()
+    x, y, s, info = idf.cone_program(A, b, c, cones, return_info=True)
+    assert (x.shape, y.shape, s.shape) == ((0, 2), (0, 3), (0, 3))
+    assert info.status.shape == info.residual.shape == info.iterations.shape == (0,)
+    (gc,) = torch.autograd.grad(x.sum() + y.sum(), c)
+    assert gc.shape == c.shape and bool((gc == 0).all())
+    with pytest.raises(InputError, match="b has shape"):   # the checks still run first
+        idf.cone_program(A, torch.ones(0, 4, dtype=F64), c, cones)
+
+
+def test_meta_tensors_get_a_clear_error():
+    A, b, c, cones = _disc()
+    with pytest.raises(InputError, match="meta tensors"):
+        idf.cone_program(A.to("meta"), b.to("meta"), c.to("meta"), cones)
