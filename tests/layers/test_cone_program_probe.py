@@ -171,3 +171,37 @@ def test_meta_tensors_get_a_clear_error():
     A, b, c, cones = _disc()
     with pytest.raises(InputError, match="meta tensors"):
         idf.cone_program(A.to("meta"), b.to("meta"), c.to("meta"), cones)
+
+
+@pytest.mark.parametrize("name", ["lp", "socp", "sdp", "exp"])
+def test_vmap_over_grad_jvp_and_vjp_equals_the_loop(name):
+    # vmap over a derivative transform: the saved solution itself is vmapped (was "inplace arithmetic" /
+    # ".item()" errors from the batched code); it must equal the derivative taken element by element
+    from ._cone_cases import case
+    A, b, c, cones = case(name, 0)
+    g = torch.Generator().manual_seed(1)
+    C = c + 0.1 * torch.randn(3, c.shape[0], generator=g, dtype=F64)
+    Bs = b + 0.01 * torch.randn(3, b.shape[0], generator=g, dtype=F64)
+    wx, wy = torch.randn(c.shape, generator=g, dtype=F64), torch.randn(b.shape, generator=g, dtype=F64)
+
+    def f(A_, b_, c_):
+        x, y, _ = idf.cone_program(A_, b_, c_, cones, rtol=1e-10)
+        return (wx * x).sum() + (wy * y).sum()
+    grad = torch.func.grad(f, argnums=(0, 1, 2))
+    As = A + 0.01 * torch.randn(3, *A.shape, generator=g, dtype=F64) * (A != 0)
+    # vmapped c (A shared: its gradient is per vmapped index), then vmapped b, then vmapped A
+    for (vm, loop) in ((torch.func.vmap(grad, in_dims=(None, None, 0))(A, b, C), [grad(A, b, ci) for ci in C]),
+                       (torch.func.vmap(grad, in_dims=(None, 0, None))(A, Bs, c), [grad(A, bi, c) for bi in Bs]),
+                       (torch.func.vmap(grad, in_dims=(0, None, None))(As, b, c), [grad(Ai, b, c) for Ai in As])):
+        for k in range(3):
+            ref = torch.stack([r[k] for r in loop])
+            assert torch.allclose(vm[k], ref, atol=1e-8, rtol=1e-7), (k, (vm[k] - ref).abs().max())
+    # forward mode: vmap over jvp, and vmap over vjp
+    d = torch.randn(c.shape, generator=g, dtype=F64)
+    sol = lambda c_: idf.cone_program(A, b, c_, cones, rtol=1e-10)[0]  # noqa: E731
+    vm = torch.func.vmap(lambda c_: torch.func.jvp(sol, (c_,), (d,))[1])(C)
+    ref = torch.stack([torch.func.jvp(sol, (ci,), (d,))[1] for ci in C])
+    assert torch.allclose(vm, ref, atol=1e-8, rtol=1e-7)
+    vm = torch.func.vmap(lambda c_: torch.func.vjp(sol, c_)[1](wx)[0])(C)
+    ref = torch.stack([torch.func.vjp(sol, ci)[1](wx)[0] for ci in C])
+    assert torch.allclose(vm, ref, atol=1e-8, rtol=1e-7)

@@ -42,6 +42,11 @@ cannot be detected).
 Double backward: the backward is written in differentiable operations; its one linear solve
 is :class:`_AdjointSolve`, whose own backward is one solve with ``M`` and an autograd pass
 through a differentiable mat-vec with ``Mᵀ`` (``D`` from :func:`dual_projection_jacobian`).
+
+``vmap``: :meth:`ConeFn.vmap` folds the vmapped dimension into the batch (:func:`_fold`).  Under
+``vmap`` over ``grad`` / ``vjp`` / ``jvp`` the saved solution is itself vmapped, which the batched
+derivative code (in-place writes, sizes read from data) cannot take: the derivative then goes
+through :class:`_Derivative`, whose ``vmap`` rule folds the same way.
 """
 
 from __future__ import annotations
@@ -154,6 +159,96 @@ def _transposed_matvec(A, b, c, x, y, s, ok, spec, r):
     return torch.where(ok[:, None], out, torch.zeros_like(out))
 
 
+def _fold(info, in_dims, tensors, n_a, keep_shared):
+    """Fold ``vmap``'s dimension into the batch: each tensor becomes ``(V·B, …)``.  The first ``n_a`` are
+    ``A``-like (``(B, m, n)`` or a shared ``(m, n)``, which stays shared when ``keep_shared`` and not
+    vmapped, else one copy per element), the others ``(B, …)``; ``None`` stays ``None``."""
+    V = info.batch_size
+    t, d = tensors[n_a], in_dims[n_a]  # a batch-leading tensor: B
+    B = t.shape[0] if d is None else t.shape[1 if d == 0 else 0]
+    flat = []
+    for i, (t, d) in enumerate(zip(tensors, in_dims)):
+        if t is None or (i < n_a and d is None and t.dim() == 2 and keep_shared):
+            flat.append(t)
+            continue
+        t = t.unsqueeze(0).expand((V,) + t.shape) if d is None else t.movedim(d, 0)
+        if i < n_a and t.dim() == 3:  # a shared A: one matrix per element
+            t = t.unsqueeze(1).expand(V, B, *t.shape[1:])
+        flat.append(t.reshape((V * B,) + t.shape[2:]))
+    return flat
+
+
+def _unfold(info, t):
+    """``(V·B, …)`` back to ``(V, B, …)``."""
+    return t.reshape((info.batch_size, t.shape[0] // info.batch_size) + t.shape[1:])
+
+
+def _vjp(A, b, c, x, y, s, ok, gx, gy, gs, spec, reuse):
+    """``(Ā, b̄, c̄)`` (module docstring), not differentiable; ``Ā`` summed over the batch for a shared ``A``."""
+    system = ConeSystem(A, b, c, x, y, s, ok, spec, reuse=reuse)
+    gv = system.apply_D(gy + gs) - gs
+    gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
+    r = -system.solve(torch.cat([gx, gv, gw[:, None]], -1), adjoint=True)
+    _check_unique(system, "backward")
+    return _gradients(A, x, y, r)
+
+
+def _gradients(A, x, y, r):
+    """``(Ā, b̄, c̄)`` from ``r = −M⁻ᵀḡ`` (module docstring)."""
+    n, m = x.shape[-1], y.shape[-1]
+    ru, rv, rw = r[:, :n], r[:, n:n + m], r[:, -1:]
+    # Ā = y r_uᵀ − r_v xᵀ as one product of rank 2 (shared A: the sum over the batch, rank 2B)
+    if A.dim() == 2:
+        gA = torch.cat([y, -rv], 0).mT @ torch.cat([ru, x], 0)
+    else:
+        gA = torch.stack([y, -rv], -1) @ torch.stack([ru, x], 1)
+    return gA, rv - rw * y, ru - rw * x
+
+
+def _jvp(A, b, c, x, y, s, ok, dA, db, dc, spec, reuse):
+    """``(ẋ, ẏ, ṡ)`` (module docstring), not differentiable."""
+    n, m = x.shape[-1], y.shape[-1]
+    g = torch.cat([_rmv(dA, y) + dc,
+                   -_mv(dA, x) + db,
+                   (-(dc * x).sum(-1) - (db * y).sum(-1))[:, None]], -1)
+    system = ConeSystem(A, b, c, x, y, s, ok, spec, reuse=reuse)
+    dz = -system.solve(g)
+    _check_unique(system, "forward-mode derivative (jvp)")
+    du, dv, dw = dz[:, :n], dz[:, n:n + m], dz[:, -1:]
+    Ddv = system.apply_D(dv)
+    return du - x * dw, Ddv - y * dw, Ddv - dv - s * dw
+
+
+class _Derivative(torch.autograd.Function):
+    """:func:`_vjp` (``mode="vjp"``, ``(t₁, t₂, t₃) = (x̄, ȳ, s̄)``) or :func:`_jvp` (``"jvp"``, ``(Ȧ, ḃ, ċ)``)
+    as a function whose ``vmap`` rule folds the vmapped dimension into the batch, as :meth:`ConeFn.vmap`
+    does: used where the saved solution itself is vmapped (``vmap`` over ``grad``, ``vjp``, ``jvp``),
+    which the batched code (in-place writes, data-dependent sizes) cannot take.  Not differentiable."""
+
+    @staticmethod
+    def forward(mode, spec, reuse, A, dA, b, c, x, y, s, ok, t1, t2, t3):
+        if mode == "jvp":
+            return _jvp(A, b, c, x, y, s, ok, dA, t2, t3, spec, reuse)
+        return _vjp(A, b, c, x, y, s, ok, t1, t2, t3, spec, reuse)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("cone_program under vmap over grad / vjp / jvp is differentiable once; a second "
+                                  "derivative there is not supported: take it outside vmap")
+
+    @staticmethod
+    def vmap(info, in_dims, mode, spec, reuse, A, dA, b, c, x, y, s, ok, t1, t2, t3):
+        flat = _fold(info, in_dims[3:], (A, dA, b, c, x, y, s, ok, t1, t2, t3), 2, keep_shared=False)
+        out = [_unfold(info, t) for t in _Derivative.apply(mode, spec, reuse, *flat)]
+        if mode == "vjp" and A.dim() - (in_dims[3] is not None) == 2:  # a shared A: Ā summed over the batch
+            out[0] = out[0].sum(1)
+        return tuple(out), (0, 0, 0)
+
+
 class _AdjointSolve(torch.autograd.Function):
     """``r = −M⁻ᵀ ḡ`` as a differentiable function of ``ḡ`` and of ``(A, b, c, x, y, s)`` (through
     ``M``), for the double backward.  Forward: the structured solve.  Backward (``Mᵀr = −ḡ``):
@@ -224,19 +319,8 @@ class ConeFn(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, A, b, c, problem):
         # the function is batched already: fold the vmapped dim into the batch, solve, unfold
-        V = info.batch_size
-        flat = []
-        B = b.shape[0] if in_dims[1] is None else b.shape[1 if in_dims[1] == 0 else 0]
-        for i, (t, d) in enumerate(zip((A, b, c), in_dims[:3])):
-            if i == 0 and d is None and t.dim() == 2:  # a shared A stays shared
-                flat.append(t)
-                continue
-            t = t.unsqueeze(0).expand((V,) + t.shape) if d is None else t.movedim(d, 0)
-            if i == 0 and t.dim() == 3:  # a vmapped shared A: one matrix per vmapped index
-                t = t.unsqueeze(1).expand(V, B, *t.shape[1:])
-            flat.append(t.reshape((-1,) + t.shape[2:]))
-        out = ConeFn.apply(*flat, problem)
-        return tuple(t.reshape((V, t.shape[0] // V) + t.shape[1:]) for t in out), (0,) * 6
+        out = ConeFn.apply(*_fold(info, in_dims[:3], (A, b, c), 1, keep_shared=True), problem)
+        return tuple(_unfold(info, t) for t in out), (0,) * 6
 
     @staticmethod
     def _unpack(ctx):
@@ -254,44 +338,24 @@ class ConeFn(torch.autograd.Function):
         okc = ok[:, None]
         gx, gy, gs = (torch.where(okc, t, torch.zeros_like(t)) for t in (gx, gy, gs))
         spec = ctx.spec
-        n, m = x.shape[-1], y.shape[-1]
+        if is_vmapped(x):  # vmap over grad / vjp: the state itself is batched
+            return _Derivative.apply("vjp", spec, ctx.reuse, A, None, b, c, x, y, s, ok, gx, gy, gs) + (None,)
         if torch.is_grad_enabled() and not any(is_vmapped(t) for t in (gx, gy, gs)):
             # create_graph: every step differentiable, the solve through _AdjointSolve
             D = dual_projection_jacobian(spec, y, s)
             g = _pullback_rhs(spec, D, x, y, s, gx, gy, gs)
             r = _AdjointSolve.apply(g, A, b, c, x, y, s, ok, spec, [ctx.reuse])
-        else:
-            system = ConeSystem(A, b, c, x, y, s, ok, spec, reuse=ctx.reuse)
-            gv = system.apply_D(gy + gs) - gs
-            gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
-            r = -system.solve(torch.cat([gx, gv, gw[:, None]], -1), adjoint=True)
-            _check_unique(system, "backward")
-        ru, rv, rw = r[:, :n], r[:, n:n + m], r[:, -1:]
-        # Ā = y r_uᵀ − r_v xᵀ as one product of rank 2 (shared A: the sum over the batch, rank 2B)
-        if A.dim() == 2:
-            gA = torch.cat([y, -rv], 0).mT @ torch.cat([ru, x], 0)
-        else:
-            gA = torch.stack([y, -rv], -1) @ torch.stack([ru, x], 1)
-        gb = rv - rw * y
-        gc = ru - rw * x
-        return gA, gb, gc, None
+            return _gradients(A, x, y, r) + (None,)
+        return _vjp(A, b, c, x, y, s, ok, gx, gy, gs, spec, ctx.reuse) + (None,)
 
     @staticmethod
     def jvp(ctx, dA, db, dc, _):
         A, b, c, x, y, s, ok = ConeFn._unpack(ctx)
-        n, m = x.shape[-1], y.shape[-1]
         dA = torch.zeros_like(A) if dA is None else dA
         db = torch.zeros_like(b) if db is None else db
         dc = torch.zeros_like(c) if dc is None else dc
-        g = torch.cat([_rmv(dA, y) + dc,
-                       -_mv(dA, x) + db,
-                       (-(dc * x).sum(-1) - (db * y).sum(-1))[:, None]], -1)
-        system = ConeSystem(A, b, c, x, y, s, ok, ctx.spec, reuse=ctx.reuse)
-        dz = -system.solve(g)
-        _check_unique(system, "forward-mode derivative (jvp)")
-        du, dv, dw = dz[:, :n], dz[:, n:n + m], dz[:, -1:]
-        Ddv = system.apply_D(dv)
-        dx = du - x * dw
-        dy = Ddv - y * dw
-        ds = Ddv - dv - s * dw
-        return dx, dy, ds, None, None, None
+        if is_vmapped(x):  # vmap over jvp: the state itself is batched
+            out = _Derivative.apply("jvp", ctx.spec, ctx.reuse, A, dA, b, c, x, y, s, ok, None, db, dc)
+        else:
+            out = _jvp(A, b, c, x, y, s, ok, dA, db, dc, ctx.spec, ctx.reuse)
+        return out + (None, None, None)

@@ -79,8 +79,8 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
         ``(x, y, s)`` of shapes ``(*, n)``, ``(*, m)``, ``(*, m)`` (``*`` = the batch, or
         nothing), then the info if ``return_info``.  All three are differentiable with
         respect to ``A``, ``b`` and ``c``: reverse mode, ``torch.func.jvp``, ``vmap``, ``jacrev``,
-        ``jacfwd`` (a vmapped call folds into the batch), and twice (the backward is
-        differentiable).
+        ``jacfwd``, ``vmap`` over ``grad`` / ``vjp`` / ``jvp`` (a vmapped call folds into the batch),
+        and twice (the backward is differentiable).
 
     Statuses per element: ``SUCCESS``; ``INFEASIBLE`` (primal infeasible, with a dual
     certificate) and ``UNBOUNDED`` (dual infeasible) from the homogeneous embedding;
