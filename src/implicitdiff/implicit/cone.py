@@ -33,10 +33,20 @@ of an inactive constraint, e.g. ``t`` in ``‖x‖ ≤ t ≤ 1``); ``M`` is take
 added to its last column (the solution with ``ẇ = 0``) and the reduced system with a small
 shift, and refinement converges to a solution of a consistent singular system, so every
 unique part of the solution gets its exact derivative (diffcp uses LSQR for the same reason).
+An *inconsistent* singular system means the derivative asked for does not exist (a part of the
+solution that is not unique, e.g. ``x`` of an LP with a face of optima, is differentiated):
+:func:`_check_unique` raises :class:`~implicitdiff.SolveError` ``SINGULAR`` there, as the QP
+layer does for its singular KKT system (under ``vmap``, where the solve's check is skipped, it
+cannot be detected).
 
 Double backward: the backward is written in differentiable operations; its one linear solve
 is :class:`_AdjointSolve`, whose own backward is one solve with ``M`` and an autograd pass
 through a differentiable mat-vec with ``Mᵀ`` (``D`` from :func:`dual_projection_jacobian`).
+
+``vmap``: :meth:`ConeFn.vmap` folds the vmapped dimension into the batch (:func:`_fold`).  Under
+``vmap`` over ``grad`` / ``vjp`` / ``jvp`` the saved solution is itself vmapped, which the batched
+derivative code (in-place writes, sizes read from data) cannot take: the derivative then goes
+through :class:`_Derivative`, whose ``vmap`` rule folds the same way.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from .._core.errors import SolveError
 from .._core.status import Status
 from .._core.validate import is_vmapped
 from ..linalg.cone_spec import ConeSpec
@@ -111,6 +122,22 @@ def refine(A, b, c, x, y, s, ok, spec, steps):
     return (torch.where(okc, u, x), torch.where(okc, yv, y), torch.where(okc, yv - v, s)), system
 
 
+def _check_unique(system, what):
+    """Raise ``SINGULAR`` where the last solve of ``system`` met an inconsistent singular ``M``
+    (:mod:`.cone_system`): the solution is not unique along the derivative asked for."""
+    bad = system.singular
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        rel = float(system.relres[i])
+        raise SolveError(
+            f"cone_program {what} failed in {int(bad.sum())} of {bad.numel()} batch elements (first: {i}): "
+            f"the derivative system is singular and inconsistent (relative residual {rel:.3e}), so the solution "
+            "is not unique along the requested derivative (e.g. an LP with a face of optima) and has no "
+            "derivative there. Make the solution unique (e.g. add a small ε‖x‖² to the objective: a second-order "
+            "cone) or differentiate only the parts of the solution that are unique.",
+            status=Status.SINGULAR, residual=rel)
+
+
 def _pullback_rhs(spec, D, x, y, s, gx, gy, gs):
     """``ḡ = (x̄, DΠᵀ(ȳ + s̄) − s̄, −xᵀx̄ − yᵀȳ − sᵀs̄)`` (``D`` dense block-diagonal, symmetric)."""
     gv = apply_block_diagonal(spec, D, (gy + gs)[..., None])[..., 0] - gs
@@ -132,6 +159,96 @@ def _transposed_matvec(A, b, c, x, y, s, ok, spec, r):
     return torch.where(ok[:, None], out, torch.zeros_like(out))
 
 
+def _fold(info, in_dims, tensors, n_a, keep_shared):
+    """Fold ``vmap``'s dimension into the batch: each tensor becomes ``(V·B, …)``.  The first ``n_a`` are
+    ``A``-like (``(B, m, n)`` or a shared ``(m, n)``, which stays shared when ``keep_shared`` and not
+    vmapped, else one copy per element), the others ``(B, …)``; ``None`` stays ``None``."""
+    V = info.batch_size
+    t, d = tensors[n_a], in_dims[n_a]  # a batch-leading tensor: B
+    B = t.shape[0] if d is None else t.shape[1 if d == 0 else 0]
+    flat = []
+    for i, (t, d) in enumerate(zip(tensors, in_dims)):
+        if t is None or (i < n_a and d is None and t.dim() == 2 and keep_shared):
+            flat.append(t)
+            continue
+        t = t.unsqueeze(0).expand((V,) + t.shape) if d is None else t.movedim(d, 0)
+        if i < n_a and t.dim() == 3:  # a shared A: one matrix per element
+            t = t.unsqueeze(1).expand(V, B, *t.shape[1:])
+        flat.append(t.reshape((V * B,) + t.shape[2:]))
+    return flat
+
+
+def _unfold(info, t):
+    """``(V·B, …)`` back to ``(V, B, …)``."""
+    return t.reshape((info.batch_size, t.shape[0] // info.batch_size) + t.shape[1:])
+
+
+def _vjp(A, b, c, x, y, s, ok, gx, gy, gs, spec, reuse):
+    """``(Ā, b̄, c̄)`` (module docstring), not differentiable; ``Ā`` summed over the batch for a shared ``A``."""
+    system = ConeSystem(A, b, c, x, y, s, ok, spec, reuse=reuse)
+    gv = system.apply_D(gy + gs) - gs
+    gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
+    r = -system.solve(torch.cat([gx, gv, gw[:, None]], -1), adjoint=True)
+    _check_unique(system, "backward")
+    return _gradients(A, x, y, r)
+
+
+def _gradients(A, x, y, r):
+    """``(Ā, b̄, c̄)`` from ``r = −M⁻ᵀḡ`` (module docstring)."""
+    n, m = x.shape[-1], y.shape[-1]
+    ru, rv, rw = r[:, :n], r[:, n:n + m], r[:, -1:]
+    # Ā = y r_uᵀ − r_v xᵀ as one product of rank 2 (shared A: the sum over the batch, rank 2B)
+    if A.dim() == 2:
+        gA = torch.cat([y, -rv], 0).mT @ torch.cat([ru, x], 0)
+    else:
+        gA = torch.stack([y, -rv], -1) @ torch.stack([ru, x], 1)
+    return gA, rv - rw * y, ru - rw * x
+
+
+def _jvp(A, b, c, x, y, s, ok, dA, db, dc, spec, reuse):
+    """``(ẋ, ẏ, ṡ)`` (module docstring), not differentiable."""
+    n, m = x.shape[-1], y.shape[-1]
+    g = torch.cat([_rmv(dA, y) + dc,
+                   -_mv(dA, x) + db,
+                   (-(dc * x).sum(-1) - (db * y).sum(-1))[:, None]], -1)
+    system = ConeSystem(A, b, c, x, y, s, ok, spec, reuse=reuse)
+    dz = -system.solve(g)
+    _check_unique(system, "forward-mode derivative (jvp)")
+    du, dv, dw = dz[:, :n], dz[:, n:n + m], dz[:, -1:]
+    Ddv = system.apply_D(dv)
+    return du - x * dw, Ddv - y * dw, Ddv - dv - s * dw
+
+
+class _Derivative(torch.autograd.Function):
+    """:func:`_vjp` (``mode="vjp"``, ``(t₁, t₂, t₃) = (x̄, ȳ, s̄)``) or :func:`_jvp` (``"jvp"``, ``(Ȧ, ḃ, ċ)``)
+    as a function whose ``vmap`` rule folds the vmapped dimension into the batch, as :meth:`ConeFn.vmap`
+    does: used where the saved solution itself is vmapped (``vmap`` over ``grad``, ``vjp``, ``jvp``),
+    which the batched code (in-place writes, data-dependent sizes) cannot take.  Not differentiable."""
+
+    @staticmethod
+    def forward(mode, spec, reuse, A, dA, b, c, x, y, s, ok, t1, t2, t3):
+        if mode == "jvp":
+            return _jvp(A, b, c, x, y, s, ok, dA, t2, t3, spec, reuse)
+        return _vjp(A, b, c, x, y, s, ok, t1, t2, t3, spec, reuse)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("cone_program under vmap over grad / vjp / jvp is differentiable once; a second "
+                                  "derivative there is not supported: take it outside vmap")
+
+    @staticmethod
+    def vmap(info, in_dims, mode, spec, reuse, A, dA, b, c, x, y, s, ok, t1, t2, t3):
+        flat = _fold(info, in_dims[3:], (A, dA, b, c, x, y, s, ok, t1, t2, t3), 2, keep_shared=False)
+        out = [_unfold(info, t) for t in _Derivative.apply(mode, spec, reuse, *flat)]
+        if mode == "vjp" and A.dim() - (in_dims[3] is not None) == 2:  # a shared A: Ā summed over the batch
+            out[0] = out[0].sum(1)
+        return tuple(out), (0, 0, 0)
+
+
 class _AdjointSolve(torch.autograd.Function):
     """``r = −M⁻ᵀ ḡ`` as a differentiable function of ``ḡ`` and of ``(A, b, c, x, y, s)`` (through
     ``M``), for the double backward.  Forward: the structured solve.  Backward (``Mᵀr = −ḡ``):
@@ -142,7 +259,9 @@ class _AdjointSolve(torch.autograd.Function):
     def forward(g, A, b, c, x, y, s, ok, spec, holder):
         # holder: [a nearby system to reuse or None] in, [this system] out (read by setup_context)
         holder.append(ConeSystem(A, b, c, x, y, s, ok, spec, reuse=holder.pop()))
-        return -holder[-1].solve(g, adjoint=True)
+        r = -holder[-1].solve(g, adjoint=True)
+        _check_unique(holder[-1], "backward")
+        return r
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -158,6 +277,7 @@ class _AdjointSolve(torch.autograd.Function):
                                       "the second derivative without create_graph=True")
         A, b, c, x, y, s, ok, r = ctx.saved_tensors
         lam = -ctx.system.solve(gr)
+        _check_unique(ctx.system, "double backward")
         inputs = [t.detach().requires_grad_() for t in (A, b, c, x, y, s)]
         with torch.enable_grad():
             f = (lam.detach() * _transposed_matvec(*inputs, ok, ctx.spec, r.detach())).sum()
@@ -199,19 +319,8 @@ class ConeFn(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, A, b, c, problem):
         # the function is batched already: fold the vmapped dim into the batch, solve, unfold
-        V = info.batch_size
-        flat = []
-        B = b.shape[0] if in_dims[1] is None else b.shape[1 if in_dims[1] == 0 else 0]
-        for i, (t, d) in enumerate(zip((A, b, c), in_dims[:3])):
-            if i == 0 and d is None and t.dim() == 2:  # a shared A stays shared
-                flat.append(t)
-                continue
-            t = t.unsqueeze(0).expand((V,) + t.shape) if d is None else t.movedim(d, 0)
-            if i == 0 and t.dim() == 3:  # a vmapped shared A: one matrix per vmapped index
-                t = t.unsqueeze(1).expand(V, B, *t.shape[1:])
-            flat.append(t.reshape((-1,) + t.shape[2:]))
-        out = ConeFn.apply(*flat, problem)
-        return tuple(t.reshape((V, t.shape[0] // V) + t.shape[1:]) for t in out), (0,) * 6
+        out = ConeFn.apply(*_fold(info, in_dims[:3], (A, b, c), 1, keep_shared=True), problem)
+        return tuple(_unfold(info, t) for t in out), (0,) * 6
 
     @staticmethod
     def _unpack(ctx):
@@ -229,42 +338,24 @@ class ConeFn(torch.autograd.Function):
         okc = ok[:, None]
         gx, gy, gs = (torch.where(okc, t, torch.zeros_like(t)) for t in (gx, gy, gs))
         spec = ctx.spec
-        n, m = x.shape[-1], y.shape[-1]
+        if is_vmapped(x):  # vmap over grad / vjp: the state itself is batched
+            return _Derivative.apply("vjp", spec, ctx.reuse, A, None, b, c, x, y, s, ok, gx, gy, gs) + (None,)
         if torch.is_grad_enabled() and not any(is_vmapped(t) for t in (gx, gy, gs)):
             # create_graph: every step differentiable, the solve through _AdjointSolve
             D = dual_projection_jacobian(spec, y, s)
             g = _pullback_rhs(spec, D, x, y, s, gx, gy, gs)
             r = _AdjointSolve.apply(g, A, b, c, x, y, s, ok, spec, [ctx.reuse])
-        else:
-            system = ConeSystem(A, b, c, x, y, s, ok, spec, reuse=ctx.reuse)
-            gv = system.apply_D(gy + gs) - gs
-            gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
-            r = -system.solve(torch.cat([gx, gv, gw[:, None]], -1), adjoint=True)
-        ru, rv, rw = r[:, :n], r[:, n:n + m], r[:, -1:]
-        # Ā = y r_uᵀ − r_v xᵀ as one product of rank 2 (shared A: the sum over the batch, rank 2B)
-        if A.dim() == 2:
-            gA = torch.cat([y, -rv], 0).mT @ torch.cat([ru, x], 0)
-        else:
-            gA = torch.stack([y, -rv], -1) @ torch.stack([ru, x], 1)
-        gb = rv - rw * y
-        gc = ru - rw * x
-        return gA, gb, gc, None
+            return _gradients(A, x, y, r) + (None,)
+        return _vjp(A, b, c, x, y, s, ok, gx, gy, gs, spec, ctx.reuse) + (None,)
 
     @staticmethod
     def jvp(ctx, dA, db, dc, _):
         A, b, c, x, y, s, ok = ConeFn._unpack(ctx)
-        n, m = x.shape[-1], y.shape[-1]
         dA = torch.zeros_like(A) if dA is None else dA
         db = torch.zeros_like(b) if db is None else db
         dc = torch.zeros_like(c) if dc is None else dc
-        g = torch.cat([_rmv(dA, y) + dc,
-                       -_mv(dA, x) + db,
-                       (-(dc * x).sum(-1) - (db * y).sum(-1))[:, None]], -1)
-        system = ConeSystem(A, b, c, x, y, s, ok, ctx.spec, reuse=ctx.reuse)
-        dz = -system.solve(g)
-        du, dv, dw = dz[:, :n], dz[:, n:n + m], dz[:, -1:]
-        Ddv = system.apply_D(dv)
-        dx = du - x * dw
-        dy = Ddv - y * dw
-        ds = Ddv - dv - s * dw
-        return dx, dy, ds, None, None, None
+        if is_vmapped(x):  # vmap over jvp: the state itself is batched
+            out = _Derivative.apply("jvp", ctx.spec, ctx.reuse, A, dA, b, c, x, y, s, ok, None, db, dc)
+        else:
+            out = _jvp(A, b, c, x, y, s, ok, dA, db, dc, ctx.spec, ctx.reuse)
+        return out + (None, None, None)

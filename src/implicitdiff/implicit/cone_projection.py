@@ -16,7 +16,12 @@ cone (built per group of same-size blocks):
   boundary ``g(p) = p₂ exp(p₁/p₂) − p₃ = 0`` with ``s ≠ 0 ≠ y``, the projection's optimality
   conditions ``p − (−v) + μ∇g(p) = 0``, ``g(p) = 0`` (``μ = y₃``) differentiate to
   ``[[I + μ∇²g, ∇g], [∇gᵀ, 0]] [ṗ; μ̇] = [v̇; 0]`` — a 4×4 solve; ``DΠ_K = I`` when ``y ≈ 0``
-  (``−v`` inside ``K``) and ``0`` when ``s ≈ 0`` (``−v`` in the polar cone).
+  (``−v`` inside ``K``) and ``0`` when ``s ≈ 0`` (``−v`` in the polar cone).  On the face
+  ``{v₁ ≥ 0, v₂ ≥ 0}`` (``s = (s₁, 0, s₃)`` on ``K``'s face ``p₂ = 0``, ``y = (0, y₂, y₃)`` on
+  ``K*``'s face ``q₁ = 0``) the projection is in closed form, ``Π_{K*}(v) = (0, v₂, v₃⁺)`` (Friberg
+  2021, "Projection onto the exponential cone", case 3), so ``DΠ_{K*} = diag(0, 1, 1[v₃ > 0])``
+  (taken within a rounding band of the face: there ``g`` is not the active constraint, and its
+  curvature ``e/p₂`` is unbounded).
 
 Non-differentiable points (a zero eigenvalue of ``v``: a constraint both active and with a zero
 multiplier) take the one-sided value written above (``1[vᵢ > 0]``): the derivative for the
@@ -73,25 +78,42 @@ def _psd(v, k):
     return out.mT
 
 
+def _band(t):
+    """The exponential cone's relative rounding band ``10³√eps``: the tolerance of its case tests
+    (``y ≈ 0``, ``s ≈ 0``, the face) and of the projection's Newton."""
+    return 1e3 * torch.finfo(t.dtype).eps ** 0.5
+
+
 def _exp_cases(s, y):
-    """Which exponential-cone blocks have ``y ≈ 0`` (``s − y`` inside ``K``) or ``s ≈ 0`` (in the polar)."""
+    """Which exponential-cone blocks have ``y ≈ 0`` (``s − y`` inside ``K``), ``s ≈ 0`` (in the polar)
+    or ``v = y − s`` on the face ``{v₁ ≥ 0, v₂ ≥ 0}`` (closed form, module docstring), each within
+    the same rounding band."""
     ns, ny = s.norm(dim=-1), y.norm(dim=-1)
     scale = torch.maximum(ns, ny).clamp(min=torch.finfo(s.dtype).tiny)
-    tol = 1e3 * torch.finfo(s.dtype).eps ** 0.5
-    return ny <= tol * scale, ns <= tol * scale
+    band = _band(s) * scale
+    v = y - s
+    face = (v[..., 0] >= -band) & (v[..., 1] >= -band)
+    return ny <= band, ns <= band, face
 
 
 def _exp_kkt(p, mu):
-    """``g(p) = p₂ exp(p₁/p₂) − p₃``, ``∇g`` and the 4×4 matrix ``[[I + μ∇²g, ∇g], [∇gᵀ, 0]]``."""
+    """``g(p) = p₂ exp(p₁/p₂) − p₃``, ``∇g`` and the 4×4 matrix ``[[I + μ∇²g, ∇g], [∇gᵀ, 0]]``.
+
+    With ``ρ = p₁/p₂``: ``∇²g = (e/p₂) [[1, −ρ], [−ρ, ρ²]]`` on ``(p₁, p₂)``, ``e = exp(ρ)``, and ``e/p₂`` is
+    formed as ``exp(ρ − log p₂)``, so a ``p₂`` near 0 (``p₂²`` underflowing) gives 0, never ``0/0``
+    (``ρ`` is bounded below at −2000, where ``exp`` of both is exactly 0: no ``−∞·0``; and above at
+    700, beyond which ``p₃ = p₂eᵖ`` overflows: no point of ``K``'s boundary, only a far Newton iterate)."""
     dt = p.dtype
     r, q = p[..., 0], p[..., 1].clamp(min=torch.finfo(dt).tiny)
-    e = torch.exp(r / q)
+    rho = (r / q).clamp(min=-2000.0, max=700.0)
+    e = torch.exp(rho)
+    eq = torch.exp(rho - torch.log(q))
     g = q * e - p[..., 2]
-    grad = torch.stack([e, e * (1 - r / q), -torch.ones_like(e)], -1)
+    grad = torch.stack([e, e * (1 - rho), -torch.ones_like(e)], -1)
     hess = torch.zeros(p.shape[:-1] + (3, 3), dtype=dt, device=p.device)
-    hess[..., 0, 0] = e / q
-    hess[..., 0, 1] = hess[..., 1, 0] = -r * e / q ** 2
-    hess[..., 1, 1] = r * r * e / q ** 3
+    hess[..., 0, 0] = eq
+    hess[..., 0, 1] = hess[..., 1, 0] = -rho * eq
+    hess[..., 1, 1] = rho * rho * eq
     K = torch.zeros(p.shape[:-1] + (4, 4), dtype=dt, device=p.device)
     K[..., :3, :3] = torch.eye(3, dtype=dt, device=p.device) + mu[..., None, None] * hess
     K[..., :3, 3] = grad
@@ -101,33 +123,47 @@ def _exp_kkt(p, mu):
 
 def _exp_project_dual(v, s, y, steps=8):
     """``Π_{K*}(v)`` for blocks near a known solution pair (``s ≈ Π_K(−v)``, ``y ≈ Π_{K*}(v)``):
-    Newton on the projection's optimality conditions ``p + v + μ∇g(p) = 0, g(p) = 0`` from
-    ``(p, μ) = (s, y₃)``, then ``Π_{K*}(v) = v + Π_K(−v)`` (Moreau)."""
-    y_zero, s_zero = _exp_cases(s, y)
+    on the face ``{v₁ ≥ 0, v₂ ≥ 0}`` the closed form ``(0, v₂, v₃⁺)``; elsewhere Newton on the
+    projection's optimality conditions ``p + v + μ∇g(p) = 0, g(p) = 0`` from ``(p, μ) = (s, y₃)``,
+    then ``Π_{K*}(v) = v + Π_K(−v)`` (Moreau).  Where Newton does not converge (its optimality
+    residual not within the rounding band of :func:`_exp_cases`, or ``μ < 0``: a start far from the
+    projection) the result is the hint ``y`` itself, so a caller (:func:`~.cone.refine`, which keeps
+    a step only where it lowers the residual) never meets a point outside ``K*``."""
+    y_zero, s_zero, _ = _exp_cases(s, y)
     p, mu = s.clone(), y[..., 2].clone()
-    for _ in range(steps):
+    for i in range(steps + 1):
         g, grad, K = _exp_kkt(p, mu)
         F = torch.cat([p + v + mu[..., None] * grad, g[..., None]], -1)
+        if i == steps:  # the residual at the last iterate
+            break
         d = torch.linalg.solve_ex(K, F[..., None])[0][..., 0]
         d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))
         p, mu = p - d[..., :3], mu - d[..., 3]
         p = torch.cat([p[..., :1], p[..., 1:2].clamp(min=torch.finfo(v.dtype).tiny), p[..., 2:]], -1)
-    out = v + p
+    band = _band(v) * (1 + v.abs().amax(-1))
+    converged = (F.abs().amax(-1) <= band) & (mu >= -band)
+    out = torch.where(converged[..., None], v + p, y)
     out = torch.where(y_zero[..., None], torch.zeros_like(v), out)
-    return torch.where(s_zero[..., None], v, out)
+    out = torch.where(s_zero[..., None], v, out)
+    face = (v[..., 0] >= 0) & (v[..., 1] >= 0)  # exact here: the closed form holds on the whole face
+    closed = torch.stack([torch.zeros_like(v[..., 0]), v[..., 1], v[..., 2].clamp(min=0)], -1)
+    return torch.where(face[..., None], closed, out)
 
 
 def _exp(s, y):
     """``DΠ_{K*}(y − s)`` for exponential-cone blocks ``(*, 3)`` (SCS ordering ``(x, y, z)``)."""
     dt = s.dtype
     eye = torch.eye(3, dtype=dt, device=s.device)
-    y_zero, s_zero = _exp_cases(s, y)     # y ≈ 0: DΠ_K = I, DΠ_{K*} = 0;  s ≈ 0: DΠ_{K*} = I
-    _, _, K = _exp_kkt(s, y[..., 2])
-    generic = ~(y_zero | s_zero)
+    # y ≈ 0: DΠ_K = I, DΠ_{K*} = 0;  s ≈ 0: DΠ_{K*} = I;  the face: DΠ_{K*} = diag(0, 1, 1[v₃ > 0])
+    y_zero, s_zero, face = _exp_cases(s, y)
+    _, _, K = _exp_kkt(s, y[..., 2].clamp(min=0))
+    generic = ~(y_zero | s_zero | face)
     K = torch.where(generic[..., None, None], K, torch.eye(4, dtype=dt, device=s.device))
     Dk = torch.linalg.solve(K, torch.eye(4, dtype=dt, device=s.device)[:, :3].expand(K.shape[:-2] + (4, 3)))[..., :3, :]
-    Dk = torch.where(y_zero[..., None, None], eye, torch.where(s_zero[..., None, None], torch.zeros_like(Dk), Dk))
-    return eye - Dk
+    on_face = torch.stack([torch.zeros_like(s[..., 0]), torch.ones_like(s[..., 0]),
+                           (y[..., 2] - s[..., 2] > 0).to(dt)], -1)
+    D = torch.where(face[..., None, None], torch.diag_embed(on_face), eye - Dk)
+    return torch.where(y_zero[..., None, None], torch.zeros_like(D), torch.where(s_zero[..., None, None], eye, D))
 
 
 def dual_projection_jacobian(spec: ConeSpec, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

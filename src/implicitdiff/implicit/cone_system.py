@@ -30,7 +30,10 @@ A dense LU costs ``(n + m + 1)³``.  This module solves it in ``O(m·n² + (n + 
    structured mat-vec, ``O(m·n)``) then converges to the exact solution of a nonsingular
    system, and to a solution of a consistent singular one (iterated Tikhonov), which gives the
    exact derivative of every unique part.  Elements where refinement does not converge are
-   solved again with a dense shifted LU of ``M`` (a safety net; counted in ``fallbacks``).
+   solved again with a dense shifted LU of ``M`` (a safety net; counted in ``fallbacks``).  If
+   that leaves a residual above ``SINGULAR_RTOL·‖g‖`` the system is singular *and inconsistent*
+   (the derivative asked for does not exist: the solution is not unique along it); such elements
+   are marked in ``singular`` (with the relative residual in ``relres``) for the caller to report.
 
 Elements that are not ``ok`` get zero solutions.
 
@@ -59,6 +62,7 @@ from .cone_projection import apply_block_diagonal, dual_projection_jacobian
 __all__ = ["ConeSystem", "dense_system"]
 
 TAU = 1e-3  # rows with λ ≥ 1 − τ stay unknowns of the reduced system (see the module docstring)
+SINGULAR_RTOL = 1e-6  # a fallback solve left with ‖g − Mz‖ > this·‖g‖: inconsistent (module docstring)
 
 
 def _mv(M, v):
@@ -257,6 +261,8 @@ class ConeSystem:
         self.factor = reuse.factor if reuse is not None else None
         self.fallbacks = 0
         self.refactored = 0
+        self.singular = torch.zeros_like(ok)             # of the last solve (module docstring, step 4)
+        self.relres = torch.zeros_like(self.scale)
 
     def _own_factor(self):
         return _Factor(self.A, self.b, self.c, self.x, self.y, self.frame, self.ok)
@@ -291,6 +297,7 @@ class ConeSystem:
         point's own factorization if a nearby one was reused, else with a dense shifted LU."""
         okc = self.ok[:, None]
         g = torch.where(okc, g, torch.zeros_like(g))
+        self.singular = torch.zeros_like(self.ok)
         if self.factor is None:
             self.factor = self._own_factor()
         check = check and not is_vmapped(g)
@@ -322,7 +329,8 @@ class ConeSystem:
         return sol, bad
 
     def _fallback(self, g, sol, bad, adjoint):
-        """Dense shifted LU with refinement of ``M`` for the elements ``bad``."""
+        """Dense shifted LU with refinement of ``M`` for the elements ``bad``; those whose residual stays
+        above ``SINGULAR_RTOL·‖g‖`` are marked ``singular`` (an inconsistent singular system)."""
         i = bad.nonzero()[:, 0]
         self.fallbacks += int(i.numel())
         M = dense_system(self.A.expand(self.b.shape[:1] + self.A.shape[-2:])[i], self.b[i], self.c[i], self.x[i], self.y[i], self.s[i], self.ok[i], self.spec)
@@ -334,4 +342,9 @@ class ConeSystem:
             x = x + lu.solve((gi - _mv(Mo, x))[..., None], adjoint)[..., 0]
         sol = sol.clone()
         sol[i] = x
+        rel = (gi - _mv(Mo, x)).abs().amax(-1) / gi.abs().amax(-1).clamp(min=torch.finfo(gi.dtype).tiny)
+        self.relres = self.relres.clone()
+        self.relres[i] = rel
+        self.singular = self.singular.clone()
+        self.singular[i] = ~(rel <= SINGULAR_RTOL)
         return sol

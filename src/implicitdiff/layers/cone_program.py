@@ -38,6 +38,16 @@ def _as_dense(name, t):
     return t
 
 
+def _empty(A, b, c, return_info):
+    zero = sum((t.sum() * 0 for t in (A, b, c) if t.requires_grad), c.new_zeros(()))
+    m, n = A.shape[-2:]
+    out = tuple(c.new_zeros(0, d) + zero for d in (n, m, m))
+    if return_info:
+        long = torch.zeros(0, dtype=torch.long, device=c.device)
+        out = out + (SolveInfo(long, c.new_zeros(0), long.clone()),)
+    return out
+
+
 def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise", return_info=False):
     r"""Solve ``min cᵀx  s.t.  Ax + s = b,  s ∈ K`` (and its dual), batched and differentiably.
 
@@ -63,14 +73,14 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
         on_failure: ``"raise"`` (default), ``"warn"`` or ``"nan"`` (failed elements become
             NaN; the others and their gradients are unaffected).
         return_info: also return a :class:`~implicitdiff.SolveInfo` (status, residual,
-            iterations per batch element).
+            iterations per batch element).  An empty batch (``B = 0``) gives empty results.
 
     Returns:
         ``(x, y, s)`` of shapes ``(*, n)``, ``(*, m)``, ``(*, m)`` (``*`` = the batch, or
         nothing), then the info if ``return_info``.  All three are differentiable with
         respect to ``A``, ``b`` and ``c``: reverse mode, ``torch.func.jvp``, ``vmap``, ``jacrev``,
-        ``jacfwd`` (a vmapped call folds into the batch), and twice (the backward is
-        differentiable).
+        ``jacfwd``, ``vmap`` over ``grad`` / ``vjp`` / ``jvp`` (a vmapped call folds into the batch),
+        and twice (the backward is differentiable).
 
     Statuses per element: ``SUCCESS``; ``INFEASIBLE`` (primal infeasible, with a dual
     certificate) and ``UNBOUNDED`` (dual infeasible) from the homogeneous embedding;
@@ -121,6 +131,9 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     batch = [t.shape[0] for t in (A, b, c) if t.dim() == (3 if t is A else 2)]
     if len(set(batch)) > 1:
         raise InputError(f"the batch sizes of A, b, c differ ({batch}); give each the same leading size or none")
+    if A.device.type == "meta":
+        raise InputError("A, b, c are meta tensors (shapes only, no values): cone_program must read their values; "
+                         "pass tensors on a real device (e.g. .to('cpu'))")
     for name, t in (("A", A), ("b", b), ("c", c)):
         check_finite(name, t)
     dtype = A.dtype
@@ -129,6 +142,8 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     rtol = check_real("rtol", rtol, low=0.0, low_open=True, high=1.0, high_open=True, allow_none=False)
     batched = bool(batch)
     B = batch[0] if batched else 1
+    if B == 0:  # an empty batch: empty results (connected to the inputs, zero gradients), as qp
+        return _empty(A, b, c, return_info)
     if A.dim() == 3 and A.stride(0) == 0:  # a stride-0 expand of one matrix: shared (gradient summed by the expand)
         A = A[0]
     A64 = A.to(torch.float64)
