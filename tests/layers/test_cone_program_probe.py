@@ -205,3 +205,16 @@ def test_vmap_over_grad_jvp_and_vjp_equals_the_loop(name):
     vm = torch.func.vmap(lambda c_: torch.func.vjp(sol, c_)[1](wx)[0])(C)
     ref = torch.stack([torch.func.vjp(sol, ci)[1](wx)[0] for ci in C])
     assert torch.allclose(vm, ref, atol=1e-8, rtol=1e-7)
+
+
+@pytest.mark.parametrize("eps", [1e-7, 1e-8])
+def test_a_unique_but_ill_conditioned_vertex_is_differentiated_not_reported_singular(eps):
+    # two nearly parallel constraints meet at a unique, strictly complementary vertex (y = (1, 1)):
+    # M is nonsingular with cond ~ 1/eps, past what the shifted refinement converges on; the unshifted
+    # retry solves it, and the gradient is the closed form dx₀/db = (A⁻¹)₀ (was SINGULAR, or 56 % off)
+    A = -torch.tensor([[1.0, 1.0], [1.0, 1.0 + eps]], dtype=F64)
+    b = (-torch.tensor([1.0, 1.0 + eps / 2], dtype=F64)).requires_grad_()
+    c = torch.tensor([2.0, 2.0 + eps], dtype=F64)
+    x, _, _ = idf.cone_program(A, b, c, {"l": 2})
+    (g,) = torch.autograd.grad(x[0], b)
+    torch.testing.assert_close(g, torch.linalg.inv(A)[0], rtol=1e-4, atol=0)

@@ -36,8 +36,8 @@ unique part of the solution gets its exact derivative (diffcp uses LSQR for the 
 An *inconsistent* singular system means the derivative asked for does not exist (a part of the
 solution that is not unique, e.g. ``x`` of an LP with a face of optima, is differentiated):
 :func:`_check_unique` raises :class:`~implicitdiff.SolveError` ``SINGULAR`` there, as the QP
-layer does for its singular KKT system (under ``vmap``, where the solve's check is skipped, it
-cannot be detected).
+layer does for its singular KKT system (under ``jacrev``/``jacfwd``, whose batched cotangents skip
+the solve's check, it cannot be detected; ``vmap`` of ``grad`` folds the batch and is checked).
 
 Double backward: the backward is written in differentiable operations; its one linear solve
 is :class:`_AdjointSolve`, whose own backward is one solve with ``M`` and an autograd pass
@@ -125,6 +125,8 @@ def refine(A, b, c, x, y, s, ok, spec, steps):
 def _check_unique(system, what):
     """Raise ``SINGULAR`` where the last solve of ``system`` met an inconsistent singular ``M``
     (:mod:`.cone_system`): the solution is not unique along the derivative asked for."""
+    if not system.fallbacks:  # ``singular`` is only ever set by the dense fallback
+        return
     bad = system.singular
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -134,7 +136,8 @@ def _check_unique(system, what):
             f"the derivative system is singular and inconsistent (relative residual {rel:.3e}), so the solution "
             "is not unique along the requested derivative (e.g. an LP with a face of optima) and has no "
             "derivative there. Make the solution unique (e.g. add a small ε‖x‖² to the objective: a second-order "
-            "cone) or differentiate only the parts of the solution that are unique.",
+            "cone) or differentiate only the parts of the solution that are unique; or the forward's answer is too "
+            "inaccurate for a derivative (a badly scaled problem, e.g. a tiny c): tighten rtol or rescale the data.",
             status=Status.SINGULAR, residual=rel)
 
 

@@ -329,20 +329,33 @@ class ConeSystem:
         return sol, bad
 
     def _fallback(self, g, sol, bad, adjoint):
-        """Dense shifted LU with refinement of ``M`` for the elements ``bad``; those whose residual stays
-        above ``SINGULAR_RTOL·‖g‖`` are marked ``singular`` (an inconsistent singular system)."""
+        """Dense shifted LU with refinement of ``M`` for the elements ``bad``; where the residual stays above
+        ``SINGULAR_RTOL·‖g‖``, an unshifted LU with refinement once more (a nonsingular but ill-conditioned
+        ``M``, past ``cond ≈ 1/√eps``, defeats the shifted refinement); those still above are marked
+        ``singular`` (an inconsistent singular system)."""
         i = bad.nonzero()[:, 0]
         self.fallbacks += int(i.numel())
         M = dense_system(self.A.expand(self.b.shape[:1] + self.A.shape[-2:])[i], self.b[i], self.c[i], self.x[i], self.y[i], self.s[i], self.ok[i], self.spec)
         Mo = M.mT if adjoint else M
         lu = LUTransposed(*_shifted_lu(M.clone(), absmax(M, (-2, -1))))
         gi = g[i]
+        tiny = torch.finfo(gi.dtype).tiny
         x = lu.solve(gi[..., None], adjoint)[..., 0]
         for _ in range(6):
             x = x + lu.solve((gi - _mv(Mo, x))[..., None], adjoint)[..., 0]
+        rel = (gi - _mv(Mo, x)).abs().amax(-1) / gi.abs().amax(-1).clamp(min=tiny)
+        retry = ~(rel <= SINGULAR_RTOL)
+        if bool(retry.any()):
+            LU, piv, info = torch.linalg.lu_factor_ex(Mo)
+            x2 = torch.linalg.lu_solve(LU, piv, gi[..., None])[..., 0]
+            for _ in range(3):
+                x2 = x2 + torch.linalg.lu_solve(LU, piv, (gi - _mv(Mo, x2))[..., None])[..., 0]
+            rel2 = (gi - _mv(Mo, x2)).abs().amax(-1) / gi.abs().amax(-1).clamp(min=tiny)
+            take = retry & (info == 0) & (rel2 <= SINGULAR_RTOL)  # NaN/Inf (an exactly singular M) fail
+            x = torch.where(take[:, None], x2, x)
+            rel = torch.where(take, rel2, rel)
         sol = sol.clone()
         sol[i] = x
-        rel = (gi - _mv(Mo, x)).abs().amax(-1) / gi.abs().amax(-1).clamp(min=torch.finfo(gi.dtype).tiny)
         self.relres = self.relres.clone()
         self.relres[i] = rel
         self.singular = self.singular.clone()

@@ -97,7 +97,9 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     is used; where the solution is not unique (e.g. an auxiliary variable of an inactive
     constraint in a modelling tool's output) the derivative's singular system is solved by a
     shifted factorization with iterative refinement, which gives the exact derivative of every
-    unique part of the solution.
+    unique part of the solution; differentiating a part that is not unique (an inconsistent
+    singular system) raises :class:`~implicitdiff.SolveError` ``SINGULAR`` in the backward or
+    ``jvp`` (not detected under ``jacrev``/``jacfwd``: docs/cone_program.md).
 
     Example (``min x₁ + x₂`` over the unit disc: ``x = −(1, 1)/√2``):
         >>> import torch, implicitdiff as idf
