@@ -87,7 +87,9 @@ def test_a_transposed_parameter_is_taken_as_its_values(compiled_run):
     (theta, X, t, _, _), (w, _, _) = compiled_run
     Xt = X.T.contiguous().T                                          # the same values, another layout
     assert Xt.stride() != X.stride()
+    cached = len(lbfgs_compiled._CACHE)
     torch.testing.assert_close(solve(True, theta, Xt, t), w, rtol=0, atol=1e-12)
+    assert len(lbfgs_compiled._CACHE) == cached                       # made contiguous: no compile of its own
 
 
 def rows(W, s):
@@ -217,15 +219,17 @@ def test_strided_and_expanded_inputs_are_taken_as_their_values(compiled_run):
     X_s = torch.stack([X, X], -1)[..., 0]
     y0 = torch.zeros(1, dtype=D).expand(N)                            # stride 0
     assert theta_s.stride() == (2,) and X_s.stride() == (2 * N, 2) and y0.stride() == (0,)
+    cached = len(lbfgs_compiled._CACHE)
     w_s = idf.argmin(ridge, y0, theta_s, X_s, t_s, rtol=1e-12, solver=LBFGS3, compiled=True, adjoint=CG)
     torch.testing.assert_close(w_s.detach(), w, rtol=0, atol=1e-12)
+    assert len(lbfgs_compiled._CACHE) == cached
     for g_s, g in zip(torch.autograd.grad(((Xv @ w_s - tv) ** 2).mean(), (theta_s, t_s)), grads):
         torch.testing.assert_close(g_s, g, rtol=1e-9, atol=1e-12)
 
 
 def test_a_parameter_of_another_dtype_is_a_clear_error(compiled_run):
     (theta, X, t, _, _), _ = compiled_run
-    with pytest.raises(idf.InputError, match="parameter 1 has dtype torch.float32 but y0 has torch.float64"):
+    with pytest.raises(idf.InputError, match="parameter leaf 1 has dtype torch.float32 but y0 has torch.float64"):
         solve(True, theta, X.float(), t)
 
 
@@ -261,6 +265,9 @@ def test_an_unhashable_f_is_cached_by_identity(uncompiled):
     torch.testing.assert_close(idf.argmin(other, y0, a, compiled=True), idf.argmin(other, y0, a), rtol=0,
                                atol=1e-12)
     assert len(uncompiled) == 2 * compiled
+    f.lam = 1.0                                                       # rebound: the old value is a constant
+    idf.argmin(f, y0, a, compiled=True)                               # of the compiled code, so compile again
+    assert len(uncompiled) == 3 * compiled
 
 
 def test_a_singular_hessian_is_a_breakdown_of_the_adjoint(uncompiled):

@@ -24,7 +24,7 @@ from ..implicit.root import RootFn, RootProblem, may_speculate
 from ..solvers.objects import Newton, Picard, Solver
 from ..solvers.registry import get_root_solver
 
-__all__ = ["solve_implicit", "FORWARD_HINTS"]
+__all__ = ["solve_implicit", "check_leaves", "FORWARD_HINTS"]
 
 FORWARD_HINTS = {
     Status.MAX_ITERATIONS: "raise max_iter, loosen rtol/atol, start closer (y0), or try another solver; if the "
@@ -66,13 +66,7 @@ def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, 
     if batch_dims > y0.dim():
         raise InputError(f"batch_dims must be in [0, y0.ndim={y0.dim()}], got {batch_dims}")
     leaves, tree = flatten(params)
-    for i, leaf in enumerate(leaves):
-        if leaf.is_floating_point() and leaf.dtype != y0.dtype:
-            raise InputError(
-                f"parameter leaf {i} has dtype {leaf.dtype} but y0 has {y0.dtype}; convert one of them"
-            )
-        if leaf.device != y0.device:
-            raise InputError(f"parameter leaf {i} is on {leaf.device} but y0 is on {y0.device}; move them together")
+    check_leaves(y0, leaves)
     if y0.device.type == "meta":
         raise InputError("y0 is a meta tensor: it has a shape but no values to solve from; "
                          "pass a tensor on a real device (cpu or cuda)")
@@ -123,3 +117,12 @@ def _empty_info(y0, batch_dims):
     shape = y0.shape[:batch_dims]
     z = torch.zeros(shape, dtype=torch.int64, device=y0.device)
     return SolveInfo(z, torch.zeros(shape, dtype=y0.dtype, device=y0.device), z.clone())
+
+
+def check_leaves(y0: torch.Tensor, leaves) -> None:
+    """The parameters' rule: a floating leaf has ``y0``'s dtype, and every leaf is on ``y0``'s device."""
+    for i, leaf in enumerate(leaves):
+        if leaf.is_floating_point() and leaf.dtype != y0.dtype:
+            raise InputError(f"parameter leaf {i} has dtype {leaf.dtype} but y0 has {y0.dtype}; convert one of them")
+        if leaf.device != y0.device:
+            raise InputError(f"parameter leaf {i} is on {leaf.device} but y0 is on {y0.device}; move them together")

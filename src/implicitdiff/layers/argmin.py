@@ -19,7 +19,7 @@ from ..solvers._loop import options
 from ..solvers.lbfgs import HISTORY
 from ..solvers.lbfgs_compiled import compiled_adjoint, compiled_lbfgs
 from ..solvers.objects import LBFGS, Newton, as_solver
-from ._implicit import solve_implicit
+from ._implicit import check_leaves, solve_implicit
 
 __all__ = ["argmin", "gradient_residual", "ARGMIN_HINTS"]
 
@@ -137,9 +137,7 @@ def _argmin_compiled(f, y0, params, solver, adjoint, rtol, atol, max_iter, batch
                                 "reverse mode only; use compiled=False")
     if any(t.device.type != "cpu" for t in (opts.y0,) + tuple(params)):
         raise InputError(need + "y0 and params on the CPU (Inductor's C++ backend): use compiled=False")
-    for i, p in enumerate(params):  # the eager path's rule (a mixed-dtype f fails inside the compiled code)
-        if p.is_floating_point() and p.dtype != opts.y0.dtype:
-            raise InputError(f"parameter {i} has dtype {p.dtype} but y0 has {opts.y0.dtype}; convert one of them")
+    check_leaves(opts.y0, params)  # the eager path's rule (a mixed-dtype f fails inside the compiled code)
     res = compiled_lbfgs(f, opts.y0, opts.params, rtol=opts.rtol, atol=opts.atol, max_iter=opts.max_iter,
                          history=kw.get("history", HISTORY))
     y = apply_on_failure(res.y, res.info, on_failure, "argmin", ARGMIN_HINTS)

@@ -62,18 +62,22 @@ _CACHE: OrderedDict = OrderedDict()
 
 
 class _Identity:
-    """An unhashable ``f`` (an instance of a non-frozen dataclass) in a cache key, by identity: the key
-    holds ``f``, so its id is not reused by another object while the entry is cached."""
-    __slots__ = ("f",)
+    """An unhashable ``f`` (an instance of a non-frozen dataclass) in a cache key, by identity and by the
+    identity of its attributes at the call: the key holds ``f`` (its id is not reused by another object
+    while the entry is cached), and an attribute rebound since (``f.lam = 3.0``) compiles again — the
+    compiled code holds the old value as a constant."""
+    __slots__ = ("f", "fields")
 
     def __init__(self, f):
         self.f = f
+        self.fields = tuple(getattr(f, "__dict__", {}).values())
 
     def __hash__(self):
         return id(self.f)
 
     def __eq__(self, other):
-        return isinstance(other, _Identity) and other.f is self.f
+        return (isinstance(other, _Identity) and other.f is self.f and len(other.fields) == len(self.fields)
+                and all(a is b for a, b in zip(self.fields, other.fields)))
 
 
 def _by_equality_or_identity(f: Callable):
