@@ -32,11 +32,11 @@ replaced by ``Aᵀ`` (rows and columns, so the two rank flags swap).
 docstring says why).  Its screen is a string of small ops, two of them arranged for speed:
 
 * the scalars are read by :func:`_read`: an ``item()`` each on the CPU, where a read is no sync
-  and four ``item()`` calls cost less than ``stack`` + ``tolist`` (at ``n ≈ 100`` each op dropped
+  and four ``item()`` calls cost less than ``stack`` + ``tolist`` (at small ``n`` each op dropped
   shows), one stacked read (one sync) on other devices;
 * ``‖A‖_F`` is taken before the solve, not after: the solve's copy of ``A`` (LAPACK factorizes a
   copy) then reads ``A`` from cache, where after the factorization ``A`` has left it — a large
-  ``A`` is read from memory once instead of twice (1–3 % of the step at ``n = 500``).
+  ``A`` is read from memory once instead of twice (docs/benchmarks.md, eighth session).
 """
 
 from __future__ import annotations

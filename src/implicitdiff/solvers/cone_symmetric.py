@@ -28,8 +28,8 @@ is about ``1/k`` of the result, instead of building the ``(d, d)`` matrix (``d²
 per element, in fresh memory) and multiplying by it (measured in docs/benchmarks.md, sixth session).
 The rows of ``P`` are first copied to contiguous memory (one ``k × k`` copy per element): a product
 with a strided row (stride ``k``) was about 10x slower than with a contiguous one.  The ``k`` columns
-are concatenated once (assigning each into a slice of the result, strided over the batch, took about
-10% longer at ``k = 10``, ``n = 56``, batch 128).
+are concatenated once (assigning each into a slice of the result, strided over the batch, took
+longer: docs/benchmarks.md, eighth session).
 Fewer than :data:`COLUMNS_MIN` columns (the interior point's right-hand sides) take one congruence with
 the columns as a leading dimension instead: there the loop over ``k`` costs more than the work.
 
@@ -37,12 +37,13 @@ the columns as a leading dimension instead: there the loop over ``k`` costs more
 takes ``U, Λ, V`` from the SVD ``L_yᵀL_s = U Λ Vᵀ``; here ``V`` comes from ``eigh(MᵀM)`` (``M = L_yᵀL_s``),
 then ``UΛ = MV``, ``λ`` its column norms (not the square roots of ``MᵀM``'s eigenvalues: a norm keeps
 the small ``λ`` to relative accuracy) and ``R⁻¹ = Λ^{-1/2}Uᵀ L_yᵀ = Λ^{-3/2}(MV)ᵀL_yᵀ``.  LAPACK's batched
-``eigh`` of ``10 × 10`` matrices took about half the time of ``svd``; the identities
+``eigh`` of small matrices costs less than ``svd`` (docs/benchmarks.md, eighth session); the identities
 ``RᵀYR = Λ = R⁻¹SR⁻ᵀ`` hold to the same rounding (``eps·κ(M)²`` against ``eps·κ(M)``, where ``κ(M)``
 is ``√`` of the spread of ``SY``'s eigenvalues: near 1 on the central path; tests check both far from
 it and at the end of a solve against the SVD).  Where some ``λ_min/λ_max`` is below ``eps^{1/8}``
 (:data:`_EIGH_SPREAD`; far from the central path) the batch takes the SVD: past that spread the squared
-form would lose more than a factor ``eps^{-1/8}`` (about 90 in float64) against it.
+form would lose more than a factor ``eps^{-1/8}`` (about 90) against it.  Float64 only: in float32 that
+spread (0.14) is common, and the SVD is taken directly (no test, no host read).
 
 References: Vandenberghe, "The CVXOPT linear and quadratic cone program solvers" (2010), §4.
 """
@@ -55,8 +56,8 @@ import torch
 
 from ..linalg.cone_spec import _gathers, smat, svec
 
-#: PSD.scale's eigh path only while every λ_min/λ_max ≥ eps^{1/8} (module docstring), else the SVD
-_EIGH_SPREAD = {dt: torch.finfo(dt).eps ** 0.125 for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+#: PSD.scale's eigh path (float64) only while every λ_min/λ_max ≥ eps^{1/8} (module docstring), else the SVD
+_EIGH_SPREAD = torch.finfo(torch.float64).eps ** 0.125
 
 __all__ = ["Nonneg", "SecondOrder", "PSD"]
 
@@ -256,11 +257,12 @@ class PSD:
         ok = (info == 0).all(0)
         Ls, Ly = torch.where(ok[..., None, None], L, torch.eye(k, dtype=s.dtype, device=s.device))
         M = Ly.mT @ Ls                                             # L_yᵀ L_s = U Λ Vᵀ (module docstring)
-        V = torch.linalg.eigh(M.mT @ M).eigenvectors
-        MV = M @ V                                                 # U Λ
-        lam = torch.linalg.vector_norm(MV, dim=-2)
-        if bool((lam.amin(-1) < _EIGH_SPREAD[lam.dtype] * lam.amax(-1)).any()):  # far from the central path
-            U, lam, Vh = torch.linalg.svd(M)
+        if M.dtype == torch.float64:
+            V = torch.linalg.eigh(M.mT @ M).eigenvectors
+            MV = M @ V                                             # U Λ
+            lam = torch.linalg.vector_norm(MV, dim=-2)
+        if M.dtype != torch.float64 or bool((lam.amin(-1) < _EIGH_SPREAD * lam.amax(-1)).any()):
+            U, lam, Vh = torch.linalg.svd(M)                       # far from the central path, or float32
             V, MV = Vh.mT, U * lam[..., None, :]
         isq = lam.rsqrt()
         R = (Ls @ V) * isq[..., None, :]                           # R = L_s V Λ^{-1/2}
