@@ -19,7 +19,8 @@ def test_every_layer_has_a_case():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_the_layer_cases_pass(dtype):
-    results = [r for prefix in NEW for r in selfcheck.run(dtype=dtype, pattern=prefix) if r.case.name.startswith(prefix)]
+    results = [r for prefix in NEW for r in selfcheck.run(dtype=dtype, pattern=prefix)
+               if r.case.name.startswith(prefix)]
     assert {r.case.layer for r in results} == LAYERS - {"linear_solve", "ambiguity", "root", "fixed_point", "argmin",
                                                         "custom_root"}
     for r in results:
