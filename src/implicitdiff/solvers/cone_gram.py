@@ -127,7 +127,6 @@ class DataMatrix:
                 zero_columns = ~pattern.any(0)
             else:
                 pattern, norm, zero_columns = _pattern_and_norm(A)
-            if not self.shared:
                 if int(pattern.sum()) <= SPARSE_PRODUCTS * pattern.numel():
                     sparse = SparseProducts(A, pattern)
                 else:
