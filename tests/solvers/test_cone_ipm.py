@@ -263,3 +263,96 @@ def test_second_order_step_on_edge_directions_matches_bisection():
     assert unbounded[[0, 3, 4]].all() and not unbounded[[1, 2, 5, 6, 7]].any()
     assert torch.isinf(alpha[unbounded]).all()
     assert torch.allclose(alpha[~unbounded], lo[~unbounded], rtol=1e-9)
+
+
+# -- zero columns of A (a variable absent from every constraint) ----------------------------------------------
+# min cᵀx s.t. Ax + s = b: a zero column j with cⱼ ≠ 0 makes the dual Aᵀy + c = 0 infeasible (UNBOUNDED
+# where the primal is feasible, else INFEASIBLE); with cⱼ = 0 the variable is free (any xⱼ is optimal).
+# Statuses as Clarabel reports them on the same data (checked by hand, cvxpy-free).
+_ZERO_COLUMN_CASES = [  # (A, b, c, cones, status)
+    ([[0.0]], [1.0], [1.0], {"l": 1}, Status.UNBOUNDED),                      # all-zero A
+    ([[0.0]], [1.0], [-1.0], {"l": 1}, Status.UNBOUNDED),
+    ([[0.0, 0.0], [0.0, 0.0]], [0.0, 0.0], [1.0, -2.0], {"l": 2}, Status.UNBOUNDED),  # and b = 0
+    ([[0.0]], [-1.0], [1.0], {"l": 1}, Status.INFEASIBLE),                    # b ∉ K: both infeasible
+    ([[0.0, 0.0]] * 3, [0.0, 1.0, 0.0], [1.0, 1.0], {"q": [3]}, Status.INFEASIBLE),
+    ([[0.0, 0.0]] * 3, [1.0, 0.0, 0.0], [1.0, 1.0], {"q": [3]}, Status.UNBOUNDED),
+    ([[1.0, 0.0], [-1.0, 0.0]], [1.0, 1.0], [1.0, 1.0], {"l": 2}, Status.UNBOUNDED),  # one zero column
+    ([[1.0, 0.0], [-1.0, 0.0]], [-1.0, -1.0], [1.0, 1.0], {"l": 2}, Status.INFEASIBLE),
+    ([[1.0, 0.0], [1.0, 0.0]], [1.0, 2.0], [1.0, 1.0], {"z": 1, "l": 1}, Status.UNBOUNDED),  # with a zero cone
+    ([[0.0, 0.0], [-1.0, 0.0], [0.0, 0.0]], [1.0, 0.0, 0.0], [1.0, 1.0], {"q": [3]}, Status.UNBOUNDED),
+]
+
+
+@pytest.mark.parametrize("A, b, c, cones, expected", _ZERO_COLUMN_CASES)
+def test_zero_columns_give_the_certificate_status(A, b, c, cones, expected):
+    # an all-zero A made the certificate tests (scaled by ‖A‖) unreachable, and a zero column made the
+    # Newton step's Δτ blow up (BREAKDOWN): the status now agrees with Clarabel's, with a valid certificate
+    A, b, c = (torch.tensor(v, dtype=F64) for v in (A, b, c))
+    r = ConeInteriorPoint().solve(A, b[None], c[None], parse_cones(cones))
+    assert r.status.item() == expected
+    x, y, s = r.x[0], r.y[0], r.s[0]
+    if expected == Status.UNBOUNDED:  # cᵀx < 0, Ax + s ≈ 0 (relative to the ray's size)
+        ctx = c @ x
+        assert ctx < 0 and (A @ x + s).abs().max() <= 1e-8 * (-ctx) / c.abs().max() * max(A.abs().max(), 1.0)
+    else:  # bᵀy < 0, Aᵀy = 0
+        bty = b @ y
+        assert bty < 0 and (A.mT @ y).abs().max() <= 1e-8 * (-bty)
+
+
+def test_zero_column_with_zero_cost_is_a_free_variable_and_batches_element_wise():
+    # min x₁ s.t. −1 ≤ x₁ ≤ 1 (x₂ in no constraint, c₂ = 0): x = (−1, any); batched with an unbounded element
+    # (zero column, c₂ ≠ 0) and a normal one whose result must not depend on its neighbours
+    A = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]], dtype=F64).repeat(3, 1, 1)
+    A[:2, 2] = 0.0
+    b = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 2.0]], dtype=F64)
+    c = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, -1.0]], dtype=F64)
+    r = ConeInteriorPoint().solve(A, b, c, parse_cones({"l": 3}))
+    assert r.status.tolist() == [Status.SUCCESS, Status.UNBOUNDED, Status.SUCCESS]
+    assert torch.allclose(r.x[0, 0], torch.tensor(-1.0, dtype=F64), atol=1e-7) and r.x[0, 1].isfinite()
+    assert torch.allclose(r.x[2], torch.tensor([-1.0, 2.0], dtype=F64), atol=1e-7)
+    alone = ConeInteriorPoint().solve(A[2:], b[2:], c[2:], parse_cones({"l": 3}))
+    assert torch.allclose(r.x[2], alone.x[0], rtol=0, atol=1e-12) and r.iterations[2] == alone.iterations[0]
+
+
+def test_cone_program_reports_an_all_zero_A_as_unbounded():
+    from implicitdiff import SolveError, cone_program
+    with pytest.raises(SolveError, match="(?i)unbounded") as err:
+        cone_program(torch.zeros(1, 1, dtype=F64), torch.ones(1, dtype=F64), torch.ones(1, dtype=F64), {"l": 1})
+    assert err.value.status == Status.UNBOUNDED
+
+
+def test_free_variable_keeps_the_exact_gradient_of_the_unique_part():
+    # min x₁ s.t. x₁ ≤ b₁, −x₁ ≤ b₂, x₁ ≤ b₃ (x₂ in no constraint, c₂ = 0): x₁ = −b₂, y = (0, c₁, 0);
+    # the documented promise for a non-unique solution: the unique parts' derivatives are exact
+    from implicitdiff import cone_program
+    A = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0]], dtype=F64)
+    b = torch.tensor([1.0, 0.5, 3.0], dtype=F64, requires_grad=True)
+    c = torch.tensor([2.0, 0.0], dtype=F64, requires_grad=True)
+    x, y, _, info = cone_program(A, b, c, {"l": 3}, return_info=True)
+    assert info.status == Status.SUCCESS and torch.isfinite(x).all()
+    assert torch.allclose(x[0], -b[1], atol=1e-9)
+    assert torch.allclose(y, torch.tensor([0.0, 2.0, 0.0], dtype=F64), atol=1e-9)
+    gb, gc = torch.autograd.grad(x[0] + 3 * y[1], (b, c))
+    assert torch.allclose(gb, torch.tensor([0.0, -1.0, 0.0], dtype=F64), atol=1e-9)
+    assert torch.allclose(gc, torch.tensor([3.0, 0.0], dtype=F64), atol=1e-9)
+
+
+def test_data_matrix_finds_each_elements_zero_columns_through_subsets():
+    from implicitdiff.solvers.cone_gram import DataMatrix
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(4, 6, 5, generator=g, dtype=F64)
+    A[0, :, 1] = 0.0
+    A[2, :, [0, 4]] = 0.0
+    A[:, 3, 2] = 0.0  # a zero entry, not a zero column
+    expected = (A == 0).all(-2)
+    sparse = A * (torch.arange(30).reshape(6, 5) % 7 == 0)  # few nonzeros: the sparse products
+    block = A.clone()
+    block[:, 2:] = torch.eye(4, 5, dtype=F64)  # dense rows next to one-entry rows: a dense block
+    for M, layout in ((A, None), (sparse, "sparse"), (block, "block")):
+        data, want = DataMatrix(M), (M == 0).all(-2)
+        assert want.any() and (layout is None or getattr(data, layout) is not None)
+        assert torch.equal(data.zero_columns, want)
+        keep = torch.tensor([2, 0])
+        assert torch.equal(data.subset(keep).zero_columns, want[keep])
+    assert expected[0].tolist() == [False, True, False, False, False] and expected[2, [0, 4]].all()
+    assert torch.equal(DataMatrix(A[2]).zero_columns, expected[2])  # shared

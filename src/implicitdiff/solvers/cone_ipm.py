@@ -53,7 +53,19 @@ Stopping rule (per element, ``x̂ = x/τ`` etc.):
 ``‖Ax̂ + ŝ − b‖∞ ≤ rtol (1 + max(‖b‖∞, ‖Ax̂‖∞, ‖ŝ‖∞))``,
 ``‖Aᵀŷ + c‖∞ ≤ rtol (1 + max(‖c‖∞, ‖Aᵀŷ‖∞))`` and
 ``|cᵀx̂ + bᵀŷ| ≤ rtol (1 + min(|cᵀx̂|, |bᵀŷ|))``.  Certificates are accepted at the same
-``rtol``, scaled by the data (``‖Aᵀy‖∞ ‖b‖∞ ≤ rtol·(−bᵀy)·‖A‖∞`` and its dual).
+``rtol``, scaled by the data (``‖Aᵀy‖∞ ‖b‖∞ ≤ rtol·(−bᵀy)·‖A‖∞`` and its dual; ``1`` for ``‖A‖∞``
+where ``A`` is all zero, below).
+
+**Zero columns** (a variable in no constraint: ``Aᵀy + c = 0`` is infeasible where its ``cⱼ ≠ 0``).
+Column ``j`` of ``N`` is zero too, so the shifted system's x-row ``j`` reads ``δΔxⱼ = r₁ⱼ`` (``δ = eps^¾``,
+the factorization's shift): ``p₂ⱼ = −cⱼ/δ``, whose term ``cⱼp₂ⱼ = −δp₂ⱼ²`` the identity
+``cᵀp₂ + bᵀq₂ = −‖Δỹ₂‖²`` (``Δτ``'s denominator) misses; without it ``Δτ`` overflows (``BREAKDOWN``).  Where
+some element has such a column (``c`` on its zero columns, found once per solve) the denominator
+takes that term, and ``Δτ`` is the Newton step's: ``τ → 0``, the unboundedness certificate.  An
+all-zero ``A`` scales the certificate tests by ``1`` (by ``‖A‖∞ = 0`` its certificate, ``s = bτ → 0``,
+is never accepted).  With ``cⱼ = 0`` the variable is free: ``r₁ⱼ = 0``, so ``xⱼ`` stays ``0``, one
+of the solutions.
+
 Converged elements are frozen while the others go on; the loop's host syncs are the "all done?"
 test, whether to refine, and whether a Cholesky factorization failed (then shifted by ``√eps``
 of its diagonal).  Forward only: no gradients here.
@@ -200,7 +212,7 @@ class ConeInteriorPoint:
         """``A (B, m, n)`` (or ``(m, n)`` shared by the batch; an expanded one is read as shared),
         ``b (B, m)``, ``c (B, n)`` of one dtype and device."""
         B, (m, n) = b.shape[0], A.shape[-2:]
-        z, dt, dev = spec.z, A.dtype, A.device
+        z, dev = spec.z, A.device
         data = DataMatrix(A)
         groups = [(k, size, contiguous(idx)) for k, size, idx in spec.groups(dev)]
         normal = NormalMatrix(data, groups, _CONES, eliminate=z == 0)
@@ -215,8 +227,10 @@ class ConeInteriorPoint:
         status = torch.full((B,), -1, dtype=torch.int64, device=dev)
         residual = b.new_full((B,), float("inf"))
         iters = torch.zeros(B, dtype=torch.int64, device=dev)
-        nA = data.norm.clamp(min=torch.finfo(dt).tiny).expand(B)
+        nA = torch.where(data.norm > 0, data.norm, 1.0).expand(B)  # an all-zero A: 1 (see "zero columns")
         nb, nc = _inf_norm(b), _inf_norm(c)
+        cz = torch.where(data.zero_columns, c, 0.0)  # c on A's zero columns (see "zero columns")
+        cz = cz if bool(cz.any()) else None
         rtol = self.rtol
         stalled = torch.zeros(B, dtype=torch.bool, device=dev)
         best = [x, y, s, tau, residual]
@@ -283,6 +297,7 @@ class ConeInteriorPoint:
                     v.index_select(0, keep) for v in (x, y, s, tau, kappa, status, residual, iters, stalled,
                                                       b, c, nb, nc, nA))
                 best = [v.index_select(0, keep) for v in best]
+                cz = None if cz is None else cz.index_select(0, keep)
                 Ax, rx, rz, rt, running, mu, rz_t, dt_aff, rt1, AtV = (
                     v.index_select(0, keep) for v in (Ax, rx, rz, rt, running, mu, rz_t, dt_aff, rt1, AtV))
                 states = [_subset(st, keep) for st in states]
@@ -332,8 +347,11 @@ class ConeInteriorPoint:
                                            torch.stack([b[:, :z], -rz[:, :z]], 1), rt1, groups, states, refine,
                                            x[:, None])
             p2, q2, yt2, Ap2, Ax = P[:, 0], Q[:, 0], YT[:, 0], AP[:, 0], Ax[:, 0]
-            # cᵀp₂ + bᵀq₂ = −q₂ᵀHq₂ = −‖Δỹ₂‖² ≤ 0 exactly; computed this way it has no cancellation
+            # cᵀp₂ + bᵀq₂ = −q₂ᵀHq₂ = −‖Δỹ₂‖² ≤ 0 exactly (but on A's zero columns); computed this way it
+            # has no cancellation
             den = -(yt2 * yt2).sum(-1) - kappa / tau
+            if cz is not None:  # a zero column's cⱼp₂ⱼ, which that identity misses (see "zero columns")
+                den = den + (cz * p2).sum(-1)
 
             # predictor (affine scaling)
             dya, dsa, dta, dka, _, _ = direction(torch.ones_like(tau), dt_aff, tau * kappa,
