@@ -614,3 +614,24 @@ def test_subset_with_a_block_or_sparse_products_copies_A_only_when_read():
         idx = contiguous(torch.arange(5))
         assert torch.equal(sub2.rows(idx), A[keep][keep2][:, :5]) and torch.equal(sub2.A, A[keep][keep2])
         assert sub2.shape == (m, n) and sub2.dtype == F64 and not sub2.shared
+
+
+def test_a_chain_of_lazy_subsets_keeps_no_parent_alive():
+    # each subset reads the root A through a composed index, not its parent: the parents' products
+    # (and their copies of A's data) are freed as the interior point drops finished elements
+    import gc
+    import weakref
+    B, m, n = 6, 40, 20
+    A = torch.zeros(B, m, n, dtype=torch.float64)
+    A[:, :5] = torch.randn(B, 5, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    A[:, 5:].diagonal(dim1=-2, dim2=-1)[:] = 1.0
+    d = DataMatrix(A)
+    assert d.sparse is not None
+    parents = [weakref.ref(d.sparse)]
+    s1 = d.subset(torch.tensor([0, 2, 4, 5]))
+    parents.append(weakref.ref(s1.sparse))
+    s2 = s1.subset(torch.tensor([1, 3]))
+    del d, s1
+    gc.collect()
+    assert all(p() is None for p in parents)
+    assert torch.equal(s2.A, A[[2, 5]])

@@ -11,7 +11,8 @@ one ``±1`` each) keeps that block as its own ``(B, rows, columns)`` copy and th
 nonzeros as :class:`~.cone_sparse.SparseProducts`: a product reads the block, not all of ``A``
 (each product is bound by reading ``A``).  So a subset of the batch (the interior point drops its
 finished elements) with a block or sparse products copies the block and the nonzeros, and ``A``
-itself only where it is read (:meth:`DataMatrix.subset`; about 3% of a second-order-cone solve).
+itself only where it is read (:meth:`DataMatrix.subset`; it reads the root ``A`` through a composed
+index, so a chain of subsets keeps no parent alive).
 
 :class:`NormalMatrix` forms ``N = Σ_cones A_kᵀ W_k⁻¹ W_k⁻ᵀ A_k`` (``H = WᵀW`` the scaling of the
 interior point) — the matrix of the interior point's reduced Newton system — one term per group
@@ -116,6 +117,7 @@ class DataMatrix:
         if A.dim() == 3 and A.stride(0) == 0:  # expanded from one matrix
             A = A[0]
         self._A, self._lazy = A, None  # _lazy: a subset's A, made on first use (see subset)
+        self._root = self._index = None  # a lazy subset's source: root A and its batch index
         self.shared = A.dim() == 2
         self.shape, self.dtype, self.device = A.shape[-2:], A.dtype, A.device  # (m, n)
         if pattern is None:  # (a subset is given its parent's pattern, layout and norms)
@@ -141,7 +143,7 @@ class DataMatrix:
     def A(self):
         """``A`` (``(m, n)`` shared, ``(B, m, n)`` batched)."""
         if self._lazy is not None:
-            self._A, self._lazy = self._lazy(), None
+            self._A, self._lazy, self._root, self._index = self._lazy(), None, None, None
         return self._A
 
     def subset(self, keep):
@@ -161,7 +163,10 @@ class DataMatrix:
         out.__dict__.update(self.__dict__)
         out.sparse = None if self.sparse is None else self.sparse.subset(keep)
         out.block, out.norm, out.zero_columns = block, norm, zero_columns
-        out._A, out._lazy = None, lambda: self.A.index_select(0, keep)
+        # the root A and the composed index, not ``self``: a chain of subsets keeps no parent alive
+        base, idx = (self._root, self._index.index_select(0, keep)) if self._lazy is not None else (self._A, keep)
+        out._A, out._root, out._index = None, base, idx
+        out._lazy = lambda: base.index_select(0, idx)
         return out
 
     def mv(self, v):

@@ -88,8 +88,8 @@ __all__ = ["ConeInteriorPoint", "ConeResult"]
 
 _CONES = {"l": Nonneg, "q": SecondOrder, "s": PSD, "ep": ExpCone}
 COMPACT_BELOW = 0.85  # work on the running elements only once at most this fraction of the batch runs
-# (copying them costs about one product with A, a fraction of an iteration: 0.85 against 0.75 saved
-# about 1.5% of the SDP bench's solve, which has 78% of its batch running at one iteration)
+# (copying them costs about one product with A, a fraction of an iteration; 0.85 against 0.75: measured
+# in docs/benchmarks.md, eighth session)
 REFINE_BELOW_MU = 1e-5  # refine the Newton solves once some element's μ (1 at the start) is below this
 
 
