@@ -1,0 +1,58 @@
+"""The second probe's linear-solve findings: clear errors and honest failure reports."""
+
+import pytest
+import torch
+
+import implicitdiff as idf
+from implicitdiff import InputError
+from implicitdiff.linalg import LinearOperator
+
+F64 = torch.float64
+
+
+def _tridiag(n=5):
+    return (2 * torch.eye(n, dtype=F64) - torch.diag(torch.ones(n - 1, dtype=F64), 1)
+            - 0.5 * torch.diag(torch.ones(n - 1, dtype=F64), -1))
+
+
+# ---------------------------------------------------------------- finding 5: rows of b on the iterative path
+@pytest.mark.parametrize("make", [lambda A: A, LinearOperator.from_dense, lambda A: A.to_sparse(),
+                                  lambda A: LinearOperator.from_matvec(lambda x: x @ A.mT, (5, 5))])
+def test_iterative_rows_of_b_raise_a_message_that_names_the_fix(make):
+    A = _tridiag()
+    B = torch.randn(3, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InputError) as e:
+        idf.linear_solve(make(A), B, solver="gmres")
+    msg = str(e.value)
+    assert "(3, 5)" in msg and "b.mT" in msg and "(*, 5)" not in msg  # no longer "must be (*, 5)" for a (3, 5) b
+    # the fix the message names gives the rows' solutions
+    y = idf.linear_solve(make(A), B.mT, solver="gmres").mT
+    torch.testing.assert_close(y, torch.linalg.solve(A, B.mT).mT, rtol=1e-8, atol=1e-10)
+
+
+def test_iterative_batched_operator_accepts_its_batch_of_vectors():
+    A = torch.stack([_tridiag(), 3 * torch.eye(5, dtype=F64)])
+    B = torch.randn(2, 5, dtype=F64, generator=torch.Generator().manual_seed(1))
+    y = idf.linear_solve(LinearOperator.from_dense(A), B, solver="gmres")
+    torch.testing.assert_close(y, torch.linalg.solve(A, B), rtol=1e-8, atol=1e-10)
+
+
+# ---------------------------------------------------------------- finding 6: a 1-D matvec under vectorized=True
+def test_matvec_for_vectors_only_names_vectorized_false():
+    M = _tridiag(3)
+    B = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=F64)
+    op = LinearOperator.from_matvec(lambda v: M @ v, (3, 3))
+    with pytest.raises(InputError, match="vectorized=False") as e:
+        idf.linear_solve(op, B, solver="gmres")
+    assert isinstance(e.value.__cause__, RuntimeError)  # torch's own error is kept as the cause
+    op1 = LinearOperator.from_matvec(lambda v: M @ v, (3, 3), vectorized=False)
+    torch.testing.assert_close(idf.linear_solve(op1, B, solver="gmres"), torch.linalg.solve(M, B),
+                               rtol=1e-8, atol=1e-10)
+
+
+def test_rmatvec_for_vectors_only_names_vectorized_false():
+    M = _tridiag(3)
+    op = LinearOperator.from_matvec(lambda v: v @ M.mT, (3, 3), rmatvec=lambda v: M.mT @ v)
+    with pytest.raises(InputError, match="rmatvec.*vectorized=False"):
+        op.rmv(torch.ones(2, 3, dtype=F64))
+    torch.testing.assert_close(op.rmv(torch.ones(3, dtype=F64)), M.mT @ torch.ones(3, dtype=F64))
