@@ -56,3 +56,28 @@ def test_rmatvec_for_vectors_only_names_vectorized_false():
     with pytest.raises(InputError, match="rmatvec.*vectorized=False"):
         op.rmv(torch.ones(2, 3, dtype=F64))
     torch.testing.assert_close(op.rmv(torch.ones(3, dtype=F64)), M.mT @ torch.ones(3, dtype=F64))
+
+
+# ---------------------------------------------------------------- finding 7: splu is first order only
+def _sparse():
+    return (3 * torch.eye(3, dtype=F64) + torch.diag(torch.ones(2, dtype=F64), 1)).to_sparse()
+
+
+def test_splu_second_derivative_names_splu_and_the_fix():
+    b = torch.ones(3, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(idf.linear_solve(_sparse(), b, solver="splu").pow(3).sum(), b, create_graph=True)
+    with pytest.raises(InputError, match=r"splu.*first order.*solver='lu'"):
+        torch.autograd.grad(g.sum(), b)
+
+
+def test_splu_first_order_with_create_graph_matches_dense():
+    A = _sparse()
+    vals = A.coalesce().values().clone().requires_grad_()
+    Asp = torch.sparse_coo_tensor(A.coalesce().indices(), vals, (3, 3), check_invariants=True)
+    b = torch.tensor([1.0, -2.0, 0.5], dtype=F64, requires_grad=True)
+    gv, gb = torch.autograd.grad(idf.linear_solve(Asp, b, solver="splu").sum(), (vals, b), create_graph=True)
+    Ad = A.to_dense().requires_grad_()
+    gA_ref, gb_ref = torch.autograd.grad(torch.linalg.solve(Ad, b).sum(), (Ad, b))
+    idx = A.coalesce().indices()
+    torch.testing.assert_close(gb.detach(), gb_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gv.detach(), gA_ref[idx[0], idx[1]], rtol=1e-12, atol=1e-14)
