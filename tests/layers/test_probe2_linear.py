@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import implicitdiff as idf
-from implicitdiff import InputError
+from implicitdiff import InputError, SolveError
 from implicitdiff.linalg import LinearOperator
+from implicitdiff.linalg.selection import factorize
 
 F64 = torch.float64
 
@@ -81,3 +82,33 @@ def test_splu_first_order_with_create_graph_matches_dense():
     idx = A.coalesce().indices()
     torch.testing.assert_close(gb.detach(), gb_ref, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(gv.detach(), gA_ref[idx[0], idx[1]], rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------- finding 9: honest failure numbers
+def test_svd_exact_singular_reports_the_condition_of_A():
+    S = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=F64)
+    with pytest.raises(SolveError, match="SINGULAR") as e:
+        idf.linear_solve(S, torch.tensor([1.0, 2.0], dtype=F64), selection="exact", solver="svd")
+    assert "condition estimate 1.000e+00" not in str(e.value)
+    _, info = idf.linear_solve_ex(S, torch.tensor([1.0, 2.0], dtype=F64), selection="exact", solver="svd")
+    assert float(info.cond) > 1e15  # s_max / s_min of a singular A: huge (or inf), never 1
+    # an exactly zero singular value: inf; a nonsingular A: torch's 2-norm condition
+    _, status, _, cond = factorize(torch.diag(torch.tensor([1.0, 0.0], dtype=F64)), "exact", "svd")
+    assert int(status) != 0 and torch.isinf(cond)
+    A = _tridiag(4)
+    _, status, _, cond = factorize(A, "least_squares", "svd")
+    torch.testing.assert_close(cond, torch.linalg.cond(A), rtol=1e-10, atol=0)
+
+
+def test_svd_min_norm_keeps_the_pseudo_inverse_condition():
+    S = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=F64)
+    _, info = idf.linear_solve_ex(S, torch.tensor([1.0, 2.0], dtype=F64), selection="min_norm", solver="svd")
+    assert int(info.status) == 0
+    torch.testing.assert_close(info.cond, torch.tensor(1.0, dtype=F64))  # one kept singular value
+
+
+def test_singular_pinned_remainder_reports_no_residual_instead_of_nan():
+    A = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=F64)
+    with pytest.raises(SolveError, match="SINGULAR") as e:
+        idf.linear_solve(A, torch.ones(2, dtype=F64), selection=idf.Pinned([0], 0.0))
+    assert "residual nan" not in str(e.value) and "no residual" in str(e.value)
