@@ -13,13 +13,17 @@ Only the stored entries of a sparse ``A`` are parameters, so ``Ā`` is evaluated
 alone (O(nnz), never densified) and returned with A's layout and indices.  The factors
 (a ``scipy.sparse.linalg.SuperLU`` object, not a tensor) are kept on ``ctx`` for the backward.
 
+First order only.  The backward is SciPy (not torch ops), so it has no graph of its own; under
+``create_graph=True`` its outputs are linked to what they depend on by :class:`_FirstOrderOnly`,
+whose backward raises an :class:`~implicitdiff.InputError` naming the fix, so a second derivative
+fails clearly instead of with torch's generic message (or a silently missing term).
+
 SciPy is an optional dependency: it is imported when a solve runs, not when this module is.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._core.defaults import rank_rtol
 from .._core.errors import InputError
@@ -112,11 +116,19 @@ class SpluSolveFn(torch.autograd.Function):
         ctx.save_for_backward(A, X)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gX, *_):
         if gX is None or ctx.lu is None:  # no cotangent, or a singular A (X is NaN, nothing to send)
             return None, None
         A, X = ctx.saved_tensors
+        with torch.no_grad():
+            gA, gB = SpluSolveFn._vjp(ctx, A, X, gX)
+        deps = [t for t in (gX, A, X) if t.requires_grad]
+        if torch.is_grad_enabled() and deps:  # create_graph=True: a second derivative must fail clearly
+            return _FirstOrderOnly.apply(len(deps), *deps, gA, gB)
+        return gA, gB
+
+    @staticmethod
+    def _vjp(ctx, A, X, gX):
         # u = A⁻ᵀ x̄ with the forward's factors
         U = torch.from_numpy(ctx.lu.solve(gX.detach().contiguous().numpy(), trans="T")).to(X.dtype)
         U = U.reshape(X.shape)
@@ -129,6 +141,21 @@ class SpluSolveFn(torch.autograd.Function):
     def jvp(ctx, *tangents):
         raise InputError("forward mode (jvp) is not implemented for solver='splu'; use reverse mode, or "
                          "solver='lu' on a dense A")
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """``_FirstOrderOnly.apply(d, *deps, *outs)`` returns copies of ``outs`` (tensors or None) linked to
+    the ``d`` tensors ``deps``; differentiating them raises :class:`~implicitdiff.InputError`."""
+
+    @staticmethod
+    def forward(ctx, d, *args):
+        return tuple(None if t is None else t.clone() for t in args[d:])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise InputError("solver='splu' is differentiable once (reverse mode, first order): a second derivative "
+                         "(a gradient of its gradient, create_graph=True) is not available; use solver='lu' on "
+                         "the dense A (A.to_dense()) or an iterative solver ('gmres', 'cg', ...) for higher orders")
 
 
 def _scaled_norm(np, v):
@@ -163,8 +190,8 @@ def splu_solve(A: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, SolveInf
         nothing is raised here; see
         :func:`~implicitdiff.linear_solve` for the failure policy.
 
-    Reverse mode, first order only; forward mode and ``torch.func.vmap`` raise
-    :class:`~implicitdiff.InputError`.
+    Reverse mode, first order only; forward mode, ``torch.func.vmap`` and a second derivative
+    (differentiating the gradient) raise :class:`~implicitdiff.InputError`.
 
     Raises:
         InputError: ``A`` not a square 2-D sparse COO/CSR matrix on the CPU, ``b`` of the wrong shape,

@@ -291,7 +291,13 @@ def _iterative(A, b, selection, slv: Solver, on_failure, return_info, check_fini
     if op.dtype is not None and b.dtype != op.dtype:
         raise InputError(f"b has dtype {b.dtype} but A has {op.dtype}; convert one of them")
     if b.dim() == 0 or b.shape[-1 if _is_vector(b, op) else -2] != m:
-        raise InputError(f"b has shape {tuple(b.shape)} but A has {m} rows: b must be (*, {m}) or (*, {m}, k)")
+        vectors = f", {tuple(op.batch_shape) + (m,)}" if len(op.batch_shape) else ""
+        # the rule of the dense path (torch.linalg.solve's): a (*, m) b is read as vectors only with A's batch
+        # shape, since a (m, m) b must keep meaning m right-hand sides as columns
+        rows = (f"; if b holds right-hand sides as rows (last dim {m}), pass b.mT (and take y.mT)"
+                if b.dim() >= 2 and b.shape[-1] == m else "")
+        raise InputError(f"b has shape {tuple(b.shape)} but A has shape {tuple(op.batch_shape) + (m, n)}: b must be "
+                         f"({m},){vectors} or (*, {m}, k){rows}")
     if check_finite_values:
         if op.matrix is not None:  # a matrix-free operator's data are the user's: its matvec is checked
             mat = op.matrix

@@ -9,6 +9,11 @@ dimensions for dense matrices) applies ``x -> A x`` to vectors ``x`` of shape
 The tensors that define the operator are explicit (:attr:`params`), and every
 apply takes them as arguments (``matvec(x, *params)``), so that the autograd
 layer can differentiate with respect to them without relying on closures.
+
+A user's ``matvec``/``rmatvec`` given with ``vectorized=True`` (the default) is called on batches
+``(..., n)``; one written for 1-D vectors fails there with torch's own shape error, so
+:func:`_hint_vectorized` re-raises a ``RuntimeError`` on a batched input as an
+:class:`InputError` naming ``vectorized=False`` (the original error chained).
 """
 
 from __future__ import annotations
@@ -119,6 +124,9 @@ class LinearOperator:
             dtype = tensors[0].dtype
         if device is None and tensors:
             device = tensors[0].device
+        if vectorized:
+            matvec = _hint_vectorized(matvec, "matvec")
+            rmatvec = None if rmatvec is None else _hint_vectorized(rmatvec, "rmatvec")
         return cls(matvec, shape, params, rmatvec=rmatvec, dtype=dtype, device=device, symmetric=symmetric,
                    positive_definite=positive_definite, vectorized=vectorized)
 
@@ -200,6 +208,24 @@ def _vectorize(fn, nparams):
         out = torch.func.vmap(fn, in_dims=(0,) + (None,) * nparams)(flat, *params)
         return out.reshape(*lead, out.shape[-1])
     return batched
+
+
+def _hint_vectorized(fn, name):
+    """``fn`` whose ``RuntimeError`` on a batch ``x`` (``x.dim() ≥ 2``) becomes an :class:`InputError`
+    naming ``vectorized=False`` (see the module docstring)."""
+    if not callable(fn):  # the constructor reports it
+        return fn
+
+    def checked(x, *params):
+        try:
+            return fn(x, *params)
+        except RuntimeError as e:
+            if x.dim() < 2:
+                raise
+            raise InputError(f"{name}(x, *params) failed on a batch x of shape {tuple(x.shape)}: {e}. "
+                             f"from_matvec calls it on batches (..., n) of vectors; if it takes 1-D vectors only, "
+                             f"pass vectorized=False (it is then batched with torch.func.vmap)") from e
+    return checked
 
 
 def aslinearoperator(A, *, symmetric=False, positive_definite=False) -> LinearOperator:

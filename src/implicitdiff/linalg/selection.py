@@ -138,7 +138,10 @@ def factorize(A: torch.Tensor, selection: str, solver: str = "auto", rank_rtol: 
     if solver == "svd":
         # LAPACK's SVD raises on NaN/Inf: zero them (the caller reports those elements NONFINITE)
         A = torch.where(torch.isfinite(A), A, torch.zeros((), dtype=A.dtype, device=A.device))
-        fact, rank, cond = SVD.factor(A, tol)
+        # a truncated direction fails "least_squares" and a square "exact": there cond is A's own, not the
+        # pseudo-inverse's (which would report a singular A as well conditioned)
+        strict = selection == "least_squares" or (selection == "exact" and m == n)
+        fact, rank, cond = SVD.factor(A, tol, full_cond=strict)
         status = ok
         if selection == "least_squares":
             status = torch.where(rank < n, int(Status.RANK_DEFICIENT), ok)

@@ -28,8 +28,10 @@ class SVD(Factorization):
         self.U, self.s_inv, self.Vh = U, s_inv, Vh
 
     @classmethod
-    def factor(cls, A, rtol: float | None = None):
-        """Returns ``(svd, rank, cond)``: numerical rank and ``s_max / s_min`` over the kept values."""
+    def factor(cls, A, rtol: float | None = None, full_cond: bool = False):
+        """Returns ``(svd, rank, cond)``: numerical rank and ``s_max / s_min`` over the kept values (the
+        pseudo-inverse's condition), or with ``full_cond`` over all values (A's own condition, ``inf`` for
+        a zero singular value: what a failed "exact"/"least_squares" solve reports)."""
         m, n = A.shape[-2:]
         tol = rank_rtol(A.dtype, m, n) if rtol is None else rtol
         U, s, Vh = torch.linalg.svd(A, full_matrices=False)
@@ -37,8 +39,11 @@ class SVD(Factorization):
         keep = s > tol * smax
         s_inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
         rank = keep.sum(-1)
-        smin = torch.where(keep, s, torch.full_like(s, float("inf"))).amin(-1)
-        cond = smax[..., 0] / smin
+        if full_cond:
+            smin = s.amin(-1)
+            cond = torch.where(smin > 0, smax[..., 0] / smin, float("inf"))
+        else:
+            cond = smax[..., 0] / torch.where(keep, s, float("inf")).amin(-1)
         return cls(U, s_inv, Vh), rank, cond
 
     def solve(self, B, adjoint=False):
