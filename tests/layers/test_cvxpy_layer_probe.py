@@ -129,3 +129,41 @@ def test_a_parameter_given_twice_is_named():
         CvxpyLayer(prob, [A, A, b], [x])
     with pytest.raises(InputError, match=r"given more than once: \['A'\]; missing: \['b'\]"):
         CvxpyLayer(prob, [A, A], [x])
+
+
+# ----------------------------------------------------------------------------- vmap over grad / vjp / jvp / jacrev
+@pytest.mark.parametrize("shared", [False, True], ids=["all-vmapped", "rest-shared"])
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_vmap_over_derivatives_of_the_layer_equals_a_loop(name, shared):
+    """``vmap`` over ``grad`` / ``vjp`` / ``jvp`` / ``jacrev`` of the layer (the saved solution is itself vmapped:
+    cone_program's ``_Derivative`` folds it into the batch) equals the same derivative taken element by element."""
+    from implicitdiff.nn import CvxpyLayer
+
+    prob, params, variables = PROBLEMS[name]()
+    layer = CvxpyLayer(prob, params, variables)
+    V = 3
+    batched = random_values(params, batch=(V,), seed=5)
+    args = [batched[0]] + (random_values(params, seed=6)[1:] if shared else batched[1:])
+    dims = (0,) + ((None,) if shared else (0,)) * (len(args) - 1)
+    gen = torch.Generator().manual_seed(7)
+    direction = torch.randn(args[0].shape[1:], dtype=F64, generator=gen)  # a tangent of the first parameter
+    weight = torch.randn(variables[0].shape, dtype=F64, generator=gen)  # a cotangent of the first variable
+
+    def first(*ps):
+        return layer(*ps)[0]
+
+    def loss(*ps):
+        return sum((o * o).sum() for o in layer(*ps))
+
+    transforms = {
+        "grad": torch.func.grad(loss),
+        "vjp": lambda *ps: torch.func.vjp(first, *ps)[1](weight)[0],
+        "jvp": lambda *ps: torch.func.jvp(lambda p0: first(p0, *ps[1:]), (ps[0],), (direction,))[1],
+        "jacrev": torch.func.jacrev(first),
+    }
+    for what, fn in transforms.items():
+        mapped = torch.func.vmap(fn, in_dims=dims)(*args)
+        loop = torch.stack([fn(*[a[i] if d == 0 else a for a, d in zip(args, dims)]) for i in range(V)])
+        assert mapped.shape == loop.shape, what
+        torch.testing.assert_close(mapped, loop, rtol=1e-7, atol=1e-9, msg=what)
+        assert float(loop.abs().max()) > 1e-3, what  # a derivative that is not trivially zero
