@@ -34,7 +34,6 @@ import torch
 
 from .._core.errors import InputError
 from .._core.options import check_real
-from .._core.status import SolveInfo
 from .._core.validate import check_finite
 from ..implicit.sparse_affine import SparseAffineFn
 from .cone_program import cone_program
@@ -173,24 +172,14 @@ def solve_canonical(canon: Canonical, params: Sequence[torch.Tensor], *, rtol=No
 
     ``A, b, c`` are built by :meth:`Canonical.data` and handed to
     :func:`~implicitdiff.cone_program` (which differentiates the solution map; the gradient reaches the
-    parameters through the affine map).  Failed elements follow ``on_failure`` there.  An empty batch
-    gives empty results (zero gradients) without a solve.
+    parameters through the affine map).  Failed elements follow ``on_failure`` there; an empty batch
+    gives empty results (zero gradients) there too.
     """
     A, b, c, batch = canon.data(params)
-    if batch == (0,):
-        return _empty(canon, A, b, c)
     x, y, _, info = cone_program(A, b, c, canon.cones, rtol=rtol, on_failure=on_failure, return_info=True)
     if batch and x.dim() == 1:  # a batched parameter that enters none of A, b, c
         x, y = x.expand(batch + x.shape), y.expand(batch + y.shape)
     return canon.variables(x, y), info
-
-
-def _empty(canon: Canonical, A, b, c):
-    """The results of an empty batch: each variable ``(0, *shape)``, connected to ``A, b, c`` (zero gradients)."""
-    zero = sum((t.sum() * 0 for t in (A, b, c) if t.requires_grad), A.new_zeros(()))
-    x, y = A.new_zeros(0, canon.n) + zero, A.new_zeros(0, canon.m) + zero
-    long = torch.zeros(0, dtype=torch.long, device=A.device)
-    return canon.variables(x, y), SolveInfo(long, A.new_zeros(0), long.clone())
 
 
 _EPS_KEYS = ("eps", "eps_abs", "eps_rel")
