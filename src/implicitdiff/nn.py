@@ -34,7 +34,10 @@ class QPLayer(torch.nn.Module):
 
     Args:
         n: number of variables (needed to initialize learned tensors that are not given).
-        n_ineq, n_eq: rows of ``G``/``h`` and ``A``/``b`` for default initializations.
+        n_ineq, n_eq: rows of ``G``/``h`` and ``A``/``b`` (needed to initialize a learned ``G``/``A``
+            that is not given; ``0``, the default, leaves them to the tensors).  The sizes given are
+            checked against every tensor, from the constructor or per call (an ``InputError`` naming
+            the size), and a nonzero ``n_ineq``/``n_eq`` requires ``G``/``A`` to be present.
         learn: names to learn.  A learned ``Q`` is parametrized as ``Q = L Lᵀ + q_ridge·I`` (the
             parameter ``Q_factor = L``), so it stays positive semidefinite; the others are
             plain parameters.  Defaults when no initial tensor is given: ``L = I``, ``p = 0``,
@@ -86,7 +89,8 @@ class QPLayer(torch.nn.Module):
         device = device or (ref.device if ref is not None else None)
         if n is None:
             n = _infer_n(given)
-        self.n, self.q_ridge = n, float(q_ridge)
+        _check_sizes(given, n, n_ineq, n_eq, "the constructor's ")
+        self.n, self.n_ineq, self.n_eq, self.q_ridge = n, n_ineq, n_eq, float(q_ridge)
         self.rtol, self.max_iter, self.on_failure = rtol, max_iter, on_failure
         self.learn = learn
         self.last_info = None
@@ -137,6 +141,11 @@ class QPLayer(torch.nn.Module):
         ts = {k: call[k] if call.get(k) is not None else getattr(self, k) for k in _NAMES}
         if ts["p"] is None:
             raise InputError("QPLayer needs p: pass it to forward (p=...) or give/learn it in the constructor")
+        _check_sizes(ts, self.n, self.n_ineq, self.n_eq, "")
+        for size, mat, vec in (("n_ineq", "G", "h"), ("n_eq", "A", "b")):
+            if getattr(self, size) and ts[mat] is None:
+                raise InputError(f"QPLayer was built with {size}={getattr(self, size)} but has no {mat}: pass {mat} "
+                                 f"and {vec} to forward, or give or learn them in the constructor")
         z, info = qp(ts["Q"], ts["p"], ts["G"], ts["h"], ts["A"], ts["b"], rtol=self.rtol,
                      max_iter=self.max_iter, on_failure=self.on_failure, return_info=True)
         self.last_info = info
@@ -152,6 +161,27 @@ def _infer_n(given):
         if t is not None:
             return torch.as_tensor(t).shape[axis]
     return None
+
+
+# the axes of each QP tensor that hold n (variables), n_ineq or n_eq (rows), counted from the end
+_AXES = dict(Q=((-1, "n"), (-2, "n")), p=((-1, "n"),), G=((-1, "n"), (-2, "n_ineq")), h=((-1, "n_ineq"),),
+             A=((-1, "n"), (-2, "n_eq")), b=((-1, "n_eq"),))
+
+
+def _check_sizes(ts, n, n_ineq, n_eq, whose):
+    """Each tensor in ``ts`` has the sizes the layer was built with (``None``/``0``: not declared)."""
+    sizes = dict(n=n, n_ineq=n_ineq, n_eq=n_eq)
+    for name, axes in _AXES.items():
+        t = ts[name]
+        if t is None:
+            continue
+        shape = t.shape if isinstance(t, torch.Tensor) else torch.as_tensor(t).shape
+        for axis, size in axes:
+            want = sizes[size]
+            if want and len(shape) >= -axis and shape[axis] != want:
+                raise InputError(f"QPLayer was built with {size}={want} but {whose}{name} has shape "
+                                 f"{tuple(shape)} ({shape[axis]} at dim {axis}): pass {size}={shape[axis]} or a "
+                                 f"{name} of matching shape")
 
 
 def _default(name, n, n_ineq, n_eq, dtype, device, generator):

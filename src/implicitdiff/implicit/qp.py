@@ -30,8 +30,22 @@ relax it (the derivative does not exist there).
 ``K u = x̄`` is solved by :meth:`~implicitdiff.linalg.kkt.ActiveSetKKT.solve`: iterative
 refinement with the forward solver's final factorization of the *regularized* ``K`` (``δ`` on
 the diagonal), so a backward costs triangular solves and a few products, never a
-factorization.  The refined residual is checked; a singular ``K`` (a non-unique solution,
-e.g. a degenerate LP) raises.
+factorization.  The refined residual is checked: a system ``K u = x̄`` with no solution raises
+``SINGULAR`` (a non-unique solution ``z``, e.g. a degenerate LP).
+
+Dependent active constraints (a row repeated; three constraints active at a vertex in 2-D) make
+``K`` singular with a *consistent* reverse system: its null space is ``(0, w, 0)`` with
+``G_𝒜ᵀ w_G + Aᵀ w_A = 0``, orthogonal to ``x̄ = (z̄, 0, 0)``.  ``z`` is unique but has a kink in
+``h`` (and ``G``, ``b``, ``A``) there.  The factorization regularizes every active row alike
+(``−δ``, the polish's ``winv = 1/δ``), so each refinement step's multiplier part is
+``(G_𝒜 x − r₂)/δ``, in the row space of the active constraints when ``r₂`` is: it returns the one solution
+whose multiplier part ``u_λ, u_ν`` lies there, the minimum-norm one (of the row-equilibrated
+problem): ``u_z`` is unique, so ``p̄`` and ``Q̄`` are exact; ``h̄ = M u_λ``, ``b̄ = u_ν`` are an
+element of the generalized (Clarke) gradient (``k`` copies of a row get ``1/k`` each); ``Ḡ, Ā``
+multiply it with the forward's multipliers, also not unique there.  This is documented in
+``docs/qp.md``.  Forward mode and a cotangent on ``λ, ν`` see the null space: a tangent that moves
+dependent constraints apart, or a cotangent not orthogonal to ``(0, w, 0)``, leaves ``K x = r``
+without a solution and raises ``SINGULAR``.
 
 The contract with the forward solver is a type: its result carries the
 :class:`~implicitdiff.linalg.kkt.ActiveSetKKT` at the solution (``result.kkt``), which this
