@@ -420,4 +420,10 @@ def run(it: Iteration) -> KrylovResult:
         x = x * prob.scale
     finite = torch.isfinite(x).all(-1) & torch.isfinite(rel)
     status = torch.where(finite, status, int(Status.NONFINITE))
+    if x.requires_grad:  # autograd through the iterations: the "gradient" of a truncated recursion
+        raise InputError(
+            "the Krylov solvers of implicitdiff.linalg are forward only, and an input of this one requires grad "
+            "(A, b, x0, or a tensor A's matvec or M uses): autograd through the iterations would give a wrong "
+            "gradient. Use implicitdiff.linear_solve(A, b, solver=...) for the exact (implicit) gradient, or "
+            "call the solver under torch.no_grad() / on detached inputs")
     return KrylovResult(x, SolveInfo(status, rel, iters))
