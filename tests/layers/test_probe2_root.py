@@ -1,0 +1,79 @@
+"""The second probe's findings on the root-type layers (findings 4, 8, 9, 11, 12 and 13).
+
+Each test failed before its fix: a raw torch error or a silent answer where an ``InputError``
+naming the argument belongs, a hint that pointed the wrong way, or a rejected keyword call.
+"""
+
+import pytest
+import torch
+from torch.func import grad, vmap
+
+import implicitdiff as idf
+from implicitdiff.nn import DEQ
+
+D = torch.float64
+
+
+# ---------------------------------------------------------------- finding 4: Unroll() under vmap
+def _tanh_map(z, a):
+    return torch.tanh(a * z + 1.0)
+
+
+@pytest.mark.parametrize("layer", ["fixed_point", "root", "argmin"])
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_unroll_under_vmap_is_an_input_error(layer, with_grad):
+    a = torch.tensor([[0.5, 0.3], [0.2, 0.1]], dtype=D)
+    z0 = torch.zeros(2, dtype=D)
+    calls = {
+        "fixed_point": lambda a: idf.fixed_point(_tanh_map, z0, a, adjoint=idf.Unroll()),
+        "root": lambda a: idf.root(lambda y, a: y ** 3 + y - a, z0, a, adjoint=idf.Unroll()),
+        "argmin": lambda a: idf.argmin(lambda y, a: ((y - a) ** 2).sum() + (y ** 4).sum(), z0, a,
+                                       adjoint=idf.Unroll()),
+    }
+    fn = calls[layer]
+    if with_grad:
+        fn = grad(lambda a, fn=fn: fn(a).sum())
+    with pytest.raises(idf.InputError, match=r"vmap.*Unroll\(\).*adjoint=Implicit\(\)"):
+        vmap(fn)(a)
+
+
+def test_unroll_outside_vmap_and_implicit_under_vmap_still_work():
+    # the check does not touch the paths that work: Unroll without vmap, the default adjoint under vmap
+    a = torch.tensor([[0.5, 0.3], [0.2, 0.1]], dtype=D)
+    z0 = torch.zeros(2, dtype=D)
+
+    def f(a, adjoint):
+        return idf.fixed_point(_tanh_map, z0, a, adjoint=adjoint, rtol=1e-13).sum()
+
+    g_vmap = vmap(grad(lambda a: f(a, idf.Implicit())))(a)
+    g_unroll = torch.stack([grad(lambda a: f(a, idf.Unroll()))(ai) for ai in a])
+    # closed form: z = tanh(a z + 1) elementwise, dz/da = s z / (1 − s a), s = 1 − z²
+    z = torch.stack([idf.fixed_point(_tanh_map, z0, ai, rtol=1e-13) for ai in a])
+    s = 1 - z ** 2
+    expected = s * z / (1 - s * a)
+    torch.testing.assert_close(g_vmap, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g_unroll, expected, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- finding 11: T's dtype
+def test_fixed_point_map_returning_another_dtype_is_an_input_error():
+    a = torch.tensor([0.5, 0.9], dtype=D)
+    with pytest.raises(idf.InputError, match=r"T returned torch.float32 for z of torch.float64.*keep z's dtype"):
+        idf.fixed_point(lambda z, a: (a * z + 1).float(), torch.zeros(2, dtype=D), a)
+
+
+class _Cell(torch.nn.Module):
+    def __init__(self, dtype=D):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 5, dtype=D)
+        torch.nn.init.normal_(self.lin.weight, std=0.5 / 5 ** 0.5, generator=torch.Generator().manual_seed(0))
+        self.dtype = dtype
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x).to(self.dtype)
+
+
+def test_deq_cell_returning_another_dtype_is_an_input_error():
+    x = torch.randn(4, 5, dtype=D, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(idf.InputError, match=r"returned torch.float32 for z of torch.float64"):
+        DEQ(_Cell(torch.float32))(x)
