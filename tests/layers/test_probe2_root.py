@@ -10,6 +10,7 @@ from torch.func import grad, vmap
 
 import implicitdiff as idf
 from implicitdiff.nn import DEQ
+from implicitdiff.solvers import SolverResult
 
 D = torch.float64
 
@@ -77,3 +78,65 @@ def test_deq_cell_returning_another_dtype_is_an_input_error():
     x = torch.randn(4, 5, dtype=D, generator=torch.Generator().manual_seed(1))
     with pytest.raises(idf.InputError, match=r"returned torch.float32 for z of torch.float64"):
         DEQ(_Cell(torch.float32))(x)
+
+
+# ---------------------------------------------------------------- finding 8: keyword parameters
+def _newton_cubic(y0, a):
+    y = y0.clone()
+    for _ in range(60):
+        y = y - (y + y ** 3 - a) / (1 + 3 * y ** 2)
+    return y
+
+
+def _cubic(y, a):
+    return y + y ** 3 - a
+
+
+def test_custom_root_accepts_keyword_parameters():
+    solve = idf.custom_root(_cubic, batch_dims=1, check_rtol=1e-10)(_newton_cubic)
+    a = torch.tensor([1.0, 2.0], dtype=D, requires_grad=True)
+    y0 = torch.zeros(2, dtype=D)
+    for y in (solve(y0, a=a), solve(y0=y0, a=a)):
+        torch.testing.assert_close(y, solve(y0, a), rtol=0, atol=0)
+        (g,) = torch.autograd.grad(y.sum(), a)
+        torch.testing.assert_close(g, 1 / (1 + 3 * y.detach() ** 2), rtol=1e-12, atol=0)   # dy/da
+
+
+def test_custom_root_keyword_only_and_missing_y0_are_input_errors():
+    def solver(y0, a, *, steps=60):
+        return _newton_cubic(y0, a)
+    solve = idf.custom_root(_cubic)(solver)
+    y0, a = torch.zeros(2, dtype=D), torch.ones(2, dtype=D)
+    with pytest.raises(idf.InputError, match=r"keyword-only arguments \['steps'\].*functools.partial"):
+        solve(y0, a, steps=3)
+    with pytest.raises(idf.InputError, match="missing a required argument: 'y0'"):
+        solve(a=a)
+    with pytest.raises(idf.InputError, match="unexpected keyword argument 'b'"):
+        solve(y0, a, b=a)
+
+
+# ---------------------------------------------------------------- finding 12: a SolverResult's info shape
+def _result(info_shape):
+    def solver(y0, a):
+        y = _newton_cubic(y0, a)
+        z = torch.zeros(info_shape, dtype=torch.int64)
+        return SolverResult(y, idf.SolveInfo(z, torch.zeros(info_shape, dtype=D), z))
+    return solver
+
+
+def test_custom_root_rejects_a_solver_result_of_the_wrong_batch_shape():
+    a = torch.tensor([1.0, 2.0], dtype=D, requires_grad=True)
+    bad = idf.custom_root(_cubic, batch_dims=1)(_result((3,)))
+    with pytest.raises(idf.InputError, match=r"info.status has shape \(3,\); it must have the batch shape \(2,\)"):
+        bad(torch.zeros(2, dtype=D), a)
+    good = idf.custom_root(_cubic, batch_dims=1)(_result((2,)))
+    y = good(torch.zeros(2, dtype=D), a)
+    (g,) = torch.autograd.grad(y.sum(), a)
+    torch.testing.assert_close(g, 1 / (1 + 3 * y.detach() ** 2), rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------- finding 13: the default check, named
+def test_custom_root_default_check_rejects_a_wrong_y_and_says_it_is_the_default():
+    wrong = idf.custom_root(_cubic, batch_dims=1)(lambda y0, a: y0 + 0.1)
+    with pytest.raises(idf.SolveError, match=r"exceeds check_rtol \(default eps\^\(1/3\)"):
+        wrong(torch.zeros(2, dtype=D), torch.tensor([1.0, 2.0], dtype=D, requires_grad=True))
