@@ -140,3 +140,37 @@ def test_custom_root_default_check_rejects_a_wrong_y_and_says_it_is_the_default(
     wrong = idf.custom_root(_cubic, batch_dims=1)(lambda y0, a: y0 + 0.1)
     with pytest.raises(idf.SolveError, match=r"exceeds check_rtol \(default eps\^\(1/3\)"):
         wrong(torch.zeros(2, dtype=D), torch.tensor([1.0, 2.0], dtype=D, requires_grad=True))
+
+
+# ---------------------------------------------------------------- finding 9: adjoint hints
+def _flat_root(adjoint):
+    # F's Jacobian [[1, 1], [2, 2]] is singular; ȳ = e₀ is outside the range of its transpose
+    a = torch.tensor([0.5, 1.5], dtype=D, requires_grad=True)
+    F = lambda y, a: torch.stack([y[0] + y[1] - a[0], 2 * (y[0] + y[1] - a[0])])  # noqa: E731
+    y = idf.root(F, torch.zeros(2, dtype=D), a, solver="broyden", adjoint=adjoint)
+    return torch.autograd.grad(y[0], a)
+
+
+def test_gmres_adjoint_breakdown_does_not_suggest_gmres():
+    with pytest.raises(idf.SolveError, match="BREAKDOWN") as e:
+        _flat_root(idf.Implicit(solver="gmres"))
+    assert "Implicit(solver='lu')" in str(e.value) and "solver='gmres'" not in str(e.value)
+    with pytest.raises(idf.SolveError, match=r"BREAKDOWN.*use Implicit\(solver='gmres'\) or 'lu'"):
+        _flat_root(idf.Implicit(solver="bicgstab"))
+
+
+def test_diverging_richardson_adjoint_has_a_hint():
+    a = torch.tensor([3.0, 0.5], dtype=D, requires_grad=True)   # ∂F/∂y = diag(3, 0.5): I − J has radius 2
+    y = idf.root(lambda y, a: a * y - 1, torch.ones(2, dtype=D), a, adjoint=idf.Implicit(solver="richardson"))
+    with pytest.raises(idf.SolveError, match=r"DIVERGED.*spectral radius below 1; use Implicit\(solver='gmres'\)"):
+        torch.autograd.grad(y.sum(), a)
+
+
+def test_deq_adjoint_failure_names_fixed_point_adjoint():
+    layer = DEQ(_Cell(), adjoint=idf.FixedPointAdjoint(max_iter=1, fallback=None))
+    x = torch.randn(4, 5, dtype=D, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(idf.SolveError, match="MAX_ITERATIONS") as e:
+        layer(x).sum().backward()
+    msg = str(e.value)
+    assert "FixedPointAdjoint(max_iter=...)" in msg and "fallback='gmres'" in msg
+    assert "Implicit(max_iter" not in msg
