@@ -23,7 +23,7 @@ class FixedPointResidual:
     """The optimality condition of a fixed point, ``F(z, *params) = T(z, *params) − z``, knowing its map.
 
     ``map`` is ``T``.  ``name`` names ``T`` in the error raised when it returns something other
-    than a tensor of ``z``'s shape.
+    than a tensor of ``z``'s shape and dtype.
     """
 
     __slots__ = ("map", "name")
@@ -38,4 +38,6 @@ class FixedPointResidual:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise InputError(f"{self.name} must return a tensor of z's shape {tuple(z.shape)} (a fixed point maps "
                              f"z to a tensor like z), got {got}")
+        if t.dtype != z.dtype:   # else T − z would promote it silently
+            raise InputError(f"{self.name} returned {t.dtype} for z of {z.dtype}; make {self.name} keep z's dtype")
         return t - z

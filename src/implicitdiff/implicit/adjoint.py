@@ -24,6 +24,7 @@ import torch
 from .._core.defaults import ADJOINT_RICHARDSON_MAX_ITER, DENSE_MAX
 from .._core.errors import InputError
 from .._core.options import check_int, check_real
+from .._core.status import Status
 from .fixed_point_adjoint import picard_adjoint
 from .system import JacobianSystem, flat
 
@@ -101,7 +102,18 @@ class Implicit:
                                      max_iter=ADJOINT_RICHARDSON_MAX_ITER if self.max_iter is None else self.max_iter)
         else:
             x, info = system.krylov(name, r, **kw)
-        return system.check(x, info, r.shape)
+        return system.check(x, info, r.shape, name)
+
+    def hints(self, solver: str) -> dict:
+        """The hints of a failed adjoint (or tangent) solve by ``solver`` (this strategy's, resolved)."""
+        other = "Implicit(solver='lu')" if solver == "gmres" else "Implicit(solver='gmres') or 'lu'"
+        return {
+            Status.MAX_ITERATIONS: f"raise Implicit(max_iter=...) or loosen Implicit(rtol=...), or use {other}",
+            Status.BREAKDOWN: f"the adjoint's {solver} broke down (∂F/∂y may be singular, or indefinite for CG): "
+                              f"use {other}",
+            Status.DIVERGED: f"the adjoint's {solver} iteration diverged: it converges only where I − ∂F/∂y (for a "
+                             f"fixed point, ∂T/∂z) has spectral radius below 1; use {other}",
+        }
 
 
 @dataclass(frozen=True)

@@ -145,8 +145,24 @@ class FixedPointAdjoint:
             keep = info.ok | (info.status == Status.MAX_ITERATIONS)
             x0 = torch.where(keep.unsqueeze(-1), x, torch.zeros_like(x))
             res = gmres(products.mv, R, x0, rtol=self.rtol, atol=self.atol)
-            x, info = res.x, res.info
-        return system.check(x, info, r.shape)
+            return system.check(res.x, res.info, r.shape, "fallback")
+        return system.check(x, info, r.shape, self.solver)
+
+    def hints(self, solver: str) -> dict:
+        """The hints of a failed adjoint solve by ``solver`` (``"fallback"``: the GMRES fallback)."""
+        exact = "or use adjoint=Implicit(solver='lu') (exact, dense)"
+        if solver == "fallback":
+            return dict.fromkeys((Status.MAX_ITERATIONS, Status.BREAKDOWN, Status.DIVERGED),
+                                 f"its GMRES fallback failed too (I − ∂T/∂z may be singular or badly conditioned at "
+                                 f"the fixed point): loosen FixedPointAdjoint(rtol=...), {exact}")
+        fallback = f"keep FixedPointAdjoint(fallback='gmres') (the default), {exact}"
+        return {
+            Status.MAX_ITERATIONS: f"raise FixedPointAdjoint(max_iter=...) or loosen FixedPointAdjoint(rtol=...), "
+                                   f"{fallback}",
+            Status.BREAKDOWN: f"the adjoint's {solver} iteration broke down: {fallback}",
+            Status.DIVERGED: f"the adjoint's {solver} iteration diverged (∂T/∂z has spectral radius ≥ 1 at the "
+                             f"fixed point, it is not a contraction there): {fallback}",
+        }
 
 
 def picard_adjoint(mv, R, *, rtol, atol=0.0, max_iter, map_mv=None, alpha: float = -1.0):

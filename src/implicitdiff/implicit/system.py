@@ -37,12 +37,8 @@ from .linear import FactoredSolveFn, SolveSpec, solve as linear_solve_fn
 
 __all__ = ["JacobianSystem", "Products", "jacobian_operator", "jvp_by_vjp", "flat"]
 
-_HINTS = {
-    Status.SINGULAR: "∂F/∂y is singular at the solution, so the implicit function theorem does not apply; "
-                     "check that the root is isolated (or regularize F)",
-    Status.MAX_ITERATIONS: "raise Implicit(max_iter=...) or loosen Implicit(rtol=...), or use Implicit(solver='lu')",
-    Status.BREAKDOWN: "the adjoint Krylov solver broke down: use Implicit(solver='gmres') or 'lu'",
-}
+_SINGULAR_HINT = ("∂F/∂y is singular at the solution, so the implicit function theorem does not apply; "
+                  "check that the root is isolated (or regularize F)")
 
 
 def flat(y, bd):
@@ -200,9 +196,10 @@ class JacobianSystem:
         return Products(mv)
 
     # ------------------------------------------------------------------ solves
-    def check(self, x, info: SolveInfo, r_shape) -> torch.Tensor:
-        """``x`` reshaped to ``r``'s shape after checking ``info`` (raise ``SolveError`` on failure;
-        under ``vmap`` failed elements become NaN); skipped elements are 0."""
+    def check(self, x, info: SolveInfo, r_shape, solver: str) -> torch.Tensor:
+        """``x`` reshaped to ``r``'s shape after checking ``info`` of the solve by ``solver`` (raise
+        ``SolveError`` on failure, with the strategy's hints for that solver; under ``vmap`` failed
+        elements become NaN); skipped elements are 0."""
         status, out = info.status, x
         if self.skip is not None:
             status = torch.where(self.skip, 0, status)
@@ -211,7 +208,8 @@ class JacobianSystem:
         if is_vmapped(status):
             out = nan_where_failed(out, info.ok)
         else:
-            out = apply_on_failure(out, info, "raise", self.what, _HINTS, policy_hint=False)
+            hints = {Status.SINGULAR: _SINGULAR_HINT, **self.problem.adjoint.hints(solver)}
+            out = apply_on_failure(out, info, "raise", self.what, hints, policy_hint=False)
         return out.reshape(r_shape)
 
     def dense(self, r: torch.Tensor) -> torch.Tensor:
@@ -231,7 +229,7 @@ class JacobianSystem:
             else:
                 X, status, residual, _, _ = linear_solve_fn(SolveSpec("exact"), J.mT if self.transpose else J, R)
         zeros = torch.zeros_like(status)
-        return self.check(X.squeeze(-1), SolveInfo(status, residual, zeros), r.shape)
+        return self.check(X.squeeze(-1), SolveInfo(status, residual, zeros), r.shape, "lu")
 
     def krylov(self, name: str, r, *, rtol=None, atol=0.0, max_iter=None, retry_minres: bool = False,
                products: Optional[Products] = None):
@@ -254,4 +252,5 @@ class JacobianSystem:
         if retry_minres and name == "cg" and not is_vmapped(info.status) \
                 and bool((info.status == Status.BREAKDOWN).any()):
             x, info = iterative_solve(op, R, solver="minres", rtol=rtol, atol=atol, max_iter=max_iter)
-        return self.check(x, info, r.shape)
+            name = "minres"
+        return self.check(x, info, r.shape, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -30,6 +31,7 @@ def _wrap_user_solver(solver: Callable, check_rtol: Optional[float], what: str):
             raise InputError(f"the solver of {what} returned a tensor of shape {tuple(y.shape)}, {y.dtype} on "
                              f"{y.device}; it must return y0's shape {tuple(y0.shape)}, {y0.dtype} on {y0.device}")
         if isinstance(out, SolverResult):
+            _check_info(out.info, y0.shape[:batch_dims], what)
             return out
         rtol = check_rtol if check_rtol is not None else default_check_rtol(y.dtype)
         bd = batch_dims
@@ -43,6 +45,35 @@ def _wrap_user_solver(solver: Callable, check_rtol: Optional[float], what: str):
         status = torch.where((status == 0) & ~accept, int(Status.MAX_ITERATIONS), status)
         return SolverResult(y, SolveInfo(status, rel, torch.zeros_like(status)))
     return solve
+
+
+def _check_info(info: SolveInfo, batch_shape: torch.Size, what: str) -> None:
+    """A returned ``SolverResult``'s info holds one entry per batch element (``y0.shape[:batch_dims]``)."""
+    for field in ("status", "residual", "iterations"):
+        t = getattr(info, field)
+        if not isinstance(t, torch.Tensor) or t.shape != batch_shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InputError(f"the solver of {what} returned a SolverResult whose info.{field} has shape {got}; "
+                             f"it must have the batch shape {tuple(batch_shape)} (y0.shape[:batch_dims])")
+
+
+def _positional(signature, args: tuple, kwargs: dict, what: str) -> tuple:
+    """``(y0, *params)`` of a call of the decorated solver, keyword arguments placed by its signature."""
+    if args and not kwargs:
+        return args
+    if signature is None:
+        raise InputError(f"{what} was called with keyword arguments {sorted(kwargs)}, but the solver's signature "
+                         f"cannot be read to place them: pass y0 and the parameters positionally")
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(f"{what}: {e}") from e
+    if not bound.args:
+        raise InputError(f"{what} takes y0 as its first argument")
+    if bound.kwargs:
+        raise InputError(f"{what} passes its parameters to F(y, *params) by position, so the solver's keyword-only "
+                         f"arguments {sorted(bound.kwargs)} cannot be given: bind them with functools.partial")
+    return bound.args
 
 
 def _residual_norm(F, y, params, bd, what):
@@ -65,11 +96,13 @@ def custom_root(F: Callable, *, adjoint=Implicit(), batch_dims: int = 0, on_fail
                 check_rtol: Optional[float] = None, _kind: str = "custom_root"):
     r"""Decorator: give ``solver(y0, *params) -> y`` implicit gradients through ``F(y, *params) = 0``.
 
-    ``custom_root(F)(solver)`` returns a function with ``solver``'s signature
+    ``custom_root(F)(solver)`` returns a function with ``solver``'s signature (parameters
+    passed by keyword are placed in ``solver``'s order, as ``F`` takes them by position)
     whose output is differentiable in ``params`` (never in ``y0``); ``solver``
     itself need not be differentiable (it runs under ``torch.no_grad``).  It may
     return a tensor of ``y0``'s shape and dtype or a :class:`~implicitdiff.solvers.SolverResult`
-    (anything else raises :class:`~implicitdiff.InputError`).  A returned ``y`` whose relative
+    whose info has the batch shape ``y0.shape[:batch_dims]`` (anything else raises
+    :class:`~implicitdiff.InputError`).  A returned ``y`` whose relative
     residual ``‖F(y)‖/‖F(y0)‖`` exceeds ``check_rtol`` (default
     :func:`default_check_rtol`: ``eps^(1/3)``) is a failure (``on_failure``), and so is a
     non-finite one: a solver that did not solve is never taken for one that did.
@@ -99,18 +132,24 @@ def custom_root(F: Callable, *, adjoint=Implicit(), batch_dims: int = 0, on_fail
         check_callable(f"the solver decorated by {_kind}", solver)
         what = f"{_kind}({getattr(solver, '__name__', type(solver).__name__)})"
         solve = _wrap_user_solver(solver, check_rtol, what)
+        try:
+            signature = inspect.signature(solver)
+        except (TypeError, ValueError):                 # a builtin or a callable without one
+            signature = None
 
         @functools.wraps(solver)
-        def wrapped(y0, *params):
-            return solve_implicit(F, y0, params, solve=solve, adjoint=adjoint, batch_dims=batch_dims,
+        def wrapped(*args, **kwargs):
+            y0, *params = _positional(signature, args, kwargs, what)
+            return solve_implicit(F, y0, tuple(params), solve=solve, adjoint=adjoint, batch_dims=batch_dims,
                                   on_failure=on_failure, return_info=False, what=what, hints=_HINTS)
         return wrapped
     return decorator
 
 
 _HINTS = {
-    Status.MAX_ITERATIONS: "the decorated solver returned a y whose residual exceeds check_rtol: make it solve "
-                           "more accurately, or pass a looser check_rtol if this accuracy is intended",
+    Status.MAX_ITERATIONS: "the decorated solver returned a y whose relative residual ‖F(y)‖/‖F(y0)‖ exceeds "
+                           "check_rtol (default eps^(1/3), default_check_rtol): make it solve more accurately, or "
+                           "pass a looser check_rtol if this accuracy is intended",
     Status.NONFINITE: "the decorated solver returned NaN/Inf: check it and its inputs",
 }
 

@@ -47,7 +47,7 @@ from .._core.errors import InputError
 from .._core.options import check_int, check_real
 from .._core.residual import FixedPointResidual
 from .._core.status import SolveInfo, Status
-from .._core.validate import as_float_tensor
+from .._core.validate import as_float_tensor, is_vmapped
 
 __all__ = ["Options", "options", "Flat", "flatten_root", "iterate", "norm",
            "where", "single", "finite_probe", "LoopResult", "fixed_point_step"]
@@ -136,6 +136,11 @@ def flatten_root(F: Callable, opts: Options, name: str = "F", recorder=None) -> 
     if f0.dtype != opts.y0.dtype or f0.device != opts.y0.device:
         raise InputError(f"{name}(y, *params) returned {f0.dtype} on {f0.device} for y of {opts.y0.dtype} on "
                          f"{opts.y0.device}; make {name} keep y's dtype and device")
+    if is_vmapped(f0):   # the loop reads its stopping test on the host, which vmap forbids
+        raise InputError(f"{name} returned a tensor batched by torch.func.vmap, but this solver's loop reads its "
+                         f"stopping test on the host, which vmap forbids (adjoint=Unroll() runs it under vmap): "
+                         f"use the default adjoint=Implicit() under vmap, or batch the problem with batch_dims "
+                         f"instead of vmap")
     T = F.map if fixed else None
     record = None if recorder is None else recorder.record
     if tuple(flat) == tuple(shape):                      # already flat (one batch dim): no reshapes
