@@ -1,5 +1,10 @@
 """Matrix-free Krylov solvers, forward only: one signature, one stopping rule, batched.
 
+Forward only means a result that autograd would differentiate through the iterations (an input, or
+a tensor ``A``'s matvec or ``M`` uses, requires grad under grad mode) raises
+:class:`~implicitdiff.InputError`: that gradient would be wrong.  The exact gradient of a solve is
+:func:`implicitdiff.linear_solve` with ``solver=`` one of these; or call them under ``torch.no_grad()``.
+
 Every solver is ``solver(A, b, x0=None, *, rtol=None, atol=0.0, max_iter=None, M=None,
 callback=None, check_every=None) -> KrylovResult(x, info)`` and stops an element when
 
