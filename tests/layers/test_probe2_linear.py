@@ -112,3 +112,24 @@ def test_singular_pinned_remainder_reports_no_residual_instead_of_nan():
     with pytest.raises(SolveError, match="SINGULAR") as e:
         idf.linear_solve(A, torch.ones(2, dtype=F64), selection=idf.Pinned([0], 0.0))
     assert "residual nan" not in str(e.value) and "no residual" in str(e.value)
+
+
+def test_a_vectorized_matvec_failing_for_another_reason_keeps_its_own_error():
+    # review: the vectorized=False hint is only for a map that runs on one vector but not on the batch;
+    # a map that fails on every input (the library's own operators wrap user functions) keeps its error
+    def broken(x):
+        raise RuntimeError("the user's own failure")
+
+    op = LinearOperator.from_matvec(broken, (3, 3), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="the user's own failure") as err:
+        op.mv(torch.ones(2, 3, dtype=torch.float64))
+    assert not isinstance(err.value, InputError)
+
+
+def test_splu_gradient_in_b_alone_is_constant_not_an_error():
+    # review: with only b requiring grad, ∂y/∂b = A⁻¹ does not depend on b: the gradient of a linear
+    # loss is a constant (as torch.linalg.solve's), not linked to y (which made a second derivative raise)
+    b = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(idf.linear_solve(_sparse(), b, solver="splu").sum(), b, create_graph=True)
+    assert not g.requires_grad
+    torch.testing.assert_close(g, torch.linalg.solve(_sparse().to_dense().mT, torch.ones(3, dtype=torch.float64)))

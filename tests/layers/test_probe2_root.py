@@ -174,3 +174,20 @@ def test_deq_adjoint_failure_names_fixed_point_adjoint():
     msg = str(e.value)
     assert "FixedPointAdjoint(max_iter=...)" in msg and "fallback='gmres'" in msg
     assert "Implicit(max_iter" not in msg
+
+
+def test_a_keyword_after_an_omitted_positional_parameter_is_named():
+    # review: c given by keyword while b (before it, defaulted) is not: the call cannot be placed by position
+    def F(y, a, b=1.0, c=0.0):
+        return y - a * b - c
+
+    @idf.custom_root(F)
+    def solver(y0, a, b=1.0, c=0.0):
+        return a * b + c
+
+    a = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(idf.InputError, match=r"\['c'\] follow \['b'\].*pass those too"):
+        solver(torch.zeros(1, dtype=torch.float64), a, c=torch.tensor(3.0, dtype=torch.float64))
+    y = solver(torch.zeros(1, dtype=torch.float64), a, torch.tensor(1.0, dtype=torch.float64),
+               c=torch.tensor(3.0, dtype=torch.float64))
+    torch.testing.assert_close(y, torch.tensor([5.0], dtype=torch.float64))

@@ -122,7 +122,8 @@ class SpluSolveFn(torch.autograd.Function):
         A, X = ctx.saved_tensors
         with torch.no_grad():
             gA, gB = SpluSolveFn._vjp(ctx, A, X, gX)
-        deps = [t for t in (gX, A, X) if t.requires_grad]
+        # what gA, gB depend on: gX always, A and X through gA only (gB = A⁻ᵀ gX uses the factors, not A's graph)
+        deps = [t for t, used in ((gX, True), (A, True), (X, ctx.needs_input_grad[0])) if used and t.requires_grad]
         if torch.is_grad_enabled() and deps:  # create_graph=True: a second derivative must fail clearly
             return _FirstOrderOnly.apply(len(deps), *deps, gA, gB)
         return gA, gB

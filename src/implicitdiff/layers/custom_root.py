@@ -71,8 +71,14 @@ def _positional(signature, args: tuple, kwargs: dict, what: str) -> tuple:
     if not bound.args:
         raise InputError(f"{what} takes y0 as its first argument")
     if bound.kwargs:
-        raise InputError(f"{what} passes its parameters to F(y, *params) by position, so the solver's keyword-only "
-                         f"arguments {sorted(bound.kwargs)} cannot be given: bind them with functools.partial")
+        kinds = signature.parameters
+        only = sorted(k for k in bound.kwargs if kinds[k].kind is inspect.Parameter.KEYWORD_ONLY)
+        if only:
+            raise InputError(f"{what} passes its parameters to F(y, *params) by position, so the solver's "
+                             f"keyword-only arguments {only} cannot be given: bind them with functools.partial")
+        missing = [k for k, v in kinds.items() if k not in bound.arguments and v.kind is not v.KEYWORD_ONLY]
+        raise InputError(f"{what} passes its parameters to F(y, *params) by position: {sorted(bound.kwargs)} follow "
+                         f"{missing}, which were not given; pass those too (or every parameter up to the last given)")
     return bound.args
 
 

@@ -212,7 +212,9 @@ def _vectorize(fn, nparams):
 
 def _hint_vectorized(fn, name):
     """``fn`` whose ``RuntimeError`` on a batch ``x`` (``x.dim() ≥ 2``) becomes an :class:`InputError`
-    naming ``vectorized=False`` (see the module docstring)."""
+    naming ``vectorized=False`` (see the module docstring) — only where ``fn`` runs on one vector of the
+    batch (a 1-D-only map); any other error (a failing user function inside the library's own operators,
+    out of memory) is re-raised as it is."""
     if not callable(fn):  # the constructor reports it
         return fn
 
@@ -220,12 +222,21 @@ def _hint_vectorized(fn, name):
         try:
             return fn(x, *params)
         except RuntimeError as e:
-            if x.dim() < 2:
-                raise
+            if x.dim() < 2 or isinstance(e, torch.OutOfMemoryError) or not _takes_one_vector(fn, x, params):
+                raise  # not a 1-D-only map (its error has another cause: it is the user's to read)
             raise InputError(f"{name}(x, *params) failed on a batch x of shape {tuple(x.shape)}: {e}. "
                              f"from_matvec calls it on batches (..., n) of vectors; if it takes 1-D vectors only, "
                              f"pass vectorized=False (it is then batched with torch.func.vmap)") from e
     return checked
+
+
+def _takes_one_vector(fn, x, params) -> bool:
+    """Whether ``fn`` runs on one vector of the batch ``x`` (then its failure on the batch is the 1-D-only kind)."""
+    try:
+        fn(x.reshape(-1, x.shape[-1])[0], *params)
+    except Exception:  # noqa: BLE001 - any failure: not the kind the hint is about
+        return False
+    return True
 
 
 def aslinearoperator(A, *, symmetric=False, positive_definite=False) -> LinearOperator:
