@@ -322,3 +322,13 @@ def test_a_solve_that_autograd_would_differentiate_through_is_refused(name):
         x = solver(S, b, rtol=1e-12).x
     torch.testing.assert_close(x, torch.linalg.solve(S.detach(), b), rtol=1e-9, atol=0)
     assert solver(S.detach(), b, rtol=1e-12).info.status == 0          # detached inputs: as before
+
+
+def test_the_refusal_comes_before_the_first_iteration():
+    # a large problem must not build a graph over every iteration before the error
+    S = (4 * torch.eye(6, dtype=torch.float64)).requires_grad_()
+    seen = []
+    for solver in (cg, minres, gmres, bicgstab):
+        with pytest.raises(InputError, match="forward only"):
+            solver(S, torch.ones(6, dtype=torch.float64), callback=seen.append)
+    assert seen == []

@@ -362,6 +362,7 @@ def run(it: Iteration) -> KrylovResult:
     prob = it.prob
     x = prob.x0
     it.init(x)
+    _refuse_autograd(vars(it).values())  # before the first iteration: the state after A x₀ and b shows it
     broken = it.broken.clone()
     done = it.converged() | broken
     iters = torch.zeros(done.shape, dtype=torch.int64, device=x.device)
@@ -420,10 +421,16 @@ def run(it: Iteration) -> KrylovResult:
         x = x * prob.scale
     finite = torch.isfinite(x).all(-1) & torch.isfinite(rel)
     status = torch.where(finite, status, int(Status.NONFINITE))
-    if x.requires_grad:  # autograd through the iterations: the "gradient" of a truncated recursion
+    _refuse_autograd((x,))  # (again at the end: M, and lsqr/lsmr's first state, may not show it at the start)
+    return KrylovResult(x, SolveInfo(status, rel, iters))
+
+
+def _refuse_autograd(tensors) -> None:
+    """Raise where the solve's state would carry autograd through the iterations: the "gradient" of a
+    truncated recursion is wrong, and its graph grows with every iteration."""
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         raise InputError(
             "the Krylov solvers of implicitdiff.linalg are forward only, and an input of this one requires grad "
             "(A, b, x0, or a tensor A's matvec or M uses): autograd through the iterations would give a wrong "
             "gradient. Use implicitdiff.linear_solve(A, b, solver=...) for the exact (implicit) gradient, or "
             "call the solver under torch.no_grad() / on detached inputs")
-    return KrylovResult(x, SolveInfo(status, rel, iters))
