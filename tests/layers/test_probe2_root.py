@@ -191,3 +191,15 @@ def test_a_keyword_after_an_omitted_positional_parameter_is_named():
     y = solver(torch.zeros(1, dtype=torch.float64), a, torch.tensor(1.0, dtype=torch.float64),
                c=torch.tensor(3.0, dtype=torch.float64))
     torch.testing.assert_close(y, torch.tensor([5.0], dtype=torch.float64))
+
+
+def test_a_dtype_change_under_autocast_names_autocast():
+    # review: under torch.autocast the dtype change comes from autocast (Anderson's mixing ran in bfloat16),
+    # not from T: the message says so
+    W = torch.nn.Linear(16, 16)
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(idf.InputError, match=r"T returned .*torch\.autocast is on"):
+            idf.fixed_point(lambda z, x: torch.tanh(0.3 * W(z) + x), torch.zeros(4, 16), x, batch_dims=1,
+                            solver="anderson", rtol=1e-2)
