@@ -105,7 +105,8 @@ def _compiled(kind: str, f: Callable, build: Callable, examples: tuple, extra=()
         _CACHE[key] = fn
         if len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
-    _CACHE.move_to_end(key)
+    else:
+        _CACHE.move_to_end(key)
     return fn
 
 
@@ -165,11 +166,11 @@ def compiled_lbfgs(f: Callable, y0: torch.Tensor, params: tuple, *, rtol: float,
         gn0 = torch.linalg.vector_norm(g)
         gn0_f, v_f = torch.stack([gn0, v]).tolist()
         status = None
+        tol = atol + rtol * gn0_f
         if not (math.isfinite(gn0_f) and math.isfinite(v_f)):
             status = Status.NONFINITE
-        elif gn0_f <= atol + rtol * gn0_f:
+        elif gn0_f <= tol:
             status = Status.SUCCESS
-        tol = atol + rtol * gn0_f
         zeros = y.new_zeros(m, n)
         state = (y, g, v, -g / gn0, torch.ones((), dtype=dt), zeros, zeros.clone(), y.new_zeros(m), 1 / gn0)
         step = _compiled("lbfgs", f, lambda: _lbfgs_step(f, shape, m, torch.finfo(dt).eps), state + params,
