@@ -43,7 +43,7 @@ the candidates ``α_in·0.9ᵏ`` (``k ∈ {1, 2, 3, 4, 5, 7, 9, 12}``): the larg
 pass is taken (the smallest when none does).  (1) has no host sync; (2) checks the candidates
 largest first, each for the whole batch, until every element has passed one — a host sync per
 candidate tried, for ``1/K`` of the cost of checking all ``K`` at once where the first suffices
-(the logistic-regression bench: 38 of 42 steps).  Forward only, no gradients.
+(most steps: docs/benchmarks.md).  Forward only, no gradients.
 """
 
 from __future__ import annotations

@@ -67,8 +67,9 @@ is never accepted).  With ``cⱼ = 0`` the variable is free: ``r₁ⱼ = 0``, so
 of the solutions.
 
 Converged elements are frozen while the others go on; the loop's host syncs are the "all done?"
-test, whether to refine, and whether a Cholesky factorization failed (then shifted by ``√eps``
-of its diagonal).  Forward only: no gradients here.
+test, whether to refine, whether a Cholesky factorization failed (then shifted by ``√eps``
+of its diagonal), and two in the cones: ``PSD.scale``'s spread test (float64, PSD blocks) and
+``ExpCone.step``'s one per neighbourhood candidate tried.  Forward only: no gradients here.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ for all ``j`` at once, is one product of ``P``'s row ``c`` with ``[X₁ … X_n]
 is about ``1/k`` of the result, instead of building the ``(d, d)`` matrix (``d²`` gathered entries
 per element, in fresh memory) and multiplying by it (measured in docs/benchmarks.md, sixth session).
 The rows of ``P`` are first copied to contiguous memory (one ``k × k`` copy per element): a product
-with a strided row (stride ``k``) was about 10x slower than with a contiguous one.  The ``k`` columns
+with a strided row (stride ``k``) was much slower than with a contiguous one (docs/benchmarks.md).  The ``k`` columns
 are concatenated once (assigning each into a slice of the result, strided over the batch, took
 longer: docs/benchmarks.md, eighth session).
 Fewer than :data:`COLUMNS_MIN` columns (the interior point's right-hand sides) take one congruence with
