@@ -301,7 +301,8 @@ class QPInteriorPoint:
         dt, dev = p.dtype, p.device
         eps_c = self.cert_tol
         ones = p.new_ones(B, m)
-        scratch = p.new_empty(B, n, n)  # every iteration's H̃ is built and factored here (kkt_factor's out)
+        # every iteration's H̃ is built and factored here (kkt_factor's out: the primal kind only)
+        scratch = p.new_empty(B, n, n) if kind == "primal" else None
         first = None  # the factorization for the first iteration, when the start already made it
         if warm_start is None:
             # Start (as CVXOPT): solve the KKT system with W = I, i.e. the least-squares-slack
@@ -367,8 +368,8 @@ class QPInteriorPoint:
             w = s / lam
             # the factorization regularizes the (2,2) block to −(W + δI) (bounded condition number);
             # the corrector's refinement is against the exact W
-            f = (kkt_factor(kind, pre, Q, G, A, lam / (s + delta * lam), delta, out=scratch[: p.shape[0]])
-                 if first is None else first)
+            buf = None if scratch is None else scratch[: p.shape[0]]
+            f = kkt_factor(kind, pre, Q, G, A, lam / (s + delta * lam), delta, out=buf) if first is None else first
             first = None
             # affine (predictor): complementarity target 0, r_c = s∘λ, so r₂ = −r_p + r_c/λ = −r_p + s
             dz, dl, dn = kkt_solve_reg(f, G, A, -rd, -rp + s, -re)
