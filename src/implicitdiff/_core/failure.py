@@ -9,6 +9,8 @@ data, so failed elements become NaN whatever was asked.
 
 from __future__ import annotations
 
+import math
+
 import warnings
 
 import torch
@@ -40,7 +42,7 @@ def _describe(info: SolveInfo, what: str, hints: dict, raising: bool = True) -> 
     iters = int(info.iterations.reshape(-1)[first]) if info.iterations.numel() else 0
     n_failed, n_all = failed.numel(), status.numel()
     where = "" if n_all == 1 else f" in {n_failed} of {n_all} batch elements (first: flat index {first})"
-    measured = f"residual {residual:.3e}" if residual == residual else "no residual (no solution was computed)"
+    measured = f"residual {residual:.3e}" if not math.isnan(residual) else "no residual (no solution was computed)"
     msg = f"{what} failed{where}: {code.name} — {code.message}; {measured}"
     if iters:
         msg += f" after {iters} iterations"

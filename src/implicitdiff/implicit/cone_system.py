@@ -339,18 +339,22 @@ class ConeSystem:
         Mo = M.mT if adjoint else M
         lu = LUTransposed(*_shifted_lu(M.clone(), absmax(M, (-2, -1))))
         gi = g[i]
-        tiny = torch.finfo(gi.dtype).tiny
+        gmax = gi.abs().amax(-1).clamp(min=torch.finfo(gi.dtype).tiny)
+
+        def relres(x):
+            return (gi - _mv(Mo, x)).abs().amax(-1) / gmax
+
         x = lu.solve(gi[..., None], adjoint)[..., 0]
         for _ in range(6):
             x = x + lu.solve((gi - _mv(Mo, x))[..., None], adjoint)[..., 0]
-        rel = (gi - _mv(Mo, x)).abs().amax(-1) / gi.abs().amax(-1).clamp(min=tiny)
+        rel = relres(x)
         retry = ~(rel <= SINGULAR_RTOL)
         if bool(retry.any()):
             LU, piv, info = torch.linalg.lu_factor_ex(Mo)
             x2 = torch.linalg.lu_solve(LU, piv, gi[..., None])[..., 0]
             for _ in range(3):
                 x2 = x2 + torch.linalg.lu_solve(LU, piv, (gi - _mv(Mo, x2))[..., None])[..., 0]
-            rel2 = (gi - _mv(Mo, x2)).abs().amax(-1) / gi.abs().amax(-1).clamp(min=tiny)
+            rel2 = relres(x2)
             take = retry & (info == 0) & (rel2 <= SINGULAR_RTOL)  # NaN/Inf (an exactly singular M) fail
             x = torch.where(take[:, None], x2, x)
             rel = torch.where(take, rel2, rel)
