@@ -101,7 +101,7 @@ class Implicit:
                                      rtol=self.rtol, atol=self.atol,
                                      max_iter=ADJOINT_RICHARDSON_MAX_ITER if self.max_iter is None else self.max_iter)
         else:
-            x, info = system.krylov(name, r, **kw)
+            x, info, name = system.krylov(name, r, **kw)
         return system.check(x, info, r.shape, name)
 
     def hints(self, solver: str) -> dict:

@@ -233,14 +233,16 @@ class JacobianSystem:
 
     def krylov(self, name: str, r, *, rtol=None, atol=0.0, max_iter=None, retry_minres: bool = False,
                products: Optional[Products] = None):
-        """``(x, info)`` by the first-order matrix-free Krylov method ``name`` (unchecked, flat);
-        CG that meets ``pᵀHp ≤ 0`` is retried with MINRES when ``retry_minres``."""
+        """``(x, info, name)`` by the first-order matrix-free Krylov method ``name`` (unchecked, flat);
+        CG that meets ``pᵀHp ≤ 0`` is retried with MINRES when ``retry_minres`` (then ``name`` is
+        ``"minres"``: the failure hints name the solver that ran)."""
         mv = (products or self.products()).mv
         R = flat(r, self.bd)
         x, info = krylov_solve(name, mv, R, rtol=rtol, atol=atol, max_iter=max_iter)
         if retry_minres and name == "cg" and bool((info.status == Status.BREAKDOWN).any()):
             x, info = krylov_solve("minres", mv, R, rtol=rtol, atol=atol, max_iter=max_iter)
-        return x, info
+            name = "minres"
+        return x, info, name
 
     def differentiable(self, name: str, r, *, rtol=None, atol=0.0, max_iter=None, retry_minres: bool = False):
         """The differentiable matrix-free solve (checked, ``r``'s shape): ``name`` one of cg, minres,
