@@ -59,6 +59,25 @@ def test_in_transform_is_true_under_every_torch_func_transform_only():
     assert not tp.in_transform()
 
 
+def test_tracks_grad_sees_autograd_beneath_torch_func_wrappers():
+    x = torch.randn(3, dtype=F64)
+    leaf = x.clone().requires_grad_()
+    seen = []
+
+    def f(v):
+        seen.append((v.requires_grad, tp.tracks_grad(v)))
+        return v * 2
+
+    f(x)
+    f(leaf)
+    torch.func.jvp(f, (leaf,), (torch.ones_like(x),))       # the jvp wrapper hides requires_grad
+    torch.func.jvp(f, (x,), (torch.ones_like(x),))
+    torch.func.grad(lambda v: f(v).sum())(x)
+    torch.func.vmap(f)(leaf.reshape(3, 1))                  # so does vmap's
+    assert seen == [(False, False), (True, True), (False, True), (False, False), (True, True), (False, True)]
+    assert not tp.tracks_grad(None) and not tp.tracks_grad(1.0)
+
+
 def test_run_backward_equals_autograd_grad():
     """The engine's ``run_backward(tensors, grad_tensors, keep_graph, create_graph, inputs,
     allow_unreachable, accumulate_grad)``: same values as torch.autograd.grad, ``None`` for an

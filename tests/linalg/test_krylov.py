@@ -324,6 +324,19 @@ def test_a_solve_that_autograd_would_differentiate_through_is_refused(name):
     assert solver(S.detach(), b, rtol=1e-12).info.status == 0          # detached inputs: as before
 
 
+@pytest.mark.parametrize("name", ["cg", "gmres"])
+def test_the_refusal_sees_through_torch_func_jvp(name):
+    # inside torch.func.jvp a tensor of an enclosing autograd graph reads requires_grad=False: the
+    # solve must still be refused (it gave torch's raw in-place error, or a gradient of the recursion)
+    solver = {"cg": cg, "gmres": gmres}[name]
+    S = (4 * torch.eye(5, dtype=torch.float64)).requires_grad_()
+    b, t = torch.ones(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    with pytest.raises(InputError, match="forward only"):
+        torch.func.jvp(lambda bb: solver(lambda v: v @ S.mT, bb, rtol=1e-12).x, (b,), (t,))
+    x = torch.func.jvp(lambda bb: solver(S.detach(), bb, rtol=1e-12).x, (b,), (t,))[0]   # nothing recorded
+    torch.testing.assert_close(x, b / 4, rtol=1e-12, atol=0)
+
+
 def test_the_refusal_comes_before_the_first_iteration():
     # a large problem must not build a graph over every iteration before the error
     S = (4 * torch.eye(6, dtype=torch.float64)).requires_grad_()

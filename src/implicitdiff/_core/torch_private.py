@@ -8,10 +8,11 @@ checks that no other module of ``src/`` touches them.
 
 What is here, and why:
 
-* :func:`is_vmapped`, :func:`in_transform` — ``torch._C._functorch`` probes: is a tensor batched
-  by ``torch.func.vmap`` (no data access allowed), are we under any ``torch.func`` transform
-  (where ``requires_grad_`` and plain ``torch.autograd.grad`` do not see the transformed
-  tensors);
+* :func:`is_vmapped`, :func:`in_transform`, :func:`tracks_grad` — ``torch._C._functorch`` probes:
+  is a tensor batched by ``torch.func.vmap`` (no data access allowed), are we under any
+  ``torch.func`` transform (where ``requires_grad_`` and plain ``torch.autograd.grad`` do not see
+  the transformed tensors), does autograd record a tensor at any level (a ``torch.func.jvp``
+  wrapper reports ``requires_grad=False`` for a tensor that an enclosing autograd differentiates);
 * :func:`run_backward` — the autograd engine's entry point that ``torch.autograd.grad`` ends in,
   without its per-call argument normalization (a loop of products through one graph);
 * :data:`pytree` — ``torch.utils._pytree`` (flatten/unflatten nested inputs, key paths);
@@ -42,7 +43,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["is_vmapped", "in_transform", "run_backward", "HAS_RUN_BACKWARD", "pytree", "warm_forward_ad",
+__all__ = ["is_vmapped", "in_transform", "tracks_grad", "run_backward", "HAS_RUN_BACKWARD", "pytree", "warm_forward_ad",
            "eager_under_compile", "solve_keeping_lu", "solve_factorizes_transpose", "inductor_compile"]
 
 try:
@@ -78,6 +79,20 @@ def in_transform() -> bool:
     if _peek_interpreter_stack is None:  # pragma: no cover - a torch without the probe: assume the worst
         return True
     return _peek_interpreter_stack() is not None
+
+
+def tracks_grad(t) -> bool:
+    """True when autograd records ``t`` at some level: ``t.requires_grad``, or that of a tensor a
+    ``torch.func`` wrapper hides (inside ``torch.func.jvp`` a tensor of an enclosing autograd graph
+    reads ``requires_grad=False``).  False for anything but a tensor."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    while True:
+        if t.requires_grad:
+            return True
+        if _is_functorch_wrapped_tensor is None or not _is_functorch_wrapped_tensor(t):
+            return False
+        t = _get_unwrapped(t)
 
 
 def run_backward(outputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],

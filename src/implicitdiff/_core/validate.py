@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from .errors import InputError
-from .torch_private import in_transform, is_vmapped  # noqa: F401  (re-exported: the probes live there)
+from .torch_private import in_transform, is_vmapped, tracks_grad  # noqa: F401  (re-exported: the probes live there)
 
 __all__ = ["as_float_tensor", "check_same_dtype_device", "check_finite", "is_vmapped", "in_transform",
-           "FLOAT_DTYPES"]
+           "tracks_grad",            "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 

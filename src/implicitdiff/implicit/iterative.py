@@ -214,6 +214,18 @@ def _add(a, b):
     return a + b
 
 
+def _bound(spec: IterativeSpec, op: LinearOperator, params) -> LinearOperator:
+    """``op`` on ``params``, the tensors its function was given or saved: functorch may wrap them, and
+    ``op.params`` (those of the call) may belong to a transform level that has exited when the backward
+    runs (an autograd backward through ``torch.func.hessian``)."""
+    if all(p is q for p, q in zip(params, op.params)):
+        return op
+    op = copy.copy(op)
+    op.params = tuple(params)
+    op.matrix = params[0] if spec.kind != "matvec" else op.matrix
+    return op
+
+
 class IterativeSolveFn(torch.autograd.Function):
     """``x = A(params)⁻¹ b`` by a Krylov solver; inputs ``(spec, op, b, x0, *params)``.
 
@@ -223,10 +235,7 @@ class IterativeSolveFn(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, op, b, x0, *params):
-        if any(p is not q for p, q in zip(params, op.params)):  # the tensors passed in (functorch may wrap them)
-            op = copy.copy(op)
-            op.params = tuple(params)
-            op.matrix = params[0] if spec.kind != "matvec" else op.matrix
+        op = _bound(spec, op, params)
         x, info = SOLVERS[spec.solver](op, b, x0, rtol=spec.rtol, atol=spec.atol, max_iter=spec.max_iter, M=spec.M)
         return x, info.status, info.residual, info.iterations
 
@@ -251,7 +260,7 @@ class IterativeSolveFn(torch.autograd.Function):
         # A failed element's NaN/Inf solution (or data) would reach every shared parameter as 0 · NaN
         # in p̄ = −vjp(p ↦ A(p) x)(u): zeroed (its own cotangent is zero once masked by the caller).
         x, b = _finite(x), _finite(b)
-        spec, op = ctx.spec, ctx.op
+        spec, op = ctx.spec, _bound(ctx.spec, ctx.op, params)
         aspec = spec.adjoint()
         opT = _transpose(op)
         what = "the adjoint solve Aᵀu = x̄ in the backward of iterative_solve"
@@ -268,7 +277,7 @@ class IterativeSolveFn(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, _spec, _op, db, _dx0, *dparams):
         x, b, *params = ctx.saved_tensors
-        spec, op = ctx.spec, ctx.op
+        spec, op = ctx.spec, _bound(ctx.spec, ctx.op, params)
         aspec = spec.adjoint()
         if spec.solver in _LEAST_SQUARES and any(t is not None for t in dparams):
             raise InputError("forward-mode derivatives wrt the operator's parameters are not implemented for "

@@ -28,7 +28,7 @@ from .._core.engine import vjp_fn as engine_vjp_fn
 from .._core.failure import apply_on_failure, nan_where_failed
 from .._core.jacobian import batch_jacobian
 from .._core.status import SolveInfo, Status
-from .._core.validate import in_transform, is_vmapped
+from .._core.validate import in_transform, is_vmapped, tracks_grad
 from ..linalg.factorization import from_tensors
 from ..linalg.operator import LinearOperator
 from .iterative import iterative_solve
@@ -162,16 +162,18 @@ class JacobianSystem:
         ``"differentiable"`` (double backward, an autograd jvp, ``jacrev``, ``torch.func.grad`` and
         grad-of-grad: the differentiable Krylov solve), ``"dense"`` (``vmap`` over the problem's own
         data, or a tangent solve under ``vmap`` inside a ``torch.func`` transform).
-        A tangent inside ``torch.func.jvp`` is ``"plain"`` (first order)."""
+        A tangent inside ``torch.func.jvp`` is ``"plain"`` (first order) unless autograd records
+        the system beneath the jvp's wrappers (a backward through the jvp: ``"differentiable"``)."""
         if not (is_vmapped(r) or torch.is_grad_enabled()):
             return "plain"
         if is_vmapped(self.y) or any(is_vmapped(leaf) for leaf in self.leaves):
             return "dense"
         if not in_transform() or self.transpose:
             return "differentiable"
-        if not self.transpose and not is_vmapped(r):
-            return "plain"
-        return "dense"
+        if is_vmapped(r):
+            return "dense"
+        recorded = any(tracks_grad(t) for t in (r, self.y, *self.leaves))
+        return "differentiable" if recorded else "plain"
 
     # ------------------------------------------------------------------ products
     def products(self) -> Products:

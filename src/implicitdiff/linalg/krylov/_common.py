@@ -40,6 +40,7 @@ from ..._core.defaults import default_rtol
 from ..._core.errors import InputError
 from ..._core.options import check_callable, check_int, check_real
 from ..._core.status import SolveInfo, Status
+from ..._core.validate import tracks_grad
 from ..operator import LinearOperator
 
 __all__ = ["KrylovResult", "Problem", "Iteration", "normalize", "run", "CHECK_EVERY_CPU", "CHECK_EVERY_CUDA",
@@ -427,8 +428,10 @@ def run(it: Iteration) -> KrylovResult:
 
 def _refuse_autograd(tensors) -> None:
     """Raise where the solve's state would carry autograd through the iterations: the "gradient" of a
-    truncated recursion is wrong, and its graph grows with every iteration."""
-    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+    truncated recursion is wrong, and its graph grows with every iteration.  Seen through ``torch.func``
+    wrappers too (inside ``torch.func.jvp`` a tensor of an enclosing autograd graph reads
+    ``requires_grad=False``)."""
+    if any(tracks_grad(t) for t in tensors):
         raise InputError(
             "the Krylov solvers of implicitdiff.linalg are forward only, and an input of this one requires grad "
             "(A, b, x0, or a tensor A's matvec or M uses): autograd through the iterations would give a wrong "
