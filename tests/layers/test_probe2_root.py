@@ -135,6 +135,27 @@ def test_custom_root_rejects_a_solver_result_of_the_wrong_batch_shape():
     torch.testing.assert_close(g, 1 / (1 + 3 * y.detach() ** 2), rtol=1e-12, atol=0)
 
 
+def test_custom_root_info_shape_error_under_vmap_says_what_to_do():
+    # under vmap the solver sees the whole vmapped batch: an info of the user's own batch shape (here ())
+    # got a message naming only y0.shape[:batch_dims], a batch_dims the user never set
+    a = torch.tensor([1.0, 2.0], dtype=D)
+    bad = idf.custom_root(_cubic)(_result(()))
+    torch.testing.assert_close(bad(torch.zeros((), dtype=D), a[0]), _newton_cubic(torch.zeros((), dtype=D), a[0]))
+    with pytest.raises(idf.InputError, match=r"info.status has shape \(\); .*batch shape \(2,\).*Under "
+                                             r"torch.func.vmap .* y0 \(here of shape \(2,\)\).*1 more leading dim"
+                                             r".*y0.shape\[:y0.dim\(\) - 0\]"):
+        vmap(lambda a: bad(torch.zeros((), dtype=D), a))(a)
+
+    def solver(y0, a):  # what the message asks for: the info's shape from y0's
+        y = _newton_cubic(y0, a)
+        z = torch.zeros(y0.shape[:y0.dim() - 0], dtype=torch.int64)
+        return SolverResult(y, idf.SolveInfo(z, torch.zeros(z.shape, dtype=D), z))
+    good = idf.custom_root(_cubic)(solver)
+    g = vmap(grad(lambda a: good(torch.zeros((), dtype=D), a)))(a)
+    y = _newton_cubic(torch.zeros(2, dtype=D), a)
+    torch.testing.assert_close(g, 1 / (1 + 3 * y ** 2), rtol=1e-12, atol=0)   # dy/da
+
+
 # ---------------------------------------------------------------- finding 13: the default check, named
 def test_custom_root_default_check_rejects_a_wrong_y_and_says_it_is_the_default():
     wrong = idf.custom_root(_cubic, batch_dims=1)(lambda y0, a: y0 + 0.1)

@@ -20,7 +20,7 @@ from .fixed_point import fixed_point_residual
 __all__ = ["custom_root", "custom_fixed_point", "default_check_rtol"]
 
 
-def _wrap_user_solver(solver: Callable, check_rtol: Optional[float], what: str):
+def _wrap_user_solver(solver: Callable, check_rtol: Optional[float], what: str, user_batch_dims: int):
     def solve(F, y0, params, batch_dims):
         out = solver(y0, *params)
         y = out.y if isinstance(out, SolverResult) else out
@@ -31,7 +31,7 @@ def _wrap_user_solver(solver: Callable, check_rtol: Optional[float], what: str):
             raise InputError(f"the solver of {what} returned a tensor of shape {tuple(y.shape)}, {y.dtype} on "
                              f"{y.device}; it must return y0's shape {tuple(y0.shape)}, {y0.dtype} on {y0.device}")
         if isinstance(out, SolverResult):
-            _check_info(out.info, y0.shape[:batch_dims], what)
+            _check_info(out.info, y0, batch_dims, what, batch_dims - user_batch_dims)
             return out
         rtol = check_rtol if check_rtol is not None else default_check_rtol(y.dtype)
         bd = batch_dims
@@ -47,14 +47,21 @@ def _wrap_user_solver(solver: Callable, check_rtol: Optional[float], what: str):
     return solve
 
 
-def _check_info(info: SolveInfo, batch_shape: torch.Size, what: str) -> None:
-    """A returned ``SolverResult``'s info holds one entry per batch element (``y0.shape[:batch_dims]``)."""
+def _check_info(info: SolveInfo, y0: torch.Tensor, batch_dims: int, what: str, vmapped: int) -> None:
+    """A returned ``SolverResult``'s info holds one entry per batch element (``y0.shape[:batch_dims]``);
+    ``vmapped``: how many leading batch dims ``torch.func.vmap`` added to the user's ``batch_dims``."""
+    batch_shape = y0.shape[:batch_dims]
     for field in ("status", "residual", "iterations"):
         t = getattr(info, field)
         if not isinstance(t, torch.Tensor) or t.shape != batch_shape:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            under_vmap = "" if not vmapped else (
+                f". Under torch.func.vmap the solver is called once on the whole vmapped batch: y0 (here of shape "
+                f"{tuple(y0.shape)}) and the vmapped parameters carry {vmapped} more leading dim(s) than "
+                f"batch_dims={batch_dims - vmapped}; build the info's shape from y0's, as "
+                f"y0.shape[:y0.dim() - {y0.dim() - batch_dims}], not from the shapes of one call without vmap")
             raise InputError(f"the solver of {what} returned a SolverResult whose info.{field} has shape {got}; "
-                             f"it must have the batch shape {tuple(batch_shape)} (y0.shape[:batch_dims])")
+                             f"it must have the batch shape {tuple(batch_shape)} (y0.shape[:batch_dims]){under_vmap}")
 
 
 def _positional(signature, args: tuple, kwargs: dict, what: str) -> tuple:
@@ -137,7 +144,7 @@ def custom_root(F: Callable, *, adjoint=Implicit(), batch_dims: int = 0, on_fail
     def decorator(solver: Callable):
         check_callable(f"the solver decorated by {_kind}", solver)
         what = f"{_kind}({getattr(solver, '__name__', type(solver).__name__)})"
-        solve = _wrap_user_solver(solver, check_rtol, what)
+        solve = _wrap_user_solver(solver, check_rtol, what, batch_dims)
         try:
             signature = inspect.signature(solver)
         except (TypeError, ValueError):                 # a builtin or a callable without one
