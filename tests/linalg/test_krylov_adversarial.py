@@ -136,3 +136,36 @@ def test_operator_matvec_must_be_callable():
 def test_bad_preconditioner_outputs_are_named(g, name, bad):
     with pytest.raises(InputError, match="the preconditioner M returned"):
         SQUARE[name](_spd(g, 4), torch.ones(4, dtype=F64), M=bad)
+
+
+def test_iterates_that_overflow_on_finite_data_are_a_breakdown_nan_data_stays_nonfinite():
+    # CG on a singular SPD diag(2, 0, c) with b ∉ range: it divides by a vanishing curvature along the
+    # flat direction and its iterates overflow (NaN), with finite data: BREAKDOWN (as the compiled
+    # adjoint CG of argmin reports), not NONFINITE, which names NaN/Inf in b, x0, A or M
+    ones = torch.ones(3, dtype=F64)
+    A = torch.stack([torch.diag(torch.tensor(d, dtype=F64)) for d in ([2.0, 0.0, 1e-7], [2.0, 0.0, 0.5],
+                                                                         [2.0, 1.0, 0.5], [2.0, 1.0, 0.5])])
+    b = ones.repeat(4, 1)
+    b[3, 1] = float("nan")
+    x, info = linalg.cg(A, b)
+    assert info.status.tolist() == [Status.BREAKDOWN, Status.BREAKDOWN, Status.SUCCESS, Status.NONFINITE]
+    assert not bool(torch.isfinite(x[:2]).all(-1).any())              # the overflowed iterates are not hidden
+    torch.testing.assert_close(x[2], ones / torch.tensor([2.0, 1.0, 0.5], dtype=F64), rtol=1e-12, atol=0)
+    nan_A = A[2].clone()
+    nan_A[1, 0] = float("nan")
+    assert int(linalg.cg(nan_A, ones).info.status) == Status.NONFINITE            # NaN in A
+    nan_M = lambda r: r * torch.tensor([1.0, float("nan"), 1.0], dtype=F64)  # noqa: E731
+    assert int(linalg.cg(A[2], ones, M=nan_M).info.status) == Status.NONFINITE    # NaN in M
+    assert int(linalg.cg(A[2], ones, x0=ones * float("inf")).info.status) == Status.NONFINITE  # Inf in x0
+
+
+def test_argmin_with_a_singular_hessian_eager_cg_adjoint_is_a_breakdown():
+    # the eager twin of test_argmin_compiled's singular Hessian: flat in y[1], the same BREAKDOWN and hint
+    import implicitdiff as idf
+
+    a = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    y = idf.argmin(lambda y, a: (y[0] - a[0]) ** 2 + 0 * y[1] ** 2 + (y[2] - a[1]) ** 4, torch.zeros(3, dtype=F64),
+                   a, adjoint=idf.Implicit(solver="cg"))
+    with pytest.raises(idf.SolveError, match=r"BREAKDOWN.*singular") as err:
+        y.sum().backward()
+    assert not err.value.residual < 1

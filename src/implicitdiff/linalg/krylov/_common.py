@@ -18,7 +18,11 @@ solver stalled in a curable way (a BiCGSTAB shadow-residual breakdown), are
 restarted from their current ``x`` (residual replacement, at most
 :data:`MAX_REPLACEMENTS` times); one whose true residual does not halve across
 a restart, or is still off after the last one, has stagnated and is reported
-as ``BREAKDOWN``.  The reported residual is always the true one.
+as ``BREAKDOWN``.  The reported residual is always the true one.  An element that ends NaN/Inf
+is ``NONFINITE`` where its data are (``b``, ``x0``, or ``A`` or ``M`` applied to a vector of ones),
+else ``BREAKDOWN``: its iterates overflowed (CG on a singular operator).  That classification runs
+once after the loop (one host read per solve; the probe products only when some element ended
+non-finite), not per iteration: a per-iteration test measured 5–12 % slower on batched CG.
 
 Host synchronisation: the loop reads ``done.all()`` every ``check_every``
 iterations (default 1 on CPU, where a sync is cheap, and 10 on CUDA, where it
@@ -349,7 +353,7 @@ class Iteration(abc.ABC):
 
     def converged(self) -> torch.Tensor:
         """The stopping rule on the recursive estimate (``rnorm ≤ tol``; a NaN estimate stops too, and
-        the true residual then reports it as ``NONFINITE``)."""
+        the true residual then reports it as ``NONFINITE``, or ``BREAKDOWN`` on finite data)."""
         return ~(self.rnorm > self.prob.tol)
 
     def verify(self, x: torch.Tensor):
@@ -421,9 +425,23 @@ def run(it: Iteration) -> KrylovResult:
     if prob.scale is not None:
         x = x * prob.scale
     finite = torch.isfinite(x).all(-1) & torch.isfinite(rel)
-    status = torch.where(finite, status, int(Status.NONFINITE))
+    if not bool(finite.all()):  # one read per solve: the classification costs nothing while all is finite
+        overflowed = _finite_data(prob)
+        status = torch.where(finite, status, torch.where(overflowed, int(Status.BREAKDOWN), int(Status.NONFINITE)))
     _refuse_autograd((x,))  # (again at the end: M, and lsqr/lsmr's first state, may not show it at the start)
     return KrylovResult(x, SolveInfo(status, rel, iters))
+
+
+def _finite_data(prob: Problem) -> torch.Tensor:
+    """Per element: ``b``, ``x₀`` and the products of ``A`` (and ``M``) on a vector of ones are finite, so a
+    non-finite end came from the iterates themselves — overflow, as CG's on a singular operator, whose
+    flat direction it divides by a vanishing curvature — not from NaN/Inf in the data (one product of
+    each; called only when some element ended non-finite)."""
+    ones = torch.ones_like(prob.x0)
+    ok = torch.isfinite(prob.b).all(-1) & torch.isfinite(prob.x0).all(-1) & torch.isfinite(prob.mv(ones)).all(-1)
+    if prob.M is not None:
+        ok = ok & torch.isfinite(prob.M(ones)).all(-1)
+    return ok
 
 
 def _refuse_autograd(tensors) -> None:

@@ -32,7 +32,7 @@ class _CG(Iteration):
 
     def converged(self):
         if self.prob.M is None:
-            return ~(self.rz > self.tol2)  # NaN stops as well (reported NONFINITE)
+            return ~(self.rz > self.tol2)  # NaN stops as well (reported NONFINITE, or BREAKDOWN on finite data)
         return ~(norm(self.r) > self.prob.tol)
 
     def step(self, active):
@@ -89,8 +89,9 @@ def cg(A, b, x0=None, *, rtol=None, atol=0.0, max_iter=None, M=None, callback=No
 
     Failure modes (reported, never raised): ``BREAKDOWN`` when ``pᵀAp ≤ 0`` (``A`` is not
     positive definite — use :func:`minres` for symmetric indefinite ``A``) or ``rᵀMr < 0``
-    (``M`` is not positive definite), or when the true residual stagnates;
-    ``MAX_ITERATIONS``; ``NONFINITE``. Bad shapes/dtypes raise :class:`~implicitdiff.InputError`.
+    (``M`` is not positive definite), when the true residual stagnates, or when the iterates overflow
+    on finite data (a singular ``A`` with ``b`` outside its range: CG divides by a vanishing curvature);
+    ``MAX_ITERATIONS``; ``NONFINITE`` (NaN/Inf in ``b``, ``x0``, ``A`` or ``M``). Bad shapes/dtypes raise :class:`~implicitdiff.InputError`.
 
     Example:
         >>> import torch
