@@ -20,6 +20,7 @@ import torch
 from .._core.errors import InputError
 from .._core.options import check_int
 from .._core.validate import as_float_tensor, is_vmapped
+from ..linalg.krylov._common import _pow2_scale
 
 __all__ = ["project_simplex", "project_box", "project_l1_ball", "project_l2_ball", "sparsemax"]
 
@@ -183,10 +184,3 @@ def project_l1_ball(x, radius=1.0):
     xs = torch.where(inside, torch.zeros_like(x), x)  # the simplex branch sees no inside element
     z = torch.sign(xs) * _simplex(xs.abs(), r)
     return torch.where(inside, x, z)
-
-
-def _pow2_scale(a: torch.Tensor) -> torch.Tensor:
-    """A power of two near ``a`` (1 where ``a`` is 0 or not finite): dividing by it is exact."""
-    _, e = torch.frexp(a)
-    s = torch.ldexp(torch.ones_like(a), e)
-    return torch.where((a > 0) & torch.isfinite(a), s, torch.ones_like(a))
