@@ -137,7 +137,8 @@ def _check_unique(system, what):
             "is not unique along the requested derivative (e.g. an LP with a face of optima) and has no "
             "derivative there. Make the solution unique (e.g. add a small ε‖x‖² to the objective: a second-order "
             "cone) or differentiate only the parts of the solution that are unique; or the forward's answer is too "
-            "inaccurate for a derivative (a badly scaled problem, e.g. a tiny c): tighten rtol or rescale the data.",
+            "inaccurate for a derivative (badly scaled data, e.g. rows of very different sizes): tighten rtol or "
+            "rescale the data.",
             status=Status.SINGULAR, residual=rel)
 
 

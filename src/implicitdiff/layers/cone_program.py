@@ -3,6 +3,24 @@ r"""``cone_program``: a batched, differentiable convex cone program (the SCS / d
 The layer validates its inputs, solves with the homogeneous-embedding interior point of
 :mod:`implicitdiff.solvers.cone_ipm` and differentiates the solution map through
 :class:`~implicitdiff.implicit.cone.ConeFn`.
+
+**Scaling** (:func:`_scales`).  The solver's stopping rule measures residuals and the gap
+against ``1 +`` the data's size, which is relative only for data of order one: with a tiny ``c``
+(``‖c‖∞ ≈ 1e-5`` at float32's ``rtol = 1e-5``) a point far from optimal passes the gap and dual
+tests, and with a huge ``c`` the diffcp residual map of the refinement and the derivative (which
+adds ``y`` and ``−s``) loses ``s``'s digits to ``y``'s.  So the problem is solved, refined and
+differentiated on normalized data ``(A/α, b/β, c/γ)``, with ``α, β, γ`` the ∞-norms of ``A, b, c``
+per batch element rounded to powers of two (scaling by them is exact; ``1`` for an all-zero one).
+``α`` is ``1`` also where ``‖A‖∞`` is within a factor :data:`LEAVE_WITHIN` of one (the rule is
+then relative to within that factor: the objective and ``y`` scale like ``1/α``): normalizing
+such an ``A`` changes the interior point's path (it starts at the cone's unit point) and cost
+the bench's SOCP (``‖A‖∞ ≈ 5``) 15 % more iterations, while normalizing ``b`` and ``c`` saved
+2 % (SOCP) to 20 % (SDP) of them.
+The solution map is covariant, ``x = (β/α) x̃``, ``y = (γ/α) ỹ``, ``s = β s̃`` for all positive
+``α, β, γ``, so mapping the normalized solution back with the scales held constant gives the
+solution and, through autograd, its exact derivative.  Certificates of infeasibility are
+invariant under the scaling.  Only a uniform scale per element is corrected: rows or columns
+of very different sizes remain the caller's to equilibrate.
 """
 
 from __future__ import annotations
@@ -19,6 +37,8 @@ from ..linalg.cone_spec import parse_cones
 from ..solvers.cone_ipm import ConeInteriorPoint
 
 __all__ = ["cone_program"]
+
+LEAVE_WITHIN = 16.0  # an A whose ∞-norm is within this factor of 1 is not normalized (module docstring, "Scaling")
 
 _HINTS = {
     Status.INFEASIBLE: "No x has Ax + s = b with s in the cone (a certificate y with Aᵀy = 0, bᵀy < 0 was "
@@ -48,6 +68,17 @@ def _empty(A, b, c, return_info):
     return out
 
 
+def _scales(A, b, c):
+    """``(α, β, γ)`` of the module docstring ("Scaling"), constants (no gradient): ``α`` a scalar for a
+    shared ``A (m, n)``, else ``(B, 1, 1)``; ``β, γ`` ``(B, 1)``."""
+    def pow2(t, band=1.0):
+        t = t.detach()
+        t = torch.where((t > 0) & ((t < 1 / band) | (t > band)), t, 1.0)
+        return torch.exp2(torch.round(torch.log2(t)))
+    alpha = pow2(A.abs().amax((-2, -1), keepdim=A.dim() == 3), LEAVE_WITHIN)
+    return alpha, pow2(b.abs().amax(-1, keepdim=True)), pow2(c.abs().amax(-1, keepdim=True))
+
+
 def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise", return_info=False):
     r"""Solve ``min cᵀx  s.t.  Ax + s = b,  s ∈ K`` (and its dual), batched and differentiably.
 
@@ -66,7 +97,8 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
             is the sum over it).
         cones: the cone layout above; its rows must add up to ``m``.
         rtol: relative tolerance of the stopping rule (primal and dual residuals relative
-            to ``1 + ‖b‖, ‖c‖``, duality gap relative to ``1 + |objective|``; see
+            to ``1 + ‖b‖, ‖c‖``, duality gap relative to ``1 + |objective|``, on the data
+            normalized to unit size: module docstring; see
             :mod:`implicitdiff.solvers.cone_ipm`); default ``1e-8`` (float64), ``1e-5``
             (float32).  The solve runs in float64 either way.
         max_iter: interior-point iteration limit.
@@ -153,8 +185,10 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     b64 = b.to(torch.float64).expand(B, m)
     c64 = c.to(torch.float64).expand(B, n)
     problem = ConeProblem(spec, ConeInteriorPoint(rtol=rtol, max_iter=max_iter), cache={})
-    x, y, s, status, residual, iters = ConeFn.apply(A64, b64, c64, problem)
-    x, y, s = (t.to(dtype) for t in (x, y, s))
+    alpha, beta, gamma = _scales(A64, b64, c64)
+    x, y, s, status, residual, iters = ConeFn.apply(A64 / alpha, b64 / beta, c64 / gamma, problem)
+    alpha = alpha.reshape(-1, 1)  # (B, 1) or (1, 1), as beta and gamma
+    x, y, s = ((t * f).to(dtype) for t, f in ((x, beta / alpha), (y, gamma / alpha), (s, beta)))
     info = SolveInfo(status, residual.to(dtype), iters)
     if is_vmapped(status):  # nothing can be raised from data under vmap: failed elements are NaN
         x = nan_where_failed(x, info.ok)

@@ -54,7 +54,9 @@ Stopping rule (per element, ``x̂ = x/τ`` etc.):
 ``‖Aᵀŷ + c‖∞ ≤ rtol (1 + max(‖c‖∞, ‖Aᵀŷ‖∞))`` and
 ``|cᵀx̂ + bᵀŷ| ≤ rtol (1 + min(|cᵀx̂|, |bᵀŷ|))``.  Certificates are accepted at the same
 ``rtol``, scaled by the data (``‖Aᵀy‖∞ ‖b‖∞ ≤ rtol·(−bᵀy)·‖A‖∞`` and its dual; ``1`` for ``‖A‖∞``
-where ``A`` is all zero, below).
+where ``A`` is all zero, below).  The rule's ``1`` is the unit of the data: it is relative only
+for data of order one, which :func:`~implicitdiff.cone_program` ensures by normalizing ``b``, ``c``
+and a far-from-unit ``A`` per element (:mod:`implicitdiff.layers.cone_program`, "Scaling").
 
 **Zero columns** (a variable in no constraint: ``Aᵀy + c = 0`` is infeasible where its ``cⱼ ≠ 0``).
 Column ``j`` of ``N`` is zero too, so the shifted system's x-row ``j`` reads ``δΔxⱼ = r₁ⱼ`` (``δ = eps^¾``,
