@@ -10,7 +10,7 @@ columns (the rows of ``A``: ``n`` columns): column ``c`` of the lower triangle o
 with ``[X₁ … X_n]``; so every intermediate is about ``1/k`` of the result, instead of building the
 ``(d, d)`` matrix (``d²`` gathered entries per element, in fresh memory) and multiplying by it
 (measured in docs/benchmarks.md, sixth session), or one ``k × k`` congruence per column (the
-derivative's frame of a shared ``A`` that way: 6× slower, docs/benchmarks.md, tenth session).  The
+derivative's frame of a shared ``A`` that way: 6× slower, 10 × 10 blocks, B = 128).  The
 rows of ``P`` are first copied to contiguous memory (one ``k × k`` copy per element): a product with a
 strided row (stride ``k``) was much slower than with a contiguous one (docs/benchmarks.md).  The ``k``
 columns are concatenated once (assigning each into a slice of the result, strided over the batch, took
