@@ -51,6 +51,9 @@ def test_frame_diagonalizes_the_projection_jacobian(cones):
     U = from_frame(F, eye)
     assert torch.allclose(U.mT @ U, eye, atol=1e-13)
     assert torch.allclose(to_frame(F, eye), U.mT, atol=1e-13)
+    # the PSD blocks' columns: shared by the batch (eye expanded) above, per element and a few here
+    assert torch.allclose(to_frame(F, eye.contiguous()), U.mT, atol=1e-13)
+    assert torch.allclose(to_frame(F, eye[..., :3]), U.mT[..., :3], atol=1e-13)
     assert torch.allclose(to_frame(F, v), (U.mT @ v[..., None])[..., 0], atol=1e-13)
     assert torch.allclose(U @ torch.diag_embed(F.lam) @ U.mT, dual_projection_jacobian(spec, y, s), atol=1e-13)
     assert bool(((F.lam >= 0) & (F.lam <= 1)).all())

@@ -97,6 +97,33 @@ def test_structured_term_with_a_sparse_P_equals_the_dense_one(shared):
     assert float((N - ref).abs().max() / ref.abs().max()) < 1e-12
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_sparse_P_from_each_rows_nonzeros_equals_the_dense_one(shared):
+    # three second-order blocks in one group whose rows have one or two nonzeros (a t row, differences of
+    # neighbouring variables): P_k on its nonzeros, from the products of each row's own nonzeros
+    g = torch.Generator().manual_seed(11)
+    spec = parse_cones({"l": 2, "q": [10, 10, 10]})
+    B, n = 3, 60
+    A = torch.zeros(B, spec.m, n, dtype=F64)
+    A[:, :2, :4] = torch.randn(B, 2, 4, generator=g, dtype=F64)
+    for j in range(3):
+        r0, c0 = 2 + 10 * j, 20 * j
+        A[:, r0, c0] = -1.0
+        for i in range(1, 10):
+            A[:, r0 + i, c0 + 2 * i] = torch.randn(B, generator=g, dtype=F64)
+            if i % 2:
+                A[:, r0 + i, c0 + 2 * i + 1] = torch.randn(B, generator=g, dtype=F64)
+    A = A[0] if shared else A
+    s, y = _interior(spec, B, g, 3.0), _interior(spec, B, g, 3.0)
+    groups, states = _states(spec, s, y)
+    normal = NormalMatrix(DataMatrix(A), groups, _CONES, eliminate=False)  # N dense (n × n)
+    (q,) = [pre for (kind, _, _), pre in zip(groups, normal.pre) if kind == "q"]
+    assert q[3].numel() == 3 * (10 + 5 * 3)                          # per block: t, 9 diagonal, 5 pairs
+    N = normal(states, B)
+    ref = _dense_normal(A.expand(B, spec.m, n).contiguous(), spec, groups, states)
+    assert float((N - ref).abs().max() / ref.abs().max()) < 1e-12
+
+
 def test_structured_products_made_by_the_caller_give_the_same_normal_matrix():
     # a batched A with at most RIDE_ALONG_MAX structured blocks: the interior point makes A_kᵀ(Jw) in its
     # own Aᵀ product (NormalMatrix.columns) and passes them in
@@ -110,6 +137,7 @@ def test_structured_products_made_by_the_caller_give_the_same_normal_matrix():
     normal = NormalMatrix(data, groups, _CONES)
     cols = normal.columns(states, spec.m)
     assert cols.shape == (B, 2, spec.m)
+    assert [pre[0] is None for pre in normal.pre if isinstance(pre, tuple)] == [True, True]  # A_k not kept
     N = normal(states, B, data.rmv(cols)).clone()
     ref = _dense_normal(A, spec, groups, states)
     assert float((N - ref).abs().max() / ref.abs().max()) < 1e-11

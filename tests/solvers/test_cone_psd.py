@@ -11,7 +11,8 @@ import torch
 from implicitdiff.layers.cone_program import cone_program
 from implicitdiff.linalg.cone_spec import parse_cones, smat, svec
 from implicitdiff.solvers.cone_ipm import ConeInteriorPoint
-from implicitdiff.solvers.cone_symmetric import COLUMNS_MIN, PSD, _congruence_columns
+from implicitdiff.linalg.congruence import COLUMNS_MIN, congruence_columns
+from implicitdiff.solvers.cone_symmetric import PSD
 
 F64 = torch.float64
 
@@ -35,7 +36,10 @@ def test_congruence_of_columns_matches_one_column_at_a_time(k, shared):
     P = torch.randn(B, nb, k, k, generator=g, dtype=F64)
     V = torch.randn(1 if shared else B, nb, d, r, generator=g, dtype=F64)  # shared: the rows of a shared A
     ref = _dense_congruence(P, V, k)
-    assert torch.allclose(_congruence_columns(P, V, k), ref, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(congruence_columns(P, V, k), ref, rtol=1e-13, atol=1e-13)
+    # a stride-0 batch (the rows of a shared A expanded) is read as shared
+    assert torch.allclose(congruence_columns(P, V[:1].expand(B, -1, -1, -1), k), _dense_congruence(P, V[:1], k),
+                          rtol=1e-13, atol=1e-13)
     # W⁻ᵀ = R⁻¹ · R⁻ᵀ on a block of columns, on fewer than COLUMNS_MIN (at once) and on one column
     s, y = _psd(g, (B, nb), k), _psd(g, (B, nb), k)
     st = PSD.scale(s, y)

@@ -23,7 +23,9 @@ uses :func:`~.cone_projection.dual_projection_jacobian`).
 Speed: the frame is applied to ``A`` itself (``(B, m, n)``), so every pass over it counts.  Groups of
 consecutive rows are read as views and written as slices of one output (:func:`_group_rows`,
 :func:`_map`), and the second-order blocks of a group are computed with one product and one fused
-update written straight into that output (:func:`_soc_to`; functional under ``vmap``).
+update written straight into that output (:func:`_soc_to`; functional under ``vmap``).  The PSD blocks'
+``Qᵀ · Q`` on ``A``'s rows is applied column by column, and once for the batch's columns where ``A`` is
+shared (:func:`~implicitdiff.linalg.congruence.congruence_columns`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from typing import NamedTuple
 import torch
 
 from .._core.validate import is_vmapped
-from ..linalg.cone_spec import ConeSpec, smat, svec, svec_indices
+from ..linalg.cone_spec import ConeSpec, smat, svec_indices
+from ..linalg.congruence import congruence_columns
 from .cone_projection import _exp, psd_gamma
 
 __all__ = ["Frame", "dual_projection_frame", "to_frame", "from_frame"]
@@ -103,11 +106,9 @@ def _soc_from(data, c):
 
 
 def _psd_conj(Q, a, k, transpose):
-    """``svec(Qᵀ smat(a) Q)`` (or ``svec(Q smat(a) Qᵀ)``) for ``a (*, d, r)``, ``Q (*, k, k)``."""
-    X = smat(a.mT, k)                      # (*, r, k, k)
-    Qe = Q[..., None, :, :]
-    Y = (Qe @ X @ Qe.mT) if transpose else (Qe.mT @ X @ Qe)
-    return svec(Y).mT
+    """``svec(Qᵀ smat(a) Q)`` (or ``svec(Q smat(a) Qᵀ)``) for ``a (B, nb, d, r)`` (a stride-0 batch: rows of a
+    shared ``A``), ``Q (B, nb, k, k)``: column by column where there are many (module docstring)."""
+    return congruence_columns(Q if transpose else Q.mT, a, k)
 
 
 def dual_projection_frame(spec: ConeSpec, y: torch.Tensor, s: torch.Tensor) -> Frame:

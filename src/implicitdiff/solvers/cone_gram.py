@@ -27,9 +27,10 @@ of blocks of one kind and size:
   (``a₀`` the block's first row).  ``P_k`` depends on ``A`` only and is formed once per solve
   (:meth:`NormalMatrix.__init__`); each iteration costs one product ``A_kᵀ(Jw)`` per block (with
   a batched ``A`` and at most :data:`RIDE_ALONG_MAX` blocks, made by the interior point as extra
-  columns of an ``Aᵀ`` product it makes anyway: :meth:`NormalMatrix.columns`), a weighted sum of
-  the ``P_k`` (a ``P_k`` that ``A``'s pattern makes sparse, e.g. diagonal for ``‖x‖ ≤ t`` on a
-  variable, added on its nonzeros only) and one rank-``(blocks)`` update — instead of forming
+  columns of an ``Aᵀ`` product it makes anyway: :meth:`NormalMatrix.columns`; ``A_k`` is then not
+  kept), a weighted sum of the ``P_k`` (a ``P_k`` that ``A``'s pattern makes sparse, e.g. diagonal for
+  ``‖x‖ ≤ t`` on a variable, formed from each row's own nonzeros and added on its nonzeros only) and
+  one rank-``(blocks)`` update — instead of forming
   ``W⁻ᵀA_k`` (``k·n`` entries through ``W``) and its ``k·n²`` Gram.  Rounding: both forms carry
   an absolute error ``~eps·η⁻²‖w‖²‖A_k‖²``, the size of the largest term (the normal matrix's
   usual ill-conditioning as ``μ → 0``); the interior point refines its solves against the
@@ -274,12 +275,12 @@ class NormalMatrix:
             if sparse is None and structured:
                 cols = support_columns(supports[-1].any(0))
                 Ak = _columns(data.rows(idx), cols)                     # (S, nb, k, n or s)
-                a0 = Ak[..., :1, :].reshape(-1, 1, Ak.shape[-1])
-                P = Ak[..., 1:, :].mT @ Ak[..., 1:, :]                 # A_kᵀ(−J)A_k, the a₀ term in place:
-                P.view(-1, *P.shape[-2:]).baddbmm_(a0.mT, a0, alpha=-1)
-                self.pre.append((Ak,) + _sparse_p(P, cols, rows, n))
+                self.pre.append((Ak,) + _soc_p(Ak, cols, rows, n))
             else:
                 self.pre.append(sparse)
+        # the riding groups' A_k are not read again (their products come from the interior point's Aᵀ product)
+        for i in self._riding():
+            self.pre[i] = (None,) + self.pre[i][1:]
         # N's factorization order (None: dense), for factor_normal; only a Cholesky (no zero cone) uses it
         self.elimination = plan = elimination(supports, n) if eliminate else None
         if plan is not None:  # N in the plan's compact layout: the terms on few columns add straight into it
@@ -293,7 +294,8 @@ class NormalMatrix:
         out.data, out.groups, out.cones, out.elimination = data, self.groups, self.cones, self.elimination
         out._buf = None
         out.pre = [pre if pre is None or self.data.shared else pre.subset(keep) if isinstance(pre, SparseGram)
-                   else (pre[0].index_select(0, keep), pre[1].index_select(0, keep)) + pre[2:] for pre in self.pre]
+                   else (None if pre[0] is None else pre[0].index_select(0, keep), pre[1].index_select(0, keep)) + pre[2:]
+                   for pre in self.pre]
         return out
 
     def _riding(self):
@@ -339,7 +341,7 @@ class NormalMatrix:
                 At = self.cones[kind].winv_t(st, data.rows(idx)).reshape(B, -1, n)
                 N = torch.bmm(At.mT, At, out=out) if N is None else N.baddbmm_(At.mT, At)
                 continue
-            e2, P2, U = self._soc(pre, st, B, v.get(i))
+            e2, P2, U = self._soc(pre, st, B, v.get(i), idx)
             Us.append(U)
             if pre[3] is None:
                 N = _add_weighted(N, e2, P2, B, n, out)
@@ -364,18 +366,20 @@ class NormalMatrix:
                 N.view(B, -1).index_add_(1, pre[2][1], T.reshape(B, s * s))
         return N
 
-    def _soc(self, pre, st, B, v=None):
+    def _soc(self, pre, st, B, v=None, idx=None):
         """A structured group's ``Σ_k e_k P_k`` as the product ``e2 @ P2`` and ``U`` (its rank update ``UᵀU``);
-        ``v``: its products ``A_kᵀ(Jw)`` ``(B, nb, n)`` where the caller made them."""
+        ``v``: its products ``A_kᵀ(Jw)`` ``(B, nb, n)`` where the caller made them (a riding group's ``A_k`` is not
+        kept: without ``v`` it is read from ``A``, rows ``idx``)."""
         Ak, P = pre[:2]
         w, eta = st[0], st[1]                                          # (B, nb, k), (B, nb)
         e = eta.reciprocal().square()
-        nb, s = w.shape[1], Ak.shape[-1]
+        nb = w.shape[1]
         if self.data.shared:  # one batched product over blocks: (nb, B, k) @ (nb, k, s)
             v = (_jw(w).transpose(0, 1) @ Ak[0]).transpose(0, 1)       # (B, nb, s)
             e2, P2 = e[None], P[0].reshape(1, nb, -1)                  # (1, B, nb) @ (1, nb, s² or nnz)
         else:
             if v is None:
+                Ak = self.data.rows(idx) if Ak is None else Ak
                 v = (_jw(w)[..., None, :] @ Ak)[..., 0, :]             # (B, nb, s)
             e2, P2 = e[:, None, :], P.reshape(B, nb, -1)               # (B, 1, nb) @ (B, nb, s² or nnz)
         return e2, P2, v * (2 * e).sqrt()[..., None]
@@ -411,20 +415,45 @@ def _weighted(e2, P2, out=None):
     return torch.mul(e2, P2, out=out) if P2.shape[-2] == 1 else torch.bmm(e2, P2, out=out)
 
 
-def _sparse_p(P, cols, pattern, n):
-    """``(P, cols, flat)``: a dense structured group's ``P_k`` ``(S, nb, n, n)`` kept on the entries that
-    its rows' ``pattern (nb, k, n)`` can make nonzero (two columns in one row; the others are sums of
-    exact zeros), their places ``flat`` in ``N``'s ``n²``, where adding them costs at most half of a
-    dense pass (:data:`~.cone_sparse.SCATTER_COST`; an SOC ``‖x‖ ≤ t`` on a variable's rows: ``P_k``
-    diagonal); else ``(P, cols, None)``."""
-    if cols is not None:
-        return P, cols, None
-    pat = pattern.reshape(-1, pattern.shape[-2], n).to(P.dtype)
-    nz = ((pat.mT @ pat) != 0).any(0).reshape(-1)
-    if SCATTER_COST * pat.shape[0] * int(nz.sum()) > n * n / 2:
-        return P, cols, None
-    flat = nz.nonzero()[:, 0]
-    return P.reshape(P.shape[:-2] + (n * n,)).index_select(-1, flat), cols, flat
+def _soc_p(Ak, cols, pattern, n):
+    """``(P, cols, flat)``: a dense structured group's ``P_k = A_kᵀ(−J)A_k``.  On the entries that its rows'
+    ``pattern (nb, k, n)`` can make nonzero (two columns in one row; the others are sums of exact zeros), their
+    places ``flat`` in ``N``'s ``n²``, where adding them costs at most half of a dense pass
+    (:data:`~.cone_sparse.SCATTER_COST`; an SOC ``‖x‖ ≤ t`` on a variable's rows: ``P_k`` diagonal), formed there
+    from each row's own nonzeros (:func:`_p_on_pattern`); else ``(P, cols, None)``, ``P`` ``(S, nb, n, n)`` from
+    one Gram of the block (on its columns ``cols`` where given)."""
+    if cols is None:
+        pat = pattern.reshape(-1, pattern.shape[-2], n)
+        pf = pat.to(Ak.dtype)
+        nz = ((pf.mT @ pf) != 0).any(0).reshape(-1)
+        if SCATTER_COST * pat.shape[0] * int(nz.sum()) <= n * n / 2:
+            flat = nz.nonzero()[:, 0]
+            return _p_on_pattern(Ak, pat, flat, n), cols, flat
+    a0 = Ak[..., :1, :].reshape(-1, 1, Ak.shape[-1])
+    P = Ak[..., 1:, :].mT @ Ak[..., 1:, :]                 # A_kᵀ(−J)A_k, the a₀ term in place:
+    P.view(-1, *P.shape[-2:]).baddbmm_(a0.mT, a0, alpha=-1)
+    return P, cols, None
+
+
+def _p_on_pattern(Ak, pat, flat, n):
+    """``P_k = Σ_rows ±a_r a_rᵀ`` (``−`` for the block's first row) at the places ``flat`` of its possible nonzeros,
+    ``(S, nb, flat.numel())``, from the products of each row's ``c`` nonzeros (``pat (nb, k, n)``; ``c²`` per row,
+    at most ``flat.numel()`` — not the block's dense ``k·n²`` Gram)."""
+    nb, k, _ = pat.shape
+    count = pat.sum(-1)                                                     # (nb, k)
+    c = max(int(count.max()), 1)
+    col = torch.sort((~pat).to(torch.int8), dim=-1, stable=True).indices[..., :c]  # each row's nonzero columns first
+    sign = torch.ones(k, dtype=Ak.dtype, device=Ak.device)
+    sign[0] = -1.0
+    a = Ak.gather(-1, col.expand(Ak.shape[:-1] + (c,)))                     # (S, nb, k, c)
+    a_signed = a * ((torch.arange(c, device=Ak.device) < count[..., None]) * sign[:, None])  # (padding: 0)
+    slot = torch.zeros(n * n, dtype=torch.long, device=Ak.device)
+    slot[flat] = torch.arange(flat.numel(), device=Ak.device)
+    place = slot[col[..., :, None] * n + col[..., None, :]]                 # (nb, k, c, c); padding: any (adds 0)
+    place = place + flat.numel() * torch.arange(nb, device=Ak.device)[:, None, None, None]
+    out = Ak.new_zeros(Ak.shape[0], nb * flat.numel())
+    out.index_add_(1, place.reshape(-1), (a_signed[..., :, None] * a[..., None, :]).reshape(Ak.shape[0], -1))
+    return out.view(Ak.shape[0], nb, flat.numel())
 
 
 def _columns(Ak, cols):

@@ -18,20 +18,10 @@ the test is then ``I + αΛ^{-1/2}XΛ^{-1/2} ⪰ 0``, no congruence).  Each work
 size at once: the nonnegative cone on ``(B, rows)``, the others on ``(B, blocks, size)``.  Forward
 only, no gradients.
 
-**PSD blocks: congruences by the ``k × k`` factors, column by column** (:func:`_congruence_columns`).
-Every PSD map is ``X ↦ P X Pᵀ`` with ``P`` one of ``R, R⁻¹`` (and transposes), applied to ``k × k``
-matrices, never as a ``(d, d)`` matrix in svec coordinates (``d = k(k+1)/2``).  The one large
-application is ``W⁻ᵀ`` on the block's rows of ``A`` (``n`` columns) for the normal matrix: there,
-column ``c`` of the lower triangle of ``P Xⱼ Pᵀ`` is ``P[c:] (P Xⱼ)[c]ᵀ`` and row ``c`` of ``P Xⱼ``,
-for all ``j`` at once, is one product of ``P``'s row ``c`` with ``[X₁ … X_n]``; so every intermediate
-is about ``1/k`` of the result, instead of building the ``(d, d)`` matrix (``d²`` gathered entries
-per element, in fresh memory) and multiplying by it (measured in docs/benchmarks.md, sixth session).
-The rows of ``P`` are first copied to contiguous memory (one ``k × k`` copy per element): a product
-with a strided row (stride ``k``) was much slower than with a contiguous one (docs/benchmarks.md).  The ``k`` columns
-are concatenated once (assigning each into a slice of the result, strided over the batch, took
-longer: docs/benchmarks.md, eighth session).
-Fewer than :data:`COLUMNS_MIN` columns (the interior point's right-hand sides) take one congruence with
-the columns as a leading dimension instead: there the loop over ``k`` costs more than the work.
+**PSD blocks: congruences by the ``k × k`` factors.**  Every PSD map is ``X ↦ P X Pᵀ`` with ``P`` one of
+``R, R⁻¹`` (and transposes), applied to ``k × k`` matrices, never as a ``(d, d)`` matrix in svec coordinates
+(``d = k(k+1)/2``); ``W⁻ᵀ`` on the block's rows of ``A`` (``n`` columns, for the normal matrix) column by
+column (:func:`~implicitdiff.linalg.congruence.congruence_columns`, where that speed trick is documented).
 
 **PSD scaling: one symmetric eigendecomposition, not an SVD** (:meth:`PSD.scale`).  CVXOPT's NT scaling
 takes ``U, Λ, V`` from the SVD ``L_yᵀL_s = U Λ Vᵀ``; here ``V`` comes from ``eigh(MᵀM)`` (``M = L_yᵀL_s``),
@@ -54,7 +44,8 @@ import math
 
 import torch
 
-from ..linalg.cone_spec import _gathers, smat, svec
+from ..linalg.cone_spec import smat, svec
+from ..linalg.congruence import congruence, congruence_columns
 
 #: PSD.scale's eigh path (float64) only while every λ_min/λ_max ≥ eps^{1/8} (module docstring), else the SVD
 _EIGH_SPREAD = torch.finfo(torch.float64).eps ** 0.125
@@ -62,7 +53,6 @@ _EIGH_SPREAD = torch.finfo(torch.float64).eps ** 0.125
 __all__ = ["Nonneg", "SecondOrder", "PSD"]
 
 _INF = float("inf")
-COLUMNS_MIN = 8  # PSD W⁻ᵀ on at least this many columns: column by column (_congruence_columns), else at once
 
 
 def _max_step_from_eig(e: torch.Tensor) -> torch.Tensor:
@@ -271,22 +261,20 @@ class PSD:
 
     @staticmethod
     def winv_t(st, V):  # W⁻ᵀ(X) = R⁻¹ X R⁻ᵀ on the columns of V (B, nb, d, r)
-        if V.shape[-1] < COLUMNS_MIN:  # the r columns as a leading dimension of one congruence
-            return _congruence(st[1][..., None, :, :], V.mT, st[3]).mT
-        return _congruence_columns(st[1], V, st[3])
+        return congruence_columns(st[1], V, st[3])
 
     @staticmethod
     def winv(st, v):  # W⁻¹(X) = R⁻ᵀ X R⁻¹
-        return _congruence(st[1].mT, v, st[3])
+        return congruence(st[1].mT, v, st[3])
 
     @staticmethod
     def w_t(st, v):  # Wᵀ(X) = R X Rᵀ
-        return _congruence(st[0], v, st[3])
+        return congruence(st[0], v, st[3])
 
     @staticmethod
     def scaled(st, ds, dy):
         R, Rinv, lam, k, _ = st
-        return _congruence(Rinv, ds, k), _congruence(R.mT, dy, k)
+        return congruence(Rinv, ds, k), congruence(R.mT, dy, k)
 
     @staticmethod
     def rhs(st, sigma_mu, corr):
@@ -319,28 +307,3 @@ class PSD:
         X = torch.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0)
         alpha = _max_step_from_eig(torch.linalg.eigvalsh(X).transpose(0, 1))  # both directions in one call
         return torch.where(ok.reshape(ok.shape[0], -1).all(-1), alpha, torch.zeros_like(alpha))
-
-
-def _congruence(P, v, k):
-    """``svec(P smat(v) Pᵀ)`` for ``v (*, d)`` and ``P (*, k, k)``."""
-    return svec(P @ smat(v, k) @ P.mT)
-
-
-def _congruence_columns(P, V, k):
-    """``svec(P smat(v) Pᵀ)`` for each column ``v`` of ``V (1 or B, nb, d, r)`` (all ``r`` at once),
-    ``P (B, nb, k, k)``: one svec column of the result at a time (see the module docstring)."""
-    _, scale, pos, unscale = _gathers(k, V.device, V.dtype)
-    r = V.shape[-1]
-    X = (V.index_select(-2, pos) * unscale[:, None]).reshape(V.shape[:-2] + (k, k * r))  # [a, (b, j)] = Xⱼ[a, b]
-    # a shared X (the rows of a shared A): blocks first, (nb, B), so that row c of P Xⱼ is one
-    # product per block for the whole batch
-    shared = X.shape[0] == 1
-    if shared:
-        P = P.transpose(0, 1).contiguous()
-        rows = P.movedim(-2, 0).contiguous()  # rows[c] = P[..., c, :] (module docstring)
-    cols = []  # svec's columns, concatenated once (writing each into a slice of the result cost more)
-    for c in range(k):
-        PXc = rows[c] @ X[0] if shared else P[..., c:c + 1, :] @ X                      # (P Xⱼ)[c, b]
-        cols.append(P[..., c:, :] @ PXc.reshape(P.shape[:2] + (k, r)))
-    out = torch.cat(cols, -2).mul_(scale[:, None])
-    return out.transpose(0, 1) if shared else out
