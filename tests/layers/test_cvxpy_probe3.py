@@ -1,13 +1,14 @@
 """CvxpyLayer: the findings of probe 3 — parameter values that break their declared attribute, a batched
-parameter that enters none of A, b, c, integer variables, the power-cone hint, and quad_form / matrix_frac
-of ``x - c`` with a parameter ``c``."""
+parameter that enters none of A, b, c, integer variables, the power-cone hint, quad_form / matrix_frac
+of ``x - c`` with a parameter ``c``, and the autocast hint of the dtype errors."""
 
 import numpy as np
 import pytest
 import torch
 
+import implicitdiff as idf
 from implicitdiff._core.errors import InputError
-from implicitdiff.nn import CvxpyLayer
+from implicitdiff.nn import CvxpyLayer, QPLayer
 
 cp = pytest.importorskip("cvxpy")
 
@@ -158,3 +159,36 @@ def test_quadratic_atoms_of_an_affine_parameter_expression_match_cvxpy_and_finit
     fd = torch.stack([(layer(c0 + h * e)[0] @ w - layer(c0 - h * e)[0] @ w) / (2 * h) for e in torch.eye(2, dtype=F64)])
     torch.testing.assert_close(g, fd, atol=1e-5, rtol=1e-5)
     assert g.abs().max() > 0.1   # the constraint is active: a gradient that is not the trivial one
+
+
+# ----------------------------------------------------------------------------- the autocast hint
+def test_dtype_errors_under_autocast_name_the_way_out():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    x, q, G = cp.Variable(3), cp.Parameter(3), cp.Parameter((2, 3))
+    cvx = CvxpyLayer(cp.Problem(cp.Minimize(cp.sum_squares(x) + q @ x), [G @ x <= 1]), [q, G], [x])
+    qp = QPLayer(3, n_ineq=2, learn=("Q", "G", "h"), dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    inp, Gv = torch.randn(5, 4), torch.randn(2, 3)
+    hint = r"torch\.autocast\('cpu', enabled=False\)"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(InputError, match=rf"parameter 0 has dtype torch\.bfloat16.*{hint}"):
+            cvx(lin(inp), Gv)
+        with pytest.raises(InputError, match=rf"p has dtype torch\.bfloat16.*{hint}"):
+            qp(p=lin(inp))
+        p = lin(inp)
+        with torch.autocast("cpu", enabled=False):   # the way out the hint names
+            (sol,) = cvx(p.float(), Gv)
+            z = qp(p=p.float())
+    assert sol.dtype == torch.float32 and z.dtype == torch.float32
+    with pytest.raises(InputError, match="bfloat16") as err:   # outside autocast: no word of it
+        cvx(torch.zeros(3, dtype=torch.bfloat16), Gv.bfloat16())
+    assert "autocast" not in str(err.value)
+
+
+def test_a_fixed_point_map_changed_by_autocast_names_the_way_out():
+    W = torch.nn.Linear(16, 16)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(InputError, match=r"T returned .*torch\.autocast\('cpu', enabled=False\)"):
+            idf.fixed_point(lambda z, x: torch.tanh(0.3 * W(z) + x), torch.zeros(4, 16), x, batch_dims=1,
+                            solver="anderson", rtol=1e-2)

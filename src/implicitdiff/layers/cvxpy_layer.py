@@ -41,7 +41,7 @@ import torch
 
 from .._core.errors import InputError
 from .._core.options import check_real
-from .._core.validate import check_finite, is_vmapped
+from .._core.validate import autocast_hint, check_finite, is_vmapped
 from ..implicit.sparse_affine import SparseAffineFn
 from .cone_program import cone_program
 
@@ -114,7 +114,8 @@ class Canonical:
                 raise InputError(f"parameter {i} must be a torch.Tensor of shape {shape} (or (B, *{shape})), got "
                                  f"{type(t).__name__}")
             if not t.is_floating_point() or t.dtype not in (torch.float32, torch.float64):
-                raise InputError(f"parameter {i} has dtype {t.dtype}; pass float32 or float64 (e.g. t.double())")
+                raise InputError(f"parameter {i} has dtype {t.dtype}; pass float32 or float64 (e.g. t.double()"
+                                 f"{autocast_hint(t)})")
             if ref is None:
                 ref = t
             elif t.dtype != ref.dtype or t.device != ref.device:
