@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .errors import InputError
+from .validate import autocast_hint
 
 __all__ = ["FixedPointResidual"]
 
@@ -39,16 +40,6 @@ class FixedPointResidual:
             raise InputError(f"{self.name} must return a tensor of z's shape {tuple(z.shape)} (a fixed point maps "
                              f"z to a tensor like z), got {got}")
         if t.dtype != z.dtype:   # else T − z would promote it silently
-            hint = (" (torch.autocast is on: it changes the dtype of the iterates and of T's ops; run the solve "
-                    "outside autocast, or with autocast disabled around it)" if _autocast_on(z) else "")
             raise InputError(f"{self.name} returned {t.dtype} for z of {z.dtype}; make {self.name} keep z's dtype"
-                             f"{hint}")
+                             f"{autocast_hint(z)}")
         return t - z
-
-
-def _autocast_on(z: torch.Tensor) -> bool:
-    """Whether ``torch.autocast`` is on for ``z``'s device type (torch < 2.4 reads CUDA's flag only)."""
-    try:
-        return torch.is_autocast_enabled(z.device.type)
-    except TypeError:  # pragma: no cover - torch < 2.4: no device argument
-        return torch.is_autocast_enabled()

@@ -14,7 +14,7 @@ from .errors import InputError
 from .torch_private import in_transform, is_vmapped, tracks_grad  # noqa: F401  (re-exported: the probes live there)
 
 __all__ = ["as_float_tensor", "check_same_dtype_device", "check_finite", "is_vmapped", "in_transform",
-           "tracks_grad",            "FLOAT_DTYPES"]
+           "tracks_grad", "FLOAT_DTYPES", "autocast_hint"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -31,9 +31,19 @@ def as_float_tensor(name: str, x, *, like: torch.Tensor | None = None) -> torch.
     if x.dtype not in FLOAT_DTYPES:
         raise InputError(
             f"{name} has dtype {x.dtype}; implicitdiff solves in float32 or float64 "
-            f"(convert with {name}.to(torch.float64) or .float())"
+            f"(convert with {name}.to(torch.float64) or .float(){autocast_hint(x)})"
         )
     return x
+
+
+def autocast_hint(t: torch.Tensor) -> str:
+    """The end of a dtype error's hint when ``torch.autocast`` is on for ``t``'s device, else ``""``."""
+    device = t.device.type
+    try:
+        on = torch.is_autocast_enabled(device)
+    except TypeError:  # pragma: no cover - torch < 2.4: no device argument, CUDA's flag only
+        on = torch.is_autocast_enabled()
+    return f", or run the layer under torch.autocast({device!r}, enabled=False) — torch.autocast is on" if on else ""
 
 
 def check_same_dtype_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:

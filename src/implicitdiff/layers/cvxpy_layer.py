@@ -21,7 +21,14 @@ Layout details that the maps encode (cvxpy's conventions, checked in the tests a
   (Fortran) order; a *symmetric* one (``symmetric=True``, ``PSD=True``…) that cvxpy lowered to its
   upper triangle occupies ``k(k+1)/2`` entries, the upper triangle row by row (so only the upper
   triangle of a symmetric parameter receives a gradient — as in cvxpylayers);
-* ``[A | b]`` is stored as ``-A`` and ``b`` (cvxpy writes ``A x + b ∈ K``, SCS ``b − A x ∈ K``).
+* ``[A | b]`` is stored as ``-A`` and ``b`` (cvxpy writes ``A x + b ∈ K``, SCS ``b − A x ∈ K``);
+* the data are SCS's *without* its quadratic objective (a solver that declares none, as cvxpylayers'
+  default DIFFCP does): quadratic atoms become second-order cones under the plain DPP rules, so
+  ``quad_form(x - c, P)`` or ``matrix_frac(x - c, P)`` with a parameter ``c`` stay DPP.
+
+A parameter's declared sign or definiteness (``nonneg``, ``pos``, ``nonpos``, ``neg``, ``PSD``, ``NSD``,
+``integer``, ``boolean``) is an assumption of the canonicalization: cvxpy may drop a constraint it makes
+redundant.  The values passed are checked against it as cvxpy checks an assigned value (same tolerances).
 
 cvxpy is imported lazily, inside :func:`canonicalize`: ``import implicitdiff`` never imports it.
 """
@@ -34,13 +41,29 @@ import torch
 
 from .._core.errors import InputError
 from .._core.options import check_real
-from .._core.validate import check_finite
+from .._core.validate import autocast_hint, check_finite, is_vmapped
 from ..implicit.sparse_affine import SparseAffineFn
 from .cone_program import cone_program
 
 __all__ = ["canonicalize", "Canonical", "CONE_KEYS", "solve_canonical", "rtol_from_solver_args"]
 
 CONE_KEYS = ("z", "l", "q", "s", "ep")  # what cone_program takes, in SCS's row order
+
+
+_TOL, _EIG_TOL = 1e-10, 1e-8  # cvxpy's GENERAL_PROJECTION_TOL and PSD_NSD_PROJECTION_TOL
+
+# a parameter's declared value attribute: (the test its values must pass, what it means), as cvxpy's
+# Leaf._validate_value checks an assigned value; a PSD/NSD parameter is read by its upper triangle
+_VALUE_RULES = {
+    "nonneg": (lambda t: t >= -_TOL, "nonnegative"),
+    "pos": (lambda t: t >= -_TOL, "positive"),
+    "nonpos": (lambda t: t <= _TOL, "nonpositive"),
+    "neg": (lambda t: t <= _TOL, "negative"),
+    "integer": (lambda t: (t - t.round()).abs() <= _TOL, "integer"),
+    "boolean": (lambda t: ((t - t.round()).abs() <= _TOL) & (t >= -_TOL) & (t <= 1 + _TOL), "0 or 1"),
+    "PSD": (lambda t: torch.linalg.eigvalsh(t, UPLO="U") >= -_EIG_TOL, "positive semidefinite"),
+    "NSD": (lambda t: torch.linalg.eigvalsh(t, UPLO="U") <= _EIG_TOL, "negative semidefinite"),
+}
 
 
 class _Map(NamedTuple):
@@ -67,10 +90,11 @@ class Canonical:
     the shapes and names it needs.  ``m, n``: rows and columns of ``A``; ``cones``: the SCS cone dict.
     """
 
-    def __init__(self, m, n, cones, param_shapes, param_names, maps, outputs):
+    def __init__(self, m, n, cones, param_shapes, param_names, param_attributes, maps, outputs):
         self.m, self.n, self.cones = m, n, cones
         self.param_shapes = param_shapes
         self.param_names = param_names  # the cvxpy Parameters' names, for messages
+        self.param_attributes = param_attributes  # per parameter, the value attributes it declares (_VALUE_RULES)
         self.param_sizes = [_prod(s) for s in param_shapes]
         self.maps = maps  # {"A": _Map, "b": _Map, "c": _Map}
         self.outputs = outputs  # [_Output]
@@ -78,7 +102,8 @@ class Canonical:
 
     # ---------------------------------------------------------------- parameters -> (A, b, c)
     def batch_shape(self, params: Sequence[torch.Tensor]) -> tuple:
-        """Check the parameter tensors (number, shape, dtype, device, finite); the batch shape ``()`` or ``(B,)``."""
+        """Check the parameter tensors (number, shape, dtype, device, finite, declared attributes); the batch
+        shape ``()`` or ``(B,)``."""
         if len(params) != len(self.param_shapes):
             raise InputError(f"the layer takes {len(self.param_shapes)} parameter tensors (one per cvxpy Parameter, "
                              f"in the order given to the layer), got {len(params)}")
@@ -89,7 +114,8 @@ class Canonical:
                 raise InputError(f"parameter {i} must be a torch.Tensor of shape {shape} (or (B, *{shape})), got "
                                  f"{type(t).__name__}")
             if not t.is_floating_point() or t.dtype not in (torch.float32, torch.float64):
-                raise InputError(f"parameter {i} has dtype {t.dtype}; pass float32 or float64 (e.g. t.double())")
+                raise InputError(f"parameter {i} has dtype {t.dtype}; pass float32 or float64 (e.g. t.double()"
+                                 f"{autocast_hint(t)})")
             if ref is None:
                 ref = t
             elif t.dtype != ref.dtype or t.device != ref.device:
@@ -107,12 +133,15 @@ class Canonical:
                              f"pass {shape} or (B, *{shape}) with a leading batch dimension")
         for i, t in enumerate(params):
             check_finite(f"parameter {i} (cvxpy Parameter {self.param_names[i]!r})", t)
+        self._check_values(params)
         return () if batch is None else (batch,)
 
     def data(self, params: Sequence[torch.Tensor]):
         """``(A, b, c, batch)`` for the parameter tensors: ``A`` ``(*, m, n)``, ``b`` ``(*, m)``, ``c`` ``(*, n)``.
 
-        Each of ``A, b, c`` is batched only if a parameter it depends on is; the others broadcast.
+        Each of ``A, b, c`` is batched only if a parameter it depends on is; the others broadcast.  If
+        parameters are batched but none of ``A, b, c`` reads them (e.g. a constant term of the objective),
+        ``c`` is built batched so that the solution stays connected to them (a zero gradient).
         An empty batch (``B = 0``) gives empty batched data.
         """
         batch = self.batch_shape(params)
@@ -121,13 +150,14 @@ class Canonical:
         device = ref.device if ref is not None else torch.device("cpu")
         maps = self._maps_on(dtype, device)
         batched = {i for i, t in enumerate(params) if t.dim() > len(self.param_shapes[i])}
+        unread = batched and not any(mp.params & batched for mp in maps.values())
         B = batch[0] if batch else 1
         one = torch.ones(1, 1, dtype=dtype, device=device)
         full = None
         single = None
         out = {}
         for name, mp in maps.items():
-            if mp.params & batched:
+            if mp.params & batched or (unread and name == "c"):
                 if full is None:
                     full = torch.cat([t.reshape(B, size) if i in batched else t.reshape(1, size).expand(B, size)
                                       for i, (t, size) in enumerate(zip(params, self.param_sizes))]
@@ -141,6 +171,20 @@ class Canonical:
             flat = SparseAffineFn.apply(p, mp.matrix, mp.transposed)  # batch-major: the solver's products read rows
             out[name] = flat.reshape(lead + ((self.m, self.n) if name == "A" else (mp.size,)))
         return out["A"], out["b"], out["c"], batch
+
+    def _check_values(self, params: Sequence[torch.Tensor]) -> None:
+        """Raise if a parameter tensor breaks its Parameter's declared value attribute (see the module
+        docstring); one host sync per declared attribute, skipped under vmap as :func:`check_finite` is."""
+        for i, (t, attrs) in enumerate(zip(params, self.param_attributes)):
+            if is_vmapped(t):
+                continue
+            for attr in attrs:
+                ok, meaning = _VALUE_RULES[attr]
+                if not bool(ok(t.detach()).all()):
+                    raise InputError(f"parameter {i} (cvxpy Parameter {self.param_names[i]!r}) is declared "
+                                     f"{attr}=True but its value is not {meaning} (as cvxpy checks it); the "
+                                     "canonical problem assumes it, so pass values that satisfy it or declare the "
+                                     "Parameter without the attribute")
 
     def _maps_on(self, dtype, device):
         key = (dtype, str(device))
@@ -175,10 +219,8 @@ def solve_canonical(canon: Canonical, params: Sequence[torch.Tensor], *, rtol=No
     parameters through the affine map).  Failed elements follow ``on_failure`` there; an empty batch
     gives empty results (zero gradients) there too.
     """
-    A, b, c, batch = canon.data(params)
+    A, b, c, _ = canon.data(params)
     x, y, _, info = cone_program(A, b, c, canon.cones, rtol=rtol, on_failure=on_failure, return_info=True)
-    if batch and x.dim() == 1:  # a batched parameter that enters none of A, b, c
-        x, y = x.expand(batch + x.shape), y.expand(batch + y.shape)
     return canon.variables(x, y), info
 
 
@@ -224,7 +266,7 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
         InputError: not a ``cvxpy.Problem``, not DPP, parameters that are not exactly the
             problem's, variables that are not the problem's, cones ``cone_program`` does not take
             (power cones), parameters with attributes that change their stored size (``diag``,
-            sparsity patterns).
+            sparsity patterns), integer or boolean variables.
     """
     import cvxpy as cp
 
@@ -240,6 +282,12 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
                          "parameters with parameter-dependent expressions of variables are not affine in the "
                          "parameters. Rewrite it so parameters enter affinely (see cvxpy's DPP rules), e.g. replace "
                          "a product of two parameters by a new parameter")
+    discrete = [v.name() for v in problem.variables() if v.attributes["integer"] or v.attributes["boolean"]]
+    if discrete or any(isinstance(con, cp.constraints.FiniteSet) for con in problem.constraints):
+        what = f"integer or boolean variables {discrete}" if discrete else "a FiniteSet constraint"
+        raise InputError(f"the problem has {what}: a mixed-integer program has no solution map to differentiate, "
+                         "and cone_program solves convex cone programs only. Relax them to continuous "
+                         "variables (e.g. 0 <= x <= 1 for a boolean)")
     bad = [p for p in parameters if not isinstance(p, cp.Parameter)]
     if bad:
         raise InputError(f"parameters must be cvxpy.Parameter objects; got {[type(b).__name__ for b in bad]}")
@@ -259,8 +307,7 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
             raise InputError(f"variables must be cvxpy.Variables of the problem or dual variables of its constraints; "
                              f"{v!r} is neither (the problem's variables: {[w.name() for w in problem.variables()]})")
     try:
-        data, chain, _ = problem.get_problem_data(solver=cp.SCS, canon_backend=canon_backend,
-                                                  solver_opts={"use_quad_obj": False})
+        data, chain, _ = problem.get_problem_data(solver=_cone_data_solver(), canon_backend=canon_backend)
     except cp.error.DCPError as err:  # pragma: no cover - is_dcp(dpp=True) caught it above
         raise InputError(f"problem is not DPP: {err}") from None
     prog = data[cp.settings.PARAM_PROB]
@@ -272,7 +319,22 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
     outputs = [_output(prog, chain, v) if v.id in own_vars else _dual_output(prog, chain, v, duals[v.id])
                for v in variables]
     return Canonical(m, n, cones, [tuple(int(s) for s in p.shape) for p in parameters],
-                     [p.name() for p in parameters], maps, outputs)
+                     [p.name() for p in parameters],
+                     [tuple(a for a in _VALUE_RULES if p.attributes.get(a)) for p in parameters], maps, outputs)
+
+
+def _cone_data_solver():
+    """cvxpy's SCS interface, declaring no quadratic objective (see the module docstring)."""
+    from cvxpy.reductions.solvers.conic_solvers.scs_conif import SCS
+
+    class ConeProgramData(SCS):
+        def name(self):
+            return "IMPLICITDIFF_CONE_PROGRAM"  # a custom solver may not take an official name
+
+        def supports_quad_obj(self):
+            return False
+
+    return ConeProgramData()
 
 
 def _cones(dims) -> dict:
@@ -281,8 +343,9 @@ def _cones(dims) -> dict:
     d = dims_to_solver_dict(dims)
     unsupported = {k: v for k, v in d.items() if k not in CONE_KEYS + ("f",) and v not in (0, [], None)}
     if unsupported:
-        raise InputError(f"the problem needs cones that cone_program does not take ({unsupported}: power cones); "
-                         "reformulate without power atoms (e.g. pnorm with p ∉ {1, 2, inf}, geo_mean, power)")
+        raise InputError(f"the problem needs cones that cone_program does not take ({unsupported}: power cones). "
+                         "Build the power atoms (power, pnorm with p ∉ {1, 2, inf}, geo_mean, …) with approx=True "
+                         "(cvxpy's default: second-order cones) and do not write PowCone3D/PowConeND constraints")
     return {"z": int(d.get("z", d.get("f", 0))), "l": int(d.get("l", 0)), "q": [int(q) for q in d.get("q", [])],
             "s": [int(s) for s in d.get("s", [])], "ep": int(d.get("ep", 0))}
 
