@@ -27,7 +27,14 @@ blocks of few rows is a sum of ``k`` outer products, each one elementwise op on 
 logistic regression: ``k = 3``, ``p = 2``, ``d + p = 52``); it keeps ``bmm`` beyond that size or
 :data:`OUTER_MAX_ROWS` rows.  The blocks that touch ``D`` and the others are taken as views where
 each is one range of blocks (cvxpy's canonical programs: :func:`_span`), not copied per iteration.
-The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
+**The shared columns through one row**: where every block meets ``D`` in one of its rows ``j_b`` (an
+exp block of a logistic regression: the weights enter its first coordinate only), ``A_b`` on ``D`` is
+``e_j v_bᵀ``, so ``Ã_b`` on ``D`` is the rank-one ``u_b v_bᵀ`` with ``u_b = W_b⁻ᵀe_j`` (``winv_t`` on one
+column) and the block's terms are ``N_DD += ‖u_b‖² v_b v_bᵀ`` (a Gram over one row per block, not
+``k``), ``N_{P_b, D} += (Ã_b[:, P_b]ᵀu_b) v_bᵀ``; ``winv_t`` scales the ``p`` private columns only
+(not ``d + p``; the blocks off ``D`` no longer carry ``d`` zero columns): the bench's exp case,
+forward + backward 0.93× (docs/benchmarks.md).  The sum is the dense ``ÃᵀÃ`` up to rounding (the same
+products, summed in another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
 half the cost of the form it replaces (:data:`SCATTER_COST`): the dense Gram, or for large
 second-order blocks the structured term (``~n²`` per block, see :mod:`~.cone_gram`).  A structured
 group kept as such is formed on its columns ``S`` only (``|S| × |S|``, scattered) where
@@ -113,14 +120,14 @@ def sparse_gram(rows, pattern, n, cost=None):
     flops = nd * k * d * d + nd * k * p * (d + p) + (nb - nd) * k * p * p
     if flops + SCATTER_COST * entries > 0.5 * dense:
         return None
-    return SparseGram(rows, sup, D, priv, p, k)
+    return SparseGram(rows, pattern, sup, D, priv, p, k)
 
 
 class SparseGram:
     """One generic group's term from ``A``'s pattern (module doc); ``__call__(winv_t, state, N)``
     adds it into ``N (B, n, n)`` in place, or into an :class:`Elimination`'s compact layout (:meth:`onto`)."""
 
-    def __init__(self, rows, sup, D, priv, p, k):
+    def __init__(self, rows, pattern, sup, D, priv, p, k):
         nb, n = sup.shape
         d = D.numel()
         # each block's private columns first; the padding repeats the first one, its entries set to zero below
@@ -136,6 +143,7 @@ class SparseGram:
         self.rows = rows.gather(-1, gcols.expand(rows.shape[:1] + gcols.shape)) * keep  # (1 or B, *s, d + p)
         self.shape, self.d, self.p = (nb, k, d + p), d, p
         touch = sup[:, D].any(1)
+        on_d = pattern[..., D].any(-1) if k > 1 else None           # (nb, k): each block's rows on D
         # blocks that touch D (their Gram on [D, P_b]) and the others (on P_b): None for all blocks
         self.touch = None if bool(touch.all()) else _span(touch.nonzero()[:, 0])
         self.other = None if not bool(touch.any()) else _span((~touch).nonzero()[:, 0])
@@ -145,12 +153,25 @@ class SparseGram:
         self.index = [(D[:, None] * n + D).reshape(-1), (Pt[:, :, None] * n + Ct[:, None, :]).reshape(-1),
                       (Po[:, :, None] * n + Po[:, None, :]).reshape(-1),
                       (D[None, :, None] * n + Pt[:, None, :]).reshape(-1)]
+        self.unit = self.vD = None
+        if on_d is not None and bool(touch.any()) and bool((on_d.sum(1) <= 1).all()):
+            # the shared columns through one row (module doc): the terms N_DD, N_{P_b, D} (blocks on D),
+            # N_{P_b, P_b} (every block) and N_{D, P_b}; the rows kept on P_b only
+            row = on_d.to(torch.int8).argmax(1)                                    # (nb,): the row on D
+            self.unit = torch.nn.functional.one_hot(row, k).to(rows.dtype)[None, ..., None]   # (1, nb, k, 1)
+            row = _blocks(row, self.touch)
+            self.vD = _blocks(self.rows, self.touch, 1)[..., :d].gather(
+                2, row[None, :, None, None].expand(self.rows.shape[0], -1, 1, d))[:, :, 0]   # (1 or B, nd, d)
+            self.rows = self.rows[..., d:].contiguous()                            # (1 or B, nb, k, p)
+            self.index = [self.index[0], (Pt[:, :, None] * n + D).reshape(-1),
+                          (P[:, :, None] * n + P[:, None, :]).reshape(-1), self.index[3]]
 
     def subset(self, keep):
         """The same plan for the batch elements ``keep`` of a batched ``A``."""
         out = SparseGram.__new__(SparseGram)
         out.__dict__.update(self.__dict__)
         out.rows = self.rows.index_select(0, keep)
+        out.vD = None if self.vD is None else self.vD.index_select(0, keep)
         return out
 
     def onto(self, plan):
@@ -165,12 +186,19 @@ class SparseGram:
 
     def __call__(self, winv_t, st, N):
         B, d = N.shape[0], self.d
-        At = winv_t(st, self.rows).reshape((B,) + self.shape)      # (B, nb, k, d + p)
-        At_t, Y = _blocks(At, self.touch, 1), _blocks(At[..., d:], self.other, 1)
-        X = At_t[..., :d].flatten(1, 2)                             # (B, nd·k, d)
-        R = _block_tmul(At_t[..., d:], At_t)                        # (B, nd, p, d + p)
         flat = N.view(B, -1)
-        terms = (X.mT @ X, R, _block_tmul(Y, Y), R[..., :d].mT)
+        if self.vD is not None:                                     # the shared columns through one row
+            AP = winv_t(st, self.rows)                              # (B, nb, k, p): Ã on P_b
+            u = _blocks(winv_t(st, self.unit), self.touch, 1)       # (B, nd, k, 1): W⁻ᵀ's column of that row
+            X = u.square().sum(-2).sqrt() * self.vD                 # (B, nd, d): ‖u‖ v_D
+            R = _block_tmul(_blocks(AP, self.touch, 1), u) * self.vD[:, :, None, :]   # (B, nd, p, d)
+            terms = (X.mT @ X, R, _block_tmul(AP, AP), R.mT)
+        else:
+            At = winv_t(st, self.rows).reshape((B,) + self.shape)  # (B, nb, k, d + p)
+            At_t, Y = _blocks(At, self.touch, 1), _blocks(At[..., d:], self.other, 1)
+            X = At_t[..., :d].flatten(1, 2)                         # (B, nd·k, d)
+            R = _block_tmul(At_t[..., d:], At_t)                    # (B, nd, p, d + p)
+            terms = (X.mT @ X, R, _block_tmul(Y, Y), R[..., :d].mT)
         for ix, v in zip(self.index, terms):                        # (the transpose: where indexed)
             flat.index_add_(1, ix, v.reshape(B, -1))
         return N

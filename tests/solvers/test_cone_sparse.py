@@ -1,0 +1,84 @@
+"""cone_sparse's SparseGram paths against the dense ``Σ (W⁻ᵀA_k)ᵀ(W⁻ᵀA_k)``: the shared columns through
+one row of each block (the exp blocks of a logistic regression) and the general path (blocks that meet the
+shared columns in two rows), batched and shared ``A``, dense ``N`` and the elimination's compact layout."""
+
+import pytest
+import torch
+
+from implicitdiff.linalg.cone_spec import parse_cones
+from implicitdiff.solvers.cone_exp import ExpCone
+from implicitdiff.solvers.cone_gram import DataMatrix, NormalMatrix, contiguous, put, take
+from implicitdiff.solvers.cone_ipm import _CONES
+from implicitdiff.solvers.cone_sparse import SparseGram
+
+F64 = torch.float64
+
+
+def _A(B, g, nb=12, d=6, rows_on_d=(0,), shared=False):
+    """``(B or 1, 3·nb + nb, n)``: ``nb`` nonnegative rows (one private column each, plus column ``d + j``
+    of exp block ``j``) then ``nb`` exp blocks, each on two private columns in all three rows; the
+    even blocks also on the ``d`` shared columns, in the rows ``rows_on_d`` (cycled by block where it
+    has one row per block: blocks meeting them in different rows)."""
+    n = d + 3 * nb
+    A = torch.zeros(1 if shared else B, 4 * nb, n, dtype=F64)
+    for j in range(nb):
+        A[:, j, [d + 2 * nb + j, d + 2 * j]] = torch.randn(A.shape[0], 2, generator=g, dtype=F64)
+        r = nb + 3 * j
+        A[:, r:r + 3, d + 2 * j:d + 2 * j + 2] = torch.randn(A.shape[0], 3, 2, generator=g, dtype=F64)
+        if j % 2 == 0:
+            on = rows_on_d if len(rows_on_d) > 1 else ((rows_on_d[0] + j // 2) % 3,)
+            for i in on:
+                A[:, r + i, :d] = torch.randn(A.shape[0], d, generator=g, dtype=F64)
+    return A[0] if shared else A
+
+
+def _normals(A, B, g):
+    spec = parse_cones({"l": 12, "ep": 12})
+    s = torch.zeros(B, spec.m, dtype=F64)
+    y = torch.zeros(B, spec.m, dtype=F64)
+    for v in (s, y):
+        v[:, :12] = torch.rand(B, 12, generator=g, dtype=F64) + 0.1
+        v[:, 12:] = ExpCone.unit(v[:, 12:].view(B, 12, 3)).reshape(B, -1) * (
+            1 + 0.3 * torch.rand(B, 36, generator=g, dtype=F64))
+    groups = [(k, size, contiguous(idx)) for k, size, idx in spec.groups()]
+    mu = (s * y).sum(-1) / spec.degree
+    states = [_CONES[k].scale(take(s, idx), take(y, idx), mu) for k, _, idx in groups]
+    Ab = A.expand(B, *A.shape[-2:])
+    At = torch.zeros_like(Ab)
+    for (kind, _, idx), st in zip(groups, states):
+        put(At, idx, _CONES[kind].winv_t(st, take(Ab, idx)))
+    ref = At.mT @ At
+    normals = [NormalMatrix(DataMatrix(A), groups, _CONES, eliminate) for eliminate in (False, True)]
+    return ref, normals, states
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("rows_on_d", [(0,), (1,), (0, 2)])
+def test_sparse_gram_equals_the_dense_normal_matrix(shared, rows_on_d):
+    g = torch.Generator().manual_seed(len(rows_on_d) + 2 * shared)
+    B = 3
+    A = _A(B, g, rows_on_d=rows_on_d, shared=shared)
+    ref, normals, states = _normals(A, B, g)
+    ep = normals[0].pre[1]
+    assert isinstance(ep, SparseGram)
+    # one row per block on the shared columns (the row may differ by block): that path; two rows: the general one
+    assert (ep.vD is not None) == (len(rows_on_d) == 1)
+    dense, compact = (normal(states, B) for normal in normals)
+    plan = normals[1].elimination
+    real = plan.slot < sum(plan.sizes)
+    scale = float(ref.abs().max())
+    assert float((dense - ref).abs().max()) <= 1e-13 * scale
+    assert float((compact[:, plan.slot[real]] - ref.view(B, -1)[:, real]).abs().max()) <= 1e-13 * scale
+
+
+def test_one_row_sparse_gram_on_a_subset_of_the_batch():
+    g = torch.Generator().manual_seed(9)
+    B, keep = 4, torch.tensor([3, 1])
+    A = _A(B, g)
+    _, normals, _ = _normals(A, B, g)
+    data = DataMatrix(A).subset(keep)
+    sub = normals[0].subset(data, keep)
+    ref, _, states = _normals(A[keep], 2, g)
+    assert sub.pre[1].vD is not None
+    got = sub(states, 2)
+    assert float((got - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
