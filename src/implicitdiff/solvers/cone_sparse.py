@@ -63,7 +63,9 @@ blockwise and two ``d × d`` triangular solves.  **The compact layout**: the fac
 ``N_PP``'s blocks, ``N_PD`` and ``N_DD`` only, so the normal matrix is formed straight into them
 (``B·(ncomp·c² + ncomp·c·d + d²)`` entries, not ``B·n²``): the terms' flat indices into ``N`` are
 mapped there once per solve (:attr:`Elimination.slot`), and a dense term, where a group has one,
-is gathered there.  **The blocks' triangular solves** with ``L_P`` are substitutions row by row,
+is gathered there; it is one buffer zeroed and reused by every iteration (the factorization does not
+keep it): fresh memory costs its page faults, about 3 × the zeroing (10 MB: 1.6 vs 0.5 ms).
+**The blocks' triangular solves** with ``L_P`` are substitutions row by row,
 each step one elementwise op on all ``B·ncomp`` blocks (:func:`_substitute_`): LAPACK takes one
 call per block, whose overhead dominates for blocks of at most :data:`SUBSTITUTE_MAX` columns
 (docs/benchmarks.md); larger blocks take LAPACK's batched solve.  Used when the blocks have at most
@@ -329,6 +331,7 @@ class Elimination:
 
     def __init__(self, D, comp, n):
         self.D, self.valid = D, comp >= 0
+        self._zeros = None  # the compact N's memory, reused by every call of zeros
         self.comp = torch.where(self.valid, comp, comp[:, :1])    # padding: the block's first column
         self.pad = self.valid[:, :, None] & self.valid[:, None, :]
         cf = self.comp.reshape(-1)
@@ -349,8 +352,13 @@ class Elimination:
         self.place[D] = cf.numel() + torch.arange(D.numel(), device=D.device)
 
     def zeros(self, B, like):
-        """A zero ``N`` in the compact layout ``(B, size + 1)`` (``like``'s dtype and device)."""
-        return like.new_zeros(B, sum(self.sizes) + 1)
+        """A zero ``N`` in the compact layout ``(B, size + 1)`` (``like``'s dtype and device): one buffer,
+        zeroed and returned again by the next call (module doc)."""
+        shape = (B, sum(self.sizes) + 1)
+        if self._zeros is None or self._zeros.shape != shape or self._zeros.dtype != like.dtype:
+            self._zeros = like.new_zeros(shape)
+            return self._zeros
+        return self._zeros.zero_()
 
     def compact(self, N):
         """A dense ``N (B, n, n)`` in the compact layout (the discarded slot: any value)."""
