@@ -9,7 +9,7 @@ from implicitdiff.linalg.cone_spec import parse_cones
 from implicitdiff.solvers.cone_exp import ExpCone
 from implicitdiff.solvers.cone_gram import DataMatrix, NormalMatrix, contiguous, put, take
 from implicitdiff.solvers.cone_ipm import _CONES
-from implicitdiff.solvers.cone_sparse import SparseGram
+from implicitdiff.solvers.cone_sparse import SparseGram, SparseProducts
 
 F64 = torch.float64
 
@@ -84,3 +84,14 @@ def test_one_row_sparse_gram_on_a_subset_of_the_batch():
     assert sub.pre[1].vD is not None
     got = sub(states, 2)
     assert float((got - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
+
+
+def test_sparse_products_with_int32_indices_equal_the_dense_ones():
+    g = torch.Generator().manual_seed(3)
+    B, m, n = 4, 30, 20
+    A = torch.randn(B, m, n, generator=g, dtype=F64) * (torch.rand(m, n, generator=g) < 0.15)
+    sp = SparseProducts(A, (A != 0).any(0))
+    assert sp.a.col_indices().dtype == sp.at.crow_indices().dtype == torch.int32
+    v, u = torch.randn(B, 3, n, generator=g, dtype=F64), torch.randn(B, m, generator=g, dtype=F64)
+    assert float((sp.mv(v) - v @ A.mT).abs().max()) <= 1e-14 * float((v @ A.mT).abs().max())
+    assert float((sp.rmv(u) - (u[:, None] @ A)[:, 0]).abs().max()) <= 1e-14 * float(u.abs().max() * A.abs().max() * m)
