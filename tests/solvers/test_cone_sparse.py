@@ -7,25 +7,27 @@ import torch
 
 from implicitdiff.linalg.cone_spec import parse_cones
 from implicitdiff.solvers.cone_exp import ExpCone
-from implicitdiff.solvers.cone_gram import DataMatrix, NormalMatrix, contiguous, put, take
+from implicitdiff.solvers.cone_gram import DataMatrix, NormalMatrix, contiguous, factor_normal, put, solve_normal, take
 from implicitdiff.solvers.cone_ipm import _CONES
 from implicitdiff.solvers.cone_sparse import SparseGram, SparseProducts
 
 F64 = torch.float64
 
 
-def _A(B, g, nb=12, d=6, rows_on_d=(0,), shared=False):
-    """``(B or 1, 3·nb + nb, n)``: ``nb`` nonnegative rows (one private column each, plus column ``d + j``
-    of exp block ``j``) then ``nb`` exp blocks, each on two private columns in all three rows; the
-    even blocks also on the ``d`` shared columns, in the rows ``rows_on_d`` (cycled by block where it
-    has one row per block: blocks meeting them in different rows)."""
+def _A(B, g, nb=12, d=6, rows_on_d=(0,), shared=False, every=2):
+    """``(B or 1, 3·nb + nb, n)``: ``nb`` nonnegative rows (one private column each, plus column ``d + 2j``
+    of exp block ``j`` for even ``j``: N_PP's blocks of 3 and of 1 and 2 columns) then ``nb`` exp blocks,
+    each on two private columns in all three rows; every ``every``-th block also on the ``d`` shared
+    columns, in the rows ``rows_on_d`` (cycled by block where it has one row per block: blocks meeting
+    them in different rows)."""
     n = d + 3 * nb
     A = torch.zeros(1 if shared else B, 4 * nb, n, dtype=F64)
     for j in range(nb):
-        A[:, j, [d + 2 * nb + j, d + 2 * j]] = torch.randn(A.shape[0], 2, generator=g, dtype=F64)
+        cols = [d + 2 * nb + j, d + 2 * j] if j % 2 == 0 else [d + 2 * nb + j]
+        A[:, j, cols] = torch.randn(A.shape[0], len(cols), generator=g, dtype=F64)
         r = nb + 3 * j
         A[:, r:r + 3, d + 2 * j:d + 2 * j + 2] = torch.randn(A.shape[0], 3, 2, generator=g, dtype=F64)
-        if j % 2 == 0:
+        if j % every == 0:
             on = rows_on_d if len(rows_on_d) > 1 else ((rows_on_d[0] + j // 2) % 3,)
             for i in on:
                 A[:, r + i, :d] = torch.randn(A.shape[0], d, generator=g, dtype=F64)
@@ -95,3 +97,52 @@ def test_sparse_products_with_int32_indices_equal_the_dense_ones():
     v, u = torch.randn(B, 3, n, generator=g, dtype=F64), torch.randn(B, m, generator=g, dtype=F64)
     assert float((sp.mv(v) - v @ A.mT).abs().max()) <= 1e-14 * float((v @ A.mT).abs().max())
     assert float((sp.rmv(u) - (u[:, None] @ A)[:, 0]).abs().max()) <= 1e-14 * float(u.abs().max() * A.abs().max() * m)
+
+
+def test_elimination_fallback_keeps_the_factor_of_the_elements_that_did_not_fail():
+    # the elimination computes W = L_P⁻¹N_PD where N_PD lies in the compact N (a buffer that the next N
+    # reuses): where one element's N is indefinite, factor_normal builds N again and factors it shifted;
+    # the other elements keep their first factor (the same solves as without the failure)
+    g = torch.Generator().manual_seed(11)
+    B = 3
+    A = _A(B, g)
+    _, normals, states = _normals(A, B, g)
+    normal, data = normals[1], normals[1].data
+
+    def make_N(fail):
+        G = normal(states, B)
+        if fail:
+            plan.diagonals(G)[1][0] -= 1e3 * float(G.abs().max())
+        return G
+    plan = normal.elimination
+    R = torch.randn(B, 2, A.shape[-1], generator=g, dtype=F64)
+    ok = solve_normal(factor_normal(lambda: make_N(False), data, 0, plan), R, R[..., :0])[0]
+    fac = factor_normal(lambda: make_N(True), data, 0, plan)
+    got = solve_normal(fac, R, R[..., :0])[0]
+    assert bool(torch.isfinite(got).all())
+    assert float((got[1:] - ok[1:]).abs().max()) <= 1e-12 * float(ok[1:].abs().max())
+    assert float((got[0] - ok[0]).abs().max()) > 1e-6 * float(ok[0].abs().max())   # element 0: another N
+
+
+@pytest.mark.parametrize("dense_term", [False, True])
+def test_elimination_solve_equals_the_dense_solve(dense_term, monkeypatch):
+    # N in the compact layout with padded blocks of N_PP (3 columns and 1 or 2; the padding of a block of 2
+    # repeats a column coupled to D), its terms added there or (dense_term: the exp blocks' Gram formed
+    # dense, then gathered by compact) the factorization and solve against a dense solve of the shifted N
+    from implicitdiff.solvers import cone_gram
+    if dense_term:
+        sparse_gram = cone_gram.sparse_gram
+        monkeypatch.setattr(cone_gram, "sparse_gram",
+                            lambda rows, pattern, n, cost=None: None if pattern.dim() == 3 else sparse_gram(rows, pattern, n, cost))
+    g = torch.Generator().manual_seed(13)
+    B = 3
+    A = _A(B, g, every=1)
+    ref, normals, states = _normals(A, B, g)
+    normal = normals[1]
+    plan = normal.elimination
+    assert bool((~plan.valid).any()) and isinstance(normal.pre[1], SparseGram) != dense_term
+    R = torch.randn(B, 2, A.shape[-1], generator=g, dtype=F64)
+    got = solve_normal(factor_normal(lambda: normal(states, B), normal.data, 0, plan), R, R[..., :0])[0]
+    n = ref.shape[-1]
+    want = torch.linalg.solve(ref + torch.finfo(F64).eps ** 0.75 * torch.eye(n, dtype=F64), R.mT).mT
+    assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max())

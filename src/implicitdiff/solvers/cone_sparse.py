@@ -33,7 +33,8 @@ exp block of a logistic regression: the weights enter its first coordinate only)
 column) and the block's terms are ``N_DD += ‖u_b‖² v_b v_bᵀ`` (a Gram over one row per block, not
 ``k``), ``N_{P_b, D} += (Ã_b[:, P_b]ᵀu_b) v_bᵀ``; ``winv_t`` scales the ``p`` private columns only
 (not ``d + p``; the blocks off ``D`` no longer carry ``d`` zero columns): the bench's exp case,
-forward + backward 0.93× (docs/benchmarks.md).  The sum is the dense ``ÃᵀÃ`` up to rounding (the same
+forward + backward 0.93× (docs/benchmarks.md).  The term ``N_{P_b, D}`` is written into memory that
+the next call reuses (fresh memory costs its page faults: see the compact layout below).  The sum is the dense ``ÃᵀÃ`` up to rounding (the same
 products, summed in another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
 half the cost of the form it replaces (:data:`SCATTER_COST`): the dense Gram, or for large
 second-order blocks the structured term (``~n²`` per block, see :mod:`~.cone_gram`).  A structured
@@ -64,8 +65,9 @@ blockwise and two ``d × d`` triangular solves.  **The compact layout**: the fac
 ``N_PP``'s blocks, ``N_PD`` and ``N_DD`` only, so the normal matrix is formed straight into them
 (``B·(ncomp·c² + ncomp·c·d + d²)`` entries, not ``B·n²``): the terms' flat indices into ``N`` are
 mapped there once per solve (:attr:`Elimination.slot`), and a dense term, where a group has one,
-is gathered there; it is one buffer zeroed and reused by every iteration (the factorization does not
-keep it): fresh memory costs its page faults, about 3 × the zeroing (10 MB: 1.6 vs 0.5 ms).
+is gathered there; it is one buffer zeroed and reused by every iteration, and the factorization
+computes ``W = L_P⁻¹N_PD``, the only part of it that it keeps, where ``N_PD`` lies: fresh memory costs
+its page faults, about 3 × the zeroing (10 MB: 1.6 vs 0.5 ms).
 **The blocks' triangular solves** with ``L_P`` are substitutions row by row,
 each step one elementwise op on all ``B·ncomp`` blocks (:func:`_substitute_`): LAPACK takes one
 call per block, whose overhead dominates for blocks of at most :data:`SUBSTITUTE_MAX` columns
@@ -156,7 +158,7 @@ class SparseGram:
         self.index = [(D[:, None] * n + D).reshape(-1), (Pt[:, :, None] * n + Ct[:, None, :]).reshape(-1),
                       (Po[:, :, None] * n + Po[:, None, :]).reshape(-1),
                       (D[None, :, None] * n + Pt[:, None, :]).reshape(-1)]
-        self.unit = self.vD = None
+        self.unit = self.vD = self._R = None   # _R: the term N_{P_b, D}'s memory, reused by every call
         if on_d is not None and bool(touch.any()) and bool((on_d.sum(1) <= 1).all()):
             # the shared columns through one row (module doc): the terms N_DD, N_{P_b, D} (blocks on D),
             # N_{P_b, P_b} (every block) and N_{D, P_b}; the rows kept on P_b only
@@ -175,6 +177,7 @@ class SparseGram:
         out.__dict__.update(self.__dict__)
         out.rows = self.rows.index_select(0, keep)
         out.vD = None if self.vD is None else self.vD.index_select(0, keep)
+        out._R = None
         return out
 
     def onto(self, plan):
@@ -194,7 +197,10 @@ class SparseGram:
             AP = winv_t(st, self.rows)                              # (B, nb, k, p): Ã on P_b
             u = _blocks(winv_t(st, self.unit), self.touch, 1)       # (B, nd, k, 1): W⁻ᵀ's column of that row
             X = u.square().sum(-2).sqrt() * self.vD                 # (B, nd, d): ‖u‖ v_D
-            R = _block_tmul(_blocks(AP, self.touch, 1), u) * self.vD[:, :, None, :]   # (B, nd, p, d)
+            R = _block_tmul(_blocks(AP, self.touch, 1), u)        # (B, nd, p, 1), times v_D: (B, nd, p, d)
+            if self._R is None or self._R.shape != (B,) + R.shape[1:3] + (d,):
+                self._R = R.new_empty((B,) + R.shape[1:3] + (d,))
+            R = torch.mul(R, self.vD[:, :, None, :], out=self._R)
             terms = (X.mT @ X, R, _block_tmul(AP, AP), R.mT)
         else:
             At = winv_t(st, self.rows).reshape((B,) + self.shape)  # (B, nb, k, d + p)
@@ -326,7 +332,8 @@ class Elimination:
     (padded with ``−1``) eliminated first, onto the shared columns ``D`` (module doc).
 
     It reads ``N`` in its own *compact layout* ``(B, size + 1)``: ``N_PP``'s blocks ``(ncomp, c, c)``,
-    ``N_PD (ncomp, c, d)`` and ``N_DD (d, d)`` one after the other, then one discarded slot.
+    ``N_PD (ncomp, c, d)`` and ``N_DD (d, d)`` one after the other, then one discarded slot; the entries
+    on the padding are zero (never added to, or set so by :meth:`compact`).
     :attr:`slot` maps each entry of ``N (n·n)`` to its place there; the entries the factorization
     does not read (``N_DP``, ``N_PD``'s transpose) map to the discarded slot, so a term given as
     values and flat indices into ``N`` is added into the layout by one ``index_add_`` on
@@ -349,6 +356,7 @@ class Elimination:
                           torch.ones(d * d, dtype=torch.bool, device=D.device)])
         self.slot = torch.full((n * n,), size, dtype=torch.long, device=D.device)
         self.slot[self.flat[real]] = real.nonzero()[:, 0]
+        self.padding = (~real).nonzero()[:, 0]  # the layout's entries on padding: kept zero
         # each column's place in [x_P (padded), x_D]
         self.place = torch.empty(n, dtype=torch.long, device=D.device)
         self.place[cf[self.valid.reshape(-1)]] = self.valid.reshape(-1).nonzero()[:, 0]
@@ -364,8 +372,9 @@ class Elimination:
         return self._zeros.zero_()
 
     def compact(self, N):
-        """A dense ``N (B, n, n)`` in the compact layout (the discarded slot: any value)."""
-        return N.view(N.shape[0], -1).index_select(1, torch.cat([self.flat, self.flat[:1]]))
+        """A dense ``N (B, n, n)`` in the compact layout (the padding zero, the discarded slot: any value)."""
+        return N.view(N.shape[0], -1).index_select(1, torch.cat([self.flat, self.flat[:1]])).index_fill_(
+            1, self.padding, 0)
 
     def _blocks(self, G):
         """``(N_PP (B, ncomp, c, c), N_PD (B, ncomp, c, d), N_DD (B, d, d))``: views of ``G`` (compact)."""
@@ -380,13 +389,14 @@ class Elimination:
 
     def cholesky(self, G):
         """``((L_P, X, L_D), info)`` for ``N`` in the compact layout ``G``: ``L_P (B, ncomp, c, c)``
-        (identity on the padding), ``X (B, ncomp·c, d)`` the rows of ``W = L_P⁻¹N_PD (B, ncomp, c, d)``,
-        ``L_D (B, d, d)``; ``info > 0`` where ``N`` is not positive definite."""
+        (identity on the padding), ``X (B, ncomp·c, d)`` the rows of ``W = L_P⁻¹N_PD (B, ncomp, c, d)``
+        computed where ``N_PD`` lies in ``G`` (overwritten; module doc), ``L_D (B, d, d)``; ``info > 0``
+        where ``N`` is not positive definite."""
         NPP, NPD, NDD = self._blocks(G)
         c = NPP.shape[-1]
         eye = torch.eye(c, dtype=G.dtype, device=G.device)
         LP, info_p = torch.linalg.cholesky_ex(torch.where(self.pad, NPP, eye))
-        X = _substitute_(LP, NPD * self.valid[..., None]).flatten(1, 2)    # W's rows (B, nc·c, d)
+        X = _substitute_(LP, NPD).flatten(1, 2)    # W's rows (B, nc·c, d); zero on the padding, as N_PD
         LD, info_d = cholesky_lower_(torch.baddbmm(NDD, X.mT, X, alpha=-1))
         return (LP, X, LD), torch.maximum(info_p.amax(-1), info_d)
 
