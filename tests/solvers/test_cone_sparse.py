@@ -65,6 +65,7 @@ def test_sparse_gram_equals_the_dense_normal_matrix(shared, rows_on_d):
     assert isinstance(ep, SparseGram)
     # one row per block on the shared columns (the row may differ by block): that path; two rows: the general one
     assert (ep.vD is not None) == (len(rows_on_d) == 1)
+    assert isinstance(normals[1].pre[1].index[0], slice)   # N_DD: one range of the compact layout, added as a view
     dense, first = normals[0](states, B), normals[1](states, B).clone()
     compact = normals[1](states, B)   # the compact layout's buffer, zeroed and reused: the same N again
     assert torch.equal(compact, first)

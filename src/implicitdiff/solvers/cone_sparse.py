@@ -33,8 +33,10 @@ exp block of a logistic regression: the weights enter its first coordinate only)
 column) and the block's terms are ``N_DD += ‖u_b‖² v_b v_bᵀ`` (a Gram over one row per block, not
 ``k``), ``N_{P_b, D} += (Ã_b[:, P_b]ᵀu_b) v_bᵀ``; ``winv_t`` scales the ``p`` private columns only
 (not ``d + p``; the blocks off ``D`` no longer carry ``d`` zero columns): the bench's exp case,
-forward + backward 0.93× (docs/benchmarks.md).  The term ``N_{P_b, D}`` is written into memory that
-the next call reuses (fresh memory costs its page faults: see the compact layout below).  The sum is the dense ``ÃᵀÃ`` up to rounding (the same
+forward + backward 0.93× (docs/benchmarks.md).  The terms ``‖u_b‖v_b`` and ``N_{P_b, D}`` are written
+into memory that the next call reuses (fresh memory costs its page faults: see the compact layout
+below), and a term whose place in the compact layout is one range (``N_DD``) is added there as a
+view, not by ``index_add_``.  The sum is the dense ``ÃᵀÃ`` up to rounding (the same
 products, summed in another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
 half the cost of the form it replaces (:data:`SCATTER_COST`): the dense Gram, or for large
 second-order blocks the structured term (``~n²`` per block, see :mod:`~.cone_gram`).  A structured
@@ -158,7 +160,8 @@ class SparseGram:
         self.index = [(D[:, None] * n + D).reshape(-1), (Pt[:, :, None] * n + Ct[:, None, :]).reshape(-1),
                       (Po[:, :, None] * n + Po[:, None, :]).reshape(-1),
                       (D[None, :, None] * n + Pt[:, None, :]).reshape(-1)]
-        self.unit = self.vD = self._R = None   # _R: the term N_{P_b, D}'s memory, reused by every call
+        self.unit = self.vD = None
+        self._scratch = {}  # the one-row path's terms' memory, reused by every call (_buffer)
         if on_d is not None and bool(touch.any()) and bool((on_d.sum(1) <= 1).all()):
             # the shared columns through one row (module doc): the terms N_DD, N_{P_b, D} (blocks on D),
             # N_{P_b, P_b} (every block) and N_{D, P_b}; the rows kept on P_b only
@@ -177,7 +180,7 @@ class SparseGram:
         out.__dict__.update(self.__dict__)
         out.rows = self.rows.index_select(0, keep)
         out.vD = None if self.vD is None else self.vD.index_select(0, keep)
-        out._R = None
+        out._scratch = {}
         return out
 
     def onto(self, plan):
@@ -188,6 +191,7 @@ class SparseGram:
         out.index = [plan.slot[ix] for ix in self.index]
         if bool((out.index[3] == sum(plan.sizes)).all()):
             out.index = out.index[:3]
+        out.index = [_as_slice(ix) for ix in out.index]  # a range (N_DD where D is the plan's): added as a view
         return out
 
     def __call__(self, winv_t, st, N):
@@ -196,11 +200,10 @@ class SparseGram:
         if self.vD is not None:                                     # the shared columns through one row
             AP = winv_t(st, self.rows)                              # (B, nb, k, p): Ã on P_b
             u = _blocks(winv_t(st, self.unit), self.touch, 1)       # (B, nd, k, 1): W⁻ᵀ's column of that row
-            X = u.square().sum(-2).sqrt() * self.vD                 # (B, nd, d): ‖u‖ v_D
-            R = _block_tmul(_blocks(AP, self.touch, 1), u)        # (B, nd, p, 1), times v_D: (B, nd, p, d)
-            if self._R is None or self._R.shape != (B,) + R.shape[1:3] + (d,):
-                self._R = R.new_empty((B,) + R.shape[1:3] + (d,))
-            R = torch.mul(R, self.vD[:, :, None, :], out=self._R)
+            g = u.square().sum(-2).sqrt()                           # (B, nd, 1): ‖u‖
+            X = torch.mul(g, self.vD, out=self._buffer("X", (B,) + self.vD.shape[1:], g))      # ‖u‖ v_D
+            R = _block_tmul(_blocks(AP, self.touch, 1), u)          # (B, nd, p, 1), times v_D: (B, nd, p, d)
+            R = torch.mul(R, self.vD[:, :, None, :], out=self._buffer("R", R.shape[:3] + (d,), R))
             terms = (X.mT @ X, R, _block_tmul(AP, AP), R.mT)
         else:
             At = winv_t(st, self.rows).reshape((B,) + self.shape)  # (B, nb, k, d + p)
@@ -209,8 +212,24 @@ class SparseGram:
             R = _block_tmul(At_t[..., d:], At_t)                    # (B, nd, p, d + p)
             terms = (X.mT @ X, R, _block_tmul(Y, Y), R[..., :d].mT)
         for ix, v in zip(self.index, terms):                        # (the transpose: where indexed)
-            flat.index_add_(1, ix, v.reshape(B, -1))
+            if isinstance(ix, slice):                               # one range of the compact layout
+                flat[:, ix] += v.reshape(B, -1)
+            else:
+                flat.index_add_(1, ix, v.reshape(B, -1))
         return N
+
+    def _buffer(self, name, shape, like):
+        """Memory for the term ``name``, reused by the next call (module doc: the one-row path)."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != shape:
+            buf = self._scratch[name] = like.new_empty(shape)
+        return buf
+
+
+def _as_slice(ix):
+    """The indices ``ix`` as a ``slice`` where they are one ascending range, else ``ix``."""
+    lo = int(ix[0]) if ix.numel() else 0
+    return slice(lo, lo + ix.numel()) if torch.equal(ix, torch.arange(lo, lo + ix.numel(), device=ix.device)) else ix
 
 
 def _block_tmul(P, V):
