@@ -69,7 +69,7 @@ blockwise and two ``d × d`` triangular solves.  **The compact layout**: the fac
 mapped there once per solve (:attr:`Elimination.slot`), and a dense term, where a group has one,
 is gathered there; it is one buffer zeroed and reused by every iteration, and the factorization
 computes ``W = L_P⁻¹N_PD``, the only part of it that it keeps, where ``N_PD`` lies: fresh memory costs
-its page faults, about 3 × the zeroing (10 MB: 1.6 vs 0.5 ms).
+its page faults, about 3 × the zeroing (a 10 MB buffer; docs/benchmarks.md).
 **The blocks' triangular solves** with ``L_P`` are substitutions row by row,
 each step one elementwise op on all ``B·ncomp`` blocks (:func:`_substitute_`): LAPACK takes one
 call per block, whose overhead dominates for blocks of at most :data:`SUBSTITUTE_MAX` columns
