@@ -177,6 +177,23 @@ def test_boundary_search_floor_and_full_step():
     assert (a == 0).all()
 
 
+@pytest.mark.parametrize("seed, scale", [(0, 1.0), (2, 0.1), (5, 0.3)])
+def test_boundary_shortcut_gives_the_full_bisection(seed, scale, monkeypatch):
+    # where every element is inside at the fourth halving's midpoint (α ≈ 0.18) the first four halvings are
+    # skipped: the same α, bit for bit, as the bisection from the start (_SKIP = 0), on the batch (some
+    # step shorter: no shortcut) and on its elements with longer steps (the shortcut)
+    s, y, mu, ds, dy = _random_steps(seed, scale=scale)
+    a = _boundary(s, y, ds, dy)
+    longer = (a > 0.25).nonzero()[:, 0]
+    assert float(a.min()) < math.exp(math.log(cone_exp._FLOOR) / 16) and longer.numel() > 1
+    for idx in (torch.arange(a.numel()), longer):
+        got = _boundary(s[idx], y[idx], ds[idx], dy[idx])
+        monkeypatch.setattr(cone_exp, "_SKIP", 0)
+        want = _boundary(s[idx], y[idx], ds[idx], dy[idx])
+        monkeypatch.undo()
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("seed, scale", [(5, 1.0), (6, 10.0), (7, 0.3)])
 def test_step_is_inside_both_cones_and_the_neighbourhood(seed, scale):
     """The old grid step's guarantee: ``s + αΔs ∈ int K``, ``y + αΔy ∈ int K*`` and every block in the

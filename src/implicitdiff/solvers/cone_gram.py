@@ -468,10 +468,10 @@ def factor_normal(make_N, data, z, plan=None):
     LU of the quasi-definite matrix regularized by ``±eps^¾``.
 
     ``make_N()`` returns a fresh ``N`` (:class:`NormalMatrix`'s: ``(B, n, n)``, or in ``plan``'s compact
-    layout): a scratch buffer, its diagonal shifted in place; the dense Cholesky and the LU factor it
-    where it lies (:func:`~implicitdiff.linalg.kkt.cholesky_lower_`, and the LU in the column-major
-    buffer it is assembled in), so neither copies it.  It is called a second time only where a dense
-    Cholesky fails (the elimination's factor is in new memory: it shifts the same ``N`` again)."""
+    layout): a scratch buffer, its diagonal shifted in place; the Cholesky factorizations and the LU
+    factor it where it lies (:func:`~implicitdiff.linalg.kkt.cholesky_lower_`, the elimination's ``N_PD``
+    in place, and the LU in the column-major buffer it is assembled in), so none copies it.  It is called
+    a second time only where a Cholesky fails."""
     N = make_N()
     B, n = N.shape[0], N.shape[-1]
     eps = torch.finfo(N.dtype).eps
@@ -483,14 +483,12 @@ def factor_normal(make_N, data, z, plan=None):
             diag.add_(delta)
         F, info = chol(N)
         if bool((info > 0).any()):  # rounding made N indefinite: a shift relative to its diagonal
-            shift = delta
-            if plan is None:  # the factor lies in N's memory: keep it, and build N again
-                F = tuple(f.clone() for f in F)
-                N, shift = make_N(), 0.0
-                diags = (N.diagonal(dim1=-2, dim2=-1),)
+            F = tuple(f.clone() for f in F)  # the factor lies (in part) in N's memory: keep it, build N again
+            N = make_N()
+            diags = (N.diagonal(dim1=-2, dim2=-1),) if plan is None else plan.diagonals(N)
             big = eps ** 0.5 * torch.stack([dg.abs().flatten(1).amax(-1) for dg in diags]).amax(0).clamp(min=1.0)
             for diag in diags:
-                diag.add_((big - shift).reshape((-1,) + (1,) * (diag.dim() - 1)))
+                diag.add_(big.reshape((-1,) + (1,) * (diag.dim() - 1)))
             F2, _ = chol(N)
             F = tuple(torch.where((info > 0).reshape((-1,) + (1,) * (f.dim() - 1)), f2, f) for f, f2 in zip(F, F2))
         return ("chol", (plan, F))

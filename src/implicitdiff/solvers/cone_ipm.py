@@ -71,7 +71,7 @@ of the solutions.
 Converged elements are frozen while the others go on; the loop's host syncs are the "all done?"
 test, whether to refine, whether a Cholesky factorization failed (then shifted by ``√eps``
 of its diagonal), and two in the cones: ``PSD.scale``'s spread test (float64, PSD blocks) and
-``ExpCone.step``'s one per neighbourhood candidate tried.  Forward only: no gradients here.
+``ExpCone.step``'s boundary shortcut and one per neighbourhood candidate tried.  Forward only: no gradients here.
 """
 
 from __future__ import annotations

@@ -27,7 +27,17 @@ blocks of few rows is a sum of ``k`` outer products, each one elementwise op on 
 logistic regression: ``k = 3``, ``p = 2``, ``d + p = 52``); it keeps ``bmm`` beyond that size or
 :data:`OUTER_MAX_ROWS` rows.  The blocks that touch ``D`` and the others are taken as views where
 each is one range of blocks (cvxpy's canonical programs: :func:`_span`), not copied per iteration.
-The sum is the dense ``ÃᵀÃ`` up to rounding (the same products, summed in another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
+**The shared columns through one row**: where every block meets ``D`` in one of its rows ``j_b`` (an
+exp block of a logistic regression: the weights enter its first coordinate only), ``A_b`` on ``D`` is
+``e_j v_bᵀ``, so ``Ã_b`` on ``D`` is the rank-one ``u_b v_bᵀ`` with ``u_b = W_b⁻ᵀe_j`` (``winv_t`` on one
+column) and the block's terms are ``N_DD += ‖u_b‖² v_b v_bᵀ`` (a Gram over one row per block, not
+``k``), ``N_{P_b, D} += (Ã_b[:, P_b]ᵀu_b) v_bᵀ``; ``winv_t`` scales the ``p`` private columns only
+(not ``d + p``; the blocks off ``D`` no longer carry ``d`` zero columns): the bench's exp case,
+forward + backward 0.93× (docs/benchmarks.md).  The terms ``‖u_b‖v_b`` and ``N_{P_b, D}`` are written
+into memory that the next call reuses (fresh memory costs its page faults: see the compact layout
+below), and a term whose place in the compact layout is one range (``N_DD``) is added there as a
+view, not by ``index_add_``.  The sum is the dense ``ÃᵀÃ`` up to rounding (the same
+products, summed in another order).  A group is formed this way only when :func:`sparse_gram` estimates it at most
 half the cost of the form it replaces (:data:`SCATTER_COST`): the dense Gram, or for large
 second-order blocks the structured term (``~n²`` per block, see :mod:`~.cone_gram`).  A structured
 group kept as such is formed on its columns ``S`` only (``|S| × |S|``, scattered) where
@@ -39,8 +49,9 @@ nonzero): ``A``'s values on the pattern ``(B, nnz)``, gathered once into block-d
 ``diag(A_1, …, A_B)`` and ``diag(A_1ᵀ, …, A_Bᵀ)``; ``Av`` and ``Aᵀu`` (``r`` columns each) are one
 sparse-dense product ``(B·m, B·n) × (B·n, r)`` — ``nnz`` instead of ``m·n`` multiply-adds, and ``A``
 itself (``B·m·n`` entries) is not read per product (a gather/multiply/``index_add_`` over the entries
-costs several times more on CPU with ``r = 2, 3``: docs/benchmarks.md).  A shared ``A`` keeps its one
-matrix product.
+costs several times more on CPU with ``r = 2, 3``: docs/benchmarks.md).  The indices are ``int32``
+where they fit: a product reads a value and a column index per entry, 12 bytes instead of 16
+(1.4 × faster at the bench's exp case).  A shared ``A`` keeps its one matrix product.
 
 **The Cholesky factor of** ``N`` **by eliminating private columns first** (:class:`Elimination`,
 used by :func:`~.cone_gram.factor_normal` without a zero cone).  ``N``'s pattern is the union of
@@ -56,7 +67,10 @@ blockwise and two ``d × d`` triangular solves.  **The compact layout**: the fac
 ``N_PP``'s blocks, ``N_PD`` and ``N_DD`` only, so the normal matrix is formed straight into them
 (``B·(ncomp·c² + ncomp·c·d + d²)`` entries, not ``B·n²``): the terms' flat indices into ``N`` are
 mapped there once per solve (:attr:`Elimination.slot`), and a dense term, where a group has one,
-is gathered there.  **The blocks' triangular solves** with ``L_P`` are substitutions row by row,
+is gathered there; it is one buffer zeroed and reused by every iteration, and the factorization
+computes ``W = L_P⁻¹N_PD``, the only part of it that it keeps, where ``N_PD`` lies: fresh memory costs
+its page faults, about 3 × the zeroing (a 10 MB buffer; docs/benchmarks.md).
+**The blocks' triangular solves** with ``L_P`` are substitutions row by row,
 each step one elementwise op on all ``B·ncomp`` blocks (:func:`_substitute_`): LAPACK takes one
 call per block, whose overhead dominates for blocks of at most :data:`SUBSTITUTE_MAX` columns
 (docs/benchmarks.md); larger blocks take LAPACK's batched solve.  Used when the blocks have at most
@@ -113,14 +127,14 @@ def sparse_gram(rows, pattern, n, cost=None):
     flops = nd * k * d * d + nd * k * p * (d + p) + (nb - nd) * k * p * p
     if flops + SCATTER_COST * entries > 0.5 * dense:
         return None
-    return SparseGram(rows, sup, D, priv, p, k)
+    return SparseGram(rows, pattern, sup, D, priv, p, k)
 
 
 class SparseGram:
     """One generic group's term from ``A``'s pattern (module doc); ``__call__(winv_t, state, N)``
     adds it into ``N (B, n, n)`` in place, or into an :class:`Elimination`'s compact layout (:meth:`onto`)."""
 
-    def __init__(self, rows, sup, D, priv, p, k):
+    def __init__(self, rows, pattern, sup, D, priv, p, k):
         nb, n = sup.shape
         d = D.numel()
         # each block's private columns first; the padding repeats the first one, its entries set to zero below
@@ -136,6 +150,7 @@ class SparseGram:
         self.rows = rows.gather(-1, gcols.expand(rows.shape[:1] + gcols.shape)) * keep  # (1 or B, *s, d + p)
         self.shape, self.d, self.p = (nb, k, d + p), d, p
         touch = sup[:, D].any(1)
+        on_d = pattern[..., D].any(-1) if k > 1 else None           # (nb, k): each block's rows on D
         # blocks that touch D (their Gram on [D, P_b]) and the others (on P_b): None for all blocks
         self.touch = None if bool(touch.all()) else _span(touch.nonzero()[:, 0])
         self.other = None if not bool(touch.any()) else _span((~touch).nonzero()[:, 0])
@@ -145,12 +160,27 @@ class SparseGram:
         self.index = [(D[:, None] * n + D).reshape(-1), (Pt[:, :, None] * n + Ct[:, None, :]).reshape(-1),
                       (Po[:, :, None] * n + Po[:, None, :]).reshape(-1),
                       (D[None, :, None] * n + Pt[:, None, :]).reshape(-1)]
+        self.unit = self.vD = None
+        self._scratch = {}  # the one-row path's terms' memory, reused by every call (_buffer)
+        if on_d is not None and bool(touch.any()) and bool((on_d.sum(1) <= 1).all()):
+            # the shared columns through one row (module doc): the terms N_DD, N_{P_b, D} (blocks on D),
+            # N_{P_b, P_b} (every block) and N_{D, P_b}; the rows kept on P_b only
+            row = on_d.to(torch.int8).argmax(1)                                    # (nb,): the row on D
+            self.unit = torch.nn.functional.one_hot(row, k).to(rows.dtype)[None, ..., None]   # (1, nb, k, 1)
+            row = _blocks(row, self.touch)
+            self.vD = _blocks(self.rows, self.touch, 1)[..., :d].gather(
+                2, row[None, :, None, None].expand(self.rows.shape[0], -1, 1, d))[:, :, 0]   # (1 or B, nd, d)
+            self.rows = self.rows[..., d:].contiguous()                            # (1 or B, nb, k, p)
+            self.index = [self.index[0], (Pt[:, :, None] * n + D).reshape(-1),
+                          (P[:, :, None] * n + P[:, None, :]).reshape(-1), self.index[3]]
 
     def subset(self, keep):
         """The same plan for the batch elements ``keep`` of a batched ``A``."""
         out = SparseGram.__new__(SparseGram)
         out.__dict__.update(self.__dict__)
         out.rows = self.rows.index_select(0, keep)
+        out.vD = None if self.vD is None else self.vD.index_select(0, keep)
+        out._scratch = {}
         return out
 
     def onto(self, plan):
@@ -161,19 +191,45 @@ class SparseGram:
         out.index = [plan.slot[ix] for ix in self.index]
         if bool((out.index[3] == sum(plan.sizes)).all()):
             out.index = out.index[:3]
+        out.index = [_as_slice(ix) for ix in out.index]  # a range (N_DD where D is the plan's): added as a view
         return out
 
     def __call__(self, winv_t, st, N):
         B, d = N.shape[0], self.d
-        At = winv_t(st, self.rows).reshape((B,) + self.shape)      # (B, nb, k, d + p)
-        At_t, Y = _blocks(At, self.touch, 1), _blocks(At[..., d:], self.other, 1)
-        X = At_t[..., :d].flatten(1, 2)                             # (B, nd·k, d)
-        R = _block_tmul(At_t[..., d:], At_t)                        # (B, nd, p, d + p)
         flat = N.view(B, -1)
-        terms = (X.mT @ X, R, _block_tmul(Y, Y), R[..., :d].mT)
+        if self.vD is not None:                                     # the shared columns through one row
+            AP = winv_t(st, self.rows)                              # (B, nb, k, p): Ã on P_b
+            u = _blocks(winv_t(st, self.unit), self.touch, 1)       # (B, nd, k, 1): W⁻ᵀ's column of that row
+            g = u.square().sum(-2).sqrt()                           # (B, nd, 1): ‖u‖
+            X = torch.mul(g, self.vD, out=self._buffer("X", (B,) + self.vD.shape[1:], g))      # ‖u‖ v_D
+            R = _block_tmul(_blocks(AP, self.touch, 1), u)          # (B, nd, p, 1), times v_D: (B, nd, p, d)
+            R = torch.mul(R, self.vD[:, :, None, :], out=self._buffer("R", R.shape[:3] + (d,), R))
+            terms = (X.mT @ X, R, _block_tmul(AP, AP), R.mT)
+        else:
+            At = winv_t(st, self.rows).reshape((B,) + self.shape)  # (B, nb, k, d + p)
+            At_t, Y = _blocks(At, self.touch, 1), _blocks(At[..., d:], self.other, 1)
+            X = At_t[..., :d].flatten(1, 2)                         # (B, nd·k, d)
+            R = _block_tmul(At_t[..., d:], At_t)                    # (B, nd, p, d + p)
+            terms = (X.mT @ X, R, _block_tmul(Y, Y), R[..., :d].mT)
         for ix, v in zip(self.index, terms):                        # (the transpose: where indexed)
-            flat.index_add_(1, ix, v.reshape(B, -1))
+            if isinstance(ix, slice):                               # one range of the compact layout
+                flat[:, ix] += v.reshape(B, -1)
+            else:
+                flat.index_add_(1, ix, v.reshape(B, -1))
         return N
+
+    def _buffer(self, name, shape, like):
+        """Memory for the term ``name``, reused by the next call (module doc: the one-row path)."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != shape:
+            buf = self._scratch[name] = like.new_empty(shape)
+        return buf
+
+
+def _as_slice(ix):
+    """The indices ``ix`` as a ``slice`` where they are one ascending range, else ``ix``."""
+    lo = int(ix[0]) if ix.numel() else 0
+    return slice(lo, lo + ix.numel()) if torch.equal(ix, torch.arange(lo, lo + ix.numel(), device=ix.device)) else ix
 
 
 def _block_tmul(P, V):
@@ -241,6 +297,8 @@ def _block_diagonal(vals, row, col, m, n):
     counts = torch.bincount(row, minlength=m).repeat(B)
     crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     cols = (torch.arange(B, device=col.device)[:, None] * n + col).reshape(-1)
+    if max(B * max(m, n), vals.numel()) < 2 ** 31:  # int32 indices: a product reads 12 bytes per entry, not 16
+        crow, cols = crow.int(), cols.int()
     with warnings.catch_warnings():  # torch's notice that its CSR support is in beta (the product used here is not)
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, cols, vals.reshape(-1), (B * m, B * n), check_invariants=False)
@@ -293,7 +351,8 @@ class Elimination:
     (padded with ``−1``) eliminated first, onto the shared columns ``D`` (module doc).
 
     It reads ``N`` in its own *compact layout* ``(B, size + 1)``: ``N_PP``'s blocks ``(ncomp, c, c)``,
-    ``N_PD (ncomp, c, d)`` and ``N_DD (d, d)`` one after the other, then one discarded slot.
+    ``N_PD (ncomp, c, d)`` and ``N_DD (d, d)`` one after the other, then one discarded slot; the entries
+    on the padding are zero (never added to, or set so by :meth:`compact`).
     :attr:`slot` maps each entry of ``N (n·n)`` to its place there; the entries the factorization
     does not read (``N_DP``, ``N_PD``'s transpose) map to the discarded slot, so a term given as
     values and flat indices into ``N`` is added into the layout by one ``index_add_`` on
@@ -301,6 +360,7 @@ class Elimination:
 
     def __init__(self, D, comp, n):
         self.D, self.valid = D, comp >= 0
+        self._zeros = None  # the compact N's memory, reused by every call of zeros
         self.comp = torch.where(self.valid, comp, comp[:, :1])    # padding: the block's first column
         self.pad = self.valid[:, :, None] & self.valid[:, None, :]
         cf = self.comp.reshape(-1)
@@ -315,18 +375,25 @@ class Elimination:
                           torch.ones(d * d, dtype=torch.bool, device=D.device)])
         self.slot = torch.full((n * n,), size, dtype=torch.long, device=D.device)
         self.slot[self.flat[real]] = real.nonzero()[:, 0]
+        self.padding = (~real).nonzero()[:, 0]  # the layout's entries on padding: kept zero
         # each column's place in [x_P (padded), x_D]
         self.place = torch.empty(n, dtype=torch.long, device=D.device)
         self.place[cf[self.valid.reshape(-1)]] = self.valid.reshape(-1).nonzero()[:, 0]
         self.place[D] = cf.numel() + torch.arange(D.numel(), device=D.device)
 
     def zeros(self, B, like):
-        """A zero ``N`` in the compact layout ``(B, size + 1)`` (``like``'s dtype and device)."""
-        return like.new_zeros(B, sum(self.sizes) + 1)
+        """A zero ``N`` in the compact layout ``(B, size + 1)`` (``like``'s dtype and device): one buffer,
+        zeroed and returned again by the next call (module doc)."""
+        shape = (B, sum(self.sizes) + 1)
+        if self._zeros is None or self._zeros.shape != shape or self._zeros.dtype != like.dtype:
+            self._zeros = like.new_zeros(shape)
+            return self._zeros
+        return self._zeros.zero_()
 
     def compact(self, N):
-        """A dense ``N (B, n, n)`` in the compact layout (the discarded slot: any value)."""
-        return N.view(N.shape[0], -1).index_select(1, torch.cat([self.flat, self.flat[:1]]))
+        """A dense ``N (B, n, n)`` in the compact layout (the padding zero, the discarded slot: any value)."""
+        return N.view(N.shape[0], -1).index_select(1, torch.cat([self.flat, self.flat[:1]])).index_fill_(
+            1, self.padding, 0)
 
     def _blocks(self, G):
         """``(N_PP (B, ncomp, c, c), N_PD (B, ncomp, c, d), N_DD (B, d, d))``: views of ``G`` (compact)."""
@@ -341,13 +408,14 @@ class Elimination:
 
     def cholesky(self, G):
         """``((L_P, X, L_D), info)`` for ``N`` in the compact layout ``G``: ``L_P (B, ncomp, c, c)``
-        (identity on the padding), ``X (B, ncomp·c, d)`` the rows of ``W = L_P⁻¹N_PD (B, ncomp, c, d)``,
-        ``L_D (B, d, d)``; ``info > 0`` where ``N`` is not positive definite."""
+        (identity on the padding), ``X (B, ncomp·c, d)`` the rows of ``W = L_P⁻¹N_PD (B, ncomp, c, d)``
+        computed where ``N_PD`` lies in ``G`` (overwritten; module doc), ``L_D (B, d, d)``; ``info > 0``
+        where ``N`` is not positive definite."""
         NPP, NPD, NDD = self._blocks(G)
         c = NPP.shape[-1]
         eye = torch.eye(c, dtype=G.dtype, device=G.device)
         LP, info_p = torch.linalg.cholesky_ex(torch.where(self.pad, NPP, eye))
-        X = _substitute_(LP, NPD * self.valid[..., None]).flatten(1, 2)    # W's rows (B, nc·c, d)
+        X = _substitute_(LP, NPD).flatten(1, 2)    # W's rows (B, nc·c, d); zero on the padding, as N_PD
         LD, info_d = cholesky_lower_(torch.baddbmm(NDD, X.mT, X, alpha=-1))
         return (LP, X, LD), torch.maximum(info_p.amax(-1), info_d)
 
@@ -358,9 +426,11 @@ class Elimination:
         nc, c = self.comp.shape
         RP = R.index_select(-1, self.comp.reshape(-1)).view(B, r, nc, c).permute(0, 2, 3, 1) * self.valid[..., None]
         YP = _substitute_(LP, RP)                                                       # (B, nc, c, r)
-        YD = torch.linalg.solve_triangular(LD, R.index_select(-1, self.D).mT - X.mT @ YP.flatten(1, 2), upper=False)
+        # the products with X as row-vector products, (B, r, ·) @ X (1.4 × faster than X @ (B, ·, r))
+        YD = (R.index_select(-1, self.D) - YP.permute(0, 3, 1, 2).reshape(B, r, nc * c) @ X).mT
+        YD = torch.linalg.solve_triangular(LD, YD, upper=False)
         XD = torch.linalg.solve_triangular(LD.mT, YD, upper=True)                      # (B, d, r)
-        XP = _substitute_(LP, YP - (X @ XD).view(YP.shape), transpose=True)
+        XP = _substitute_(LP, YP - (XD.mT @ X.mT).view(B, r, nc, c).permute(0, 2, 3, 1), transpose=True)
         return torch.cat([XP.flatten(1, 2), XD], 1).index_select(1, self.place).mT
 
 
