@@ -23,6 +23,10 @@ cone (built per group of same-size blocks):
   (taken within a rounding band of the face: there ``g`` is not the active constraint, and its
   curvature ``e/p₂`` is unbounded).
 
+:func:`projection_pair` projects ``v`` exactly (the exponential cone by its univariate root, Friberg
+2021): :func:`~.cone._exact_problem` takes the derivative of a program with exponential cones at the
+exact projection pair of ``v = y − s`` rather than at an interior point's pair.
+
 Non-differentiable points (a zero eigenvalue of ``v``: a constraint both active and with a zero
 multiplier) take the one-sided value written above (``1[vᵢ > 0]``): the derivative for the
 perturbations that keep the multiplier at zero.
@@ -30,11 +34,14 @@ perturbations that keep the multiplier at zero.
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 
 from ..linalg.cone_spec import ConeSpec, smat, svec
 
-__all__ = ["dual_projection_jacobian", "project_dual", "apply_block_diagonal", "psd_gamma"]
+__all__ = ["dual_projection_jacobian", "project_dual", "projection_pair", "apply_block_diagonal", "psd_gamma"]
 
 
 def _soc(v):
@@ -150,6 +157,62 @@ def _exp_project_dual(v, s, y, steps=8):
     return torch.where(face[..., None], closed, out)
 
 
+def _exp_project_root(v, steps=64):
+    """``(Π_{K*}(v), Π_K(−v))`` for exponential-cone blocks ``(*, 3)`` without a hint (Friberg 2021, "Projection onto
+    the exponential cone: a univariate root-finding problem").  With ``w = −v`` (Moreau: ``w = p − q``,
+    ``p = Π_K(w)``, ``q = Π_{K*}(v)``): ``w ∈ K`` gives ``q = 0``; ``v ∈ K*`` gives ``q = v``; the face
+    ``w₁ ≤ 0, w₂ ≤ 0`` gives ``q = (0, v₂, v₃⁺)``; otherwise ``p = a(ρ, 1, eᵖ)``, ``q = b(−1, ρ − 1, e⁻ᵖ)``
+    with ``a = ((ρ − 1)w₁ + w₂)/(ρ² − ρ + 1) > 0``, ``b = (w₁ − ρw₂)/(ρ² − ρ + 1) > 0`` and ``ρ`` the root
+    of the increasing ``h(ρ) = a eᵖ − b e⁻ᵖ − w₃`` on the interval where ``a, b > 0`` (an infinite end
+    cut 750 from the finite one; ``h`` and ``q₃ = b e⁻ᵖ = p₃ − w₃`` are formed with ``e^{−|ρ|}`` only,
+    so nothing overflows), found by ``steps`` bisections: to the last
+    bit of ``ρ``, so ``q`` and ``p`` are a projection pair (``pᵀq = 0``, both on their cones'
+    boundaries) to rounding — unlike an interior point's pair, or Newton from it; both are returned,
+    as the smaller one's digits would be lost in ``q − v``."""
+    w1, w2, w3 = (-v).unbind(-1)
+    one = torch.ones_like(w1)
+    lo = 1 - w2 / torch.where(w1 > 0, w1, one)          # a > 0 (w₁ > 0)
+    hi = w1 / torch.where(w2 > 0, w2, one)              # b > 0 (w₂ > 0)
+    lo, hi = torch.where(w1 > 0, lo, hi - 750), torch.where(w2 > 0, hi, lo + 750)
+
+    def ab(r):
+        den = r * r - r + 1
+        return ((r - 1) * w1 + w2) / den, (w1 - r * w2) / den
+
+    def below(r):  # h(r) < 0, scaled by e^{−|r|}: no exp of a positive argument
+        a, b = ab(r)
+        e = torch.exp(-r.abs())
+        return torch.where(r >= 0, a - b * e * e < w3 * e, a * e * e - b < w3 * e)
+
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        up = below(mid)
+        lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+    r = 0.5 * (lo + hi)
+    a, b = ab(r)
+    e = torch.exp(-r.abs())
+    pos = r >= 0
+    # ρ ≥ 0: q₃ = b e⁻ᵖ, p₃ = w₃ + q₃, and a = p₃e⁻ᵖ where that sum has no cancellation (w₃ > 0: the
+    # formula's a, tiny near the face p₂ = 0, has lost its digits); ρ < 0 mirrored
+    q3 = torch.where(pos, b * e, a * e - w3)
+    p3 = torch.where(pos, w3 + b * e, a * e)
+    a = torch.where(pos & (w3 > 0), p3 * e, a)
+    b = torch.where(~pos & (w3 < 0), q3 * e, b)
+    q = torch.stack([-b, b * (r - 1), q3], -1)
+    p = torch.stack([a * r, a, p3], -1)
+    q2 = w2.clamp(min=torch.finfo(v.dtype).tiny)
+    in_k = ((w2 > 0) & (q2 * torch.exp((w1 / q2).clamp(max=700.0)) <= w3)) | ((w1 <= 0) & (w2 == 0) & (w3 >= 0))
+    u = v[..., 0].clamp(max=-torch.finfo(v.dtype).tiny)
+    in_dual = ((v[..., 0] < 0) & (-u * torch.exp((v[..., 1] / u).clamp(max=700.0)) <= math.e * v[..., 2])) | (
+        (v[..., 0] == 0) & (v[..., 1] >= 0) & (v[..., 2] >= 0))
+    face = ((w1 <= 0) & (w2 <= 0))[..., None]
+    q = torch.where(face, torch.stack([torch.zeros_like(w1), v[..., 1], v[..., 2].clamp(min=0)], -1), q)
+    p = torch.where(face, torch.stack([w1, torch.zeros_like(w1), w3.clamp(min=0)], -1), p)
+    q = torch.where(in_k[..., None], torch.zeros_like(v), torch.where(in_dual[..., None], v, q))
+    p = torch.where(in_k[..., None], -v, torch.where(in_dual[..., None], torch.zeros_like(v), p))
+    return q, p
+
+
 def _exp(s, y):
     """``DΠ_{K*}(y − s)`` for exponential-cone blocks ``(*, 3)`` (SCS ordering ``(x, y, z)``)."""
     dt = s.dtype
@@ -189,9 +252,22 @@ def dual_projection_jacobian(spec: ConeSpec, y: torch.Tensor, s: torch.Tensor) -
     return D
 
 
-def project_dual(spec: ConeSpec, v: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``Π_{K*}(v)`` for ``v (B, m)``; the exponential-cone blocks need a nearby solution pair
-    ``(s, y)`` (no closed form, see :func:`_exp_project_dual`)."""
+def projection_pair(spec: ConeSpec, v: torch.Tensor) -> tuple:
+    """``(Π_{K*}(v), Π_K(−v))`` for ``v (B, m)``, exactly (to rounding): the exponential-cone blocks by
+    their univariate root (:func:`_exp_project_root`, 64 bisections), the others in closed form."""
+    q = project_dual(spec, v)
+    p = q - v
+    for kind, _, idx in spec.groups(v.device):
+        if kind == "ep":
+            q[:, idx], p[:, idx] = _exp_project_root(v[:, idx])
+    return q, p
+
+
+def project_dual(spec: ConeSpec, v: torch.Tensor, s: Optional[torch.Tensor] = None,
+                 y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``Π_{K*}(v)`` for ``v (B, m)``; the exponential-cone blocks (no closed form) by Newton from a nearby
+    solution pair ``(s, y)`` (:func:`_exp_project_dual`); without one they are left as ``v`` (for
+    :func:`projection_pair`)."""
     out = v.clone()  # zero cone: K* = ℝ
     for kind, k, idx in spec.groups(v.device):
         blk = v[:, idx]
@@ -207,7 +283,7 @@ def project_dual(spec: ConeSpec, v: torch.Tensor, s: torch.Tensor, y: torch.Tens
         elif kind == "s":
             lam, U = torch.linalg.eigh(smat(blk, k))
             out[:, idx] = svec((U * lam.clamp(min=0)[..., None, :]) @ U.mT)
-        else:
+        elif s is not None:
             out[:, idx] = _exp_project_dual(blk, s[:, idx], y[:, idx])
     return out
 

@@ -254,6 +254,12 @@ class ConeSystem:
         self.n, self.m = A.shape[-1], A.shape[-2]
         self.frame = dual_projection_frame(spec, y, s)
         self.lam = self.frame.lam
+        # a kept row with 1 − λ above rounding (an exponential cone near its degenerate face: 1 − λ ≈ 1e-7
+        # … 1e-11) may make M near-singular (with another row on the same variable): near the LU's shift,
+        # refinement gains little on it per step, and its residual, ~(1 − λ)·error, passes the usual
+        # backward-error test (an O(1) error seen): such elements must refine to rounding or take the fallback
+        eps = torch.finfo(self.lam.dtype).eps
+        self.tight = ((self.lam < 1 - 64 * eps) & (self.lam >= 1 - TAU)).any(-1)
         # the backward error's scale (max|A| read from a reused system of the same A: one pass less)
         amax = reuse.amax if reuse is not None and reuse.A is A else absmax(A, (-2, -1))  # () if A is shared
         self.amax = amax
@@ -313,16 +319,17 @@ class ConeSystem:
 
     def _refine(self, factor, g, adjoint, steps, check):
         sol = factor.apply(g, adjoint)
-        tol = torch.finfo(g.dtype).eps ** 0.75
+        eps = torch.finfo(g.dtype).eps
+        tol = torch.where(self.tight, 64 * eps, eps ** 0.75)
         bad = None
         for i in range(steps + 1):
             if not check and i == steps:  # the residual would not be read
                 break
             res = g - self._matvec(sol, adjoint)
-            if check:  # refine to a backward error of rounding; accept eps^¾ after the last step
+            if check:  # refine to a backward error of rounding; accept eps^¾ after the last step (not if tight)
                 err = res.abs().amax(-1) / (g.abs().amax(-1) + sol.abs().amax(-1) * self.scale)
                 bad = self.ok & ~(err <= tol)
-                if not bool((self.ok & ~(err <= 64 * torch.finfo(g.dtype).eps)).any()):
+                if not bool((self.ok & ~(err <= 64 * eps)).any()):
                     break
             if i < steps:
                 sol = sol + factor.apply(res, adjoint)
@@ -330,9 +337,10 @@ class ConeSystem:
 
     def _fallback(self, g, sol, bad, adjoint):
         """Dense shifted LU with refinement of ``M`` for the elements ``bad``; where the residual stays above
-        ``SINGULAR_RTOL·‖g‖``, an unshifted LU with refinement once more (a nonsingular but ill-conditioned
-        ``M``, past ``cond ≈ 1/√eps``, defeats the shifted refinement); those still above are marked
-        ``singular`` (an inconsistent singular system)."""
+        rounding (``eps^¾·‖g‖``), an unshifted LU with refinement once more, taken where its residual is
+        lower (a nonsingular but ill-conditioned ``M``, past ``cond ≈ 1/√eps``, defeats the shifted
+        refinement: its small residual, e.g. 3e-10, hides an O(1) error along the near-null vector);
+        those still above ``SINGULAR_RTOL·‖g‖`` are marked ``singular`` (an inconsistent singular system)."""
         i = bad.nonzero()[:, 0]
         self.fallbacks += int(i.numel())
         M = dense_system(self.A.expand(self.b.shape[:1] + self.A.shape[-2:])[i], self.b[i], self.c[i], self.x[i], self.y[i], self.s[i], self.ok[i], self.spec)
@@ -348,14 +356,14 @@ class ConeSystem:
         for _ in range(6):
             x = x + lu.solve((gi - _mv(Mo, x))[..., None], adjoint)[..., 0]
         rel = relres(x)
-        retry = ~(rel <= SINGULAR_RTOL)
+        retry = ~(rel <= torch.finfo(gi.dtype).eps ** 0.75)  # not at rounding (the refinement's target)
         if bool(retry.any()):
             LU, piv, info = torch.linalg.lu_factor_ex(Mo)
             x2 = torch.linalg.lu_solve(LU, piv, gi[..., None])[..., 0]
             for _ in range(3):
                 x2 = x2 + torch.linalg.lu_solve(LU, piv, (gi - _mv(Mo, x2))[..., None])[..., 0]
             rel2 = relres(x2)
-            take = retry & (info == 0) & (rel2 <= SINGULAR_RTOL)  # NaN/Inf (an exactly singular M) fail
+            take = retry & (info == 0) & (rel2 < rel)  # NaN/Inf (an exactly singular M) fail
             x = torch.where(take[:, None], x2, x)
             rel = torch.where(take, rel2, rel)
         sol = sol.clone()
