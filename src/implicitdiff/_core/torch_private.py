@@ -11,7 +11,9 @@ What is here, and why:
 * :func:`is_vmapped`, :func:`in_transform` — ``torch._C._functorch`` probes: is a tensor batched
   by ``torch.func.vmap`` (no data access allowed), are we under any ``torch.func`` transform
   (where ``requires_grad_`` and plain ``torch.autograd.grad`` do not see the transformed
-  tensors);
+  tensors); :func:`in_derivative_transform` — ``torch._functorch.pyfunctorch``'s interpreter stack:
+  is a ``torch.func`` derivative level (``grad``/``vjp``/``jvp``) active (a backward run there is
+  differentiated again: ``hessian``);
 * :func:`run_backward` — the autograd engine's entry point that ``torch.autograd.grad`` ends in,
   without its per-call argument normalization (a loop of products through one graph);
 * :data:`pytree` — ``torch.utils._pytree`` (flatten/unflatten nested inputs, key paths);
@@ -42,7 +44,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["is_vmapped", "in_transform", "run_backward", "HAS_RUN_BACKWARD", "pytree", "warm_forward_ad",
+__all__ = ["is_vmapped", "in_transform", "in_derivative_transform", "run_backward", "HAS_RUN_BACKWARD", "pytree", "warm_forward_ad",
            "eager_under_compile", "solve_keeping_lu", "solve_factorizes_transpose", "inductor_compile"]
 
 try:
@@ -78,6 +80,15 @@ def in_transform() -> bool:
     if _peek_interpreter_stack is None:  # pragma: no cover - a torch without the probe: assume the worst
         return True
     return _peek_interpreter_stack() is not None
+
+
+def in_derivative_transform() -> bool:
+    """True under a ``torch.func`` derivative transform (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``jacfwd``),
+    not under ``vmap`` alone (``jacrev``'s backward runs under its ``vmap`` only)."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
 
 
 def run_backward(outputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
