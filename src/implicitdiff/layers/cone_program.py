@@ -2,7 +2,8 @@ r"""``cone_program``: a batched, differentiable convex cone program (the SCS / d
 
 The layer validates its inputs, solves with the homogeneous-embedding interior point of
 :mod:`implicitdiff.solvers.cone_ipm` and differentiates the solution map through
-:class:`~implicitdiff.implicit.cone.ConeFn`.
+:class:`~implicitdiff.implicit.cone.ConeFn`.  Under ``torch.compile`` it runs eagerly (a graph break,
+as ``qp`` and ``DEQ``: a solver loop that stops on data, which dynamo would trace iteration by iteration).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from .._core.errors import InputError
 from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
 from .._core.options import check_bool, check_int, check_real
 from .._core.status import SolveInfo, Status
+from .._core.torch_private import eager_under_compile
 from .._core.validate import as_float_tensor, check_finite, check_same_dtype_device, is_vmapped
 from ..implicit.cone import ConeFn, ConeProblem
 from ..linalg.cone_spec import parse_cones
@@ -48,6 +50,7 @@ def _empty(A, b, c, return_info):
     return out
 
 
+@eager_under_compile
 def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise", return_info=False):
     r"""Solve ``min cᵀx  s.t.  Ax + s = b,  s ∈ K`` (and its dual), batched and differentiably.
 
