@@ -72,3 +72,28 @@ def test_a_third_derivative_raises_a_clear_error():
     (hc,) = torch.autograd.grad(gc.pow(2).sum(), cr, create_graph=True)  # the second: built with a graph
     with pytest.raises(NotImplementedError, match="differentiable twice"):
         torch.autograd.grad(hc.sum(), cr)
+
+
+@pytest.mark.parametrize("wrt", ["A shared", "A batched", "b batched"])
+def test_hessian_in_A_and_batched_b_equals_double_backward(wrt):
+    # the vmap rule's fold of a shared / batched A and of a batch of problems
+    A, b, c, cones = case("socp")
+    g = torch.Generator().manual_seed(9)
+    bb = b + 0.05 * torch.rand(2, b.shape[0], generator=g, dtype=b.dtype)
+    cb = c + 0.1 * torch.randn(2, c.shape[0], generator=g, dtype=c.dtype)
+    if wrt == "b batched":
+        def phi(b_):
+            return idf.cone_program(A, b_, cb, cones, rtol=RTOL)[0].pow(2).sum()
+        p0 = bb
+    else:
+        def phi(A_):
+            return idf.cone_program(A_, bb, cb, cones, rtol=RTOL)[1].pow(2).sum()
+        p0 = A.clone() if wrt == "A shared" else A.expand(2, *A.shape).clone()
+    pr = p0.clone().requires_grad_()
+    (gp,) = torch.autograd.grad(phi(pr), pr, create_graph=True)
+    rows = range(0, gp.numel(), 7)
+    ref = torch.stack([torch.autograd.grad(gp.reshape(-1)[i], pr, retain_graph=True)[0].reshape(-1) for i in rows])
+    assert float(ref.abs().max()) > 1e-3
+    for route in (hessian(phi), jacrev(grad(phi))):
+        H = route(p0).reshape(gp.numel(), -1)[list(rows)]
+        assert torch.allclose(H, ref, atol=1e-8, rtol=1e-7)
