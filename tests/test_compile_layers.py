@@ -1,6 +1,6 @@
-"""torch.compile of models with QPLayer, CvxpyLayer and the functional cone_program: the solves run
-eagerly (a graph break, as DEQ's), so the compiled model gives the eager outputs and gradients
-without dynamo tracing the solver loops (probe3 item 9: 39–160 s of compilation before)."""
+"""torch.compile of models with QPLayer, CvxpyLayer, the functional cone_program, root, fixed_point and
+argmin: the solves run eagerly (a graph break, as DEQ's), so the compiled model gives the eager outputs
+and gradients without dynamo tracing the solver loops (probe3 item 9: 39–160 s of compilation before)."""
 
 import os
 import subprocess
@@ -44,7 +44,20 @@ _SCRIPT = textwrap.dedent("""
             z = self.qp(p=p)
             (w,) = self.cvx(p, self.G)
             u = idf.cone_program(A, b, p[:, :2] + 2, {"q": [3]})[0]
-            return z.sum(-1) + w.sum(-1) + u.sum(-1)
+            r = idf.root(F, torch.zeros_like(p), p, batch_dims=1)
+            t = idf.fixed_point(T, torch.zeros_like(p), p, batch_dims=1)
+            v = idf.argmin(f, torch.zeros_like(p), p, batch_dims=1)
+            return z.sum(-1) + w.sum(-1) + u.sum(-1) + r.sum(-1) + t.sum(-1) + v.sum(-1)
+
+    def F(y, p):  # the residuals record whether they run under a dynamo trace
+        compiling.append(torch.compiler.is_compiling())
+        return y + 0.1 * torch.tanh(y) - p
+    def T(z, p):
+        compiling.append(torch.compiler.is_compiling())
+        return 0.5 * torch.tanh(z) + p
+    def f(y, p):
+        compiling.append(torch.compiler.is_compiling())
+        return ((y - p) ** 2).sum(-1) + 0.1 * (y ** 4).sum(-1)
 
     model = Model()
     compiled = torch.compile(model, backend="aot_eager")
@@ -55,7 +68,7 @@ _SCRIPT = textwrap.dedent("""
         compiling.clear()
         out = compiled(inp)
         g = torch.autograd.grad(out.square().sum(), params)
-        assert len(compiling) >= 3 and not any(compiling), compiling
+        assert len(compiling) >= 6 and not any(compiling), compiling
         assert torch.allclose(out, ref, rtol=1e-9, atol=1e-10), (out - ref).abs().max()
         assert all(torch.allclose(a, b, rtol=1e-7, atol=1e-9) for a, b in zip(g, ref_g))
     print("COMPILED-OK")

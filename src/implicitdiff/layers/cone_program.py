@@ -2,8 +2,7 @@ r"""``cone_program``: a batched, differentiable convex cone program (the SCS / d
 
 The layer validates its inputs, solves with the homogeneous-embedding interior point of
 :mod:`implicitdiff.solvers.cone_ipm` and differentiates the solution map through
-:class:`~implicitdiff.implicit.cone.ConeFn`.  Under ``torch.compile`` it runs eagerly (a graph break,
-as ``qp`` and ``DEQ``: a solver loop that stops on data, which dynamo would trace iteration by iteration).
+:class:`~implicitdiff.implicit.cone.ConeFn`.
 """
 
 from __future__ import annotations
@@ -50,7 +49,6 @@ def _empty(A, b, c, return_info):
     return out
 
 
-@eager_under_compile
 def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise", return_info=False):
     r"""Solve ``min cᵀx  s.t.  Ax + s = b,  s ∈ K`` (and its dual), batched and differentiably.
 
@@ -168,3 +166,8 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
         x, y, s = x[0], y[0], s[0]
         info = SolveInfo(*(t[0] for t in info[:3]))
     return (x, y, s, info) if return_info else (x, y, s)
+
+
+# Under torch.compile the solve runs eagerly (a graph break, as qp's and DEQ's): the interior point
+# stops on data (a host sync per iteration), which dynamo would otherwise trace iteration by iteration.
+cone_program = eager_under_compile(cone_program)
