@@ -11,9 +11,7 @@ What is here, and why:
 * :func:`is_vmapped`, :func:`in_transform` — ``torch._C._functorch`` probes: is a tensor batched
   by ``torch.func.vmap`` (no data access allowed), are we under any ``torch.func`` transform
   (where ``requires_grad_`` and plain ``torch.autograd.grad`` do not see the transformed
-  tensors); :func:`in_derivative_transform` — ``torch._functorch.pyfunctorch``'s interpreter stack:
-  is a ``torch.func`` derivative level (``grad``/``vjp``/``jvp``) active (a backward run there is
-  differentiated again: ``hessian``);
+  tensors);
 * :func:`run_backward` — the autograd engine's entry point that ``torch.autograd.grad`` ends in,
   without its per-call argument normalization (a loop of products through one graph);
 * :data:`pytree` — ``torch.utils._pytree`` (flatten/unflatten nested inputs, key paths);
@@ -22,6 +20,9 @@ What is here, and why:
 * :func:`eager_under_compile` — ``torch.compiler.disable``, applied lazily: the decorator
   imports ``torch._dynamo`` (about a second) only when a ``torch.compile`` trace reaches it,
   never at ``import implicitdiff``;
+* :func:`in_derivative_transform` — ``torch._functorch.pyfunctorch``'s interpreter stack: is a
+  ``torch.func`` derivative level (``grad``/``vjp``/``jvp``) active (a backward run there is
+  differentiated again: ``hessian``);
 * :func:`solve_keeping_lu` — ``torch._linalg_solve_ex``, the op ``torch.linalg.solve`` ends in, which
   also returns its LU: the eager square path of ``linear_solve`` screens that LU for
   ill-conditioning instead of factorizing twice, and keeps torch's compiled backward;
@@ -44,7 +45,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["is_vmapped", "in_transform", "in_derivative_transform", "run_backward", "HAS_RUN_BACKWARD", "pytree", "warm_forward_ad",
+__all__ = ["is_vmapped", "in_transform", "run_backward", "HAS_RUN_BACKWARD", "pytree", "warm_forward_ad",
            "eager_under_compile", "solve_keeping_lu", "solve_factorizes_transpose", "inductor_compile"]
 
 try:
@@ -80,15 +81,6 @@ def in_transform() -> bool:
     if _peek_interpreter_stack is None:  # pragma: no cover - a torch without the probe: assume the worst
         return True
     return _peek_interpreter_stack() is not None
-
-
-def in_derivative_transform() -> bool:
-    """True under a ``torch.func`` derivative transform (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``jacfwd``),
-    not under ``vmap`` alone (``jacrev``'s backward runs under its ``vmap`` only)."""
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
 
 
 def run_backward(outputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor],
@@ -139,6 +131,15 @@ def eager_under_compile(fn: Callable) -> Callable:
         return disabled[0](*args, **kwargs)
 
     return wrapper
+
+
+def in_derivative_transform() -> bool:
+    """True under a ``torch.func`` derivative transform (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``jacfwd``),
+    not under ``vmap`` alone (``jacrev``'s backward runs under its ``vmap`` only)."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
 
 
 def inductor_compile(fn: Callable, example_args: Sequence[torch.Tensor]) -> Callable:
