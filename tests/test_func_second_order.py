@@ -97,3 +97,12 @@ def test_hessian_in_A_and_batched_b_equals_double_backward(wrt):
     for route in (hessian(phi), jacrev(grad(phi))):
         H = route(p0).reshape(gp.numel(), -1)[list(rows)]
         assert torch.allclose(H, ref, atol=1e-8, rtol=1e-7)
+
+
+def test_per_sample_hessians_under_vmap_are_refused_with_the_route():
+    # vmap over a derivative maps the saved solution: differentiable once there (implicit/cone.py)
+    phi, c = _objective("socp")
+    C = c + 0.1 * torch.randn(2, c.numel(), generator=torch.Generator().manual_seed(1), dtype=c.dtype)
+    for route in (hessian(phi), jacrev(grad(phi))):
+        with pytest.raises(NotImplementedError, match="take it outside vmap"):
+            torch.func.vmap(route)(C)

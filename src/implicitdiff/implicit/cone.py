@@ -249,6 +249,8 @@ class _Derivative(torch.autograd.Function):
         raise NotImplementedError("cone_program under vmap over grad / vjp / jvp is differentiable once; a second "
                                   "derivative there is not supported: take it outside vmap")
 
+    jvp = backward  # forward mode over it (vmap(hessian(f))): the same refusal
+
     @staticmethod
     def vmap(info, in_dims, mode, spec, reuse, A, dA, b, c, x, y, s, ok, t1, t2, t3):
         flat = _fold(info, in_dims[3:], (A, dA, b, c, x, y, s, ok, t1, t2, t3), 2, keep_shared=False)
