@@ -230,3 +230,19 @@ def test_inductor_compile_keeps_addmv_semantics(monkeypatch):
         fn = functools.partial(torch.addmv, beta=beta, alpha=alpha)
         got = tp.inductor_compile(fn, (b, A, x))(b, A, x)
         torch.testing.assert_close(got, fn(b, A, x), atol=1e-14, rtol=0)
+
+
+def test_in_derivative_transform_is_true_under_grad_and_jvp_not_under_vmap_alone():
+    x = torch.randn(2, dtype=F64)
+    seen = []
+
+    def f(v):
+        seen.append(tp.in_derivative_transform())
+        return (v * v).sum()
+
+    f(x)
+    torch.func.grad(f)(x)
+    torch.func.jvp(f, (x,), (torch.ones_like(x),))
+    torch.func.vmap(f)(x.reshape(2, 1))
+    torch.func.vmap(torch.func.grad(f))(x.reshape(2, 1))
+    assert seen == [False, True, True, False, True]

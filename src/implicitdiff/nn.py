@@ -2,7 +2,10 @@
 
 A module holds the tensors it learns as ``nn.Parameter``\\ s and calls the functional layer,
 so ``loss.backward()`` fills ``.grad`` of every parameter and ``torch.func.functional_call``
-works as for any module.
+works as for any module.  Under ``torch.compile`` every layer's solve runs eagerly (a graph break:
+``DEQ.forward``, ``CvxpyLayer.forward`` and the functional ``qp`` are wrapped in
+:func:`~implicitdiff._core.torch_private.eager_under_compile`): their solver loops stop on data, which
+dynamo would retrace iteration by iteration (tens of seconds per call shape); the modules around compile.
 """
 
 from __future__ import annotations
@@ -379,6 +382,7 @@ class CvxpyLayer(torch.nn.Module):
         self.on_failure = on_failure
         self.last_info = None
 
+    @eager_under_compile  # the cvxpy canonicalization's scatter and the cone solver: eager (module doc)
     def forward(self, *params, solver_args=None, warm_start=False):
         if warm_start is not False:
             raise InputError("warm_start does not apply: cone_program starts every solve afresh; remove it")

@@ -188,5 +188,6 @@ def test_a_third_derivative_is_refused_with_a_clear_error():
     w = _weights([(B, A.shape[1]), (B, A.shape[0]), (B, A.shape[0])])
     br = bb.clone().requires_grad_()
     (gb,) = torch.autograd.grad(_loss(_solve(A, br, cb, cones), w), br, create_graph=True)
+    (hb,) = torch.autograd.grad((gb * gb).sum(), br, create_graph=True)
     with pytest.raises(NotImplementedError, match="differentiable twice"):
-        torch.autograd.grad((gb * gb).sum(), br, create_graph=True)
+        torch.autograd.grad(hb.sum(), br)

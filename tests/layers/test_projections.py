@@ -236,11 +236,13 @@ def test_empty_and_scalar_inputs():
         sparsemax(torch.ones(3, dtype=F64), dim=0.5)
 
 
-def test_nan_rows_stay_in_their_row(g):
-    # NaN in, NaN out — in that row only (as torch.softmax); the other rows are exact
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_in_x_is_named(g, bad):
+    # as qp and cone_program: an InputError naming x (the closed forms gave NaN silently: the simplex
+    # turned [inf, 1] into [nan, nan], the l2 ball passed [nan, 1] through)
     x = torch.randn(3, 4, generator=g, dtype=F64)
-    x[1, 2] = float("nan")
-    for f in (project_simplex, sparsemax, project_l2_ball):
-        z = f(x)
-        assert torch.isnan(z[1]).any()
-        torch.testing.assert_close(z[[0, 2]], f(x[[0, 2]]))
+    x[1, 2] = bad
+    for f in (project_simplex, sparsemax, project_l1_ball, project_l2_ball, lambda t: project_box(t, 0.0, 1.0)):
+        with pytest.raises(InputError, match=r"^x contains 1 NaN or Inf"):
+            f(x)
+        assert torch.isfinite(f(x[[0, 2]])).all()  # the finite rows alone: fine

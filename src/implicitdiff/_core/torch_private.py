@@ -21,6 +21,9 @@ What is here, and why:
 * :func:`eager_under_compile` — ``torch.compiler.disable``, applied lazily: the decorator
   imports ``torch._dynamo`` (about a second) only when a ``torch.compile`` trace reaches it,
   never at ``import implicitdiff``;
+* :func:`in_derivative_transform` — ``torch._functorch.pyfunctorch``'s interpreter stack: is a
+  ``torch.func`` derivative level (``grad``/``vjp``/``jvp``) active (a backward run there is
+  differentiated again: ``hessian``);
 * :func:`solve_keeping_lu` — ``torch._linalg_solve_ex``, the op ``torch.linalg.solve`` ends in, which
   also returns its LU: the eager square path of ``linear_solve`` screens that LU for
   ill-conditioning instead of factorizing twice, and keeps torch's compiled backward;
@@ -143,6 +146,15 @@ def eager_under_compile(fn: Callable) -> Callable:
         return disabled[0](*args, **kwargs)
 
     return wrapper
+
+
+def in_derivative_transform() -> bool:
+    """True under a ``torch.func`` derivative transform (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``jacfwd``),
+    not under ``vmap`` alone (``jacrev``'s backward runs under its ``vmap`` only)."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
 
 
 def inductor_compile(fn: Callable, example_args: Sequence[torch.Tensor]) -> Callable:

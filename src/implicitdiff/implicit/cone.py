@@ -40,8 +40,13 @@ layer does for its singular KKT system (under ``jacrev``/``jacfwd``, whose batch
 the solve's check, it cannot be detected; ``vmap`` of ``grad`` folds the batch and is checked).
 
 Double backward: the backward is written in differentiable operations; its one linear solve
-is :class:`_AdjointSolve`, whose own backward is one solve with ``M`` and an autograd pass
-through a differentiable mat-vec with ``Mᵀ`` (``D`` from :func:`dual_projection_jacobian`).
+is :class:`_AdjointSolve`, whose own backward is one solve with ``M`` and a vjp of a differentiable
+mat-vec with ``Mᵀ`` (``D`` from :func:`dual_projection_jacobian`), and whose ``jvp`` is one more
+solve with ``Mᵀ`` (forward over reverse: ``torch.func.hessian``, ``jacfwd(grad(f))``).  That backward
+is itself a function (:class:`_AdjointSolveBackward`) whose backward, a third derivative, raises:
+``torch.func`` builds a graph on every backward, so "grad enabled" does not mean a third derivative.
+The backward takes this differentiable route when a ``torch.func`` derivative level encloses it
+(:func:`~.._core.torch_private.in_derivative_transform`), and plain ``jacrev``'s batched cotangents the one multi-RHS solve.
 
 ``vmap``: :meth:`ConeFn.vmap` folds the vmapped dimension into the batch (:func:`_fold`).  Under
 ``vmap`` over ``grad`` / ``vjp`` / ``jvp`` the saved solution is itself vmapped, which the batched
@@ -57,6 +62,7 @@ import torch
 
 from .._core.errors import SolveError
 from .._core.status import Status
+from .._core.torch_private import in_derivative_transform
 from .._core.validate import is_vmapped
 from ..linalg.cone_spec import ConeSpec
 from .cone_projection import apply_block_diagonal, dual_projection_jacobian, project_dual, projection_pair
@@ -265,6 +271,8 @@ class _Derivative(torch.autograd.Function):
         raise NotImplementedError("cone_program under vmap over grad / vjp / jvp is differentiable once; a second "
                                   "derivative there is not supported: take it outside vmap")
 
+    jvp = backward  # forward mode over it (vmap(hessian(f))): the same refusal
+
     @staticmethod
     def vmap(info, in_dims, mode, spec, reuse, A, dA, b, c, x, y, s, ok, t1, t2, t3):
         flat = _fold(info, in_dims[3:], (A, dA, b, c, x, y, s, ok, t1, t2, t3), 2, keep_shared=False)
@@ -272,6 +280,14 @@ class _Derivative(torch.autograd.Function):
         if mode == "vjp" and A.dim() - (in_dims[3] is not None) == 2:  # a shared A: Ā summed over the batch
             out[0] = out[0].sum(1)
         return tuple(out), (0, 0, 0)
+
+
+class _Holder:
+    """Carries a system into and out of :class:`_AdjointSolve` (an object, not a list: ``torch.func``
+    rebuilds pytree containers between ``forward`` and ``setup_context``)."""
+
+    def __init__(self, system):
+        self.system = system
 
 
 class _AdjointSolve(torch.autograd.Function):
@@ -282,32 +298,68 @@ class _AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(g, A, b, c, x, y, s, ok, spec, holder):
-        # holder: [a nearby system to reuse or None] in, [this system] out (read by setup_context)
-        holder.append(ConeSystem(A, b, c, x, y, s, ok, spec, reuse=holder.pop()))
-        r = -holder[-1].solve(g, adjoint=True)
-        _check_unique(holder[-1], "backward")
+        # holder: a nearby system to reuse (or None) in, this system out (read by setup_context)
+        holder.system = ConeSystem(A, b, c, x, y, s, ok, spec, reuse=holder.system)
+        r = -holder.system.solve(g, adjoint=True)
+        _check_unique(holder.system, "backward")
         return r
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         g, A, b, c, x, y, s, ok, spec, holder = inputs
-        ctx.system, ctx.spec = holder.pop(), spec
+        ctx.system, ctx.spec = holder.system, spec
         ctx.save_for_backward(A, b, c, x, y, s, ok, output)
+        ctx.save_for_forward(A, b, c, x, y, s, ok, output)
 
     @staticmethod
     def backward(ctx, gr):
-        if torch.is_grad_enabled():  # create_graph=True on the second derivative: the third is not built
-            raise NotImplementedError("cone_program's solution is differentiable twice (double backward, "
-                                      "torch.autograd.functional.hessian); a third derivative is not supported: take "
-                                      "the second derivative without create_graph=True")
         A, b, c, x, y, s, ok, r = ctx.saved_tensors
-        lam = -ctx.system.solve(gr)
-        _check_unique(ctx.system, "double backward")
-        inputs = [t.detach().requires_grad_() for t in (A, b, c, x, y, s)]
-        with torch.enable_grad():
-            f = (lam.detach() * _transposed_matvec(*inputs, ok, ctx.spec, r.detach())).sum()
-            grads = torch.autograd.grad(f, inputs, allow_unused=True)
-        return (lam,) + tuple(grads) + (None, None, None)
+        return _AdjointSolveBackward.apply(gr, A, b, c, x, y, s, ok, r, ctx.system, ctx.spec) + (None, None, None)
+
+    @staticmethod
+    def jvp(ctx, dg, dA, db, dc, dx, dy, ds, *_):
+        # Mᵀr = −g:  ṙ = −M⁻ᵀ(ġ + Ṁᵀr), Ṁᵀr the derivative of the differentiable mat-vec along the tangents,
+        # as the transpose of its (linear) vjp: the projection's Jacobian builds blocks in place, which
+        # forward mode cannot take under jacfwd's vmap of the tangents
+        A, b, c, x, y, s, ok, r = ctx.saved_tensors
+        prim = (A, b, c, x, y, s)
+        tang = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(prim, (dA, db, dc, dx, dy, ds)))
+        pull = torch.func.vjp(lambda *p: _transposed_matvec(*p, ok, ctx.spec, r), *prim)[1]
+        dMr = torch.func.vjp(pull, torch.zeros_like(r))[1](tang)[0]
+        rhs = dMr if dg is None else dg + dMr
+        dr = -ctx.system.solve(rhs, adjoint=True)
+        _check_unique(ctx.system, "forward-mode second derivative")
+        return dr
+
+    @staticmethod
+    def vmap(info, in_dims, g, A, b, c, x, y, s, ok, spec, holder):
+        # fold the vmapped dim into the batch (the system is factored for every element), solve, unfold
+        flat = _fold(info, in_dims[1:8] + in_dims[:1], (A, b, c, x, y, s, ok, g), 1, keep_shared=True)
+        return _unfold(info, _AdjointSolve.apply(flat[-1], *flat[:-1], spec, _Holder(None))), 0
+
+
+class _AdjointSolveBackward(torch.autograd.Function):
+    """:class:`_AdjointSolve`'s backward as a function (``torch.func`` runs every backward with a graph:
+    nothing of the solve may be recorded), whose own backward, a third derivative of the solution, raises."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(gr, A, b, c, x, y, s, ok, r, system, spec):
+        lam = -system.solve(gr)
+        _check_unique(system, "double backward")
+        grads = torch.func.vjp(lambda *p: _transposed_matvec(*p, ok, spec, r), A, b, c, x, y, s)[1](lam)
+        return (lam,) + tuple(grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("cone_program's solution is differentiable twice (double backward, "
+                                  "torch.func.hessian, jacrev(grad(f)), torch.autograd.functional.hessian); a third "
+                                  "derivative is not supported")
 
 
 class ConeFn(torch.autograd.Function):
@@ -367,11 +419,12 @@ class ConeFn(torch.autograd.Function):
         spec = ctx.spec
         if is_vmapped(x):  # vmap over grad / vjp: the state itself is batched
             return _Derivative.apply("vjp", spec, ctx.reuse, A, None, b, c, x, y, s, ok, gx, gy, gs) + (None,)
-        if torch.is_grad_enabled() and not any(is_vmapped(t) for t in (gx, gy, gs)):
-            # create_graph: every step differentiable, the solve through _AdjointSolve
+        if torch.is_grad_enabled() and (in_derivative_transform() or not any(is_vmapped(t) for t in (gx, gy, gs))):
+            # create_graph, or a torch.func derivative of this backward (hessian): every step differentiable,
+            # the solve through _AdjointSolve (plain jacrev's batched cotangents: one multi-RHS _vjp)
             D = dual_projection_jacobian(spec, y, s)
             g = _pullback_rhs(spec, D, x, y, s, gx, gy, gs)
-            r = _AdjointSolve.apply(g, A, b, c, x, y, s, ok, spec, [ctx.reuse])
+            r = _AdjointSolve.apply(g, A, b, c, x, y, s, ok, spec, _Holder(ctx.reuse))
             return _gradients(A, x, y, r) + (None,)
         return _vjp(A, b, c, x, y, s, ok, gx, gy, gs, spec, ctx.reuse) + (None,)
 

@@ -2,7 +2,10 @@
 
 ``root``, ``fixed_point``, ``argmin`` and ``custom_root`` differ only in their
 optimality condition ``F`` and their default forward solver; this module turns
-those into a :class:`~implicitdiff.implicit.root.RootProblem` and applies it.
+those into a :class:`~implicitdiff.implicit.root.RootProblem` and applies it.  Under
+``torch.compile`` the solve runs eagerly (a graph break, :func:`~implicitdiff._core.torch_private.
+eager_under_compile`, as ``qp``, ``cone_program`` and ``DEQ``): the solver loop stops on data, which
+dynamo would otherwise trace iteration by iteration (seconds per call shape, nothing to fuse).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from .._core.errors import InputError
 from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
 from .._core.options import check_bool, check_int
 from .._core.status import SolveInfo, Status
+from .._core.torch_private import eager_under_compile
 from .._core.tree import flatten
 from .._core.validate import as_float_tensor, check_finite, is_vmapped
 from ..implicit.adjoint import Unroll, check_adjoint
@@ -43,6 +47,7 @@ STALL_HINT = ("the residual stagnates at a non-zero local minimum of ‖F‖ (th
               "a root may not exist — check that F(y) = 0 has a solution, or start elsewhere (y0)")
 
 
+@eager_under_compile
 def solve_implicit(F: Callable, y0, params: tuple, *, solve: Callable, adjoint, batch_dims: int, on_failure: str,
                    return_info: bool, what: str, symmetric: bool = False, definite: bool = False,
                    neumann_alpha: float = 1.0, hints: dict | None = None,

@@ -31,6 +31,7 @@ from .._core.errors import InputError
 from .._core.failure import apply_on_failure, check_on_failure, nan_where_failed
 from .._core.options import check_bool, check_int, check_real
 from .._core.status import SolveInfo, Status
+from .._core.torch_private import eager_under_compile
 from .._core.validate import as_float_tensor, check_finite, check_same_dtype_device, is_vmapped
 from ..implicit.cone import ConeFn, ConeProblem
 from ..linalg.cone_spec import parse_cones
@@ -199,3 +200,8 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
         x, y, s = x[0], y[0], s[0]
         info = SolveInfo(*(t[0] for t in info[:3]))
     return (x, y, s, info) if return_info else (x, y, s)
+
+
+# Under torch.compile the solve runs eagerly (a graph break, as qp's and DEQ's): the interior point
+# stops on data (a host sync per iteration), which dynamo would otherwise trace iteration by iteration.
+cone_program = eager_under_compile(cone_program)

@@ -10,7 +10,9 @@ through them gives their exact Jacobian wherever it exists: on the simplex, with
 which is what differentiating the KKT conditions of the QP gives (the projection is
 ``qp(I, −x, −I, 0, 1ᵀ, r)``; :func:`~implicitdiff.qp` computes the same, slower).  At the
 boundaries of the pieces (ties) autograd returns one of the one-sided derivatives.
-Everything works under ``torch.func`` (``vmap``, ``jacrev``, ``jacfwd``).
+Everything works under ``torch.func`` (``vmap``, ``jacrev``, ``jacfwd``).  A NaN or Inf in ``x`` is an
+``InputError`` (as in ``qp`` and ``cone_program``; one host read per call, skipped under ``vmap``):
+the closed forms would turn it into NaN silently, or into a NaN of every entry of the vector (simplex).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .._core.errors import InputError
+from .._core.validate import check_finite
 from .._core.options import check_int
 from .._core.validate import as_float_tensor, is_vmapped
 from ..linalg.krylov._common import _pow2_scale
@@ -39,6 +42,12 @@ def _radius(radius, x, name="radius"):
         return r
     _check_broadcasts_to(name, r, x.shape[:-1], "the batch shape of x (one radius per projected vector)")
     return r.unsqueeze(-1)
+
+
+def _finite(x):
+    if x.device.type != "meta":
+        check_finite("x", x)
+    return x
 
 
 def _check_broadcasts_to(name, t, shape, what):
@@ -92,7 +101,7 @@ def project_simplex(x, radius=1.0):
         >>> idf.project_simplex(torch.tensor([0.5, 1.2, -0.3]))
         tensor([0.1500, 0.8500, 0.0000])
     """
-    x = as_float_tensor("x", x)
+    x = _finite(as_float_tensor("x", x))
     if x.dim() < 1:
         raise InputError("x must have shape (*, n), got a scalar")
     return _simplex(x, _radius(radius, x))
@@ -108,7 +117,7 @@ def sparsemax(x, dim=-1):
         tensor([[0.0000, 1.0000, 0.0000],
                 [0.2333, 0.3333, 0.4333]])
     """
-    x = as_float_tensor("x", x)
+    x = _finite(as_float_tensor("x", x))
     if x.dim() < 1:
         raise InputError("x must have at least one dimension")
     dim = check_int("dim", dim, low=-x.dim(), high=x.dim() - 1, allow_none=False)
@@ -124,7 +133,7 @@ def project_box(x, lower, upper):
         >>> idf.project_box(torch.tensor([-2.0, 0.3, 4.0]), 0.0, 1.0)
         tensor([0.0000, 0.3000, 1.0000])
     """
-    x = as_float_tensor("x", x)
+    x = _finite(as_float_tensor("x", x))
     lower = _bound("lower", lower, x)
     upper = _bound("upper", upper, x)
     if x.device.type != "meta" and not (is_vmapped(lower) or is_vmapped(upper)) and bool(
@@ -150,7 +159,7 @@ def project_l2_ball(x, radius=1.0):
         >>> idf.project_l2_ball(torch.tensor([3.0, 4.0]))
         tensor([0.6000, 0.8000])
     """
-    x = as_float_tensor("x", x)
+    x = _finite(as_float_tensor("x", x))
     if x.dim() < 1:
         raise InputError("x must have shape (*, n), got a scalar")
     r = _radius(radius, x)
@@ -174,7 +183,7 @@ def project_l1_ball(x, radius=1.0):
         >>> idf.project_l1_ball(torch.tensor([0.8, -0.6, 0.1]))
         tensor([ 0.6000, -0.4000,  0.0000])
     """
-    x = as_float_tensor("x", x)
+    x = _finite(as_float_tensor("x", x))
     if x.dim() < 1:
         raise InputError("x must have shape (*, n), got a scalar")
     r = _radius(radius, x)

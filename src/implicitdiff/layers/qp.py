@@ -3,6 +3,11 @@ r"""``qp``: a batched, differentiable convex quadratic program (OptNet) as a lay
 The layer validates its inputs, hands the problem to the interior-point solver of
 :mod:`implicitdiff.solvers.qp_ipm` (forward) through :class:`~implicitdiff.implicit.qp.QPFn`
 (gradients of the KKT conditions), and applies the failure policy.
+
+Under ``torch.compile``, ``qp`` runs eagerly (a graph break, :func:`~implicitdiff._core.torch_private.
+eager_under_compile`, as ``DEQ``): the interior point stops on data (a host sync per iteration), which
+dynamo would otherwise trace iteration by iteration (tens of seconds per call shape, nothing to fuse);
+the modules around it compile.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from .._core.errors import InputError
 from .._core.failure import ON_FAILURE, apply_on_failure, nan_where_failed
 from .._core.options import check_bool, check_choice, check_int, check_real
 from .._core.status import SolveInfo, Status
+from .._core.torch_private import eager_under_compile
 from .._core.validate import as_float_tensor, check_same_dtype_device, is_vmapped
 from .._core.validate import check_finite as _check_finite
 from ..implicit.qp import QPSpec, qp_solve
@@ -75,6 +81,7 @@ def _prepare(Q, p, G, h, A, b):
                          "common batch shape or none") from None
 
 
+@eager_under_compile
 def qp(Q, p, G=None, h=None, A=None, b=None, *, rtol=None, max_iter=50, on_failure="raise", return_duals=False,
        return_info=False, warm_start=None, check_finite=None):
     r"""Solve ``z* = argmin_z ½ zᵀQz + pᵀz  s.t.  Gz ≤ h,  Az = b``, batched and differentiably.
