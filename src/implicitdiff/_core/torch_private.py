@@ -47,7 +47,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 __all__ = ["is_vmapped", "in_transform", "tracks_grad", "run_backward", "HAS_RUN_BACKWARD", "pytree", "warm_forward_ad",
-           "eager_under_compile", "solve_keeping_lu", "solve_factorizes_transpose", "inductor_compile"]
+           "eager_under_compile", "in_derivative_transform", "solve_keeping_lu", "solve_factorizes_transpose", "inductor_compile"]
 
 try:
     from torch._C._functorch import (
