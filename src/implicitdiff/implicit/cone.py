@@ -143,9 +143,11 @@ def _exact_problem(A, b, c, x, y, s, spec):
     so only rounding is amplified.  The change of data is the forward's residual (``rtol``), as is
     that of the returned point; other cones, whose ``DΠ`` depends on ``y − s`` alone and has no such
     near-singular eigenvalue, keep the returned pair and data."""
-    with torch.no_grad():  # the corrections are constants: the derivative's own dependence on (b, c, y, s) stays
+    # the corrections are constants, for forward-mode tangents too (no_grad does not stop those; detach does):
+    # the derivative's own dependence on (b, c, y, s) stays
+    with torch.no_grad():
         yp, sp = projection_pair(spec, y - s)
-        db, dc, dy, ds = _mv(A, x) + sp - b, -_rmv(A, yp) - c, yp - y, sp - s
+        db, dc, dy, ds = (t.detach() for t in (_mv(A, x) + sp - b, -_rmv(A, yp) - c, yp - y, sp - s))
     return b + db, c + dc, y + dy, s + ds
 
 
