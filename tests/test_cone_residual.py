@@ -1,5 +1,6 @@
 """The residual cone_program reports is that of the point it returns (implicit/cone.py, ``refine``), a
-point reported SUCCESS meets rtol and float32 inputs are solved as accurately as float64 ones."""
+point reported SUCCESS meets rtol, float32 inputs are solved as accurately as float64 ones, and an
+infeasibility or unboundedness certificate reports its own test's residual (solvers/cone_ipm.py)."""
 
 import warnings
 
@@ -7,12 +8,13 @@ import pytest
 import torch
 
 import implicitdiff as idf
-from implicitdiff import Status
+from implicitdiff import SolveError, Status
 from implicitdiff.implicit.cone import ConeFn, ConeProblem
 from implicitdiff.linalg.cone_spec import parse_cones
 from implicitdiff.solvers.cone_ipm import ConeInteriorPoint
 
 from layers._cone_cases import CASES, case
+from layers.test_cone_program import _infeasible_and_unbounded  # infeasible, unbounded, x = 1
 from solvers.test_cone_exp import _residual  # the stopping rule, recomputed
 
 cp = pytest.importorskip("cvxpy")
@@ -163,3 +165,24 @@ def test_float32_is_solved_as_accurately_as_float64(seed):
         assert float((x32 - x64).abs().max()) <= 1e-5 * (1 + float(x64.abs().max()))
         for a, b_ in zip(g32, g64):
             assert float((a - b_).abs().max()) <= 1e-4 * (1 + float(b_.abs().max()))
+
+
+def test_certificates_report_their_residual():
+    # before: INFEASIBLE / UNBOUNDED reported residual 0, printed "residual 0.000e+00" (a perfect solve?)
+    A, b, c, cones = _infeasible_and_unbounded()
+    spec = parse_cones(cones)
+    rtol = 1e-8
+    r = ConeInteriorPoint(rtol=rtol).solve(A[:2], b[:2], c[:2], spec)
+    assert r.status.tolist() == [Status.INFEASIBLE, Status.UNBOUNDED]
+    nA = A[:2].abs().amax((-2, -1))
+    Aty, Axs = (A[0].mT @ r.y[0]), (A[1] @ r.x[1] + r.s[1])
+    pcert = Aty.abs().max() * b[0].abs().max() / (-(b[0] @ r.y[0]) * nA[0])
+    dcert = Axs.abs().max() * c[1].abs().max() / (-(c[1] @ r.x[1]) * nA[1])
+    assert float(dcert) > 0  # (the infeasible one's Aᵀy is exactly 0 here)
+    for got, want in zip(r.residual, (pcert, dcert)):
+        assert 0 <= float(want) <= rtol and abs(float(got) - float(want)) <= 1e-6 * float(want) + 1e-300
+    for i, what in ((0, "INFEASIBLE"), (1, "UNBOUNDED")):
+        with pytest.raises(SolveError, match=what) as err:
+            idf.cone_program(A[i], b[i], c[i], cones)
+        assert "certificate's test" in str(err.value)
+        assert float(err.value.residual) == pytest.approx(float(r.residual[i]), rel=1e-6, abs=1e-300)

@@ -42,9 +42,11 @@ LEAVE_WITHIN = 16.0  # an A whose ∞-norm is within this factor of 1 is not nor
 
 _HINTS = {
     Status.INFEASIBLE: "No x has Ax + s = b with s in the cone (a certificate y with Aᵀy = 0, bᵀy < 0 was "
-                       "found): check b and the cone sizes",
+                       "found; the residual is the certificate's test, ‖Aᵀy‖∞‖b‖∞ / (−bᵀy·‖A‖∞) ≤ rtol): check b "
+                       "and the cone sizes",
     Status.UNBOUNDED: "The objective cᵀx decreases without bound (a direction with Ax + s = 0, s in the cone, "
-                      "cᵀx < 0 was found): add constraints or check c's sign (cone_program minimizes)",
+                      "cᵀx < 0 was found; the residual is the certificate's test, ‖Ax + s‖∞‖c‖∞ / (−cᵀx·‖A‖∞) ≤ "
+                      "rtol): add constraints or check c's sign (cone_program minimizes)",
     Status.MAX_ITERATIONS: "Raise max_iter, loosen rtol, or rescale the problem (entries of order 1)",
     Status.BREAKDOWN: "The interior point stopped making progress (ill-conditioned or nearly infeasible "
                       "data): loosen rtol or rescale the problem",
