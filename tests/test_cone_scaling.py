@@ -15,7 +15,7 @@ from layers.test_cone_program import _infeasible_and_unbounded  # infeasible, un
 
 pytest.importorskip("clarabel")
 
-# per dtype: the scale of "tiny" data (float32: ‖c‖ ≈ 1e-5, the size of its default rtol) and the
+# per dtype: the scale of "tiny" data (float32: ‖c‖ ≈ 1e-5, the size of its former default rtol) and the
 # accuracy asked of the scaled solve, relative to each vector's size (the unit problem reaches ~1e-7 / 1e-9)
 TINY = {torch.float32: 1e-5, torch.float64: 1e-10}
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}

@@ -6,7 +6,7 @@ The layer validates its inputs, solves with the homogeneous-embedding interior p
 
 **Scaling** (:func:`_scales`).  The solver's stopping rule measures residuals and the gap
 against ``1 +`` the data's size, which is relative only for data of order one: with a tiny ``c``
-(``‖c‖∞ ≈ 1e-5`` at float32's ``rtol = 1e-5``) a point far from optimal passes the gap and dual
+(``‖c‖∞ ≈ 1e-5`` at ``rtol = 1e-5``) a point far from optimal passes the gap and dual
 tests, and with a huge ``c`` the diffcp residual map of the refinement and the derivative (which
 adds ``y`` and ``−s``) loses ``s``'s digits to ``y``'s.  So the problem is solved, refined and
 differentiated on normalized data ``(A/α, b/β, c/γ)``, with ``α, β, γ`` the ∞-norms of ``A, b, c``
@@ -43,9 +43,11 @@ LEAVE_WITHIN = 16.0  # an A whose ∞-norm is within this factor of 1 is not nor
 
 _HINTS = {
     Status.INFEASIBLE: "No x has Ax + s = b with s in the cone (a certificate y with Aᵀy = 0, bᵀy < 0 was "
-                       "found): check b and the cone sizes",
+                       "found; the residual is the certificate's test, ‖Aᵀy‖∞‖b‖∞ / (−bᵀy·‖A‖∞) ≤ rtol): check b "
+                       "and the cone sizes",
     Status.UNBOUNDED: "The objective cᵀx decreases without bound (a direction with Ax + s = 0, s in the cone, "
-                      "cᵀx < 0 was found): add constraints or check c's sign (cone_program minimizes)",
+                      "cᵀx < 0 was found; the residual is the certificate's test, ‖Ax + s‖∞‖c‖∞ / (−cᵀx·‖A‖∞) ≤ "
+                      "rtol): add constraints or check c's sign (cone_program minimizes)",
     Status.MAX_ITERATIONS: "Raise max_iter, loosen rtol, or rescale the problem (entries of order 1)",
     Status.BREAKDOWN: "The interior point stopped making progress (ill-conditioned or nearly infeasible "
                       "data): loosen rtol or rescale the problem",
@@ -100,8 +102,10 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
         rtol: relative tolerance of the stopping rule (primal and dual residuals relative
             to ``1 + ‖b‖, ‖c‖``, duality gap relative to ``1 + |objective|``, on the data
             normalized to unit size: module docstring; see
-            :mod:`implicitdiff.solvers.cone_ipm`); default ``1e-8`` (float64), ``1e-5``
-            (float32).  The solve runs in float64 either way.
+            :mod:`implicitdiff.solvers.cone_ipm`); default ``1e-8``, for float32 inputs too:
+            the solve runs in float64 either way, and at ``1e-5`` a float32 answer could be
+            ``1e-3`` off (docs/cone_program.md, "Tolerance and residual").  The residual
+            reported is that of the point returned (after the Newton polish below).
         max_iter: interior-point iteration limit.
         on_failure: ``"raise"`` (default), ``"warn"`` or ``"nan"`` (failed elements become
             NaN; the others and their gradients are unaffected).
@@ -119,9 +123,10 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     certificate) and ``UNBOUNDED`` (dual infeasible) from the homogeneous embedding;
     ``MAX_ITERATIONS``; ``BREAKDOWN`` (no progress); ``NONFINITE``.
 
-    The interior point's answer is polished by one Newton step on diffcp's residual map (on a
-    curved cone an interior point's ``x`` is only about ``√gap`` accurate; the step makes it
-    accurate to rounding at a regular solution); that step and the derivative solve with the
+    The interior point's answer is polished by one Newton step on diffcp's residual map and a
+    chord step (on a curved cone an interior point's ``x`` is only about ``√gap`` accurate; the
+    steps make it accurate to rounding at a regular solution), kept only where the polished point
+    meets ``rtol`` (:func:`implicitdiff.implicit.cone.refine`); those steps and the derivative solve with the
     structured factorization of :mod:`implicitdiff.implicit.cone_system` (an ``n + p`` LU,
     ``p`` the rows where the projection's derivative is ~1, instead of ``n + m + 1``).
     Gradients are the exact derivative of the solution map (diffcp's residual map, see
@@ -173,7 +178,7 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
         check_finite(name, t)
     dtype = A.dtype
     if rtol is None:
-        rtol = 1e-8 if dtype == torch.float64 else 1e-5
+        rtol = 1e-8
     rtol = check_real("rtol", rtol, low=0.0, low_open=True, high=1.0, high_open=True, allow_none=False)
     batched = bool(batch)
     B = batch[0] if batched else 1

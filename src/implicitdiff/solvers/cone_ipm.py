@@ -54,7 +54,8 @@ Stopping rule (per element, ``x̂ = x/τ`` etc.):
 ``‖Aᵀŷ + c‖∞ ≤ rtol (1 + max(‖c‖∞, ‖Aᵀŷ‖∞))`` and
 ``|cᵀx̂ + bᵀŷ| ≤ rtol (1 + min(|cᵀx̂|, |bᵀŷ|))``.  Certificates are accepted at the same
 ``rtol``, scaled by the data (``‖Aᵀy‖∞ ‖b‖∞ ≤ rtol·(−bᵀy)·‖A‖∞`` and its dual; ``1`` for ``‖A‖∞``
-where ``A`` is all zero, below).  The rule's ``1`` is the unit of the data: it is relative only
+where ``A`` is all zero, below), and the residual reported with ``INFEASIBLE`` or ``UNBOUNDED`` is that
+ratio.  The rule's ``1`` is the unit of the data: it is relative only
 for data of order one, which :func:`~implicitdiff.cone_program` ensures by normalizing ``b``, ``c``
 and a far-from-unit ``A`` per element (:mod:`implicitdiff.layers.cone_program`, "Scaling").
 
@@ -271,8 +272,10 @@ class ConeInteriorPoint:
             gap = (ctx + bty).abs() * it_ / (1 + torch.minimum(ctx.abs(), bty.abs()) * it_)
             res = torch.maximum(pres, torch.maximum(dres, gap))
             ok = (pres <= rtol) & (dres <= rtol) & (gap <= rtol)
-            pinf = (bty < 0) & (_inf_norm(Aty) * nb <= -bty * rtol * nA)
-            dinf = (ctx < 0) & (_inf_norm(Ax + s) * nc <= -ctx * rtol * nA)
+            pres_cert = _inf_norm(Aty) * nb / (-bty * nA)  # the certificates' tests, ≤ rtol (positive where
+            dres_cert = _inf_norm(Ax + s) * nc / (-ctx * nA)  # bᵀy < 0, cᵀx < 0)
+            pinf = (bty < 0) & (pres_cert <= rtol)
+            dinf = (ctx < 0) & (dres_cert <= rtol)
             bad = ~(torch.isfinite(res) & torch.isfinite(x).all(-1) & torch.isfinite(y).all(-1)
                     & torch.isfinite(s).all(-1) & torch.isfinite(tau) & torch.isfinite(kappa))
             new = status < 0
@@ -283,7 +286,8 @@ class ConeInteriorPoint:
                 dinf, Status.UNBOUNDED, torch.where(bad, Status.NONFINITE, torch.where(
                     stalled, Status.BREAKDOWN, -1)))))
             status = torch.where(new & (code >= 0), code, status)
-            residual = torch.where(new, torch.where(pinf | dinf, torch.zeros_like(res), res), residual)
+            residual = torch.where(new, torch.where(ok, res, torch.where(pinf, pres_cert, torch.where(
+                dinf, dres_cert, res))), residual)
             iters = torch.where(new, torch.full_like(iters, it), iters)
             running = status < 0
             n_run = int(running.sum())
