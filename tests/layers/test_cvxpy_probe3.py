@@ -175,10 +175,10 @@ def test_dtype_errors_under_autocast_name_the_way_out():
             cvx(lin(inp), Gv)
         with pytest.raises(InputError, match=rf"p has dtype torch\.bfloat16.*{hint}"):
             qp(p=lin(inp))
-        p = lin(inp)
-        with torch.autocast("cpu", enabled=False):   # the way out the hint names
-            (sol,) = cvx(p.float(), Gv)
-            z = qp(p=p.float())
+        with torch.autocast("cpu", enabled=False):   # the way out the hint names, taken literally
+            p = lin(inp)
+            (sol,) = cvx(p, Gv)
+            z = qp(p=p)
     assert sol.dtype == torch.float32 and z.dtype == torch.float32
     with pytest.raises(InputError, match="bfloat16") as err:   # outside autocast: no word of it
         cvx(torch.zeros(3, dtype=torch.bfloat16), Gv.bfloat16())

@@ -37,13 +37,16 @@ def as_float_tensor(name: str, x, *, like: torch.Tensor | None = None) -> torch.
 
 
 def autocast_hint(t: torch.Tensor) -> str:
-    """The end of a dtype error's hint when ``torch.autocast`` is on for ``t``'s device, else ``""``."""
+    """The end of a dtype error's hint when ``torch.autocast`` is on for ``t``'s device, else ``""``: the
+    tensor autocast produced stays in its dtype once autocast is off, so the hint says to *compute* it
+    (or the map that returned it) under ``torch.autocast(device, enabled=False)``."""
     device = t.device.type
     try:
         on = torch.is_autocast_enabled(device)
     except TypeError:  # pragma: no cover - torch < 2.4: no device argument, CUDA's flag only
         on = torch.is_autocast_enabled()
-    return f", or run the layer under torch.autocast({device!r}, enabled=False) — torch.autocast is on" if on else ""
+    return (f"; torch.autocast is on and produced it: compute it under torch.autocast({device!r}, enabled=False)"
+            if on else "")
 
 
 def check_same_dtype_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:

@@ -61,8 +61,8 @@ _VALUE_RULES = {
     "neg": (lambda t: t <= _TOL, "negative"),
     "integer": (lambda t: (t - t.round()).abs() <= _TOL, "integer"),
     "boolean": (lambda t: ((t - t.round()).abs() <= _TOL) & (t >= -_TOL) & (t <= 1 + _TOL), "0 or 1"),
-    "PSD": (lambda t: torch.linalg.eigvalsh(t, UPLO="U") >= -_EIG_TOL, "positive semidefinite"),
-    "NSD": (lambda t: torch.linalg.eigvalsh(t, UPLO="U") <= _EIG_TOL, "negative semidefinite"),
+    "PSD": (lambda t: torch.linalg.eigvalsh(t.double(), UPLO="U") >= -_EIG_TOL, "positive semidefinite"),
+    "NSD": (lambda t: torch.linalg.eigvalsh(t.double(), UPLO="U") <= _EIG_TOL, "negative semidefinite"),
 }
 
 
