@@ -2,10 +2,9 @@
 
 A module holds the tensors it learns as ``nn.Parameter``\\ s and calls the functional layer,
 so ``loss.backward()`` fills ``.grad`` of every parameter and ``torch.func.functional_call``
-works as for any module.  Under ``torch.compile`` every layer's solve runs eagerly (a graph break:
-``DEQ.forward``, ``CvxpyLayer.forward`` and the functional ``qp`` are wrapped in
-:func:`~implicitdiff._core.torch_private.eager_under_compile`): their solver loops stop on data, which
-dynamo would retrace iteration by iteration (tens of seconds per call shape); the modules around compile.
+works as for any module.  Under ``torch.compile`` the solves of ``DEQ.forward``, ``CvxpyLayer.forward`` and the functional ``qp``
+run eagerly: :func:`~implicitdiff._core.torch_private.eager_under_compile` (why: docs/architecture.md,
+"Under torch.compile").
 """
 
 from __future__ import annotations
@@ -292,10 +291,7 @@ class DEQ(torch.nn.Module):
         self.last_info: Optional[DEQInfo] = None
         self.jac_loss: Optional[torch.Tensor] = None
 
-    # Under torch.compile the layer runs eagerly (a graph break): the solver's loop stops on data
-    # (a host sync per iteration), which dynamo would otherwise retrace iteration by iteration —
-    # seconds of compilation per call shape for nothing it can fuse.  The modules around it compile.
-    @eager_under_compile
+    @eager_under_compile  # docs/architecture.md, "Under torch.compile"
     def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
         z, info = deq(self.cell, x, z0, solver=self.solver, adjoint=self.adjoint, rtol=self.rtol, atol=self.atol,
                       max_iter=self.max_iter, on_failure=self.on_failure, return_info=True,
@@ -382,7 +378,7 @@ class CvxpyLayer(torch.nn.Module):
         self.on_failure = on_failure
         self.last_info = None
 
-    @eager_under_compile  # the cvxpy canonicalization's scatter and the cone solver: eager (module doc)
+    @eager_under_compile  # docs/architecture.md, "Under torch.compile"
     def forward(self, *params, solver_args=None, warm_start=False):
         if warm_start is not False:
             raise InputError("warm_start does not apply: cone_program starts every solve afresh; remove it")

@@ -3,9 +3,8 @@
 ``root``, ``fixed_point``, ``argmin`` and ``custom_root`` differ only in their
 optimality condition ``F`` and their default forward solver; this module turns
 those into a :class:`~implicitdiff.implicit.root.RootProblem` and applies it.  Under
-``torch.compile`` the solve runs eagerly (a graph break, :func:`~implicitdiff._core.torch_private.
-eager_under_compile`, as ``qp``, ``cone_program`` and ``DEQ``): the solver loop stops on data, which
-dynamo would otherwise trace iteration by iteration (seconds per call shape, nothing to fuse).
+``torch.compile`` the solve runs eagerly: :func:`~implicitdiff._core.torch_private.eager_under_compile`
+(why: docs/architecture.md, "Under torch.compile").
 """
 
 from __future__ import annotations

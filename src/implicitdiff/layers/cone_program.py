@@ -207,6 +207,4 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     return (x, y, s, info) if return_info else (x, y, s)
 
 
-# Under torch.compile the solve runs eagerly (a graph break, as qp's and DEQ's): the interior point
-# stops on data (a host sync per iteration), which dynamo would otherwise trace iteration by iteration.
-cone_program = eager_under_compile(cone_program)
+cone_program = eager_under_compile(cone_program)  # docs/architecture.md, "Under torch.compile"

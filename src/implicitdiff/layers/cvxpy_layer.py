@@ -283,7 +283,7 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
                          "parameters. Rewrite it so parameters enter affinely (see cvxpy's DPP rules), e.g. replace "
                          "a product of two parameters by a new parameter")
     discrete = [v.name() for v in problem.variables() if v.attributes["integer"] or v.attributes["boolean"]]
-    if discrete or any(isinstance(con, cp.constraints.FiniteSet) for con in problem.constraints):
+    if discrete or any(isinstance(con, getattr(cp.constraints, "FiniteSet", ())) for con in problem.constraints):
         what = f"integer or boolean variables {discrete}" if discrete else "a FiniteSet constraint"
         raise InputError(f"the problem has {what}: a mixed-integer program has no solution map to differentiate, "
                          "and cone_program solves convex cone programs only. Relax them to continuous "

@@ -11,7 +11,8 @@ which is what differentiating the KKT conditions of the QP gives (the projection
 ``qp(I, −x, −I, 0, 1ᵀ, r)``; :func:`~implicitdiff.qp` computes the same, slower).  At the
 boundaries of the pieces (ties) autograd returns one of the one-sided derivatives.
 Everything works under ``torch.func`` (``vmap``, ``jacrev``, ``jacfwd``).  A NaN or Inf in ``x`` is an
-``InputError`` (as in ``qp`` and ``cone_program``; one host read per call, skipped under ``vmap``):
+``InputError`` (as in ``qp`` and ``cone_program``; one host read per call, skipped under ``vmap`` and
+``torch.compile``):
 the closed forms would turn it into NaN silently, or into a NaN of every entry of the vector (simplex).
 """
 
@@ -20,9 +21,8 @@ from __future__ import annotations
 import torch
 
 from .._core.errors import InputError
-from .._core.validate import check_finite
 from .._core.options import check_int
-from .._core.validate import as_float_tensor, is_vmapped
+from .._core.validate import as_float_tensor, check_finite, is_vmapped
 from ..linalg.krylov._common import _pow2_scale
 
 __all__ = ["project_simplex", "project_box", "project_l1_ball", "project_l2_ball", "sparsemax"]
@@ -45,7 +45,9 @@ def _radius(radius, x, name="radius"):
 
 
 def _finite(x):
-    if x.device.type != "meta":
+    """The NaN/Inf check of the module docstring: skipped on meta tensors and while ``torch.compile``
+    traces (a host read there would split the graph of a model using a projection as an activation)."""
+    if x.device.type != "meta" and not torch.compiler.is_compiling():
         check_finite("x", x)
     return x
 

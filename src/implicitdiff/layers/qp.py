@@ -4,10 +4,8 @@ The layer validates its inputs, hands the problem to the interior-point solver o
 :mod:`implicitdiff.solvers.qp_ipm` (forward) through :class:`~implicitdiff.implicit.qp.QPFn`
 (gradients of the KKT conditions), and applies the failure policy.
 
-Under ``torch.compile``, ``qp`` runs eagerly (a graph break, :func:`~implicitdiff._core.torch_private.
-eager_under_compile`, as ``DEQ``): the interior point stops on data (a host sync per iteration), which
-dynamo would otherwise trace iteration by iteration (tens of seconds per call shape, nothing to fuse);
-the modules around it compile.
+Under ``torch.compile``, ``qp`` runs eagerly: :func:`~implicitdiff._core.torch_private.eager_under_compile`
+(why: docs/architecture.md, "Under torch.compile").
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ as ``BREAKDOWN``.  The reported residual is always the true one.  An element tha
 is ``NONFINITE`` where its data are (``b``, ``x0``, or ``A`` or ``M`` applied to a vector of ones),
 else ``BREAKDOWN``: its iterates overflowed (CG on a singular operator).  That classification runs
 once after the loop (one host read per solve; the probe products only when some element ended
-non-finite), not per iteration: a per-iteration test measured 5–12 % slower on batched CG.
+non-finite), not per iteration (a per-iteration test slowed batched CG: docs/benchmarks.md).
 
 Host synchronisation: the loop reads ``done.all()`` every ``check_every``
 iterations (default 1 on CPU, where a sync is cheap, and 10 on CUDA, where it
