@@ -78,7 +78,9 @@ def _scales(A, b, c):
         t = t.detach()
         t = torch.where((t > 0) & ((t < 1 / band) | (t > band)), t, 1.0)
         return torch.exp2(torch.round(torch.log2(t)))
-    alpha = pow2(A.abs().amax((-2, -1), keepdim=A.dim() == 3), LEAVE_WITHIN)
+    lo, hi = torch.aminmax(A.detach().flatten(-2), dim=-1)  # ‖A‖∞ without an |A| temporary (A is the largest input)
+    alpha = pow2(torch.maximum(hi, -lo), LEAVE_WITHIN)
+    alpha = alpha[..., None, None] if A.dim() == 3 else alpha
     return alpha, pow2(b.abs().amax(-1, keepdim=True)), pow2(c.abs().amax(-1, keepdim=True))
 
 
@@ -192,7 +194,9 @@ def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise",
     c64 = c.to(torch.float64).expand(B, n)
     problem = ConeProblem(spec, ConeInteriorPoint(rtol=rtol, max_iter=max_iter), cache={})
     alpha, beta, gamma = _scales(A64, b64, c64)
-    x, y, s, status, residual, iters = ConeFn.apply(A64 / alpha, b64 / beta, c64 / gamma, problem)
+    if is_vmapped(alpha) or bool((alpha != 1).any()):  # (else no pass over A: the common case, LEAVE_WITHIN)
+        A64 = A64 / alpha
+    x, y, s, status, residual, iters = ConeFn.apply(A64, b64 / beta, c64 / gamma, problem)
     alpha = alpha.reshape(-1, 1)  # (B, 1) or (1, 1), as beta and gamma
     x, y, s = ((t * f).to(dtype) for t, f in ((x, beta / alpha), (y, gamma / alpha), (s, beta)))
     info = SolveInfo(status, residual.to(dtype), iters)
