@@ -141,3 +141,63 @@ def test_near_singular_solve_matches_dense():
         n = x.shape[-1]
         assert torch.allclose(z[:, :n], ref[:, :n], atol=1e-4 * (1 + ref.abs().max()))
         assert torch.allclose(z, ref, atol=1e-3 * (1 + ref.abs().max()), rtol=1e-3)
+
+
+def _entr_program():
+    """The ``entr`` problem as ``cone_program`` data, ``b = b₀ + q·db``, and ``f(q) = wᵀx(q)``."""
+    from implicitdiff import cone_program
+    x, q = cp.Variable(3), cp.Parameter()
+    prob = cp.Problem(cp.Maximize(cp.sum(cp.entr(x))), [cp.sum(x) == 1, x[0] <= q])
+    q.value = 0.0
+    data = prob.get_problem_data(cp.SCS)[0]
+    q.value = 1.0
+    db = torch.tensor(prob.get_problem_data(cp.SCS)[0]["b"]) - torch.tensor(data["b"])
+    A, b0, c = (torch.tensor(data[k].toarray() if k == "A" else data[k]) for k in ("A", "b", "c"))
+    cones = {"z": data["dims"].zero, "l": data["dims"].nonneg, "ep": data["dims"].exp}
+
+    def f(qv):
+        return cone_program(A, b0 + qv * db, c, cones)[0][3:] @ W
+    return f
+
+
+@pytest.mark.parametrize("qv", [0.0, 1e-10, 1e-8, 1e-7])
+def test_entr_jacrev_jacfwd_equal_grad_at_its_bound(qv):
+    """Batched cotangents/tangents skip the solve's check: the tight elements must still be solved to
+    rounding (they took −1.514 instead of −1.5 at ``q = 0``); and a tight element's backward error is
+    measured against ``g`` alone (``grad`` was 5e-6 off at ``q = 1e-8``, 3e-7 at ``1e-7``)."""
+    from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
+    f = _entr_program()
+    q = torch.tensor(qv, dtype=F64)
+    g = float(grad(f)(q))
+    assert abs(g - (-1.5)) < 1e-7, g                       # the closed form
+    assert abs(float(jvp(f, (q,), (torch.ones_like(q),))[1]) - g) < 1e-8
+    assert abs(float(jacrev(f)(q)) - g) < 1e-8
+    assert abs(float(jacfwd(f)(q)) - g) < 1e-8
+    pull = vjp(f, q)[1]
+    gv = vmap(pull)(torch.tensor([1.0, -2.0], dtype=F64))[0]
+    assert torch.allclose(gv, torch.tensor([g, -2 * g], dtype=F64), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("qv", [0.0, 1e-8])
+def test_entr_second_derivative_at_its_bound_raises(qv):
+    """``φ = (wᵀx)²`` has ``φ'' = 4.5`` for ``q > 0``; at the bound the second derivative came out as
+    653 (double backward) or −4.5e6 (``hessian``) with no error: both routes now refuse."""
+    from implicitdiff import SolveError
+    f = _entr_program()
+
+    def phi(qv):
+        return f(qv) ** 2
+    q = torch.tensor(qv, dtype=F64, requires_grad=True)
+    g, = torch.autograd.grad(phi(q), q, create_graph=True)
+    assert abs(float(g.detach()) - 2 * (2.5 - 1.5 * qv) * (-1.5)) < 1e-6    # the first derivative still works
+    with pytest.raises(SolveError, match="second derivative at a point where the exponential cone"):
+        torch.autograd.grad(g, q)                          # double backward: _AdjointSolveBackward
+    with pytest.raises(SolveError, match="second derivative at a point where the exponential cone"):
+        torch.func.hessian(phi)(q.detach())                # forward over reverse: _AdjointSolve.jvp
+
+
+def test_entr_second_derivative_off_its_bound():
+    """Off the bound (no tight element) the second derivative is taken, and is the closed form's 4.5."""
+    f = _entr_program()
+    q = torch.tensor(1e-3, dtype=F64)
+    assert abs(float(torch.func.hessian(lambda t: f(t) ** 2)(q)) - 4.5) < 1e-6

@@ -38,6 +38,9 @@ solution that is not unique, e.g. ``x`` of an LP with a face of optima, is diffe
 :func:`_check_unique` raises :class:`~implicitdiff.SolveError` ``SINGULAR`` there, as the QP
 layer does for its singular KKT system (under ``jacrev``/``jacfwd``, whose batched cotangents skip
 the solve's check, it cannot be detected; ``vmap`` of ``grad`` folds the batch and is checked).
+At a ``tight`` point (an exponential cone near its degenerate face, :mod:`.cone_system`), whose
+elements need that check, batched cotangents and tangents are folded into the batch as well
+(:func:`_unchecked_tight`), so ``jacrev``/``jacfwd`` there equal ``grad``.
 
 Double backward: the backward is written in differentiable operations; its one linear solve
 is :class:`_AdjointSolve`, whose own backward is one solve with ``M`` and a vjp of a differentiable
@@ -45,6 +48,7 @@ mat-vec with ``Mᵀ`` (``D`` from :func:`dual_projection_jacobian`), and whose `
 solve with ``Mᵀ`` (forward over reverse: ``torch.func.hessian``, ``jacfwd(grad(f))``).  That backward
 is itself a function (:class:`_AdjointSolveBackward`) whose backward, a third derivative, raises:
 ``torch.func`` builds a graph on every backward, so "grad enabled" does not mean a third derivative.
+Both second-derivative routes raise at a ``tight`` point, where they came out wrong (:func:`_refuse_tight`).
 The backward takes this differentiable route when a ``torch.func`` derivative level encloses it
 (:func:`~.._core.torch_private.in_derivative_transform`), and plain ``jacrev``'s batched cotangents the one multi-RHS solve.
 
@@ -201,6 +205,21 @@ def _check_unique(system, what):
             status=Status.SINGULAR, residual=rel)
 
 
+def _refuse_tight(system):
+    """Raise where a ``tight`` element of ``system`` (an exponential cone near its degenerate face:
+    :mod:`.cone_system`) is asked for a second derivative: ``M`` is near-singular there, and the second
+    derivative's terms (the derivative of ``M`` itself) came out wildly wrong (``φ''`` of ``entr`` at its
+    bound: 653 for 4.5), where the first derivative, at the exact projection pair, is right."""
+    bad = system.tight & system.ok
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise SolveError(
+            f"cone_program second derivative refused in {int(bad.sum())} of {bad.numel()} batch elements (first: {i}): "
+            "a second derivative at a point where the exponential cone's derivative is near-singular (e.g. entr/log "
+            "at its bound, where the dual runs off to infinity) is not supported. Take the first derivative there, or "
+            "move the point off the bound.", status=Status.SINGULAR)
+
+
 def _pullback_rhs(spec, D, x, y, s, gx, gy, gs):
     """``ḡ = (x̄, DΠᵀ(ȳ + s̄) − s̄, −xᵀx̄ − yᵀȳ − sᵀs̄)`` (``D`` dense block-diagonal, symmetric)."""
     gv = apply_block_diagonal(spec, D, (gy + gs)[..., None])[..., 0] - gs
@@ -246,9 +265,21 @@ def _unfold(info, t):
     return t.reshape((info.batch_size, t.shape[0] // info.batch_size) + t.shape[1:])
 
 
+def _unchecked_tight(system, *t):
+    """Whether a solve with the batched (vmapped: ``jacrev``/``jacfwd``) ``t`` would skip the check that a
+    ``tight`` element of ``system`` needs (:mod:`.cone_system`: refined to rounding or the fallback);
+    ``tight`` is of the unbatched point, read on the host."""
+    return (any(is_vmapped(v) for v in t) and not is_vmapped(system.tight)
+            and bool((system.tight & system.ok).any()))
+
+
 def _vjp(A, b, c, x, y, s, ok, gx, gy, gs, spec, reuse):
-    """``(Ā, b̄, c̄)`` (module docstring), not differentiable; ``Ā`` summed over the batch for a shared ``A``."""
+    """``(Ā, b̄, c̄)`` (module docstring), not differentiable; ``Ā`` summed over the batch for a shared ``A``.
+    Batched cotangents at a ``tight`` point go through :class:`_Derivative`, which folds them into the
+    batch, so that every one is solved with the check, as ``grad`` is (:func:`_unchecked_tight`)."""
     system = ConeSystem(A, b, c, x, y, s, ok, spec, reuse=reuse)
+    if _unchecked_tight(system, gx, gy, gs):
+        return _Derivative.apply("vjp", spec, None, A, None, b, c, x, y, s, ok, gx, gy, gs)
     gv = system.apply_D(gy + gs) - gs
     gw = -(x * gx).sum(-1) - (y * gy).sum(-1) - (s * gs).sum(-1)
     r = -system.solve(torch.cat([gx, gv, gw[:, None]], -1), adjoint=True)
@@ -269,12 +300,14 @@ def _gradients(A, x, y, r):
 
 
 def _jvp(A, b, c, x, y, s, ok, dA, db, dc, spec, reuse):
-    """``(ẋ, ẏ, ṡ)`` (module docstring), not differentiable."""
+    """``(ẋ, ẏ, ṡ)`` (module docstring), not differentiable; batched tangents at a ``tight`` point as in :func:`_vjp`."""
     n, m = x.shape[-1], y.shape[-1]
     g = torch.cat([_rmv(dA, y) + dc,
                    -_mv(dA, x) + db,
                    (-(dc * x).sum(-1) - (db * y).sum(-1))[:, None]], -1)
     system = ConeSystem(A, b, c, x, y, s, ok, spec, reuse=reuse)
+    if _unchecked_tight(system, g):
+        return _Derivative.apply("jvp", spec, None, A, dA, b, c, x, y, s, ok, None, db, dc)
     dz = -system.solve(g)
     _check_unique(system, "forward-mode derivative (jvp)")
     du, dv, dw = dz[:, :n], dz[:, n:n + m], dz[:, -1:]
@@ -353,6 +386,7 @@ class _AdjointSolve(torch.autograd.Function):
         # Mᵀr = −g:  ṙ = −M⁻ᵀ(ġ + Ṁᵀr), Ṁᵀr the derivative of the differentiable mat-vec along the tangents,
         # as the transpose of its (linear) vjp: the projection's Jacobian builds blocks in place, which
         # forward mode cannot take under jacfwd's vmap of the tangents
+        _refuse_tight(ctx.system)
         A, b, c, x, y, s, ok, r = ctx.saved_tensors
         prim = (A, b, c, x, y, s)
         tang = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(prim, (dA, db, dc, dx, dy, ds)))
@@ -378,6 +412,7 @@ class _AdjointSolveBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(gr, A, b, c, x, y, s, ok, r, system, spec):
+        _refuse_tight(system)
         lam = -system.solve(gr)
         _check_unique(system, "double backward")
         grads = torch.func.vjp(lambda *p: _transposed_matvec(*p, ok, spec, r), A, b, c, x, y, s)[1](lam)
