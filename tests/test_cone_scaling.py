@@ -125,3 +125,30 @@ def test_gradients_of_a_scaled_problem_match_finite_differences(name):
     # forward mode agrees: <w, J d> = <Jᵀw, d>
     _, jvp = torch.func.jvp(loss, (A, b, c), tuple(d))
     assert abs(float(jvp) - an) <= 1e-9 * max(1.0, abs(an)), (float(jvp), an)
+
+
+# rows of very different sizes: a budget Σx ≤ g beside the constant 1 of each exponential cone (as cvxpy
+# writes log x_i); normalizing b by ‖b‖∞ shrank those 1s to 1/g and gave x 4e-4 off with SUCCESS at g = 1e5
+def _log_budget(g, k=4):
+    n, m = 2 * k, 1 + 3 * k
+    A, b = torch.zeros(m, n, dtype=torch.float64), torch.zeros(m, dtype=torch.float64)
+    A[0, :k], b[0] = 1.0, g
+    for i in range(k):  # (t_i, 1, x_i) in K_exp: t_i ≤ log x_i
+        A[1 + 3 * i, k + i], b[2 + 3 * i], A[3 + 3 * i, i] = -1.0, 1.0, -1.0
+    c = torch.cat([torch.zeros(k, dtype=torch.float64), -torch.ones(k, dtype=torch.float64)])
+    return A, b, c, {"l": 1, "ep": k}
+
+
+@pytest.mark.parametrize("g", [1e5, 1e6, 1e8])
+def test_a_large_row_beside_unit_rows_keeps_the_small_rows_accurate(g):
+    A, b, c, cones = _log_budget(g)
+    x, _, _, info = idf.cone_program(A, b, c, cones, return_info=True)
+    assert int(info.status) == 0
+    assert abs(float(x[0]) / (g / 4) - 1) < 1e-6  # max Σ log x_i s.t. Σ x_i ≤ g: x_i = g/4
+
+
+def test_a_solution_that_overflows_float32_is_not_success():
+    A = torch.tensor([[3e-30], [-3e-30], [0.0]])
+    b, c = torch.full((3,), 1e30), torch.tensor([1e-30])
+    _, _, _, info = idf.cone_program(A, b, c, {"l": 3}, on_failure="nan", return_info=True)
+    assert int(info.status) != 0
