@@ -192,3 +192,18 @@ def test_a_fixed_point_map_changed_by_autocast_names_the_way_out():
         with pytest.raises(InputError, match=r"T returned .*torch\.autocast\('cpu', enabled=False\)"):
             idf.fixed_point(lambda z, x: torch.tanh(0.3 * W(z) + x), torch.zeros(4, 16), x, batch_dims=1,
                             solver="anderson", rtol=1e-2)
+
+
+def test_a_problem_cvxpy_cannot_reduce_gets_an_input_error_with_a_rewrite():
+    x, g = cp.Variable(3), cp.Parameter(3)
+    try:  # only where this cvxpy refuses the atom for SCS-type solvers (1.9 does)
+        cp.Problem(cp.Minimize(cp.norm_inf(x - g))).get_problem_data(solver=cp.SCS)
+        pytest.skip("this cvxpy reduces norm_inf(x - g) for SCS")
+    except cp.error.SolverError:
+        pass
+    with pytest.raises(InputError, match=r"cp\.max\(cp\.abs\(v\)\)"):
+        CvxpyLayer(cp.Problem(cp.Minimize(cp.norm_inf(x - g))), [g], [x])
+    layer = CvxpyLayer(cp.Problem(cp.Minimize(cp.max(cp.abs(x - g)))), [g], [x])  # the rewrite the message names
+    gv = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    (xv,) = layer(gv)
+    torch.testing.assert_close(xv, gv, atol=1e-6, rtol=0)

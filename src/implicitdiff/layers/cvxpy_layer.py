@@ -310,6 +310,11 @@ def canonicalize(problem, parameters, variables, *, canon_backend: Optional[str]
         data, chain, _ = problem.get_problem_data(solver=_cone_data_solver(), canon_backend=canon_backend)
     except cp.error.DCPError as err:  # pragma: no cover - is_dcp(dpp=True) caught it above
         raise InputError(f"problem is not DPP: {err}") from None
+    except cp.error.SolverError as err:  # cvxpy found no reduction to SCS's cones (e.g. norm_inf of a parametrized
+        # expression in cvxpy 1.9): its own message names no atom
+        raise InputError(f"cvxpy could not reduce this problem to the cones cone_program takes (z, l, q, s, ep): "
+                         f"{err} Rewrite the atom cvxpy cannot reduce for an SCS-type solver, e.g. "
+                         "cp.norm_inf(v) as cp.max(cp.abs(v)).") from None
     prog = data[cp.settings.PARAM_PROB]
     cones = _cones(data["dims"])
     idx, ptr, (m, n1) = prog.reduced_A.problem_data_index
