@@ -78,24 +78,23 @@ def _empty(A, b, c, return_info):
 def _scales(A, b, c):
     """``(α, β, γ)`` of the module docstring ("Scaling"), constants (no gradient): ``α`` a scalar for a
     shared ``A (m, n)``, else ``(B, 1, 1)``; ``β, γ`` ``(B, 1)``."""
-    def pow2(t, band=1.0):
-        t = t.detach()
-        t = torch.where((t > 0) & ((t < 1 / band) | (t > band)), t, 1.0)
-        return torch.exp2(torch.round(torch.log2(t)))
     lo, hi = torch.aminmax(A.detach().flatten(-2), dim=-1)  # ‖A‖∞ without an |A| temporary (A is the largest input)
-    alpha = pow2(torch.maximum(hi, -lo), LEAVE_WITHIN)
+    alpha = _pow2(torch.maximum(hi, -lo), LEAVE_WITHIN)
     alpha = alpha[..., None, None] if A.dim() == 3 else alpha
     return alpha, _vector_scale(b), _vector_scale(c)
+
+
+def _pow2(t, band=1.0):
+    """The power of two nearest ``t`` (in log scale), ``1`` where ``t`` is ``0`` or within ``band`` of ``1``."""
+    t = torch.where((t > 0) & ((t < 1 / band) | (t > band)), t, 1.0)
+    return torch.exp2(torch.round(torch.log2(t)))
 
 
 def _vector_scale(v):
     """``β`` or ``γ`` of the module docstring ("Scaling") for ``v`` ``(B, k)``: ``(B, 1)``."""
     t = v.detach().abs()
-    big = t.amax(-1, keepdim=True)
-    small = torch.where(t > 0, t, torch.inf).amin(-1, keepdim=True)
-    s = torch.minimum(big, SHRINK_AT_MOST * torch.clamp(small, min=1.0))
-    s = torch.where((s > 0) & torch.isfinite(s), s, 1.0)
-    return torch.exp2(torch.round(torch.log2(s)))
+    small = torch.where(t > 0, t, torch.inf).amin(-1, keepdim=True)  # inf for an all-zero v: then big = 0 wins
+    return _pow2(torch.minimum(t.amax(-1, keepdim=True), SHRINK_AT_MOST * torch.clamp(small, min=1.0)))
 
 
 def cone_program(A, b, c, cones, *, rtol=None, max_iter=100, on_failure="raise", return_info=False):
