@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+pytest.importorskip("cvxpy")  # the script builds a CvxpyLayer
+
 _SCRIPT = textwrap.dedent("""
     import warnings
     import cvxpy as cp
